@@ -1,0 +1,2 @@
+"""livestack: live stacking for astrophotography."""
+__version__ = "0.1.0"

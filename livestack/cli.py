@@ -1,0 +1,186 @@
+"""Command line: argparse -> one engine/daemon function.  Exit codes: 0 ok, 1 failed, 2 usage."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from . import __version__
+from .config import Config, ConfigError, load_config, with_overrides
+from .engine.frame import FrameRecord
+from .engine.read import capture_order, is_supported
+
+log = logging.getLogger("livestack")
+
+
+def collect_inputs(items: list[str]) -> list[Path]:
+    """Files from a mix of folders (their supported files, not recursive) and file names, in capture order."""
+    files: list[Path] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            files += [f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and is_supported(f)]
+        else:
+            files.append(p)  # a missing or odd file is reported as failed, not silently dropped
+    seen, unique = set(), []
+    for f in files:
+        if f.resolve() not in seen:
+            seen.add(f.resolve())
+            unique.append(f)
+    return capture_order(unique)
+
+
+class Progress:
+    """A one-line progress bar on a terminal, one line per frame otherwise (logs, CI)."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.stream, self.done = total, stream, 0
+        self.tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def update(self, rec: FrameRecord) -> None:
+        self.done += 1
+        width = 30
+        filled = int(width * self.done / max(self.total, 1))
+        bar = "█" * filled + "·" * (width - filled)
+        detail = rec.status if rec.reason is None else f"{rec.status}: {rec.reason}"
+        q = f" fwhm {rec.fwhm:.2f}px stars {rec.stars}" if rec.fwhm is not None else ""
+        line = f"[{bar}] {self.done}/{self.total} {rec.file} {detail}{q} ({rec.seconds:.2f}s)"
+        if self.tty:
+            self.stream.write("\r\033[K" + line + ("\n" if self.done == self.total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def load_masters(path: str | None):
+    if not path:
+        return None
+    from .engine.masters import MasterLibrary
+
+    return MasterLibrary.load(Path(path).expanduser())
+
+
+def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quiet: bool = False) -> dict:
+    """Stack ``files`` into ``out`` (stack.fits, preview.jpg, frames.jsonl).  Returns a summary dict."""
+    from .engine.pipeline import Engine
+    from .session import FRAMES_LOG, FramesLog
+
+    out.mkdir(parents=True, exist_ok=True)
+    flog_path = out / FRAMES_LOG
+    if flog_path.exists():
+        flog_path.unlink()  # a batch run starts a fresh log; the daemon resumes instead
+    flog = FramesLog(flog_path)
+    engine = Engine(cfg, masters=masters)
+    progress = None if quiet else Progress(len(files))
+    t0 = time.perf_counter()
+    for f in files:
+        rec = engine.process(f)
+        flog.append(rec)
+        if progress:
+            progress.update(rec)
+    wrote = engine.snapshot(out)
+    return {"frames": len(files), "stacked": engine.n_stacked, "rejected": engine.n_rejected,
+            "failed": engine.n_failed, "exptime": engine.exptime_total, "seconds": time.perf_counter() - t0,
+            "wrote": wrote, "engine": engine}
+
+
+def _print_summary(s: dict, out: Path) -> None:
+    print(f"{s['stacked']} stacked, {s['rejected']} rejected, {s['failed']} failed of {s['frames']} frames; "
+          f"{s['exptime']:.0f} s integration, {s['seconds']:.1f} s")
+    if s["wrote"]:
+        for name in ("stack.fits", "preview.jpg", "frames.jsonl"):
+            print(f"  {out / name}")
+    else:
+        print(f"  nothing stacked; see {out / 'frames.jsonl'}")
+
+
+def cmd_stack(args, cfg: Config) -> int:
+    files = collect_inputs(args.inputs)
+    if not files:
+        print(f"livestack stack: no RAW or FITS files in {' '.join(args.inputs)}", file=sys.stderr)
+        return 1
+    out = Path(args.out).expanduser()
+    s = stack_files(files, out, cfg, masters=load_masters(args.masters), quiet=args.quiet)
+    _print_summary(s, out)
+    return 0 if s["wrote"] else 1
+
+
+def cmd_demo(args, cfg: Config) -> int:
+    from drivers.simulator import SimConfig, render_night
+
+    base = Path(args.out).expanduser() if args.out else Path(tempfile.mkdtemp(prefix="livestack-demo-"))
+    lights, out = base / "lights", base / "out"
+    n = 6 if args.fast else args.frames
+    size = (480, 360) if args.fast else (1600, 1200)
+    sim = SimConfig(width=size[0], height=size[1], n_frames=n, rotation_deg=0.05, fmt="dng", seed=args.seed,
+                    defects={2: "satellite", 4: "cloudy"} if n > 4 else {})
+    print(f"rendering {n} simulated frames ({size[0]}×{size[1]}, Bayer RGGB, DNG) into {lights}")
+    render_night(lights, sim)
+    s = stack_files(collect_inputs([str(lights)]), out, cfg, quiet=args.quiet)
+    _print_summary(s, out)
+    return 0 if s["wrote"] else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="livestack", description="Live stacking for astrophotography.")
+    ap.add_argument("--version", action="version", version=f"livestack {__version__}")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log each frame's details")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def engine_opts(p):
+        p.add_argument("--config", help="livestack.toml")
+        p.add_argument("--debayer", choices=("bilinear", "superpixel"), help="superpixel: half resolution, fast")
+        p.add_argument("--interpolation", choices=("bilinear", "bicubic", "lanczos"), help="warp interpolation")
+        p.add_argument("--kappa", type=float, help="outlier pixel rejection threshold (σ)")
+        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("stack", help="stack a folder or a list of RAW/FITS files")
+    p.add_argument("inputs", nargs="+", metavar="DIR|FILES")
+    p.add_argument("-o", "--out", required=True, help="output folder (stack.fits, preview.jpg, frames.jsonl)")
+    p.add_argument("--masters", help="master library folder (from `livestack masters`)")
+    engine_opts(p)
+    p.set_defaults(func=cmd_stack)
+
+    p = sub.add_parser("demo", help="simulate a short night and stack it")
+    p.add_argument("--out", help="folder for the simulated frames and outputs (default: a temp folder)")
+    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--fast", action="store_true", help="tiny frames, for tests")
+    engine_opts(p)
+    p.set_defaults(func=cmd_demo)
+
+    for mod in ("livestack.engine.masters_cli", "livestack.daemon.cli", "drivers.cli"):
+        try:
+            m = __import__(mod, fromlist=["register_commands"])
+        except ModuleNotFoundError as err:
+            if err.name is None or not mod.startswith(err.name):
+                raise
+            continue
+        m.register_commands(sub, engine_opts)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        cfg = load_config(getattr(args, "config", None))
+        cfg = with_overrides(cfg, engine={"debayer": getattr(args, "debayer", None),
+                                          "interpolation": getattr(args, "interpolation", None)},
+                             stack={"kappa": getattr(args, "kappa", None)})
+    except (ConfigError, ValueError) as err:
+        print(f"livestack: {err}", file=sys.stderr)
+        return 2
+    try:
+        return int(args.func(args, cfg) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

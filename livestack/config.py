@@ -1,0 +1,141 @@
+"""Typed configuration: one frozen dataclass per ``[section]`` of livestack.toml; unknown keys are refused."""
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .engine.calibrate import CosmeticParams
+from .engine.register import RegisterParams
+from .engine.reject import RejectParams
+from .engine.stack import StackParams
+from .engine.stars import StarParams
+from .engine.stretch import StretchParams
+
+
+class ConfigError(ValueError):
+    """A configuration problem, as one sentence naming the file/key."""
+
+
+@dataclass(frozen=True, slots=True)
+class EngineParams:
+    debayer: str = "bilinear"        # "bilinear" (full resolution) | "superpixel" (2×2 -> half, for a Pi)
+    interpolation: str = "bilinear"  # warp: "bilinear" | "bicubic" | "lanczos" (sharper, slower)
+    sharpness_weight: float = 0.0    # weight × (reference FWHM / frame FWHM) ** this (0 = noise only)
+    seed: int = 0                    # RANSAC random generator
+
+    def __post_init__(self):
+        if self.debayer not in ("bilinear", "superpixel"):
+            raise ConfigError(f"engine.debayer = {self.debayer!r}: must be 'bilinear' or 'superpixel'")
+        if self.interpolation not in ("bilinear", "bicubic", "lanczos"):
+            raise ConfigError(f"engine.interpolation = {self.interpolation!r}: must be bilinear, bicubic or lanczos")
+        if not 0 <= self.sharpness_weight <= 4:
+            raise ConfigError(f"engine.sharpness_weight = {self.sharpness_weight}: must be in [0, 4]")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    engine: EngineParams = field(default_factory=EngineParams)
+    stars: StarParams = field(default_factory=StarParams)
+    register: RegisterParams = field(default_factory=RegisterParams)
+    reject: RejectParams = field(default_factory=RejectParams)
+    stack: StackParams = field(default_factory=StackParams)
+    stretch: StretchParams = field(default_factory=StretchParams)
+    cosmetic: CosmeticParams = field(default_factory=CosmeticParams)
+    extra: dict = field(default_factory=dict)   # sections owned by the shells (daemon, web, capture)
+
+
+SHELL_SECTIONS = ("daemon", "web", "watch", "calibration", "capture")
+
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+        if value is None:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not a {tp}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: {value!r} must be an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: {value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: {value!r} must be a string")
+    return value
+
+
+def make_section(cls, values: dict, where: str):
+    """Build dataclass ``cls`` from a dict, refusing unknown keys and wrong types with one sentence."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        if k not in names:
+            raise ConfigError(f"{where}: unknown key {k} (known: {', '.join(names)})")
+        kwargs[k] = _coerce(v, hints[k], f"{where}.{k}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{where}: {err}") from err
+
+
+def config_from_dict(d: dict, *, source: str = "config") -> Config:
+    sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "extra"}
+    hints = typing.get_type_hints(Config)
+    kwargs: dict = {}
+    extra: dict = {}
+    for name, values in d.items():
+        if name in SHELL_SECTIONS:
+            extra[name] = dict(values)
+            continue
+        if name not in sections:
+            known = ", ".join(list(sections) + list(SHELL_SECTIONS))
+            raise ConfigError(f"{source}: unknown section [{name}] (known: {known})")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        kwargs[name] = make_section(hints[name], values, f"{source}: {name}")
+    return Config(**kwargs, extra=extra)
+
+
+def load_config(path: Path | str | None) -> Config:
+    """Read livestack.toml (None: defaults).  Raises ConfigError naming the file and the key."""
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            d = tomllib.load(f)
+    except FileNotFoundError as err:
+        raise ConfigError(f"{path}: no such config file") from err
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{path.name}: not valid TOML ({err})") from err
+    return config_from_dict(d, source=path.name)
+
+
+def with_overrides(cfg: Config, **sections: dict) -> Config:
+    """A copy of ``cfg`` with some keys of some sections replaced (CLI flags)."""
+    changes = {}
+    for name, values in sections.items():
+        values = {k: v for k, v in values.items() if v is not None}
+        if values:
+            changes[name] = dataclasses.replace(getattr(cfg, name), **values)
+    return dataclasses.replace(cfg, **changes) if changes else cfg

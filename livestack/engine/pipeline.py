@@ -1,0 +1,348 @@
+"""Engine.process(path) -> FrameRecord: the stages, in order, for one frame; snapshot() writes the outputs.
+
+    read -> calibrate -> stars & quality -> register -> judge -> debayer -> normalise -> warp -> stack
+
+The Engine holds the session's state: the reference (grid, stars, sky), the previous transform (to predict the
+next), the running quality statistics and the RunningStack — one object per filter/target, so that a session can
+later hold several.  Frame-sized working buffers are allocated once and reused: a fresh 24 MP plane costs
+~0.15 s of page faults before any work is done.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from .. import __version__
+from . import geometry
+from .calibrate import Masters, calibrate
+from .debayer import bin2x2_sum, debayer, debayer_mask
+from .frame import Frame, FrameError, FrameRecord, Quality, Stars
+from .read import read_frame
+from .normalize import normalize_inplace, sky_and_noise, transparency_scale
+from .register import RegistrationError, register
+from .reject import FrameJudge
+from .stack import RunningStack
+from .stars import detect_stars
+from .stretch import auto_stretch
+from .warp import warp, warp_mask
+from .write import atomic_write_with, write_fits, write_jpeg
+
+log = logging.getLogger("livestack")
+
+
+class MasterSource(Protocol):
+    def select(self, frame: Frame) -> Masters | None: ...
+
+
+@dataclass(slots=True)
+class Reference:
+    """What every later frame is measured against."""
+
+    file: str
+    sensor_shape: tuple[int, int]     # (H, W) of the raw mosaic
+    pattern: str | None
+    grid: tuple[int, int, int]        # (C, H, W) of the stack
+    stars: Stars                      # on the stack grid
+    sky: np.ndarray                   # (C,) ADU
+    noise: float                      # mean per-pixel σ over channels, ADU
+    fwhm: float
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return t.isoformat() if t is not None else None
+
+
+class Engine:
+    """One running stack.  Not thread-safe: one worker calls process(); readers use snapshot data."""
+
+    def __init__(self, cfg, *, masters: MasterSource | None = None):
+        from ..config import Config
+
+        self.cfg: Config = cfg
+        self.masters = masters
+        self.rng = np.random.default_rng(cfg.engine.seed)
+        self.judge = FrameJudge(cfg.reject)
+        self.ref: Reference | None = None
+        self.stack: RunningStack | None = None
+        self.last_matrix: np.ndarray | None = None
+        self.index = 0
+        self.n_stacked = 0
+        self.n_rejected = 0
+        self.n_failed = 0
+        self.exptime_total = 0.0
+        self.first_time: str | None = None
+        self.last_end: str | None = None
+        self.camera: str | None = None
+        self.filter: str | None = None
+        self.calibration_used: dict = {}
+        self._ws: dict[str, np.ndarray] = {}
+
+    # ------------------------------------------------------------------ one frame
+
+    def process(self, path: Path | str) -> FrameRecord:
+        """Run one file through the pipeline and update the stack.  Never raises for a bad file: a FrameError
+        becomes ``status: failed`` with its reason (and one log line)."""
+        path = Path(path)
+        t0 = time.perf_counter()
+        rec = FrameRecord(file=path.name, status="failed", index=self.index)
+        self.index += 1
+        try:
+            self._process(path, rec)
+        except FrameError as err:
+            rec.status, rec.reason = "failed", err.reason
+            self.n_failed += 1
+            log.warning("failed %s", err)
+        rec.seconds = round(time.perf_counter() - t0, 4)
+        return rec
+
+    def _process(self, path: Path, rec: FrameRecord) -> None:
+        cfg = self.cfg
+        frame = read_frame(path)
+        m = frame.meta
+        rec.time, rec.exptime = _iso(m.time), m.exptime
+        rec.camera, rec.filter, rec.iso, rec.gain = m.camera, m.filter, m.iso, m.gain
+        if m.imagetyp not in (None, "light"):
+            raise FrameError(path, f"IMAGETYP says '{m.imagetyp}', not a light frame")
+        if self.ref is not None:
+            if frame.shape != self.ref.sensor_shape:
+                raise FrameError(path, f"size {frame.shape[1]}×{frame.shape[0]} differs from the session's "
+                                       f"{self.ref.sensor_shape[1]}×{self.ref.sensor_shape[0]}")
+            if frame.pattern != self.ref.pattern:
+                raise FrameError(path, f"CFA pattern {frame.pattern} differs from the session's {self.ref.pattern}")
+
+        masters = self.masters.select(frame) if self.masters is not None else None
+        cfa, info = calibrate(frame, masters, cfg.cosmetic)
+        frame.data = cfa  # the raw copy is no longer needed: let it go
+        rec.calibration = info
+        if masters is not None:
+            self.calibration_used.update({k: v for k, v in masters.names.items()})
+
+        sky, noise = sky_and_noise(cfa, frame.pattern)
+        stars, q = self._stars(cfa, frame)
+        rec.stars, rec.fwhm, rec.eccentricity = q.stars, _r(q.fwhm, 3), _r(q.eccentricity, 3)
+        rec.background, rec.noise = _r(float(sky.mean()), 3), _r(float(noise.mean()), 4)
+        rec.saturated_pixels = int(frame.saturated.sum()) if frame.saturated is not None else 0
+        q = Quality(q.stars, q.fwhm, q.eccentricity, float(sky.mean()), float(noise.mean()))
+
+        if self.ref is None:
+            reason = self.judge.check_reference(q)
+            if reason:
+                return self._reject(rec, reason)
+            self._make_reference(frame, stars, sky, noise, q)
+            matrix, scale = geometry.identity(), 1.0
+            rec.status = "reference"
+        else:
+            try:
+                reg = register(stars.xy, self.ref.stars.xy, cfg.register, rng=self.rng,
+                               predicted=self.last_matrix)
+            except RegistrationError as err:
+                return self._reject(rec, f"registration failed: {err}")
+            matrix = reg.matrix
+            scale = transparency_scale(self.ref.stars.flux[reg.ref_idx], stars.flux[reg.src_idx])
+            rec.scale = _r(scale, 4)
+            reason = self.judge.check(q, transparency=1.0 / scale if scale > 0 else 0.0)
+            if reason:
+                return self._reject(rec, reason)
+            rec.status = "stacked"
+        rec.matrix = _matrix_list(matrix)
+        dx, dy, rot, _ = geometry.decompose(matrix, center=self._grid_centre())
+        rec.shift_x, rec.shift_y, rec.rotation = _r(dx, 3), _r(dy, 3), _r(rot, 4)
+
+        # Pixels: debayer, normalise to the reference, warp onto the grid, add.
+        rgb = self._debayer(cfa, frame.pattern)
+        del cfa, frame.data
+        normalize_inplace(rgb, sky, scale, self.ref.sky)
+        sat = debayer_mask(frame.saturated, frame.pattern, cfg.engine.debayer)
+        if rec.status == "reference":
+            on_grid = rgb
+        else:
+            on_grid = warp(rgb, matrix, self.ref.grid[1:], interpolation=cfg.engine.interpolation,
+                           out=self._buffer("warped", self.ref.grid))
+            sat = warp_mask(sat, matrix, self.ref.grid[1:]) if sat is not None else None
+        noise_n = noise * scale
+        weight = (self.ref.noise / max(float(noise_n.mean()), 1e-12)) ** 2
+        if cfg.engine.sharpness_weight and np.isfinite(q.fwhm) and q.fwhm > 0:
+            weight *= (self.ref.fwhm / q.fwhm) ** cfg.engine.sharpness_weight
+        rec.weight = _r(weight, 4)
+        rec.rejected_pixels = self.stack.add(on_grid, weight, noise_n, saturated=sat)
+
+        self.judge.accept(q)
+        self.last_matrix = matrix
+        self.n_stacked += 1
+        self.exptime_total += m.exptime or 0.0
+        if m.time is not None:
+            if self.first_time is None:
+                self.first_time = _iso(m.time)
+            self.last_end = _iso(m.time + dt.timedelta(seconds=m.exptime or 0.0))
+        self.camera = self.camera or m.camera
+        self.filter = self.filter or m.filter
+
+    def _reject(self, rec: FrameRecord, reason: str) -> None:
+        rec.status, rec.reason = "rejected", reason
+        self.n_rejected += 1
+        log.info("rejected %s: %s", rec.file, reason)
+
+    # ------------------------------------------------------------------ stages with the session's geometry
+
+    def _stars(self, cfa: np.ndarray, frame: Frame) -> tuple[Stars, Quality]:
+        """Stars on the stack grid.  Colour frames are searched on the 2×2-binned mosaic (a true luminance,
+        R+2G+B, at a quarter of the pixels: 4× faster than on the debayered image, same centroids)."""
+        white = frame.white - float(frame.black.mean())
+        if frame.pattern is None:
+            return detect_stars(cfa, self.cfg.stars, saturation=white)
+        lum = bin2x2_sum(cfa)
+        lum *= np.float32(0.25)
+        stars, q = detect_stars(lum, self.cfg.stars, saturation=white)
+        if self.cfg.engine.debayer == "superpixel":
+            return stars, q
+        # Cell (i, j) of the binned image covers full-resolution pixels 2i..2i+1: its centre is at 2i + 0.5.
+        xy = stars.xy * 2.0 + 0.5
+        s = Stars(xy, stars.flux, stars.fwhm * 2.0, stars.a * 2.0, stars.b * 2.0)
+        return s, Quality(q.stars, q.fwhm * 2.0, q.eccentricity, q.background, q.noise)
+
+    def _debayer(self, cfa: np.ndarray, pattern: str | None) -> np.ndarray:
+        if pattern is None:
+            return cfa[None]
+        method = self.cfg.engine.debayer
+        h, w = cfa.shape
+        shape = (3, h // 2, w // 2) if method == "superpixel" else (3, h, w)
+        scratch = self._buffer("scratch", (h, w)) if method == "bilinear" else None
+        return debayer(cfa, pattern, method, out=self._buffer("rgb", shape), scratch=scratch)
+
+    def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        b = self._ws.get(name)
+        if b is None or b.shape != tuple(shape):
+            b = self._ws[name] = np.empty(shape, np.float32)
+        return b
+
+    def _make_reference(self, frame: Frame, stars: Stars, sky, noise, q: Quality) -> None:
+        h, w = frame.shape
+        if frame.pattern is None:
+            grid = (1, h, w)
+        elif self.cfg.engine.debayer == "superpixel":
+            grid = (3, h // 2, w // 2)
+        else:
+            grid = (3, h, w)
+        self.ref = Reference(frame.path.name, frame.shape, frame.pattern, grid, stars,
+                             np.asarray(sky, np.float64), float(np.mean(noise)), q.fwhm)
+        self.stack = RunningStack(grid, sky, self.cfg.stack)
+
+    def _grid_centre(self) -> tuple[float, float]:
+        _, h, w = self.ref.grid
+        return ((w - 1) / 2.0, (h - 1) / 2.0)
+
+    # ------------------------------------------------------------------ outputs
+
+    def header(self) -> dict:
+        """FITS header cards of the stack: provenance a stacking tool would write."""
+        hdr = {
+            "NCOMBINE": (self.n_stacked, "frames combined"),
+            "EXPTIME": (round(self.exptime_total, 3), "[s] total exposure of combined frames"),
+            "DATE-OBS": (self.first_time, "start of the first combined frame"),
+            "DATE-END": (self.last_end, "end of the last combined frame"),
+            "INSTRUME": (self.camera, "camera"),
+            "BAYERPAT": (self.ref.pattern if self.ref else None, "CFA pattern of the source (stack is RGB)"),
+            "FILTER": (self.filter, "filter"),
+            "SOFTWARE": (f"livestack {__version__}", "stacking software"),
+            "CREATOR": (f"livestack {__version__}", ""),
+            "NREJECT": (self.n_rejected, "frames rejected"),
+            "NFAILED": (self.n_failed, "frames that could not be read"),
+            "REJPIX": (self.stack.rejected_total if self.stack else 0, "outlier pixels rejected"),
+            "REFFRAME": (self.ref.file if self.ref else None, "reference frame (stack grid)"),
+            "DEBAYER": (self.cfg.engine.debayer if self.ref and self.ref.pattern else None, "demosaicing"),
+            "INTERP": (self.cfg.engine.interpolation, "warp interpolation"),
+            "KAPPA": (self.cfg.stack.kappa, "outlier rejection threshold, sigma"),
+            "BUNIT": ("ADU", "calibrated, normalised to the reference frame"),
+        }
+        if self.calibration_used:
+            hdr["CALIBRAT"] = (", ".join(f"{k}={v}" for k, v in sorted(self.calibration_used.items()))[:68],
+                               "masters used")
+        return {k: v for k, v in hdr.items() if v[0] is not None}
+
+    def result(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(C, H, W) stack and (H, W) weight map, or None before the first stacked frame."""
+        if self.stack is None:
+            return None
+        return self.stack.result()
+
+    def snapshot(self, out_dir: Path | str) -> bool:
+        """Write stack.fits and preview.jpg into ``out_dir`` (atomically).  False when nothing is stacked yet."""
+        res = self.result()
+        if res is None:
+            return False
+        img, wsum = res
+        out_dir = Path(out_dir)
+        write_fits(out_dir / "stack.fits", img, self.header(), weight=wsum)
+        write_jpeg(out_dir / "preview.jpg", self.preview(img, wsum), self.cfg.stretch.jpeg_quality)
+        return True
+
+    def preview(self, img=None, wsum=None, stretch=None) -> np.ndarray:
+        if img is None:
+            img, wsum = self.result()
+        return auto_stretch(img, stretch or self.cfg.stretch, coverage=wsum > 0)
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def save_state(self, path: Path | str) -> None:
+        """Everything needed to resume exactly, in one .npz written atomically (tmp + fsync + rename)."""
+        meta = {
+            "version": 1, "index": self.index, "n_stacked": self.n_stacked, "n_rejected": self.n_rejected,
+            "n_failed": self.n_failed, "exptime_total": self.exptime_total, "first_time": self.first_time,
+            "last_end": self.last_end, "camera": self.camera, "filter": self.filter,
+            "calibration_used": self.calibration_used, "judge": self.judge.state(),
+            "rng": self.rng.bit_generator.state,
+            "last_matrix": None if self.last_matrix is None else self.last_matrix.tolist(),
+        }
+        arrays: dict[str, np.ndarray] = {}
+        if self.ref is not None:
+            r = self.ref
+            meta["ref"] = {"file": r.file, "sensor_shape": list(r.sensor_shape), "pattern": r.pattern,
+                           "grid": list(r.grid), "noise": r.noise, "fwhm": r.fwhm, "sky": r.sky.tolist()}
+            for k in ("xy", "flux", "fwhm", "a", "b"):
+                arrays[f"ref_{k}"] = getattr(r.stars, k)
+            arrays.update({f"stack_{k}": v for k, v in self.stack.state().items()})
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+
+        def writer(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, **arrays)
+
+        atomic_write_with(Path(path), writer)
+
+    @classmethod
+    def load_state(cls, path: Path | str, cfg, *, masters: MasterSource | None = None) -> "Engine":
+        eng = cls(cfg, masters=masters)
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            for k in ("index", "n_stacked", "n_rejected", "n_failed", "exptime_total", "first_time",
+                      "last_end", "camera", "filter", "calibration_used"):
+                setattr(eng, k, meta[k])
+            eng.judge.load_state(meta["judge"])
+            eng.rng.bit_generator.state = meta["rng"]
+            eng.last_matrix = None if meta["last_matrix"] is None else np.array(meta["last_matrix"])
+            if "ref" in meta:
+                r = meta["ref"]
+                stars = Stars(*(np.array(z[f"ref_{k}"]) for k in ("xy", "flux", "fwhm", "a", "b")))
+                eng.ref = Reference(r["file"], tuple(r["sensor_shape"]), r["pattern"], tuple(r["grid"]), stars,
+                                    np.array(r["sky"]), r["noise"], r["fwhm"])
+                st = {k[len("stack_"):]: z[k] for k in z.files if k.startswith("stack_")}
+                eng.stack = RunningStack.from_state(st, cfg.stack)
+        return eng
+
+
+def _r(x, nd):
+    if x is None:
+        return None
+    x = float(x)
+    return round(x, nd) if np.isfinite(x) else None
+
+
+def _matrix_list(m: np.ndarray) -> list[list[float]]:
+    return [[round(float(v), 6) for v in row] for row in np.asarray(m)[:2]]

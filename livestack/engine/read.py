@@ -1,0 +1,346 @@
+"""path -> Frame: RAW through rawpy (LibRaw) + exifread, FITS through astropy.
+
+Never ``postprocess()``: it is non-linear.  The CFA mosaic is taken as LibRaw decodes it
+(``raw_image_visible``), with the black level of each CFA position and the white level.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .frame import CFA_PATTERNS, Frame, FrameError, FrameMeta
+
+RAW_SUFFIXES = frozenset(
+    ".cr2 .cr3 .crw .nef .nrw .arw .srf .sr2 .dng .raf .orf .rw2 .pef .srw .x3f .3fr .erf .kdc .mef .mos "
+    ".mrw .raw .rwl .iiq .fff".split()
+)
+FITS_SUFFIXES = frozenset(".fits .fit .fts .fits.fz .fit.fz .fz".split())
+
+
+def suffix_of(path: Path) -> str:
+    name = path.name.lower()
+    for s in (".fits.fz", ".fit.fz"):
+        if name.endswith(s):
+            return s
+    return path.suffix.lower()
+
+
+def is_supported(path: Path) -> bool:
+    s = suffix_of(Path(path))
+    return s in RAW_SUFFIXES or s in FITS_SUFFIXES
+
+
+def read_frame(path: Path | str) -> Frame:
+    """Read one RAW or FITS file.
+
+    Returns a Frame with float32 (H, W) data.  Raises FrameError (one line: file + reason) for anything that
+    is not a readable single image: missing, empty, truncated, corrupt, not an image, unsupported layout.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FrameError(path, "file not found")
+    if path.stat().st_size == 0:
+        raise FrameError(path, "empty file (0 bytes)")
+    s = suffix_of(path)
+    if s in FITS_SUFFIXES:
+        return _read_fits(path)
+    if s in RAW_SUFFIXES:
+        return _read_raw(path)
+    raise FrameError(path, f"unsupported file type '{s or path.name}' (expected a camera RAW or FITS file)")
+
+
+# ---------------------------------------------------------------- RAW
+
+def _read_raw(path: Path) -> Frame:
+    import rawpy
+
+    try:
+        with rawpy.imread(str(path)) as raw:
+            if raw.raw_type != rawpy.RawType.Flat:
+                raise FrameError(path, "not a single-mosaic RAW (LibRaw reports a stacked/linear layout)")
+            data = raw.raw_image_visible.astype(np.float32)  # one copy: the view dies with `raw`
+            colors = raw.raw_colors_visible
+            desc = raw.color_desc.decode("ascii", "replace")
+            pattern = _pattern_from_colors(colors, desc)
+            black = _black_2x2(raw, colors)
+            white = float(raw.white_level)
+    except FrameError:
+        raise
+    except rawpy.LibRawError as err:  # LibRawFileUnsupportedError, LibRawIOError, LibRawDataError, …
+        raise FrameError(path, f"unreadable RAW ({type(err).__name__}: {err})") from err
+    except (OSError, ValueError) as err:
+        raise FrameError(path, f"unreadable RAW ({err})") from err
+    if data.ndim != 2 or min(data.shape) < 16:
+        raise FrameError(path, f"RAW image has an unusable shape {data.shape}")
+    meta = _exif_meta(path)
+    meta.kind = "raw"
+    return Frame(path, data, pattern, black, white, _saturated(data, white), meta)
+
+
+def _pattern_from_colors(colors: np.ndarray, desc: str) -> str | None:
+    """CFA pattern of pixel (0,0) from LibRaw's per-pixel colour indices (2 is blue, 0 red, 1 and 3 green)."""
+    if colors.shape[0] < 2 or colors.shape[1] < 2:
+        return None
+    letters = "".join(desc[int(c)] if int(c) < len(desc) else "?" for c in colors[:2, :2].ravel())
+    letters = letters.replace("?", "G")
+    if letters in CFA_PATTERNS:
+        return letters
+    if len(set(desc)) == 1 or letters.count("G") == 4:
+        return None  # monochrome sensor (e.g. a debayer-less conversion)
+    # X-Trans and other non-2x2 mosaics: LibRaw exposes them, we do not debayer them yet.
+    raise ValueError(f"unsupported colour filter array '{letters}' (only 2x2 Bayer patterns are supported)")
+
+
+def _black_2x2(raw, colors: np.ndarray) -> np.ndarray:
+    per = np.asarray(raw.black_level_per_channel, dtype=np.float32)
+    black = np.zeros((2, 2), np.float32)
+    for i in range(2):
+        for j in range(2):
+            c = int(colors[i, j])
+            black[i, j] = per[c] if c < per.size else per[0]
+    return black
+
+
+def _exif_meta(path: Path) -> FrameMeta:
+    import exifread
+
+    meta = FrameMeta()
+    try:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            tags = exifread.process_file(f, details=False)
+    except Exception:  # exifread raises assorted errors on odd makernotes; EXIF is optional
+        return meta
+
+    def tag(*names):
+        for n in names:
+            for prefix in ("EXIF ", "Image "):
+                if prefix + n in tags:
+                    return tags[prefix + n]
+        return None
+
+    t = tag("ExposureTime")
+    if t is not None:
+        meta.exptime = _ratio(t)
+    iso = tag("ISOSpeedRatings", "PhotographicSensitivity", "ISOSpeed")
+    if iso is not None:
+        try:
+            meta.iso = int(str(iso).split(",")[0].strip("[] "))
+        except ValueError:
+            pass
+    d = tag("DateTimeOriginal", "DateTime")
+    if d is not None:
+        try:
+            meta.time = dt.datetime.strptime(str(d).strip(), "%Y:%m:%d %H:%M:%S")
+        except ValueError:
+            pass
+    make, model = tag("Make"), tag("Model")
+    cam = " ".join(str(x).strip() for x in (make, model) if x is not None and str(x).strip())
+    meta.camera = cam or None
+    meta.imagetyp = None
+    return meta
+
+
+def _ratio(t) -> float | None:
+    try:
+        v = t.values[0]
+        return float(v.num) / float(v.den) if hasattr(v, "num") else float(v)
+    except (IndexError, ZeroDivisionError, TypeError, ValueError):
+        try:
+            return float(eval_fraction(str(t)))
+        except ValueError:
+            return None
+
+
+def eval_fraction(s: str) -> float:
+    if "/" in s:
+        n, d = s.split("/", 1)
+        return float(n) / float(d)
+    return float(s)
+
+
+# ---------------------------------------------------------------- FITS
+
+_IMAGETYP = {
+    "light": "light", "light frame": "light", "object": "light", "science": "light",
+    "dark": "dark", "dark frame": "dark",
+    "bias": "bias", "bias frame": "bias", "zero": "bias", "offset": "bias",
+    "flat": "flat", "flat field": "flat", "flat frame": "flat", "skyflat": "flat", "domeflat": "flat",
+    "dark flat": "darkflat", "darkflat": "darkflat", "flat dark": "darkflat", "flatdark": "darkflat",
+}
+
+
+def _read_fits(path: Path) -> Frame:
+    from astropy.io import fits
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # astropy warns about non-standard cards from capture software
+            with fits.open(path, memmap=False) as hdul:
+                hdu = next((h for h in hdul if h.data is not None and getattr(h.data, "ndim", 0) >= 2), None)
+                if hdu is None:
+                    raise FrameError(path, "FITS file has no image data")
+                header = hdu.header.copy()
+                if hdu is not hdul[0]:
+                    for k, v in hdul[0].header.items():  # primary keys fill in what the image HDU lacks
+                        if k not in header and k not in ("SIMPLE", "EXTEND", "NAXIS", "BITPIX", ""):
+                            header[k] = v
+                raw = hdu.data
+                if raw.ndim == 3 and raw.shape[0] == 1:
+                    raw = raw[0]
+                if raw.ndim != 2:
+                    raise FrameError(path, f"FITS image has {raw.ndim} axes {raw.shape}; "
+                                           "expected a 2-D sensor image (mono or Bayer)")
+                data = np.asarray(raw, dtype=np.float32)
+                int_input = np.issubdtype(raw.dtype, np.integer) or header.get("BITPIX", -32) > 0
+                del raw
+    except FrameError:
+        raise
+    except (OSError, ValueError, TypeError, IndexError, KeyError) as err:
+        raise FrameError(path, f"unreadable FITS ({err})") from err
+    if min(data.shape) < 16:
+        raise FrameError(path, f"FITS image too small {data.shape}")
+    if not np.isfinite(data).all():
+        data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+
+    pattern = _fits_pattern(header, path)
+    if str(header.get("ROWORDER", "TOP-DOWN")).strip().upper() == "BOTTOM-UP":
+        # Row 0 of the file is the bottom of the sensor: flip so that row 0 is the top, as in RAW files.
+        data = np.ascontiguousarray(data[::-1])
+        if pattern is not None and data.shape[0] % 2 == 1:
+            pattern = _shift_pattern(pattern, 0, 1)
+
+    meta = FrameMeta(kind="fits")
+    for key in ("EXPTIME", "EXPOSURE", "EXP_TIME"):
+        if _num(header.get(key)) is not None:
+            meta.exptime = _num(header.get(key))
+            break
+    meta.gain = _num(header.get("GAIN"))
+    iso = _num(header.get("ISOSPEED", header.get("ISO")))
+    meta.iso = int(iso) if iso is not None else None
+    meta.temperature = _num(header.get("CCD-TEMP", header.get("CCD_TEMP", header.get("SET-TEMP"))))
+    meta.time = _fits_time(header)
+    cam = header.get("INSTRUME") or header.get("CAMERA")
+    meta.camera = str(cam).strip() or None if cam is not None else None
+    filt = header.get("FILTER")
+    if filt is not None and str(filt).strip().upper() not in CFA_PATTERNS:
+        meta.filter = str(filt).strip() or None
+    typ = header.get("IMAGETYP", header.get("FRAMETYP", header.get("OBSTYPE")))
+    if typ is not None:
+        meta.imagetyp = _IMAGETYP.get(str(typ).strip().lower())
+    for k in ("XBINNING", "YBINNING", "XPIXSZ", "FOCALLEN", "OBJECT", "TELESCOP"):
+        if k in header:
+            meta.extra[k] = header[k]
+
+    # Levels.  Integer FITS from a camera: white = the ADC range (or DATAMAX/SATURATE); float: what it says.
+    white = _num(header.get("SATURATE", header.get("DATAMAX")))
+    if white is None:
+        if int_input:
+            bits = 16 if data.max(initial=0) < 65536 else 32
+            white = float(2 ** bits - 1)
+        else:
+            white = float("inf")
+    black_val = _num(header.get("BLKLEVEL", header.get("BLACKLEV")))
+    if black_val is None:
+        ped = _num(header.get("PEDESTAL"))  # MaxIm: PEDESTAL = minus the offset it added to the data
+        black_val = -ped if ped is not None and ped < 0 else 0.0
+    black = np.full((2, 2), black_val, np.float32)
+    return Frame(path, data, pattern, black, white, _saturated(data, white), meta)
+
+
+def _fits_pattern(header, path: Path) -> str | None:
+    pat = header.get("BAYERPAT", header.get("COLORTYP"))
+    if pat is None:
+        f = str(header.get("FILTER", "")).strip().upper()
+        if f in CFA_PATTERNS:  # some DSLR converters (e.g. PANOPTES) put the CFA pattern in FILTER
+            pat = f
+    if pat is None:
+        return None
+    pat = str(pat).strip().upper()
+    if pat in ("", "NONE", "MONO"):
+        return None
+    if pat not in CFA_PATTERNS:
+        raise FrameError(path, f"unsupported BAYERPAT '{pat}' (supported: {', '.join(CFA_PATTERNS)})")
+    dx = int(_num(header.get("XBAYROFF")) or 0)
+    dy = int(_num(header.get("YBAYROFF")) or 0)
+    return _shift_pattern(pat, dx, dy)
+
+
+def _shift_pattern(pat: str, dx: int, dy: int) -> str:
+    """The pattern seen from pixel (dx, dy) of a mosaic whose pixel (0,0) has pattern ``pat``."""
+    grid = [[pat[0], pat[1]], [pat[2], pat[3]]]
+    return "".join(grid[(i + dy) % 2][(j + dx) % 2] for i in range(2) for j in range(2))
+
+
+def _num(v) -> float | None:
+    if v is None or isinstance(v, bool):
+        return None
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if np.isfinite(x) else None
+
+
+_DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def _fits_time(header) -> dt.datetime | None:
+    d = header.get("DATE-OBS") or header.get("DATE_OBS")
+    if not d:
+        return None
+    s = str(d).strip()
+    if "T" not in s and header.get("TIME-OBS", header.get("UT")):
+        s = f"{s}T{str(header.get('TIME-OBS', header.get('UT'))).strip()}"
+    if not _DATE_RE.match(s):
+        return None
+    s = s.rstrip("Z")
+    try:
+        return dt.datetime.fromisoformat(s)
+    except ValueError:
+        try:
+            return dt.datetime.strptime(s[:19], "%Y-%m-%dT%H:%M:%S")
+        except ValueError:
+            return None
+
+
+def _saturated(data: np.ndarray, white: float) -> np.ndarray | None:
+    if not np.isfinite(white):
+        return None
+    mask = data >= white
+    return mask if mask.any() else None
+
+
+def capture_time(path: Path) -> dt.datetime | None:
+    """Capture time from the header alone (no pixel decode), None when unknown or unreadable."""
+    path = Path(path)
+    s = suffix_of(path)
+    try:
+        if s in FITS_SUFFIXES:
+            from astropy.io import fits
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+                    for h in hdul:
+                        t = _fits_time(h.header)
+                        if t is not None:
+                            return t
+            return None
+        if s in RAW_SUFFIXES:
+            return _exif_meta(path).time
+    except Exception:  # an unreadable file sorts by name; reading it later gives the real error
+        return None
+    return None
+
+
+def capture_order(paths) -> list[Path]:
+    """Sort files by capture time (header), then by name; files without a time keep name order among them."""
+    paths = [Path(p) for p in paths]
+    keyed = [(capture_time(p), p) for p in paths]
+    far = dt.datetime.max
+    return [p for t, p in sorted(keyed, key=lambda tp: (tp[0].replace(tzinfo=None) if tp[0] else far, tp[1].name))]

@@ -1,0 +1,79 @@
+"""Frame quality + running statistics of accepted frames -> None (keep) or a reason with numbers (reject)."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from .frame import Quality
+
+
+@dataclass(frozen=True, slots=True)
+class RejectParams:
+    enabled: bool = True
+    fwhm_factor: float = 1.5          # reject FWHM > factor × running median (bad seeing, focus, dew)
+    min_star_fraction: float = 0.5    # reject star count < fraction × running median (clouds)
+    background_factor: float = 1.5    # reject sky > factor × running median (clouds lit by the town, dawn)
+    min_transparency: float = 0.6     # reject star fluxes < this × the reference's (cloud, haze)
+    eccentricity_delta: float = 0.2   # reject eccentricity > running median + delta …
+    eccentricity_min: float = 0.45    # … and above this absolute value (round-star sessions have noisy medians)
+    min_ref_stars: int = 15           # the reference frame needs at least this many stars
+    window: int = 30                  # running statistics over the last N accepted frames
+
+    def __post_init__(self):
+        if self.fwhm_factor <= 1 or self.background_factor <= 1:
+            raise ValueError("reject.fwhm_factor and reject.background_factor must be > 1")
+        if not 0 < self.min_star_fraction < 1 or not 0 < self.min_transparency < 1:
+            raise ValueError("reject.min_star_fraction and reject.min_transparency must be in (0, 1)")
+        if self.window < 1 or self.min_ref_stars < 3:
+            raise ValueError("reject.window must be ≥ 1 and reject.min_ref_stars ≥ 3")
+
+
+class FrameJudge:
+    """Keeps the running medians of accepted frames (bounded memory: the last ``window`` frames)."""
+
+    def __init__(self, p: RejectParams):
+        self.p = p
+        self.history: deque[tuple[float, float, float, float]] = deque(maxlen=p.window)
+
+    def medians(self) -> dict[str, float]:
+        if not self.history:
+            return {}
+        a = np.array(self.history, dtype=np.float64)
+        return dict(zip(("fwhm", "stars", "background", "eccentricity"), np.nanmedian(a, axis=0).tolist()))
+
+    def check_reference(self, q: Quality) -> str | None:
+        if q.stars < self.p.min_ref_stars:
+            return f"only {q.stars} stars (a reference frame needs {self.p.min_ref_stars})"
+        return None
+
+    def check(self, q: Quality, transparency: float | None = None) -> str | None:
+        """Reason to reject the frame, or None.  ``transparency`` = frame star flux / reference star flux."""
+        p = self.p
+        if not p.enabled or not self.history:
+            return None
+        m = self.medians()
+        if q.stars < p.min_star_fraction * m["stars"]:
+            return f"stars {q.stars} < {p.min_star_fraction:g} × running median {m['stars']:.0f} (clouds?)"
+        if transparency is not None and transparency < p.min_transparency:
+            return f"transparency {transparency:.2f} < {p.min_transparency:g} of the reference (clouds?)"
+        if m["background"] > 0 and q.background > p.background_factor * m["background"]:
+            return (f"background {q.background:.1f} ADU > {p.background_factor:g} × running median "
+                    f"{m['background']:.1f} ADU (clouds or light?)")
+        if np.isfinite(q.fwhm) and q.fwhm > p.fwhm_factor * m["fwhm"]:
+            return f"fwhm {q.fwhm:.2f} px > {p.fwhm_factor:g} × running median {m['fwhm']:.2f} px"
+        if q.eccentricity > max(p.eccentricity_min, m["eccentricity"] + p.eccentricity_delta):
+            return (f"eccentricity {q.eccentricity:.2f} > running median {m['eccentricity']:.2f} "
+                    f"+ {p.eccentricity_delta:g} (trailed stars: wind or tracking)")
+        return None
+
+    def accept(self, q: Quality) -> None:
+        self.history.append((q.fwhm, float(q.stars), q.background, q.eccentricity))
+
+    def state(self) -> list:
+        return [list(h) for h in self.history]
+
+    def load_state(self, s: list) -> None:
+        self.history.clear()
+        self.history.extend(tuple(h) for h in s)

@@ -1,0 +1,100 @@
+"""Linear stack -> display image (uint8), from a reduced copy.
+
+Steps, each chosen from the image statistics: (1) background neutralisation — subtract each channel's sky;
+(2) colour balance — scale channels so that the average of the bright (star) pixels is white; (3) a linked
+midtones transfer function (PixInsight's MTF / Siril's autostretch): black point a few σ below the sky, midtones
+so that the sky lands at ``target_background``, white point at the brightest unsaturated star light so that
+stars keep their colour instead of blowing out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class StretchParams:
+    max_size: int = 1600            # long side of the preview, px (the stretch never touches full resolution)
+    target_background: float = 0.20  # where the sky lands, 0..1
+    shadows_sigma: float = 2.8      # black point: this many σ below the sky
+    white_percentile: float = 99.98  # white point, percent of pixels below it
+    balance: bool = True            # colour-balance on the stars
+    # Manual overrides (None = auto): in units of the auto-normalised image, 0..1
+    black: float | None = None
+    midtones: float | None = None
+    white: float | None = None
+    jpeg_quality: int = 90
+
+    def __post_init__(self):
+        if self.max_size < 64:
+            raise ValueError(f"stretch.max_size = {self.max_size}: must be at least 64")
+        if not 0 < self.target_background < 0.5:
+            raise ValueError(f"stretch.target_background = {self.target_background}: must be in (0, 0.5)")
+
+
+def reduce(img: np.ndarray, max_size: int) -> np.ndarray:
+    """(C, H, W) -> (C, h, w) float32 with max(h, w) <= max_size, area-averaged (noise falls, stars stay)."""
+    c, h, w = img.shape
+    f = max(h, w) / max_size
+    if f <= 1:
+        return img.astype(np.float32, copy=True)
+    size = (max(1, round(w / f)), max(1, round(h / f)))
+    return np.stack([cv2.resize(img[i], size, interpolation=cv2.INTER_AREA) for i in range(c)])
+
+
+def mtf(m: float, x: np.ndarray) -> np.ndarray:
+    """Midtones transfer function: maps 0 -> 0, m -> 0.5, 1 -> 1."""
+    return ((m - 1) * x) / ((2 * m - 1) * x - m)
+
+
+def auto_stretch(img: np.ndarray, p: StretchParams, *, coverage: np.ndarray | None = None) -> np.ndarray:
+    """(C, H, W) linear float -> (h, w, 3) uint8 RGB for display.  ``img`` is not modified.
+
+    ``coverage`` (H, W), when given, marks pixels with data (weight > 0); the rest is shown black and is left
+    out of the statistics.
+    """
+    small = reduce(np.nan_to_num(img, nan=0.0), p.max_size)
+    cov = None
+    if coverage is not None:
+        cov = reduce(coverage[None].astype(np.float32), p.max_size)[0] > 0.5
+    c = small.shape[0]
+    sel = cov if cov is not None and cov.any() else np.ones(small.shape[1:], bool)
+    sky = np.array([np.median(small[i][sel]) for i in range(c)], np.float32)
+    for i in range(c):
+        small[i] -= sky[i]  # (1) background neutralisation
+    lum = small.mean(axis=0)
+    vals = lum[sel]
+    sigma = 1.4826 * float(np.median(np.abs(vals - np.median(vals)))) or float(vals.std()) or 1.0
+    if c == 3 and p.balance:  # (2) stars white on average: gains from the brightest unsaturated light
+        hi = vals > np.percentile(vals, 99.5)
+        bright = np.stack([small[i][sel][hi] for i in range(3)])
+        top = np.percentile(vals, 99.99)
+        keep = (bright.mean(axis=0) < top)
+        sums = bright[:, keep].sum(axis=1) if keep.sum() > 10 else bright.sum(axis=1)
+        if np.all(sums > 0):
+            gains = sums.mean() / sums
+            small *= gains[:, None, None].astype(np.float32)
+            lum = small.mean(axis=0)
+            vals = lum[sel]
+            sigma = 1.4826 * float(np.median(np.abs(vals - np.median(vals)))) or sigma
+    black = -p.shadows_sigma * sigma
+    white = float(np.percentile(vals, p.white_percentile))
+    white = max(white, black + 10 * sigma)
+    if p.black is not None:
+        black = black + p.black * (white - black)
+    if p.white is not None:
+        white = black + p.white * (white - black)
+    x = (small - black) / max(white - black, 1e-12)
+    np.clip(x, 0, 1, out=x)
+    bg = float(np.clip((0 - black) / max(white - black, 1e-12), 1e-6, 0.999))
+    # midtones m such that mtf(m, bg) = target: solving gives m = bg (t - 1) / (2 bg t - bg - t)
+    t = p.target_background
+    m = p.midtones if p.midtones is not None else bg * (t - 1) / (2 * bg * t - bg - t)
+    m = float(np.clip(m, 1e-4, 0.9999))
+    out = mtf(m, x)
+    if cov is not None:
+        out *= cov
+    rgb = np.repeat(out, 3, axis=0) if c == 1 else out
+    return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0).copy()
