@@ -1,11 +1,21 @@
-"""The files of a session folder: frames.jsonl (one record per frame, appended as each frame is processed)."""
+"""The files of a session folder: frames.jsonl (one record per frame, appended as each frame is processed), and
+for the daemon the checkpoint, exclusions and archived sessions (layout below)."""
 from __future__ import annotations
 
+import datetime as _dt
+import io
 import json
+import logging
 import os
+import shutil
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .engine.frame import FrameRecord
+from .engine.write import atomic_write_bytes, atomic_write_with
 
 FRAMES_LOG = "frames.jsonl"
 
@@ -55,3 +65,201 @@ def read_frames_log(path: Path | str) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The daemon's session folder.
+#
+#   out/stack.fits, out/preview.jpg   outputs (atomic writes, engine/write.py)
+#   out/frames.jsonl                  one record per frame, processing order (the daemon adds "path": the file
+#                                     relative to the watched folder)
+#   out/session/checkpoint.npz        Engine.save_state plus a member "daemon" (JSON: how many frames.jsonl
+#                                     lines the state covers, the exclusions it was built with).  One file,
+#                                     renamed into place: the state and its line count can never disagree.
+#   out/session/excluded.json         files the user excluded (user intent; survives restarts)
+#   out/session/ignore.json           files already present when "new stack" was pressed (not this session)
+#   out/archive/<UTC time>/           earlier sessions (--new-session, the page's "new stack")
+# ---------------------------------------------------------------------------------------------------------------
+
+
+SESSION_DIR = "session"
+CHECKPOINT = "checkpoint.npz"
+ARCHIVE_DIR = "archive"
+STAGING_DIR = ".new-session"     # a "new stack" being set up; promoted by recover()
+_log = logging.getLogger("livestack")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(obj, ensure_ascii=False, indent=1) + "\n").encode())
+
+
+def rewrite_frames_log(path: Path | str, records: list[dict]) -> None:
+    """Replace frames.jsonl by ``records`` in one rename (a crash leaves the old or the new log, never half)."""
+    text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records)
+    atomic_write_bytes(Path(path), text.encode())
+
+
+def save_checkpoint(engine, path: Path | str, info: dict) -> None:
+    """Engine.save_state + ``info`` (JSON, member "daemon") in one .npz, written to a temporary name, fsynced and
+    renamed onto ``path``."""
+
+    def writer(tmp: Path) -> None:
+        engine.save_state(tmp)
+        buf = io.BytesIO()
+        np.lib.format.write_array(buf, np.frombuffer(json.dumps(info).encode(), np.uint8))
+        with zipfile.ZipFile(tmp, "a") as z:  # np.savez writes an uncompressed zip: appending is cheap
+            z.writestr("daemon.npy", buf.getvalue())
+
+    atomic_write_with(Path(path), writer)
+
+
+def load_checkpoint(path: Path | str, cfg, *, masters=None):
+    """-> (Engine, info dict).  Raises SessionError naming the file when it cannot be used."""
+    from .engine.pipeline import Engine
+
+    path = Path(path)
+    try:
+        with np.load(path) as z:
+            info = json.loads(bytes(z["daemon"]).decode())
+        engine = Engine.load_state(path, cfg, masters=masters)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise SessionError(f"{path.name}: unusable checkpoint ({type(err).__name__}: {err})") from err
+    return engine, info
+
+
+class SessionError(Exception):
+    """A session folder problem, as one line naming the file and the reason."""
+
+
+@dataclass
+class Resumed:
+    engine: object            # livestack.engine.pipeline.Engine
+    records: list[dict]       # frames.jsonl lines the engine state includes
+    dropped: list[dict]       # lines after the checkpoint: removed from frames.jsonl, their files are queued again
+    note: str                 # one line for the log: what was resumed
+
+
+class SessionFolder:
+    """The paths of one output folder and the operations on them that must survive a crash."""
+
+    def __init__(self, out: Path | str):
+        self.out = Path(out).expanduser()
+        self.frames = self.out / FRAMES_LOG
+        self.dir = self.out / SESSION_DIR
+        self.checkpoint = self.dir / CHECKPOINT
+        self.excluded_file = self.dir / "excluded.json"
+        self.ignore_file = self.dir / "ignore.json"
+
+    # ---- small persistent lists
+    def _read_list(self, path: Path) -> list[str]:
+        if not path.exists():
+            return []
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise SessionError(f"{path}: unreadable ({err})") from err
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            raise SessionError(f"{path}: expected a JSON list of file names")
+        return data
+
+    def excluded(self) -> set[str]:
+        return set(self._read_list(self.excluded_file))
+
+    def set_excluded(self, paths: set[str]) -> None:
+        write_json_atomic(self.excluded_file, sorted(paths))
+
+    def ignored(self) -> set[str]:
+        return set(self._read_list(self.ignore_file))
+
+    # ---- checkpoint / resume
+    def save_checkpoint(self, engine, lines: int, excluded: set[str]) -> None:
+        info = {"version": 1, "lines": lines, "excluded": sorted(excluded),
+                "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        save_checkpoint(engine, self.checkpoint, info)
+
+    def resume(self, cfg, *, masters=None) -> Resumed:
+        """Open (or create) the session: the checkpoint is the truth for the stack; frames.jsonl lines after it
+        are dropped (atomically) so that their files are processed again — nothing counted twice or skipped."""
+        from .engine.pipeline import Engine
+
+        self.recover()
+        self.out.mkdir(parents=True, exist_ok=True)
+        FramesLog(self.frames)  # repairs a torn last line
+        records = read_frames_log(self.frames)
+        excluded = self.excluded()
+        engine, covered, note = None, 0, "new session"
+        if self.checkpoint.exists():
+            try:
+                engine, info = load_checkpoint(self.checkpoint, cfg, masters=masters)
+            except SessionError as err:
+                note = f"{err}; restacking all {len(records)} frames"
+            else:
+                if sorted(info.get("excluded", [])) != sorted(excluded):
+                    engine, note = None, f"{self.checkpoint.name}: built before the last exclusion; restacking"
+                elif info["lines"] > len(records):
+                    engine = None
+                    note = (f"{self.checkpoint.name}: covers {info['lines']} frames but {self.frames.name} has "
+                            f"{len(records)}; restacking")
+                else:
+                    covered = int(info["lines"])
+                    note = f"resumed {covered} frames from {self.checkpoint.name}"
+        elif records:
+            note = f"no checkpoint; restacking {len(records)} frames of {self.frames.name}"
+        if engine is None:
+            engine = Engine(cfg, masters=masters)
+        kept, dropped = records[:covered], records[covered:]
+        if dropped:
+            rewrite_frames_log(self.frames, kept)
+            note += f"; {len(dropped)} frames after the checkpoint queued again"
+        return Resumed(engine, kept, dropped, note)
+
+    # ---- new session / archive
+    def new_session(self, ignore: set[str] = frozenset()) -> Path | None:
+        """Archive the current contents into archive/<UTC time>/ and start empty, ignoring ``ignore`` (paths
+        relative to the watched folder).  Crash-safe: the new session is staged, then recover() archives and
+        promotes it; a restart finishes an interrupted switch.  Returns the archive folder (None if empty)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        staging = self.out / STAGING_DIR
+        build = self.out / (STAGING_DIR + ".tmp")
+        shutil.rmtree(build, ignore_errors=True)
+        (build / SESSION_DIR).mkdir(parents=True)
+        write_json_atomic(build / SESSION_DIR / "ignore.json", sorted(ignore))
+        os.replace(build, staging)
+        return self.recover()
+
+    def recover(self) -> Path | None:
+        """Finish a "new stack" interrupted by a crash (or just requested): archive, then promote the staging."""
+        shutil.rmtree(self.out / (STAGING_DIR + ".tmp"), ignore_errors=True)
+        staging = self.out / STAGING_DIR
+        if not staging.is_dir():
+            return None
+        old = [p for p in self.out.iterdir() if p.name not in (ARCHIVE_DIR, STAGING_DIR)]
+        dest = None
+        if old:
+            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            dest = self.out / ARCHIVE_DIR / stamp
+            n = 1
+            while dest.exists():
+                dest, n = self.out / ARCHIVE_DIR / f"{stamp}-{n}", n + 1
+            dest.mkdir(parents=True)
+            for p in old:
+                os.replace(p, dest / p.name)
+        for p in staging.iterdir():
+            os.replace(p, self.out / p.name)
+        staging.rmdir()
+        _fsync_dir(self.out)
+        return dest
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -72,6 +72,7 @@ def write_fits(path: Path, raw: np.ndarray, meta: dict, cfg: SimConfig) -> None:
         h["YBAYROFF"] = 0
     h["ROWORDER"] = "TOP-DOWN"
     h["BLKLEVEL"] = (cfg.bias, "[ADU] black level (pedestal) of the raw values")
+    h["SATURATE"] = (cfg.white, "[ADU] saturation level of the raw values")
     h["XPIXSZ"] = (PIXEL_SIZE_UM, "[um]")
     h["YPIXSZ"] = (PIXEL_SIZE_UM, "[um]")
     h["PIXSIZE1"] = (PIXEL_SIZE_UM, "[um]")

@@ -38,6 +38,15 @@ class Masters:
     flat: np.ndarray | None = None
     bad: np.ndarray | None = None
     names: dict = field(default_factory=dict)   # which files were used, for frames.jsonl and the header
+    notes: dict = field(default_factory=dict)   # copied into calibrate()'s info: e.g. {"dark_skipped": reason}
+
+
+def same_exposure(t: float | None, t_dark: float | None) -> bool:
+    """True when a dark of ``t_dark`` s is used as is for ``t`` s (no scaling): equal within 0.1 %, or both
+    unknown."""
+    if t is None or t_dark is None:
+        return t is None and t_dark is None
+    return abs(t - t_dark) <= 1e-3 * max(t, t_dark, 1e-3)
 
 
 def calibrate(frame: Frame, masters: Masters | None, cosmetic: CosmeticParams) -> tuple[np.ndarray, dict]:
@@ -50,21 +59,32 @@ def calibrate(frame: Frame, masters: Masters | None, cosmetic: CosmeticParams) -
     info: dict = {}
     m = masters or Masters()
     if m.dark is not None:
-        t = frame.meta.exptime
-        if m.dark_exptime and t and abs(t - m.dark_exptime) > 1e-3 * max(t, 1.0) and m.bias is not None:
-            # Thermal signal scales with exposure: dark(t) = bias + (dark(td) - bias) * t / td.
-            k = np.float32(t / m.dark_exptime)
-            img -= m.bias
-            img -= (m.dark - m.bias) * k
-            info["dark_scaled"] = float(k)
+        t, td = frame.meta.exptime, m.dark_exptime
+        if t and td and not same_exposure(t, td) and (m.bias is not None or frame.black.any()):
+            # Thermal signal scales with exposure: dark(t) = bias + (dark(td) - bias) * t / td.  Without a
+            # master bias the file's black level stands in for it (LibRaw's, or FITS BLKLEVEL).
+            k = np.float32(t / td)
+            base = m.bias if m.bias is not None else _black_plane(frame)
+            img -= base
+            thermal = m.dark - base          # one (H, W) float32 temporary
+            thermal *= k
+            img -= thermal
+            del thermal
+            info["dark_scaled"] = round(float(k), 6)
+            if m.bias is not None:
+                info["bias"] = m.names.get("bias", True)
+            else:
+                info["dark_base"] = "black level"
         else:
             img -= m.dark
+            if t and td and not same_exposure(t, td):
+                info["dark_unscaled"] = f"dark of {td:g} s used for {t:g} s: no bias or black level to scale it"
         info["dark"] = m.names.get("dark", True)
     elif m.bias is not None:
         img -= m.bias
         info["bias"] = m.names.get("bias", True)
     else:
-        img -= np.tile(frame.black, (img.shape[0] // 2 + 1, img.shape[1] // 2 + 1))[: img.shape[0], : img.shape[1]]
+        img -= _black_plane(frame)
     if m.flat is not None:
         img /= m.flat
         info["flat"] = m.names.get("flat", True)
@@ -73,7 +93,14 @@ def calibrate(frame: Frame, masters: Masters | None, cosmetic: CosmeticParams) -
         info["bad_pixels"] = int(m.bad.sum())
     if cosmetic.enabled:
         info["hot_pixels"] = cosmetic_correct(img, cosmetic, colour=frame.is_color)
+    info.update(m.notes)
     return img, info
+
+
+def _black_plane(frame: Frame) -> np.ndarray:
+    """(H, W) float32 black level of each pixel, from the (2, 2) per-CFA-position levels."""
+    h, w = frame.shape
+    return np.tile(frame.black.astype(np.float32), (h // 2 + 1, w // 2 + 1))[:h, :w]
 
 
 def _planes(shape: tuple[int, int], colour: bool):

@@ -17,17 +17,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
+
+_GROW = np.ones((3, 3), np.uint8)
 
 
 @dataclass(frozen=True, slots=True)
 class StackParams:
     kappa: float = 3.0          # rejection threshold in σ
     bootstrap: int = 3          # frames buffered to start from a per-pixel median (0 or 1: stream at once)
-    rel_floor: float = 0.25     # while a pixel has few frames: allowed relative variation of signal above sky
+    rel_floor: float = 0.10     # while a pixel has few frames: σ of the relative variation of signal above sky (seeing)
     min_empirical: int = 5      # from this many frames on, a pixel's own scatter replaces the relative term
     saturated_weight: float = 1e-6  # a saturated pixel only counts where no frame has a better value
     chunk_rows: int = 256       # rows per block: bounds the temporaries (a few MB) whatever the frame size
+    grow: bool = True           # also reject the 8 neighbours of a rejected pixel
 
     def __post_init__(self):
         if not 1.5 <= self.kappa <= 20:
@@ -148,6 +152,10 @@ class RunningStack:
                 bad |= np.abs(x[c] - centre[c]) > np.float32(p.kappa) * np.sqrt(var)
         if m2 is not None:
             bad &= count > 0  # first frame on a pixel: nothing to compare against
+        if p.grow and bad.any():
+            # The faint wings of a trail or a cosmic-ray hit (spread further by debayering and the warp) sit
+            # below κσ one by one; their neighbours' rejection catches them.
+            bad = cv2.dilate(bad.view(np.uint8), _GROW).astype(bool)
         return bad
 
     def _update(self, mean, m2, wsum, count, x, weight, saturated, bad) -> None:

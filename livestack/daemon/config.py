@@ -1,0 +1,59 @@
+"""Typed [watch], [daemon] and [web] sections of livestack.toml (Config.extra passes them through raw)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Config, ConfigError, make_section
+
+
+@dataclass(frozen=True, slots=True)
+class WatchParams:
+    dir: str | None = None          # the capture folder (`--watch` overrides)
+    recursive: bool = False         # also watch subfolders
+    settle_s: float = 1.0           # a file's size must stay unchanged this long before it is read
+    timeout_s: float = 120.0        # a file still incomplete this long after it appeared is marked failed
+    rescan_s: float = 10.0          # full rescan of the folder (catches events a USB/network mount never sends)
+
+    def __post_init__(self):
+        if not 0 <= self.settle_s <= 600:
+            raise ConfigError(f"watch.settle_s = {self.settle_s}: must be in [0, 600]")
+        if not self.settle_s < self.timeout_s <= 86400:
+            raise ConfigError(f"watch.timeout_s = {self.timeout_s}: must be above settle_s and at most a day")
+        if not 0.5 <= self.rescan_s <= 3600:
+            raise ConfigError(f"watch.rescan_s = {self.rescan_s}: must be in [0.5, 3600]")
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonParams:
+    out: str | None = None          # the session folder (`--out` overrides)
+    masters: str | None = None      # master library folder (from `livestack masters`), optional
+    outputs_every: int = 1          # write stack.fits every this many stacked frames (preview.jpg: every frame)
+    checkpoint_every: int = 10      # checkpoint every this many frames …
+    checkpoint_s: float = 300.0     # … or this many seconds, whichever comes first
+
+    def __post_init__(self):
+        if self.outputs_every < 1 or self.checkpoint_every < 1:
+            raise ConfigError("daemon.outputs_every and daemon.checkpoint_every must be at least 1")
+        if self.checkpoint_s <= 0:
+            raise ConfigError(f"daemon.checkpoint_s = {self.checkpoint_s}: must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class WebParams:
+    enabled: bool = True
+    host: str = "127.0.0.1"         # "0.0.0.0" to reach the page from a phone: then set a token
+    port: int = 8080
+    token: str | None = None        # required on every state-changing call when set
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"web.port = {self.port}: must be in [0, 65535]")
+        if self.token is not None and len(self.token) < 8:
+            raise ConfigError("web.token: use at least 8 characters")
+
+
+def shell_sections(cfg: Config, source: str = "config") -> tuple[WatchParams, DaemonParams, WebParams]:
+    """The three sections from ``cfg.extra``; unknown keys or bad values raise ConfigError naming the key."""
+    return (make_section(WatchParams, cfg.extra.get("watch", {}), f"{source}: watch"),
+            make_section(DaemonParams, cfg.extra.get("daemon", {}), f"{source}: daemon"),
+            make_section(WebParams, cfg.extra.get("web", {}), f"{source}: web"))

@@ -1,0 +1,289 @@
+"""watchdog -> a queue of complete files, in capture order.
+
+A file is handed on only when it is *complete*: its size and mtime have not changed for ``settle_s`` and, for
+the formats whose layout says how long they must be (FITS, TIFF-based RAWs such as DNG/NEF/CR2/ARW), it is at
+least that long.  Written-then-renamed files are complete at once; files written slowly in chunks wait.  A file
+still incomplete ``timeout_s`` after it appeared is handed on with a reason, and the worker records it failed.
+
+The watcher never opens pixel data and never waits on the worker: it only stats files and reads headers.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from ..engine.read import FITS_SUFFIXES, capture_order, is_supported, suffix_of
+from .config import WatchParams
+
+log = logging.getLogger("livestack")
+
+# Partial downloads, editor backups and sidecars: never frames.  (A .jpg next to a RAW is not a supported
+# type, so is_supported() already skips it.)
+IGNORED_ENDINGS = (".part", ".partial", ".tmp", ".temp", "~", ".xmp", ".swp", ".crdownload", ".download",
+                   ".filepart")
+
+
+def is_candidate(name: str) -> bool:
+    """True for a file name that may be a frame: a supported type, not hidden, not temporary, not a sidecar."""
+    low = name.lower()
+    return not name.startswith(".") and not low.endswith(IGNORED_ENDINGS) and is_supported(Path(name))
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A file for the worker.  ``reason`` is set when the file never completed: record it as failed."""
+
+    path: Path
+    rel: str                   # relative to the watched folder, '/'-separated: the session's key for the file
+    reason: str | None = None
+
+
+# ------------------------------------------------------------------ completeness from the file's own layout
+
+def incomplete_reason(path: Path) -> str | None:
+    """Why ``path`` is visibly not complete yet (e.g. "FITS data 4000 of 172800 bytes"), or None when it looks
+    complete or its layout cannot tell (the engine then reads it and reports any real problem)."""
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file (0 bytes)"
+        if suffix_of(path) in FITS_SUFFIXES:
+            return _fits_incomplete(path, size)
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if head in (b"II*\0", b"MM\0*"):
+            return _tiff_incomplete(path, size)
+    except OSError as err:
+        return f"not readable yet ({err.strerror or err})"
+    return None
+
+
+def _fits_int(card: bytes) -> int | None:
+    try:
+        return int(card[10:80].split(b"/")[0].strip())
+    except ValueError:
+        return None
+
+
+def _fits_incomplete(path: Path, size: int) -> str | None:
+    """Walk the HDUs: each header (2880-byte blocks up to END) then its data, of a length the header states."""
+    pos = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(2880)
+            if not block and pos > 0:
+                return None                        # ends cleanly after a complete HDU
+            if pos == 0 and not block.startswith(b"SIMPLE  ="[: len(block)]):
+                return None                        # not FITS-looking: let the reader say what it is
+            if pos > 0 and not block.startswith(b"XTENSION"[: len(block)]):
+                return None                        # trailing bytes that are not an HDU: not our concern
+            keys: dict[bytes, int] = {}
+            hdr_len, end = 0, False
+            while not end:
+                if len(block) < 2880:
+                    return f"FITS header incomplete ({size} bytes so far)"
+                hdr_len += 2880
+                for i in range(0, 2880, 80):
+                    card = block[i:i + 80]
+                    key = card[:8].rstrip()
+                    if key == b"END":
+                        end = True
+                        break
+                    if card[8:10] == b"= " and (key in (b"BITPIX", b"NAXIS", b"PCOUNT", b"GCOUNT")
+                                                or key.startswith(b"NAXIS")):
+                        v = _fits_int(card)
+                        if v is not None:
+                            keys[key] = v
+                if not end:
+                    block = f.read(2880)
+            naxis = keys.get(b"NAXIS", 0)
+            n = 1 if naxis else 0
+            for i in range(1, naxis + 1):
+                n *= keys.get(b"NAXIS%d" % i, 0)
+            data = abs(keys.get(b"BITPIX", 8)) // 8 * keys.get(b"GCOUNT", 1) * (keys.get(b"PCOUNT", 0) + n)
+            if pos + hdr_len + data > size:
+                return f"FITS data {max(size - pos - hdr_len, 0)} of {data} bytes"
+            pos += hdr_len + -(-data // 2880) * 2880
+            f.seek(pos)
+
+
+def _tiff_incomplete(path: Path, size: int) -> str | None:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            end = 0
+            for page in tf.pages:
+                for off, n in zip(page.dataoffsets, page.databytecounts):
+                    end = max(end, off + n)
+    except Exception as err:  # tifffile raises many types on a cut-off file; all mean "not complete yet"
+        return f"TIFF structure incomplete ({type(err).__name__}: {err})"
+    if end > size:
+        return f"image data {size} of {end} bytes"
+    return None
+
+
+# ------------------------------------------------------------------ the watcher
+
+@dataclass(slots=True)
+class _Pending:
+    size: int
+    mtime_ns: int
+    changed: float       # monotonic time of the last size/mtime change (or probe)
+    first: float         # monotonic time the file was first seen
+    reason: str | None = None
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: "Watcher"):
+        self.w = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory:
+            return
+        path = getattr(event, "dest_path", "") or event.src_path
+        self.w.note(Path(os.fsdecode(path)))
+
+
+class Watcher:
+    """Watches ``root`` (watchdog + a scan at start and every ``rescan_s``) and puts a Ready for each complete
+    new file on ``out``.  ``known``: paths (relative, '/') already in the session or to be ignored."""
+
+    def __init__(self, root: Path, p: WatchParams, out: "queue.Queue[Ready]", *, known: set[str] = frozenset(),
+                 exclude: list[Path] = ()):
+        self.root = Path(root).resolve()
+        self.p = p
+        self.out = out
+        self._known = set(known)
+        self._exclude = [Path(e).resolve() for e in exclude]
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="livestack-watch", daemon=True)
+        self._observer = None
+
+    # -- public
+    def start(self) -> None:
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: watch folder does not exist")
+        self._observer = Observer()
+        self._observer.schedule(_Handler(self), str(self.root), recursive=self.p.recursive)
+        self._observer.start()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def seen(self) -> set[str]:
+        """Every file this watcher knows: done, queued, or still settling."""
+        with self._lock:
+            return self._known | set(self._pending)
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def note(self, path: Path) -> None:
+        """A file event (or a scan) saw ``path``: start tracking it if it may be a new frame."""
+        rel = self._rel(path)
+        if rel is None:
+            return
+        with self._lock:
+            if rel in self._known or rel in self._pending:
+                return
+            now = time.monotonic()
+            self._pending[rel] = _Pending(-1, -1, now, now)
+
+    # -- internals
+    def _rel(self, path: Path) -> str | None:
+        if not is_candidate(path.name):
+            return None
+        try:
+            path = path.absolute()
+            rel = path.relative_to(self.root)
+        except ValueError:
+            return None
+        if len(rel.parts) > 1 and not self.p.recursive:
+            return None
+        if any(part.startswith(".") for part in rel.parts[:-1]):
+            return None
+        if any(path.is_relative_to(e) for e in self._exclude):
+            return None
+        return rel.as_posix()
+
+    def _scan(self) -> None:
+        if self.p.recursive:
+            for d, dirs, files in os.walk(self.root):
+                dirs[:] = [x for x in dirs if not x.startswith(".")
+                           and not any((Path(d) / x).resolve() == e for e in self._exclude)]
+                for name in files:
+                    self.note(Path(d) / name)
+        else:
+            try:
+                with os.scandir(self.root) as it:
+                    for e in it:
+                        if e.is_file():
+                            self.note(Path(e.path))
+            except OSError as err:  # a USB disk unplugged: keep trying, say so once per scan
+                log.warning("watch %s: %s", self.root, err.strerror or err)
+
+    def _run(self) -> None:
+        poll = max(0.02, min(0.25, self.p.settle_s / 4))
+        next_scan = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_scan:
+                self._scan()
+                next_scan = now + self.p.rescan_s
+            self._check()
+            self._stop.wait(poll)
+
+    def _check(self) -> None:
+        now = time.monotonic()
+        with self._lock:
+            items = list(self._pending.items())
+        ready: list[Ready] = []
+        for rel, st in items:
+            path = self.root / rel
+            try:
+                s = path.stat()
+            except FileNotFoundError:       # renamed away or deleted before it settled
+                with self._lock:
+                    self._pending.pop(rel, None)
+                continue
+            except OSError:
+                continue
+            if (s.st_size, s.st_mtime_ns) != (st.size, st.mtime_ns):
+                st.size, st.mtime_ns, st.changed = s.st_size, s.st_mtime_ns, now
+                continue
+            if now - st.changed < self.p.settle_s:
+                continue
+            st.reason = incomplete_reason(path)
+            if st.reason is None:
+                ready.append(Ready(path, rel))
+            elif now - st.first >= self.p.timeout_s:
+                ready.append(Ready(path, rel, f"still incomplete after {self.p.timeout_s:g} s: {st.reason}"))
+            else:
+                st.changed = now             # look again after another settle time
+        if not ready:
+            return
+        by_path = {r.path: r for r in ready}
+        with self._lock:
+            for r in ready:
+                self._pending.pop(r.rel, None)
+                self._known.add(r.rel)
+        for path in capture_order(list(by_path)):
+            self.out.put(by_path[path])

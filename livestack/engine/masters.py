@@ -1,0 +1,883 @@
+"""Calibration master library: folder of bias/dark/flat/dark-flat frames -> master FITS + masters.json, and
+the choice of masters for each light (``MasterLibrary.select(frame) -> Masters``).
+
+Build, in the order the masters depend on each other (bias, darks, dark-flats, flats):
+
+    discover  files -> kind, from the nearest folder name (bias/, darks/, flats/, darkflats/, …) or FITS IMAGETYP
+    ingest    read_frame() each file once; group by camera, size, CFA pattern, ISO/gain, exposure (darks,
+              dark-flats), temperature bin (darks), filter (flats); append the pixels to the group's spill file
+    combine   block of rows of every frame of the group -> sigma-clipped mean or median -> master rows
+    write     master FITS (float32, provenance headers, BADPIX table) + masters.json
+
+Why a spill file: a RAW frame can only be decoded whole, so reading "block k of every frame" from the original
+files would decode each RAW once per block.  Each frame is decoded exactly once and its pixels appended to a
+flat scratch file in the output folder (uint16 when the data are integers in 0..65535, as every RAW and most
+camera FITS are; float32 otherwise).  The combine then maps that file (np.memmap) and reads one band of rows of
+all frames at a time: working memory is ``memory_mb``, whatever the number of frames; disk use is
+N × H × W × 2 bytes for the largest group (50 × 24 MP: 2.4 GB).  The scratch lives beside the masters, not in
+/tmp, which is RAM (tmpfs) on a Raspberry Pi.
+
+Flats: each flat minus the matching master dark-flat (else bias, else dark of the flat's exposure, else the
+frame's black level), divided by its own mean per CFA colour (so colour balance is kept), combined, then
+normalised per colour to mean 1; values below ``flat_min`` are clamped and marked bad.  The per-frame means are
+those of the raw flat minus those of the subtracted master (subtraction is linear), so no extra pass is needed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from .. import __version__
+from .calibrate import Masters, same_exposure
+from .frame import CFA_PATTERNS, Frame, FrameError
+from .read import FITS_SUFFIXES, _IMAGETYP, capture_order, is_supported, read_frame, suffix_of
+
+KINDS = ("bias", "dark", "darkflat", "flat")          # build order: each may need the ones before it
+KIND_LABEL = {"bias": "bias", "dark": "dark", "darkflat": "dark-flat", "flat": "flat"}
+IMAGETYP_OUT = {"bias": "Master Bias", "dark": "Master Dark", "darkflat": "Master Dark Flat",
+                "flat": "Master Flat"}
+INDEX = "masters.json"
+
+# Folder names, compared on their letters only ("Dark_Flats 2s" -> "darkflatss"), longest first so that
+# "darkflats" is not taken for "dark".
+_FOLDER_KINDS = (
+    ("flatdark", "darkflat"), ("darkflat", "darkflat"), ("dflat", "darkflat"), ("biasflat", "darkflat"),
+    ("flatfield", "flat"), ("bias", "bias"), ("offset", "bias"), ("zero", "bias"), ("dark", "dark"),
+    ("flat", "flat"), ("light", "light"), ("object", "light"), ("science", "light"),
+)
+
+
+class MasterError(ValueError):
+    """A master library that cannot be built or loaded: one sentence naming the folder or file."""
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationParams:
+    """The ``[calibration]`` section of livestack.toml."""
+
+    method: str = "clipped"          # combine: "clipped" (sigma-clipped mean) | "median"
+    kappa: float = 3.0               # clipping threshold, × the standard deviation of the other frames
+    on_mismatch: str = "fail"        # master of the wrong size/camera/… for a light: "fail" it | "skip" the master
+    temperature_bin: float = 2.0     # °C: darks are grouped by round(T / bin)
+    temperature_tolerance: float = 3.0  # °C: a dark further than this from the light's temperature is refused
+    flat_min: float = 0.05           # normalised flat below this: clamped and marked bad (corners, dead pixels)
+    hot_sigma: float = 6.0           # hot pixel: master dark this many robust σ above its local median
+    cold_ratio: float = 0.5          # cold pixel: master flat below this × its local median
+    memory_mb: int = 256             # working memory of the combine (the block of rows of all frames)
+    chunk_rows: int = 0              # rows per block; 0: from memory_mb
+
+    def __post_init__(self):
+        if self.method not in ("clipped", "median"):
+            raise ValueError(f"calibration.method = {self.method!r}: must be 'clipped' or 'median'")
+        if not 0 < self.kappa <= 100:
+            raise ValueError(f"calibration.kappa = {self.kappa}: must be in (0, 100]")
+        if self.on_mismatch not in ("fail", "skip"):
+            raise ValueError(f"calibration.on_mismatch = {self.on_mismatch!r}: must be 'fail' or 'skip'")
+        if self.temperature_bin <= 0 or self.temperature_tolerance < 0:
+            raise ValueError(f"calibration: temperature_bin {self.temperature_bin} must be > 0 and "
+                             f"temperature_tolerance {self.temperature_tolerance} ≥ 0")
+        if not 0 < self.flat_min < 1 or not 0 < self.cold_ratio < 1:
+            raise ValueError(f"calibration: flat_min {self.flat_min} and cold_ratio {self.cold_ratio} "
+                             "must be in (0, 1)")
+        if self.hot_sigma <= 0:
+            raise ValueError(f"calibration.hot_sigma = {self.hot_sigma}: must be > 0")
+        if self.memory_mb < 1 or self.chunk_rows < 0:
+            raise ValueError(f"calibration: memory_mb {self.memory_mb} must be ≥ 1 and chunk_rows "
+                             f"{self.chunk_rows} ≥ 0")
+
+
+@dataclass(frozen=True, slots=True)
+class MasterEntry:
+    """One master of the library: one line of masters.json's "masters" list."""
+
+    name: str                        # short name, used in frames.jsonl and the stack header
+    file: str                        # FITS file name, relative to the library folder
+    kind: str                        # bias | dark | darkflat | flat
+    camera: str | None
+    width: int
+    height: int
+    pattern: str | None              # CFA pattern of pixel (0, 0), None for mono
+    iso: int | None
+    gain: float | None
+    exptime: float | None            # s
+    temperature: float | None        # °C, mean of the frames
+    filter: str | None
+    ncombine: int
+    method: str
+    kappa: float | None
+    sources: tuple[str, ...]         # source files, relative to the calibration folder
+    bad_pixels: int = 0              # hot (darks) or cold/dead (flats) pixels in the BADPIX table
+    subtracted: str | None = None    # flats: what was subtracted before normalising
+    clipped: float | None = None     # fraction of the values rejected by the clipped mean
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["sources"] = list(self.sources)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MasterEntry":
+        names = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in names}
+        d["sources"] = tuple(d.get("sources", ()))
+        return cls(**d)
+
+    def describe(self) -> str:
+        return f"master {KIND_LABEL[self.kind]} {self.name}"
+
+
+# ---------------------------------------------------------------- discovery
+
+def kind_from_folder(name: str) -> str | None:
+    """'Darks_60s' -> 'dark', 'flat-darks' -> 'darkflat', 'Offsets' -> 'bias', 'lights' -> 'light'; None when
+    the name says nothing."""
+    letters = "".join(re.findall(r"[a-z]+", name.lower()))
+    for prefix, kind in _FOLDER_KINDS:
+        if letters.startswith(prefix):
+            return kind
+    return None
+
+
+def _fits_imagetyp(path: Path) -> str | None:
+    """Kind from a FITS header (no pixel decode): 'light', 'dark', … or None."""
+    from astropy.io import fits
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+                for h in hdul:
+                    typ = h.header.get("IMAGETYP", h.header.get("FRAMETYP", h.header.get("OBSTYPE")))
+                    if typ is not None:
+                        return _IMAGETYP.get(str(typ).strip().lower(), "unknown:" + str(typ).strip())
+    except (OSError, ValueError, TypeError, IndexError, KeyError):
+        return None
+    return None
+
+
+def discover(calib_dir: Path, *, exclude: Path | None = None) -> tuple[dict[str, list[Path]], list[dict]]:
+    """Calibration files under ``calib_dir`` (recursive), by kind, in capture order; and the files skipped,
+    each {"file", "reason"}.  The nearest folder whose name says a kind wins over the FITS IMAGETYP."""
+    calib_dir = Path(calib_dir)
+    found: dict[str, list[Path]] = {k: [] for k in KINDS}
+    skipped: list[dict] = []
+    for root, dirs, files in os.walk(calib_dir):
+        rootp = Path(root)
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".")
+                         and (exclude is None or (rootp / d).resolve() != exclude.resolve()))
+        for fname in sorted(files):
+            p = rootp / fname
+            if fname.startswith(".") or not is_supported(p):
+                continue
+            rel = p.relative_to(calib_dir)
+            kind = None
+            for part in reversed(rel.parts[:-1]):
+                kind = kind_from_folder(part)
+                if kind:
+                    break
+            if kind is None and suffix_of(p) in FITS_SUFFIXES:
+                kind = _fits_imagetyp(p)
+            if kind in KINDS:
+                found[kind].append(p)
+            elif kind == "light":
+                skipped.append({"file": str(rel), "reason": "a light frame (folder name or IMAGETYP)"})
+            elif kind and kind.startswith("unknown:"):
+                skipped.append({"file": str(rel), "reason": f"IMAGETYP '{kind[8:]}' is not a calibration frame"})
+            else:
+                skipped.append({"file": str(rel), "reason": "kind unknown: put it in a bias/, darks/, flats/ or "
+                                                            "darkflats/ folder"})
+    return {k: capture_order(v) for k, v in found.items()}, skipped
+
+
+# ---------------------------------------------------------------- grouping
+
+def _norm_camera(c: str | None) -> str | None:
+    return " ".join(c.split()).lower() if c else None
+
+
+def _exp_key(t: float | None) -> float | None:
+    return None if t is None else float(f"{t:.4g}")
+
+
+def group_key(frame: Frame, kind: str, p: CalibrationParams) -> tuple:
+    """What must be equal for two frames to go into one master of ``kind``."""
+    m = frame.meta
+    key: tuple = (kind, _norm_camera(m.camera), frame.shape, frame.pattern, m.iso,
+                  None if m.gain is None else round(m.gain, 3))
+    if kind in ("dark", "darkflat"):
+        key += (_exp_key(m.exptime),)
+    if kind == "dark":
+        key += (None if m.temperature is None else int(round(m.temperature / p.temperature_bin)),)
+    if kind == "flat":
+        key += ((m.filter or "").strip().lower() or None,)
+    return key
+
+
+# ---------------------------------------------------------------- spill file
+
+class Spill:
+    """Frames of one group appended to one scratch file, read back as bands of rows of every frame.
+
+    Stored as uint16 while every frame is integer-valued in 0..65535 (half the disk and I/O of float32), else
+    float32 (the file is converted once when the first non-integer frame arrives)."""
+
+    _BAND = 256  # rows converted at a time while appending: no full-frame temporary
+
+    def __init__(self, path: Path, shape: tuple[int, int]):
+        self.path, self.shape, self.n = Path(path), tuple(shape), 0
+        self.dtype = np.dtype(np.uint16)
+        self._f = open(self.path, "wb")
+        self._mm: np.memmap | None = None
+
+    def append(self, data: np.ndarray) -> None:
+        if data.shape != self.shape:
+            raise ValueError(f"spill {self.path.name}: frame {data.shape} != {self.shape}")
+        if self.dtype == np.uint16 and not _fits_uint16(data):
+            self._promote()
+        for r0 in range(0, data.shape[0], self._BAND):
+            data[r0:r0 + self._BAND].astype(self.dtype).tofile(self._f)
+        self.n += 1
+
+    def _promote(self) -> None:
+        self._f.close()
+        tmp = self.path.with_name(self.path.name + ".f32")
+        frame = self.shape[0] * self.shape[1]
+        with open(self.path, "rb") as src, open(tmp, "wb") as dst:
+            for _ in range(self.n):
+                np.fromfile(src, np.uint16, frame).astype(np.float32).tofile(dst)
+        os.replace(tmp, self.path)
+        self.dtype = np.dtype(np.float32)
+        self._f = open(self.path, "ab")
+
+    def rows(self, r0: int, r1: int) -> np.ndarray:
+        """(n, r1 - r0, W) float32: rows r0..r1 of every frame (a new array)."""
+        if self._mm is None:
+            self._f.close()
+            self._mm = np.memmap(self.path, self.dtype, "r", shape=(self.n, *self.shape))
+        return self._mm[:, r0:r1].astype(np.float32)
+
+    def remove(self) -> None:
+        self._mm = None
+        self._f.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _fits_uint16(data: np.ndarray) -> bool:
+    for r0 in range(0, data.shape[0], 256):
+        b = data[r0:r0 + 256]
+        if b.min() < 0 or b.max() > 65535 or not np.array_equal(b, np.floor(b)):
+            return False
+    return True
+
+
+# ---------------------------------------------------------------- combining
+
+def combine_block(block: np.ndarray, method: str, kappa: float) -> tuple[np.ndarray, int]:
+    """(N, R, W) float32 -> ((R, W) float32 combined, number of values clipped).  ``block`` is not modified.
+
+    median: np.median over the frames.  clipped: a value is rejected when it lies more than ``kappa`` ×
+    the standard deviation (ddof 1) *of the other N - 1 values* from the median of all N; the result is the
+    mean of the values kept (the median where none is).  Leaving the value out of its own σ matters for small
+    N: one cosmic-ray hit among 5 frames inflates the σ of all 5 so much that it is never more than 2 σ out.
+    N ≤ 2 is a plain mean.  Memory: about 2 × the block (the median's partition copy and the deviations).
+    """
+    n = block.shape[0]
+    if method == "median":
+        return np.median(block, axis=0).astype(np.float32, copy=False), 0
+    if n <= 2:
+        return block.mean(axis=0, dtype=np.float64).astype(np.float32), 0
+    med = np.median(block, axis=0)
+    d = block - med                                      # (N, R, W) float32 deviations: small numbers, exact
+    s1 = d.sum(axis=0, dtype=np.float64)
+    s2 = np.zeros(med.shape, np.float64)
+    for i in range(n):
+        s2 += np.square(d[i], dtype=np.float64)
+    total = np.zeros(med.shape, np.float64)
+    count = np.zeros(med.shape, np.int32)
+    no = n - 1
+    k2 = kappa * kappa
+    for i in range(n):
+        di = d[i].astype(np.float64)
+        mo = (s1 - di) / no                              # mean of the others
+        var_o = np.maximum((s2 - di * di) - no * mo * mo, 0.0) / (no - 1)
+        keep = di * di <= k2 * var_o
+        total += np.where(keep, di, 0.0)
+        count += keep
+    out = np.where(count > 0, med + total / np.maximum(count, 1), med).astype(np.float32)
+    return out, int(n * count.size - count.sum())
+
+
+def _block_rows(n: int, width: int, p: CalibrationParams) -> int:
+    """Rows per block, even (so that CFA rows keep their parity): the block of all n frames, with the
+    combine's temporaries (~4 × the float32 block), fits in p.memory_mb."""
+    if p.chunk_rows:
+        rows = p.chunk_rows
+    else:
+        rows = int(p.memory_mb * 2**20 // max(1, 4 * n * width * 4))
+    return max(2, rows - rows % 2)
+
+
+def combine_spill(spill: Spill, p: CalibrationParams, *,
+                  prepare: Callable[[np.ndarray, int, int], None] | None = None) -> tuple[np.ndarray, int]:
+    """Combine all frames of ``spill`` block by block into one (H, W) float32 master (allocated here).
+    ``prepare(block, r0, r1)`` may modify each (N, r1 - r0, W) block in place first (flats).
+    Returns (master, values clipped)."""
+    h, w = spill.shape
+    out = np.empty((h, w), np.float32)
+    rows = _block_rows(spill.n, w, p)
+    clipped = 0
+    for r0 in range(0, h, rows):
+        r1 = min(h, r0 + rows)
+        block = spill.rows(r0, r1)
+        if prepare is not None:
+            prepare(block, r0, r1)
+        out[r0:r1], c = combine_block(block, p.method, p.kappa)
+        clipped += c
+        del block
+    return out, clipped
+
+
+# ---------------------------------------------------------------- per-colour helpers and bad pixels
+
+def _sites(colour: bool):
+    """(row offset, col offset) of each CFA position; one site for mono."""
+    return [(i, j) for i in range(2) for j in range(2)] if colour else [(0, 0)]
+
+
+def _site_slice(i: int, j: int, colour: bool):
+    return (slice(i, None, 2), slice(j, None, 2)) if colour else (slice(None), slice(None))
+
+
+def site_means(img: np.ndarray, colour: bool, *, mask: np.ndarray | None = None) -> np.ndarray:
+    """(2, 2) float64 mean of each CFA position (mono: the same mean in all four); ``mask`` True = ignore."""
+    out = np.empty((2, 2), np.float64)
+    for i, j in _sites(colour):
+        sl = _site_slice(i, j, colour)
+        v = img[sl]
+        if mask is not None:
+            v = v[~mask[sl]]
+        out[i, j] = float(v.mean(dtype=np.float64)) if v.size else float("nan")
+    if not colour:
+        out[:] = out[0, 0]
+    return out
+
+
+def hot_pixels_from_dark(dark: np.ndarray, colour: bool, sigma: float) -> np.ndarray:
+    """(H, W) bool: pixels of a master dark more than ``sigma`` robust σ above the 5×5 median of their own
+    CFA colour (a local median, so that amplifier glow and gradients are not taken for hot pixels)."""
+    hot = np.zeros(dark.shape, bool)
+    for i, j in _sites(colour):
+        sl = _site_slice(i, j, colour)
+        plane = np.ascontiguousarray(dark[sl], dtype=np.float32)
+        resid = plane - cv2.medianBlur(plane, 5)
+        sample = resid[::3, ::3]
+        mad = float(np.median(np.abs(sample - np.median(sample))))
+        s = max(1.4826 * mad, 0.5)  # a median of integer frames can have MAD 0: σ is at least ½ ADU
+        hot[sl] = resid > sigma * s
+    return hot
+
+
+def cold_pixels_from_flat(flat: np.ndarray, colour: bool, ratio: float) -> np.ndarray:
+    """(H, W) bool: pixels of a master flat below ``ratio`` × the 5×5 median of their own CFA colour."""
+    cold = np.zeros(flat.shape, bool)
+    for i, j in _sites(colour):
+        sl = _site_slice(i, j, colour)
+        plane = np.ascontiguousarray(flat[sl], dtype=np.float32)
+        cold[sl] = plane < ratio * cv2.medianBlur(plane, 5)
+    return cold
+
+
+# ---------------------------------------------------------------- build
+
+@dataclass(slots=True)
+class _Group:
+    kind: str
+    key: tuple
+    shape: tuple[int, int]
+    pattern: str | None
+    spill: Spill
+    camera: str | None = None
+    iso: int | None = None
+    gain: float | None = None
+    filter: str | None = None
+    exptimes: list = field(default_factory=list)
+    temps: list = field(default_factory=list)
+    sources: list = field(default_factory=list)
+    sums: list = field(default_factory=list)      # flats: (2, 2) per-frame raw means
+    blacks: list = field(default_factory=list)    # (2, 2) black level of each frame
+
+
+def build_library(calib_dir: Path | str, out_dir: Path | str, p: CalibrationParams | None = None, *,
+                  log: Callable[[str], None] | None = None) -> "MasterLibrary":
+    """Build every master from ``calib_dir`` into ``out_dir`` (created): master FITS files and masters.json.
+
+    Raises MasterError when ``calib_dir`` is not a folder or holds no usable calibration frame.  A file that
+    cannot be read is skipped and listed in masters.json's "skipped" with its reason.
+    Memory: one decoded frame + the combine block (``p.memory_mb``) + one (H, W) float32 master.
+    """
+    p = p or CalibrationParams()
+    calib_dir, out_dir = Path(calib_dir).expanduser(), Path(out_dir).expanduser()
+    say = log or (lambda s: None)
+    if not calib_dir.is_dir():
+        raise MasterError(f"{calib_dir}: not a folder of calibration frames")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, skipped = discover(calib_dir, exclude=out_dir)
+    if not any(files.values()):
+        raise MasterError(f"{calib_dir}: no calibration frames found (folders bias/, darks/, flats/, darkflats/ "
+                          "or FITS IMAGETYP)")
+    lib = MasterLibrary(out_dir, [], p)
+    lib.skipped = skipped
+    for kind in KINDS:
+        if files[kind]:
+            say(f"{KIND_LABEL[kind]}: {len(files[kind])} files")
+        groups = _ingest(kind, files[kind], calib_dir, out_dir, p, skipped, say)
+        try:
+            for g in groups:
+                try:
+                    entry = _make_master(g, lib, p)
+                except MasterError as err:
+                    skipped += [{"file": f, "reason": str(err)} for f in g.sources]
+                    say(f"  skipped {len(g.sources)} {KIND_LABEL[kind]} frames: {err}")
+                    continue
+                lib.entries.append(entry)
+                lib.save()  # masters.json after each master: an interrupted build keeps what it made
+                say(f"  {entry.file}: {entry.ncombine} frames, {entry.width}×{entry.height}"
+                    + (f", {entry.bad_pixels} bad pixels" if entry.bad_pixels else "")
+                    + (f", minus {entry.subtracted}" if entry.subtracted else ""))
+        finally:
+            for g in groups:
+                g.spill.remove()
+    if not lib.entries:
+        raise MasterError(f"{calib_dir}: no master could be built ({len(skipped)} files skipped)")
+    lib.save()
+    return lib
+
+
+def _ingest(kind, paths, calib_dir, out_dir, p, skipped, say) -> list[_Group]:
+    groups: dict[tuple, _Group] = {}
+    try:
+        for path in paths:
+            rel = str(path.relative_to(calib_dir))
+            try:
+                frame = read_frame(path)
+            except FrameError as err:
+                skipped.append({"file": rel, "reason": err.reason})
+                say(f"  skipped {rel}: {err.reason}")
+                continue
+            key = group_key(frame, kind, p)
+            g = groups.get(key)
+            if g is None:
+                spill = Spill(out_dir / f".scratch_{kind}_{len(groups)}_{os.getpid()}.bin", frame.shape)
+                m = frame.meta
+                g = groups[key] = _Group(kind, key, frame.shape, frame.pattern, spill, camera=m.camera,
+                                         iso=m.iso, gain=m.gain, filter=m.filter)
+            g.spill.append(frame.data)
+            g.sources.append(rel)
+            g.exptimes.append(frame.meta.exptime)
+            g.temps.append(frame.meta.temperature)
+            g.blacks.append(frame.black.astype(np.float64))
+            if kind == "flat":
+                g.sums.append(site_means(frame.data, frame.is_color))
+            del frame
+    except BaseException:
+        for g in groups.values():
+            g.spill.remove()
+        raise
+    return list(groups.values())
+
+
+def _mean_or_none(values) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+def _master_name(kind, camera, shape, exptime, temp, iso, gain, filt) -> str:
+    parts = [kind]
+    if kind in ("dark", "darkflat") and exptime is not None:
+        parts.append(f"{exptime:g}s")
+    if kind == "dark" and temp is not None:
+        parts.append(f"{round(temp):d}C")
+    if kind == "flat" and filt:
+        parts.append(re.sub(r"[^A-Za-z0-9]+", "-", filt).strip("-"))
+    if iso is not None:
+        parts.append(f"iso{iso}")
+    if gain is not None:
+        parts.append(f"g{gain:g}")
+    parts.append(re.sub(r"[^A-Za-z0-9]+", "-", camera or "").strip("-") or "camera")
+    parts.append(f"{shape[1]}x{shape[0]}")
+    return "_".join(parts)
+
+
+def _make_master(g: _Group, lib: "MasterLibrary", p: CalibrationParams) -> MasterEntry:
+    colour = g.pattern is not None
+    exptime = _mean_or_none(g.exptimes)
+    temp = _mean_or_none(g.temps)
+    subtracted = None
+    if g.kind == "flat":
+        data, bad, clipped, subtracted = _combine_flat(g, lib, p)
+    else:
+        data, clipped = combine_spill(g.spill, p)
+        bad = hot_pixels_from_dark(data, colour, p.hot_sigma) if g.kind == "dark" else None
+    name = _master_name(g.kind, g.camera, g.shape, exptime, temp, g.iso, g.gain, g.filter)
+    taken = {e.name for e in lib.entries}
+    base, k = name, 2
+    while name in taken:
+        name, k = f"{base}_{k}", k + 1
+    entry = MasterEntry(
+        name=name, file=name + ".fits", kind=g.kind, camera=g.camera, width=g.shape[1], height=g.shape[0],
+        pattern=g.pattern, iso=g.iso, gain=g.gain, exptime=exptime, temperature=temp, filter=g.filter,
+        ncombine=g.spill.n, method=p.method if g.spill.n > 2 or p.method == "median" else "mean",
+        kappa=p.kappa if p.method == "clipped" else None, sources=tuple(g.sources),
+        bad_pixels=int(bad.sum()) if bad is not None else 0, subtracted=subtracted,
+        clipped=round(clipped / max(1, data.size * g.spill.n), 6) if p.method == "clipped" else None)
+    write_master(lib.root / entry.file, data, entry, bad)
+    lib._arrays[entry.name] = data
+    if bad is not None:
+        lib._bad[entry.name] = bad
+    return entry
+
+
+def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams):
+    colour = g.pattern is not None
+    t = _mean_or_none(g.exptimes)
+    offset = None
+    for kind in ("darkflat", "bias", "dark"):
+        cands = [e for e in lib.entries if e.kind == kind and e.width == g.shape[1] and e.height == g.shape[0]
+                 and e.pattern == g.pattern and _same_camera(e.camera, g.camera)
+                 and _same(e.iso, g.iso) and _same(e.gain, g.gain)
+                 and (kind == "bias" or same_exposure(t, e.exptime))]
+        if cands:
+            offset = max(cands, key=lambda e: e.ncombine)
+            break
+    if offset is not None:
+        sub = lib.array(offset.name)
+        sub_means = site_means(sub, colour)
+        subtracted = offset.name
+    else:
+        sub = None
+        black = np.mean(g.blacks, axis=0)
+        sub_means = black if colour else np.full((2, 2), black.mean())
+        subtracted = f"black level {float(black.mean()):g}" if black.any() else None
+    # Mean of (flat - offset) per colour, frame by frame: subtraction is linear, so from the raw means.
+    level = np.array(g.sums) - sub_means[None]                   # (N, 2, 2)
+    if (level <= 0).any():
+        worst = g.sources[int(np.argmin(level.min(axis=(1, 2))))]
+        raise MasterError(f"flat group of {worst}: mean level ≤ 0 after subtracting {subtracted or 'nothing'} "
+                          "(underexposed flats, or a dark-flat of another exposure?)")
+    inv = (1.0 / level).astype(np.float32)
+    black = sub_means.astype(np.float32) if sub is None else None
+
+    def prepare(block: np.ndarray, r0: int, r1: int) -> None:
+        if sub is not None:
+            block -= sub[r0:r1]
+        for i, j in _sites(colour):
+            sl = (slice(None),) + _site_slice(i, j, colour)
+            if black is not None:
+                block[sl] -= black[i, j]
+            block[sl] *= inv[:, i, j][:, None, None]
+
+    data, clipped = combine_spill(g.spill, p, prepare=prepare)
+    bad = ~np.isfinite(data)
+    data[bad] = 1.0
+    bad |= data < p.flat_min
+    # mean 1 per colour over the usable pixels, then the guard: nothing below flat_min is ever divided by
+    norm = site_means(data, colour, mask=bad)
+    for i, j in _sites(colour):
+        data[_site_slice(i, j, colour)] /= np.float32(norm[i, j])
+    bad |= data < p.flat_min
+    bad |= cold_pixels_from_flat(data, colour, p.cold_ratio)
+    np.maximum(data, np.float32(p.flat_min), out=data)
+    return data, bad, clipped, subtracted
+
+
+def _same(a, b) -> bool:
+    return a is None or b is None or a == b
+
+
+def _same_camera(a: str | None, b: str | None) -> bool:
+    return a is None or b is None or _norm_camera(a) == _norm_camera(b)
+
+
+def write_master(path: Path, data: np.ndarray, e: MasterEntry, bad: np.ndarray | None) -> None:
+    """Master FITS: float32 primary image with provenance headers; bad pixels as a BADPIX table (X, Y)."""
+    from astropy.io import fits
+
+    from .write import atomic_write_with
+
+    h = fits.Header()
+    h["IMAGETYP"] = IMAGETYP_OUT[e.kind]
+    h["NCOMBINE"] = (e.ncombine, "frames combined")
+    h["CALMETH"] = (e.method, "combine: clipped mean | median | mean")
+    if e.kappa is not None:
+        h["CALKAPPA"] = (e.kappa, "clipping threshold, sigma of the other frames")
+    cards = [("EXPTIME", e.exptime, "[s] exposure of the frames (mean)"),
+             ("ISOSPEED", e.iso, "ISO"), ("GAIN", e.gain, "gain setting"),
+             ("CCD-TEMP", None if e.temperature is None else round(e.temperature, 2), "[C] mean sensor temp"),
+             ("FILTER", e.filter, "filter"), ("INSTRUME", e.camera, "camera"),
+             ("BAYERPAT", e.pattern, "CFA pattern of pixel (0,0)")]
+    for k, v, c in cards:
+        if v is not None:
+            h[k] = (v, c)
+    if e.pattern:
+        h["XBAYROFF"], h["YBAYROFF"] = 0, 0
+    h["ROWORDER"] = "TOP-DOWN"
+    if e.subtracted:
+        h["CALSUB"] = (e.subtracted[:68], "subtracted from each flat")
+    h["NSOURCE"] = (len(e.sources), "source files (HISTORY)")
+    h["SOFTWARE"] = f"livestack {__version__}"
+    h["DATE"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    for s in e.sources:
+        h.add_history(f"source: {s}")
+    hdus = [fits.PrimaryHDU(np.ascontiguousarray(data, np.float32), header=h)]
+    if bad is not None:
+        y, x = np.nonzero(bad)
+        t = fits.BinTableHDU.from_columns([fits.Column("X", "J", array=x.astype(np.int32)),
+                                           fits.Column("Y", "J", array=y.astype(np.int32))], name="BADPIX")
+        t.header["BADKIND"] = ("hot" if e.kind == "dark" else "cold"), "from the master dark | flat"
+        hdus.append(t)
+    atomic_write_with(path, lambda tmp: fits.HDUList(hdus).writeto(tmp, overwrite=True))
+
+
+# ---------------------------------------------------------------- the library
+
+class MasterLibrary:
+    """The masters of one folder (masters.json + FITS), and the choice of masters for each light.
+
+    Arrays are read lazily, once, as float32 and kept (a 24 MP master is 96 MB): only the masters that lights
+    actually use are ever loaded.
+    """
+
+    def __init__(self, root: Path | str, entries: list[MasterEntry], params: CalibrationParams | None = None):
+        self.root = Path(root)
+        self.entries = list(entries)
+        self.params = params or CalibrationParams()
+        self.skipped: list[dict] = []
+        self._arrays: dict[str, np.ndarray] = {}
+        self._bad: dict[str, np.ndarray] = {}
+        self._bad_union: dict[tuple, np.ndarray] = {}
+        self._selected: dict[tuple, Masters | str] = {}
+
+    # -------------------------------------------------------------- build / save / load
+
+    @classmethod
+    def build(cls, calib_dir: Path | str, out_dir: Path | str, params: CalibrationParams | None = None, *,
+              log: Callable[[str], None] | None = None) -> "MasterLibrary":
+        """See build_library."""
+        return build_library(calib_dir, out_dir, params, log=log)
+
+    def save(self) -> None:
+        """Write masters.json (atomically)."""
+        from .write import atomic_write_bytes
+
+        doc = {"version": 1, "software": f"livestack {__version__}",
+               "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+               "params": dataclasses.asdict(self.params),
+               "masters": [e.to_dict() for e in self.entries], "skipped": self.skipped}
+        atomic_write_bytes(self.root / INDEX, json.dumps(doc, indent=1).encode())
+
+    @classmethod
+    def load(cls, root: Path | str, params: CalibrationParams | None = None) -> "MasterLibrary":
+        """Read masters.json of ``root`` (no pixels yet).  Raises MasterError naming the file."""
+        root = Path(root).expanduser()
+        index = root / INDEX
+        if not index.is_file():
+            raise MasterError(f"{root}: no {INDEX} (build one with `livestack masters CALIB -o {root}`)")
+        try:
+            doc = json.loads(index.read_text())
+            entries = [MasterEntry.from_dict(d) for d in doc["masters"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise MasterError(f"{index}: not a master index ({err})") from err
+        missing = [e.file for e in entries if not (root / e.file).is_file()]
+        if missing:
+            raise MasterError(f"{root}: {INDEX} lists missing files: {', '.join(missing[:3])}")
+        lib = cls(root, entries, params)
+        lib.skipped = list(doc.get("skipped", []))
+        return lib
+
+    def array(self, name: str) -> np.ndarray:
+        """(H, W) float32 data of master ``name``, read once."""
+        a = self._arrays.get(name)
+        if a is None:
+            from astropy.io import fits
+
+            e = self._entry(name)
+            with fits.open(self.root / e.file, memmap=False) as hdul:
+                a = np.ascontiguousarray(hdul[0].data, dtype=np.float32)
+            if a.shape != (e.height, e.width):
+                raise MasterError(f"{e.file}: image is {a.shape[1]}×{a.shape[0]}, masters.json says "
+                                  f"{e.width}×{e.height}")
+            a.setflags(write=False)
+            self._arrays[name] = a
+        return a
+
+    def bad_map(self, name: str) -> np.ndarray | None:
+        """(H, W) bool bad-pixel map stored with master ``name`` (None when it has none)."""
+        if name not in self._bad:
+            from astropy.io import fits
+
+            e = self._entry(name)
+            bad = None
+            with fits.open(self.root / e.file, memmap=False) as hdul:
+                if "BADPIX" in hdul:
+                    t = hdul["BADPIX"].data
+                    bad = np.zeros((e.height, e.width), bool)
+                    bad[np.asarray(t["Y"], np.intp), np.asarray(t["X"], np.intp)] = True
+            self._bad[name] = bad
+        return self._bad[name]
+
+    def _entry(self, name: str) -> MasterEntry:
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise KeyError(name)
+
+    # -------------------------------------------------------------- selection
+
+    def select(self, frame: Frame) -> Masters | None:
+        """The best masters for ``frame`` (None when the library has nothing for it).
+
+        Per kind: masters of another camera, size or CFA pattern, another ISO/gain (bias, dark), a temperature
+        further than ``temperature_tolerance`` (dark) or another filter (flat) are refused; when the library
+        has masters of a kind but none fits, ``on_mismatch = "fail"`` raises FrameError(frame.path, reason) and
+        "skip" calibrates without that kind and records ``<kind>_skipped: reason``.  The dark of the same
+        exposure is preferred; otherwise the nearest one (the longer of two equally near) is scaled with the
+        bias — or the frame's black level when there is no bias — and ``dark_scaled`` is recorded.
+        """
+        m = frame.meta
+        key = (_norm_camera(m.camera), frame.shape, frame.pattern, m.iso, m.gain, _exp_key(m.exptime),
+               None if m.temperature is None else round(m.temperature, 1),
+               (m.filter or "").lower(), frame.black.tobytes())
+        hit = self._selected.get(key)
+        if hit is None:
+            try:
+                hit = self._select(frame)
+            except FrameError as err:
+                hit = err.reason
+            self._selected[key] = hit
+        if isinstance(hit, str):
+            raise FrameError(frame.path, hit)
+        return hit
+
+    def _select(self, frame: Frame) -> Masters | None:
+        p = self.params
+        notes: dict = {}
+        chosen: dict[str, MasterEntry | None] = {}
+        for kind in ("bias", "dark", "flat"):
+            entry, reason = self._choose(kind, frame)
+            if reason is not None:
+                if p.on_mismatch == "fail":
+                    raise FrameError(frame.path, reason)
+                notes[f"{kind}_skipped"] = reason
+            chosen[kind] = entry
+        bias, dark, flat = chosen["bias"], chosen["dark"], chosen["flat"]
+        t = frame.meta.exptime
+        if dark is not None and not same_exposure(t, dark.exptime):
+            if t is None or dark.exptime is None:
+                reason = (f"{dark.describe()} is of {_fmt_t(dark.exptime)} but the frame's exposure is "
+                          f"{_fmt_t(t)}: cannot scale the dark")
+            elif bias is None and not frame.black.any():
+                reason = (f"no master dark of {t:g} s, and no master bias (nor a black level in the file) to "
+                          f"scale {dark.describe()} of {dark.exptime:g} s")
+            else:
+                reason = None
+                if bias is None:
+                    notes["dark_base"] = "black level"
+            if reason is not None:
+                if p.on_mismatch == "fail":
+                    raise FrameError(frame.path, reason)
+                notes["dark_skipped"] = reason
+                dark = None
+        if bias is not None and dark is not None and same_exposure(t, dark.exptime):
+            bias = None  # the dark of the same exposure includes the bias
+        if not (bias or dark or flat or notes):
+            return None
+        names = {k: e.name for k, e in (("bias", bias), ("dark", dark), ("flat", flat)) if e is not None}
+        return Masters(
+            bias=self.array(bias.name) if bias else None,
+            dark=self.array(dark.name) if dark else None,
+            dark_exptime=dark.exptime if dark else None,
+            flat=self.array(flat.name) if flat else None,
+            bad=self._bad_for(dark, flat),
+            names=names, notes=notes)
+
+    def _bad_for(self, dark: MasterEntry | None, flat: MasterEntry | None) -> np.ndarray | None:
+        key = (dark.name if dark else None, flat.name if flat else None)
+        if key not in self._bad_union:
+            maps = [b for b in (self.bad_map(e.name) for e in (dark, flat) if e is not None) if b is not None]
+            u = None
+            if maps:
+                u = maps[0].copy()
+                for b in maps[1:]:
+                    u |= b
+                u.setflags(write=False)
+            self._bad_union[key] = u
+        return self._bad_union[key]
+
+    def _choose(self, kind: str, frame: Frame) -> tuple[MasterEntry | None, str | None]:
+        cands = [e for e in self.entries if e.kind == kind]
+        if not cands:
+            return None, None
+        judged = [(self._problems(e, frame), e) for e in cands]
+        ok = [e for probs, e in judged if not probs]
+        if not ok:
+            probs, e = min(judged, key=lambda pe: len(pe[0]))
+            return None, probs[0]
+        m = frame.meta
+        if kind == "dark":
+            t = m.exptime
+
+            def rank(e: MasterEntry):
+                exact = same_exposure(t, e.exptime)
+                dist = abs(math.log(t / e.exptime)) if t and e.exptime else math.inf
+                dtemp = abs(m.temperature - e.temperature) if None not in (m.temperature, e.temperature) else 0
+                return (not exact, round(dist, 6), -(e.exptime or 0), dtemp, -e.ncombine)
+            return min(ok, key=rank), None
+        if kind == "flat":
+            f = (m.filter or "").lower()
+            return min(ok, key=lambda e: ((e.filter or "").lower() != f, -e.ncombine)), None
+        return min(ok, key=lambda e: -e.ncombine), None
+
+    def _problems(self, e: MasterEntry, frame: Frame) -> list[str]:
+        """Why master ``e`` cannot calibrate ``frame`` (empty: it can), most serious first."""
+        m, out = frame.meta, []
+        d = e.describe()
+        if not _same_camera(e.camera, m.camera):
+            out.append(f"{d} is from camera '{e.camera}' but the frame is from '{m.camera}'")
+        h, w = frame.shape
+        if (e.height, e.width) != (h, w):
+            out.append(f"{d} is {e.width}×{e.height} but the frame is {w}×{h}")
+        if e.pattern != frame.pattern:
+            out.append(f"{d} has CFA pattern {e.pattern or 'none (mono)'} but the frame has "
+                       f"{frame.pattern or 'none (mono)'}")
+        if e.kind in ("bias", "dark"):
+            if not _same(e.iso, m.iso):
+                out.append(f"{d} is ISO {e.iso} but the frame is ISO {m.iso}")
+            if not _same(e.gain, m.gain):
+                out.append(f"{d} has gain {e.gain:g} but the frame has gain {m.gain:g}")
+        if e.kind == "dark" and None not in (e.temperature, m.temperature):
+            if abs(e.temperature - m.temperature) > self.params.temperature_tolerance:
+                out.append(f"{d} was taken at {e.temperature:.1f} °C but the frame at {m.temperature:.1f} °C "
+                           f"(tolerance {self.params.temperature_tolerance:g} °C)")
+        if e.kind == "flat" and e.filter and m.filter and e.filter.strip().lower() != m.filter.strip().lower():
+            out.append(f"{d} is for filter '{e.filter}' but the frame has filter '{m.filter}'")
+        return out
+
+
+def _fmt_t(t: float | None) -> str:
+    return "unknown exposure" if t is None else f"{t:g} s"
+
+
+__all__ = ["CalibrationParams", "MasterEntry", "MasterError", "MasterLibrary", "Spill", "build_library",
+           "cold_pixels_from_flat", "combine_block", "combine_spill", "discover", "group_key",
+           "hot_pixels_from_dark", "kind_from_folder", "site_means", "write_master", "CFA_PATTERNS"]
