@@ -70,7 +70,7 @@ def calibrate(frame: Frame, masters: Masters | None, cosmetic: CosmeticParams) -
             thermal *= k
             img -= thermal
             del thermal
-            info["dark_scaled"] = round(float(k), 6)
+            info["dark_scaled"] = float(f"{t / td:.6g}")
             if m.bias is not None:
                 info["bias"] = m.names.get("bias", True)
             else:

@@ -646,7 +646,10 @@ def write_master(path: Path, data: np.ndarray, e: MasterEntry, bad: np.ndarray |
                                            fits.Column("Y", "J", array=y.astype(np.int32))], name="BADPIX")
         t.header["BADKIND"] = ("hot" if e.kind == "dark" else "cold"), "from the master dark | flat"
         hdus.append(t)
-    atomic_write_with(path, lambda tmp: fits.HDUList(hdus).writeto(tmp, overwrite=True))
+    def writer(tmp: Path) -> None:
+        fits.HDUList(hdus).writeto(tmp, overwrite=True)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; masters are shared between users (capture, daemon)
+    atomic_write_with(path, writer)
 
 
 # ---------------------------------------------------------------- the library
@@ -685,6 +688,7 @@ class MasterLibrary:
                "params": dataclasses.asdict(self.params),
                "masters": [e.to_dict() for e in self.entries], "skipped": self.skipped}
         atomic_write_bytes(self.root / INDEX, json.dumps(doc, indent=1).encode())
+        os.chmod(self.root / INDEX, 0o644)
 
     @classmethod
     def load(cls, root: Path | str, params: CalibrationParams | None = None) -> "MasterLibrary":

@@ -236,8 +236,9 @@ def _read_fits(path: Path) -> Frame:
         if k in header:
             meta.extra[k] = header[k]
 
-    # Levels.  Integer FITS from a camera: white = the ADC range (or DATAMAX/SATURATE); float: what it says.
-    white = _num(header.get("SATURATE", header.get("DATAMAX")))
+    # Levels.  Integer FITS from a camera: white = SATURATE when given, else the integer range (DATAMAX is the
+    # largest value present, not the saturation level); float data: no saturation flag without SATURATE.
+    white = _num(header.get("SATURATE"))
     if white is None:
         if int_input:
             bits = 16 if data.max(initial=0) < 65536 else 32

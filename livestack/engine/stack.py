@@ -31,7 +31,7 @@ class StackParams:
     min_empirical: int = 5      # from this many frames on, a pixel's own scatter replaces the relative term
     saturated_weight: float = 1e-6  # a saturated pixel only counts where no frame has a better value
     chunk_rows: int = 256       # rows per block: bounds the temporaries (a few MB) whatever the frame size
-    grow: bool = True           # also reject the 8 neighbours of a rejected pixel
+    grow: bool = True           # also reject the 8 neighbours of a strong (> 2κσ) outlier
 
     def __post_init__(self):
         if not 1.5 <= self.kappa <= 20:
@@ -85,7 +85,7 @@ class RunningStack:
             return None
         if self.mean is None:
             self._allocate()
-        n = self._stream(img, weight, noise, saturated, clip=True)
+        n = self._stream(img, weight, noise, saturated)
         self.rejected_total += n
         return n
 
@@ -104,58 +104,76 @@ class RunningStack:
 
     def _combine_buffer(self, mean, m2, wsum, count) -> list[int]:
         """Clip the buffered frames against their per-pixel median (the lower value of two: outliers —
-        satellites, cosmic rays, hot pixels — are positive) and accumulate the survivors."""
+        satellites, cosmic rays, hot pixels — are positive) and accumulate the survivors.  A pixel never
+        loses every frame: where all are rejected, the one closest to the centre stays."""
         k = len(self.buffer)
         rejected = [0] * k
+        # Variance of (x - centre) in units of one frame's variance: the centre's own noise counts too
+        # (median of K: ≈ π/2 · σ²/K; with two frames the centre is one of them).
+        centre_var = 1.0 if k == 2 else (np.pi / 2) / max(k, 1)
         for r0, r1 in self._chunks():
             block = np.stack([b[0][:, r0:r1].astype(np.float32) for b in self.buffer])  # (K, C, h, w)
             if k >= 3:
                 centre = np.nanmedian(block, axis=0) if np.isnan(block).any() else np.median(block, axis=0)
             else:
                 centre = np.fmin(block[0], block[-1])
+            bads = [self._outliers(block[i], centre, noise, 1 + centre_var) for i, (_, _, noise, _) in
+                    enumerate(self.buffer)]
+            if k > 1:
+                everyone = np.logical_and.reduce(bads)
+                if everyone.any():
+                    dev = np.abs(block - centre[None]).sum(axis=1)            # (K, h, w)
+                    dev = np.where(np.isnan(dev), np.inf, dev)
+                    keep = np.argmin(dev, axis=0)
+                    for i in range(k):
+                        bads[i] &= ~(everyone & (keep == i))
             for i, (_, wt, noise, sat) in enumerate(self.buffer):
-                x = block[i]
-                bad = self._outliers(x, centre, noise, None, None)
-                rejected[i] += int(bad.sum())
-                self._update(mean[:, r0:r1], m2[:, r0:r1], wsum[r0:r1], count[r0:r1], x, wt,
-                             None if sat is None else sat[r0:r1], bad)
+                rejected[i] += int(bads[i].sum())
+                self._update(mean[:, r0:r1], m2[:, r0:r1], wsum[r0:r1], count[r0:r1], block[i], wt,
+                             None if sat is None else sat[r0:r1], bads[i])
         return rejected
 
-    def _stream(self, img, weight, noise, saturated, *, clip: bool) -> int:
+    def _stream(self, img, weight, noise, saturated) -> int:
         rejected = 0
+        p = self.p
         for r0, r1 in self._chunks():
             x = img[:, r0:r1]
             mean, m2 = self.mean[:, r0:r1], self.m2[:, r0:r1]
             wsum, count = self.wsum[r0:r1], self.count[r0:r1]
-            bad = self._outliers(x, mean, noise, m2, wsum, count) if clip else None
-            if bad is not None:
-                rejected += int(bad.sum())
+            # σ² per pixel: the larger of the frame's noise (plus, while few frames cover the pixel, a relative
+            # term for star cores) and the pixel's own scatter; × (1 + 1/n) for the running mean's own noise.
+            with np.errstate(invalid="ignore", divide="ignore"):
+                emp = m2 / wsum * (count / np.maximum(count - 1, 1))
+            few = count < p.min_empirical
+            bad = self._outliers(x, mean, noise, 1 + 1 / np.maximum(count, 1), emp=emp, few=few)
+            bad &= count > 0  # first frame on a pixel: nothing to compare against
+            rejected += int(bad.sum())
             self._update(mean, m2, wsum, count, x, weight, None if saturated is None else saturated[r0:r1], bad)
         return rejected
 
-    def _outliers(self, x, centre, noise, m2, wsum, count=None) -> np.ndarray:
-        """(h, w) bool: pixels where any channel departs from ``centre`` by more than κσ (NaN never does)."""
+    def _outliers(self, x, centre, noise, var_factor, *, emp=None, few=None) -> np.ndarray:
+        """(h, w) bool: pixels where any channel departs from ``centre`` by more than κσ (NaN never does).
+
+        σ² = noise² (+ (rel_floor · signal)² where ``few`` or when no empirical variance is given), at least
+        ``emp`` (the pixel's scatter so far), times ``var_factor``.  Pixels next to a strong outlier (> 2κσ)
+        are rejected too: the wings of a trail or a cosmic-ray hit, spread by debayering and the warp, sit
+        below κσ one by one.
+        """
         p = self.p
         bad = np.zeros(x.shape[1:], bool)
+        strong = np.zeros(x.shape[1:], bool)
         for c in range(x.shape[0]):
-            var = np.full(x.shape[1:], noise[c] ** 2, np.float32)
             signal = np.maximum(centre[c] - self.sky[c], 0) * np.float32(p.rel_floor)
-            if m2 is None:  # bootstrap: relative term only
-                var += signal * signal
-            else:
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    emp = m2[c] / wsum * (count / np.maximum(count - 1, 1))
-                few = count < p.min_empirical
-                var = np.where(few, np.maximum(var + signal * signal, emp), np.maximum(var, emp))
-                var *= 1 + 1 / np.maximum(count, 1)  # the running mean's own uncertainty
+            var = noise[c] ** 2 + signal * signal
+            if emp is not None:
+                var = np.where(few, np.maximum(var, emp[c]), np.maximum(noise[c] ** 2, emp[c]))
+            var = var * var_factor
             with np.errstate(invalid="ignore"):
-                bad |= np.abs(x[c] - centre[c]) > np.float32(p.kappa) * np.sqrt(var)
-        if m2 is not None:
-            bad &= count > 0  # first frame on a pixel: nothing to compare against
-        if p.grow and bad.any():
-            # The faint wings of a trail or a cosmic-ray hit (spread further by debayering and the warp) sit
-            # below κσ one by one; their neighbours' rejection catches them.
-            bad = cv2.dilate(bad.view(np.uint8), _GROW).astype(bool)
+                dev = np.abs(x[c] - centre[c]) / np.sqrt(var)
+                bad |= dev > np.float32(p.kappa)
+                strong |= dev > np.float32(2 * p.kappa)
+        if p.grow and strong.any():
+            bad |= cv2.dilate(strong.view(np.uint8), _GROW).astype(bool)
         return bad
 
     def _update(self, mean, m2, wsum, count, x, weight, saturated, bad) -> None:

@@ -72,6 +72,8 @@ def write_fits(path: Path, image: np.ndarray, header: dict, *, weight: np.ndarra
     for k, v in header.items():
         if v is None:
             continue
+        if isinstance(v, tuple) and len(str(v[0])) + len(v[1]) > 60:
+            v = v[0]  # a long value keeps priority over its comment (astropy would warn and truncate)
         hdr[k] = v  # a value or a (value, comment) pair
     data = image[0] if image.ndim == 3 and image.shape[0] == 1 else image
     hdus = [fits.PrimaryHDU(np.ascontiguousarray(data, dtype=np.float32), header=hdr)]

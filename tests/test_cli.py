@@ -1,0 +1,82 @@
+"""The command line is a public contract: names, exit codes, outputs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from astropy.io import fits
+
+from livestack.cli import main
+
+from conftest import read_log
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "livestack.cli", *map(str, args)], capture_output=True,
+                          text=True, cwd=cwd or ROOT, timeout=300)
+
+
+def test_demo_fast_runs_and_prints_outputs(tmp_path):
+    r = cli("demo", "--fast", "--out", tmp_path, "-q")
+    assert r.returncode == 0, r.stderr
+    for name in ("stack.fits", "preview.jpg", "frames.jsonl"):
+        assert str(tmp_path / "out" / name) in r.stdout
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    recs = read_log(tmp_path / "out" / "frames.jsonl")
+    assert recs[0]["status"] == "reference"
+    assert any(r["status"] == "rejected" for r in recs)   # the demo's cloudy frame
+
+
+def test_stack_folder_with_a_corrupt_file(night, tmp_path):
+    files, _ = night(n_frames=4, seed=3)
+    (files[0].parent / "light_0001_60s_broken.fits").write_bytes(b"SIMPLE  =  T" + b"\0" * 100)
+    (files[0].parent / "notes.txt").write_text("not an image: ignored by the folder scan")
+    out = tmp_path / "out"
+    assert main(["stack", str(files[0].parent), "-o", str(out), "-q"]) == 0
+    recs = read_log(out / "frames.jsonl")
+    assert len(recs) == 5
+    broken = [r for r in recs if r["file"] == "light_0001_60s_broken.fits"][0]
+    assert broken["status"] == "failed" and "light_0001_60s_broken.fits" not in broken["reason"]
+    assert sum(r["status"] in ("reference", "stacked") for r in recs) == 4
+    # the contract's field names
+    for k in ("file", "status", "reason", "time", "exptime", "matrix", "stars", "fwhm", "eccentricity",
+              "background", "noise", "weight", "seconds"):
+        assert all(k in r for r in recs), k
+    assert fits.getheader(out / "stack.fits")["NCOMBINE"] == 4
+
+
+def test_stack_of_only_bad_files_exits_1(tmp_path):
+    bad = tmp_path / "x.fits"
+    bad.write_text("nope")
+    r = cli("stack", bad, "-o", tmp_path / "out", "-q")
+    assert r.returncode == 1
+    assert "nothing stacked" in r.stdout
+    assert read_log(tmp_path / "out" / "frames.jsonl")[0]["status"] == "failed"
+
+
+def test_usage_and_config_errors_exit_2(tmp_path):
+    assert cli("stack").returncode == 2
+    cfg = tmp_path / "livestack.toml"
+    cfg.write_text("[stars]\nsigmma = 4\n")
+    r = cli("stack", tmp_path, "-o", tmp_path / "o", "--config", cfg)
+    assert r.returncode == 2 and "unknown key sigmma" in r.stderr and "sigma" in r.stderr
+    cfg.write_text("[stack]\nkappa = 0.5\n")
+    r = cli("stack", tmp_path, "-o", tmp_path / "o", "--config", cfg)
+    assert r.returncode == 2 and "kappa" in r.stderr
+
+
+def test_capture_order_not_name_order(night, tmp_path):
+    files, truth = night(n_frames=3, seed=1)
+    # rename so that name order is the reverse of capture order
+    renamed = []
+    for i, f in enumerate(files):
+        g = f.with_name(f"z{9 - i}_{f.name}")
+        f.rename(g)
+        renamed.append(g)
+    out = tmp_path / "out"
+    assert main(["stack", *map(str, reversed(renamed)), "-o", str(out), "-q"]) == 0
+    recs = read_log(out / "frames.jsonl")
+    assert [r["time"] for r in recs] == [f["time"] for f in truth["frames"]]
