@@ -84,6 +84,8 @@ class Engine:
         self.filter: str | None = None
         self.calibration_used: dict = {}
         self._ws: dict[str, np.ndarray] = {}
+        self.timings: dict[str, float] = {}
+        self._t = 0.0
 
     # ------------------------------------------------------------------ one frame
 
@@ -103,9 +105,17 @@ class Engine:
         rec.seconds = round(time.perf_counter() - t0, 4)
         return rec
 
+    def _lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self._t
+        self._t = now
+
     def _process(self, path: Path, rec: FrameRecord) -> None:
         cfg = self.cfg
+        self.timings: dict[str, float] = {}   # seconds per stage of the last frame (benchmarks read it)
+        self._t = time.perf_counter()
         frame = read_frame(path)
+        self._lap("read")
         m = frame.meta
         rec.time, rec.exptime = _iso(m.time), m.exptime
         rec.camera, rec.filter, rec.iso, rec.gain = m.camera, m.filter, m.iso, m.gain
@@ -120,6 +130,7 @@ class Engine:
 
         masters = self.masters.select(frame) if self.masters is not None else None
         cfa, info = calibrate(frame, masters, cfg.cosmetic)
+        self._lap("calibrate")
         frame.data = cfa  # the raw copy is no longer needed: let it go
         rec.calibration = info
         if masters is not None:
@@ -129,11 +140,14 @@ class Engine:
         plane = plane_on_grid(plane_cfa, cfg.engine.debayer if frame.pattern else None)
         sky = sky_level(plane_cfa, frame.shape)
         stars, q = self._stars(cfa, frame)
+        self._lap("stars")
         rgb = self._debayer(cfa, frame.pattern)
+        self._lap("debayer")
         if frame.pattern is not None and cfg.engine.debayer == "bilinear" and len(stars):
             # Binned detection is fast but its centroids of undersampled stars carry ~0.1 px pixel-phase
             # errors; windowed centroids on the full-resolution image bring them to ~0.03 px.
             stars = Stars(refine_centroids(rgb, stars.xy, q.fwhm), stars.flux, stars.fwhm, stars.a, stars.b)
+            self._lap("centroids")
         rec.stars, rec.fwhm, rec.eccentricity = q.stars, _r(q.fwhm, 3), _r(q.eccentricity, 3)
         rec.background, rec.noise = _r(float(sky.mean()), 3), _r(float(noise.mean()), 4)
         rec.saturated_pixels = int(frame.saturated.sum()) if frame.saturated is not None else 0
@@ -150,6 +164,7 @@ class Engine:
             try:
                 reg = register(stars.xy, self.ref.stars.xy, cfg.register, rng=self.rng,
                                predicted=self.last_matrix, src_flux=stars.flux, ref_flux=self.ref.stars.flux)
+                self._lap("register")
             except RegistrationError as err:
                 return self._reject(rec, f"registration failed: {err}")
             matrix = reg.matrix
@@ -166,12 +181,14 @@ class Engine:
         # Pixels: normalise to the reference, warp onto the grid, add.
         del cfa, frame.data
         normalize_inplace(rgb, plane, scale, self.ref.plane, matrix)
+        self._lap("normalize")
         sat = debayer_mask(frame.saturated, frame.pattern, cfg.engine.debayer)
         if rec.status == "reference":
             on_grid = rgb
         else:
             on_grid = warp(rgb, matrix, self.ref.grid[1:], interpolation=cfg.engine.interpolation,
                            out=self._buffer("warped", self.ref.grid))
+            self._lap("warp")
             sat = warp_mask(sat, matrix, self.ref.grid[1:]) if sat is not None else None
         noise_n = noise * scale
         weight = (self.ref.noise / max(float(noise_n.mean()), 1e-12)) ** 2
@@ -179,6 +196,7 @@ class Engine:
             weight *= (self.ref.fwhm / q.fwhm) ** cfg.engine.sharpness_weight
         rec.weight = _r(weight, 4)
         rec.rejected_pixels = self.stack.add(on_grid, weight, noise_n, saturated=sat)
+        self._lap("stack")
 
         self.judge.accept(q)
         self.last_matrix = matrix

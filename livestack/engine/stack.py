@@ -1,17 +1,23 @@
 """RunningStack: a weighted mean with per-pixel outlier rejection whose memory does not grow with frames.
 
-Per pixel it keeps the weighted running mean, the weighted sum of squared deviations (West's weighted
-Welford update) and the sum of weights — 2·C + 2 planes.  A new frame's pixel is rejected (all channels at
-once: a satellite or a cosmic ray hits them together after debayering) when it departs from the running mean
-by more than κ·σ, where σ is the larger of
+Per pixel it keeps the weighted sums S_c = Σ w·x_c of each channel, W = Σ w, the weighted sum of squares of the
+luminance Q = Σ w·(L − L_sky)² (measured from the reference's sky so that float32 keeps the precision where the
+noise is small) and the number of frames n — C + 2 float32 planes and one uint16 plane, 5.5 planes for RGB
+(≈ 530 MB at 24 MP).  Each update is a handful of fused OpenCV/numpy passes (S += w·x is one cv2.scaleAdd).
 
-  * the pixel's own scatter over the frames so far (captures seeing changes on star cores), and
-  * the frame's background noise (plus, while a pixel has few frames, a relative term for star cores).
+A new frame's pixel is rejected (all channels at once: a satellite or a cosmic ray hits them together after
+debayering) when its luminance departs from the running mean by more than κσ, where σ² is the larger of
+
+  * the pixel's own weighted variance over the frames so far (it captures seeing changes on star cores), and
+  * the frame's background noise² (plus, while a pixel has few frames, (rel_floor · signal)² for star cores),
+
+times (1 + 1/n) for the mean's own noise.  Neighbours of a strong outlier (> 2κσ) go too: the faint wings of a
+trail or a cosmic-ray hit, spread by debayering and the warp, sit below κσ one by one.
 
 A streaming clip cannot judge the first frames against anything, and an outlier in the reference would then
 stay forever (and make every later frame look wrong there).  So the first ``bootstrap`` frames are buffered as
-float16 (half the memory; 2^-11 relative precision is far below the shot noise) and clipped against their
-per-pixel median; from then on the stack streams.
+float16 (2^-11 relative precision, far below the shot noise) and clipped against their per-pixel median; from
+then on the stack streams.
 """
 from __future__ import annotations
 
@@ -27,36 +33,69 @@ _GROW = np.ones((3, 3), np.uint8)
 class StackParams:
     kappa: float = 3.0          # rejection threshold in σ
     bootstrap: int = 3          # frames buffered to start from a per-pixel median (0 or 1: stream at once)
-    rel_floor: float = 0.10     # while a pixel has few frames: σ of the relative variation of signal above sky (seeing)
+    rel_floor: float = 0.10     # while a pixel has few frames: σ of the relative variation of signal (seeing)
     min_empirical: int = 5      # from this many frames on, a pixel's own scatter replaces the relative term
     saturated_weight: float = 1e-6  # a saturated pixel only counts where no frame has a better value
     chunk_rows: int = 256       # rows per block: bounds the temporaries (a few MB) whatever the frame size
     grow: bool = True           # also reject the 8 neighbours of a strong (> 2κσ) outlier
+    threads: int = 2            # row blocks processed in parallel (1 = in the calling thread)
 
     def __post_init__(self):
         if not 1.5 <= self.kappa <= 20:
             raise ValueError(f"stack.kappa = {self.kappa}: must be in [1.5, 20]")
         if not 0 <= self.bootstrap <= 9:
             raise ValueError(f"stack.bootstrap = {self.bootstrap}: must be in [0, 9]")
-        if self.rel_floor < 0 or self.min_empirical < 2 or self.chunk_rows < 8:
-            raise ValueError("stack: rel_floor ≥ 0, min_empirical ≥ 2 and chunk_rows ≥ 8 are required")
+        if self.rel_floor < 0 or self.min_empirical < 2 or self.chunk_rows < 8 or not 1 <= self.threads <= 16:
+            raise ValueError("stack: rel_floor ≥ 0, min_empirical ≥ 2, chunk_rows ≥ 8 and threads in [1, 16] "
+                             "are required")
+
+
+def _luminance(x: np.ndarray) -> np.ndarray:
+    """(C, h, w) -> (h, w) float32 mean of the channels (a new array)."""
+    if x.shape[0] == 1:
+        return x[0].astype(np.float32, copy=True)
+    lum = x[0].astype(np.float32, copy=True)
+    for c in range(1, x.shape[0]):
+        lum += x[c]
+    lum *= np.float32(1.0 / x.shape[0])
+    return lum
+
+
+def _median_rows(block: np.ndarray) -> np.ndarray:
+    """Per-pixel median over axis 0 of a (K, h, w) float32 array that may hold NaN (missing data).
+
+    K = 3 without NaN — the common case — is a + b + c − max − min (no sort).  Elsewhere the median of the
+    present values; with two present, the lower (outliers — satellites, cosmic rays, hot pixels — are bright).
+    """
+    k = block.shape[0]
+    if k == 1:
+        return block[0].copy()
+    if k == 2:
+        return np.fmin(block[0], block[1])
+    if k == 3 and not np.isnan(block).any():
+        return block.sum(axis=0) - block.max(axis=0) - block.min(axis=0)
+    srt = np.sort(block, axis=0)                   # NaN sorts last
+    n = np.isfinite(block).sum(axis=0)
+    lower = np.where(n == 2, 0, (n - 1) // 2)
+    return np.take_along_axis(srt, np.maximum(lower, 0)[None], axis=0)[0]
 
 
 class RunningStack:
     """Accumulates (C, H, W) float32 frames already on the stack grid, normalised, NaN outside their footprint.
 
-    Memory: 2·C + 2 float32 planes of (H, W) (≈ 740 MB for a 24 MP RGB stack), plus during the bootstrap
-    ``bootstrap`` float16 frames.  Allocated lazily when the first frame arrives.
+    Memory: C + 2 float32 planes and one uint16 plane of (H, W), allocated when the bootstrap ends; during the
+    bootstrap ``bootstrap`` float16 frames.
     """
 
     def __init__(self, shape: tuple[int, int, int], sky: np.ndarray, p: StackParams):
         self.shape = tuple(int(s) for s in shape)
         self.sky = np.asarray(sky, np.float32).reshape(-1)
+        self.sky_lum = np.float32(self.sky.mean())
         self.p = p
-        self.mean: np.ndarray | None = None
-        self.m2: np.ndarray | None = None
-        self.wsum: np.ndarray | None = None
-        self.count: np.ndarray | None = None     # frames contributing to each pixel (float32: exact to 2^24)
+        self.sums: np.ndarray | None = None      # (C, H, W) Σ w·x_c
+        self.wsum: np.ndarray | None = None      # (H, W) Σ w
+        self.sq: np.ndarray | None = None        # (H, W) Σ w·(L − L_sky)²
+        self.count: np.ndarray | None = None     # (H, W) uint16 frames contributing
         self.buffer: list[tuple[np.ndarray, float, np.ndarray, np.ndarray | None]] = []
         self.frames = 0
         self.rejected_total = 0
@@ -66,10 +105,11 @@ class RunningStack:
 
     def add(self, img: np.ndarray, weight: float, noise: np.ndarray, *,
             saturated: np.ndarray | None = None) -> int | None:
-        """Add one frame.  ``noise``: (C,) per-pixel background σ of this frame in stack units.
+        """Add one frame; ``img`` may be modified (NaN and rejected pixels are zeroed in place).
 
-        Returns the number of pixels rejected as outliers, or None while the frame waits in the bootstrap
-        buffer (its rejections are then counted in ``bootstrap_rejected`` when the buffer is combined).
+        ``noise``: (C,) per-pixel background σ of this frame in stack units.  Returns the number of pixels
+        rejected as outliers, or None while the frame waits in the bootstrap buffer (its rejections are counted
+        in ``bootstrap_rejected`` when the buffer is combined).
         """
         if img.shape != self.shape:
             raise ValueError(f"frame shape {img.shape} does not match the stack {self.shape}")
@@ -77,121 +117,173 @@ class RunningStack:
             raise ValueError(f"weight must be > 0 (got {weight})")
         noise = np.asarray(noise, np.float32).reshape(-1)
         self.frames += 1
-        if self.mean is None and self.p.bootstrap > 1:
+        if self.sums is None and self.p.bootstrap > 1:
             self.buffer.append((img.astype(np.float16), float(weight), noise,
                                 None if saturated is None else saturated.copy()))
             if len(self.buffer) >= self.p.bootstrap:
-                self._flush_buffer()
+                self._allocate()
+                self.bootstrap_rejected = self._combine_buffer(self.sums, self.wsum, self.sq, self.count)
+                self.rejected_total += sum(self.bootstrap_rejected)
+                self.buffer = []
             return None
-        if self.mean is None:
+        if self.sums is None:
             self._allocate()
-        n = self._stream(img, weight, noise, saturated)
-        self.rejected_total += n
-        return n
+
+        def block(rows: tuple[int, int]) -> int:
+            r0, r1 = rows
+            x = img[:, r0:r1]
+            lum = _luminance(x)
+            bad = self._stream_outliers(lum, noise, r0, r1)
+            self._accumulate(x, lum, weight, bad, None if saturated is None else saturated[r0:r1],
+                             self.sums[:, r0:r1], self.wsum[r0:r1], self.sq[r0:r1], self.count[r0:r1])
+            return int(bad.sum())
+
+        # Row blocks are independent and numpy releases the GIL in elementwise loops: use the cores.
+        rejected = sum(self._map(block, list(self._chunks())))
+        self.rejected_total += rejected
+        return rejected
+
+    def _map(self, fn, items):
+        if self.p.threads <= 1 or len(items) < 2:
+            return [fn(i) for i in items]
+        if getattr(self, "_pool", None) is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.p.threads, thread_name_prefix="stack")
+        return list(self._pool.map(fn, items))
+
+    def close(self) -> None:
+        """Stop the worker threads (they also stop when the stack is garbage-collected)."""
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+            self._pool = None
+
+    def __del__(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
 
     def _allocate(self) -> None:
         c, h, w = self.shape
-        self.mean = np.zeros((c, h, w), np.float32)
-        self.m2 = np.zeros((c, h, w), np.float32)
+        self.sums = np.zeros((c, h, w), np.float32)
         self.wsum = np.zeros((h, w), np.float32)
-        self.count = np.zeros((h, w), np.float32)
+        self.sq = np.zeros((h, w), np.float32)
+        self.count = np.zeros((h, w), np.uint16)
 
-    def _flush_buffer(self) -> None:
-        self._allocate()
-        self.bootstrap_rejected = self._combine_buffer(self.mean, self.m2, self.wsum, self.count)
-        self.rejected_total += sum(self.bootstrap_rejected)
-        self.buffer = []
+    def _lum_noise(self, noise: np.ndarray) -> np.float32:
+        # channels' noise taken as independent (an upper bound for interpolated pixels: fewer false rejections)
+        return np.float32(np.sqrt(np.sum(noise.astype(np.float64) ** 2)) / len(noise))
 
-    def _combine_buffer(self, mean, m2, wsum, count) -> list[int]:
-        """Clip the buffered frames against their per-pixel median (the lower value of two: outliers —
-        satellites, cosmic rays, hot pixels — are positive) and accumulate the survivors.  A pixel never
-        loses every frame: where all are rejected, the one closest to the centre stays."""
+    def _stream_outliers(self, lum, noise, r0, r1) -> np.ndarray:
+        p = self.p
+        wsum, count = self.wsum[r0:r1], self.count[r0:r1]
+        sums = self.sums[:, r0:r1]
+        total = sums[0].copy()
+        for c in range(1, sums.shape[0]):
+            cv2.add(total, sums[c], dst=total)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            inv_w = np.float32(1.0) / wsum
+            mean = total * (inv_w * np.float32(1.0 / sums.shape[0]))     # luminance of the running mean
+            dm = mean - self.sky_lum
+            var = self.sq[r0:r1] * inv_w - dm * dm                       # weighted population variance
+        bessel, mean_noise = self._factor_tables()
+        var *= bessel[count]                                             # n/(n-1): an unbiased estimate
+        floor = self._lum_noise(noise) ** 2
+        few = count < p.min_empirical
+        if few.any():   # only while the first frames arrive, and at the borders of the footprint
+            np.maximum(dm, 0, out=dm)
+            dm *= np.float32(p.rel_floor)
+            dm *= dm
+            dm += floor
+            np.maximum(var, np.where(few, dm, floor), out=var)
+        else:
+            np.maximum(var, floor, out=var)
+        var *= mean_noise[count]                                         # 1 + 1/n: the mean's own noise
+        bad = self._threshold(lum, mean, var)
+        bad &= count > 0  # first frame on a pixel: nothing to compare against
+        return bad
+
+    def _factor_tables(self) -> tuple[np.ndarray, np.ndarray]:
+        """Lookup tables indexed by the uint16 frame count: n/(n-1) and 1 + 1/n (cheaper than computing)."""
+        t = getattr(self, "_ftab", None)
+        if t is None:
+            n = np.arange(65536, dtype=np.float64)
+            t = self._ftab = ((n / np.maximum(n - 1, 1)).astype(np.float32),
+                              (1 + 1 / np.maximum(n, 1)).astype(np.float32))
+        return t
+
+    def _threshold(self, lum, centre, var) -> np.ndarray:
+        k2 = np.float32(self.p.kappa ** 2)
+        with np.errstate(invalid="ignore"):
+            d2 = (lum - centre) ** 2
+            bad = d2 > k2 * var
+            if self.p.grow:
+                strong = d2 > 4 * k2 * var
+                if strong.any():
+                    bad |= cv2.dilate(strong.view(np.uint8), _GROW).astype(bool)
+        return bad
+
+    def _combine_buffer(self, sums, wsum, sq, count) -> list[int]:
+        """Clip the buffered frames against their per-pixel median luminance and accumulate the survivors.
+        A pixel never loses every frame: where all are rejected, the one closest to the median stays."""
         k = len(self.buffer)
         rejected = [0] * k
-        # Variance of (x - centre) in units of one frame's variance: the centre's own noise counts too
+        # Variance of (x − centre) in units of one frame's: the centre's own noise counts too
         # (median of K: ≈ π/2 · σ²/K; with two frames the centre is one of them).
-        centre_var = 1.0 if k == 2 else (np.pi / 2) / max(k, 1)
-        for r0, r1 in self._chunks():
-            block = np.stack([b[0][:, r0:r1].astype(np.float32) for b in self.buffer])  # (K, C, h, w)
-            if k >= 3:
-                centre = np.nanmedian(block, axis=0) if np.isnan(block).any() else np.median(block, axis=0)
-            else:
-                centre = np.fmin(block[0], block[-1])
-            bads = [self._outliers(block[i], centre, noise, 1 + centre_var) for i, (_, _, noise, _) in
-                    enumerate(self.buffer)]
+        centre_var = np.float32(1.0 if k == 2 else (np.pi / 2) / max(k, 1))
+        rel = np.float32(self.p.rel_floor)
+
+        def block(rows: tuple[int, int]) -> list[int]:
+            r0, r1 = rows
+            out = [0] * k
+            xs = [b[0][:, r0:r1].astype(np.float32) for b in self.buffer]
+            lums = np.stack([_luminance(x) for x in xs])                     # (K, h, w)
+            centre = _median_rows(lums)
+            signal = np.maximum(centre - self.sky_lum, 0) * rel
+            bads = []
+            for i, (_, _, noise, _) in enumerate(self.buffer):
+                var = (self._lum_noise(noise) ** 2 + signal * signal) * (1 + centre_var)
+                bads.append(self._threshold(lums[i], centre, var))
             if k > 1:
                 everyone = np.logical_and.reduce(bads)
                 if everyone.any():
-                    dev = np.abs(block - centre[None]).sum(axis=1)            # (K, h, w)
-                    dev = np.where(np.isnan(dev), np.inf, dev)
-                    keep = np.argmin(dev, axis=0)
+                    dev = np.abs(lums - centre[None])
+                    keep = np.argmin(np.where(np.isnan(dev), np.inf, dev), axis=0)
                     for i in range(k):
                         bads[i] &= ~(everyone & (keep == i))
-            for i, (_, wt, noise, sat) in enumerate(self.buffer):
-                rejected[i] += int(bads[i].sum())
-                self._update(mean[:, r0:r1], m2[:, r0:r1], wsum[r0:r1], count[r0:r1], block[i], wt,
-                             None if sat is None else sat[r0:r1], bads[i])
+            for i, (_, wt, _, sat) in enumerate(self.buffer):
+                out[i] = int(bads[i].sum())
+                self._accumulate(xs[i], lums[i], wt, bads[i], None if sat is None else sat[r0:r1],
+                                 sums[:, r0:r1], wsum[r0:r1], sq[r0:r1], count[r0:r1])
+            return out
+
+        for counts in self._map(block, list(self._chunks())):
+            rejected = [a + b for a, b in zip(rejected, counts)]
         return rejected
 
-    def _stream(self, img, weight, noise, saturated) -> int:
-        rejected = 0
-        p = self.p
-        for r0, r1 in self._chunks():
-            x = img[:, r0:r1]
-            mean, m2 = self.mean[:, r0:r1], self.m2[:, r0:r1]
-            wsum, count = self.wsum[r0:r1], self.count[r0:r1]
-            # σ² per pixel: the larger of the frame's noise (plus, while few frames cover the pixel, a relative
-            # term for star cores) and the pixel's own scatter; × (1 + 1/n) for the running mean's own noise.
-            with np.errstate(invalid="ignore", divide="ignore"):
-                emp = m2 / wsum * (count / np.maximum(count - 1, 1))
-            few = count < p.min_empirical
-            bad = self._outliers(x, mean, noise, 1 + 1 / np.maximum(count, 1), emp=emp, few=few)
-            bad &= count > 0  # first frame on a pixel: nothing to compare against
-            rejected += int(bad.sum())
-            self._update(mean, m2, wsum, count, x, weight, None if saturated is None else saturated[r0:r1], bad)
-        return rejected
-
-    def _outliers(self, x, centre, noise, var_factor, *, emp=None, few=None) -> np.ndarray:
-        """(h, w) bool: pixels where any channel departs from ``centre`` by more than κσ (NaN never does).
-
-        σ² = noise² (+ (rel_floor · signal)² where ``few`` or when no empirical variance is given), at least
-        ``emp`` (the pixel's scatter so far), times ``var_factor``.  Pixels next to a strong outlier (> 2κσ)
-        are rejected too: the wings of a trail or a cosmic-ray hit, spread by debayering and the warp, sit
-        below κσ one by one.
-        """
-        p = self.p
-        bad = np.zeros(x.shape[1:], bool)
-        strong = np.zeros(x.shape[1:], bool)
+    def _accumulate(self, x, lum, weight, bad, saturated, sums, wsum, sq, count) -> None:
+        """Add one block: S_c += w·x_c, W += w, Q += w·(L − L_sky)², n += 1 where valid (x, lum modified)."""
+        valid = np.isfinite(lum)
+        valid &= ~bad
+        invalid = ~valid
         for c in range(x.shape[0]):
-            signal = np.maximum(centre[c] - self.sky[c], 0) * np.float32(p.rel_floor)
-            var = noise[c] ** 2 + signal * signal
-            if emp is not None:
-                var = np.where(few, np.maximum(var, emp[c]), np.maximum(noise[c] ** 2, emp[c]))
-            var = var * var_factor
-            with np.errstate(invalid="ignore"):
-                dev = np.abs(x[c] - centre[c]) / np.sqrt(var)
-                bad |= dev > np.float32(p.kappa)
-                strong |= dev > np.float32(2 * p.kappa)
-        if p.grow and strong.any():
-            bad |= cv2.dilate(strong.view(np.uint8), _GROW).astype(bool)
-        return bad
-
-    def _update(self, mean, m2, wsum, count, x, weight, saturated, bad) -> None:
-        """Weighted Welford step (West 1979) on one block, in place."""
-        valid = np.isfinite(x[0])
-        if bad is not None:
-            valid &= ~bad
-        w = valid.astype(np.float32) * np.float32(weight)
-        if saturated is not None:
-            w[saturated] *= np.float32(self.p.saturated_weight)
-        wnew = wsum + w
-        with np.errstate(invalid="ignore", divide="ignore"):
-            frac = np.where(wnew > 0, w / wnew, 0).astype(np.float32)
-        for c in range(x.shape[0]):
-            delta = np.where(valid, x[c] - mean[c], 0).astype(np.float32)
-            mean[c] += delta * frac
-            m2[c] += w * delta * np.where(valid, x[c] - mean[c], 0)
-        wsum[...] = wnew
+            np.copyto(x[c], 0, where=invalid)
+        lum -= self.sky_lum
+        np.copyto(lum, 0, where=invalid)
+        w = np.float32(weight)
+        if saturated is not None and saturated.any():
+            wmap = valid.astype(np.float32) * w
+            wmap[saturated] *= np.float32(self.p.saturated_weight)
+            for c in range(x.shape[0]):
+                sums[c] += wmap * x[c]
+            wsum += wmap
+            sq += wmap * lum * lum
+        else:
+            for c in range(x.shape[0]):
+                cv2.scaleAdd(x[c], float(w), sums[c], dst=sums[c])
+            cv2.add(wsum, float(w), dst=wsum, mask=valid.view(np.uint8))
+            cv2.scaleAdd(cv2.multiply(lum, lum), float(w), sq, dst=sq)
         count += valid
 
     def _chunks(self):
@@ -202,17 +294,21 @@ class RunningStack:
     # ------------------------------------------------------------------ reading
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:
-        """(C, H, W) float32 weighted mean (0 where no frame covers) and (H, W) float32 sum of weights.
-
-        During the bootstrap this combines the buffered frames into temporaries (the buffer is kept)."""
-        if self.mean is None:
-            c, h, w = self.shape
-            mean, m2 = np.zeros((c, h, w), np.float32), np.zeros((c, h, w), np.float32)
-            wsum, count = np.zeros((h, w), np.float32), np.zeros((h, w), np.float32)
+        """(C, H, W) float32 weighted mean (0 where no frame covers) and (H, W) float32 sum of weights, both
+        new arrays.  During the bootstrap the buffered frames are combined into temporaries (buffer kept)."""
+        c, h, w = self.shape
+        if self.sums is None:
+            sums, wsum = np.zeros((c, h, w), np.float32), np.zeros((h, w), np.float32)
             if self.buffer:
-                self._combine_buffer(mean, m2, wsum, count)
-            return mean, wsum
-        return self.mean, self.wsum
+                self._combine_buffer(sums, wsum, np.zeros((h, w), np.float32), np.zeros((h, w), np.uint16))
+        else:
+            sums, wsum = self.sums, self.wsum
+        mean = np.empty((c, h, w), np.float32)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for i in range(c):
+                np.divide(sums[i], wsum, out=mean[i])
+        np.copyto(mean, 0, where=~(wsum > 0)[None])
+        return mean, wsum.copy()
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -223,8 +319,8 @@ class RunningStack:
             "counters": np.array([self.frames, self.rejected_total]),
             "bootstrap_rejected": np.array(self.bootstrap_rejected, np.int64),
         }
-        if self.mean is not None:
-            s.update(mean=self.mean, m2=self.m2, wsum=self.wsum, count=self.count)
+        if self.sums is not None:
+            s.update(sums=self.sums, wsum=self.wsum, sq=self.sq, count=self.count)
         for i, (img, wt, noise, sat) in enumerate(self.buffer):
             s[f"buf{i}_img"], s[f"buf{i}_w"], s[f"buf{i}_noise"] = img, np.array(wt), noise
             if sat is not None:
@@ -236,9 +332,9 @@ class RunningStack:
         st = cls(tuple(int(v) for v in s["shape"]), s["sky"], p)
         st.frames, st.rejected_total = (int(v) for v in s["counters"])
         st.bootstrap_rejected = [int(v) for v in s["bootstrap_rejected"]]
-        if "mean" in s:
-            st.mean, st.m2 = np.array(s["mean"]), np.array(s["m2"])
-            st.wsum, st.count = np.array(s["wsum"]), np.array(s["count"])
+        if "sums" in s:
+            st.sums, st.wsum = np.array(s["sums"]), np.array(s["wsum"])
+            st.sq, st.count = np.array(s["sq"]), np.array(s["count"])
         i = 0
         while f"buf{i}_img" in s:
             sat = np.array(s[f"buf{i}_sat"]) if f"buf{i}_sat" in s else None

@@ -55,7 +55,7 @@ def auto_stretch(img: np.ndarray, p: StretchParams, *, coverage: np.ndarray | No
     ``coverage`` (H, W), when given, marks pixels with data (weight > 0); the rest is shown black and is left
     out of the statistics.
     """
-    small = reduce(np.nan_to_num(img, nan=0.0), p.max_size)
+    small = np.nan_to_num(reduce(img, p.max_size), nan=0.0)
     cov = None
     if coverage is not None:
         cov = reduce(coverage[None].astype(np.float32), p.max_size)[0] > 0.5

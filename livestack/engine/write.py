@@ -82,9 +82,9 @@ def write_fits(path: Path, image: np.ndarray, header: dict, *, weight: np.ndarra
         whdr["EXTNAME"] = "WEIGHT"
         whdr["COMMENT"] = "sum of frame weights per pixel (reference frame = 1)"
         hdus.append(fits.ImageHDU(np.ascontiguousarray(weight, dtype=np.float32), header=whdr))
-    buf = io.BytesIO()
-    fits.HDUList(hdus).writeto(buf, output_verify="silentfix")
-    atomic_write_bytes(path, buf.getvalue())
+    # Straight to the temporary file: a BytesIO would hold a second copy of a stack that is ~1 GB at 24 MP.
+    atomic_write_with(path, lambda tmp: fits.HDUList(hdus).writeto(tmp, output_verify="silentfix",
+                                                                    overwrite=True))
 
 
 def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 90) -> None:
