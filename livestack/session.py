@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
-import logging
 import os
 import shutil
 import zipfile
@@ -87,7 +86,6 @@ SESSION_DIR = "session"
 CHECKPOINT = "checkpoint.npz"
 ARCHIVE_DIR = "archive"
 STAGING_DIR = ".new-session"     # a "new stack" being set up; promoted by recover()
-_log = logging.getLogger("livestack")
 
 
 def write_json_atomic(path: Path, obj) -> None:

@@ -45,3 +45,119 @@ def truth_matrix(truth: dict, i: int, ref: int = 0) -> np.ndarray:
 
 def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+# ---------------------------------------------------------------- the daemon as a subprocess (test_daemon, test_web)
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DAEMON_TOML = """\
+[watch]
+settle_s = 0.2
+timeout_s = {timeout_s}
+rescan_s = 1.0
+[daemon]
+checkpoint_every = {checkpoint_every}
+"""
+
+
+class Daemon:
+    """`python -m livestack.cli run` on (watch, out); stderr goes to a log file; the page's URL is read from it."""
+
+    def __init__(self, tmp: Path, watch: Path, out: Path, *extra: str, checkpoint_every: int = 3,
+                 timeout_s: float = 3.0):
+        self.tmp, self.watch, self.out, self.extra = Path(tmp), Path(watch), Path(out), extra
+        self.config = self.tmp / "livestack.toml"
+        self.config.write_text(DAEMON_TOML.format(checkpoint_every=checkpoint_every, timeout_s=timeout_s))
+        self.proc: subprocess.Popen | None = None
+        self.url: str | None = None
+        self.runs = 0
+
+    def start(self, *more: str, wait_url: bool = True) -> "Daemon":
+        self.runs += 1
+        self.log = self.tmp / f"daemon-{self.runs}.log"
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        with open(self.log, "wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "livestack.cli", "run", "--watch", str(self.watch), "--out", str(self.out),
+                 "--port", "0", "--config", str(self.config), *self.extra, *more],
+                cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        if wait_url:
+            self.url = self._wait_url()
+        return self
+
+    def _wait_url(self, timeout: float = 20.0) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for line in self.log.read_text(errors="replace").splitlines():
+                if "page at " in line:
+                    return line.split("page at ", 1)[1].strip()
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()}")
+            time.sleep(0.05)
+        raise AssertionError(f"daemon printed no URL in {timeout} s:\n{self.log.read_text()}")
+
+    def lines(self) -> list[dict]:
+        from livestack.session import read_frames_log
+
+        return read_frames_log(self.out / "frames.jsonl")
+
+    def wait_lines(self, n: int, timeout: float = 30.0) -> list[dict]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            recs = self.lines()
+            if len(recs) >= n:
+                return recs
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited {self.proc.returncode}:\n{self.log.read_text()}")
+            time.sleep(0.02)
+        raise AssertionError(f"{len(self.lines())} of {n} frames after {timeout} s:\n{self.log.read_text()}")
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"daemon did not stop in {timeout} s:\n{self.log.read_text()}")
+        self.proc = None
+        return rc
+
+    def kill9(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def daemon_night(tmp_path_factory) -> tuple[list[Path], dict]:
+    """16 small DNG frames (480×360, field rotation, frame 5 cloudy) rendered once for the daemon tests."""
+    root = tmp_path_factory.mktemp("daemon-night")
+    cfg = SimConfig(width=480, height=360, n_frames=16, fmt="dng", seed=5, rotation_deg=0.05, defects={5: "cloudy"})
+    truth = render_night(root, cfg)
+    return [root / f["file"] for f in truth["frames"]], truth
+
+
+@pytest.fixture
+def make_daemon(tmp_path):
+    """make_daemon(*flags, name=, **Daemon kwargs) -> Daemon on tmp_path/name/watch -> …/out; killed at teardown."""
+    made: list[Daemon] = []
+
+    def _make(*extra: str, name: str = "run", **kw) -> Daemon:
+        root = tmp_path / name
+        (root / "watch").mkdir(parents=True, exist_ok=True)
+        d = Daemon(root, root / "watch", root / "out", *extra, **kw)
+        made.append(d)
+        return d
+
+    yield _make
+    for d in made:
+        if d.proc is not None and d.proc.poll() is None:
+            d.kill9()

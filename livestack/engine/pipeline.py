@@ -309,10 +309,11 @@ class Engine:
         write_jpeg(out_dir / "preview.jpg", self.preview(img, wsum), self.cfg.stretch.jpeg_quality)
         return True
 
-    def preview(self, img=None, wsum=None, stretch=None) -> np.ndarray:
+    def preview(self, img=None, wsum=None, stretch=None, *, dtype=np.uint8) -> np.ndarray:
+        """The stretched stack as (h, w, 3) RGB: uint8 for the page, uint16 for a 16-bit export."""
         if img is None:
             img, wsum = self.result()
-        return auto_stretch(img, stretch or self.cfg.stretch, coverage=wsum > 0)
+        return auto_stretch(img, stretch or self.cfg.stretch, coverage=wsum > 0, dtype=dtype)
 
     # ------------------------------------------------------------------ checkpoint
 

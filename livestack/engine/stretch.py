@@ -49,8 +49,10 @@ def mtf(m: float, x: np.ndarray) -> np.ndarray:
     return ((m - 1) * x) / ((2 * m - 1) * x - m)
 
 
-def auto_stretch(img: np.ndarray, p: StretchParams, *, coverage: np.ndarray | None = None) -> np.ndarray:
-    """(C, H, W) linear float -> (h, w, 3) uint8 RGB for display.  ``img`` is not modified.
+def auto_stretch(img: np.ndarray, p: StretchParams, *, coverage: np.ndarray | None = None,
+                 dtype=np.uint8) -> np.ndarray:
+    """(C, H, W) linear float -> (h, w, 3) RGB for display, uint8 (or uint16 for a 16-bit export; then give a
+    ``p.max_size`` as large as the image for full resolution).  ``img`` is not modified.
 
     ``coverage`` (H, W), when given, marks pixels with data (weight > 0); the rest is shown black and is left
     out of the statistics.
@@ -97,4 +99,5 @@ def auto_stretch(img: np.ndarray, p: StretchParams, *, coverage: np.ndarray | No
     if cov is not None:
         out *= cov
     rgb = np.repeat(out, 3, axis=0) if c == 1 else out
-    return (np.clip(rgb, 0, 1) * 255 + 0.5).astype(np.uint8).transpose(1, 2, 0).copy()
+    scale = 65535 if dtype == np.uint16 else 255
+    return (np.clip(rgb, 0, 1) * scale + 0.5).astype(dtype).transpose(1, 2, 0).copy()

@@ -211,4 +211,5 @@ def test_superpixel_mode_halves_the_grid(night):
     s_inv = geometry.invert(s)
     for i, r in enumerate(recs):
         m_cfa = geometry.compose(s, geometry.compose(np.array(r.matrix), s_inv))
-        assert geometry.rms_error(m_cfa, truth_matrix(truth, i), (480, 640)) < 0.15
+        # half the sampling, centroids on the superpixel grid only: ~0.08 superpixel px = 0.16 CFA px
+        assert geometry.rms_error(m_cfa, truth_matrix(truth, i), (480, 640)) < 0.25

@@ -1,0 +1,112 @@
+"""`livestack run`: watch a folder, stack live, serve the page.  Foreground; systemd supervises it."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from ..config import Config, ConfigError
+from ..session import SessionError, SessionFolder
+from .config import shell_sections
+
+log = logging.getLogger("livestack")
+
+
+def register_commands(sub, engine_opts) -> None:
+    p = sub.add_parser("run", help="watch a capture folder, stack each new frame, serve the live page")
+    p.add_argument("--watch", metavar="DIR", help="capture folder to watch (or [watch] dir)")
+    p.add_argument("--out", metavar="DIR", help="session folder: stack.fits, preview.jpg, frames.jsonl, "
+                                                 "checkpoint (or [daemon] out)")
+    p.add_argument("--port", type=int, help="web page port (default 8080; 0: any free port)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for a phone on the LAN)")
+    p.add_argument("--token", help="required on state-changing API calls (or [web] token)")
+    p.add_argument("--new-session", action="store_true",
+                   help="archive the session folder's contents into archive/<time>/ and start a new stack")
+    p.add_argument("--recursive", action="store_true", default=None, help="also watch subfolders")
+    p.add_argument("--no-web", action="store_true", help="no web page (stack and checkpoint only)")
+    engine_opts(p)
+    p.set_defaults(func=cmd_run)
+
+
+def cmd_run(args, cfg: Config) -> int:
+    from ..web.app import make_app, serve_in_thread
+    from .service import Service
+
+    source = Path(args.config).name if getattr(args, "config", None) else "config"
+    try:
+        wp, dp, web = shell_sections(cfg, source)
+        wp = dataclasses.replace(wp, **{k: v for k, v in {"dir": args.watch, "recursive": args.recursive}.items()
+                                        if v is not None})
+        dp = dataclasses.replace(dp, out=args.out or dp.out)
+        web = dataclasses.replace(web, **{k: v for k, v in {"host": args.host, "port": args.port,
+                                                               "token": args.token}.items() if v is not None})
+        if args.no_web:
+            web = dataclasses.replace(web, enabled=False)
+    except (ConfigError, ValueError) as err:
+        print(f"livestack run: {err}", file=sys.stderr)
+        return 2
+    if not wp.dir or not dp.out:
+        print("livestack run: give the capture folder and the session folder: --watch DIR --out DIR "
+              "(or [watch] dir and [daemon] out in the config)", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        log.setLevel(logging.INFO)
+    masters = None
+    if dp.masters:
+        from ..cli import load_masters
+
+        masters = load_masters(dp.masters)
+    if args.new_session:
+        dest = SessionFolder(dp.out).new_session()
+        if dest is not None:
+            log.warning("livestack: previous session archived in %s", dest)
+
+    svc = Service(cfg, wp.dir, dp.out, wp, dp, masters=masters)
+    app = None
+    if web.enabled:
+        if web.host not in ("127.0.0.1", "localhost", "::1") and not web.token:
+            log.warning("livestack: the page listens on %s without a token: anyone on the network can change "
+                        "the session; set [web] token or --token", web.host)
+        try:
+            app = make_app(svc, web)
+        except OSError as err:
+            print(f"livestack run: cannot listen on {web.host}:{web.port} ({err.strerror or err})", file=sys.stderr)
+            return 1
+    try:
+        svc.start()
+    except (SessionError, OSError) as err:
+        print(f"livestack run: {err}", file=sys.stderr)
+        if app is not None:
+            app.server_close()
+        return 1
+
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        log.warning("livestack: %s received: finishing the current frame", signal.Signals(signum).name)
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    web_thread = None
+    if app is not None:
+        web_thread = serve_in_thread(app)
+        log.warning("livestack: page at %s", app.url)
+    try:
+        while not stop.wait(0.5):
+            if not svc.running:
+                break
+    finally:
+        svc.stop()
+        if app is not None:
+            app.shutdown()
+            app.server_close()
+            web_thread.join(timeout=5)
+        for s, h in old.items():
+            signal.signal(s, h)
+    if svc.error is not None:
+        print(f"livestack run: stopped by an error: {type(svc.error).__name__}: {svc.error}", file=sys.stderr)
+        return 1
+    return 0

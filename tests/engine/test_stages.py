@@ -1,0 +1,246 @@
+"""Each stage alone, on arrays with a known answer: dtype float32, inputs unchanged, the right numbers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from livestack.engine.calibrate import CosmeticParams, cosmetic_correct
+from livestack.engine.debayer import bin2x2_sum, debayer, debayer_mask
+from livestack.engine.frame import FrameRecord, Quality
+from livestack.engine.normalize import normalize_inplace, sky_model, transparency_scale
+from livestack.engine.read import read_frame
+from livestack.engine.reject import FrameJudge, RejectParams
+from livestack.engine.stack import RunningStack, StackParams
+from livestack.engine.stars import StarParams, detect_stars, refine_centroids
+from livestack.engine.stretch import StretchParams, auto_stretch
+from livestack.engine.warp import warp
+from livestack.session import FramesLog, read_frames_log
+
+
+def gaussian_image(h, w, stars, fwhm, sky=100.0, noise=0.0, rng=None):
+    yy, xx = np.mgrid[0:h, 0:w]
+    s = fwhm / 2.3548
+    img = np.full((h, w), sky, np.float64)
+    for x, y, f in stars:
+        img += f / (2 * np.pi * s * s) * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * s * s))
+    if noise:
+        img += rng.normal(0, noise, img.shape)
+    return img.astype(np.float32)
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "BGGR", "GRBG", "GBRG"])
+def test_debayer_constant_colour_every_pattern(pattern):
+    rgb = {"R": 10.0, "G": 20.0, "B": 30.0}
+    cfa = np.zeros((10, 12), np.float32)
+    for k, ch in enumerate(pattern):
+        cfa[k // 2::2, k % 2::2] = rgb[ch]
+    before = cfa.copy()
+    out = debayer(cfa, pattern)
+    assert out.dtype == np.float32 and out.shape == (3, 10, 12)
+    np.testing.assert_allclose(out, np.broadcast_to(np.array([10, 20, 30], np.float32)[:, None, None], out.shape))
+    sp = debayer(cfa, pattern, "superpixel")
+    assert sp.shape == (3, 5, 6)
+    np.testing.assert_allclose(sp, np.broadcast_to(np.array([10, 20, 30], np.float32)[:, None, None], sp.shape))
+    np.testing.assert_array_equal(cfa, before)
+
+
+def test_debayer_bilinear_is_linear_interpolation_of_a_ramp():
+    # a horizontal ramp: bilinear interpolation reproduces it exactly away from the borders in every channel
+    cfa = np.tile(np.arange(16, dtype=np.float32), (8, 1))
+    out = debayer(cfa, "RGGB")
+    np.testing.assert_allclose(out[:, 2:-2, 2:-2], np.broadcast_to(cfa[2:-2, 2:-2], (3, 4, 12)))
+
+
+def test_debayer_mask_and_binning():
+    m = np.zeros((6, 6), bool)
+    m[2, 2] = True
+    d = debayer_mask(m, "RGGB")
+    assert d[1:4, 1:4].all() and d.sum() == 9
+    assert debayer_mask(m, "RGGB", "superpixel")[1, 1] and debayer_mask(m, "RGGB", "superpixel").sum() == 1
+    cfa = np.arange(16, dtype=np.float32).reshape(4, 4)
+    np.testing.assert_allclose(bin2x2_sum(cfa), [[0 + 1 + 4 + 5, 2 + 3 + 6 + 7], [8 + 9 + 12 + 13, 10 + 11 + 14 + 15]])
+
+
+def test_cosmetic_removes_hot_pixels_keeps_stars():
+    rng = np.random.default_rng(1)
+    img = gaussian_image(64, 64, [(20.3, 30.7, 20000), (45, 12, 5000)], fwhm=2.2, noise=5, rng=rng)
+    star_peak = img[31, 20]
+    hot = [(5, 50), (40, 40), (60, 7)]
+    for y, x in hot:
+        img[y, x] += 3000
+    n = cosmetic_correct(img, CosmeticParams(), colour=False)
+    assert n == 3
+    for y, x in hot:
+        assert abs(img[y, x] - 100) < 30
+    assert img[31, 20] == star_peak   # an undersampled star (FWHM 2.2 px) is not a hot pixel
+
+
+def test_stars_fwhm_centroids_and_quality():
+    rng = np.random.default_rng(2)
+    truth = [(x, y, f) for x, y, f in zip(rng.uniform(10, 190, 40), rng.uniform(10, 140, 40),
+                                           rng.uniform(2e3, 5e4, 40))]
+    img = gaussian_image(150, 200, truth, fwhm=3.5, sky=200, noise=3, rng=rng)
+    before = img.copy()
+    stars, q = detect_stars(img, StarParams())
+    np.testing.assert_array_equal(img, before)
+    assert q.stars >= 30
+    assert abs(q.fwhm - 3.5) < 0.35 and q.eccentricity < 0.3
+    assert abs(q.background - 200) < 2 and abs(q.noise - 3) < 0.5
+    assert np.all(np.diff(stars.flux) <= 0)            # brightest first
+    t = np.array([(x, y) for x, y, _ in truth])
+    d = np.min(np.hypot(*(stars.xy[:, None, :] - t[None]).transpose(2, 0, 1)), axis=1)
+    assert np.median(d) < 0.05
+    refined = refine_centroids(img[None], stars.xy + 0.3, q.fwhm)
+    d2 = np.min(np.hypot(*(refined[:, None, :] - t[None]).transpose(2, 0, 1)), axis=1)
+    assert np.median(d2) < 0.05
+
+
+def test_stars_elongated_frame_has_high_eccentricity():
+    rng = np.random.default_rng(3)
+    pts = [(x + dx, y, f / 9) for x, y, f in zip(rng.uniform(15, 185, 30), rng.uniform(10, 140, 30),
+                                                 rng.uniform(5e3, 5e4, 30)) for dx in np.linspace(-4, 4, 9)]
+    _, q = detect_stars(gaussian_image(150, 200, pts, fwhm=3.0, noise=3, rng=rng), StarParams())
+    assert q.eccentricity > 0.8
+
+
+def test_empty_sky_gives_zero_stars_not_an_error():
+    img = np.random.default_rng(0).normal(100, 5, (100, 100)).astype(np.float32)
+    stars, q = detect_stars(img, StarParams())
+    assert len(stars) == 0 and q.stars == 0 and np.isnan(q.fwhm)
+
+
+def test_sky_model_recovers_plane_and_noise():
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[0:400, 0:600]
+    cfa = (300 + 0.2 * xx - 0.1 * yy + rng.normal(0, 8, (400, 600))).astype(np.float32)
+    cfa[0::2, 0::2] += 50           # red channel brighter
+    planes, noise = sky_model(cfa, "RGGB")
+    np.testing.assert_allclose(planes[:, 1], 0.2, atol=0.01)
+    np.testing.assert_allclose(planes[:, 2], -0.1, atol=0.01)
+    np.testing.assert_allclose(planes[:, 0], [350, 300, 300], atol=1.5)
+    np.testing.assert_allclose(noise, 8, rtol=0.05)
+
+
+def test_normalize_matches_sky_and_scale():
+    img = np.full((1, 50, 60), 500.0, np.float32)
+    img[0, 20, 30] = 1500.0                                # a star of 1000 above a 500 sky
+    plane = np.array([[500.0, 0.0, 0.0]])
+    ref = np.array([[300.0, 0.5, 0.0]])                    # reference sky: 300 + 0.5 x on the stack grid
+    m = np.array([[1.0, 0, 10], [0, 1.0, 0]])              # frame x -> stack x + 10
+    normalize_inplace(img, plane, 2.0, ref, m)
+    assert img[0, 5, 4] == pytest.approx(300 + 0.5 * 14)
+    assert img[0, 20, 30] == pytest.approx(2000 + 300 + 0.5 * 40)
+    assert transparency_scale(np.array([10.0, 20, 30, 40]), np.array([5.0, 10, 15, 20])) == pytest.approx(2)
+
+
+def test_warp_shift_and_footprint():
+    img = np.zeros((1, 20, 30), np.float32)
+    img[0, 10, 10] = 1.0
+    out = warp(img, np.array([[1.0, 0, 3], [0, 1.0, -2]]), (20, 30))
+    assert out[0, 8, 13] == pytest.approx(1.0) and np.nansum(out) == pytest.approx(1.0)
+    assert np.isnan(out[0, :, :3]).all() and np.isnan(out[0, -2:, :]).all()
+    assert not np.isnan(out[0, :-3, 4:]).any()   # interpolation touching the border is NaN too (1 px)
+
+
+def test_running_stack_equals_brute_force_weighted_mean_without_outliers():
+    rng = np.random.default_rng(5)
+    frames = [rng.normal(100, 10, (3, 40, 50)).astype(np.float32) for _ in range(7)]
+    frames[2][:, :, :5] = np.nan                             # partial footprint
+    weights = rng.uniform(0.5, 2.0, 7)
+    st = RunningStack((3, 40, 50), np.array([100, 100, 100.]), StackParams(kappa=20, bootstrap=0))
+    for f, w in zip(frames, weights):
+        st.add(f.copy(), w, np.array([10, 10, 10.]))
+    mean, wsum = st.result()
+    a = np.stack(frames)
+    wm = np.where(np.isnan(a), 0, weights[:, None, None, None])
+    expected = np.nansum(a * weights[:, None, None, None], axis=0) / wm.sum(axis=0)
+    np.testing.assert_allclose(mean, expected, rtol=1e-5)
+    np.testing.assert_allclose(wsum, wm[:, 0].sum(axis=0), rtol=1e-6)
+
+
+def test_running_stack_rejects_outliers_in_any_frame_and_weights_are_order_free():
+    rng = np.random.default_rng(6)
+    base = [rng.normal(100, 5, (1, 30, 30)).astype(np.float32) for _ in range(8)]
+    for k in (0, 4):
+        base[k][0, 15, 3:27] += 500                          # a trail, in the first frame and a later one
+    w = rng.uniform(0.5, 2, 8)
+    results = []
+    for order in (range(8), reversed(range(8))):
+        st = RunningStack((1, 30, 30), np.array([100.0]), StackParams())
+        for i in order:
+            st.add(base[i].copy(), w[i], np.array([5.0]))
+        results.append(st.result()[0])
+        assert np.abs(results[-1][0, 15, 5:25] - 100).max() < 10
+    np.testing.assert_allclose(results[0][0, 10:20], results[1][0, 10:20], atol=6)
+
+
+def test_stack_state_round_trip_mid_bootstrap():
+    rng = np.random.default_rng(7)
+    st = RunningStack((1, 10, 10), np.array([0.0]), StackParams())
+    st.add(rng.normal(0, 1, (1, 10, 10)).astype(np.float32), 1.0, np.array([1.0]))
+    st2 = RunningStack.from_state(st.state(), StackParams())
+    f = rng.normal(0, 1, (1, 10, 10)).astype(np.float32)
+    st.add(f.copy(), 1.0, np.array([1.0]))
+    st2.add(f.copy(), 1.0, np.array([1.0]))
+    np.testing.assert_array_equal(st.result()[0], st2.result()[0])
+
+
+def test_judge_reasons_carry_numbers():
+    j = FrameJudge(RejectParams())
+    good = Quality(100, 3.0, 0.2, 400.0, 20.0)
+    for _ in range(5):
+        j.accept(good)
+    assert j.check(good) is None
+    assert "fwhm 5.00 px > 1.5 × running median 3.00 px" in j.check(Quality(100, 5.0, 0.2, 400, 20))
+    assert "stars 20" in j.check(Quality(20, 3.0, 0.2, 400, 20))
+    assert "background" in j.check(Quality(100, 3.0, 0.2, 900, 20))
+    assert "eccentricity 0.70" in j.check(Quality(100, 3.0, 0.7, 400, 20))
+    assert "transparency 0.30" in j.check(good, transparency=0.3)
+    assert "only 5 stars" in j.check_reference(Quality(5, 3.0, 0.2, 400, 20))
+
+
+def test_stretch_background_and_stars():
+    rng = np.random.default_rng(8)
+    img = np.stack([gaussian_image(300, 400, [(200, 150, 2e5), (50, 60, 2e4)], 3.0, sky=s, noise=4, rng=rng)
+                    for s in (500, 300, 200)])                 # a colour cast in the sky
+    before = img.copy()
+    out = auto_stretch(img, StretchParams())
+    np.testing.assert_array_equal(img, before)
+    assert out.dtype == np.uint8 and out.shape == (300, 400, 3)
+    bg = np.median(out.reshape(-1, 3), axis=0)
+    assert np.all(np.abs(bg - 0.2 * 255) < 15) and np.ptp(bg) <= 4   # neutral sky at the target level
+    assert out[150, 200].min() > 200                                  # the bright star is white, not tinted
+
+
+def test_frames_log_round_trip_and_torn_line(tmp_path):
+    log = FramesLog(tmp_path / "frames.jsonl")
+    rec = FrameRecord(file="a.fits", status="stacked", matrix=[[1.0, 0, 0], [0, 1.0, 0]], fwhm=2.5, weight=1.0)
+    log.append(rec)
+    with open(tmp_path / "frames.jsonl", "a") as f:
+        f.write('{"file": "b.fits", "sta')                     # power lost mid-append
+    assert [r["file"] for r in read_frames_log(tmp_path / "frames.jsonl")] == ["a.fits"]
+    log2 = FramesLog(tmp_path / "frames.jsonl")
+    log2.append(FrameRecord(file="c.fits", status="failed", reason="truncated"))
+    recs = read_frames_log(tmp_path / "frames.jsonl")
+    assert [r["file"] for r in recs] == ["a.fits", "c.fits"]
+    assert FrameRecord.from_dict(recs[0]) == rec
+    assert json.loads((tmp_path / "frames.jsonl").read_text().splitlines()[1])["reason"] == "truncated"
+
+
+def test_read_fits_bottom_up_bayer_offsets_and_float(tmp_path):
+    data = np.arange(18 * 20, dtype=np.uint16).reshape(18, 20) + 1000
+    h = fits.Header()
+    h["BAYERPAT"], h["XBAYROFF"], h["YBAYROFF"], h["ROWORDER"] = "RGGB", 1, 0, "BOTTOM-UP"
+    h["EXPTIME"], h["DATE-OBS"], h["IMAGETYP"] = 30.0, "2026-01-02T03:04:05.5", "Light Frame"
+    fits.PrimaryHDU(data, header=h).writeto(tmp_path / "a.fits")
+    f = read_frame(tmp_path / "a.fits")
+    assert f.data.dtype == np.float32
+    np.testing.assert_array_equal(f.data, data[::-1].astype(np.float32))
+    assert f.pattern == "GRBG"            # XBAYROFF 1 shifts RGGB by a column; 18 rows: flip keeps the phase
+    assert f.meta.exptime == 30 and f.meta.imagetyp == "light" and f.meta.time.second == 5
+    fits.PrimaryHDU(np.ones((20, 20), np.float32) * 0.5).writeto(tmp_path / "b.fit")
+    g = read_frame(tmp_path / "b.fit")
+    assert g.pattern is None and g.saturated is None and g.data.mean() == 0.5

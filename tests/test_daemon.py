@@ -1,0 +1,200 @@
+"""`livestack run` as a subprocess fed simulator frames: what lands in frames.jsonl and the stack, and that a
+kill -9 at any moment followed by a restart gives the uninterrupted run's stack."""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from livestack.session import read_frames_log
+
+STACKED = ("reference", "stacked")
+
+
+def read_stack(out: Path):
+    with fits.open(out / "stack.fits") as h:
+        return np.array(h[0].data), np.array(h["WEIGHT"].data), dict(h[0].header)
+
+
+def test_end_to_end_rename_slow_burst_corrupt_and_sigterm(make_daemon, daemon_night):
+    files, _ = daemon_night
+    d = make_daemon()
+    w = d.watch
+    for f in files[:3]:                                  # backlog: there before the daemon starts
+        shutil.copy(f, w / f.name)
+    d.start()
+    d.wait_lines(3)
+
+    part = w / (files[3].name + ".part")                 # written under a temporary name, renamed into place
+    shutil.copy(files[3], part)
+    time.sleep(0.6)                                      # > settle time: a .part must not be taken
+    assert len(d.lines()) == 3
+    os.rename(part, w / files[3].name)
+
+    data = files[4].read_bytes()                         # written slowly: pauses longer than the settle time
+    with open(w / files[4].name, "wb") as fh:
+        for i in range(4):
+            fh.write(data[i * len(data) // 4:(i + 1) * len(data) // 4])
+            fh.flush()
+            time.sleep(0.35)
+
+    for name in ("light_0003_60s.xmp", "light_0003_60s.jpg", ".hidden.dng", "notes.txt", "light_9999.dng~",
+                 "stack.tmp"):
+        (w / name).write_bytes(data[:1000])              # sidecars, hidden and temporary files: never frames
+    (w / "corrupt.fits").write_bytes(np.random.default_rng(0).bytes(6000))
+    (w / "cut.dng").write_bytes(data[: len(data) // 3])  # never completes
+
+    burst = []                                           # 100 files at once
+    for i in range(100):
+        src = files[6 + i % 10]
+        burst.append(f"burst_{i:03d}.dng")
+        shutil.copy(src, w / burst[-1])
+
+    recs = d.wait_lines(107, timeout=60)
+    time.sleep(0.5)                                      # nothing more may come
+    recs = d.lines()
+    assert d.stop() == 0                                 # SIGTERM: finish, write, exit 0
+
+    paths = [r["path"] for r in recs]
+    expected = {f.name for f in files[:5]} | set(burst) | {"corrupt.fits", "cut.dng"}
+    assert sorted(paths) == sorted(expected)             # each exactly once; no sidecar, no .part
+    by = {r["path"]: r for r in recs}
+    assert by[files[0].name]["status"] == "reference"
+    assert by[files[4].name]["status"] == "stacked", by[files[4].name]   # the slow file was not read half-written
+    assert by["corrupt.fits"]["status"] == "failed" and "FITS" in by["corrupt.fits"]["reason"]
+    assert by["cut.dng"]["status"] == "failed"
+    assert by["cut.dng"]["reason"].startswith("still incomplete after 3 s"), by["cut.dng"]["reason"]
+    n_stacked = sum(r["status"] in STACKED for r in recs)
+    assert n_stacked == 105, [(r["path"], r["status"], r["reason"]) for r in recs if r["status"] not in STACKED]
+
+    img, weight, hdr = read_stack(d.out)
+    assert hdr["NCOMBINE"] == 105 and hdr["NFAILED"] == 2
+    assert img.shape == (3, 360, 480) and np.isfinite(img).all() and weight.max() > 50
+    assert (d.out / "preview.jpg").stat().st_size > 1000
+    assert (d.out / "session" / "checkpoint.npz").exists()
+    assert "SIGTERM received" in d.log.read_text()
+    assert not [p for p in d.out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_kill9_at_any_moment_then_restart_equals_uninterrupted_run(make_daemon, daemon_night):
+    files, _ = daemon_night
+    ref = make_daemon(name="uninterrupted")
+    for f in files:
+        shutil.copy(f, ref.watch / f.name)
+    ref.start()
+    ref.wait_lines(len(files))
+    assert ref.stop() == 0
+    ref_img, ref_w, ref_hdr = read_stack(ref.out)
+    ref_recs = {r["file"]: r["status"] for r in read_frames_log(ref.out / "frames.jsonl")}
+    assert ref_recs[files[5].name] == "rejected"         # the cloudy frame, so rejection state is resumed too
+
+    d = make_daemon(name="killed")
+    feed = iter(files)
+
+    def copy(n, pause=0.0):
+        for _ in range(n):
+            f = next(feed)
+            shutil.copy(f, d.watch / f.name)
+            time.sleep(pause)
+
+    copy(4)
+    d.start()
+    d.wait_lines(4)
+    copy(4, pause=0.1)                                   # live frames; killed while they are being stacked
+    d.wait_lines(6)
+    d.kill9()
+    copy(4)                                              # frames that land while the daemon is down
+    d.start()
+    d.wait_lines(10)
+    d.kill9()
+    copy(4)
+    d.start()
+    recs = d.wait_lines(len(files))
+    time.sleep(0.4)
+    assert d.stop() == 0
+
+    recs = read_frames_log(d.out / "frames.jsonl")
+    assert sorted(r["file"] for r in recs) == sorted(f.name for f in files)   # none twice, none skipped
+    assert {r["file"]: r["status"] for r in recs} == ref_recs
+    img, w, hdr = read_stack(d.out)
+    assert hdr["NCOMBINE"] == ref_hdr["NCOMBINE"] == 15
+    assert hdr["EXPTIME"] == ref_hdr["EXPTIME"]
+    assert np.allclose(img, ref_img, rtol=1e-5, atol=1e-3), float(np.abs(img - ref_img).max())
+    assert np.allclose(w, ref_w, rtol=1e-5, atol=1e-5)
+    logs = "".join(p.read_text() for p in sorted(d.tmp.glob("daemon-*.log")))
+    assert "resumed" in logs or "restacking" in logs
+
+
+def test_new_session_flag_archives_and_restarts(make_daemon, daemon_night):
+    files, _ = daemon_night
+    d = make_daemon()
+    for f in files[:3]:
+        shutil.copy(f, d.watch / f.name)
+    d.start()
+    d.wait_lines(3)
+    assert d.stop() == 0
+    d.start("--new-session")
+    d.wait_lines(3)
+    assert d.stop() == 0
+    (arch,) = (d.out / "archive").iterdir()
+    assert len(read_frames_log(arch / "frames.jsonl")) == 3 and (arch / "stack.fits").exists()
+    assert (arch / "session" / "checkpoint.npz").exists()
+    assert len(d.lines()) == 3 and read_stack(d.out)[2]["NCOMBINE"] == 3
+
+
+def test_usage_errors_are_one_line(make_daemon, tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "livestack.cli", "run", "--out", str(tmp_path / "o")],
+                       capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 2 and "--watch DIR" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[watch]\nsettle = 1\n")
+    r = subprocess.run([sys.executable, "-m", "livestack.cli", "run", "--watch", str(tmp_path), "--out",
+                        str(tmp_path / "o"), "--config", str(bad)], capture_output=True, text=True,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 2 and "unknown key settle" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "livestack.cli", "run", "--watch", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "o"), "--port", "0"], capture_output=True, text=True,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 1 and "watch folder does not exist" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("name, taken", [("IMG_0001.CR3", True), ("a.fits", True), ("a.fit.fz", True),
+                                         ("a.dng.part", False), (".a.dng", False), ("a.xmp", False),
+                                         ("a.jpg", False), ("a.dng~", False), ("a.tmp", False)])
+def test_candidate_names(name, taken):
+    from livestack.daemon.watch import is_candidate
+
+    assert is_candidate(name) is taken
+
+
+def test_incomplete_reason_from_the_file_layout(tmp_path, daemon_night):
+    from livestack.daemon.watch import incomplete_reason
+    from drivers.simulator import SimConfig, render_frame, write_fits
+
+    files, _ = daemon_night
+    data = files[0].read_bytes()
+    p = tmp_path / "a.dng"
+    for cut in (100, len(data) // 2, len(data) - 1):
+        p.write_bytes(data[:cut])
+        assert incomplete_reason(p) is not None, cut
+    p.write_bytes(data)
+    assert incomplete_reason(p) is None
+    cfg = SimConfig(width=64, height=48, n_frames=1)
+    raw, meta = render_frame(cfg, 0)
+    f = tmp_path / "a.fits"
+    write_fits(f, raw, meta, cfg)
+    full = f.read_bytes()
+    assert incomplete_reason(f) is None
+    for cut in (1000, 2880, 2880 * 2 + 10, len(full) - 2880):
+        f.write_bytes(full[:cut])
+        assert incomplete_reason(f) is not None, cut
+    f.write_bytes(b"garbage" * 1000)                     # not FITS-looking: the reader will say why
+    assert incomplete_reason(f) is None

@@ -1,0 +1,273 @@
+"""The daemon's page and JSON API: what a browser and a script see, what the server refuses."""
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import shutil
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+from conftest import REPO, Daemon
+
+TOKEN = "test-token-0123"
+ARTIFACTS = REPO / "test-artifacts"
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory, daemon_night):
+    files, _ = daemon_night
+    root = tmp_path_factory.mktemp("web")
+    (root / "watch").mkdir()
+    for f in files[:4]:
+        shutil.copy(f, root / "watch" / f.name)
+    d = Daemon(root, root / "watch", root / "out", "--token", TOKEN)
+    d.start()
+    d.wait_lines(4)
+    wait_status(d, lambda s: s["frames"] == 4 and s["state"] == "idle")
+    d.files = files
+    yield d
+    assert d.stop() == 0
+
+
+def req(d: Daemon, method: str, path: str, body=None, headers=None) -> tuple[int, bytes, dict]:
+    """A raw request: the path is sent exactly as given (no client-side '..' normalisation)."""
+    u = urlsplit(d.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        data = json.dumps(body).encode() if body is not None else None
+        h = {"Content-Type": "application/json"} if data else {}
+        conn.request(method, path, body=data, headers={**h, **(headers or {})})
+        r = conn.getresponse()
+        return r.status, r.read(), dict(r.getheaders())
+    finally:
+        conn.close()
+
+
+def wait_status(d: Daemon, pred, timeout: float = 15.0) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        s = json.loads(req(d, "GET", "/api/status")[1])
+        if pred(s):
+            return s
+        time.sleep(0.05)
+    raise AssertionError(f"status never matched: {s}")
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_status_frames_preview(web):
+    st, body, _ = req(web, "GET", "/api/status")
+    s = json.loads(body)
+    assert st == 200 and s["stacked"] == 4 and s["frames"] == 4 and s["has_stack"] and s["integration_s"] == 240
+    assert s["current"]["fwhm"] > 1 and s["reference"] == web.files[0].name
+    st, body, _ = req(web, "GET", "/api/frames?since=2")
+    f = json.loads(body)
+    assert st == 200 and f["total"] == 4 and [r["file"] for r in f["frames"]] == [p.name for p in web.files[2:4]]
+    st, body, h = req(web, "GET", "/api/preview.jpg")
+    assert st == 200 and body[:2] == b"\xff\xd8" and h["Content-Type"] == "image/jpeg"
+    st, body, _ = req(web, "GET", "/api/nope")
+    assert st == 404 and "no such page" in json.loads(body)["error"]
+
+
+@pytest.mark.parametrize("path", [
+    "/api/files/../../../../etc/passwd",
+    "/api/files/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "/api/files/%2E%2E%2F%2E%2E%2F%2E%2E%2F%2E%2E%2Fetc%2Fpasswd",
+    "/api/files//etc/passwd",
+    "/api/files/%2Fetc%2Fpasswd",
+    "/api/files/session/../../../../../etc/passwd",
+    "/api/files/..%5c..%5c..%5cetc%5cpasswd",
+    "/api/files/link/passwd",
+    "/static/../../../../etc/passwd",
+    "/static/%2e%2e/app.py",
+    "/../../../../etc/passwd",
+])
+def test_no_path_outside_the_session_folder(web, path):
+    link = web.out / "link"
+    if not link.exists():
+        link.symlink_to("/etc")
+    st, body, _ = req(web, "GET", path)
+    assert st in (403, 404), (path, st)
+    assert b"root:" not in body and b"import" not in body
+    assert "error" in json.loads(body)
+
+
+def test_files_inside_the_session_folder_are_served(web):
+    st, body, _ = req(web, "GET", "/api/files/frames.jsonl")
+    assert st == 200 and len(body.splitlines()) >= 4
+    st, body, h = req(web, "GET", "/api/stack.fits")
+    assert st == 200 and body.startswith(b"SIMPLE  =") and "attachment" in h["Content-Disposition"]
+
+
+def test_changes_need_the_token(web):
+    st, body, h = req(web, "POST", "/api/pause")
+    assert st == 401 and "token" in json.loads(body)["error"] and "Bearer" in h["WWW-Authenticate"]
+    st, _, _ = req(web, "POST", "/api/pause", headers={"Authorization": "Bearer wrong-token-xx"})
+    assert st == 403
+    st, _, _ = req(web, "POST", "/api/exclude", {"file": web.files[1].name})
+    assert st == 401
+    st, _, _ = req(web, "POST", "/api/new-session")
+    assert st == 401
+    st, _, _ = req(web, "POST", "/api/pause", headers={**AUTH, "Origin": "http://evil.example"})
+    assert st == 403                                   # another site driving the user's browser
+    assert json.loads(req(web, "GET", "/api/status")[1])["paused"] is False   # nothing changed
+
+    st, body, _ = req(web, "POST", "/api/pause", headers=AUTH)
+    assert st == 200 and json.loads(body)["paused"] is True and json.loads(body)["state"] == "paused"
+    st, body, _ = req(web, "POST", "/api/pause", headers=AUTH)
+    assert st == 409 and "POST /api/resume" in json.loads(body)["error"]
+    st, body, _ = req(web, "POST", "/api/resume", headers={"X-Livestack-Token": TOKEN})
+    assert st == 200 and json.loads(body)["paused"] is False
+    st, _, _ = req(web, "GET", "/api/pause")
+    assert st == 405
+
+
+def test_stretch_rerenders_the_preview(web):
+    import cv2
+
+    def sky(jpg: bytes) -> float:
+        return float(np.median(cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_GRAYSCALE)))
+
+    auto = sky(req(web, "GET", "/api/preview.jpg")[1])
+    st, body, _ = req(web, "POST", "/api/stretch", {"black": 0.001, "midtones": 0.5, "white": 0.6}, AUTH)
+    assert st == 200 and json.loads(body)["stretch"] == {"black": 0.001, "midtones": 0.5, "white": 0.6,
+                                                         "auto": False}
+    dark = sky(req(web, "GET", "/api/preview.jpg")[1])
+    st, _, _ = req(web, "POST", "/api/stretch", {"midtones": 0.002}, AUTH)
+    bright = sky(req(web, "GET", "/api/preview.jpg")[1])
+    # auto puts the sky at 20 % grey (~51); midtones 0.5 leaves it near black, a tiny midtones lifts it
+    assert 40 < auto < 65 and dark < auto - 30 and bright > auto + 30, (auto, dark, bright)
+    for bad in ({"black": 2}, {"black": 0.5, "white": 0.4}, {"midtones": 0}, {"gamma": 1}):
+        st, body, _ = req(web, "POST", "/api/stretch", bad, AUTH)
+        assert st == 400 and json.loads(body)["error"], bad
+    st, body, _ = req(web, "POST", "/api/stretch", {"auto": True}, AUTH)
+    assert st == 200 and json.loads(body)["stretch"]["auto"] is True
+
+
+def test_exports_are_full_resolution_16_bit(web):
+    import cv2
+    import tifffile
+
+    st, body, h = req(web, "GET", "/api/export?format=png&mode=stretched")
+    assert st == 200 and h["Content-Type"] == "image/png"
+    img = cv2.imdecode(np.frombuffer(body, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert img.dtype == np.uint16 and img.shape == (360, 480, 3) and img.max() > 60000
+    st, body, h = req(web, "GET", "/api/export?format=tiff&mode=linear")
+    t = tifffile.imread(io.BytesIO(body))
+    assert st == 200 and t.dtype == np.uint16 and t.shape == (360, 480, 3) and t.max() == 65535
+    assert len(np.unique(t)) > 1000                     # real 16-bit levels, not 8-bit steps
+    st, body, _ = req(web, "GET", "/api/export?format=bmp")
+    assert st == 400 and "png or tiff" in json.loads(body)["error"]
+
+
+def test_sse_sends_status_on_each_frame(web):
+    u = urlsplit(web.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=15)
+    try:
+        conn.request("GET", "/api/events")
+        r = conn.getresponse()
+        assert r.status == 200 and r.getheader("Content-Type") == "text/event-stream"
+
+        def next_status():
+            data = None
+            while True:
+                line = r.fp.readline().decode()
+                if line.startswith("data: "):
+                    data = json.loads(line[6:])
+                elif line == "\n" and data is not None:
+                    return data
+
+        first = next_status()
+        n = first["frames"]
+        f = web.files[6]
+        shutil.copy(f, web.watch / f.name)
+        end = time.monotonic() + 15
+        while time.monotonic() < end:
+            s = next_status()
+            if s["frames"] == n + 1 and s["preview_id"] != first["preview_id"]:
+                break
+        assert s["frames"] == n + 1 and s["current"]["file"] == f.name
+    finally:
+        conn.close()
+
+
+def _chromium_or_skip():
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("Debian chromium is not installed at /usr/bin/chromium (apt-get install chromium)")
+    try:
+        from playwright.sync_api import sync_playwright  # noqa: F401
+    except ImportError:
+        pytest.skip("playwright is not installed (pip install -e '.[browser]')")
+
+
+@pytest.mark.browser
+def test_page_in_headless_chromium(web):
+    _chromium_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(web.url + "#token=" + TOKEN)
+            preview = page.get_by_test_id("preview")
+            expect(preview).to_be_visible(timeout=30_000)
+            first_id = preview.get_attribute("data-preview-id")
+            n = len(web.lines())
+
+            # a frame lands -> the preview changes, pushed by server-sent events
+            f = web.files[7]
+            shutil.copy(f, web.watch / f.name)
+            expect(preview).not_to_have_attribute("data-preview-id", first_id, timeout=30_000)
+            expect(page.locator("#frames tbody tr")).to_have_count(n + 1, timeout=30_000)
+            assert page.evaluate("document.getElementById('preview').naturalWidth") == 480
+
+            # the plots draw: some pixels of each canvas are painted
+            for name in ("fwhm", "stars", "background", "weight", "drift"):
+                painted = page.evaluate("""(id) => { const c = document.getElementById(id);
+                    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                    let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }""", f"plot-{name}")
+                assert painted > 500, name
+
+            # controls: pause -> the page says paused; resume
+            page.get_by_test_id("pause").click()
+            expect(page.get_by_test_id("state")).to_have_text("paused", timeout=5_000)
+            assert json.loads(req(web, "GET", "/api/status")[1])["paused"] is True
+            page.get_by_test_id("pause").click()
+            expect(page.get_by_test_id("state")).not_to_have_text("paused", timeout=5_000)
+
+            # exclude a frame: restacked without it, then re-include it
+            row = page.locator(f'#frames tr[data-file="{web.files[2].name}"]')
+            stacked = json.loads(req(web, "GET", "/api/status")[1])["stacked"]
+            row.get_by_test_id("exclude").click()
+            expect(row).to_have_class("excluded", timeout=30_000)
+            expect(page.locator("#s-stacked")).to_have_text(str(stacked - 1), timeout=30_000)
+            page.evaluate("window.scrollTo(0, 0)")
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(ARTIFACTS / "web-desktop.png"), full_page=True)
+            row.get_by_test_id("include").click()
+            expect(row).to_have_class("stacked", timeout=30_000)
+            expect(page.locator("#s-stacked")).to_have_text(str(stacked), timeout=30_000)
+
+            phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                                     is_mobile=True, has_touch=True)
+            phone.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            phone.goto(web.url)
+            expect(phone.get_by_test_id("preview")).to_be_visible(timeout=30_000)
+            phone.wait_for_timeout(500)
+            phone.screenshot(path=str(ARTIFACTS / "web-phone.png"), full_page=False)
+            phone.screenshot(path=str(ARTIFACTS / "web-phone-full.png"), full_page=True)
+        finally:
+            browser.close()
+    assert errors == []
