@@ -55,12 +55,16 @@ class Progress:
         self.stream.flush()
 
 
-def load_masters(path: str | None):
+def load_masters(path: str | None, cfg: Config | None = None):
+    """The master library at ``path`` (None without one), with the config's [calibration] settings.
+    Raises ValueError (MasterError, ConfigError) with one sentence naming the folder or key."""
     if not path:
         return None
     from .engine.masters import MasterLibrary
+    from .engine.masters_cli import calibration_params
 
-    return MasterLibrary.load(Path(path).expanduser())
+    params = calibration_params(cfg) if cfg is not None else None
+    return MasterLibrary.load(Path(path).expanduser(), params)
 
 
 def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quiet: bool = False) -> dict:
@@ -103,7 +107,12 @@ def cmd_stack(args, cfg: Config) -> int:
         print(f"livestack stack: no RAW or FITS files in {' '.join(args.inputs)}", file=sys.stderr)
         return 1
     out = Path(args.out).expanduser()
-    s = stack_files(files, out, cfg, masters=load_masters(args.masters), quiet=args.quiet)
+    try:
+        masters = load_masters(args.masters, cfg)
+    except ValueError as err:
+        print(f"livestack stack: {err}", file=sys.stderr)
+        return 2
+    s = stack_files(files, out, cfg, masters=masters, quiet=args.quiet)
     _print_summary(s, out)
     return 0 if s["wrote"] else 1
 

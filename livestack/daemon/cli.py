@@ -54,11 +54,13 @@ def cmd_run(args, cfg: Config) -> int:
         return 2
     if not args.quiet:
         log.setLevel(logging.INFO)
-    masters = None
-    if dp.masters:
-        from ..cli import load_masters
+    from ..cli import load_masters
 
-        masters = load_masters(dp.masters)
+    try:
+        masters = load_masters(dp.masters, cfg)
+    except ValueError as err:
+        print(f"livestack run: {err}", file=sys.stderr)
+        return 2
     if args.new_session:
         dest = SessionFolder(dp.out).new_session()
         if dest is not None:

@@ -116,24 +116,49 @@ _RING = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], np.uint8)
 def cosmetic_correct(img: np.ndarray, p: CosmeticParams, *, colour: bool) -> int:
     """Replace isolated hot pixels in place by the median of their same-colour neighbours; return the count.
 
-    A pixel is hot when it stands ``p.sigma`` × noise above the 3×3 same-colour median *and* ``p.ratio`` × above
-    its brightest same-colour neighbour (both relative to that median): even an undersampled star spills light
-    into its neighbours; a hot pixel or a cosmic-ray hit does not.
+    A pixel is hot when, above the local background b (the median of the same-colour pixels two pixels away),
+    it stands ``p.sigma`` × noise high *and* ``p.ratio`` × higher than the brightest of its 8 adjacent pixels of
+    any colour (each taken relative to its own colour's sky).  A star, even undersampled, lights the pixels
+    next to it — a red star on a red pixel still lights the green pixels beside it — while a hot pixel or a
+    cosmic-ray hit lights nothing around it.  Only pixels brighter than all their same-colour neighbours by
+    ``p.sigma`` × noise are examined further, so the full-frame work is one dilation per colour plane.
     """
+    step = 2 if colour else 1
+    h_img, w_img = img.shape
+    planes = _planes(img.shape, colour)
+    sky = np.zeros((2, 2), np.float32)
+    for sl in planes:                          # each colour's sky, so colour casts do not look like stars
+        sky[(sl[0].start or 0) % 2, (sl[1].start or 0) % 2] = np.median(img[sl][::7, ::7])
+    if not colour:
+        sky[:] = sky[0, 0]
+    r = 1 if colour else 2                     # same-colour ring: 1 step in a colour plane = 2 px
+    ring = [(dy, dx) for dy in range(-r, r + 1) for dx in range(-r, r + 1) if max(abs(dy), abs(dx)) == r]
     count = 0
-    for sl in _planes(img.shape, colour):
-        plane = np.ascontiguousarray(img[sl])
-        med = cv2.medianBlur(plane, 3)
-        nbmax = cv2.dilate(plane, _RING)
-        d = plane - med
-        sample = d[::7, ::7]
-        sigma = 1.4826 * float(np.median(np.abs(sample - np.median(sample)))) or float(np.std(sample)) or 1.0
-        hot = (d > p.sigma * sigma) & (d > p.ratio * (nbmax - med))
-        n = int(hot.sum())
-        if n:
-            plane[hot] = med[hot]
-            img[sl] = plane
-        count += n
+    for sl in planes:
+        plane = img[sl]
+        cont = np.ascontiguousarray(plane)
+        nbmax = cv2.dilate(cont, _RING)
+        sample = cont[::7, ::7]
+        d = np.diff(sample, axis=1).ravel()
+        sigma = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / np.sqrt(2) or float(sample.std()) or 1.0
+        cand = np.argwhere(cont - nbmax > p.sigma * sigma)
+        h, w = cont.shape
+        cand = cand[(cand[:, 0] >= r) & (cand[:, 0] < h - r) & (cand[:, 1] >= r) & (cand[:, 1] < w - r)]
+        if cand.size == 0:
+            continue
+        y, x = cand[:, 0], cand[:, 1]
+        med = np.median(np.stack([cont[y + dy, x + dx] for dy, dx in ring], axis=1), axis=1)
+        v = cont[y, x]
+        fy, fx = y * step + (sl[0].start or 0), x * step + (sl[1].start or 0)   # in the full mosaic
+        inside = (fy > 0) & (fy < h_img - 1) & (fx > 0) & (fx < w_img - 1)
+        fy, fx = np.clip(fy, 1, h_img - 2), np.clip(fx, 1, w_img - 2)
+        own_sky = sky[fy % 2, fx % 2]
+        adj = np.max([img[fy + dy, fx + dx] - sky[(fy + dy) % 2, (fx + dx) % 2]
+                      for dy in (-1, 0, 1) for dx in (-1, 0, 1) if dy or dx], axis=0)
+        height = v - med
+        hot = inside & (height > p.sigma * sigma) & (height > p.ratio * (adj - (med - own_sky)))
+        plane[y[hot], x[hot]] = med[hot]
+        count += int(hot.sum())
     return count
 
 

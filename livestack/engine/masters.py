@@ -12,8 +12,8 @@ Build, in the order the masters depend on each other (bias, darks, dark-flats, f
 Why a spill file: a RAW frame can only be decoded whole, so reading "block k of every frame" from the original
 files would decode each RAW once per block.  Each frame is decoded exactly once and its pixels appended to a
 flat scratch file in the output folder (uint16 when the data are integers in 0..65535, as every RAW and most
-camera FITS are; float32 otherwise).  The combine then maps that file (np.memmap) and reads one band of rows of
-all frames at a time: working memory is ``memory_mb``, whatever the number of frames; disk use is
+camera FITS are; float32 otherwise).  The combine then reads one band of rows of all frames at a time (one
+seek + read per frame and band): working memory is ``memory_mb``, whatever the number of frames; disk use is
 N × H × W × 2 bytes for the largest group (50 × 24 MP: 2.4 GB).  The scratch lives beside the masters, not in
 /tmp, which is RAM (tmpfs) on a Raspberry Pi.
 
@@ -40,7 +40,7 @@ import numpy as np
 
 from .. import __version__
 from .calibrate import Masters, same_exposure
-from .frame import CFA_PATTERNS, Frame, FrameError
+from .frame import Frame, FrameError
 from .read import FITS_SUFFIXES, _IMAGETYP, capture_order, is_supported, read_frame, suffix_of
 
 KINDS = ("bias", "dark", "darkflat", "flat")          # build order: each may need the ones before it
@@ -238,7 +238,7 @@ class Spill:
         self.path, self.shape, self.n = Path(path), tuple(shape), 0
         self.dtype = np.dtype(np.uint16)
         self._f = open(self.path, "wb")
-        self._mm: np.memmap | None = None
+        self._r = None  # reader, opened once the last frame is in
 
     def append(self, data: np.ndarray) -> None:
         if data.shape != self.shape:
@@ -261,15 +261,26 @@ class Spill:
         self._f = open(self.path, "ab")
 
     def rows(self, r0: int, r1: int) -> np.ndarray:
-        """(n, r1 - r0, W) float32: rows r0..r1 of every frame (a new array)."""
-        if self._mm is None:
+        """(n, r1 - r0, W) float32: rows r0..r1 of every frame (a new array).
+
+        Read with one seek + read per frame rather than through np.memmap: the result is the same, but the
+        pages of a mapping count in the process's RSS until unmapped, and 50 frames would show as gigabytes
+        on a 4 GB Pi (reclaimable, but alarming and it pushes out other caches)."""
+        if self._r is None:
             self._f.close()
-            self._mm = np.memmap(self.path, self.dtype, "r", shape=(self.n, *self.shape))
-        return self._mm[:, r0:r1].astype(np.float32)
+            self._r = open(self.path, "rb")
+        h, w = self.shape
+        out = np.empty((self.n, r1 - r0, w), np.float32)
+        count = (r1 - r0) * w
+        for i in range(self.n):
+            self._r.seek(((i * h) + r0) * w * self.dtype.itemsize)
+            out[i] = np.fromfile(self._r, self.dtype, count).reshape(r1 - r0, w)
+        return out
 
     def remove(self) -> None:
-        self._mm = None
         self._f.close()
+        if self._r is not None:
+            self._r.close()
         self.path.unlink(missing_ok=True)
 
 
@@ -590,13 +601,12 @@ def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams):
     data, clipped = combine_spill(g.spill, p, prepare=prepare)
     bad = ~np.isfinite(data)
     data[bad] = 1.0
-    bad |= data < p.flat_min
+    bad |= (data < p.flat_min) | cold_pixels_from_flat(data, colour, p.cold_ratio)
     # mean 1 per colour over the usable pixels, then the guard: nothing below flat_min is ever divided by
     norm = site_means(data, colour, mask=bad)
     for i, j in _sites(colour):
         data[_site_slice(i, j, colour)] /= np.float32(norm[i, j])
     bad |= data < p.flat_min
-    bad |= cold_pixels_from_flat(data, colour, p.cold_ratio)
     np.maximum(data, np.float32(p.flat_min), out=data)
     return data, bad, clipped, subtracted
 
@@ -776,16 +786,17 @@ class MasterLibrary:
     def _select(self, frame: Frame) -> Masters | None:
         p = self.params
         notes: dict = {}
-        chosen: dict[str, MasterEntry | None] = {}
-        for kind in ("bias", "dark", "flat"):
-            entry, reason = self._choose(kind, frame)
+        t = frame.meta.exptime
+        dark, dark_why = self._choose("dark", frame)
+        bias, bias_why = self._choose("bias", frame)
+        flat, flat_why = self._choose("flat", frame)
+        if dark is not None and same_exposure(t, dark.exptime):
+            bias, bias_why = None, None  # not needed: a bias of another ISO must not fail this light
+        for kind, reason in (("dark", dark_why), ("bias", bias_why), ("flat", flat_why)):
             if reason is not None:
                 if p.on_mismatch == "fail":
                     raise FrameError(frame.path, reason)
                 notes[f"{kind}_skipped"] = reason
-            chosen[kind] = entry
-        bias, dark, flat = chosen["bias"], chosen["dark"], chosen["flat"]
-        t = frame.meta.exptime
         if dark is not None and not same_exposure(t, dark.exptime):
             if t is None or dark.exptime is None:
                 reason = (f"{dark.describe()} is of {_fmt_t(dark.exptime)} but the frame's exposure is "
@@ -802,8 +813,6 @@ class MasterLibrary:
                     raise FrameError(frame.path, reason)
                 notes["dark_skipped"] = reason
                 dark = None
-        if bias is not None and dark is not None and same_exposure(t, dark.exptime):
-            bias = None  # the dark of the same exposure includes the bias
         if not (bias or dark or flat or notes):
             return None
         names = {k: e.name for k, e in (("bias", bias), ("dark", dark), ("flat", flat)) if e is not None}
@@ -884,4 +893,4 @@ def _fmt_t(t: float | None) -> str:
 
 __all__ = ["CalibrationParams", "MasterEntry", "MasterError", "MasterLibrary", "Spill", "build_library",
            "cold_pixels_from_flat", "combine_block", "combine_spill", "discover", "group_key",
-           "hot_pixels_from_dark", "kind_from_folder", "site_means", "write_master", "CFA_PATTERNS"]
+           "hot_pixels_from_dark", "kind_from_folder", "site_means", "write_master"]

@@ -1,0 +1,326 @@
+"""What every capture driver shares: the capture plan, file names, folders, atomic writes, retry, stop.
+
+The daemon's only interface to a camera is its watched folder, so these rules are the contract:
+- a frame appears all at once (temporary hidden name ".NAME.PID.tmp", fsync, rename), never half written;
+- its name sorts in capture order and says type, exposure and filter: ``light_0003_60s_L.fits``;
+- calibration runs go where ``livestack masters`` looks: OUT/bias, OUT/darks, OUT/flats, OUT/darkflats;
+- SIGINT/SIGTERM end the run after the current exposure; a second one aborts at once.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+log = logging.getLogger("drivers.capture")
+
+KINDS = ("light", "dark", "flat", "bias", "darkflat")
+CALIB_DIRS = {"bias": "bias", "dark": "darks", "flat": "flats", "darkflat": "darkflats"}
+IMAGETYP = {"light": "Light Frame", "bias": "Bias Frame", "dark": "Dark Frame", "flat": "Flat Field",
+            "darkflat": "Dark Flat"}
+_NAME_RE = re.compile(r"^(?P<kind>[a-z]+)_(?P<index>\d{4,})_")
+
+
+class CaptureError(Exception):
+    """The camera cannot do what was asked (one line: what and why); the run stops with exit 1."""
+
+
+@dataclass(frozen=True, slots=True)
+class CapturePlan:
+    exposure: float                 # s
+    count: int | None = None        # None: until stopped
+    interval: float = 0.0           # s pause between frames (dither settle, intervalometer)
+    kind: str = "light"             # one of KINDS
+    out: Path = Path(".")           # the watched folder (calibration frames go to a sub-folder of it)
+    binning: int = 1
+    gain: float | None = None       # INDI gain, or ISO for gphoto2
+
+    def __post_init__(self):
+        if self.exposure < 0:
+            raise ValueError(f"exposure {self.exposure:g} s: must be ≥ 0")
+        if self.count is not None and self.count < 1:
+            raise ValueError(f"--count {self.count}: must be ≥ 1 (leave it out to run until stopped)")
+        if self.interval < 0:
+            raise ValueError(f"--interval {self.interval:g} s: must be ≥ 0")
+        if self.kind not in KINDS:
+            raise ValueError(f"--type {self.kind!r}: unknown (known: {', '.join(KINDS)})")
+        if not 1 <= self.binning <= 16:
+            raise ValueError(f"--binning {self.binning}: must be 1..16")
+
+    @property
+    def folder(self) -> Path:
+        return frame_folder(self.out, self.kind)
+
+
+def frame_folder(out: Path, kind: str) -> Path:
+    """Where frames of `kind` go: lights in OUT itself (the watched folder), calibration frames in
+    OUT/bias, OUT/darks, OUT/flats, OUT/darkflats — the layout `livestack masters OUT` reads."""
+    return Path(out) if kind == "light" else Path(out) / CALIB_DIRS[kind]
+
+
+def _slug(text: str) -> str:
+    """A filter or camera name made safe for a file name: 'H-alpha 7nm' -> 'H-alpha7nm'."""
+    return re.sub(r"[^A-Za-z0-9.+-]", "", text)
+
+
+def frame_name(kind: str, index: int, exposure: float, ext: str, *, filter: str | None = None,
+               original: str | None = None) -> str:
+    """'light_0003_60s_L.fits': type, 4-digit (or more) index, exposure, filter; `ext` with its dot.
+
+    Names of one kind sort in capture order as long as index < 10000 per run folder. `original` (a camera's
+    own file name, e.g. 'IMG_0042') is kept at the end: 'light_0003_30s_IMG_0042.CR2'."""
+    parts = [kind, f"{index:04d}", f"{exposure:g}s"]
+    if filter:
+        parts.append(_slug(filter))
+    if original:
+        parts.append(original)
+    return "_".join(parts) + ext
+
+
+def next_index(folder: Path, kind: str) -> int:
+    """The index after the highest existing `kind_NNNN_…` file in `folder` (0 for none), so that a
+    restarted run appends instead of overwriting."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    top = -1
+    for f in folder.iterdir():
+        m = _NAME_RE.match(f.name)
+        if m and m["kind"] == kind:
+            top = max(top, int(m["index"]))
+    return top + 1
+
+
+def atomic_write(path: Path, data: bytes | Callable[[object], None]) -> Path:
+    """Write `data` (bytes, or a function given the open binary file) to a hidden temporary file beside
+    `path`, fsync it, rename it onto `path` and fsync the folder. A reader (or a crash) sees the whole file
+    or nothing; the temporary name starts with '.' so folder watchers ignore it. Returns `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable (a power cut on a Pi is an ordinary event)
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+_TMP_RE = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp$")
+
+
+def clean_stale_temps(folder: Path) -> list[Path]:
+    """Remove temporary files (".NAME.PID.tmp") whose writer is no longer running — what a killed writer
+    leaves behind. Readers never see them (hidden names); this only reclaims the space. Returns them."""
+    removed = []
+    for f in Path(folder).iterdir() if Path(folder).is_dir() else ():
+        m = _TMP_RE.match(f.name)
+        if not m or int(m["pid"]) == os.getpid():
+            continue
+        try:
+            os.kill(int(m["pid"]), 0)
+            continue              # its writer is alive (another driver on the same folder)
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        f.unlink(missing_ok=True)
+        removed.append(f)
+    return removed
+
+
+def sniff_extension(data: bytes, camera_ext: str) -> str:
+    """The extension a file should carry, from its first bytes. The camera's extension is kept when it
+    agrees with the content (a .CR2, .NEF, .ARW is a TIFF inside); when it does not — e.g. DNG bytes served
+    under a .JPG name — the content's own extension is used, so the daemon reads the file as what it is."""
+    ext = camera_ext.lower()
+    head = data[:16]
+    if head[:4] in (b"II*\x00", b"MM\x00*"):
+        tiff_like = {".dng", ".cr2", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".pef", ".tif", ".tiff", ".3fr",
+                     ".erf", ".kdc", ".mos", ".iiq", ".srw", ".raw", ".fff", ".mef"}
+        if ext in tiff_like:
+            return camera_ext
+        return ".cr2" if head[8:10] == b"CR" else ".dng"
+    if head[:4] == b"IIU\x00":
+        return camera_ext if ext in (".rw2", ".raw", ".rwl") else ".rw2"
+    if head[:4] in (b"IIRO", b"IIRS", b"MMOR"):
+        return camera_ext if ext == ".orf" else ".orf"
+    if head[4:12] == b"ftypcrx ":
+        return camera_ext if ext == ".cr3" else ".cr3"
+    if head[:16] == b"FUJIFILMCCD-RAW ":
+        return camera_ext if ext == ".raf" else ".raf"
+    if head[:9] == b"SIMPLE  =":
+        return camera_ext if ext in (".fits", ".fit", ".fts") else ".fits"
+    if head[:3] == b"\xff\xd8\xff":
+        return camera_ext if ext in (".jpg", ".jpeg") else ".jpg"
+    return camera_ext
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Waits between retries: first, first·factor, … capped at `cap`; give up once `give_up` seconds have
+    passed since the first failure (None: never)."""
+    first: float = 1.0
+    factor: float = 2.0
+    cap: float = 30.0
+    give_up: float | None = 600.0
+
+    def delays(self) -> Iterator[float]:
+        d = self.first
+        while True:
+            yield d
+            d = min(d * self.factor, self.cap)
+
+
+def retry(fn: Callable[[], object], *, what: str, backoff: Backoff, retry_on: tuple[type[BaseException], ...],
+          stop: "Stop | None" = None, sleep: Callable[[float], None] = time.sleep,
+          clock: Callable[[], float] = time.monotonic):
+    """Call fn() until it returns; on an exception in `retry_on` log one line (what failed, why, when the
+    next try is) and wait per `backoff`. Raises the last error once backoff.give_up seconds have passed, and
+    StopRequested if `stop` is requested while waiting."""
+    start = None
+    delays = backoff.delays()
+    while True:
+        try:
+            return fn()
+        except retry_on as err:
+            now = clock()
+            start = now if start is None else start
+            delay = next(delays)
+            if backoff.give_up is not None and now - start + delay > backoff.give_up:
+                log.error("%s: %s; giving up after %.0f s", what, _reason(err), now - start)
+                raise
+            log.warning("%s: %s; retrying in %.0f s", what, _reason(err), delay)
+            if stop is not None:
+                if stop.wait(delay):
+                    raise StopRequested(what) from err
+            else:
+                sleep(delay)
+
+
+def _reason(err: BaseException) -> str:
+    """'ConnectionResetError: [Errno 104] …' for Python's own errors (the type says what happened); a
+    driver's own exception (IndiLost, GPhoto2Error) already says it in a sentence."""
+    text = str(err).strip()
+    if type(err).__module__ == "builtins" or not text:
+        return f"{type(err).__name__}: {text}" if text else type(err).__name__
+    return text
+
+
+class StopRequested(Exception):
+    """Raised out of a wait when a stop was requested (the frame in hand has been written already)."""
+
+
+class Stop:
+    """A stop request: set by SIGINT/SIGTERM (install_signals, main thread) or by stop() from any thread
+    (the demo). Drivers check `requested` between exposures and wait with wait()."""
+
+    def __init__(self):
+        self._event = threading.Event()
+        self.signals = 0
+
+    @property
+    def requested(self) -> bool:
+        return self._event.is_set()
+
+    def stop(self) -> None:
+        self._event.set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; True at once if a stop is (or becomes) requested."""
+        end = time.monotonic() + max(0.0, seconds)
+        while not self._event.is_set():
+            left = end - time.monotonic()
+            if left <= 0:
+                return False
+            self._event.wait(min(left, 0.1))  # short slices: a signal handler's set() is seen promptly
+        return True
+
+    def install_signals(self) -> None:
+        """SIGINT/SIGTERM: the first finishes the current exposure and stops; a second aborts at once."""
+        def handler(signum, frame):
+            self.signals += 1
+            if self.signals > 1:
+                raise KeyboardInterrupt
+            log.warning("%s: finishing the current exposure, then stopping (again to abort)",
+                        signal.Signals(signum).name)
+            self._event.set()
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def run_plan(plan: CapturePlan, take: Callable[[int], Path], stop: Stop, *,
+             on_frame: Callable[[Path], None] | None = None) -> list[Path]:
+    """The capture loop: take(index) -> written path, plan.count times (or until stopped), pausing
+    plan.interval between frames. Numbering continues after existing files of the same kind."""
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    for f in clean_stale_temps(plan.folder):
+        log.info("removed %s, left by a writer that was killed", f.name)
+    first = next_index(plan.folder, plan.kind)
+    written: list[Path] = []
+    n = 0
+    while (plan.count is None or n < plan.count) and not stop.requested:
+        if n and plan.interval and stop.wait(plan.interval):
+            break
+        try:
+            path = take(first + n)
+        except StopRequested:
+            break
+        written.append(path)
+        n += 1
+        total = f"/{plan.count}" if plan.count else ""
+        log.info("wrote %s (%d%s)", path, n, total)
+        if on_frame is not None:
+            on_frame(path)
+    return written
+
+
+# ---------------------------------------------------------------- command line
+
+def add_plan_arguments(p: argparse.ArgumentParser, *, gain_help: str, gain_flags=("--gain",)) -> None:
+    """The arguments every driver takes (exposure, count, interval, gain/ISO, binning, type, out)."""
+    p.add_argument("exposure", type=float, help="exposure time, s")
+    p.add_argument("-n", "--count", type=int, help="number of frames (default: until Ctrl-C / SIGTERM)")
+    p.add_argument("--interval", type=float, default=0.0,
+                   help="pause between frames, s (dither settle, intervalometer); default 0")
+    p.add_argument(*gain_flags, dest="gain", type=float, help=gain_help)
+    p.add_argument("--binning", type=int, default=1, help="binning N×N (default 1)")
+    p.add_argument("--type", dest="kind", choices=KINDS, default="light",
+                   help="frame type; calibration frames go to OUT/bias, darks, flats, darkflats")
+    p.add_argument("-o", "--out", required=True, help="output folder (the daemon's watched folder)")
+    p.add_argument("--retry-for", type=float, default=600.0,
+                   help="keep retrying a lost camera/server this long, s (default 600)")
+
+
+def plan_from_args(args) -> CapturePlan:
+    return CapturePlan(exposure=args.exposure, count=args.count, interval=args.interval, kind=args.kind,
+                       out=Path(args.out).expanduser(), binning=args.binning, gain=args.gain)
+
+
+def setup_logging(quiet: bool = False) -> None:
+    """Stand-alone runs: one line per event on stderr. Inside `livestack`, its root handler is used and
+    only our logger's level is raised, so frames are reported without -v."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)

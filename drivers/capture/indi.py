@@ -1,0 +1,633 @@
+"""Capture from an INDI server (ZWO, QHY, Atik, … cameras, filter wheels) into the watched folder.
+
+    python -m drivers.capture.indi 60 --count 30 --gain 120 --temperature -10 --filter-slot 1 -o ~/lights
+
+The client speaks the INDI XML protocol over TCP with the standard library: no dependency to build on a Pi,
+and the few messages a capture needs (getProperties, new*Vector, enableBLOB, set*Vector/def*Vector in) are
+simple. A frame arrives as a base64 BLOB (".fits", or ".fits.z" when the driver compresses with zlib); the
+FITS header is completed with what we know and the file written atomically before the next exposure starts,
+so a frame once downloaded is never lost. When the server goes away the driver logs one line, reconnects
+with back-off, sets the camera up again and repeats the exposure it did not receive.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import logging
+import select
+import socket
+import sys
+import time
+import xml.etree.ElementTree as ET
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from .common import (IMAGETYP, Backoff, CaptureError, CapturePlan, Stop, add_plan_arguments, atomic_write,
+                     frame_name, plan_from_args, retry, run_plan, setup_logging)
+
+log = logging.getLogger("drivers.capture.indi")
+
+CCD_INTERFACE, FILTER_INTERFACE = 1 << 1, 1 << 4   # bits of DRIVER_INFO.DRIVER_INTERFACE
+FRAME_TYPE = {"light": "FRAME_LIGHT", "bias": "FRAME_BIAS", "dark": "FRAME_DARK", "flat": "FRAME_FLAT",
+              "darkflat": "FRAME_DARK"}
+
+
+class IndiLost(ConnectionError):
+    """The server closed the connection, or sent something that is not INDI XML."""
+
+
+@dataclass
+class Vector:
+    """One INDI property as last defined/set by the server. values: element name -> float (Number),
+    bool (Switch), str (Text, Light); BLOBs are not kept here (see IndiClient.blobs)."""
+    device: str
+    name: str
+    kind: str                      # Number | Switch | Text | Light | BLOB
+    state: str = "Idle"            # Idle | Ok | Busy | Alert
+    perm: str = "ro"
+    values: dict = field(default_factory=dict)
+    labels: dict = field(default_factory=dict)
+    limits: dict = field(default_factory=dict)   # Number element -> (min, max)
+
+
+@dataclass(frozen=True, slots=True)
+class Blob:
+    device: str
+    name: str
+    element: str
+    format: str                    # ".fits", ".fits.z", …
+    data: bytes
+
+
+def _number(text: str) -> float:
+    """INDI numbers may be sexagesimal ('-10:30:00')."""
+    text = text.strip()
+    if ":" in text:
+        parts = [float(p) for p in text.split(":")]
+        sign = -1.0 if text.startswith("-") else 1.0
+        return sign * sum(abs(p) / 60 ** i for i, p in enumerate(parts))
+    return float(text)
+
+
+class IndiClient:
+    """A minimal INDI client over one TCP connection, single-threaded: every wait reads the socket.
+
+    Raises IndiLost (a ConnectionError) when the server goes away, TimeoutError when a wait runs out."""
+
+    def __init__(self, host: str, port: int, *, timeout: float = 10.0):
+        self.host, self.port, self.timeout = host, port, timeout
+        self.props: dict[tuple[str, str], Vector] = {}
+        self.blobs: list[Blob] = []
+        self.messages: list[str] = []
+        self._sock: socket.socket | None = None
+        self._parser: ET.XMLPullParser | None = None
+        self._root = None
+        self._depth = 0
+
+    @property
+    def where(self) -> str:
+        return f"INDI {self.host}:{self.port}"
+
+    def connect(self) -> None:
+        self.close()
+        self._sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self._parser = ET.XMLPullParser(events=("start", "end"))
+        self._parser.feed(b"<indi>")   # the stream is a sequence of top-level elements: give them a root
+        self._depth = 0
+        self.props.clear()
+        self.blobs.clear()
+        self.send('<getProperties version="1.7"/>')
+
+    def close(self) -> None:
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+        self._sock = None
+
+    # ------------------------------------------------------------ sending
+
+    def send(self, xml: str) -> None:
+        if self._sock is None:
+            raise IndiLost("not connected")
+        try:
+            self._sock.sendall(xml.encode())
+        except OSError as err:
+            raise IndiLost(f"connection lost ({err.strerror or err})") from err
+
+    def set_values(self, device: str, name: str, values: dict) -> None:
+        """Send new values for some elements of a known property (kind taken from its definition)."""
+        vec = self.props.get((device, name))
+        if vec is None:
+            raise KeyError(f"{device}.{name}")
+        kind = vec.kind
+        parts = []
+        for el, v in values.items():
+            if kind == "Switch":
+                v = "On" if v else "Off"
+            parts.append(f'<one{kind} name="{_esc(el)}">{_esc(str(v))}</one{kind}>')
+        vec.state = "Busy"   # until the server answers with set*Vector; waits check for Ok/Alert
+        self.send(f'<new{kind}Vector device="{_esc(device)}" name="{_esc(name)}">{"".join(parts)}'
+                  f'</new{kind}Vector>')
+
+    def enable_blobs(self, device: str, mode: str = "Also") -> None:
+        self.send(f'<enableBLOB device="{_esc(device)}">{mode}</enableBLOB>')
+
+    # ------------------------------------------------------------ receiving
+
+    def pump(self, timeout: float) -> None:
+        """Read and apply whatever arrives within `timeout` s (at least one recv if data is waiting)."""
+        if self._sock is None:
+            raise IndiLost("not connected")
+        try:
+            ready, _, _ = select.select([self._sock], [], [], max(0.0, timeout))
+            if not ready:
+                return
+            data = self._sock.recv(1 << 20)
+        except OSError as err:
+            raise IndiLost(f"connection lost ({err.strerror or err})") from err
+        if not data:
+            raise IndiLost("the server closed the connection")
+        try:
+            self._parser.feed(data)
+            for event, elem in self._parser.read_events():
+                if event == "start":
+                    self._depth += 1
+                    if self._depth == 1:
+                        self._root = elem          # the synthetic <indi> root
+                    continue
+                self._depth -= 1
+                if self._depth == 1:               # a complete top-level INDI message
+                    self._handle(elem)
+                    # drop it from the root, or a night's stream would pile up in memory
+                    self._root.remove(elem)
+        except ET.ParseError as err:
+            raise IndiLost(f"not INDI XML ({err})") from err
+
+    def wait(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        """Read until done() is true; TimeoutError naming `what` after `timeout` s."""
+        end = time.monotonic() + timeout
+        while not done():
+            left = end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
+            self.pump(min(left, 0.5))
+
+    def _handle(self, elem) -> None:
+        tag = elem.tag
+        device, name = elem.get("device", ""), elem.get("name", "")
+        if tag.startswith("def") and tag.endswith("Vector"):
+            kind = tag[3:-6]
+            vec = Vector(device, name, kind, elem.get("state", "Idle"), elem.get("perm", "ro"))
+            for child in elem:
+                el = child.get("name", "")
+                vec.labels[el] = child.get("label", el)
+                if kind == "Number":
+                    vec.limits[el] = (_number(child.get("min", "0")), _number(child.get("max", "0")))
+                if kind != "BLOB":
+                    vec.values[el] = self._value(kind, child.text or "")
+            self.props[(device, name)] = vec
+        elif tag.startswith("set") and tag.endswith("Vector"):
+            kind = tag[3:-6]
+            vec = self.props.get((device, name))
+            if vec is None:  # a set before its def: keep it anyway
+                vec = self.props[(device, name)] = Vector(device, name, kind)
+            vec.state = elem.get("state", vec.state)
+            for child in elem:
+                el = child.get("name", "")
+                if kind == "BLOB":
+                    size = int(float(child.get("size", "0") or 0))
+                    if size > 0 and child.text:
+                        self.blobs.append(Blob(device, name, el, child.get("format", ""),
+                                               base64.b64decode(child.text)))
+                else:
+                    vec.values[el] = self._value(kind, child.text or "")
+        elif tag == "delProperty":
+            if name:
+                self.props.pop((device, name), None)
+            else:
+                for key in [k for k in self.props if k[0] == device]:
+                    del self.props[key]
+        if elem.get("message"):
+            text = f"{device}: {elem.get('message')}" if device else elem.get("message")
+            self.messages.append(text)
+            log.debug("%s says: %s", self.where, text)
+
+    @staticmethod
+    def _value(kind: str, text: str):
+        text = text.strip()
+        if kind == "Number":
+            return _number(text)
+        if kind == "Switch":
+            return text == "On"
+        return text
+
+    # ------------------------------------------------------------ queries
+
+    def get(self, device: str, name: str) -> Vector | None:
+        return self.props.get((device, name))
+
+    def devices(self) -> list[str]:
+        return list(dict.fromkeys(d for d, _ in self.props))
+
+
+def _esc(text: str) -> str:
+    return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;"))
+
+
+# ---------------------------------------------------------------- FITS header cards, without a FITS library
+
+def _card(key: str, value, comment: str = "") -> bytes:
+    if isinstance(value, bool):
+        v = f"{'T' if value else 'F':>20}"
+    elif isinstance(value, int):
+        v = f"{value:>20d}"
+    elif isinstance(value, float):
+        v = f"{value:>20.10G}"
+    else:
+        s = str(value).replace("'", "''")
+        v = f"'{s:<8}'"
+    text = f"{key:<8}= {v}"
+    if comment:
+        text += f" / {comment}"
+    return text[:80].ljust(80).encode("ascii", "replace")
+
+
+def fits_header_update(data: bytes, set_cards: dict, add_cards: dict) -> bytes:
+    """Return the FITS file `data` with its primary header changed: cards in `set_cards` replaced or added,
+    cards in `add_cards` added only if the header lacks them. Each value is `value` or (value, comment).
+    The data unit is kept byte for byte. Raises ValueError if `data` is not a FITS file."""
+    if not data.startswith(b"SIMPLE  ="):
+        raise ValueError("not a FITS file (no SIMPLE card)")
+    cards, pos = [], 0
+    while True:
+        if pos + 80 > len(data):
+            raise ValueError("FITS header has no END card")
+        card = data[pos:pos + 80]
+        pos += 80
+        if card[:8] == b"END     ":
+            break
+        cards.append(card)
+    header_len = -(-pos // 2880) * 2880
+    keys = [c[:8].decode("ascii", "replace").strip() for c in cards]
+    for key, val in {**{k: v for k, v in add_cards.items() if k not in keys}, **set_cards}.items():
+        value, comment = val if isinstance(val, tuple) else (val, "")
+        new = _card(key, value, comment)
+        if key in keys:
+            cards[keys.index(key)] = new
+        else:
+            cards.append(new)
+            keys.append(key)
+    head = b"".join(cards) + b"END".ljust(80)
+    head += b" " * (-len(head) % 2880)
+    return head + data[header_len:]
+
+
+# ---------------------------------------------------------------- the camera
+
+@dataclass(frozen=True, slots=True)
+class IndiOptions:
+    host: str = "localhost"
+    port: int = 7624
+    device: str | None = None           # None: the first device with CCD_EXPOSURE / the CCD interface
+    filter_slot: int | None = None
+    temperature: float | None = None    # °C cooler set point; None: leave the cooler alone
+    temp_timeout: float = 600.0         # s to wait for the set point (±0.5 °C) before capturing anyway
+    download_timeout: float = 60.0      # s beyond the exposure for the frame to arrive
+
+
+class IndiCamera:
+    """Set up one INDI CCD per connection and take frames; see capture()."""
+
+    def __init__(self, opts: IndiOptions, plan: CapturePlan, stop: Stop):
+        self.opts, self.plan, self.stop = opts, plan, stop
+        self.client: IndiClient | None = None
+        self.device = ""
+        self.filter_name: str | None = None
+        self.gain: float | None = None
+
+    # ------------------------------------------------------------ set-up
+
+    def open(self) -> None:
+        c = IndiClient(self.opts.host, self.opts.port)
+        c.connect()
+        self.client = c
+        self.device = self._find_ccd(c)
+        dev = self.device
+        c.enable_blobs(dev)
+        if not c.get(dev, "CONNECTION").values.get("CONNECT"):
+            log.info("connecting %s", dev)
+            c.set_values(dev, "CONNECTION", {"CONNECT": True})
+        c.wait(lambda: c.get(dev, "CCD_EXPOSURE") is not None, 30, f"{dev} to connect (CCD_EXPOSURE)")
+        c.pump(0.3)  # the rest of the properties follow CCD_EXPOSURE in the same burst
+        self._switch(dev, "UPLOAD_MODE", "UPLOAD_CLIENT")
+        self._switch(dev, "CCD_TRANSFER_FORMAT", "FORMAT_FITS")
+        self._binning()
+        self._gain()
+        self._filter()
+        self._switch(dev, "CCD_FRAME_TYPE", FRAME_TYPE[self.plan.kind])
+        self._cool()
+        log.info("%s: %s ready", c.where, dev)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = None
+
+    def _find_ccd(self, c: IndiClient) -> str:
+        want = self.opts.device
+
+        def is_ccd(dev: str) -> bool:
+            if c.get(dev, "CONNECTION") is None:
+                return False
+            if c.get(dev, "CCD_EXPOSURE") is not None:
+                return True
+            info = c.get(dev, "DRIVER_INFO")
+            try:
+                return bool(int(float(info.values.get("DRIVER_INTERFACE", "0"))) & CCD_INTERFACE)
+            except (AttributeError, ValueError):
+                return False
+
+        def found() -> bool:
+            return (c.get(want, "CONNECTION") is not None) if want else any(map(is_ccd, c.devices()))
+
+        # Wait for the definitions; give up early once the server has been quiet for 2 s with devices
+        # defined but not ours (a wrong --device should fail in seconds, a slow driver start still work).
+        end = time.monotonic() + 15
+        seen, quiet_since = -1, time.monotonic()
+        while not found():
+            now = time.monotonic()
+            if len(c.props) != seen:
+                seen, quiet_since = len(c.props), now
+            if now > end or (c.devices() and now - quiet_since > 2.0):
+                break
+            c.pump(0.2)
+        if not found():
+            if c.devices():
+                raise CaptureError(f"{c.where}: no {'device ' + repr(want) if want else 'CCD device'} "
+                                   f"(devices: {', '.join(c.devices())})")
+            raise TimeoutError("no devices defined in 15 s")
+        return want or next(d for d in c.devices() if is_ccd(d))
+
+    def _switch(self, dev: str, name: str, element: str, *, wait: bool = True) -> bool:
+        c = self.client
+        vec = c.get(dev, name)
+        if vec is None or element not in vec.values:
+            return False
+        if not vec.values[element]:
+            c.set_values(dev, name, {element: True})
+            if wait:
+                self._settle(dev, name)
+        return True
+
+    def _set_numbers(self, dev: str, name: str, values: dict, what: str) -> None:
+        self.client.set_values(dev, name, values)
+        self._settle(dev, name, what=what)
+
+    def _settle(self, dev: str, name: str, *, what: str | None = None, timeout: float = 30.0) -> None:
+        """Wait for the server's answer to a new*Vector (state Ok or Idle); CaptureError on Alert."""
+        c = self.client
+        c.wait(lambda: c.get(dev, name) is None or c.get(dev, name).state != "Busy", timeout,
+               f"{dev}.{name}")
+        vec = c.get(dev, name)
+        if vec is not None and vec.state == "Alert":
+            last = c.messages[-1] if c.messages else "no message"
+            raise CaptureError(f"{dev}: {what or name} refused ({last})")
+
+    def _binning(self) -> None:
+        dev, b = self.device, self.plan.binning
+        vec = self.client.get(dev, "CCD_BINNING")
+        if vec is None:
+            if b != 1:
+                raise CaptureError(f"{dev}: no CCD_BINNING property; cannot bin {b}×{b}")
+            return
+        hi = vec.limits.get("HOR_BIN", (1, b))[1]
+        if b > hi:
+            raise CaptureError(f"{dev}: --binning {b}: the camera bins up to {hi:g}×{hi:g}")
+        if vec.values.get("HOR_BIN") != b or vec.values.get("VER_BIN") != b:
+            self._set_numbers(dev, "CCD_BINNING", {"HOR_BIN": b, "VER_BIN": b}, f"binning {b}×{b}")
+
+    def _gain(self) -> None:
+        """CCD_GAIN.GAIN (INDI standard) or the 'Gain' element of CCD_CONTROLS (ZWO, some QHY drivers)."""
+        c, dev, want = self.client, self.device, self.plan.gain
+        target = None
+        vec = c.get(dev, "CCD_GAIN")
+        if vec is not None and "GAIN" in vec.values:
+            target = ("CCD_GAIN", "GAIN")
+        else:
+            vec = c.get(dev, "CCD_CONTROLS")
+            el = next((e for e in (vec.values if vec else {}) if e.lower() == "gain"), None)
+            if el is not None:
+                target = ("CCD_CONTROLS", el)
+        if target is None:
+            if want is not None:
+                log.warning("%s has no gain control (CCD_GAIN, CCD_CONTROLS Gain); ignoring --gain %g",
+                            dev, want)
+            self.gain = None
+            return
+        if want is not None and c.get(dev, target[0]).values[target[1]] != want:
+            self._set_numbers(dev, target[0], {target[1]: want}, f"gain {want:g}")
+        self.gain = c.get(dev, target[0]).values[target[1]]
+
+    def _filter(self) -> None:
+        """FILTER_SLOT on the CCD itself (built-in wheels) or on a filter wheel device (connected if needed);
+        the name from its FILTER_NAME. Only with --filter-slot: without it the filter is not recorded."""
+        c, slot = self.client, self.opts.filter_slot
+        self.filter_name = None
+        if slot is None:
+            return
+        wheel = next((d for d in [self.device] + c.devices() if c.get(d, "FILTER_SLOT") is not None), None)
+        if wheel is None:
+            for d in c.devices():
+                info = c.get(d, "DRIVER_INFO")
+                try:
+                    is_wheel = int(float(info.values.get("DRIVER_INTERFACE", "0"))) & FILTER_INTERFACE
+                except (AttributeError, ValueError):
+                    is_wheel = False
+                if is_wheel and d != self.device and c.get(d, "CONNECTION") is not None:
+                    log.info("connecting filter wheel %s", d)
+                    c.set_values(d, "CONNECTION", {"CONNECT": True})
+                    c.wait(lambda: c.get(d, "FILTER_SLOT") is not None, 30, f"{d} to connect (FILTER_SLOT)")
+                    wheel = d
+                    break
+        if wheel is None:
+            raise CaptureError(f"--filter-slot {slot}: no filter wheel on {c.where} "
+                               f"(no FILTER_SLOT on {', '.join(c.devices())})")
+        lo, hi = c.get(wheel, "FILTER_SLOT").limits.get("FILTER_SLOT_VALUE", (1, slot))
+        if not lo <= slot <= hi:
+            raise CaptureError(f"--filter-slot {slot}: {wheel} has slots {lo:g}..{hi:g}")
+        if c.get(wheel, "FILTER_SLOT").values.get("FILTER_SLOT_VALUE") != slot:
+            log.info("%s: moving to slot %d", wheel, slot)
+            self._set_numbers(wheel, "FILTER_SLOT", {"FILTER_SLOT_VALUE": slot}, f"filter slot {slot}")
+        names = c.get(wheel, "FILTER_NAME")
+        self.filter_name = (names.values.get(f"FILTER_SLOT_NAME_{slot}") if names else None) or f"slot{slot}"
+
+    def _cool(self) -> None:
+        c, dev, target = self.client, self.device, self.opts.temperature
+        if target is None:
+            return
+        vec = c.get(dev, "CCD_TEMPERATURE")
+        if vec is None:
+            log.warning("%s has no cooler (CCD_TEMPERATURE); ignoring --temperature %g", dev, target)
+            return
+        self._switch(dev, "CCD_COOLER", "COOLER_ON", wait=False)
+        c.set_values(dev, "CCD_TEMPERATURE", {"CCD_TEMPERATURE_VALUE": target})
+        t0 = time.monotonic()
+        temp = lambda: c.get(dev, "CCD_TEMPERATURE").values.get("CCD_TEMPERATURE_VALUE")  # noqa: E731
+        log.info("%s: cooling to %g °C (now %.1f °C, waiting up to %g s)", dev, target, temp(),
+                 self.opts.temp_timeout)
+        try:
+            c.wait(lambda: abs(temp() - target) <= 0.5 or self.stop.requested, self.opts.temp_timeout,
+                   f"{dev} to reach {target:g} °C")
+        except TimeoutError:
+            # darks at a slightly warmer temperature are still useful, and the header says what it was
+            log.warning("%s: cooler did not reach %g °C in %g s (at %.1f °C); capturing anyway",
+                        dev, target, self.opts.temp_timeout, temp())
+            return
+        log.info("%s: at %.1f °C after %.0f s", dev, temp(), time.monotonic() - t0)
+
+    # ------------------------------------------------------------ exposures
+
+    def take(self, index: int) -> Path:
+        """Expose, receive and write frame `index` (reconnecting first if needed). Returns the path."""
+        if self.client is None:
+            self.open()
+        try:
+            return self._expose(index)
+        except (OSError, TimeoutError):
+            self.close()  # the next try starts from a fresh connection and a fresh set-up
+            raise
+
+    def _expose(self, index: int) -> Path:
+        c, dev, t = self.client, self.device, self.plan.exposure
+        c.blobs.clear()
+        temp_vec = c.get(dev, "CCD_TEMPERATURE")
+        ccd_temp = temp_vec.values.get("CCD_TEMPERATURE_VALUE") if temp_vec else None
+        start = datetime.now(timezone.utc)
+        c.set_values(dev, "CCD_EXPOSURE", {"CCD_EXPOSURE_VALUE": t})
+        exp = c.get(dev, "CCD_EXPOSURE")
+
+        def arrived() -> bool:
+            if exp.state == "Alert":
+                last = c.messages[-1] if c.messages else "no message"
+                raise TimeoutError(f"{dev}: exposure failed ({last})")
+            return any(b.device == dev for b in c.blobs)
+
+        c.wait(arrived, t + self.opts.download_timeout, f"frame {index} from {dev}")
+        blob = next(b for b in c.blobs if b.device == dev)
+        c.blobs.clear()
+        return self._write(index, blob, start, ccd_temp)
+
+    def _write(self, index: int, blob: Blob, start: datetime, ccd_temp: float | None) -> Path:
+        data, fmt = blob.data, blob.format.lower() or ".fits"
+        if fmt.endswith(".z"):
+            data, fmt = zlib.decompress(data), fmt[:-2]
+        ext = fmt if fmt.startswith(".") else "." + fmt
+        if ext in (".fits", ".fit", ".fts"):
+            data = self._enrich(data, start, ccd_temp)
+            ext = ".fits"
+        else:
+            log.warning("%s sent %s, not FITS: written as is, without our header keys", self.device, ext)
+        path = self.plan.folder / frame_name(self.plan.kind, index, self.plan.exposure, ext,
+                                             filter=self.filter_name)
+        return atomic_write(path, data)
+
+    def _enrich(self, data: bytes, start: datetime, ccd_temp: float | None) -> bytes:
+        """What we asked for replaces the device's cards (IMAGETYP, EXPTIME, GAIN, FILTER); what the camera
+        measures is added only when missing (DATE-OBS, CCD-TEMP, INSTRUME, BAYERPAT)."""
+        c, dev, plan = self.client, self.device, self.plan
+        put: dict = {"IMAGETYP": IMAGETYP[plan.kind], "EXPTIME": (float(plan.exposure), "[s] exposure time")}
+        if self.gain is not None:
+            put["GAIN"] = (float(self.gain), "camera gain setting")
+        if self.filter_name:
+            put["FILTER"] = self.filter_name
+        add: dict = {"DATE-OBS": (start.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3], "UTC start of exposure"),
+                     "INSTRUME": dev, "XBINNING": plan.binning, "YBINNING": plan.binning}
+        if ccd_temp is not None:
+            add["CCD-TEMP"] = (float(ccd_temp), "[C] sensor temperature")
+        cfa = c.get(dev, "CCD_CFA")
+        if cfa is not None and str(cfa.values.get("CFA_TYPE", "")).strip():
+            add["BAYERPAT"] = str(cfa.values["CFA_TYPE"]).strip()
+            for key, el in (("XBAYROFF", "CFA_OFFSET_X"), ("YBAYROFF", "CFA_OFFSET_Y")):
+                try:
+                    add[key] = int(float(cfa.values.get(el, 0)))
+                except ValueError:
+                    pass
+        try:
+            return fits_header_update(data, put, add)
+        except ValueError as err:
+            log.warning("%s: frame header not updated (%s); written as received", dev, err)
+            return data
+
+
+def capture(plan: CapturePlan, opts: IndiOptions, stop: Stop | None = None, *, retry_for: float = 600.0,
+            on_frame=None) -> list[Path]:
+    """Take plan.count frames (or until stopped) through INDI; returns the written paths in order.
+    Raises CaptureError when the camera cannot do what was asked, or the last connection error once the
+    server has been unreachable for `retry_for` s."""
+    stop = stop or Stop()
+    cam = IndiCamera(opts, plan, stop)
+    backoff = Backoff(first=1.0, cap=30.0, give_up=retry_for)
+    where = f"INDI {opts.host}:{opts.port}"
+
+    def take(index: int) -> Path:
+        return retry(lambda: cam.take(index), what=f"{where} (frame {index})", backoff=backoff,
+                     retry_on=(OSError, TimeoutError), stop=stop)
+    try:
+        return run_plan(plan, take, stop, on_frame=on_frame)
+    finally:
+        cam.close()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_plan_arguments(p, gain_help="camera gain (CCD_GAIN, or the Gain of CCD_CONTROLS)")
+    p.add_argument("--host", default="localhost", help="INDI server (default localhost)")
+    p.add_argument("--port", type=int, default=7624, help="INDI port (default 7624)")
+    p.add_argument("--device", help="CCD device name (default: the first camera the server has)")
+    p.add_argument("--filter-slot", type=int, help="filter wheel slot (1-based); records FILTER")
+    p.add_argument("--temperature", type=float, help="cooler set point, °C; waits until within 0.5 °C")
+    p.add_argument("--temp-timeout", type=float, default=600.0,
+                   help="longest wait for the set point, s (then captures anyway; default 600)")
+    p.add_argument("--download-timeout", type=float, default=60.0,
+                   help="time allowed beyond the exposure for the frame to arrive, s (default 60)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def run(args) -> int:
+    """Run from parsed arguments; 0 ok (count done or stopped), 1 failed, 2 usage."""
+    setup_logging(getattr(args, "quiet", False))
+    try:
+        plan = plan_from_args(args)
+    except ValueError as err:
+        print(f"capture indi: {err}", file=sys.stderr)
+        return 2
+    opts = IndiOptions(host=args.host, port=args.port, device=args.device, filter_slot=args.filter_slot,
+                       temperature=args.temperature, temp_timeout=args.temp_timeout,
+                       download_timeout=args.download_timeout)
+    stop = Stop()
+    stop.install_signals()
+    try:
+        files = capture(plan, opts, stop, retry_for=args.retry_for)
+    except CaptureError as err:
+        print(f"capture indi: {err}", file=sys.stderr)
+        return 1
+    except (OSError, TimeoutError) as err:
+        print(f"capture indi: gave up: {err}", file=sys.stderr)
+        return 1
+    log.info("%d frame(s) in %s", len(files), plan.folder)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m drivers.capture.indi", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""A capture driver without a camera: frames rendered by drivers.simulator, one at a time, into the folder.
+
+    python -m drivers.capture.sim 60 --interval 3 -o /tmp/watch            # a frame every 3 s until Ctrl-C
+    python -m drivers.capture.sim 60 --count 12 --format dng --rotation-deg 0.05 -o /tmp/watch
+
+The live demo runs this next to the daemon. The simulator does not wait out the exposure: `--interval` sets
+the pace. Frames carry the simulator's truth in their headers (stars, drift, defects) exactly as
+`python -m drivers.simulator` would write them, named and placed like every other driver's frames.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+from drivers.simulator import SimConfig, render_frame, write_dng, write_fits
+
+from .common import (CapturePlan, Stop, add_plan_arguments, frame_name, log, plan_from_args, run_plan,
+                     setup_logging)
+
+
+def sim_config(plan: CapturePlan, base: SimConfig | None = None) -> SimConfig:
+    """`base` (default SimConfig()) with the plan's exposure and gain, starting now (UTC)."""
+    base = base or SimConfig()
+    changes: dict = {"start": datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0).isoformat()}
+    if plan.exposure > 0:
+        changes["exptime"] = plan.exposure
+    if plan.gain is not None:
+        changes["gain_setting"] = int(round(plan.gain))
+    return replace(base, **changes)
+
+
+def capture(plan: CapturePlan, base: SimConfig | None = None, stop: Stop | None = None, *,
+            on_frame=None) -> list[Path]:
+    """Render and write frames of plan.kind, plan.count of them (or until `stop`), plan.interval s apart.
+    The frame index (and so the simulated drift and rotation) continues after files already in the folder.
+    Returns the written paths in order. Usable from a thread: pass a Stop and call stop.stop()."""
+    cfg = sim_config(plan, base)
+    stop = stop or Stop()
+    ext = ".dng" if cfg.fmt == "dng" else ".fits"
+
+    def take(index: int) -> Path:
+        raw, meta = render_frame(cfg, index, kind=plan.kind, exptime=plan.exposure)
+        path = plan.folder / frame_name(plan.kind, index, plan.exposure, ext, filter=cfg.filter_name)
+        (write_dng if cfg.fmt == "dng" else write_fits)(path, raw, meta, cfg)  # atomic: temp + fsync + rename
+        return path
+
+    return run_plan(plan, take, stop, on_frame=on_frame)
+
+
+def _defects(text: str) -> dict[int, str]:
+    out: dict[int, str] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, index = item.partition(":")
+        if not sep or not index.strip().isdigit():
+            raise ValueError(f"--defects {item!r}: expected NAME:FRAME, e.g. cloudy:3")
+        out[int(index)] = name.strip()
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_plan_arguments(p, gain_help="gain written to the header (GAIN)")
+    p.add_argument("--width", type=int, default=800)
+    p.add_argument("--height", type=int, default=600)
+    p.add_argument("--format", choices=("fits", "dng"), default="fits")
+    p.add_argument("--mono", action="store_true", help="mono sensor (FITS, FILTER L) instead of Bayer RGGB")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--rotation-deg", type=float, default=0.0, help="field rotation per frame (alt-az)")
+    p.add_argument("--dither-px", type=float, default=0.0)
+    p.add_argument("--defects", default="", help="NAME:FRAME,… (cloudy, wind, satellite, cosmic)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+
+
+def run(args) -> int:
+    setup_logging(getattr(args, "quiet", False))
+    try:
+        plan = plan_from_args(args)
+        if args.binning != 1:
+            raise ValueError("--binning: the simulator does not bin")
+        base = SimConfig(width=args.width, height=args.height, fmt=args.format, mono=args.mono, seed=args.seed,
+                         rotation_deg=args.rotation_deg, dither_px=args.dither_px,
+                         defects=_defects(args.defects))
+    except ValueError as err:
+        print(f"capture sim: {err}", file=sys.stderr)
+        return 2
+    stop = Stop()
+    stop.install_signals()
+    files = capture(plan, base, stop)
+    log.info("%d frame(s) in %s", len(files), plan.folder)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m drivers.capture.sim", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

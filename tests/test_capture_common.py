@@ -1,0 +1,247 @@
+"""drivers.capture.common and the sim driver: names, folders, atomic writes, retry, stop."""
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from astropy.io import fits
+
+from drivers.capture.common import (CALIB_DIRS, Backoff, CapturePlan, Stop, StopRequested, atomic_write,
+                                    clean_stale_temps, frame_folder, frame_name, next_index, retry,
+                                    sniff_extension)
+from drivers.simulator.write import CALIB_DIRS as SIMULATOR_CALIB_DIRS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          **kw)
+
+
+# ---------------------------------------------------------------- names and folders
+
+def test_names_sort_in_capture_order_and_say_what_they_are():
+    exposures = [60, 0.5, 300, 1e-3, 120]   # an exposure change mid-run must not reorder the files
+    names = [frame_name("light", i, exposures[i % 5], ".fits", filter="L") for i in range(10000)]
+    assert sorted(names) == names   # 10000 frames per folder: 28 h of 10 s frames
+    assert names[3] == "light_0003_0.001s_L.fits" and names[5] == "light_0005_60s_L.fits"
+    assert frame_name("dark", 7, 0.001, ".fits") == "dark_0007_0.001s.fits"
+    assert frame_name("flat", 0, 2.5, ".fits", filter="H-alpha 7nm/2") == "flat_0000_2.5s_H-alpha7nm2.fits"
+    assert frame_name("light", 42, 30, ".CR2", original="IMG_0042") == "light_0042_30s_IMG_0042.CR2"
+
+
+def test_numbering_continues_after_existing_frames(tmp_path):
+    assert next_index(tmp_path / "missing", "light") == 0
+    for name in ("light_0000_60s.fits", "light_0007_30s_L.fits", "dark_0020_60s.fits", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert next_index(tmp_path, "light") == 8
+    assert next_index(tmp_path, "dark") == 21
+    assert next_index(tmp_path, "flat") == 0
+
+
+def test_calibration_folders_are_what_masters_reads(tmp_path):
+    """bias/, darks/, flats/, darkflats/ under OUT (the simulator's --calib layout, which `livestack masters`
+    reads); lights in OUT itself. Checked by capturing each type with the sim driver."""
+    assert CALIB_DIRS == SIMULATOR_CALIB_DIRS
+    assert frame_folder(tmp_path, "light") == tmp_path
+    for kind, exposure in (("bias", "0"), ("dark", "60"), ("flat", "1.5"), ("darkflat", "1.5")):
+        r = run("-m", "drivers.capture.sim", exposure, "--type", kind, "--count", "2", "--width", "64",
+                "--height", "48", "-q", "-o", str(tmp_path))
+        assert r.returncode == 0, r.stderr
+    found = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    assert found == {"bias/bias_0000_0s.fits", "bias/bias_0001_0s.fits",
+                     "darks/dark_0000_60s.fits", "darks/dark_0001_60s.fits",
+                     "flats/flat_0000_1.5s.fits", "flats/flat_0001_1.5s.fits",
+                     "darkflats/darkflat_0000_1.5s.fits", "darkflats/darkflat_0001_1.5s.fits"}
+    h = fits.getheader(tmp_path / "darkflats" / "darkflat_0001_1.5s.fits")
+    assert (h["IMAGETYP"], h["EXPTIME"]) == ("Dark Flat", 1.5)
+
+
+def test_masters_builds_from_a_captured_calibration_run(tmp_path):
+    help_text = run("-m", "livestack.cli", "--help").stdout
+    if " masters" not in help_text:
+        pytest.skip("`livestack masters` is not in this tree yet (livestack/engine/masters_cli.py)")
+    for kind, exposure in (("bias", "0"), ("dark", "60"), ("flat", "1"), ("darkflat", "1")):
+        r = run("-m", "drivers.capture.sim", exposure, "--type", kind, "--count", "3", "--width", "96",
+                "--height", "64", "-q", "-o", str(tmp_path / "calib"))
+        assert r.returncode == 0, r.stderr
+    r = run("-m", "livestack.cli", "masters", str(tmp_path / "calib"), "-o", str(tmp_path / "lib"), "-q")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("4 masters in"), r.stdout   # bias, dark, dark-flat, flat: every folder found
+    assert "skipped" not in r.stdout
+
+
+# ---------------------------------------------------------------- atomic writes
+
+WRITER = """
+import sys, time
+from pathlib import Path
+from drivers.capture.common import atomic_write
+out, size = Path(sys.argv[1]), int(sys.argv[2])
+for i in range(1000):
+    def write(fh, i=i):
+        for k in range(16):  # slowly, so that the kill lands mid-file most of the time
+            fh.write(bytes([i % 251]) * (size // 16))
+            time.sleep(0.002)
+    atomic_write(out / f"light_{i:04d}_1s.fits", write)
+"""
+
+
+def test_a_killed_writer_leaves_only_complete_files(tmp_path):
+    size = 1 << 20
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), str(size)], cwd=ROOT)
+    try:
+        end = time.monotonic() + 20
+        while len(list(tmp_path.glob("light_*"))) < 3 and time.monotonic() < end:
+            time.sleep(0.01)
+        time.sleep(0.017)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    visible = sorted(p for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert len(visible) >= 3
+    for i, p in enumerate(visible):
+        data = p.read_bytes()
+        assert p.name == f"light_{i:04d}_1s.fits"
+        assert len(data) == size and data == bytes([i % 251]) * size, p.name
+    # what the kill left behind is hidden, and the next run clears it
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert all(n.endswith(f".{proc.pid}.tmp") for n in leftovers)
+    assert sorted(p.name for p in clean_stale_temps(tmp_path)) == sorted(leftovers)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_atomic_write_leaves_no_temp_file_on_error(tmp_path):
+    def failing(fh):
+        fh.write(b"half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "a.fits", failing)
+    assert list(tmp_path.iterdir()) == []
+    atomic_write(tmp_path / "b.fits", b"whole")
+    assert [p.name for p in tmp_path.iterdir()] == ["b.fits"]
+
+
+# ---------------------------------------------------------------- retry and stop
+
+class FakeClock:
+    def __init__(self):
+        self.t = 0.0
+        self.slept: list[float] = []
+
+    def sleep(self, s):
+        self.slept.append(s)
+        self.t += s
+
+    def __call__(self):
+        return self.t
+
+
+def test_retry_backs_off_and_logs_one_line_per_failure(caplog):
+    clock, calls = FakeClock(), []
+
+    def flaky():
+        calls.append(clock.t)
+        if len(calls) <= 4:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return "frame"
+    with caplog.at_level(logging.WARNING, logger="drivers.capture"):
+        got = retry(flaky, what="INDI pi:7624 (frame 3)", backoff=Backoff(first=1, factor=2, cap=5),
+                    retry_on=(OSError,), sleep=clock.sleep, clock=clock)
+    assert got == "frame"
+    assert clock.slept == [1, 2, 4, 5]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4
+    assert lines[0] == ("INDI pi:7624 (frame 3): ConnectionResetError: [Errno 104] Connection reset by peer; "
+                        "retrying in 1 s")
+
+
+def test_retry_gives_up_after_the_limit_and_lets_other_errors_through():
+    clock = FakeClock()
+
+    def down():
+        raise ConnectionRefusedError("refused")
+    with pytest.raises(ConnectionRefusedError):
+        retry(down, what="x", backoff=Backoff(first=1, cap=8, give_up=20), retry_on=(OSError,),
+              sleep=clock.sleep, clock=clock)
+    assert clock.slept == [1, 2, 4, 8] and sum(clock.slept) <= 20
+
+    def bug():
+        raise KeyError("not retried")
+    with pytest.raises(KeyError):
+        retry(bug, what="x", backoff=Backoff(), retry_on=(OSError,), sleep=clock.sleep, clock=clock)
+
+
+def test_a_stop_during_back_off_ends_the_wait():
+    stop = Stop()
+    stop.stop()
+    t0 = time.monotonic()
+    with pytest.raises(StopRequested):
+        retry(lambda: (_ for _ in ()).throw(OSError("gone")), what="x", backoff=Backoff(first=30),
+              retry_on=(OSError,), stop=stop)
+    assert time.monotonic() - t0 < 1
+
+
+def test_sigterm_finishes_the_frame_and_exits_cleanly(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "drivers.capture.sim", "30", "--interval", "0.2",
+                             "--width", "320", "--height", "240", "-o", str(tmp_path)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 30
+        while len(list(tmp_path.glob("light_*.fits"))) < 2 and time.monotonic() < end:
+            time.sleep(0.02)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert time.monotonic() - t0 < 3
+    assert "SIGTERM: finishing the current exposure" in err
+    files = sorted(tmp_path.iterdir())
+    assert files and all(not f.name.startswith(".") for f in files)
+    for i, f in enumerate(files):
+        assert f.name == f"light_{i:04d}_30s.fits"
+        assert fits.getdata(f).shape == (240, 320)
+
+
+def test_sim_driver_frames_stack_and_resume_numbering(tmp_path):
+    args = ["-m", "livestack.cli", "capture", "sim", "60", "--count", "3", "--width", "480", "--height", "360",
+            "--format", "dng", "--gain", "200", "-o", str(tmp_path / "in")]
+    assert run(*args).returncode == 0
+    assert run(*args).returncode == 0   # a second run appends 0003..0005 and continues the drift
+    names = sorted(p.name for p in (tmp_path / "in").iterdir())
+    assert names == [f"light_{i:04d}_60s.dng" for i in range(6)]
+    r = run("-m", "livestack.cli", "stack", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-q")
+    assert r.returncode == 0 and r.stdout.startswith("6 stacked, 0 rejected, 0 failed of 6"), r.stdout + r.stderr
+
+
+def test_plan_refuses_nonsense():
+    with pytest.raises(ValueError, match="--count 0"):
+        CapturePlan(exposure=1, count=0)
+    with pytest.raises(ValueError, match="--type"):
+        CapturePlan(exposure=1, kind="science")
+    r = run("-m", "drivers.capture.sim", "1", "--count", "0", "-o", "/nonexistent")
+    assert r.returncode == 2 and "--count 0" in r.stderr
+
+
+@pytest.mark.parametrize("head, camera_ext, want", [
+    (b"II*\x00\x08\x00\x00\x00", ".JPG", ".dng"),          # the virtual camera: DNG under a .JPG name
+    (b"MM\x00*\x00\x00\x00\x08", ".jpg", ".dng"),
+    (b"II*\x00\x10\x00\x00\x00CR\x02\x00", ".CR2", ".CR2"),  # a real raw keeps the camera's extension
+    (b"II*\x00\x10\x00\x00\x00CR\x02\x00", ".JPG", ".cr2"),
+    (b"II*\x00\x08\x00\x00\x00", ".NEF", ".NEF"),
+    (b"\x00\x00\x00\x18ftypcrx \x00\x00", ".CR3", ".CR3"),
+    (b"\xff\xd8\xff\xe1\x00\x10Exif", ".JPG", ".JPG"),
+    (b"SIMPLE  =                    T", ".fit", ".fit"),
+    (b"unknown bytes...", ".ARW", ".ARW"),
+])
+def test_file_type_comes_from_the_bytes(head, camera_ext, want):
+    assert sniff_extension(head + b"\x00" * 64, camera_ext) == want

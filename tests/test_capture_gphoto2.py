@@ -1,0 +1,117 @@
+"""drivers.capture.gphoto through the PyPI gphoto2 wheel's virtual camera (VCAMERADIR): the real PTP
+capture-download path, with simulator DNG frames that the camera serves under .JPG names."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from drivers.capture.gphoto import parse_speed
+from drivers.simulator import SimConfig, render_night
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_gphoto2 = pytest.mark.skipif(importlib.util.find_spec("gphoto2") is None,
+                                   reason="python-gphoto2 not installed (pip install gphoto2)")
+
+
+@pytest.fixture(scope="module")
+def card(tmp_path_factory) -> Path:
+    """A virtual camera's card: simulator DNGs renamed IMG_000k.JPG (it lists only .jpg/.JPG names)."""
+    d = tmp_path_factory.mktemp("vcamera")
+    render_night(d, SimConfig(width=480, height=360, n_frames=3, fmt="dng", seed=5))
+    (d / "truth.json").unlink()
+    for i, f in enumerate(sorted(d.glob("*.dng"))):
+        f.rename(d / f"IMG_{i + 1:04d}.JPG")
+    return d
+
+
+def run(card: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    # a subprocess, so that VCAMERADIR is set before gphoto2 is first imported
+    env = {**os.environ, "VCAMERADIR": str(card)}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@needs_gphoto2
+def test_captured_frames_are_dngs_and_stack(card, tmp_path):
+    out = tmp_path / "lights"
+    n = 4
+    r = run(card, "-m", "livestack.cli", "capture", "gphoto2", "1", "--count", str(n), "--iso", "800",
+            "--delete-from-card", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "camera has no ISO control; ignoring --iso 800" in r.stderr   # the virtual camera has none
+    files = sorted(out.iterdir())
+    assert len(files) == n
+    served = (card / "IMG_0001.JPG").read_bytes()   # the virtual camera serves its first file every time
+    for i, f in enumerate(files):
+        # our prefix, then the camera's own name; the extension from the bytes (TIFF → .dng), not ".JPG"
+        assert f.name.startswith(f"light_{i:04d}_1s_GPH_") and f.suffix == ".dng", f.name
+        assert f.read_bytes() == served
+    stack = tmp_path / "stack"
+    r = subprocess.run([sys.executable, "-m", "livestack.cli", "stack", str(out), "-o", str(stack), "-q"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    records = [json.loads(line) for line in (stack / "frames.jsonl").read_text().splitlines()]
+    assert sorted(x["status"] for x in records) == ["reference"] + ["stacked"] * (n - 1)
+
+
+@needs_gphoto2
+def test_camera_gone_mid_run_is_retried_and_the_count_completed(card, tmp_path):
+    """The virtual camera's card folder vanishes for 2 s (as a camera does on a USB glitch): the driver logs
+    one line per failed try, re-opens the camera and takes the frame it missed."""
+    out, n = tmp_path / "lights", 4
+    away = card.with_name(card.name + "-away")
+    env = {**os.environ, "VCAMERADIR": str(card)}
+    proc = subprocess.Popen([sys.executable, "-m", "drivers.capture.gphoto", "1", "--count", str(n),
+                             "--interval", "1", "-o", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 30
+        while len(list(out.glob("*.dng"))) < 2:
+            assert time.monotonic() < end and proc.poll() is None, "no frames before the glitch"
+            time.sleep(0.02)
+        card.rename(away)
+        time.sleep(2)
+        away.rename(card)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if away.exists():
+            away.rename(card)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert sorted(f.name[:13] for f in out.iterdir()) == [f"light_{i:04d}_1s" for i in range(n)]
+    assert "camera (frame 2): " in err or "camera (frame 3): " in err, err
+    assert "retrying in 1 s" in err
+
+
+@needs_gphoto2
+def test_bulb_refused_by_the_camera_is_one_clear_error(card, tmp_path):
+    """The virtual camera's longest speed is 1 s and its `bulb` switch fails: a 5 s frame stops the run
+    with a sentence (not a retry loop), and nothing is written."""
+    r = run(card, "-m", "drivers.capture.gphoto", "5", "--count", "1", "-o", str(tmp_path))
+    assert r.returncode == 1
+    assert "the camera refused a bulb exposure" in r.stderr and "mode dial" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_gphoto2
+def test_unknown_port_is_a_usage_error(card, tmp_path):
+    r = run(card, "-m", "drivers.capture.gphoto", "1", "--count", "1", "--camera-port", "usb:999,999",
+            "-o", str(tmp_path))
+    assert r.returncode == 1 and "--camera-port usb:999,999" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("1/250", 0.004), ("30", 30.0), ("0.3", 0.3), ("1.0000s", 1.0), ("2\"5", 2.5), ("30s", 30.0),
+    ("bulb", None), ("Bulb", None), ("Time", None), ("0", None),
+])
+def test_shutter_speed_choices_parse(text, seconds):
+    got = parse_speed(text)
+    assert got == seconds if seconds is None else abs(got - seconds) < 1e-9

@@ -1,0 +1,468 @@
+"""masters.py: a calibration library built from simulator frames with a known flat, dark and hot pixels.
+
+The truth: drivers.simulator's camera (true_flat, hot_pixels, render_frame(noise=False) for expected values).
+Gain is 1 e-/ADU and read noise 3 e-, so noise figures below are in ADU = e-.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+import tracemalloc
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from drivers.simulator import SimConfig, hot_pixels, render_calibration, render_frame, render_night, true_flat
+from drivers.simulator.write import write_fits as sim_write_fits
+from livestack.cli import main as cli_main
+from livestack.config import ConfigError, config_from_dict
+from livestack.engine.calibrate import CosmeticParams, calibrate
+from livestack.engine.frame import FrameError
+from livestack.engine.masters import (CalibrationParams, MasterLibrary, Spill, build_library, combine_block,
+                                      combine_spill, kind_from_folder)
+from livestack.engine.masters_cli import calibration_params
+from livestack.engine.read import read_frame
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+SIM = SimConfig(width=320, height=240, seed=3)
+N = 8                      # frames per calibration kind
+DARK_T = 60.0
+NO_COSMETIC = CosmeticParams(enabled=False)
+
+
+def write_sim(path: Path, cfg: SimConfig, raw: np.ndarray, kind: str, exptime: float) -> Path:
+    meta = {"imagetyp": {"light": "Light Frame", "flat": "Flat Field", "dark": "Dark Frame",
+                         "bias": "Bias Frame"}[kind], "exptime": exptime, "time": "2026-11-26T01:00:00"}
+    sim_write_fits(path, np.clip(np.rint(raw), 0, cfg.white).astype(np.uint16), meta, cfg)
+    return path
+
+
+def sim_frame(tmp: Path, cfg: SimConfig, kind: str, exptime: float, *, index: int = 90, noise: bool = False,
+              name: str | None = None):
+    raw, _ = render_frame(cfg, index, kind=kind, exptime=exptime, noise=noise)
+    path = write_sim(tmp / (name or f"{kind}_{index}_{exptime:g}s.fits"), cfg, raw, kind, exptime)
+    return read_frame(path), raw.astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    base = tmp_path_factory.mktemp("calib")
+    render_calibration(base / "calib", SIM, n_bias=N, n_dark=N, n_flat=N, n_darkflat=N, dark_exptime=DARK_T)
+    t0 = time.perf_counter()
+    library = build_library(base / "calib", base / "masters")
+    library.build_seconds = time.perf_counter() - t0
+    return MasterLibrary.load(base / "masters")
+
+
+# ---------------------------------------------------------------- discovery and the library files
+
+@pytest.mark.parametrize("name,kind", [
+    ("bias", "bias"), ("BIAS", "bias"), ("Biases", "bias"), ("offset", "bias"), ("Offsets_ISO800", "bias"),
+    ("zeros", "bias"), ("darks", "dark"), ("Dark_60s", "dark"), ("dark", "dark"), ("flats", "flat"),
+    ("Flat-Ha", "flat"), ("FlatField", "flat"), ("darkflats", "darkflat"), ("dark_flat", "darkflat"),
+    ("DarkFlats 2s", "darkflat"), ("flatdarks", "darkflat"), ("flat_darks", "darkflat"), ("Lights", "light"),
+    ("2026-11-25", None), ("M31", None),
+])
+def test_kind_from_folder_name(name, kind):
+    assert kind_from_folder(name) == kind
+
+
+def test_library_index_and_headers(lib):
+    doc = json.loads((lib.root / "masters.json").read_text())
+    kinds = sorted(m["kind"] for m in doc["masters"])
+    assert kinds == ["bias", "dark", "darkflat", "flat"]
+    assert doc["params"]["method"] == "clipped" and doc["skipped"] == []
+    for m in doc["masters"]:
+        assert m["ncombine"] == N and len(m["sources"]) == N
+        assert (m["width"], m["height"], m["pattern"], m["camera"]) == (320, 240, "RGGB", "SIMCAM 1")
+        with fits.open(lib.root / m["file"]) as hdul:
+            h, data = hdul[0].header, hdul[0].data
+            assert data.dtype == np.dtype(">f4") and data.shape == (240, 320)
+            assert h["NCOMBINE"] == N and h["INSTRUME"] == "SIMCAM 1" and h["BAYERPAT"] == "RGGB"
+            assert h["ISOSPEED"] == 800 and h["GAIN"] == 120 and h["CCD-TEMP"] == -10
+            assert h["IMAGETYP"] == {"bias": "Master Bias", "dark": "Master Dark", "darkflat": "Master Dark Flat",
+                                     "flat": "Master Flat"}[m["kind"]]
+            assert h["NSOURCE"] == N and sum("source:" in str(c) for c in h["HISTORY"]) == N
+            assert h["SOFTWARE"].startswith("livestack")
+    dark = next(m for m in doc["masters"] if m["kind"] == "dark")
+    assert dark["exptime"] == DARK_T and fits.getheader(lib.root / dark["file"])["EXPTIME"] == DARK_T
+    flat = next(m for m in doc["masters"] if m["kind"] == "flat")
+    assert flat["subtracted"].startswith("darkflat_1s")
+    assert not list(lib.root.glob(".scratch*")), "scratch files are removed"
+
+
+def test_bad_pixel_map_has_the_simulator_hot_and_cold_pixels(lib):
+    dark = next(e for e in lib.entries if e.kind == "dark")
+    flat = next(e for e in lib.entries if e.kind == "flat")
+    hot = lib.bad_map(dark.name)
+    truth_hot = hot_pixels(SIM)
+    assert hot[truth_hot[:, 1], truth_hot[:, 0]].all()
+    assert hot.sum() <= len(truth_hot) + 5            # hardly any false alarm in 76 800 pixels
+    cold = lib.bad_map(flat.name)
+    assert 20 <= cold.sum() <= 25                     # the simulator's 20 cold pixels (20 % response)
+
+
+# ---------------------------------------------------------------- the flat
+
+def _residual(cal: np.ndarray, bad: np.ndarray) -> tuple[float, float]:
+    """(rms, max of 8×8-block means) of cal / its mean per CFA colour - 1, bad pixels left out."""
+    rms, block = [], []
+    for i in range(2):
+        for j in range(2):
+            p, b = cal[i::2, j::2].astype(np.float64), bad[i::2, j::2]
+            r = p / p[~b].mean() - 1
+            r[b] = 0
+            rms.append(np.sqrt(np.mean(r[~b] ** 2)))
+            h, w = (r.shape[0] // 8) * 8, (r.shape[1] // 8) * 8
+            block.append(np.abs(r[:h, :w].reshape(h // 8, 8, w // 8, 8).mean(axis=(1, 3))).max())
+    return max(rms), max(block)
+
+
+def test_flat_field_residual_below_one_percent(lib, tmp_path):
+    # A flat-field-only light: the uniform panel through the optics, expected values (no noise), 1 s.
+    frame, raw = sim_frame(tmp_path, SIM, "flat", 1.0)
+    m = lib.select(frame)
+    assert m.flat is not None and m.names["flat"].startswith("flat_")
+    cal, info = calibrate(frame, m, NO_COSMETIC)
+    assert cal.dtype == np.float32 and np.array_equal(frame.data, raw.astype(np.float32))  # input unchanged
+    assert info["dark_scaled"] == pytest.approx(1 / 60, rel=1e-5) and info["flat"] == m.names["flat"]
+    rms_raw, block_raw = _residual(raw - SIM.bias, m.bad)
+    rms, block = _residual(cal, m.bad)
+    print(f"flat residual: rms {100 * rms:.2f} %, worst 8×8 block {100 * block:.2f} % "
+          f"(uncalibrated: {100 * rms_raw:.1f} %, {100 * block_raw:.1f} %)")
+    assert block_raw > 0.15                           # vignetting and dust were there …
+    assert rms < 0.01 and block < 0.01                # … and are gone
+    # the four colours come out at the same level: the panel is grey
+    levels = [cal[i::2, j::2][~m.bad[i::2, j::2]].mean() for i in range(2) for j in range(2)]
+    assert max(levels) / min(levels) - 1 < 0.002
+
+
+def test_master_flat_matches_the_true_flat(lib):
+    flat = lib.array(next(e.name for e in lib.entries if e.kind == "flat"))
+    truth = true_flat(SIM)
+    bad = lib.bad_map(next(e.name for e in lib.entries if e.kind == "flat"))
+    for i in range(2):
+        for j in range(2):
+            f, t, b = flat[i::2, j::2], truth[i::2, j::2], bad[i::2, j::2]
+            assert f[~b].mean() == pytest.approx(1.0, abs=1e-5)
+            r = f[~b] / (t[~b] / t[~b].mean()) - 1
+            # photon noise of 8 flats at ~6 300 e-: 1.26 % / sqrt(8) = 0.45 % per pixel
+            assert np.sqrt(np.mean(r ** 2)) < 0.006
+
+
+def test_per_colour_normalisation_keeps_a_grey_card_grey(tmp_path):
+    """Flats of a coloured panel (R 0.5 : G 1 : B 1.6): normalising each CFA colour on its own removes the
+    panel's colour; a grey light through the same optics must stay grey."""
+    cfg = dataclasses.replace(SIM, seed=11)
+    truth = true_flat(cfg).astype(np.float64)
+    colour = np.tile(np.array([[0.5, 1.0], [1.0, 1.6]]), (cfg.height // 2, cfg.width // 2))
+    rng = np.random.default_rng(5)
+    calib = tmp_path / "calib"
+    (calib / "flats").mkdir(parents=True)
+    (calib / "bias").mkdir()
+    for k in range(6):
+        e = 5000 * colour * truth
+        write_sim(calib / "flats" / f"flat_{k}.fits", cfg, rng.poisson(e) + cfg.bias + rng.normal(0, 3, e.shape),
+                  "flat", 1.0)
+        write_sim(calib / "bias" / f"bias_{k}.fits", cfg, cfg.bias + rng.normal(0, 3, e.shape), "bias", 0.0)
+    lib = build_library(calib, tmp_path / "M")
+    assert next(e for e in lib.entries if e.kind == "flat").subtracted.startswith("bias_")
+    grey = cfg.bias + 3000 * truth                     # a grey card: equal signal in R, G and B
+    frame = read_frame(write_sim(tmp_path / "grey.fits", cfg, grey, "light", 10.0))
+    m = lib.select(frame)
+    cal, _ = calibrate(frame, m, NO_COSMETIC)
+    ok = ~m.bad
+    r, g1, g2, b = (cal[i::2, j::2][ok[i::2, j::2]].mean() for i in range(2) for j in range(2))
+    print(f"grey card after calibration R:G:B = {r / g1:.4f} : 1 : {b / g1:.4f}")
+    assert abs(r / g1 - 1) < 0.003 and abs(b / g1 - 1) < 0.003 and abs(g2 / g1 - 1) < 0.003
+    raw_ratio = [(grey - cfg.bias)[i::2, j::2].mean() for i, j in ((0, 0), (1, 1))]
+    assert raw_ratio[0] == pytest.approx(raw_ratio[1], rel=0.01)   # the card really is grey
+
+
+# ---------------------------------------------------------------- darks
+
+def test_dark_of_60s_scaled_to_120s_matches_a_true_120s_dark(lib, tmp_path):
+    frame, raw120 = sim_frame(tmp_path, SIM, "dark", 120.0)
+    m = lib.select(frame)
+    assert m.dark_exptime == DARK_T and m.bias is not None and set(m.names) == {"bias", "dark", "flat"}
+    cal, info = calibrate(frame, dataclasses.replace(m, bad=None, flat=None), NO_COSMETIC)
+    assert info["dark_scaled"] == 2.0 and info["bias"] == m.names["bias"]
+    # cal = E(120 s) - [B + 2 (D60 - B)]; variance from the masters' noise: 4 var(D60) + var(B)
+    e60, _ = render_frame(SIM, 0, kind="dark", exptime=DARK_T, noise=False)
+    e60 = e60.astype(np.float64) - SIM.bias
+    q = 1 / 12  # rounding to whole ADU
+    var = 4 * (SIM.read_noise ** 2 + q + e60) / N + (SIM.read_noise ** 2 + q) / N
+    ok = (raw120 < SIM.white) & (e60 + SIM.bias < SIM.white)       # saturated hot pixels cannot scale
+    z = cal[ok] / np.sqrt(var[ok])
+    hot = np.zeros(cal.shape, bool)
+    hot[hot_pixels(SIM)[:, 1], hot_pixels(SIM)[:, 0]] = True
+    print(f"scaled dark - true 120 s dark: mean {cal[ok & ~hot].mean():+.3f} ADU, rms {cal[ok].std():.2f} ADU, "
+          f"<z²> {np.mean(z ** 2):.2f}, max |z| {np.abs(z).max():.1f}, hot pixels max |z| "
+          f"{np.abs(cal[ok & hot] / np.sqrt(var[ok & hot])).max():.1f}")
+    assert abs(cal[ok & ~hot].mean()) < 0.1          # thermal signal 6 e-: scaled without bias
+    assert 0.8 < np.mean(z ** 2) < 1.3 and np.abs(z).max() < 6
+    assert (ok & hot).sum() > 20 and np.abs(cal[ok & hot] / np.sqrt(var[ok & hot])).max() < 5
+    unscaled, _ = calibrate(frame, dataclasses.replace(m, bias=None, bad=None, flat=None, dark_exptime=120.0),
+                            NO_COSMETIC)
+    assert unscaled[ok & ~hot].mean() > 2.5          # the unscaled 60 s dark leaves 3 e- behind
+
+
+def test_exact_dark_is_preferred_and_no_bias_then(lib, tmp_path):
+    frame, _ = sim_frame(tmp_path, SIM, "light", 60.0)
+    m = lib.select(frame)
+    assert m.dark_exptime == DARK_T and m.bias is None and set(m.names) == {"dark", "flat"}
+    assert m.bad is not None and m.bad.sum() == 80
+    assert lib.select(frame) is m                     # chosen once per kind of frame, arrays read once
+
+
+def test_hot_pixels_absent_from_a_calibrated_light(lib, tmp_path):
+    frame, raw = sim_frame(tmp_path, SIM, "light", 60.0, index=1, noise=True)
+    cal, info = calibrate(frame, lib.select(frame), NO_COSMETIC)
+    assert info["bad_pixels"] == 80
+    # hot pixels on a flat patch of sky (the same-colour neighbours of the noise-free light within 100 ADU):
+    # next to a star "excess over the neighbours" is the star, not the pixel
+    expected, _ = render_frame(SIM, 1, noise=False)
+    def neighbours(img, x, y):
+        return np.array([img[y + dy, x + dx] for dy in (-2, 0, 2) for dx in (-2, 0, 2)
+                         if (dx or dy) and 0 <= y + dy < img.shape[0] and 0 <= x + dx < img.shape[1]], float)
+
+    xy = [(x, y) for x, y in hot_pixels(SIM) if np.ptp(neighbours(expected, x, y)) < 100]
+    assert len(xy) > 50
+
+    def excess(img):
+        """value minus the median of the 8 same-colour neighbours, at each hot pixel"""
+        return np.array([img[y, x] - np.median(neighbours(img, x, y)) for x, y in xy])
+
+    before, after = excess(raw - SIM.bias), excess(cal)
+    print(f"hot pixels: excess over neighbours {np.median(before):.0f} ADU before, max {np.abs(after).max():.1f} "
+          "ADU after calibration")
+    assert before.min() > 1000
+    assert np.abs(after).max() < 60                   # sky noise ~ 20 ADU, star slopes
+
+
+def test_hot_pixels_absent_from_the_stack(lib, tmp_path):
+    lights = tmp_path / "lights"
+    render_night(lights, dataclasses.replace(SIM, n_frames=5, drift_px=(0.4, -0.3)))
+    cfgfile = tmp_path / "livestack.toml"
+    cfgfile.write_text("[cosmetic]\nenabled = false\n")   # the masters alone must do it
+    excess = {}
+    for label, extra in (("masters", ["--masters", str(lib.root)]), ("none", [])):
+        out = tmp_path / f"out_{label}"
+        assert cli_main(["stack", str(lights), "-o", str(out), "--config", str(cfgfile), "-q", *extra]) == 0
+        recs = [json.loads(line) for line in (out / "frames.jsonl").read_text().splitlines()]
+        assert sum(r["status"] in ("reference", "stacked") for r in recs) >= 4
+        if label == "masters":
+            assert all(r["calibration"]["dark"].startswith("dark_60s") for r in recs)
+            assert "CALIBRAT" in fits.getheader(out / "stack.fits")
+        stack = fits.getdata(out / "stack.fits").astype(np.float32)
+        lum = stack.mean(axis=0)
+        resid = lum - cv2.medianBlur(lum, 5)
+        sigma = 1.4826 * np.median(np.abs(resid))
+        # hot pixels are fixed to the sensor: in the stack they sit at the reference frame's positions,
+        # drifting by < 2 px over 5 frames; take the worst pixel within 1 px of each
+        vals = [resid[max(0, y - 1):y + 2, max(0, x - 1):x + 2].max() / sigma for x, y in hot_pixels(SIM)
+                if 2 < x < SIM.width - 3 and 2 < y < SIM.height - 3]
+        excess[label] = np.median(vals)
+    print(f"stack: median excess at hot pixels {excess['masters']:.1f} σ with masters, {excess['none']:.1f} σ "
+          "without (cosmetic correction off in both)")
+    assert excess["none"] > 20 and excess["masters"] < 4
+
+
+# ---------------------------------------------------------------- mismatches
+
+def test_wrong_size_master_gives_the_clear_error(lib, tmp_path):
+    small = dataclasses.replace(SIM, width=256, height=192)
+    frame, _ = sim_frame(tmp_path, small, "light", 60.0)
+    with pytest.raises(FrameError) as err:
+        lib.select(frame)
+    assert str(err.value) == (f"{frame.path.name}: master dark dark_60s_-10C_iso800_g120_SIMCAM-1_320x240 "
+                              "is 320×240 but the frame is 256×192")
+    assert err.value.path == frame.path
+
+
+def test_wrong_camera_master_gives_the_clear_error(lib, tmp_path):
+    frame, _ = sim_frame(tmp_path, dataclasses.replace(SIM, camera="OTHER CAM"), "light", 60.0)
+    with pytest.raises(FrameError, match="is from camera 'SIMCAM 1' but the frame is from 'OTHER CAM'"):
+        lib.select(frame)
+
+
+def test_warm_dark_is_refused(lib, tmp_path):
+    frame, _ = sim_frame(tmp_path, dataclasses.replace(SIM, temperature=0.0), "light", 60.0)
+    with pytest.raises(FrameError, match=r"taken at -10.0 °C but the frame at 0.0 °C"):
+        lib.select(frame)
+
+
+def test_a_bias_of_another_iso_does_not_fail_a_light_with_its_exact_dark(tmp_path):
+    calib = tmp_path / "calib"
+    render_calibration(calib, SIM, n_bias=0, n_dark=3, n_flat=0, n_darkflat=0)
+    render_calibration(tmp_path / "b", dataclasses.replace(SIM, iso=100), n_bias=3, n_dark=0, n_flat=0,
+                       n_darkflat=0)
+    shutil.move(tmp_path / "b" / "bias", calib / "bias")
+    lib = build_library(calib, tmp_path / "M")
+    frame, _ = sim_frame(tmp_path, SIM, "light", 60.0)
+    assert set(lib.select(frame).names) == {"dark"}
+    frame, _ = sim_frame(tmp_path, SIM, "light", 120.0)          # now the bias is needed to scale
+    with pytest.raises(FrameError, match="master bias bias_iso100_.* is ISO 100 but the frame is ISO 800"):
+        lib.select(frame)
+
+
+def test_skip_mode_calibrates_without_the_master_and_records_why(lib, tmp_path):
+    skip = MasterLibrary.load(lib.root, CalibrationParams(on_mismatch="skip"))
+    frame, _ = sim_frame(tmp_path, dataclasses.replace(SIM, width=256, height=192), "light", 60.0)
+    m = skip.select(frame)
+    assert m.dark is None and m.flat is None and m.bias is None and m.names == {}
+    cal, info = calibrate(frame, m, NO_COSMETIC)
+    assert "is 320×240 but the frame is 256×192" in info["dark_skipped"]
+    assert set(info) >= {"bias_skipped", "dark_skipped", "flat_skipped"}
+    assert abs(float(np.median(cal))) < 1000          # black level still removed
+
+
+def test_engine_records_a_mismatch_as_failed(lib, tmp_path):
+    from livestack.config import Config
+    from livestack.engine.pipeline import Engine
+
+    small = dataclasses.replace(SIM, width=256, height=192, n_frames=1)
+    render_night(tmp_path / "l", small)
+    rec = Engine(Config(), masters=lib).process(next((tmp_path / "l").glob("light_*.fits")))
+    assert rec.status == "failed" and "is 320×240 but the frame is 256×192" in rec.reason
+
+
+# ---------------------------------------------------------------- combining: streaming == in memory
+
+def clipped_reference(a: np.ndarray, kappa: float) -> np.ndarray:
+    """The documented rule, written plainly on the whole (N, H, W) stack in float64."""
+    a = a.astype(np.float64)
+    med = np.median(a, axis=0)
+    keep = np.empty(a.shape, bool)
+    for i in range(a.shape[0]):
+        others = np.delete(a, i, axis=0)
+        keep[i] = np.abs(a[i] - med) <= kappa * others.std(axis=0, ddof=1)
+    n = keep.sum(axis=0)
+    return np.where(n > 0, (a * keep).sum(axis=0) / np.maximum(n, 1), med)
+
+
+def _frames(n, h, w, seed, *, integer=True):
+    rng = np.random.default_rng(seed)
+    a = 1000 + 10 * rng.standard_normal((n, h, w))
+    a += np.linspace(0, 300, w)[None, None, :]                    # structure, so rows differ
+    hits = rng.random(a.shape) < 0.003
+    a[hits] += rng.uniform(500, 5000, hits.sum())                 # cosmic rays
+    return (np.rint(a) if integer else a).astype(np.float32), hits
+
+
+@pytest.mark.parametrize("method", ["clipped", "median"])
+@pytest.mark.parametrize("integer", [True, False])
+def test_streaming_combine_equals_in_memory(tmp_path, method, integer):
+    a, hits = _frames(9, 50, 40, seed=2, integer=integer)
+    spill = Spill(tmp_path / "s.bin", (50, 40))
+    for f in a:
+        spill.append(f)
+    assert spill.dtype == (np.uint16 if integer else np.float32)
+    p = CalibrationParams(method=method, chunk_rows=4)
+    got, _ = combine_spill(spill, p)
+    spill.remove()
+    ref = np.median(a, axis=0) if method == "median" else clipped_reference(a, p.kappa)
+    assert got.dtype == np.float32 and got.shape == (50, 40)
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-3)
+    if method == "clipped":  # a lone cosmic-ray hit in a pixel is rejected (a plain mean would keep 1/9 of it)
+        one = hits.sum(axis=0) == 1
+        clean_mean = np.where(hits, 0, a).sum(axis=0)[one] / 8
+        assert one.sum() > 40 and np.abs(got[one] - clean_mean).max() < 12
+
+
+def test_spill_switches_to_float32_when_a_frame_is_not_integer(tmp_path):
+    a, _ = _frames(3, 20, 16, seed=4)
+    spill = Spill(tmp_path / "s.bin", (20, 16))
+    spill.append(a[0])
+    spill.append(a[1] + np.float32(0.25))
+    spill.append(a[2])
+    assert spill.dtype == np.float32
+    np.testing.assert_array_equal(spill.rows(0, 20), np.stack([a[0], a[1] + np.float32(0.25), a[2]]))
+    spill.remove()
+    assert not (tmp_path / "s.bin").exists()
+
+
+def test_clipping_rejects_a_lone_cosmic_ray_among_five():
+    block = np.full((5, 1, 1), 1000.0, np.float32) + np.array([0, 2, -2, 1, 3000], np.float32)[:, None, None]
+    out, clipped = combine_block(block, "clipped", 3.0)
+    assert out[0, 0] == pytest.approx(1000.25) and clipped == 1
+
+
+def test_build_memory_is_bounded(tmp_path):
+    """24 flats of 640×480: the combine reads 8 rows of all frames at a time, so the peak is a few frames
+    (reading one, the master and its bad map), not 24."""
+    n = 24
+    cfg = dataclasses.replace(SIM, seed=8, width=640, height=480)
+    calib = tmp_path / "calib" / "flats"
+    calib.mkdir(parents=True)
+    for k in range(n):
+        raw, meta = render_frame(cfg, k, kind="flat")
+        sim_write_fits(calib / f"f{k:02d}.fits", raw, meta, cfg)
+    frame_bytes = cfg.width * cfg.height * 4
+    # warm-up: the first build imports astropy's table and I/O modules (~5 MiB traced), not frame data
+    tiny = dataclasses.replace(cfg, width=32, height=32)
+    render_calibration(tmp_path / "tiny", tiny, n_bias=0, n_dark=3, n_flat=0, n_darkflat=0)
+    build_library(tmp_path / "tiny", tmp_path / "tinyM")
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    lib = build_library(tmp_path / "calib", tmp_path / "M", CalibrationParams(chunk_rows=8))
+    seconds = time.perf_counter() - t0
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    print(f"build of {n} × {cfg.width}×{cfg.height}: peak {peak / 2**20:.2f} MiB traced "
+          f"(all frames: {n * frame_bytes / 2**20:.1f} MiB), {seconds:.2f} s")
+    assert lib.entries[0].ncombine == n
+    assert peak < 6 * frame_bytes                     # all 24 frames would be 24 × frame_bytes
+
+
+# ---------------------------------------------------------------- real files, config, command line
+
+@pytest.mark.skipif(not (SHARED / "not_alfosc_raw_flat.fits").exists(), reason="../shared/data not present")
+def test_real_files_grouped_by_imagetyp(tmp_path):
+    calib = tmp_path / "night"
+    calib.mkdir()
+    for name in ("not_alfosc_raw_flat.fits", "saao_1m_ste3_ccd_light_a8280271.fits",
+                 "sbig_st1602_maxim_light_thar.fit"):
+        (calib / name).symlink_to(SHARED / name)
+    lib = build_library(calib, tmp_path / "M")
+    (e,) = lib.entries
+    assert (e.kind, e.ncombine, e.width, e.height, e.pattern) == ("flat", 1, 2148, 2052, None)
+    assert e.camera == "ALFOSC_FASU" and e.exptime == 1.0
+    flat = lib.array(e.name)
+    bad = lib.bad_map(e.name)
+    assert flat.dtype == np.float32 and np.isfinite(flat).all() and flat.min() >= 0.05
+    assert flat[~bad].mean() == pytest.approx(1.0, abs=1e-4)
+    assert bad.mean() < 0.05
+    reasons = {s["file"]: s["reason"] for s in lib.skipped}
+    assert set(reasons) == {"saao_1m_ste3_ccd_light_a8280271.fits", "sbig_st1602_maxim_light_thar.fit"}
+    assert all("light" in r for r in reasons.values())
+
+
+def test_calibration_config_section():
+    cfg = config_from_dict({"calibration": {"on_mismatch": "skip", "kappa": 2.5}})
+    p = calibration_params(cfg, method="median")
+    assert (p.on_mismatch, p.kappa, p.method) == ("skip", 2.5, "median")
+    with pytest.raises(ConfigError, match="unknown key on_mismatc"):
+        calibration_params(config_from_dict({"calibration": {"on_mismatc": "skip"}}))
+    with pytest.raises(ConfigError, match="on_mismatch"):
+        calibration_params(config_from_dict({"calibration": {"on_mismatch": "ignore"}}))
+
+
+def test_cli_masters(tmp_path, capsys):
+    calib = tmp_path / "Calibration"
+    render_calibration(calib, dataclasses.replace(SIM, seed=21), n_bias=3, n_dark=3, n_flat=3, n_darkflat=0)
+    shutil.move(calib / "darks", calib / "Dark_60s")            # a user's own folder name
+    out = tmp_path / "M"
+    assert cli_main(["masters", str(calib), "-o", str(out), "--method", "median", "--kappa", "2", "-q"]) == 0
+    doc = json.loads((out / "masters.json").read_text())
+    assert sorted(m["kind"] for m in doc["masters"]) == ["bias", "dark", "flat"]
+    assert all(m["method"] == "median" for m in doc["masters"])
+    assert "3 masters" in capsys.readouterr().out
+    assert cli_main(["masters", str(tmp_path / "nothing"), "-o", str(out)]) == 2
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["masters", str(tmp_path / "empty"), "-o", str(out)]) == 1
