@@ -118,19 +118,81 @@ def cmd_stack(args, cfg: Config) -> int:
 
 
 def cmd_demo(args, cfg: Config) -> int:
-    from drivers.simulator import SimConfig, render_night
+    """The whole live loop on one machine: the simulator capture driver writes a frame every few seconds into a
+    watch folder, the daemon stacks each one, and the page shows the stack growing."""
+    import threading
+
+    from drivers.capture import sim as sim_capture
+    from drivers.capture.common import CapturePlan, Stop
+    from drivers.simulator import SimConfig
+
+    from .daemon.config import DaemonParams, WatchParams, WebParams
+    from .daemon.service import Service
+    from .web.app import make_app, serve_in_thread
 
     base = Path(args.out).expanduser() if args.out else Path(tempfile.mkdtemp(prefix="livestack-demo-"))
     lights, out = base / "lights", base / "out"
+    lights.mkdir(parents=True, exist_ok=True)
     n = 6 if args.fast else args.frames
     size = (480, 360) if args.fast else (1600, 1200)
-    sim = SimConfig(width=size[0], height=size[1], n_frames=n, rotation_deg=0.05, fmt="dng", seed=args.seed,
+    interval = 0.0 if args.fast else args.interval
+    # A night with a little of everything: drift, slow field rotation, a satellite and a cloud.
+    sim = SimConfig(width=size[0], height=size[1], rotation_deg=0.05, fmt="dng", seed=args.seed,
                     defects={2: "satellite", 4: "cloudy"} if n > 4 else {})
-    print(f"rendering {n} simulated frames ({size[0]}×{size[1]}, Bayer RGGB, DNG) into {lights}")
-    render_night(lights, sim)
-    s = stack_files(collect_inputs([str(lights)]), out, cfg, quiet=args.quiet)
+    plan = CapturePlan(exposure=60.0, count=n, interval=interval, out=lights)
+    wp = WatchParams(dir=str(lights), settle_s=0.2, timeout_s=30.0, rescan_s=1.0)
+    dp = DaemonParams(out=str(out), checkpoint_every=5)
+    svc = Service(cfg, lights, out, wp, dp)
+    app = None
+    if not args.no_web:
+        for port in (args.port, 0):   # the chosen port, else any free one
+            try:
+                app = make_app(svc, WebParams(host="127.0.0.1", port=port))
+                break
+            except OSError:
+                continue
+    svc.start()
+    web_thread = serve_in_thread(app) if app is not None else None
+    print(f"simulated night: {n} frames of {size[0]}×{size[1]} (Bayer RGGB, DNG), one every "
+          f"{interval:g} s, into {lights}")
+    if app is not None:
+        print(f"live page: {app.url}   (open it in a browser and watch the stack grow)", flush=True)
+    t0 = time.perf_counter()
+    stop = Stop()
+    capture = threading.Thread(target=sim_capture.capture, args=(plan, sim, stop), daemon=True, name="capture")
+    capture.start()
+    progress = None if args.quiet else Progress(n)
+    shown = 0
+    try:
+        while True:
+            recs = svc.snapshot.frames
+            for d in recs[shown:]:
+                if progress:
+                    progress.update(FrameRecord.from_dict(d))
+            shown = max(shown, len(recs))
+            if shown >= n or not svc.running:
+                break
+            time.sleep(0.2)
+        if app is not None and not args.fast and not args.exit:
+            print(f"done; the page stays at {app.url} — press Ctrl-C to stop", flush=True)
+            while svc.running:
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop.stop()
+        capture.join(timeout=10)
+        svc.stop()
+        if app is not None:
+            app.shutdown()
+            app.server_close()
+            web_thread.join(timeout=5)
+    st = svc.status()
+    s = {"frames": st["frames"], "stacked": st["stacked"], "rejected": st["rejected"], "failed": st["failed"],
+         "exptime": st["integration_s"], "seconds": time.perf_counter() - t0,
+         "wrote": (out / "stack.fits").exists()}
     _print_summary(s, out)
-    return 0 if s["wrote"] else 1
+    return 0 if s["wrote"] and svc.error is None else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,11 +215,15 @@ def build_parser() -> argparse.ArgumentParser:
     engine_opts(p)
     p.set_defaults(func=cmd_stack)
 
-    p = sub.add_parser("demo", help="simulate a short night and stack it")
+    p = sub.add_parser("demo", help="a live simulated night: capture, stack and the web page on this machine")
     p.add_argument("--out", help="folder for the simulated frames and outputs (default: a temp folder)")
-    p.add_argument("--frames", type=int, default=12)
+    p.add_argument("--frames", type=int, default=20)
+    p.add_argument("--interval", type=float, default=3.0, help="seconds between simulated frames")
     p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--fast", action="store_true", help="tiny frames, for tests")
+    p.add_argument("--port", type=int, default=8080, help="web page port (any free port if taken)")
+    p.add_argument("--no-web", action="store_true", help="no web page")
+    p.add_argument("--exit", action="store_true", help="exit when the last frame is stacked")
+    p.add_argument("--fast", action="store_true", help="6 tiny frames at once, exit when done (tests)")
     engine_opts(p)
     p.set_defaults(func=cmd_demo)
 

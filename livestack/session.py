@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine.frame import FrameRecord
-from .engine.write import atomic_write_bytes, atomic_write_with
+from .engine.write import atomic_write_bytes, atomic_write_with, fsync_dir
 
 FRAMES_LOG = "frames.jsonl"
 
@@ -246,18 +246,5 @@ class SessionFolder:
         for p in staging.iterdir():
             os.replace(p, self.out / p.name)
         staging.rmdir()
-        _fsync_dir(self.out)
+        fsync_dir(self.out)
         return dest
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from astropy.io import fits
 
-from drivers.capture.common import (CALIB_DIRS, Backoff, CapturePlan, Stop, StopRequested, atomic_write,
-                                    clean_stale_temps, frame_folder, frame_name, next_index, retry,
+from drivers.atomic import atomic_write
+from drivers.capture.common import (CALIB_DIRS, Backoff, CapturePlan, Stop, StopRequested, clean_stale_temps, frame_folder, frame_name, next_index, retry,
                                     sniff_extension)
 from drivers.simulator.write import CALIB_DIRS as SIMULATOR_CALIB_DIRS
 
@@ -82,7 +82,7 @@ def test_masters_builds_from_a_captured_calibration_run(tmp_path):
 WRITER = """
 import sys, time
 from pathlib import Path
-from drivers.capture.common import atomic_write
+from drivers.atomic import atomic_write
 out, size = Path(sys.argv[1]), int(sys.argv[2])
 for i in range(1000):
     def write(fh, i=i):

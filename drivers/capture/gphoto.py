@@ -21,7 +21,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import (Backoff, CaptureError, CapturePlan, Stop, add_plan_arguments, atomic_write, frame_name,
+from ..atomic import atomic_write
+from .common import (Backoff, CaptureError, CapturePlan, Stop, add_plan_arguments, frame_name,
                      plan_from_args, retry, run_plan, setup_logging, sniff_extension)
 
 log = logging.getLogger("drivers.capture.gphoto")

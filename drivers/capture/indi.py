@@ -25,8 +25,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from .common import (IMAGETYP, Backoff, CaptureError, CapturePlan, Stop, add_plan_arguments, atomic_write,
-                     frame_name, plan_from_args, retry, run_plan, setup_logging)
+from ..atomic import atomic_write
+from .common import (IMAGETYP, Backoff, CaptureError, CapturePlan, Stop, add_plan_arguments, frame_name, plan_from_args, retry, run_plan, setup_logging)
 
 log = logging.getLogger("drivers.capture.indi")
 

@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from drivers.simulator import SimConfig, render_frame, write_dng, write_fits
+from drivers.simulator.camera import parse_defects
 
 from .common import (CapturePlan, Stop, add_plan_arguments, frame_name, log, plan_from_args, run_plan,
                      setup_logging)
@@ -50,16 +51,6 @@ def capture(plan: CapturePlan, base: SimConfig | None = None, stop: Stop | None 
     return run_plan(plan, take, stop, on_frame=on_frame)
 
 
-def _defects(text: str) -> dict[int, str]:
-    out: dict[int, str] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, sep, index = item.partition(":")
-        if not sep or not index.strip().isdigit():
-            raise ValueError(f"--defects {item!r}: expected NAME:FRAME, e.g. cloudy:3")
-        out[int(index)] = name.strip()
-    return out
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_plan_arguments(p, gain_help="gain written to the header (GAIN)")
     p.add_argument("--width", type=int, default=800)
@@ -81,7 +72,7 @@ def run(args) -> int:
             raise ValueError("--binning: the simulator does not bin")
         base = SimConfig(width=args.width, height=args.height, fmt=args.format, mono=args.mono, seed=args.seed,
                          rotation_deg=args.rotation_deg, dither_px=args.dither_px,
-                         defects=_defects(args.defects))
+                         defects=parse_defects(args.defects))
     except ValueError as err:
         print(f"capture sim: {err}", file=sys.stderr)
         return 2

@@ -7,23 +7,11 @@ Exit 0 ok, 2 on a usage error.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from .camera import SimConfig
+from .camera import SimConfig, parse_defects
 from .write import render_calibration, render_night, write_truth
-
-
-def parse_defects(text: str) -> dict[int, str]:
-    """'cloudy:3,trail:5' -> {3: 'cloudy', 5: 'trail'}."""
-    out: dict[int, str] = {}
-    for item in filter(None, (s.strip() for s in text.split(","))):
-        name, sep, index = item.partition(":")
-        if not sep or not index.strip().isdigit():
-            raise ValueError(f"--defects {item!r}: expected NAME:FRAME, e.g. cloudy:3")
-        out[int(index)] = name.strip()
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

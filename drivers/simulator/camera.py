@@ -397,3 +397,14 @@ def _digitise(electrons: np.ndarray, cfg: SimConfig, rng: np.random.Generator | 
         np.clip(adu, 0, cfg.white, out=adu)
         out[r0:r0 + band] = adu
     return out
+
+
+def parse_defects(text: str) -> dict[int, str]:
+    """'cloudy:3,trail:5' -> {3: 'cloudy', 5: 'trail'}."""
+    out: dict[int, str] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, index = item.partition(":")
+        if not sep or not index.strip().isdigit():
+            raise ValueError(f"--defects {item!r}: expected NAME:FRAME, e.g. cloudy:3")
+        out[int(index)] = name.strip()
+    return out

@@ -7,44 +7,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, BinaryIO
 
 import numpy as np
 import tifffile
 from astropy.io import fits
 
+from ..atomic import atomic_write
 from .camera import PIXEL_SIZE_UM, SimConfig, hot_pixels, render_frame
 
 # XYZ(D65) -> linear sRGB: declares the simulated camera's primaries to be sRGB's
 _COLOR_MATRIX = [[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]]
 CALIB_DIRS = {"bias": "bias", "dark": "darks", "flat": "flats", "darkflat": "darkflats"}
-
-
-def atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Call write(fh) on a temporary file beside `path`, fsync it, and rename it onto `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def frame_name(kind: str, index: int, exptime: float, fmt: str) -> str:

@@ -11,26 +11,6 @@ import cv2
 import numpy as np
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be shared (samba, other users)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
 def atomic_write_with(path: Path, writer) -> None:
     """Call ``writer(tmp_path)`` to write a temporary file, then fsync and rename it onto ``path``."""
     path = Path(path)
@@ -49,10 +29,15 @@ def atomic_write_with(path: Path, writer) -> None:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
-def _fsync_dir(d: Path) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def fsync_dir(d: Path) -> None:
+    """Make a rename in ``d`` durable (best effort: some filesystems refuse to fsync a folder)."""
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:

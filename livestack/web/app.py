@@ -102,7 +102,7 @@ class Handler(BaseHTTPRequestHandler):
                 other = POST_ROUTES if not write else GET_ROUTES
                 if path in other:
                     raise HttpError(405, f"{path} needs {'POST' if not write else 'GET'}")
-                raise HttpError(404, f"no such page {path}; the API is under /api/ (see docs/daemon.md)")
+                raise HttpError(404, f"no such page {path}; the API is under /api/ (see the README, HTTP API)")
             q = {k: v[-1] for k, v in parse_qs(url.query).items()}
             fn(self, q, self._body() if write else None)
         except HttpError as err:
