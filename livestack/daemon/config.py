@@ -27,13 +27,18 @@ class WatchParams:
 class DaemonParams:
     out: str | None = None          # the session folder (`--out` overrides)
     masters: str | None = None      # master library folder (from `livestack masters`), optional
-    outputs_every: int = 1          # write stack.fits every this many stacked frames (preview.jpg: every frame)
+    outputs_every: int = 1          # write stack.fits every this many stacked frames (preview.jpg: every frame) …
+    outputs_s: float = 0.0          # … and at most this often, s, while frames keep coming (at once when idle).
+                                    #     A 24 MP stack.fits takes ~1.5 s to write: 60 suits a Pi; the
+                                    #     checkpoint keeps every frame safe meanwhile
     checkpoint_every: int = 10      # checkpoint every this many frames …
     checkpoint_s: float = 300.0     # … or this many seconds, whichever comes first
 
     def __post_init__(self):
         if self.outputs_every < 1 or self.checkpoint_every < 1:
             raise ConfigError("daemon.outputs_every and daemon.checkpoint_every must be at least 1")
+        if self.outputs_s < 0:
+            raise ConfigError(f"daemon.outputs_s = {self.outputs_s}: must be ≥ 0")
         if self.checkpoint_s <= 0:
             raise ConfigError(f"daemon.checkpoint_s = {self.checkpoint_s}: must be positive")
 

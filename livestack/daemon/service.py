@@ -21,7 +21,7 @@ import numpy as np
 
 from ..engine.frame import FrameRecord
 from ..engine.pipeline import Engine
-from ..engine.write import atomic_write_bytes, encode_png16, encode_tiff16, write_fits
+from ..engine.write import atomic_write_bytes, encode_png16, encode_tiff16
 from ..session import FramesLog, SessionFolder, rewrite_frames_log
 from .config import DaemonParams, WatchParams
 from .watch import Ready, Watcher
@@ -88,6 +88,7 @@ class Service:
         self._since_ckpt = 0
         self._last_ckpt = time.monotonic()
         self._fits_dirty = 0
+        self._last_fits = 0.0
         self.started = _now()
 
     # ------------------------------------------------------------------ life cycle
@@ -103,7 +104,7 @@ class Service:
         self._engine_excluded = set(self.excluded)
         self.flog = FramesLog(self.folder.frames)
         known = {d.get("path") or d["file"] for d in self.records} | self.folder.ignored()
-        if self.engine.result() is not None:
+        if self.engine.has_stack:
             self._render_preview()
         self._state = "idle"
         self._publish()
@@ -248,11 +249,12 @@ class Service:
         self._since_ckpt += 1
         log.info("%s %s%s", rec.status, item.rel, f": {rec.reason}" if rec.reason else
                  f" fwhm {rec.fwhm} px, {rec.stars} stars ({rec.seconds} s)")
-        if self.engine.result() is not None:
+        if self.engine.has_stack:
             self._fits_dirty += 1        # counts and header change with every record, pixels with stacked ones
         if rec.status in STACKED:
             self._render_preview()
-            if self._fits_dirty >= self.dp.outputs_every:
+            if (self._fits_dirty >= self.dp.outputs_every
+                    and time.monotonic() - self._last_fits >= self.dp.outputs_s):
                 self._write_fits()
         if self._since_ckpt >= self.dp.checkpoint_every or time.monotonic() - self._last_ckpt >= self.dp.checkpoint_s:
             self._checkpoint()
@@ -285,18 +287,15 @@ class Service:
         self._since_ckpt, self._last_ckpt = 0, time.monotonic()
 
     def _write_fits(self) -> None:
-        res = self.engine.result()
-        if res is not None:
-            img, wsum = res
-            write_fits(self.out / "stack.fits", img, self.engine.header(), weight=wsum)
+        self.engine.write_stack(self.out / "stack.fits")
         self._fits_dirty = 0
+        self._last_fits = time.monotonic()
 
     def _render_preview(self) -> None:
-        res = self.engine.result()
-        if res is None:
+        if not self.engine.has_stack:
             self._preview = None
             return
-        rgb = self.engine.preview(*res, stretch=self.stretch)
+        rgb = self.engine.preview(stretch=self.stretch)   # from a reduced copy: cheap after every frame
         ok, enc = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(self.stretch.jpeg_quality)])
         if not ok:
             raise OSError("preview.jpg: JPEG encoding failed")
@@ -308,7 +307,7 @@ class Service:
 
     def _cmd_stretch(self, black, midtones, white) -> dict:
         self.stretch = dataclasses.replace(self.stretch, black=black, midtones=midtones, white=white)
-        if self.engine.result() is not None:
+        if self.engine.has_stack:
             self._render_preview()
         self._publish()
         return self.status()

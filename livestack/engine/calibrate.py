@@ -49,13 +49,16 @@ def same_exposure(t: float | None, t_dark: float | None) -> bool:
     return abs(t - t_dark) <= 1e-3 * max(t, t_dark, 1e-3)
 
 
-def calibrate(frame: Frame, masters: Masters | None, cosmetic: CosmeticParams) -> tuple[np.ndarray, dict]:
+def calibrate(frame: Frame, masters: Masters | None, cosmetic: CosmeticParams, *,
+              inplace: bool = False) -> tuple[np.ndarray, dict]:
     """Return the calibrated (H, W) float32 mosaic and a dict saying what was applied.
 
-    Allocates one (H, W) float32 plane (a copy of ``frame.data``); ``frame`` is not modified.
-    Without masters the per-channel black level is removed and hot pixels are corrected cosmetically.
+    Allocates one (H, W) float32 plane (a copy of ``frame.data``) and leaves ``frame`` unchanged, unless
+    ``inplace``: then ``frame.data`` itself is calibrated and returned (the pipeline's way: one 24 MP plane and
+    its page faults fewer per frame).  Without masters the per-channel black level is removed and hot pixels
+    are corrected cosmetically.
     """
-    img = frame.data.astype(np.float32, copy=True)
+    img = frame.data if inplace and frame.data.dtype == np.float32 else frame.data.astype(np.float32, copy=True)
     info: dict = {}
     m = masters or Masters()
     if m.dark is not None:
@@ -84,7 +87,9 @@ def calibrate(frame: Frame, masters: Masters | None, cosmetic: CosmeticParams) -
         img -= m.bias
         info["bias"] = m.names.get("bias", True)
     else:
-        img -= _black_plane(frame)
+        for i in range(2):       # per CFA position, without building a black-level plane
+            for j in range(2):
+                img[i::2, j::2] -= frame.black[i, j]
     if m.flat is not None:
         img /= m.flat
         info["flat"] = m.names.get("flat", True)

@@ -105,7 +105,7 @@ class RunningStack:
 
     def add(self, img: np.ndarray, weight: float, noise: np.ndarray, *,
             saturated: np.ndarray | None = None) -> int | None:
-        """Add one frame; ``img`` may be modified (NaN and rejected pixels are zeroed in place).
+        """Add one (C, H, W) frame; ``img`` may be modified (NaN and rejected pixels are zeroed in place).
 
         ``noise``: (C,) per-pixel background σ of this frame in stack units.  Returns the number of pixels
         rejected as outliers, or None while the frame waits in the bootstrap buffer (its rejections are counted
@@ -113,13 +113,23 @@ class RunningStack:
         """
         if img.shape != self.shape:
             raise ValueError(f"frame shape {img.shape} does not match the stack {self.shape}")
+        return self.add_channels(_luminance(img), lambda c: img[c], weight, noise, saturated=saturated)
+
+    def add_channels(self, lum: np.ndarray, channel, weight: float, noise: np.ndarray, *,
+                     saturated: np.ndarray | None = None) -> int | None:
+        """Add one frame given as its (H, W) luminance (mean of the channels, NaN outside the footprint) and
+        ``channel(c)``, which returns channel c as an (H, W) float32 array that stays valid until the next call
+        (it may reuse one buffer: the pipeline warps each channel into the same plane, two full frames fewer
+        in memory at 24 MP).  ``lum`` and the returned channels may be modified.  Returns as add()."""
+        if lum.shape != self.shape[1:]:
+            raise ValueError(f"frame shape {lum.shape} does not match the stack {self.shape[1:]}")
         if not weight > 0:
             raise ValueError(f"weight must be > 0 (got {weight})")
         noise = np.asarray(noise, np.float32).reshape(-1)
         self.frames += 1
         if self.sums is None and self.p.bootstrap > 1:
-            self.buffer.append((img.astype(np.float16), float(weight), noise,
-                                None if saturated is None else saturated.copy()))
+            frame16 = np.stack([channel(c).astype(np.float16) for c in range(self.shape[0])])
+            self.buffer.append((frame16, float(weight), noise, None if saturated is None else saturated.copy()))
             if len(self.buffer) >= self.p.bootstrap:
                 self._allocate()
                 self.bootstrap_rejected = self._combine_buffer(self.sums, self.wsum, self.sq, self.count)
@@ -128,18 +138,25 @@ class RunningStack:
             return None
         if self.sums is None:
             self._allocate()
+        chunks = list(self._chunks())
+        valid = np.empty(lum.shape, bool)
 
-        def block(rows: tuple[int, int]) -> int:
+        def judge(rows: tuple[int, int]) -> int:
             r0, r1 = rows
-            x = img[:, r0:r1]
-            lum = _luminance(x)
-            bad = self._stream_outliers(lum, noise, r0, r1)
-            self._accumulate(x, lum, weight, bad, None if saturated is None else saturated[r0:r1],
-                             self.sums[:, r0:r1], self.wsum[r0:r1], self.sq[r0:r1], self.count[r0:r1])
+            bad = self._stream_outliers(lum[r0:r1], noise, r0, r1)
+            np.logical_and(np.isfinite(lum[r0:r1]), ~bad, out=valid[r0:r1])
+            sat = None if saturated is None else saturated[r0:r1]
+            self._accumulate_lum(lum[r0:r1], valid[r0:r1], weight, sat, self.wsum[r0:r1], self.sq[r0:r1],
+                                 self.count[r0:r1])
             return int(bad.sum())
 
         # Row blocks are independent and numpy releases the GIL in elementwise loops: use the cores.
-        rejected = sum(self._map(block, list(self._chunks())))
+        rejected = sum(self._map(judge, chunks))
+        for c in range(self.shape[0]):
+            x = channel(c)
+            self._map(lambda rows: self._accumulate_channel(
+                x[rows[0]:rows[1]], valid[rows[0]:rows[1]], weight,
+                None if saturated is None else saturated[rows[0]:rows[1]], self.sums[c, rows[0]:rows[1]]), chunks)
         self.rejected_total += rejected
         return rejected
 
@@ -254,37 +271,46 @@ class RunningStack:
                         bads[i] &= ~(everyone & (keep == i))
             for i, (_, wt, _, sat) in enumerate(self.buffer):
                 out[i] = int(bads[i].sum())
-                self._accumulate(xs[i], lums[i], wt, bads[i], None if sat is None else sat[r0:r1],
-                                 sums[:, r0:r1], wsum[r0:r1], sq[r0:r1], count[r0:r1])
+                valid = np.isfinite(lums[i]) & ~bads[i]
+                sat_b = None if sat is None else sat[r0:r1]
+                self._accumulate_lum(lums[i], valid, wt, sat_b, wsum[r0:r1], sq[r0:r1], count[r0:r1])
+                for c in range(xs[i].shape[0]):
+                    self._accumulate_channel(xs[i][c], valid, wt, sat_b, sums[c, r0:r1])
             return out
 
         for counts in self._map(block, list(self._chunks())):
             rejected = [a + b for a, b in zip(rejected, counts)]
         return rejected
 
-    def _accumulate(self, x, lum, weight, bad, saturated, sums, wsum, sq, count) -> None:
-        """Add one block: S_c += w·x_c, W += w, Q += w·(L − L_sky)², n += 1 where valid (x, lum modified)."""
-        valid = np.isfinite(lum)
-        valid &= ~bad
-        invalid = ~valid
-        for c in range(x.shape[0]):
-            np.copyto(x[c], 0, where=invalid)
+    def _weights(self, valid, weight, saturated):
+        """Per-pixel weights of one block, or None where a plain scalar weight (with the valid mask) does."""
+        if saturated is None or not saturated.any():
+            return None
+        wmap = valid.astype(np.float32) * np.float32(weight)
+        wmap[saturated] *= np.float32(self.p.saturated_weight)
+        return wmap
+
+    def _accumulate_lum(self, lum, valid, weight, saturated, wsum, sq, count) -> None:
+        """One block: W += w, Q += w·(L − L_sky)², n += 1 where valid (``lum`` is modified)."""
         lum -= self.sky_lum
-        np.copyto(lum, 0, where=invalid)
-        w = np.float32(weight)
-        if saturated is not None and saturated.any():
-            wmap = valid.astype(np.float32) * w
-            wmap[saturated] *= np.float32(self.p.saturated_weight)
-            for c in range(x.shape[0]):
-                sums[c] += wmap * x[c]
+        np.copyto(lum, 0, where=~valid)
+        wmap = self._weights(valid, weight, saturated)
+        if wmap is None:
+            cv2.add(wsum, float(weight), dst=wsum, mask=valid.view(np.uint8))
+            cv2.scaleAdd(cv2.multiply(lum, lum), float(weight), sq, dst=sq)
+        else:
             wsum += wmap
             sq += wmap * lum * lum
-        else:
-            for c in range(x.shape[0]):
-                cv2.scaleAdd(x[c], float(w), sums[c], dst=sums[c])
-            cv2.add(wsum, float(w), dst=wsum, mask=valid.view(np.uint8))
-            cv2.scaleAdd(cv2.multiply(lum, lum), float(w), sq, dst=sq)
         count += valid
+
+    def _accumulate_channel(self, x, valid, weight, saturated, sums) -> None:
+        """One block of one channel: S += w·x where valid (``x`` is modified: zero elsewhere)."""
+        np.copyto(x, 0, where=~valid)
+        wmap = self._weights(valid, weight, saturated)
+        if wmap is None:
+            cv2.scaleAdd(x, float(weight), sums, dst=sums)
+        else:
+            sums += wmap * x
 
     def _chunks(self):
         h = self.shape[1]
@@ -309,6 +335,39 @@ class RunningStack:
                 np.divide(sums[i], wsum, out=mean[i])
         np.copyto(mean, 0, where=~(wsum > 0)[None])
         return mean, wsum.copy()
+
+    def mean_blocks(self):
+        """The weighted mean, channel by channel in blocks of rows (FITS order), each a new float32 array:
+        for writing the stack without building it whole."""
+        if self.sums is None:
+            mean, _ = self.result()
+            yield from (mean[c] for c in range(mean.shape[0]))
+            return
+        for c in range(self.shape[0]):
+            for r0, r1 in self._chunks():
+                w = self.wsum[r0:r1]
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    m = self.sums[c, r0:r1] / w
+                np.copyto(m, 0, where=~(w > 0))
+                yield m
+
+    def reduced(self, max_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like result(), at most ``max_size`` px on the long side: the sums and weights are area-averaged
+        first and divided after, so the full-resolution mean (~290 MB at 24 MP) is never built.  For the live
+        preview, which is redrawn after every frame."""
+        if self.sums is None:
+            from .stretch import reduce
+
+            mean, wsum = self.result()
+            return reduce(mean, max_size), reduce(wsum[None], max_size)[0]
+        from .stretch import reduce
+
+        sums = reduce(self.sums, max_size)
+        wsum = reduce(self.wsum[None], max_size)[0]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = sums / wsum[None]
+        np.copyto(mean, 0, where=~(wsum > 0)[None])
+        return mean.astype(np.float32, copy=False), wsum
 
     # ------------------------------------------------------------------ checkpoint
 

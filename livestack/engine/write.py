@@ -50,9 +50,7 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def write_fits(path: Path, image: np.ndarray, header: dict, *, weight: np.ndarray | None = None) -> None:
-    """Write a float32 stack: (3, H, W) colour or (H, W) mono in the primary HDU, the weight map (effective
-    number of reference-quality frames per pixel) in an image extension named WEIGHT."""
+def _fits_header(header: dict):
     from astropy.io import fits
 
     hdr = fits.Header()
@@ -62,16 +60,48 @@ def write_fits(path: Path, image: np.ndarray, header: dict, *, weight: np.ndarra
         if isinstance(v, tuple) and len(str(v[0])) + len(v[1]) > 60:
             v = v[0]  # a long value keeps priority over its comment (astropy would warn and truncate)
         hdr[k] = v  # a value or a (value, comment) pair
+    return hdr
+
+
+def write_fits_blocks(path: Path, shape: tuple[int, ...], blocks, header: dict, *,
+                      weight: np.ndarray | None = None) -> None:
+    """Write a float32 image of ``shape`` ((C, H, W) or (H, W)) from ``blocks``, an iterable of float32 arrays
+    that together hold the data in FITS order (channel by channel, rows in order), then the weight map (sum of
+    frame weights per pixel) as an image extension named WEIGHT.  Streaming: only one block is in memory on
+    top of the caller's data (astropy's StreamingHDU), where writing a (3, H, W) array would first build the
+    full-resolution mean and a byte-swapped copy (~600 MB at 24 MP)."""
+    from astropy.io import fits
+
+    hdr = _fits_header(header)
+    full = fits.Header()
+    full["SIMPLE"], full["BITPIX"], full["NAXIS"] = True, -32, len(shape)
+    for i, n in enumerate(reversed(shape)):
+        full[f"NAXIS{i + 1}"] = int(n)
+    full["EXTEND"] = True
+    full.extend(hdr, unique=True)
+
+    def writer(tmp: Path) -> None:
+        Path(tmp).unlink()  # StreamingHDU creates the file itself
+        shdu = fits.StreamingHDU(str(tmp), full)
+        try:
+            for b in blocks:
+                shdu.write(np.ascontiguousarray(b, dtype=np.float32))
+        finally:
+            shdu.close()
+        if weight is not None:
+            whdr = fits.Header()
+            whdr["EXTNAME"] = "WEIGHT"
+            whdr["COMMENT"] = "sum of frame weights per pixel (reference frame = 1)"
+            fits.append(str(tmp), np.ascontiguousarray(weight, dtype=np.float32), header=whdr)
+
+    atomic_write_with(path, writer)
+
+
+def write_fits(path: Path, image: np.ndarray, header: dict, *, weight: np.ndarray | None = None) -> None:
+    """Write a float32 (3, H, W) colour or (H, W) mono image (a (1, H, W) one is written as (H, W))."""
     data = image[0] if image.ndim == 3 and image.shape[0] == 1 else image
-    hdus = [fits.PrimaryHDU(np.ascontiguousarray(data, dtype=np.float32), header=hdr)]
-    if weight is not None:
-        whdr = fits.Header()
-        whdr["EXTNAME"] = "WEIGHT"
-        whdr["COMMENT"] = "sum of frame weights per pixel (reference frame = 1)"
-        hdus.append(fits.ImageHDU(np.ascontiguousarray(weight, dtype=np.float32), header=whdr))
-    # Straight to the temporary file: a BytesIO would hold a second copy of a stack that is ~1 GB at 24 MP.
-    atomic_write_with(path, lambda tmp: fits.HDUList(hdus).writeto(tmp, output_verify="silentfix",
-                                                                    overwrite=True))
+    blocks = (data[c] for c in range(data.shape[0])) if data.ndim == 3 else (data,)
+    write_fits_blocks(path, data.shape, blocks, header, weight=weight)
 
 
 def write_jpeg(path: Path, rgb: np.ndarray, quality: int = 90) -> None:
