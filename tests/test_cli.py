@@ -80,3 +80,13 @@ def test_capture_order_not_name_order(night, tmp_path):
     assert main(["stack", *map(str, reversed(renamed)), "-o", str(out), "-q"]) == 0
     recs = read_log(out / "frames.jsonl")
     assert [r["time"] for r in recs] == [f["time"] for f in truth["frames"]]
+
+
+def test_example_config_loads():
+    """systemd/livestack.toml.example is what Pi users copy: every key in it must be known and valid."""
+    from livestack.config import load_config
+    from livestack.daemon.config import shell_sections
+
+    cfg = load_config(ROOT / "systemd" / "livestack.toml.example")
+    watch, daemon, web = shell_sections(cfg)
+    assert watch.dir and daemon.out and web.port == 8080

@@ -207,11 +207,11 @@ class Engine:
             lum = warp(lum[None], matrix, grid_hw, interpolation=cfg.engine.interpolation,
                        out=self._buffer("lum", (1,) + grid_hw))[0]
             sat = warp_mask(sat, matrix, grid_hw) if sat is not None else None
-            plane = self._buffer("scratch", rgb.shape[1:])   # free again: the source luminance is warped
+            one = self._buffer("scratch", rgb.shape[1:])   # free again: the source luminance is warped
 
             def channel(c: int) -> np.ndarray:
                 return warp(rgb[c][None], matrix, grid_hw, interpolation=cfg.engine.interpolation,
-                            out=plane[None])[0]
+                            out=one[None])[0]
         rec.rejected_pixels = self.stack.add_channels(lum, channel, weight, noise_n, saturated=sat)
         self._lap("warp+stack")
 
