@@ -22,7 +22,7 @@ import numpy as np
 from .. import __version__
 from . import geometry
 from .calibrate import Masters, calibrate
-from .debayer import bin2x2_sum, debayer, debayer_mask
+from .debayer import bin2x2_mean, debayer, debayer_mask
 from .frame import Frame, FrameError, FrameRecord, Quality, Stars
 from .read import read_frame
 from .normalize import normalize_inplace, plane_on_grid, sky_level, sky_model, transparency_scale
@@ -114,6 +114,12 @@ class Engine:
         cfg = self.cfg
         self.timings: dict[str, float] = {}   # seconds per stage of the last frame (benchmarks read it)
         self._t = time.perf_counter()
+        if self.stack is not None and self.stack.bootstrap_full:
+            # Once per session: the buffered first frames become the accumulators.  The work buffers are
+            # given back first so that they, the buffer and the new accumulators never coexist.
+            self._ws.clear()
+            self.stack.finish_bootstrap()
+            self._lap("bootstrap")
         frame = read_frame(path)
         self._lap("read")
         m = frame.meta
@@ -239,8 +245,7 @@ class Engine:
         white = frame.white - float(frame.black.mean())
         if frame.pattern is None:
             return detect_stars(cfa, self.cfg.stars, saturation=white)
-        lum = bin2x2_sum(cfa)
-        lum *= np.float32(0.25)
+        lum = bin2x2_mean(cfa)
         stars, q = detect_stars(lum, self.cfg.stars, saturation=white, extra_var=1 / 12 - 1 / 48)
         if self.cfg.engine.debayer == "superpixel":
             return stars, q
@@ -332,8 +337,7 @@ class Engine:
             return False
         c, h, w = self.ref.grid
         shape = (h, w) if c == 1 else (c, h, w)
-        wsum = self.stack.wsum if self.stack.wsum is not None else self.stack.result()[1]
-        write_fits_blocks(Path(path), shape, self.stack.mean_blocks(), self.header(), weight=wsum)
+        write_fits_blocks(Path(path), shape, self.stack.mean_blocks(), self.header(), weight=self.stack.weights())
         return True
 
     @property

@@ -1,22 +1,25 @@
 """RunningStack: a weighted mean with per-pixel outlier rejection whose memory does not grow with frames.
 
-Per pixel it keeps the weighted sums S_c = Σ w·x_c of each channel, W = Σ w, the weighted sum of squares of the
-luminance Q = Σ w·(L − L_sky)² (measured from the reference's sky so that float32 keeps the precision where the
-noise is small) and the number of frames n — C + 2 float32 planes and one uint16 plane, 5.5 planes for RGB
-(≈ 530 MB at 24 MP).  Each update is a handful of fused OpenCV/numpy passes (S += w·x is one cv2.scaleAdd).
+Full resolution: the weighted sums S_c = Σ w·x_c of each channel and W = Σ w (C + 1 float32 planes).
+Statistics for rejection, on the 2×2-binned luminance b, taken from the sky so that float32 keeps its
+precision where the noise is small: Σ w·(b − b_sky), Σ w, Σ w·(b − b_sky)² and the frame count n
+(a quarter plane each).  Binning costs nothing in what can be caught — a satellite trail or a cosmic-ray hit
+keeps most of its signal in its 2×2 cell while the noise halves — and makes the rejection test, the costliest
+part of a frame (~27 passes over memory), four times cheaper; a rejected cell drops its 4 pixels.
+For RGB at 24 MP: ≈ 470 MB.
 
-A new frame's pixel is rejected (all channels at once: a satellite or a cosmic ray hits them together after
+A new frame's cell is rejected (all channels at once: a satellite or a cosmic ray hits them together after
 debayering) when its luminance departs from the running mean by more than κσ, where σ² is the larger of
 
-  * the pixel's own weighted variance over the frames so far (it captures seeing changes on star cores), and
-  * the frame's background noise² (plus, while a pixel has few frames, (rel_floor · signal)² for star cores),
+  * the cell's own weighted variance over the frames so far (it captures seeing changes on star cores), and
+  * the frame's background noise² (plus, while a cell has few frames, (rel_floor · signal)² for star cores),
 
 times (1 + 1/n) for the mean's own noise.  Neighbours of a strong outlier (> 2κσ) go too: the faint wings of a
 trail or a cosmic-ray hit, spread by debayering and the warp, sit below κσ one by one.
 
 A streaming clip cannot judge the first frames against anything, and an outlier in the reference would then
 stay forever (and make every later frame look wrong there).  So the first ``bootstrap`` frames are buffered as
-float16 (2^-11 relative precision, far below the shot noise) and clipped against their per-pixel median; from
+float16 (2^-11 relative precision, far below the shot noise) and clipped against their per-cell median; from
 then on the stack streams.
 """
 from __future__ import annotations
@@ -52,13 +55,27 @@ class StackParams:
 
 def _luminance(x: np.ndarray) -> np.ndarray:
     """(C, h, w) -> (h, w) float32 mean of the channels (a new array)."""
-    if x.shape[0] == 1:
-        return x[0].astype(np.float32, copy=True)
     lum = x[0].astype(np.float32, copy=True)
     for c in range(1, x.shape[0]):
         lum += x[c]
-    lum *= np.float32(1.0 / x.shape[0])
+    if x.shape[0] > 1:
+        lum *= np.float32(1.0 / x.shape[0])
     return lum
+
+
+def bin2(a: np.ndarray) -> np.ndarray:
+    """(H, W) float32 -> (⌈H/2⌉, ⌈W/2⌉) means of 2×2 cells (NaN where any pixel of the cell is NaN); an odd
+    last row or column is paired with itself."""
+    h, w = a.shape
+    if h % 2 or w % 2:
+        a = cv2.copyMakeBorder(a, 0, h % 2, 0, w % 2, cv2.BORDER_REPLICATE)
+    return cv2.resize(a, (a.shape[1] // 2, a.shape[0] // 2), interpolation=cv2.INTER_AREA)
+
+
+def unbin2(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A cell mask back to full resolution: each cell's value on its 2×2 pixels."""
+    h, w = shape
+    return np.repeat(np.repeat(m, 2, axis=0), 2, axis=1)[:h, :w]
 
 
 def _median_rows(block: np.ndarray) -> np.ndarray:
@@ -83,19 +100,22 @@ def _median_rows(block: np.ndarray) -> np.ndarray:
 class RunningStack:
     """Accumulates (C, H, W) float32 frames already on the stack grid, normalised, NaN outside their footprint.
 
-    Memory: C + 2 float32 planes and one uint16 plane of (H, W), allocated when the bootstrap ends; during the
-    bootstrap ``bootstrap`` float16 frames.
+    Memory: C + 1 float32 planes of (H, W) and four quarter planes, allocated when the bootstrap ends; during
+    the bootstrap ``bootstrap`` float16 frames.
     """
 
     def __init__(self, shape: tuple[int, int, int], sky: np.ndarray, p: StackParams):
         self.shape = tuple(int(s) for s in shape)
+        self.cells = ((self.shape[1] + 1) // 2, (self.shape[2] + 1) // 2)
         self.sky = np.asarray(sky, np.float32).reshape(-1)
         self.sky_lum = np.float32(self.sky.mean())
         self.p = p
         self.sums: np.ndarray | None = None      # (C, H, W) Σ w·x_c
         self.wsum: np.ndarray | None = None      # (H, W) Σ w
-        self.sq: np.ndarray | None = None        # (H, W) Σ w·(L − L_sky)²
-        self.count: np.ndarray | None = None     # (H, W) uint16 frames contributing
+        self.lsum: np.ndarray | None = None      # cells: Σ w·(b − b_sky)   (b: 2×2-binned luminance)
+        self.lw: np.ndarray | None = None        # cells: Σ w
+        self.sq: np.ndarray | None = None        # cells: Σ w·(b − b_sky)²
+        self.count: np.ndarray | None = None     # cells: uint16 frames contributing
         self.buffer: list[tuple[np.ndarray, float, np.ndarray, np.ndarray | None]] = []
         self.frames = 0
         self.rejected_total = 0
@@ -127,38 +147,58 @@ class RunningStack:
             raise ValueError(f"weight must be > 0 (got {weight})")
         noise = np.asarray(noise, np.float32).reshape(-1)
         self.frames += 1
+        if self.bootstrap_full:
+            self.finish_bootstrap()
         if self.sums is None and self.p.bootstrap > 1:
             frame16 = np.stack([channel(c).astype(np.float16) for c in range(self.shape[0])])
             self.buffer.append((frame16, float(weight), noise, None if saturated is None else saturated.copy()))
-            if len(self.buffer) >= self.p.bootstrap:
-                self._allocate()
-                self.bootstrap_rejected = self._combine_buffer(self.sums, self.wsum, self.sq, self.count)
-                self.rejected_total += sum(self.bootstrap_rejected)
-                self.buffer = []
             return None
         if self.sums is None:
             self._allocate()
-        chunks = list(self._chunks())
-        valid = np.empty(lum.shape, bool)
+        b = bin2(lum)
+        b -= self.sky_lum
+        bad = np.empty(self.cells, bool)
 
         def judge(rows: tuple[int, int]) -> int:
             r0, r1 = rows
-            bad = self._stream_outliers(lum[r0:r1], noise, r0, r1)
-            np.logical_and(np.isfinite(lum[r0:r1]), ~bad, out=valid[r0:r1])
-            sat = None if saturated is None else saturated[r0:r1]
-            self._accumulate_lum(lum[r0:r1], valid[r0:r1], weight, sat, self.wsum[r0:r1], self.sq[r0:r1],
-                                 self.count[r0:r1])
-            return int(bad.sum())
+            bad[r0:r1] = self._stream_outliers(b[r0:r1], noise, r0, r1)
+            valid = np.isfinite(b[r0:r1]) & ~bad[r0:r1]
+            self._accumulate_cells(b[r0:r1], valid, weight, self.lsum[r0:r1], self.lw[r0:r1], self.sq[r0:r1],
+                                   self.count[r0:r1])
+            return int(bad[r0:r1].sum())
 
         # Row blocks are independent and numpy releases the GIL in elementwise loops: use the cores.
-        rejected = sum(self._map(judge, chunks))
-        for c in range(self.shape[0]):
-            x = channel(c)
-            self._map(lambda rows: self._accumulate_channel(
-                x[rows[0]:rows[1]], valid[rows[0]:rows[1]], weight,
-                None if saturated is None else saturated[rows[0]:rows[1]], self.sums[c, rows[0]:rows[1]]), chunks)
+        rejected = 4 * sum(self._map(judge, list(self._chunks(self.cells[0]))))
+        valid = unbin2(bad, lum.shape)
+        np.logical_not(valid, out=valid)
+        valid &= np.isfinite(lum)
+        self._accumulate_pixels(channel, valid, weight, saturated)
         self.rejected_total += rejected
         return rejected
+
+    @property
+    def bootstrap_full(self) -> bool:
+        """The bootstrap buffer holds all its frames and waits to be combined: finish_bootstrap() does it, or
+        the next add().  The owner may free its own frame-sized buffers first (the combination allocates the
+        accumulators while the buffer still exists: the memory peak of a session)."""
+        return self.sums is None and self.p.bootstrap > 1 and len(self.buffer) >= self.p.bootstrap
+
+    def finish_bootstrap(self) -> None:
+        """Clip the buffered frames against their per-cell median and start the accumulators from them."""
+        if not self.bootstrap_full:
+            return
+        self._allocate()
+        self.bootstrap_rejected = self._combine_buffer(self.sums, self.wsum, self.lsum, self.lw, self.sq,
+                                                       self.count)
+        self.rejected_total += sum(self.bootstrap_rejected)
+        self.buffer = []
+
+    def _allocate(self) -> None:
+        c, h, w = self.shape
+        self.sums = np.zeros((c, h, w), np.float32)
+        self.wsum = np.zeros((h, w), np.float32)
+        self.lsum, self.lw, self.sq = (np.zeros(self.cells, np.float32) for _ in range(3))
+        self.count = np.zeros(self.cells, np.uint16)
 
     def _map(self, fn, items):
         if self.p.threads <= 1 or len(items) < 2:
@@ -181,44 +221,35 @@ class RunningStack:
         if pool is not None:
             pool.shutdown(wait=False)
 
-    def _allocate(self) -> None:
-        c, h, w = self.shape
-        self.sums = np.zeros((c, h, w), np.float32)
-        self.wsum = np.zeros((h, w), np.float32)
-        self.sq = np.zeros((h, w), np.float32)
-        self.count = np.zeros((h, w), np.uint16)
+    def _cell_noise2(self, noise: np.ndarray) -> np.float32:
+        """Background variance of a cell of the binned luminance.  The channels' noise is taken as independent
+        and the 4 pixels of a cell as half correlated (debayering and the warp interpolate): between σ²/4 and
+        σ², on the side of fewer false rejections."""
+        var_lum = np.sum(noise.astype(np.float64) ** 2) / len(noise) ** 2
+        return np.float32(var_lum / 2)
 
-    def _lum_noise(self, noise: np.ndarray) -> np.float32:
-        # channels' noise taken as independent (an upper bound for interpolated pixels: fewer false rejections)
-        return np.float32(np.sqrt(np.sum(noise.astype(np.float64) ** 2)) / len(noise))
-
-    def _stream_outliers(self, lum, noise, r0, r1) -> np.ndarray:
+    def _stream_outliers(self, b, noise, r0, r1) -> np.ndarray:
+        """Cells of ``b`` (binned luminance − sky) that are outliers against the running statistics."""
         p = self.p
-        wsum, count = self.wsum[r0:r1], self.count[r0:r1]
-        sums = self.sums[:, r0:r1]
-        total = sums[0].copy()
-        for c in range(1, sums.shape[0]):
-            cv2.add(total, sums[c], dst=total)
+        lw, count = self.lw[r0:r1], self.count[r0:r1]
         with np.errstate(invalid="ignore", divide="ignore"):
-            inv_w = np.float32(1.0) / wsum
-            mean = total * (inv_w * np.float32(1.0 / sums.shape[0]))     # luminance of the running mean
-            dm = mean - self.sky_lum
-            var = self.sq[r0:r1] * inv_w - dm * dm                       # weighted population variance
+            inv_w = np.float32(1.0) / lw
+            mean = self.lsum[r0:r1] * inv_w                              # running mean − sky
+            var = self.sq[r0:r1] * inv_w - mean * mean                   # weighted population variance
         bessel, mean_noise = self._factor_tables()
         var *= bessel[count]                                             # n/(n-1): an unbiased estimate
-        floor = self._lum_noise(noise) ** 2
+        floor = self._cell_noise2(noise)
         few = count < p.min_empirical
         if few.any():   # only while the first frames arrive, and at the borders of the footprint
-            np.maximum(dm, 0, out=dm)
-            dm *= np.float32(p.rel_floor)
-            dm *= dm
-            dm += floor
-            np.maximum(var, np.where(few, dm, floor), out=var)
+            signal = np.maximum(mean, 0) * np.float32(p.rel_floor)
+            signal *= signal
+            signal += floor
+            np.maximum(var, np.where(few, signal, floor), out=var)
         else:
             np.maximum(var, floor, out=var)
         var *= mean_noise[count]                                         # 1 + 1/n: the mean's own noise
-        bad = self._threshold(lum, mean, var)
-        bad &= count > 0  # first frame on a pixel: nothing to compare against
+        bad = self._threshold(b, mean, var)
+        bad &= count > 0  # first frame on a cell: nothing to compare against
         return bad
 
     def _factor_tables(self) -> tuple[np.ndarray, np.ndarray]:
@@ -230,10 +261,10 @@ class RunningStack:
                               (1 + 1 / np.maximum(n, 1)).astype(np.float32))
         return t
 
-    def _threshold(self, lum, centre, var) -> np.ndarray:
+    def _threshold(self, b, centre, var) -> np.ndarray:
         k2 = np.float32(self.p.kappa ** 2)
         with np.errstate(invalid="ignore"):
-            d2 = (lum - centre) ** 2
+            d2 = (b - centre) ** 2
             bad = d2 > k2 * var
             if self.p.grow:
                 strong = d2 > 4 * k2 * var
@@ -241,81 +272,87 @@ class RunningStack:
                     bad |= cv2.dilate(strong.view(np.uint8), _GROW).astype(bool)
         return bad
 
-    def _combine_buffer(self, sums, wsum, sq, count) -> list[int]:
-        """Clip the buffered frames against their per-pixel median luminance and accumulate the survivors.
-        A pixel never loses every frame: where all are rejected, the one closest to the median stays."""
+    def _combine_buffer(self, sums, wsum, lsum, lw, sq, count) -> list[int]:
+        """Clip the buffered frames against their per-cell median luminance and accumulate the survivors.
+        A cell never loses every frame: where all are rejected, the one closest to the median stays."""
         k = len(self.buffer)
-        rejected = [0] * k
-        # Variance of (x − centre) in units of one frame's: the centre's own noise counts too
+        # Variance of (b − centre) in units of one frame's: the centre's own noise counts too
         # (median of K: ≈ π/2 · σ²/K; with two frames the centre is one of them).
         centre_var = np.float32(1.0 if k == 2 else (np.pi / 2) / max(k, 1))
         rel = np.float32(self.p.rel_floor)
-
-        def block(rows: tuple[int, int]) -> list[int]:
-            r0, r1 = rows
-            out = [0] * k
-            xs = [b[0][:, r0:r1].astype(np.float32) for b in self.buffer]
-            lums = np.stack([_luminance(x) for x in xs])                     # (K, h, w)
-            centre = _median_rows(lums)
-            signal = np.maximum(centre - self.sky_lum, 0) * rel
-            bads = []
-            for i, (_, _, noise, _) in enumerate(self.buffer):
-                var = (self._lum_noise(noise) ** 2 + signal * signal) * (1 + centre_var)
-                bads.append(self._threshold(lums[i], centre, var))
-            if k > 1:
-                everyone = np.logical_and.reduce(bads)
-                if everyone.any():
-                    dev = np.abs(lums - centre[None])
-                    keep = np.argmin(np.where(np.isnan(dev), np.inf, dev), axis=0)
-                    for i in range(k):
-                        bads[i] &= ~(everyone & (keep == i))
-            for i, (_, wt, _, sat) in enumerate(self.buffer):
-                out[i] = int(bads[i].sum())
-                valid = np.isfinite(lums[i]) & ~bads[i]
-                sat_b = None if sat is None else sat[r0:r1]
-                self._accumulate_lum(lums[i], valid, wt, sat_b, wsum[r0:r1], sq[r0:r1], count[r0:r1])
-                for c in range(xs[i].shape[0]):
-                    self._accumulate_channel(xs[i][c], valid, wt, sat_b, sums[c, r0:r1])
-            return out
-
-        for counts in self._map(block, list(self._chunks())):
-            rejected = [a + b for a, b in zip(rejected, counts)]
+        lums = np.stack([bin2(_luminance(f)) for f, _, _, _ in self.buffer])   # (K, cells); f16 summed in f32
+        lums -= self.sky_lum
+        centre = _median_rows(lums)
+        signal = np.maximum(centre, 0) * rel
+        bads = [self._threshold(lums[i], centre, (self._cell_noise2(noise) + signal * signal) * (1 + centre_var))
+                for i, (_, _, noise, _) in enumerate(self.buffer)]
+        if k > 1:
+            everyone = np.logical_and.reduce(bads)
+            if everyone.any():
+                dev = np.abs(lums - centre[None])
+                keep = np.argmin(np.where(np.isnan(dev), np.inf, dev), axis=0)
+                for i in range(k):
+                    bads[i] &= ~(everyone & (keep == i))
+        rejected = []
+        for i, (f16, wt, _, sat) in enumerate(self.buffer):
+            rejected.append(4 * int(bads[i].sum()))
+            self._accumulate_cells(lums[i], np.isfinite(lums[i]) & ~bads[i], wt, lsum, lw, sq, count)
+            valid = ~unbin2(bads[i], f16.shape[1:]) & np.isfinite(f16[0])   # NaN: same footprint in every channel
+            self._accumulate_pixels(lambda c: f16[c], valid, wt, sat, sums, wsum)
         return rejected
 
-    def _weights(self, valid, weight, saturated):
-        """Per-pixel weights of one block, or None where a plain scalar weight (with the valid mask) does."""
-        if saturated is None or not saturated.any():
-            return None
-        wmap = valid.astype(np.float32) * np.float32(weight)
-        wmap[saturated] *= np.float32(self.p.saturated_weight)
-        return wmap
-
-    def _accumulate_lum(self, lum, valid, weight, saturated, wsum, sq, count) -> None:
-        """One block: W += w, Q += w·(L − L_sky)², n += 1 where valid (``lum`` is modified)."""
-        lum -= self.sky_lum
-        np.copyto(lum, 0, where=~valid)
-        wmap = self._weights(valid, weight, saturated)
-        if wmap is None:
-            cv2.add(wsum, float(weight), dst=wsum, mask=valid.view(np.uint8))
-            cv2.scaleAdd(cv2.multiply(lum, lum), float(weight), sq, dst=sq)
-        else:
-            wsum += wmap
-            sq += wmap * lum * lum
+    def _accumulate_cells(self, b, valid, weight, lsum, lw, sq, count) -> None:
+        """Cells (``b`` = binned luminance − sky): Σ w·b, Σ w, Σ w·b², n += 1 where valid (``b`` is modified)."""
+        np.copyto(b, 0, where=~valid)
+        w = float(weight)
+        cv2.add(lw, w, dst=lw, mask=valid.view(np.uint8))
+        cv2.scaleAdd(b, w, lsum, dst=lsum)
+        cv2.scaleAdd(cv2.multiply(b, b), w, sq, dst=sq)
         count += valid
 
-    def _accumulate_channel(self, x, valid, weight, saturated, sums) -> None:
-        """One block of one channel: S += w·x where valid (``x`` is modified: zero elsewhere)."""
-        np.copyto(x, 0, where=~valid)
-        wmap = self._weights(valid, weight, saturated)
-        if wmap is None:
-            cv2.scaleAdd(x, float(weight), sums, dst=sums)
-        else:
-            sums += wmap * x
+    def _accumulate_pixels(self, channel, valid, weight, saturated, sums=None, wsum=None) -> None:
+        """Full resolution: W += w and S_c += w·x_c where valid, a channel at a time.  ``channel(c)`` may give
+        float32 (modified: zeroed where not valid) or float16 (converted block by block)."""
+        sums = self.sums if sums is None else sums
+        wsum = self.wsum if wsum is None else wsum
+        chunks = list(self._chunks(self.shape[1]))
+        sat_any = saturated is not None and saturated.any()
 
-    def _chunks(self):
-        h = self.shape[1]
-        for r0 in range(0, h, self.p.chunk_rows):
-            yield r0, min(h, r0 + self.p.chunk_rows)
+        def wmap(r0, r1):
+            """Per-pixel weights of a block with saturated pixels (None: the scalar weight and the mask do)."""
+            if not sat_any or not saturated[r0:r1].any():
+                return None
+            m = valid[r0:r1].astype(np.float32) * np.float32(weight)
+            m[saturated[r0:r1]] *= np.float32(self.p.saturated_weight)
+            return m
+
+        def w_block(rows):
+            r0, r1 = rows
+            m = wmap(r0, r1)
+            if m is None:
+                cv2.add(wsum[r0:r1], float(weight), dst=wsum[r0:r1], mask=valid[r0:r1].view(np.uint8))
+            else:
+                wsum[r0:r1] += m
+
+        self._map(w_block, chunks)
+        for c in range(self.shape[0]):
+            x = channel(c)
+
+            def block(rows, x=x, c=c):
+                r0, r1 = rows
+                xb = x[r0:r1] if x.dtype == np.float32 else x[r0:r1].astype(np.float32)
+                np.copyto(xb, 0, where=~valid[r0:r1])
+                m = wmap(r0, r1)
+                if m is None:
+                    cv2.scaleAdd(xb, float(weight), sums[c, r0:r1], dst=sums[c, r0:r1])
+                else:
+                    sums[c, r0:r1] += m * xb
+
+            self._map(block, chunks)
+
+    def _chunks(self, n: int):
+        for r0 in range(0, n, self.p.chunk_rows):
+            yield r0, min(n, r0 + self.p.chunk_rows)
 
     # ------------------------------------------------------------------ reading
 
@@ -326,7 +363,8 @@ class RunningStack:
         if self.sums is None:
             sums, wsum = np.zeros((c, h, w), np.float32), np.zeros((h, w), np.float32)
             if self.buffer:
-                self._combine_buffer(sums, wsum, np.zeros((h, w), np.float32), np.zeros((h, w), np.uint16))
+                cells = [np.zeros(self.cells, np.float32) for _ in range(3)]
+                self._combine_buffer(sums, wsum, *cells, np.zeros(self.cells, np.uint16))
         else:
             sums, wsum = self.sums, self.wsum
         mean = np.empty((c, h, w), np.float32)
@@ -344,24 +382,26 @@ class RunningStack:
             yield from (mean[c] for c in range(mean.shape[0]))
             return
         for c in range(self.shape[0]):
-            for r0, r1 in self._chunks():
+            for r0, r1 in self._chunks(self.shape[1]):
                 w = self.wsum[r0:r1]
                 with np.errstate(invalid="ignore", divide="ignore"):
                     m = self.sums[c, r0:r1] / w
                 np.copyto(m, 0, where=~(w > 0))
                 yield m
 
+    def weights(self) -> np.ndarray:
+        """(H, W) sum of weights (the live array after the bootstrap; do not modify)."""
+        return self.wsum if self.wsum is not None else self.result()[1]
+
     def reduced(self, max_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Like result(), at most ``max_size`` px on the long side: the sums and weights are area-averaged
         first and divided after, so the full-resolution mean (~290 MB at 24 MP) is never built.  For the live
         preview, which is redrawn after every frame."""
-        if self.sums is None:
-            from .stretch import reduce
-
-            mean, wsum = self.result()
-            return reduce(mean, max_size), reduce(wsum[None], max_size)[0]
         from .stretch import reduce
 
+        if self.sums is None:
+            mean, wsum = self.result()
+            return reduce(mean, max_size), reduce(wsum[None], max_size)[0]
         sums = reduce(self.sums, max_size)
         wsum = reduce(self.wsum[None], max_size)[0]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -371,6 +411,8 @@ class RunningStack:
 
     # ------------------------------------------------------------------ checkpoint
 
+    _ARRAYS = ("sums", "wsum", "lsum", "lw", "sq", "count")
+
     def state(self) -> dict[str, np.ndarray]:
         """Arrays that restore the stack exactly (for np.savez)."""
         s: dict[str, np.ndarray] = {
@@ -379,7 +421,7 @@ class RunningStack:
             "bootstrap_rejected": np.array(self.bootstrap_rejected, np.int64),
         }
         if self.sums is not None:
-            s.update(sums=self.sums, wsum=self.wsum, sq=self.sq, count=self.count)
+            s.update({k: getattr(self, k) for k in self._ARRAYS})
         for i, (img, wt, noise, sat) in enumerate(self.buffer):
             s[f"buf{i}_img"], s[f"buf{i}_w"], s[f"buf{i}_noise"] = img, np.array(wt), noise
             if sat is not None:
@@ -392,8 +434,8 @@ class RunningStack:
         st.frames, st.rejected_total = (int(v) for v in s["counters"])
         st.bootstrap_rejected = [int(v) for v in s["bootstrap_rejected"]]
         if "sums" in s:
-            st.sums, st.wsum = np.array(s["sums"]), np.array(s["wsum"])
-            st.sq, st.count = np.array(s["sq"]), np.array(s["count"])
+            for k in cls._ARRAYS:
+                setattr(st, k, np.array(s[k]))
         i = 0
         while f"buf{i}_img" in s:
             sat = np.array(s[f"buf{i}_sat"]) if f"buf{i}_sat" in s else None

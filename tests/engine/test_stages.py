@@ -8,7 +8,7 @@ import pytest
 from astropy.io import fits
 
 from livestack.engine.calibrate import CosmeticParams, cosmetic_correct
-from livestack.engine.debayer import bin2x2_sum, debayer, debayer_mask
+from livestack.engine.debayer import bin2x2_mean, debayer, debayer_mask
 from livestack.engine.frame import FrameRecord, Quality
 from livestack.engine.normalize import normalize_inplace, sky_model, transparency_scale
 from livestack.engine.read import read_frame
@@ -61,7 +61,8 @@ def test_debayer_mask_and_binning():
     assert d[1:4, 1:4].all() and d.sum() == 9
     assert debayer_mask(m, "RGGB", "superpixel")[1, 1] and debayer_mask(m, "RGGB", "superpixel").sum() == 1
     cfa = np.arange(16, dtype=np.float32).reshape(4, 4)
-    np.testing.assert_allclose(bin2x2_sum(cfa), [[0 + 1 + 4 + 5, 2 + 3 + 6 + 7], [8 + 9 + 12 + 13, 10 + 11 + 14 + 15]])
+    np.testing.assert_allclose(bin2x2_mean(cfa) * 4, [[0 + 1 + 4 + 5, 2 + 3 + 6 + 7], [8 + 9 + 12 + 13, 10 + 11 + 14 + 15]])
+    assert bin2x2_mean(np.ones((5, 7), np.float32)).shape == (2, 3)
 
 
 def test_cosmetic_removes_hot_pixels_keeps_stars():
