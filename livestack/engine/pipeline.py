@@ -120,7 +120,9 @@ class Engine:
             self._ws.clear()
             self.stack.finish_bootstrap()
             self._lap("bootstrap")
-        frame = read_frame(path)
+        frame = read_frame(path, out=self._ws.get("cfa"))
+        if frame.meta.kind == "raw":
+            self._ws["cfa"] = frame.data      # decoded into by the next frame of this size
         self._lap("read")
         m = frame.meta
         sensor_shape = frame.shape

@@ -34,10 +34,12 @@ def is_supported(path: Path) -> bool:
     return s in RAW_SUFFIXES or s in FITS_SUFFIXES
 
 
-def read_frame(path: Path | str) -> Frame:
+def read_frame(path: Path | str, *, out: np.ndarray | None = None) -> Frame:
     """Read one RAW or FITS file.
 
-    Returns a Frame with float32 (H, W) data.  Raises FrameError (one line: file + reason) for anything that
+    Returns a Frame with float32 (H, W) data, written into ``out`` when it is a float32 array of the right
+    shape (a live stacker reads frame after frame of one size: a warm buffer saves the page faults of a new
+    96 MB plane at 24 MP).  Raises FrameError (one line: file + reason) for anything that
     is not a readable single image: missing, empty, truncated, corrupt, not an image, unsupported layout.
     """
     path = Path(path)
@@ -49,20 +51,25 @@ def read_frame(path: Path | str) -> Frame:
     if s in FITS_SUFFIXES:
         return _read_fits(path)
     if s in RAW_SUFFIXES:
-        return _read_raw(path)
+        return _read_raw(path, out)
     raise FrameError(path, f"unsupported file type '{s or path.name}' (expected a camera RAW or FITS file)")
 
 
 # ---------------------------------------------------------------- RAW
 
-def _read_raw(path: Path) -> Frame:
+def _read_raw(path: Path, out: np.ndarray | None = None) -> Frame:
     import rawpy
 
     try:
         with rawpy.imread(str(path)) as raw:
             if raw.raw_type != rawpy.RawType.Flat:
                 raise FrameError(path, "not a single-mosaic RAW (LibRaw reports a stacked/linear layout)")
-            data = raw.raw_image_visible.astype(np.float32)  # one copy: the view dies with `raw`
+            visible = raw.raw_image_visible              # a view: it dies with `raw`, so copy once
+            if out is not None and out.shape == visible.shape and out.dtype == np.float32:
+                data = out
+                np.copyto(data, visible, casting="unsafe")
+            else:
+                data = visible.astype(np.float32)
             colors = raw.raw_colors_visible
             desc = raw.color_desc.decode("ascii", "replace")
             pattern = _pattern_from_colors(colors, desc)
