@@ -66,7 +66,8 @@ def main() -> int:
     # combines the buffered frames into the accumulators: printed above, not in the median).
     boot = max(1, cfg.stack.bootstrap)
     stacked = [(r, tm) for r, tm in rows[boot:] if r.status == "stacked"]
-    stages = sorted({k for _, tm in stacked for k in tm}, key=list(stacked[0][1]).index) if stacked else []
+    once = max((tm.get("bootstrap", 0.0) for _, tm in rows), default=0.0)
+    stages = [k for k in dict.fromkeys(k for _, tm in stacked for k in tm) if k != "bootstrap"]
     print()
     print(f"frame {args.width}×{args.height} ({args.width * args.height / 1e6:.0f} MP) {args.format}, "
           f"debayer {args.debayer}, warp {args.interpolation}; {platform.processor() or platform.machine()}, "
@@ -79,6 +80,7 @@ def main() -> int:
         for k in stages:
             print(f"  {k:10s} {median([tm.get(k, 0.0) for _, tm in stacked]):.3f}")
         print(f"  {'total':10s} {median([r.seconds for r, _ in stacked]):.3f}")
+    print(f"bootstrap combine (once, before frame {boot + 1}): {once:.2f} s")
     print(f"snapshot (stack.fits + preview.jpg): {snap:.2f} s")
     print(f"peak RSS: {peak_mb:.0f} MB")
     return 0
