@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -295,3 +296,24 @@ def setup_logging(quiet: bool = False) -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", level=logging.WARNING)
     log.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def run_capture(name: str, plan: CapturePlan, capture: Callable[["Stop"], list[Path]], *,
+                gave_up: Callable[[BaseException], bool] = lambda err: False) -> int:
+    """The drivers' command-line tail: install the stop signals, run ``capture(stop)``, turn a CaptureError
+    (the camera cannot do it) or an error ``gave_up`` accepts (the camera stayed away past --retry-for) into one
+    line and exit 1; 0 when the count is done or a stop was requested."""
+    stop = Stop()
+    stop.install_signals()
+    try:
+        files = capture(stop)
+    except CaptureError as err:
+        print(f"capture {name}: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if not gave_up(err):
+            raise
+        print(f"capture {name}: gave up: {err}", file=sys.stderr)
+        return 1
+    log.info("%d frame(s) in %s", len(files), plan.folder)
+    return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write
 from .common import (Backoff, CaptureError, CapturePlan, Stop, add_plan_arguments, frame_name,
-                     plan_from_args, retry, run_plan, setup_logging, sniff_extension)
+                     plan_from_args, retry, run_capture, run_plan, setup_logging, sniff_extension)
 
 log = logging.getLogger("drivers.capture.gphoto")
 
@@ -280,20 +280,9 @@ def run(args) -> int:
         print("capture gphoto2: python-gphoto2 is not installed (pip install gphoto2)", file=sys.stderr)
         return 1
     opts = GphotoOptions(port=args.camera_port, delete_from_card=args.delete_from_card)
-    stop = Stop()
-    stop.install_signals()
-    try:
-        files = capture(plan, opts, stop, retry_for=args.retry_for)
-    except CaptureError as err:
-        print(f"capture gphoto2: {err}", file=sys.stderr)
-        return 1
-    except Exception as err:  # GPhoto2Error after retry_for: the camera stayed away
-        if type(err).__name__ != "GPhoto2Error" and not isinstance(err, OSError):
-            raise
-        print(f"capture gphoto2: gave up: {err}", file=sys.stderr)
-        return 1
-    log.info("%d frame(s) in %s", len(files), plan.folder)
-    return 0
+    # GPhoto2Error (or an OSError) after --retry-for: the camera stayed away
+    return run_capture("gphoto2", plan, lambda stop: capture(plan, opts, stop, retry_for=args.retry_for),
+                       gave_up=lambda err: type(err).__name__ == "GPhoto2Error" or isinstance(err, OSError))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..atomic import atomic_write
-from .common import (IMAGETYP, Backoff, CaptureError, CapturePlan, Stop, add_plan_arguments, frame_name, plan_from_args, retry, run_plan, setup_logging)
+from .common import (IMAGETYP, Backoff, CaptureError, CapturePlan, Stop, add_plan_arguments, frame_name,
+                     plan_from_args, retry, run_capture, run_plan, setup_logging)
 
 log = logging.getLogger("drivers.capture.indi")
 
@@ -609,18 +610,8 @@ def run(args) -> int:
     opts = IndiOptions(host=args.host, port=args.port, device=args.device, filter_slot=args.filter_slot,
                        temperature=args.temperature, temp_timeout=args.temp_timeout,
                        download_timeout=args.download_timeout)
-    stop = Stop()
-    stop.install_signals()
-    try:
-        files = capture(plan, opts, stop, retry_for=args.retry_for)
-    except CaptureError as err:
-        print(f"capture indi: {err}", file=sys.stderr)
-        return 1
-    except (OSError, TimeoutError) as err:
-        print(f"capture indi: gave up: {err}", file=sys.stderr)
-        return 1
-    log.info("%d frame(s) in %s", len(files), plan.folder)
-    return 0
+    return run_capture("indi", plan, lambda stop: capture(plan, opts, stop, retry_for=args.retry_for),
+                       gave_up=lambda err: isinstance(err, (OSError, TimeoutError)))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,9 +18,8 @@ from pathlib import Path
 from drivers.simulator import SimConfig, render_frame, write_dng, write_fits
 from drivers.simulator.camera import parse_defects
 
-from .common import (CapturePlan, Stop, add_plan_arguments, frame_name, log, plan_from_args, run_plan,
+from .common import (CapturePlan, Stop, add_plan_arguments, frame_name, plan_from_args, run_capture, run_plan,
                      setup_logging)
-
 
 def sim_config(plan: CapturePlan, base: SimConfig | None = None) -> SimConfig:
     """`base` (default SimConfig()) with the plan's exposure and gain, starting now (UTC)."""
@@ -76,11 +75,7 @@ def run(args) -> int:
     except ValueError as err:
         print(f"capture sim: {err}", file=sys.stderr)
         return 2
-    stop = Stop()
-    stop.install_signals()
-    files = capture(plan, base, stop)
-    log.info("%d frame(s) in %s", len(files), plan.folder)
-    return 0
+    return run_capture("sim", plan, lambda stop: capture(plan, base, stop))
 
 
 def main(argv: list[str] | None = None) -> int:
