@@ -28,7 +28,7 @@ class DaemonParams:
     out: str | None = None          # the session folder (`--out` overrides)
     masters: str | None = None      # master library folder (from `livestack masters`), optional
     outputs_every: int = 1          # write stack.fits every this many stacked frames (preview.jpg: every frame) …
-    outputs_s: float = 0.0          # … and at most this often, s, while frames keep coming (at once when idle).
+    outputs_s: float = 30.0         # … and at most this often, s, while frames keep coming (at once when idle).
                                     #     A 24 MP stack.fits takes ~1.5 s to write: 60 suits a Pi; the
                                     #     checkpoint keeps every frame safe meanwhile
     checkpoint_every: int = 10      # checkpoint every this many frames …
