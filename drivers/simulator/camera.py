@@ -55,6 +55,7 @@ class SimConfig:
     n_hot: int = 60               # hot pixels (dark rate 50–500 e-/s); also 20 cold pixels (20 % response)
     vignetting: float = 0.35      # fractional fall-off of the flat at the corners
     n_dust: int = 3               # dust donuts in the flat
+    prnu: float = 0.005           # pixel response non-uniformity of the flat (σ, fraction): fixed-pattern noise
     camera: str = "SIMCAM 1"      # INSTRUME / Make + Model
     iso: int = 800
     gain_setting: int = 120
@@ -126,11 +127,12 @@ class _Pattern:
 
 
 def _pattern(cfg: SimConfig) -> _Pattern:
-    return _pattern_cached(cfg.seed, cfg.width, cfg.height, cfg.mono, cfg.n_hot, cfg.vignetting, cfg.n_dust)
+    return _pattern_cached(cfg.seed, cfg.width, cfg.height, cfg.mono, cfg.n_hot, cfg.vignetting, cfg.n_dust,
+                           cfg.prnu)
 
 
 @lru_cache(maxsize=2)  # a 24 MP flat is 92 MiB: keep two cameras at most
-def _pattern_cached(seed, width, height, mono, n_hot, vignetting, n_dust) -> _Pattern:
+def _pattern_cached(seed, width, height, mono, n_hot, vignetting, n_dust, prnu) -> _Pattern:
     # its own stream, so that the sky and the frames do not shift the camera's pattern
     rng = np.random.default_rng([seed, 0x5EED, int(mono)])
     n_cold = 20
@@ -158,8 +160,9 @@ def _pattern_cached(seed, width, height, mono, n_hot, vignetting, n_dust) -> _Pa
         inside = 1 / (1 + np.exp((r - 1) / edge))           # soft disc
         shadow = depth * inside * (0.55 + 0.45 * np.clip(r, 0, 1) ** 2)
         flat[ya:yb, xa:xb] *= (1 - shadow).astype(np.float32)
-    # pixel response non-uniformity 0.5 %, and dead-ish pixels
-    flat *= 1 + np.float32(0.005) * rng.standard_normal((height, width), dtype=np.float32)
+    # pixel response non-uniformity (0.5 % by default), and dead-ish pixels; the draw happens whatever prnu is,
+    # so prnu changes nothing else
+    flat *= 1 + np.float32(prnu) * rng.standard_normal((height, width), dtype=np.float32)
     flat[cold_xy[:, 1], cold_xy[:, 0]] *= np.float32(0.2)
     flat /= np.float32(flat.mean(dtype=np.float64))
     flat.setflags(write=False)
