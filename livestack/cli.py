@@ -88,7 +88,7 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
     wrote = engine.snapshot(out)
     return {"frames": len(files), "stacked": engine.n_stacked, "rejected": engine.n_rejected,
             "failed": engine.n_failed, "exptime": engine.exptime_total, "seconds": time.perf_counter() - t0,
-            "wrote": wrote, "engine": engine}
+            "wrote": wrote}
 
 
 def _print_summary(s: dict, out: Path) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ SHELL_SECTIONS = ("daemon", "web", "watch", "calibration", "capture")
 def _coerce(value, tp, where: str):
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
+    if origin in (typing.Union, types.UnionType):
         if value is None:
             return None
         for a in args:

@@ -153,21 +153,16 @@ def _exif_meta(path: Path) -> FrameMeta:
 
 
 def _ratio(t) -> float | None:
+    """An EXIF rational (exifread's Ratio, or its text '1/640') as a float; None when unusable."""
     try:
         v = t.values[0]
         return float(v.num) / float(v.den) if hasattr(v, "num") else float(v)
     except (IndexError, ZeroDivisionError, TypeError, ValueError):
+        n, _, d = str(t).partition("/")
         try:
-            return float(eval_fraction(str(t)))
-        except ValueError:
+            return float(n) / float(d or 1)
+        except (ValueError, ZeroDivisionError):
             return None
-
-
-def eval_fraction(s: str) -> float:
-    if "/" in s:
-        n, d = s.split("/", 1)
-        return float(n) / float(d)
-    return float(s)
 
 
 # ---------------------------------------------------------------- FITS
