@@ -148,6 +148,7 @@ class SessionFolder:
         self.checkpoint = self.dir / CHECKPOINT
         self.excluded_file = self.dir / "excluded.json"
         self.ignore_file = self.dir / "ignore.json"
+        self.inflight_file = self.dir / "inflight.json"
 
     # ---- small persistent lists
     def _read_list(self, path: Path) -> list[str]:
@@ -169,6 +170,31 @@ class SessionFolder:
 
     def ignored(self) -> set[str]:
         return set(self._read_list(self.ignore_file))
+
+    # ---- the frame being processed: a file that crashes the engine must not crash-loop the service
+    def mark_inflight(self, rel: str) -> int:
+        """Record that ``rel`` is being processed; returns how many times in a row it has been started
+        (1 normally; more when earlier runs died on it)."""
+        prev = self.inflight()
+        attempts = prev["attempts"] + 1 if prev and prev.get("path") == rel else 1
+        write_json_atomic(self.inflight_file, {"path": rel, "attempts": attempts})
+        return attempts
+
+    def inflight(self) -> dict | None:
+        """{"path", "attempts"} of the frame a previous run was processing when it died, or None."""
+        try:
+            data = json.loads(self.inflight_file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None   # torn by a power cut: at worst one more attempt
+        return data if isinstance(data, dict) and isinstance(data.get("attempts"), int) else None
+
+    def clear_inflight(self) -> None:
+        try:
+            self.inflight_file.unlink()
+        except FileNotFoundError:
+            pass
 
     # ---- checkpoint / resume
     def save_checkpoint(self, engine, lines: int, excluded: set[str]) -> None:

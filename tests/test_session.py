@@ -114,3 +114,51 @@ def test_bad_excluded_list_is_one_line(tmp_path):
     folder.excluded_file.write_text(json.dumps({"a": 1}))
     with pytest.raises(Exception, match="excluded.json: expected a JSON list"):
         folder.excluded()
+
+
+def test_a_file_that_keeps_crashing_the_worker_is_skipped(tmp_path, six, monkeypatch):
+    """An engine bug on one file (not a bad file: those are `failed` at once) stops the worker; systemd restarts
+    it. After daemon.max_attempts starts on the same file it is recorded as failed and the night goes on."""
+    import shutil
+    import time
+
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for f in six[:4]:
+        shutil.copy(f, watch / f.name)
+    poison = six[2].name
+    real = Engine.process
+
+    def process(self, path):
+        if path.name == poison:
+            raise RuntimeError("simulated engine bug")
+        return real(self, path)
+
+    monkeypatch.setattr(Engine, "process", process)
+    wp = WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5)
+    dp = DaemonParams(out=str(out), max_attempts=3, checkpoint_every=1)
+
+    def run_until_stopped_or(n_records: int) -> Service:
+        svc = Service(Config(), watch, out, wp, dp)
+        svc.start()
+        deadline = time.monotonic() + 30
+        while svc.running and len(svc.snapshot.frames) < n_records and time.monotonic() < deadline:
+            time.sleep(0.05)
+        svc.stop(timeout=10)
+        return svc
+
+    for attempt in range(3):                      # the bug stops the worker each time on the poison file
+        svc = run_until_stopped_or(4)
+        assert isinstance(svc.error, RuntimeError), attempt
+        assert SessionFolder(out).inflight()["attempts"] == attempt + 1
+    svc = run_until_stopped_or(4)                 # the fourth start skips it
+    assert svc.error is None
+    recs = read_frames_log(out / "frames.jsonl")
+    by_file = {r["file"]: r for r in recs}
+    assert set(by_file) == {f.name for f in six[:4]}
+    assert by_file[poison]["status"] == "failed" and "3 times in a row" in by_file[poison]["reason"]
+    assert sum(r["status"] in ("reference", "stacked") for r in recs) == 3
+    assert SessionFolder(out).inflight() is None

@@ -33,10 +33,13 @@ class DaemonParams:
                                     #     checkpoint keeps every frame safe meanwhile
     checkpoint_every: int = 10      # checkpoint every this many frames …
     checkpoint_s: float = 300.0     # … or this many seconds, whichever comes first
+    max_attempts: int = 3           # a file that stopped the worker this many times in a row is skipped (failed)
 
     def __post_init__(self):
         if self.outputs_every < 1 or self.checkpoint_every < 1:
             raise ConfigError("daemon.outputs_every and daemon.checkpoint_every must be at least 1")
+        if self.max_attempts < 1:
+            raise ConfigError(f"daemon.max_attempts = {self.max_attempts}: must be at least 1")
         if self.outputs_s < 0:
             raise ConfigError(f"daemon.outputs_s = {self.outputs_s}: must be ≥ 0")
         if self.checkpoint_s <= 0:

@@ -104,6 +104,19 @@ class Service:
         self._engine_excluded = set(self.excluded)
         self.flog = FramesLog(self.folder.frames)
         known = {d.get("path") or d["file"] for d in self.records} | self.folder.ignored()
+        poison = self.folder.inflight()
+        if poison and poison["attempts"] >= self.dp.max_attempts and poison["path"] not in known:
+            # Earlier runs died on this file (an engine bug, not a bad file — those are recorded as failed):
+            # record it instead of crash-looping under systemd, and carry on with the night.
+            rel = poison["path"]
+            self._append(FrameRecord(file=Path(rel).name, status="failed",
+                                     reason=f"processing it stopped livestack {poison['attempts']} times in a "
+                                            f"row; skipped (see the journal for the error)"), rel)
+            self.engine.n_failed += 1
+            known.add(rel)
+            log.error("livestack: %s stopped the worker %d times in a row; recorded as failed and skipped",
+                      rel, poison["attempts"])
+            self.folder.clear_inflight()
         if self.engine.has_stack:
             self._render_preview()
         self._state = "idle"
@@ -241,11 +254,10 @@ class Service:
             self.engine.n_failed += 1   # counted like the engine's own failures (NFAILED in the header)
             log.warning("failed %s: %s", item.rel, item.reason)
         else:
+            self.folder.mark_inflight(item.rel)
             rec = self.engine.process(item.path)
-        d = rec.to_dict()
-        d["path"], d["processed"] = item.rel, _now()
-        self.flog.append(d)
-        self.records.append(d)
+        self._append(rec, item.rel)
+        self.folder.clear_inflight()
         self._since_ckpt += 1
         log.info("%s %s%s", rec.status, item.rel, f": {rec.reason}" if rec.reason else
                  f" fwhm {rec.fwhm} px, {rec.stars} stars ({rec.seconds} s)")
@@ -260,6 +272,12 @@ class Service:
             self._checkpoint()
         self._state = "idle" if self.files.empty() else "processing"
         self._publish()
+
+    def _append(self, rec: FrameRecord, rel: str) -> None:
+        d = rec.to_dict()
+        d["path"], d["processed"] = rel, _now()
+        self.flog.append(d)
+        self.records.append(d)
 
     def _idle(self) -> None:
         if self._fits_dirty:
