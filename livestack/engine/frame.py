@@ -95,9 +95,6 @@ class Stars:
         z = np.zeros(0)
         return Stars(np.zeros((0, 2)), z, z, z, z)
 
-    def brightest(self, n: int) -> "Stars":
-        return Stars(self.xy[:n], self.flux[:n], self.fwhm[:n], self.a[:n], self.b[:n])
-
 
 @dataclass(frozen=True, slots=True)
 class Quality:
@@ -108,9 +105,6 @@ class Quality:
     eccentricity: float    # median sqrt(1 - b²/a²); 0 = round
     background: float      # median sky level of the luminance, ADU (after calibration)
     noise: float           # background RMS of the luminance, ADU
-
-
-FRAME_STATUSES = ("reference", "stacked", "rejected", "failed", "excluded")
 
 
 @dataclass(slots=True)

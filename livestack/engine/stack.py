@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from .stretch import reduce
+
 _GROW = np.ones((3, 3), np.uint8)
 
 
@@ -397,8 +399,6 @@ class RunningStack:
         """Like result(), at most ``max_size`` px on the long side: the sums and weights are area-averaged
         first and divided after, so the full-resolution mean (~290 MB at 24 MP) is never built.  For the live
         preview, which is redrawn after every frame."""
-        from .stretch import reduce
-
         if self.sums is None:
             # Bootstrap: combine reduced copies of the buffered frames (the full-resolution combination takes
             # ~1.5 s at 24 MP; the preview is redrawn after each frame).
