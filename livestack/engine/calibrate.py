@@ -86,6 +86,9 @@ def calibrate(frame: Frame, masters: Masters | None, cosmetic: CosmeticParams, *
     elif m.bias is not None:
         img -= m.bias
         info["bias"] = m.names.get("bias", True)
+    elif np.all(frame.black == frame.black[0, 0]):
+        if frame.black[0, 0]:
+            img -= frame.black[0, 0]     # one contiguous pass (4 strided ones cost 5× more at 24 MP)
     else:
         for i in range(2):       # per CFA position, without building a black-level plane
             for j in range(2):

@@ -63,11 +63,17 @@ def sky_model(cfa: np.ndarray, pattern: str | None, *, cells: int = 12) -> tuple
             s = 1.4826 * np.median(np.abs(r[keep])) + 1e-9
             keep = np.abs(r) < 3 * s
         planes.append(coef)
-        d = np.concatenate(diffs).astype(np.float64)
-        s0 = 1.4826 * np.median(np.abs(d - np.median(d))) + 1e-12
-        core = d[np.abs(d - np.median(d)) < 4 * s0]
-        noises.append(float(core.std()) / np.sqrt(2.0) if core.size > 10 else s0 / np.sqrt(2.0))
+        noises.append(pair_noise(np.concatenate(diffs)))
     return np.array(planes), np.array(noises)
+
+
+def pair_noise(d: np.ndarray) -> float:
+    """Per-pixel σ from differences ``d`` of neighbouring pixels (σ√2 each), clipped at 4σ of their MAD so
+    that stars do not count; gradients cancel in a difference."""
+    d = np.asarray(d, np.float64)
+    s0 = 1.4826 * np.median(np.abs(d - np.median(d))) + 1e-12
+    core = d[np.abs(d - np.median(d)) < 4 * s0]
+    return float(core.std()) / np.sqrt(2.0) if core.size > 10 else s0 / np.sqrt(2.0)
 
 
 def plane_on_grid(plane_cfa: np.ndarray, debayer: str | None) -> np.ndarray:

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import sep
 
 from .frame import Quality, Stars
+from .normalize import pair_noise
 
 _FWHM_PER_SIGMA = 2.0 * np.sqrt(2.0 * np.log(2.0))
 
@@ -28,6 +30,27 @@ class StarParams:
             raise ValueError(f"stars.box = {self.box}: must be at least 8 px")
 
 
+def _subtract_background(data: np.ndarray, box: int) -> tuple[np.ndarray, float, float]:
+    """``data`` − sep's background map (a new array), and the global background level and per-pixel RMS.
+
+    From 2 Mpx on, the map is estimated on a 2×2-averaged copy with half-size meshes and scaled back up: the
+    map is smooth on the mesh scale (64 px) by construction, so nothing is lost, and sep.Background, whose cost
+    is per pixel, takes a quarter of the time (45 → 12 ms on the 6 Mpx binned mosaic of a 24 MP frame).
+    The RMS then comes from differences of adjacent pixels (~10⁵ pairs): a gradient inside a mesh would
+    inflate sep's mesh RMS, and more so on the averaged copy, whose noise is halved.
+    """
+    h, w = data.shape
+    if data.size < 2_000_000 or box < 16:
+        bkg = sep.Background(data, bw=box, bh=box, fw=3, fh=3)
+        return data - bkg.back(dtype=np.float32), float(bkg.globalback), float(bkg.globalrms)
+    small = cv2.resize(data[: h // 2 * 2, : w // 2 * 2], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
+    bkg = sep.Background(small, bw=box // 2, bh=box // 2, fw=3, fh=3)
+    # A 2× linear upscale with pixel centres aligned (cv2's convention: centre of small pixel i at 2i + 0.5).
+    back = cv2.resize(bkg.back(dtype=np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    rows = data[:: max(1, int(data.size / 1e5))]          # every r-th row: ~10⁵ pairs
+    return cv2.subtract(data, back), float(bkg.globalback), pair_noise(np.diff(rows, axis=1).ravel())
+
+
 def detect_stars(lum: np.ndarray, p: StarParams, *, saturation: float = np.inf,
                  extra_var: float = 0.0) -> tuple[Stars, Quality]:
     """Find stars in a (H, W) float32 luminance image.
@@ -41,9 +64,7 @@ def detect_stars(lum: np.ndarray, p: StarParams, *, saturation: float = np.inf,
     Zero stars is a valid result (empty arrays, nan FWHM), not an error.
     """
     data = np.ascontiguousarray(lum, dtype=np.float32)
-    bkg = sep.Background(data, bw=p.box, bh=p.box, fw=3, fh=3)
-    background, noise = float(bkg.globalback), float(bkg.globalrms)
-    sub = data - bkg.back(dtype=np.float32)
+    sub, background, noise = _subtract_background(data, p.box)
     # Big or crowded frames overflow sep's default pixel stack; size it to the image.
     sep.set_extract_pixstack(max(300_000, data.size // 20))
     try:
@@ -78,7 +99,7 @@ def detect_stars(lum: np.ndarray, p: StarParams, *, saturation: float = np.inf,
         good = (flag == 0) & (np.hypot(xw - x, yw - y) < 2.0)
         x, y = np.where(good, xw, x), np.where(good, yw, y)
     # Quality from stars that are neither saturated nor faint nor blended.
-    peak_ok = (obj["peak"] + bkg.globalback) < 0.8 * saturation
+    peak_ok = (obj["peak"] + background) < 0.8 * saturation
     clean = peak_ok & (obj["flag"] & (sep.OBJ_MERGED | sep.OBJ_TRUNC) == 0)
     idx = np.flatnonzero(clean)
     if idx.size >= 6:

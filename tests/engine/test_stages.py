@@ -99,6 +99,26 @@ def test_stars_fwhm_centroids_and_quality():
     assert np.median(d2) < 0.05
 
 
+def test_stars_on_a_large_frame_reduced_background():
+    """From 2 Mpx on, sep's background is estimated on a 2×2-averaged copy: same stars, level and noise."""
+    rng = np.random.default_rng(12)
+    h, w = 1400, 1500
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = (300 + 0.05 * xx - 0.03 * yy + rng.normal(0, 4, (h, w))).astype(np.float32)
+    truth = np.column_stack([rng.uniform(20, w - 20, 200), rng.uniform(20, h - 20, 200)])
+    s = 3.2 / 2.3548
+    for x, y in truth:
+        x0, y0 = int(x) - 8, int(y) - 8
+        sy, sx = np.mgrid[y0:y0 + 17, x0:x0 + 17]
+        img[y0:y0 + 17, x0:x0 + 17] += (2e4 / (2 * np.pi * s * s)
+                                       * np.exp(-((sx - x) ** 2 + (sy - y) ** 2) / (2 * s * s)))
+    stars, q = detect_stars(img, StarParams())
+    assert q.stars >= 190 and abs(q.fwhm - 3.2) < 0.3
+    assert abs(q.noise - 4) < 0.3 and abs(q.background - (300 + 0.05 * w / 2 - 0.03 * h / 2)) < 5
+    d = np.min(np.hypot(*(stars.xy[:, None, :] - truth[None]).transpose(2, 0, 1)), axis=1)
+    assert np.median(d) < 0.05
+
+
 def test_stars_elongated_frame_has_high_eccentricity():
     rng = np.random.default_rng(3)
     pts = [(x + dx, y, f / 9) for x, y, f in zip(rng.uniform(15, 185, 30), rng.uniform(10, 140, 30),
