@@ -111,3 +111,10 @@ def test_rms_error_rotation_about_centre():
 def test_invert_singular_raises():
     with pytest.raises(ValueError, match="singular"):
         geo.invert(np.array([[1.0, 2.0, 0.0], [2.0, 4.0, 0.0]]))
+
+
+@given(affines(), points())
+def test_halved_is_the_same_map_between_cell_grids(m, xy):
+    """Cell u of a 2×2-binned grid sits at pixel 2u + 0.5: halved(m) maps cells where m maps their centres."""
+    cells = (xy - 0.5) / 2.0
+    np.testing.assert_allclose(geo.apply(geo.halved(m), cells), (geo.apply(m, xy) - 0.5) / 2.0, atol=1e-6)

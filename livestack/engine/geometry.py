@@ -91,6 +91,14 @@ def similarity(scale, angle_deg, tx, ty, *, center=(0.0, 0.0)) -> np.ndarray:
     ])
 
 
+def halved(m) -> np.ndarray:
+    """The same transform between the grids of 2×2 cells (cell i centred on pixel 2i + 0.5, both sides)."""
+    m = _check(m)
+    out = m.copy()
+    out[:, 2] = (m[:, :2] @ [0.5, 0.5] + m[:, 2] - 0.5) / 2.0
+    return out
+
+
 def decompose(m, *, center=(0.0, 0.0)) -> tuple[float, float, float, float]:
     """(dx, dy, rotation_deg, scale) of a transform, seen from ``center``.
 

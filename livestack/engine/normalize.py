@@ -80,10 +80,14 @@ def plane_on_grid(plane_cfa: np.ndarray, debayer: str | None) -> np.ndarray:
     """Plane coefficients (C, 3) in CFA pixel coordinates -> in the debayered image's pixel coordinates
     (superpixel: cell (i, j) is centred on CFA pixel (2i + 0.5, 2j + 0.5))."""
     p = np.array(plane_cfa, dtype=np.float64)
-    if debayer == "superpixel":
-        a0, ax, ay = p[:, 0], p[:, 1], p[:, 2]
-        return np.column_stack([a0 + 0.5 * ax + 0.5 * ay, 2 * ax, 2 * ay])
-    return p
+    return plane_halved(p) if debayer == "superpixel" else p
+
+
+def plane_halved(plane: np.ndarray) -> np.ndarray:
+    """Plane coefficients (C, 3) on a pixel grid -> on the grid of its 2×2 cells (cell i centred on 2i + 0.5)."""
+    p = np.asarray(plane, dtype=np.float64).reshape(-1, 3)
+    a0, ax, ay = p[:, 0], p[:, 1], p[:, 2]
+    return np.column_stack([a0 + 0.5 * ax + 0.5 * ay, 2 * ax, 2 * ay])
 
 
 def sky_level(plane: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:

@@ -25,16 +25,18 @@ from .calibrate import Masters, calibrate
 from .debayer import bin2x2_mean, debayer, debayer_mask
 from .frame import Frame, FrameError, FrameRecord, Quality, Stars
 from .read import read_frame
-from .normalize import normalize_inplace, plane_on_grid, sky_level, sky_model, transparency_scale
+from .normalize import (normalize_inplace, plane_halved, plane_on_grid, sky_level, sky_model,
+                        transparency_scale)
 from .register import RegistrationError, register
 from .reject import FrameJudge
-from .stack import RunningStack
+from .stack import RunningStack, bin2
 from .stars import detect_stars, refine_centroids
 from .stretch import auto_stretch
 from .warp import warp, warp_mask
 from .write import atomic_write_with, write_fits_blocks, write_jpeg
 
 log = logging.getLogger("livestack")
+STATE_VERSION = 2     # save_state()'s layout: 2 = the stack buffers the binned luminance of bootstrap frames
 
 
 class MasterSource(Protocol):
@@ -147,7 +149,8 @@ class Engine:
         plane_cfa, noise = sky_model(cfa, frame.pattern)
         plane = plane_on_grid(plane_cfa, cfg.engine.debayer if frame.pattern else None)
         sky = sky_level(plane_cfa, sensor_shape)
-        stars, q = self._stars(cfa, frame)
+        stars, q, binned = self._stars(cfa, frame)
+        cells = self._cells(cfa if binned is None else binned, frame.pattern)
         self._lap("stars")
         rgb = self._debayer(cfa, frame.pattern)
         self._lap("debayer")
@@ -198,29 +201,25 @@ class Engine:
             weight *= (self.ref.fwhm / q.fwhm) ** cfg.engine.sharpness_weight
         rec.weight = _r(weight, 4)
 
-        # The stack takes the luminance (it decides which pixels are outliers) and then one channel at a time,
-        # so the warp needs one luminance plane and one channel plane instead of a whole warped frame.  The
-        # warp is linear: the warped luminance is the luminance of the warped channels.
+        # The stack takes the binned luminance (it decides which 2×2 cells are outliers), normalised and warped
+        # at half resolution, and then one channel at a time, so the warp needs one channel plane instead of a
+        # whole warped frame.
         grid_hw = self.ref.grid[1:]
-        lum = self._buffer("scratch", rgb.shape[1:])
-        if rgb.shape[0] == 3:
-            np.add(rgb[0], rgb[1], out=lum)
-            lum += rgb[2]
-            lum *= np.float32(1 / 3)
-        else:
-            np.copyto(lum, rgb[0])
+        lw = self.stack.lum_weights
+        half = geometry.halved(matrix)
+        normalize_inplace(cells[None], plane_halved(lw @ plane), scale, plane_halved(lw @ self.ref.plane), half)
+        cells = warp(cells[None], half, self.stack.cells, interpolation=cfg.engine.interpolation,
+                     out=self._buffer("cells", (1,) + self.stack.cells))[0]
         if rec.status == "reference":
             channel = rgb.__getitem__
         else:
-            lum = warp(lum[None], matrix, grid_hw, interpolation=cfg.engine.interpolation,
-                       out=self._buffer("lum", (1,) + grid_hw))[0]
             sat = warp_mask(sat, matrix, grid_hw) if sat is not None else None
-            one = self._buffer("scratch", rgb.shape[1:])   # free again: the source luminance is warped
+            one = self._buffer("scratch", rgb.shape[1:])
 
             def channel(c: int) -> np.ndarray:
                 return warp(rgb[c][None], matrix, grid_hw, interpolation=cfg.engine.interpolation,
                             out=one[None])[0]
-        rec.rejected_pixels = self.stack.add_channels(lum, channel, weight, noise_n, saturated=sat)
+        rec.rejected_pixels = self.stack.add_channels(cells, channel, weight, noise_n, saturated=sat)
         self._lap("warp+stack")
 
         self.judge.accept(q)
@@ -241,20 +240,29 @@ class Engine:
 
     # ------------------------------------------------------------------ stages with the session's geometry
 
-    def _stars(self, cfa: np.ndarray, frame: Frame) -> tuple[Stars, Quality]:
-        """Stars on the stack grid.  Colour frames are searched on the 2×2-binned mosaic (a true luminance,
-        R+2G+B, at a quarter of the pixels: 4× faster than on the debayered image, same centroids)."""
+    def _stars(self, cfa: np.ndarray, frame: Frame) -> tuple[Stars, Quality, np.ndarray | None]:
+        """Stars on the stack grid, and for colour frames the 2×2-binned mosaic they were found on (a true
+        luminance, (R + 2G + B)/4, at a quarter of the pixels: 4× faster than the debayered image, same
+        centroids)."""
         white = frame.white - float(frame.black.mean())
         if frame.pattern is None:
-            return detect_stars(cfa, self.cfg.stars, saturation=white)
+            return *detect_stars(cfa, self.cfg.stars, saturation=white), None
         lum = bin2x2_mean(cfa)
         stars, q = detect_stars(lum, self.cfg.stars, saturation=white, extra_var=1 / 12 - 1 / 48)
         if self.cfg.engine.debayer == "superpixel":
-            return stars, q
+            return stars, q, lum
         # Cell (i, j) of the binned image covers full-resolution pixels 2i..2i+1: its centre is at 2i + 0.5.
         xy = stars.xy * 2.0 + 0.5
         s = Stars(xy, stars.flux, stars.fwhm * 2.0, stars.a * 2.0, stars.b * 2.0)
-        return s, Quality(q.stars, q.fwhm * 2.0, q.eccentricity, q.background, q.noise)
+        return s, Quality(q.stars, q.fwhm * 2.0, q.eccentricity, q.background, q.noise), lum
+
+    def _cells(self, lum: np.ndarray, pattern: str | None) -> np.ndarray:
+        """The frame's luminance averaged over the 2×2 cells of its debayered grid, for the stack's outlier
+        test: the binned mosaic itself (bilinear: a grid cell is a Bayer cell), binned once more (superpixel),
+        or the mono image binned.  A new float32 array."""
+        if pattern is not None and self.cfg.engine.debayer == "bilinear":
+            return lum
+        return bin2(lum)
 
     def _debayer(self, cfa: np.ndarray, pattern: str | None) -> np.ndarray:
         if pattern is None:
@@ -283,7 +291,14 @@ class Engine:
         self.ref = Reference(frame.path.name, sensor_shape, frame.pattern, grid, stars,
                              np.asarray(sky, np.float64), np.asarray(plane, np.float64), float(np.mean(noise)),
                              q.fwhm)
-        self.stack = RunningStack(grid, sky, self.cfg.stack)
+        # The stack's luminance is the one of its cells (_cells): (R + 2G + B)/4 of the raw samples of a Bayer
+        # cell (bilinear: 1 R, 2 G, 1 B; superpixel: 4 Bayer cells) or the mean of 4 mono pixels.
+        if frame.pattern is None:
+            weights, samples = [1.0], [4.0]
+        else:
+            k = 4.0 if self.cfg.engine.debayer == "superpixel" else 1.0
+            weights, samples = [0.25, 0.5, 0.25], [k, 2 * k, k]
+        self.stack = RunningStack(grid, sky, self.cfg.stack, weights, samples)
 
     def _grid_centre(self) -> tuple[float, float]:
         _, h, w = self.ref.grid
@@ -362,7 +377,7 @@ class Engine:
     def save_state(self, path: Path | str) -> None:
         """Everything needed to resume exactly, in one .npz written atomically (tmp + fsync + rename)."""
         meta = {
-            "version": 1, "index": self.index, "n_stacked": self.n_stacked, "n_rejected": self.n_rejected,
+            "version": STATE_VERSION, "index": self.index, "n_stacked": self.n_stacked, "n_rejected": self.n_rejected,
             "n_failed": self.n_failed, "exptime_total": self.exptime_total, "first_time": self.first_time,
             "last_end": self.last_end, "camera": self.camera, "filter": self.filter,
             "calibration_used": self.calibration_used, "judge": self.judge.state(),
@@ -391,6 +406,8 @@ class Engine:
         eng = cls(cfg, masters=masters)
         with np.load(path) as z:
             meta = json.loads(bytes(z["meta"]).decode())
+            if meta.get("version") != STATE_VERSION:
+                raise ValueError(f"checkpoint format {meta.get('version')}, this livestack reads {STATE_VERSION}")
             for k in ("index", "n_stacked", "n_rejected", "n_failed", "exptime_total", "first_time",
                       "last_end", "camera", "filter", "calibration_used"):
                 setattr(eng, k, meta[k])

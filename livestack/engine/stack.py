@@ -1,12 +1,14 @@
 """RunningStack: a weighted mean with per-pixel outlier rejection whose memory does not grow with frames.
 
 Full resolution: the weighted sums S_c = Σ w·x_c of each channel and W = Σ w (C + 1 float32 planes).
-Statistics for rejection, on the 2×2-binned luminance b, taken from the sky so that float32 keeps its
-precision where the noise is small: Σ w·(b − b_sky), Σ w, Σ w·(b − b_sky)² and the frame count n
-(a quarter plane each).  Binning costs nothing in what can be caught — a satellite trail or a cosmic-ray hit
-keeps most of its signal in its 2×2 cell while the noise halves — and makes the rejection test, the costliest
-part of a frame (~27 passes over memory), four times cheaper; a rejected cell drops its 4 pixels.
-For RGB at 24 MP: ≈ 470 MB.
+Statistics for rejection, on the 2×2-binned luminance b (a weighted mean of the channels, ``lum_weights``),
+taken from the sky so that float32 keeps its precision where the noise is small: Σ w·(b − b_sky), Σ w,
+Σ w·(b − b_sky)² and the frame count n (a quarter plane each).  Binning costs nothing in what can be caught —
+a satellite trail or a cosmic-ray hit keeps most of its signal in its 2×2 cell while the noise halves — and
+makes the rejection test, the costliest part of a frame (~27 passes over memory), four times cheaper; a
+rejected cell drops its 4 pixels.  The caller may give the cells directly (``add_channels``): the pipeline
+averages 2×2 blocks of the Bayer mosaic — (R + 2G + B)/4 — and warps them at half resolution, which costs a
+full-resolution luminance plane, its warp and its binning less per frame.  For RGB at 24 MP: ≈ 470 MB.
 
 A new frame's cell is rejected (all channels at once: a satellite or a cosmic ray hits them together after
 debayering) when its luminance departs from the running mean by more than κσ, where σ² is the larger of
@@ -55,13 +57,11 @@ class StackParams:
                              "are required")
 
 
-def _luminance(x: np.ndarray) -> np.ndarray:
-    """(C, h, w) -> (h, w) float32 mean of the channels (a new array)."""
-    lum = x[0].astype(np.float32, copy=True)
+def _luminance(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(C, h, w) -> (h, w) float32 Σ weights[c]·x[c] (a new array)."""
+    lum = x[0].astype(np.float32) * np.float32(weights[0])
     for c in range(1, x.shape[0]):
-        lum += x[c]
-    if x.shape[0] > 1:
-        lum *= np.float32(1.0 / x.shape[0])
+        lum += x[c].astype(np.float32) * np.float32(weights[c])
     return lum
 
 
@@ -75,9 +75,20 @@ def bin2(a: np.ndarray) -> np.ndarray:
 
 
 def unbin2(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A cell mask back to full resolution: each cell's value on its 2×2 pixels."""
+    """A bool cell mask back to full resolution: each cell's value on its 2×2 pixels (OpenCV's nearest-
+    neighbour resize at exactly 2×: 3× faster than two np.repeat)."""
     h, w = shape
-    return np.repeat(np.repeat(m, 2, axis=0), 2, axis=1)[:h, :w]
+    full = cv2.resize(np.ascontiguousarray(m).view(np.uint8), (m.shape[1] * 2, m.shape[0] * 2),
+                      interpolation=cv2.INTER_NEAREST)
+    return full.view(bool)[:h, :w]
+
+
+_F16_MAX = np.float32(np.finfo(np.float16).max)
+
+
+def _to_float16(x: np.ndarray) -> np.ndarray:
+    """float32 -> float16, clipped to its range (65504: a 16-bit camera's saturated pixels would become inf)."""
+    return np.clip(x, -_F16_MAX, _F16_MAX).astype(np.float16)
 
 
 def _median_rows(block: np.ndarray) -> np.ndarray:
@@ -106,11 +117,24 @@ class RunningStack:
     the bootstrap ``bootstrap`` float16 frames.
     """
 
-    def __init__(self, shape: tuple[int, int, int], sky: np.ndarray, p: StackParams):
+    def __init__(self, shape: tuple[int, int, int], sky: np.ndarray, p: StackParams,
+                 lum_weights: np.ndarray | None = None, cell_samples: np.ndarray | None = None):
         self.shape = tuple(int(s) for s in shape)
         self.cells = ((self.shape[1] + 1) // 2, (self.shape[2] + 1) // 2)
         self.sky = np.asarray(sky, np.float32).reshape(-1)
-        self.sky_lum = np.float32(self.sky.mean())
+        c = self.shape[0]
+        lw = np.full(c, 1.0 / c) if lum_weights is None else np.asarray(lum_weights, np.float64).reshape(-1)
+        if lw.shape != (c,) or not np.isclose(lw.sum(), 1.0) or (lw < 0).any():
+            raise ValueError(f"lum_weights must be {c} non-negative numbers summing to 1 (got {lw})")
+        self.lum_weights = lw
+        # Independent samples of each channel's noise in a cell: 2 for debayered and warped pixels (the 4 of a
+        # cell half correlated: debayering and the warp interpolate); the pipeline knows better (Bayer cell:
+        # 1 R, 2 G, 1 B).
+        ns = np.full(c, 2.0) if cell_samples is None else np.asarray(cell_samples, np.float64).reshape(-1)
+        if ns.shape != (c,) or (ns <= 0).any():
+            raise ValueError(f"cell_samples must be {c} positive numbers (got {ns})")
+        self.cell_samples = ns
+        self.sky_lum = np.float32(lw @ self.sky)
         self.p = p
         self.sums: np.ndarray | None = None      # (C, H, W) Σ w·x_c
         self.wsum: np.ndarray | None = None      # (H, W) Σ w
@@ -118,7 +142,8 @@ class RunningStack:
         self.lw: np.ndarray | None = None        # cells: Σ w
         self.sq: np.ndarray | None = None        # cells: Σ w·(b − b_sky)²
         self.count: np.ndarray | None = None     # cells: uint16 frames contributing
-        self.buffer: list[tuple[np.ndarray, float, np.ndarray, np.ndarray | None]] = []
+        # bootstrap: (float16 (C, H, W) frame, weight, noise, saturated or None, float32 cells − sky)
+        self.buffer: list[tuple[np.ndarray, float, np.ndarray, np.ndarray | None, np.ndarray]] = []
         self.frames = 0
         self.rejected_total = 0
         self.bootstrap_rejected: list[int] = []
@@ -135,16 +160,21 @@ class RunningStack:
         """
         if img.shape != self.shape:
             raise ValueError(f"frame shape {img.shape} does not match the stack {self.shape}")
-        return self.add_channels(_luminance(img), lambda c: img[c], weight, noise, saturated=saturated)
+        return self.add_channels(self.cells_of(img), lambda c: img[c], weight, noise, saturated=saturated)
 
-    def add_channels(self, lum: np.ndarray, channel, weight: float, noise: np.ndarray, *,
+    def cells_of(self, img: np.ndarray) -> np.ndarray:
+        """The binned luminance of a (C, H, W) frame on this stack's cell grid (what add_channels takes)."""
+        return bin2(_luminance(img, self.lum_weights))
+
+    def add_channels(self, cells: np.ndarray, channel, weight: float, noise: np.ndarray, *,
                      saturated: np.ndarray | None = None) -> int | None:
-        """Add one frame given as its (H, W) luminance (mean of the channels, NaN outside the footprint) and
-        ``channel(c)``, which returns channel c as an (H, W) float32 array that stays valid until the next call
-        (it may reuse one buffer: the pipeline warps each channel into the same plane, two full frames fewer
-        in memory at 24 MP).  ``lum`` and the returned channels may be modified.  Returns as add()."""
-        if lum.shape != self.shape[1:]:
-            raise ValueError(f"frame shape {lum.shape} does not match the stack {self.shape[1:]}")
+        """Add one frame given as its binned luminance ``cells`` (``self.cells`` float32: the 2×2 means of
+        Σ lum_weights[c]·x_c, NaN outside the footprint) and ``channel(c)``, which returns channel c as an
+        (H, W) float32 array, NaN outside the footprint, that stays valid until the next call (it may reuse one
+        buffer: the pipeline warps each channel into the same plane, two full frames fewer in memory at 24 MP).
+        ``cells`` and the returned channels may be modified.  Returns as add()."""
+        if cells.shape != self.cells:
+            raise ValueError(f"cells shape {cells.shape} does not match the stack's {self.cells}")
         if not weight > 0:
             raise ValueError(f"weight must be > 0 (got {weight})")
         noise = np.asarray(noise, np.float32).reshape(-1)
@@ -152,12 +182,13 @@ class RunningStack:
         if self.bootstrap_full:
             self.finish_bootstrap()
         if self.sums is None and self.p.bootstrap > 1:
-            frame16 = np.stack([channel(c).astype(np.float16) for c in range(self.shape[0])])
-            self.buffer.append((frame16, float(weight), noise, None if saturated is None else saturated.copy()))
+            frame16 = np.stack([_to_float16(channel(c)) for c in range(self.shape[0])])
+            b = cells - self.sky_lum
+            self.buffer.append((frame16, float(weight), noise, None if saturated is None else saturated.copy(), b))
             return None
         if self.sums is None:
             self._allocate()
-        b = bin2(lum)
+        b = cells
         b -= self.sky_lum
         bad = np.empty(self.cells, bool)
 
@@ -171,10 +202,7 @@ class RunningStack:
 
         # Row blocks are independent and numpy releases the GIL in elementwise loops: use the cores.
         rejected = 4 * sum(self._map(judge, list(self._chunks(self.cells[0]))))
-        valid = unbin2(bad, lum.shape)
-        np.logical_not(valid, out=valid)
-        valid &= np.isfinite(lum)
-        self._accumulate_pixels(channel, valid, weight, saturated)
+        self._accumulate_pixels(channel, bad, weight, saturated)
         self.rejected_total += rejected
         return rejected
 
@@ -224,11 +252,11 @@ class RunningStack:
             pool.shutdown(wait=False)
 
     def _cell_noise2(self, noise: np.ndarray) -> np.float32:
-        """Background variance of a cell of the binned luminance.  The channels' noise is taken as independent
-        and the 4 pixels of a cell as half correlated (debayering and the warp interpolate): between σ²/4 and
-        σ², on the side of fewer false rejections."""
-        var_lum = np.sum(noise.astype(np.float64) ** 2) / len(noise) ** 2
-        return np.float32(var_lum / 2)
+        """Background variance of a cell of the binned luminance: Σ w_c² σ_c² / n_c, the channels independent,
+        n_c samples of channel c in a cell (``cell_samples``).  A warp after the binning only lowers it (its
+        interpolation averages), so this errs on the side of fewer false rejections."""
+        var = np.sum(self.lum_weights ** 2 * noise.astype(np.float64) ** 2 / self.cell_samples)
+        return np.float32(var)
 
     def _stream_outliers(self, b, noise, r0, r1) -> np.ndarray:
         """Cells of ``b`` (binned luminance − sky) that are outliers against the running statistics."""
@@ -282,12 +310,11 @@ class RunningStack:
         # (median of K: ≈ π/2 · σ²/K; with two frames the centre is one of them).
         centre_var = np.float32(1.0 if k == 2 else (np.pi / 2) / max(k, 1))
         rel = np.float32(self.p.rel_floor)
-        lums = np.stack([bin2(_luminance(f)) for f, _, _, _ in self.buffer])   # (K, cells); f16 summed in f32
-        lums -= self.sky_lum
+        lums = np.stack([b for *_, b in self.buffer])                   # (K, cells) − sky
         centre = _median_rows(lums)
         signal = np.maximum(centre, 0) * rel
         bads = [self._threshold(lums[i], centre, (self._cell_noise2(noise) + signal * signal) * (1 + centre_var))
-                for i, (_, _, noise, _) in enumerate(self.buffer)]
+                for i, (_, _, noise, _, _) in enumerate(self.buffer)]
         if k > 1:
             everyone = np.logical_and.reduce(bads)
             if everyone.any():
@@ -296,11 +323,10 @@ class RunningStack:
                 for i in range(k):
                     bads[i] &= ~(everyone & (keep == i))
         rejected = []
-        for i, (f16, wt, _, sat) in enumerate(self.buffer):
+        for i, (f16, wt, _, sat, _) in enumerate(self.buffer):
             rejected.append(4 * int(bads[i].sum()))
             self._accumulate_cells(lums[i], np.isfinite(lums[i]) & ~bads[i], wt, lsum, lw, sq, count)
-            valid = ~unbin2(bads[i], f16.shape[1:]) & np.isfinite(f16[0])   # NaN: same footprint in every channel
-            self._accumulate_pixels(lambda c: f16[c], valid, wt, sat, sums, wsum)
+            self._accumulate_pixels(lambda c: f16[c], bads[i], wt, sat, sums, wsum)
         return rejected
 
     def _accumulate_cells(self, b, valid, weight, lsum, lw, sq, count) -> None:
@@ -312,13 +338,15 @@ class RunningStack:
         cv2.scaleAdd(cv2.multiply(b, b), w, sq, dst=sq)
         count += valid
 
-    def _accumulate_pixels(self, channel, valid, weight, saturated, sums=None, wsum=None) -> None:
-        """Full resolution: W += w and S_c += w·x_c where valid, a channel at a time.  ``channel(c)`` may give
-        float32 (modified: zeroed where not valid) or float16 (converted block by block)."""
+    def _accumulate_pixels(self, channel, bad_cells, weight, saturated, sums=None, wsum=None) -> None:
+        """Full resolution: W += w and S_c += w·x_c where valid — inside the footprint (channel 0 not NaN: every
+        channel shares it) and not in a rejected cell — a channel at a time.  ``channel(c)`` may give float32
+        (modified: zeroed where not valid) or float16 (converted block by block)."""
         sums = self.sums if sums is None else sums
         wsum = self.wsum if wsum is None else wsum
         chunks = list(self._chunks(self.shape[1]))
         sat_any = saturated is not None and saturated.any()
+        valid = unbin2(bad_cells, self.shape[1:])       # True where rejected, until made the valid mask below
 
         def wmap(r0, r1):
             """Per-pixel weights of a block with saturated pixels (None: the scalar weight and the mask do)."""
@@ -328,21 +356,21 @@ class RunningStack:
             m[saturated[r0:r1]] *= np.float32(self.p.saturated_weight)
             return m
 
-        def w_block(rows):
-            r0, r1 = rows
-            m = wmap(r0, r1)
-            if m is None:
-                cv2.add(wsum[r0:r1], float(weight), dst=wsum[r0:r1], mask=valid[r0:r1].view(np.uint8))
-            else:
-                wsum[r0:r1] += m
-
-        self._map(w_block, chunks)
         for c in range(self.shape[0]):
             x = channel(c)
 
             def block(rows, x=x, c=c):
                 r0, r1 = rows
                 xb = x[r0:r1] if x.dtype == np.float32 else x[r0:r1].astype(np.float32)
+                if c == 0:   # the valid mask, then W, while the block is in cache
+                    v = valid[r0:r1]
+                    np.logical_not(v, out=v)
+                    v &= np.isfinite(xb)
+                    m = wmap(r0, r1)
+                    if m is None:
+                        cv2.add(wsum[r0:r1], float(weight), dst=wsum[r0:r1], mask=v.view(np.uint8))
+                    else:
+                        wsum[r0:r1] += m
                 np.copyto(xb, 0, where=~valid[r0:r1])
                 m = wmap(r0, r1)
                 if m is None:
@@ -404,12 +432,12 @@ class RunningStack:
             # ~1.5 s at 24 MP; the preview is redrawn after each frame).
             small = None
             step = max(1, int(max(self.shape[1:]) / max_size))   # float16 -> float32 is slow: subsample first
-            for f16, wt, noise, _ in self.buffer:
+            for f16, wt, noise, _, _ in self.buffer:
                 f = reduce(np.stack([f16[c, ::step, ::step].astype(np.float32) for c in range(f16.shape[0])]),
                            max_size)
                 if small is None:
-                    small = RunningStack(f.shape, self.sky, self.p)
-                small.buffer.append((f, wt, noise, None))
+                    small = RunningStack(f.shape, self.sky, self.p, self.lum_weights)   # debayered pixels
+                small.buffer.append((f, wt, noise, None, small.cells_of(f) - small.sky_lum))
             if small is None:      # nothing added yet
                 mean, wsum = self.result()
                 return reduce(mean, max_size), reduce(wsum[None], max_size)[0]
@@ -428,21 +456,22 @@ class RunningStack:
     def state(self) -> dict[str, np.ndarray]:
         """Arrays that restore the stack exactly (for np.savez)."""
         s: dict[str, np.ndarray] = {
-            "shape": np.array(self.shape), "sky": self.sky,
+            "shape": np.array(self.shape), "sky": self.sky, "lum_weights": self.lum_weights,
+            "cell_samples": self.cell_samples,
             "counters": np.array([self.frames, self.rejected_total]),
             "bootstrap_rejected": np.array(self.bootstrap_rejected, np.int64),
         }
         if self.sums is not None:
             s.update({k: getattr(self, k) for k in self._ARRAYS})
-        for i, (img, wt, noise, sat) in enumerate(self.buffer):
-            s[f"buf{i}_img"], s[f"buf{i}_w"], s[f"buf{i}_noise"] = img, np.array(wt), noise
+        for i, (img, wt, noise, sat, cells) in enumerate(self.buffer):
+            s[f"buf{i}_img"], s[f"buf{i}_w"], s[f"buf{i}_noise"], s[f"buf{i}_cells"] = img, np.array(wt), noise, cells
             if sat is not None:
                 s[f"buf{i}_sat"] = sat
         return s
 
     @classmethod
     def from_state(cls, s, p: StackParams) -> "RunningStack":
-        st = cls(tuple(int(v) for v in s["shape"]), s["sky"], p)
+        st = cls(tuple(int(v) for v in s["shape"]), s["sky"], p, s["lum_weights"], s["cell_samples"])
         st.frames, st.rejected_total = (int(v) for v in s["counters"])
         st.bootstrap_rejected = [int(v) for v in s["bootstrap_rejected"]]
         if "sums" in s:
@@ -451,6 +480,7 @@ class RunningStack:
         i = 0
         while f"buf{i}_img" in s:
             sat = np.array(s[f"buf{i}_sat"]) if f"buf{i}_sat" in s else None
-            st.buffer.append((np.array(s[f"buf{i}_img"]), float(s[f"buf{i}_w"]), np.array(s[f"buf{i}_noise"]), sat))
+            st.buffer.append((np.array(s[f"buf{i}_img"]), float(s[f"buf{i}_w"]), np.array(s[f"buf{i}_noise"]), sat,
+                              np.array(s[f"buf{i}_cells"])))
             i += 1
         return st

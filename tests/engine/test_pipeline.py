@@ -204,6 +204,23 @@ def test_checkpoint_resume_equals_uninterrupted(night, tmp_path):
     assert part.n_stacked == full.n_stacked == 8
 
 
+def test_checkpoint_of_another_format_is_refused(night, tmp_path):
+    import json
+
+    files, _ = night(n_frames=1, seed=12)
+    eng = Engine(Config())
+    eng.process(files[0])
+    eng.save_state(tmp_path / "a.npz")
+    with np.load(tmp_path / "a.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    meta = json.loads(bytes(arrays["meta"]).decode())
+    meta["version"] = 1
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(tmp_path / "old.npz", **arrays)
+    with pytest.raises(ValueError, match="checkpoint format 1"):
+        Engine.load_state(tmp_path / "old.npz", Config())
+
+
 def test_superpixel_mode_halves_the_grid(night):
     files, truth = night(n_frames=5, seed=6, rotation_deg=0.1)
     cfg = Config()

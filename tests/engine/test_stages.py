@@ -198,6 +198,22 @@ def test_running_stack_rejects_outliers_in_any_frame_and_weights_are_order_free(
     np.testing.assert_allclose(results[0][0, 10:20], results[1][0, 10:20], atol=6)
 
 
+def test_stack_cell_noise_model_matches_pure_noise():
+    """Cells of 4 independent pixels per channel: with cell_samples = 4 the κσ test sees the true variance and
+    rejects ~0.27 % of pure-noise cells (κ = 3); claiming 16 samples (a 2× too small σ) rejects far more."""
+    rng = np.random.default_rng(11)
+    frames = [rng.normal(0, 2.0, (3, 200, 200)).astype(np.float32) for _ in range(6)]
+    rates = []
+    for n in (4, 16):
+        st = RunningStack((3, 200, 200), np.zeros(3), StackParams(bootstrap=0, grow=False),
+                          [0.25, 0.5, 0.25], [n, n, n])
+        rej = [st.add(f.copy(), 1.0, np.full(3, 2.0)) for f in frames]
+        rates.append(sum(rej[1:4]) / (3 * 200 * 200))   # frames 2-4: judged against the noise floor
+    assert 0.0005 < rates[0] < 0.006 and rates[1] > 5 * rates[0], rates
+    with pytest.raises(ValueError, match="lum_weights"):
+        RunningStack((3, 4, 4), np.zeros(3), StackParams(), [0.5, 0.5, 0.5])
+
+
 def test_stack_state_round_trip_mid_bootstrap():
     rng = np.random.default_rng(7)
     st = RunningStack((1, 10, 10), np.array([0.0]), StackParams())
