@@ -110,17 +110,20 @@ def transparency_scale(ref_flux: np.ndarray, flux: np.ndarray, *, min_pairs: int
 
 
 def normalize_inplace(img: np.ndarray, plane: np.ndarray, scale: float, ref_plane: np.ndarray,
-                      matrix: np.ndarray) -> None:
+                      matrix: np.ndarray, *, parallel_map=None, block_rows: int = 64) -> None:
     """Apply (v_c - P_c) * scale + R_c(M(x, y)) to a (C, H, W) float32 image in place (NaN stays NaN).
 
     ``plane``/``ref_plane``: (C, 3) coefficients in the image's / the stack's pixel coordinates; ``matrix``:
     (2, 3) image -> stack.  The combined offset is one plane per channel, added as a row term + a column term.
+    Done in blocks of ``block_rows`` rows (all three steps while a block is in cache), by
+    ``parallel_map(fn, items)`` when given (worker threads: 55 -> 24 ms at 24 MP on 2 cores).
     """
     _, h, w = img.shape
     a, b, c = matrix[0]
     d, e, f = matrix[1]
     xs = np.arange(w, dtype=np.float64)
     ys = np.arange(h, dtype=np.float64)
+    terms = []
     for ch in range(img.shape[0]):
         p0, px, py = plane[ch]
         r0, rx, ry = ref_plane[ch]
@@ -128,7 +131,21 @@ def normalize_inplace(img: np.ndarray, plane: np.ndarray, scale: float, ref_plan
         const = r0 + rx * c + ry * f - scale * p0
         kx = rx * a + ry * d - scale * px
         ky = rx * b + ry * e - scale * py
-        if scale != 1.0:
-            img[ch] *= np.float32(scale)
-        img[ch] += (const + ky * ys).astype(np.float32)[:, None]
-        img[ch] += (kx * xs).astype(np.float32)[None, :]
+        terms.append(((const + ky * ys).astype(np.float32), (kx * xs).astype(np.float32)))
+    s = np.float32(scale)
+
+    def block(r0: int) -> None:
+        r1 = min(h, r0 + block_rows)
+        for ch, (rows, cols) in enumerate(terms):
+            x = img[ch, r0:r1]
+            if scale != 1.0:
+                x *= s
+            x += rows[r0:r1, None]
+            x += cols[None, :]
+
+    starts = list(range(0, h, block_rows))
+    if parallel_map is not None:
+        parallel_map(block, starts)
+    else:
+        for r0 in starts:
+            block(r0)

@@ -192,7 +192,7 @@ class Engine:
         rec.shift_x, rec.shift_y, rec.rotation = _r(dx, 3), _r(dy, 3), _r(rot, 4)
 
         # Pixels: normalise to the reference, warp onto the grid, add.
-        normalize_inplace(rgb, plane, scale, self.ref.plane, matrix)
+        normalize_inplace(rgb, plane, scale, self.ref.plane, matrix, parallel_map=self.stack.parallel_map)
         self._lap("normalize")
         sat = debayer_mask(frame.saturated, frame.pattern, cfg.engine.debayer)
         noise_n = noise * scale
@@ -207,7 +207,8 @@ class Engine:
         grid_hw = self.ref.grid[1:]
         lw = self.stack.lum_weights
         half = geometry.halved(matrix)
-        normalize_inplace(cells[None], plane_halved(lw @ plane), scale, plane_halved(lw @ self.ref.plane), half)
+        normalize_inplace(cells[None], plane_halved(lw @ plane), scale, plane_halved(lw @ self.ref.plane), half,
+                          parallel_map=self.stack.parallel_map)
         cells = warp(cells[None], half, self.stack.cells, interpolation=cfg.engine.interpolation,
                      out=self._buffer("cells", (1,) + self.stack.cells))[0]
         if rec.status == "reference":

@@ -201,7 +201,7 @@ class RunningStack:
             return int(bad[r0:r1].sum())
 
         # Row blocks are independent and numpy releases the GIL in elementwise loops: use the cores.
-        rejected = 4 * sum(self._map(judge, list(self._chunks(self.cells[0]))))
+        rejected = 4 * sum(self.parallel_map(judge, list(self._chunks(self.cells[0]))))
         self._accumulate_pixels(channel, bad, weight, saturated)
         self.rejected_total += rejected
         return rejected
@@ -230,7 +230,9 @@ class RunningStack:
         self.lsum, self.lw, self.sq = (np.zeros(self.cells, np.float32) for _ in range(3))
         self.count = np.zeros(self.cells, np.uint16)
 
-    def _map(self, fn, items):
+    def parallel_map(self, fn, items) -> list:
+        """[fn(i) for i in items] on the stack's worker threads (numpy and OpenCV release the GIL): the
+        pipeline uses them for its own row blocks too."""
         if self.p.threads <= 1 or len(items) < 2:
             return [fn(i) for i in items]
         if getattr(self, "_pool", None) is None:
@@ -378,7 +380,7 @@ class RunningStack:
                 else:
                     sums[c, r0:r1] += m * xb
 
-            self._map(block, chunks)
+            self.parallel_map(block, chunks)
 
     def _chunks(self, n: int):
         for r0 in range(0, n, self.p.chunk_rows):

@@ -151,9 +151,16 @@ def test_normalize_matches_sky_and_scale():
     plane = np.array([[500.0, 0.0, 0.0]])
     ref = np.array([[300.0, 0.5, 0.0]])                    # reference sky: 300 + 0.5 x on the stack grid
     m = np.array([[1.0, 0, 10], [0, 1.0, 0]])              # frame x -> stack x + 10
+    same = img.copy()
     normalize_inplace(img, plane, 2.0, ref, m)
     assert img[0, 5, 4] == pytest.approx(300 + 0.5 * 14)
     assert img[0, 20, 30] == pytest.approx(2000 + 300 + 0.5 * 40)
+    # in row blocks on worker threads: the same numbers
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:
+        normalize_inplace(same, plane, 2.0, ref, m, parallel_map=lambda f, xs: list(pool.map(f, xs)),
+                          block_rows=7)
+    np.testing.assert_array_equal(same, img)
     assert transparency_scale(np.array([10.0, 20, 30, 40]), np.array([5.0, 10, 15, 20])) == pytest.approx(2)
 
 
