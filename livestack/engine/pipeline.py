@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import cv2
 import numpy as np
 
 from .. import __version__
@@ -32,10 +33,11 @@ from .reject import FrameJudge
 from .stack import RunningStack, bin2
 from .stars import detect_stars, refine_centroids
 from .stretch import auto_stretch
-from .warp import warp, warp_mask
+from .warp import REACH, warp, warp_mask, warp_points
 from .write import atomic_write_with, write_fits_blocks, write_jpeg
 
 log = logging.getLogger("livestack")
+SPARSE_SATURATED = 20_000   # more saturated samples than this: masks over the whole frame are cheaper
 STATE_VERSION = 2     # save_state()'s layout: 2 = the stack buffers the binned luminance of bootstrap frames
 
 
@@ -163,7 +165,8 @@ class Engine:
             self._lap("centroids")
         rec.stars, rec.fwhm, rec.eccentricity = q.stars, _r(q.fwhm, 3), _r(q.eccentricity, 3)
         rec.background, rec.noise = _r(float(sky.mean()), 3), _r(float(noise.mean()), 4)
-        rec.saturated_pixels = int(frame.saturated.sum()) if frame.saturated is not None else 0
+        sat_cfa = None if frame.saturated is None else cv2.findNonZero(frame.saturated.view(np.uint8))
+        rec.saturated_pixels = 0 if sat_cfa is None else len(sat_cfa)
         q = Quality(q.stars, q.fwhm, q.eccentricity, float(sky.mean()), float(noise.mean()))
 
         if self.ref is None:
@@ -194,7 +197,6 @@ class Engine:
         # Pixels: normalise to the reference, warp onto the grid, add.
         normalize_inplace(rgb, plane, scale, self.ref.plane, matrix, parallel_map=self.stack.parallel_map)
         self._lap("normalize")
-        sat = debayer_mask(frame.saturated, frame.pattern, cfg.engine.debayer)
         noise_n = noise * scale
         weight = (self.ref.noise / max(float(noise_n.mean()), 1e-12)) ** 2
         if cfg.engine.sharpness_weight and np.isfinite(q.fwhm) and q.fwhm > 0:
@@ -211,10 +213,10 @@ class Engine:
                           parallel_map=self.stack.parallel_map)
         cells = warp(cells[None], half, self.stack.cells, interpolation=cfg.engine.interpolation,
                      out=self._buffer("cells", (1,) + self.stack.cells))[0]
+        sat = self._saturated_on_grid(frame, sat_cfa, None if rec.status == "reference" else matrix)
         if rec.status == "reference":
             channel = rgb.__getitem__
         else:
-            sat = warp_mask(sat, matrix, grid_hw) if sat is not None else None
             one = self._buffer("scratch", rgb.shape[1:])
 
             def channel(c: int) -> np.ndarray:
@@ -273,6 +275,25 @@ class Engine:
         shape = (3, h // 2, w // 2) if method == "superpixel" else (3, h, w)
         scratch = self._buffer("scratch", (h, w)) if method == "bilinear" else None
         return debayer(cfa, pattern, method, out=self._buffer("rgb", shape), scratch=scratch)
+
+    def _saturated_on_grid(self, frame: Frame, points: np.ndarray | None, matrix: np.ndarray | None):
+        """The stack-grid pixels that saturated samples feed (through the debayer and, unless ``matrix`` is None
+        for the reference, the warp) as (rows, cols) — or, when there are very many (the Moon), as the dense
+        mask the same rules give.  ``points``: cv2.findNonZero's (x, y) of the CFA samples."""
+        if points is None:
+            return None
+        method = self.cfg.engine.debayer if frame.pattern is not None else None
+        grid_hw = self.ref.grid[1:]
+        if len(points) > SPARSE_SATURATED:
+            sat = debayer_mask(frame.saturated, frame.pattern, method)
+            return sat if matrix is None else warp_mask(sat, matrix, grid_hw)
+        xs, ys = points.reshape(-1, 2).T
+        if method == "superpixel":
+            xs, ys = xs // 2, ys // 2
+            inside = (xs < grid_hw[1]) & (ys < grid_hw[0])
+            xs, ys = xs[inside], ys[inside]
+        reach = (0.5 if matrix is None else REACH[self.cfg.engine.interpolation]) + (method == "bilinear")
+        return warp_points(ys, xs, geometry.identity() if matrix is None else matrix, grid_hw, reach=reach)
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         b = self._ws.get(name)

@@ -154,13 +154,26 @@ class RunningStack:
             saturated: np.ndarray | None = None) -> int | None:
         """Add one (C, H, W) frame; ``img`` may be modified (NaN and rejected pixels are zeroed in place).
 
-        ``noise``: (C,) per-pixel background σ of this frame in stack units.  Returns the number of pixels
+        ``noise``: (C,) per-pixel background σ of this frame in stack units.  ``saturated``: an (H, W) bool mask
+        or the (rows, cols) of the saturated pixels; they count with ``saturated_weight`` × the frame's weight,
+        so only where no frame has a better value.  Returns the number of pixels
         rejected as outliers, or None while the frame waits in the bootstrap buffer (its rejections are counted
         in ``bootstrap_rejected`` when the buffer is combined).
         """
         if img.shape != self.shape:
             raise ValueError(f"frame shape {img.shape} does not match the stack {self.shape}")
         return self.add_channels(self.cells_of(img), lambda c: img[c], weight, noise, saturated=saturated)
+
+    def _points(self, saturated) -> np.ndarray | None:
+        """None, an (H, W) bool mask or (rows, cols) -> a new (2, N) int32 array of (rows, cols), or None."""
+        if saturated is None:
+            return None
+        if isinstance(saturated, np.ndarray) and saturated.dtype == bool:
+            if saturated.shape != self.shape[1:]:
+                raise ValueError(f"saturated mask {saturated.shape} does not match the stack {self.shape[1:]}")
+            saturated = np.nonzero(saturated)
+        pts = np.array(saturated, np.int32).reshape(2, -1)
+        return pts if pts.shape[1] else None
 
     def cells_of(self, img: np.ndarray) -> np.ndarray:
         """The binned luminance of a (C, H, W) frame on this stack's cell grid (what add_channels takes)."""
@@ -172,7 +185,8 @@ class RunningStack:
         Σ lum_weights[c]·x_c, NaN outside the footprint) and ``channel(c)``, which returns channel c as an
         (H, W) float32 array, NaN outside the footprint, that stays valid until the next call (it may reuse one
         buffer: the pipeline warps each channel into the same plane, two full frames fewer in memory at 24 MP).
-        ``cells`` and the returned channels may be modified.  Returns as add()."""
+        ``cells`` and the returned channels may be modified.  ``saturated`` as in add().  Returns as add()."""
+        saturated = self._points(saturated)
         if cells.shape != self.cells:
             raise ValueError(f"cells shape {cells.shape} does not match the stack's {self.cells}")
         if not weight > 0:
@@ -184,7 +198,7 @@ class RunningStack:
         if self.sums is None and self.p.bootstrap > 1:
             frame16 = np.stack([_to_float16(channel(c)) for c in range(self.shape[0])])
             b = cells - self.sky_lum
-            self.buffer.append((frame16, float(weight), noise, None if saturated is None else saturated.copy(), b))
+            self.buffer.append((frame16, float(weight), noise, saturated, b))
             return None
         if self.sums is None:
             self._allocate()
@@ -343,23 +357,33 @@ class RunningStack:
     def _accumulate_pixels(self, channel, bad_cells, weight, saturated, sums=None, wsum=None) -> None:
         """Full resolution: W += w and S_c += w·x_c where valid — inside the footprint (channel 0 not NaN: every
         channel shares it) and not in a rejected cell — a channel at a time.  ``channel(c)`` may give float32
-        (modified: zeroed where not valid) or float16 (converted block by block)."""
+        (modified: zeroed where not valid) or float16 (converted block by block).
+
+        Saturated pixels (``saturated``: (rows, cols) on the grid, or None) are left out of the block passes
+        and added afterwards with the weight w·saturated_weight, by fancy indexing: they are few, and a
+        per-pixel weight map would cost each block with one saturated star a full extra pass per channel."""
         sums = self.sums if sums is None else sums
         wsum = self.wsum if wsum is None else wsum
         chunks = list(self._chunks(self.shape[1]))
-        sat_any = saturated is not None and saturated.any()
         valid = unbin2(bad_cells, self.shape[1:])       # True where rejected, until made the valid mask below
-
-        def wmap(r0, r1):
-            """Per-pixel weights of a block with saturated pixels (None: the scalar weight and the mask do)."""
-            if not sat_any or not saturated[r0:r1].any():
-                return None
-            m = valid[r0:r1].astype(np.float32) * np.float32(weight)
-            m[saturated[r0:r1]] *= np.float32(self.p.saturated_weight)
-            return m
+        if saturated is not None and len(saturated[0]):
+            ys, xs = saturated
+            sat_ok = ~valid[ys, xs]                     # not in a rejected cell (finite: checked below)
+            valid[ys, xs] = True                        # out of the block passes
+            w_sat = np.float32(weight * self.p.saturated_weight)
+        else:
+            ys = None
 
         for c in range(self.shape[0]):
             x = channel(c)
+            if ys is not None:
+                vals = x[ys, xs].astype(np.float32)
+                if c == 0:
+                    sat_ok &= np.isfinite(vals)
+                    ys, xs = ys[sat_ok], xs[sat_ok]
+                    wsum[ys, xs] += w_sat
+                    vals = vals[sat_ok]
+                sums[c][ys, xs] += w_sat * vals
 
             def block(rows, x=x, c=c):
                 r0, r1 = rows
@@ -368,17 +392,9 @@ class RunningStack:
                     v = valid[r0:r1]
                     np.logical_not(v, out=v)
                     v &= np.isfinite(xb)
-                    m = wmap(r0, r1)
-                    if m is None:
-                        cv2.add(wsum[r0:r1], float(weight), dst=wsum[r0:r1], mask=v.view(np.uint8))
-                    else:
-                        wsum[r0:r1] += m
+                    cv2.add(wsum[r0:r1], float(weight), dst=wsum[r0:r1], mask=v.view(np.uint8))
                 np.copyto(xb, 0, where=~valid[r0:r1])
-                m = wmap(r0, r1)
-                if m is None:
-                    cv2.scaleAdd(xb, float(weight), sums[c, r0:r1], dst=sums[c, r0:r1])
-                else:
-                    sums[c, r0:r1] += m * xb
+                cv2.scaleAdd(xb, float(weight), sums[c, r0:r1], dst=sums[c, r0:r1])
 
             self.parallel_map(block, chunks)
 
@@ -481,7 +497,7 @@ class RunningStack:
                 setattr(st, k, np.array(s[k]))
         i = 0
         while f"buf{i}_img" in s:
-            sat = np.array(s[f"buf{i}_sat"]) if f"buf{i}_sat" in s else None
+            sat = np.array(s[f"buf{i}_sat"]).reshape(2, -1) if f"buf{i}_sat" in s else None
             st.buffer.append((np.array(s[f"buf{i}_img"]), float(s[f"buf{i}_w"]), np.array(s[f"buf{i}_noise"]), sat,
                               np.array(s[f"buf{i}_cells"])))
             i += 1

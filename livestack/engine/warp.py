@@ -10,6 +10,8 @@ import numpy as np
 
 INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
                   "lanczos": cv2.INTER_LANCZOS4}
+# How far (source px, per axis) each interpolation reads around the source position: its kernel's half-width.
+REACH = {"nearest": 0.5, "bilinear": 1.0, "bicubic": 2.0, "lanczos": 4.0}
 
 
 def warp(img: np.ndarray, matrix: np.ndarray, shape_hw: tuple[int, int], *, interpolation: str = "bilinear",
@@ -38,3 +40,32 @@ def warp_mask(mask: np.ndarray, matrix: np.ndarray, shape_hw: tuple[int, int]) -
     m = cv2.warpAffine(src, np.asarray(matrix, np.float64), (w, h), flags=cv2.INTER_LINEAR,
                        borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     return m > 0
+
+
+def warp_points(rows: np.ndarray, cols: np.ndarray, matrix: np.ndarray, shape_hw: tuple[int, int], *,
+                reach: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """The grid pixels whose value a warp reads from within ``reach`` source pixels of the given points.
+
+    A grid pixel X is returned when its source position s = M⁻¹(X) lies within ``reach`` of a point q on both
+    axes (|s − q| < reach): reach 1 is warp_mask()'s rule for a bilinear warp (a tap of non-zero weight is
+    flagged); reach 2 also covers a bilinear debayer before it (each CFA sample feeds its 3×3 neighbourhood).
+    For a few points this is far cheaper than warping a whole mask: work in the number of points, not pixels.
+    Returns (rows, cols) int32 arrays, possibly with repeats.
+    """
+    h, w = shape_hw
+    m = np.asarray(matrix, np.float64)
+    inv = np.linalg.inv(np.vstack([m, [0.0, 0.0, 1.0]]))[:2]
+    q = np.column_stack([np.asarray(cols, np.float64), np.asarray(rows, np.float64)])
+    centre = q @ m[:, :2].T + m[:, 2]                        # where the points land on the grid
+    ext = reach * np.abs(m[:, :2]).sum(axis=1)               # the image of the ±reach square, per axis
+    n = np.ceil(2 * ext).astype(int) + 1
+    lo = np.floor(centre - ext).astype(np.int64) + 1         # first integer strictly inside, per point
+    ox, oy = np.meshgrid(np.arange(n[0]), np.arange(n[1]))
+    gx = (lo[:, 0:1] + ox.ravel()[None]).ravel()
+    gy = (lo[:, 1:2] + oy.ravel()[None]).ravel()
+    qq = np.repeat(q, ox.size, axis=0)
+    sx = inv[0, 0] * gx + inv[0, 1] * gy + inv[0, 2]
+    sy = inv[1, 0] * gx + inv[1, 1] * gy + inv[1, 2]
+    keep = ((np.abs(sx - qq[:, 0]) < reach) & (np.abs(sy - qq[:, 1]) < reach)
+            & (gx >= 0) & (gx < w) & (gy >= 0) & (gy < h))
+    return gy[keep].astype(np.int32), gx[keep].astype(np.int32)

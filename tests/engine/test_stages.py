@@ -221,6 +221,53 @@ def test_stack_cell_noise_model_matches_pure_noise():
         RunningStack((3, 4, 4), np.zeros(3), StackParams(), [0.5, 0.5, 0.5])
 
 
+@pytest.mark.parametrize("bootstrap", [0, 3])
+def test_stack_saturated_pixels_count_only_where_nothing_better(bootstrap):
+    frames = [np.full((1, 12, 12), 100.0 + i, np.float32) for i in range(6)]
+    masks = []
+    for i, f in enumerate(frames):
+        m = np.zeros((12, 12), bool)
+        m[7, 7] = True                        # saturated in every frame: the saturated values are all there is
+        f[0, 7, 7] = 1000.0
+        if i == 2:
+            m[2, 2] = True                    # in one frame only (an ordinary value: no outlier): the others decide
+        masks.append(m)
+    st = RunningStack((1, 12, 12), np.array([100.0]), StackParams(kappa=20, bootstrap=bootstrap))
+    for i, (f, m) in enumerate(zip(frames, masks)):
+        st.add(f, 1.0, np.array([1.0]), saturated=m if i % 2 else np.nonzero(m))   # a mask or (rows, cols)
+    mean, wsum = st.result()
+    others = np.mean([100.0 + i for i in range(6) if i != 2])
+    assert mean[0, 2, 2] == pytest.approx(others, abs=1e-3) and others - 102.5 > 0.09
+    assert mean[0, 7, 7] == pytest.approx(1000.0, rel=1e-5) and wsum[7, 7] == pytest.approx(6e-6, rel=1e-3)
+    assert mean[0, 10, 10] == pytest.approx(102.5, abs=1e-4) and wsum[10, 10] == 6
+
+
+@pytest.mark.parametrize("angle, reach", [(0.0, 1.5), (1.3, 2.0), (-2.1, 1.0), (180.0, 2.0)])
+def test_warp_points_match_the_dense_masks(angle, reach):
+    """The sparse saturation path flags what debayer_mask + warp_mask flag (give or take the few pixels where
+    OpenCV's fixed-point weights round a tiny tap weight to zero)."""
+    import cv2
+
+    from livestack.engine.warp import warp_mask, warp_points
+    rng = np.random.default_rng(int(abs(angle) * 10))
+    mask = np.zeros((120, 160), bool)
+    mask[rng.integers(0, 120, 40), rng.integers(0, 160, 40)] = True
+    mask[60:63, 80:86] = True
+    r, c = np.nonzero(mask)
+    if reach == 1.5:        # the reference: no warp, only the bilinear debayer's 3×3
+        gy, gx = warp_points(r, c, np.array([[1.0, 0, 0], [0, 1.0, 0]]), mask.shape, reach=reach)
+        dense = debayer_mask(mask, "RGGB")
+    else:
+        m = cv2.getRotationMatrix2D((80, 60), angle, 1.0)
+        m[:, 2] += (2.3, -1.7)
+        gy, gx = warp_points(r, c, m, mask.shape, reach=reach)
+        dense = warp_mask(debayer_mask(mask, "RGGB") if reach == 2.0 else mask, m, mask.shape)
+    sparse = np.zeros_like(mask)
+    sparse[gy, gx] = True
+    assert not (dense & ~sparse).any()
+    assert (sparse & ~dense).sum() <= 0.03 * dense.sum()     # OpenCV weighs taps in steps of 1/32
+
+
 def test_stack_state_round_trip_mid_bootstrap():
     rng = np.random.default_rng(7)
     st = RunningStack((1, 10, 10), np.array([0.0]), StackParams())
