@@ -152,7 +152,7 @@ class Engine:
         plane = plane_on_grid(plane_cfa, cfg.engine.debayer if frame.pattern else None)
         sky = sky_level(plane_cfa, sensor_shape)
         stars, q, binned = self._stars(cfa, frame)
-        cells = self._cells(cfa if binned is None else binned, frame.pattern)
+        lum = self._lum_source(cfa if binned is None else binned, frame.pattern)
         self._lap("stars")
         rgb = self._debayer(cfa, frame.pattern)
         self._lap("debayer")
@@ -208,11 +208,16 @@ class Engine:
         # whole warped frame.
         grid_hw = self.ref.grid[1:]
         lw = self.stack.lum_weights
-        half = geometry.halved(matrix)
-        normalize_inplace(cells[None], plane_halved(lw @ plane), scale, plane_halved(lw @ self.ref.plane), half,
-                          parallel_map=self.stack.parallel_map)
-        cells = warp(cells[None], half, self.stack.cells, interpolation=cfg.engine.interpolation,
-                     out=self._buffer("cells", (1,) + self.stack.cells))[0]
+        if frame.pattern is None or cfg.engine.debayer == "bilinear":     # lum is on the frame's cell grid
+            half = geometry.halved(matrix)
+            normalize_inplace(lum[None], plane_halved(lw @ plane), scale, plane_halved(lw @ self.ref.plane), half,
+                              parallel_map=self.stack.parallel_map)
+            cells = warp(lum[None], half, self.stack.cells, interpolation=cfg.engine.interpolation,
+                         out=self._buffer("cells", (1,) + self.stack.cells))[0]
+        else:                                                       # superpixel: grid-sized, binned after
+            normalize_inplace(lum[None], (lw @ plane)[None], scale, (lw @ self.ref.plane)[None], matrix,
+                              parallel_map=self.stack.parallel_map)
+            cells = bin2(warp(lum[None], matrix, grid_hw, interpolation=cfg.engine.interpolation)[0])
         sat = self._saturated_on_grid(frame, sat_cfa, None if rec.status == "reference" else matrix)
         if rec.status == "reference":
             channel = rgb.__getitem__
@@ -259,13 +264,16 @@ class Engine:
         s = Stars(xy, stars.flux, stars.fwhm * 2.0, stars.a * 2.0, stars.b * 2.0)
         return s, Quality(q.stars, q.fwhm * 2.0, q.eccentricity, q.background, q.noise), lum
 
-    def _cells(self, lum: np.ndarray, pattern: str | None) -> np.ndarray:
-        """The frame's luminance averaged over the 2×2 cells of its debayered grid, for the stack's outlier
-        test: the binned mosaic itself (bilinear: a grid cell is a Bayer cell), binned once more (superpixel),
-        or the mono image binned.  A new float32 array."""
-        if pattern is not None and self.cfg.engine.debayer == "bilinear":
-            return lum
-        return bin2(lum)
+    def _lum_source(self, lum: np.ndarray, pattern: str | None) -> np.ndarray:
+        """The luminance the stack's outlier test is computed from, before normalising and warping: for the
+        bilinear debayer the binned mosaic itself (a stack cell is a Bayer cell) and for mono the image binned
+        — both already on the frame's cell grid, warped at half resolution — but for superpixel the binned
+        mosaic on the grid (a cell there spans 4×4 sensor pixels: interpolating at that scale would make an
+        undersampled star's cell value depend on its sub-cell position, and the test would reject star cores
+        of a frame that moved; it is warped at grid resolution and binned after).  A new float32 array."""
+        if pattern is None:
+            return bin2(lum)
+        return lum
 
     def _debayer(self, cfa: np.ndarray, pattern: str | None) -> np.ndarray:
         if pattern is None:

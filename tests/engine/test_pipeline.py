@@ -221,6 +221,14 @@ def test_checkpoint_of_another_format_is_refused(night, tmp_path):
         Engine.load_state(tmp_path / "old.npz", Config())
 
 
+def test_clean_frames_lose_few_pixels_to_the_outlier_test(night):
+    """κ = 3 on Gaussian noise flags ~0.27 % of cells; stars that move between frames must not add much."""
+    files, _ = night(n_frames=8, seed=4, rotation_deg=0.2, drift_px=(2.0, -1.5))
+    _, recs = run(files)
+    rates = [r.rejected_pixels / (640 * 480) for r in recs if r.rejected_pixels is not None]
+    assert len(rates) == 5 and max(rates) < 0.004, rates
+
+
 def test_sparse_and_dense_saturation_paths_agree(night, monkeypatch):
     """Saturated samples go to the stack as points (few) or as whole-frame masks (the Moon): same stack, but
     for the odd pixel where OpenCV's 1/32-step bilinear weights round a tiny tap to zero."""
