@@ -47,6 +47,17 @@ def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def stack_with_cli(folder: Path, out: Path) -> list[dict]:
+    """`livestack stack FOLDER -o OUT` as a user runs it; asserts exit 0 and returns frames.jsonl's records."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "livestack.cli", "stack", str(folder), "-o", str(out), "-q"],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return read_log(out / "frames.jsonl")
+
+
 # ---------------------------------------------------------------- the daemon as a subprocess (test_daemon, test_web)
 
 import os  # noqa: E402

@@ -3,7 +3,6 @@ capture-download path, with simulator DNG frames that the camera serves under .J
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import stack_with_cli
 from drivers.capture.gphoto import parse_speed
 from drivers.simulator import SimConfig, render_night
 
@@ -54,10 +54,7 @@ def test_captured_frames_are_dngs_and_stack(card, tmp_path):
         assert f.name.startswith(f"light_{i:04d}_1s_GPH_") and f.suffix == ".dng", f.name
         assert f.read_bytes() == served
     stack = tmp_path / "stack"
-    r = subprocess.run([sys.executable, "-m", "livestack.cli", "stack", str(out), "-o", str(stack), "-q"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    records = [json.loads(line) for line in (stack / "frames.jsonl").read_text().splitlines()]
+    records = stack_with_cli(out, stack)
     assert sorted(x["status"] for x in records) == ["reference"] + ["stacked"] * (n - 1)
 
 

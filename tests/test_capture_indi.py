@@ -2,7 +2,6 @@
 directory mode, serving frames rendered by drivers.simulator; captured frames stack in livestack."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -16,6 +15,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
+from conftest import stack_with_cli
 from drivers.capture.indi import IndiClient, fits_header_update
 from drivers.simulator import SimConfig, render_night
 
@@ -131,10 +131,7 @@ def test_captured_frames_stack(indi, tmp_path):
         assert fits.getdata(f).shape == (360, 480)   # our frames, served through INDI
 
     stack = tmp_path / "stack"
-    r = subprocess.run([sys.executable, "-m", "livestack.cli", "stack", str(out), "-o", str(stack), "-q"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stdout + r.stderr
-    records = [json.loads(line) for line in (stack / "frames.jsonl").read_text().splitlines()]
+    records = stack_with_cli(out, stack)
     assert sorted(r["status"] for r in records) == ["reference"] + ["stacked"] * (N - 1)
     assert fits.getheader(stack / "stack.fits")["NCOMBINE"] == N
 

@@ -283,11 +283,32 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, gain_help: str, gain_flags
     p.add_argument("-o", "--out", required=True, help="output folder (the daemon's watched folder)")
     p.add_argument("--retry-for", type=float, default=600.0,
                    help="keep retrying a lost camera/server this long, s (default 600)")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
 
 def plan_from_args(args) -> CapturePlan:
     return CapturePlan(exposure=args.exposure, count=args.count, interval=args.interval, kind=args.kind,
                        out=Path(args.out).expanduser(), binning=args.binning, gain=args.gain)
+
+
+def start_capture(name: str, args, *, no_binning: str | None = None) -> CapturePlan | None:
+    """The drivers' command-line head: logging, then the plan from the parsed arguments — or None after one
+    line on stderr for a usage error (exit 2).  ``no_binning``: why this driver refuses --binning ≠ 1."""
+    setup_logging(getattr(args, "quiet", False))
+    try:
+        if no_binning and args.binning != 1:
+            raise ValueError(f"--binning: {no_binning}")
+        return plan_from_args(args)
+    except ValueError as err:
+        print(f"capture {name}: {err}", file=sys.stderr)
+        return None
+
+
+def module_main(module: str, doc: str, add_arguments, run, argv: list[str] | None = None) -> int:
+    """``python -m drivers.capture.X``: the driver's own arguments, then its run()."""
+    p = argparse.ArgumentParser(prog=f"python -m {module}", description=doc.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 def setup_logging(quiet: bool = False) -> None:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..atomic import atomic_write
-from .common import (Backoff, CaptureError, CapturePlan, Stop, add_plan_arguments, frame_name,
-                     plan_from_args, retry, run_capture, run_plan, setup_logging, sniff_extension)
+from .common import (Backoff, CaptureError, CapturePlan, Stop, add_plan_arguments, frame_name, module_main, retry,
+                     run_capture, run_plan, sniff_extension, start_capture)
 
 log = logging.getLogger("drivers.capture.gphoto")
 
@@ -261,18 +261,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_plan_arguments(p, gain_help="ISO (one the camera offers, e.g. 800)", gain_flags=("--iso", "--gain"))
     p.add_argument("--camera-port", help="e.g. usb:001,004 (see `gphoto2 --auto-detect`); default: the first")
     p.add_argument("--delete-from-card", action="store_true", help="delete each frame from the card once saved")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
 
 def run(args) -> int:
-    setup_logging(getattr(args, "quiet", False))
-    try:
-        plan = plan_from_args(args)
-    except ValueError as err:
-        print(f"capture gphoto2: {err}", file=sys.stderr)
-        return 2
-    if args.binning != 1:
-        print("capture gphoto2: --binning: cameras over gphoto2 do not bin", file=sys.stderr)
+    plan = start_capture("gphoto2", args, no_binning="cameras over gphoto2 do not bin")
+    if plan is None:
         return 2
     try:
         import gphoto2  # noqa: F401
@@ -286,9 +279,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m drivers.capture.gphoto", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return module_main("drivers.capture.gphoto", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

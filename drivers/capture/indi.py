@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..atomic import atomic_write
-from .common import (IMAGETYP, Backoff, CaptureError, CapturePlan, Stop, add_plan_arguments, frame_name,
-                     plan_from_args, retry, run_capture, run_plan, setup_logging)
+from .common import (Backoff, CaptureError, CapturePlan, IMAGETYP, Stop, add_plan_arguments, frame_name,
+                     module_main, retry, run_capture, run_plan, start_capture)
 
 log = logging.getLogger("drivers.capture.indi")
 
@@ -596,16 +596,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="longest wait for the set point, s (then captures anyway; default 600)")
     p.add_argument("--download-timeout", type=float, default=60.0,
                    help="time allowed beyond the exposure for the frame to arrive, s (default 60)")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
 
 def run(args) -> int:
     """Run from parsed arguments; 0 ok (count done or stopped), 1 failed, 2 usage."""
-    setup_logging(getattr(args, "quiet", False))
-    try:
-        plan = plan_from_args(args)
-    except ValueError as err:
-        print(f"capture indi: {err}", file=sys.stderr)
+    plan = start_capture("indi", args)
+    if plan is None:
         return 2
     opts = IndiOptions(host=args.host, port=args.port, device=args.device, filter_slot=args.filter_slot,
                        temperature=args.temperature, temp_timeout=args.temp_timeout,
@@ -615,9 +611,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m drivers.capture.indi", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return module_main("drivers.capture.indi", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from pathlib import Path
 from drivers.simulator import SimConfig, render_frame, write_dng, write_fits
 from drivers.simulator.camera import parse_defects
 
-from .common import (CapturePlan, Stop, add_plan_arguments, frame_name, plan_from_args, run_capture, run_plan,
-                     setup_logging)
+from .common import (CapturePlan, Stop, add_plan_arguments, frame_name, module_main, run_capture, run_plan,
+                     start_capture)
 
 def sim_config(plan: CapturePlan, base: SimConfig | None = None) -> SimConfig:
     """`base` (default SimConfig()) with the plan's exposure and gain, starting now (UTC)."""
@@ -60,15 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotation-deg", type=float, default=0.0, help="field rotation per frame (alt-az)")
     p.add_argument("--dither-px", type=float, default=0.0)
     p.add_argument("--defects", default="", help="NAME:FRAME,… (cloudy, wind, satellite, cosmic)")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
 
 
 def run(args) -> int:
-    setup_logging(getattr(args, "quiet", False))
+    plan = start_capture("sim", args, no_binning="the simulator does not bin")
+    if plan is None:
+        return 2
     try:
-        plan = plan_from_args(args)
-        if args.binning != 1:
-            raise ValueError("--binning: the simulator does not bin")
         base = SimConfig(width=args.width, height=args.height, fmt=args.format, mono=args.mono, seed=args.seed,
                          rotation_deg=args.rotation_deg, dither_px=args.dither_px,
                          defects=parse_defects(args.defects))
@@ -79,9 +77,7 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m drivers.capture.sim", description=__doc__.splitlines()[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return module_main("drivers.capture.sim", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":
