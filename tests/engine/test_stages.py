@@ -97,6 +97,8 @@ def test_stars_fwhm_centroids_and_quality():
     refined = refine_centroids(img[None], stars.xy + 0.3, q.fwhm)
     d2 = np.min(np.hypot(*(refined[:, None, :] - t[None]).transpose(2, 0, 1)), axis=1)
     assert np.median(d2) < 0.05
+    # wide stars (defocus, not a star field) are left as detected: no stamps the size of FWHM²
+    np.testing.assert_array_equal(refine_centroids(img[None], stars.xy + 0.3, 40.0), stars.xy + 0.3)
 
 
 def test_stars_on_a_large_frame_reduced_background():
