@@ -26,7 +26,8 @@ then on the stack streams.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
@@ -45,7 +46,8 @@ class StackParams:
     saturated_weight: float = 1e-6  # a saturated pixel only counts where no frame has a better value
     chunk_rows: int = 256       # rows per block: bounds the temporaries (a few MB) whatever the frame size
     grow: bool = True           # also reject the 8 neighbours of a strong (> 2κσ) outlier
-    threads: int = 2            # row blocks processed in parallel (1 = in the calling thread)
+    # row blocks processed in parallel (1 = in the calling thread): the cores, at most 4 (a Pi 4/5 has 4)
+    threads: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
 
     def __post_init__(self):
         if not 1.5 <= self.kappa <= 20:
