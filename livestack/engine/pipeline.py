@@ -140,6 +140,11 @@ class Engine:
                                        f"{self.ref.sensor_shape[1]}×{self.ref.sensor_shape[0]}")
             if frame.pattern != self.ref.pattern:
                 raise FrameError(path, f"CFA pattern {frame.pattern} differs from the session's {self.ref.pattern}")
+            if m.filter and self.filter and m.filter.strip().casefold() != self.filter.strip().casefold():
+                # A filter wheel moved: averaging L with Ha (or R with B) would spoil the stack, and the sky and
+                # transparency normalisation would hide it.  One stack per filter is the next step.
+                return self._reject(rec, f"filter {m.filter} differs from the stack's {self.filter} "
+                                         f"(one stack per filter: start a new session for it)")
 
         masters = self.masters.select(frame) if self.masters is not None else None
         cfa, info = calibrate(frame, masters, cfg.cosmetic, inplace=True)

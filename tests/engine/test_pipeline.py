@@ -144,6 +144,15 @@ def test_mono_night_stacks(night):
     assert max(errs) < 0.05
 
 
+def test_a_frame_through_another_filter_is_rejected_with_the_reason(night):
+    lum, _ = night("lum", n_frames=3, seed=8, mono=True, filter="L")
+    ha, _ = night("ha", n_frames=1, seed=8, mono=True, filter="Ha")
+    eng, recs = run(lum[:2] + ha + lum[2:])
+    assert [r.status for r in recs] == ["reference", "stacked", "rejected", "stacked"]
+    assert recs[2].filter == "Ha" and "filter Ha differs from the stack's L" in recs[2].reason
+    assert eng.n_stacked == 3 and eng.filter == "L"
+
+
 def test_bad_files_fail_with_reason_and_the_run_carries_on(night, tmp_path):
     files, _ = night(n_frames=4, seed=2)
     bad = tmp_path / "bad"
