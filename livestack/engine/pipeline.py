@@ -333,7 +333,7 @@ class Engine:
         self.ref = Reference(frame.path.name, sensor_shape, frame.pattern, grid, stars,
                              np.asarray(sky, np.float64), np.asarray(plane, np.float64), float(np.mean(noise)),
                              q.fwhm)
-        # The stack's luminance is the one of its cells (_cells): (R + 2G + B)/4 of the raw samples of a Bayer
+        # The stack's luminance is the one of its cells (_lum_source): (R + 2G + B)/4 of the raw samples of a Bayer
         # cell (bilinear: 1 R, 2 G, 1 B; superpixel: 4 Bayer cells) or the mean of 4 mono pixels.
         if frame.pattern is None:
             weights, samples = [1.0], [4.0]
