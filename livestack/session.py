@@ -173,24 +173,55 @@ class SessionFolder:
 
     # ---- the frame being processed: a file that crashes the engine must not crash-loop the service
     def mark_inflight(self, rel: str) -> int:
-        """Record that ``rel`` is being processed; returns how many times in a row it has been started
-        (1 normally; more when earlier runs died on it)."""
-        prev = self.inflight()
-        attempts = prev["attempts"] + 1 if prev and prev.get("path") == rel else 1
-        write_json_atomic(self.inflight_file, {"path": rel, "attempts": attempts})
-        return attempts
+        """Record that ``rel`` is being processed; returns how many times it has been started without
+        finishing (1 normally; more when earlier runs died on it).
 
-    def inflight(self) -> dict | None:
-        """{"path", "attempts"} of the frame a previous run was processing when it died, or None."""
+        The file keeps {"path": the frame in hand or null, "starts": {frame: starts not yet finished}}: after a
+        crash the frames since the last checkpoint are processed again before the one that killed the worker
+        is reached, and its count must survive them (a counter of the latest frame only was reset by them, so
+        a crashing file could loop forever whenever checkpoint_every > 1)."""
+        starts = self._starts()
+        starts[rel] = starts.get(rel, 0) + 1
+        write_json_atomic(self.inflight_file, {"path": rel, "starts": starts})
+        return starts[rel]
+
+    def _read_inflight(self) -> dict | None:
         try:
             data = json.loads(self.inflight_file.read_text(encoding="utf-8"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
             return None   # torn by a power cut: at worst one more attempt
-        return data if isinstance(data, dict) and isinstance(data.get("attempts"), int) else None
+        if not isinstance(data, dict):
+            return None
+        if isinstance(data.get("attempts"), int) and isinstance(data.get("path"), str):   # format of 0.1
+            return {"path": data["path"], "starts": {data["path"]: data["attempts"]}}
+        starts = data.get("starts")
+        if not isinstance(starts, dict) or not all(isinstance(v, int) for v in starts.values()):
+            return None
+        return {"path": data.get("path") if isinstance(data.get("path"), str) else None, "starts": starts}
+
+    def _starts(self) -> dict[str, int]:
+        data = self._read_inflight()
+        return dict(data["starts"]) if data else {}
+
+    def inflight(self) -> dict | None:
+        """{"path", "attempts"} of the frame a previous run was processing when it died (attempts: how many
+        runs have started it without finishing), or None."""
+        data = self._read_inflight()
+        if not data or data["path"] is None:
+            return None
+        return {"path": data["path"], "attempts": data["starts"].get(data["path"], 1)}
 
     def clear_inflight(self) -> None:
+        """The frame in hand is done (recorded, whatever its status): forget it and its starts."""
+        data = self._read_inflight()
+        starts = dict(data["starts"]) if data else {}
+        if data and data["path"] is not None:
+            starts.pop(data["path"], None)
+        if starts:
+            write_json_atomic(self.inflight_file, {"path": None, "starts": starts})
+            return
         try:
             self.inflight_file.unlink()
         except FileNotFoundError:

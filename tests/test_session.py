@@ -116,9 +116,11 @@ def test_bad_excluded_list_is_one_line(tmp_path):
         folder.excluded()
 
 
-def test_a_file_that_keeps_crashing_the_worker_is_skipped(tmp_path, six, monkeypatch):
+@pytest.mark.parametrize("checkpoint_every", [1, 10])
+def test_a_file_that_keeps_crashing_the_worker_is_skipped(tmp_path, six, monkeypatch, checkpoint_every):
     """An engine bug on one file (not a bad file: those are `failed` at once) stops the worker; systemd restarts
-    it. After daemon.max_attempts starts on the same file it is recorded as failed and the night goes on."""
+    it. After daemon.max_attempts starts on the same file it is recorded as failed and the night goes on —
+    also when the frames before it are stacked again after each restart (no checkpoint covered them)."""
     import shutil
     import time
 
@@ -139,7 +141,7 @@ def test_a_file_that_keeps_crashing_the_worker_is_skipped(tmp_path, six, monkeyp
 
     monkeypatch.setattr(Engine, "process", process)
     wp = WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5)
-    dp = DaemonParams(out=str(out), max_attempts=3, checkpoint_every=1)
+    dp = DaemonParams(out=str(out), max_attempts=3, checkpoint_every=checkpoint_every)
 
     def run_until_stopped_or(n_records: int) -> Service:
         svc = Service(Config(), watch, out, wp, dp)
@@ -198,3 +200,38 @@ def test_slow_checkpoints_take_a_bounded_share_of_the_time(tmp_path, six, monkey
     assert 1 <= n_during <= 3, n_during          # not one per frame
     engine, info = load_checkpoint(SessionFolder(out).checkpoint, Config())
     assert info["lines"] == 6 and engine.n_stacked + engine.n_rejected == 6
+
+
+@pytest.mark.parametrize("preview_s, most", [(100.0, 3), (0.0, 99)])
+def test_a_backlog_redraws_the_preview_at_most_every_preview_s(tmp_path, six, monkeypatch, preview_s, most):
+    """Frames waiting in the queue: preview.jpg (0.2 s at 24 MP) is drawn at most every preview_s — and once
+    more when the queue runs dry, so the last preview shows the whole stack."""
+    import shutil
+    import time
+
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for f in six:
+        shutil.copy(f, watch / f.name)
+    drawn = []
+    real = Engine.preview
+
+    def preview(self, *a, **k):
+        drawn.append(self.n_stacked)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Engine, "preview", preview)
+    svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                  DaemonParams(out=str(out), preview_s=preview_s))
+    svc.start()
+    deadline = time.monotonic() + 30
+    while (len(svc.snapshot.frames) < 6 or svc.snapshot.status["state"] != "idle") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    svc.stop(timeout=10)
+    n = sum(r["status"] in ("reference", "stacked") for r in read_frames_log(out / "frames.jsonl"))
+    assert svc.error is None and n >= 5
+    assert drawn and drawn[-1] == n                      # the last preview has every stacked frame
+    assert len(drawn) <= most and (most < 99 or len(drawn) >= n), drawn

@@ -27,10 +27,12 @@ class WatchParams:
 class DaemonParams:
     out: str | None = None          # the session folder (`--out` overrides)
     masters: str | None = None      # master library folder (from `livestack masters`), optional
-    outputs_every: int = 1          # write stack.fits every this many stacked frames (preview.jpg: every frame) …
+    outputs_every: int = 1          # write stack.fits every this many stacked frames …
     outputs_s: float = 30.0         # … and at most this often, s, while frames keep coming (at once when idle).
                                     #     A 24 MP stack.fits takes ~1.5 s to write: 60 suits a Pi; the
                                     #     checkpoint keeps every frame safe meanwhile
+    preview_s: float = 2.0          # preview.jpg after every stacked frame, but at most this often, s, while
+                                    #     files wait in the queue (a backlog: 0.2 s per 24 MP preview)
     checkpoint_every: int = 10      # checkpoint every this many frames …
     checkpoint_s: float = 300.0     # … or this many seconds, whichever comes first
     max_attempts: int = 3           # a file that stopped the worker this many times in a row is skipped (failed)
@@ -40,8 +42,8 @@ class DaemonParams:
             raise ConfigError("daemon.outputs_every and daemon.checkpoint_every must be at least 1")
         if self.max_attempts < 1:
             raise ConfigError(f"daemon.max_attempts = {self.max_attempts}: must be at least 1")
-        if self.outputs_s < 0:
-            raise ConfigError(f"daemon.outputs_s = {self.outputs_s}: must be ≥ 0")
+        if self.outputs_s < 0 or self.preview_s < 0:
+            raise ConfigError(f"daemon.outputs_s = {self.outputs_s}, preview_s = {self.preview_s}: must be ≥ 0")
         if self.checkpoint_s <= 0:
             raise ConfigError(f"daemon.checkpoint_s = {self.checkpoint_s}: must be positive")
 
