@@ -166,19 +166,37 @@ def test_a_file_that_keeps_crashing_the_worker_is_skipped(tmp_path, six, monkeyp
     assert SessionFolder(out).inflight() is None
 
 
-def test_slow_checkpoints_take_a_bounded_share_of_the_time(tmp_path, six, monkeypatch):
-    """checkpoint_every = 1 with a checkpoint that takes 0.4 s (a 24 MP one on slow storage): frames keep
-    going and only ~10 % of the time goes to checkpoints; the session still resumes with every frame."""
+def _backlog_service(tmp_path, files, **daemon):
+    """An in-process daemon (no web) on a watched folder that already holds ``files``, started."""
     import shutil
-    import time
 
     from livestack.daemon.config import DaemonParams, WatchParams
     from livestack.daemon.service import Service
 
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
-    for f in six:
+    for f in files:
         shutil.copy(f, watch / f.name)
+    svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                  DaemonParams(out=str(out), **daemon))
+    svc.start()
+    return svc, out
+
+
+def _wait(svc, n_frames: int, *, idle: bool = False, timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while ((len(svc.snapshot.frames) < n_frames or (idle and svc.snapshot.status["state"] != "idle"))
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+
+
+def test_slow_checkpoints_take_a_bounded_share_of_the_time(tmp_path, six, monkeypatch):
+    """checkpoint_every = 1 with a checkpoint that takes 0.4 s (a 24 MP one on slow storage): frames keep
+    going and only ~10 % of the time goes to checkpoints; the session still resumes with every frame."""
+    import time
+
     calls = []
     real = SessionFolder.save_checkpoint
 
@@ -188,12 +206,8 @@ def test_slow_checkpoints_take_a_bounded_share_of_the_time(tmp_path, six, monkey
         return real(self, *a, **k)
 
     monkeypatch.setattr(SessionFolder, "save_checkpoint", slow)
-    svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
-                  DaemonParams(out=str(out), checkpoint_every=1))
-    svc.start()
-    deadline = time.monotonic() + 30
-    while len(svc.snapshot.frames) < 6 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    svc, out = _backlog_service(tmp_path, six, checkpoint_every=1)
+    _wait(svc, 6)
     n_during = len(calls)
     svc.stop(timeout=10)
     assert svc.error is None and len(svc.snapshot.frames) == 6
@@ -206,16 +220,6 @@ def test_slow_checkpoints_take_a_bounded_share_of_the_time(tmp_path, six, monkey
 def test_a_backlog_redraws_the_preview_at_most_every_preview_s(tmp_path, six, monkeypatch, preview_s, most):
     """Frames waiting in the queue: preview.jpg (0.2 s at 24 MP) is drawn at most every preview_s — and once
     more when the queue runs dry, so the last preview shows the whole stack."""
-    import shutil
-    import time
-
-    from livestack.daemon.config import DaemonParams, WatchParams
-    from livestack.daemon.service import Service
-
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    watch.mkdir()
-    for f in six:
-        shutil.copy(f, watch / f.name)
     drawn = []
     real = Engine.preview
 
@@ -224,12 +228,8 @@ def test_a_backlog_redraws_the_preview_at_most_every_preview_s(tmp_path, six, mo
         return real(self, *a, **k)
 
     monkeypatch.setattr(Engine, "preview", preview)
-    svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
-                  DaemonParams(out=str(out), preview_s=preview_s))
-    svc.start()
-    deadline = time.monotonic() + 30
-    while (len(svc.snapshot.frames) < 6 or svc.snapshot.status["state"] != "idle") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    svc, out = _backlog_service(tmp_path, six, preview_s=preview_s)
+    _wait(svc, 6, idle=True)
     svc.stop(timeout=10)
     n = sum(r["status"] in ("reference", "stacked") for r in read_frames_log(out / "frames.jsonl"))
     assert svc.error is None and n >= 5
