@@ -88,9 +88,12 @@ def unbin2(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 _F16_MAX = np.float32(np.finfo(np.float16).max)
 
 
-def _to_float16(x: np.ndarray) -> np.ndarray:
-    """float32 -> float16, clipped to its range (65504: a 16-bit camera's saturated pixels would become inf)."""
-    return np.clip(x, -_F16_MAX, _F16_MAX).astype(np.float16)
+def _to_float16(x: np.ndarray, out: np.ndarray) -> None:
+    """float32 -> float16 into ``out``, clipped to its range (65504: a 16-bit camera's saturated pixels would
+    become inf); ``x`` is clipped in place (no 24 MP temporary).  OpenCV converts (same values, NaN kept):
+    17 ms per 24 MP plane where numpy takes 61."""
+    np.clip(x, -_F16_MAX, _F16_MAX, out=x)
+    cv2.add(x, 0.0, dst=out, dtype=cv2.CV_16F)
 
 
 def _median_rows(block: np.ndarray) -> np.ndarray:
@@ -198,7 +201,9 @@ class RunningStack:
         if self.bootstrap_full:
             self.finish_bootstrap()
         if self.sums is None and self.p.bootstrap > 1:
-            frame16 = np.stack([_to_float16(channel(c)) for c in range(self.shape[0])])
+            frame16 = np.empty(self.shape, np.float16)
+            for c in range(self.shape[0]):
+                _to_float16(channel(c), frame16[c])
             b = cells - self.sky_lum
             self.buffer.append((frame16, float(weight), noise, saturated, b))
             return None
@@ -389,7 +394,8 @@ class RunningStack:
 
             def block(rows, x=x, c=c):
                 r0, r1 = rows
-                xb = x[r0:r1] if x.dtype == np.float32 else x[r0:r1].astype(np.float32)
+                # float16 (bootstrap buffer): OpenCV converts 2× faster than numpy
+                xb = x[r0:r1] if x.dtype == np.float32 else cv2.add(x[r0:r1], 0.0, dtype=cv2.CV_32F)
                 if c == 0:   # the valid mask, then W, while the block is in cache
                     v = valid[r0:r1]
                     np.logical_not(v, out=v)
