@@ -180,7 +180,7 @@ class SessionFolder:
         crash the frames since the last checkpoint are processed again before the one that killed the worker
         is reached, and its count must survive them (a counter of the latest frame only was reset by them, so
         a crashing file could loop forever whenever checkpoint_every > 1)."""
-        starts = self._starts()
+        starts = dict((self._read_inflight() or {"starts": {}})["starts"])
         starts[rel] = starts.get(rel, 0) + 1
         write_json_atomic(self.inflight_file, {"path": rel, "starts": starts})
         return starts[rel]
@@ -201,10 +201,6 @@ class SessionFolder:
             return None
         return {"path": data.get("path") if isinstance(data.get("path"), str) else None, "starts": starts}
 
-    def _starts(self) -> dict[str, int]:
-        data = self._read_inflight()
-        return dict(data["starts"]) if data else {}
-
     def inflight(self) -> dict | None:
         """{"path", "attempts"} of the frame a previous run was processing when it died (attempts: how many
         runs have started it without finishing), or None."""
@@ -215,10 +211,9 @@ class SessionFolder:
 
     def clear_inflight(self) -> None:
         """The frame in hand is done (recorded, whatever its status): forget it and its starts."""
-        data = self._read_inflight()
-        starts = dict(data["starts"]) if data else {}
-        if data and data["path"] is not None:
-            starts.pop(data["path"], None)
+        data = self._read_inflight() or {"path": None, "starts": {}}
+        starts = dict(data["starts"])
+        starts.pop(data["path"], None)
         if starts:
             write_json_atomic(self.inflight_file, {"path": None, "starts": starts})
             return

@@ -8,6 +8,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from . import geometry
+
 INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
                   "lanczos": cv2.INTER_LANCZOS4}
 # How far (source px, per axis) each interpolation reads around the source position: its kernel's half-width.
@@ -54,18 +56,15 @@ def warp_points(rows: np.ndarray, cols: np.ndarray, matrix: np.ndarray, shape_hw
     """
     h, w = shape_hw
     m = np.asarray(matrix, np.float64)
-    inv = np.linalg.inv(np.vstack([m, [0.0, 0.0, 1.0]]))[:2]
     q = np.column_stack([np.asarray(cols, np.float64), np.asarray(rows, np.float64)])
-    centre = q @ m[:, :2].T + m[:, 2]                        # where the points land on the grid
+    centre = geometry.apply(m, q)                            # where the points land on the grid
     ext = reach * np.abs(m[:, :2]).sum(axis=1)               # the image of the ±reach square, per axis
     n = np.ceil(2 * ext).astype(int) + 1
     lo = np.floor(centre - ext).astype(np.int64) + 1         # first integer strictly inside, per point
     ox, oy = np.meshgrid(np.arange(n[0]), np.arange(n[1]))
     gx = (lo[:, 0:1] + ox.ravel()[None]).ravel()
     gy = (lo[:, 1:2] + oy.ravel()[None]).ravel()
-    qq = np.repeat(q, ox.size, axis=0)
-    sx = inv[0, 0] * gx + inv[0, 1] * gy + inv[0, 2]
-    sy = inv[1, 0] * gx + inv[1, 1] * gy + inv[1, 2]
-    keep = ((np.abs(sx - qq[:, 0]) < reach) & (np.abs(sy - qq[:, 1]) < reach)
-            & (gx >= 0) & (gx < w) & (gy >= 0) & (gy < h))
+    s = geometry.apply(geometry.invert(m), np.column_stack([gx, gy]))   # their source positions
+    far = np.abs(s - np.repeat(q, ox.size, axis=0)).max(axis=1)
+    keep = (far < reach) & (gx >= 0) & (gx < w) & (gy >= 0) & (gy < h)
     return gy[keep].astype(np.int32), gx[keep].astype(np.int32)
