@@ -1,5 +1,6 @@
 """python -m drivers.simulator OUT_DIR [--frames 10 --width 800 --height 600 --format fits|dng --mono
-    --seed 1 --rotation-deg 0.5 --defects cloudy:3,trail:5,satellite:6,cosmic:7 --calib]
+    --seed 1 --rotation-deg 0.5 --defects cloudy:3,trail:5,satellite:6,cosmic:7 --calib
+    --filters L,R,G,B,Ha,OIII,SII --filter-exptime Ha:300,OIII:300 --dither-px 3]
 
 Writes the lights and truth.json (and with --calib bias/, darks/, flats/, darkflats/) and prints OUT_DIR.
 Exit 0 ok, 2 on a usage error.
@@ -10,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .camera import SimConfig, parse_defects
+from .camera import SimConfig, parse_defects, parse_filter_exptime
 from .write import render_calibration, render_night, write_truth
 
 
@@ -29,13 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dither-px", type=float, default=0.0)
     p.add_argument("--n-stars", type=int, default=400)
     p.add_argument("--defects", default="", help="NAME:FRAME,... NAME: cloudy, wind (or trail), satellite, cosmic")
-    p.add_argument("--calib", action="store_true", help="also write bias/, darks/, flats/, darkflats/ (10 each)")
+    p.add_argument("--filters", default="", help="filter wheel, cycled frame by frame: NAME,... e.g. "
+                   "L,R,G,B,Ha,OIII,SII (mono) or HaOIII (colour, dual band)")
+    p.add_argument("--filter-exptime", default="", help="NAME:SECONDS,... exposure per filter "
+                   "(default: 3 × --exptime narrowband, --exptime broadband)")
+    p.add_argument("--calib", action="store_true", help="also write bias/, darks/, flats/, darkflats/ (10 each; "
+                   "flats: 10 per filter)")
     args = p.parse_args(argv)
     try:
         cfg = SimConfig(width=args.width, height=args.height, n_frames=args.frames, mono=args.mono,
                         fmt=args.format, seed=args.seed, exptime=args.exptime, rotation_deg=args.rotation_deg,
                         flip_at=args.flip_at, dither_px=args.dither_px, n_stars=args.n_stars,
-                        defects=parse_defects(args.defects))
+                        defects=parse_defects(args.defects),
+                        filters=tuple(f.strip() for f in args.filters.split(",") if f.strip()),
+                        filter_exptime=parse_filter_exptime(args.filter_exptime))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

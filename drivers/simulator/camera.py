@@ -7,6 +7,7 @@ column, B at odd row and odd column, G elsewhere.
 Signal chain of a frame, in electrons:
     (stars + nebula + sky + satellite) × flat + dark_rate·t + hot_rate·t (+ cosmic hits)
     -> Poisson -> + read noise -> / gain + bias -> round, clip to [0, white] -> uint16
+With a filter wheel (cfg.filters) the stars, nebula and sky are what the frame's filter passes (filters.py).
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import cv2
 import numpy as np
 from scipy.special import erf
 
-from .sky import SkyField, make_sky, nebula_rgb
+from .filters import LINES, Passband
+from .sky import N_KNOTS, SkyField, make_lines, make_sky
 
 DEFECTS = ("cloudy", "wind", "trail", "satellite", "cosmic")  # "trail" renders like "wind" (trailed stars)
 KINDS = {"light": 0, "bias": 1, "dark": 2, "flat": 3, "darkflat": 4}
@@ -60,8 +62,14 @@ class SimConfig:
     iso: int = 800
     gain_setting: int = 120
     temperature: float = -10.0
-    filter: str | None = None     # None: "L" for mono, no FILTER for colour
+    filter: str | None = None     # None: "L" for mono, no FILTER for colour; a label only (the sky is unfiltered)
     nebula: bool = True
+    # filter wheel: light i is taken through filters[i % len(filters)], named as given here (FILTER, file name);
+    # () is no wheel: the unfiltered sky, FILTER from `filter`. Names: filters.KNOWN, any case. A colour camera
+    # works behind every filter (its Bayer channels × the filter's bands); "HaOIII" is the dual band for it
+    filters: tuple[str, ...] = ()
+    # exposure (s) per filter name (any accepted spelling); otherwise 3 × exptime narrowband, exptime broadband
+    filter_exptime: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.width < 16 or self.height < 16:
@@ -77,10 +85,55 @@ class SimConfig:
             raise ValueError(f"SimConfig: bias {self.bias}, white {self.white}: need 0 < bias < white ≤ 65535")
         if self.exptime <= 0 or self.gain <= 0:
             raise ValueError(f"SimConfig: exptime {self.exptime}, gain {self.gain}: must be > 0")
+        if isinstance(self.filters, str):
+            raise ValueError(f"SimConfig.filters = {self.filters!r}: a sequence of names, e.g. ('L', 'Ha')")
+        object.__setattr__(self, "filters", tuple(self.filters))
+        if self.filters and self.filter is not None:
+            raise ValueError(f"SimConfig: filter {self.filter!r} and filters {self.filters}: set one, not both")
+        for name in (*self.filters, *self.filter_exptime):
+            try:
+                Passband.of(name)
+            except ValueError as err:
+                raise ValueError(f"SimConfig: {err}") from None
+        bad_t = {k: v for k, v in self.filter_exptime.items() if not v > 0}
+        if bad_t:
+            raise ValueError(f"SimConfig.filter_exptime {bad_t}: exposures must be > 0 s")
+        canon = [Passband.of(k).name for k in self.filter_exptime]
+        if len(set(canon)) < len(canon):
+            raise ValueError(f"SimConfig.filter_exptime {self.filter_exptime}: one filter named twice")
 
     @property
     def filter_name(self) -> str | None:
+        """FILTER without a wheel: `filter`, else "L" for mono, None for colour."""
         return self.filter if self.filter is not None else ("L" if self.mono else None)
+
+    def filter_at(self, index: int) -> str | None:
+        """The filter of light `index` as named in cfg.filters (without a wheel: filter_name)."""
+        return self.filters[index % len(self.filters)] if self.filters else self.filter_name
+
+    def passband(self, index: int) -> Passband:
+        """What light `index`'s filter passes; without a wheel the unfiltered sky (even if `filter` is set)."""
+        return Passband.of(self.filters[index % len(self.filters)] if self.filters else None)
+
+    def filter_exptime_of(self, name: str | None) -> float:
+        """Exposure (s) of lights through filter `name` (any accepted spelling; None: no filter)."""
+        band = Passband.of(name)
+        for key, t in self.filter_exptime.items():
+            if Passband.of(key).name == band.name:
+                return float(t)
+        return band.exptime(self.exptime)
+
+    def light_exptime(self, index: int) -> float:
+        """Exposure (s) of light `index`: cfg.exptime without a wheel, else its filter's."""
+        return self.filter_exptime_of(self.filter_at(index)) if self.filters else self.exptime
+
+    def light_offset(self, index: int) -> float:
+        """Seconds from cfg.start to the start of light `index` (exposures + gap_s each before it)."""
+        if not self.filters:
+            return index * (self.exptime + self.gap_s)
+        steps = [self.light_exptime(k) + self.gap_s for k in range(len(self.filters))]
+        cycles, rest = divmod(index, len(steps))
+        return cycles * sum(steps) + sum(steps[:rest])
 
 
 # ---------------------------------------------------------------- geometry
@@ -113,7 +166,10 @@ def sky_field(cfg: SimConfig) -> SkyField:
 
 @lru_cache(maxsize=4)
 def _sky(width, height, n_stars, sky_level, nebula, seed) -> SkyField:
-    return make_sky(width, height, n_stars, sky_level, nebula=nebula, rng=np.random.default_rng(seed))
+    sky = make_sky(width, height, n_stars, sky_level, nebula=nebula, rng=np.random.default_rng(seed))
+    # the emission lines have their own stream, so that they change neither the stars nor sky.blobs
+    lines = make_lines(sky, width, height, sky_level, rng=np.random.default_rng([seed, 0x11E5]))
+    return SkyField(sky.xy, sky.rate, sky.rgb, sky.blobs, lines)
 
 
 # ---------------------------------------------------------------- the camera's fixed pattern
@@ -222,11 +278,10 @@ def stamp_stars(img: np.ndarray, xy: np.ndarray, flux: np.ndarray, rgb: np.ndarr
 
 def _frame_time(cfg: SimConfig, index: int, kind: str, t: float) -> datetime:
     start = datetime.fromisoformat(cfg.start)
-    step = cfg.exptime + cfg.gap_s
     if kind == "light":
-        return start + timedelta(seconds=index * step)
+        return start + timedelta(seconds=cfg.light_offset(index))
     # calibration frames are taken after the night, in the order bias, dark, flat, darkflat
-    after = start + timedelta(seconds=cfg.n_frames * step + 600 * KINDS[kind])
+    after = start + timedelta(seconds=cfg.light_offset(cfg.n_frames) + 600 * KINDS[kind])
     return after + timedelta(seconds=index * (t + cfg.gap_s))
 
 
@@ -235,23 +290,29 @@ def render_frame(cfg: SimConfig, index: int, *, kind: str = "light", exptime: fl
     """Render frame `index` of `kind` ('light', 'bias', 'dark', 'flat', 'darkflat'); no file is written.
 
     Returns (raw, meta): raw is (H, W) uint16 sensor values in ADU including the bias, clipped at
-    cfg.white; meta is the frame's header/truth dict (index, kind, imagetyp, exptime, time = ISO UTC start;
-    for lights also frame_to_sky (2×3 list), fwhm px, transparency, sky e-/px at the centre, defect, dither,
+    cfg.white; meta is the frame's header/truth dict (index, kind, imagetyp, exptime, time = ISO UTC start,
+    filter = the FILTER name or None; for lights also frame_to_sky (2×3 list), fwhm px, transparency,
+    sky e-/px at the centre before flat (colour: the mean of the R, G, B channels), defect, dither,
     satellite [x0, y0, x1, y1] or None, cosmics [[x, y], …] or None).
-    Exposure default: cfg.exptime for light/dark, 0 for bias, 1 s for flat/darkflat.
+    A light is taken through cfg.filter_at(index); calibration frames carry cfg.filter_name without a wheel and
+    no filter with one (render_calibration names the flats' filter).
+    Exposure default: cfg.light_exptime(index) for lights (cfg.exptime without a wheel), cfg.exptime for darks,
+    0 for bias, 1 s for flat/darkflat.
     `noise=False` gives the expected value (no Poisson, read noise or cosmic hits) — for tests.
     Peak memory at 24 MP ≈ 3 float32 planes (electrons, nebula upsampling, the cached flat) + the output.
     """
     if kind not in KINDS:
         raise ValueError(f"render_frame: kind {kind!r} unknown (known: {', '.join(KINDS)})")
     if exptime is None:
-        exptime = {"light": cfg.exptime, "dark": cfg.exptime, "bias": 0.0}.get(kind, 1.0)
+        exptime = (cfg.light_exptime(index) if kind == "light"
+                   else {"dark": cfg.exptime, "bias": 0.0}.get(kind, 1.0))
     t = float(exptime)
     width, height = cfg.width, cfg.height
     rng = np.random.default_rng([cfg.seed, KINDS[kind], index])
     pattern = _pattern(cfg)
     meta: dict = {"index": index, "kind": kind, "imagetyp": IMAGETYP[kind], "exptime": t,
-                  "time": _frame_time(cfg, index, kind, t).isoformat()}
+                  "time": _frame_time(cfg, index, kind, t).isoformat(),
+                  "filter": cfg.filter_at(index) if kind == "light" or not cfg.filters else None}
     electrons = np.zeros((height, width), np.float32)
     cosmics: list[list[int]] = []
 
@@ -270,18 +331,19 @@ def render_frame(cfg: SimConfig, index: int, *, kind: str = "light", exptime: fl
             transparency *= 0.3
             sky_scale *= 2.5
         light_scale = t / cfg.exptime
+        band = cfg.passband(index)
 
         m = frame_to_sky(cfg, index, tuple(dither))
         sky = make_sky_plane(cfg, sky_scale * light_scale, grad_angle)
+        _filter_sky(sky, band, mono=cfg.mono)
         electrons += sky
         del sky
         sky_field_ = sky_field(cfg)
         if len(sky_field_.blobs):
-            _add_nebula(electrons, cfg, sky_field_, m, light_scale * transparency)
+            _add_nebula(electrons, cfg, sky_field_, m, light_scale * transparency, band)
         inv = invert_affine(m)
         xy = sky_field_.xy @ inv[:, :2].T + inv[:, 2]
-        flux = sky_field_.rate * t * transparency
-        rgb = sky_field_.rgb
+        flux, rgb = band.stars(sky_field_.rate * t * transparency, sky_field_.rgb, mono=cfg.mono)
         if defect in ("wind", "trail"):
             # the mount shakes during the exposure: the star is smeared along a line, centroid unchanged
             steps = np.linspace(-wind_len / 2, wind_len / 2, 20)
@@ -314,7 +376,7 @@ def render_frame(cfg: SimConfig, index: int, *, kind: str = "light", exptime: fl
                         cosmics.append([xx, yy])
         meta.update({
             "frame_to_sky": m.tolist(), "fwhm": float(fwhm), "transparency": float(transparency),
-            "sky": float(cfg.sky_level * sky_scale * light_scale), "defect": defect,
+            "sky": float(cfg.sky_level * sky_scale * light_scale * band.sky_mono()), "defect": defect,
             "dither": [float(d) for d in dither], "satellite": satellite,
             "cosmics": cosmics if defect == "cosmic" else None,
         })
@@ -332,6 +394,61 @@ def render_frame(cfg: SimConfig, index: int, *, kind: str = "light", exptime: fl
     return raw, meta
 
 
+def true_signal(cfg: SimConfig, filter_name: str | None, *, exptime: float | None = None) -> np.ndarray:
+    """Noise-free stars + nebula (e-, no sky, flat, dark or hot pixels) that frame 0's pixel grid (the
+    identity frame_to_sky, no dither) sees through `filter_name` (any accepted spelling; None: no wheel, the
+    unfiltered sky of filters=()), at the nominal seeing cfg.fwhm_px and transparency 1.
+
+    Returns (H, W) float32 for mono; for a colour camera (3, H, W) float32, the R, G, B channel responses at
+    every pixel (not mosaicked; 3 planes, 288 MB at 24 MP). Exposure default: the filter's light exposure
+    (cfg.filter_exptime_of). Raises ValueError for an unknown filter.
+    """
+    band = Passband.of(filter_name)
+    t = float(exptime) if exptime is not None else cfg.filter_exptime_of(filter_name)
+    shape = (cfg.height, cfg.width)
+    sky = sky_field(cfg)
+    identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    out = np.zeros((1 if cfg.mono else 3, *shape), np.float32)
+    if len(sky.blobs):
+        coarse = _nebula_coarse(shape, sky, identity, t / cfg.exptime, band)
+        for c, plane in enumerate(coarse.mean(axis=0, keepdims=True) if cfg.mono else coarse):
+            out[c] += cv2.resize(plane, (cfg.width, cfg.height), interpolation=cv2.INTER_LINEAR)
+    flux, rgb = band.stars(sky.rate * t, sky.rgb, mono=cfg.mono)
+    sigma = cfg.fwhm_px / (2 * math.sqrt(2 * math.log(2)))
+    if cfg.mono:
+        stamp_stars(out[0], sky.xy, flux, rgb, sigma, mono=True)
+        return out[0]
+    for c in range(3):
+        stamp_stars(out[c], sky.xy, flux * rgb[:, c], rgb, sigma, mono=True)
+    return out
+
+
+def nebula_truth(cfg: SimConfig, line: str) -> np.ndarray:
+    """(H, W) float32 surface brightness of one emission line ('Ha', 'OIII' or 'SII', any accepted
+    spelling), e-/px per cfg.exptime, on frame 0's pixel grid, before flat and transparency; zeros without a
+    nebula. Evaluated as the frames are (coarse grid, bilinear upsampling). Raises ValueError for another name."""
+    band = Passband.of(line)
+    if band.name not in LINES:
+        raise ValueError(f"nebula_truth: {line!r} is not an emission line (known: {', '.join(LINES)})")
+    sky = sky_field(cfg)
+    if not len(sky.blobs):
+        return np.zeros((cfg.height, cfg.width), np.float32)
+    # the line's own passband passes only that line, and its channel mean is the line itself
+    identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    coarse = _nebula_coarse((cfg.height, cfg.width), sky, identity, 1.0, band).mean(axis=0)
+    return cv2.resize(coarse, (cfg.width, cfg.height), interpolation=cv2.INTER_LINEAR)
+
+
+def nebula_knots(cfg: SimConfig) -> np.ndarray:
+    """(K, 4) float64 Hα knots of cfg's nebula: x, y on frame 0's grid, FWHM px (major, minor) — the compact
+    blobs that a star finder picks up and must not keep as stars. (0, 4) without a nebula."""
+    lines = sky_field(cfg).lines
+    if not lines:
+        return np.zeros((0, 4))
+    knots = lines[0][-N_KNOTS:]
+    return np.column_stack([knots[:, :2], knots[:, 2:4] * (2 * math.sqrt(2 * math.log(2)))])
+
+
 def make_sky_plane(cfg: SimConfig, scale: float, angle: float) -> np.ndarray:
     """(H, W) float32 sky background, e-/px: cfg.sky_level × scale at the centre, a linear gradient of
     ±15 % across the frame (light pollution: fixed to the frame, not the sky) in direction `angle`."""
@@ -343,17 +460,39 @@ def make_sky_plane(cfg: SimConfig, scale: float, angle: float) -> np.ndarray:
     return level * (1 + np.float32(norm * ax) * u[None, :] + np.float32(norm * ay) * v[:, None])
 
 
-def _add_nebula(img: np.ndarray, cfg: SimConfig, sky: SkyField, m: np.ndarray, scale: float) -> None:
-    """Add the nebula to `img` in place. It is smooth, so evaluated on a grid 8× coarser and upsampled;
-    the coarse points sit where cv2.resize's half-pixel convention puts them, so nothing shifts."""
-    height, width = img.shape
-    cw, ch = max(2, width // 8), max(2, height // 8)
+def _filter_sky(sky: np.ndarray, band: Passband, *, mono: bool) -> None:
+    """Scale an unfiltered (H, W) sky plane in place to what `band` passes: by its mono sky, or per Bayer site."""
+    if band.name is None:
+        return
+    if mono:
+        sky *= np.float32(band.sky_mono())
+        return
+    for k, (r0, c0) in ((0, (0, 0)), (1, (0, 1)), (1, (1, 0)), (2, (1, 1))):
+        sky[r0::2, c0::2] *= band.sky[k]
+
+
+def _nebula_coarse(shape: tuple[int, int], sky: SkyField, m: np.ndarray, scale: float,
+                   band: Passband) -> np.ndarray:
+    """(3, ch, cw) float32 nebula through `band` on a grid band.nebula_step × coarser than the frame (of frame
+    pixels mapped by `m` to the sky), × scale; cv2.resize to `shape` puts it back without a shift, because the
+    coarse points sit where its half-pixel convention puts them."""
+    height, width = shape
+    step = band.nebula_step
+    cw, ch = max(2, width // step), max(2, height // step)
     xs = (np.arange(cw) + 0.5) * (width / cw) - 0.5
     ys = (np.arange(ch) + 0.5) * (height / ch) - 0.5
     fx, fy = np.meshgrid(xs, ys)
     sx = m[0, 0] * fx + m[0, 1] * fy + m[0, 2]
     sy = m[1, 0] * fx + m[1, 1] * fy + m[1, 2]
-    coarse = nebula_rgb(sky.blobs, sx, sy) * np.float32(scale)
+    return band.nebula(sky, sx, sy) * np.float32(scale)
+
+
+def _add_nebula(img: np.ndarray, cfg: SimConfig, sky: SkyField, m: np.ndarray, scale: float,
+                band: Passband) -> None:
+    """Add the nebula through `band` to `img` in place. It is smooth, so evaluated on a coarse grid
+    (_nebula_coarse) and upsampled bilinearly; a Bayer pixel takes its own channel."""
+    height, width = img.shape
+    coarse = _nebula_coarse((height, width), sky, m, scale, band)
     if cfg.mono:
         img += cv2.resize(coarse.mean(axis=0), (width, height), interpolation=cv2.INTER_LINEAR)
         return
@@ -410,4 +549,19 @@ def parse_defects(text: str) -> dict[int, str]:
         if not sep or not index.strip().isdigit():
             raise ValueError(f"--defects {item!r}: expected NAME:FRAME, e.g. cloudy:3")
         out[int(index)] = name.strip()
+    return out
+
+
+def parse_filter_exptime(text: str) -> dict[str, float]:
+    """'Ha:300,OIII:300' -> {'Ha': 300.0, 'OIII': 300.0} (names are checked by SimConfig)."""
+    out: dict[str, float] = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, seconds = item.rpartition(":")
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = None
+        if not sep or not name.strip() or value is None:
+            raise ValueError(f"--filter-exptime {item!r}: expected NAME:SECONDS, e.g. Ha:300")
+        out[name.strip()] = value
     return out

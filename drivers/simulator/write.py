@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from datetime import datetime
 from fractions import Fraction
 from pathlib import Path
@@ -23,14 +24,19 @@ _COLOR_MATRIX = [[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557,
 CALIB_DIRS = {"bias": "bias", "dark": "darks", "flat": "flats", "darkflat": "darkflats"}
 
 
-def frame_name(kind: str, index: int, exptime: float, fmt: str) -> str:
-    """'light_0003_60s.fits': sorts in capture order, says type and exposure."""
-    return f"{kind}_{index:04d}_{exptime:g}s.{fmt}"
+def frame_name(kind: str, index: int, exptime: float, fmt: str, *, filter: str | None = None) -> str:
+    """'light_0003_60s.fits', with a filter 'light_0003_180s_Ha.fits' (as the capture drivers name them):
+    sorts in capture order, says type, exposure and filter. Characters unsafe in a file name are dropped
+    from the filter ('H alpha' -> 'Halpha')."""
+    name = f"{kind}_{index:04d}_{exptime:g}s"
+    if filter:
+        name += "_" + re.sub(r"[^A-Za-z0-9.+-]", "", filter)
+    return f"{name}.{fmt}"
 
 
 def write_fits(path: Path, raw: np.ndarray, meta: dict, cfg: SimConfig) -> None:
     """Write (H, W) uint16 `raw` as a FITS primary HDU (int16 + BZERO 32768), row 0 first, with the
-    capture headers of `meta` (from render_frame) and the camera of `cfg`."""
+    capture headers of `meta` (from render_frame; FILTER from meta["filter"]) and the camera of `cfg`."""
     hdu = fits.PrimaryHDU(np.ascontiguousarray(raw, dtype=np.uint16))
     h = hdu.header
     h["IMAGETYP"] = meta["imagetyp"]
@@ -40,8 +46,9 @@ def write_fits(path: Path, raw: np.ndarray, meta: dict, cfg: SimConfig) -> None:
     h["ISOSPEED"] = cfg.iso
     h["CCD-TEMP"] = (cfg.temperature, "[C] sensor temperature")
     h["INSTRUME"] = cfg.camera
-    if cfg.filter_name:
-        h["FILTER"] = cfg.filter_name
+    filter_name = meta.get("filter", cfg.filter_name)
+    if filter_name:
+        h["FILTER"] = filter_name
     if not cfg.mono:
         h["BAYERPAT"] = "RGGB"
         h["XBAYROFF"] = 0
@@ -117,7 +124,7 @@ def render_night(out_dir: Path, cfg: SimConfig) -> dict:
 
     Returns the truth dict, exactly as json.load would read truth.json back (frame indices as string keys):
     {"config": {...}, "frames": [{"file", "index", "frame_to_sky" (2×3), "fwhm" px, "transparency",
-    "sky" e-/px at the centre before flat, "defect", "time", "exptime", "dither"}, ...],
+    "sky" e-/px at the centre before flat, "defect", "time", "exptime", "dither", "filter"}, ...],
     "hot_pixels": [[x, y], ...], "satellite": {"i": [x0, y0, x1, y1]}, "cosmics": {"i": [[x, y], ...]}}.
     """
     out_dir = Path(out_dir)
@@ -125,12 +132,13 @@ def render_night(out_dir: Path, cfg: SimConfig) -> dict:
     frames, satellite, cosmics = [], {}, {}
     for i in range(cfg.n_frames):
         raw, meta = render_frame(cfg, i)
-        name = frame_name("light", i, meta["exptime"], cfg.fmt)
+        name = frame_name("light", i, meta["exptime"], cfg.fmt, filter=meta["filter"] if cfg.filters else None)
         write_frame(out_dir / name, raw, meta, cfg)
         del raw
         frames.append({"file": name, "index": i, "frame_to_sky": meta["frame_to_sky"], "fwhm": meta["fwhm"],
                        "transparency": meta["transparency"], "sky": meta["sky"], "defect": meta["defect"],
-                       "time": meta["time"], "exptime": meta["exptime"], "dither": meta["dither"]})
+                       "time": meta["time"], "exptime": meta["exptime"], "dither": meta["dither"],
+                       "filter": meta["filter"]})
         if meta["satellite"] is not None:
             satellite[str(i)] = meta["satellite"]
         if meta["cosmics"] is not None:
@@ -154,19 +162,26 @@ def render_calibration(out_dir: Path, cfg: SimConfig, *, n_bias: int = 10, n_dar
 
     Bias: t = 0; darks: t = dark_exptime or cfg.exptime; flats: a uniform panel at ~40 % of full well
     through the flat, t = flat_exptime; darkflats: darks of flat_exptime. Same format and noise model as the
-    lights. Returns {"bias": [Path, ...], "darks": [...], "flats": [...], "darkflats": [...]}, capture order.
+    lights. With a filter wheel, n_flat flats per filter of cfg.filters (in wheel order, FILTER and file name
+    'flat_0010_1s_R.fits', indices running on); the optics' flat is the same through every filter.
+    Returns {"bias": [Path, ...], "darks": [...], "flats": [...], "darkflats": [...]}, capture order.
     """
     out_dir = Path(out_dir)
-    plan = [("bias", n_bias, 0.0), ("dark", n_dark, cfg.exptime if dark_exptime is None else dark_exptime),
-            ("flat", n_flat, flat_exptime), ("darkflat", n_darkflat, flat_exptime)]
+    flat_filters = list(dict.fromkeys(cfg.filters)) or [None]
+    plan = [("bias", n_bias, 0.0, [None]),
+            ("dark", n_dark, cfg.exptime if dark_exptime is None else dark_exptime, [None]),
+            ("flat", n_flat, flat_exptime, flat_filters), ("darkflat", n_darkflat, flat_exptime, [None])]
     files: dict[str, list[Path]] = {}
-    for kind, n, t in plan:
+    for kind, n, t, filters in plan:
         folder = out_dir / CALIB_DIRS[kind]
         folder.mkdir(parents=True, exist_ok=True)
         files[CALIB_DIRS[kind]] = []
-        for i in range(n):
-            raw, meta = render_frame(cfg, i, kind=kind, exptime=t)
-            path = folder / frame_name(kind, i, t, cfg.fmt)
-            write_frame(path, raw, meta, cfg)
-            files[CALIB_DIRS[kind]].append(path)
+        for j, filter_name in enumerate(filters):
+            for i in range(j * n, (j + 1) * n):
+                raw, meta = render_frame(cfg, i, kind=kind, exptime=t)
+                if filter_name is not None:
+                    meta["filter"] = filter_name
+                path = folder / frame_name(kind, i, t, cfg.fmt, filter=filter_name)
+                write_frame(path, raw, meta, cfg)
+                files[CALIB_DIRS[kind]].append(path)
     return files
