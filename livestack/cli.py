@@ -77,7 +77,7 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
     if flog_path.exists():
         flog_path.unlink()  # a batch run starts a fresh log; the daemon resumes instead
     flog = FramesLog(flog_path)
-    engine = Engine(cfg, masters=masters)
+    engine = Engine(cfg, masters=masters, spill_dir=out)   # stacks beyond [stack] memory_mb: mapped files
     progress = None if quiet else Progress(len(files))
     t0 = time.perf_counter()
     for f in files:
@@ -86,16 +86,17 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
         if progress:
             progress.update(rec)
     wrote = engine.snapshot(out)
+    files_out = [fs.file_name for fs in engine.stacks if fs.name is not None or len(engine.stacks) > 1]
     return {"frames": len(files), "stacked": engine.n_stacked, "rejected": engine.n_rejected,
             "failed": engine.n_failed, "exptime": engine.exptime_total, "seconds": time.perf_counter() - t0,
-            "wrote": wrote}
+            "wrote": wrote, "filter_files": files_out}
 
 
 def _print_summary(s: dict, out: Path) -> None:
     print(f"{s['stacked']} stacked, {s['rejected']} rejected, {s['failed']} failed of {s['frames']} frames; "
           f"{s['exptime']:.0f} s integration, {s['seconds']:.1f} s")
     if s["wrote"]:
-        for name in ("stack.fits", "preview.jpg", "frames.jsonl"):
+        for name in ["stack.fits"] + s.get("filter_files", []) + ["preview.jpg", "frames.jsonl"]:
             print(f"  {out / name}")
     else:
         print(f"  nothing stacked; see {out / 'frames.jsonl'}")

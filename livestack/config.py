@@ -5,47 +5,13 @@ import dataclasses
 import tomllib
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from .engine.calibrate import CosmeticParams
-from .engine.register import RegisterParams
-from .engine.reject import RejectParams
-from .engine.stack import StackParams
-from .engine.stars import StarParams
-from .engine.stretch import StretchParams
+from .engine.settings import Config, EngineParams  # noqa: F401  (the settings are the engine's plain values)
 
 
 class ConfigError(ValueError):
     """A configuration problem, as one sentence naming the file/key."""
-
-
-@dataclass(frozen=True, slots=True)
-class EngineParams:
-    debayer: str = "bilinear"        # "bilinear" (full resolution) | "superpixel" (2×2 -> half, for a Pi)
-    interpolation: str = "bilinear"  # warp: "bilinear" | "bicubic" | "lanczos" (sharper, slower)
-    sharpness_weight: float = 0.0    # weight × (reference FWHM / frame FWHM) ** this (0 = noise only)
-    seed: int = 0                    # RANSAC random generator
-
-    def __post_init__(self):
-        if self.debayer not in ("bilinear", "superpixel"):
-            raise ConfigError(f"engine.debayer = {self.debayer!r}: must be 'bilinear' or 'superpixel'")
-        if self.interpolation not in ("bilinear", "bicubic", "lanczos"):
-            raise ConfigError(f"engine.interpolation = {self.interpolation!r}: must be bilinear, bicubic or lanczos")
-        if not 0 <= self.sharpness_weight <= 4:
-            raise ConfigError(f"engine.sharpness_weight = {self.sharpness_weight}: must be in [0, 4]")
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    engine: EngineParams = field(default_factory=EngineParams)
-    stars: StarParams = field(default_factory=StarParams)
-    register: RegisterParams = field(default_factory=RegisterParams)
-    reject: RejectParams = field(default_factory=RejectParams)
-    stack: StackParams = field(default_factory=StackParams)
-    stretch: StretchParams = field(default_factory=StretchParams)
-    cosmetic: CosmeticParams = field(default_factory=CosmeticParams)
-    extra: dict = field(default_factory=dict)   # sections owned by the shells (daemon, web, capture)
 
 
 SHELL_SECTIONS = ("daemon", "web", "watch", "calibration", "capture")

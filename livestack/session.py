@@ -3,7 +3,6 @@ for the daemon the checkpoint, exclusions and archived sessions (layout below)."
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import json
 import os
 import shutil
@@ -73,7 +72,7 @@ def read_frames_log(path: Path | str) -> list[dict]:
 #   out/stack.fits, out/preview.jpg   outputs (atomic writes, engine/write.py)
 #   out/frames.jsonl                  one record per frame, processing order (the daemon adds "path": the file
 #                                     relative to the watched folder)
-#   out/session/checkpoint.npz        Engine.save_state plus a member "daemon" (JSON: how many frames.jsonl
+#   out/session/checkpoint.npz        Engine.state() (save_engine) plus a member "daemon" (JSON: how many frames.jsonl
 #                                     lines the state covers, the exclusions it was built with).  One file,
 #                                     renamed into place: the state and its line count can never disagree.
 #   out/session/excluded.json         files the user excluded (user intent; survives restarts)
@@ -98,32 +97,51 @@ def rewrite_frames_log(path: Path | str, records: list[dict]) -> None:
     atomic_write_bytes(Path(path), text.encode())
 
 
-def save_checkpoint(engine, path: Path | str, info: dict) -> None:
-    """Engine.save_state + ``info`` (JSON, member "daemon") in one .npz, written to a temporary name, fsynced and
-    renamed onto ``path``."""
+def save_engine(engine, path: Path | str, info: dict | None = None) -> None:
+    """The checkpoint: Engine.state() — its meta (JSON), small arrays and every filter's stack arrays — and the
+    caller's ``info`` (JSON, member "daemon") as one uncompressed .npz, written to a temporary name, fsynced
+    and renamed onto ``path``.  Written array by array, and a spilled stack's pages are given back after its
+    arrays are written, so a checkpoint of seven filter stacks does not bring them all into memory at once."""
+    meta, arrays, stacks = engine.state()
 
     def writer(tmp: Path) -> None:
-        engine.save_state(tmp)
-        buf = io.BytesIO()
-        np.lib.format.write_array(buf, np.frombuffer(json.dumps(info).encode(), np.uint8))
-        with zipfile.ZipFile(tmp, "a") as z:  # np.savez writes an uncompressed zip: appending is cheap
-            z.writestr("daemon.npy", buf.getvalue())
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            def put(name: str, a) -> None:
+                with z.open(name + ".npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
+
+            put("meta", np.frombuffer(json.dumps(meta).encode(), np.uint8))
+            if info is not None:
+                put("daemon", np.frombuffer(json.dumps(info).encode(), np.uint8))
+            for k, a in arrays.items():
+                put(k, a)
+            for prefix, stack in stacks:
+                for k, a in stack.state().items():
+                    put(prefix + k, a)
+                stack.release()
 
     atomic_write_with(Path(path), writer)
 
 
-def load_checkpoint(path: Path | str, cfg, *, masters=None):
-    """-> (Engine, info dict).  Raises SessionError naming the file when it cannot be used."""
+def load_engine(path: Path | str, cfg, *, masters=None, spill_dir: Path | None = None):
+    """-> (Engine, info dict) from a checkpoint save_engine() wrote.  Raises SessionError naming the file when
+    it cannot be used (unreadable, truncated, empty, of another format)."""
     from .engine.pipeline import Engine
 
     path = Path(path)
     try:
         with np.load(path) as z:
-            info = json.loads(bytes(z["daemon"]).decode())
-        engine = Engine.load_state(path, cfg, masters=masters)
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+            meta = json.loads(bytes(z["meta"]).decode())
+            info = json.loads(bytes(z["daemon"]).decode()) if "daemon" in z.files else {}
+            engine = Engine.from_state(meta, z, cfg, masters=masters, spill_dir=spill_dir)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
         raise SessionError(f"{path.name}: unusable checkpoint ({type(err).__name__}: {err})") from err
     return engine, info
+
+
+def load_checkpoint(path: Path | str, cfg, *, masters=None, spill_dir: Path | None = None):
+    """-> (Engine, info dict).  Raises SessionError naming the file when it cannot be used."""
+    return load_engine(path, cfg, masters=masters, spill_dir=spill_dir)
 
 
 class SessionError(Exception):
@@ -226,13 +244,17 @@ class SessionFolder:
     def save_checkpoint(self, engine, lines: int, excluded: set[str]) -> None:
         info = {"version": 1, "lines": lines, "excluded": sorted(excluded),
                 "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-        save_checkpoint(engine, self.checkpoint, info)
+        save_engine(engine, self.checkpoint, info)
+
+    def new_engine(self, cfg, *, masters=None):
+        """A fresh engine for this session (its spilled stacks, if any, go to the session folder)."""
+        from .engine.pipeline import Engine
+
+        return Engine(cfg, masters=masters, spill_dir=self.dir)
 
     def resume(self, cfg, *, masters=None) -> Resumed:
         """Open (or create) the session: the checkpoint is the truth for the stack; frames.jsonl lines after it
         are dropped (atomically) so that their files are processed again — nothing counted twice or skipped."""
-        from .engine.pipeline import Engine
-
         self.recover()
         self.out.mkdir(parents=True, exist_ok=True)
         FramesLog(self.frames)  # repairs a torn last line
@@ -241,7 +263,7 @@ class SessionFolder:
         engine, covered, note = None, 0, "new session"
         if self.checkpoint.exists():
             try:
-                engine, info = load_checkpoint(self.checkpoint, cfg, masters=masters)
+                engine, info = load_checkpoint(self.checkpoint, cfg, masters=masters, spill_dir=self.dir)
             except SessionError as err:
                 note = f"{err}; restacking all {len(records)} frames"
             else:
@@ -257,7 +279,7 @@ class SessionFolder:
         elif records:
             note = f"no checkpoint; restacking {len(records)} frames of {self.frames.name}"
         if engine is None:
-            engine = Engine(cfg, masters=masters)
+            engine = self.new_engine(cfg, masters=masters)
         kept, dropped = records[:covered], records[covered:]
         if dropped:
             rewrite_frames_log(self.frames, kept)

@@ -19,6 +19,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..engine import outputs
+from ..engine.compose import ComposeParams
 from ..engine.frame import FrameRecord
 from ..engine.pipeline import Engine
 from ..engine.write import atomic_write_bytes, encode_png16, encode_tiff16
@@ -64,6 +66,7 @@ class Service:
         self.folder = SessionFolder(Path(out_dir).expanduser().resolve())
         self.out = self.folder.out
         self.stretch = cfg.stretch
+        self.compose = cfg.compose      # the page may change palette and weights without restacking
         self.files: queue.Queue[Ready] = queue.Queue()
         self._commands: queue.Queue[tuple] = queue.Queue()
         self._stopping = threading.Event()
@@ -115,7 +118,7 @@ class Service:
             self._append(FrameRecord(file=Path(rel).name, status="failed",
                                      reason=f"processing it stopped livestack {poison['attempts']} times in a "
                                             f"row; skipped (see the journal for the error)"), rel)
-            self.engine.n_failed += 1
+            self.engine.count_failed()
             known.add(rel)
             log.error("livestack: %s stopped the worker %d times in a row; recorded as failed and skipped",
                       rel, poison["attempts"])
@@ -189,6 +192,13 @@ class Service:
     def set_stretch(self, black=None, midtones=None, white=None) -> Future:
         return self._submit(self._cmd_stretch, black, midtones, white)
 
+    def set_palette(self, palette: str | None = None, weights: dict | None = None,
+                    hues: dict | None = None) -> Future:
+        """Change the composite's palette, per-filter weights or hues (ValueError: one sentence) and redraw."""
+        changes = {k: v for k, v in {"palette": palette, "weights": weights, "hues": hues}.items() if v is not None}
+        new = dataclasses.replace(self.compose, **changes)     # validated here, in the caller's thread
+        return self._submit(self._cmd_palette, new)
+
     def export(self, fmt: str, mode: str) -> Future:
         return self._submit(self._cmd_export, fmt, mode)
 
@@ -254,7 +264,7 @@ class Service:
             rec = FrameRecord(file=item.path.name, status="excluded", reason="excluded by the user")
         elif item.reason is not None:
             rec = FrameRecord(file=item.path.name, status="failed", reason=item.reason)
-            self.engine.n_failed += 1   # counted like the engine's own failures (NFAILED in the header)
+            self.engine.count_failed()   # counted like the engine's own failures (NFAILED in the header)
             log.warning("failed %s: %s", item.rel, item.reason)
         else:
             self.folder.mark_inflight(item.rel)
@@ -328,7 +338,7 @@ class Service:
         self._since_ckpt, self._ckpt_cost = 0, self._last_ckpt - t0
 
     def _write_fits(self) -> None:
-        self.engine.write_stack(self.out / "stack.fits")
+        self.engine.write_stack(self.out / "stack.fits", compose=self.compose)
         self._fits_dirty = 0
         self._last_fits = time.monotonic()
 
@@ -337,7 +347,7 @@ class Service:
         if not self.engine.has_stack:
             self._preview = None
             return
-        rgb = self.engine.preview(stretch=self.stretch)   # from a reduced copy: 0.2 s at 24 MP
+        rgb = self.engine.preview(stretch=self.stretch, compose=self.compose)   # reduced copies: 0.2 s at 24 MP
         ok, enc = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(self.stretch.jpeg_quality)])
         if not ok:
             raise OSError("preview.jpg: JPEG encoding failed")
@@ -354,8 +364,16 @@ class Service:
         self._publish()
         return self.status()
 
+    def _cmd_palette(self, new: ComposeParams) -> dict:
+        self.compose = new
+        if self.engine.has_stack:
+            self._render_preview()
+            self._fits_dirty += 1      # stack.fits holds the composite: rewritten when next due
+        self._publish()
+        return self.status()
+
     def _cmd_export(self, fmt: str, mode: str) -> bytes:
-        res = self.engine.result()
+        res = outputs.full_image(self.engine, self.compose)
         if res is None:
             raise Refused("nothing stacked yet; the export needs at least one stacked frame")
         img, wsum = res
@@ -367,7 +385,8 @@ class Service:
             out16 = np.clip(x, 0, 65535).astype(np.uint16)
         else:                  # the page's stretch, at full resolution and 16 bits
             p = dataclasses.replace(self.stretch, max_size=max(img.shape[1:]))
-            out16 = self.engine.preview(img, wsum, stretch=p, dtype=np.uint16).transpose(2, 0, 1)
+            out16 = self.engine.preview(img, wsum, stretch=p, compose=self.compose,
+                                        dtype=np.uint16).transpose(2, 0, 1)
         out16 = out16[0] if out16.shape[0] == 1 else np.ascontiguousarray(out16.transpose(1, 2, 0))
         return encode_png16(out16) if fmt == "png" else encode_tiff16(out16)
 
@@ -381,7 +400,7 @@ class Service:
         """Exclusion cannot be undone in a running mean with outlier rejection: stack the included files again,
         in their original order, through a fresh Engine — the simple correct way."""
         want = set(self.excluded)
-        eng = Engine(self.cfg, masters=self.masters)
+        eng = self.folder.new_engine(self.cfg, masters=self.masters)
         new: list[dict] = []
         total = len(self.records)
         self._state = "restacking"
@@ -423,7 +442,7 @@ class Service:
             except queue.Empty:
                 break
         dest = self.folder.new_session(ignore)
-        self.engine = Engine(self.cfg, masters=self.masters)
+        self.engine = self.folder.new_engine(self.cfg, masters=self.masters)
         self.records, self.excluded, self._engine_excluded = [], set(), set()
         self.flog = FramesLog(self.folder.frames)
         self._preview, self._generation = None, self._generation + 1
@@ -450,7 +469,7 @@ class Service:
             "excluded": sum(1 for d in self.records if d["status"] == "excluded"),
             "frames": len(self.records),
             "integration_s": round(e.exptime_total, 3),
-            "first_frame_time": e.first_time, "last_frame_time": last_time,
+            "first_frame_time": e.counts.first_time, "last_frame_time": last_time,
             "last_processed": last.get("processed") if last else None,
             "current": None if measured is None else {k: measured.get(k) for k in (
                 "file", "path", "status", "reason", "fwhm", "stars", "background", "eccentricity", "weight",
@@ -459,6 +478,8 @@ class Service:
             "last": None if last is None else {k: last.get(k) for k in ("file", "status", "reason")},
             "last_failed": None if last_fail is None else {k: last_fail.get(k) for k in ("file", "reason")},
             "reference": e.ref.file if e.ref else None,
+            "filters": [fs.summary() for fs in e.filters.values()],
+            "palette": self._palette(),
             "restack": self._restack,
             "stretch": {"black": s.black, "midtones": s.midtones, "white": s.white,
                         "auto": s.black is None and s.midtones is None and s.white is None},
@@ -469,6 +490,16 @@ class Service:
             "watch": str(self.watch_dir), "out": str(self.out),
             "updated": _now(),
         }
+
+    def _palette(self) -> dict:
+        """The composite's palette for the page: what was asked, what it became, the weights and choices."""
+        from ..engine import compose
+
+        c = self.compose
+        p = outputs.plan(self.engine, c, self.stretch.max_size) if self.engine.has_stack else None
+        return {"requested": c.palette, "name": p.palette if p is not None else None,
+                "mapping": p.description if p is not None else None, "weights": dict(c.weights),
+                "hues": {k: list(v) for k, v in c.hues.items()}, "choices": list(compose.PALETTES)}
 
     def _publish(self) -> None:
         snap = Snapshot(self._status(), tuple(self.records), self._preview, self._generation)

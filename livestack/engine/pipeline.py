@@ -1,18 +1,20 @@
-"""Engine.process(path) -> FrameRecord: the stages, in order, for one frame; snapshot() writes the outputs.
+"""Engine.process(path) -> FrameRecord: the stages, in order, for one frame.
 
     read -> calibrate -> stars & quality -> debayer -> register -> judge -> normalise -> warp -> stack
 
-The Engine holds the session's state: the reference (grid, stars, sky), the previous transform (to predict the
-next), the running quality statistics and the RunningStack — one object per filter/target, so that a session can
-later hold several.  Frame-sized working buffers are allocated once and reused: a fresh 24 MP plane costs
-~0.15 s of page faults before any work is done.
+The Engine routes: the session's Grid (chosen at the reference frame: mono, Bayer full resolution or
+superpixel) says how a frame's pixels reach the stacks, the reference stars (shared by every filter) say where
+a frame lies on the grid, and the frame's filter picks the FilterStack that judges, normalises, weights and
+stacks it.  Frame-sized working buffers are allocated once and reused: a fresh 24 MP plane costs ~0.15 s of
+page faults before any work is done.  Outputs (stack files, preview, composite) are written by ``outputs.py``;
+the checkpoint format is the session's (``session.py``): the engine gives and takes its state as plain values.
 """
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -20,25 +22,20 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from .. import __version__
 from . import geometry
 from .calibrate import Masters, calibrate
-from .debayer import bin2x2_mean, debayer, debayer_mask
+from .filterstack import Counters, FilterStack, filter_key
 from .frame import Frame, FrameError, FrameRecord, Quality, Stars
+from .grid import Grid
+from .normalize import normalize_inplace, sky_level, sky_model
 from .read import read_frame
-from .normalize import (normalize_inplace, plane_halved, plane_on_grid, sky_level, sky_model,
-                        transparency_scale)
 from .register import RegistrationError, register
-from .reject import FrameJudge
-from .stack import RunningStack, bin2
-from .stars import detect_stars, refine_centroids
-from .stretch import auto_stretch
-from .warp import REACH, warp, warp_mask, warp_points
-from .write import atomic_write_with, write_fits_blocks, write_jpeg
+from .settings import Config
+from .stack import RunningStack
+from .warp import warp
 
 log = logging.getLogger("livestack")
-SPARSE_SATURATED = 20_000   # more saturated samples than this: masks over the whole frame are cheaper
-STATE_VERSION = 2     # save_state()'s layout: 2 = the stack buffers the binned luminance of bootstrap frames
+STATE_VERSION = 3     # state()'s layout: 3 = one stack per filter on a shared grid
 
 
 class MasterSource(Protocol):
@@ -47,55 +44,94 @@ class MasterSource(Protocol):
 
 @dataclass(slots=True)
 class Reference:
-    """What every later frame is measured against."""
+    """The frame every later one is registered to, whatever its filter: the grid is its pixel grid."""
 
     file: str
-    sensor_shape: tuple[int, int]     # (H, W) of the raw mosaic
-    pattern: str | None
-    grid: tuple[int, int, int]        # (C, H, W) of the stack
-    stars: Stars                      # on the stack grid
-    sky: np.ndarray                   # (C,) ADU at the centre
-    plane: np.ndarray                 # (C, 3) sky plane a0 + ax·x + ay·y on the stack grid
-    noise: float                      # mean per-pixel σ over channels, ADU
-    fwhm: float
-
-
-def _iso(t: dt.datetime | None) -> str | None:
-    return t.isoformat() if t is not None else None
+    stars: Stars                      # on the grid
+    filter: str                       # its filter's key
 
 
 class Engine:
-    """One running stack.  Not thread-safe: one worker calls process(); readers use snapshot data."""
+    """A session's stacks, one per filter, on one grid.  Not thread-safe: one worker calls process()."""
 
-    def __init__(self, cfg, *, masters: MasterSource | None = None):
-        from ..config import Config
-
-        self.cfg: Config = cfg
+    def __init__(self, cfg: Config, *, masters: MasterSource | None = None, spill_dir: Path | str | None = None):
+        """``cfg``: the settings (plain values); ``spill_dir``: where stacks of filters not being captured are
+        kept in memory-mapped files when the stacks outgrow ``cfg.stack.memory_mb`` (default: the system's
+        temporary folder)."""
+        self.cfg = cfg
         self.masters = masters
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         self.rng = np.random.default_rng(cfg.engine.seed)
-        self.judge = FrameJudge(cfg.reject)
+        self.grid: Grid | None = None
         self.ref: Reference | None = None
-        self.stack: RunningStack | None = None
+        self.filters: dict[str, FilterStack] = {}     # by filter_key, in order of first appearance
         self.last_matrix: np.ndarray | None = None
         self.index = 0
-        self.n_stacked = 0
-        self.n_rejected = 0
-        self.n_failed = 0
-        self.exptime_total = 0.0
-        self.first_time: str | None = None
-        self.last_end: str | None = None
-        self.camera: str | None = None
-        self.filter: str | None = None
+        self.failed = 0                               # frames that could not be used, whatever their filter
         self.calibration_used: dict = {}
         self._ws: dict[str, np.ndarray] = {}
+        self._pool = ThreadPoolExecutor(cfg.stack.threads, thread_name_prefix="stack") \
+            if cfg.stack.threads > 1 else None
+        self._recent: list[str] = []                  # filter keys, most recently used last
+        self._reduced: dict = {}                      # reduced() cache
         self.timings: dict[str, float] = {}
         self._t = 0.0
+
+    # ------------------------------------------------------------------ counts
+
+    @property
+    def counts(self) -> Counters:
+        """The session's counters: every filter's, plus the frames that failed before reaching one."""
+        total = Counters(failed=self.failed)
+        for fs in self.filters.values():
+            total = total + fs.counts
+        return total
+
+    @property
+    def n_stacked(self) -> int:
+        return self.counts.stacked
+
+    @property
+    def n_rejected(self) -> int:
+        return self.counts.rejected
+
+    @property
+    def n_failed(self) -> int:
+        return self.failed
+
+    @property
+    def exptime_total(self) -> float:
+        return self.counts.exptime
+
+    def count_failed(self) -> None:
+        """A frame the caller could not hand in (e.g. a file that never completed) counts as failed."""
+        self.failed += 1
+
+    @property
+    def stacks(self) -> list[FilterStack]:
+        """The filters with a stack, in order of first appearance."""
+        return [fs for fs in self.filters.values() if fs.stack is not None]
+
+    @property
+    def main(self) -> FilterStack | None:
+        """The reference frame's filter stack."""
+        return self.filters.get(self.ref.filter) if self.ref is not None else None
+
+    @property
+    def has_stack(self) -> bool:
+        """True once a frame has been stacked."""
+        return self.ref is not None
+
+    @property
+    def filter(self) -> str | None:
+        """The reference frame's FILTER value."""
+        return self.main.name if self.main is not None else None
 
     # ------------------------------------------------------------------ one frame
 
     def process(self, path: Path | str) -> FrameRecord:
-        """Run one file through the pipeline and update the stack.  Never raises for a bad file: a FrameError
-        becomes ``status: failed`` with its reason (and one log line)."""
+        """Run one file through the pipeline and update its filter's stack.  Never raises for a bad file: a
+        FrameError becomes ``status: failed`` with its reason (and one log line)."""
         path = Path(path)
         t0 = time.perf_counter()
         rec = FrameRecord(file=path.name, status="failed", index=self.index)
@@ -104,8 +140,9 @@ class Engine:
             self._process(path, rec)
         except FrameError as err:
             rec.status, rec.reason = "failed", err.reason
-            self.n_failed += 1
+            self.failed += 1
             log.warning("failed %s", err)
+        self._trim()
         rec.seconds = round(time.perf_counter() - t0, 4)
         return rec
 
@@ -118,75 +155,53 @@ class Engine:
         cfg = self.cfg
         self.timings: dict[str, float] = {}   # seconds per stage of the last frame (benchmarks read it)
         self._t = time.perf_counter()
-        if self.stack is not None and self.stack.bootstrap_full:
-            # Once per session: the buffered first frames become the accumulators.  The work buffers are
-            # given back first so that they, the buffer and the new accumulators never coexist.
-            self._ws.clear()
-            self.stack.finish_bootstrap()
-            self._lap("bootstrap")
         frame = read_frame(path, out=self._ws.get("cfa"))
         if frame.meta.kind == "raw":
             self._ws["cfa"] = frame.data      # decoded into by the next frame of this size
         self._lap("read")
         m = frame.meta
-        sensor_shape = frame.shape
-        rec.time, rec.exptime = _iso(m.time), m.exptime
+        rec.time, rec.exptime = (m.time.isoformat() if m.time else None), m.exptime
         rec.camera, rec.filter, rec.iso, rec.gain = m.camera, m.filter, m.iso, m.gain
         if m.imagetyp not in (None, "light"):
             raise FrameError(path, f"IMAGETYP says '{m.imagetyp}', not a light frame")
-        if self.ref is not None:
-            if sensor_shape != self.ref.sensor_shape:
-                raise FrameError(path, f"size {sensor_shape[1]}×{sensor_shape[0]} differs from the session's "
-                                       f"{self.ref.sensor_shape[1]}×{self.ref.sensor_shape[0]}")
-            if frame.pattern != self.ref.pattern:
-                raise FrameError(path, f"CFA pattern {frame.pattern} differs from the session's {self.ref.pattern}")
-            if m.filter and self.filter and m.filter.strip().casefold() != self.filter.strip().casefold():
-                # A filter wheel moved: averaging L with Ha (or R with B) would spoil the stack, and the sky and
-                # transparency normalisation would hide it.  One stack per filter is the next step.
-                return self._reject(rec, f"filter {m.filter} differs from the stack's {self.filter} "
-                                         f"(one stack per filter: start a new session for it)")
+        grid = self.grid or Grid.for_frame(frame.shape, frame.pattern, cfg.engine.debayer)
+        reason = grid.mismatch(frame)
+        if reason:
+            raise FrameError(path, reason)
+        fs = self._filter(m.filter)
 
         masters = self.masters.select(frame) if self.masters is not None else None
         cfa, info = calibrate(frame, masters, cfg.cosmetic, inplace=True)
         self._lap("calibrate")
         rec.calibration = info
         if masters is not None:
-            self.calibration_used.update({k: v for k, v in masters.names.items()})
+            self.calibration_used.update(masters.names)
 
         plane_cfa, noise = sky_model(cfa, frame.pattern)
-        plane = plane_on_grid(plane_cfa, cfg.engine.debayer if frame.pattern else None)
-        sky = sky_level(plane_cfa, sensor_shape)
-        stars, q, binned = self._stars(cfa, frame)
-        lum = self._lum_source(cfa if binned is None else binned, frame.pattern)
+        plane = grid.plane(plane_cfa)
+        sky = sky_level(plane_cfa, frame.shape)
+        stars, q, lum = grid.find_stars(cfa, frame.white - float(frame.black.mean()), cfg.stars)
         self._lap("stars")
-        if frame.pattern is not None and cfg.engine.debayer == "superpixel" and len(stars):
-            # The superpixel grid has no finer image than the binned one the stars were found on, but the
-            # mosaic is still here: windowed centroids on it (its 2×2 colour pattern averages out inside the
-            # window) take registration from ~0.08 to ~0.03 CFA px RMS.
-            xy = refine_centroids(cfa[None], stars.xy * 2.0 + 0.5, q.fwhm * 2.0)
-            stars = Stars((xy - 0.5) / 2.0, stars.flux, stars.fwhm, stars.a, stars.b)
-            self._lap("centroids")
-        rgb = self._debayer(cfa, frame.pattern)
+        img = grid.debayer_into(cfa, self._buffer)
         self._lap("debayer")
+        stars = grid.refine(stars, q.fwhm, cfa, img)
+        self._lap("centroids")
         if frame.pattern is not None:
             frame.data = cfa = None   # the mosaic is done with: 96 MB back before the warp (24 MP)
-        if frame.pattern is not None and cfg.engine.debayer == "bilinear" and len(stars):
-            # Binned detection is fast but its centroids of undersampled stars carry ~0.1 px pixel-phase
-            # errors; windowed centroids on the full-resolution image bring them to ~0.03 px.
-            stars = Stars(refine_centroids(rgb, stars.xy, q.fwhm), stars.flux, stars.fwhm, stars.a, stars.b)
-            self._lap("centroids")
         rec.stars, rec.fwhm, rec.eccentricity = q.stars, _r(q.fwhm, 3), _r(q.eccentricity, 3)
         rec.background, rec.noise = _r(float(sky.mean()), 3), _r(float(noise.mean()), 4)
         sat_cfa = None if frame.saturated is None else cv2.findNonZero(frame.saturated.view(np.uint8))
         rec.saturated_pixels = 0 if sat_cfa is None else len(sat_cfa)
         q = Quality(q.stars, q.fwhm, q.eccentricity, float(sky.mean()), float(noise.mean()))
 
+        # Where the frame lies on the grid: the reference's stars, whatever the filter.
         if self.ref is None:
-            reason = self.judge.check_reference(q)
+            reason = fs.judge.check_reference(q)
             if reason:
-                return self._reject(rec, reason)
-            self._make_reference(frame, sensor_shape, stars, plane, sky, noise, q)
-            matrix, scale = geometry.identity(), 1.0
+                return self._reject(rec, fs, reason)
+            self.grid = grid
+            self.ref = Reference(path.name, stars, fs.key)
+            matrix = geometry.identity()
             rec.status = "reference"
         else:
             try:
@@ -194,126 +209,75 @@ class Engine:
                                predicted=self.last_matrix, src_flux=stars.flux, ref_flux=self.ref.stars.flux)
                 self._lap("register")
             except RegistrationError as err:
-                return self._reject(rec, f"registration failed: {err}")
+                return self._reject(rec, fs, f"registration failed: {err}")
             matrix = reg.matrix
-            scale = transparency_scale(self.ref.stars.flux[reg.ref_idx], stars.flux[reg.src_idx])
-            rec.scale = _r(scale, 4)
-            reason = self.judge.check(q, transparency=1.0 / scale if scale > 0 else 0.0)
-            if reason:
-                return self._reject(rec, reason)
             rec.status = "stacked"
+        # How it compares with its own filter's frames.
+        if fs.ref is None:
+            scale = 1.0    # the first frame through this filter is its photometric reference
+            fs.start(path.name, stars, matrix, plane, sky, float(noise.mean()), q.fwhm, grid.stack_shape,
+                     grid.lum_weights, grid.cell_samples)
+            if self.spill_dir is not None or self._over_budget():
+                self._trim(keep=fs.key)
+        else:
+            scale = fs.transparency(stars, matrix, tol=cfg.register.match_tol_px)
+            reason = fs.judge.check(q, transparency=1.0 / scale if scale > 0 else 0.0)
+            if reason:
+                return self._reject(rec, fs, reason)
+        rec.scale = _r(scale, 4) if rec.status != "reference" else None
         rec.matrix = _matrix_list(matrix)
-        dx, dy, rot, _ = geometry.decompose(matrix, center=self._grid_centre())
+        dx, dy, rot, _ = geometry.decompose(matrix, center=grid.centre)
         rec.shift_x, rec.shift_y, rec.rotation = _r(dx, 3), _r(dy, 3), _r(rot, 4)
 
-        # Pixels: normalise to the reference, warp onto the grid, add.
-        normalize_inplace(rgb, plane, scale, self.ref.plane, matrix, parallel_map=self.stack.parallel_map)
+        # Pixels: normalise to the filter's reference, warp onto the grid, add.
+        normalize_inplace(img, plane, scale, fs.ref.plane, matrix, parallel_map=fs.stack.parallel_map)
         self._lap("normalize")
         noise_n = noise * scale
-        weight = (self.ref.noise / max(float(noise_n.mean()), 1e-12)) ** 2
+        weight = (fs.ref.noise / max(float(noise_n.mean()), 1e-12)) ** 2
         if cfg.engine.sharpness_weight and np.isfinite(q.fwhm) and q.fwhm > 0:
-            weight *= (self.ref.fwhm / q.fwhm) ** cfg.engine.sharpness_weight
+            weight *= (fs.ref.fwhm / q.fwhm) ** cfg.engine.sharpness_weight
         rec.weight = _r(weight, 4)
 
-        # The stack takes the binned luminance (it decides which 2×2 cells are outliers), normalised and warped
-        # at half resolution, and then one channel at a time, so the warp needs one channel plane instead of a
-        # whole warped frame.
-        grid_hw = self.ref.grid[1:]
-        lw = self.stack.lum_weights
-        if frame.pattern is None or cfg.engine.debayer == "bilinear":     # lum is on the frame's cell grid
-            half = geometry.halved(matrix)
-            normalize_inplace(lum[None], plane_halved(lw @ plane), scale, plane_halved(lw @ self.ref.plane), half,
-                              parallel_map=self.stack.parallel_map)
-            cells = warp(lum[None], half, self.stack.cells, interpolation=cfg.engine.interpolation,
-                         out=self._buffer("cells", (1,) + self.stack.cells))[0]
-        else:                                                       # superpixel: grid-sized, binned after
-            normalize_inplace(lum[None], (lw @ plane)[None], scale, (lw @ self.ref.plane)[None], matrix,
-                              parallel_map=self.stack.parallel_map)
-            cells = bin2(warp(lum[None], matrix, grid_hw, interpolation=cfg.engine.interpolation)[0])
-        sat = self._saturated_on_grid(frame, sat_cfa, None if rec.status == "reference" else matrix)
-        if rec.status == "reference":
-            channel = rgb.__getitem__
+        # The stack takes the binned luminance first (it decides which 2×2 cells are outliers), then one channel
+        # at a time, so the warp needs one channel plane instead of a whole warped frame.
+        interp = cfg.engine.interpolation
+        cells = grid.lum_cells(lum, plane, scale, fs.ref.plane, matrix, interpolation=interp,
+                               out=self._buffer("cells", grid.cells), parallel_map=fs.stack.parallel_map)
+        on_grid = np.array_equal(matrix, geometry.identity())
+        sat = grid.saturated(frame, sat_cfa, matrix, interpolation=interp, warped=not on_grid)
+        if on_grid:
+            channel = img.__getitem__
         else:
-            one = self._buffer("scratch", rgb.shape[1:])
+            one = self._buffer("scratch", img.shape[1:])
 
             def channel(c: int) -> np.ndarray:
-                return warp(rgb[c][None], matrix, grid_hw, interpolation=cfg.engine.interpolation,
-                            out=one[None])[0]
-        rec.rejected_pixels = self.stack.add_channels(cells, channel, weight, noise_n, saturated=sat)
+                return warp(img[c][None], matrix, grid.shape, interpolation=interp, out=one[None])[0]
+        rec.rejected_pixels = fs.stack.add_channels(cells, channel, weight, noise_n, saturated=sat)
         self._lap("warp+stack")
+        if fs.stack.bootstrap_full:
+            # Once per filter: the buffered first frames become the accumulators.  The work buffers are given
+            # back first so that they, the buffer and the new accumulators never coexist.
+            self._ws.clear()
+            fs.stack.finish_bootstrap()
+            self._lap("bootstrap")
 
-        self.judge.accept(q)
+        fs.accept(q, m)
         self.last_matrix = matrix
-        self.n_stacked += 1
-        self.exptime_total += m.exptime or 0.0
-        if m.time is not None:
-            if self.first_time is None:
-                self.first_time = _iso(m.time)
-            self.last_end = _iso(m.time + dt.timedelta(seconds=m.exptime or 0.0))
-        self.camera = self.camera or m.camera
-        self.filter = self.filter or m.filter
 
-    def _reject(self, rec: FrameRecord, reason: str) -> None:
+    def _reject(self, rec: FrameRecord, fs: FilterStack, reason: str) -> None:
         rec.status, rec.reason = "rejected", reason
-        self.n_rejected += 1
+        fs.reject()
         log.info("rejected %s: %s", rec.file, reason)
 
-    # ------------------------------------------------------------------ stages with the session's geometry
-
-    def _stars(self, cfa: np.ndarray, frame: Frame) -> tuple[Stars, Quality, np.ndarray | None]:
-        """Stars on the stack grid, and for colour frames the 2×2-binned mosaic they were found on (a true
-        luminance, (R + 2G + B)/4, at a quarter of the pixels: 4× faster than the debayered image, same
-        centroids)."""
-        white = frame.white - float(frame.black.mean())
-        if frame.pattern is None:
-            return *detect_stars(cfa, self.cfg.stars, saturation=white), None
-        lum = bin2x2_mean(cfa)
-        stars, q = detect_stars(lum, self.cfg.stars, saturation=white, extra_var=1 / 12 - 1 / 48)
-        if self.cfg.engine.debayer == "superpixel":
-            return stars, q, lum
-        # Cell (i, j) of the binned image covers full-resolution pixels 2i..2i+1: its centre is at 2i + 0.5.
-        xy = stars.xy * 2.0 + 0.5
-        s = Stars(xy, stars.flux, stars.fwhm * 2.0, stars.a * 2.0, stars.b * 2.0)
-        return s, Quality(q.stars, q.fwhm * 2.0, q.eccentricity, q.background, q.noise), lum
-
-    def _lum_source(self, lum: np.ndarray, pattern: str | None) -> np.ndarray:
-        """The luminance the stack's outlier test is computed from, before normalising and warping: for the
-        bilinear debayer the binned mosaic itself (a stack cell is a Bayer cell) and for mono the image binned
-        — both already on the frame's cell grid, warped at half resolution — but for superpixel the binned
-        mosaic on the grid (a cell there spans 4×4 sensor pixels: interpolating at that scale would make an
-        undersampled star's cell value depend on its sub-cell position, and the test would reject star cores
-        of a frame that moved; it is warped at grid resolution and binned after).  A new float32 array."""
-        if pattern is None:
-            return bin2(lum)
-        return lum
-
-    def _debayer(self, cfa: np.ndarray, pattern: str | None) -> np.ndarray:
-        if pattern is None:
-            return cfa[None]
-        method = self.cfg.engine.debayer
-        h, w = cfa.shape
-        shape = (3, h // 2, w // 2) if method == "superpixel" else (3, h, w)
-        scratch = self._buffer("scratch", (h, w)) if method == "bilinear" else None
-        return debayer(cfa, pattern, method, out=self._buffer("rgb", shape), scratch=scratch)
-
-    def _saturated_on_grid(self, frame: Frame, points: np.ndarray | None, matrix: np.ndarray | None):
-        """The stack-grid pixels that saturated samples feed (through the debayer and, unless ``matrix`` is None
-        for the reference, the warp) as (rows, cols) — or, when there are very many (the Moon), as the dense
-        mask the same rules give.  ``points``: cv2.findNonZero's (x, y) of the CFA samples."""
-        if points is None:
-            return None
-        method = self.cfg.engine.debayer if frame.pattern is not None else None
-        grid_hw = self.ref.grid[1:]
-        if len(points) > SPARSE_SATURATED:
-            sat = debayer_mask(frame.saturated, frame.pattern, method)
-            return sat if matrix is None else warp_mask(sat, matrix, grid_hw)
-        xs, ys = points.reshape(-1, 2).T
-        if method == "superpixel":
-            xs, ys = xs // 2, ys // 2
-            inside = (xs < grid_hw[1]) & (ys < grid_hw[0])
-            xs, ys = xs[inside], ys[inside]
-        reach = (0.5 if matrix is None else REACH[self.cfg.engine.interpolation]) + (method == "bilinear")
-        return warp_points(ys, xs, geometry.identity() if matrix is None else matrix, grid_hw, reach=reach)
+    def _filter(self, name: str | None) -> FilterStack:
+        key = filter_key(name)
+        fs = self.filters.get(key)
+        if fs is None:
+            fs = self.filters[key] = FilterStack(name, self.cfg.stack, self.cfg.reject, pool=self._pool)
+        if key in self._recent:
+            self._recent.remove(key)
+        self._recent.append(key)
+        return fs
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         b = self._ws.get(name)
@@ -321,148 +285,134 @@ class Engine:
             b = self._ws[name] = np.empty(shape, np.float32)
         return b
 
-    def _make_reference(self, frame: Frame, sensor_shape: tuple[int, int], stars: Stars, plane, sky, noise,
-                        q: Quality) -> None:
-        h, w = sensor_shape
-        if frame.pattern is None:
-            grid = (1, h, w)
-        elif self.cfg.engine.debayer == "superpixel":
-            grid = (3, h // 2, w // 2)
-        else:
-            grid = (3, h, w)
-        self.ref = Reference(frame.path.name, sensor_shape, frame.pattern, grid, stars,
-                             np.asarray(sky, np.float64), np.asarray(plane, np.float64), float(np.mean(noise)),
-                             q.fwhm)
-        # The stack's luminance is the one of its cells (_lum_source): (R + 2G + B)/4 of the raw samples of a Bayer
-        # cell (bilinear: 1 R, 2 G, 1 B; superpixel: 4 Bayer cells) or the mean of 4 mono pixels.
-        if frame.pattern is None:
-            weights, samples = [1.0], [4.0]
-        else:
-            k = 4.0 if self.cfg.engine.debayer == "superpixel" else 1.0
-            weights, samples = [0.25, 0.5, 0.25], [k, 2 * k, k]
-        self.stack = RunningStack(grid, sky, self.cfg.stack, weights, samples)
+    # ------------------------------------------------------------------ memory: several stacks
 
-    def _grid_centre(self) -> tuple[float, float]:
-        _, h, w = self.ref.grid
-        return ((w - 1) / 2.0, (h - 1) / 2.0)
+    def _over_budget(self) -> bool:
+        return sum(fs.stack.nbytes for fs in self.stacks) > self.cfg.stack.memory_mb * 2 ** 20
 
-    # ------------------------------------------------------------------ outputs
+    def _trim(self, keep: str | None = None) -> None:
+        """Keep the stacks used most recently in memory up to ``cfg.stack.memory_mb``; the others live in
+        memory-mapped files (spilled once, then their pages released after every use).  The stack of the
+        frame in hand (``keep``, else the latest) always stays."""
+        stacks = self.stacks
+        if len(stacks) < 2 or not (self._over_budget() or any(fs.stack.spill_dir for fs in stacks)):
+            return
+        budget = self.cfg.stack.memory_mb * 2 ** 20
+        order = [k for k in reversed(self._recent) if k in self.filters and self.filters[k].stack is not None]
+        if keep is not None and keep in order:
+            order.remove(keep)
+            order.insert(0, keep)
+        used = 0
+        for i, key in enumerate(order):
+            st = self.filters[key].stack
+            used += st.nbytes
+            if i == 0 or used <= budget:
+                continue
+            st.spill(self.spill_dir or Path(tempfile.gettempdir()))
+            st.release()
 
-    def header(self) -> dict:
-        """FITS header cards of the stack: provenance a stacking tool would write."""
-        hdr = {
-            "NCOMBINE": (self.n_stacked, "frames combined"),
-            "EXPTIME": (round(self.exptime_total, 3), "[s] total exposure of combined frames"),
-            "DATE-OBS": (self.first_time, "start of the first combined frame"),
-            "DATE-END": (self.last_end, "end of the last combined frame"),
-            "INSTRUME": (self.camera, "camera"),
-            "BAYERPAT": (self.ref.pattern if self.ref else None, "CFA pattern of the source (stack is RGB)"),
-            "FILTER": (self.filter, "filter"),
-            "SOFTWARE": (f"livestack {__version__}", "stacking software"),
-            "CREATOR": (f"livestack {__version__}", ""),
-            "NREJECT": (self.n_rejected, "frames rejected"),
-            "NFAILED": (self.n_failed, "frames that could not be read"),
-            "REJPIX": (self.stack.rejected_total if self.stack else 0, "outlier pixels rejected"),
-            "REFFRAME": (self.ref.file if self.ref else None, "reference frame (stack grid)"),
-            "DEBAYER": (self.cfg.engine.debayer if self.ref and self.ref.pattern else None, "demosaicing"),
-            "INTERP": (self.cfg.engine.interpolation, "warp interpolation"),
-            "KAPPA": (self.cfg.stack.kappa, "outlier rejection threshold, sigma"),
-            "BUNIT": ("ADU", "calibrated, normalised to the reference frame"),
-        }
-        if self.calibration_used:
-            hdr["CALIBRAT"] = (", ".join(f"{k}={v}" for k, v in sorted(self.calibration_used.items()))[:68],
-                               "masters used")
-        return {k: v for k, v in hdr.items() if v[0] is not None}
+    def release(self) -> None:
+        """After reading every stack (outputs, preview): give the pages of spilled stacks back."""
+        self._trim()
 
-    def result(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """(C, H, W) stack and (H, W) weight map, or None before the first stacked frame."""
-        if self.stack is None:
+    # ------------------------------------------------------------------ reading the stacks
+
+    def result(self, key: str | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+        """(C, H, W) stack of a filter (default: the reference's) and its (H, W) weight map, or None before
+        the first stacked frame."""
+        fs = self.main if key is None else self.filters.get(filter_key(key))
+        if fs is None or fs.stack is None:
             return None
-        return self.stack.result()
+        return fs.stack.result()
 
-    def snapshot(self, out_dir: Path | str) -> bool:
-        """Write stack.fits and preview.jpg into ``out_dir`` (atomically).  False when nothing is stacked yet."""
-        if self.stack is None:
-            return False
-        out_dir = Path(out_dir)
-        self.write_stack(out_dir / "stack.fits")
-        write_jpeg(out_dir / "preview.jpg", self.preview(), self.cfg.stretch.jpeg_quality)
-        return True
+    def reduced(self, max_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """{filter key: ((C, h, w) mean with NaN where uncovered, (h, w) weights)} at most ``max_size`` px on
+        the long side.  Cached per filter until it stacks another frame: a preview after each frame redraws
+        only the filter that changed."""
+        from .outputs import reduced_copy
 
-    def write_stack(self, path: Path | str) -> bool:
-        """Write stack.fits (atomically, streaming: no full-resolution copy of the stack is built).
-        False when nothing is stacked yet."""
-        if self.stack is None:
-            return False
-        c, h, w = self.ref.grid
-        shape = (h, w) if c == 1 else (c, h, w)
-        write_fits_blocks(Path(path), shape, self.stack.mean_blocks(), self.header(), weight=self.stack.weights())
-        return True
+        cache = self._reduced
+        out = {}
+        for fs in self.stacks:
+            hit = cache.get(fs.key)
+            if hit is None or hit[0] != (fs.version, max_size):
+                hit = cache[fs.key] = ((fs.version, max_size), *reduced_copy(fs, max_size))
+            out[fs.key] = hit[1:]
+        self.release()
+        return out
 
-    @property
-    def has_stack(self) -> bool:
-        """True once a frame has been stacked (result() and preview() have something to show)."""
-        return self.stack is not None
+    def preview(self, img=None, wsum=None, stretch=None, compose=None, *, dtype=np.uint8) -> np.ndarray:
+        """The stretched stack — the colour composite when there are several filters — as (h, w, 3) RGB: uint8
+        for the page, uint16 for a 16-bit export.  Without ``img`` it is drawn from reduced copies of the
+        running sums (stretch.max_size): a few tens of ms at 24 MP, where the full-resolution mean would cost
+        ~0.7 s and ~400 MB."""
+        from .outputs import preview
 
-    def preview(self, img=None, wsum=None, stretch=None, *, dtype=np.uint8) -> np.ndarray:
-        """The stretched stack as (h, w, 3) RGB: uint8 for the page, uint16 for a 16-bit export.
+        return preview(self, img, wsum, stretch or self.cfg.stretch, compose or self.cfg.compose, dtype=dtype)
 
-        Without ``img`` it is drawn from a reduced copy of the running sums (stretch.max_size): a few tens of ms
-        at 24 MP, where building the full-resolution mean first would cost ~0.7 s and ~400 MB."""
-        p = stretch or self.cfg.stretch
-        if img is None:
-            img, wsum = self.stack.reduced(p.max_size)
-        return auto_stretch(img, p, coverage=wsum > 0, dtype=dtype)
+    def snapshot(self, out_dir: Path | str, *, compose=None) -> bool:
+        """Write every output into ``out_dir`` (atomically): see outputs.write_outputs."""
+        from .outputs import write_outputs
 
-    # ------------------------------------------------------------------ checkpoint
+        return write_outputs(self, Path(out_dir), compose or self.cfg.compose)
 
-    def save_state(self, path: Path | str) -> None:
-        """Everything needed to resume exactly, in one .npz written atomically (tmp + fsync + rename)."""
+    def write_stack(self, path: Path | str, *, compose=None) -> bool:
+        """Write stack.fits (and stack_<F>.fits beside it); False when nothing is stacked yet."""
+        from .outputs import write_stacks
+
+        return write_stacks(self, Path(path).parent, compose or self.cfg.compose, name=Path(path).name)
+
+    # ------------------------------------------------------------------ state (the session owns its format)
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray], list[tuple[str, RunningStack]]]:
+        """Everything needed to resume exactly: (JSON-ready meta, small arrays, [(prefix, stack)])."""
         meta = {
-            "version": STATE_VERSION, "index": self.index, "n_stacked": self.n_stacked, "n_rejected": self.n_rejected,
-            "n_failed": self.n_failed, "exptime_total": self.exptime_total, "first_time": self.first_time,
-            "last_end": self.last_end, "camera": self.camera, "filter": self.filter,
-            "calibration_used": self.calibration_used, "judge": self.judge.state(),
-            "rng": self.rng.bit_generator.state,
+            "version": STATE_VERSION, "index": self.index, "failed": self.failed,
+            "calibration_used": self.calibration_used, "rng": self.rng.bit_generator.state,
             "last_matrix": None if self.last_matrix is None else self.last_matrix.tolist(),
+            "grid": None if self.grid is None else self.grid.state(), "recent": self._recent, "filters": [],
         }
         arrays: dict[str, np.ndarray] = {}
+        stacks: list[tuple[str, RunningStack]] = []
         if self.ref is not None:
-            r = self.ref
-            meta["ref"] = {"file": r.file, "sensor_shape": list(r.sensor_shape), "pattern": r.pattern,
-                           "grid": list(r.grid), "noise": r.noise, "fwhm": r.fwhm, "sky": r.sky.tolist(),
-                           "plane": r.plane.tolist()}
+            meta["ref"] = {"file": self.ref.file, "filter": self.ref.filter}
             for k in ("xy", "flux", "fwhm", "a", "b"):
-                arrays[f"ref_{k}"] = getattr(r.stars, k)
-            arrays.update({f"stack_{k}": v for k, v in self.stack.state().items()})
-        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-
-        def writer(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                np.savez(f, **arrays)
-
-        atomic_write_with(Path(path), writer)
+                arrays[f"ref_{k}"] = getattr(self.ref.stars, k)
+        for i, fs in enumerate(self.filters.values()):
+            fmeta, farrays = fs.state()
+            meta["filters"].append(fmeta)
+            arrays.update({f"f{i}_{k}": v for k, v in farrays.items()})
+            if fs.stack is not None:
+                stacks.append((f"f{i}_stack_", fs.stack))
+        return meta, arrays, stacks
 
     @classmethod
-    def load_state(cls, path: Path | str, cfg, *, masters: MasterSource | None = None) -> "Engine":
-        eng = cls(cfg, masters=masters)
-        with np.load(path) as z:
-            meta = json.loads(bytes(z["meta"]).decode())
-            if meta.get("version") != STATE_VERSION:
-                raise ValueError(f"checkpoint format {meta.get('version')}, this livestack reads {STATE_VERSION}")
-            for k in ("index", "n_stacked", "n_rejected", "n_failed", "exptime_total", "first_time",
-                      "last_end", "camera", "filter", "calibration_used"):
-                setattr(eng, k, meta[k])
-            eng.judge.load_state(meta["judge"])
-            eng.rng.bit_generator.state = meta["rng"]
-            eng.last_matrix = None if meta["last_matrix"] is None else np.array(meta["last_matrix"])
-            if "ref" in meta:
-                r = meta["ref"]
-                stars = Stars(*(np.array(z[f"ref_{k}"]) for k in ("xy", "flux", "fwhm", "a", "b")))
-                eng.ref = Reference(r["file"], tuple(r["sensor_shape"]), r["pattern"], tuple(r["grid"]), stars,
-                                    np.array(r["sky"]), np.array(r["plane"]), r["noise"], r["fwhm"])
-                st = {k[len("stack_"):]: z[k] for k in z.files if k.startswith("stack_")}
-                eng.stack = RunningStack.from_state(st, cfg.stack)
+    def from_state(cls, meta: dict, arrays, cfg: Config, *, masters: MasterSource | None = None,
+                   spill_dir: Path | str | None = None) -> "Engine":
+        """The engine state() described; ``arrays`` maps names to arrays (an open .npz).  Raises ValueError
+        for a state of another format."""
+        if meta.get("version") != STATE_VERSION:
+            raise ValueError(f"checkpoint format {meta.get('version')}, this livestack reads {STATE_VERSION}")
+        eng = cls(cfg, masters=masters, spill_dir=spill_dir)
+        eng.index, eng.failed, eng.calibration_used = meta["index"], meta["failed"], meta["calibration_used"]
+        eng.rng.bit_generator.state = meta["rng"]
+        eng.last_matrix = None if meta["last_matrix"] is None else np.array(meta["last_matrix"])
+        eng.grid = None if meta["grid"] is None else Grid.from_state(meta["grid"])
+        if "ref" in meta:
+            stars = Stars(*(np.array(arrays[f"ref_{k}"]) for k in ("xy", "flux", "fwhm", "a", "b")))
+            eng.ref = Reference(meta["ref"]["file"], stars, meta["ref"]["filter"])
+        names = set(arrays.keys()) if not hasattr(arrays, "files") else set(arrays.files)
+        for i, fmeta in enumerate(meta["filters"]):
+            prefix = f"f{i}_stack_"
+            stack = None
+            if any(n.startswith(prefix) for n in names):
+                st = {n[len(prefix):]: arrays[n] for n in names if n.startswith(prefix)}
+                stack = RunningStack.from_state(st, cfg.stack, pool=eng._pool)
+            fa = {k: arrays[f"f{i}_{k}"] for k in ("ref_xy", "ref_flux") if f"f{i}_{k}" in names}
+            fs = FilterStack.from_state(fmeta, fa, stack, cfg.stack, cfg.reject, pool=eng._pool)
+            eng.filters[fs.key] = fs
+            eng._recent = [k for k in meta["recent"] if k in eng.filters]
+            eng._trim()        # stacks beyond the memory budget go to disk as they are read
         return eng
 
 

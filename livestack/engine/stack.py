@@ -26,8 +26,11 @@ then on the stack streams.
 """
 from __future__ import annotations
 
+import mmap
 import os
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -48,12 +51,17 @@ class StackParams:
     grow: bool = True           # also reject the 8 neighbours of a strong (> 2κσ) outlier
     # row blocks processed in parallel (1 = in the calling thread): the cores, at most 4 (a Pi 4/5 has 4)
     threads: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
+    # stacks of several filters: those used least recently live in memory-mapped files beyond this many MB
+    # (a 26 MP mono stack is ~300 MB, a 24 MP colour one ~470 MB; the stack in use always stays in memory)
+    memory_mb: int = 600
 
     def __post_init__(self):
         if not 1.5 <= self.kappa <= 20:
             raise ValueError(f"stack.kappa = {self.kappa}: must be in [1.5, 20]")
         if not 0 <= self.bootstrap <= 9:
             raise ValueError(f"stack.bootstrap = {self.bootstrap}: must be in [0, 9]")
+        if not 0 <= self.memory_mb <= 1_000_000:
+            raise ValueError(f"stack.memory_mb = {self.memory_mb}: must be in [0, 1000000]")
         if self.rel_floor < 0 or self.min_empirical < 2 or self.chunk_rows < 8 or not 1 <= self.threads <= 16:
             raise ValueError("stack: rel_floor ≥ 0, min_empirical ≥ 2, chunk_rows ≥ 8 and threads in [1, 16] "
                              "are required")
@@ -123,7 +131,10 @@ class RunningStack:
     """
 
     def __init__(self, shape: tuple[int, int, int], sky: np.ndarray, p: StackParams,
-                 lum_weights: np.ndarray | None = None, cell_samples: np.ndarray | None = None):
+                 lum_weights: np.ndarray | None = None, cell_samples: np.ndarray | None = None, *, pool=None):
+        self._pool = pool                       # a shared ThreadPoolExecutor (not shut down by close())
+        self._own_pool = pool is None
+        self.spill_dir: Path | None = None      # set by spill(): arrays live in memory-mapped files there
         self.shape = tuple(int(s) for s in shape)
         self.cells = ((self.shape[1] + 1) // 2, (self.shape[2] + 1) // 2)
         self.sky = np.asarray(sky, np.float32).reshape(-1)
@@ -201,10 +212,12 @@ class RunningStack:
         if self.bootstrap_full:
             self.finish_bootstrap()
         if self.sums is None and self.p.bootstrap > 1:
-            frame16 = np.empty(self.shape, np.float16)
+            frame16 = self._new(self.shape, np.float16)
             for c in range(self.shape[0]):
                 _to_float16(channel(c), frame16[c])
             b = cells - self.sky_lum
+            if self.spill_dir is not None:
+                b = self._new(b.shape, b.dtype, like=b)
             self.buffer.append((frame16, float(weight), noise, saturated, b))
             return None
         if self.sums is None:
@@ -246,32 +259,83 @@ class RunningStack:
 
     def _allocate(self) -> None:
         c, h, w = self.shape
-        self.sums = np.zeros((c, h, w), np.float32)
-        self.wsum = np.zeros((h, w), np.float32)
-        self.lsum, self.lw, self.sq = (np.zeros(self.cells, np.float32) for _ in range(3))
-        self.count = np.zeros(self.cells, np.uint16)
+        self.sums = self._new((c, h, w), np.float32)
+        self.wsum = self._new((h, w), np.float32)
+        self.lsum, self.lw, self.sq = (self._new(self.cells, np.float32) for _ in range(3))
+        self.count = self._new(self.cells, np.uint16)
+
+    # ------------------------------------------------------------------ memory: arrays that may live on disk
+
+    def _new(self, shape, dtype, like: np.ndarray | None = None) -> np.ndarray:
+        """A zeroed array (or a copy of ``like``): in memory, or after spill() in a memory-mapped file of
+        ``spill_dir`` that is unlinked at once — the mapping keeps it alive, the space is freed when the array
+        goes, and a crash leaves no file behind."""
+        if self.spill_dir is None:
+            return np.zeros(shape, dtype) if like is None else np.array(like, dtype)
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=".stack-", suffix=".dat", dir=self.spill_dir)
+        os.close(fd)
+        try:
+            a = np.memmap(name, dtype=dtype, mode="w+", shape=tuple(shape))
+        finally:
+            os.unlink(name)
+        if like is not None:
+            a[...] = like
+        return a
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stack's frame-sized arrays (accumulators and bootstrap frames)."""
+        total = sum(getattr(self, k).nbytes for k in self._ARRAYS if getattr(self, k) is not None)
+        return total + sum(b[0].nbytes + b[4].nbytes for b in self.buffer)
+
+    def spill(self, folder: Path | str) -> None:
+        """Move the frame-sized arrays into memory-mapped files in ``folder`` (and allocate later ones there):
+        after release() they cost no resident memory until they are used again.  For the stacks of filters not
+        being captured; idempotent."""
+        if self.spill_dir is not None:
+            return
+        self.spill_dir = Path(folder)
+        for k in self._ARRAYS:
+            a = getattr(self, k)
+            if a is not None:
+                setattr(self, k, self._new(a.shape, a.dtype, like=a))
+        self.buffer = [(self._new(f.shape, f.dtype, like=f), wt, noise, sat, self._new(b.shape, b.dtype, like=b))
+                       for f, wt, noise, sat, b in self.buffer]
+
+    def release(self) -> None:
+        """Give the resident pages of spilled arrays back (their data stays in the mapped files: the kernel
+        writes dirty pages back and reads them in again on the next use).  A no-op for an in-memory stack."""
+        if self.spill_dir is None:
+            return
+        arrays = [getattr(self, k) for k in self._ARRAYS] + [a for f, *_, b in self.buffer for a in (f, b)]
+        for a in arrays:
+            mm = getattr(a, "_mmap", None)
+            if mm is not None:
+                mm.madvise(mmap.MADV_DONTNEED)
 
     def parallel_map(self, fn, items) -> list:
         """[fn(i) for i in items] on the stack's worker threads (numpy and OpenCV release the GIL): the
         pipeline uses them for its own row blocks too."""
         if self.p.threads <= 1 or len(items) < 2:
             return [fn(i) for i in items]
-        if getattr(self, "_pool", None) is None:
+        if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
 
             self._pool = ThreadPoolExecutor(self.p.threads, thread_name_prefix="stack")
         return list(self._pool.map(fn, items))
 
     def close(self) -> None:
-        """Stop the worker threads (they also stop when the stack is garbage-collected)."""
+        """Stop the worker threads (they also stop when the stack is garbage-collected); a shared pool is
+        its owner's to stop."""
         pool = getattr(self, "_pool", None)
-        if pool is not None:
+        if pool is not None and self._own_pool:
             pool.shutdown(wait=True)
             self._pool = None
 
     def __del__(self):
         pool = getattr(self, "_pool", None)
-        if pool is not None:
+        if pool is not None and getattr(self, "_own_pool", False):
             pool.shutdown(wait=False)
 
     def _cell_noise2(self, noise: np.ndarray) -> np.float32:
@@ -445,6 +509,19 @@ class RunningStack:
                 np.copyto(m, 0, where=~(w > 0))
                 yield m
 
+    def mean_rows(self, r0: int, r1: int) -> np.ndarray:
+        """Rows r0:r1 of the weighted mean, (C, r1 - r0, W) float32, NaN where no frame covers (a new array)."""
+        if self.sums is None:
+            mean, wsum = self.result()
+            out = mean[:, r0:r1].copy()
+            np.copyto(out, np.float32(np.nan), where=~(wsum[r0:r1] > 0)[None])
+            return out
+        w = self.wsum[r0:r1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out = self.sums[:, r0:r1] / w[None]
+        np.copyto(out, np.float32(np.nan), where=~(w > 0)[None])
+        return out.astype(np.float32, copy=False)
+
     def weights(self) -> np.ndarray:
         """(H, W) sum of weights (the live array after the bootstrap; do not modify)."""
         return self.wsum if self.wsum is not None else self.result()[1]
@@ -496,17 +573,23 @@ class RunningStack:
         return s
 
     @classmethod
-    def from_state(cls, s, p: StackParams) -> "RunningStack":
-        st = cls(tuple(int(v) for v in s["shape"]), s["sky"], p, s["lum_weights"], s["cell_samples"])
+    def from_state(cls, s, p: StackParams, *, pool=None, spill_dir: Path | None = None) -> "RunningStack":
+        """The stack state() gave; with ``spill_dir`` its arrays are read straight into mapped files there."""
+        st = cls(tuple(int(v) for v in s["shape"]), s["sky"], p, s["lum_weights"], s["cell_samples"], pool=pool)
+        st.spill_dir = None if spill_dir is None else Path(spill_dir)
         st.frames, st.rejected_total = (int(v) for v in s["counters"])
         st.bootstrap_rejected = [int(v) for v in s["bootstrap_rejected"]]
+        def load(key):
+            a = s[key]
+            return st._new(a.shape, a.dtype, like=a)
+
         if "sums" in s:
             for k in cls._ARRAYS:
-                setattr(st, k, np.array(s[k]))
+                setattr(st, k, load(k))
         i = 0
         while f"buf{i}_img" in s:
             sat = np.array(s[f"buf{i}_sat"]).reshape(2, -1) if f"buf{i}_sat" in s else None
-            st.buffer.append((np.array(s[f"buf{i}_img"]), float(s[f"buf{i}_w"]), np.array(s[f"buf{i}_noise"]), sat,
-                              np.array(s[f"buf{i}_cells"])))
+            st.buffer.append((load(f"buf{i}_img"), float(s[f"buf{i}_w"]), np.array(s[f"buf{i}_noise"]), sat,
+                              load(f"buf{i}_cells")))
             i += 1
         return st

@@ -9,8 +9,8 @@ GET  /api/export?format=png|tiff&mode=stretched|linear   full-resolution 16-bit 
 GET  /api/files/<path>      any file inside the session folder (frames.jsonl, archive/…); nothing outside
 GET  /api/events            server-sent events: "status" with the status JSON whenever anything changes
 POST /api/pause, /api/resume, /api/exclude {"file"}, /api/include {"file"}, /api/stretch {black, midtones,
-     white | auto}, /api/new-session          — with a token configured, each needs
-     "Authorization: Bearer <token>" or "X-Livestack-Token: <token>"
+     white | auto}, /api/palette {palette, weights, hues}, /api/new-session — with a token configured, each
+     needs "Authorization: Bearer <token>" or "X-Livestack-Token: <token>"
 """
 from __future__ import annotations
 
@@ -306,6 +306,21 @@ class Handler(BaseHTTPRequestHandler):
     def new_session(self, q, body):
         self._json(_wait(self.server.service.new_session(), 120, "the new session"))
 
+    def palette(self, q, body):
+        unknown = set(body) - {"palette", "weights", "hues"}
+        if unknown:
+            raise HttpError(400, f"unknown palette field(s) {', '.join(sorted(unknown))}; use palette, weights, hues")
+        for k in ("weights", "hues"):
+            if k in body and not isinstance(body[k], dict):
+                raise HttpError(400, f'{k} must be an object, e.g. {{"Ha": 1.5}}')
+        if "palette" in body and not isinstance(body["palette"], str):
+            raise HttpError(400, 'palette must be a name, e.g. "SHO" (or "auto")')
+        try:
+            fut = self.server.service.set_palette(body.get("palette"), body.get("weights"), body.get("hues"))
+        except (ValueError, TypeError) as err:
+            raise HttpError(400, str(err)) from err
+        self._json(_wait(fut, 60, "the palette"))
+
 
 def _wait(fut, timeout: float, what: str):
     try:
@@ -326,4 +341,4 @@ GET_ROUTES = {"/": Handler.index, "/index.html": Handler.index, "/api/status": H
               "/api/stack.fits": Handler.stack_fits, "/api/export": Handler.export, "/api/events": Handler.events}
 POST_ROUTES = {"/api/pause": Handler.pause, "/api/resume": Handler.resume, "/api/exclude": Handler.exclude,
                "/api/include": Handler.include, "/api/stretch": Handler.stretch,
-               "/api/new-session": Handler.new_session}
+               "/api/new-session": Handler.new_session, "/api/palette": Handler.palette}

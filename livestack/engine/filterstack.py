@@ -1,0 +1,192 @@
+"""One stack per filter: what is per filter (sums, judge, photometric reference, counters) in one object.
+
+A session shares one Grid and one set of reference stars (registration); each filter a frame can come through —
+L, R, G, B, Ha, OIII, SII, or none at all — gets a FilterStack the first time it is seen.  Its first accepted
+frame is its photometric reference: the sky plane, noise and star fluxes later frames of the same filter are
+normalised and weighted against (a narrowband sky is 10–20× darker than L's, its stars a tenth as many: nothing
+is ever compared across filters).
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.spatial import cKDTree
+
+from . import geometry
+from .frame import FrameMeta, Quality, Stars
+from .normalize import transparency_scale
+from .reject import FrameJudge, RejectParams
+from .stack import RunningStack, StackParams
+
+
+def filter_key(name: str | None) -> str:
+    """The identity of a filter: its FITS value without case or surrounding blanks ('' = no FILTER card)."""
+    return (name or "").strip().casefold()
+
+
+def file_safe(name: str | None) -> str:
+    """A FILTER value as it appears in a file name: every character outside [A-Za-z0-9._-] becomes '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", (name or "").strip()) or "nofilter"
+
+
+def _iso(t: dt.datetime | None) -> str | None:
+    return t.isoformat() if t is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """What a stack's FITS header and the page count: a small value, replaced (never mutated) per frame."""
+
+    stacked: int = 0
+    rejected: int = 0
+    failed: int = 0
+    exptime: float = 0.0                # s, total over stacked frames
+    first_time: str | None = None       # start of the first stacked frame, ISO
+    last_end: str | None = None         # end of the last stacked frame, ISO
+    camera: str | None = None
+    filter: str | None = None           # FITS FILTER value as first seen
+
+    def stacked_frame(self, m: FrameMeta) -> "Counters":
+        first, last = self.first_time, self.last_end
+        if m.time is not None:
+            first = first or _iso(m.time)
+            last = _iso(m.time + dt.timedelta(seconds=m.exptime or 0.0))
+        return dataclasses.replace(self, stacked=self.stacked + 1, exptime=self.exptime + (m.exptime or 0.0),
+                                   first_time=first, last_end=last, camera=self.camera or m.camera,
+                                   filter=self.filter or m.filter)
+
+    def rejected_frame(self) -> "Counters":
+        return dataclasses.replace(self, rejected=self.rejected + 1)
+
+    def failed_frame(self) -> "Counters":
+        return dataclasses.replace(self, failed=self.failed + 1)
+
+    def __add__(self, other: "Counters") -> "Counters":
+        firsts = [t for t in (self.first_time, other.first_time) if t]
+        lasts = [t for t in (self.last_end, other.last_end) if t]
+        return Counters(self.stacked + other.stacked, self.rejected + other.rejected, self.failed + other.failed,
+                        self.exptime + other.exptime, min(firsts) if firsts else None,
+                        max(lasts) if lasts else None, self.camera or other.camera, self.filter or other.filter)
+
+
+@dataclass(slots=True)
+class FilterRef:
+    """A filter's photometric reference (its first accepted frame), on the shared grid."""
+
+    file: str
+    xy: np.ndarray          # (N, 2) its stars on the grid
+    flux: np.ndarray        # (N,) their fluxes, ADU
+    plane: np.ndarray       # (C, 3) its sky plane in grid coordinates
+    sky: np.ndarray         # (C,) its sky at its centre, ADU
+    noise: float            # mean per-pixel σ over channels, ADU
+    fwhm: float
+
+
+def plane_to_grid(plane: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """Plane coefficients (C, 3) in a frame's coordinates -> in grid coordinates, ``matrix``: frame -> grid.
+    P_grid(X) = P(M⁻¹ X); a plane stays a plane under an affine map."""
+    inv = geometry.invert(matrix)
+    p = np.asarray(plane, np.float64).reshape(-1, 3)
+    a0, ax, ay = p[:, 0], p[:, 1], p[:, 2]
+    return np.column_stack([a0 + ax * inv[0, 2] + ay * inv[1, 2],
+                            ax * inv[0, 0] + ay * inv[1, 0],
+                            ax * inv[0, 1] + ay * inv[1, 1]])
+
+
+class FilterStack:
+    """The running stack of one filter: its RunningStack, judge, photometric reference and counters."""
+
+    def __init__(self, name: str | None, stack_params: StackParams, reject_params: RejectParams, *, pool=None):
+        self.name = name                     # the FITS value as first seen (None: no FILTER card)
+        self.key = filter_key(name)
+        self.stack_params = stack_params
+        self.judge = FrameJudge(reject_params)
+        self.ref: FilterRef | None = None
+        self.stack: RunningStack | None = None
+        self.counts = Counters(filter=name)
+        self.last_time: str | None = None    # capture time of its latest stacked frame
+        self.version = 0                     # bumped by every stacked frame (caches of reduced images)
+        self._pool = pool
+
+    @property
+    def label(self) -> str:
+        """The filter's name for the composite and the page ('none' without a FILTER card)."""
+        return (self.name or "").strip() or "none"
+
+    @property
+    def file_name(self) -> str:
+        """'stack_<F>.fits'."""
+        return f"stack_{file_safe(self.name)}.fits"
+
+    def start(self, file: str, stars: Stars, matrix: np.ndarray, plane: np.ndarray, sky: np.ndarray,
+              noise: float, fwhm: float, shape: tuple[int, int, int], lum_weights, cell_samples) -> None:
+        """Make the frame in hand this filter's reference and allocate its (empty) stack on the grid."""
+        self.ref = FilterRef(file, geometry.apply(matrix, stars.xy) if len(stars) else np.zeros((0, 2)),
+                             np.asarray(stars.flux, np.float64), plane_to_grid(plane, matrix),
+                             np.asarray(sky, np.float64), float(noise), float(fwhm))
+        self.stack = RunningStack(shape, sky, self.stack_params, lum_weights, cell_samples, pool=self._pool)
+
+    def transparency(self, stars: Stars, matrix: np.ndarray, *, tol: float) -> float:
+        """Reference flux / frame flux over the frame's stars that land within ``tol`` grid px of one of the
+        reference's (mutually nearest): > 1 for a frame dimmed by cloud; 1.0 with fewer than 3 pairs."""
+        if not len(stars) or not len(self.ref.xy):
+            return 1.0
+        on_grid = geometry.apply(matrix, stars.xy)
+        d, j = cKDTree(self.ref.xy).query(on_grid, distance_upper_bound=tol)
+        ok = np.isfinite(d)
+        if ok.sum() < 3:
+            return 1.0
+        src = np.flatnonzero(ok)
+        ref = j[ok]
+        _, back = cKDTree(on_grid).query(self.ref.xy[ref])
+        mutual = back == src
+        return transparency_scale(self.ref.flux[ref[mutual]], stars.flux[src[mutual]])
+
+    def accept(self, q: Quality, m: FrameMeta) -> None:
+        self.judge.accept(q)
+        self.counts = self.counts.stacked_frame(m)
+        self.last_time = _iso(m.time) or self.last_time
+        self.version += 1
+
+    def reject(self) -> None:
+        self.counts = self.counts.rejected_frame()
+
+    def summary(self) -> dict:
+        """JSON-ready figures for the page and /api/status."""
+        med = self.judge.medians()
+        fwhm = med.get("fwhm")
+        return {"filter": self.name, "key": self.key, "file": self.file_name, "frames": self.counts.stacked,
+                "rejected": self.counts.rejected, "integration_s": round(self.counts.exptime, 3),
+                "fwhm": None if fwhm is None or not np.isfinite(fwhm) else round(float(fwhm), 3),
+                "last_frame_time": self.last_time, "reference": self.ref.file if self.ref else None}
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        meta = {"name": self.name, "counts": dataclasses.asdict(self.counts), "judge": self.judge.state(),
+                "last_time": self.last_time}
+        arrays: dict[str, np.ndarray] = {}
+        if self.ref is not None:
+            r = self.ref
+            meta["ref"] = {"file": r.file, "plane": r.plane.tolist(), "sky": r.sky.tolist(), "noise": r.noise,
+                           "fwhm": r.fwhm}
+            arrays["ref_xy"], arrays["ref_flux"] = r.xy, r.flux
+        return meta, arrays
+
+    @classmethod
+    def from_state(cls, meta: dict, arrays, stack, stack_params: StackParams, reject_params: RejectParams, *,
+                   pool=None) -> "FilterStack":
+        fs = cls(meta["name"], stack_params, reject_params, pool=pool)
+        fs.counts = Counters(**meta["counts"])
+        fs.judge.load_state(meta["judge"])
+        fs.last_time = meta.get("last_time")
+        if "ref" in meta:
+            r = meta["ref"]
+            fs.ref = FilterRef(r["file"], np.array(arrays["ref_xy"]).reshape(-1, 2), np.array(arrays["ref_flux"]),
+                               np.array(r["plane"]), np.array(r["sky"]), r["noise"], r["fwhm"])
+        fs.stack = stack
+        return fs

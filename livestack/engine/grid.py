@@ -1,0 +1,202 @@
+"""Grid: the pixel grid every stack of a target shares, chosen once at the reference frame.
+
+Which kind of sensor and demosaicing a session has — mono, Bayer at full resolution (bilinear), Bayer in
+superpixels (half resolution) — decides how a frame's pixels reach the stack: the shape of the stacks, where a
+sensor pixel lands on the grid, how stars are found and refined, how the 2×2 luminance cells of the outlier test
+are made, how far a saturated sample reaches.  That decision lives here, once; the pipeline asks the grid and
+does not branch on the mode.
+
+Conventions (frame.py): x = column, y = row, 0-based, pixel centres at integers.  A 2×2 cell (i, j) of an image
+covers pixels 2i..2i+1 and is centred on pixel 2i + 0.5; ``sensor_to_grid`` says where a sensor pixel of the
+reference frame lands on the grid (identity; superpixel: x/2 − 0.25).  Later: a WCS attached to the grid when
+a plate solve lands, and a drizzle grid at another scale (``sensor_to_grid`` 2x + 0.5).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import geometry
+from .debayer import bin2x2_mean, debayer, debayer_mask
+from .frame import Frame, Quality, Stars
+from .normalize import normalize_inplace, plane_halved
+from .stack import bin2
+from .stars import StarParams, detect_stars, refine_centroids
+from .warp import REACH, warp, warp_mask, warp_points
+
+MODES = ("mono", "bayer", "superpixel")
+SPARSE_SATURATED = 20_000   # more saturated samples than this: masks over the whole frame are cheaper
+
+
+def cell_centres(xy_cells: np.ndarray) -> np.ndarray:
+    """Coordinates on a grid of 2×2 cells -> on the pixel grid they bin (cell i is centred on pixel 2i + 0.5)."""
+    return np.asarray(xy_cells, np.float64) * 2.0 + 0.5
+
+
+def cells_from_pixels(xy: np.ndarray) -> np.ndarray:
+    """The inverse of cell_centres()."""
+    return (np.asarray(xy, np.float64) - 0.5) / 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class Grid:
+    """The shared grid of a target's stacks, and how a frame's sensor pixels reach it."""
+
+    mode: str                          # "mono" | "bayer" (full resolution) | "superpixel" (half)
+    sensor_shape: tuple[int, int]      # (H, W) of the raw frames
+    pattern: str | None                # CFA pattern of the sensor, None for mono
+    shape: tuple[int, int]             # (H, W) of every stack on this grid
+    channels: int                      # 1 (mono) or 3 (R, G, B)
+    sensor_to_grid: np.ndarray = field(repr=False)   # (2, 3): a reference-frame sensor pixel -> grid pixel
+    wcs: object | None = None          # astropy.wcs.WCS of the grid once a plate solve lands
+
+    @classmethod
+    def for_frame(cls, sensor_shape: tuple[int, int], pattern: str | None, debayer_method: str) -> "Grid":
+        """The grid a session gets from its reference frame: mono, or Bayer with ``debayer_method``."""
+        h, w = (int(v) for v in sensor_shape)
+        if pattern is None:
+            return cls("mono", (h, w), None, (h, w), 1, geometry.identity())
+        if debayer_method == "superpixel":
+            return cls("superpixel", (h, w), pattern, (h // 2, w // 2), 3,
+                       np.array([[0.5, 0.0, -0.25], [0.0, 0.5, -0.25]]))
+        return cls("bayer", (h, w), pattern, (h, w), 3, geometry.identity())
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def stack_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of a stack on this grid."""
+        return (self.channels,) + self.shape
+
+    @property
+    def cells(self) -> tuple[int, int]:
+        """(h, w) of the grid's 2×2 cells (the outlier test's resolution)."""
+        return ((self.shape[0] + 1) // 2, (self.shape[1] + 1) // 2)
+
+    @property
+    def centre(self) -> tuple[float, float]:
+        return ((self.shape[1] - 1) / 2.0, (self.shape[0] - 1) / 2.0)
+
+    @property
+    def debayer(self) -> str | None:
+        """The demosaicing of the stacks (None for mono): the FITS DEBAYER card."""
+        return {"mono": None, "bayer": "bilinear", "superpixel": "superpixel"}[self.mode]
+
+    @property
+    def lum_weights(self) -> list[float]:
+        """Weights of the channels in the outlier test's luminance: (R + 2G + B)/4, or the mono value."""
+        return [1.0] if self.mode == "mono" else [0.25, 0.5, 0.25]
+
+    @property
+    def cell_samples(self) -> list[float]:
+        """Independent raw samples of each channel in one 2×2 cell of the grid: 4 mono pixels; a Bayer cell
+        holds 1 R, 2 G, 1 B; a superpixel cell spans 4 Bayer cells."""
+        if self.mode == "mono":
+            return [4.0]
+        k = 4.0 if self.mode == "superpixel" else 1.0
+        return [k, 2 * k, k]
+
+    def mismatch(self, frame: Frame) -> str | None:
+        """Why ``frame`` cannot go on this grid (another sensor size or CFA pattern), or None."""
+        if frame.shape != self.sensor_shape:
+            return (f"size {frame.shape[1]}×{frame.shape[0]} differs from the session's "
+                    f"{self.sensor_shape[1]}×{self.sensor_shape[0]}")
+        if frame.pattern != self.pattern:
+            return f"CFA pattern {frame.pattern} differs from the session's {self.pattern}"
+        return None
+
+    # ------------------------------------------------------------------ a frame's pixels, stage by stage
+
+    def plane(self, plane_cfa: np.ndarray) -> np.ndarray:
+        """Sky plane coefficients (C, 3) in sensor pixel coordinates -> in the frame's grid-resolution image."""
+        return plane_halved(plane_cfa) if self.mode == "superpixel" else np.array(plane_cfa, np.float64)
+
+    def find_stars(self, cfa: np.ndarray, white: float, p: StarParams) -> tuple[Stars, Quality, np.ndarray]:
+        """Stars and quality in the frame's grid-resolution image coordinates, and the 2×2-binned image they
+        were found on — for colour frames the binned mosaic ((R + 2G + B)/4 at a quarter of the pixels: 4×
+        faster than the debayered image, same centroids), which is also the outlier test's luminance
+        (``lum_cells``).  A new float32 array."""
+        if self.mode == "mono":
+            stars, q = detect_stars(cfa, p, saturation=white)
+            return stars, q, bin2(cfa)
+        lum = bin2x2_mean(cfa)
+        stars, q = detect_stars(lum, p, saturation=white, extra_var=1 / 12 - 1 / 48)
+        if self.mode == "superpixel":
+            return stars, q, lum
+        s = Stars(cell_centres(stars.xy), stars.flux, stars.fwhm * 2.0, stars.a * 2.0, stars.b * 2.0)
+        return s, Quality(q.stars, q.fwhm * 2.0, q.eccentricity, q.background, q.noise), lum
+
+    def debayer_into(self, cfa: np.ndarray, buffer) -> np.ndarray:
+        """The frame's (C, H, W) float32 image at grid resolution; ``buffer(name, shape)`` gives reusable
+        float32 work planes (first-touch page faults of a fresh 24 MP plane cost more than the work)."""
+        if self.mode == "mono":
+            return cfa[None]
+        h, w = cfa.shape
+        if self.mode == "superpixel":
+            return debayer(cfa, self.pattern, "superpixel", out=buffer("rgb", (3, h // 2, w // 2)))
+        return debayer(cfa, self.pattern, "bilinear", out=buffer("rgb", (3, h, w)), scratch=buffer("scratch", (h, w)))
+
+    def refine(self, stars: Stars, fwhm: float, cfa: np.ndarray, img: np.ndarray) -> Stars:
+        """Windowed centroids where the binned detection was coarse.  Bayer: on the full-resolution image
+        (binned centroids of undersampled stars carry ~0.1 px pixel-phase errors; windowed ones ~0.03 px).
+        Superpixel: the grid has no finer image than the binned one, but the mosaic does (its 2×2 colour
+        pattern averages out inside the window): ~0.08 -> ~0.03 sensor px RMS.  Mono: sep's own windowed
+        centroids are already on the full image."""
+        if not len(stars) or self.mode == "mono":
+            return stars
+        if self.mode == "superpixel":
+            xy = refine_centroids(cfa[None], cell_centres(stars.xy), fwhm * 2.0)
+            return Stars(cells_from_pixels(xy), stars.flux, stars.fwhm, stars.a, stars.b)
+        return Stars(refine_centroids(img, stars.xy, fwhm), stars.flux, stars.fwhm, stars.a, stars.b)
+
+    def lum_cells(self, lum: np.ndarray, plane: np.ndarray, scale: float, ref_plane: np.ndarray,
+                  matrix: np.ndarray, *, interpolation: str, out: np.ndarray | None = None,
+                  parallel_map=None) -> np.ndarray:
+        """The outlier test's luminance of a frame on the grid's cells: ``lum`` (from find_stars: 2×2 cells of
+        the frame — for superpixel, one value per grid pixel) normalised like the pixels (``plane`` and
+        ``ref_plane``: (C, 3) sky planes on the frame's and the stack's grid-resolution coordinates) and warped
+        by ``matrix`` (frame -> grid).  ``lum`` is modified.
+
+        Mono and Bayer: the cells are warped at half resolution.  Superpixel: a grid cell spans 4×4 sensor
+        pixels, and interpolating at that scale would make an undersampled star's cell depend on its sub-cell
+        position (the test would reject star cores of a frame that moved): warped at grid resolution, binned
+        after."""
+        lw = np.asarray(self.lum_weights)
+        if self.mode == "superpixel":
+            normalize_inplace(lum[None], (lw @ plane)[None], scale, (lw @ ref_plane)[None], matrix,
+                              parallel_map=parallel_map)
+            return bin2(warp(lum[None], matrix, self.shape, interpolation=interpolation)[0])
+        half = geometry.halved(matrix)
+        normalize_inplace(lum[None], plane_halved(lw @ plane), scale, plane_halved(lw @ ref_plane), half,
+                          parallel_map=parallel_map)
+        return warp(lum[None], half, self.cells, interpolation=interpolation,
+                    out=None if out is None else out[None])[0]
+
+    def saturated(self, frame: Frame, points: np.ndarray | None, matrix: np.ndarray, *, interpolation: str,
+                  warped: bool = True):
+        """The grid pixels that saturated samples feed (through the debayer and, when ``warped``, the warp by
+        ``matrix``) as (rows, cols) — or, when there are very many (the Moon), the dense mask the same rules
+        give.  ``points``: cv2.findNonZero's (x, y) of the CFA samples, or None."""
+        if points is None:
+            return None
+        if len(points) > SPARSE_SATURATED:
+            sat = debayer_mask(frame.saturated, frame.pattern, self.debayer or "bilinear")
+            return warp_mask(sat, matrix, self.shape) if warped else sat
+        xs, ys = points.reshape(-1, 2).T
+        if self.mode == "superpixel":
+            xs, ys = xs // 2, ys // 2
+            inside = (xs < self.shape[1]) & (ys < self.shape[0])
+            xs, ys = xs[inside], ys[inside]
+        reach = (REACH[interpolation] if warped else 0.5) + (self.mode == "bayer")
+        return warp_points(ys, xs, matrix if warped else geometry.identity(), self.shape, reach=reach)
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def state(self) -> dict:
+        return {"mode": self.mode, "sensor_shape": list(self.sensor_shape), "pattern": self.pattern}
+
+    @classmethod
+    def from_state(cls, s: dict) -> "Grid":
+        debayer_method = "superpixel" if s["mode"] == "superpixel" else "bilinear"
+        return cls.for_frame(tuple(s["sensor_shape"]), s["pattern"], debayer_method)

@@ -1,0 +1,217 @@
+"""The session's outputs, from the engine's stacks: stack_<F>.fits per filter, stack.fits, preview.jpg.
+
+    one filter     stack.fits = that filter's stack (as always); stack_<F>.fits is the same file (a hard link,
+                   a copy where the filesystem has none) when the frames carry a FILTER
+    two or more    stack_<F>.fits each, and stack.fits = the LINEAR colour composite (3, H, W) with a PALETTE card
+    preview.jpg    the stretched stack or composite, from reduced copies
+
+Every file is written atomically (temporary name, fsync, rename) and streamed in blocks of rows: no
+full-resolution copy of a stack or of the composite is built.  The FITS header is built here from the
+counters; the engine only counts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from . import compose as comp
+from .filterstack import Counters, FilterStack
+from .stretch import StretchParams, auto_stretch
+from .write import fsync_dir, write_fits_blocks, write_jpeg
+
+ROWS = 256    # rows per block when streaming a composite
+
+
+def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int) -> dict:
+    """FITS header cards of a stack: provenance a stacking tool would write."""
+    cfg, grid = engine.cfg, engine.grid
+    hdr = {
+        "NCOMBINE": (c.stacked, "frames combined"),
+        "EXPTIME": (round(c.exptime, 3), "[s] total exposure of combined frames"),
+        "DATE-OBS": (c.first_time, "start of the first combined frame"),
+        "DATE-END": (c.last_end, "end of the last combined frame"),
+        "INSTRUME": (c.camera, "camera"),
+        "BAYERPAT": (grid.pattern if grid else None, "CFA pattern of the source (stack is RGB)"),
+        "FILTER": (filter_name, "filter"),
+        "SOFTWARE": (f"livestack {__version__}", "stacking software"),
+        "CREATOR": (f"livestack {__version__}", ""),
+        "NREJECT": (c.rejected, "frames rejected"),
+        "NFAILED": (engine.n_failed, "frames that could not be read"),
+        "REJPIX": (rejected_pixels, "outlier pixels rejected"),
+        "REFFRAME": (engine.ref.file if engine.ref else None, "reference frame (stack grid)"),
+        "DEBAYER": (grid.debayer if grid else None, "demosaicing"),
+        "INTERP": (cfg.engine.interpolation, "warp interpolation"),
+        "KAPPA": (cfg.stack.kappa, "outlier rejection threshold, sigma"),
+        "BUNIT": ("ADU", "normalised to its filter's reference frame"),
+    }
+    if engine.calibration_used:
+        hdr["CALIBRAT"] = (", ".join(f"{k}={v}" for k, v in sorted(engine.calibration_used.items()))[:68],
+                           "masters used")
+    return {k: v for k, v in hdr.items() if v[0] is not None}
+
+
+def filter_header(engine, fs: FilterStack) -> dict:
+    hdr = header(engine, fs.counts, filter_name=fs.name, rejected_pixels=fs.stack.rejected_total)
+    if fs.ref is not None:
+        hdr["FILTREF"] = (fs.ref.file, "this filter's photometric reference frame")
+    return hdr
+
+
+def _write_filter(engine, fs: FilterStack, path: Path) -> None:
+    c = engine.grid.channels
+    h, w = engine.grid.shape
+    shape = (h, w) if c == 1 else (c, h, w)
+    write_fits_blocks(path, shape, fs.stack.mean_blocks(), filter_header(engine, fs), weight=fs.stack.weights())
+    engine.release()
+
+
+def _link_atomic(src: Path, dst: Path) -> None:
+    """``dst`` becomes the same file as ``src`` in one rename: a hard link, or a copy where links fail."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(dst.parent)
+
+
+def plan(engine, params: comp.ComposeParams, max_size: int = 1600):
+    """The composite's plan (palette and each source's mapping, measured on reduced copies), or None with fewer
+    than two filters — or one colour stack whose palette needs no composite."""
+    stacks = engine.stacks
+    if not stacks:
+        return None
+    if len(stacks) == 1 and not _dual_band(stacks[0], engine.grid.channels, params):
+        return None
+    key = (tuple((fs.key, fs.version) for fs in stacks), repr(params), max_size)
+    cached = getattr(engine, "_plan", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    reduced = engine.reduced(max_size)
+    p = comp.plan_composite({fs.label: reduced[fs.key][0] for fs in stacks}, params,
+                            full_shape=engine.grid.shape)
+    engine._plan = (key, p)
+    return p
+
+
+def _dual_band(fs: FilterStack, channels: int, params: comp.ComposeParams) -> bool:
+    """A colour camera behind a dual-band filter: its one stack becomes a composite (HOO: red = Ha from the R
+    pixels, green = blue = OIII from the G and B pixels) when the palette says HOO."""
+    return comp.single_stack_palette(channels, params)
+
+
+def write_stacks(engine, out_dir: Path, params: comp.ComposeParams, *, name: str = "stack.fits") -> bool:
+    """stack_<F>.fits for each filter and ``name`` (stack.fits): see the module's table.  False when nothing is
+    stacked yet."""
+    stacks = engine.stacks
+    if not stacks:
+        return False
+    out_dir.mkdir(parents=True, exist_ok=True)
+    main = out_dir / name
+    p = plan(engine, params)
+    if p is None:
+        fs = stacks[0]
+        _write_filter(engine, fs, main)
+        if fs.name is not None:
+            _link_atomic(main, out_dir / fs.file_name)
+        return True
+    for fs in stacks:
+        _write_filter(engine, fs, out_dir / fs.file_name)
+    _write_composite(engine, p, main)
+    return True
+
+
+def _composite_blocks(engine, p):
+    """The composite in FITS order (channel by channel, blocks of rows): each block computed from the filters'
+    rows, three times over (once per channel) rather than holding the (3, H, W) result."""
+    h = engine.grid.shape[0]
+    for c in range(3):
+        for r0 in range(0, h, ROWS):
+            r1 = min(h, r0 + ROWS)
+            rows = {fs.label: fs.stack.mean_rows(r0, r1) for fs in engine.stacks}
+            yield comp.composite_rows(p, rows, r0, r1)[c]
+        engine.release()
+
+
+def _write_composite(engine, p, path: Path) -> None:
+    total = Counters()
+    rejpix = 0
+    for fs in engine.stacks:
+        total = total + fs.counts
+        rejpix += fs.stack.rejected_total
+    hdr = header(engine, total, filter_name=",".join(fs.name or "none" for fs in engine.stacks)[:68],
+                 rejected_pixels=rejpix)
+    hdr["PALETTE"] = (p.header, "")
+    hdr["BUNIT"] = ("", "linear composite: each filter's stack, background removed, scaled")
+    h, w = engine.grid.shape
+    write_fits_blocks(path, (3, h, w), _composite_blocks(engine, p), hdr)
+
+
+def write_outputs(engine, out_dir: Path, params: comp.ComposeParams, stretch: StretchParams | None = None) -> bool:
+    """Every stack file (write_stacks) and preview.jpg.  False when nothing is stacked yet."""
+    if not write_stacks(engine, out_dir, params):
+        return False
+    stretch = stretch or engine.cfg.stretch
+    write_jpeg(out_dir / "preview.jpg", preview(engine, None, None, stretch, params), stretch.jpeg_quality)
+    return True
+
+
+def preview(engine, img, wsum, stretch: StretchParams, params: comp.ComposeParams, *, dtype=np.uint8) -> np.ndarray:
+    """(h, w, 3) RGB of the stretched stack or composite (see Engine.preview)."""
+    if img is not None:
+        return auto_stretch(img, stretch, coverage=wsum > 0, dtype=dtype)
+    p = plan(engine, params, stretch.max_size)
+    reduced = engine.reduced(stretch.max_size)
+    if p is None:
+        mean, ws = reduced[engine.stacks[0].key]
+        return auto_stretch(mean, stretch, coverage=ws > 0, dtype=dtype)
+    small = {fs.label: reduced[fs.key][0] for fs in engine.stacks}
+    rgb = comp.composite(p, small)
+    cov = np.isfinite(rgb).all(axis=0)
+    # The composite's channels are already balanced by the palette's mapping and the user's weights:
+    # the stretch neutralises the background but does not re-balance the colours on the stars.
+    return auto_stretch(np.nan_to_num(rgb), _no_balance(stretch), coverage=cov, dtype=dtype)
+
+
+def full_image(engine, params: comp.ComposeParams) -> tuple[np.ndarray, np.ndarray] | None:
+    """The full-resolution image an export shows — the reference filter's stack, or the composite — and its
+    coverage as a weight-like map, or None before the first stacked frame."""
+    p = plan(engine, params)
+    if p is None:
+        return engine.result()
+    h = engine.grid.shape[0]
+    out = np.empty((3,) + engine.grid.shape, np.float32)
+    for r0 in range(0, h, ROWS):
+        r1 = min(h, r0 + ROWS)
+        out[:, r0:r1] = comp.composite_rows(p, {fs.label: fs.stack.mean_rows(r0, r1) for fs in engine.stacks},
+                                            r0, r1)
+    engine.release()
+    cov = np.isfinite(out).all(axis=0).astype(np.float32)
+    np.nan_to_num(out, copy=False)
+    return out, cov
+
+
+def _no_balance(p: StretchParams) -> StretchParams:
+    return dataclasses.replace(p, balance=False)
+
+
+def reduced_copy(fs: FilterStack, max_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A filter's stack at most ``max_size`` px on the long side: (C, h, w) mean (NaN uncovered) and weights."""
+    mean, wsum = fs.stack.reduced(max_size)
+    mean = mean.copy()
+    np.copyto(mean, np.float32(np.nan), where=~(wsum > 0)[None])
+    return mean, wsum
+

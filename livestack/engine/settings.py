@@ -1,0 +1,42 @@
+"""The engine's settings: one frozen dataclass per stage, gathered in Config.  Plain values — the engine never
+reads a file; ``livestack/config.py`` builds a Config from livestack.toml and the command line."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .calibrate import CosmeticParams
+from .compose import ComposeParams
+from .register import RegisterParams
+from .reject import RejectParams
+from .stack import StackParams
+from .stars import StarParams
+from .stretch import StretchParams
+
+
+@dataclass(frozen=True, slots=True)
+class EngineParams:
+    debayer: str = "bilinear"        # "bilinear" (full resolution) | "superpixel" (2×2 -> half, for a Pi)
+    interpolation: str = "bilinear"  # warp: "bilinear" | "bicubic" | "lanczos" (sharper, slower)
+    sharpness_weight: float = 0.0    # weight × (reference FWHM / frame FWHM) ** this (0 = noise only)
+    seed: int = 0                    # RANSAC random generator
+
+    def __post_init__(self):
+        if self.debayer not in ("bilinear", "superpixel"):
+            raise ValueError(f"engine.debayer = {self.debayer!r}: must be 'bilinear' or 'superpixel'")
+        if self.interpolation not in ("bilinear", "bicubic", "lanczos"):
+            raise ValueError(f"engine.interpolation = {self.interpolation!r}: must be bilinear, bicubic or lanczos")
+        if not 0 <= self.sharpness_weight <= 4:
+            raise ValueError(f"engine.sharpness_weight = {self.sharpness_weight}: must be in [0, 4]")
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    engine: EngineParams = field(default_factory=EngineParams)
+    stars: StarParams = field(default_factory=StarParams)
+    register: RegisterParams = field(default_factory=RegisterParams)
+    reject: RejectParams = field(default_factory=RejectParams)
+    stack: StackParams = field(default_factory=StackParams)
+    stretch: StretchParams = field(default_factory=StretchParams)
+    cosmetic: CosmeticParams = field(default_factory=CosmeticParams)
+    compose: ComposeParams = field(default_factory=ComposeParams)
+    extra: dict = field(default_factory=dict)   # sections owned by the shells (daemon, web, capture)
