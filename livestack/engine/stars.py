@@ -20,6 +20,7 @@ class StarParams:
     max_stars: int = 300      # brightest kept (matching and photometry need no more)
     box: int = 64             # background mesh, px of the detection image
     window: bool = True       # refine centroids with sep.winpos (Gaussian-windowed, ~0.02 px on bright stars)
+    max_width: float = 2.5    # drop sources wider than this × the frame's median star (nebula knots, galaxies)
 
     def __post_init__(self):
         if not 0 < self.sigma <= 100:
@@ -28,6 +29,8 @@ class StarParams:
             raise ValueError(f"stars.max_stars = {self.max_stars}: must be at least 3")
         if self.box < 8:
             raise ValueError(f"stars.box = {self.box}: must be at least 8 px")
+        if not self.max_width > 1:
+            raise ValueError(f"stars.max_width = {self.max_width}: must be > 1 (inf keeps every source)")
 
 
 def _subtract_background(data: np.ndarray, box: int) -> tuple[np.ndarray, float, float]:
@@ -58,6 +61,7 @@ def detect_stars(lum: np.ndarray, p: StarParams, *, saturation: float = np.inf,
     ``extra_var``: blur (px², per axis) that the caller added and that should not count in the FWHM — for a
     2×2-binned mosaic, the binning box adds 1/12 − 1/48 = 0.0625 binned px² beyond the sensor's own pixels.
 
+    Sources much wider than the frame's stars (``p.max_width``; see `extended_sources`) are not stars.
     Returns the stars (brightest first, coordinates in ``lum``'s pixels) and the frame quality (FWHM and
     eccentricity from the unsaturated, well-measured half of the stars; background and noise from sep's
     background mesh).  ``lum`` is not modified (sep works on a background-subtracted copy).
@@ -80,6 +84,7 @@ def detect_stars(lum: np.ndarray, p: StarParams, *, saturation: float = np.inf,
         h, w = data.shape
         ok &= (obj["x"] > 2) & (obj["x"] < w - 3) & (obj["y"] > 2) & (obj["y"] < h - 3)
         obj = obj[ok]
+        obj = obj[~extended_sources(obj, p.max_width, background=background, saturation=saturation)]
     if len(obj) == 0:
         return Stars.empty(), Quality(0, float("nan"), float("nan"), background, noise)
     obj = obj[np.argsort(-obj["flux"])][: p.max_stars]
@@ -128,6 +133,39 @@ def detect_stars(lum: np.ndarray, p: StarParams, *, saturation: float = np.inf,
     xy = np.column_stack([x, y])[order]
     return Stars(xy, flux[order], fwhm[order], a[order], b[order]), q
 
+
+
+def extended_sources(obj: np.ndarray, max_width: float, *, background: float,
+                     saturation: float = np.inf) -> np.ndarray:
+    """(N,) bool: which detections in ``obj`` (sep.extract's records) are too wide to be stars: nebula knots.
+
+    The width comes from the peak, with no aperture: flux / peak = 2πσ² for a Gaussian, and 2.355 σ from that is
+    about the FWHM (3.02 px for 3 px stars: sep's flux is isophotal).  A source is extended when that width is
+    over ``max_width`` × the median of the frame's unsaturated detections wider than a pixel, so the rule follows
+    the frame: trailed, defocused and undersampled stars are wide together.  Measured on synthetic frames (stars
+    FWHM 3 px, noise 5 ADU; 10 seeds): stars 0.64–1.77 × the median (including blends, Moffat wings β 1.5–4, 3:1
+    trails, FWHM 1.2 px or 9 px, 2000 stars on 800×600); blobs of FWHM 20–80 px peaking at ≥ 8σ 2.2–22 ×, with an
+    8 px core 2.9–17 ×.  The cost: stars on bright nebula, to which sep hands part of the nebula's pixels (so
+    their flux and registration weight are partly the nebula's); 2.5 × dropped 7 of 526 stars where one star in
+    six sat on a blob (2 × dropped 16, 3 × kept 3 more knots).
+    The aperture moments cannot make this cut: inside their 1.5 × FWHM circle a 50 px blob is a flat disc, ~2 ×
+    the stars' FWHM, no wider than some noisy faint stars.
+    Saturated sources (peak + ``background`` ≥ 0.8 × ``saturation``) are flat-topped and measure 2–5 × (Moffat
+    stars clipped at 4–115 × the white level), so they are kept and left out of the median.
+    """
+    unsat = (obj["peak"] + background) < 0.8 * saturation
+    width = _FWHM_PER_SIGMA * np.sqrt(obj["flux"] / (2 * np.pi * np.maximum(obj["peak"], 1e-30)))
+    # The reference leaves out what the optics did not shape: a hot pixel or a one-pixel cosmic-ray hit holds
+    # all its flux in its peak (width 0.94 px), stars are wider (median ≥ 1.5 px even at FWHM 1.2 px).  In an
+    # uncalibrated frame hot pixels are most detections (55 of 75 in a simulated one): in their median, the
+    # trailed stars of a windy frame measured 2–4 × and would have gone, with the judge's evidence.
+    ref_set = unsat & (width > 1.2)
+    if np.count_nonzero(ref_set) < 3 or not np.isfinite(max_width):
+        return np.zeros(len(obj), bool)
+    # The median, not a lower quantile, which the faint, isophote-truncated stars pull down; a frame that is
+    # mostly nebula pulls the median up and keeps its knots, as before.
+    ref = np.median(width[ref_set])
+    return unsat & (width > max_width * ref)
 
 
 def aperture_moments(sub: np.ndarray, xy: np.ndarray, fwhm: float, *,
