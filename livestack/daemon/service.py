@@ -382,7 +382,7 @@ class Service:
             vals = img[:, cov] if cov.any() else img.reshape(img.shape[0], -1)
             lo, hi = float(vals.min()), float(vals.max())
             x = (img - np.float32(lo)) * np.float32(65535.0 / max(hi - lo, 1e-12))
-            out16 = np.clip(x, 0, 65535).astype(np.uint16)
+            out16 = np.rint(np.clip(x, 0, 65535)).astype(np.uint16)
         else:                  # the page's stretch, at full resolution and 16 bits
             p = dataclasses.replace(self.stretch, max_size=max(img.shape[1:]))
             out16 = self.engine.preview(img, wsum, stretch=p, compose=self.compose,

@@ -69,13 +69,15 @@ function showStatus(s) {
   const rj = s.last_rejected;
   $("s-rejection").textContent = rj ? `Last rejected: ${rj.file} — ${rj.reason}` : "";
   $("caption").textContent = s.has_stack
-    ? `${s.stacked} frames · ${duration(s.integration_s)}${s.queued ? ` · ${s.queued} queued` : ""}`
+    ? `${s.stacked} frames · ${duration(s.integration_s)}`
+      + `${s.palette && s.palette.name ? ` · ${s.palette.name}` : ""}${s.queued ? ` · ${s.queued} queued` : ""}`
     : (s.queued ? `${s.queued} queued` : "");
   $("paths").textContent = `watching ${s.watch} → ${s.out}`;
   const st = s.stretch || {};
   if (!dragging) {
     for (const k of Object.keys(SLIDERS)) setSlider(k, st[k]);
   }
+  showFilters(s);
   if (s.has_stack && s.preview_id !== state.previewId) loadPreview(s.preview_id);
   if (!s.has_stack) { $("preview").hidden = true; $("nopreview").hidden = false; state.previewId = null; }
   if (s.generation !== state.generation || s.frames !== state.frames.length) loadFrames(s.generation);
@@ -125,13 +127,14 @@ function renderTable() {
     const tr = document.createElement("tr");
     tr.className = f.status;
     tr.dataset.file = f.path || f.file;
-    const cells = [i + 1, f.file, f.status, fmt(f.fwhm, 2), f.stars ?? "–", fmt(f.weight, 2), f.reason || ""];
+    const cells = [i + 1, f.file, f.filter ?? "–", f.status, fmt(f.fwhm, 2), f.stars ?? "–", fmt(f.weight, 2),
+                   f.reason || ""];
+    const classes = [null, "file", "flt", "st", null, null, null, "reason"];
     cells.forEach((v, k) => {
       const td = document.createElement("td");
       td.textContent = v;
-      if (k === 1) { td.className = "file"; td.title = f.path || f.file; }
-      if (k === 2) td.className = "st";
-      if (k === 6) td.className = "reason";
+      if (classes[k]) td.className = classes[k];
+      if (k === 1) td.title = f.path || f.file;
       tr.appendChild(td);
     });
     const td = document.createElement("td");
@@ -151,6 +154,8 @@ function renderTable() {
     rows.push(tr);
   }
   tbody.replaceChildren(...rows);
+  // a colour camera without a filter wheel: no column of dashes
+  $("frames").classList.toggle("nofilter", !state.frames.some((f) => f.filter));
   $("frames-count").textContent = `(${state.frames.length})`;
 }
 
@@ -196,7 +201,8 @@ function plot(canvas, series) {
     s.values.forEach((v, i) => {
       if (v === null || !Number.isFinite(v)) return;
       const st = s.points ? s.points[i] : "stacked";
-      g.fillStyle = st === "rejected" ? css("--warn") : st === "excluded" ? css("--excl") : s.color;
+      g.fillStyle = st === "rejected" ? css("--warn") : st === "excluded" ? css("--excl")
+        : s.colors ? s.colors[i] : s.color;
       const r = st === "rejected" || st === "excluded" ? 3 : (n > 120 ? 1 : 2);
       g.beginPath(); g.arc(X(i), Y(v), r, 0, 2 * Math.PI); g.fill();
     });
@@ -208,16 +214,174 @@ function drawPlots() {
   const st = f.map((x) => x.status);
   const col = (k) => f.map((x) => (x[k] === undefined ? null : x[k]));
   const accent = css("--accent");
-  plot($("plot-fwhm"), [{ values: col("fwhm"), color: accent, points: st }]);
-  plot($("plot-stars"), [{ values: col("stars"), color: accent, points: st }]);
-  plot($("plot-background"), [{ values: col("background"), color: accent, points: st }]);
-  plot($("plot-weight"), [{ values: col("weight"), color: accent, points: st }]);
+  // with several filters each point takes its filter's colour (the legend above the plots names them)
+  const names = filterNames(f);
+  const colors = names.length > 1 ? f.map((x) => css(filterColor(names, x.filter))) : null;
+  const legend = $("plot-legend");
+  legend.hidden = names.length < 2;
+  legend.replaceChildren(...(names.length < 2 ? [] : names.map((n) => {
+    const i = document.createElement("i");
+    i.className = "k dot-k";
+    i.style.color = `var(${filterColor(names, n)})`;
+    i.textContent = n ?? "no filter";
+    return i;
+  })));
+  for (const k of ["fwhm", "stars", "background", "weight"]) {
+    plot($(`plot-${k}`), [{ values: col(k), color: accent, points: st, colors }]);
+  }
   plot($("plot-drift"), [
     { values: col("shift_x"), color: css("--c-x") },
     { values: col("shift_y"), color: css("--c-y") },
     { values: col("rotation"), color: css("--c-r") },
   ]);
 }
+
+// ---------------------------------------------------------------- filters and the colour composite
+const FILTER_COLORS = 7;   // --f0 … --f6 in style.css, by order of first appearance (red shades at night)
+function filterNames(frames) {
+  const seen = (state.status && state.status.filters || []).map((x) => x.filter);
+  for (const x of frames) if (x.status !== "failed" && !seen.includes(x.filter ?? null)) seen.push(x.filter ?? null);
+  return seen;
+}
+const filterColor = (names, name) => `--f${Math.max(0, names.indexOf(name ?? null)) % FILTER_COLORS}`;
+// the name the composite knows a filter by (compose weights and hues): the FITS value, "none" without one
+const filterLabel = (f) => (f.filter ?? "").trim() || "none";
+const folded = (name) => name.trim().toLowerCase();
+function weightOf(weights, name) {
+  if (name in weights) return weights[name];
+  const k = Object.keys(weights).find((w) => folded(w) === folded(name));
+  return k === undefined ? 1 : weights[k];
+}
+
+function showFilters(s) {
+  const list = s.filters || [];
+  const pal = s.palette || null;
+  const panel = $("filters");
+  panel.hidden = !(list.some((f) => f.filter !== null) || list.length > 1);
+  if (panel.hidden) return;
+  $("filters-count").textContent = `(${list.length})`;
+  const rows = list.map((f) => {
+    const tr = document.createElement("tr");
+    tr.dataset.testid = "filter-row";
+    tr.dataset.key = f.key;
+    const cells = [
+      ["filter", filterLabel(f), "fname"], ["frames", f.frames, "n"], ["rejected", f.rejected, "n rej"],
+      ["integration", duration(f.integration_s), "n"], ["FWHM", fmt(f.fwhm, 2), "n"],
+      ["last frame", clock(f.last_frame_time), "n"],
+    ];
+    for (const [label, v, cls] of cells) {
+      const td = document.createElement("td");
+      td.dataset.label = label;
+      td.className = cls;
+      td.textContent = v;
+      tr.appendChild(td);
+    }
+    tr.cells[0].style.setProperty("--fc", `var(${filterColor(list.map((x) => x.filter), f.filter)})`);
+    const td = document.createElement("td");
+    td.className = "dl";
+    if (f.frames > 0) {
+      const a = document.createElement("a");
+      a.href = `/api/files/${encodeURIComponent(f.file)}`;
+      a.download = f.file;
+      a.textContent = f.file;
+      a.dataset.testid = `dl-${f.key || "none"}`;
+      td.appendChild(a);
+    } else {
+      td.textContent = "nothing stacked";
+    }
+    tr.appendChild(td);
+    return tr;
+  });
+  $("filters-table").tBodies[0].replaceChildren(...rows);
+
+  const composite = list.length > 1 || !!(pal && pal.name);
+  $("composite").hidden = !composite || !pal;
+  $("dl-fits-kind").textContent = pal && pal.name ? ` (${pal.name} composite)` : "";
+  if (!composite || !pal) return;
+  showPalette(pal);
+  showWeights(list, pal.weights || {});
+  $("palette-mapping").textContent = pal.mapping
+    || (s.has_stack ? "" : "the composite appears with the first stacked frames");
+}
+
+function showPalette(pal) {
+  const sel = $("palette");
+  const choices = pal.choices || [];
+  const auto = `Auto (${pal.requested === "auto" && pal.name ? pal.name : "by filters"})`;
+  const sig = JSON.stringify([choices, auto]);
+  if (sel.dataset.sig !== sig) {
+    // rebuilt only when the choices change: a rebuild closes a select the user has open
+    sel.replaceChildren(...choices.map((c) => new Option(c === "auto" ? auto : c, c)));
+    sel.dataset.sig = sig;
+  }
+  if (!paletteBusy) sel.value = pal.requested;
+}
+let paletteBusy = false;
+$("palette").addEventListener("change", async () => {
+  paletteBusy = true;
+  try {
+    const r = await post("/api/palette", { palette: $("palette").value });
+    if (r) showStatus(r);
+  } finally {
+    paletteBusy = false;
+    if (state.status) showFilters(state.status);   // a refusal puts the select back to what the daemon uses
+  }
+});
+
+// weight sliders: built when the set of filters changes, moved by the daemon's weights unless the user is on them
+const touchedWeights = new Map();   // filter label -> value not yet acknowledged by the daemon
+let weightTimer = null;
+function showWeights(list, weights) {
+  const box = $("weights");
+  const sig = JSON.stringify(list.map((f) => [f.key, f.filter]));
+  if (box.dataset.sig !== sig) {
+    box.replaceChildren(...list.map((f) => {
+      const label = document.createElement("label");
+      const input = document.createElement("input");
+      const out = document.createElement("output");
+      Object.assign(input, { type: "range", min: "0", max: "3", step: "0.05", value: "1" });
+      input.dataset.testid = `weight-${f.key || "none"}`;
+      input.dataset.filter = filterLabel(f);
+      input.setAttribute("aria-label", `${filterLabel(f)} weight`);
+      input.addEventListener("input", () => {
+        touchedWeights.set(input.dataset.filter, Number(input.value));
+        out.textContent = Number(input.value).toFixed(2);
+        sendWeights();
+      });
+      label.append(filterLabel(f), input, out);
+      return label;
+    }));
+    box.dataset.sig = sig;
+  }
+  for (const input of box.querySelectorAll("input")) {
+    const name = input.dataset.filter;
+    if (touchedWeights.has(name)) continue;
+    const w = weightOf(weights, name);
+    input.value = String(Math.min(3, w));
+    input.nextElementSibling.textContent = w.toFixed(2);
+  }
+}
+function sendWeights() {
+  clearTimeout(weightTimer);
+  weightTimer = setTimeout(async () => {
+    // the daemon replaces its weights with what is sent: start from its own, change the touched ones
+    const cur = { ...((state.status && state.status.palette && state.status.palette.weights) || {}) };
+    const sent = new Map(touchedWeights);
+    for (const [name, v] of sent) {
+      for (const k of Object.keys(cur)) if (folded(k) === folded(name)) delete cur[k];
+      if (Math.abs(v - 1) > 1e-9) cur[name] = v;   // 1 is the default: left out
+    }
+    const r = await post("/api/palette", { weights: cur });
+    for (const [name, v] of sent) if (touchedWeights.get(name) === v) touchedWeights.delete(name);
+    if (r) showStatus(r); else if (state.status) showFilters(state.status);
+  }, 300);
+}
+$("weights-reset").onclick = async () => {
+  clearTimeout(weightTimer);
+  touchedWeights.clear();
+  const r = await post("/api/palette", { weights: {} });
+  if (r) showStatus(r);
+};
 
 // ---------------------------------------------------------------- stretch controls
 let dragging = false, stretchTimer = null;

@@ -1,0 +1,146 @@
+"""The page and API of a session through a filter wheel: per-filter stacks, the palette and the weights."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import pytest
+from conftest import Daemon
+from test_web import ARTIFACTS, TOKEN, _chromium_or_skip, req, wait_status
+
+from drivers.simulator import SimConfig, render_night
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+WHEEL = ("Ha", "OIII", "SII")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    """A mono camera behind Ha, OIII, SII in turn, 2 frames each (one star field: one grid), on a daemon."""
+    night = tmp_path_factory.mktemp("wheel-night")
+    # 900 stars: a 180 s narrowband frame of 400×300 still shows the 15 a reference frame needs
+    truth = render_night(night, SimConfig(width=400, height=300, n_frames=6, mono=True, seed=5, n_stars=900,
+                                          filters=WHEEL))
+    root = tmp_path_factory.mktemp("web-wheel")
+    (root / "watch").mkdir()
+    d = Daemon(root, root / "watch", root / "out", "--token", TOKEN)
+    d.start()
+    for f in truth["frames"]:
+        shutil.copy(night / f["file"], root / "watch" / f["file"])
+    d.wait_lines(6)
+    wait_status(d, lambda s: s["frames"] == 6 and s["state"] == "idle", timeout=30)
+    outputs = [d.out / "stack.fits", *(d.out / f"stack_{n}.fits" for n in WHEEL)]
+    end = time.monotonic() + 15       # written when the worker goes idle, just after the status says so
+    while not all(f.exists() for f in outputs) and time.monotonic() < end:
+        time.sleep(0.05)
+    yield d
+    assert d.stop() == 0
+
+
+def status(d: Daemon) -> dict:
+    return json.loads(req(d, "GET", "/api/status")[1])
+
+
+def test_status_lists_each_filter_and_the_palette(wheel):
+    s = status(wheel)
+    assert s["stacked"] == 6, s
+    assert [(f["filter"], f["key"], f["file"], f["frames"], f["integration_s"]) for f in s["filters"]] == [
+        (n, n.lower(), f"stack_{n}.fits", 2, 360.0) for n in WHEEL]
+    assert all(f["reference"] and f["last_frame_time"] and f["fwhm"] > 1 for f in s["filters"])
+    p = s["palette"]
+    assert p["requested"] == "auto" and p["name"] == "SHO" and "R=SII G=Ha B=OIII" in p["mapping"]
+    assert p["choices"] == ["auto", "RGB", "LRGB", "SHO", "HOO", "HUES"]
+    frames = json.loads(req(wheel, "GET", "/api/frames")[1])["frames"]
+    assert [r["filter"] for r in frames] == list(WHEEL) * 2
+    for n in WHEEL:
+        st, body, _ = req(wheel, "GET", f"/api/files/stack_{n}.fits")
+        assert st == 200 and body.startswith(b"SIMPLE  ="), n
+
+
+def test_palette_refuses_bad_values_and_sets_weights(wheel):
+    st, _, _ = req(wheel, "POST", "/api/palette", {"palette": "HUES"})
+    assert st == 401                                     # a change: needs the token
+    st, body, _ = req(wheel, "POST", "/api/palette", {"palette": "Rainbow"}, AUTH)
+    err = json.loads(body)["error"]
+    assert st == 400 and "Rainbow" in err and "SHO" in err and "\n" not in err, err
+    st, body, _ = req(wheel, "POST", "/api/palette", {"weights": {"Ha": 11}}, AUTH)
+    assert st == 400 and "Ha" in json.loads(body)["error"]
+    before = status(wheel)["preview_id"]
+    st, body, _ = req(wheel, "POST", "/api/palette", {"weights": {"Ha": 2}}, AUTH)
+    s = json.loads(body)
+    assert st == 200 and s["palette"]["weights"] == {"Ha": 2.0} and s["palette"]["name"] == "SHO"
+    assert s["preview_id"] != before                     # redrawn without restacking
+    assert s["stacked"] == 6 and status(wheel)["palette"]["weights"] == {"Ha": 2.0}
+    st, body, _ = req(wheel, "POST", "/api/palette", {"weights": {}}, AUTH)   # back to the defaults
+    assert st == 200 and json.loads(body)["palette"]["weights"] == {}
+
+
+@pytest.mark.browser
+def test_filters_panel_on_a_phone(wheel):
+    _chromium_or_skip()
+    from playwright.sync_api import expect, sync_playwright
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                                    is_mobile=True, has_touch=True)
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(wheel.url + "#token=" + TOKEN)
+            preview = page.get_by_test_id("preview")
+            expect(preview).to_be_visible(timeout=30_000)
+
+            # one row (a card at this width) per filter, with its frames and its own stack to download
+            panel = page.get_by_test_id("filters")
+            expect(panel).to_be_visible(timeout=10_000)
+            rows = panel.get_by_test_id("filter-row")
+            expect(rows).to_have_count(3)
+            for i, n in enumerate(WHEEL):
+                expect(rows.nth(i).locator("td.fname")).to_have_text(n)
+                expect(rows.nth(i).locator('td[data-label="frames"]')).to_have_text("2")
+                expect(rows.nth(i).locator('td[data-label="integration"]')).to_have_text("6 m 00 s")
+                expect(rows.nth(i).locator("td.dl a")).to_have_attribute("href", f"/api/files/stack_{n}.fits")
+            expect(page.locator("#frames td.flt")).to_have_text(list(WHEEL[::-1]) * 2)
+
+            # the palette: auto chose SHO; choosing HUES redraws the preview with it
+            select = page.get_by_test_id("palette")
+            expect(select).to_have_value("auto")
+            expect(select.locator("option:checked")).to_have_text("Auto (SHO)")
+            expect(page.get_by_test_id("palette-mapping")).to_contain_text("R=SII G=Ha B=OIII")
+            first_id = preview.get_attribute("data-preview-id")
+            select.select_option("HUES")
+            s = wait_status(wheel, lambda s: s["palette"]["name"] == "HUES")
+            assert s["palette"]["requested"] == "HUES" and str(s["preview_id"]) != first_id
+            expect(preview).to_have_attribute("data-preview-id", str(s["preview_id"]), timeout=10_000)
+            expect(page.get_by_test_id("palette-mapping")).to_contain_text("HUES")
+
+            # a weight slider: six steps of 0.05 to the right, sent once the finger stops
+            ha = page.get_by_test_id("weight-ha")
+            expect(ha).to_have_value("1")
+            ha.focus()
+            for _ in range(6):
+                page.keyboard.press("ArrowRight")
+            s = wait_status(wheel, lambda s: s["palette"]["weights"] == {"Ha": 1.3})
+            expect(preview).to_have_attribute("data-preview-id", str(s["preview_id"]), timeout=10_000)
+            expect(ha).to_have_value("1.3")
+
+            page.wait_for_timeout(300)
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            page.evaluate("window.scrollTo(0, 0)")    # the sticky bar stays on top of a full-page shot
+            page.wait_for_timeout(300)
+            page.screenshot(path=str(ARTIFACTS / "web-filters-phone.png"), full_page=True)
+            page.evaluate("document.getElementById('night').click()")
+            page.wait_for_timeout(300)
+            assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+            panel.screenshot(path=str(ARTIFACTS / "web-filters-phone-night.png"))
+        finally:
+            browser.close()
+            # the other tests of this module see the defaults again
+            req(wheel, "POST", "/api/palette", {"palette": "auto", "weights": {}}, AUTH)
+    assert errors == []
