@@ -55,18 +55,6 @@ class Progress:
         self.stream.flush()
 
 
-def load_masters(path: str | None, cfg: Config | None = None):
-    """The master library at ``path`` (None without one), with the config's [calibration] settings.
-    Raises ValueError (MasterError, ConfigError) with one sentence naming the folder or key."""
-    if not path:
-        return None
-    from .engine.masters import MasterLibrary
-    from .engine.masters_cli import calibration_params
-
-    params = calibration_params(cfg) if cfg is not None else None
-    return MasterLibrary.load(Path(path).expanduser(), params)
-
-
 def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quiet: bool = False) -> dict:
     """Stack ``files`` into ``out`` (stack.fits, preview.jpg, frames.jsonl).  Returns a summary dict."""
     from .engine.pipeline import Engine
@@ -108,6 +96,8 @@ def cmd_stack(args, cfg: Config) -> int:
         print(f"livestack stack: no RAW or FITS files in {' '.join(args.inputs)}", file=sys.stderr)
         return 1
     out = Path(args.out).expanduser()
+    from .masters_cli import load_masters
+
     try:
         masters = load_masters(args.masters, cfg)
     except ValueError as err:
@@ -228,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine_opts(p)
     p.set_defaults(func=cmd_demo)
 
-    for mod in ("livestack.engine.masters_cli", "livestack.daemon.cli", "drivers.cli"):
+    for mod in ("livestack.masters_cli", "livestack.run_cli", "drivers.cli"):
         try:
             m = __import__(mod, fromlist=["register_commands"])
         except ModuleNotFoundError as err:

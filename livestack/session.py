@@ -118,7 +118,7 @@ def save_engine(engine, path: Path | str, info: dict | None = None) -> None:
             for prefix, stack in stacks:
                 for k, a in stack.state().items():
                     put(prefix + k, a)
-                stack.release()
+                    stack.release()     # a spilled stack: one array paged in at a time
 
     atomic_write_with(Path(path), writer)
 
@@ -142,6 +142,15 @@ def load_engine(path: Path | str, cfg, *, masters=None, spill_dir: Path | None =
 def load_checkpoint(path: Path | str, cfg, *, masters=None, spill_dir: Path | None = None):
     """-> (Engine, info dict).  Raises SessionError naming the file when it cannot be used."""
     return load_engine(path, cfg, masters=masters, spill_dir=spill_dir)
+
+
+class Refused(Exception):
+    """A request the session cannot do now (the daemon's service raises it, the web server shows it): the
+    message is the sentence to show (HTTP 409 unless ``status``)."""
+
+    def __init__(self, message: str, status: int = 409):
+        super().__init__(message)
+        self.status = status
 
 
 class SessionError(Exception):

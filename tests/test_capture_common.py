@@ -66,7 +66,7 @@ def test_calibration_folders_are_what_masters_reads(tmp_path):
 def test_masters_builds_from_a_captured_calibration_run(tmp_path):
     help_text = run("-m", "livestack.cli", "--help").stdout
     if " masters" not in help_text:
-        pytest.skip("`livestack masters` is not in this tree yet (livestack/engine/masters_cli.py)")
+        pytest.skip("`livestack masters` is not in this tree yet (livestack/masters_cli.py)")
     for kind, exposure in (("bias", "0"), ("dark", "60"), ("flat", "1"), ("darkflat", "1")):
         r = run("-m", "drivers.capture.sim", exposure, "--type", kind, "--count", "3", "--width", "96",
                 "--height", "64", "-q", "-o", str(tmp_path / "calib"))

@@ -23,9 +23,9 @@ from livestack.cli import main as cli_main
 from livestack.config import ConfigError, config_from_dict
 from livestack.engine.calibrate import CosmeticParams, calibrate
 from livestack.engine.frame import FrameError
-from livestack.engine.masters import (CalibrationParams, MasterLibrary, Spill, build_library, combine_block,
+from livestack.masters import (CalibrationParams, MasterLibrary, Spill, build_library, combine_block,
                                       combine_spill, kind_from_folder)
-from livestack.engine.masters_cli import calibration_params
+from livestack.masters_cli import calibration_params
 from livestack.engine.read import read_frame
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

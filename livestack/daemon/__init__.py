@@ -3,5 +3,4 @@
     watch.py    watchdog -> queue of complete files, in capture order
     service.py  queue -> Engine.process -> frames.jsonl; outputs, checkpoint, published snapshot; SIGTERM
     config.py   the [watch], [daemon] and [web] sections of livestack.toml
-    cli.py      `livestack run`
 """

@@ -24,21 +24,13 @@ from ..engine.compose import ComposeParams
 from ..engine.frame import FrameRecord
 from ..engine.pipeline import Engine
 from ..engine.write import atomic_write_bytes, encode_png16, encode_tiff16
-from ..session import FramesLog, SessionFolder, rewrite_frames_log
+from ..session import FramesLog, Refused, SessionFolder, rewrite_frames_log
 from .config import DaemonParams, WatchParams
 from .watch import Ready, Watcher
 
 log = logging.getLogger("livestack")
 
 STACKED = ("reference", "stacked")
-
-
-class Refused(Exception):
-    """A request the service cannot do now; the message is the sentence to show (HTTP 409 unless ``status``)."""
-
-    def __init__(self, message: str, status: int = 409):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from ..daemon.service import Refused
+from ..session import Refused
 
 log = logging.getLogger("livestack.web")
 STATIC = Path(__file__).parent / "static"

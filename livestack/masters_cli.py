@@ -12,7 +12,7 @@ from .masters import CalibrationParams, MasterError, MasterLibrary
 def calibration_params(cfg, **overrides) -> CalibrationParams:
     """CalibrationParams from the raw ``[calibration]`` section of a Config (cfg.extra), with CLI overrides
     (None = not given).  Raises ConfigError naming the key."""
-    from ..config import make_section
+    from .config import make_section
 
     values = dict(cfg.extra.get("calibration", {}))
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -20,7 +20,7 @@ def calibration_params(cfg, **overrides) -> CalibrationParams:
 
 
 def cmd_masters(args, cfg) -> int:
-    from ..config import ConfigError
+    from .config import ConfigError
 
     try:
         p = calibration_params(cfg, method=args.method, kappa=args.masters_kappa)
@@ -41,6 +41,15 @@ def cmd_masters(args, cfg) -> int:
     print(f"{len(lib.entries)} masters in {out / 'masters.json'} ({time.perf_counter() - t0:.1f} s)"
           + (f"; {len(lib.skipped)} files skipped (listed there)" if lib.skipped else ""))
     return 0
+
+
+def load_masters(path: str | None, cfg=None):
+    """The master library at ``path`` (None without one), with the config's [calibration] settings.
+    Raises ValueError (MasterError, ConfigError) with one sentence naming the folder or key."""
+    if not path:
+        return None
+    params = calibration_params(cfg) if cfg is not None else None
+    return MasterLibrary.load(Path(path).expanduser(), params)
 
 
 def register_commands(sub, engine_opts) -> None:

@@ -38,10 +38,10 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from .. import __version__
-from .calibrate import Masters, same_exposure
-from .frame import Frame, FrameError
-from .read import FITS_SUFFIXES, _IMAGETYP, capture_order, is_supported, read_frame, suffix_of
+from . import __version__
+from .engine.calibrate import Masters, same_exposure
+from .engine.frame import Frame, FrameError
+from .engine.read import FITS_SUFFIXES, _IMAGETYP, capture_order, is_supported, read_frame, suffix_of
 
 KINDS = ("bias", "dark", "darkflat", "flat")          # build order: each may need the ones before it
 KIND_LABEL = {"bias": "bias", "dark": "dark", "darkflat": "dark-flat", "flat": "flat"}
@@ -623,7 +623,7 @@ def write_master(path: Path, data: np.ndarray, e: MasterEntry, bad: np.ndarray |
     """Master FITS: float32 primary image with provenance headers; bad pixels as a BADPIX table (X, Y)."""
     from astropy.io import fits
 
-    from .write import atomic_write_with
+    from .engine.write import atomic_write_with
 
     h = fits.Header()
     h["IMAGETYP"] = IMAGETYP_OUT[e.kind]
@@ -691,7 +691,7 @@ class MasterLibrary:
 
     def save(self) -> None:
         """Write masters.json (atomically)."""
-        from .write import atomic_write_bytes
+        from .engine.write import atomic_write_bytes
 
         doc = {"version": 1, "software": f"livestack {__version__}",
                "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

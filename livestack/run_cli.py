@@ -8,9 +8,9 @@ import sys
 import threading
 from pathlib import Path
 
-from ..config import Config, ConfigError
-from ..session import SessionError, SessionFolder
-from .config import shell_sections
+from .config import Config, ConfigError
+from .daemon.config import shell_sections
+from .session import SessionError, SessionFolder
 
 log = logging.getLogger("livestack")
 
@@ -32,8 +32,8 @@ def register_commands(sub, engine_opts) -> None:
 
 
 def cmd_run(args, cfg: Config) -> int:
-    from ..web.app import make_app, serve_in_thread
-    from .service import Service
+    from .daemon.service import Service
+    from .web.app import make_app, serve_in_thread
 
     source = Path(args.config).name if getattr(args, "config", None) else "config"
     try:
@@ -54,7 +54,7 @@ def cmd_run(args, cfg: Config) -> int:
         return 2
     if not args.quiet:
         log.setLevel(logging.INFO)
-    from ..cli import load_masters
+    from .masters_cli import load_masters
 
     try:
         masters = load_masters(dp.masters, cfg)
