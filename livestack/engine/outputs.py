@@ -26,6 +26,14 @@ from .stretch import StretchParams, auto_stretch
 from .write import fsync_dir, write_fits_blocks, write_jpeg
 
 ROWS = 256    # rows per block when streaming a composite
+# Dual-band filters for colour cameras (letters and digits only, any case): with palette "auto" a colour stack
+# behind one of them is shown as HOO.
+DUAL_BAND = ("haoiii", "dualband", "duoband", "lextreme", "lenhance", "lultimate", "alpt", "nbz", "cbp")
+
+
+def is_dual_band(name: str | None) -> bool:
+    key = "".join(ch for ch in (name or "").casefold() if ch.isalnum())
+    return any(key.startswith(k) for k in DUAL_BAND)
 
 
 def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int) -> dict:
@@ -67,7 +75,8 @@ def _write_filter(engine, fs: FilterStack, path: Path) -> None:
     c = engine.grid.channels
     h, w = engine.grid.shape
     shape = (h, w) if c == 1 else (c, h, w)
-    write_fits_blocks(path, shape, fs.stack.mean_blocks(), filter_header(engine, fs), weight=fs.stack.weights())
+    write_fits_blocks(path, shape, fs.stack.mean_blocks(), filter_header(engine, fs),
+                      weight=fs.stack.weight_blocks())
     engine.release()
 
 
@@ -94,6 +103,8 @@ def plan(engine, params: comp.ComposeParams, max_size: int = 1600):
     stacks = engine.stacks
     if not stacks:
         return None
+    if len(stacks) == 1 and engine.grid.channels == 3 and params.palette == "auto" and is_dual_band(stacks[0].name):
+        params = dataclasses.replace(params, palette="HOO")
     if len(stacks) == 1 and not _dual_band(stacks[0], engine.grid.channels, params):
         return None
     key = (tuple((fs.key, fs.version) for fs in stacks), repr(params), max_size)
@@ -109,7 +120,8 @@ def plan(engine, params: comp.ComposeParams, max_size: int = 1600):
 
 def _dual_band(fs: FilterStack, channels: int, params: comp.ComposeParams) -> bool:
     """A colour camera behind a dual-band filter: its one stack becomes a composite (HOO: red = Ha from the R
-    pixels, green = blue = OIII from the G and B pixels) when the palette says HOO."""
+    pixels, green = blue = OIII from the G and B pixels) when the palette says HOO (or is auto and the FILTER
+    names a dual-band filter: is_dual_band)."""
     return comp.single_stack_palette(channels, params)
 
 
@@ -143,7 +155,7 @@ def _composite_blocks(engine, p):
             r1 = min(h, r0 + ROWS)
             rows = {fs.label: fs.stack.mean_rows(r0, r1) for fs in engine.stacks}
             yield comp.composite_rows(p, rows, r0, r1)[c]
-        engine.release()
+            engine.release()     # spilled stacks: only this block's rows were paged in
 
 
 def _write_composite(engine, p, path: Path) -> None:

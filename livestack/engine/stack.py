@@ -53,7 +53,7 @@ class StackParams:
     threads: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
     # stacks of several filters: those used least recently live in memory-mapped files beyond this many MB
     # (a 26 MP mono stack is ~300 MB, a 24 MP colour one ~470 MB; the stack in use always stays in memory)
-    memory_mb: int = 600
+    memory_mb: int = 400
 
     def __post_init__(self):
         if not 1.5 <= self.kappa <= 20:
@@ -495,32 +495,57 @@ class RunningStack:
         return mean, wsum.copy()
 
     def mean_blocks(self):
-        """The weighted mean, channel by channel in blocks of rows (FITS order), each a new float32 array:
-        for writing the stack without building it whole."""
-        if self.sums is None:
-            mean, _ = self.result()
-            yield from (mean[c] for c in range(mean.shape[0]))
-            return
+        """The weighted mean, channel by channel in blocks of rows (FITS order), each a new float32 array, 0 where
+        no frame covers: for writing the stack without building it whole (nor, in the bootstrap, combining it
+        whole: see _bootstrap_rows)."""
         for c in range(self.shape[0]):
             for r0, r1 in self._chunks(self.shape[1]):
+                if self.sums is None:
+                    m = self._bootstrap_rows(r0, r1)[0][c]
+                    np.nan_to_num(m, copy=False, nan=0.0)
+                    yield m
+                    continue
                 w = self.wsum[r0:r1]
                 with np.errstate(invalid="ignore", divide="ignore"):
                     m = self.sums[c, r0:r1] / w
                 np.copyto(m, 0, where=~(w > 0))
+                self.release()      # a spilled stack: only this block's rows stay paged in
                 yield m
+
+    def weight_blocks(self):
+        """The sum of weights in blocks of rows, each a float32 array (a view of the live array after the
+        bootstrap: do not modify)."""
+        for r0, r1 in self._chunks(self.shape[1]):
+            yield self.wsum[r0:r1] if self.sums is not None else self._bootstrap_rows(r0, r1)[1]
 
     def mean_rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows r0:r1 of the weighted mean, (C, r1 - r0, W) float32, NaN where no frame covers (a new array)."""
         if self.sums is None:
-            mean, wsum = self.result()
-            out = mean[:, r0:r1].copy()
-            np.copyto(out, np.float32(np.nan), where=~(wsum[r0:r1] > 0)[None])
-            return out
+            return self._bootstrap_rows(r0, r1)[0]
         w = self.wsum[r0:r1]
         with np.errstate(invalid="ignore", divide="ignore"):
             out = self.sums[:, r0:r1] / w[None]
         np.copyto(out, np.float32(np.nan), where=~(w > 0)[None])
         return out.astype(np.float32, copy=False)
+
+    def _bootstrap_rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
+        """During the bootstrap: rows r0:r1 of the combination of the buffered frames — (C, n, W) mean, NaN where
+        no frame covers, and (n, W) weights — computed on those rows only and a margin of one 2×2 cell (which
+        the neighbours-of-strong-outliers rule reaches).  Every step of the combination is per cell, so the rows
+        are what result() gives, without its full-frame temporaries (~400 MB at 26 MP)."""
+        h = self.shape[1]
+        a, b = max(0, (r0 // 2 - 1) * 2), min(h, ((r1 + 1) // 2 + 1) * 2)
+        part = RunningStack((self.shape[0], b - a, self.shape[2]), self.sky, self.p, self.lum_weights,
+                            self.cell_samples, pool=self._pool)
+        for f16, wt, noise, sat, cells in self.buffer:
+            if sat is not None:
+                inside = (sat[0] >= a) & (sat[0] < b)
+                sat = np.stack([sat[0][inside] - a, sat[1][inside]]) if inside.any() else None
+            part.buffer.append((f16[:, a:b], wt, noise, sat, cells[a // 2:(b + 1) // 2]))
+        mean, wsum = part.result()
+        out = mean[:, r0 - a:r1 - a].copy()
+        np.copyto(out, np.float32(np.nan), where=~(wsum[r0 - a:r1 - a] > 0)[None])
+        return out, wsum[r0 - a:r1 - a].copy()
 
     def weights(self) -> np.ndarray:
         """(H, W) sum of weights (the live array after the bootstrap; do not modify)."""

@@ -64,12 +64,13 @@ def _fits_header(header: dict):
 
 
 def write_fits_blocks(path: Path, shape: tuple[int, ...], blocks, header: dict, *,
-                      weight: np.ndarray | None = None) -> None:
+                      weight=None) -> None:
     """Write a float32 image of ``shape`` ((C, H, W) or (H, W)) from ``blocks``, an iterable of float32 arrays
     that together hold the data in FITS order (channel by channel, rows in order), then the weight map (sum of
-    frame weights per pixel) as an image extension named WEIGHT.  Streaming: only one block is in memory on
-    top of the caller's data (astropy's StreamingHDU), where writing a (3, H, W) array would first build the
-    full-resolution mean and a byte-swapped copy (~600 MB at 24 MP)."""
+    frame weights per pixel: an (H, W) array or an iterable of row blocks) as an image extension named
+    WEIGHT.  Streaming: only one block is in memory on top of the caller's data (astropy's StreamingHDU for the
+    primary HDU, the extension written as header + big-endian blocks + padding), where writing a (3, H, W)
+    array would first build the full-resolution mean and a byte-swapped copy (~600 MB at 24 MP)."""
     from astropy.io import fits
 
     hdr = _fits_header(header)
@@ -89,10 +90,23 @@ def write_fits_blocks(path: Path, shape: tuple[int, ...], blocks, header: dict, 
         finally:
             shdu.close()
         if weight is not None:
-            whdr = fits.Header()
+            h, w = shape[-2:]
+            whdr = fits.Header([("XTENSION", "IMAGE", "image extension"), ("BITPIX", -32), ("NAXIS", 2),
+                                ("NAXIS1", int(w)), ("NAXIS2", int(h)), ("PCOUNT", 0), ("GCOUNT", 1)])
             whdr["EXTNAME"] = "WEIGHT"
             whdr["COMMENT"] = "sum of frame weights per pixel (reference frame = 1)"
-            fits.append(str(tmp), np.ascontiguousarray(weight, dtype=np.float32), header=whdr)
+            rows = [weight] if isinstance(weight, np.ndarray) else weight
+            written = 0
+            with open(tmp, "ab") as f:
+                f.write(whdr.tostring().encode("ascii"))
+                for b in rows:
+                    for r0 in range(0, b.shape[0], 256):      # big-endian copies of 256 rows at a time
+                        data = np.ascontiguousarray(b[r0:r0 + 256], dtype=">f4").tobytes()
+                        f.write(data)
+                        written += len(data)
+                if written != h * w * 4:
+                    raise ValueError(f"{Path(path).name}: weight map of {written // 4} pixels, expected {h * w}")
+                f.write(b"\0" * (-written % 2880))
 
     atomic_write_with(path, writer)
 

@@ -146,6 +146,25 @@ def test_dual_band_colour_camera_makes_hoo_from_one_stack(night, tmp_path):
     r, g = _structure(rgb[0]), _structure(rgb[1])
     assert _corr(r, ha, mask) > _corr(r, oiii, mask) + 0.4
     assert _corr(g, oiii, mask) > _corr(g, ha, mask) + 0.4
+    # with palette auto the FILTER name says it is a dual-band filter: the same composite
+    auto, _ = run(files)
+    assert auto.snapshot(tmp_path / "auto")
+    with fits.open(tmp_path / "auto" / "stack.fits") as h:
+        assert h[0].header["PALETTE"] == hdr["PALETTE"]
+        assert np.array_equal(h[0].data, rgb, equal_nan=True)
+
+
+def test_rows_of_a_stack_in_its_bootstrap_equal_the_whole(night):
+    """The composite is written in blocks of rows; a filter still in its bootstrap combines only those rows
+    (plus a cell of margin): the same values as the whole combination, without a full-frame temporary."""
+    files, _ = night(n_frames=2, seed=21, defects={1: "satellite"})
+    eng, _ = run(files)
+    st = eng.stacks[0].stack
+    assert st.sums is None                              # both frames still in the bootstrap buffer
+    mean, w = st.result()
+    mean[:, ~(w > 0)] = np.nan
+    for r0, r1 in ((0, 7), (7, 100), (100, 256), (256, 480), (3, 4), (479, 480), (0, 480)):
+        assert np.array_equal(st.mean_rows(r0, r1), mean[:, r0:r1], equal_nan=True), (r0, r1)
 
 
 def test_checkpoints_and_spilled_stacks_give_the_uninterrupted_stack(night, tmp_path):
