@@ -146,6 +146,19 @@ class Daemon:
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def feeder(self, files):
+        """feed(n, pause=0) copies the next n of ``files`` into the watch folder, as a camera would."""
+        import shutil
+
+        it = iter(files)
+
+        def feed(n: int, pause: float = 0.0) -> None:
+            for _ in range(n):
+                f = next(it)
+                shutil.copy(f, self.watch / f.name)
+                time.sleep(pause)
+        return feed
+
 
 @pytest.fixture(scope="session")
 def daemon_night(tmp_path_factory) -> tuple[list[Path], dict]:

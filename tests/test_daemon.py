@@ -94,14 +94,7 @@ def test_kill9_at_any_moment_then_restart_equals_uninterrupted_run(make_daemon, 
     assert ref_recs[files[5].name] == "rejected"         # the cloudy frame, so rejection state is resumed too
 
     d = make_daemon(name="killed")
-    feed = iter(files)
-
-    def copy(n, pause=0.0):
-        for _ in range(n):
-            f = next(feed)
-            shutil.copy(f, d.watch / f.name)
-            time.sleep(pause)
-
+    copy = d.feeder(files)
     copy(4)
     d.start()
     d.wait_lines(4)

@@ -41,14 +41,7 @@ def test_filter_changes_and_kill9_give_the_uninterrupted_stacks(make_daemon, whe
     assert all(s in ("reference", "stacked") for s, _ in ref_recs.values()), ref_recs
 
     d = make_daemon(name="killed")
-    feed = iter(files)
-
-    def copy(n, pause=0.0):
-        for _ in range(n):
-            f = next(feed)
-            shutil.copy(f, d.watch / f.name)
-            time.sleep(pause)
-
+    copy = d.feeder(files)
     copy(4)
     d.start()
     d.wait_lines(3)

@@ -1,6 +1,7 @@
 """The daemon's page and JSON API: what a browser and a script see, what the server refuses."""
 from __future__ import annotations
 
+import contextlib
 import http.client
 import io
 import json
@@ -205,10 +206,11 @@ def _chromium_or_skip():
         pytest.skip("playwright is not installed (pip install -e '.[browser]')")
 
 
-@pytest.mark.browser
-def test_page_in_headless_chromium(web):
+@contextlib.contextmanager
+def chromium_page(url: str, **page_kw):
+    """(page, console errors) of Debian's chromium, driven by Playwright, on ``url`` with the token."""
     _chromium_or_skip()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import sync_playwright
 
     ARTIFACTS.mkdir(exist_ok=True)
     errors: list[str] = []
@@ -217,57 +219,65 @@ def test_page_in_headless_chromium(web):
             "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
             "--disable-sync", "--no-first-run"])
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page = browser.new_page(**page_kw)
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(web.url + "#token=" + TOKEN)
-            preview = page.get_by_test_id("preview")
-            expect(preview).to_be_visible(timeout=30_000)
-            first_id = preview.get_attribute("data-preview-id")
-            n = len(web.lines())
-
-            # a frame lands -> the preview changes, pushed by server-sent events
-            f = web.files[7]
-            shutil.copy(f, web.watch / f.name)
-            expect(preview).not_to_have_attribute("data-preview-id", first_id, timeout=30_000)
-            expect(page.locator("#frames tbody tr")).to_have_count(n + 1, timeout=30_000)
-            assert page.evaluate("document.getElementById('preview').naturalWidth") == 480
-
-            # the plots draw: some pixels of each canvas are painted
-            for name in ("fwhm", "stars", "background", "weight", "drift"):
-                painted = page.evaluate("""(id) => { const c = document.getElementById(id);
-                    const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-                    let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }""", f"plot-{name}")
-                assert painted > 500, name
-
-            # controls: pause -> the page says paused; resume
-            page.get_by_test_id("pause").click()
-            expect(page.get_by_test_id("state")).to_have_text("paused", timeout=5_000)
-            assert json.loads(req(web, "GET", "/api/status")[1])["paused"] is True
-            page.get_by_test_id("pause").click()
-            expect(page.get_by_test_id("state")).not_to_have_text("paused", timeout=5_000)
-
-            # exclude a frame: restacked without it, then re-include it
-            row = page.locator(f'#frames tr[data-file="{web.files[2].name}"]')
-            stacked = json.loads(req(web, "GET", "/api/status")[1])["stacked"]
-            row.get_by_test_id("exclude").click()
-            expect(row).to_have_class("excluded", timeout=30_000)
-            expect(page.locator("#s-stacked")).to_have_text(str(stacked - 1), timeout=30_000)
-            page.evaluate("window.scrollTo(0, 0)")
-            page.wait_for_timeout(300)
-            page.screenshot(path=str(ARTIFACTS / "web-desktop.png"), full_page=True)
-            row.get_by_test_id("include").click()
-            expect(row).to_have_class("stacked", timeout=30_000)
-            expect(page.locator("#s-stacked")).to_have_text(str(stacked), timeout=30_000)
-
-            phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2,
-                                     is_mobile=True, has_touch=True)
-            phone.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            phone.goto(web.url)
-            expect(phone.get_by_test_id("preview")).to_be_visible(timeout=30_000)
-            phone.wait_for_timeout(500)
-            phone.screenshot(path=str(ARTIFACTS / "web-phone.png"), full_page=False)
-            phone.screenshot(path=str(ARTIFACTS / "web-phone-full.png"), full_page=True)
+            page.goto(url + "#token=" + TOKEN)
+            yield page, errors
         finally:
             browser.close()
+
+
+@pytest.mark.browser
+def test_page_in_headless_chromium(web):
+    from playwright.sync_api import expect
+
+    with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
+        preview = page.get_by_test_id("preview")
+        expect(preview).to_be_visible(timeout=30_000)
+        first_id = preview.get_attribute("data-preview-id")
+        n = len(web.lines())
+
+        # a frame lands -> the preview changes, pushed by server-sent events
+        f = web.files[7]
+        shutil.copy(f, web.watch / f.name)
+        expect(preview).not_to_have_attribute("data-preview-id", first_id, timeout=30_000)
+        expect(page.locator("#frames tbody tr")).to_have_count(n + 1, timeout=30_000)
+        assert page.evaluate("document.getElementById('preview').naturalWidth") == 480
+
+        # the plots draw: some pixels of each canvas are painted
+        for name in ("fwhm", "stars", "background", "weight", "drift"):
+            painted = page.evaluate("""(id) => { const c = document.getElementById(id);
+                const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+                let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i]) n++; return n; }""", f"plot-{name}")
+            assert painted > 500, name
+
+        # controls: pause -> the page says paused; resume
+        page.get_by_test_id("pause").click()
+        expect(page.get_by_test_id("state")).to_have_text("paused", timeout=5_000)
+        assert json.loads(req(web, "GET", "/api/status")[1])["paused"] is True
+        page.get_by_test_id("pause").click()
+        expect(page.get_by_test_id("state")).not_to_have_text("paused", timeout=5_000)
+
+        # exclude a frame: restacked without it, then re-include it
+        row = page.locator(f'#frames tr[data-file="{web.files[2].name}"]')
+        stacked = json.loads(req(web, "GET", "/api/status")[1])["stacked"]
+        row.get_by_test_id("exclude").click()
+        expect(row).to_have_class("excluded", timeout=30_000)
+        expect(page.locator("#s-stacked")).to_have_text(str(stacked - 1), timeout=30_000)
+        page.evaluate("window.scrollTo(0, 0)")
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(ARTIFACTS / "web-desktop.png"), full_page=True)
+        row.get_by_test_id("include").click()
+        expect(row).to_have_class("stacked", timeout=30_000)
+        expect(page.locator("#s-stacked")).to_have_text(str(stacked), timeout=30_000)
+
+        phone = page.context.browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                                              is_mobile=True, has_touch=True)
+        phone.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        phone.goto(web.url)
+        expect(phone.get_by_test_id("preview")).to_be_visible(timeout=30_000)
+        phone.wait_for_timeout(500)
+        phone.screenshot(path=str(ARTIFACTS / "web-phone.png"), full_page=False)
+        phone.screenshot(path=str(ARTIFACTS / "web-phone-full.png"), full_page=True)
     assert errors == []

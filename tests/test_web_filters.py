@@ -7,7 +7,7 @@ import time
 
 import pytest
 from conftest import Daemon
-from test_web import ARTIFACTS, TOKEN, _chromium_or_skip, req, wait_status
+from test_web import ARTIFACTS, TOKEN, chromium_page, req, wait_status
 
 from drivers.simulator import SimConfig, render_night
 
@@ -78,21 +78,12 @@ def test_palette_refuses_bad_values_and_sets_weights(wheel):
 
 @pytest.mark.browser
 def test_filters_panel_on_a_phone(wheel):
-    _chromium_or_skip()
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    ARTIFACTS.mkdir(exist_ok=True)
     errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
-        try:
-            page = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2,
-                                    is_mobile=True, has_touch=True)
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(wheel.url + "#token=" + TOKEN)
+    try:
+        with chromium_page(wheel.url, viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                           is_mobile=True, has_touch=True) as (page, errors):
             preview = page.get_by_test_id("preview")
             expect(preview).to_be_visible(timeout=30_000)
 
@@ -139,8 +130,7 @@ def test_filters_panel_on_a_phone(wheel):
             page.wait_for_timeout(300)
             assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
             panel.screenshot(path=str(ARTIFACTS / "web-filters-phone-night.png"))
-        finally:
-            browser.close()
-            # the other tests of this module see the defaults again
-            req(wheel, "POST", "/api/palette", {"palette": "auto", "weights": {}}, AUTH)
+    finally:
+        # the other tests of this module see the defaults again
+        req(wheel, "POST", "/api/palette", {"palette": "auto", "weights": {}}, AUTH)
     assert errors == []
