@@ -23,7 +23,7 @@ from .. import __version__
 from . import compose as comp
 from .filterstack import Counters, FilterStack
 from .stretch import StretchParams, auto_stretch
-from .write import fsync_dir, write_fits_blocks, write_jpeg
+from .write import fsync_dir, write_fits_blocks, write_fits_rows, write_jpeg
 
 ROWS = 256    # rows per block when streaming a composite
 # Dual-band filters for colour cameras (letters and digits only, any case): with palette "auto" a colour stack
@@ -141,21 +141,24 @@ def write_stacks(engine, out_dir: Path, params: comp.ComposeParams, *, name: str
             _link_atomic(main, out_dir / fs.file_name)
         return True
     for fs in stacks:
-        _write_filter(engine, fs, out_dir / fs.file_name)
+        path = out_dir / fs.file_name
+        # A filter that stacked nothing since its file was written keeps it (in a live night with a filter
+        # wheel most filters wait while one is captured: 200 MB each at 26 MP).
+        if engine.written.get(path) != (fs.version, engine.n_failed) or not path.exists():
+            _write_filter(engine, fs, path)
+            engine.written[path] = (fs.version, engine.n_failed)
     _write_composite(engine, p, main)
     return True
 
 
 def _composite_blocks(engine, p):
-    """The composite in FITS order (channel by channel, blocks of rows): each block computed from the filters'
-    rows, three times over (once per channel) rather than holding the (3, H, W) result."""
+    """The composite as (r0, (3, n, W)) blocks of rows, each computed once from the filters' rows."""
     h = engine.grid.shape[0]
-    for c in range(3):
-        for r0 in range(0, h, ROWS):
-            r1 = min(h, r0 + ROWS)
-            rows = {fs.label: fs.stack.mean_rows(r0, r1) for fs in engine.stacks}
-            yield comp.composite_rows(p, rows, r0, r1)[c]
-            engine.release()     # spilled stacks: only this block's rows were paged in
+    for r0 in range(0, h, ROWS):
+        r1 = min(h, r0 + ROWS)
+        rows = {fs.label: fs.stack.mean_rows(r0, r1) for fs in engine.stacks}
+        yield r0, comp.composite_rows(p, rows, r0, r1)
+        engine.release()     # spilled stacks: only this block's rows were paged in
 
 
 def _write_composite(engine, p, path: Path) -> None:
@@ -168,8 +171,7 @@ def _write_composite(engine, p, path: Path) -> None:
                  rejected_pixels=rejpix)
     hdr["PALETTE"] = (p.header, "")
     hdr["BUNIT"] = ("", "linear composite: each filter's stack, background removed, scaled")
-    h, w = engine.grid.shape
-    write_fits_blocks(path, (3, h, w), _composite_blocks(engine, p), hdr)
+    write_fits_rows(path, (3,) + engine.grid.shape, _composite_blocks(engine, p), hdr)
 
 
 def write_outputs(engine, out_dir: Path, params: comp.ComposeParams, stretch: StretchParams | None = None) -> bool:

@@ -74,6 +74,7 @@ class Engine:
             if cfg.stack.threads > 1 else None
         self._recent: list[str] = []                  # filter keys, most recently used last
         self._reduced: dict = {}                      # reduced() cache
+        self.written: dict = {}                       # outputs.py: file -> what it was written from
         self.timings: dict[str, float] = {}
         self._t = 0.0
 
@@ -255,9 +256,11 @@ class Engine:
         rec.rejected_pixels = fs.stack.add_channels(cells, channel, weight, noise_n, saturated=sat)
         self._lap("warp+stack")
         if fs.stack.bootstrap_full:
-            # Once per filter: the buffered first frames become the accumulators.  The work buffers are given
-            # back first so that they, the buffer and the new accumulators never coexist.
+            # Once per filter: the buffered first frames become the accumulators.  The work buffers, and the
+            # pages of the other filters' spilled stacks, are given back first so that they, the buffer and the
+            # new accumulators never coexist.
             self._ws.clear()
+            self._trim(keep=fs.key, budget=0)
             fs.stack.finish_bootstrap()
             self._lap("bootstrap")
 
@@ -290,14 +293,14 @@ class Engine:
     def _over_budget(self) -> bool:
         return sum(fs.stack.nbytes for fs in self.stacks) > self.cfg.stack.memory_mb * 2 ** 20
 
-    def _trim(self, keep: str | None = None) -> None:
+    def _trim(self, keep: str | None = None, budget: int | None = None) -> None:
         """Keep the stacks used most recently in memory up to ``cfg.stack.memory_mb``; the others live in
         memory-mapped files (spilled once, then their pages released after every use).  The stack of the
         frame in hand (``keep``, else the latest) always stays."""
         stacks = self.stacks
         if len(stacks) < 2 or not (self._over_budget() or any(fs.stack.spill_dir for fs in stacks)):
             return
-        budget = self.cfg.stack.memory_mb * 2 ** 20
+        budget = self.cfg.stack.memory_mb * 2 ** 20 if budget is None else budget
         order = [k for k in reversed(self._recent) if k in self.filters and self.filters[k].stack is not None]
         if keep is not None and keep in order:
             order.remove(keep)
@@ -337,8 +340,8 @@ class Engine:
             hit = cache.get(fs.key)
             if hit is None or hit[0] != (fs.version, max_size):
                 hit = cache[fs.key] = ((fs.version, max_size), *reduced_copy(fs, max_size))
+                self.release()        # one spilled stack paged in at a time
             out[fs.key] = hit[1:]
-        self.release()
         return out
 
     def preview(self, img=None, wsum=None, stretch=None, compose=None, *, dtype=np.uint8) -> np.ndarray:

@@ -253,7 +253,7 @@ class RunningStack:
             return
         self._allocate()
         self.bootstrap_rejected = self._combine_buffer(self.sums, self.wsum, self.lsum, self.lw, self.sq,
-                                                       self.count)
+                                                       self.count, consume=True)
         self.rejected_total += sum(self.bootstrap_rejected)
         self.buffer = []
 
@@ -389,7 +389,7 @@ class RunningStack:
                     bad |= cv2.dilate(strong.view(np.uint8), _GROW).astype(bool)
         return bad
 
-    def _combine_buffer(self, sums, wsum, lsum, lw, sq, count) -> list[int]:
+    def _combine_buffer(self, sums, wsum, lsum, lw, sq, count, *, consume: bool = False) -> list[int]:
         """Clip the buffered frames against their per-cell median luminance and accumulate the survivors.
         A cell never loses every frame: where all are rejected, the one closest to the median stays."""
         k = len(self.buffer)
@@ -409,8 +409,12 @@ class RunningStack:
                 keep = np.argmin(np.where(np.isnan(dev), np.inf, dev), axis=0)
                 for i in range(k):
                     bads[i] &= ~(everyone & (keep == i))
+                del dev, keep
         rejected = []
-        for i, (f16, wt, _, sat, _) in enumerate(self.buffer):
+        for i in range(k):
+            f16, wt, _, sat, _ = self.buffer[i]
+            if consume:     # finish_bootstrap: each buffered frame goes once added (the session's memory peak)
+                self.buffer[i] = None
             rejected.append(4 * int(bads[i].sum()))
             self._accumulate_cells(lums[i], np.isfinite(lums[i]) & ~bads[i], wt, lsum, lw, sq, count)
             self._accumulate_pixels(lambda c: f16[c], bads[i], wt, sat, sums, wsum)

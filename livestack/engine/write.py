@@ -111,6 +111,38 @@ def write_fits_blocks(path: Path, shape: tuple[int, ...], blocks, header: dict, 
     atomic_write_with(path, writer)
 
 
+def write_fits_rows(path: Path, shape: tuple[int, int, int], rows, header: dict) -> None:
+    """Write a (C, H, W) float32 image from ``rows``, an iterable of (r0, (C, n, W) float32 block) covering every
+    row once, in any order: each block's channels are written at their places in the file (the data unit is
+    channel by channel), so a block computed for all channels at once — a composite — is computed once, not
+    once per channel.  Atomic like the other writers."""
+    from astropy.io import fits
+
+    c, h, w = (int(v) for v in shape)
+    full = fits.Header()
+    full["SIMPLE"], full["BITPIX"], full["NAXIS"] = True, -32, 3
+    full["NAXIS1"], full["NAXIS2"], full["NAXIS3"] = w, h, c
+    full.extend(_fits_header(header), unique=True)
+    head = full.tostring().encode("ascii")
+    size = c * h * w * 4
+
+    def writer(tmp: Path) -> None:
+        done = 0
+        with open(tmp, "wb") as f:
+            f.write(head)
+            f.truncate(len(head) + size + (-size % 2880))     # zero padding included
+            for r0, block in rows:
+                n = block.shape[1]
+                for ch in range(c):
+                    f.seek(len(head) + ((ch * h + r0) * w) * 4)
+                    f.write(np.ascontiguousarray(block[ch], dtype=">f4").tobytes())
+                done += n
+        if done != h:
+            raise ValueError(f"{Path(path).name}: {done} rows written, expected {h}")
+
+    atomic_write_with(path, writer)
+
+
 def write_fits(path: Path, image: np.ndarray, header: dict, *, weight: np.ndarray | None = None) -> None:
     """Write a float32 (3, H, W) colour or (H, W) mono image (a (1, H, W) one is written as (H, W))."""
     data = image[0] if image.ndim == 3 and image.shape[0] == 1 else image
