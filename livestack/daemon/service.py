@@ -328,14 +328,19 @@ class Service:
         self.folder.save_checkpoint(self.engine, len(self.records), self._engine_excluded)
         self._last_ckpt = time.monotonic()
         self._since_ckpt, self._ckpt_cost = 0, self._last_ckpt - t0
+        log.info("checkpoint of %d frames: %.0f MB in %.1f s", len(self.records),
+                 self.folder.checkpoint.stat().st_size / 2 ** 20, self._ckpt_cost)
 
     def _write_fits(self) -> None:
+        t0 = time.monotonic()
         self.engine.write_stack(self.out / "stack.fits", compose=self.compose)
+        log.info("stack files written in %.1f s", time.monotonic() - t0)
         self._fits_dirty = 0
         self._last_fits = time.monotonic()
 
     def _render_preview(self) -> None:
         self._preview_dirty, self._last_preview = False, time.monotonic()
+        t0 = self._last_preview
         if not self.engine.has_stack:
             self._preview = None
             return
@@ -346,6 +351,7 @@ class Service:
         self._preview = enc.tobytes()
         self._preview_id += 1
         atomic_write_bytes(self.out / "preview.jpg", self._preview)
+        log.debug("preview drawn in %.2f s", time.monotonic() - t0)
 
     # ------------------------------------------------------------------ commands (run by the worker)
 

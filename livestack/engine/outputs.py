@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from .. import __version__
@@ -26,6 +27,8 @@ from .stretch import StretchParams, auto_stretch
 from .write import fsync_dir, write_fits_blocks, write_fits_rows, write_jpeg
 
 ROWS = 256    # rows per block when streaming a composite
+PLAN_SIZE = 800   # px, long side of the copies the composite's mapping is measured on: its statistics need no
+                  # more, and measuring 7 filters at 1600 px took 1.45 s, at 800 px 0.39 s (after every frame)
 # Dual-band filters for colour cameras (letters and digits only, any case): with palette "auto" a colour stack
 # behind one of them is shown as HOO.
 DUAL_BAND = ("haoiii", "dualband", "duoband", "lextreme", "lenhance", "lultimate", "alpt", "nbz", "cbp")
@@ -112,7 +115,7 @@ def plan(engine, params: comp.ComposeParams, max_size: int = 1600):
     if cached is not None and cached[0] == key:
         return cached[1]
     reduced = engine.reduced(max_size)
-    p = comp.plan_composite({fs.label: reduced[fs.key][0] for fs in stacks}, params,
+    p = comp.plan_composite({fs.label: _at_most(reduced[fs.key][0], PLAN_SIZE) for fs in stacks}, params,
                             full_shape=engine.grid.shape)
     engine._plan = (key, p)
     return p
@@ -216,6 +219,16 @@ def full_image(engine, params: comp.ComposeParams) -> tuple[np.ndarray, np.ndarr
     cov = np.isfinite(out).all(axis=0).astype(np.float32)
     np.nan_to_num(out, copy=False)
     return out, cov
+
+
+def _at_most(img: np.ndarray, size: int) -> np.ndarray:
+    """(C, h, w) -> area-averaged to at most ``size`` px on the long side (NaN spreads to the cells it is in)."""
+    c, h, w = img.shape
+    f = max(h, w) / size
+    if f <= 1:
+        return img
+    dsize = (max(1, round(w / f)), max(1, round(h / f)))
+    return np.stack([cv2.resize(img[i], dsize, interpolation=cv2.INTER_AREA) for i in range(c)])
 
 
 def _no_balance(p: StretchParams) -> StretchParams:
