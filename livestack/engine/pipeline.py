@@ -143,6 +143,7 @@ class Engine:
             rec.status, rec.reason = "failed", err.reason
             self.failed += 1
             log.warning("failed %s", err)
+        self._finish_bootstraps()
         self._trim()
         rec.seconds = round(time.perf_counter() - t0, 4)
         return rec
@@ -255,17 +256,21 @@ class Engine:
                 return warp(img[c][None], matrix, grid.shape, interpolation=interp, out=one[None])[0]
         rec.rejected_pixels = fs.stack.add_channels(cells, channel, weight, noise_n, saturated=sat)
         self._lap("warp+stack")
-        if fs.stack.bootstrap_full:
-            # Once per filter: the buffered first frames become the accumulators.  The work buffers, and the
-            # pages of the other filters' spilled stacks, are given back first so that they, the buffer and the
-            # new accumulators never coexist.
-            self._ws.clear()
-            self._trim(keep=fs.key, budget=0)
-            fs.stack.finish_bootstrap()
-            self._lap("bootstrap")
-
         fs.accept(q, m)
         self.last_matrix = matrix
+
+    def _finish_bootstraps(self) -> None:
+        """Once per filter, after the frame that filled its bootstrap buffer (and after _process has returned,
+        so that its locals no longer hold the work planes): the buffered first frames become the accumulators.
+        The work buffers, and the pages of the other filters' spilled stacks, are given back first so that
+        they, the buffer and the new accumulators never coexist (a 24 MP colour frame's planes are ~430 MB)."""
+        for fs in self.stacks:
+            if fs.stack.bootstrap_full:
+                self._t = time.perf_counter()
+                self._ws.clear()
+                self._trim(keep=fs.key, budget=0)
+                fs.stack.finish_bootstrap()
+                self._lap("bootstrap")
 
     def _reject(self, rec: FrameRecord, fs: FilterStack, reason: str) -> None:
         rec.status, rec.reason = "rejected", reason
