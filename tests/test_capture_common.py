@@ -245,3 +245,35 @@ def test_plan_refuses_nonsense():
 ])
 def test_file_type_comes_from_the_bytes(head, camera_ext, want):
     assert sniff_extension(head + b"\x00" * 64, camera_ext) == want
+
+
+def test_a_filter_wheel_night_gets_each_filter_its_own_flat(tmp_path):
+    """The sim driver turns a wheel (L, Ha: Ha 3× longer); flats through each filter become one master flat per
+    filter, and `livestack stack` calibrates every light with its own filter's flat and says so."""
+    calib, lights = tmp_path / "calib", tmp_path / "lights"
+    common = ("--mono", "--width", "640", "--height", "480", "-q")
+    for kind, exposure, extra in (("bias", "0", ()), ("dark", "60", ()), ("dark", "180", ()),
+                                  ("flat", "1", ("--filters", "L,Ha")), ("darkflat", "1", ())):
+        r = run("-m", "drivers.capture.sim", exposure, "--type", kind, "--count", "4", *common, *extra,
+                "-o", str(calib))
+        assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (calib / "flats").iterdir()) == [
+        "flat_0000_1s_L.fits", "flat_0001_1s_Ha.fits", "flat_0002_1s_L.fits", "flat_0003_1s_Ha.fits"]
+    r = run("-m", "livestack.cli", "masters", str(calib), "-o", str(tmp_path / "lib"), "-q")
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run("-m", "drivers.capture.sim", "60", "--count", "4", "--filters", "L,Ha", *common, "-o", str(lights))
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in lights.iterdir()) == [
+        "light_0000_60s_L.fits", "light_0001_180s_Ha.fits", "light_0002_60s_L.fits", "light_0003_180s_Ha.fits"]
+    r = run("-m", "livestack.cli", "stack", str(lights), "-o", str(tmp_path / "out"), "--masters",
+            str(tmp_path / "lib"), "-q")
+    assert r.returncode == 0, r.stdout + r.stderr
+    import json
+
+    recs = [json.loads(line) for line in (tmp_path / "out" / "frames.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in recs] == ["reference", "stacked", "stacked", "stacked"], [r["reason"] for r in recs]
+    for rec in recs:
+        flat = rec["calibration"]["flat"]
+        assert f"_{rec['filter']}_" in flat, (rec["file"], flat)
+        assert rec["calibration"]["dark"].startswith("dark_180s" if rec["filter"] == "Ha" else "dark_60s")
+    assert (tmp_path / "out" / "stack_L.fits").exists() and (tmp_path / "out" / "stack_Ha.fits").exists()

@@ -42,8 +42,14 @@ def capture(plan: CapturePlan, base: SimConfig | None = None, stop: Stop | None 
     ext = ".dng" if cfg.fmt == "dng" else ".fits"
 
     def take(index: int) -> Path:
-        raw, meta = render_frame(cfg, index, kind=plan.kind, exptime=plan.exposure)
-        path = plan.folder / frame_name(plan.kind, index, plan.exposure, ext, filter=cfg.filter_name)
+        # a filter wheel: the frame's filter, and the narrowband ones 3× longer unless --filter-exptime says
+        wheel = plan.kind in ("light", "flat") and bool(cfg.filters)
+        t = cfg.filter_exptime_of(cfg.filter_at(index)) if wheel and plan.kind == "light" else plan.exposure
+        raw, meta = render_frame(cfg, index, kind=plan.kind, exptime=t)
+        name = cfg.filter_at(index) if wheel else cfg.filter_name
+        if wheel:
+            meta["filter"] = name    # flats through the wheel too (FILTER: the masters library groups by it)
+        path = plan.folder / frame_name(plan.kind, index, t, ext, filter=name)
         (write_dng if cfg.fmt == "dng" else write_fits)(path, raw, meta, cfg)  # atomic: temp + fsync + rename
         return path
 
@@ -60,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rotation-deg", type=float, default=0.0, help="field rotation per frame (alt-az)")
     p.add_argument("--dither-px", type=float, default=0.0)
     p.add_argument("--defects", default="", help="NAME:FRAME,… (cloudy, wind, satellite, cosmic)")
+    p.add_argument("--filters", default="", help="a filter wheel cycled frame by frame, e.g. L,R,G,B or "
+                                                  "Ha,OIII,SII (narrowband exposures 3× EXPOSURE)")
 
 
 def run(args) -> int:
@@ -69,7 +77,8 @@ def run(args) -> int:
     try:
         base = SimConfig(width=args.width, height=args.height, fmt=args.format, mono=args.mono, seed=args.seed,
                          rotation_deg=args.rotation_deg, dither_px=args.dither_px,
-                         defects=parse_defects(args.defects))
+                         defects=parse_defects(args.defects),
+                         filters=tuple(f.strip() for f in args.filters.split(",") if f.strip()))
     except ValueError as err:
         print(f"capture sim: {err}", file=sys.stderr)
         return 2
