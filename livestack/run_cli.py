@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 import signal
 import sys
 import threading
@@ -13,6 +14,31 @@ from .daemon.config import shell_sections
 from .session import SessionError, SessionFolder
 
 log = logging.getLogger("livestack")
+
+# What would break a journal line: C0 controls (a newline in a file name), DEL, C1 controls, Unicode line breaks.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """``text`` with its control characters escaped as repr() writes them (\\n, \\x1b, …), the rest kept."""
+    return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+class OneLineFormatter(logging.Formatter):
+    """Wraps a handler's formatter: each record's message is one line whatever the file names in it say; a
+    traceback, if any, still follows on its own lines."""
+
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg, args = record.msg, record.args
+        record.msg, record.args = one_line(record.getMessage()), None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.msg, record.args = msg, args
 
 
 def register_commands(sub, engine_opts) -> None:
@@ -54,6 +80,9 @@ def cmd_run(args, cfg: Config) -> int:
         return 2
     if not args.quiet:
         log.setLevel(logging.INFO)
+    for h in logging.getLogger().handlers:          # the journal: one line per record
+        if not isinstance(h.formatter, OneLineFormatter):
+            h.setFormatter(OneLineFormatter(h.formatter))
     from .masters_cli import load_masters
 
     try:
@@ -91,7 +120,9 @@ def cmd_run(args, cfg: Config) -> int:
         log.warning("livestack: %s received: finishing the current frame", signal.Signals(signum).name)
         stop.set()
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # SIGHUP (the terminal or ssh session closed) stops cleanly like SIGTERM, instead of killing the process
+    # mid-frame; there is no reload: a changed config would not match the checkpoint's stack.
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     web_thread = None
     if app is not None:
         web_thread = serve_in_thread(app)

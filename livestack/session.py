@@ -3,7 +3,9 @@ for the daemon the checkpoint, exclusions and archived sessions (layout below)."
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
+import logging
 import os
 import shutil
 import zipfile
@@ -16,6 +18,8 @@ from .engine.frame import FrameRecord
 from .engine.write import atomic_write_bytes, atomic_write_with, fsync_dir
 
 FRAMES_LOG = "frames.jsonl"
+
+log = logging.getLogger("livestack")
 
 
 class FramesLog:
@@ -73,8 +77,9 @@ def read_frames_log(path: Path | str) -> list[dict]:
 #   out/frames.jsonl                  one record per frame, processing order (the daemon adds "path": the file
 #                                     relative to the watched folder)
 #   out/session/checkpoint.npz        Engine.state() (save_engine) plus a member "daemon" (JSON: how many frames.jsonl
-#                                     lines the state covers, the exclusions it was built with).  One file,
-#                                     renamed into place: the state and its line count can never disagree.
+#                                     lines the state covers and their sha256, the exclusions it was built with).
+#                                     One file, renamed into place: the state and its lines can never disagree,
+#                                     and a line changed since (a bad sector) is seen, not miscounted.
 #   out/session/excluded.json         files the user excluded (user intent; survives restarts)
 #   out/session/ignore.json           files already present when "new stack" was pressed (not this session)
 #   out/archive/<UTC time>/           earlier sessions (--new-session, the page's "new stack")
@@ -85,6 +90,49 @@ SESSION_DIR = "session"
 CHECKPOINT = "checkpoint.npz"
 ARCHIVE_DIR = "archive"
 STAGING_DIR = ".new-session"     # a "new stack" being set up; promoted by recover()
+
+
+def _utc_stamp() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+
+
+def set_aside(path: Path, why: str, then: str = "", *, quiet: bool = False) -> Path:
+    """Move an unusable session file (or directory) out of the way as <name>.corrupt-<UTC time>, kept for a
+    look, with one log line unless ``quiet`` (``why``; ``then``: what was done instead): a start must not fail
+    on it in a systemd restart loop.  Returns where it went."""
+    dest = path.with_name(f"{path.name}.corrupt-{_utc_stamp()}")
+    n = 1
+    while dest.exists():
+        dest, n = path.with_name(f"{path.name}.corrupt-{_utc_stamp()}-{n}"), n + 1
+    os.replace(path, dest)
+    if not quiet:
+        log.warning("livestack: %s: %s; moved aside to %s%s", path.name, why, dest.name, f"; {then}" if then else "")
+    return dest
+
+
+def _complete_lines(path: Path) -> list[bytes]:
+    """frames.jsonl's complete lines, as bytes (a torn last line is left out)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    return [line + b"\n" for line in data.split(b"\n")[:-1]]     # by b"\n" alone: a garbled \r splits nothing
+
+
+def _digest(lines: list[bytes]) -> str:
+    h = hashlib.sha256()
+    for line in lines:
+        h.update(line)
+    return h.hexdigest()
+
+
+def _parse(line: bytes) -> dict | None:
+    """One frames.jsonl record, None when the line is not one (garbled)."""
+    try:
+        d = json.loads(line.decode("utf-8"))
+    except ValueError:            # JSONDecodeError and UnicodeDecodeError
+        return None
+    return d if isinstance(d, dict) and isinstance(d.get("file"), str) else None
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -133,8 +181,11 @@ def load_engine(path: Path | str, cfg, *, masters=None, spill_dir: Path | None =
         with np.load(path) as z:
             meta = json.loads(bytes(z["meta"]).decode())
             info = json.loads(bytes(z["daemon"]).decode()) if "daemon" in z.files else {}
+            if not isinstance(info, dict):
+                raise ValueError("member 'daemon' is not a JSON object")
             engine = Engine.from_state(meta, z, cfg, masters=masters, spill_dir=spill_dir)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, TypeError, IndexError,
+            AttributeError) as err:   # bytes from disk: whatever they break, restacking is the safe answer
         raise SessionError(f"{path.name}: unusable checkpoint ({type(err).__name__}: {err})") from err
     return engine, info
 
@@ -179,15 +230,41 @@ class SessionFolder:
 
     # ---- small persistent lists
     def _read_list(self, path: Path) -> list[str]:
+        data, why = self._load_list(path)
+        if why is not None:
+            raise SessionError(f"{path}: {why}")
+        return data
+
+    @staticmethod
+    def _load_list(path: Path) -> tuple[list[str], str | None]:
+        """(names, None), or ([], why it cannot be used)."""
         if not path.exists():
-            return []
+            return [], None
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
-            raise SessionError(f"{path}: unreadable ({err})") from err
+            return [], f"unreadable ({err})"
         if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise SessionError(f"{path}: expected a JSON list of file names")
-        return data
+            return [], "expected a JSON list of file names"
+        return data, None
+
+    def _repair(self, records: list[dict]) -> None:
+        """At start: an excluded.json, ignore.json or inflight.json that cannot be read (a power cut on a
+        filesystem without ordered writes, an edit by hand) is moved aside instead of stopping every start.
+        The exclusions come back from frames.jsonl (its frames recorded "excluded"), so the checkpoint built
+        with them stays valid; lost "new stack" ignores cannot be known, and a lost in-flight count costs at
+        most a few more attempts on a file that crashes the worker."""
+        _, why = self._load_list(self.excluded_file)
+        if why is not None:
+            back = {d.get("path") or d["file"] for d in records if d.get("status") == "excluded"}
+            set_aside(self.excluded_file, why, f"{len(back)} exclusion{'s' * (len(back) != 1)} recovered from "
+                                               f"{FRAMES_LOG}")
+            self.set_excluded(back)
+        _, why = self._load_list(self.ignore_file)
+        if why is not None:
+            set_aside(self.ignore_file, why, "files from before the last new stack may be stacked again")
+        if (self.inflight_file.exists() or self.inflight_file.is_symlink()) and self._read_inflight() is None:
+            set_aside(self.inflight_file, "unreadable")
 
     def excluded(self) -> set[str]:
         return set(self._read_list(self.excluded_file))
@@ -251,8 +328,14 @@ class SessionFolder:
 
     # ---- checkpoint / resume
     def save_checkpoint(self, engine, lines: int, excluded: set[str]) -> None:
-        info = {"version": 1, "lines": lines, "excluded": sorted(excluded),
+        """Checkpoint ``engine``, whose state includes the first ``lines`` lines of frames.jsonl: their sha256 is
+        stored too, so that resume() matches the lines themselves, not their count — a line garbled later (it
+        would be skipped, shifting the count) cannot make a frame count twice and another never."""
+        info = {"version": 2, "lines": lines, "excluded": sorted(excluded),
                 "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+        covered = _complete_lines(self.frames)[:lines]
+        if len(covered) == lines:
+            info["sha256"] = _digest(covered)
         save_engine(engine, self.checkpoint, info)
 
     def new_engine(self, cfg, *, masters=None):
@@ -263,35 +346,62 @@ class SessionFolder:
 
     def resume(self, cfg, *, masters=None) -> Resumed:
         """Open (or create) the session: the checkpoint is the truth for the stack; frames.jsonl lines after it
-        are dropped (atomically) so that their files are processed again — nothing counted twice or skipped."""
+        are dropped (atomically) so that their files are processed again — nothing counted twice or skipped.
+        The checkpoint is used only when the lines it covers are still there, unchanged and readable; else
+        (and when it is unusable) everything is restacked from the capture folder.  A garbled line after it is
+        dropped: its file, no longer in the session, is found and stacked again."""
         self.recover()
         self.out.mkdir(parents=True, exist_ok=True)
         FramesLog(self.frames)  # repairs a torn last line
-        records = read_frames_log(self.frames)
+        lines = _complete_lines(self.frames)
+        parsed = [_parse(x) for x in lines]
+        records = [d for d in parsed if d is not None]
+        garbled = [i + 1 for i, d in enumerate(parsed) if d is None]      # line numbers, from 1
+        self._repair(records)
         excluded = self.excluded()
         engine, covered, note = None, 0, "new session"
-        if self.checkpoint.exists():
+        if self.checkpoint.exists() and not self.checkpoint.is_file():
+            dest = set_aside(self.checkpoint, "", quiet=True)     # a directory: the next one could not replace it
+            note = (f"{self.checkpoint.name}: unusable checkpoint (not a file; moved aside to {dest.name}); "
+                    f"restacking all {len(records)} frames")
+        elif self.checkpoint.exists():
             try:
                 engine, info = load_checkpoint(self.checkpoint, cfg, masters=masters, spill_dir=self.dir)
             except SessionError as err:
                 note = f"{err}; restacking all {len(records)} frames"
             else:
-                if sorted(info.get("excluded", [])) != sorted(excluded):
+                n = info.get("lines")
+                bad = [i for i in garbled if i <= (n if isinstance(n, int) else 0)]
+                unreadable = f" (line {', '.join(map(str, bad))} unreadable)" if bad else ""
+                if not isinstance(n, int) or n < 0:
+                    engine, note = None, f"{self.checkpoint.name}: unusable checkpoint (no line count); restacking"
+                elif sorted(info.get("excluded", [])) != sorted(excluded):
                     engine, note = None, f"{self.checkpoint.name}: built before the last exclusion; restacking"
-                elif info["lines"] > len(records):
+                elif n > len(lines):
                     engine = None
-                    note = (f"{self.checkpoint.name}: covers {info['lines']} frames but {self.frames.name} has "
-                            f"{len(records)}; restacking")
+                    note = (f"{self.checkpoint.name}: covers {n} frames but {self.frames.name} has "
+                            f"{len(lines)}; restacking")
+                elif ("sha256" in info and _digest(lines[:n]) != info["sha256"]) or bad:
+                    engine = None
+                    note = (f"{self.frames.name}: the {n} lines {self.checkpoint.name} covers are not as it saw "
+                            f"them{unreadable}; restacking all {len(records)} frames")
                 else:
-                    covered = int(info["lines"])
+                    covered = n
                     note = f"resumed {covered} frames from {self.checkpoint.name}"
         elif records:
             note = f"no checkpoint; restacking {len(records)} frames of {self.frames.name}"
         if engine is None:
+            covered = 0
             engine = self.new_engine(cfg, masters=masters)
-        kept, dropped = records[:covered], records[covered:]
-        if dropped:
+        kept = parsed[:covered]
+        dropped = [d for d in parsed[covered:] if d is not None]
+        later = [i for i in garbled if i > covered]
+        if dropped or later:
             rewrite_frames_log(self.frames, kept)
+        if later and covered:
+            note += (f"; {self.frames.name} line {', '.join(map(str, later))} unreadable: dropped "
+                     f"(its file is stacked again)")
+        if dropped:
             note += f"; {len(dropped)} frames after the checkpoint queued again"
         return Resumed(engine, kept, dropped, note)
 

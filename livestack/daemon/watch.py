@@ -3,7 +3,8 @@
 A file is handed on only when it is *complete*: its size and mtime have not changed for ``settle_s`` and, for
 the formats whose layout says how long they must be (FITS, TIFF-based RAWs such as DNG/NEF/CR2/ARW), it is at
 least that long.  Written-then-renamed files are complete at once; files written slowly in chunks wait.  A file
-still incomplete ``timeout_s`` after it appeared is handed on with a reason, and the worker records it failed.
+still incomplete — or still growing — ``timeout_s`` after it appeared is handed on with a reason, and the worker
+records it failed.  So is a symbolic link leading out of the folder, unless ``follow_symlinks``.
 
 The watcher never opens pixel data and never waits on the worker: it only stats files and reads headers.
 """
@@ -224,6 +225,21 @@ class Watcher:
             return None
         return rel.as_posix()
 
+    def _link_out(self, path: Path) -> str | None:
+        """Why ``path`` must not be read because a symbolic link on it leads out of the watched folder (or into
+        the session folder, whatever the setting), or None."""
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError):     # a link loop
+            return "a symbolic link that cannot be resolved; not read"
+        if real == path:
+            return None
+        if any(real.is_relative_to(e) for e in self._exclude):
+            return "a symbolic link into the session folder; not read"
+        if not self.p.follow_symlinks and not real.is_relative_to(self.root):
+            return "a symbolic link out of the watch folder; not read ([watch] follow_symlinks = false)"
+        return None
+
     def _scan(self) -> None:
         if self.p.recursive:
             for d, dirs, files in os.walk(self.root):
@@ -266,8 +282,16 @@ class Watcher:
                 continue
             except OSError:
                 continue
+            escape = self._link_out(path)
+            if escape is not None:
+                ready.append(Ready(path, rel, escape))
+                continue
             if (s.st_size, s.st_mtime_ns) != (st.size, st.mtime_ns):
+                growing = st.size >= 0
                 st.size, st.mtime_ns, st.changed = s.st_size, s.st_mtime_ns, now
+                if growing and now - st.first >= self.p.timeout_s:    # a writer that never stops
+                    ready.append(Ready(path, rel, f"still incomplete after {self.p.timeout_s:g} s: still being "
+                                                  f"written ({s.st_size} bytes so far)"))
                 continue
             if now - st.changed < self.p.settle_s:
                 continue

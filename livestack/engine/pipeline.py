@@ -157,7 +157,7 @@ class Engine:
         cfg = self.cfg
         self.timings: dict[str, float] = {}   # seconds per stage of the last frame (benchmarks read it)
         self._t = time.perf_counter()
-        frame = read_frame(path, out=self._ws.get("cfa"))
+        frame = read_frame(path, out=self._ws.get("cfa"), max_megapixels=cfg.engine.max_megapixels)
         if frame.meta.kind == "raw":
             self._ws["cfa"] = frame.data      # decoded into by the next frame of this size
         self._lap("read")

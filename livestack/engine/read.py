@@ -6,7 +6,10 @@ Never ``postprocess()``: it is non-linear.  The CFA mosaic is taken as LibRaw de
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import os
 import re
+import threading
 import warnings
 from pathlib import Path
 
@@ -19,6 +22,8 @@ RAW_SUFFIXES = frozenset(
     ".mrw .raw .rwl .iiq .fff".split()
 )
 FITS_SUFFIXES = frozenset(".fits .fit .fts .fits.fz .fit.fz .fz".split())
+
+log = logging.getLogger("livestack")
 
 
 def suffix_of(path: Path) -> str:
@@ -34,34 +39,85 @@ def is_supported(path: Path) -> bool:
     return s in RAW_SUFFIXES or s in FITS_SUFFIXES
 
 
-def read_frame(path: Path | str, *, out: np.ndarray | None = None) -> Frame:
+def read_frame(path: Path | str, *, out: np.ndarray | None = None, max_megapixels: float | None = None) -> Frame:
     """Read one RAW or FITS file.
 
     Returns a Frame with float32 (H, W) data, written into ``out`` when it is a float32 array of the right
     shape (a live stacker reads frame after frame of one size: a warm buffer saves the page faults of a new
     96 MB plane at 24 MP).  Raises FrameError (one line: file + reason) for anything that
-    is not a readable single image: missing, empty, truncated, corrupt, not an image, unsupported layout.
+    is not a readable single image: missing, empty, truncated, corrupt, not an image, unsupported layout —
+    and for an image larger than ``max_megapixels`` (None: default_max_megapixels()), refused from its header
+    before any pixel is read or decompressed (a 20 GB sparse FITS, a 256 KB .fits.fz of 16000 × 16000).
     """
     path = Path(path)
     if not path.exists():
         raise FrameError(path, "file not found")
     if path.stat().st_size == 0:
         raise FrameError(path, "empty file (0 bytes)")
+    limit = _Limit(max_megapixels)
     s = suffix_of(path)
     if s in FITS_SUFFIXES:
-        return _read_fits(path)
+        return _read_fits(path, limit)
     if s in RAW_SUFFIXES:
-        return _read_raw(path, out)
+        return _read_raw(path, out, limit)
     raise FrameError(path, f"unsupported file type '{s or path.name}' (expected a camera RAW or FITS file)")
+
+
+# ---------------------------------------------------------------- the size limit
+
+def default_max_megapixels() -> int:
+    """The largest frame, in megapixels, read by default: this machine's memory (the smaller of the RAM and the
+    cgroup's memory.max, e.g. systemd's MemoryMax=) / 16 bytes a pixel / 4, and at least 50 MP.  A frame costs
+    ~16 bytes a pixel on its way through the pipeline (float32 CFA, RGB planes, warped planes) and the stacks
+    are as large again: the frame may take at most a quarter of the memory.  A 4 GB Pi: 62 MP; MemoryMax=2800M:
+    50 MP; 16 GB: 250 MP — above every camera sensor (the largest are ~150 MP)."""
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    cg = _cgroup_memory_max()
+    if cg is not None:
+        mem = min(mem, cg)
+    return max(50, int(mem / 16 / 4 / 1e6))
+
+
+def _cgroup_memory_max() -> int | None:
+    """memory.max of this process's cgroup (v2), None when there is none or it is unlimited."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            rel = next((ln.strip()[3:] for ln in f if ln.startswith("0::")), None)
+        if rel is None:
+            return None
+        with open(f"/sys/fs/cgroup{rel.rstrip('/')}/memory.max") as f:
+            v = f.read().strip()
+        return int(v) if v.isdigit() else None
+    except (OSError, ValueError):
+        return None
+
+
+class _Limit:
+    """The pixel limit of one read: checks a size from a header, refuses with one line naming the file."""
+
+    def __init__(self, max_megapixels: float | None):
+        self.configured = max_megapixels is not None
+        self.mp = float(max_megapixels) if max_megapixels is not None else float(default_max_megapixels())
+
+    def check(self, path: Path, width: int, height: int, planes: int = 1) -> None:
+        n = width * height * planes
+        if n <= self.mp * 1e6:
+            return
+        where = "[engine] max_megapixels" if self.configured else \
+            "from this machine's memory; [engine] max_megapixels sets it"
+        size = f"{width}×{height}" + (f"×{planes}" if planes > 1 else "")
+        raise FrameError(path, f"{size} pixels ({n / 1e6:.0f} MP) is above the limit of {self.mp:g} MP "
+                               f"({where}); refused before reading")
 
 
 # ---------------------------------------------------------------- RAW
 
-def _read_raw(path: Path, out: np.ndarray | None = None) -> Frame:
+def _read_raw(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
     import rawpy
 
     try:
-        with rawpy.imread(str(path)) as raw:
+        with rawpy.imread(str(path)) as raw:        # parses the header only: unpack() comes with raw_image*
+            limit.check(path, raw.sizes.raw_width, raw.sizes.raw_height)
             if raw.raw_type != rawpy.RawType.Flat:
                 raise FrameError(path, "not a single-mosaic RAW (LibRaw reports a stacked/linear layout)")
             visible = raw.raw_image_visible              # a view: it dies with `raw`, so copy once
@@ -78,7 +134,7 @@ def _read_raw(path: Path, out: np.ndarray | None = None) -> Frame:
     except FrameError:
         raise
     except rawpy.LibRawError as err:  # LibRawFileUnsupportedError, LibRawIOError, LibRawDataError, …
-        raise FrameError(path, f"unreadable RAW ({type(err).__name__}: {err})") from err
+        raise FrameError(path, f"unreadable RAW ({type(err).__name__}: {_libraw_text(err)})") from err
     except (OSError, ValueError) as err:
         raise FrameError(path, f"unreadable RAW ({err})") from err
     if data.ndim != 2 or min(data.shape) < 16:
@@ -86,6 +142,12 @@ def _read_raw(path: Path, out: np.ndarray | None = None) -> Frame:
     meta = _exif_meta(path)
     meta.kind = "raw"
     return Frame(path, data, pattern, black, white, _saturated(data, white), meta)
+
+
+def _libraw_text(err: Exception) -> str:
+    """LibRaw's message as text: rawpy passes it as bytes (str() would show b'…')."""
+    msg = err.args[0] if len(err.args) == 1 else str(err)
+    return msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
 
 
 def _pattern_from_colors(colors: np.ndarray, desc: str) -> str | None:
@@ -112,16 +174,40 @@ def _black_2x2(raw, colors: np.ndarray) -> np.ndarray:
     return black
 
 
+class _ExifLog(logging.Filter):
+    """exifread logs its complaints ("File format not recognized.") at WARNING and without the file's name.
+    EXIF is optional and LibRaw reports a file that is really bad: while _exif_meta reads a file (in this
+    thread), its complaints are logged again at DEBUG, naming the file."""
+
+    reading = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        path = getattr(self.reading, "path", None)
+        if path is None:
+            return True
+        log.debug("%s: EXIF not read (%s)", path.name, record.getMessage())
+        return False
+
+
+_EXIF_LOG = _ExifLog()
+
+
 def _exif_meta(path: Path) -> FrameMeta:
     import exifread
 
+    xlog = logging.getLogger("exifread")
+    if _EXIF_LOG not in xlog.filters:
+        xlog.addFilter(_EXIF_LOG)
     meta = FrameMeta()
+    _ExifLog.reading.path = path
     try:
         with open(path, "rb") as f, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             tags = exifread.process_file(f, details=False)
     except Exception:  # exifread raises assorted errors on odd makernotes; EXIF is optional
         return meta
+    finally:
+        _ExifLog.reading.path = None
 
     def tag(*names):
         for n in names:
@@ -176,16 +262,18 @@ _IMAGETYP = {
 }
 
 
-def _read_fits(path: Path) -> Frame:
+def _read_fits(path: Path, limit: _Limit) -> Frame:
     from astropy.io import fits
 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # astropy warns about non-standard cards from capture software
             with fits.open(path, memmap=False) as hdul:
-                hdu = next((h for h in hdul if h.data is not None and getattr(h.data, "ndim", 0) >= 2), None)
+                hdu = next((h for h in hdul if len(_fits_shape(h)) >= 2), None)
                 if hdu is None:
                     raise FrameError(path, "FITS file has no image data")
+                shape = _fits_shape(hdu)     # from the header: hdu.data reads (or decompresses) every pixel
+                limit.check(path, shape[-1], shape[-2], int(np.prod(shape[:-2], dtype=np.int64)))
                 header = hdu.header.copy()
                 if hdu is not hdul[0]:
                     for k, v in hdul[0].header.items():  # primary keys fill in what the image HDU lacks
@@ -253,6 +341,19 @@ def _read_fits(path: Path) -> Frame:
         black_val = -ped if ped is not None and ped < 0 else 0.0
     black = np.full((2, 2), black_val, np.float32)
     return Frame(path, data, pattern, black, white, _saturated(data, white), meta)
+
+
+def _fits_shape(hdu) -> tuple[int, ...]:
+    """(…, H, W) of an image HDU from its header alone (a tile-compressed one: the image's, not its table's);
+    () for a table or an HDU without pixels."""
+    if not hdu.is_image:
+        return ()
+    h = hdu.header
+    try:
+        shape = tuple(int(h.get(f"NAXIS{i}", 0)) for i in range(int(h.get("NAXIS", 0)), 0, -1))
+    except (TypeError, ValueError):
+        return ()
+    return shape if shape and min(shape) > 0 else ()
 
 
 def _fits_pattern(header, path: Path) -> str | None:

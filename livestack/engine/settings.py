@@ -19,6 +19,8 @@ class EngineParams:
     interpolation: str = "bilinear"  # warp: "bilinear" | "bicubic" | "lanczos" (sharper, slower)
     sharpness_weight: float = 0.0    # weight × (reference FWHM / frame FWHM) ** this (0 = noise only)
     seed: int = 0                    # RANSAC random generator
+    max_megapixels: float | None = None  # larger frames are refused from their header, before reading (None:
+                                     #     from the machine's memory, read.default_max_megapixels())
 
     def __post_init__(self):
         if self.debayer not in ("bilinear", "superpixel"):
@@ -27,6 +29,8 @@ class EngineParams:
             raise ValueError(f"engine.interpolation = {self.interpolation!r}: must be bilinear, bicubic or lanczos")
         if not 0 <= self.sharpness_weight <= 4:
             raise ValueError(f"engine.sharpness_weight = {self.sharpness_weight}: must be in [0, 4]")
+        if self.max_megapixels is not None and not self.max_megapixels > 0:
+            raise ValueError(f"engine.max_megapixels = {self.max_megapixels}: must be positive")
 
 
 @dataclass(frozen=True, slots=True)
