@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine.frame import FrameRecord
-from .engine.write import atomic_write_bytes, atomic_write_with, fsync_dir
+from .engine.write import atomic_write_bytes, atomic_write_with, disk_full, fsync_dir
 
 FRAMES_LOG = "frames.jsonl"
 
@@ -214,6 +214,7 @@ class Resumed:
     records: list[dict]       # frames.jsonl lines the engine state includes
     dropped: list[dict]       # lines after the checkpoint: removed from frames.jsonl, their files are queued again
     note: str                 # one line for the log: what was resumed
+    log_stale: bool = False   # frames.jsonl could not be rewritten (disk full): the caller rewrites it later
 
 
 class SessionFolder:
@@ -396,14 +397,21 @@ class SessionFolder:
         kept = parsed[:covered]
         dropped = [d for d in parsed[covered:] if d is not None]
         later = [i for i in garbled if i > covered]
+        log_stale = False
         if dropped or later:
-            rewrite_frames_log(self.frames, kept)
+            try:
+                rewrite_frames_log(self.frames, kept)
+            except OSError as err:          # a full disk must not stop the start (systemd would loop)
+                if disk_full(err, self.frames) is None:
+                    raise
+                log_stale = True
+                note += f"; {self.frames.name} not rewritten yet (disk full)"
         if later and covered:
             note += (f"; {self.frames.name} line {', '.join(map(str, later))} unreadable: dropped "
                      f"(its file is stacked again)")
         if dropped:
             note += f"; {len(dropped)} frames after the checkpoint queued again"
-        return Resumed(engine, kept, dropped, note)
+        return Resumed(engine, kept, dropped, note, log_stale)
 
     # ---- new session / archive
     def new_session(self, ignore: set[str] = frozenset()) -> Path | None:

@@ -38,10 +38,15 @@ class DaemonParams:
     checkpoint_every: int = 10      # checkpoint every this many frames …
     checkpoint_s: float = 300.0     # … or this many seconds, whichever comes first
     max_attempts: int = 3           # a file that stopped the worker this many times in a row is skipped (failed)
+    checkpoint_max_mb: float = 0.0  # cap on session/checkpoint.npz, MB (0: none); above it none is written (one
+                                    #     warning) and a crash restacks frames.jsonl. A 24 MP colour stack's is
+                                    #     ~470 MB, each further filter's as much again
 
     def __post_init__(self):
         if self.outputs_every < 1 or self.checkpoint_every < 1:
             raise ConfigError("daemon.outputs_every and daemon.checkpoint_every must be at least 1")
+        if self.checkpoint_max_mb < 0:
+            raise ConfigError(f"daemon.checkpoint_max_mb = {self.checkpoint_max_mb}: must be ≥ 0 (0: no cap)")
         if self.max_attempts < 1:
             raise ConfigError(f"daemon.max_attempts = {self.max_attempts}: must be at least 1")
         if self.outputs_s < 0 or self.preview_s < 0:
@@ -56,10 +61,17 @@ class WebParams:
     host: str = "127.0.0.1"         # "0.0.0.0" to reach the page from a phone: then set a token
     port: int = 8080
     token: str | None = None        # required on every state-changing call when set
+    allowed_hosts: tuple[str, ...] = ()   # extra Host names the page answers to (a reverse proxy's name); "*": any
+    idle_timeout_s: float = 30.0    # an idle or trickling connection is closed after this long
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"web.port = {self.port}: must be in [0, 65535]")
+        if not 0 < self.idle_timeout_s <= 3600:
+            raise ConfigError(f"web.idle_timeout_s = {self.idle_timeout_s}: must be in (0, 3600]")
+        if isinstance(self.allowed_hosts, str) or not all(isinstance(h, str) for h in self.allowed_hosts):
+            raise ConfigError(f"web.allowed_hosts = {self.allowed_hosts!r}: must be a list of host names")
+        object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))
         if self.token is not None and len(self.token) < 8:
             raise ConfigError("web.token: use at least 8 characters")
 

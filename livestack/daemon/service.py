@@ -3,12 +3,19 @@
 One worker thread owns the Engine; nothing else touches it.  The web server reads the immutable Snapshot the
 worker publishes by swapping one reference, and asks for anything else (stretch, export, exclude, new stack) by
 submitting a command that the worker runs between two frames.
+
+A full disk does not stop it: frames are stacked and recorded in memory, every write that failed for want of
+space (frames.jsonl lines, stack.fits, preview.jpg, the checkpoint) is owed and retried when the filesystem has
+room for it, and the status says `disk: {"error": "disk full: <file>, N MB needed", "since"}` until then.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime as dt
+import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -23,7 +30,8 @@ from ..engine import outputs
 from ..engine.compose import ComposeParams
 from ..engine.frame import FrameRecord
 from ..engine.pipeline import Engine
-from ..engine.write import atomic_write_bytes, encode_png16, encode_tiff16
+from ..engine.write import (DiskFull, atomic_write_bytes, disk_full, encode_png16, encode_tiff16, free_bytes, mb,
+                            remove_orphans)
 from ..session import FramesLog, Refused, SessionFolder, rewrite_frames_log
 from .config import DaemonParams, WatchParams
 from .watch import Ready, Watcher
@@ -31,6 +39,10 @@ from .watch import Ready, Watcher
 log = logging.getLogger("livestack")
 
 STACKED = ("reference", "stacked")
+DISK_RETRY_S = 300.0    # a write that failed for want of space is retried when the filesystem has the room it
+                        # needs, or after this long anyway (in case the size was misjudged): a failing 24 MP write
+                        # costs ~470 MB of card writes, not to be repeated every frame
+CATCH_UP_S = 1.0        # while idle and owing writes, look at the free space this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +72,13 @@ class Service:
         self.stretch = cfg.stretch
         self.compose = cfg.compose      # the page may change palette and weights without restacking
         self.files: queue.Queue[Ready] = queue.Queue()
-        self._commands: queue.Queue[tuple] = queue.Queue()
+        self._commands: collections.deque[tuple] = collections.deque()   # (future, method, args), under _cmd_lock
+        self._cmd_lock = threading.Lock()
+        # exclude/include: the set the accepted requests lead to, and how many are not answered yet (callers'
+        # threads and the worker, under _excl_lock)
+        self._excl_lock = threading.Lock()
+        self._wanted: set[str] = set()
+        self._excl_open = 0
         self._stopping = threading.Event()
         self._paused = False
         self._cond = threading.Condition()
@@ -87,6 +105,18 @@ class Service:
         self._last_preview = 0.0
         self._fits_dirty = 0
         self._last_fits = 0.0
+        self._restacks = 0              # restacks completed since start
+        # what is on disk: frames.jsonl holds records[:_logged] (None: to be rewritten whole, after a restack);
+        # excluded.json holds _saved_excluded; preview.jpg is older than _preview when _preview_unsaved
+        self._logged: int | None = 0
+        self._saved_excluded: set[str] = set()
+        self._preview_unsaved = False
+        self._blocked: dict[Path, tuple[DiskFull, float]] = {}   # writes owed for want of space, last attempt
+        self._disk: dict | None = None  # {"error", "since"} while any write is owed
+        self._last_catch_up = 0.0
+        self._ckpt_bytes: int | None = None   # what the checkpoint costs (its arrays), last estimate
+        self._ckpt_frames: int | None = None  # frames.jsonl lines the last checkpoint written covers
+        self._ckpt_capped = False
         self.started = _now()
 
     # ------------------------------------------------------------------ life cycle
@@ -96,10 +126,13 @@ class Service:
         Raises SessionError / FileNotFoundError with one line naming the folder."""
         if not self.watch_dir.is_dir():
             raise FileNotFoundError(f"{self.watch_dir}: watch folder does not exist")
+        self._remove_orphans()
         r = self.folder.resume(self.cfg, masters=self.masters)
         self.engine, self.records = r.engine, list(r.records)
+        self._logged = None if r.log_stale else len(self.records)   # None: frames.jsonl is rewritten whole
         self.excluded = self.folder.excluded()
-        self._engine_excluded = set(self.excluded)
+        self._engine_excluded, self._saved_excluded, self._wanted = set(self.excluded), set(self.excluded), \
+            set(self.excluded)
         self.flog = FramesLog(self.folder.frames)
         known = {d.get("path") or d["file"] for d in self.records} | self.folder.ignored()
         poison = self.folder.inflight()
@@ -124,6 +157,20 @@ class Service:
         self.watcher.start()
         log.warning("livestack: %s; watching %s, session %s", r.note, self.watch_dir, self.out)
         return r.note
+
+    def _remove_orphans(self) -> None:
+        """Temporaries of writes killed mid-way (kill -9, power cut) are never renamed into place: at 24 MP each
+        is ~470 MB.  Only the session folder and session/ are cleaned, only of atomic_write_with's names — never
+        the capture folder, whose files belong to the capture program."""
+        removed = []
+        for folder in (self.out, self.folder.dir):
+            if folder.resolve() != self.watch_dir:
+                removed += remove_orphans(folder)
+        if removed:
+            log.warning("livestack: removed %d temporary files of interrupted writes (%s): %s", len(removed),
+                        mb(sum(n for _, n in removed)),
+                        ", ".join(str(p.relative_to(self.out)) for p, _ in removed[:5])
+                        + (", …" if len(removed) > 5 else ""))
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish the current frame, write outputs and a checkpoint, stop the threads."""
@@ -151,6 +198,10 @@ class Service:
         s["paused"] = self._paused
         if self._paused and s.get("state") == "idle":
             s["state"] = "paused"
+        if self._excl_open and s.get("state") not in ("stopping", "starting"):
+            # exclude/include requests not answered yet: restacking until the last one is done, never idle between
+            s["state"] = "restacking"
+            s["restack"] = s.get("restack") or {"done": 0, "total": s.get("frames", 0)}
         s["queued"] = self.files.qsize() + (self.watcher.pending() if self.watcher else 0)
         s["changes"] = self._changes
         return s
@@ -176,10 +227,17 @@ class Service:
         return self.status()
 
     def exclude(self, name: str, exclude: bool = True) -> Future:
+        """Exclude (include) a frame: the stack is rebuilt without (with) it.  Requests arriving while others
+        wait or restack join them — one restack reaches the final set and every future resolves with the status
+        after it.  Refused when it would change nothing and nothing is pending."""
         rel = self._find(name)
-        if exclude == (rel in self.excluded):
-            raise Refused(f"{name} is {'already' if exclude else 'not'} excluded")
-        return self._submit(self._cmd_exclude, rel, exclude)
+        with self._excl_lock:
+            if exclude == (rel in self._wanted) and not self._excl_open:
+                raise Refused(f"{name} is {'already' if exclude else 'not'} excluded")
+            fut = self._submit(self._cmd_exclude, rel, exclude)
+            self._wanted = (self._wanted | {rel}) if exclude else (self._wanted - {rel})
+            self._excl_open += 1
+        return fut
 
     def set_stretch(self, black=None, midtones=None, white=None) -> Future:
         return self._submit(self._cmd_stretch, black, midtones, white)
@@ -207,8 +265,27 @@ class Service:
         if self._stopping.is_set() or not self._thread.is_alive():
             raise Refused("the daemon is stopping", 503)
         fut: Future = Future()
-        self._commands.put((fut, fn, args))
+        with self._cmd_lock:
+            self._commands.append((fut, fn, args))
         return fut
+
+    def _next_command(self) -> tuple | None:
+        with self._cmd_lock:
+            return self._commands.popleft() if self._commands else None
+
+    def _take_excludes(self) -> list[tuple]:
+        """Every queued exclude/include request ahead of a "new stack" (which they must not cross), in order;
+        the other commands stay queued in theirs."""
+        with self._cmd_lock:
+            taken, kept, barrier = [], collections.deque(), False
+            for c in self._commands:
+                if not barrier and c[1] == self._cmd_exclude:
+                    taken.append(c)
+                else:
+                    barrier = barrier or c[1] == self._cmd_new_session
+                    kept.append(c)
+            self._commands = kept
+        return taken
 
     # ------------------------------------------------------------------ the worker
 
@@ -230,19 +307,22 @@ class Service:
             self.error = err
             log.exception("livestack: worker stopped by an error")
         finally:
-            while not self._commands.empty():
-                fut, _, _ = self._commands.get()
+            while (cmd := self._next_command()) is not None:
+                fut, fn, _ = cmd
+                if fn == self._cmd_exclude:
+                    with self._excl_lock:
+                        self._excl_open -= 1
                 fut.set_exception(Refused("the daemon is stopping", 503))
             with self._cond:
                 self._changes += 1
                 self._cond.notify_all()
 
     def _do_commands(self) -> None:
-        while True:
-            try:
-                fut, fn, args = self._commands.get_nowait()
-            except queue.Empty:
-                return
+        while (cmd := self._next_command()) is not None:
+            fut, fn, args = cmd
+            if fn == self._cmd_exclude:
+                self._exclusions(cmd)
+                continue
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
@@ -252,20 +332,24 @@ class Service:
 
     def _frame(self, item: Ready) -> None:
         self._state = "processing"
+        if self._blocked:
+            self._catch_up()         # space may be back: what is owed goes first (frames.jsonl in order)
         if item.rel in self.excluded:
             rec = FrameRecord(file=item.path.name, status="excluded", reason="excluded by the user")
         elif item.reason is not None:
             rec = FrameRecord(file=item.path.name, status="failed", reason=item.reason)
             self.engine.count_failed()   # counted like the engine's own failures (NFAILED in the header)
-            log.warning("failed %s: %s", item.rel, item.reason)
         else:
-            self.folder.mark_inflight(item.rel)
+            self._best_effort(self.folder.mark_inflight, item.rel)
             rec = self.engine.process(item.path)
         self._append(rec, item.rel)
-        self.folder.clear_inflight()
+        self._best_effort(self.folder.clear_inflight)
         self._since_ckpt += 1
-        log.info("%s %s%s", rec.status, item.rel, f": {rec.reason}" if rec.reason else
-                 f" fwhm {rec.fwhm} px, {rec.stars} stars ({rec.seconds} s)")
+        if item.reason is not None:      # the watcher's verdict: the engine never saw the file
+            log.warning("failed %s: %s", item.rel, item.reason)
+        elif rec.status not in ("failed", "rejected"):   # those the engine has logged, with the reason
+            log.info("%s %s%s", rec.status, item.rel, f": {rec.reason}" if rec.reason else
+                     f" fwhm {rec.fwhm} px, {rec.stars} stars ({rec.seconds} s)")
         if self.engine.has_stack:
             self._fits_dirty += 1        # counts and header change with every record, pixels with stacked ones
         if rec.status in STACKED:
@@ -285,10 +369,12 @@ class Service:
     def _append(self, rec: FrameRecord, rel: str) -> None:
         d = rec.to_dict()
         d["path"], d["processed"] = rel, _now()
-        self.flog.append(d)
         self.records.append(d)
+        self._save_log()
 
     def _idle(self) -> None:
+        if self._blocked and time.monotonic() - self._last_catch_up >= CATCH_UP_S:
+            self._catch_up()
         if self._preview_dirty:
             self._render_preview()
         if self._fits_dirty:
@@ -301,6 +387,8 @@ class Service:
 
     def _finish(self) -> None:
         self._state = "stopping"
+        if self._blocked:
+            self._catch_up()
         if self._preview_dirty:
             self._render_preview()
         if self._fits_dirty:
@@ -308,8 +396,122 @@ class Service:
         if self._since_ckpt:
             self._checkpoint()
         self._publish()
+        if self._blocked:
+            unlogged = len(self.records) - (self._logged or 0)
+            log.error("livestack: stopping with %s: %s not written%s", self._disk["error"],
+                      ", ".join(sorted(p.name for p in self._blocked)),
+                      f"; {unlogged} frames not in frames.jsonl are stacked again at the next start" if unlogged
+                      else "")
         log.warning("livestack: stopped; %d stacked, %d rejected, %d failed; outputs in %s",
                     self.engine.n_stacked, self.engine.n_rejected, self.engine.n_failed, self.out)
+
+    # ------------------------------------------------------------------ writes, and a full disk
+
+    def _guarded(self, path: Path, write, needed=0) -> bool:
+        """Run ``write()``, which writes ``path`` (atomically, or appends).  False when the disk is full — the
+        write is then owed and retried (_catch_up) once the filesystem has the room it needed — or when it is
+        owed and the room is not there yet.  ``needed``: bytes, or a function giving them (asked on failure)."""
+        if not self._may_write(path):
+            return False
+        try:
+            write()
+        except OSError as err:
+            full = disk_full(err, path, needed() if callable(needed) else needed)
+            if full is None:
+                raise
+            self._block(path, full)
+            return False
+        if path in self._blocked:
+            self._unblock(path)
+        return True
+
+    def _may_write(self, path: Path) -> bool:
+        """False while ``path``'s write is owed and its filesystem has less room than it needs."""
+        owed = self._blocked.get(path)
+        if owed is None or time.monotonic() - owed[1] >= DISK_RETRY_S:
+            return True
+        try:
+            return free_bytes(path.parent) >= max(owed[0].needed, 4096)
+        except OSError:
+            return True
+
+    def _block(self, key: Path, full: DiskFull) -> None:
+        first = self._disk is None
+        self._blocked[key] = (full, time.monotonic())
+        worst = max((f for f, _ in self._blocked.values()), key=lambda f: f.needed)
+        self._disk = {"error": str(worst), "since": self._disk["since"] if self._disk else _now()}
+        if first:   # once, not per frame: the status says it until space returns
+            log.error("livestack: %s; stacking goes on in memory, the files are written when space returns", full)
+        self._publish()
+
+    def _unblock(self, key: Path) -> None:
+        self._blocked.pop(key, None)
+        if self._blocked:
+            worst = max((f for f, _ in self._blocked.values()), key=lambda f: f.needed)
+            self._disk = {**self._disk, "error": str(worst)}
+        elif self._disk is not None:
+            log.warning("livestack: disk space back (full since %s); frames.jsonl and the outputs are up to date",
+                        self._disk["since"])
+            self._disk = None
+        self._publish()
+
+    def _catch_up(self) -> None:
+        """Write what a full disk left owed, in the order a restart needs it: the exclusions, frames.jsonl, then
+        the outputs and the checkpoint (which must not count frames that frames.jsonl lacks)."""
+        self._last_catch_up = time.monotonic()
+        self._save_excluded()
+        self._save_log()
+        if self._fits_dirty:
+            self._write_fits()
+        if self._preview_unsaved:
+            self._save_preview()
+        if self._since_ckpt:
+            self._checkpoint()
+
+    def _best_effort(self, fn, *args) -> None:
+        """The crash-loop guard's inflight.json: without space it is skipped (a file that then stopped the
+        worker would be retried once more than max_attempts), not a reason to stop."""
+        try:
+            fn(*args)
+        except OSError as err:
+            if disk_full(err, self.folder.inflight_file) is None:
+                raise
+
+    def _save_log(self) -> bool:
+        """Bring frames.jsonl up to ``records``: append the lines it lacks, or rewrite it after a restack."""
+        if self._logged == len(self.records):
+            return True
+        return self._guarded(self.folder.frames, self._write_log, lambda: sum(
+            len(json.dumps(d)) + 1 for d in self.records[self._logged or 0:]))
+
+    def _write_log(self) -> None:
+        if self._logged is None:
+            rewrite_frames_log(self.folder.frames, self.records)
+            self._logged = len(self.records)
+            return
+        while self._logged < len(self.records):
+            try:
+                size = self.folder.frames.stat().st_size
+            except FileNotFoundError:
+                size = 0
+            try:
+                self.flog.append(self.records[self._logged])
+            except OSError:
+                try:        # a torn line would swallow the next one: cut it (needs no space)
+                    os.truncate(self.folder.frames, size)
+                except OSError:
+                    pass
+                raise
+            self._logged += 1
+
+    def _save_excluded(self) -> bool:
+        if self.excluded == self._saved_excluded:
+            return True
+        want = set(self.excluded)
+        if self._guarded(self.folder.excluded_file, lambda: self.folder.set_excluded(want)):
+            self._saved_excluded = want
+            return True
+        return False
 
     # ------------------------------------------------------------------ outputs
 
@@ -323,20 +525,53 @@ class Service:
             return True
         return self._since_ckpt >= self.dp.checkpoint_every and since >= 9.0 * self._ckpt_cost
 
-    def _checkpoint(self) -> None:
+    def _checkpoint_bytes(self) -> int:
+        """What a checkpoint costs on disk: the engine's arrays (a 24 MP colour stack ~470 MB, each filter's
+        stack as much again); its JSON and zip headers add a few kB."""
+        _, arrays, stacks = self.engine.state()
+        n = sum(np.asarray(a).nbytes for a in arrays.values())
+        return n + sum(np.asarray(a).nbytes for _, st in stacks for a in st.state().values())
+
+    def _checkpoint(self) -> bool:
+        ckpt = self.folder.checkpoint
+        if self._logged != len(self.records) or self._saved_excluded != self._engine_excluded:
+            return False     # its line count and exclusions must match frames.jsonl and excluded.json on disk
+        if not self._may_write(ckpt):
+            return False     # still no room: not even the estimate
+        self._ckpt_bytes = est = self._checkpoint_bytes()
+        cap = self.dp.checkpoint_max_mb
+        if cap and est > cap * 2 ** 20:
+            if not self._ckpt_capped:
+                log.warning("livestack: a checkpoint would take %s, over [daemon] checkpoint_max_mb = %g: none "
+                            "written; after a crash the frames of frames.jsonl are stacked again", mb(est), cap)
+                self._ckpt_capped = True
+                self._publish()
+            self._since_ckpt, self._last_ckpt = 0, time.monotonic()
+            if ckpt in self._blocked:
+                self._unblock(ckpt)
+            return False
+        self._ckpt_capped = False
         t0 = time.monotonic()
-        self.folder.save_checkpoint(self.engine, len(self.records), self._engine_excluded)
+        if not self._guarded(ckpt, lambda: self.folder.save_checkpoint(self.engine, len(self.records),
+                                                                      self._engine_excluded), est):
+            return False
         self._last_ckpt = time.monotonic()
         self._since_ckpt, self._ckpt_cost = 0, self._last_ckpt - t0
+        self._ckpt_frames = len(self.records)
         log.info("checkpoint of %d frames: %.0f MB in %.1f s", len(self.records),
-                 self.folder.checkpoint.stat().st_size / 2 ** 20, self._ckpt_cost)
+                 ckpt.stat().st_size / 2 ** 20, self._ckpt_cost)
+        self._publish()      # the status says what it covers and costs
+        return True
 
-    def _write_fits(self) -> None:
+    def _write_fits(self) -> bool:
+        path = self.out / "stack.fits"
         t0 = time.monotonic()
-        self.engine.write_stack(self.out / "stack.fits", compose=self.compose)
+        if not self._guarded(path, lambda: self.engine.write_stack(path, compose=self.compose)):
+            return False
         log.info("stack files written in %.1f s", time.monotonic() - t0)
         self._fits_dirty = 0
         self._last_fits = time.monotonic()
+        return True
 
     def _render_preview(self) -> None:
         self._preview_dirty, self._last_preview = False, time.monotonic()
@@ -348,10 +583,16 @@ class Service:
         ok, enc = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(self.stretch.jpeg_quality)])
         if not ok:
             raise OSError("preview.jpg: JPEG encoding failed")
-        self._preview = enc.tobytes()
+        self._preview = enc.tobytes()      # the page shows it from memory, whether or not the file is written
         self._preview_id += 1
-        atomic_write_bytes(self.out / "preview.jpg", self._preview)
+        self._preview_unsaved = True
+        self._save_preview()
         log.debug("preview drawn in %.2f s", time.monotonic() - t0)
+
+    def _save_preview(self) -> None:
+        path, data = self.out / "preview.jpg", self._preview
+        if data is None or self._guarded(path, lambda: atomic_write_bytes(path, data), len(data)):
+            self._preview_unsaved = False
 
     # ------------------------------------------------------------------ commands (run by the worker)
 
@@ -388,64 +629,142 @@ class Service:
         out16 = out16[0] if out16.shape[0] == 1 else np.ascontiguousarray(out16.transpose(1, 2, 0))
         return encode_png16(out16) if fmt == "png" else encode_tiff16(out16)
 
-    def _cmd_exclude(self, rel: str, exclude: bool) -> dict:
+    def _cmd_exclude(self, rel: str, exclude: bool) -> None:
+        """One exclude/include request, applied to the set; _exclusions restacks once for all of them."""
         self.excluded = (self.excluded | {rel}) if exclude else (self.excluded - {rel})
-        self.folder.set_excluded(self.excluded)        # user intent first: a crash now restacks on restart
-        self._restack_all()
-        return self.status()
 
-    def _restack_all(self) -> None:
+    def _exclusions(self, first: tuple) -> None:
+        """``first`` and every exclude/include request queued behind it — and those arriving during the
+        restack — merged: one restack to the final set (none when it is the set the stack was built with);
+        every request's future resolves with the status after it.  (Five identical requests cost one restack,
+        not five; a request toggled back and forth costs at most two.)"""
+        running: list[Future] = []
+        n = 0
+
+        def absorb(batch: list[tuple]) -> bool:
+            nonlocal n
+            for fut, fn, args in batch:
+                if fut.set_running_or_notify_cancel():
+                    running.append(fut)
+                fn(*args)
+            n += len(batch)
+            return bool(batch)
+
+        absorb([first] + self._take_excludes())
+        t0 = time.monotonic()
+        try:
+            done = self._restack_all(lambda: absorb(self._take_excludes())) \
+                if self.excluded != self._engine_excluded else False
+            self._save_excluded()
+        except BaseException as err:
+            with self._excl_lock:
+                self._excl_open -= n
+            for fut in running:
+                fut.set_exception(err)
+            raise
+        if done:
+            log.info("restacked %d frames, %d excluded, in %.1f s (%d exclude/include requests)", len(self.records),
+                     len(self._engine_excluded), time.monotonic() - t0, n)
+        with self._excl_lock:
+            self._excl_open -= n
+        self._publish()
+        st = self.status()
+        for fut in running:
+            fut.set_result(st)
+
+    def _restack_all(self, absorb=lambda: False) -> bool:
         """Exclusion cannot be undone in a running mean with outlier rejection: stack the included files again,
-        in their original order, through a fresh Engine — the simple correct way."""
-        want = set(self.excluded)
-        eng = self.folder.new_engine(self.cfg, masters=self.masters)
-        new: list[dict] = []
+        in their original order, through a fresh Engine — the simple correct way.  Requests arriving meanwhile
+        (``absorb()`` applies them to ``excluded``) join this pass when they change only frames it has not
+        reached; otherwise it starts over, or stops when the set is back to the one the stack was built with.
+        True when the stack was rebuilt."""
+        rels = [d.get("path") or d["file"] for d in self.records]
+        first: dict[str, int] = {}
+        for i, rel in enumerate(rels):
+            first.setdefault(rel, i)
         total = len(self.records)
         self._state = "restacking"
-        for i, old in enumerate(self.records):
-            if self._stopping.is_set():
-                log.warning("restack interrupted by stop; it is redone at the next start")
-                self._restack = None
-                return
-            rel = old.get("path") or old["file"]
-            if rel in want:   # keep its measurements: the plots still show why it was excluded
-                d = {**old, "status": "excluded", "reason": "excluded by the user", "weight": None,
-                     "processed": _now()}
-            else:
-                d = eng.process(self.watch_dir / rel).to_dict()
-                d["path"], d["processed"] = rel, _now()
-            new.append(d)
-            self._restack = {"done": i + 1, "total": total}
-            if i % 5 == 4:
-                self._publish()
+        while True:
+            want = set(self.excluded)
+            self._save_excluded()        # user intent first: a crash now restacks on restart
+            eng = self.folder.new_engine(self.cfg, masters=self.masters)
+            new: list[dict] = []
+            self._restack = {"done": 0, "total": total}
+            self._publish()
+            again = False
+            for i, old in enumerate(self.records):
+                if self._stopping.is_set():
+                    log.warning("restack interrupted by stop; it is redone at the next start")
+                    self._restack = None
+                    return False
+                if absorb() and self.excluded != want:
+                    if self.excluded == self._engine_excluded:    # back to the stack we have
+                        self._restack, self._state = None, "idle"
+                        self._publish()
+                        return False
+                    if min(first.get(r, total) for r in self.excluded ^ want) < i:
+                        again = True     # a frame already passed changed: start over
+                        break
+                    want = set(self.excluded)
+                    self._save_excluded()
+                rel = rels[i]
+                if rel in want:   # keep its measurements: the plots still show why it was excluded
+                    d = {**old, "status": "excluded", "reason": "excluded by the user", "weight": None,
+                         "processed": _now()}
+                else:
+                    d = eng.process(self.watch_dir / rel).to_dict()
+                    d["path"], d["processed"] = rel, _now()
+                new.append(d)
+                self._restack = {"done": i + 1, "total": total}
+                if i % 5 == 4:
+                    self._publish()
+            if not again:
+                break
+            log.info("restack started over: a request changed a frame it had passed")
         self.engine, self.records, self._engine_excluded = eng, new, want
-        rewrite_frames_log(self.folder.frames, new)
+        self._logged = None              # frames.jsonl is rewritten whole
+        self._save_log()
         self._generation += 1
         self._restack = None
+        self._restacks += 1
+        self._since_ckpt = max(self._since_ckpt, 1)
         self._checkpoint()
+        self._fits_dirty += 1
         self._write_fits()
         self._render_preview()
         self._state = "idle"
         self._publish()
+        return True
 
     def _cmd_new_session(self) -> dict:
-        if self._fits_dirty:
-            self._write_fits()
-        if self._since_ckpt:
-            self._checkpoint()
+        self._catch_up()
+        if self._blocked:
+            raise Refused(f"{self._disk['error']}: the current stack is not saved yet; free some space, then start "
+                          f"a new one", 507)
         ignore = self.watcher.seen() if self.watcher else set()
         while True:             # files queued before "new stack" belong to the old target
             try:
                 self.files.get_nowait()
             except queue.Empty:
                 break
-        dest = self.folder.new_session(ignore)
+        try:
+            dest = self.folder.new_session(ignore)
+        except OSError as err:
+            full = disk_full(err, self.out / ".new-session")
+            if full is None:
+                raise
+            raise Refused(f"{full}; the current stack is kept", 507) from err
         self.engine = self.folder.new_engine(self.cfg, masters=self.masters)
         self.records, self.excluded, self._engine_excluded = [], set(), set()
+        self._logged, self._saved_excluded = 0, set()
+        with self._excl_lock:
+            self._wanted = set()
         self.flog = FramesLog(self.folder.frames)
         self._preview, self._generation = None, self._generation + 1
+        self._preview_unsaved = False
         self.started = _now()
         self._since_ckpt, self._fits_dirty = 0, 0
+        self._ckpt_frames = None
         self._state = "idle"
         self._publish()
         log.warning("livestack: new session; previous one archived in %s", dest)
@@ -479,6 +798,10 @@ class Service:
             "filters": [fs.summary() for fs in e.filters.values()],
             "palette": self._palette(),
             "restack": self._restack,
+            "restacks": self._restacks,
+            "disk": None if self._disk is None else dict(self._disk),
+            "checkpoint": {"bytes": self._ckpt_bytes, "frames": self._ckpt_frames,
+                           "max_mb": self.dp.checkpoint_max_mb or None, "capped": self._ckpt_capped},
             "stretch": {"black": s.black, "midtones": s.midtones, "white": s.white,
                         "auto": s.black is None and s.midtones is None and s.white is None},
             "has_stack": self._preview is not None,

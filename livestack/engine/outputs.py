@@ -24,7 +24,7 @@ from .. import __version__
 from . import compose as comp
 from .filterstack import Counters, FilterStack
 from .stretch import StretchParams, auto_stretch
-from .write import fsync_dir, write_fits_blocks, write_fits_rows, write_jpeg
+from .write import disk_full, fsync_dir, write_fits_blocks, write_fits_rows, write_jpeg
 
 ROWS = 256    # rows per block when streaming a composite
 PLAN_SIZE = 800   # px, long side of the copies the composite's mapping is measured on: its statistics need no
@@ -94,6 +94,12 @@ def _link_atomic(src: Path, dst: Path) -> None:
         except OSError:
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        full = disk_full(err, dst, src.stat().st_size)     # the copy, where links fail (exFAT, FAT)
+        if full is None:
+            raise
+        raise full from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

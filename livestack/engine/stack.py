@@ -272,13 +272,23 @@ class RunningStack:
         goes, and a crash leaves no file behind."""
         if self.spill_dir is None:
             return np.zeros(shape, dtype) if like is None else np.array(like, dtype)
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(prefix=".stack-", suffix=".dat", dir=self.spill_dir)
-        os.close(fd)
         try:
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(prefix=".stack-", suffix=".dat", dir=self.spill_dir)
+        except OSError:
+            return np.zeros(shape, dtype) if like is None else np.array(like, dtype)
+        try:
+            # The blocks are reserved now: a full disk is an error here (the array stays in memory), not a
+            # SIGBUS later when the kernel writes a page back.
+            os.posix_fallocate(fd, 0, int(np.prod(shape)) * np.dtype(dtype).itemsize)
             a = np.memmap(name, dtype=dtype, mode="w+", shape=tuple(shape))
+        except OSError:
+            a = None
         finally:
+            os.close(fd)
             os.unlink(name)
+        if a is None:
+            return np.zeros(shape, dtype) if like is None else np.array(like, dtype)
         if like is not None:
             a[...] = like
         return a

@@ -2,38 +2,122 @@
 power cut leaves the previous complete file, never a torn one."""
 from __future__ import annotations
 
+import errno
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+# The temporary of a write in progress: ".<name>.<8 characters of tempfile's alphabet>.tmp" beside the file.  A
+# process killed mid-write leaves it behind (a 24 MP stack's is ~470 MB): remove_orphans() finds exactly these.
+_TMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
 
-def atomic_write_with(path: Path, writer) -> None:
-    """Call ``writer(tmp_path)`` to write a temporary file, then fsync and rename it onto ``path``."""
+
+class DiskFull(OSError):
+    """A write that failed for want of space: the file it was for and the bytes it needs (its whole size:
+    the temporary is written beside the old file, which stays until the rename)."""
+
+    def __init__(self, path: Path | str, needed: int):
+        self.path, self.needed = Path(path), int(needed)
+        super().__init__(errno.ENOSPC, str(self))
+
+    def __str__(self) -> str:
+        return f"disk full: {self.path}, {mb(self.needed)} needed"
+
+
+def mb(n: int) -> str:
+    """Bytes as the page says them: "470 MB", "2.8 MB", "0.1 MB"."""
+    v = n / 2 ** 20
+    return f"{v:.0f} MB" if v >= 10 else f"{max(v, 0.1):.1f} MB"
+
+
+def free_bytes(folder: Path | str) -> int:
+    """Bytes this process may still write on ``folder``'s filesystem."""
+    st = os.statvfs(folder)
+    return st.f_bavail * st.f_frsize
+
+
+def disk_full(err: OSError, path: Path | str, needed: int = 0) -> DiskFull | None:
+    """``err`` as a DiskFull naming ``path`` when it was a lack of space, else None.  ENOSPC and EDQUOT say so;
+    a short write without an errno (numpy's "163840 requested and 152880 written") is one when the filesystem
+    has less than 1 MB left."""
+    if isinstance(err, DiskFull):
+        return err
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(path, needed)
+    if err.errno is None:
+        try:
+            if free_bytes(Path(path).parent) < 2 ** 20:
+                return DiskFull(path, needed)
+        except OSError:
+            pass
+    return None
+
+
+def atomic_write_with(path: Path, writer, *, size: int | None = None) -> None:
+    """Call ``writer(tmp_path)`` to write a temporary file, then fsync and rename it onto ``path``.  On any error
+    the temporary is removed and ``path`` keeps its old content; a lack of space raises DiskFull naming ``path``
+    and ``size`` (the bytes the file takes; when not given, at least what was written or the old file's size)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o644)
         writer(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as err:
+        full = None
+        if isinstance(err, OSError):
+            # Measured before the temporary goes: a short write leaves the disk full only while it exists.
+            full = disk_full(err, path, size or max(_size(tmp), _size(path)))
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+        if full is not None and full is not err:
+            raise full from err
         raise
     fsync_dir(path.parent)
 
 
+def _size(path) -> int:
+    try:
+        return os.stat(path).st_size if path is not None else 0
+    except OSError:
+        return 0
+
+
+def remove_orphans(folder: Path | str) -> list[tuple[Path, int]]:
+    """Delete the temporaries that atomic_write_with leaves in ``folder`` (not its subfolders) when its process
+    is killed mid-write: regular files named ".<name>.XXXXXXXX.tmp".  -> [(path, bytes)] removed.  Only for a
+    folder that this process alone writes (never a capture folder: its files belong to the capture program)."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return removed
+    for e in entries:
+        if _TMP_NAME.fullmatch(e.name) and e.is_file(follow_symlinks=False):
+            size = e.stat(follow_symlinks=False).st_size
+            try:
+                os.unlink(e.path)
+            except FileNotFoundError:
+                continue
+            removed.append((Path(e.path), size))
+    return removed
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data))
+    atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data), size=len(data))
 
 
 def fsync_dir(d: Path) -> None:
@@ -82,13 +166,15 @@ def write_fits_blocks(path: Path, shape: tuple[int, ...], blocks, header: dict, 
     full.extend(hdr, unique=True)
 
     def writer(tmp: Path) -> None:
-        Path(tmp).unlink()  # StreamingHDU creates the file itself
-        shdu = fits.StreamingHDU(str(tmp), full)
-        try:
-            for b in blocks:
-                shdu.write(np.ascontiguousarray(b, dtype=np.float32))
-        finally:
-            shdu.close()
+        # Our own handle, closed whatever happens: a StreamingHDU that opened the file itself and failed to write
+        # the header (a full disk) kept it open, and the space of the removed temporary with it.
+        with open(tmp, "ab+") as fo:
+            shdu = fits.StreamingHDU(fo, full)
+            try:
+                for b in blocks:
+                    shdu.write(np.ascontiguousarray(b, dtype=np.float32))
+            finally:
+                shdu.close()
         if weight is not None:
             h, w = shape[-2:]
             whdr = fits.Header([("XTENSION", "IMAGE", "image extension"), ("BITPIX", -32), ("NAXIS", 2),
@@ -108,7 +194,12 @@ def write_fits_blocks(path: Path, shape: tuple[int, ...], blocks, header: dict, 
                     raise ValueError(f"{Path(path).name}: weight map of {written // 4} pixels, expected {h * w}")
                 f.write(b"\0" * (-written % 2880))
 
-    atomic_write_with(path, writer)
+    data = int(np.prod(shape)) * 4
+    size = len(full.tostring()) + data + (-data % 2880)
+    if weight is not None:
+        wbytes = int(shape[-2]) * int(shape[-1]) * 4
+        size += 2880 + wbytes + (-wbytes % 2880)
+    atomic_write_with(path, writer, size=size)
 
 
 def write_fits_rows(path: Path, shape: tuple[int, int, int], rows, header: dict) -> None:
@@ -140,7 +231,7 @@ def write_fits_rows(path: Path, shape: tuple[int, int, int], rows, header: dict)
         if done != h:
             raise ValueError(f"{Path(path).name}: {done} rows written, expected {h}")
 
-    atomic_write_with(path, writer)
+    atomic_write_with(path, writer, size=len(head) + size + (-size % 2880))
 
 
 def write_fits(path: Path, image: np.ndarray, header: dict, *, weight: np.ndarray | None = None) -> None:

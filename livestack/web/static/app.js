@@ -68,6 +68,7 @@ function showStatus(s) {
   $("s-bg").textContent = fmt(c.background, 0);
   const rj = s.last_rejected;
   $("s-rejection").textContent = rj ? `Last rejected: ${rj.file} — ${rj.reason}` : "";
+  $("s-disk").textContent = s.disk ? `${s.disk.error} (since ${clock(s.disk.since)}); stacking goes on in memory` : "";
   $("caption").textContent = s.has_stack
     ? `${s.stacked} frames · ${duration(s.integration_s)}`
       + `${s.palette && s.palette.name ? ` · ${s.palette.name}` : ""}${s.queued ? ` · ${s.queued} queued` : ""}`

@@ -1,0 +1,397 @@
+"""Hardening the daemon: a full disk under the session folder (it keeps stacking and recording in memory, says so
+once, keeps the old outputs, and catches up when space returns), temporaries of killed writes cleaned at start,
+a capped checkpoint, and exclude/include requests merged into one restack."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from livestack.config import Config
+from livestack.daemon.config import DaemonParams, WatchParams
+from livestack.daemon.service import Service
+from livestack.session import SessionFolder, load_checkpoint, read_frames_log
+
+STACKED = ("reference", "stacked")
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- helpers
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size_mb: int):
+    """A tmpfs of ``size_mb`` mounted on ``path`` (root only: skipped otherwise)."""
+    if os.geteuid() != 0:
+        pytest.skip("a small filesystem to fill needs root (mount -t tmpfs)")
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mount -t tmpfs failed: {r.stderr.strip() or r.returncode}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file until the filesystem refuses another byte."""
+    filler = folder / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for chunk in (1 << 20, 1 << 16, 1 << 12, 1):
+            try:
+                while os.write(fd, b"\0" * chunk):
+                    pass
+            except OSError:
+                continue
+    finally:
+        os.close(fd)
+    assert shutil.disk_usage(folder).free < 4096
+    return filler
+
+
+def status(d) -> dict:
+    with urllib.request.urlopen(d.url + "api/status", timeout=5) as r:
+        return json.loads(r.read())
+
+
+def wait_for(cond, timeout: float, what: str, d=None):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        v = cond()
+        if v:
+            return v
+        if d is not None and d.proc.poll() is not None:
+            raise AssertionError(f"daemon exited {d.proc.returncode} waiting for {what}:\n{d.log.read_text()}")
+        time.sleep(0.1)
+    raise AssertionError(f"no {what} after {timeout} s" + (f":\n{d.log.read_text()}" if d else ""))
+
+
+def temporaries(out: Path) -> list[str]:
+    return sorted(p.name for folder in (out, out / "session") if folder.is_dir() for p in folder.glob(".*.tmp"))
+
+
+def ncombine(out: Path) -> int:
+    with fits.open(out / "stack.fits") as h:
+        return int(h[0].header["NCOMBINE"])
+
+
+def well_formed_lines(path: Path) -> list[dict]:
+    """frames.jsonl, asserting that every line is whole (no torn line from a failed append)."""
+    text = path.read_text()
+    assert text == "" or text.endswith("\n")
+    return [json.loads(line) for line in text.splitlines()]
+
+
+# ---------------------------------------------------------------- a full disk
+
+def test_full_disk_keeps_stacking_says_so_once_and_catches_up(make_daemon, daemon_night):
+    """Session folder on a 16 MB tmpfs (stack.fits 2.8 MB, checkpoint 3.4 MB at 480×360): filled after 4 frames,
+    4 more frames come.  The daemon stays up and counts them, says "disk full: <file>, N MB needed" in the status
+    and once in the log, leaves the old stack.fits whole and no temporary behind; when the filler goes, frames.jsonl,
+    stack.fits and the checkpoint catch up with all 8 frames without a new frame to trigger it."""
+    files, _ = daemon_night
+    names = [f.name for f in files[:8]]
+    d = make_daemon(name="full")
+    with tmpfs(d.out, 16):
+        feed = d.feeder(files)
+        d.start()
+        feed(4, 0.2)
+        d.wait_lines(4)
+        ckpt = SessionFolder(d.out).checkpoint
+        wait_for(lambda: status(d)["state"] == "idle" and (d.out / "stack.fits").exists() and ckpt.exists()
+                 and ncombine(d.out) == 4 and load_checkpoint(ckpt, Config())[1]["lines"] == 4,
+                 15, "outputs of 4 frames", d)
+        old_stack = (d.out / "stack.fits").read_bytes()
+        filler = fill(d.out)
+
+        feed(4, 0.2)
+        st = wait_for(lambda: (s := status(d))["frames"] == 8 and s["state"] == "idle" and s["disk"] and s, 30,
+                      "8 frames counted with the disk full", d)
+        assert d.proc.poll() is None
+        assert st["disk"]["error"].startswith(f"disk full: {d.out}/") and st["disk"]["error"].endswith("MB needed")
+        assert st["disk"]["since"]
+        assert st["stacked"] + st["rejected"] == 8
+        assert (d.out / "stack.fits").read_bytes() == old_stack          # the old stack, whole
+        assert temporaries(d.out) == []                                  # each failed write removed its temporary
+        logged = well_formed_lines(d.out / "frames.jsonl")               # what fitted, in order, no torn line
+        assert [r["path"] for r in logged] == names[:len(logged)]
+        time.sleep(2.5)                                                  # idle retries: not one log line each
+        assert d.log.read_text().count("disk full") == 1, d.log.read_text()
+
+        filler.unlink()                                                  # space returns, no new frame needed
+        wait_for(lambda: status(d)["disk"] is None, 15, "catch-up", d)
+        recs = well_formed_lines(d.out / "frames.jsonl")
+        assert [r["path"] for r in recs] == names
+        n_stacked = sum(r["status"] in STACKED for r in recs)
+        assert n_stacked == status(d)["stacked"] and ncombine(d.out) == n_stacked
+        wait_for(lambda: load_checkpoint(ckpt, Config())[1]["lines"] == 8, 10, "a checkpoint of 8 frames", d)
+        assert temporaries(d.out) == []
+        assert "disk space back" in d.log.read_text()
+        assert d.stop() == 0
+
+
+def test_kill_while_disk_full_then_restart_counts_every_frame_once(make_daemon, daemon_night):
+    """kill -9 while records wait in memory for space: after space returns, the restart stacks the frames
+    frames.jsonl lacks, and no frame counts twice."""
+    files, _ = daemon_night
+    names = [f.name for f in files[:8]]
+    d = make_daemon(name="killed")
+    with tmpfs(d.out, 16):
+        feed = d.feeder(files)
+        d.start()
+        feed(4, 0.2)
+        d.wait_lines(4)
+        wait_for(lambda: status(d)["state"] == "idle" and SessionFolder(d.out).checkpoint.exists(), 15,
+                 "a checkpoint", d)
+        filler = fill(d.out)
+        feed(4, 0.2)
+        wait_for(lambda: (s := status(d))["frames"] == 8 and s["disk"], 30, "8 frames with the disk full", d)
+        d.kill9()
+        filler.unlink()
+        d.start()
+        recs = d.wait_lines(8)
+        wait_for(lambda: status(d)["state"] == "idle", 15, "idle", d)
+        assert d.stop() == 0
+        recs = well_formed_lines(d.out / "frames.jsonl")
+        assert sorted(r["path"] for r in recs) == sorted(names)            # each once
+        assert ncombine(d.out) == sum(r["status"] in STACKED for r in recs)
+
+
+# ---------------------------------------------------------------- temporaries of killed writes
+
+ORPHAN = """
+import sys, time
+from pathlib import Path
+from livestack.engine.write import atomic_write_with
+def writer(tmp):
+    Path(tmp).write_bytes(b"x" * 100_000)
+    print("writing", flush=True)
+    time.sleep(60)
+atomic_write_with(Path(sys.argv[1]), writer)
+"""
+
+
+def killed_write(path: Path) -> None:
+    """Leave the temporary of a write killed mid-way (kill -9), as a power cut or the OOM killer would."""
+    with subprocess.Popen([sys.executable, "-c", ORPHAN, str(path)], cwd=REPO, stdout=subprocess.PIPE,
+                          text=True) as p:
+        try:
+            assert p.stdout.readline().strip() == "writing"
+        finally:
+            p.send_signal(signal.SIGKILL)
+
+
+def test_temporaries_of_killed_writes_are_removed_at_start_but_not_in_the_watch_folder(make_daemon, daemon_night):
+    files, _ = daemon_night
+    d = make_daemon(name="orphans")
+    (d.out / "session").mkdir(parents=True)
+    for target in (d.out / "stack.fits", d.out / "stack.fits", d.out / "session" / "checkpoint.npz",
+                   d.watch / "light_0099_60s.dng"):
+        killed_write(target)
+    assert len(temporaries(d.out)) == 3 and len(list(d.watch.glob(".*.tmp"))) == 1
+    keep = [d.out / ".notes.tmp", d.out / "my.stack.fits.abcdefgh.tmp"]     # not ours: not hidden, or no random part
+    for p in keep:
+        p.write_bytes(b"mine")
+    (d.out / ".stack.fits.abcdefgh.tmp").mkdir()                              # a folder, whatever its name
+    d.start()
+    d.feeder(files)(1)
+    d.wait_lines(1)
+    assert temporaries(d.out) == [".notes.tmp", ".stack.fits.abcdefgh.tmp"]   # not ours, and the folder
+    assert len(list(d.watch.glob(".*.tmp"))) == 1                            # the capture program's
+    assert all(p.exists() for p in keep)
+    assert "removed 3 temporary files of interrupted writes (0.3 MB)" in d.log.read_text()
+    assert d.stop() == 0
+
+
+# ---------------------------------------------------------------- a capped checkpoint
+
+def _service(watch: Path, out: Path, files, **daemon) -> Service:
+    watch.mkdir(exist_ok=True)
+    for f in files:
+        shutil.copy(f, watch / f.name)
+    svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                  DaemonParams(out=str(out), **daemon))
+    svc.start()
+    return svc
+
+
+def _wait_idle(svc: Service, n_frames: int, timeout: float = 30.0) -> dict:
+    return wait_for(lambda: (s := svc.status())["frames"] >= n_frames and s["state"] == "idle" and s, timeout,
+                    f"{n_frames} frames, idle")
+
+
+def test_checkpoint_over_its_cap_is_not_written_and_said_once(tmp_path, daemon_night, caplog):
+    """A 480×360 colour stack's checkpoint is 3.4 MB: with checkpoint_max_mb = 1 none is written, one warning
+    says so, the status gives its cost; a restart restacks frames.jsonl and counts every frame once."""
+    six = daemon_night[0][:6]
+    caplog.set_level(logging.WARNING, logger="livestack")
+    svc = _service(tmp_path / "watch", tmp_path / "out", six, checkpoint_every=1, checkpoint_max_mb=1.0)
+    st = _wait_idle(svc, 6)
+    svc.stop(timeout=10)
+    assert svc.error is None
+    ck = st["checkpoint"]
+    assert ck["capped"] is True and ck["max_mb"] == 1.0 and ck["frames"] is None
+    assert 3.0 * 2 ** 20 < ck["bytes"] < 4.0 * 2 ** 20, ck
+    assert not SessionFolder(tmp_path / "out").checkpoint.exists()
+    warnings = [r.getMessage() for r in caplog.records if "checkpoint_max_mb" in r.getMessage()]
+    assert len(warnings) == 1 and "MB, over [daemon] checkpoint_max_mb = 1: none written" in warnings[0], warnings
+
+    svc = _service(tmp_path / "watch", tmp_path / "out", [], checkpoint_max_mb=1.0)
+    _wait_idle(svc, 6)
+    n = svc.engine.n_stacked + svc.engine.n_rejected
+    svc.stop(timeout=10)
+    recs = read_frames_log(tmp_path / "out" / "frames.jsonl")
+    assert sorted(r["path"] for r in recs) == sorted(f.name for f in six) and n == 6
+
+
+def test_checkpoint_without_cap_reports_its_cost(tmp_path, daemon_night):
+    svc = _service(tmp_path / "watch", tmp_path / "out", daemon_night[0][:3], checkpoint_every=1)
+    st = _wait_idle(svc, 3)
+    svc.stop(timeout=10)
+    ck = st["checkpoint"]
+    size = SessionFolder(tmp_path / "out").checkpoint.stat().st_size
+    assert ck["capped"] is False and ck["max_mb"] is None and ck["frames"] == 3
+    assert 0.99 * size < ck["bytes"] <= size               # the arrays: all but a few kB of headers
+
+
+# ---------------------------------------------------------------- exclude / include merged
+
+def _burst(svc: Service, requests: list[tuple[str, bool]]) -> None:
+    """Submit ``requests`` (file, exclude) at once, as a page tapped repeatedly would; wait for every answer.
+    The status reads "restacking" from the first request until the work is done, never idle in between."""
+    seen: list[str] = []
+    futs = [svc.exclude(name, ex) for name, ex in requests]
+    while not all(f.done() for f in futs):
+        state = svc.status()["state"]
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        time.sleep(0.002)
+    assert seen in (["restacking"], ["restacking", "idle"]), seen
+    results = [f.result(timeout=30) for f in futs]
+    assert all(r == results[-1] for r in results)           # every request answered with the final status
+    assert results[-1]["state"] == "idle" and results[-1]["restack"] is None
+
+
+def test_exclude_include_requests_merge_into_one_restack(tmp_path, daemon_night):
+    files = daemon_night[0][:8]
+    svc = _service(tmp_path / "watch", tmp_path / "out", files)
+    try:
+        _wait_idle(svc, 8)
+        before = svc.engine.result()[0].copy()
+        n_stacked = svc.engine.n_stacked
+        x = files[2].name
+
+        _burst(svc, [(x, True)] * 5)                         # five taps on "exclude"
+        st = svc.status()
+        assert st["restacks"] == 1 and st["excluded"] == 1 and st["stacked"] == n_stacked - 1
+
+        _burst(svc, [(x, i % 2 == 1) for i in range(21)])   # include, exclude, …, include: 21 requests
+        st = svc.status()
+        assert 2 <= st["restacks"] <= 3, st["restacks"]
+        assert st["excluded"] == 0 and st["stacked"] == n_stacked
+        assert np.array_equal(svc.engine.result()[0], before, equal_nan=True)   # the original stack again
+
+        restacks = st["restacks"]
+        _burst(svc, [(x, i % 2 == 0) for i in range(20)])   # exclude, include, …: back where it started
+        st = svc.status()
+        assert st["restacks"] - restacks <= 2 and st["excluded"] == 0 and st["stacked"] == n_stacked
+        recs = read_frames_log(tmp_path / "out" / "frames.jsonl")
+        assert [r["path"] for r in recs] == [f.name for f in files] and not any(r["status"] == "excluded"
+                                                                                for r in recs)
+        assert json.loads((tmp_path / "out" / "session" / "excluded.json").read_text()) == []
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+
+
+def test_a_repeated_request_with_nothing_pending_is_still_refused(tmp_path, daemon_night):
+    from livestack.session import Refused
+
+    files = daemon_night[0][:4]
+    svc = _service(tmp_path / "watch", tmp_path / "out", files)
+    try:
+        _wait_idle(svc, 4)
+        svc.exclude(files[1].name).result(timeout=30)
+        with pytest.raises(Refused, match="already excluded"):
+            svc.exclude(files[1].name)
+        with pytest.raises(Refused, match="is not excluded"):
+            svc.exclude(files[2].name, False)
+    finally:
+        svc.stop(timeout=10)
+
+
+def test_a_frame_waiting_during_a_burst_of_requests_is_not_held_by_one_restack_each(tmp_path, daemon_night):
+    """50 mixed requests on 4 frames: a frame arriving meanwhile waits for about one restack, not ten."""
+    files = daemon_night[0]
+    svc = _service(tmp_path / "watch", tmp_path / "out", files[:12])
+    try:
+        _wait_idle(svc, 12)
+        names = [f.name for f in files[1:5]]
+        state = {n: False for n in names}
+        reqs = []
+        rng = np.random.default_rng(1)
+        for _ in range(50):
+            n = names[int(rng.integers(4))]
+            state[n] = not state[n]
+            reqs.append((n, state[n]))
+        t0 = time.monotonic()
+        threading.Timer(0.05, lambda: shutil.copy(files[12], svc.watch_dir / files[12].name)).start()
+        _burst(svc, reqs)
+        t_burst = time.monotonic() - t0
+        st = _wait_idle(svc, 13)
+        assert st["restacks"] <= 3, st["restacks"]
+        assert st["excluded"] == sum(state.values())
+        assert t_burst < 10, t_burst
+    finally:
+        svc.stop(timeout=10)
+
+
+def test_exclude_on_a_full_disk_restacks_in_memory_and_saves_when_space_returns(tmp_path, daemon_night):
+    """The restack needs no space; excluded.json, the rewritten frames.jsonl and the checkpoint wait for it (in
+    that order: a restart in between must not mix an old log with a new checkpoint).  "New stack" is refused
+    meanwhile: the current stack is not saved yet."""
+    from livestack.session import Refused
+
+    files = daemon_night[0][:6]
+    out = tmp_path / "out"
+    with tmpfs(out, 16):
+        svc = _service(tmp_path / "watch", out, files, checkpoint_every=1)
+        try:
+            _wait_idle(svc, 6)
+            wait_for(lambda: svc.status()["checkpoint"]["frames"] == 6, 10, "a checkpoint of 6 frames")
+            old_log = (out / "frames.jsonl").read_bytes()
+            filler = fill(out)
+            st = svc.exclude(files[2].name).result(timeout=30)
+            assert st["excluded"] == 1 and st["restacks"] == 1 and st["disk"]["error"].startswith("disk full: ")
+            assert (out / "frames.jsonl").read_bytes() == old_log and temporaries(out) == []
+            with pytest.raises(Refused, match="disk full: .*not saved yet") as err:
+                svc.new_session().result(timeout=30)
+            assert err.value.status == 507
+            filler.unlink()
+            wait_for(lambda: svc.status()["disk"] is None, 15, "catch-up")
+            wait_for(lambda: svc.status()["checkpoint"]["frames"] == 6 and svc.status()["state"] == "idle", 10,
+                     "the checkpoint")
+        finally:
+            svc.stop(timeout=10)
+        assert svc.error is None
+        recs = well_formed_lines(out / "frames.jsonl")
+        assert [r["path"] for r in recs] == [f.name for f in files]
+        assert [r["path"] for r in recs if r["status"] == "excluded"] == [files[2].name]
+        assert json.loads((out / "session" / "excluded.json").read_text()) == [files[2].name]
+        _, info = load_checkpoint(SessionFolder(out).checkpoint, Config())
+        assert info["lines"] == 6 and info["excluded"] == [files[2].name]
