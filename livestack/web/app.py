@@ -1,4 +1,4 @@
-"""Routes -> one Service call -> JSON (or a refusal as one sentence).  Standard library only.
+"""Routes -> one Service call -> JSON (or a refusal as one sentence), served by aiohttp in a thread.
 
 GET  /                      the page (static/index.html); /static/<name> its JS and CSS
 GET  /api/status            counts, the latest frame, the last rejection, state (JSON)
@@ -11,19 +11,38 @@ GET  /api/events            server-sent events: "status" with the status JSON wh
 POST /api/pause, /api/resume, /api/exclude {"file"}, /api/include {"file"}, /api/stretch {black, midtones,
      white | auto}, /api/palette {palette, weights, hues}, /api/new-session — with a token configured, each
      needs "Authorization: Bearer <token>" or "X-Livestack-Token: <token>"
+
+Every request must name this server in its Host header (DNS rebinding: a foreign name resolving here is
+refused, reads included); a POST must not come from another site's page (Origin foreign or "null") and its
+body, if any, is JSON (Content-Type: application/json) of at most 64 KiB.
+
+Why aiohttp and not http.server: its parser answers malformed requests (Content-Length: -1, abc …) with 400,
+a connection costs no thread (the standard library's server spends one per connection, idle ones included),
+and its keep-alive timer closes a connection that sends no complete request in time, trickled bytes or not.
+The event loop runs in one thread beside the worker; the Service is only called through its thread-safe
+methods and its futures.
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
 import os
+import re
+import socket
 import threading
-from concurrent.futures import TimeoutError as FutureTimeout
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..session import Refused
 
@@ -33,8 +52,15 @@ CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; c
                  ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
                  ".jpg": "image/jpeg", ".json": "application/json", ".jsonl": "application/x-ndjson",
                  ".fits": "application/fits", ".txt": "text/plain; charset=utf-8"}
-MAX_BODY = 64 * 1024
+MAX_BODY = 64 * 1024          # a POST body (JSON); larger: 413
 SSE_KEEPALIVE_S = 15.0
+IDLE_S = 30.0                 # no complete request, body or read progress for this long: the connection closes
+BACKLOG = 128                 # pending connections the kernel queues before the loop accepts them
+MAX_CONNECTIONS = 256         # open connections; beyond: 503 at once (file descriptors are the daemon's too)
+LINGER_S = 2.0                # a refused request's unread body is discarded this long, then the socket closes
+SHUTDOWN_S = 3.0
+CHUNK = 1 << 20               # file and export streaming
+IO_THREADS = 2                # file reads (open, read) off the event loop
 
 
 class HttpError(Exception):
@@ -43,82 +69,344 @@ class HttpError(Exception):
         self.status, self.message, self.headers = status, message, headers or {}
 
 
-class App(ThreadingHTTPServer):
-    """The HTTP server of one Service.  serve_forever() in a thread; shutdown() + server_close() to stop."""
+# ---------------------------------------------------------------------------------------------------- the server
 
-    daemon_threads = True
-    allow_reuse_address = True
+class App:
+    """The HTTP server of one Service.  The socket is bound here (OSError when the port is taken);
+    serve_forever() in a thread (serve_in_thread); shutdown() then server_close() to stop."""
 
-    def __init__(self, service, web):
-        self.service, self.web = service, web
-        super().__init__((web.host, web.port), Handler)
+    def __init__(self, service, web_params):
+        self.service, self.web = service, web_params
+        self.idle_s = idle_timeout(web_params)
+        self.hosts = Hosts.for_server(web_params.host, web_params.allowed_hosts)
+        host = web_params.host.strip("[]")
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.create_server((host, web_params.port), family=family, backlog=BACKLOG,
+                                           dualstack_ipv6=host == "::" and socket.has_dualstack_ipv6())
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._stop_requested, self._served, self._stopped = threading.Event(), threading.Event(), threading.Event()
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
+        host, port = self.socket.getsockname()[:2]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
+    def serve_forever(self) -> None:
+        """Serve until shutdown(); blocks (run it in a thread)."""
+        self._served.set()
+        loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(self._serve())
+        finally:
+            loop.close()
+            self._stopped.set()
 
-def make_app(service, web) -> App:
+    def shutdown(self) -> None:
+        """Stop serving (open event streams end, requests in flight get SHUTDOWN_S) and wait for it."""
+        self._stop_requested.set()
+        loop = self._loop
+        if loop is not None:
+            try:
+                loop.call_soon_threadsafe(self._stop.set)
+            except RuntimeError:      # the loop has already closed
+                pass
+        if self._served.is_set():
+            self._stopped.wait(SHUTDOWN_S + 5)
+
+    def server_close(self) -> None:
+        self.socket.close()
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._loop = loop                       # after _stop: shutdown() reads _loop first
+        if self._stop_requested.is_set():
+            return
+        changes = Changes(self.service, loop)
+        io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="livestack-web-io")
+        api = Api(self.service, self.web, self.hosts, self.idle_s, changes, io)
+        server = web.Server(api.handle, keepalive_timeout=self.idle_s, lingering_time=LINGER_S,
+                            auto_decompress=False, logger=_HTTP_LOG, access_log=log, access_log_class=_AccessLog)
+
+        def protocol():
+            return _Busy() if len(server.connections) >= MAX_CONNECTIONS else server()
+
+        changes.start()
+        listener = await loop.create_server(protocol, sock=self.socket, backlog=BACKLOG)
+        try:
+            await self._stop.wait()
+        finally:
+            listener.close()
+            changes.close()
+            await server.shutdown(SHUTDOWN_S)
+            io.shutdown(wait=False, cancel_futures=True)
+            changes.join(2.0)
+
+
+def make_app(service, web_params) -> App:
     """Bind ``web.host:web.port`` (port 0: any free port; see App.url)."""
-    return App(service, web)
+    return App(service, web_params)
 
 
 def serve_in_thread(app: App) -> threading.Thread:
-    t = threading.Thread(target=app.serve_forever, kwargs={"poll_interval": 0.2}, name="livestack-web",
-                         daemon=True)
+    t = threading.Thread(target=app.serve_forever, name="livestack-web", daemon=True)
     t.start()
     return t
 
 
-class Handler(BaseHTTPRequestHandler):
-    server: App
-    server_version = "livestack"
-    sys_version = ""
-
-    def log_message(self, fmt, *args):  # access log only when debugging: journald stays readable
-        log.debug("%s %s", self.address_string(), fmt % args)
-
-    # ---------------------------------------------------------------- dispatch
-    def do_GET(self):
-        self._dispatch(GET_ROUTES, write=False)
-
-    def do_POST(self):
-        self._dispatch(POST_ROUTES, write=True)
-
-    def _dispatch(self, routes: dict, *, write: bool) -> None:
+def idle_timeout(web_params) -> float:
+    """Seconds a connection may stay idle: LIVESTACK_WEB_IDLE_S (tests, diagnosis), else [web] idle_timeout_s
+    when the config has it, else IDLE_S."""
+    env = os.environ.get("LIVESTACK_WEB_IDLE_S")
+    if env:
         try:
-            url = urlsplit(self.path)
-            path = url.path
-            if write:
-                self._check_origin()
-                self._check_token()
-            if path.startswith("/api/files/") and not write:
-                return self._file(path[len("/api/files/"):])
-            if path.startswith("/static/") and not write:
-                return self._static(path[len("/static/"):])
-            fn = routes.get(path)
-            if fn is None:
-                other = POST_ROUTES if not write else GET_ROUTES
-                if path in other:
-                    raise HttpError(405, f"{path} needs {'POST' if not write else 'GET'}")
-                raise HttpError(404, f"no such page {path}; the API is under /api/ (see the README, HTTP API)")
-            q = {k: v[-1] for k, v in parse_qs(url.query).items()}
-            fn(self, q, self._body() if write else None)
-        except HttpError as err:
-            self._json({"error": err.message}, err.status, err.headers)
-        except Refused as err:
-            self._json({"error": str(err)}, err.status)
-        except (BrokenPipeError, ConnectionResetError):
+            v = float(env)
+            if 0 < v <= 3600:
+                return v
+        except ValueError:
+            pass
+        log.warning("livestack: LIVESTACK_WEB_IDLE_S=%r is not a number of seconds in (0, 3600]; using %g s",
+                    env, IDLE_S)
+        return IDLE_S
+    return float(web_params.idle_timeout_s or IDLE_S)
+
+
+class _Busy(asyncio.Protocol):
+    """A connection over MAX_CONNECTIONS: 503 at once, then closed (no request is parsed, no thread spent)."""
+
+    BODY = json.dumps({"error": f"too many open connections (over {MAX_CONNECTIONS}); try again"}).encode()
+    RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" % len(BODY)) + BODY
+
+    def connection_made(self, transport):
+        self.transport = transport
+        transport.write(self.RESPONSE)
+        if transport.can_write_eof():
+            transport.write_eof()
+        # read what the client sends for a moment: closing with unread data would reset the connection
+        # before the client reads the 503
+        self._timer = asyncio.get_running_loop().call_later(1.0, transport.close)
+
+    def data_received(self, data):
+        pass
+
+    def connection_lost(self, exc):
+        self._timer.cancel()
+
+
+class _AccessLog(AbstractAccessLogger):
+    """One debug line per request (journald stays readable; `-v` does not turn it on)."""
+
+    def log(self, request, response, time):
+        self.logger.debug("%s %s %s %d %.3fs", request.remote, request.method, request.raw_path[:200],
+                          response.status, time)
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.DEBUG)
+
+
+class _MalformedOneLine(logging.Filter):
+    """aiohttp logs a malformed request (bad Content-Length, header too long …) with a traceback at ERROR: an
+    attacker could fill the journal.  Make it one debug line (shown only when debugging)."""
+
+    def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        reason = (exc.message or type(exc).__name__).strip().splitlines()[0]
+        record.msg, record.args = "%s: %s %s", (record.getMessage(), exc.code, reason)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return log.isEnabledFor(logging.DEBUG)
+
+
+_HTTP_LOG = logging.getLogger("livestack.web.http")
+_HTTP_LOG.addFilter(_MalformedOneLine())
+
+
+# ---------------------------------------------------------------------------------------------------- who may ask
+
+_AUTHORITY = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]{1,5})?")
+
+
+def host_name(authority: str) -> str | None:
+    """'Pi.local:8080' -> 'pi.local', '[::1]:8080' -> '::1', 'x.' -> 'x'; None when it is not host[:port]."""
+    m = _AUTHORITY.fullmatch(authority.strip())
+    return m and m.group(1).strip("[]").rstrip(".").lower() or None
+
+
+@dataclass(frozen=True, slots=True)
+class Hosts:
+    """The names this server answers to (the Host header).  A page from a DNS-rebinding name (evil.example
+    resolving to this address) is same-origin with it in the browser: only the Host header tells."""
+
+    names: frozenset[str]     # lower case, no port; "*" allows any
+    any_ip: bool              # any IP literal (listening on all or a LAN address), else loopback literals only
+
+    @classmethod
+    def for_server(cls, bound: str, allowed=()) -> Hosts:
+        """Listening on loopback: localhost, 127.x, ::1.  Otherwise also any IP literal, this machine's
+        hostname and <hostname>.local (mDNS), and the listening name.  Plus `allowed` ([web] allowed_hosts)."""
+        allowed = (allowed,) if isinstance(allowed, str) else allowed or ()
+        names = {"localhost"} | {n for n in (host_name(a) if a != "*" else "*" for a in allowed) if n}
+        b = bound.strip("[]").lower()
+        try:
+            loopback = ipaddress.ip_address(b).is_loopback
+        except ValueError:
+            loopback = b == "localhost"
+            if b and not loopback:
+                names.add(b.rstrip("."))
+        if not loopback:
+            hn = socket.gethostname().lower().rstrip(".")
+            short = hn.split(".")[0]
+            names |= {hn, short, short + ".local"}
+        return cls(frozenset(names), not loopback)
+
+    def allows(self, authority: str) -> bool:
+        name = host_name(authority)
+        if name is None:
+            return False
+        if name in self.names or "*" in self.names:
+            return True
+        try:
+            ip = ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return self.any_ip or ip.is_loopback
+
+
+# ---------------------------------------------------------------------------------------------------- changes
+
+class Changes:
+    """The Service's change counter, brought into the event loop by one thread: an event stream costs no
+    thread.  `value` is the latest counter, None once the service or the server is closing."""
+
+    def __init__(self, service, loop: asyncio.AbstractEventLoop):
+        self.service, self.loop = service, loop
+        self.value: int | None = -1
+        self._wake = asyncio.Event()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="livestack-web-events", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def _watch(self) -> None:
+        seen = -1
+        while not self._done.is_set():
+            ch = self.service.wait_change(seen, 1.0)     # 1 s: notice close() even when nothing changes
+            if ch is None:
+                break
+            if ch != seen:
+                seen = ch
+                self._post(ch)
+        self._post(None)
+
+    def _post(self, value: int | None) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self._set, value)
+        except RuntimeError:          # the loop has closed: nobody listens any more
             pass
 
+    def _set(self, value: int | None) -> None:
+        if self.value is None:
+            return
+        self.value = value
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    def close(self) -> None:
+        """In the loop: end every event stream now."""
+        self._done.set()
+        self._set(None)
+
+    async def wait(self, seen: int, timeout: float) -> int | None:
+        """The counter once it differs from `seen`, or `seen` after `timeout` s; None when closing."""
+        if self.value != seen:
+            return self.value
+        wake = self._wake
+        try:
+            await asyncio.wait_for(wake.wait(), timeout)
+        except TimeoutError:
+            pass
+        return self.value
+
+
+# ---------------------------------------------------------------------------------------------------- routes
+
+class Api:
+    """One request -> checks -> one Service call -> a response.  Runs in the event loop: nothing here blocks
+    (files are read in `io`, the worker's futures are awaited)."""
+
+    def __init__(self, service, web_params, hosts: Hosts, idle_s: float, changes: Changes, io: ThreadPoolExecutor):
+        self.service, self.web, self.hosts, self.idle_s = service, web_params, hosts, idle_s
+        self.changes, self.io = changes, io
+
+    async def handle(self, req: web.BaseRequest) -> web.StreamResponse:
+        try:
+            target = req.raw_path
+            if target.startswith("/"):          # origin-form, as browsers send it: the path is taken as is
+                path, _, query = target.partition("?")
+                authority = None
+            else:                               # absolute-form (http://host/path): its host must be ours too
+                u = urlsplit(target)
+                path, query, authority = u.path or "/", u.query, u.netloc
+            self._check_host(req, authority)
+            if req.method not in ("GET", "POST"):
+                raise HttpError(405, f"{req.method} is not used here: GET reads, POST changes", {"Allow": "GET, POST"})
+            write = req.method == "POST"
+            if write:
+                self._check_origin(req)
+                self._check_token(req)
+                self._check_content_type(req)
+            if path.startswith("/api/files/") and not write:
+                return await self._file(req, path[len("/api/files/"):])
+            if path.startswith("/static/") and not write:
+                return await self._static(req, path[len("/static/"):])
+            fn = (POST_ROUTES if write else GET_ROUTES).get(path)
+            if fn is None:
+                if path in (GET_ROUTES if write else POST_ROUTES):
+                    raise HttpError(405, f"{path} needs {'GET' if write else 'POST'}",
+                                    {"Allow": "GET" if write else "POST"})
+                raise HttpError(404, f"no such page {path[:200]}; the API is under /api/ (see the README, HTTP API)")
+            q = {k: v[-1] for k, v in parse_qs(query).items()}
+            return await fn(self, req, q, await self._body(req) if write else None)
+        except HttpError as err:
+            return _json({"error": err.message}, err.status, err.headers)
+        except Refused as err:
+            return _json({"error": str(err)}, err.status)
+
     # ---------------------------------------------------------------- checks
-    def _check_token(self) -> None:
-        token = self.server.web.token
+    def _check_host(self, req: web.BaseRequest, target_authority: str | None) -> None:
+        """Refuse a request for another name (DNS rebinding reads and changes through the user's browser).
+        No Host header at all is not a browser (HTTP/1.0 scripts): allowed."""
+        for authority in (req.headers.get("Host"), target_authority):
+            if authority is not None and not self.hosts.allows(authority):
+                raise HttpError(403, f"Host {authority[:100]!r} is not a name of this server (DNS rebinding?); "
+                                     "if it is, add it to [web] allowed_hosts")
+
+    def _check_origin(self, req: web.BaseRequest) -> None:
+        """A page from another site must not drive the daemon through the user's browser."""
+        origin = req.headers.get("Origin")
+        if origin is None:
+            return                    # not a browser: curl, scripts
+        if origin.strip().lower() == "null":
+            raise HttpError(403, "cross-site request refused: Origin null (a sandboxed frame or a local file)")
+        o = urlsplit(origin.strip())
+        if o.scheme not in ("http", "https") or o.netloc.lower() != req.headers.get("Host", "").lower():
+            raise HttpError(403, f"cross-site request from {origin[:100]} refused")
+
+    def _check_token(self, req: web.BaseRequest) -> None:
+        token = self.web.token
         if not token:
             return
-        auth = self.headers.get("Authorization", "")
-        got = auth[7:].strip() if auth.startswith("Bearer ") else self.headers.get("X-Livestack-Token")
+        auth = req.headers.get("Authorization", "")
+        got = auth[7:].strip() if auth.startswith("Bearer ") else req.headers.get("X-Livestack-Token")
         if not got:
             raise HttpError(401, "this call changes the session and needs the token: send "
                                  "'Authorization: Bearer <token>' or 'X-Livestack-Token: <token>'",
@@ -126,17 +414,32 @@ class Handler(BaseHTTPRequestHandler):
         if not hmac.compare_digest(got.encode(), token.encode()):
             raise HttpError(403, "wrong token")
 
-    def _check_origin(self) -> None:
-        """A page from another site must not drive the daemon through the user's browser."""
-        origin = self.headers.get("Origin")
-        if origin and origin != "null" and urlsplit(origin).netloc != self.headers.get("Host", ""):
-            raise HttpError(403, f"cross-site request from {origin} refused")
+    def _check_content_type(self, req: web.BaseRequest) -> None:
+        """Only JSON: a form or a text/plain body is what another site's page can send without asking."""
+        ctype = req.headers.get("Content-Type")
+        mime = ctype.split(";", 1)[0].strip().lower() if ctype is not None else None
+        if mime == "application/json" or (mime is None and not req.body_exists):
+            return
+        raise HttpError(415, f"send the body as JSON with 'Content-Type: application/json' "
+                             f"(got {(ctype or 'no Content-Type')[:60]})")
 
-    def _body(self) -> dict:
-        n = int(self.headers.get("Content-Length") or 0)
-        if n > MAX_BODY:
+    async def _body(self, req: web.BaseRequest) -> dict:
+        n = req.content_length
+        if n is not None and n > MAX_BODY:
             raise HttpError(413, f"request body of {n} bytes is over the {MAX_BODY} byte limit")
-        raw = self.rfile.read(n) if n else b""
+        if not req.body_exists:
+            return {}
+        if req.headers.get("Expect", "").lower() == "100-continue":
+            await req.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        raw = bytearray()
+        try:
+            async with asyncio.timeout(self.idle_s):
+                while chunk := await req.content.read(MAX_BODY + 1 - len(raw)):
+                    raw += chunk
+                    if len(raw) > MAX_BODY:
+                        raise HttpError(413, f"request body is over the {MAX_BODY} byte limit")
+        except TimeoutError as err:
+            raise HttpError(408, f"request body not received within {self.idle_s:g} s") from err
         if not raw.strip():
             return {}
         try:
@@ -148,141 +451,186 @@ class Handler(BaseHTTPRequestHandler):
         return body
 
     # ---------------------------------------------------------------- responses
-    def _send(self, status: int, data: bytes, ctype: str, headers: dict | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _json(self, obj, status: int = 200, headers: dict | None = None) -> None:
-        self._send(status, json.dumps(obj, allow_nan=False, default=str).encode(), "application/json", headers)
-
-    def _send_file(self, p: Path, *, download: str | None = None) -> None:
+    async def _write(self, resp: web.StreamResponse, data: bytes) -> None:
+        """A client that stops reading is dropped after idle_s, not kept with its buffers forever."""
         try:
-            f = open(p, "rb")   # an atomic rename replaces the inode: this open sees one complete version
+            await asyncio.wait_for(resp.write(data), self.idle_s)
+        except TimeoutError as err:
+            raise ConnectionResetError(f"the client read nothing for {self.idle_s:g} s") from err
+
+    async def _stream(self, req, status: int, ctype: str, size: int, chunks, headers: dict | None = None):
+        resp = web.StreamResponse(status=status, headers=_headers(ctype, headers))
+        resp.content_length = size
+        try:
+            await resp.prepare(req)
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    await self._write(resp, chunk)
+        except ConnectionError:
+            resp.force_close()
+        return resp
+
+    async def _send_bytes(self, req, data: bytes, ctype: str, headers: dict | None = None):
+        async def chunks():
+            for i in range(0, len(data), CHUNK):
+                yield data[i:i + CHUNK]
+        return await self._stream(req, 200, ctype, len(data), chunks(), headers)
+
+    async def _send_file(self, req, p: Path, *, download: str | None = None):
+        loop = asyncio.get_running_loop()
+        try:
+            # an atomic rename replaces the inode: this open sees one complete version
+            f = await loop.run_in_executor(self.io, open, p, "rb")
         except FileNotFoundError as err:
             raise HttpError(404, f"{p.name} does not exist yet") from err
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            self.send_response(200)
-            self.send_header("Content-Type", CONTENT_TYPES.get(p.suffix.lower(), "application/octet-stream"))
-            self.send_header("Content-Length", str(size))
-            self.send_header("Cache-Control", "no-store")
-            self.send_header("X-Content-Type-Options", "nosniff")
-            if download:
-                self.send_header("Content-Disposition", f'attachment; filename="{download}"')
-            self.end_headers()
-            while chunk := f.read(1 << 20):
-                self.wfile.write(chunk)
+        except OSError as err:
+            raise HttpError(404, f"{p.name} cannot be read ({err.strerror})") from err
+        size = os.fstat(f.fileno()).st_size
 
-    def _static(self, name: str) -> None:
+        async def chunks():
+            left = size
+            while left > 0 and (chunk := await loop.run_in_executor(self.io, f.read, min(CHUNK, left))):
+                left -= len(chunk)
+                yield chunk
+            if left:                  # truncated meanwhile: the client must not wait for the rest
+                raise ConnectionResetError(f"{p.name} shrank while being sent")
+
+        headers = {"Content-Disposition": f'attachment; filename="{download}"'} if download else None
+        try:
+            return await self._stream(req, 200, CONTENT_TYPES.get(p.suffix.lower(), "application/octet-stream"),
+                                      size, chunks(), headers)
+        finally:
+            f.close()
+
+    async def _static(self, req, name: str):
         name = unquote(name)
         if name not in STATIC_FILES:
-            raise HttpError(404, f"no static file {name!r}")
-        self._send_file(STATIC / name)
+            raise HttpError(404, f"no static file {name[:200]!r}")
+        return await self._send_file(req, STATIC / name)
 
-    def _file(self, rel: str) -> None:
+    async def _file(self, req, rel: str):
         """A file of the session folder.  '..', encoded '%2e%2e', absolute paths and symlinks leading out are
         refused: only paths that resolve inside the folder are served."""
         rel = unquote(rel)
-        root = self.server.service.out.resolve()
+        shown = rel if len(rel) <= 120 else rel[:100] + "…"
         parts = rel.replace("\\", "/").split("/")
         if not rel or rel.startswith("/") or "\0" in rel or ".." in parts or Path(rel).is_absolute():
-            raise HttpError(403, f"refused: {rel!r} is not a path inside the session folder")
-        p = (root / rel).resolve()
-        if not p.is_relative_to(root):
-            raise HttpError(403, f"refused: {rel!r} leads outside the session folder")
-        if not p.is_file():
-            raise HttpError(404, f"{rel} is not a file of the session folder")
-        self._send_file(p)
+            raise HttpError(403, f"refused: {shown!r} is not a path inside the session folder")
+        try:
+            root = self.service.out.resolve()
+            p = (root / rel).resolve()
+            if not p.is_relative_to(root):
+                raise HttpError(403, f"refused: {shown!r} leads outside the session folder")
+            is_file = p.is_file()
+        except (OSError, RuntimeError) as err:   # name too long, a symlink loop (RuntimeError before 3.13)
+            reason = getattr(err, "strerror", None) or "symlink loop"
+            raise HttpError(404, f"{shown} is not a file of the session folder ({reason})") from err
+        if not is_file:
+            raise HttpError(404, f"{shown} is not a file of the session folder")
+        return await self._send_file(req, p)
+
+    async def _result(self, fut: Future, timeout: float):
+        """The worker's result, awaited without a thread; TimeoutError after `timeout` s.  The future is never
+        cancelled (the worker sets its result whatever happens)."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def wake(_):
+            try:
+                loop.call_soon_threadsafe(done.set)
+            except RuntimeError:      # the loop has closed
+                pass
+
+        fut.add_done_callback(wake)
+        await asyncio.wait_for(done.wait(), timeout)
+        return fut.result()
+
+    async def _wait(self, fut: Future, timeout: float, what: str):
+        try:
+            return await self._result(fut, timeout)
+        except TimeoutError as err:
+            raise HttpError(503, f"{what} is still running after {timeout:g} s; the worker is busy, "
+                                 "try again") from err
 
     # ---------------------------------------------------------------- GET routes
-    def index(self, q, _):
-        self._send_file(STATIC / "index.html")
+    async def index(self, req, q, _):
+        return await self._send_file(req, STATIC / "index.html")
 
-    def status(self, q, _):
-        self._json(self.server.service.status())
+    async def status(self, req, q, _):
+        return _json(self.service.status())
 
-    def frames(self, q, _):
-        snap = self.server.service.snapshot
+    async def frames(self, req, q, _):
+        snap = self.service.snapshot
         try:
             since = max(0, int(q.get("since", 0)))
         except ValueError as err:
             raise HttpError(400, f"since={q.get('since')!r}: must be an integer") from err
-        self._json({"generation": snap.generation, "total": len(snap.frames), "since": since,
-                    "frames": [_clean(d) for d in snap.frames[since:]]})
+        return _json({"generation": snap.generation, "total": len(snap.frames), "since": since,
+                      "frames": [_clean(d) for d in snap.frames[since:]]})
 
-    def preview(self, q, _):
-        jpg = self.server.service.snapshot.preview
+    async def preview(self, req, q, _):
+        jpg = self.service.snapshot.preview
         if jpg is None:
             raise HttpError(404, "nothing stacked yet: the preview appears with the first stacked frame")
-        self._send(200, jpg, "image/jpeg")
+        return await self._send_bytes(req, jpg, "image/jpeg")
 
-    def stack_fits(self, q, _):
-        self._send_file(self.server.service.out / "stack.fits", download="stack.fits")
+    async def stack_fits(self, req, q, _):
+        return await self._send_file(req, self.service.out / "stack.fits", download="stack.fits")
 
-    def export(self, q, _):
+    async def export(self, req, q, _):
         fmt, mode = q.get("format", "tiff").lower(), q.get("mode", "stretched").lower()
         if fmt not in ("png", "tiff"):
             raise HttpError(400, f"format={fmt!r}: use png or tiff")
         if mode not in ("stretched", "linear"):
             raise HttpError(400, f"mode={mode!r}: use stretched or linear")
-        data = _wait(self.server.service.export(fmt, mode), 300, "the export")
+        data = await self._wait(self.service.export(fmt, mode), 300, "the export")
         ext = "png" if fmt == "png" else "tif"
-        self._send(200, data, "image/png" if fmt == "png" else "image/tiff",
-                   {"Content-Disposition": f'attachment; filename="stack-{mode}-16bit.{ext}"'})
+        return await self._send_bytes(req, data, "image/png" if fmt == "png" else "image/tiff",
+                                      {"Content-Disposition": f'attachment; filename="stack-{mode}-16bit.{ext}"'})
 
-    def events(self, q, _):
-        svc = self.server.service
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Accel-Buffering", "no")
-        self.end_headers()
-        self.wfile.write(b"retry: 2000\n\n")
-        seen = -1
-        while True:
-            ch = svc.wait_change(seen, SSE_KEEPALIVE_S)
-            if ch is None:
-                break
-            if ch == seen:
-                self.wfile.write(b": keepalive\n\n")
-            else:
-                seen = ch
-                data = json.dumps(svc.status(), allow_nan=False, default=str)
-                self.wfile.write(f"event: status\ndata: {data}\n\n".encode())
-            self.wfile.flush()
-        self.close_connection = True
+    async def events(self, req, q, _):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
+                                           "X-Accel-Buffering": "no"})
+        resp.force_close()
+        try:
+            await resp.prepare(req)
+            await self._write(resp, b"retry: 2000\n\n")
+            seen = -1
+            while (ch := await self.changes.wait(seen, SSE_KEEPALIVE_S)) is not None:
+                if ch == seen:
+                    await self._write(resp, b": keepalive\n\n")
+                else:
+                    seen = ch
+                    data = json.dumps(self.service.status(), allow_nan=False, default=str)
+                    await self._write(resp, f"event: status\ndata: {data}\n\n".encode())
+        except ConnectionError:
+            pass
+        return resp
 
     # ---------------------------------------------------------------- POST routes
-    def pause(self, q, body):
-        self._json(self.server.service.pause())
+    async def pause(self, req, q, body):
+        return _json(self.service.pause())
 
-    def resume(self, q, body):
-        self._json(self.server.service.resume())
+    async def resume(self, req, q, body):
+        return _json(self.service.resume())
 
-    def _exclude(self, body, exclude: bool):
+    async def _exclude(self, body, exclude: bool):
         name = body.get("file")
         if not isinstance(name, str) or not name:
             raise HttpError(400, 'send {"file": "<name as in /api/frames>"}')
-        fut = self.server.service.exclude(name, exclude)
+        fut = self.service.exclude(name, exclude)
         try:
-            self._json(fut.result(timeout=2.0))
-        except FutureTimeout:
-            self._json({"accepted": True, "message": "restacking; progress in /api/status (restack)"}, 202)
+            return _json(await self._result(fut, 2.0))
+        except TimeoutError:
+            return _json({"accepted": True, "message": "restacking; progress in /api/status (restack)"}, 202)
 
-    def exclude(self, q, body):
-        self._exclude(body, True)
+    async def exclude(self, req, q, body):
+        return await self._exclude(body, True)
 
-    def include(self, q, body):
-        self._exclude(body, False)
+    async def include(self, req, q, body):
+        return await self._exclude(body, False)
 
-    def stretch(self, q, body):
+    async def stretch(self, req, q, body):
         if body.get("auto"):
             vals = {"black": None, "midtones": None, "white": None}
         else:
@@ -301,12 +649,12 @@ class Handler(BaseHTTPRequestHandler):
                 raise HttpError(400, "stretch midtones must be strictly between 0 and 1")
             if None not in (vals["black"], vals["white"]) and vals["black"] >= vals["white"]:
                 raise HttpError(400, f"stretch black {vals['black']} must be below white {vals['white']}")
-        self._json(_wait(self.server.service.set_stretch(**vals), 60, "the stretch"))
+        return _json(await self._wait(self.service.set_stretch(**vals), 60, "the stretch"))
 
-    def new_session(self, q, body):
-        self._json(_wait(self.server.service.new_session(), 120, "the new session"))
+    async def new_session(self, req, q, body):
+        return _json(await self._wait(self.service.new_session(), 120, "the new session"))
 
-    def palette(self, q, body):
+    async def palette(self, req, q, body):
         unknown = set(body) - {"palette", "weights", "hues"}
         if unknown:
             raise HttpError(400, f"unknown palette field(s) {', '.join(sorted(unknown))}; use palette, weights, hues")
@@ -316,17 +664,20 @@ class Handler(BaseHTTPRequestHandler):
         if "palette" in body and not isinstance(body["palette"], str):
             raise HttpError(400, 'palette must be a name, e.g. "SHO" (or "auto")')
         try:
-            fut = self.server.service.set_palette(body.get("palette"), body.get("weights"), body.get("hues"))
+            fut = self.service.set_palette(body.get("palette"), body.get("weights"), body.get("hues"))
         except (ValueError, TypeError) as err:
             raise HttpError(400, str(err)) from err
-        self._json(_wait(fut, 60, "the palette"))
+        return _json(await self._wait(fut, 60, "the palette"))
 
 
-def _wait(fut, timeout: float, what: str):
-    try:
-        return fut.result(timeout=timeout)
-    except FutureTimeout as err:
-        raise HttpError(503, f"{what} is still running after {timeout:g} s; the worker is busy, try again") from err
+def _headers(ctype: str, extra: dict | None = None) -> dict:
+    return {"Content-Type": ctype, "Cache-Control": "no-store", "X-Content-Type-Options": "nosniff",
+            **(extra or {})}
+
+
+def _json(obj, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(status=status, body=json.dumps(obj, allow_nan=False, default=str).encode(),
+                        headers=_headers("application/json", headers))
 
 
 def _clean(d: dict) -> dict:
@@ -336,9 +687,9 @@ def _clean(d: dict) -> dict:
 
 STATIC_FILES = frozenset(p.name for p in STATIC.iterdir() if p.is_file()) if STATIC.is_dir() else frozenset()
 
-GET_ROUTES = {"/": Handler.index, "/index.html": Handler.index, "/api/status": Handler.status,
-              "/api/frames": Handler.frames, "/api/preview.jpg": Handler.preview,
-              "/api/stack.fits": Handler.stack_fits, "/api/export": Handler.export, "/api/events": Handler.events}
-POST_ROUTES = {"/api/pause": Handler.pause, "/api/resume": Handler.resume, "/api/exclude": Handler.exclude,
-               "/api/include": Handler.include, "/api/stretch": Handler.stretch,
-               "/api/new-session": Handler.new_session, "/api/palette": Handler.palette}
+GET_ROUTES = {"/": Api.index, "/index.html": Api.index, "/api/status": Api.status, "/api/frames": Api.frames,
+              "/api/preview.jpg": Api.preview, "/api/stack.fits": Api.stack_fits, "/api/export": Api.export,
+              "/api/events": Api.events}
+POST_ROUTES = {"/api/pause": Api.pause, "/api/resume": Api.resume, "/api/exclude": Api.exclude,
+               "/api/include": Api.include, "/api/stretch": Api.stretch, "/api/new-session": Api.new_session,
+               "/api/palette": Api.palette}

@@ -1,0 +1,324 @@
+"""What an attacker on another web page or on the network can do to the daemon's server: refused, bounded, answered.
+
+Issue 13, points 5 (cross-site requests, DNS rebinding) and 6 (HTTP robustness).  Each daemon listens on
+127.0.0.1 with an idle timeout of IDLE_S (LIVESTACK_WEB_IDLE_S), so that idle sockets close within the test.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from conftest import Daemon
+from test_web import TOKEN
+
+IDLE_S = 2.0
+MAX_CONNECTIONS = 256          # livestack.web.app.MAX_CONNECTIONS
+
+
+def start_daemon(root, *extra: str) -> Daemon:
+    (root / "watch").mkdir()
+    d = Daemon(root, root / "watch", root / "out", *extra)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LIVESTACK_WEB_IDLE_S", str(IDLE_S))
+        d.start()
+    d.port = urlsplit(d.url).port
+    wait_ok(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def open_web(tmp_path_factory):
+    """No token: the default on 127.0.0.1, where only the Host/Origin/Content-Type checks stand."""
+    d = start_daemon(tmp_path_factory.mktemp("web-open"))
+    yield d
+    assert d.stop() == 0
+    assert "Traceback" not in d.log.read_text(), d.log.read_text()
+
+
+@pytest.fixture(scope="module")
+def token_web(tmp_path_factory):
+    d = start_daemon(tmp_path_factory.mktemp("web-token"), "--token", TOKEN)
+    yield d
+    assert d.stop() == 0
+
+
+def request(d: Daemon, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+            timeout: float = 10) -> tuple[int, bytes]:
+    """One request with exactly these headers (a "Host" given here replaces the real one)."""
+    conn = http.client.HTTPConnection("127.0.0.1", d.port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, r.read()
+    finally:
+        conn.close()
+
+
+def wait_ok(d: Daemon, timeout: float = 10) -> None:
+    end = time.monotonic() + timeout
+    while request(d, "GET", "/api/status")[0] != 200:
+        assert time.monotonic() < end, d.log.read_text()
+        time.sleep(0.05)
+
+
+def paused(d: Daemon) -> bool:
+    return json.loads(request(d, "GET", "/api/status")[1])["paused"]
+
+
+def raw(d: Daemon, data: bytes, timeout: float = 5) -> bytes:
+    """Send bytes, read the answer until the server closes or `timeout`."""
+    with socket.create_connection(("127.0.0.1", d.port), timeout=timeout) as s:
+        s.sendall(data)
+        got = b""
+        try:
+            while chunk := s.recv(65536):
+                got += chunk
+        except TimeoutError:
+            pass
+        return got
+
+
+def proc_status(d: Daemon, key: str) -> int:
+    """A number from /proc/<daemon>/status (VmRSS, VmHWM in kB; Threads)."""
+    for line in Path(f"/proc/{d.proc.pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+# ---------------------------------------------------------------------------------------------------- point 5
+
+def test_a_sandboxed_frame_cannot_post(open_web):
+    """Any page can send Origin: null with a text/plain body (sandboxed iframe): no preflight, so refuse."""
+    st, body = request(open_web, "POST", "/api/pause", b'{"x": 1}',
+                       {"Origin": "null", "Content-Type": "text/plain;charset=UTF-8"})
+    assert st == 403 and "Origin null" in json.loads(body)["error"]
+    st, body = request(open_web, "POST", "/api/exclude", b'{"file": "a.dng"}', {"Origin": "null",
+                                                                               "Content-Type": "application/json"})
+    assert st == 403
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+        st, body = request(open_web, "POST", "/api/pause", b'{"file": "a"}', {"Content-Type": ctype})
+        assert st == 415 and "application/json" in json.loads(body)["error"], ctype
+    st, _ = request(open_web, "POST", "/api/pause", b'{}')          # a body without any Content-Type
+    assert st == 415
+    assert paused(open_web) is False
+
+
+@pytest.mark.parametrize("method,path", [("POST", "/api/pause"), ("GET", "/api/status"), ("GET", "/"),
+                                         ("GET", "/api/frames"), ("GET", "/api/events"),
+                                         ("GET", "/api/files/frames.jsonl")])
+def test_dns_rebinding_is_refused(open_web, method, path):
+    """evil.example resolving to 127.0.0.1: Host and Origin are both the attacker's name, reads included."""
+    evil = f"evil.example:{open_web.port}"
+    headers = {"Host": evil, "Origin": f"http://{evil}", "Content-Type": "application/json"}
+    st, body = request(open_web, method, path, b"{}" if method == "POST" else None, headers)
+    assert st in (403, 421) and "Host" in json.loads(body)["error"]
+    assert paused(open_web) is False
+
+
+def test_this_servers_names_and_own_page_still_work(open_web):
+    port = open_web.port
+    for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "localhost", f"LOCALHOST.:{port}"):
+        assert request(open_web, "GET", "/api/status", headers={"Host": host})[0] == 200, host
+    for host in (f"192.168.1.20:{port}", f"raspberrypi.local:{port}", f"localhost.evil.example:{port}",
+                 f"evil.example@127.0.0.1:{port}", ""):
+        assert request(open_web, "GET", "/api/status", headers={"Host": host})[0] in (400, 403, 421), host
+    # the page's own fetch: same origin, JSON
+    own = {"Origin": f"http://127.0.0.1:{port}", "Content-Type": "application/json"}
+    st, body = request(open_web, "POST", "/api/pause", b"{}", own)
+    assert st == 200 and json.loads(body)["paused"] is True
+    st, _ = request(open_web, "POST", "/api/resume", b"{}", {"Origin": f"http://localhost:{port}",
+                                                            "Host": f"localhost:{port}",
+                                                            "Content-Type": "application/json; charset=utf-8"})
+    assert st == 200
+    st, _ = request(open_web, "POST", "/api/pause", b"{}", {**own, "Origin": f"http://localhost:{port}"})
+    assert st == 403                                   # Origin names another host than Host
+    # curl -X POST localhost:PORT/api/pause: no Origin, no body
+    assert request(open_web, "POST", "/api/pause", headers={"Host": f"localhost:{port}"})[0] == 200
+    assert request(open_web, "POST", "/api/resume")[0] == 200
+    assert paused(open_web) is False
+
+
+def test_with_a_token_a_request_without_it_is_still_401(token_web):
+    own = {"Origin": f"http://127.0.0.1:{token_web.port}", "Content-Type": "application/json"}
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    st, body = request(token_web, "POST", "/api/pause", b"{}", own)
+    assert st == 401 and "token" in json.loads(body)["error"]
+    assert request(token_web, "POST", "/api/pause")[0] == 401
+    # the token (e.g. kept by a script on a shared machine) does not make a cross-site request acceptable
+    assert request(token_web, "POST", "/api/pause", b"{}", {**own, **auth, "Origin": "null"})[0] == 403
+    assert request(token_web, "POST", "/api/pause", b"{}", {**auth, "Content-Type": "text/plain"})[0] == 415
+    st, _ = request(token_web, "POST", "/api/pause", b"{}", {**own, **auth})
+    assert st == 200
+    st, _ = request(token_web, "POST", "/api/resume", headers={"X-Livestack-Token": TOKEN})
+    assert st == 200
+
+
+def test_which_host_names_are_this_servers():
+    """A Pi listening on all addresses is reached by IP, <hostname>, <hostname>.local or a configured name;
+    on loopback only by loopback names.  A name resolving here is not enough (DNS rebinding)."""
+    from livestack.web.app import Hosts
+
+    hn = socket.gethostname().split(".")[0].lower()
+    lan = Hosts.for_server("0.0.0.0", ["astro.example.org"])
+    for ok in ("192.168.1.20:8080", "[fe80::1]:8080", f"{hn}:8080", f"{hn}.local:8080", f"{hn.upper()}.LOCAL.",
+               "astro.example.org", "localhost:8080", "127.0.0.1"):
+        assert lan.allows(ok), ok
+    for bad in ("evil.example:8080", f"{hn}.evil.example", "astro.example.org.evil", "", "a b", "x@192.168.1.20"):
+        assert not lan.allows(bad), bad
+    lo = Hosts.for_server("127.0.0.1")
+    assert lo.allows("localhost:8080") and lo.allows("[::1]:8080") and lo.allows("127.0.0.1:8080")
+    assert not lo.allows("192.168.1.20:8080") and not lo.allows(f"{hn}.local:8080")
+    assert Hosts.for_server("127.0.0.1", ["*"]).allows("anything.example")
+
+
+# ---------------------------------------------------------------------------------------------------- point 6
+
+@pytest.mark.parametrize("length", ["-1", "abc", "-5", "1e3", ""])
+def test_bad_content_length_is_400_at_once(open_web, length):
+    t0 = time.monotonic()
+    got = raw(open_web, f"POST /api/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                        f"Content-Length: {length}\r\n\r\n{{}}".encode())
+    assert got.split(b"\r\n", 1)[0].split()[1:2] == [b"400"], got[:200]
+    assert time.monotonic() - t0 < 2
+    assert paused(open_web) is False
+
+
+def _stream_at(d: Daemon, head: bytes, total: int, chunk: bytes) -> int:
+    """Send `head` then up to `total` bytes of body; the bytes the server took before it closed."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", d.port), timeout=10) as s:
+        try:
+            s.sendall(head)
+            while sent < total:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except OSError:               # the server refused and closed: what we wanted
+            pass
+    return sent
+
+
+def test_streaming_a_huge_body_does_not_grow_memory(open_web):
+    """Content-Length -1 used to read until the client closed; an honest 128 MB length or a chunked stream
+    must not be buffered either.  The peak RSS (VmHWM) of the daemon stays put."""
+    mb = 128
+    chunk = b"x" * (1 << 20)
+    hwm0 = proc_status(open_web, "VmHWM")
+    post = b"POST /api/pause HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    for length in (b"-1", b"%d" % (mb << 20)):
+        _stream_at(open_web, post + b"Content-Length: " + length + b"\r\n\r\n", mb << 20, chunk)
+    # chunked: 1 MiB chunks, no length announced
+    _stream_at(open_web, post + b"Transfer-Encoding: chunked\r\n\r\n", mb << 20, b"100000\r\n" + chunk + b"\r\n")
+    grown_mb = (proc_status(open_web, "VmHWM") - hwm0) / 1024
+    assert grown_mb < 20, f"peak RSS grew {grown_mb:.0f} MB while {3 * mb} MB were streamed at the server"
+    st, body = request(open_web, "POST", "/api/pause", b"x" * 70_000, {"Content-Type": "application/json"})
+    assert st == 413 and "limit" in json.loads(body)["error"]
+    assert paused(open_web) is False
+
+
+def test_long_path_and_symlink_loop_get_an_answer(open_web):
+    out = open_web.out
+    (out / "loop").symlink_to("loop")
+    (out / "ping").symlink_to("pong")
+    (out / "pong").symlink_to("ping")
+    for path in ("/api/files/" + "a" * 300, "/api/files/" + "/".join(["b" * 250] * 20), "/api/files/loop",
+                 "/api/files/ping", "/api/files/loop/x", "/" + "c" * 300, "/static/" + "d" * 300):
+        st, body = request(open_web, "GET", path)
+        assert st in (403, 404) and json.loads(body)["error"], (path[:40], st)
+    assert "Traceback" not in open_web.log.read_text()
+
+
+def test_fifty_concurrent_posts_are_all_answered(open_web):
+    n = 50
+    go = threading.Barrier(n)
+    results: list = [None] * n
+
+    def post(i):
+        go.wait()
+        try:
+            results[i] = request(open_web, "POST", "/api/pause", b"{}", {"Content-Type": "application/json"},
+                                 timeout=20)[0]
+        except OSError as err:
+            results[i] = repr(err)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(r for r in results if isinstance(r, int)) == [200] + [409] * (n - 1), results
+    assert request(open_web, "POST", "/api/resume")[0] == 200
+
+
+def test_idle_sockets_cost_no_thread_and_time_out(open_web):
+    """200 idle sockets: no thread each, closed after the idle timeout; an event stream is not idle: it
+    outlives the timeout and still gets the next change."""
+    events = http.client.HTTPConnection("127.0.0.1", open_web.port, timeout=IDLE_S + 10)
+    events.request("GET", "/api/events")
+    r = events.getresponse()
+    assert r.status == 200 and r.getheader("Content-Type") == "text/event-stream"
+
+    def next_status():
+        while True:
+            line = r.readline().decode()
+            if line.startswith("data: "):
+                return json.loads(line[6:])
+
+    assert next_status()["paused"] is False
+    threads0 = proc_status(open_web, "Threads")
+    socks = [socket.create_connection(("127.0.0.1", open_web.port), timeout=IDLE_S + 5) for _ in range(200)]
+    try:
+        time.sleep(0.3)
+        threads = proc_status(open_web, "Threads")
+        assert threads <= threads0 + 4, f"{threads0} threads before, {threads} with 200 idle sockets"
+        assert request(open_web, "GET", "/api/status")[0] == 200         # still answering meanwhile
+        t0 = time.monotonic()
+        closed = sum(s.recv(1) == b"" for s in socks)                    # EOF: the server closed it
+        assert closed == 200 and time.monotonic() - t0 < IDLE_S + 3
+        time.sleep(1)
+        assert request(open_web, "POST", "/api/pause")[0] == 200
+        assert next_status()["paused"] is True
+    finally:
+        for s in socks:
+            s.close()
+        events.close()
+        request(open_web, "POST", "/api/resume")
+
+
+def test_a_trickling_request_is_closed_too(open_web):
+    """Slowloris: a byte now and then must not keep a connection open past the idle timeout."""
+    with socket.create_connection(("127.0.0.1", open_web.port), timeout=IDLE_S + 5) as s:
+        t0 = time.monotonic()
+        got = None
+        for c in b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100:
+            try:
+                s.sendall(bytes([c]))
+            except OSError:
+                got = b""
+                break
+            s.settimeout(0.25)
+            try:
+                got = s.recv(100)
+                break
+            except TimeoutError:
+                pass
+        assert got is not None and b"200 OK" not in got and time.monotonic() - t0 < IDLE_S + 3
+
+
+def test_connections_over_the_cap_get_503(open_web):
+    socks = [socket.create_connection(("127.0.0.1", open_web.port), timeout=5) for _ in range(MAX_CONNECTIONS)]
+    try:
+        time.sleep(0.2)
+        st, body = request(open_web, "GET", "/api/status")
+        assert st == 503 and "too many" in json.loads(body)["error"]
+    finally:
+        for s in socks:
+            s.close()
+    time.sleep(0.2)
+    assert request(open_web, "GET", "/api/status")[0] == 200
