@@ -395,3 +395,62 @@ def test_exclude_on_a_full_disk_restacks_in_memory_and_saves_when_space_returns(
         assert json.loads((out / "session" / "excluded.json").read_text()) == [files[2].name]
         _, info = load_checkpoint(SessionFolder(out).checkpoint, Config())
         assert info["lines"] == 6 and info["excluded"] == [files[2].name]
+
+
+def test_a_start_on_a_full_disk_resumes_and_rewrites_frames_jsonl_later(tmp_path, daemon_night, monkeypatch):
+    """The lines after the checkpoint are dropped from frames.jsonl at start; when that rewrite meets a full disk
+    the start goes on (systemd would loop otherwise) and the service rewrites the log once there is room."""
+    import livestack.session as session_mod
+    from livestack.engine.write import DiskFull
+
+    files = daemon_night[0][:5]
+    folder = SessionFolder(tmp_path / "out")
+    from livestack.engine.pipeline import Engine
+    from livestack.session import FramesLog
+
+    eng, log = Engine(Config()), FramesLog(folder.frames)
+    for i, f in enumerate(files):
+        d = eng.process(f).to_dict()
+        d["path"] = f.name
+        log.append(d)
+        if i == 2:
+            folder.save_checkpoint(eng, lines=3, excluded=set())
+    real = session_mod.rewrite_frames_log
+
+    def full(path, records):
+        raise DiskFull(path, 1000)
+
+    monkeypatch.setattr(session_mod, "rewrite_frames_log", full)
+    r = folder.resume(Config())
+    assert r.log_stale and "disk full" in r.note and len(r.records) == 3 and len(r.dropped) == 2
+    assert len(read_frames_log(folder.frames)) == 5          # not rewritten yet
+    monkeypatch.setattr(session_mod, "rewrite_frames_log", real)
+
+
+def test_spilled_stacks_stay_in_memory_when_their_blocks_cannot_be_reserved(tmp_path, night, monkeypatch):
+    """A memory-mapped stack reserves its file's blocks first: on a full disk (ENOSPC) it stays in memory — the
+    same stack — instead of dying of SIGBUS when the kernel writes a page back."""
+    import dataclasses
+    import errno
+
+    from livestack.engine.pipeline import Engine
+
+    files, _ = night(mono=True, n_frames=6, seed=12, filters=("L", "Ha"))
+    low = dataclasses.replace(Config(), stack=dataclasses.replace(Config().stack, memory_mb=0))
+    ref = Engine(low, spill_dir=tmp_path / "a")
+    for f in files:
+        ref.process(f)
+
+    def enospc(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", enospc)
+    eng = Engine(low, spill_dir=tmp_path / "b")
+    for f in files:
+        eng.process(f)
+    for name in ("L", "Ha"):
+        a, wa = ref.result(name)
+        b, wb = eng.result(name)
+        assert np.array_equal(a, b) and np.array_equal(wa, wb)
+    assert not any(isinstance(getattr(fs.stack, "sums", None), np.memmap) for fs in eng.stacks)
+    assert any(isinstance(fs.stack.sums, np.memmap) for fs in ref.stacks)
