@@ -146,6 +146,17 @@ class Daemon:
     def kill9(self) -> None:
         self.stop(signal.SIGKILL)
 
+    def run_through(self, files) -> "Daemon":
+        """All ``files`` in the watch folder before the start; run until each is recorded; stop (exit 0)."""
+        import shutil
+
+        for f in files:
+            shutil.copy(f, self.watch / f.name)
+        self.start()
+        self.wait_lines(len(files))
+        assert self.stop() == 0
+        return self
+
     def feeder(self, files):
         """feed(n, pause=0) copies the next n of ``files`` into the watch folder, as a camera would."""
         import shutil

@@ -83,12 +83,7 @@ def test_end_to_end_rename_slow_burst_corrupt_and_sigterm(make_daemon, daemon_ni
 
 def test_kill9_at_any_moment_then_restart_equals_uninterrupted_run(make_daemon, daemon_night):
     files, _ = daemon_night
-    ref = make_daemon(name="uninterrupted")
-    for f in files:
-        shutil.copy(f, ref.watch / f.name)
-    ref.start()
-    ref.wait_lines(len(files))
-    assert ref.stop() == 0
+    ref = make_daemon(name="uninterrupted").run_through(files)
     ref_img, ref_w, ref_hdr = read_stack(ref.out)
     ref_recs = {r["file"]: r["status"] for r in read_frames_log(ref.out / "frames.jsonl")}
     assert ref_recs[files[5].name] == "rejected"         # the cloudy frame, so rejection state is resumed too

@@ -1,7 +1,6 @@
 """`livestack run` while the filter wheel turns: a stack per filter, the composite, and kill -9 in between."""
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -31,12 +30,7 @@ def read(out: Path, name: str):
 
 def test_filter_changes_and_kill9_give_the_uninterrupted_stacks(make_daemon, wheel_night):
     files = wheel_night
-    ref = make_daemon(name="uninterrupted")
-    for f in files:
-        shutil.copy(f, ref.watch / f.name)
-    ref.start()
-    ref.wait_lines(len(files))
-    assert ref.stop() == 0
+    ref = make_daemon(name="uninterrupted").run_through(files)
     ref_recs = {r["file"]: (r["status"], r["filter"]) for r in read_frames_log(ref.out / "frames.jsonl")}
     assert all(s in ("reference", "stacked") for s, _ in ref_recs.values()), ref_recs
 

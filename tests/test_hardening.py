@@ -30,12 +30,7 @@ def read_stack(out: Path):
 
 def uninterrupted(make_daemon, files) -> tuple[np.ndarray, np.ndarray, dict, dict]:
     """The stack and {file: status} of one daemon run over ``files``, all there before it starts."""
-    ref = make_daemon(name="uninterrupted")
-    for f in files:
-        shutil.copy(f, ref.watch / f.name)
-    ref.start()
-    ref.wait_lines(len(files))
-    assert ref.stop() == 0
+    ref = make_daemon(name="uninterrupted").run_through(files)
     img, w, hdr = read_stack(ref.out)
     return img, w, hdr, {r["file"]: r["status"] for r in read_frames_log(ref.out / "frames.jsonl")}
 
