@@ -78,6 +78,18 @@ class Engine:
         self.timings: dict[str, float] = {}
         self._t = 0.0
 
+    def close(self) -> None:
+        """Stop the worker threads the stacks share (they also stop when the engine is garbage-collected: a
+        restack or a new stack replaces the engine, and each must not leave its threads behind)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def __del__(self):
+        pool = getattr(self, "_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=False)
+
     # ------------------------------------------------------------------ counts
 
     @property
