@@ -99,7 +99,7 @@ def register(src_xy, ref_xy, p: RegisterParams, *, rng: np.random.Generator, pre
     if predicted is not None:
         m0 = geo._check(predicted)
         found = _refine(src, ref, ref_tree, m0, p, p.predict_tol_px, weights)
-        if found is not None:
+        if not isinstance(found, str):
             m, si, ri, rms = found
             # A wrong guess can still pair a few stars by chance; those pairs fit badly.
             if len(si) >= p.min_matches and rms <= 0.5 * p.match_tol_px and _scale_ok(m, p):
@@ -111,10 +111,12 @@ def register(src_xy, ref_xy, p: RegisterParams, *, rng: np.random.Generator, pre
     while True:
         hyps, n_scored, reason = _hypotheses(src[:n_pattern], ref[:n_pattern], src, ref_tree, p, rng)
         tested += n_scored
-        best = None
+        best, failed = None, []
         for hyp in hyps:
             found = _refine(src, ref, ref_tree, hyp, p, p.match_tol_px, weights)
-            if found is not None and (best is None or (len(found[1]), -found[3]) > (len(best[1]), -best[3])):
+            if isinstance(found, str):
+                failed.append(found)
+            elif best is None or (len(found[1]), -found[3]) > (len(best[1]), -best[3]):
                 best = found
         if best is not None:
             m, si, ri, rms = best
@@ -122,7 +124,10 @@ def register(src_xy, ref_xy, p: RegisterParams, *, rng: np.random.Generator, pre
             if not reason:
                 return Registration(m, len(si), rms, "pattern", si, ri)
         elif hyps:
-            reason = f"only {_score_hint(hyps, src, ref_tree, p)} star pairs matched (need {p.min_matches})"
+            # What refinement found, not the first hypothesis's raw pair count (which could read "284 star
+            # pairs matched (need 8)" for a frame that failed).
+            reason = (f"{len(hyps)} triangle hypotheses, none held under least squares (the first: "
+                      f"{failed[0]})")
         # Two doublings at most: beyond ~4 × pattern_stars the triangles multiply (a failure at 300 stars
         # would cost ~0.1 s) and a field that still does not match is better reported as failed.
         if n_pattern >= max(len(src), len(ref)) or n_pattern >= 4 * p.pattern_stars:
@@ -155,11 +160,6 @@ def _implausible(m, si, rms, src, ref, p: RegisterParams, tested: int) -> str:
         return (f"only {n} star pairs matched where {n_in} × {len(ref)} stars pair ~{lam:.1f} times by chance "
                 f"(need {need})")
     return ""
-
-
-def _score_hint(hyps, src, ref_tree, p: RegisterParams) -> int:
-    d, _ = ref_tree.query(geo.apply(hyps[0], src), k=1, distance_upper_bound=p.match_tol_px)
-    return int(np.isfinite(d).sum())
 
 
 def _points(xy, name: str) -> np.ndarray:
@@ -206,25 +206,27 @@ def _mutual_pairs(mapped: np.ndarray, ref: np.ndarray, ref_tree: cKDTree, tol: f
 
 def _refine(src, ref, ref_tree, m0, p: RegisterParams, first_tol: float, weights):
     """Pair stars through ``m0`` within ``first_tol``, fit ``p.model``, re-pair within ``p.match_tol_px`` and
-    refit (3 rounds), then drop pairs beyond 3 × rms once. Returns (m, si, ri, rms) or None if too few pairs."""
+    refit (3 rounds), then drop pairs beyond 3 × rms once. Returns (m, si, ri, rms), or why not (a str)."""
     fit = geo.fit_affine if p.model == "affine" else geo.fit_similarity
     final = _fit_auto if p.model == "auto" else fit
     m, tol = m0, first_tol
     si = ri = np.zeros(0, dtype=np.int64)
-    for _ in range(3):
+    need = max(3, p.min_matches)
+    for k in range(3):
         si, ri = _mutual_pairs(geo.apply(m, src), ref, ref_tree, tol)
-        if len(si) < max(3, p.min_matches):
-            return None
+        if len(si) < need:
+            return (f"{len(si)} mutual star pairs within {tol:g} px "
+                    f"{'of the hypothesis' if k == 0 else f'after refit {k}'} (need {need})")
         try:
             m = fit(src[si], ref[ri], weights=weights(si, ri))
-        except ValueError:
-            return None
+        except ValueError as err:
+            return f"the fit to {len(si)} star pairs failed ({err})"
         tol = p.match_tol_px
     # Final pairing with the refined transform, then one sigma clip: for Gaussian centroid errors 3 × rms of
     # the 2-D distances drops 1 true pair in ~10^4, and the rare wrong pair that slipped within match_tol_px.
     si, ri = _mutual_pairs(geo.apply(m, src), ref, ref_tree, p.match_tol_px)
-    if len(si) < max(3, p.min_matches):
-        return None
+    if len(si) < need:
+        return f"{len(si)} mutual star pairs within {p.match_tol_px:g} px after the last refit (need {need})"
     try:
         m = final(src[si], ref[ri], weights=weights(si, ri))
         r = np.linalg.norm(geo.apply(m, src[si]) - ref[ri], axis=1)
@@ -232,8 +234,8 @@ def _refine(src, ref, ref_tree, m0, p: RegisterParams, first_tol: float, weights
         if keep.sum() >= max(3, p.min_matches) and not keep.all():
             si, ri = si[keep], ri[keep]
             m = final(src[si], ref[ri], weights=weights(si, ri))
-    except ValueError:
-        return None
+    except ValueError as err:
+        return f"the final fit to {len(si)} star pairs failed ({err})"
     r = np.linalg.norm(geo.apply(m, src[si]) - ref[ri], axis=1)
     return m, si.astype(np.int64), ri.astype(np.int64), float(np.sqrt(np.mean(r * r)))
 
