@@ -438,8 +438,7 @@ class Service:
     def _block(self, key: Path, full: DiskFull) -> None:
         first = self._disk is None
         self._blocked[key] = (full, time.monotonic())
-        worst = max((f for f, _ in self._blocked.values()), key=lambda f: f.needed)
-        self._disk = {"error": str(worst), "since": self._disk["since"] if self._disk else _now()}
+        self._disk = {"error": self._worst_owed(), "since": self._disk["since"] if self._disk else _now()}
         if first:   # once, not per frame: the status says it until space returns
             log.error("livestack: %s; stacking goes on in memory, the files are written when space returns", full)
         self._publish()
@@ -447,13 +446,16 @@ class Service:
     def _unblock(self, key: Path) -> None:
         self._blocked.pop(key, None)
         if self._blocked:
-            worst = max((f for f, _ in self._blocked.values()), key=lambda f: f.needed)
-            self._disk = {**self._disk, "error": str(worst)}
+            self._disk = {**self._disk, "error": self._worst_owed()}
         elif self._disk is not None:
             log.warning("livestack: disk space back (full since %s); frames.jsonl and the outputs are up to date",
                         self._disk["since"])
             self._disk = None
         self._publish()
+
+    def _worst_owed(self) -> str:
+        """The owed write that needs the most room, as the page says it ("disk full: <path>, N MB needed")."""
+        return str(max((f for f, _ in self._blocked.values()), key=lambda f: f.needed))
 
     def _catch_up(self) -> None:
         """Write what a full disk left owed, in the order a restart needs it: the exclusions, frames.jsonl, then

@@ -19,6 +19,7 @@ from scipy.spatial import cKDTree
 from . import geometry
 from .frame import FrameMeta, Quality, Stars
 from .normalize import transparency_scale
+from .register import mutual_pairs
 from .reject import FrameJudge, RejectParams
 from .stack import RunningStack, StackParams
 
@@ -135,16 +136,8 @@ class FilterStack:
         reference's (mutually nearest): > 1 for a frame dimmed by cloud; 1.0 with fewer than 3 pairs."""
         if not len(stars) or not len(self.ref.xy):
             return 1.0
-        on_grid = geometry.apply(matrix, stars.xy)
-        d, j = cKDTree(self.ref.xy).query(on_grid, distance_upper_bound=tol)
-        ok = np.isfinite(d)
-        if ok.sum() < 3:
-            return 1.0
-        src = np.flatnonzero(ok)
-        ref = j[ok]
-        _, back = cKDTree(on_grid).query(self.ref.xy[ref])
-        mutual = back == src
-        return transparency_scale(self.ref.flux[ref[mutual]], stars.flux[src[mutual]])
+        si, ri = mutual_pairs(geometry.apply(matrix, stars.xy), self.ref.xy, cKDTree(self.ref.xy), tol)
+        return transparency_scale(self.ref.flux[ri], stars.flux[si])
 
     def accept(self, q: Quality, m: FrameMeta) -> None:
         self.judge.accept(q)

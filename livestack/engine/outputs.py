@@ -17,13 +17,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from .. import __version__
 from . import compose as comp
 from .filterstack import Counters, FilterStack
-from .stretch import StretchParams, auto_stretch
+from .stretch import StretchParams, auto_stretch, reduce
 from .write import disk_full, fsync_dir, write_fits_blocks, write_fits_rows, write_jpeg
 
 ROWS = 256    # rows per block when streaming a composite
@@ -112,26 +111,23 @@ def plan(engine, params: comp.ComposeParams, max_size: int = 1600):
     stacks = engine.stacks
     if not stacks:
         return None
-    if len(stacks) == 1 and engine.grid.channels == 3 and params.palette == "auto" and is_dual_band(stacks[0].name):
-        params = dataclasses.replace(params, palette="HOO")
-    if len(stacks) == 1 and not _dual_band(stacks[0], engine.grid.channels, params):
-        return None
+    if len(stacks) == 1:
+        # A colour camera behind a dual-band filter: its one stack becomes a composite (HOO: red = Ha from the R
+        # pixels, green = blue = OIII from the G and B pixels) when the palette says HOO, or is auto and the
+        # FILTER names a dual-band filter.
+        if engine.grid.channels == 3 and params.palette == "auto" and is_dual_band(stacks[0].name):
+            params = dataclasses.replace(params, palette="HOO")
+        if not comp.single_stack_palette(engine.grid.channels, params):
+            return None
     key = (tuple((fs.key, fs.version) for fs in stacks), repr(params), max_size)
     cached = getattr(engine, "_plan", None)
     if cached is not None and cached[0] == key:
         return cached[1]
     reduced = engine.reduced(max_size)
-    p = comp.plan_composite({fs.label: _at_most(reduced[fs.key][0], PLAN_SIZE) for fs in stacks}, params,
+    p = comp.plan_composite({fs.label: reduce(reduced[fs.key][0], PLAN_SIZE) for fs in stacks}, params,
                             full_shape=engine.grid.shape)
     engine._plan = (key, p)
     return p
-
-
-def _dual_band(fs: FilterStack, channels: int, params: comp.ComposeParams) -> bool:
-    """A colour camera behind a dual-band filter: its one stack becomes a composite (HOO: red = Ha from the R
-    pixels, green = blue = OIII from the G and B pixels) when the palette says HOO (or is auto and the FILTER
-    names a dual-band filter: is_dual_band)."""
-    return comp.single_stack_palette(channels, params)
 
 
 def write_stacks(engine, out_dir: Path, params: comp.ComposeParams, *, name: str = "stack.fits") -> bool:
@@ -171,13 +167,8 @@ def _composite_blocks(engine, p):
 
 
 def _write_composite(engine, p, path: Path) -> None:
-    total = Counters()
-    rejpix = 0
-    for fs in engine.stacks:
-        total = total + fs.counts
-        rejpix += fs.stack.rejected_total
-    hdr = header(engine, total, filter_name=",".join(fs.name or "none" for fs in engine.stacks)[:68],
-                 rejected_pixels=rejpix)
+    hdr = header(engine, engine.counts, filter_name=",".join(fs.name or "none" for fs in engine.stacks)[:68],
+                 rejected_pixels=sum(fs.stack.rejected_total for fs in engine.stacks))
     hdr["PALETTE"] = (p.header, "")
     hdr["BUNIT"] = ("", "linear composite: each filter's stack, background removed, scaled")
     write_fits_rows(path, (3,) + engine.grid.shape, _composite_blocks(engine, p), hdr)
@@ -215,26 +206,12 @@ def full_image(engine, params: comp.ComposeParams) -> tuple[np.ndarray, np.ndarr
     p = plan(engine, params)
     if p is None:
         return engine.result()
-    h = engine.grid.shape[0]
     out = np.empty((3,) + engine.grid.shape, np.float32)
-    for r0 in range(0, h, ROWS):
-        r1 = min(h, r0 + ROWS)
-        out[:, r0:r1] = comp.composite_rows(p, {fs.label: fs.stack.mean_rows(r0, r1) for fs in engine.stacks},
-                                            r0, r1)
-    engine.release()
+    for r0, block in _composite_blocks(engine, p):
+        out[:, r0:r0 + block.shape[1]] = block
     cov = np.isfinite(out).all(axis=0).astype(np.float32)
     np.nan_to_num(out, copy=False)
     return out, cov
-
-
-def _at_most(img: np.ndarray, size: int) -> np.ndarray:
-    """(C, h, w) -> area-averaged to at most ``size`` px on the long side (NaN spreads to the cells it is in)."""
-    c, h, w = img.shape
-    f = max(h, w) / size
-    if f <= 1:
-        return img
-    dsize = (max(1, round(w / f)), max(1, round(h / f)))
-    return np.stack([cv2.resize(img[i], dsize, interpolation=cv2.INTER_AREA) for i in range(c)])
 
 
 def _no_balance(p: StretchParams) -> StretchParams:

@@ -191,7 +191,7 @@ def _scale_ok(m: np.ndarray, p: RegisterParams) -> bool:
     return bool(det > 0 and abs(np.sqrt(det) - 1.0) <= p.max_scale_change)
 
 
-def _mutual_pairs(mapped: np.ndarray, ref: np.ndarray, ref_tree: cKDTree, tol: float):
+def mutual_pairs(mapped: np.ndarray, ref: np.ndarray, ref_tree: cKDTree, tol: float):
     """Index pairs (si, ri) where ref[ri] is the nearest reference star to mapped[si] within ``tol`` and
     mapped[si] is the nearest mapped star to ref[ri]: one-to-one, so close doubles cannot pair twice."""
     d, ri = ref_tree.query(mapped, k=1, distance_upper_bound=tol)
@@ -213,7 +213,7 @@ def _refine(src, ref, ref_tree, m0, p: RegisterParams, first_tol: float, weights
     si = ri = np.zeros(0, dtype=np.int64)
     need = max(3, p.min_matches)
     for k in range(3):
-        si, ri = _mutual_pairs(geo.apply(m, src), ref, ref_tree, tol)
+        si, ri = mutual_pairs(geo.apply(m, src), ref, ref_tree, tol)
         if len(si) < need:
             return (f"{len(si)} mutual star pairs within {tol:g} px "
                     f"{'of the hypothesis' if k == 0 else f'after refit {k}'} (need {need})")
@@ -224,7 +224,7 @@ def _refine(src, ref, ref_tree, m0, p: RegisterParams, first_tol: float, weights
         tol = p.match_tol_px
     # Final pairing with the refined transform, then one sigma clip: for Gaussian centroid errors 3 × rms of
     # the 2-D distances drops 1 true pair in ~10^4, and the rare wrong pair that slipped within match_tol_px.
-    si, ri = _mutual_pairs(geo.apply(m, src), ref, ref_tree, p.match_tol_px)
+    si, ri = mutual_pairs(geo.apply(m, src), ref, ref_tree, p.match_tol_px)
     if len(si) < need:
         return f"{len(si)} mutual star pairs within {p.match_tol_px:g} px after the last refit (need {need})"
     try:

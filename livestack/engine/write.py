@@ -147,6 +147,20 @@ def _fits_header(header: dict):
     return hdr
 
 
+def _primary_header(shape: tuple[int, ...], header: dict, *, extend: bool):
+    """The primary HDU's header of a float32 image of ``shape`` ((C, H, W) or (H, W)), then ``header``'s cards."""
+    from astropy.io import fits
+
+    full = fits.Header()
+    full["SIMPLE"], full["BITPIX"], full["NAXIS"] = True, -32, len(shape)
+    for i, n in enumerate(reversed(shape)):
+        full[f"NAXIS{i + 1}"] = int(n)
+    if extend:
+        full["EXTEND"] = True
+    full.extend(_fits_header(header), unique=True)
+    return full
+
+
 def write_fits_blocks(path: Path, shape: tuple[int, ...], blocks, header: dict, *,
                       weight=None) -> None:
     """Write a float32 image of ``shape`` ((C, H, W) or (H, W)) from ``blocks``, an iterable of float32 arrays
@@ -157,13 +171,7 @@ def write_fits_blocks(path: Path, shape: tuple[int, ...], blocks, header: dict, 
     array would first build the full-resolution mean and a byte-swapped copy (~600 MB at 24 MP)."""
     from astropy.io import fits
 
-    hdr = _fits_header(header)
-    full = fits.Header()
-    full["SIMPLE"], full["BITPIX"], full["NAXIS"] = True, -32, len(shape)
-    for i, n in enumerate(reversed(shape)):
-        full[f"NAXIS{i + 1}"] = int(n)
-    full["EXTEND"] = True
-    full.extend(hdr, unique=True)
+    full = _primary_header(shape, header, extend=True)
 
     def writer(tmp: Path) -> None:
         # Our own handle, closed whatever happens: a StreamingHDU that opened the file itself and failed to write
@@ -207,14 +215,8 @@ def write_fits_rows(path: Path, shape: tuple[int, int, int], rows, header: dict)
     row once, in any order: each block's channels are written at their places in the file (the data unit is
     channel by channel), so a block computed for all channels at once — a composite — is computed once, not
     once per channel.  Atomic like the other writers."""
-    from astropy.io import fits
-
     c, h, w = (int(v) for v in shape)
-    full = fits.Header()
-    full["SIMPLE"], full["BITPIX"], full["NAXIS"] = True, -32, 3
-    full["NAXIS1"], full["NAXIS2"], full["NAXIS3"] = w, h, c
-    full.extend(_fits_header(header), unique=True)
-    head = full.tostring().encode("ascii")
+    head = _primary_header((c, h, w), header, extend=False).tostring().encode("ascii")
     size = c * h * w * 4
 
     def writer(tmp: Path) -> None:
