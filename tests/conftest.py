@@ -43,6 +43,17 @@ def truth_matrix(truth: dict, i: int, ref: int = 0) -> np.ndarray:
     return geometry.compose(geometry.invert(m_r), m_i)
 
 
+def record(engine, files, log=None) -> None:
+    """Process ``files`` with ``engine`` and append each record, with its "path" as the daemon writes it, to
+    ``log`` (a FramesLog) when given."""
+    for f in files:
+        rec = engine.process(f)
+        if log is not None:
+            d = rec.to_dict()
+            d["path"] = f.name
+            log.append(d)
+
+
 def read_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 

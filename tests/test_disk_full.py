@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import record
 from astropy.io import fits
 
 from livestack.config import Config
@@ -409,12 +410,9 @@ def test_a_start_on_a_full_disk_resumes_and_rewrites_frames_jsonl_later(tmp_path
     from livestack.session import FramesLog
 
     eng, log = Engine(Config()), FramesLog(folder.frames)
-    for i, f in enumerate(files):
-        d = eng.process(f).to_dict()
-        d["path"] = f.name
-        log.append(d)
-        if i == 2:
-            folder.save_checkpoint(eng, lines=3, excluded=set())
+    record(eng, files[:3], log)
+    folder.save_checkpoint(eng, lines=3, excluded=set())
+    record(eng, files[3:], log)
     real = session_mod.rewrite_frames_log
 
     def full(path, records):

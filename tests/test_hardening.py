@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import record
 from astropy.io import fits
 
 from livestack.engine.frame import FrameError
@@ -253,12 +254,9 @@ def test_checkpoint_coverage_is_matched_by_content(tmp_path, daemon_night):
     six = daemon_night[0][:6]
     folder = SessionFolder(tmp_path)
     eng, flog = Engine(Config()), FramesLog(folder.frames)
-    for i, f in enumerate(six):
-        d = eng.process(f).to_dict()
-        d["path"] = f.name
-        flog.append(d)
-        if i == 2:
-            folder.save_checkpoint(eng, 3, set())
+    record(eng, six[:3], flog)
+    folder.save_checkpoint(eng, 3, set())
+    record(eng, six[3:], flog)
     text = folder.frames.read_bytes()
 
     garble_line(folder.frames, 4)                                  # after the checkpoint

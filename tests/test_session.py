@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import record as run
 
 from livestack.config import Config
 from livestack.engine.pipeline import Engine
@@ -16,15 +17,6 @@ from livestack.session import (STAGING_DIR, FramesLog, SessionFolder, load_check
 @pytest.fixture(scope="module")
 def six(daemon_night):
     return daemon_night[0][:6]
-
-
-def run(engine, files, log=None):
-    for f in files:
-        rec = engine.process(f)
-        if log is not None:
-            d = rec.to_dict()
-            d["path"] = f.name
-            log.append(d)
 
 
 def test_checkpoint_resumes_exactly(tmp_path, six):
