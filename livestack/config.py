@@ -14,7 +14,7 @@ class ConfigError(ValueError):
     """A configuration problem, as one sentence naming the file/key."""
 
 
-SHELL_SECTIONS = ("daemon", "web", "watch", "calibration", "capture")
+SHELL_SECTIONS = ("daemon", "web", "watch", "calibration", "capture", "session", "solve")
 
 
 def _coerce(value, tp, where: str):

@@ -91,7 +91,13 @@ def cmd_run(args, cfg: Config) -> int:
         print(f"livestack run: {err}", file=sys.stderr)
         return 2
     if args.new_session:
-        dest = SessionFolder(dp.out).new_session()
+        from .targets import Book
+
+        folder = SessionFolder(dp.out)
+        folder.out.mkdir(parents=True, exist_ok=True)
+        book = Book.open(folder.out)
+        dest = folder.new_session()
+        book.close_current(dest)
         if dest is not None:
             log.warning("livestack: previous session archived in %s", dest)
 

@@ -90,6 +90,8 @@ SESSION_DIR = "session"
 CHECKPOINT = "checkpoint.npz"
 ARCHIVE_DIR = "archive"
 STAGING_DIR = ".new-session"     # a "new stack" being set up; promoted by recover()
+TARGETS_FILE = "targets.json"    # the targets of an output folder (targets.py): not part of any one session
+SWITCH_FILE = ".switch.json"     # a switch of targets under way (targets.py)
 
 
 def _utc_stamp() -> str:
@@ -433,7 +435,7 @@ class SessionFolder:
         staging = self.out / STAGING_DIR
         if not staging.is_dir():
             return None
-        old = [p for p in self.out.iterdir() if p.name not in (ARCHIVE_DIR, STAGING_DIR)]
+        old = [p for p in self.out.iterdir() if p.name not in (ARCHIVE_DIR, STAGING_DIR, TARGETS_FILE, SWITCH_FILE)]
         dest = None
         if old:
             stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -126,10 +126,10 @@ def test_a_file_that_keeps_crashing_the_worker_is_skipped(tmp_path, six, monkeyp
     poison = six[2].name
     real = Engine.process
 
-    def process(self, path):
+    def process(self, path, **kw):
         if path.name == poison:
             raise RuntimeError("simulated engine bug")
-        return real(self, path)
+        return real(self, path, **kw)
 
     monkeypatch.setattr(Engine, "process", process)
     wp = WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5)

@@ -68,6 +68,11 @@ class SimConfig:
     # () is no wheel: the unfiltered sky, FILTER from `filter`. Names: filters.KNOWN, any case. A colour camera
     # works behind every filter (its Bayer channels × the filter's bands); "HaOIII" is the dual band for it
     filters: tuple[str, ...] = ()
+    # where the telescope points: another sky_seed is another field of stars (the camera — seed — stays);
+    # pointing (RA, Dec degrees) and object go into the FITS headers of lights (RA, DEC, OBJECT) when set
+    sky_seed: int | None = None
+    pointing: tuple[float, float] | None = None
+    object: str | None = None
     # exposure (s) per filter name (any accepted spelling); otherwise 3 × exptime narrowband, exptime broadband
     filter_exptime: dict[str, float] = field(default_factory=dict)
 
@@ -161,7 +166,8 @@ def invert_affine(m: np.ndarray) -> np.ndarray:
 
 def sky_field(cfg: SimConfig) -> SkyField:
     """The stars and nebula of cfg's sky (same for every frame), in sky coordinates."""
-    return _sky(cfg.width, cfg.height, cfg.n_stars, cfg.sky_level, cfg.nebula, cfg.seed)
+    return _sky(cfg.width, cfg.height, cfg.n_stars, cfg.sky_level, cfg.nebula,
+                cfg.seed if cfg.sky_seed is None else cfg.sky_seed)
 
 
 @lru_cache(maxsize=4)

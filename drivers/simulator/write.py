@@ -54,6 +54,12 @@ def write_fits(path: Path, raw: np.ndarray, meta: dict, cfg: SimConfig) -> None:
         h["XBAYROFF"] = 0
         h["YBAYROFF"] = 0
     h["ROWORDER"] = "TOP-DOWN"
+    if meta["kind"] == "light":
+        if cfg.pointing is not None:
+            h["RA"] = (float(cfg.pointing[0]), "[deg] telescope pointing")
+            h["DEC"] = (float(cfg.pointing[1]), "[deg] telescope pointing")
+        if cfg.object:
+            h["OBJECT"] = cfg.object
     h["BLKLEVEL"] = (cfg.bias, "[ADU] black level (pedestal) of the raw values")
     h["SATURATE"] = (cfg.white, "[ADU] saturation level of the raw values")
     h["XPIXSZ"] = (PIXEL_SIZE_UM, "[um]")

@@ -1,4 +1,4 @@
-"""Typed [watch], [daemon] and [web] sections of livestack.toml (Config.extra passes them through raw)."""
+"""Typed [watch], [daemon], [session] and [web] sections of livestack.toml (Config.extra passes them through raw)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,6 +53,22 @@ class DaemonParams:
             raise ConfigError(f"daemon.outputs_s = {self.outputs_s}, preview_s = {self.preview_s}: must be ≥ 0")
         if self.checkpoint_s <= 0:
             raise ConfigError(f"daemon.checkpoint_s = {self.checkpoint_s}: must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionParams:
+    new_target_after: int = 3       # this many good frames in a row that do not register: a new target (0: never)
+    slew_deg: float = 0.5           # a frame whose header pointing is this far from the target's: another target
+
+    def __post_init__(self):
+        if self.new_target_after < 0:
+            raise ConfigError(f"session.new_target_after = {self.new_target_after}: must be ≥ 0 (0: never)")
+        if not 0 < self.slew_deg <= 180:
+            raise ConfigError(f"session.slew_deg = {self.slew_deg}: must be in (0, 180]")
+
+
+def session_section(cfg: Config, source: str = "config") -> SessionParams:
+    return make_section(SessionParams, cfg.extra.get("session", {}), f"{source}: session")
 
 
 @dataclass(frozen=True, slots=True)

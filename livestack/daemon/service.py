@@ -30,10 +30,12 @@ from ..engine import outputs
 from ..engine.compose import ComposeParams
 from ..engine.frame import FrameRecord
 from ..engine.pipeline import Engine
+from ..engine.read import read_pointing
 from ..engine.write import (DiskFull, atomic_write_bytes, disk_full, encode_png16, encode_tiff16, free_bytes, mb,
                             remove_orphans)
 from ..session import FramesLog, Refused, SessionFolder, rewrite_frames_log
-from .config import DaemonParams, WatchParams
+from ..targets import REFERENCE_FILE, Book, Target, load_reference, match_target, save_reference, separation_deg
+from .config import DaemonParams, WatchParams, session_section
 from .watch import Ready, Watcher
 
 log = logging.getLogger("livestack")
@@ -66,6 +68,7 @@ class Service:
     def __init__(self, cfg, watch_dir: Path | str, out_dir: Path | str, wp: WatchParams, dp: DaemonParams, *,
                  masters=None):
         self.cfg, self.wp, self.dp, self.masters = cfg, wp, dp, masters
+        self.sp = session_section(cfg)
         self.watch_dir = Path(watch_dir).expanduser().resolve()
         self.folder = SessionFolder(Path(out_dir).expanduser().resolve())
         self.out = self.folder.out
@@ -118,6 +121,14 @@ class Service:
         self._ckpt_frames: int | None = None  # frames.jsonl lines the last checkpoint written covers
         self._ckpt_capped = False
         self.started = _now()
+        # targets: the book of OUT/targets.json; frames that did not register onto the current target and wait
+        # for the verdict (another target, or rejected); files to process before the queue (after a switch)
+        self.book: Book | None = None
+        self._held: list[tuple[Ready, FrameRecord]] = []
+        self._redo: collections.deque[Ready] = collections.deque()
+        self._ref_saved = False
+        self._refs: dict[int, dict | None] = {}       # archived targets' reference.json, read once
+        self._switches = 0
 
     # ------------------------------------------------------------------ life cycle
 
@@ -127,14 +138,11 @@ class Service:
         if not self.watch_dir.is_dir():
             raise FileNotFoundError(f"{self.watch_dir}: watch folder does not exist")
         self._remove_orphans()
-        r = self.folder.resume(self.cfg, masters=self.masters)
-        self.engine, self.records = r.engine, list(r.records)
-        self._logged = None if r.log_stale else len(self.records)   # None: frames.jsonl is rewritten whole
-        self.excluded = self.folder.excluded()
-        self._engine_excluded, self._saved_excluded, self._wanted = set(self.excluded), set(self.excluded), \
-            set(self.excluded)
-        self.flog = FramesLog(self.folder.frames)
-        known = {d.get("path") or d["file"] for d in self.records} | self.folder.ignored()
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.book = Book.open(self.out)          # finishes a switch of targets a crash interrupted
+        r = self._open_current()
+        # files of every target's session (and of "new stack" ignore lists) are not stacked again
+        known = {d.get("path") or d["file"] for d in self.records} | self.folder.ignored() | self.book.known_files()
         poison = self.folder.inflight()
         if poison and poison["attempts"] >= self.dp.max_attempts and poison["path"] not in known:
             # Earlier runs died on this file (an engine bug, not a bad file — those are recorded as failed):
@@ -157,6 +165,19 @@ class Service:
         self.watcher.start()
         log.warning("livestack: %s; watching %s, session %s", r.note, self.watch_dir, self.out)
         return r.note
+
+    def _open_current(self):
+        """Resume the session in OUT/ (the current target's): the engine, its records and exclusions."""
+        r = self.folder.resume(self.cfg, masters=self.masters)
+        self.engine, self.records = r.engine, list(r.records)
+        self._logged = None if r.log_stale else len(self.records)   # None: frames.jsonl is rewritten whole
+        self.excluded = self.folder.excluded()
+        self._engine_excluded, self._saved_excluded = set(self.excluded), set(self.excluded)
+        with self._excl_lock:
+            self._wanted = set(self.excluded)
+        self.flog = FramesLog(self.folder.frames)
+        self._ref_saved = (self.folder.dir / REFERENCE_FILE).exists()
+        return r
 
     def _remove_orphans(self) -> None:
         """Temporaries of writes killed mid-way (kill -9, power cut) are never renamed into place: at 24 MP each
@@ -296,11 +317,14 @@ class Service:
                 if self._paused:
                     self._stopping.wait(0.1)
                     continue
-                try:
-                    item = self.files.get(timeout=0.1)
-                except queue.Empty:
-                    self._idle()
-                    continue
+                if self._redo:
+                    item = self._redo.popleft()
+                else:
+                    try:
+                        item = self.files.get(timeout=0.1)
+                    except queue.Empty:
+                        self._idle()
+                        continue
                 self._frame(item)
             self._finish()
         except BaseException as err:  # a bug: no checkpoint from a half-updated engine; systemd restarts us
@@ -340,10 +364,19 @@ class Service:
             rec = FrameRecord(file=item.path.name, status="failed", reason=item.reason)
             self.engine.count_failed()   # counted like the engine's own failures (NFAILED in the header)
         else:
+            if self._slewed(item):
+                return               # another target is current now: the frame is processed there
             self._best_effort(self.folder.mark_inflight, item.rel)
-            rec = self.engine.process(item.path)
+            hold = self.sp.new_target_after > 0 and self.engine.has_stack
+            rec = self.engine.process(item.path, hold=hold)
+            if rec.status == "unregistered":
+                self._hold(item, rec)
+                return
+            self._settle_held()
         self._append(rec, item.rel)
         self._best_effort(self.folder.clear_inflight)
+        if self.engine.has_stack and not self._ref_saved:
+            self._new_reference()
         self._since_ckpt += 1
         if item.reason is not None:      # the watcher's verdict: the engine never saw the file
             log.warning("failed %s: %s", item.rel, item.reason)
@@ -365,6 +398,130 @@ class Service:
             self._checkpoint()
         self._state = "idle" if self.files.empty() else "processing"
         self._publish()
+
+    # ------------------------------------------------------------------ targets
+
+    def _slewed(self, item: Ready) -> bool:
+        """A frame whose header says the mount points more than slew_deg away from the current target's
+        pointing belongs to another target: switch before processing it (to the archived target it points at,
+        or a new one).  True when it was switched (the frame is queued first for the new target)."""
+        if not self.engine.has_stack:
+            return False
+        cur = self.book.current
+        here = cur.pointing or (list(self.engine.ref.pointing) if self.engine.ref.pointing else None)
+        if here is None:
+            return False
+        pointing, _ = read_pointing(item.path)
+        if pointing is None or separation_deg(pointing, here) <= self.sp.slew_deg:
+            return False
+        self._settle_held()
+        near = [(t, separation_deg(pointing, t.pointing)) for t in self.book.archived() if t.pointing]
+        near = [t for t, d in sorted(near, key=lambda x: x[1]) if d <= self.sp.slew_deg]
+        why = f"{item.rel} points {separation_deg(pointing, here):.2f}° from {cur.name}"
+        return self._switch(near[0] if near else None, [item], why)
+
+    def _hold(self, item: Ready, rec: FrameRecord) -> None:
+        """A good frame that does not register: it returns to an archived target, or it is one of the
+        ``new_target_after`` frames in a row that make a new target, or (when a later frame registers) it is
+        rejected after all.  Held frames are recorded nowhere yet: a crash meanwhile finds them again."""
+        self._best_effort(self.folder.clear_inflight)
+        pointing, _ = read_pointing(item.path)
+        back = match_target(self.engine.last_stars, self.engine.grid.state() if self.engine.grid else {},
+                            pointing, self._candidates(), self.cfg.register, slew_deg=self.sp.slew_deg,
+                            rng=np.random.default_rng(self.cfg.engine.seed))
+        self._held.append((item, rec))
+        if back is not None:
+            self._switch(back, [i for i, _ in self._held], f"{item.rel} registers onto {back.name}")
+        elif len(self._held) >= self.sp.new_target_after:
+            self._switch(None, [i for i, _ in self._held],
+                         f"{len(self._held)} good frames in a row do not register onto {self.book.current.name}")
+        else:
+            log.info("held %s: %s (%d of %d for a new target)", item.rel, rec.reason, len(self._held),
+                     self.sp.new_target_after)
+            self._state = "idle" if self.files.empty() else "processing"
+            self._publish()
+
+    def _settle_held(self) -> None:
+        """A frame registered after all: the held ones were just bad frames of this target."""
+        for item, rec in self._held:
+            self.engine.count_rejected(rec)
+            self._append(rec, item.rel)
+            self._since_ckpt += 1
+        self._held = []
+
+    def _candidates(self) -> list[tuple[Target, dict]]:
+        out = []
+        for t in self.book.archived():
+            if t.id not in self._refs:
+                self._refs[t.id] = load_reference(self.book.folder_of(t))
+            if self._refs[t.id] is not None:
+                out.append((t, self._refs[t.id]))
+        return out
+
+    def _new_reference(self) -> None:
+        """The current target has its reference: keep what matching needs, and name the target."""
+        ref, cur = self.engine.ref, self.book.current
+        if self._guarded(self.folder.dir / REFERENCE_FILE, lambda: save_reference(self.out, self.engine)):
+            self._ref_saved = True
+        cur.reference = ref.file
+        if ref.pointing is not None and cur.pointing is None:
+            cur.pointing = [round(v, 6) for v in ref.pointing]
+        if ref.object and cur.named == "order":
+            cur.name, cur.named = ref.object, "object"
+        self._save_book()
+
+    def _save_book(self) -> None:
+        cur = self.book.current
+        cur.frames, cur.updated = self.engine.n_stacked, _now()
+        self._best_effort(self.book.save)
+
+    def _switch(self, to: Target | None, redo: list[Ready], why: str) -> bool:
+        """Close the current target — everything it has written, checkpointed — archive it, and make ``to``
+        current (None: a new target); then ``redo`` is processed first.  False (and the held frames rejected)
+        when the current target's files cannot be completed (disk full)."""
+        self._catch_up()
+        self._save_log()
+        if self.engine.has_stack:
+            self._since_ckpt = max(self._since_ckpt, 1)
+            self._fits_dirty = max(self._fits_dirty, 1)
+            self._write_fits()
+            if self._preview_unsaved or self._preview_dirty:
+                self._render_preview()
+            self._checkpoint()
+        if self._blocked:
+            log.error("livestack: %s, but %s: the current target is not saved yet; staying on it", why,
+                      self._disk["error"])
+            self._settle_held()
+            return False
+        self._save_book()
+        old = self.book.current
+        try:
+            new = self.book.switch(to)
+        except OSError as err:
+            full = disk_full(err, self.out / "targets.json")
+            if full is None:
+                raise
+            log.error("livestack: %s, but %s; staying on %s", why, full, old.name)
+            self._settle_held()
+            return False
+        self._held = []
+        self._refs.pop(new.id, None)
+        self._refs.pop(old.id, None)
+        r = self._open_current()
+        self._redo.extend(Ready(self.watch_dir / (d.get("path") or d["file"]), d.get("path") or d["file"])
+                          for d in r.dropped)
+        self._redo.extendleft(reversed(redo))
+        self._preview, self._preview_unsaved, self._preview_dirty = None, False, False
+        if self.engine.has_stack:
+            self._render_preview()
+        self._generation += 1
+        self._switches += 1
+        self._since_ckpt, self._fits_dirty, self._ckpt_frames = 0, 0, None
+        self.started = _now()
+        log.warning("livestack: %s: %s archived in %s; %s %s", why, old.name, self.book.get(old.id).folder,
+                    "resumed" if to is not None else "new target", new.name)
+        self._publish()
+        return True
 
     def _append(self, rec: FrameRecord, rel: str) -> None:
         d = rec.to_dict()
@@ -571,6 +728,7 @@ class Service:
         if not self._guarded(path, lambda: self.engine.write_stack(path, compose=self.compose)):
             return False
         log.info("stack files written in %.1f s", time.monotonic() - t0)
+        self._save_book()
         self._fits_dirty = 0
         self._last_fits = time.monotonic()
         return True
@@ -756,6 +914,8 @@ class Service:
             if full is None:
                 raise
             raise Refused(f"{full}; the current stack is kept", 507) from err
+        self.book.close_current(dest)
+        self._held, self._ref_saved = [], False
         self.engine = self.folder.new_engine(self.cfg, masters=self.masters)
         self.records, self.excluded, self._engine_excluded = [], set(), set()
         self._logged, self._saved_excluded = 0, set()
@@ -797,6 +957,9 @@ class Service:
             "last": None if last is None else {k: last.get(k) for k in ("file", "status", "reason")},
             "last_failed": None if last_fail is None else {k: last_fail.get(k) for k in ("file", "reason")},
             "reference": e.ref.file if e.ref else None,
+            "target": self.book.current.to_dict() if self.book else None,
+            "targets": [t.to_dict() for t in self.book.targets] if self.book else [],
+            "held": [i.rel for i, _ in self._held],
             "filters": [fs.summary() for fs in e.filters.values()],
             "palette": self._palette(),
             "restack": self._restack,

@@ -39,6 +39,8 @@ class FrameMeta:
     camera: str | None = None             # make + model, or INSTRUME
     filter: str | None = None
     imagetyp: str | None = None            # 'light' | 'dark' | 'flat' | 'bias' | 'darkflat' | None
+    pointing: tuple[float, float] | None = None   # (RA, Dec) in degrees the mount reported (FITS RA/DEC, OBJCTRA/…)
+    object: str | None = None              # OBJECT: the target's name as the capture program knew it
     kind: str = ""                         # 'raw' | 'fits'
     extra: dict = field(default_factory=dict)  # anything else worth keeping (e.g. FITS XBINNING)
 

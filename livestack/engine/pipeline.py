@@ -49,6 +49,8 @@ class Reference:
     file: str
     stars: Stars                      # on the grid
     filter: str                       # its filter's key
+    pointing: tuple[float, float] | None = None   # (RA, Dec) degrees from its header, when it has one
+    object: str | None = None         # its OBJECT header
 
 
 class Engine:
@@ -66,6 +68,7 @@ class Engine:
         self.ref: Reference | None = None
         self.filters: dict[str, FilterStack] = {}     # by filter_key, in order of first appearance
         self.last_matrix: np.ndarray | None = None
+        self.last_stars: Stars | None = None          # the latest frame's stars on its own grid
         self.index = 0
         self.failed = 0                               # frames that could not be used, whatever their filter
         self.calibration_used: dict = {}
@@ -116,6 +119,12 @@ class Engine:
     def exptime_total(self) -> float:
         return self.counts.exptime
 
+    def count_rejected(self, rec: FrameRecord) -> FrameRecord:
+        """A frame process(hold=True) left ``unregistered`` is, after all, a rejection of its filter's."""
+        if rec.status == "unregistered":
+            self._reject(rec, self._filter(rec.filter), rec.reason)
+        return rec
+
     def count_failed(self) -> None:
         """A frame the caller could not hand in (e.g. a file that never completed) counts as failed."""
         self.failed += 1
@@ -142,15 +151,21 @@ class Engine:
 
     # ------------------------------------------------------------------ one frame
 
-    def process(self, path: Path | str) -> FrameRecord:
+    def process(self, path: Path | str, *, hold: bool = False) -> FrameRecord:
         """Run one file through the pipeline and update its filter's stack.  Never raises for a bad file: a
-        FrameError becomes ``status: failed`` with its reason (and one log line)."""
+        FrameError becomes ``status: failed`` with its reason (and one log line).
+
+        ``hold``: a frame of good quality (its filter's judge finds nothing wrong) that does not register onto
+        the reference comes back as ``status: unregistered``, counted nowhere — the telescope may have moved to
+        another target (the daemon's call).  ``count_rejected(rec)`` counts it as an ordinary rejection later.
+        ``last_stars`` holds every frame's stars on its own grid, for matching it against other references."""
         path = Path(path)
         t0 = time.perf_counter()
         rec = FrameRecord(file=path.name, status="failed", index=self.index)
         self.index += 1
+        self.last_stars = None
         try:
-            self._process(path, rec)
+            self._process(path, rec, hold)
         except FrameError as err:
             rec.status, rec.reason = "failed", err.reason
             self.failed += 1
@@ -165,7 +180,7 @@ class Engine:
         self.timings[stage] = self.timings.get(stage, 0.0) + now - self._t
         self._t = now
 
-    def _process(self, path: Path, rec: FrameRecord) -> None:
+    def _process(self, path: Path, rec: FrameRecord, hold: bool = False) -> None:
         cfg = self.cfg
         self.timings: dict[str, float] = {}   # seconds per stage of the last frame (benchmarks read it)
         self._t = time.perf_counter()
@@ -199,6 +214,7 @@ class Engine:
         img = grid.debayer_into(cfa, self._buffer)
         self._lap("debayer")
         stars = grid.refine(stars, q.fwhm, cfa, img)
+        self.last_stars = stars
         self._lap("centroids")
         if frame.pattern is not None:
             frame.data = cfa = None   # the mosaic is done with: 96 MB back before the warp (24 MP)
@@ -214,7 +230,7 @@ class Engine:
             if reason:
                 return self._reject(rec, fs, reason)
             self.grid = grid
-            self.ref = Reference(path.name, stars, fs.key)
+            self.ref = Reference(path.name, stars, fs.key, m.pointing, m.object)
             matrix = geometry.identity()
             rec.status = "reference"
         else:
@@ -223,6 +239,10 @@ class Engine:
                                predicted=self.last_matrix, src_flux=stars.flux, ref_flux=self.ref.stars.flux)
                 self._lap("register")
             except RegistrationError as err:
+                if hold and fs.judge.check(q) is None:
+                    # A good frame of another field (a slew?): the caller decides, nothing is counted yet.
+                    rec.status, rec.reason = "unregistered", f"registration failed: {err}"
+                    return None
                 return self._reject(rec, fs, f"registration failed: {err}")
             matrix = reg.matrix
             rec.status = "stacked"
@@ -395,7 +415,8 @@ class Engine:
         arrays: dict[str, np.ndarray] = {}
         stacks: list[tuple[str, RunningStack]] = []
         if self.ref is not None:
-            meta["ref"] = {"file": self.ref.file, "filter": self.ref.filter}
+            meta["ref"] = {"file": self.ref.file, "filter": self.ref.filter, "object": self.ref.object,
+                           "pointing": None if self.ref.pointing is None else list(self.ref.pointing)}
             for k in ("xy", "flux", "fwhm", "a", "b"):
                 arrays[f"ref_{k}"] = getattr(self.ref.stars, k)
         for i, fs in enumerate(self.filters.values()):
@@ -420,7 +441,9 @@ class Engine:
         eng.grid = None if meta["grid"] is None else Grid.from_state(meta["grid"])
         if "ref" in meta:
             stars = Stars(*(np.array(arrays[f"ref_{k}"]) for k in ("xy", "flux", "fwhm", "a", "b")))
-            eng.ref = Reference(meta["ref"]["file"], stars, meta["ref"]["filter"])
+            r = meta["ref"]
+            eng.ref = Reference(r["file"], stars, r["filter"], tuple(r["pointing"]) if r.get("pointing") else None,
+                                r.get("object"))
         names = set(arrays.keys()) if not hasattr(arrays, "files") else set(arrays.files)
         for i, fmeta in enumerate(meta["filters"]):
             prefix = f"f{i}_stack_"

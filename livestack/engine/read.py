@@ -325,6 +325,9 @@ def _read_fits(path: Path, limit: _Limit) -> Frame:
     for k in ("XBINNING", "YBINNING", "XPIXSZ", "FOCALLEN", "OBJECT", "TELESCOP"):
         if k in header:
             meta.extra[k] = header[k]
+    meta.pointing = header_pointing(header)
+    obj = str(header.get("OBJECT", "") or "").strip()
+    meta.object = obj or None
 
     # Levels.  Integer FITS from a camera: white = SATURATE when given, else the integer range (DATAMAX is the
     # largest value present, not the saturation level); float data: no saturation flag without SATURATE.
@@ -391,6 +394,57 @@ def _num(v) -> float | None:
 
 
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}")
+
+
+def _sexagesimal(v, hours: bool) -> float | None:
+    """'12 32 24.25' / '12:32:24.25' (hours when ``hours``) or '+74 09 31.60' -> degrees; a single number is
+    taken as degrees already.  None when unreadable."""
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v) if np.isfinite(v) else None
+    parts = [p for p in re.split(r"[\s:hmsd°'\"]+", str(v or "").strip()) if p]
+    if not 1 <= len(parts) <= 3:
+        return None
+    try:
+        nums = [float(p) for p in parts]
+    except ValueError:
+        return None
+    if len(nums) == 1:
+        return nums[0] if np.isfinite(nums[0]) else None
+    sign = -1.0 if parts[0].startswith("-") else 1.0
+    x = sign * sum(abs(n) / 60.0 ** i for i, n in enumerate(nums))
+    return x * 15.0 if hours else x
+
+
+def header_pointing(header) -> tuple[float, float] | None:
+    """(RA, Dec) in degrees where the mount pointed, from a FITS header: RA/DEC in degrees (INDI, NINA, ASIAIR,
+    Seestar), else OBJCTRA/OBJCTDEC in sexagesimal hours/degrees (MaxIm, SGP).  None when absent or absurd."""
+    ra, dec = _num(header.get("RA")), _num(header.get("DEC"))
+    if ra is None or dec is None:
+        ra = _sexagesimal(header.get("OBJCTRA"), hours=True)
+        dec = _sexagesimal(header.get("OBJCTDEC"), hours=False)
+    if ra is None or dec is None or not (0.0 <= ra < 360.0 + 1e-9 and -90.0 <= dec <= 90.0):
+        return None
+    return (float(ra) % 360.0, float(dec))
+
+
+def read_pointing(path: Path | str) -> tuple[tuple[float, float] | None, str | None]:
+    """(pointing, OBJECT) from a FITS file's header alone (a few ms; no pixels read): what the daemon needs to
+    notice a slew before stacking the frame.  (None, None) for RAW files and for anything unreadable."""
+    path = Path(path)
+    if suffix_of(path) not in FITS_SUFFIXES:
+        return None, None
+    from astropy.io import fits
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+                for hdu in hdul:
+                    if hdu.header.get("NAXIS", 0) >= 2 or "ZIMAGE" in hdu.header:
+                        obj = str(hdu.header.get("OBJECT", "") or "").strip() or None
+                        return header_pointing(hdu.header), obj
+    except (OSError, ValueError, TypeError, IndexError, KeyError):
+        pass
+    return None, None
 
 
 def _fits_time(header) -> dt.datetime | None:

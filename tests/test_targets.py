@@ -1,0 +1,308 @@
+"""Several targets in one night: a new stack on each new target, the old ones archived and resumed on a return,
+none of their frames lost or counted twice — also across kill -9 and a later night."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from drivers.simulator import SimConfig, render_night
+from livestack.config import Config
+from livestack.session import read_frames_log
+from livestack.targets import SWITCH_FILE, Book, Target, recover, separation_deg
+
+from conftest import stack_with_cli
+
+STACKED = ("reference", "stacked")
+M13, M57 = (250.42, 36.46), (283.40, 33.03)
+
+
+def _sky(root: Path, key: str, sky_seed: int, n: int, hour: int, pointing=None, name=None) -> list[Path]:
+    """n mono frames of one field (sky_seed) from one camera, named <key>_NN.fits, taken from 2026-11-25 <hour>h."""
+    cfg = SimConfig(width=400, height=300, n_frames=n, mono=True, seed=3, sky_seed=sky_seed, n_stars=300,
+                    start=f"2026-11-25T{hour:02d}:00:00", pointing=pointing, object=name, drift_px=(0.4, -0.3))
+    src = root / f"src-{key}"
+    truth = render_night(src, cfg)
+    out = []
+    for i, f in enumerate(truth["frames"]):
+        dst = root / "frames" / f"{key}_{i:02d}.fits"
+        dst.parent.mkdir(exist_ok=True)
+        shutil.move(src / f["file"], dst)
+        out.append(dst)
+    return out
+
+
+@pytest.fixture(scope="module")
+def three_targets(tmp_path_factory):
+    """M13 (5 frames), M57 (5), M13 again (4): (files in capture order, {key: files}), with and without pointing."""
+    root = tmp_path_factory.mktemp("targets")
+    sets = {}
+    for pointing in (False, True):
+        r = root / ("pointing" if pointing else "stars")
+        a = _sky(r, "a", 11, 5, 20, M13 if pointing else None, "M 13" if pointing else None)
+        b = _sky(r, "b", 22, 5, 21, M57 if pointing else None, "M 57" if pointing else None)
+        c = _sky(r, "c", 11, 4, 22, M13 if pointing else None, "M 13" if pointing else None)
+        sets[pointing] = (a + b + c, {"a": a, "b": b, "c": c})
+    return sets
+
+
+def _service(tmp_path, watch: Path, out: Path, **session):
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    cfg = Config()
+    if session:
+        cfg.extra["session"] = session
+    return Service(cfg, watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                   DaemonParams(out=str(out), checkpoint_every=2))
+
+
+def _feed_live(svc, watch: Path, files, *, timeout: float = 60.0) -> None:
+    """Copy each file into the watched folder once the previous one is done (as a camera writes them)."""
+    base = _done(svc)
+    for seen, f in enumerate(files, 1):
+        shutil.copy(f, watch / f.name)
+        deadline = time.monotonic() + timeout
+        while not (_done(svc) >= base + seen and svc.snapshot.status.get("state") == "idle" and not svc._redo):
+            assert svc.running, svc.error
+            assert time.monotonic() < deadline, f"{f.name} not done in {timeout} s: {svc.snapshot.status}"
+            time.sleep(0.05)
+
+
+def _done(svc) -> int:
+    """Files recorded in some target's frames.jsonl, or held (in the status)."""
+    return len(svc.snapshot.frames) + len(svc.snapshot.status.get("held", [])) + sum(
+        t["frames_recorded"] for t in _archived_counts(svc.out))
+
+
+def _archived_counts(out: Path) -> list[dict]:
+    return [{"folder": p.parent, "frames_recorded": len(read_frames_log(p))}
+            for p in sorted((out / "archive").glob("*/frames.jsonl"))]
+
+
+def _by_target(out: Path) -> dict[str, list[dict]]:
+    """{target name: its frames.jsonl records}, from targets.json and the folders it names."""
+    book = json.loads((out / "targets.json").read_text())
+    items = book["targets"] if isinstance(book, dict) else book
+    return {t["name"]: read_frames_log(out / t["folder"] / "frames.jsonl") for t in items}
+
+
+def _stacked_names(recs) -> list[str]:
+    return [r["path"] for r in recs if r["status"] in STACKED]
+
+
+@pytest.mark.parametrize("pointing", [False, True], ids=["stars", "pointing"])
+def test_a_night_of_three_targets_ends_with_one_stack_per_target(tmp_path, three_targets, pointing):
+    """M13, M57, back to M13: two targets, M13 resumed on its own grid; every frame recorded exactly once, in
+    its target's folder; with pointing headers the switch comes at the first frame of M57, without them at the
+    third (new_target_after = 3) — and the return at the first frame either way."""
+    files, parts = three_targets[pointing]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = _service(tmp_path, watch, out)
+    svc.start()
+    _feed_live(svc, watch, files)
+    svc.stop(timeout=30)
+    assert svc.error is None
+
+    book = json.loads((out / "targets.json").read_text())["targets"]
+    assert len(book) == 2
+    first, second = book
+    assert first["folder"] == "." and first["current"] and second["folder"].startswith("archive/")
+    if pointing:
+        assert (first["name"], second["name"]) == ("M 13", "M 57")
+        assert first["pointing"] == pytest.approx(list(M13)) and second["pointing"] == pytest.approx(list(M57))
+    else:
+        assert (first["name"], second["name"]) == ("target 1", "target 2")
+        assert first["pointing"] is None
+    by = _by_target(out)
+    m13, m57 = by[first["name"]], by[second["name"]]
+    assert _stacked_names(m13) == [f.name for f in parts["a"] + parts["c"]]
+    assert _stacked_names(m57) == [f.name for f in parts["b"]]
+    assert len(m13) + len(m57) == len(files)                     # none lost, none counted twice
+    assert first["frames"] == 9 and second["frames"] == 5
+    # each target's stack is what `livestack stack` makes of that target's files
+    for recs, folder in ((m13, out), (m57, out / second["folder"])):
+        src = tmp_path / f"cli-{folder.name}"
+        src.mkdir()
+        for r in recs:
+            shutil.copy(watch / r["path"], src / r["path"])
+        stack_with_cli(src, tmp_path / f"cli-out-{folder.name}")
+        mine = fits.getdata(folder / "stack.fits")
+        theirs = fits.getdata(tmp_path / f"cli-out-{folder.name}" / "stack.fits")
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-3)
+    # the archived target has everything it wrote: stack, preview, checkpoint, reference
+    arch = out / second["folder"]
+    for name in ("stack.fits", "preview.jpg", "frames.jsonl", "session/checkpoint.npz", "session/reference.json"):
+        assert (arch / name).exists(), name
+
+
+def test_kill9_during_a_night_of_targets_loses_nothing(tmp_path, three_targets, make_daemon):
+    """The daemon killed at several moments of the night (while frames of the second target are held, after
+    the switch, after the return), restarted each time: every file ends in exactly one target's frames.jsonl,
+    the right one, and a restart never stacks an archived target's files into the current one."""
+    files, parts = three_targets[False]
+    d = make_daemon(name="k9", checkpoint_every=1)
+    d.start()
+    for i, f in enumerate(files):
+        shutil.copy(f, d.watch / f.name)
+        if i in (6, 10, 12):            # two of M57 held; M57 current; M13 resumed
+            time.sleep(0.3)
+            d.kill9()
+            d.start()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if (d.out / "targets.json").exists():
+            by = _by_target(d.out)
+            if sum(len(v) for v in by.values()) >= len(files) and not (d.out / SWITCH_FILE).exists():
+                break
+        time.sleep(0.2)
+    time.sleep(1.0)
+    assert d.stop() == 0
+    by = _by_target(d.out)
+    assert len(by) == 2, by.keys()
+    names = sorted(r["path"] for recs in by.values() for r in recs)
+    assert names == sorted(f.name for f in files)             # each file once
+    m13, m57 = by["target 1"], by["target 2"]
+    assert _stacked_names(m13) == [f.name for f in parts["a"] + parts["c"]]
+    assert _stacked_names(m57) == [f.name for f in parts["b"]]
+
+
+def test_a_later_night_resumes_each_target(tmp_path, three_targets):
+    """Night 1: M13 then M57 (archived M13).  Night 2 in the same output folder: M13 frames first — they
+    register onto M13's original reference and resume it — then M57's, resumed too: still two targets."""
+    files, parts = three_targets[False]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = _service(tmp_path, watch, out)
+    svc.start()
+    _feed_live(svc, watch, parts["a"][:3] + parts["b"][:4])
+    svc.stop(timeout=30)
+    assert svc.error is None
+    svc = _service(tmp_path, watch, out)
+    svc.start()
+    _feed_live(svc, watch, parts["c"] + parts["b"][4:])
+    svc.stop(timeout=30)
+    assert svc.error is None
+    by = _by_target(out)
+    assert sorted(by) == ["target 1", "target 2"]
+    assert _stacked_names(by["target 1"]) == [f.name for f in parts["a"][:3] + parts["c"]]
+    assert _stacked_names(by["target 2"]) == [f.name for f in parts["b"]]
+
+
+def test_a_frame_that_fails_alone_is_rejected_not_a_new_target(tmp_path, three_targets):
+    """One frame of another field between frames of the target: held, then rejected when the next frame
+    registers — recorded in order, no new target."""
+    files, parts = three_targets[False]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = _service(tmp_path, watch, out)
+    svc.start()
+    _feed_live(svc, watch, parts["a"][:3] + parts["b"][:1] + parts["a"][3:])
+    svc.stop(timeout=30)
+    recs = read_frames_log(out / "frames.jsonl")
+    assert [r["path"] for r in recs] == [f.name for f in parts["a"][:3] + parts["b"][:1] + parts["a"][3:]]
+    odd = recs[3]
+    assert odd["status"] == "rejected" and odd["reason"].startswith("registration failed")
+    assert len(json.loads((out / "targets.json").read_text())["targets"]) == 1
+    assert svc.engine.n_rejected == 1 and svc.engine.n_stacked == 5
+
+
+def test_new_target_after_zero_keeps_one_target(tmp_path, three_targets):
+    files, parts = three_targets[False]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = _service(tmp_path, watch, out, new_target_after=0)
+    svc.start()
+    _feed_live(svc, watch, parts["a"][:2] + parts["b"][:3])
+    svc.stop(timeout=30)
+    recs = read_frames_log(out / "frames.jsonl")
+    assert [r["status"] for r in recs] == ["reference", "stacked", "rejected", "rejected", "rejected"]
+    assert len(json.loads((out / "targets.json").read_text())["targets"]) == 1
+
+
+# ---------------------------------------------------------------------- the switch itself, crash by crash
+
+def _session(folder: Path, tag: str) -> None:
+    (folder / "session").mkdir(parents=True, exist_ok=True)
+    (folder / "frames.jsonl").write_text(json.dumps({"file": f"{tag}.fits", "path": f"{tag}.fits",
+                                                     "status": "reference"}) + "\n")
+    (folder / "stack.fits").write_text(tag)
+    (folder / "session" / "checkpoint.npz").write_text(tag)
+
+
+@pytest.mark.parametrize("crash_after", ["journal", "archive", "bring", "none"])
+def test_a_switch_interrupted_anywhere_is_finished_at_the_next_start(tmp_path, crash_after, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    _session(out, "m57")
+    _session(out / "archive" / "M_13", "m13")
+    (out / "targets.json").write_text(json.dumps({"targets": [
+        Target(1, "M 13", "archive/M_13", frames=1).to_dict(), Target(2, "M 57", ".", frames=1).to_dict()]}))
+    book = Book.open(out)
+    import livestack.targets as tg
+
+    real_write, real_replace = tg.write_json_atomic, tg.os.replace
+    state = {"journal": 0}
+
+    class Crash(Exception):
+        pass
+
+    def write(path, obj):
+        real_write(path, obj)
+        if Path(path).name == SWITCH_FILE:
+            state["journal"] += 1
+            if crash_after == "journal" and obj["phase"] == "archive":
+                raise Crash
+            if crash_after == "archive" and obj["phase"] == "bring":
+                raise Crash
+
+    moved = []
+
+    def replace(a, b):
+        real_replace(a, b)
+        moved.append(b)
+        if crash_after == "bring" and Path(a).parent.name == "M_13" and len(moved) > 4:
+            raise Crash
+
+    monkeypatch.setattr(tg, "write_json_atomic", write)
+    monkeypatch.setattr(tg.os, "replace", replace)
+    try:
+        book.switch(book.get(1))
+    except Crash:
+        pass
+    monkeypatch.undo()
+    book = Book.open(out)             # the next start
+    assert not (out / SWITCH_FILE).exists()
+    assert book.current.name == "M 13" and book.get(2).folder == "archive/M_57"
+    assert (out / "stack.fits").read_text() == "m13"
+    assert (out / "session" / "checkpoint.npz").read_text() == "m13"
+    assert (out / "archive" / "M_57" / "stack.fits").read_text() == "m57"
+    assert (out / "archive" / "M_57" / "session" / "checkpoint.npz").read_text() == "m57"
+    assert not (out / "archive" / "M_13").exists()
+    assert book.known_files() == {"m57.fits"}
+
+
+def test_targets_json_unreadable_is_rebuilt_from_the_folders(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    _session(out, "cur")
+    _session(out / "archive" / "20261125T210000Z", "old")
+    (out / "targets.json").write_text("{not json")
+    book = Book.open(out)
+    assert [t.folder for t in book.targets] == [".", "archive/20261125T210000Z"]
+    assert book.targets[1].closed                  # no reference.json: never matched
+    assert list(out.glob("targets.json.*"))       # the unreadable one kept aside
+    assert not recover(out)
+
+
+def test_separation():
+    assert separation_deg((10, 0), (10, 0)) == 0
+    assert separation_deg((0, 0), (90, 0)) == pytest.approx(90)
+    assert separation_deg((359.9, 45), (0.1, 45)) == pytest.approx(0.2 * np.cos(np.radians(45)), rel=1e-3)
+    assert separation_deg((0, 89.9), (180, 89.9)) == pytest.approx(0.2, rel=1e-6)
