@@ -55,8 +55,47 @@ class Progress:
         self.stream.flush()
 
 
-def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quiet: bool = False) -> dict:
-    """Stack ``files`` into ``out`` (stack.fits, preview.jpg, frames.jsonl).  Returns a summary dict."""
+class SkyJob:
+    """`livestack stack`'s plate solve: started on the reference frame, in the background; its WCS (or the
+    reference's own header WCS) goes into the stack files (sky.py)."""
+
+    def __init__(self, engine, ref_path: Path, cfg: Config):
+        from .config import make_section
+        from .engine.solve import SolveParams
+        from .sky import SkySolver, reference_hints
+
+        self.params = make_section(SolveParams, cfg.extra.get("solve", {}), "config: solve")
+        self.hints, self.own, self.obj = reference_hints(ref_path, engine.grid, self.params)
+        self.solver = SkySolver(self.params)
+        self.why = self.solver.available()
+        if self.why is None:
+            self.solver.start(engine.ref.stars.xy, engine.ref.stars.flux, engine.grid.shape, self.hints)
+
+    def finish(self, engine) -> dict | None:
+        from .engine.solve import Solution
+        from .sky import sky_status
+
+        ans = self.solver.wait() if self.why is None else None
+        if isinstance(ans, Solution):
+            engine.set_wcs(ans.wcs)
+            st = sky_status(ans.wcs, engine.grid.shape, source="solve", seconds=ans.seconds, obj=self.obj)
+            log.info("plate solved in %.1f s: %s, RA %s Dec %s, %.2f″/px, rotation %.1f° E of N", ans.seconds,
+                     st["object"] or "no catalogue object", st["ra_hms"], st["dec_dms"], st["scale_arcsec"],
+                     st["rotation_deg"])
+            return st
+        why = self.why or (ans.reason if ans is not None else "no answer")
+        if self.own is not None:
+            engine.set_wcs(self.own)
+            log.warning("livestack stack: not plate solved (%s); the reference frame's own WCS is used", why)
+            return sky_status(self.own, engine.grid.shape, source="header", obj=self.obj, note=why)
+        log.warning("livestack stack: not plate solved: %s", why)
+        return None
+
+
+def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quiet: bool = False,
+                solve: bool = True) -> dict:
+    """Stack ``files`` into ``out`` (stack.fits, preview.jpg, frames.jsonl), with a WCS when the reference
+    plate-solves (``solve``).  Returns a summary dict."""
     from .engine.pipeline import Engine
     from .session import FRAMES_LOG, FramesLog
 
@@ -68,21 +107,31 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
     engine = Engine(cfg, masters=masters, spill_dir=out)   # stacks beyond [stack] memory_mb: mapped files
     progress = None if quiet else Progress(len(files))
     t0 = time.perf_counter()
+    sky = None
     for f in files:
         rec = engine.process(f)
         flog.append(rec)
         if progress:
             progress.update(rec)
+        if rec.status == "reference" and solve:
+            sky = SkyJob(engine, f, cfg)          # plate-solves the reference while the others are stacked
+    sky_status = sky.finish(engine) if sky is not None else None
     wrote = engine.snapshot(out)
     files_out = [fs.file_name for fs in engine.stacks if fs.name is not None or len(engine.stacks) > 1]
     return {"frames": len(files), "stacked": engine.n_stacked, "rejected": engine.n_rejected,
             "failed": engine.n_failed, "exptime": engine.exptime_total, "seconds": time.perf_counter() - t0,
-            "wrote": wrote, "filter_files": files_out}
+            "wrote": wrote, "filter_files": files_out, "sky": sky_status}
 
 
 def _print_summary(s: dict, out: Path) -> None:
     print(f"{s['stacked']} stacked, {s['rejected']} rejected, {s['failed']} failed of {s['frames']} frames; "
           f"{s['exptime']:.0f} s integration, {s['seconds']:.1f} s")
+    sky = s.get("sky")
+    if sky:
+        how = f"plate solved in {sky['seconds']:.1f} s" if sky["source"] == "solve" else "WCS from the reference frame"
+        print(f"{how}: {sky['object'] or 'centre'} at RA {sky['ra_hms']} Dec {sky['dec_dms']}, "
+              f"{sky['width_deg']:.2f}°×{sky['height_deg']:.2f}°, {sky['scale_arcsec']:.2f}″/px, "
+              f"rotation {sky['rotation_deg']:.1f}° E of N")
     if s["wrote"]:
         for name in ["stack.fits"] + s.get("filter_files", []) + ["preview.jpg", "frames.jsonl"]:
             print(f"  {out / name}")
@@ -103,7 +152,7 @@ def cmd_stack(args, cfg: Config) -> int:
     except ValueError as err:
         print(f"livestack stack: {err}", file=sys.stderr)
         return 2
-    s = stack_files(files, out, cfg, masters=masters, quiet=args.quiet)
+    s = stack_files(files, out, cfg, masters=masters, quiet=args.quiet, solve=not args.no_solve)
     _print_summary(s, out)
     return 0 if s["wrote"] else 1
 
@@ -133,6 +182,8 @@ def cmd_demo(args, cfg: Config) -> int:
     plan = CapturePlan(exposure=60.0, count=n, interval=interval, out=lights)
     wp = WatchParams(dir=str(lights), settle_s=0.2, timeout_s=30.0, rescan_s=1.0)
     dp = DaemonParams(out=str(out), checkpoint_every=5)
+    # the simulator's stars are not the real sky: a blind plate solve would spend ~20 s of a core to fail
+    cfg.extra.setdefault("solve", {"enabled": False})
     svc = Service(cfg, lights, out, wp, dp)
     app = None
     if not args.no_web:
@@ -203,6 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="DIR|FILES")
     p.add_argument("-o", "--out", required=True, help="output folder (stack.fits, preview.jpg, frames.jsonl)")
     p.add_argument("--masters", help="master library folder (from `livestack masters`)")
+    p.add_argument("--no-solve", action="store_true",
+                   help="no plate solve (by default the reference is solved with astrometry.net, when installed, "
+                        "and the stack files get its WCS)")
     engine_opts(p)
     p.set_defaults(func=cmd_stack)
 

@@ -9,8 +9,9 @@ import sys
 import threading
 from pathlib import Path
 
-from .config import Config, ConfigError
-from .daemon.config import shell_sections
+from .config import Config, ConfigError, make_section
+from .daemon.config import session_section, shell_sections
+from .engine.solve import SolveParams
 from .session import SessionError, SessionFolder
 
 log = logging.getLogger("livestack")
@@ -64,6 +65,8 @@ def cmd_run(args, cfg: Config) -> int:
     source = Path(args.config).name if getattr(args, "config", None) else "config"
     try:
         wp, dp, web = shell_sections(cfg, source)
+        session_section(cfg, source)           # checked here: a bad key is a one-line usage error
+        make_section(SolveParams, cfg.extra.get("solve", {}), f"{source}: solve")
         wp = dataclasses.replace(wp, **{k: v for k, v in {"dir": args.watch, "recursive": args.recursive}.items()
                                         if v is not None})
         dp = dataclasses.replace(dp, out=args.out or dp.out)

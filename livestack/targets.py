@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine.register import RegisterParams, RegistrationError, register
+from .engine.solve import separation_deg
 from .engine.write import fsync_dir
 from .session import (ARCHIVE_DIR, FRAMES_LOG, SESSION_DIR, STAGING_DIR, SWITCH_FILE, TARGETS_FILE, set_aside,
                       write_json_atomic)
@@ -53,6 +54,7 @@ class Target:
     named: str = "order"                           # where the name came from: "object" | "catalogue" | "order"
     closed: bool = False                           # archived by "new stack": listed, never resumed
     reference: str | None = None                   # its reference frame's file
+    sky: dict | None = None                        # its plate solution as the page shows it (sky.sky_status)
     updated: str | None = None
 
     @property
@@ -75,11 +77,9 @@ class Target:
         return t
 
 
-def separation_deg(a, b) -> float:
-    """Angle between two (RA, Dec) positions in degrees (haversine: exact for small angles too)."""
-    ra1, de1, ra2, de2 = (math.radians(float(v)) for v in (a[0], a[1], b[0], b[1]))
-    h = math.sin((de2 - de1) / 2) ** 2 + math.cos(de1) * math.cos(de2) * math.sin((ra2 - ra1) / 2) ** 2
-    return math.degrees(2 * math.asin(min(1.0, math.sqrt(h))))
+def separation(a, b) -> float:
+    """Angle between two (RA, Dec) positions in degrees."""
+    return separation_deg(float(a[0]), float(a[1]), float(b[0]), float(b[1]))
 
 
 def folder_name(name: str) -> str:
@@ -308,8 +308,8 @@ def match_target(stars, grid_state: dict, pointing, candidates: list[tuple[Targe
     known), or its stars register onto the target's reference stars (same grid).  Nearest pointing first."""
     def distance(item):
         t, ref = item
-        tp = t.pointing or ref.get("pointing")
-        return separation_deg(pointing, tp) if pointing is not None and tp is not None else math.inf
+        tp = ref.get("pointing") or t.pointing      # the mount's idea, like the frame's header: compare like with like
+        return separation(pointing, tp) if pointing is not None and tp is not None else math.inf
 
     for t, ref in sorted(candidates, key=distance):
         d = distance((t, ref))

@@ -12,6 +12,17 @@ from drivers.simulator import SimConfig, render_night
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _no_plate_solving(request, monkeypatch):
+    """Simulated skies are no real sky: a blind solve of one costs ~20 s of a core before it fails.  Tests
+    not marked `solver` run without the solver (its subprocess daemons get [solve] enabled = false, and
+    `livestack stack` --no-solve, from the helpers below)."""
+    if request.node.get_closest_marker("solver") is None:
+        from livestack.sky import SkySolver
+
+        monkeypatch.setattr(SkySolver, "available", lambda self: "plate solving is off in this test")
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
@@ -63,7 +74,8 @@ def stack_with_cli(folder: Path, out: Path) -> list[dict]:
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "livestack.cli", "stack", str(folder), "-o", str(out), "-q"],
+    r = subprocess.run([sys.executable, "-m", "livestack.cli", "stack", str(folder), "-o", str(out), "-q",
+                        "--no-solve"],
                        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     return read_log(out / "frames.jsonl")
@@ -85,6 +97,8 @@ timeout_s = {timeout_s}
 rescan_s = 1.0
 [daemon]
 checkpoint_every = {checkpoint_every}
+[solve]
+enabled = {solve}
 """
 
 
@@ -92,10 +106,11 @@ class Daemon:
     """`python -m livestack.cli run` on (watch, out); stderr goes to a log file; the page's URL is read from it."""
 
     def __init__(self, tmp: Path, watch: Path, out: Path, *extra: str, checkpoint_every: int = 3,
-                 timeout_s: float = 3.0):
+                 timeout_s: float = 3.0, solve: bool = False):
         self.tmp, self.watch, self.out, self.extra = Path(tmp), Path(watch), Path(out), extra
         self.config = self.tmp / "livestack.toml"
-        self.config.write_text(DAEMON_TOML.format(checkpoint_every=checkpoint_every, timeout_s=timeout_s))
+        self.config.write_text(DAEMON_TOML.format(checkpoint_every=checkpoint_every, timeout_s=timeout_s,
+                                                  solve=str(solve).lower()))
         self.proc: subprocess.Popen | None = None
         self.url: str | None = None
         self.runs = 0

@@ -90,3 +90,9 @@ def test_example_config_loads():
     cfg = load_config(ROOT / "systemd" / "livestack.toml.example")
     watch, daemon, web = shell_sections(cfg)
     assert watch.dir and daemon.out and web.port == 8080
+    from livestack.config import make_section
+    from livestack.daemon.config import session_section
+    from livestack.engine.solve import SolveParams
+
+    assert session_section(cfg).new_target_after == 3
+    assert make_section(SolveParams, cfg.extra["solve"], "solve").timeout_s == 60

@@ -14,7 +14,7 @@ from astropy.io import fits
 from drivers.simulator import SimConfig, render_night
 from livestack.config import Config
 from livestack.session import read_frames_log
-from livestack.targets import SWITCH_FILE, Book, Target, recover, separation_deg
+from livestack.targets import SWITCH_FILE, Book, Target, recover, separation
 
 from conftest import stack_with_cli
 
@@ -22,10 +22,11 @@ STACKED = ("reference", "stacked")
 M13, M57 = (250.42, 36.46), (283.40, 33.03)
 
 
-def _sky(root: Path, key: str, sky_seed: int, n: int, hour: int, pointing=None, name=None) -> list[Path]:
+def _sky(root: Path, key: str, sky_seed: int, n: int, hour: int, pointing=None, name=None, **kw) -> list[Path]:
     """n mono frames of one field (sky_seed) from one camera, named <key>_NN.fits, taken from 2026-11-25 <hour>h."""
     cfg = SimConfig(width=400, height=300, n_frames=n, mono=True, seed=3, sky_seed=sky_seed, n_stars=300,
-                    start=f"2026-11-25T{hour:02d}:00:00", pointing=pointing, object=name, drift_px=(0.4, -0.3))
+                    start=f"2026-11-25T{hour:02d}:00:00", pointing=pointing, object=name, drift_px=(0.4, -0.3),
+                    **kw)
     src = root / f"src-{key}"
     truth = render_night(src, cfg)
     out = []
@@ -174,9 +175,11 @@ def test_kill9_during_a_night_of_targets_loses_nothing(tmp_path, three_targets, 
 
 
 def test_a_later_night_resumes_each_target(tmp_path, three_targets):
-    """Night 1: M13 then M57 (archived M13).  Night 2 in the same output folder: M13 frames first — they
-    register onto M13's original reference and resume it — then M57's, resumed too: still two targets."""
+    """Night 1: M13 then M57 (archived M13).  Night 2 in the same output folder, the camera turned by 180°
+    (the other side of the meridian): M13 frames first — they register onto M13's original reference and
+    resume it — then M57's, resumed too: still two targets."""
     files, parts = three_targets[False]
+    parts = {**parts, "c": _sky(tmp_path / "night2", "n2", 11, 4, 22, flip_at=0)}
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
     svc = _service(tmp_path, watch, out)
@@ -192,6 +195,7 @@ def test_a_later_night_resumes_each_target(tmp_path, three_targets):
     by = _by_target(out)
     assert sorted(by) == ["target 1", "target 2"]
     assert _stacked_names(by["target 1"]) == [f.name for f in parts["a"][:3] + parts["c"]]
+    assert all(abs(abs(r["rotation"]) - 180) < 0.5 for r in by["target 1"][3:]), by["target 1"]
     assert _stacked_names(by["target 2"]) == [f.name for f in parts["b"]]
 
 
@@ -302,7 +306,7 @@ def test_targets_json_unreadable_is_rebuilt_from_the_folders(tmp_path):
 
 
 def test_separation():
-    assert separation_deg((10, 0), (10, 0)) == 0
-    assert separation_deg((0, 0), (90, 0)) == pytest.approx(90)
-    assert separation_deg((359.9, 45), (0.1, 45)) == pytest.approx(0.2 * np.cos(np.radians(45)), rel=1e-3)
-    assert separation_deg((0, 89.9), (180, 89.9)) == pytest.approx(0.2, rel=1e-6)
+    assert separation((10, 0), (10, 0)) == 0
+    assert separation((0, 0), (90, 0)) == pytest.approx(90)
+    assert separation((359.9, 45), (0.1, 45)) == pytest.approx(0.2 * np.cos(np.radians(45)), rel=1e-3)
+    assert separation((0, 89.9), (180, 89.9)) == pytest.approx(0.2, rel=1e-6)

@@ -54,7 +54,7 @@ def write_fits(path: Path, raw: np.ndarray, meta: dict, cfg: SimConfig) -> None:
         h["XBAYROFF"] = 0
         h["YBAYROFF"] = 0
     h["ROWORDER"] = "TOP-DOWN"
-    if meta["kind"] == "light":
+    if str(meta.get("imagetyp", "")).lower().startswith("light"):
         if cfg.pointing is not None:
             h["RA"] = (float(cfg.pointing[0]), "[deg] telescope pointing")
             h["DEC"] = (float(cfg.pointing[1]), "[deg] telescope pointing")

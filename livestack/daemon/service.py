@@ -33,8 +33,11 @@ from ..engine.pipeline import Engine
 from ..engine.read import read_pointing
 from ..engine.write import (DiskFull, atomic_write_bytes, disk_full, encode_png16, encode_tiff16, free_bytes, mb,
                             remove_orphans)
+from ..config import make_section
+from ..engine.solve import Solution, SolveError, SolveParams
 from ..session import FramesLog, Refused, SessionFolder, rewrite_frames_log
-from ..targets import REFERENCE_FILE, Book, Target, load_reference, match_target, save_reference, separation_deg
+from ..sky import MAX_ATTEMPTS, SkySolver, reference_hints, sky_status, stars_on_grid
+from ..targets import REFERENCE_FILE, Book, Target, load_reference, match_target, save_reference, separation
 from .config import DaemonParams, WatchParams, session_section
 from .watch import Ready, Watcher
 
@@ -69,6 +72,7 @@ class Service:
                  masters=None):
         self.cfg, self.wp, self.dp, self.masters = cfg, wp, dp, masters
         self.sp = session_section(cfg)
+        self.solve_params = make_section(SolveParams, cfg.extra.get("solve", {}), "config: solve")
         self.watch_dir = Path(watch_dir).expanduser().resolve()
         self.folder = SessionFolder(Path(out_dir).expanduser().resolve())
         self.out = self.folder.out
@@ -129,6 +133,11 @@ class Service:
         self._ref_saved = False
         self._refs: dict[int, dict | None] = {}       # archived targets' reference.json, read once
         self._switches = 0
+        # the current target's plate solve (sky.py) and what the page shows of it
+        self._solver: SkySolver | None = None
+        self._sky: dict | None = None
+        self._sky_hints = None
+        self._sky_object: str | None = None
 
     # ------------------------------------------------------------------ life cycle
 
@@ -158,6 +167,7 @@ class Service:
             self.folder.clear_inflight()
         if self.engine.has_stack:
             self._render_preview()
+        self._sky_begin()
         self._state = "idle"
         self._publish()
         self.watcher = Watcher(self.watch_dir, self.wp, self.files, known=known, exclude=[self.out])
@@ -373,10 +383,10 @@ class Service:
                 self._hold(item, rec)
                 return
             self._settle_held()
+            if self.engine.has_stack and not self._ref_saved:
+                self._new_reference()
         self._append(rec, item.rel)
         self._best_effort(self.folder.clear_inflight)
-        if self.engine.has_stack and not self._ref_saved:
-            self._new_reference()
         self._since_ckpt += 1
         if item.reason is not None:      # the watcher's verdict: the engine never saw the file
             log.warning("failed %s: %s", item.rel, item.reason)
@@ -394,6 +404,9 @@ class Service:
             if (self._fits_dirty >= self.dp.outputs_every
                     and time.monotonic() - self._last_fits >= self.dp.outputs_s):
                 self._write_fits()
+        if self._solver is not None and rec.status in STACKED:
+            self._solver.frames_since += 1
+        self._sky_poll()
         if self._checkpoint_due():
             self._checkpoint()
         self._state = "idle" if self.files.empty() else "processing"
@@ -408,16 +421,17 @@ class Service:
         if not self.engine.has_stack:
             return False
         cur = self.book.current
-        here = cur.pointing or (list(self.engine.ref.pointing) if self.engine.ref.pointing else None)
+        here = self.engine.ref.pointing or cur.pointing     # the mount's pointing, as in the frame's header
         if here is None:
             return False
         pointing, _ = read_pointing(item.path)
-        if pointing is None or separation_deg(pointing, here) <= self.sp.slew_deg:
+        if pointing is None or separation(pointing, here) <= self.sp.slew_deg:
             return False
         self._settle_held()
-        near = [(t, separation_deg(pointing, t.pointing)) for t in self.book.archived() if t.pointing]
+        near = [(t, separation(pointing, ref.get("pointing") or t.pointing)) for t, ref in self._candidates()
+                if ref.get("pointing") or t.pointing]
         near = [t for t, d in sorted(near, key=lambda x: x[1]) if d <= self.sp.slew_deg]
-        why = f"{item.rel} points {separation_deg(pointing, here):.2f}° from {cur.name}"
+        why = f"{item.rel} points {separation(pointing, here):.2f}° from {cur.name}"
         return self._switch(near[0] if near else None, [item], why)
 
     def _hold(self, item: Ready, rec: FrameRecord) -> None:
@@ -469,6 +483,7 @@ class Service:
         if ref.object and cur.named == "order":
             cur.name, cur.named = ref.object, "object"
         self._save_book()
+        self._sky_begin()
 
     def _save_book(self) -> None:
         cur = self.book.current
@@ -508,6 +523,7 @@ class Service:
         self._refs.pop(new.id, None)
         self._refs.pop(old.id, None)
         r = self._open_current()
+        self._sky_begin()
         self._redo.extend(Ready(self.watch_dir / (d.get("path") or d["file"]), d.get("path") or d["file"])
                           for d in r.dropped)
         self._redo.extendleft(reversed(redo))
@@ -523,6 +539,74 @@ class Service:
         self._publish()
         return True
 
+    # ------------------------------------------------------------------ sky coordinates
+
+    def _sky_begin(self) -> None:
+        """The current target's sky: its saved solution, else its reference frame's own WCS for now, and a
+        plate solve in the background (sky.py)."""
+        if self._solver is not None:
+            self._solver.cancel()          # another target's, or an earlier reference's
+        self._solver, self._sky, self._sky_hints, self._sky_object = None, None, None, None
+        e, cur = self.engine, self.book.current
+        if not e.has_stack:
+            return
+        if e.grid.wcs is not None and cur.sky and cur.sky.get("state") == "solved":
+            self._sky = cur.sky
+            return
+        rel = next((d.get("path") or d["file"] for d in self.records if d["status"] == "reference"), e.ref.file)
+        hints, own, obj = reference_hints(self.watch_dir / rel, e.grid, self.solve_params)
+        self._sky_hints, self._sky_object = hints, obj
+        solver = self._solver = SkySolver(self.solve_params, key=cur.id)
+        why = solver.available()
+        if own is not None:
+            e.set_wcs(own)
+            self._fits_dirty += 1
+            self._sky = sky_status(own, e.grid.shape, source="header", obj=obj,
+                                   note=why or "the reference frame's own WCS until a plate solve lands")
+        if why is not None:
+            self._sky = self._sky or {"state": "off", "note": why}
+            log.warning("livestack: %s", why)
+            return
+        solver.start(e.ref.stars.xy, e.ref.stars.flux, e.grid.shape, hints, workdir=None)
+        self._sky = self._sky or {"state": "solving", "note": "plate solving the reference frame"}
+
+    def _sky_poll(self) -> None:
+        s = self._solver
+        if s is None:
+            return
+        ans = s.poll()
+        e, cur = self.engine, self.book.current
+        if isinstance(ans, Solution):
+            e.set_wcs(ans.wcs)
+            self._sky = sky_status(ans.wcs, e.grid.shape, source="solve", seconds=ans.seconds, obj=self._sky_object)
+            cur.pointing, cur.sky = [round(self._sky["ra"], 6), round(self._sky["dec"], 6)], self._sky
+            if cur.named == "order" and self._sky.get("object"):
+                cur.name, cur.named = self._sky["object"], "catalogue"
+            self._save_book()
+            self._fits_dirty += 1
+            self._since_ckpt = max(self._since_ckpt, 1)      # the WCS is kept by the next checkpoint
+            log.warning("livestack: %s plate-solved in %.1f s: RA %s Dec %s, %.2f″/px, field %.2f°×%.2f°, "
+                        "rotation %.1f° E of N (%d stars matched, rms %.2f px)", cur.name, ans.seconds,
+                        self._sky["ra_hms"], self._sky["dec_dms"], self._sky["scale_arcsec"], self._sky["width_deg"],
+                        self._sky["height_deg"], self._sky["rotation_deg"], ans.matched, ans.rms_px)
+            self._solver = None
+            self._publish()
+        elif isinstance(ans, SolveError):
+            more = s.attempts < MAX_ATTEMPTS
+            log.warning("livestack: plate solve of %s failed: %s%s", cur.name, ans.reason,
+                        "; tried again on a later frame" if more else "")
+            if self._sky and self._sky.get("source") == "header":
+                self._sky = {**self._sky, "note": ans.reason}
+            else:
+                self._sky = {"state": "failed", "note": ans.reason}
+            self._publish()
+        elif s.retry_due():
+            got = stars_on_grid(e)
+            if got is not None and s.start(got[0], got[1], e.grid.shape, self._sky_hints):
+                if self._sky.get("source") != "header":
+                    self._sky = {"state": "solving", "note": f"plate solving again (attempt {s.attempts})"}
+                self._publish()
+
     def _append(self, rec: FrameRecord, rel: str) -> None:
         d = rec.to_dict()
         d["path"], d["processed"] = rel, _now()
@@ -530,6 +614,7 @@ class Service:
         self._save_log()
 
     def _idle(self) -> None:
+        self._sky_poll()
         if self._blocked and time.monotonic() - self._last_catch_up >= CATCH_UP_S:
             self._catch_up()
         if self._preview_dirty:
@@ -544,6 +629,10 @@ class Service:
 
     def _finish(self) -> None:
         self._state = "stopping"
+        if self._solver is not None:
+            self._sky_poll()               # a solution that just landed is kept
+            if self._solver is not None:
+                self._solver.cancel()
         if self._blocked:
             self._catch_up()
         if self._preview_dirty:
@@ -916,6 +1005,9 @@ class Service:
             raise Refused(f"{full}; the current stack is kept", 507) from err
         self.book.close_current(dest)
         self._held, self._ref_saved = [], False
+        if self._solver is not None:
+            self._solver.cancel()
+        self._solver, self._sky = None, None
         self.engine = self.folder.new_engine(self.cfg, masters=self.masters)
         self.records, self.excluded, self._engine_excluded = [], set(), set()
         self._logged, self._saved_excluded = 0, set()
@@ -957,9 +1049,10 @@ class Service:
             "last": None if last is None else {k: last.get(k) for k in ("file", "status", "reason")},
             "last_failed": None if last_fail is None else {k: last_fail.get(k) for k in ("file", "reason")},
             "reference": e.ref.file if e.ref else None,
-            "target": self.book.current.to_dict() if self.book else None,
-            "targets": [t.to_dict() for t in self.book.targets] if self.book else [],
+            "target": self._target_dict(self.book.current) if self.book else None,
+            "targets": [self._target_dict(t) for t in self.book.targets] if self.book else [],
             "held": [i.rel for i, _ in self._held],
+            "sky": self._sky,
             "filters": [fs.summary() for fs in e.filters.values()],
             "palette": self._palette(),
             "restack": self._restack,
@@ -976,6 +1069,12 @@ class Service:
             "watch": str(self.watch_dir), "out": str(self.out),
             "updated": _now(),
         }
+
+    def _target_dict(self, t: Target) -> dict:
+        d = t.to_dict()
+        if t.current:                  # the book is saved with the stack files; the engine is always current
+            d["frames"] = self.engine.n_stacked
+        return d
 
     def _palette(self) -> dict:
         """The composite's palette for the page: what was asked, what it became, the weights and choices."""

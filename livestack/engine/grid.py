@@ -13,6 +13,7 @@ a plate solve lands, and a drizzle grid at another scale (``sensor_to_grid`` 2x 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -194,9 +195,23 @@ class Grid:
     # ------------------------------------------------------------------ checkpoint
 
     def state(self) -> dict:
+        """Plain values: what the grid is (for matching frames against it); its WCS separately (wcs_state)."""
         return {"mode": self.mode, "sensor_shape": list(self.sensor_shape), "pattern": self.pattern}
 
+    def wcs_state(self) -> str | None:
+        """The WCS as FITS header text, for a checkpoint."""
+        if self.wcs is None:
+            return None
+        from .solve import wcs_to_text
+
+        return wcs_to_text(self.wcs)
+
     @classmethod
-    def from_state(cls, s: dict) -> "Grid":
+    def from_state(cls, s: dict, wcs_text: str | None = None) -> "Grid":
         debayer_method = "superpixel" if s["mode"] == "superpixel" else "bilinear"
-        return cls.for_frame(tuple(s["sensor_shape"]), s["pattern"], debayer_method)
+        grid = cls.for_frame(tuple(s["sensor_shape"]), s["pattern"], debayer_method)
+        if wcs_text:
+            from .solve import wcs_from_header_text
+
+            grid = dataclasses.replace(grid, wcs=wcs_from_header_text(wcs_text))
+        return grid

@@ -60,6 +60,12 @@ def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int
         "KAPPA": (cfg.stack.kappa, "outlier rejection threshold, sigma"),
         "BUNIT": ("ADU", "normalised to its filter's reference frame"),
     }
+    if grid is not None and grid.wcs is not None:
+        from .solve import wcs_header
+
+        for card in wcs_header(grid.wcs).cards:
+            if card.keyword not in hdr and card.keyword not in ("DATE-OBS", "MJD-OBS", "DATE-END", "COMMENT"):
+                hdr[card.keyword] = (card.value, card.comment)
     if engine.calibration_used:
         hdr["CALIBRAT"] = (", ".join(f"{k}={v}" for k, v in sorted(engine.calibration_used.items()))[:68],
                            "masters used")

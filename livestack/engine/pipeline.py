@@ -11,6 +11,7 @@ the checkpoint format is the session's (``session.py``): the engine gives and ta
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 import time
@@ -35,6 +36,7 @@ from .stack import RunningStack
 from .warp import warp
 
 log = logging.getLogger("livestack")
+QUANTISATION_NOISE = 12 ** -0.5   # ADU: the noise of rounding to whole ADU
 STATE_VERSION = 3     # state()'s layout: 3 = one stack per filter on a shared grid
 
 
@@ -118,6 +120,14 @@ class Engine:
     @property
     def exptime_total(self) -> float:
         return self.counts.exptime
+
+    def set_wcs(self, wcs) -> None:
+        """A plate solution of the grid (astropy WCS in grid pixels, or None): every stack file written from now
+        on carries it."""
+        if self.grid is None:
+            raise ValueError("no grid yet: a WCS needs a reference frame")
+        self.grid = dataclasses.replace(self.grid, wcs=wcs)
+        self.written.clear()          # the filter files are rewritten with it
 
     def count_rejected(self, rec: FrameRecord) -> FrameRecord:
         """A frame process(hold=True) left ``unregistered`` is, after all, a rejection of its filter's."""
@@ -207,6 +217,12 @@ class Engine:
             self.calibration_used.update(masters.names)
 
         plane_cfa, noise = sky_model(cfa, frame.pattern)
+        if np.isfinite(frame.white):
+            # integer data: never less than its quantisation noise (an 8-bit processed image's flat sky has a MAD
+            # of 0, which would make every weight 0 or infinite)
+            noise = np.maximum(noise, QUANTISATION_NOISE)
+        if not np.all(np.isfinite(noise)) or float(noise.min()) <= 0:
+            raise FrameError(path, "no measurable noise in the sky (a processed image, not a camera frame?)")
         plane = grid.plane(plane_cfa)
         sky = sky_level(plane_cfa, frame.shape)
         stars, q, lum = grid.find_stars(cfa, frame.white - float(frame.black.mean()), cfg.stars)
@@ -411,6 +427,7 @@ class Engine:
             "calibration_used": self.calibration_used, "rng": self.rng.bit_generator.state,
             "last_matrix": None if self.last_matrix is None else self.last_matrix.tolist(),
             "grid": None if self.grid is None else self.grid.state(), "recent": self._recent, "filters": [],
+            "wcs": None if self.grid is None else self.grid.wcs_state(),
         }
         arrays: dict[str, np.ndarray] = {}
         stacks: list[tuple[str, RunningStack]] = []
@@ -438,7 +455,7 @@ class Engine:
         eng.index, eng.failed, eng.calibration_used = meta["index"], meta["failed"], meta["calibration_used"]
         eng.rng.bit_generator.state = meta["rng"]
         eng.last_matrix = None if meta["last_matrix"] is None else np.array(meta["last_matrix"])
-        eng.grid = None if meta["grid"] is None else Grid.from_state(meta["grid"])
+        eng.grid = None if meta["grid"] is None else Grid.from_state(meta["grid"], meta.get("wcs"))
         if "ref" in meta:
             stars = Stars(*(np.array(arrays[f"ref_{k}"]) for k in ("xy", "flux", "fwhm", "a", "b")))
             r = meta["ref"]

@@ -396,35 +396,54 @@ def _num(v) -> float | None:
 _DATE_RE = re.compile(r"^\d{4}-\d{2}-\d{2}")
 
 
-def _sexagesimal(v, hours: bool) -> float | None:
-    """'12 32 24.25' / '12:32:24.25' (hours when ``hours``) or '+74 09 31.60' -> degrees; a single number is
-    taken as degrees already.  None when unreadable."""
-    if isinstance(v, (int, float)) and not isinstance(v, bool):
-        return float(v) if np.isfinite(v) else None
-    parts = [p for p in re.split(r"[\s:hmsd°'\"]+", str(v or "").strip()) if p]
+def parse_sexagesimal(text) -> float | None:
+    """'12 32 24.25', '+74:09:31.6', '-00 30 00', '8 06' -> signed value in the first field's unit (hours or
+    degrees); None when the text is not sexagesimal."""
+    if not isinstance(text, str):
+        return None
+    parts = [p for p in re.split(r"[\s:hdms°'\"]+", text.strip()) if p]
     if not 1 <= len(parts) <= 3:
         return None
+    sign = -1.0 if parts[0].startswith("-") else 1.0
+    parts[0] = parts[0].lstrip("+-")
     try:
-        nums = [float(p) for p in parts]
+        vals = [float(p) for p in parts]
     except ValueError:
         return None
-    if len(nums) == 1:
-        return nums[0] if np.isfinite(nums[0]) else None
-    sign = -1.0 if parts[0].startswith("-") else 1.0
-    x = sign * sum(abs(n) / 60.0 ** i for i, n in enumerate(nums))
-    return x * 15.0 if hours else x
+    if not all(np.isfinite(v) and v >= 0 for v in vals) or any(v >= 60 for v in vals[1:]):
+        return None
+    return sign * sum(v / 60.0 ** i for i, v in enumerate(vals))
+
+
+def _ra_deg(v, *, hours: bool) -> float | None:
+    """RA in degrees from a number (in hours when ``hours``, else degrees) or a sexagesimal string (hours)."""
+    if isinstance(v, str) and re.search(r"[\s:]", v.strip()):
+        ra = parse_sexagesimal(v)
+        ra = None if ra is None else ra * 15.0
+    else:
+        ra = _num(v)
+        ra = None if ra is None else ra * (15.0 if hours else 1.0)
+    return ra if ra is not None and 0.0 <= ra < 360.0 else None
+
+
+def _dec_deg(v) -> float | None:
+    dec = _num(v) if not (isinstance(v, str) and re.search(r"[\s:]", v.strip())) else None
+    if dec is None and isinstance(v, str):
+        dec = parse_sexagesimal(v)
+    return dec if dec is not None and -90.0 <= dec <= 90.0 else None
 
 
 def header_pointing(header) -> tuple[float, float] | None:
-    """(RA, Dec) in degrees where the mount pointed, from a FITS header: RA/DEC in degrees (INDI, NINA, ASIAIR,
-    Seestar), else OBJCTRA/OBJCTDEC in sexagesimal hours/degrees (MaxIm, SGP).  None when absent or absurd."""
-    ra, dec = _num(header.get("RA")), _num(header.get("DEC"))
-    if ra is None or dec is None:
-        ra = _sexagesimal(header.get("OBJCTRA"), hours=True)
-        dec = _sexagesimal(header.get("OBJCTDEC"), hours=False)
-    if ra is None or dec is None or not (0.0 <= ra < 360.0 + 1e-9 and -90.0 <= dec <= 90.0):
-        return None
-    return (float(ra) % 360.0, float(dec))
+    """(RA, Dec) in degrees where the mount pointed, from a FITS header (any mapping of card names to values):
+    RA/DEC in degrees (INDI/KStars, NINA, Seestar; a sexagesimal string there is read as hours/degrees), else
+    OBJCTRA (hours) / OBJCTDEC (degrees) as sexagesimal strings ('12 32 24.25', '+74 09 31.60'), else RA-MNT /
+    DEC-MNT in degrees (PANOPTES).  None when absent or absurd."""
+    get = header.get
+    for ra_key, dec_key, hours in (("RA", "DEC", False), ("OBJCTRA", "OBJCTDEC", True), ("RA-MNT", "DEC-MNT", False)):
+        ra, dec = _ra_deg(get(ra_key), hours=hours), _dec_deg(get(dec_key))
+        if ra is not None and dec is not None:
+            return (ra, dec)
+    return None
 
 
 def read_pointing(path: Path | str) -> tuple[tuple[float, float] | None, str | None]:

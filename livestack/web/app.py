@@ -4,6 +4,8 @@ GET  /                      the page (static/index.html); /static/<name> its JS 
 GET  /api/status            counts, the latest frame, the last rejection, state (JSON)
 GET  /api/frames?since=N    frames.jsonl records from N on, with the log's generation
 GET  /api/preview.jpg       the stretched live preview
+GET  /api/targets           the targets (fields of the sky) of the output folder, the current one's id, held frames
+GET  /api/targets/<id>/preview.jpg   a target's preview: the live one for the current target, else its archived file
 GET  /api/stack.fits        the stack (float32, weight map in HDU "WEIGHT")
 GET  /api/export?format=png|tiff&mode=stretched|linear   full-resolution 16-bit image
 GET  /api/files/<path>      any file inside the session folder (frames.jsonl, archive/…); nothing outside
@@ -368,6 +370,10 @@ class Api:
                 return await self._file(req, path[len("/api/files/"):])
             if path.startswith("/static/") and not write:
                 return await self._static(req, path[len("/static/"):])
+            if path.startswith("/api/targets/"):
+                if write:
+                    raise HttpError(405, f"{path[:200]} needs GET", {"Allow": "GET"})
+                return await self._target_preview(req, path[len("/api/targets/"):])
             fn = (POST_ROUTES if write else GET_ROUTES).get(path)
             if fn is None:
                 if path in (GET_ROUTES if write else POST_ROUTES):
@@ -529,6 +535,40 @@ class Api:
             raise HttpError(404, f"{shown} is not a file of the session folder")
         return await self._send_file(req, p)
 
+    async def _target_preview(self, req, rest: str):
+        """/api/targets/<id>/preview.jpg.  The id is looked up in the published targets list; the file's path is
+        built from that list's folder only, never from the request."""
+        m = _TARGET_PREVIEW.fullmatch(rest)
+        if m is None:
+            shown = unquote(rest)[:100]
+            raise HttpError(404, f"no such page /api/targets/{shown}; a target's image is "
+                                 "/api/targets/<id>/preview.jpg with an id from GET /api/targets")
+        tid = int(m.group(1))
+        snap = self.service.snapshot          # one snapshot: its targets list and its preview belong together
+        t = next((t for t in snap.status.get("targets") or () if t.get("id") == tid), None)
+        if t is None:
+            raise HttpError(404, f"no target {tid}; the ids are listed by GET /api/targets")
+        name = str(t.get("name"))[:100]
+        if t.get("current"):
+            if snap.preview is None:
+                raise HttpError(404, f"target {tid} ({name}) has nothing stacked yet: its preview appears with "
+                                     "the first stacked frame")
+            return await self._send_bytes(req, snap.preview, "image/jpeg")
+        folder = t.get("folder")
+        missing = f"target {tid} ({name}) has no preview.jpg in {str(folder)[:120]}"
+        try:
+            # targets.json is the daemon's own file, but a hand-edited folder must not lead out of OUT either
+            root = self.service.out.resolve()
+            p = (root / folder / "preview.jpg").resolve() if isinstance(folder, str) and folder else None
+            if p is None or not p.is_relative_to(root) or not p.is_file():
+                raise HttpError(404, missing)
+        except (OSError, RuntimeError) as err:
+            raise HttpError(404, missing) from err
+        try:
+            return await self._send_file(req, p)
+        except HttpError as err:          # moved by a switch of targets since the snapshot
+            raise HttpError(404, missing) from err
+
     async def _result(self, fut: Future, timeout: float):
         """The worker's result, awaited without a thread; TimeoutError after `timeout` s.  The future is never
         cancelled (the worker sets its result whatever happens)."""
@@ -573,6 +613,17 @@ class Api:
         if jpg is None:
             raise HttpError(404, "nothing stacked yet: the preview appears with the first stacked frame")
         return await self._send_bytes(req, jpg, "image/jpeg")
+
+    async def targets(self, req, q, _):
+        s = self.service.snapshot.status
+        # the book's count of the current target is brought up to date when stack.fits is written; the engine's
+        # count, in the same snapshot, is the live one
+        targets = [{**t, "frames": s["stacked"]} if t.get("current") and isinstance(s.get("stacked"), int) else t
+                   for t in s.get("targets") or ()]
+        current = (s.get("target") or {}).get("id")
+        if current is None:
+            current = next((t.get("id") for t in targets if t.get("current")), None)
+        return _json({"targets": targets, "current": current, "held": list(s.get("held") or ())})
 
     async def stack_fits(self, req, q, _):
         return await self._send_file(req, self.service.out / "stack.fits", download="stack.fits")
@@ -685,11 +736,12 @@ def _clean(d: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in d.items()}
 
 
+_TARGET_PREVIEW = re.compile(r"([0-9]{1,9})/preview\.jpg")
 STATIC_FILES = frozenset(p.name for p in STATIC.iterdir() if p.is_file()) if STATIC.is_dir() else frozenset()
 
 GET_ROUTES = {"/": Api.index, "/index.html": Api.index, "/api/status": Api.status, "/api/frames": Api.frames,
               "/api/preview.jpg": Api.preview, "/api/stack.fits": Api.stack_fits, "/api/export": Api.export,
-              "/api/events": Api.events}
+              "/api/events": Api.events, "/api/targets": Api.targets}
 POST_ROUTES = {"/api/pause": Api.pause, "/api/resume": Api.resume, "/api/exclude": Api.exclude,
                "/api/include": Api.include, "/api/stretch": Api.stretch, "/api/new-session": Api.new_session,
                "/api/palette": Api.palette}

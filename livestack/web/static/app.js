@@ -2,7 +2,8 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { frames: [], generation: null, previewId: null, status: null, es: null };
+// view: null shows the live stack; an archived target's id shows that target's preview (live updates wait)
+const state = { frames: [], generation: null, previewId: null, status: null, es: null, view: null };
 
 // ---------------------------------------------------------------- API helpers
 const token = (() => {
@@ -49,6 +50,20 @@ function clock(iso) {
   const t = iso.split("T")[1] || iso;
   return t.slice(0, 8);
 }
+const num = (v) => typeof v === "number" && Number.isFinite(v);
+const pad2 = (n) => String(n).padStart(2, "0");
+function hms(deg) {            // right ascension, degrees -> 16h 41m 42s
+  const s = Math.round((((deg % 360) + 360) % 360) * 240) % 86400;
+  return `${Math.floor(s / 3600)}h ${pad2(Math.floor((s % 3600) / 60))}m ${pad2(s % 60)}s`;
+}
+function dms(deg) {            // declination, degrees -> +36° 27′ 37″
+  const s = Math.round(Math.abs(deg) * 3600);
+  return `${deg < 0 ? "−" : "+"}${Math.floor(s / 3600)}° ${pad2(Math.floor((s % 3600) / 60))}′ ${pad2(s % 60)}″`;
+}
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
+// "RA 16h 41m 41s" and "Dec +36° 27′ 36″" each wrap as one word on a phone
+const nowrap = (text) => text.replace(/ /g, "\u00a0");
+const radec = (ra, dec) => `${nowrap(`RA ${ra}`)} ${nowrap(`Dec ${dec}`)}`;
 
 // ---------------------------------------------------------------- status
 function showStatus(s) {
@@ -69,34 +84,200 @@ function showStatus(s) {
   const rj = s.last_rejected;
   $("s-rejection").textContent = rj ? `Last rejected: ${rj.file} — ${rj.reason}` : "";
   $("s-disk").textContent = s.disk ? `${s.disk.error} (since ${clock(s.disk.since)}); stacking goes on in memory` : "";
-  $("caption").textContent = s.has_stack
-    ? `${s.stacked} frames · ${duration(s.integration_s)}`
-      + `${s.palette && s.palette.name ? ` · ${s.palette.name}` : ""}${s.queued ? ` · ${s.queued} queued` : ""}`
-    : (s.queued ? `${s.queued} queued` : "");
   $("paths").textContent = `watching ${s.watch} → ${s.out}`;
   const st = s.stretch || {};
   if (!dragging) {
     for (const k of Object.keys(SLIDERS)) setSlider(k, st[k]);
   }
   showFilters(s);
+  showTargets(s);
+  showCaption(s);
+  showSky(s);
   if (s.has_stack && s.preview_id !== state.previewId) loadPreview(s.preview_id);
-  if (!s.has_stack) { $("preview").hidden = true; $("nopreview").hidden = false; state.previewId = null; }
+  if (!s.has_stack) {
+    state.previewId = null;
+    if (state.view === null) { $("preview").hidden = true; $("nopreview").hidden = false; }
+  }
   if (s.generation !== state.generation || s.frames !== state.frames.length) loadFrames(s.generation);
 }
 
 function loadPreview(id) {
   state.previewId = id;
+  if (state.view !== null) return;          // an archived target is on screen: back to live loads the latest
+  showImage(`/api/preview.jpg?id=${id}`, "live stack preview", () => state.previewId === id && state.view === null,
+            (el) => { el.dataset.previewId = String(id); delete el.dataset.target; });
+}
+
+function showImage(src, alt, stillWanted, mark) {
+  // loaded beside the page first: the image on screen changes only once the new one is complete
   const img = new Image();
   img.onload = () => {
-    if (state.previewId !== id) return;
+    if (!stillWanted()) return;
     const el = $("preview");
     el.src = img.src;
-    el.dataset.previewId = String(id);
+    el.alt = alt;
+    mark(el);
     el.hidden = false;
     $("nopreview").hidden = true;
   };
-  img.src = `/api/preview.jpg?id=${id}`;
+  img.src = src;
 }
+
+function showCaption(s) {
+  const t = viewed(s);
+  if (t) {
+    $("caption").textContent = `${t.name} · ${plural(t.frames, "frame")} stacked`
+      + (t.updated ? ` · updated ${t.updated.slice(0, 16).replace("T", " ")}`
+         + (/(Z|\+00:00)$/.test(t.updated) ? " UTC" : "") : "");
+    return;
+  }
+  const name = s.target && ((s.targets || []).length > 1 || s.target.named !== "order") ? `${s.target.name} · ` : "";
+  $("caption").textContent = s.has_stack
+    ? `${name}${s.stacked} frames · ${duration(s.integration_s)}`
+      + `${s.palette && s.palette.name ? ` · ${s.palette.name}` : ""}${s.queued ? ` · ${s.queued} queued` : ""}`
+    : (s.queued ? `${s.queued} queued` : "");
+}
+
+// ---------------------------------------------------------------- sky: the plate solve of the current target
+const SKY_STATES = { solving: "plate solving…", failed: "plate solve failed", off: "plate solving off" };
+function showSky(s) {
+  const el = $("sky");
+  const k = s.sky;
+  el.hidden = !k || typeof k !== "object" || state.view !== null;   // it describes the live stack
+  if (el.hidden) return;
+  const parts = [];
+  const add = (text, cls) => {
+    const span = document.createElement("span");
+    span.textContent = text;
+    if (cls) span.className = cls;
+    parts.push(span);
+  };
+  if (k.object) add(k.object, "obj");
+  const ra = k.ra_hms || (num(k.ra) ? hms(k.ra) : null), dec = k.dec_dms || (num(k.dec) ? dms(k.dec) : null);
+  if (ra && dec) add(radec(ra, dec));
+  if (num(k.width_deg) && num(k.height_deg)) {
+    const arcmin = Math.max(k.width_deg, k.height_deg) < 1;
+    const f = (v) => (arcmin ? `${(v * 60).toFixed(1)}′` : `${v.toFixed(2)}°`);
+    add(`${f(k.width_deg)} × ${f(k.height_deg)}`);
+  }
+  if (num(k.scale_arcsec)) add(`${k.scale_arcsec.toFixed(2)}″/px`);
+  if (num(k.rotation_deg)) add(`rotation ${k.rotation_deg.toFixed(1)}° E of N`);
+  // the notes are sentences of their own ("plate solving the reference frame"); a failure says it failed first
+  if (k.state === "failed") add(k.note ? `plate solve failed: ${k.note}` : SKY_STATES.failed, "state failed");
+  else if (k.state in SKY_STATES) add(k.note || SKY_STATES[k.state], `state ${k.state}`);
+  else if (k.source === "header" || k.state === "header") {
+    add(k.note ? `from the FITS header (${k.note})` : "from the FITS header", "dim");
+  } else if (num(k.seconds)) add(`solved in ${k.seconds.toFixed(1)} s`, "dim");
+  if (!parts.length) add(k.note || String(k.state || "sky: no solution yet"), "dim");
+  el.title = k.state === "solved" && k.note ? k.note : "";
+  const label = document.createElement("b");
+  label.textContent = "Sky";
+  el.replaceChildren(label, ...parts);
+}
+
+// ---------------------------------------------------------------- targets: the panel, an archived one on screen
+const viewed = (s) => (state.view === null ? null : (s.targets || []).find((t) => t.id === state.view) || null);
+// the current target's count in the list lags (saved with stack.fits); the engine's count is the live one
+const framesOf = (t, s) => (t.current && num(s.stacked) ? s.stacked : t.frames);
+const hasImage = (t, s) => (t.current ? !!s.has_stack : t.frames > 0);
+// the thumbnail's query changes with what the image shows: the live preview id, or frames and time of an archive
+const targetImage = (t, s) => `/api/targets/${t.id}/preview.jpg?v=${encodeURIComponent(
+  t.current ? `p${s.preview_id}` : `${t.frames}-${t.updated || ""}`)}`;
+const targetItems = new Map();     // id -> <li>, kept: a thumbnail is fetched again only when its query changes
+
+function showTargets(s) {
+  const list = s.targets || [], held = s.held || [];
+  if (state.view !== null) {
+    const v = list.find((t) => t.id === state.view);
+    if (!v || v.current || !hasImage(v, s)) setView(null);          // resumed or gone: live again
+    else if ($("preview").dataset.target !== targetImage(v, s)) setView(v.id);
+  }
+  const panel = $("targets");
+  panel.hidden = list.length < 2 && !held.length;
+  if (panel.hidden) return;
+  $("targets-count").textContent = `(${list.length})`;
+  const h = $("held");
+  h.hidden = !held.length;
+  h.textContent = held.length ? `${plural(held.length, "frame")} held: ${held.length === 1 ? "it does" : "they do"}`
+    + ` not register onto ${s.target ? s.target.name : "this target"} — a new target?` : "";
+  h.title = held.join("\n");
+  const items = list.map((t) => targetItem(t, s));
+  const ul = $("targets-list");
+  if (items.length !== ul.children.length || items.some((li, i) => ul.children[i] !== li)) ul.replaceChildren(...items);
+  for (const id of [...targetItems.keys()]) if (!list.some((t) => t.id === id)) targetItems.delete(id);
+}
+
+function targetItem(t, s) {
+  let li = targetItems.get(t.id);
+  if (!li) {
+    li = document.createElement("li");
+    const b = document.createElement("button");
+    b.type = "button";
+    b.className = "target";
+    b.dataset.testid = "target";
+    const img = document.createElement("img");
+    img.alt = "";
+    img.onerror = () => { img.removeAttribute("src"); };
+    const name = document.createElement("span");
+    name.className = "tname";
+    const meta = document.createElement("span");
+    meta.className = "tmeta";
+    b.append(img, name, meta);
+    b.onclick = () => {
+      const cur = state.status && (state.status.targets || []).find((x) => x.id === t.id);
+      if (cur) setView(cur.current ? null : cur.id);
+    };
+    li.append(b);
+    targetItems.set(t.id, li);
+  }
+  const b = li.firstChild;
+  const [img, name, meta] = b.children;
+  b.dataset.id = String(t.id);
+  b.disabled = !t.current && !hasImage(t, s);
+  b.setAttribute("aria-pressed", String(t.current ? state.view === null : state.view === t.id));
+  const src = hasImage(t, s) ? targetImage(t, s) : null;
+  if (src === null) img.removeAttribute("src");
+  else if (img.getAttribute("src") !== src) img.src = src;
+  const tags = t.current ? [["current", "current"]] : [["archived", "archived"]];
+  if (t.closed) tags.push(["closed", "closed"]);
+  name.replaceChildren(t.name, ...tags.map(([text, cls]) => {
+    const tag = document.createElement("i");
+    tag.className = `tag ${cls}`;
+    tag.textContent = text;
+    return tag;
+  }));
+  name.title = t.closed ? `${t.name}: archived by New stack, not resumed by its frames` : t.name;
+  const p = Array.isArray(t.pointing) && num(t.pointing[0]) && num(t.pointing[1]) ? t.pointing : null;
+  meta.textContent = `${plural(framesOf(t, s), "frame")} stacked` + (p ? ` · ${radec(hms(p[0]), dms(p[1]))}` : "");
+  return li;
+}
+
+function setView(id) {
+  const s = state.status || {};
+  const t = id === null ? null : (s.targets || []).find((x) => x.id === id && !x.current) || null;
+  state.view = t ? t.id : null;
+  $("viewing").hidden = !t;
+  $("viewer").classList.toggle("archived", !!t);
+  for (const b of document.querySelectorAll("#targets-list .target")) {
+    const cur = b.querySelector(".tag.current") !== null;
+    b.setAttribute("aria-pressed", String(t ? b.dataset.id === String(t.id) : cur));
+  }
+  if (t) {
+    $("viewing-name").textContent = t.name;
+    $("viewing-fits").href = `/api/files/${t.folder.split("/").map(encodeURIComponent).join("/")}/stack.fits`;
+    const src = targetImage(t, s);
+    $("preview").dataset.target = src;
+    showImage(src, `preview of ${t.name} (archived)`, () => state.view === t.id,
+              (el) => { delete el.dataset.previewId; });
+  } else {
+    delete $("preview").dataset.target;
+    if (s.has_stack) loadPreview(s.preview_id);
+    else { state.previewId = null; $("preview").hidden = true; $("nopreview").hidden = false; }
+  }
+  showCaption(s);
+  showSky(s);
+}
+$("back-live").onclick = () => setView(null);
 
 let framesBusy = false, framesAgain = false;
 async function loadFrames(generation) {

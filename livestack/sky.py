@@ -1,0 +1,190 @@
+"""Sky coordinates of a target: its reference plate-solved once, in the background, never in the way.
+
+The engine's reference stars are already measured on the stack's grid, so they are what astrometry.net is handed
+(an xylist, engine/solve.py), and the WCS it returns is the grid's: it goes into every stack file as it is.  A
+solve runs in a thread around a solve-field subprocess with a time limit while frames keep stacking; the worker
+polls for the answer between frames.  When a solve fails it is tried again on a later frame's stars (mapped onto
+the grid), a few times.  A WCS in the reference frame's own header (many capture programs write one) stands in
+until a solve lands, or instead of one when no solver is installed.  Nothing here raises for want of a solver or
+an index: the answer is a one-sentence note.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .engine import geometry
+from .engine.solve import (Hints, Solution, SolveError, SolveParams, describe, header_wcs, hints_from_header,
+                           nearest_object, solve_stars, wcs_to_grid)
+
+log = logging.getLogger("livestack")
+
+RETRY_AFTER = 5        # stacked frames between two attempts
+MAX_ATTEMPTS = 3
+
+
+def grid_binning(grid) -> float:
+    """Sensor pixels per grid pixel (1, or 2 on a superpixel grid)."""
+    return 1.0 / float(grid.sensor_to_grid[0, 0])
+
+
+def reference_hints(path: Path | None, grid, params: SolveParams) -> tuple[Hints, object | None, str | None]:
+    """(hints, the header's own WCS on the grid or None, OBJECT) from the reference frame's FITS header."""
+    if path is None or not Path(path).exists():
+        return Hints(scale_low=_low(params), scale_high=_high(params)), None, None
+    from astropy.io import fits
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(path, memmap=False) as hdul:
+                hdu = next(h for h in hdul if h.header.get("NAXIS", 0) >= 2 or "ZIMAGE" in h.header)
+                header = hdu.header.copy()
+    except (OSError, ValueError, StopIteration, TypeError, IndexError, KeyError):
+        return Hints(scale_low=_low(params), scale_high=_high(params)), None, None
+    hints = hints_from_header(header, binning_to_grid=grid_binning(grid), params=params)
+    own = None
+    try:
+        w = header_wcs(header, grid.sensor_shape)
+        if w is not None:
+            own = wcs_to_grid(w, grid.sensor_to_grid)
+    except (ValueError, TypeError):
+        own = None
+    obj = str(header.get("OBJECT", "") or "").strip() or None
+    return hints, own, obj
+
+
+def _low(p: SolveParams):
+    return None if p.scale_arcsec is None else p.scale_arcsec * (1 - p.scale_tolerance)
+
+
+def _high(p: SolveParams):
+    return None if p.scale_arcsec is None else p.scale_arcsec * (1 + p.scale_tolerance)
+
+
+def sky_status(wcs, shape, *, source: str, seconds: float | None = None, obj: str | None = None,
+               note: str = "") -> dict:
+    """What the page and /api/status show of a WCS: centre, field, scale, rotation, object."""
+    d = describe(wcs, shape)
+    if obj is None:
+        obj = nearest_object(d["ra"], d["dec"], radius_deg=max(d["width_deg"], d["height_deg"]) / 2)
+    return {"state": "solved" if source == "solve" else "header", "source": source, "note": note,
+            "object": obj, "seconds": None if seconds is None else round(seconds, 2), **d}
+
+
+@dataclass
+class SkySolver:
+    """One target's plate solve: started on the reference, retried on later frames, polled by the worker.
+
+    ``key`` tells whose solve it is (the daemon's target id): after a switch of targets an answer for another
+    key is dropped."""
+
+    params: SolveParams
+    key: object = None
+    attempts: int = 0
+    frames_since: int = 0
+    last_error: str | None = None
+    _thread: threading.Thread | None = None
+    _answer: Solution | SolveError | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def available(self) -> str | None:
+        """Why no solve can run (disabled, solve-field missing), or None."""
+        if not self.params.enabled:
+            return "plate solving is off ([solve] enabled = false)"
+        if shutil.which("solve-field") is None:
+            return ("no plate solver: install Debian's astrometry.net and astrometry-data-tycho2-10-19-littleendian "
+                    "(and -07/-08/-09 for fields under 1°)")
+        return None
+
+    def start(self, xy: np.ndarray, flux: np.ndarray, shape, hints: Hints, workdir: Path | None = None) -> bool:
+        """Solve in the background; False when one is running, none may run, or MAX_ATTEMPTS are used."""
+        if self.running or self.available() or self.attempts >= MAX_ATTEMPTS:
+            return False
+        self.attempts += 1
+        self.frames_since = 0
+        xy, flux = np.array(xy, np.float64), np.array(flux, np.float64)
+
+        def run():
+            try:
+                ans: Solution | SolveError = solve_stars(xy, flux, tuple(shape), hints, self.params, workdir=workdir,
+                                                         cancel=self._cancel)
+            except SolveError as err:
+                ans = err
+            except Exception as err:      # noqa: BLE001 — a solver bug must not stop the night
+                ans = SolveError(f"the solver failed ({type(err).__name__}: {err})")
+            with self._lock:
+                self._answer = ans
+
+        self._thread = threading.Thread(target=run, name="livestack-solve", daemon=True)
+        self._thread.start()
+        return True
+
+    def poll(self) -> Solution | SolveError | None:
+        """The answer of the last solve, once (None while running or when there is none)."""
+        with self._lock:
+            ans, self._answer = self._answer, None
+        if isinstance(ans, SolveError):
+            self.last_error = ans.reason
+        return ans
+
+    def cancel(self) -> None:
+        """Kill a running solve (a stop, a switch of targets): its answer is dropped."""
+        self._cancel.set()
+        if self._thread is not None:
+            self._thread.join(5.0)
+        with self._lock:
+            self._answer = None
+
+    def wait(self, timeout: float | None = None) -> Solution | SolveError | None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.poll()
+
+    def retry_due(self) -> bool:
+        return (not self.running and self.last_error is not None and self.attempts < MAX_ATTEMPTS
+                and self.frames_since >= RETRY_AFTER)
+
+
+def stars_on_grid(engine) -> tuple[np.ndarray, np.ndarray] | None:
+    """The latest stacked frame's stars mapped onto the grid (for a retry), or None."""
+    st, m = engine.last_stars, engine.last_matrix
+    if st is None or m is None or len(st.xy) == 0:
+        return None
+    return geometry.apply(m, np.asarray(st.xy, np.float64)), np.asarray(st.flux, np.float64)
+
+
+def solve_now(engine, ref_path: Path | None, params: SolveParams) -> tuple[dict | None, object | None]:
+    """For `livestack stack`: solve the reference (synchronously), else fall back on its header's WCS.
+    Returns (sky status dict or None, WCS or None); logs one line either way."""
+    if engine.ref is None or engine.grid is None:
+        return None, None
+    hints, own, obj = reference_hints(ref_path, engine.grid, params)
+    solver = SkySolver(params)
+    why = solver.available()
+    t0 = time.monotonic()
+    if why is None and solver.start(engine.ref.stars.xy, engine.ref.stars.flux, engine.grid.shape, hints):
+        ans = solver.wait()
+        if isinstance(ans, Solution):
+            st = sky_status(ans.wcs, engine.grid.shape, source="solve", seconds=ans.seconds, obj=obj)
+            log.info("plate solved in %.1f s: RA %s Dec %s, %.2f″/px", time.monotonic() - t0, st["ra_hms"],
+                     st["dec_dms"], st["scale_arcsec"])
+            return st, ans.wcs
+        why = ans.reason if ans is not None else "no answer"
+    if own is not None:
+        log.warning("livestack: not plate solved (%s); the reference frame's own WCS is used", why)
+        return sky_status(own, engine.grid.shape, source="header", obj=obj, note=why), own
+    log.warning("livestack: not plate solved: %s", why)
+    return {"state": "failed" if solver.attempts else "off", "note": why}, None

@@ -1,0 +1,183 @@
+"""A WCS on every stack: `livestack stack` and the daemon plate-solve the reference in the background, check the
+solution, write it into the stack files in the stack's own pixel grid, and fall back on the frame's own WCS."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+
+from livestack.config import Config
+
+SOLVER = shutil.which("solve-field") is not None and Path("/usr/share/astrometry").is_dir() and any(
+    Path("/usr/share/astrometry").glob("index-tycho2-1*.fits"))
+needs_solver = pytest.mark.skipif(not SOLVER, reason="needs Debian astrometry.net and astrometry-data-tycho2-*")
+M94 = (192.7208, 41.1203)
+
+
+def _stack_wcs(path: Path) -> WCS:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        h = fits.getheader(path)
+        return WCS(h, naxis=2)
+
+
+def _sep_arcsec(w1: WCS, w2: WCS, xy: np.ndarray) -> np.ndarray:
+    a = np.column_stack(w1.all_pix2world(xy[:, 0], xy[:, 1], 0))
+    b = np.column_stack(w2.all_pix2world(xy[:, 0], xy[:, 1], 0))
+    dra = (a[:, 0] - b[:, 0] + 180) % 360 - 180
+    return np.hypot(dra * np.cos(np.radians(a[:, 1])), a[:, 1] - b[:, 1]) * 3600
+
+
+def _grid(shape, n=7) -> np.ndarray:
+    h, w = shape
+    ys, xs = np.meshgrid(np.linspace(0, h - 1, n), np.linspace(0, w - 1, n), indexing="ij")
+    return np.column_stack([xs.ravel(), ys.ravel()])
+
+
+@pytest.mark.solver
+@needs_solver
+def test_stack_of_a_seestar_night_carries_a_wcs_that_agrees_with_the_other_grid(tmp_path, shared_data):
+    """Seestar M94 night 1 stacked at full resolution and in superpixels: both stacks carry a solved WCS
+    (centre on M94), and the two agree within a pixel of the coarser grid at every point of the field — the
+    superpixel grid's WCS is the same sky, not off by half a pixel or a factor two."""
+    src = shared_data / "sequences" / "seestar_m94_night1"
+    out = {}
+    for mode in ("bilinear", "superpixel"):
+        out[mode] = tmp_path / mode
+        cfg = tmp_path / f"{mode}.toml"
+        cfg.write_text(f'[engine]\ndebayer = "{mode}"\n')
+        import subprocess
+        import sys
+
+        r = subprocess.run([sys.executable, "-m", "livestack.cli", "stack", str(src), "-o", str(out[mode]), "-q",
+                            "--config", str(cfg)], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                           text=True, timeout=180)
+        assert r.returncode == 0, r.stderr
+        assert "plate solved in" in r.stdout and "M 94" in r.stdout, r.stdout
+    full, half = _stack_wcs(out["bilinear"] / "stack.fits"), _stack_wcs(out["superpixel"] / "stack.fits")
+    shape_full = fits.getdata(out["bilinear"] / "stack.fits").shape[-2:]
+    assert shape_full == (1920, 1080)
+    # pixel (x, y) of the full grid is (x/2 − 0.25, y/2 − 0.25) of the superpixel grid
+    xy = _grid(shape_full)
+    d = _sep_arcsec(full, WCS_shifted(half), xy)
+    scale = np.sqrt(abs(np.linalg.det(full.pixel_scale_matrix))) * 3600
+    assert scale == pytest.approx(2.38, rel=0.03)
+    assert np.max(d) < 2 * scale, (np.median(d), np.max(d))      # a superpixel is 2 px of the full grid
+    ra, dec = full.all_pix2world([[539.5, 959.5]], 0)[0]
+    assert abs(ra - M94[0]) * np.cos(np.radians(dec)) < 0.3 and abs(dec - M94[1]) < 0.3
+    # every file of the stack carries it
+    for name in ("stack_IRCUT.fits",):
+        w = _stack_wcs(out["bilinear"] / name)
+        assert np.max(_sep_arcsec(full, w, xy)) < 1e-6
+
+
+def WCS_shifted(half: WCS):
+    """A callable-free adapter: the superpixel WCS evaluated at full-grid pixel coordinates."""
+    class _W:
+        def all_pix2world(self, x, y, origin):
+            return half.all_pix2world(np.asarray(x) / 2 - 0.25, np.asarray(y) / 2 - 0.25, origin)
+    return _W()
+
+
+def test_without_a_solver_the_reference_frames_own_wcs_is_used(tmp_path, shared_data):
+    """[solve] enabled = false: the KStars frame's own (pointing) WCS goes into the stack, said as such."""
+    src = tmp_path / "src"
+    src.mkdir()
+    f = shared_data / "sequences" / "kstars_asi1600mm" / "ngc4535-autofocus3.fits"
+    shutil.copy(f, src / f.name)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[solve]\nenabled = false\n")
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "livestack.cli", "stack", str(src), "-o", str(tmp_path / "out"), "-q",
+                        "--config", str(cfg)], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "WCS from the reference frame" in r.stdout
+    mine = _stack_wcs(tmp_path / "out" / "stack.fits")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = WCS(fits.getheader(f))
+    assert np.max(_sep_arcsec(mine, theirs, _grid((1760, 2328)))) < 0.01
+
+
+def _service(watch: Path, out: Path, **solve):
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    cfg = Config()
+    if solve:
+        cfg.extra["solve"] = solve
+    return Service(cfg, watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                   DaemonParams(out=str(out), checkpoint_every=2))
+
+
+@pytest.mark.solver
+@needs_solver
+def test_daemon_solves_in_the_background_and_keeps_the_wcs_across_a_restart(tmp_path, shared_data):
+    files = sorted((shared_data / "sequences" / "seestar_m94_night1").glob("*.fit"))[:5]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for f in files:
+        shutil.copy(f, watch / f.name)
+    svc = _service(watch, out)
+    svc.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        st = svc.snapshot.status
+        if len(svc.snapshot.frames) == len(files) and (st.get("sky") or {}).get("state") == "solved" \
+                and st["state"] == "idle":
+            break
+        time.sleep(0.1)
+    svc.stop(timeout=30)
+    sky = svc.snapshot.status["sky"]
+    assert sky["state"] == "solved" and sky["object"] == "M 94" and sky["seconds"] < 60
+    assert sky["scale_arcsec"] == pytest.approx(2.38, rel=0.03)
+    assert 0.6 < sky["width_deg"] < 0.8 and 1.2 < sky["height_deg"] < 1.35
+    book = json.loads((out / "targets.json").read_text())["targets"]
+    assert book[0]["name"] == "M 94" and book[0]["sky"]["state"] == "solved"
+    assert book[0]["pointing"] == pytest.approx([sky["ra"], sky["dec"]])
+    w = _stack_wcs(out / "stack.fits")
+    assert np.allclose(w.all_pix2world([[539.5, 959.5]], 0)[0], [sky["ra"], sky["dec"]], atol=1e-6)
+    # a restart keeps it: no second solve, the same WCS
+    svc = _service(watch, out)
+    svc.start()
+    assert svc.snapshot.status["sky"]["state"] == "solved" and svc._solver is None
+    svc.stop(timeout=30)
+    assert svc.engine.grid.wcs is not None
+
+
+@pytest.mark.solver
+def test_a_failed_solve_is_a_note_never_an_error(tmp_path, shared_data):
+    """An index folder with no index: the daemon stacks on, the status says why in one sentence."""
+    files = sorted((shared_data / "sequences" / "seestar_m94_night1").glob("*.fit"))[:3]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    (tmp_path / "empty").mkdir()
+    for f in files:
+        shutil.copy(f, watch / f.name)
+    svc = _service(watch, out, index_dir=str(tmp_path / "empty"))
+    svc.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = svc.snapshot.status
+        if len(svc.snapshot.frames) == len(files) and (st.get("sky") or {}).get("state") in ("failed", "off"):
+            break
+        time.sleep(0.1)
+    svc.stop(timeout=30)
+    assert svc.error is None
+    sky = svc.snapshot.status["sky"]
+    assert sky["state"] in ("failed", "off") and len(sky["note"].splitlines()) == 1, sky
+    if SOLVER:
+        assert "index" in sky["note"], sky
+    assert svc.engine.grid.wcs is None
+    assert "CTYPE1" not in fits.getheader(out / "stack.fits")
+    assert svc.snapshot.status["stacked"] == 3
