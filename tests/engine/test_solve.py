@@ -63,7 +63,7 @@ def sky_diff_px(wcs_a: WCS, wcs_b: WCS, shape, n=25) -> np.ndarray:
     gx, gy = (v.ravel() for v in np.meshgrid(np.linspace(0, w - 1, n), np.linspace(0, h - 1, n)))
     ra1, de1 = wcs_a.all_pix2world(gx, gy, 0)
     ra2, de2 = wcs_b.all_pix2world(gx, gy, 0)
-    sep = [solve._separation(a, b, c, d) for a, b, c, d in zip(ra1, de1, ra2, de2)]
+    sep = [solve.separation_deg(a, b, c, d) for a, b, c, d in zip(ra1, de1, ra2, de2)]
     return np.array(sep) * 3600.0 / solve.scale_arcsec(wcs_a)
 
 
@@ -124,7 +124,7 @@ def test_panoptes_second_frame_agrees_through_registration(panoptes):
     g1 = g2 @ m[:, :2].T + m[:, 2]                     # the same sky in the reference grid
     ra2, de2 = sol.wcs.all_pix2world(g2[:, 0], g2[:, 1], 0)
     ra1, de1 = ref.all_pix2world(g1[:, 0], g1[:, 1], 0)
-    dist = np.array([solve._separation(*v) for v in zip(ra1, de1, ra2, de2)]) * 3600 / sol.scale_arcsec
+    dist = np.array([solve.separation_deg(*v) for v in zip(ra1, de1, ra2, de2)]) * 3600 / sol.scale_arcsec
     assert np.median(dist) < 1.0 and dist.max() < 2.5, (np.median(dist), dist.max())
 
 
@@ -145,7 +145,7 @@ def test_kstars_ngc4535_with_hints_and_blind():
         sol = solve.solve_stars(stars.xy, stars.flux, shape, h, QUICK)
         found[name] = sol
         d, p = sol.describe(shape), solve.describe(pointing, shape)
-        off = solve._separation(d["ra"], d["dec"], p["ra"], p["dec"]) * 60
+        off = solve.separation_deg(d["ra"], d["dec"], p["ra"], p["dec"]) * 60
         assert off < 5, off                                          # measured 1.2′ (KStars pointing WCS)
         assert d["parity"] == p["parity"] == "flipped"
         assert abs((d["rotation_deg"] - p["rotation_deg"] + 180) % 360 - 180) < 0.5
@@ -162,7 +162,7 @@ def test_kocab_messy_sip_header_reads_without_warnings():
     assert wcs is not None and wcs.sip is not None and wcs.wcs.ctype[0] == "RA---TAN-SIP"
     d = solve.describe(wcs, (405, 695))
     # the image centre lands on the header's RA/DEC (PV1_2 = 0 would put it 90° away)
-    assert solve._separation(d["ra"], d["dec"], hdr["RA"], hdr["DEC"]) * 3600 < 10
+    assert solve.separation_deg(d["ra"], d["dec"], hdr["RA"], hdr["DEC"]) * 3600 < 10
     assert abs(d["scale_arcsec"] - 6.7116) < 0.01
 
 
@@ -175,7 +175,7 @@ def test_kocab_solution_is_its_header_wcs_mirrored_in_y():
     sol = solve.solve_stars(stars.xy, stars.flux, img.shape, solve.hints_from_header(hdr), QUICK)
     header = solve.header_wcs(hdr, img.shape)
     d, p = sol.describe(img.shape), solve.describe(header, img.shape)
-    assert solve._separation(d["ra"], d["dec"], p["ra"], p["dec"]) * 3600 < 10
+    assert solve.separation_deg(d["ra"], d["dec"], p["ra"], p["dec"]) * 3600 < 10
     # PixInsight's WCS counts rows from the other end: same centre, parity flipped, rotation + 180°
     assert d["parity"] != p["parity"]
     assert abs((d["rotation_deg"] - p["rotation_deg"]) % 360 - 180) < 0.5
@@ -196,7 +196,7 @@ def test_seestar_m94():
     for h in (hints, Hints()):
         sol = solve.solve_stars(stars.xy, stars.flux, grid.shape, h, QUICK)
         d = sol.describe(grid.shape)
-        assert solve._separation(d["ra"], d["dec"], hdr["RA"], hdr["DEC"]) < 0.5   # measured 0.25°
+        assert solve.separation_deg(d["ra"], d["dec"], hdr["RA"], hdr["DEC"]) < 0.5   # measured 0.25°
         assert abs(d["scale_arcsec"] - 4.75) < 0.05
     assert solve.nearest_object(d["ra"], d["dec"], radius_deg=0.5) == "M 94"
 
