@@ -2,6 +2,7 @@
 
     python benchmarks/bench_frame.py [--width 6000 --height 4000 --frames 6 --format dng]
                                      [--debayer bilinear|superpixel] [--interpolation bilinear|bicubic|lanczos]
+                                     [--no-read-ahead]
 
 Frames are rendered by the simulator in a separate process first, so the peak RSS printed is the stacking
 process's own.  Prints figures; asserts nothing.
@@ -31,6 +32,7 @@ def main() -> int:
     ap.add_argument("--format", choices=("dng", "fits"), default="dng")
     ap.add_argument("--debayer", default="bilinear")
     ap.add_argument("--interpolation", default="bilinear")
+    ap.add_argument("--no-read-ahead", action="store_true", help="[engine] read_ahead = false")
     ap.add_argument("--keep", help="render into this folder and keep it (re-used when it has the frames)")
     args = ap.parse_args()
 
@@ -49,11 +51,12 @@ def main() -> int:
 
     cfg = Config()
     cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, debayer=args.debayer,
-                                                              interpolation=args.interpolation))
+                                                              interpolation=args.interpolation,
+                                                              read_ahead=not args.no_read_ahead))
     eng = Engine(cfg)
     rows = []
-    for f in files:
-        rec = eng.process(f)
+    for i, f in enumerate(files):
+        rec = eng.process(f, next_path=files[i + 1] if i + 1 < len(files) else None)   # as `livestack stack`
         rows.append((rec, dict(eng.timings)))
         print(f"{rec.file}: {rec.status:9s} {rec.seconds:6.3f} s  " +
               " ".join(f"{k} {v:.3f}" for k, v in eng.timings.items()))
@@ -70,7 +73,7 @@ def main() -> int:
     stages = [k for k in dict.fromkeys(k for _, tm in stacked for k in tm) if k != "bootstrap"]
     print()
     print(f"frame {args.width}×{args.height} ({args.width * args.height / 1e6:.0f} MP) {args.format}, "
-          f"debayer {args.debayer}, warp {args.interpolation}; {platform.processor() or platform.machine()}, "
+          f"debayer {args.debayer}, warp {args.interpolation}, read-ahead {not args.no_read_ahead}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}")
     if stacked:
         def median(xs):

@@ -108,8 +108,8 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
     progress = None if quiet else Progress(len(files))
     t0 = time.perf_counter()
     sky = None
-    for f in files:
-        rec = engine.process(f)
+    for i, f in enumerate(files):
+        rec = engine.process(f, next_path=files[i + 1] if i + 1 < len(files) else None)
         flog.append(rec)
         if progress:
             progress.update(rec)

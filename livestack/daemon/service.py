@@ -378,7 +378,7 @@ class Service:
                 return               # another target is current now: the frame is processed there
             self._best_effort(self.folder.mark_inflight, item.rel)
             hold = self.sp.new_target_after > 0 and self.engine.has_stack
-            rec = self.engine.process(item.path, hold=hold)
+            rec = self.engine.process(item.path, hold=hold, next_path=self._next_path())
             if rec.status == "unregistered":
                 self._hold(item, rec)
                 return
@@ -606,6 +606,17 @@ class Service:
                 if self._sky.get("source") != "header":
                     self._sky = {"state": "solving", "note": f"plate solving again (attempt {s.attempts})"}
                 self._publish()
+
+    def _next_path(self) -> Path | None:
+        """The file processed after this one, when one waits (a backlog): the engine reads it ahead."""
+        if self._redo:
+            nxt = self._redo[0]
+        else:
+            with self.files.mutex:
+                nxt = self.files.queue[0] if self.files.queue else None
+        if nxt is None or nxt.reason is not None or nxt.rel in self.excluded:
+            return None
+        return nxt.path
 
     def _append(self, rec: FrameRecord, rel: str) -> None:
         d = rec.to_dict()
@@ -961,7 +972,9 @@ class Service:
                     d = {**old, "status": "excluded", "reason": "excluded by the user", "weight": None,
                          "processed": _now()}
                 else:
-                    d = eng.process(self.watch_dir / rel).to_dict()
+                    nxt = next((r for r in rels[i + 1:] if r not in want), None)
+                    d = eng.process(self.watch_dir / rel,
+                                    next_path=None if nxt is None else self.watch_dir / nxt).to_dict()
                     d["path"], d["processed"] = rel, _now()
                 new.append(d)
                 self._restack = {"done": i + 1, "total": total}

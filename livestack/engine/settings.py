@@ -16,9 +16,14 @@ from .stretch import StretchParams
 @dataclass(frozen=True, slots=True)
 class EngineParams:
     debayer: str = "bilinear"        # "bilinear" (full resolution) | "superpixel" (2×2 -> half, for a Pi)
-    interpolation: str = "bilinear"  # warp: "bilinear" | "bicubic" | "lanczos" (sharper, slower)
+    # warp: "bilinear" | "bicubic" | "lanczos".  Bicubic: stars ~4–5 % tighter (FWHM) but +0.065 s per 24 MP
+    # plane (+0.2–0.6 s a frame on a 2-core VM): bilinear stays the default (README, warp step)
+    interpolation: str = "bilinear"
     sharpness_weight: float = 0.0    # weight × (reference FWHM / frame FWHM) ** this (0 = noise only)
     seed: int = 0                    # RANSAC random generator
+    read_ahead: bool = True          # read, calibrate and find the stars of the next file (when the caller knows
+                                     #     it: a folder, a backlog) while this one is stacked: ~10 % faster on 2
+                                     #     cores, one more mosaic in memory (+~150 MB at 24 MP)
     max_megapixels: float | None = None  # larger frames are refused from their header, before reading (None:
                                      #     from the machine's memory, read.default_max_megapixels())
 

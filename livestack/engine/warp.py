@@ -1,7 +1,12 @@
 """Image + transform -> image on the stack grid, with NaN outside the frame's footprint (OpenCV).
 
 cv2.warpAffine is ~25× faster than scipy.ndimage.affine_transform (0.03 s vs 0.8 s for a 24 MP plane,
-bilinear). Pixels that map from outside the source come out NaN, so the footprint needs no second warp.
+bilinear).  The footprint — the grid pixels that get a value — is computed here from the matrix and the
+kernel's reach, not left to OpenCV's border handling: with a NaN border OpenCV's bicubic and Lanczos warps leave
+NaN bands whose width depends on its SIMD code (on x86-64, OpenCV 4.x/5.0: 8 px on the left edge of a bicubic
+warp where the kernel reaches 1; narrower on aarch64), so the same frames would give other edges on a Pi.  The
+source is read with a replicated border (never NaN) and every grid pixel whose kernel would reach outside the
+source is set to NaN: the same pixels on every platform, and 1–3 px of margin instead of up to 8.
 """
 from __future__ import annotations
 
@@ -14,14 +19,66 @@ INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "b
                   "lanczos": cv2.INTER_LANCZOS4}
 # How far (source px, per axis) each interpolation reads around the source position: its kernel's half-width.
 REACH = {"nearest": 0.5, "bilinear": 1.0, "bicubic": 2.0, "lanczos": 4.0}
+# OpenCV rounds source positions to 1/32 px (INTER_BITS = 5) before it picks the kernel's taps: a position just
+# below the upper limit can be rounded onto it, and Lanczos's table then gives the tap beyond the edge a weight
+# of ~1e-8 (not 0): the footprint keeps this much more away from the upper limit.
+TAP_ROUNDING = 1.0 / 32
+
+
+def footprint_rows(matrix: np.ndarray, src_hw: tuple[int, int], shape_hw: tuple[int, int], *,
+                   reach: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per grid row, the half-open range [x0, x1) of grid columns that a warp by ``matrix`` (source px -> grid
+    px) fills from a (H, W) = ``src_hw`` source without reaching outside it.
+
+    A grid pixel X is inside when its source position s = M⁻¹(X) has every tap of the kernel on the source on
+    both axes: reach − 1 ≤ s < size − reach − 1/32 (bilinear: 0 ≤ s < W − 1; bicubic, taps ⌊s⌋−1 … ⌊s⌋+2:
+    1 ≤ s < W − 2; Lanczos-4: 3 ≤ s < W − 4; less TAP_ROUNDING at the top).  Exact geometry in float64,
+    independent of OpenCV's border handling.  The
+    footprint of an affine map is convex, so each row's is one range.  Returns two (h,) int64 arrays,
+    0 ≤ x0 ≤ x1 ≤ w (x0 == x1: the row is empty)."""
+    h, w = shape_hw
+    inv = geometry.invert(matrix)
+    y = np.arange(h, dtype=np.float64)
+    x0 = np.zeros(h, np.float64)
+    x1 = np.full(h, float(w))
+    for axis, size in ((0, src_hw[1]), (1, src_hw[0])):
+        a, b, c = (float(v) for v in inv[axis])      # s = a·x + b·y + c along this source axis
+        lo, hi = reach - 1.0, size - reach - TAP_ROUNDING
+        off = b * y + c
+        if a > 0:       # lo ≤ a·x + off < hi
+            np.maximum(x0, np.ceil((lo - off) / a), out=x0)
+            np.minimum(x1, np.ceil((hi - off) / a), out=x1)
+        elif a < 0:
+            np.maximum(x0, np.floor((hi - off) / a) + 1, out=x0)
+            np.minimum(x1, np.floor((lo - off) / a) + 1, out=x1)
+        else:           # this axis does not change along a row: the whole row is in or out
+            x1[(off < lo) | (off >= hi)] = 0
+    x0 = np.clip(x0, 0, w).astype(np.int64)
+    x1 = np.clip(x1, 0, w).astype(np.int64)
+    return x0, np.maximum(x1, x0)
+
+
+def _ranges(n: np.ndarray) -> np.ndarray:
+    """Concatenated arange(n_i) for each count n_i."""
+    return np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+
+
+def outside_index(x0: np.ndarray, x1: np.ndarray, w: int) -> np.ndarray:
+    """Flat (row-major) indices of the pixels outside each row's [x0, x1) in an (h, w) plane: work in the
+    number of edge pixels (a few per row), not in the pixels of the plane."""
+    start = np.arange(len(x0), dtype=np.int64) * w
+    left, right = x0, w - x1
+    return np.concatenate([np.repeat(start, left) + _ranges(left),
+                           np.repeat(start + x1, right) + _ranges(right)])
 
 
 def warp(img: np.ndarray, matrix: np.ndarray, shape_hw: tuple[int, int], *, interpolation: str = "bilinear",
          out: np.ndarray | None = None) -> np.ndarray:
     """Resample a (C, H, W) float32 image onto a stack grid of ``shape_hw``.
 
-    ``matrix`` (2×3) maps the image's pixel coordinates to the grid's (forward map: OpenCV inverts it). Output
-    (C, h, w) float32, NaN where the grid sees no data; written into ``out`` when given. ``img`` is unchanged.
+    ``matrix`` (2×3) maps the image's pixel coordinates to the grid's (forward map: OpenCV inverts it).  Output
+    (C, h, w) float32, NaN outside the footprint (footprint_rows(): where the kernel would read outside the
+    image), finite inside it when ``img`` is; written into ``out`` when given.  ``img`` is unchanged.
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"unknown interpolation '{interpolation}' (known: {', '.join(INTERPOLATIONS)})")
@@ -29,11 +86,16 @@ def warp(img: np.ndarray, matrix: np.ndarray, shape_hw: tuple[int, int], *, inte
     if out is None:
         out = np.empty((img.shape[0], h, w), np.float32)
     m = np.asarray(matrix, np.float64)
+    # The replicated border only feeds pixels that are set to NaN below (and taps of zero weight).
     for c in range(img.shape[0]):
         cv2.warpAffine(img[c], m, (w, h), dst=out[c], flags=INTERPOLATIONS[interpolation],
-                       borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
+                       borderMode=cv2.BORDER_REPLICATE)
+    x0, x1 = footprint_rows(m, img.shape[1:], (h, w), reach=REACH[interpolation])
+    idx = outside_index(x0, x1, w)
+    if len(idx):
+        for c in range(img.shape[0]):
+            out[c].reshape(-1)[idx] = np.float32(np.nan)   # out[c] is C-contiguous: reshape is a view
     return out
-
 
 def warp_mask(mask: np.ndarray, matrix: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
     """Carry a bool (H, W) mask to the stack grid (a grid pixel is set when any source pixel near it is)."""

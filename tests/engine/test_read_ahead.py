@@ -1,0 +1,72 @@
+"""Reading the next file ahead (process(next_path=…)) changes when the work is done, never its result."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from livestack.config import Config
+from livestack.engine.pipeline import Engine
+
+
+def _records(engine, files, ahead: bool, order=None):
+    out = []
+    order = list(range(len(files))) if order is None else order
+    for k, i in enumerate(order):
+        nxt = files[order[k + 1]] if ahead and k + 1 < len(order) else None
+        d = engine.process(files[i], next_path=nxt).to_dict()
+        d.pop("seconds")
+        out.append(d)
+    return out
+
+
+@pytest.mark.parametrize("mono", [False, True])
+def test_read_ahead_gives_the_same_records_and_stack(night, mono):
+    files, _ = night(n_frames=9, mono=mono, defects={3: "cloudy", 5: "satellite"},
+                     **({} if mono else {"fmt": "dng"}))
+    plain, ahead = Engine(Config()), Engine(Config())
+    assert _records(plain, files, False) == _records(ahead, files, True)
+    (a, wa), (b, wb) = plain.result(), ahead.result()
+    assert np.array_equal(a, b, equal_nan=True) and np.array_equal(wa, wb)
+    assert ahead._ahead is None and "cfa0" not in ahead._ws or "cfa1" not in ahead._ws   # one mosaic kept
+    ahead.close()
+
+
+def test_a_file_read_ahead_but_not_handed_in_next_is_dropped(night, tmp_path):
+    """The caller changed its mind (the daemon switched targets, a file was excluded): the frame read ahead is
+    dropped, the one handed in is processed as usual, and the dropped one can still be processed later."""
+    files, _ = night(n_frames=5)
+    plain, ahead = Engine(Config()), Engine(Config())
+    want = _records(plain, files, False, order=[0, 1, 3, 2, 4])
+    got = []
+    for i, nxt in ((0, 1), (1, 2), (3, 4), (2, 4), (4, None)):   # 2 read ahead, then 3 handed in instead
+        d = ahead.process(files[i], next_path=None if nxt is None else files[nxt]).to_dict()
+        d.pop("seconds")
+        got.append(d)
+    assert got == want
+    ahead.close()
+
+
+def test_a_bad_file_read_ahead_fails_when_its_turn_comes(night, tmp_path):
+    files, _ = night(n_frames=3)
+    bad = tmp_path / "bad.fits"
+    bad.write_bytes(b"SIMPLE  =                    T" + b" " * 50)
+    seq = [files[0], bad, files[1], files[2]]
+    eng = Engine(Config())
+    recs = [eng.process(f, next_path=seq[i + 1] if i + 1 < len(seq) else None) for i, f in enumerate(seq)]
+    assert [r.status for r in recs] == ["reference", "failed", "stacked", "stacked"]
+    assert recs[1].reason and eng.n_failed == 1
+    eng.close()
+
+
+def test_a_frame_of_another_size_read_ahead_before_the_reference_is_set_is_refused(night, tmp_path):
+    """The grid is chosen at the reference: a frame read ahead while the reference was being processed is
+    checked against it when its turn comes."""
+    files, _ = night(n_frames=2)
+    small, _ = night("small", n_frames=1, width=320, height=240)
+    eng = Engine(Config())
+    r0 = eng.process(files[0], next_path=small[0])
+    r1 = eng.process(small[0], next_path=files[1])
+    r2 = eng.process(files[1])
+    assert (r0.status, r1.status, r2.status) == ("reference", "failed", "stacked")
+    assert "differs from the session's" in r1.reason
+    eng.close()
