@@ -1,7 +1,7 @@
 """Per-stage and total seconds per frame, and peak memory, for large colour frames.
 
     python benchmarks/bench_frame.py [--width 6000 --height 4000 --frames 6 --format dng]
-                                     [--debayer bilinear|superpixel] [--interpolation bilinear|bicubic|lanczos]
+                                     [--debayer mhc|bilinear|superpixel] [--interpolation bilinear|bicubic|lanczos]
                                      [--no-read-ahead]
 
 Frames are rendered by the simulator in a separate process first, so the peak RSS printed is the stacking
@@ -30,7 +30,7 @@ def main() -> int:
     ap.add_argument("--height", type=int, default=4000)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--format", choices=("dng", "fits"), default="dng")
-    ap.add_argument("--debayer", default="bilinear")
+    ap.add_argument("--debayer", default="mhc", help="mhc (the default) | bilinear | superpixel")
     ap.add_argument("--interpolation", default="bilinear")
     ap.add_argument("--no-read-ahead", action="store_true", help="[engine] read_ahead = false")
     ap.add_argument("--keep", help="render into this folder and keep it (re-used when it has the frames)")

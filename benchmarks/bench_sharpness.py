@@ -2,13 +2,13 @@
 
     python benchmarks/bench_sharpness.py [--width 1600 --height 1200 --frames 12 --seeds 1 2 --fwhm 2.7]
                                          [--dither 3 --rotation 0.05] [--siril] [--variants] [--real]
-                                         [--debayers bilinear mhc] [--keep DIR]
+                                         [--debayers mhc bilinear] [--keep DIR]
 
 Renders simulated colour nights (RGGB FITS, seeded), stacks each with `livestack stack` for every warp
-interpolation and, with `--debayers`, every demosaic ([engine] debayer) — and with `--variants` also without outlier rejection ([stack] kappa = 20) and with sharpness
-weights ([engine] sharpness_weight = 1) — and with `--siril` with Siril 1.0 (siril-cli: convert -debayer,
-register, stack rej s 3 3 -norm=addscale -weighted; HOME in a temp folder).  `--real` adds the Seestar M94
-sequences of ../shared/data/sequences (GRBG FITS).
+interpolation and every demosaic of `--debayers` ([engine] debayer) — and with `--variants` also without outlier
+rejection ([stack] kappa = 20) and with sharpness weights ([engine] sharpness_weight = 1) — and with `--siril`
+with Siril 1.0 (siril-cli: convert -debayer, register, stack rej s 3 3 -norm=addscale -weighted; HOME in a temp
+folder).  `--real` adds the Seestar M94 sequences of ../shared/data/sequences (GRBG FITS).
 
 One star set for every stack: isolated, unsaturated, well-exposed stars found (sep) on the luminance of the
 first stack; their positions are carried to a stack on another grid (Siril's) by a fitted similarity, trying both
@@ -233,16 +233,18 @@ def run_night(name: str, frames_dir: Path, frames: list[Path], work: Path, args,
               peak_max: float | None) -> None:
     stacks: dict[str, Path] = {}
     seconds: dict[str, float] = {}
-    if len(args.debayers) == 1 and args.debayers[0] == "bilinear":
-        methods = [(i, i, "") for i in args.interpolations]
+    # the demosaic is always named in the config: the labels stay true whatever the engine's default
+    d0 = f'debayer = "{args.debayers[0]}"\n'
+    if len(args.debayers) == 1:
+        methods = [(i, i, "[engine]\n" + d0) for i in args.interpolations]
     else:
         methods = [(f"{d} demosaic, {i} warp", i, f'[engine]\ndebayer = "{d}"\n')
                    for d in args.debayers for i in args.interpolations]
     if args.variants:
-        methods += [("bilinear, no rejection (kappa 20)", "bilinear", "[stack]\nkappa = 20.0\n"),
-                    ("bicubic, no rejection (kappa 20)", "bicubic", "[stack]\nkappa = 20.0\n"),
-                    ("bilinear, sharpness_weight 1", "bilinear", "[engine]\nsharpness_weight = 1.0\n"),
-                    ("bicubic, sharpness_weight 1", "bicubic", "[engine]\nsharpness_weight = 1.0\n")]
+        methods += [("bilinear, no rejection (kappa 20)", "bilinear", f"[engine]\n{d0}[stack]\nkappa = 20.0\n"),
+                    ("bicubic, no rejection (kappa 20)", "bicubic", f"[engine]\n{d0}[stack]\nkappa = 20.0\n"),
+                    ("bilinear, sharpness_weight 1", "bilinear", f"[engine]\n{d0}sharpness_weight = 1.0\n"),
+                    ("bicubic, sharpness_weight 1", "bicubic", f"[engine]\n{d0}sharpness_weight = 1.0\n")]
     for label, interp, toml in methods:
         out = work / ("ls_" + label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", ""))
         stacks[label], seconds[label] = stack_livestack(frames_dir, out, interpolation=interp, toml=toml)
@@ -300,7 +302,8 @@ def main() -> int:
     ap.add_argument("--rotation", type=float, default=0.05, help="degrees per frame")
     ap.add_argument("--n-stars", type=int, default=1500)
     ap.add_argument("--interpolations", nargs="+", default=["bilinear", "bicubic", "lanczos"])
-    ap.add_argument("--debayers", nargs="+", default=["bilinear"], help="[engine] debayer methods to compare")
+    ap.add_argument("--debayers", nargs="+", default=["mhc"], help="[engine] debayer methods to compare (one: "
+                    "the variants use it too)")
     ap.add_argument("--mono", action="store_true", help="a mono camera (no demosaic: isolates the warp)")
     ap.add_argument("--siril", action="store_true", help="also stack with siril-cli (Siril 1.0)")
     ap.add_argument("--variants", action="store_true", help="also: no rejection, sharpness weights")

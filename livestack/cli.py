@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def engine_opts(p):
         p.add_argument("--config", help="livestack.toml")
-        p.add_argument("--debayer", choices=("bilinear", "superpixel"), help="superpixel: half resolution, fast")
+        p.add_argument("--debayer", choices=("mhc", "bilinear", "superpixel"),
+                       help="mhc (default): sharp; bilinear: smoother; superpixel: half resolution, fast")
         p.add_argument("--interpolation", choices=("bilinear", "bicubic", "lanczos"), help="warp interpolation")
         p.add_argument("--kappa", type=float, help="outlier pixel rejection threshold (σ)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")

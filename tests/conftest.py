@@ -37,6 +37,26 @@ def make_night(root: Path, **kw) -> tuple[list[Path], dict]:
     return [root / f["file"] for f in truth["frames"]], truth
 
 
+def sky_frames(root: Path, key: str, n: int, *, sky_seed: int, start: str = "2026-11-25T20:00:00",
+               **kw) -> list[Path]:
+    """n mono frames of one field of the sky (``sky_seed``: another seed is another field) from one camera,
+    named <key>_NN.fits in root/frames (several fields' frames side by side, as a night of several targets
+    leaves them); ``kw``: more SimConfig fields (pointing, object, flip_at …)."""
+    import shutil
+
+    cfg = SimConfig(**{"width": 400, "height": 300, "n_frames": n, "mono": True, "seed": 3, "sky_seed": sky_seed,
+                       "n_stars": 300, "start": start, **kw})
+    src = root / f"src-{key}"
+    truth = render_night(src, cfg)
+    out = []
+    for i, f in enumerate(truth["frames"]):
+        dst = root / "frames" / f"{key}_{i:02d}.fits"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(src / f["file"], dst)
+        out.append(dst)
+    return out
+
+
 @pytest.fixture
 def night(tmp_path):
     """night(name, **SimConfig fields) -> (files, truth), rendered under tmp_path/name."""

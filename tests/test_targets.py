@@ -11,31 +11,19 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from drivers.simulator import SimConfig, render_night
 from livestack.config import Config
 from livestack.session import read_frames_log
 from livestack.targets import SWITCH_FILE, Book, Target, recover, separation
 
-from conftest import stack_with_cli
+from conftest import sky_frames, stack_with_cli
 
 STACKED = ("reference", "stacked")
 M13, M57 = (250.42, 36.46), (283.40, 33.03)
 
 
 def _sky(root: Path, key: str, sky_seed: int, n: int, hour: int, pointing=None, name=None, **kw) -> list[Path]:
-    """n mono frames of one field (sky_seed) from one camera, named <key>_NN.fits, taken from 2026-11-25 <hour>h."""
-    cfg = SimConfig(width=400, height=300, n_frames=n, mono=True, seed=3, sky_seed=sky_seed, n_stars=300,
-                    start=f"2026-11-25T{hour:02d}:00:00", pointing=pointing, object=name, drift_px=(0.4, -0.3),
-                    **kw)
-    src = root / f"src-{key}"
-    truth = render_night(src, cfg)
-    out = []
-    for i, f in enumerate(truth["frames"]):
-        dst = root / "frames" / f"{key}_{i:02d}.fits"
-        dst.parent.mkdir(exist_ok=True)
-        shutil.move(src / f["file"], dst)
-        out.append(dst)
-    return out
+    return sky_frames(root, key, n, sky_seed=sky_seed, start=f"2026-11-25T{hour:02d}:00:00", pointing=pointing,
+                      object=name, drift_px=(0.4, -0.3), **kw)
 
 
 @pytest.fixture(scope="module")

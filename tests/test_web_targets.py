@@ -7,10 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import Daemon
+from conftest import Daemon, sky_frames
 from test_web import ARTIFACTS, TOKEN, chromium_page, req, wait_status
 
-from drivers.simulator import SimConfig, render_night
 
 M13, M57 = (250.42, 36.46), (283.40, 33.03)
 SCREENSHOTS = Path("/tmp")
@@ -18,17 +17,7 @@ SCREENSHOTS = Path("/tmp")
 
 def _field(root: Path, key: str, sky_seed: int, n: int, pointing, name: str) -> list[Path]:
     """n mono frames of one field (sky_seed) with RA/DEC/OBJECT headers, named <key>_NN.fits."""
-    cfg = SimConfig(width=400, height=300, n_frames=n, mono=True, seed=3, sky_seed=sky_seed, n_stars=300,
-                    start="2026-11-25T20:00:00", pointing=pointing, object=name)
-    src = root / f"src-{key}"
-    truth = render_night(src, cfg)
-    out = []
-    for i, f in enumerate(truth["frames"]):
-        dst = root / "frames" / f"{key}_{i:02d}.fits"
-        dst.parent.mkdir(exist_ok=True)
-        shutil.move(src / f["file"], dst)
-        out.append(dst)
-    return out
+    return sky_frames(root, key, n, sky_seed=sky_seed, pointing=pointing, object=name)
 
 
 @pytest.fixture(scope="module")

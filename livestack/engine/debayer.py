@@ -1,20 +1,48 @@
 """Calibrated CFA (H, W) -> linear colour (3, H, W) or (3, H/2, W/2); mono passes through as (1, H, W).
 
 OpenCV's demosaicing takes only 8/16-bit integers, and calibrated data is float (fractions, negatives after dark
-subtraction), so bilinear interpolation is written as three float32 convolutions of the sparse colour planes —
-exactly bilinear, and as fast as cv2.cvtColor on the integer data.
+subtraction), so the full-resolution methods are written as float32 convolutions:
+
+- bilinear: three convolutions of the sparse colour planes — exactly bilinear, as fast as cv2.cvtColor on the
+  integer data.  Each output pixel averages its 3×3 neighbourhood: an undersampled star is widened.
+- mhc: Malvar, He & Cutler, "High-quality linear interpolation for demosaicing of Bayer-patterned color images"
+  (ICASSP 2004): bilinear plus a correction by the Laplacian of the colour sampled at the pixel (the other
+  colours' detail is assumed to follow it), four fixed 5×5 kernels applied to the whole mosaic.  Still linear,
+  exact on flat fields and linear gradients of each colour; stars come out tighter (README, debayer step).
 """
 from __future__ import annotations
 
 import cv2
 import numpy as np
 
-DEBAYER_METHODS = ("bilinear", "superpixel")
+DEBAYER_METHODS = ("bilinear", "mhc", "superpixel")
 
 # Bilinear demosaicing kernels: on a plane that holds one colour's samples and zeros elsewhere, these average the
 # nearest samples of that colour (R/B: 1, 2 or 4 of them; G: 1 or 4).
 _K_RB = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 4
 _K_G = np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]], np.float32) / 4
+
+# Malvar-He-Cutler kernels (the paper's coefficients), applied to the whole mosaic; each is used at the sites
+# named.  Weights on the colour wanted sum to 1, on the colour sampled at the centre to 0 (a Laplacian: zero on
+# flat and linear signals); all are multiples of 1/16, so flat fields come out exact in float32.
+_MHC_G = np.array([[0, 0, -1, 0, 0],          # G at R and B sites
+                   [0, 0, 2, 0, 0],
+                   [-1, 2, 4, 2, -1],
+                   [0, 0, 2, 0, 0],
+                   [0, 0, -1, 0, 0]], np.float32) / 8
+_MHC_ROW = np.array([[0, 0, 0.5, 0, 0],       # at a G site, the colour left and right of it (R in an R row)
+                     [0, -1, 0, -1, 0],
+                     [-1, 4, 5, 4, -1],
+                     [0, -1, 0, -1, 0],
+                     [0, 0, 0.5, 0, 0]], np.float32) / 8
+_MHC_COL = np.ascontiguousarray(_MHC_ROW.T)   # at a G site, the colour above and below it
+_MHC_DIAG = np.array([[0, 0, -1.5, 0, 0],     # R at B sites, B at R sites
+                      [0, 2, 0, 2, 0],
+                      [-1.5, 0, 6, 0, -1.5],
+                      [0, 2, 0, 2, 0],
+                      [0, 0, -1.5, 0, 0]], np.float32) / 8
+# How far a CFA sample reaches in the output, per axis (px): the kernels' half-widths.
+REACH = {"bilinear": 1, "mhc": 2}
 
 
 def colour_offsets(pattern: str) -> dict[str, list[tuple[int, int]]]:
@@ -27,7 +55,7 @@ def colour_offsets(pattern: str) -> dict[str, list[tuple[int, int]]]:
 
 def debayer(cfa: np.ndarray, pattern: str | None, method: str = "bilinear", *,
             out: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
-    """Return float32 (3, H, W) [R, G, B] (bilinear), (3, H//2, W//2) (superpixel) or (1, H, W) for mono.
+    """Return float32 (3, H, W) [R, G, B] (bilinear, mhc), (3, H//2, W//2) (superpixel) or (1, H, W) for mono.
 
     Allocates the output (3 planes for colour) and one temporary plane unless ``out``/``scratch`` (float32 of
     the right shapes, reused across frames: first-touch page faults of a fresh 24 MP plane cost more than the
@@ -53,6 +81,8 @@ def debayer(cfa: np.ndarray, pattern: str | None, method: str = "bilinear", *,
         return out
     if out is None:
         out = np.empty((3,) + cfa.shape, np.float32)
+    if method == "mhc":
+        return _mhc(cfa, offs, out, scratch if scratch is not None else np.empty_like(out[0]))
     sparse = scratch if scratch is not None else np.empty_like(out[0])
     sparse.fill(0)
     previous: list[tuple[int, int]] = []
@@ -67,15 +97,46 @@ def debayer(cfa: np.ndarray, pattern: str | None, method: str = "bilinear", *,
     return out
 
 
+def _mhc(cfa: np.ndarray, offs: dict, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
+    """Malvar-He-Cutler into ``out`` (3, H, W): four 5×5 convolutions of the whole mosaic, each kept at the
+    sites it is for (a quarter or half of the plane), and the samples copied at their own sites."""
+    (ri, rj), (bi, bj) = offs["R"][0], offs["B"][0]
+    # A G site shares its row with R (g_r) or with B (g_b): R is interpolated from its row (_MHC_ROW) at the
+    # former, from its column (_MHC_COL) at the latter, and B the other way round.
+    g_b = next(ij for ij in offs["G"] if ij[0] != ri)
+    bo = cv2.BORDER_REFLECT_101   # reflects about the edge sample: keeps the CFA phase
+    r, g, b = out
+    cv2.filter2D(cfa, -1, _MHC_G, dst=g, borderType=bo)
+    for (i, j) in offs["G"]:
+        g[i::2, j::2] = cfa[i::2, j::2]
+    cv2.filter2D(cfa, -1, _MHC_ROW, dst=r, borderType=bo)   # right for R at g_r and for B at g_b
+    cv2.filter2D(cfa, -1, _MHC_COL, dst=b, borderType=bo)   # right for B at g_r and for R at g_b
+    i, j = g_b
+    scratch[i::2, j::2] = r[i::2, j::2]                     # swap R and B at the G sites of B rows
+    r[i::2, j::2] = b[i::2, j::2]
+    b[i::2, j::2] = scratch[i::2, j::2]
+    cv2.filter2D(cfa, -1, _MHC_DIAG, dst=scratch, borderType=bo)
+    r[bi::2, bj::2] = scratch[bi::2, bj::2]
+    b[ri::2, rj::2] = scratch[ri::2, rj::2]
+    r[ri::2, rj::2] = cfa[ri::2, rj::2]
+    b[bi::2, bj::2] = cfa[bi::2, bj::2]
+    return out
+
+
 def debayer_mask(mask: np.ndarray | None, pattern: str | None, method: str = "bilinear") -> np.ndarray | None:
     """Carry a CFA-level bool mask (e.g. saturation) to the debayered grid: a pixel is flagged when any CFA
-    sample that feeds it is flagged (3×3 neighbourhood for bilinear, the 2×2 cell for superpixel)."""
+    sample that feeds it is flagged (3×3 neighbourhood for bilinear, 5×5 for mhc, the 2×2 cell for
+    superpixel).  For mhc the square is a little wider than the kernels' support (which leaves out the corners
+    and the (±1, ±2) knight's moves), as wide as warp.warp_points' square reach: both saturation paths agree."""
     if mask is None or pattern is None:
         return mask
     if method == "superpixel":
         h, w = mask.shape[0] // 2 * 2, mask.shape[1] // 2 * 2
         return mask[0:h:2, 0:w:2] | mask[0:h:2, 1:w:2] | mask[1:h:2, 0:w:2] | mask[1:h:2, 1:w:2]
-    return cv2.dilate(mask.view(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+    if method not in REACH:
+        raise ValueError(f"unknown debayer method '{method}' (known: {', '.join(DEBAYER_METHODS)})")
+    k = 2 * REACH[method] + 1
+    return cv2.dilate(mask.view(np.uint8), np.ones((k, k), np.uint8)).astype(bool)
 
 
 def bin2x2_mean(cfa: np.ndarray) -> np.ndarray:

@@ -1,9 +1,9 @@
 """Grid: the pixel grid every stack of a target shares, chosen once at the reference frame.
 
-Which kind of sensor and demosaicing a session has — mono, Bayer at full resolution (bilinear), Bayer in
-superpixels (half resolution) — decides how a frame's pixels reach the stack: the shape of the stacks, where a
-sensor pixel lands on the grid, how stars are found and refined, how the 2×2 luminance cells of the outlier test
-are made, how far a saturated sample reaches.  That decision lives here, once; the pipeline asks the grid and
+Which kind of sensor and demosaicing a session has — mono, Bayer at full resolution (bilinear or
+Malvar-He-Cutler), Bayer in superpixels (half resolution) — decides how a frame's pixels reach the stack: the
+shape of the stacks, where a sensor pixel lands on the grid, how stars are found and refined, how the 2×2
+luminance cells of the outlier test are made, how far a saturated sample reaches.  That decision lives here, once; the pipeline asks the grid and
 does not branch on the mode.
 
 Conventions (frame.py): x = column, y = row, 0-based, pixel centres at integers.  A 2×2 cell (i, j) of an image
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import geometry
+from .debayer import REACH as DEBAYER_REACH
 from .debayer import bin2x2_mean, debayer, debayer_mask
 from .frame import Frame, Quality, Stars
 from .normalize import normalize_inplace, plane_halved
@@ -26,7 +27,11 @@ from .stack import bin2
 from .stars import StarParams, detect_stars, refine_centroids
 from .warp import REACH, warp, warp_mask, warp_points
 
-MODES = ("mono", "bayer", "superpixel")
+# mode -> its demosaicing (the FITS DEBAYER card).  "bayer" is full resolution, bilinear: the name checkpoints
+# and saved target references have always carried, so it stays; "bayer-mhc" is full resolution, Malvar-He-Cutler.
+DEBAYER_OF_MODE = {"mono": None, "bayer": "bilinear", "bayer-mhc": "mhc", "superpixel": "superpixel"}
+MODES = tuple(DEBAYER_OF_MODE)
+_MODE_OF_DEBAYER = {m: mode for mode, m in DEBAYER_OF_MODE.items() if m}
 SPARSE_SATURATED = 20_000   # more saturated samples than this: masks over the whole frame are cheaper
 
 
@@ -44,7 +49,7 @@ def cells_from_pixels(xy: np.ndarray) -> np.ndarray:
 class Grid:
     """The shared grid of a target's stacks, and how a frame's sensor pixels reach it."""
 
-    mode: str                          # "mono" | "bayer" (full resolution) | "superpixel" (half)
+    mode: str                          # "mono" | "bayer", "bayer-mhc" (full resolution) | "superpixel" (half)
     sensor_shape: tuple[int, int]      # (H, W) of the raw frames
     pattern: str | None                # CFA pattern of the sensor, None for mono
     shape: tuple[int, int]             # (H, W) of every stack on this grid
@@ -54,14 +59,17 @@ class Grid:
 
     @classmethod
     def for_frame(cls, sensor_shape: tuple[int, int], pattern: str | None, debayer_method: str) -> "Grid":
-        """The grid a session gets from its reference frame: mono, or Bayer with ``debayer_method``."""
+        """The grid a session gets from its reference frame: mono, or Bayer with ``debayer_method`` (bilinear,
+        mhc, superpixel; raises ValueError for another)."""
         h, w = (int(v) for v in sensor_shape)
         if pattern is None:
             return cls("mono", (h, w), None, (h, w), 1, geometry.identity())
+        if debayer_method not in _MODE_OF_DEBAYER:
+            raise ValueError(f"unknown debayer method '{debayer_method}' (known: {', '.join(_MODE_OF_DEBAYER)})")
         if debayer_method == "superpixel":
             return cls("superpixel", (h, w), pattern, (h // 2, w // 2), 3,
                        np.array([[0.5, 0.0, -0.25], [0.0, 0.5, -0.25]]))
-        return cls("bayer", (h, w), pattern, (h, w), 3, geometry.identity())
+        return cls(_MODE_OF_DEBAYER[debayer_method], (h, w), pattern, (h, w), 3, geometry.identity())
 
     # ------------------------------------------------------------------ facts
 
@@ -82,7 +90,7 @@ class Grid:
     @property
     def debayer(self) -> str | None:
         """The demosaicing of the stacks (None for mono): the FITS DEBAYER card."""
-        return {"mono": None, "bayer": "bilinear", "superpixel": "superpixel"}[self.mode]
+        return DEBAYER_OF_MODE[self.mode]
 
     @property
     def lum_weights(self) -> list[float]:
@@ -136,7 +144,8 @@ class Grid:
         h, w = cfa.shape
         if self.mode == "superpixel":
             return debayer(cfa, self.pattern, "superpixel", out=buffer("rgb", (3, h // 2, w // 2)))
-        return debayer(cfa, self.pattern, "bilinear", out=buffer("rgb", (3, h, w)), scratch=buffer("scratch", (h, w)))
+        return debayer(cfa, self.pattern, self.debayer, out=buffer("rgb", (3, h, w)),
+                       scratch=buffer("scratch", (h, w)))
 
     def refine(self, stars: Stars, fwhm: float, cfa: np.ndarray, img: np.ndarray) -> Stars:
         """Windowed centroids where the binned detection was coarse.  Bayer: on the full-resolution image
@@ -189,7 +198,8 @@ class Grid:
             xs, ys = xs // 2, ys // 2
             inside = (xs < self.shape[1]) & (ys < self.shape[0])
             xs, ys = xs[inside], ys[inside]
-        reach = (REACH[interpolation] if warped else 0.5) + (self.mode == "bayer")
+        # a full-resolution demosaic spreads a sample over ±1 (bilinear) or ±2 (mhc) pixels before the warp
+        reach = (REACH[interpolation] if warped else 0.5) + DEBAYER_REACH.get(self.debayer, 0)
         return warp_points(ys, xs, matrix if warped else geometry.identity(), self.shape, reach=reach)
 
     # ------------------------------------------------------------------ checkpoint
@@ -208,8 +218,7 @@ class Grid:
 
     @classmethod
     def from_state(cls, s: dict, wcs_text: str | None = None) -> "Grid":
-        debayer_method = "superpixel" if s["mode"] == "superpixel" else "bilinear"
-        grid = cls.for_frame(tuple(s["sensor_shape"]), s["pattern"], debayer_method)
+        grid = cls.for_frame(tuple(s["sensor_shape"]), s["pattern"], DEBAYER_OF_MODE[s["mode"]] or "bilinear")
         if wcs_text:
             from .solve import wcs_from_header_text
 
