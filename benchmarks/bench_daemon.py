@@ -1,0 +1,102 @@
+"""The daemon's latency and backlog rate: from a file landing in the capture folder to the page's preview
+showing it, and how fast a backlog goes.
+
+    python benchmarks/bench_daemon.py --frames DIR [--settle 1.0] [--live 4] [--config livestack.toml]
+
+DIR holds simulated or real frames (e.g. `python -m drivers.simulator DIR --frames 8 --width 6000 --height 4000
+--format dng`).  Live: the first --live frames are dropped into the watched folder one at a time (written to a
+hidden name, then renamed, as capture programs do), each after the previous one is on the page; the time from
+the rename to the status's new preview_id is printed, split into the watcher's settle time and the rest.
+Backlog: then all frames at once into a fresh session; frames per second until the last is stacked.  Prints
+figures; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _service(watch: Path, out: Path, settle: float, cfg):
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    return Service(cfg, watch, out, WatchParams(dir=str(watch), settle_s=settle, timeout_s=60.0, rescan_s=1.0),
+                   DaemonParams(out=str(out)))
+
+
+def _drop(src: Path, watch: Path) -> float:
+    tmp = watch / f".{src.name}.part"
+    shutil.copy(src, tmp)
+    t = time.perf_counter()
+    os.replace(tmp, watch / src.name)
+    return t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", required=True, help="folder of frames")
+    ap.add_argument("--settle", type=float, default=1.0, help="[watch] settle_s (default 1.0, as shipped)")
+    ap.add_argument("--live", type=int, default=4, help="frames dropped one at a time")
+    ap.add_argument("--config", help="livestack.toml for the engine settings")
+    args = ap.parse_args()
+
+    from livestack.config import Config, load_config
+
+    cfg = load_config(args.config) if args.config else Config()
+    cfg.extra.setdefault("solve", {"enabled": False})      # a simulated sky: no plate solve
+    files = sorted(p for p in Path(args.frames).iterdir() if p.suffix.lower() in (".dng", ".fits", ".fit", ".cr2"))
+    root = Path(tempfile.mkdtemp(prefix="livestack-bench-daemon-"))
+
+    # live
+    watch, out = root / "live", root / "live-out"
+    watch.mkdir()
+    svc = _service(watch, out, args.settle, cfg)
+    svc.start()
+    lat = []
+    for i, f in enumerate(files[: args.live]):
+        seen = svc.status().get("preview_id")
+        t0 = _drop(f, watch)
+        while svc.status().get("preview_id") == seen:
+            time.sleep(0.005)
+        lat.append(time.perf_counter() - t0)
+        print(f"live frame {i}: {lat[-1]:.2f} s from the rename to the preview on the page")
+        while svc.status()["state"] != "idle":      # stack.fits, checkpoint: after the preview, not counted
+            time.sleep(0.01)
+    svc.stop(timeout=60)
+
+    # backlog
+    watch, out = root / "backlog", root / "backlog-out"
+    watch.mkdir()
+    for f in files:
+        shutil.copy(f, watch / f.name)
+    t0 = time.perf_counter()
+    svc = _service(watch, out, args.settle, cfg)
+    svc.start()
+    while len(svc.snapshot.frames) < len(files) or svc.status()["state"] != "idle":
+        time.sleep(0.01)
+    backlog = time.perf_counter() - t0
+    svc.stop(timeout=60)
+    shutil.rmtree(root, ignore_errors=True)
+
+    steady = lat[3:] or lat[1:] or lat
+    print()
+    print(f"{len(files)} frames from {args.frames}; {platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}; [watch] settle_s {args.settle}")
+    print(f"live, after the bootstrap: {', '.join(f'{x:.2f}' for x in steady)} s from the rename to the page "
+          f"({args.settle:.2f} s of it the watcher's settle time)")
+    print(f"backlog of {len(files)}: {backlog:.1f} s from start to the last frame stacked, "
+          f"{backlog / len(files):.2f} s per frame (includes the start, the reference and the bootstrap)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
