@@ -302,6 +302,13 @@ def load_reference(folder: Path) -> dict | None:
     return d
 
 
+def _geometry(grid_state: dict) -> dict:
+    """What makes star positions on two grids comparable: the sensor, its pattern and the grid's scale — not
+    the demosaic (a bilinear target of last month and an MHC session today have the same full-resolution grid)."""
+    mode = grid_state.get("mode")
+    return {**grid_state, "mode": "full" if mode in ("bayer", "bayer-mhc") else mode}
+
+
 def match_target(stars, grid_state: dict, pointing, candidates: list[tuple[Target, dict]], p: RegisterParams, *,
                  slew_deg: float, rng: np.random.Generator) -> Target | None:
     """The archived target a frame belongs to: its pointing within ``slew_deg`` of the target's (when both are
@@ -317,7 +324,7 @@ def match_target(stars, grid_state: dict, pointing, candidates: list[tuple[Targe
             return t
         if math.isfinite(d) and d > 5 * slew_deg:
             continue         # the mount was far from it: not worth a pattern match
-        if ref["grid"] != grid_state or stars is None or len(stars.xy) < p.min_matches:
+        if _geometry(ref["grid"]) != _geometry(grid_state) or stars is None or len(stars.xy) < p.min_matches:
             continue
         try:
             register(stars.xy, ref["xy"], p, rng=rng, src_flux=stars.flux, ref_flux=ref["flux"])

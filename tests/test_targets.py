@@ -298,3 +298,22 @@ def test_separation():
     assert separation((0, 0), (90, 0)) == pytest.approx(90)
     assert separation((359.9, 45), (0.1, 45)) == pytest.approx(0.2 * np.cos(np.radians(45)), rel=1e-3)
     assert separation((0, 89.9), (180, 89.9)) == pytest.approx(0.2, rel=1e-6)
+
+
+def test_a_reference_of_another_demosaic_is_still_matched_by_its_stars():
+    """A target archived by a bilinear session is found again by an MHC session: same sensor, same grid."""
+    from livestack.engine.register import RegisterParams
+    from livestack.engine.frame import Stars
+    from livestack.targets import match_target
+
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 600, (60, 2))
+    flux = rng.uniform(100, 1000, 60)
+    ref = {"grid": {"mode": "bayer", "sensor_shape": [600, 600], "pattern": "RGGB"}, "xy": xy, "flux": flux}
+    t = Target(1, "M 13", "archive/M_13")
+    stars = Stars(xy + [3.0, -2.0], flux, 3.0, np.ones(60), np.ones(60))
+    mhc = {"mode": "bayer-mhc", "sensor_shape": [600, 600], "pattern": "RGGB"}
+    sp = {"mode": "superpixel", "sensor_shape": [600, 600], "pattern": "RGGB"}
+    kw = dict(slew_deg=0.5, rng=np.random.default_rng(0))
+    assert match_target(stars, mhc, None, [(t, ref)], RegisterParams(), **kw) is t
+    assert match_target(stars, sp, None, [(t, ref)], RegisterParams(), **kw) is None    # another grid scale
