@@ -68,6 +68,8 @@ class SkyJob:
         self.hints, self.own, self.obj = reference_hints(ref_path, engine.grid, self.params)
         self.solver = SkySolver(self.params)
         self.why = self.solver.available()
+        if self.own is not None:
+            engine.set_wcs(self.own)     # the reference's own WCS meanwhile: it predicts where frames lie
         if self.why is None:
             self.solver.start(engine.ref.stars.xy, engine.ref.stars.flux, engine.grid.shape, self.hints)
 

@@ -73,6 +73,10 @@ class SimConfig:
     sky_seed: int | None = None
     pointing: tuple[float, float] | None = None
     object: str | None = None
+    # with a pointing: also a TAN WCS in the lights' headers (as capture programs write one), true to the frame's
+    # drift, rotation and dither; the sky's scale in arcsec per pixel (north up, east left in frame 0)
+    wcs: bool = False
+    pixel_scale_arcsec: float = 2.0
     # exposure (s) per filter name (any accepted spelling); otherwise 3 × exptime narrowband, exptime broadband
     filter_exptime: dict[str, float] = field(default_factory=dict)
 

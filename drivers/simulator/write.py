@@ -60,6 +60,8 @@ def write_fits(path: Path, raw: np.ndarray, meta: dict, cfg: SimConfig) -> None:
             h["DEC"] = (float(cfg.pointing[1]), "[deg] telescope pointing")
         if cfg.object:
             h["OBJECT"] = cfg.object
+        if cfg.wcs and cfg.pointing is not None and meta.get("frame_to_sky") is not None:
+            _write_wcs(h, np.asarray(meta["frame_to_sky"], float), cfg)
     h["BLKLEVEL"] = (cfg.bias, "[ADU] black level (pedestal) of the raw values")
     h["SATURATE"] = (cfg.white, "[ADU] saturation level of the raw values")
     h["XPIXSZ"] = (PIXEL_SIZE_UM, "[um]")
@@ -70,6 +72,21 @@ def write_fits(path: Path, raw: np.ndarray, meta: dict, cfg: SimConfig) -> None:
     h["YBINNING"] = 1
     h["CREATOR"] = "drivers.simulator"
     atomic_write(path, lambda fh: hdu.writeto(fh))
+
+
+def _write_wcs(h, frame_to_sky: np.ndarray, cfg: SimConfig) -> None:
+    """A TAN WCS of the frame: the sky plane (frame 0's pixels) is a gnomonic projection centred on the
+    pointing at the frame-0 centre; the frame's pixels reach it through ``frame_to_sky`` (FITS: 1-based)."""
+    s = cfg.pixel_scale_arcsec / 3600.0
+    cd_sky = np.array([[-s, 0.0], [0.0, s]])
+    crpix_sky = np.array([(cfg.width - 1) / 2 + 1, (cfg.height - 1) / 2 + 1])
+    a, t = frame_to_sky[:, :2], frame_to_sky[:, 2]
+    cd = cd_sky @ a
+    crpix = 1 - np.linalg.solve(a, t + 1 - crpix_sky)
+    h["CTYPE1"], h["CTYPE2"] = "RA---TAN", "DEC--TAN"
+    h["CRVAL1"], h["CRVAL2"] = float(cfg.pointing[0]), float(cfg.pointing[1])
+    h["CRPIX1"], h["CRPIX2"] = float(crpix[0]), float(crpix[1])
+    h["CD1_1"], h["CD1_2"], h["CD2_1"], h["CD2_2"] = (float(v) for v in cd.ravel())
 
 
 def _rational(value: float, den_limit: int = 1_000_000) -> tuple[int, int]:

@@ -41,6 +41,7 @@ class FrameMeta:
     imagetyp: str | None = None            # 'light' | 'dark' | 'flat' | 'bias' | 'darkflat' | None
     pointing: tuple[float, float] | None = None   # (RA, Dec) in degrees the mount reported (FITS RA/DEC, OBJCTRA/…)
     object: str | None = None              # OBJECT: the target's name as the capture program knew it
+    wcs: object | None = None              # the file's own celestial WCS (astropy), in sensor pixels, if usable
     kind: str = ""                         # 'raw' | 'fits'
     extra: dict = field(default_factory=dict)  # anything else worth keeping (e.g. FITS XBINNING)
 
@@ -139,6 +140,8 @@ class FrameRecord:
     shift_x: float | None = None            # drift of the frame centre vs reference, px (stack grid)
     shift_y: float | None = None
     rotation: float | None = None           # degrees
+    registration: str | None = None         # how the matrix was found: "predicted" (the frame's own WCS against
+                                            #     the grid's, or the previous frame's matrix) | "pattern"
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]

@@ -327,8 +327,9 @@ class Engine:
             rec.status = "reference"
         else:
             try:
+                guesses = [g for g in (_wcs_guess(m.wcs, grid), self.last_matrix) if g is not None]
                 reg = register(stars.xy, self.ref.stars.xy, cfg.register, rng=self.rng,
-                               predicted=self.last_matrix, src_flux=stars.flux, ref_flux=self.ref.stars.flux)
+                               predicted=guesses, src_flux=stars.flux, ref_flux=self.ref.stars.flux)
                 self._lap("register")
             except RegistrationError as err:
                 if hold and fs.judge.check(q) is None:
@@ -337,7 +338,7 @@ class Engine:
                     return None
                 return self._reject(rec, fs, f"registration failed: {err}")
             matrix = reg.matrix
-            rec.status = "stacked"
+            rec.status, rec.registration = "stacked", reg.method
         # How it compares with its own filter's frames.
         if fs.ref is None:
             scale = 1.0    # the first frame through this filter is its photometric reference
@@ -569,6 +570,21 @@ class _Front:
     lum: np.ndarray | None = None
     error: FrameError | None = None
     timings: dict = field(default_factory=dict)
+
+
+def _wcs_guess(frame_wcs, grid: Grid) -> np.ndarray | None:
+    """Where the frame lies on the grid according to the sky: its own WCS (capture programs write one) against
+    the grid's plate solution — a first guess for registration that needs no star pattern (frames with few
+    stars, a jump after a re-centring or a meridian flip).  The stars still decide: register() keeps it only
+    when it pairs enough of them.  None without both WCSs."""
+    if frame_wcs is None or grid.wcs is None:
+        return None
+    from .solve import pixel_transform
+
+    try:
+        return pixel_transform(frame_wcs, grid.wcs, grid.shape, geometry.invert(grid.sensor_to_grid))
+    except (ValueError, ArithmeticError):
+        return None
 
 
 def _r(x, nd):

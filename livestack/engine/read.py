@@ -326,6 +326,10 @@ def _read_fits(path: Path, limit: _Limit) -> Frame:
         if k in header:
             meta.extra[k] = header[k]
     meta.pointing = header_pointing(header)
+    if "CTYPE1" in header and "CTYPE2" in header:
+        from .solve import header_wcs      # astropy.wcs: only for files that carry a WCS
+
+        meta.wcs = header_wcs(header, data.shape)
     obj = str(header.get("OBJECT", "") or "").strip()
     meta.object = obj or None
 

@@ -74,7 +74,8 @@ def register(src_xy, ref_xy, p: RegisterParams, *, rng: np.random.Generator, pre
              src_flux=None, ref_flux=None) -> Registration:
     """Find the transform mapping the frame's stars ``src_xy`` (N, 2) onto the reference stars ``ref_xy`` (M, 2).
 
-    Both lists are float px, brightest first. ``predicted`` is an optional (2, 3) guess; if it pairs at least
+    Both lists are float px, brightest first. ``predicted`` is an optional (2, 3) guess, or a list of guesses
+    tried in order (the frame's own WCS, the previous frame's transform); if one pairs at least
     ``p.min_matches`` stars with a small residual the pattern match is skipped (``method == "predicted"``).
     ``src_flux``/``ref_flux`` ((N,), (M,)), when both given, weight the final fits: brighter stars have better
     centroids. ``rng`` orders the RANSAC hypotheses, so a given seed gives the same result.
@@ -96,8 +97,9 @@ def register(src_xy, ref_xy, p: RegisterParams, *, rng: np.random.Generator, pre
         # Clipped, so that a few saturated stars (poor centroids, huge flux) cannot dominate the fit.
         return np.minimum(w_src[si], w_ref[ri]) if weigh else None
 
-    if predicted is not None:
-        m0 = geo._check(predicted)
+    guesses = [] if predicted is None else [predicted] if np.ndim(predicted) == 2 else list(predicted)
+    for guess in guesses:
+        m0 = geo._check(guess)
         found = _refine(src, ref, ref_tree, m0, p, p.predict_tol_px, weights)
         if not isinstance(found, str):
             m, si, ri, rms = found

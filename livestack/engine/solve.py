@@ -563,6 +563,28 @@ def _scale_sip(c: np.ndarray | None, sx: float, sy: float, axis: int) -> np.ndar
 _TIME_KEYS = re.compile(r"^(DATE|MJD|TSTART|TSTOP|TIMESYS|TIMEUNIT|OBSGEO|OBS-)")
 
 
+def pixel_transform(wcs_from: WCS, wcs_to: WCS, shape: tuple[int, int], to_from_pixels: np.ndarray) -> np.ndarray:
+    """The (2, 3) affine map from pixels of a grid of ``shape`` (H, W) to the pixels of ``wcs_to``, through the
+    sky: a grid pixel goes to ``wcs_from``'s pixels by ``to_from_pixels`` ((2, 3), e.g. grid -> sensor), to the
+    sky by ``wcs_from``, back to pixels by ``wcs_to``.  Fitted on a 5×5 lattice (an affine is exact for two TAN
+    projections of nearby centres to well under a pixel over a frame).  Raises ValueError when the sky
+    positions do not map back (a WCS of another part of the sky)."""
+    from . import geometry
+
+    h, w = shape
+    ys, xs = np.meshgrid(np.linspace(0, h - 1, 5), np.linspace(0, w - 1, 5), indexing="ij")
+    grid_xy = np.column_stack([xs.ravel(), ys.ravel()])
+    src = geometry.apply(to_from_pixels, grid_xy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ra, dec = wcs_from.all_pix2world(src[:, 0], src[:, 1], 0)
+        x, y = wcs_to.all_world2pix(ra, dec, 0)
+    dst = np.column_stack([x, y])
+    if not np.all(np.isfinite(dst)):
+        raise ValueError("the two WCSs do not map onto each other")
+    return geometry.fit_affine(grid_xy, dst)
+
+
 def wcs_header(wcs: WCS) -> fits.Header:
     """The WCS cards for an output FITS header: TAN or TAN-SIP (with '-SIP' CTYPEs and A/B/AP/BP cards).
     Time and observatory cards astropy adds (DATE-OBS, MJDREF, …) are left out: they belong to the frame."""
