@@ -317,3 +317,29 @@ def test_a_reference_of_another_demosaic_is_still_matched_by_its_stars():
     kw = dict(slew_deg=0.5, rng=np.random.default_rng(0))
     assert match_target(stars, mhc, None, [(t, ref)], RegisterParams(), **kw) is t
     assert match_target(stars, sp, None, [(t, ref)], RegisterParams(), **kw) is None    # another grid scale
+
+
+def test_two_real_seestar_nights_two_weeks_apart_stack_into_one_target(tmp_path, shared_data):
+    """Seestar S50 on M94, 2025-03-27 and 2025-04-09 (another framing, the field turned ~69°): the second night,
+    in the same output folder, registers onto the first night's grid — one target, every frame used."""
+    seq = shared_data / "sequences"
+    n1, n2 = sorted((seq / "seestar_m94_night1").glob("*.fit")), sorted((seq / "seestar_m94_night2").glob("*.fit"))
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for night in (n1, n2):
+        for f in night:
+            shutil.copy(f, watch / f.name)
+        svc = _service(tmp_path, watch, out)
+        svc.start()
+        deadline = time.monotonic() + 120
+        while (len(svc.snapshot.frames) < len(n1) + (len(n2) if night is n2 else 0)
+               or svc.snapshot.status["state"] != "idle") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        svc.stop(timeout=60)
+        assert svc.error is None
+    book = json.loads((out / "targets.json").read_text())["targets"]
+    assert len(book) == 1 and book[0]["name"] == "M 94"
+    recs = read_frames_log(out / "frames.jsonl")
+    assert len(recs) == len(n1) + len(n2) and all(r["status"] in STACKED for r in recs)
+    rot = [r["rotation"] for r in recs[len(n1):]]
+    assert all(60 < abs(x) < 80 for x in rot), rot
