@@ -92,7 +92,8 @@ def main() -> int:
     print(f"{len(files)} frames from {args.frames}; {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}; [watch] settle_s {args.settle}")
     print(f"live, after the bootstrap: {', '.join(f'{x:.2f}' for x in steady)} s from the rename to the page "
-          f"({args.settle:.2f} s of it the watcher's settle time)")
+          f"(of it the watcher's settle time: {min(args.settle, 0.25):.2f} s for a file whose layout shows a whole "
+          f"image (FITS, DNG …), else {args.settle:.2f} s)")
     print(f"backlog of {len(files)}: {backlog:.1f} s from start to the last frame stacked, "
           f"{backlog / len(files):.2f} s per frame (includes the start, the reference and the bootstrap)")
     return 0

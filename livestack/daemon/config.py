@@ -10,7 +10,9 @@ from ..config import Config, ConfigError, make_section
 class WatchParams:
     dir: str | None = None          # the capture folder (`--watch` overrides)
     recursive: bool = False         # also watch subfolders
-    settle_s: float = 1.0           # a file's size must stay unchanged this long before it is read
+    settle_s: float = 1.0           # a file's size must stay unchanged this long before it is read …
+    settle_complete_s: float = 0.25  # … or this long when its own layout shows a whole image (FITS, DNG and
+                                    #     other TIFF-based RAW): the page shows a frame ~0.75 s sooner
     timeout_s: float = 120.0        # a file still incomplete this long after it appeared is marked failed
     rescan_s: float = 10.0          # full rescan of the folder (catches events a USB/network mount never sends)
     follow_symlinks: bool = False   # read files through symbolic links that lead out of the folder (links that
@@ -19,6 +21,8 @@ class WatchParams:
     def __post_init__(self):
         if not 0 <= self.settle_s <= 600:
             raise ConfigError(f"watch.settle_s = {self.settle_s}: must be in [0, 600]")
+        if not 0 <= self.settle_complete_s <= 600:
+            raise ConfigError(f"watch.settle_complete_s = {self.settle_complete_s}: must be in [0, 600]")
         if not self.settle_s < self.timeout_s <= 86400:
             raise ConfigError(f"watch.timeout_s = {self.timeout_s}: must be above settle_s and at most a day")
         if not 0.5 <= self.rescan_s <= 3600:

@@ -52,19 +52,28 @@ class Ready:
 def incomplete_reason(path: Path) -> str | None:
     """Why ``path`` is visibly not complete yet (e.g. "FITS data 4000 of 172800 bytes"), or None when it looks
     complete or its layout cannot tell (the engine then reads it and reports any real problem)."""
+    return layout(path)[1]
+
+
+def layout(path: Path) -> tuple[bool, str | None]:
+    """(complete, why not): ``complete`` when the file's own layout shows a whole image — a FITS HDU with image
+    data of the length its header states, every strip of a TIFF-based RAW (DNG, CR2, NEF, ARW …) inside the
+    file — so it need not wait the full settle time; ``why not`` as incomplete_reason().  (False, None): the
+    layout cannot tell (CR3, RAF, a FITS with no image yet): the settle time decides."""
     try:
         size = path.stat().st_size
         if size == 0:
-            return "empty file (0 bytes)"
+            return False, "empty file (0 bytes)"
         if suffix_of(path) in FITS_SUFFIXES:
-            return _fits_incomplete(path, size)
+            return _fits_layout(path, size)
         with open(path, "rb") as f:
             head = f.read(4)
         if head in (b"II*\0", b"MM\0*"):
-            return _tiff_incomplete(path, size)
+            why = _tiff_incomplete(path, size)
+            return why is None, why
     except OSError as err:
-        return f"not readable yet ({err.strerror or err})"
-    return None
+        return False, f"not readable yet ({err.strerror or err})"
+    return False, None
 
 
 def _fits_int(card: bytes) -> int | None:
@@ -74,23 +83,24 @@ def _fits_int(card: bytes) -> int | None:
         return None
 
 
-def _fits_incomplete(path: Path, size: int) -> str | None:
-    """Walk the HDUs: each header (2880-byte blocks up to END) then its data, of a length the header states."""
-    pos = 0
+def _fits_layout(path: Path, size: int) -> tuple[bool, str | None]:
+    """Walk the HDUs: each header (2880-byte blocks up to END) then its data, of a length the header states.
+    Complete when it ends cleanly after whole HDUs of which one holds data (an image, a compressed image)."""
+    pos, image = 0, False
     with open(path, "rb") as f:
         while True:
             block = f.read(2880)
             if not block and pos > 0:
-                return None                        # ends cleanly after a complete HDU
+                return image, None                 # ends cleanly after a complete HDU
             if pos == 0 and not block.startswith(b"SIMPLE  ="[: len(block)]):
-                return None                        # not FITS-looking: let the reader say what it is
+                return False, None                 # not FITS-looking: let the reader say what it is
             if pos > 0 and not block.startswith(b"XTENSION"[: len(block)]):
-                return None                        # trailing bytes that are not an HDU: not our concern
+                return image, None                 # trailing bytes that are not an HDU: not our concern
             keys: dict[bytes, int] = {}
             hdr_len, end = 0, False
             while not end:
                 if len(block) < 2880:
-                    return f"FITS header incomplete ({size} bytes so far)"
+                    return False, f"FITS header incomplete ({size} bytes so far)"
                 hdr_len += 2880
                 for i in range(0, 2880, 80):
                     card = block[i:i + 80]
@@ -111,7 +121,8 @@ def _fits_incomplete(path: Path, size: int) -> str | None:
                 n *= keys.get(b"NAXIS%d" % i, 0)
             data = abs(keys.get(b"BITPIX", 8)) // 8 * keys.get(b"GCOUNT", 1) * (keys.get(b"PCOUNT", 0) + n)
             if pos + hdr_len + data > size:
-                return f"FITS data {max(size - pos - hdr_len, 0)} of {data} bytes"
+                return False, f"FITS data {max(size - pos - hdr_len, 0)} of {data} bytes"
+            image = image or data > 0
             pos += hdr_len + -(-data // 2880) * 2880
             f.seek(pos)
 
@@ -257,7 +268,7 @@ class Watcher:
                 log.warning("watch %s: %s", self.root, err.strerror or err)
 
     def _run(self) -> None:
-        poll = max(0.02, min(0.25, self.p.settle_s / 4))
+        poll = max(0.02, min(0.25, min(self.p.settle_s, self.p.settle_complete_s) / 4))
         next_scan = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
@@ -293,9 +304,12 @@ class Watcher:
                     ready.append(Ready(path, rel, f"still incomplete after {self.p.timeout_s:g} s: still being "
                                                   f"written ({s.st_size} bytes so far)"))
                 continue
-            if now - st.changed < self.p.settle_s:
+            quiet = now - st.changed
+            if quiet < min(self.p.settle_s, self.p.settle_complete_s):
                 continue
-            st.reason = incomplete_reason(path)
+            complete, st.reason = layout(path)
+            if quiet < self.p.settle_s and not complete:
+                continue                     # the layout cannot vouch for it: the full settle time
             if st.reason is None:
                 ready.append(Ready(path, rel))
             elif now - st.first >= self.p.timeout_s:

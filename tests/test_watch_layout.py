@@ -1,0 +1,86 @@
+"""A file whose own layout shows a whole image is read after [watch] settle_complete_s, not the full settle_s:
+the page shows a live frame sooner; a file the layout cannot vouch for still waits the full settle time."""
+from __future__ import annotations
+
+import queue
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from livestack.daemon.config import WatchParams
+from livestack.daemon.watch import Watcher, layout
+
+
+def _first_ready(root: Path, wp: WatchParams, drop, timeout: float = 10.0) -> tuple[float, object]:
+    """Seconds from ``drop()`` (which puts the file in place) to the watcher's Ready for it."""
+    q: queue.Queue = queue.Queue()
+    w = Watcher(root, wp, q)
+    w.start()
+    try:
+        t0 = time.monotonic()
+        drop()
+        item = q.get(timeout=timeout)
+        return time.monotonic() - t0, item
+    finally:
+        w.stop()
+
+
+WP = WatchParams(settle_s=2.0, settle_complete_s=0.2, timeout_s=30.0, rescan_s=0.5)
+
+
+def test_a_complete_fits_is_read_after_the_short_settle(tmp_path):
+    src = tmp_path / "light.fits"
+    fits.PrimaryHDU(np.zeros((64, 64), np.uint16)).writeto(src)
+    assert layout(src) == (True, None)
+    (tmp_path / "watch").mkdir()
+    dt, item = _first_ready(tmp_path / "watch", WP, lambda: shutil.copy(src, tmp_path / "watch" / "a.fits"))
+    assert item.reason is None and dt < 1.2, dt
+
+
+def test_a_complete_dng_is_read_after_the_short_settle(tmp_path, daemon_night):
+    src = daemon_night[0][0]
+    assert layout(src) == (True, None)
+    (tmp_path / "watch").mkdir()
+    dt, item = _first_ready(tmp_path / "watch", WP, lambda: shutil.copy(src, tmp_path / "watch" / src.name))
+    assert item.reason is None and dt < 1.2, dt
+
+
+def test_what_the_layout_cannot_vouch_for_waits_the_full_settle(tmp_path):
+    """A FITS whose primary HDU has no data (its image extension may still come) and a file of a format the
+    layout cannot read (CR3-like) wait settle_s."""
+    empty = tmp_path / "empty.fits"
+    fits.PrimaryHDU().writeto(empty)
+    assert layout(empty) == (False, None)
+    other = tmp_path / "x.cr3"
+    other.write_bytes(b"\0\0\0\x18ftypcrx " + bytes(5000))
+    assert layout(other) == (False, None)
+    for src in (empty, other):
+        watch = tmp_path / f"watch-{src.suffix[1:]}"
+        watch.mkdir()
+        dt, _ = _first_ready(watch, WP, lambda s=src, w=watch: shutil.copy(s, w / s.name))
+        assert dt >= 1.9, (src.name, dt)
+
+
+def test_a_fits_cut_short_is_not_read_early(tmp_path):
+    src = tmp_path / "light.fits"
+    fits.PrimaryHDU(np.zeros((256, 256), np.uint16)).writeto(src)
+    data = src.read_bytes()
+    cut = tmp_path / "cut.fits"
+    cut.write_bytes(data[: len(data) // 2])
+    ok, why = layout(cut)
+    assert not ok and why.startswith("FITS data")
+    watch = tmp_path / "watch"
+    watch.mkdir()
+
+    def drop():
+        (watch / "a.fits").write_bytes(data[: len(data) // 2])      # half of it, then the rest 1 s later
+        time.sleep(1.0)
+        with open(watch / "a.fits", "ab") as f:
+            f.write(data[len(data) // 2:])
+
+    dt, item = _first_ready(watch, WP, drop)
+    assert item.reason is None and dt >= 1.0       # taken only once whole
+    assert (watch / "a.fits").stat().st_size == len(data)
