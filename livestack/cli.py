@@ -55,45 +55,6 @@ class Progress:
         self.stream.flush()
 
 
-class SkyJob:
-    """`livestack stack`'s plate solve: started on the reference frame, in the background; its WCS (or the
-    reference's own header WCS) goes into the stack files (sky.py)."""
-
-    def __init__(self, engine, ref_path: Path, cfg: Config):
-        from .config import make_section
-        from .engine.solve import SolveParams
-        from .sky import SkySolver, reference_hints
-
-        self.params = make_section(SolveParams, cfg.extra.get("solve", {}), "config: solve")
-        self.hints, self.own, self.obj = reference_hints(ref_path, engine.grid, self.params)
-        self.solver = SkySolver(self.params)
-        self.why = self.solver.available()
-        if self.own is not None:
-            engine.set_wcs(self.own)     # the reference's own WCS meanwhile: it predicts where frames lie
-        if self.why is None:
-            self.solver.start(engine.ref.stars.xy, engine.ref.stars.flux, engine.grid.shape, self.hints)
-
-    def finish(self, engine) -> dict | None:
-        from .engine.solve import Solution
-        from .sky import sky_status
-
-        ans = self.solver.wait() if self.why is None else None
-        if isinstance(ans, Solution):
-            engine.set_wcs(ans.wcs)
-            st = sky_status(ans.wcs, engine.grid.shape, source="solve", seconds=ans.seconds, obj=self.obj)
-            log.info("plate solved in %.1f s: %s, RA %s Dec %s, %.2f″/px, rotation %.1f° E of N", ans.seconds,
-                     st["object"] or "no catalogue object", st["ra_hms"], st["dec_dms"], st["scale_arcsec"],
-                     st["rotation_deg"])
-            return st
-        why = self.why or (ans.reason if ans is not None else "no answer")
-        if self.own is not None:
-            engine.set_wcs(self.own)
-            log.warning("livestack stack: not plate solved (%s); the reference frame's own WCS is used", why)
-            return sky_status(self.own, engine.grid.shape, source="header", obj=self.obj, note=why)
-        log.warning("livestack stack: not plate solved: %s", why)
-        return None
-
-
 def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quiet: bool = False,
                 solve: bool = True) -> dict:
     """Stack ``files`` into ``out`` (stack.fits, preview.jpg, frames.jsonl), with a WCS when the reference
@@ -116,7 +77,11 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
         if progress:
             progress.update(rec)
         if rec.status == "reference" and solve:
-            sky = SkyJob(engine, f, cfg)          # plate-solves the reference while the others are stacked
+            from .config import make_section
+            from .engine.solve import SolveParams
+            from .sky import BatchSolve
+
+            sky = BatchSolve(engine, f, make_section(SolveParams, cfg.extra.get("solve", {}), "config: solve"))
     sky_status = sky.finish(engine) if sky is not None else None
     wrote = engine.snapshot(out)
     files_out = [fs.file_name for fs in engine.stacks if fs.name is not None or len(engine.stacks) > 1]

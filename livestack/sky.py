@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .engine import geometry
+from .engine.read import image_header
 from .engine.solve import (Hints, Solution, SolveError, SolveParams, describe, header_wcs, hints_from_header,
                            nearest_object, solve_stars, wcs_to_grid)
 
@@ -35,21 +35,13 @@ def grid_binning(grid) -> float:
 
 
 def reference_hints(path: Path | None, grid, params: SolveParams) -> tuple[Hints, object | None, str | None]:
-    """(hints, the header's own WCS on the grid or None, OBJECT) from the reference frame's FITS header."""
-    if path is None or not Path(path).exists():
-        return Hints(scale_low=_low(params), scale_high=_high(params)), None, None
-    from astropy.io import fits
-    import warnings
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with fits.open(path, memmap=False) as hdul:
-                hdu = next(h for h in hdul if h.header.get("NAXIS", 0) >= 2 or "ZIMAGE" in h.header)
-                header = hdu.header.copy()
-    except (OSError, ValueError, StopIteration, TypeError, IndexError, KeyError):
-        return Hints(scale_low=_low(params), scale_high=_high(params)), None, None
-    hints = hints_from_header(header, binning_to_grid=grid_binning(grid), params=params)
+    """(hints, the header's own WCS on the grid or None, OBJECT) from the reference frame's FITS header (a RAW
+    file or none: only the hints of ``params``)."""
+    header = image_header(path) if path is not None else None
+    hints = hints_from_header(header if header is not None else {}, binning_to_grid=grid_binning(grid),
+                              params=params)
+    if header is None:
+        return hints, None, None
     own = None
     try:
         w = header_wcs(header, grid.sensor_shape)
@@ -59,14 +51,6 @@ def reference_hints(path: Path | None, grid, params: SolveParams) -> tuple[Hints
         own = None
     obj = str(header.get("OBJECT", "") or "").strip() or None
     return hints, own, obj
-
-
-def _low(p: SolveParams):
-    return None if p.scale_arcsec is None else p.scale_arcsec * (1 - p.scale_tolerance)
-
-
-def _high(p: SolveParams):
-    return None if p.scale_arcsec is None else p.scale_arcsec * (1 + p.scale_tolerance)
 
 
 def sky_status(wcs, shape, *, source: str, seconds: float | None = None, obj: str | None = None,
@@ -83,11 +67,9 @@ def sky_status(wcs, shape, *, source: str, seconds: float | None = None, obj: st
 class SkySolver:
     """One target's plate solve: started on the reference, retried on later frames, polled by the worker.
 
-    ``key`` tells whose solve it is (the daemon's target id): after a switch of targets an answer for another
-    key is dropped."""
+    A switch of targets cancels the solve in hand (cancel()): its answer is dropped."""
 
     params: SolveParams
-    key: object = None
     attempts: int = 0
     frames_since: int = 0
     last_error: str | None = None
@@ -166,25 +148,32 @@ def stars_on_grid(engine) -> tuple[np.ndarray, np.ndarray] | None:
     return geometry.apply(m, np.asarray(st.xy, np.float64)), np.asarray(st.flux, np.float64)
 
 
-def solve_now(engine, ref_path: Path | None, params: SolveParams) -> tuple[dict | None, object | None]:
-    """For `livestack stack`: solve the reference (synchronously), else fall back on its header's WCS.
-    Returns (sky status dict or None, WCS or None); logs one line either way."""
-    if engine.ref is None or engine.grid is None:
-        return None, None
-    hints, own, obj = reference_hints(ref_path, engine.grid, params)
-    solver = SkySolver(params)
-    why = solver.available()
-    t0 = time.monotonic()
-    if why is None and solver.start(engine.ref.stars.xy, engine.ref.stars.flux, engine.grid.shape, hints):
-        ans = solver.wait()
+class BatchSolve:
+    """`livestack stack`'s plate solve: started on the reference frame, in the background while the other frames
+    are stacked; the reference's own header WCS stands in meanwhile (it predicts where frames lie) and when no
+    solve lands.  finish() puts the WCS on the engine's grid and returns the sky status (or None)."""
+
+    def __init__(self, engine, ref_path: Path, params: SolveParams):
+        self.hints, self.own, self.obj = reference_hints(ref_path, engine.grid, params)
+        self.solver = SkySolver(params)
+        self.why = self.solver.available()
+        if self.own is not None:
+            engine.set_wcs(self.own)
+        if self.why is None:
+            self.solver.start(engine.ref.stars.xy, engine.ref.stars.flux, engine.grid.shape, self.hints)
+
+    def finish(self, engine) -> dict | None:
+        ans = self.solver.wait() if self.why is None else None
         if isinstance(ans, Solution):
-            st = sky_status(ans.wcs, engine.grid.shape, source="solve", seconds=ans.seconds, obj=obj)
-            log.info("plate solved in %.1f s: RA %s Dec %s, %.2f″/px", time.monotonic() - t0, st["ra_hms"],
-                     st["dec_dms"], st["scale_arcsec"])
-            return st, ans.wcs
-        why = ans.reason if ans is not None else "no answer"
-    if own is not None:
-        log.warning("livestack: not plate solved (%s); the reference frame's own WCS is used", why)
-        return sky_status(own, engine.grid.shape, source="header", obj=obj, note=why), own
-    log.warning("livestack: not plate solved: %s", why)
-    return {"state": "failed" if solver.attempts else "off", "note": why}, None
+            engine.set_wcs(ans.wcs)
+            st = sky_status(ans.wcs, engine.grid.shape, source="solve", seconds=ans.seconds, obj=self.obj)
+            log.info("plate solved in %.1f s: %s, RA %s Dec %s, %.2f″/px, rotation %.1f° E of N", ans.seconds,
+                     st["object"] or "no catalogue object", st["ra_hms"], st["dec_dms"], st["scale_arcsec"],
+                     st["rotation_deg"])
+            return st
+        why = self.why or (ans.reason if ans is not None else "no answer")
+        if self.own is not None:
+            log.warning("livestack stack: not plate solved (%s); the reference frame's own WCS is used", why)
+            return sky_status(self.own, engine.grid.shape, source="header", obj=self.obj, note=why)
+        log.warning("livestack stack: not plate solved: %s", why)
+        return None

@@ -132,7 +132,6 @@ class Service:
         self._redo: collections.deque[Ready] = collections.deque()
         self._ref_saved = False
         self._refs: dict[int, dict | None] = {}       # archived targets' reference.json, read once
-        self._switches = 0
         # the current target's plate solve (sky.py) and what the page shows of it
         self._solver: SkySolver | None = None
         self._sky: dict | None = None
@@ -424,7 +423,7 @@ class Service:
         here = self.engine.ref.pointing or cur.pointing     # the mount's pointing, as in the frame's header
         if here is None:
             return False
-        pointing, _ = read_pointing(item.path)
+        pointing = read_pointing(item.path)
         if pointing is None or separation(pointing, here) <= self.sp.slew_deg:
             return False
         self._settle_held()
@@ -439,9 +438,8 @@ class Service:
         ``new_target_after`` frames in a row that make a new target, or (when a later frame registers) it is
         rejected after all.  Held frames are recorded nowhere yet: a crash meanwhile finds them again."""
         self._best_effort(self.folder.clear_inflight)
-        pointing, _ = read_pointing(item.path)
         back = match_target(self.engine.last_stars, self.engine.grid.state() if self.engine.grid else {},
-                            pointing, self._candidates(), self.cfg.register, slew_deg=self.sp.slew_deg,
+                            self.engine.last_pointing, self._candidates(), self.cfg.register, slew_deg=self.sp.slew_deg,
                             rng=np.random.default_rng(self.cfg.engine.seed))
         self._held.append((item, rec))
         if back is not None:
@@ -531,7 +529,6 @@ class Service:
         if self.engine.has_stack:
             self._render_preview()
         self._generation += 1
-        self._switches += 1
         self._since_ckpt, self._fits_dirty, self._ckpt_frames = 0, 0, None
         self.started = _now()
         log.warning("livestack: %s: %s archived in %s; %s %s", why, old.name, self.book.get(old.id).folder,
@@ -556,7 +553,7 @@ class Service:
         rel = next((d.get("path") or d["file"] for d in self.records if d["status"] == "reference"), e.ref.file)
         hints, own, obj = reference_hints(self.watch_dir / rel, e.grid, self.solve_params)
         self._sky_hints, self._sky_object = hints, obj
-        solver = self._solver = SkySolver(self.solve_params, key=cur.id)
+        solver = self._solver = SkySolver(self.solve_params)
         why = solver.available()
         if own is not None:
             e.set_wcs(own)

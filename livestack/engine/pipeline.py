@@ -70,7 +70,8 @@ class Engine:
         self.ref: Reference | None = None
         self.filters: dict[str, FilterStack] = {}     # by filter_key, in order of first appearance
         self.last_matrix: np.ndarray | None = None
-        self.last_stars: Stars | None = None          # the latest frame's stars on its own grid
+        self.last_stars: Stars | None = None          # the latest frame's stars on its own grid …
+        self.last_pointing: tuple[float, float] | None = None   # … and its header's pointing (matching targets)
         self.index = 0
         self.failed = 0                               # frames that could not be used, whatever their filter
         self.calibration_used: dict = {}
@@ -175,7 +176,8 @@ class Engine:
         ``hold``: a frame of good quality (its filter's judge finds nothing wrong) that does not register onto
         the reference comes back as ``status: unregistered``, counted nowhere — the telescope may have moved to
         another target (the daemon's call).  ``count_rejected(rec)`` counts it as an ordinary rejection later.
-        ``last_stars`` holds every frame's stars on its own grid, for matching it against other references.
+        ``last_stars`` and ``last_pointing`` hold every frame's stars on its own grid and its header's pointing,
+        for matching it against other references.
 
         ``next_path``: the file the caller will hand in next, when it knows (a folder to stack, a backlog): its
         first stages — reading, calibration, sky and stars, a third to a half of a frame's time — run in a
@@ -185,7 +187,7 @@ class Engine:
         t0 = time.perf_counter()
         rec = FrameRecord(file=path.name, status="failed", index=self.index)
         self.index += 1
-        self.last_stars = None
+        self.last_stars = self.last_pointing = None
         try:
             front = self._take_front(path)
             if next_path is not None and self.cfg.engine.read_ahead and not self._bootstrap_near():
@@ -306,7 +308,7 @@ class Engine:
         img = grid.debayer_into(cfa, self._buffer)
         self._lap("debayer")
         stars = grid.refine(stars, q.fwhm, cfa, img)
-        self.last_stars = stars
+        self.last_stars, self.last_pointing = stars, m.pointing
         self._lap("centroids")
         if frame.pattern is not None:
             frame.data = cfa = None   # the mosaic is done with: 96 MB back before the warp (24 MP)

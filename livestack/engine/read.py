@@ -450,12 +450,12 @@ def header_pointing(header) -> tuple[float, float] | None:
     return None
 
 
-def read_pointing(path: Path | str) -> tuple[tuple[float, float] | None, str | None]:
-    """(pointing, OBJECT) from a FITS file's header alone (a few ms; no pixels read): what the daemon needs to
-    notice a slew before stacking the frame.  (None, None) for RAW files and for anything unreadable."""
+def image_header(path: Path | str):
+    """The header of a FITS file's first image HDU (a copy; no pixels read: a few ms), or None for RAW files
+    and for anything unreadable."""
     path = Path(path)
     if suffix_of(path) not in FITS_SUFFIXES:
-        return None, None
+        return None
     from astropy.io import fits
     try:
         with warnings.catch_warnings():
@@ -463,11 +463,17 @@ def read_pointing(path: Path | str) -> tuple[tuple[float, float] | None, str | N
             with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
                 for hdu in hdul:
                     if hdu.header.get("NAXIS", 0) >= 2 or "ZIMAGE" in hdu.header:
-                        obj = str(hdu.header.get("OBJECT", "") or "").strip() or None
-                        return header_pointing(hdu.header), obj
+                        return hdu.header.copy()
     except (OSError, ValueError, TypeError, IndexError, KeyError):
         pass
-    return None, None
+    return None
+
+
+def read_pointing(path: Path | str) -> tuple[float, float] | None:
+    """Where the mount pointed for this file, from its FITS header alone (header_pointing): what the daemon needs
+    to notice a slew before stacking the frame.  None for RAW files, for anything unreadable and without one."""
+    header = image_header(path)
+    return None if header is None else header_pointing(header)
 
 
 def _fits_time(header) -> dt.datetime | None:
