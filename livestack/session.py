@@ -233,13 +233,13 @@ class SessionFolder:
 
     # ---- small persistent lists
     def _read_list(self, path: Path) -> list[str]:
-        data, why = self._load_list(path)
+        data, why = self.load_list(path)
         if why is not None:
             raise SessionError(f"{path}: {why}")
         return data
 
     @staticmethod
-    def _load_list(path: Path) -> tuple[list[str], str | None]:
+    def load_list(path: Path) -> tuple[list[str], str | None]:
         """(names, None), or ([], why it cannot be used)."""
         if not path.exists():
             return [], None
@@ -257,13 +257,13 @@ class SessionFolder:
         The exclusions come back from frames.jsonl (its frames recorded "excluded"), so the checkpoint built
         with them stays valid; lost "new stack" ignores cannot be known, and a lost in-flight count costs at
         most a few more attempts on a file that crashes the worker."""
-        _, why = self._load_list(self.excluded_file)
+        _, why = self.load_list(self.excluded_file)
         if why is not None:
             back = {d.get("path") or d["file"] for d in records if d.get("status") == "excluded"}
             set_aside(self.excluded_file, why, f"{len(back)} exclusion{'s' * (len(back) != 1)} recovered from "
                                                f"{FRAMES_LOG}")
             self.set_excluded(back)
-        _, why = self._load_list(self.ignore_file)
+        _, why = self.load_list(self.ignore_file)
         if why is not None:
             set_aside(self.ignore_file, why, "files from before the last new stack may be stacked again")
         if (self.inflight_file.exists() or self.inflight_file.is_symlink()) and self._read_inflight() is None:

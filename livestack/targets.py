@@ -31,8 +31,8 @@ import numpy as np
 from .engine.register import RegisterParams, RegistrationError, register
 from .engine.solve import separation_deg
 from .engine.write import fsync_dir
-from .session import (ARCHIVE_DIR, FRAMES_LOG, SESSION_DIR, STAGING_DIR, SWITCH_FILE, TARGETS_FILE, set_aside,
-                      write_json_atomic)
+from .session import (ARCHIVE_DIR, FRAMES_LOG, SESSION_DIR, STAGING_DIR, SWITCH_FILE, TARGETS_FILE, SessionFolder,
+                      read_frames_log, set_aside, write_json_atomic)
 
 log = logging.getLogger("livestack")
 
@@ -165,14 +165,15 @@ class Book:
         for t in self.targets:
             if t.current:
                 continue
-            folder = self.out / t.folder
+            session = SessionFolder(self.out / t.folder)
             if not t.closed:
-                known.update(d.get("path") or d["file"] for d in _records(folder / FRAMES_LOG))
-            try:
-                ignore = json.loads((folder / SESSION_DIR / "ignore.json").read_text(encoding="utf-8"))
-                known.update(x for x in ignore if isinstance(x, str))
-            except (OSError, ValueError, TypeError):
-                pass
+                try:
+                    records = read_frames_log(session.frames)
+                except OSError:          # an unreadable archive must not stop the start
+                    records = []
+                known.update(d.get("path") or d["file"] for d in records
+                             if isinstance(d, dict) and isinstance(d.get("path") or d.get("file"), str))
+            known.update(session.load_list(session.ignore_file)[0])      # unreadable: none
         return known
 
     # ------------------------------------------------------------------ the switch
@@ -215,23 +216,6 @@ class Book:
         self.targets.append(new)
         self.save()
         return new
-
-
-def _records(path: Path) -> list[dict]:
-    """The readable records of a frames.jsonl (an archived one: read, never repaired here)."""
-    out = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        try:
-            d = json.loads(line)
-            if isinstance(d, dict) and isinstance(d.get("path") or d.get("file"), str):
-                out.append(d)
-        except ValueError:
-            continue
-    return out
 
 
 def _carry_out(out: Path, j: dict) -> None:
