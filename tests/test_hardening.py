@@ -36,6 +36,17 @@ def uninterrupted(make_daemon, files) -> tuple[np.ndarray, np.ndarray, dict, dic
     return img, w, hdr, {r["file"]: r["status"] for r in read_frames_log(ref.out / "frames.jsonl")}
 
 
+def stopped_after_three(make_daemon, files, name: str):
+    """A daemon that stacked the first 3 of ``files`` and stopped: (the Daemon, its feeder of the rest)."""
+    d = make_daemon(name=name)
+    feed = d.feeder(files)
+    feed(3)
+    d.start()
+    d.wait_lines(3)
+    assert d.stop() == 0
+    return d, feed
+
+
 def assert_same_stack(out: Path, ref) -> None:
     ref_img, ref_w, ref_hdr, ref_status = ref
     recs = read_frames_log(out / "frames.jsonl")
@@ -54,12 +65,7 @@ def test_an_unusable_checkpoint_is_restacked_from_frames_jsonl(make_daemon, daem
     "unusable checkpoint … restacking", restacks, and the night ends with the uninterrupted run's stack."""
     files = daemon_night[0][:7]
     ref = uninterrupted(make_daemon, files)
-    d = make_daemon(name="damaged")
-    feed = d.feeder(files)
-    feed(3)
-    d.start()
-    d.wait_lines(3)
-    assert d.stop() == 0
+    d, feed = stopped_after_three(make_daemon, files, "damaged")
     ckpt = d.out / "session" / "checkpoint.npz"
     for n, kind in enumerate(("empty", "random", "half", "directory")):
         good = ckpt.read_bytes()
@@ -223,12 +229,7 @@ def test_a_garbled_line_in_frames_jsonl_never_counts_a_frame_twice(make_daemon, 
     uninterrupted run's (it had frame 2 twice and frame 4 never)."""
     files = daemon_night[0][:8]
     ref = uninterrupted(make_daemon, files)
-    d = make_daemon(name="garbled")
-    feed = d.feeder(files)
-    feed(3)
-    d.start()
-    d.wait_lines(3)
-    assert d.stop() == 0
+    d, feed = stopped_after_three(make_daemon, files, "garbled")
     ckpt = d.out / "session" / "checkpoint.npz"
     covers_3 = ckpt.read_bytes()
     d.start()

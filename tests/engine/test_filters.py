@@ -9,13 +9,12 @@ import pytest
 from astropy.io import fits
 from scipy import ndimage
 
-from conftest import truth_matrix
+from conftest import through_checkpoints, truth_matrix
 from drivers.simulator import SimConfig, nebula_truth
 from livestack.config import Config
 from livestack.engine import geometry
 from livestack.engine.compose import ComposeParams
 from livestack.engine.pipeline import Engine
-from livestack.session import load_engine, save_engine
 
 SEVEN = ("L", "R", "G", "B", "Ha", "OIII", "SII")
 STACKED = ("reference", "stacked")
@@ -172,17 +171,7 @@ def test_checkpoints_and_spilled_stacks_give_the_uninterrupted_stack(night, tmp_
     stack but the one in use in memory-mapped files ([stack] memory_mb = 0): the same result, exactly."""
     files, _ = night(mono=True, n_frames=12, seed=12, filters=("L", "Ha", "OIII"), defects={7: "satellite"})
     full, _ = run(files)
-    part = Engine(Config())
-    for f in files[:4]:
-        part.process(f)
-    save_engine(part, tmp_path / "a.npz")
-    part, _ = load_engine(tmp_path / "a.npz", Config())
-    for f in files[4:10]:
-        part.process(f)
-    save_engine(part, tmp_path / "b.npz")
-    part, _ = load_engine(tmp_path / "b.npz", Config())
-    for f in files[10:]:
-        part.process(f)
+    part = through_checkpoints(files, [4, 10], tmp_path)
     low = dataclasses.replace(Config(), stack=dataclasses.replace(Config().stack, memory_mb=0))
     spilled, _ = run(files, low, spill_dir=tmp_path / "spill")
     assert all(fs.stack.spill_dir is not None for fs in spilled.stacks)

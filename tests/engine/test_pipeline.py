@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from conftest import truth_matrix
+from conftest import through_checkpoints, truth_matrix
 from livestack.config import Config
 from livestack.engine import geometry
 from livestack.engine.pipeline import Engine
@@ -197,17 +197,7 @@ def test_snapshot_writes_outputs_with_provenance(night, tmp_path):
 def test_checkpoint_resume_equals_uninterrupted(night, tmp_path):
     files, _ = night(n_frames=8, seed=12, defects={5: "satellite"})
     full, _ = run(files)
-    part = Engine(Config())
-    for f in files[:2]:        # inside the bootstrap buffer
-        part.process(f)
-    save_engine(part, tmp_path / "a.npz")
-    part, _ = load_engine(tmp_path / "a.npz", Config())
-    for f in files[2:5]:
-        part.process(f)
-    save_engine(part, tmp_path / "b.npz")
-    part, _ = load_engine(tmp_path / "b.npz", Config())
-    for f in files[5:]:
-        part.process(f)
+    part = through_checkpoints(files, [2, 5], tmp_path)      # the first inside the bootstrap buffer
     a, wa = full.result()
     b, wb = part.result()
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-4)
