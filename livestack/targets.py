@@ -178,9 +178,10 @@ class Book:
 
     # ------------------------------------------------------------------ the switch
 
-    def switch(self, to: Target | None, *, new_name: str | None = None) -> Target:
+    def switch(self, to: Target | None) -> Target:
         """Archive the current target and make ``to`` (an archived target) current — or, when ``to`` is None,
-        a new empty target named ``new_name``.  Returns the new current target.  Crash-safe (see recover)."""
+        a new empty target ("target N" until its reference names it).  Returns the new current target.
+        Crash-safe (see recover)."""
         cur = self.current
         base = folder_name(cur.name)
         dest, n = f"{ARCHIVE_DIR}/{base}", 2
@@ -191,7 +192,7 @@ class Book:
             if t.id == cur.id:
                 t.folder = dest
         if to is None:
-            new = Target(max(t.id for t in targets) + 1, new_name or self.next_name(), ".")
+            new = Target(max(t.id for t in targets) + 1, self.next_name(), ".")
             targets.append(new)
             bring = None
         else:
