@@ -216,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="mhc (default): sharp; bilinear: smoother; superpixel: half resolution, fast")
         p.add_argument("--interpolation", choices=("bilinear", "bicubic", "lanczos"), help="warp interpolation")
         p.add_argument("--kappa", type=float, help="outlier pixel rejection threshold (σ)")
+        p.add_argument("--drizzle", type=float, metavar="SCALE",
+                       help="drizzle onto a grid SCALE× finer (2: undersampled stars; 1: colour without demosaic)")
+        p.add_argument("--pixfrac", type=float, help="drizzle drop size in sensor pixels (default 1.0)")
         p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("stack", help="stack a folder or a list of RAW/FITS files")
@@ -260,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(getattr(args, "config", None))
         cfg = with_overrides(cfg, engine={"debayer": getattr(args, "debayer", None),
                                           "interpolation": getattr(args, "interpolation", None)},
-                             stack={"kappa": getattr(args, "kappa", None)})
+                             stack={"kappa": getattr(args, "kappa", None)},
+                             drizzle={"scale": getattr(args, "drizzle", None),
+                                      "pixfrac": getattr(args, "pixfrac", None)})
     except (ConfigError, ValueError) as err:
         print(f"livestack: {err}", file=sys.stderr)
         return 2

@@ -145,6 +145,7 @@ def stars_on_grid(engine) -> tuple[np.ndarray, np.ndarray] | None:
     st, m = engine.last_stars, engine.last_matrix
     if st is None or m is None or len(st.xy) == 0:
         return None
+    m = geometry.compose(engine.grid.stars_to_grid, m)
     return geometry.apply(m, np.asarray(st.xy, np.float64)), np.asarray(st.flux, np.float64)
 
 
@@ -160,7 +161,7 @@ class BatchSolve:
         if self.own is not None:
             engine.set_wcs(self.own)
         if self.why is None:
-            self.solver.start(engine.ref.stars.xy, engine.ref.stars.flux, engine.grid.shape, self.hints)
+            self.solver.start(*engine.ref_stars_on_grid(), engine.grid.shape, self.hints)
 
     def finish(self, engine) -> dict | None:
         ans = self.solver.wait() if self.why is None else None

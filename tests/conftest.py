@@ -85,18 +85,19 @@ def record(engine, files, log=None) -> None:
             log.append(d)
 
 
-def through_checkpoints(files, cuts, folder: Path):
+def through_checkpoints(files, cuts, folder: Path, cfg=None):
     """An Engine that processed ``files`` with a checkpoint written and read back (session.save_engine /
     load_engine) before each index in ``cuts``, as a daemon stopped and restarted there would."""
     from livestack.config import Config
     from livestack.engine.pipeline import Engine
     from livestack.session import load_engine, save_engine
 
-    eng, start = Engine(Config()), 0
+    cfg = cfg or Config()
+    eng, start = Engine(cfg), 0
     for k, cut in enumerate([*cuts, len(files)]):
         if k:
             save_engine(eng, folder / f"ckpt{k}.npz")
-            eng, _ = load_engine(folder / f"ckpt{k}.npz", Config())
+            eng, _ = load_engine(folder / f"ckpt{k}.npz", cfg)
         for f in files[start:cut]:
             eng.process(f)
         start = cut

@@ -564,7 +564,7 @@ class Service:
             self._sky = self._sky or {"state": "off", "note": why}
             log.warning("livestack: %s", why)
             return
-        solver.start(e.ref.stars.xy, e.ref.stars.flux, e.grid.shape, hints, workdir=None)
+        solver.start(*e.ref_stars_on_grid(), e.grid.shape, hints, workdir=None)
         self._sky = self._sky or {"state": "solving", "note": "plate solving the reference frame"}
 
     def _sky_poll(self) -> None:

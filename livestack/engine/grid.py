@@ -8,8 +8,12 @@ does not branch on the mode.
 
 Conventions (frame.py): x = column, y = row, 0-based, pixel centres at integers.  A 2×2 cell (i, j) of an image
 covers pixels 2i..2i+1 and is centred on pixel 2i + 0.5; ``sensor_to_grid`` says where a sensor pixel of the
-reference frame lands on the grid (identity; superpixel: x/2 − 0.25).  Later: a WCS attached to the grid when
-a plate solve lands, and a drizzle grid at another scale (``sensor_to_grid`` 2x + 0.5).
+reference frame lands on the grid (identity; superpixel: x/2 − 0.25; drizzle at scale 2: 2x + 0.5).  A WCS is
+attached to the grid when a plate solve lands.
+
+A drizzle grid (mode "drizzle", mono or Bayer) is ``scale``× finer than the sensor; its frames are never
+demosaiced nor interpolated: drizzle.py drops each sample onto it.  Stars and registration stay in sensor pixels
+(``stars_to_grid`` takes them onto the grid); on every other grid a frame's stars are already on its grid.
 """
 from __future__ import annotations
 
@@ -29,9 +33,10 @@ from .warp import REACH, warp, warp_mask, warp_points
 
 # mode -> its demosaicing (the FITS DEBAYER card).  "bayer" is full resolution, bilinear: the name checkpoints
 # and saved target references have always carried, so it stays; "bayer-mhc" is full resolution, Malvar-He-Cutler.
-DEBAYER_OF_MODE = {"mono": None, "bayer": "bilinear", "bayer-mhc": "mhc", "superpixel": "superpixel"}
+DEBAYER_OF_MODE = {"mono": None, "bayer": "bilinear", "bayer-mhc": "mhc", "superpixel": "superpixel",
+                   "drizzle": "drizzle"}
 MODES = tuple(DEBAYER_OF_MODE)
-_MODE_OF_DEBAYER = {m: mode for mode, m in DEBAYER_OF_MODE.items() if m}
+_MODE_OF_DEBAYER = {m: mode for mode, m in DEBAYER_OF_MODE.items() if m and mode != "drizzle"}
 SPARSE_SATURATED = 20_000   # more saturated samples than this: masks over the whole frame are cheaper
 
 
@@ -50,18 +55,28 @@ class Grid:
     """The shared grid of a target's stacks, and how a frame's sensor pixels reach it."""
 
     mode: str                          # "mono" | "bayer", "bayer-mhc" (full resolution) | "superpixel" (half)
+                                       #   | "drizzle" (mono or Bayer, ``scale``× finer)
     sensor_shape: tuple[int, int]      # (H, W) of the raw frames
     pattern: str | None                # CFA pattern of the sensor, None for mono
     shape: tuple[int, int]             # (H, W) of every stack on this grid
     channels: int                      # 1 (mono) or 3 (R, G, B)
     sensor_to_grid: np.ndarray = field(repr=False)   # (2, 3): a reference-frame sensor pixel -> grid pixel
     wcs: object | None = None          # astropy.wcs.WCS of the grid once a plate solve lands
+    scale: float = 1.0                 # drizzle: grid pixels per sensor pixel
+    pixfrac: float = 1.0               # drizzle: a sample's drop, sensor px
 
     @classmethod
-    def for_frame(cls, sensor_shape: tuple[int, int], pattern: str | None, debayer_method: str) -> "Grid":
+    def for_frame(cls, sensor_shape: tuple[int, int], pattern: str | None, debayer_method: str,
+                  drizzle=None) -> "Grid":
         """The grid a session gets from its reference frame: mono, or Bayer with ``debayer_method`` (bilinear,
-        mhc, superpixel; raises ValueError for another)."""
+        mhc, superpixel; raises ValueError for another) — or, with ``drizzle`` (DrizzleParams, scale > 0), a
+        drizzle grid of either."""
         h, w = (int(v) for v in sensor_shape)
+        if drizzle is not None and drizzle.scale > 0:
+            from .drizzle import grid_shape, sensor_to_grid
+
+            return cls("drizzle", (h, w), pattern, grid_shape((h, w), drizzle.scale), 1 if pattern is None else 3,
+                       sensor_to_grid(drizzle.scale), scale=float(drizzle.scale), pixfrac=float(drizzle.pixfrac))
         if pattern is None:
             return cls("mono", (h, w), None, (h, w), 1, geometry.identity())
         if debayer_method not in _MODE_OF_DEBAYER:
@@ -90,19 +105,29 @@ class Grid:
     @property
     def debayer(self) -> str | None:
         """The demosaicing of the stacks (None for mono): the FITS DEBAYER card."""
-        return DEBAYER_OF_MODE[self.mode]
+        return None if self.pattern is None else DEBAYER_OF_MODE[self.mode]
+
+    @property
+    def drizzled(self) -> bool:
+        return self.mode == "drizzle"
+
+    @property
+    def stars_to_grid(self) -> np.ndarray:
+        """A frame's star coordinates (what registration matches) -> grid pixels: the sensor -> grid map on a
+        drizzle grid, the identity on the others (their frames' stars are measured at grid resolution)."""
+        return self.sensor_to_grid if self.drizzled else geometry.identity()
 
     @property
     def lum_weights(self) -> list[float]:
         """Weights of the channels in the outlier test's luminance: (R + 2G + B)/4, or the mono value."""
-        return [1.0] if self.mode == "mono" else [0.25, 0.5, 0.25]
+        return [1.0] if self.pattern is None else [0.25, 0.5, 0.25]
 
     @property
     def cell_samples(self) -> list[float]:
         """Independent raw samples of each channel in one 2×2 cell of the grid: 4 mono pixels; a Bayer cell
         holds 1 R, 2 G, 1 B; a superpixel cell spans 4 Bayer cells."""
-        if self.mode == "mono":
-            return [4.0]
+        if self.pattern is None:
+            return [4.0]         # (a drizzle grid's cells come from the same 2×2-binned mosaic as a Bayer one's)
         k = 4.0 if self.mode == "superpixel" else 1.0
         return [k, 2 * k, k]
 
@@ -126,7 +151,7 @@ class Grid:
         were found on — for colour frames the binned mosaic ((R + 2G + B)/4 at a quarter of the pixels: 4×
         faster than the debayered image, same centroids), which is also the outlier test's luminance
         (``lum_cells``).  A new float32 array."""
-        if self.mode == "mono":
+        if self.pattern is None:
             stars, q = detect_stars(cfa, p, saturation=white)
             return stars, q, bin2(cfa)
         lum = bin2x2_mean(cfa)
@@ -139,7 +164,7 @@ class Grid:
     def debayer_into(self, cfa: np.ndarray, buffer) -> np.ndarray:
         """The frame's (C, H, W) float32 image at grid resolution; ``buffer(name, shape)`` gives reusable
         float32 work planes (first-touch page faults of a fresh 24 MP plane cost more than the work)."""
-        if self.mode == "mono":
+        if self.pattern is None or self.drizzled:
             return cfa[None]
         h, w = cfa.shape
         if self.mode == "superpixel":
@@ -153,8 +178,10 @@ class Grid:
         Superpixel: the grid has no finer image than the binned one, but the mosaic does (its 2×2 colour
         pattern averages out inside the window): ~0.08 -> ~0.03 sensor px RMS.  Mono: sep's own windowed
         centroids are already on the full image."""
-        if not len(stars) or self.mode == "mono":
+        if not len(stars) or self.pattern is None:
             return stars
+        if self.drizzled:       # no demosaiced image: the mosaic, as for superpixel (sensor px here)
+            return Stars(refine_centroids(cfa[None], stars.xy, fwhm), stars.flux, stars.fwhm, stars.a, stars.b)
         if self.mode == "superpixel":
             xy = refine_centroids(cfa[None], cell_centres(stars.xy), fwhm * 2.0)
             return Stars(cells_from_pixels(xy), stars.flux, stars.fwhm, stars.a, stars.b)
@@ -191,13 +218,18 @@ class Grid:
         if points is None:
             return None
         if len(points) > SPARSE_SATURATED:
-            sat = debayer_mask(frame.saturated, frame.pattern, self.debayer or "bilinear")
+            sat = debayer_mask(frame.saturated, frame.pattern,
+                               "bilinear" if self.drizzled else self.debayer or "bilinear")
             return warp_mask(sat, matrix, self.shape) if warped else sat
         xs, ys = points.reshape(-1, 2).T
         if self.mode == "superpixel":
             xs, ys = xs // 2, ys // 2
             inside = (xs < self.shape[1]) & (ys < self.shape[0])
             xs, ys = xs[inside], ys[inside]
+        if self.drizzled:       # a sample reaches the grid pixels its drop overlaps
+            from .drizzle import reach as drop_reach
+
+            return warp_points(ys, xs, matrix, self.shape, reach=drop_reach(self.pixfrac, self.scale))
         # a full-resolution demosaic spreads a sample over ±1 (bilinear) or ±2 (mhc) pixels before the warp
         reach = (REACH[interpolation] if warped else 0.5) + DEBAYER_REACH.get(self.debayer, 0)
         return warp_points(ys, xs, matrix if warped else geometry.identity(), self.shape, reach=reach)
@@ -206,7 +238,10 @@ class Grid:
 
     def state(self) -> dict:
         """Plain values: what the grid is (for matching frames against it); its WCS separately (wcs_state)."""
-        return {"mode": self.mode, "sensor_shape": list(self.sensor_shape), "pattern": self.pattern}
+        s = {"mode": self.mode, "sensor_shape": list(self.sensor_shape), "pattern": self.pattern}
+        if self.drizzled:
+            s.update(scale=self.scale, pixfrac=self.pixfrac)
+        return s
 
     def wcs_state(self) -> str | None:
         """The WCS as FITS header text, for a checkpoint."""
@@ -218,7 +253,13 @@ class Grid:
 
     @classmethod
     def from_state(cls, s: dict, wcs_text: str | None = None) -> "Grid":
-        grid = cls.for_frame(tuple(s["sensor_shape"]), s["pattern"], DEBAYER_OF_MODE[s["mode"]] or "bilinear")
+        drizzle = None
+        if s["mode"] == "drizzle":
+            from .drizzle import DrizzleParams
+
+            drizzle = DrizzleParams(scale=s["scale"], pixfrac=s["pixfrac"])
+        grid = cls.for_frame(tuple(s["sensor_shape"]), s["pattern"],
+                             "bilinear" if drizzle else DEBAYER_OF_MODE[s["mode"]] or "bilinear", drizzle)
         if wcs_text:
             from .solve import wcs_from_header_text
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import geometry
 from .calibrate import Masters, calibrate
+from .drizzle import Drizzler, too_big
 from .filterstack import Counters, FilterStack, filter_key
 from .frame import Frame, FrameError, FrameRecord, Quality, Stars
 from .grid import Grid
@@ -128,6 +129,10 @@ class Engine:
     @property
     def exptime_total(self) -> float:
         return self.counts.exptime
+
+    def ref_stars_on_grid(self) -> tuple[np.ndarray, np.ndarray]:
+        """The reference frame's stars on the grid (what a plate solve of the grid matches): (xy, flux)."""
+        return geometry.apply(self.grid.stars_to_grid, self.ref.stars.xy), self.ref.stars.flux
 
     def set_wcs(self, wcs) -> None:
         """A plate solution of the grid (astropy WCS in grid pixels, or None): every stack file written from now
@@ -261,8 +266,9 @@ class Engine:
             m = frame.meta
             if m.imagetyp not in (None, "light"):
                 raise FrameError(path, f"IMAGETYP says '{m.imagetyp}', not a light frame")
-            grid = f.grid = self.grid or Grid.for_frame(frame.shape, frame.pattern, cfg.engine.debayer)
-            reason = grid.mismatch(frame)
+            grid = f.grid = self.grid or Grid.for_frame(frame.shape, frame.pattern, cfg.engine.debayer, cfg.drizzle)
+            reason = grid.mismatch(frame) or (too_big(frame.shape, grid.channels, cfg.drizzle)
+                                              if grid.drizzled else None)
             if reason:
                 raise FrameError(path, reason)
             f.masters = self.masters.select(frame) if self.masters is not None else None
@@ -310,7 +316,7 @@ class Engine:
         stars = grid.refine(stars, q.fwhm, cfa, img)
         self.last_stars, self.last_pointing = stars, m.pointing
         self._lap("centroids")
-        if frame.pattern is not None:
+        if frame.pattern is not None and not grid.drizzled:
             frame.data = cfa = None   # the mosaic is done with: 96 MB back before the warp (24 MP)
         rec.stars, rec.fwhm, rec.eccentricity = q.stars, _r(q.fwhm, 3), _r(q.eccentricity, 3)
         rec.background, rec.noise = _r(float(sky.mean()), 3), _r(float(noise.mean()), 4)
@@ -325,7 +331,7 @@ class Engine:
                 return self._reject(rec, fs, reason)
             self.grid = grid
             self.ref = Reference(path.name, stars, fs.key, m.pointing, m.object)
-            matrix = geometry.identity()
+            reg_matrix = geometry.identity()
             rec.status = "reference"
         else:
             try:
@@ -339,32 +345,42 @@ class Engine:
                     rec.status, rec.reason = "unregistered", f"registration failed: {err}"
                     return None
                 return self._reject(rec, fs, f"registration failed: {err}")
-            matrix = reg.matrix
+            reg_matrix = reg.matrix
             rec.status, rec.registration = "stacked", reg.method
+        matrix = geometry.compose(grid.stars_to_grid, reg_matrix)     # frame pixels -> grid
         # How it compares with its own filter's frames.
         if fs.ref is None:
             scale = 1.0    # the first frame through this filter is its photometric reference
             fs.start(path.name, stars, matrix, plane, sky, float(noise.mean()), q.fwhm, grid.stack_shape,
-                     grid.lum_weights, grid.cell_samples)
+                     grid.lum_weights, grid.cell_samples, channel_weights=grid.drizzled)
             if self.spill_dir is not None or self._over_budget():
                 self._trim(keep=fs.key)
         else:
-            scale = fs.transparency(stars, matrix, tol=cfg.register.match_tol_px)
+            scale = fs.transparency(stars, matrix, tol=cfg.register.match_tol_px * float(grid.stars_to_grid[0, 0]))
             reason = fs.judge.check(q, transparency=1.0 / scale if scale > 0 else 0.0)
             if reason:
                 return self._reject(rec, fs, reason)
         rec.scale = _r(scale, 4) if rec.status != "reference" else None
         rec.matrix = _matrix_list(matrix)
-        dx, dy, rot, _ = geometry.decompose(matrix, center=grid.centre)
+        # shift and rotation in the frame's own pixels (a drizzle grid's are finer)
+        dx, dy, rot, _ = geometry.decompose(reg_matrix, center=geometry.apply(geometry.invert(grid.stars_to_grid),
+                                                                              np.array([grid.centre]))[0])
         rec.shift_x, rec.shift_y, rec.rotation = _r(dx, 3), _r(dy, 3), _r(rot, 4)
 
-        # Pixels: normalise to the filter's reference, warp onto the grid, add.
+        # Pixels: normalise to the filter's reference, warp (or drizzle) onto the grid, add.
+        if grid.drizzled:
+            weight = self._weight(fs, noise, scale, q)
+            rec.weight = _r(weight, 4)
+            rec.rejected_pixels = self._drizzle(grid, fs, frame, cfa, plane, scale, matrix, lum, sat_cfa, weight,
+                                                noise * scale)
+            self._lap("drizzle+stack")
+            fs.accept(q, m)
+            self.last_matrix = reg_matrix
+            return None
         normalize_inplace(img, plane, scale, fs.ref.plane, matrix, parallel_map=fs.stack.parallel_map)
         self._lap("normalize")
         noise_n = noise * scale
-        weight = (fs.ref.noise / max(float(noise_n.mean()), 1e-12)) ** 2
-        if cfg.engine.sharpness_weight and np.isfinite(q.fwhm) and q.fwhm > 0:
-            weight *= (fs.ref.fwhm / q.fwhm) ** cfg.engine.sharpness_weight
+        weight = self._weight(fs, noise, scale, q)
         rec.weight = _r(weight, 4)
 
         # The stack takes the binned luminance first (it decides which 2×2 cells are outliers), then one channel
@@ -385,6 +401,41 @@ class Engine:
         self._lap("warp+stack")
         fs.accept(q, m)
         self.last_matrix = matrix
+
+    def _weight(self, fs: FilterStack, noise: np.ndarray, scale: float, q: Quality) -> float:
+        """The frame's weight in its filter's stack: (reference noise / its normalised noise)², times the
+        sharpness term when it is on."""
+        weight = (fs.ref.noise / max(float((noise * scale).mean()), 1e-12)) ** 2
+        sw = self.cfg.engine.sharpness_weight
+        if sw and np.isfinite(q.fwhm) and q.fwhm > 0:
+            weight *= (fs.ref.fwhm / q.fwhm) ** sw
+        return weight
+
+    def _drizzle(self, grid: Grid, fs: FilterStack, frame: Frame, cfa: np.ndarray, plane: np.ndarray, scale: float,
+                 matrix: np.ndarray, lum: np.ndarray, sat_cfa, weight: float, noise_n: np.ndarray) -> int | None:
+        """The drizzle's stage: normalise the mosaic (each sample by its own colour's sky plane), drop it onto
+        the grid — a value and a coverage plane per channel —, add.  The outlier test's cells are the binned
+        mosaic's luminance, warped as on any grid."""
+        from .drizzle import LATTICES, lattice_channels
+
+        interp = self.cfg.engine.interpolation
+        cells = grid.lum_cells(lum, plane, scale, fs.ref.plane, matrix, interpolation=interp,
+                               out=self._buffer("cells", grid.cells), parallel_map=fs.stack.parallel_map)
+        for (ox, oy), c in zip(LATTICES, lattice_channels(grid.pattern)):
+            # the sub-lattice's samples: pixel (i, j) of cfa[oy::2, ox::2] is sensor (2i + ox, 2j + oy)
+            sub = cfa[oy::2, ox::2][None]
+            p = plane[c]
+            sub_plane = np.array([[p[0] + p[1] * ox + p[2] * oy, 2 * p[1], 2 * p[2]]])
+            to_grid = geometry.compose(matrix, np.array([[2.0, 0, ox], [0, 2.0, oy]]))
+            normalize_inplace(sub, sub_plane, scale, fs.ref.plane[c:c + 1], to_grid)
+        self._lap("normalize")
+        dz = Drizzler(grid.pattern, grid.channels, grid.pixfrac, grid.scale)
+        value = self._buffer("dz_value", grid.stack_shape)
+        coverage = self._buffer("dz_coverage", grid.stack_shape)
+        dz.planes(cfa, matrix, grid.shape, value, coverage, parallel_map=fs.stack.parallel_map)
+        self._lap("drizzle")
+        sat = grid.saturated(frame, sat_cfa, matrix, interpolation=interp)
+        return fs.stack.add_channels(cells, lambda c: (value[c], coverage[c]), weight, noise_n, saturated=sat)
 
     def _finish_bootstraps(self) -> None:
         """Once per filter, after the frame that filled its bootstrap buffer (and after _process has returned,
@@ -584,9 +635,13 @@ def _wcs_guess(frame_wcs, grid: Grid) -> np.ndarray | None:
     from .solve import pixel_transform
 
     try:
-        return pixel_transform(frame_wcs, grid.wcs, grid.shape, geometry.invert(grid.sensor_to_grid))
+        m = pixel_transform(frame_wcs, grid.wcs, grid.shape, geometry.invert(grid.sensor_to_grid))
     except (ValueError, ArithmeticError):
         return None
+    if grid.drizzled:     # registration matches stars in sensor pixels, not on the finer grid
+        s = grid.stars_to_grid
+        m = geometry.compose(geometry.invert(s), geometry.compose(m, s))
+    return m
 
 
 def _r(x, nd):

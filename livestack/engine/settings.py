@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from .calibrate import CosmeticParams
 from .compose import ComposeParams
+from .drizzle import DrizzleParams
 from .register import RegisterParams
 from .reject import RejectParams
 from .stack import StackParams
@@ -49,4 +50,5 @@ class Config:
     stretch: StretchParams = field(default_factory=StretchParams)
     cosmetic: CosmeticParams = field(default_factory=CosmeticParams)
     compose: ComposeParams = field(default_factory=ComposeParams)
+    drizzle: DrizzleParams = field(default_factory=DrizzleParams)
     extra: dict = field(default_factory=dict)   # sections owned by the shells (daemon, web, capture)

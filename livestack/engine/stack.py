@@ -131,7 +131,12 @@ class RunningStack:
     """
 
     def __init__(self, shape: tuple[int, int, int], sky: np.ndarray, p: StackParams,
-                 lum_weights: np.ndarray | None = None, cell_samples: np.ndarray | None = None, *, pool=None):
+                 lum_weights: np.ndarray | None = None, cell_samples: np.ndarray | None = None, *, pool=None,
+                 channel_weights: bool = False):
+        """``channel_weights``: each channel has its own weight per pixel (a drizzle: a sample lands in its own
+        colour plane, through its footprint) — ``channel(c)`` gives (value, coverage) planes and the frame counts
+        w·coverage there; the weights are then (C, H, W) instead of (H, W)."""
+        self.channel_weights = bool(channel_weights)
         self._pool = pool                       # a shared ThreadPoolExecutor (not shut down by close())
         self._own_pool = pool is None
         self.spill_dir: Path | None = None      # set by spill(): arrays live in memory-mapped files there
@@ -153,12 +158,13 @@ class RunningStack:
         self.sky_lum = np.float32(lw @ self.sky)
         self.p = p
         self.sums: np.ndarray | None = None      # (C, H, W) Σ w·x_c
-        self.wsum: np.ndarray | None = None      # (H, W) Σ w
+        self.wsum: np.ndarray | None = None      # (H, W) Σ w — per channel, (C, H, W), with channel_weights
         self.lsum: np.ndarray | None = None      # cells: Σ w·(b − b_sky)   (b: 2×2-binned luminance)
         self.lw: np.ndarray | None = None        # cells: Σ w
         self.sq: np.ndarray | None = None        # cells: Σ w·(b − b_sky)²
         self.count: np.ndarray | None = None     # cells: uint16 frames contributing
-        # bootstrap: (float16 (C, H, W) frame, weight, noise, saturated or None, float32 cells − sky)
+        # bootstrap: (float16 (C, H, W) frame — with channel_weights (2C, H, W): values, then coverages —,
+        #             weight, noise, saturated or None, float32 cells − sky)
         self.buffer: list[tuple[np.ndarray, float, np.ndarray, np.ndarray | None, np.ndarray]] = []
         self.frames = 0
         self.rejected_total = 0
@@ -201,6 +207,8 @@ class RunningStack:
         Σ lum_weights[c]·x_c, NaN outside the footprint) and ``channel(c)``, which returns channel c as an
         (H, W) float32 array, NaN outside the footprint, that stays valid until the next call (it may reuse one
         buffer: the pipeline warps each channel into the same plane, two full frames fewer in memory at 24 MP).
+        With ``channel_weights`` it returns (value, coverage): the coverage ≥ 0 scales the frame's weight per
+        pixel (0: nothing landed; the value is then ignored).
         ``cells`` and the returned channels may be modified.  ``saturated`` as in add().  Returns as add()."""
         saturated = self._points(saturated)
         if cells.shape != self.cells:
@@ -212,9 +220,15 @@ class RunningStack:
         if self.bootstrap_full:
             self.finish_bootstrap()
         if self.sums is None and self.p.bootstrap > 1:
-            frame16 = self._new(self.shape, np.float16)
-            for c in range(self.shape[0]):
-                _to_float16(channel(c), frame16[c])
+            c_n = self.shape[0]
+            frame16 = self._new((2 * c_n,) + self.shape[1:] if self.channel_weights else self.shape, np.float16)
+            for c in range(c_n):
+                if self.channel_weights:
+                    x, a = channel(c)
+                    _to_float16(a, frame16[c_n + c])
+                    _to_float16(np.nan_to_num(x, copy=False), frame16[c])
+                else:
+                    _to_float16(channel(c), frame16[c])
             b = cells - self.sky_lum
             if self.spill_dir is not None:
                 b = self._new(b.shape, b.dtype, like=b)
@@ -260,7 +274,7 @@ class RunningStack:
     def _allocate(self) -> None:
         c, h, w = self.shape
         self.sums = self._new((c, h, w), np.float32)
-        self.wsum = self._new((h, w), np.float32)
+        self.wsum = self._new((c, h, w) if self.channel_weights else (h, w), np.float32)
         self.lsum, self.lw, self.sq = (self._new(self.cells, np.float32) for _ in range(3))
         self.count = self._new(self.cells, np.uint16)
 
@@ -427,7 +441,7 @@ class RunningStack:
                 self.buffer[i] = None
             rejected.append(4 * int(bads[i].sum()))
             self._accumulate_cells(lums[i], np.isfinite(lums[i]) & ~bads[i], wt, lsum, lw, sq, count)
-            self._accumulate_pixels(lambda c: f16[c], bads[i], wt, sat, sums, wsum)
+            self._accumulate_pixels(self._buffered(f16), bads[i], wt, sat, sums, wsum)
         return rejected
 
     def _accumulate_cells(self, b, valid, weight, lsum, lw, sq, count) -> None:
@@ -439,6 +453,13 @@ class RunningStack:
         cv2.scaleAdd(cv2.multiply(b, b), w, sq, dst=sq)
         count += valid
 
+    def _buffered(self, f16: np.ndarray):
+        """channel(c) of a buffered float16 frame."""
+        if self.channel_weights:
+            c_n = self.shape[0]
+            return lambda c: (f16[c], f16[c_n + c])
+        return lambda c: f16[c]
+
     def _accumulate_pixels(self, channel, bad_cells, weight, saturated, sums=None, wsum=None) -> None:
         """Full resolution: W += w and S_c += w·x_c where valid — inside the footprint (channel 0 not NaN: every
         channel shares it) and not in a rejected cell — a channel at a time.  ``channel(c)`` may give float32
@@ -449,6 +470,8 @@ class RunningStack:
         per-pixel weight map would cost each block with one saturated star a full extra pass per channel."""
         sums = self.sums if sums is None else sums
         wsum = self.wsum if wsum is None else wsum
+        if self.channel_weights:
+            return self._accumulate_covered(channel, bad_cells, weight, saturated, sums, wsum)
         chunks = list(self._chunks(self.shape[1]))
         valid = unbin2(bad_cells, self.shape[1:])       # True where rejected, until made the valid mask below
         if saturated is not None and len(saturated[0]):
@@ -484,6 +507,37 @@ class RunningStack:
 
             self.parallel_map(block, chunks)
 
+    def _accumulate_covered(self, channel, bad_cells, weight, saturated, sums, wsum) -> None:
+        """_accumulate_pixels with a weight per channel and pixel: W_c += w·a_c and S_c += w·a_c·x_c where the
+        cell is not rejected and a_c > 0.  Saturated pixels count with saturated_weight × that."""
+        chunks = list(self._chunks(self.shape[1]))
+        keep = unbin2(bad_cells, self.shape[1:])
+        np.logical_not(keep, out=keep)
+        if saturated is not None and len(saturated[0]):
+            ys, xs = saturated
+        else:
+            ys = None
+        for c in range(self.shape[0]):
+            x, a = channel(c)
+
+            def block(rows, x=x, a=a, c=c):
+                r0, r1 = rows
+                ab = a[r0:r1] if a.dtype == np.float32 else cv2.add(a[r0:r1], 0.0, dtype=cv2.CV_32F)
+                xb = x[r0:r1] if x.dtype == np.float32 else cv2.add(x[r0:r1], 0.0, dtype=cv2.CV_32F)
+                if ys is not None:
+                    inside = (ys >= r0) & (ys < r1)
+                    if inside.any():
+                        ab[ys[inside] - r0, xs[inside]] *= np.float32(self.p.saturated_weight)
+                ok = keep[r0:r1] & (ab > 0)
+                np.copyto(ab, 0, where=~ok)
+                np.copyto(xb, 0, where=~ok)
+                ab *= np.float32(weight)
+                wsum[c, r0:r1] += ab
+                xb *= ab
+                sums[c, r0:r1] += xb
+
+            self.parallel_map(block, chunks)
+
     def _chunks(self, n: int):
         for r0 in range(0, n, self.p.chunk_rows):
             yield r0, min(n, r0 + self.p.chunk_rows)
@@ -495,18 +549,43 @@ class RunningStack:
         new arrays.  During the bootstrap the buffered frames are combined into temporaries (buffer kept)."""
         c, h, w = self.shape
         if self.sums is None:
-            sums, wsum = np.zeros((c, h, w), np.float32), np.zeros((h, w), np.float32)
+            sums = np.zeros((c, h, w), np.float32)
+            wsum = np.zeros((c, h, w) if self.channel_weights else (h, w), np.float32)
             if self.buffer:
                 cells = [np.zeros(self.cells, np.float32) for _ in range(3)]
                 self._combine_buffer(sums, wsum, *cells, np.zeros(self.cells, np.uint16))
         else:
             sums, wsum = self.sums, self.wsum
-        mean = np.empty((c, h, w), np.float32)
+        mean, w2 = self._mean(sums, wsum)
+        np.nan_to_num(mean, copy=False, nan=0.0)
+        return mean, w2
+
+    def _mean(self, sums: np.ndarray, wsum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(C, n, W) weighted mean, NaN where no frame covers, and the (n, W) weight map (new arrays) from
+        rows of the sums and weights.  With channel_weights the map is Σ lum_weights[c]·W_c, and a pixel that
+        one channel has no sample of yet (a drizzle's first frames) takes that channel from its 5×5
+        neighbourhood — no holes inside the covered area."""
         with np.errstate(invalid="ignore", divide="ignore"):
-            for i in range(c):
-                np.divide(sums[i], wsum, out=mean[i])
-        np.copyto(mean, 0, where=~(wsum > 0)[None])
-        return mean, wsum.copy()
+            mean = (sums / (wsum if self.channel_weights else wsum[None])).astype(np.float32, copy=False)
+        if not self.channel_weights:
+            np.copyto(mean, np.float32(np.nan), where=~(wsum > 0)[None])
+            return mean, np.array(wsum, np.float32)
+        w2 = np.zeros(wsum.shape[1:], np.float32)
+        for c in range(wsum.shape[0]):
+            w2 += np.float32(self.lum_weights[c]) * wsum[c]
+        for c in range(wsum.shape[0]):
+            missing = ~(wsum[c] > 0)
+            np.copyto(mean[c], np.float32(np.nan), where=missing)
+            holes = missing & (w2 > 0)
+            if holes.any():
+                k = (5, 5)
+                s_b = cv2.boxFilter(np.asarray(sums[c], np.float32), -1, k, normalize=False,
+                                    borderType=cv2.BORDER_REFLECT)
+                w_b = cv2.boxFilter(np.asarray(wsum[c], np.float32), -1, k, normalize=False,
+                                    borderType=cv2.BORDER_REFLECT)
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    mean[c][holes] = s_b[holes] / w_b[holes]
+        return mean, w2
 
     def mean_blocks(self):
         """The weighted mean, channel by channel in blocks of rows (FITS order), each a new float32 array, 0 where
@@ -519,10 +598,14 @@ class RunningStack:
                     np.nan_to_num(m, copy=False, nan=0.0)
                     yield m
                     continue
-                w = self.wsum[r0:r1]
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    m = self.sums[c, r0:r1] / w
-                np.copyto(m, 0, where=~(w > 0))
+                if self.channel_weights:
+                    m = self.mean_rows(r0, r1)[c]
+                    np.nan_to_num(m, copy=False, nan=0.0)
+                else:
+                    w = self.wsum[r0:r1]
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        m = self.sums[c, r0:r1] / w
+                    np.copyto(m, 0, where=~(w > 0))
                 self.release()      # a spilled stack: only this block's rows stay paged in
                 yield m
 
@@ -530,17 +613,21 @@ class RunningStack:
         """The sum of weights in blocks of rows, each a float32 array (a view of the live array after the
         bootstrap: do not modify)."""
         for r0, r1 in self._chunks(self.shape[1]):
-            yield self.wsum[r0:r1] if self.sums is not None else self._bootstrap_rows(r0, r1)[1]
+            if self.sums is None:
+                yield self._bootstrap_rows(r0, r1)[1]
+            elif self.channel_weights:
+                yield np.tensordot(self.lum_weights.astype(np.float32), self.wsum[:, r0:r1], axes=1)
+            else:
+                yield self.wsum[r0:r1]
 
     def mean_rows(self, r0: int, r1: int) -> np.ndarray:
         """Rows r0:r1 of the weighted mean, (C, r1 - r0, W) float32, NaN where no frame covers (a new array)."""
         if self.sums is None:
             return self._bootstrap_rows(r0, r1)[0]
-        w = self.wsum[r0:r1]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out = self.sums[:, r0:r1] / w[None]
-        np.copyto(out, np.float32(np.nan), where=~(w > 0)[None])
-        return out.astype(np.float32, copy=False)
+        if not self.channel_weights:
+            return self._mean(self.sums[:, r0:r1], self.wsum[r0:r1])[0]
+        a, b = max(0, r0 - 2), min(self.shape[1], r1 + 2)       # the hole filling's 5×5 reach
+        return self._mean(self.sums[:, a:b], self.wsum[:, a:b])[0][:, r0 - a:r1 - a]
 
     def _bootstrap_rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         """During the bootstrap: rows r0:r1 of the combination of the buffered frames — (C, n, W) mean, NaN where
@@ -550,7 +637,7 @@ class RunningStack:
         h = self.shape[1]
         a, b = max(0, (r0 // 2 - 1) * 2), min(h, ((r1 + 1) // 2 + 1) * 2)
         part = RunningStack((self.shape[0], b - a, self.shape[2]), self.sky, self.p, self.lum_weights,
-                            self.cell_samples, pool=self._pool)
+                            self.cell_samples, pool=self._pool, channel_weights=self.channel_weights)
         for f16, wt, noise, sat, cells in self.buffer:
             if sat is not None:
                 inside = (sat[0] >= a) & (sat[0] < b)
@@ -558,12 +645,17 @@ class RunningStack:
             part.buffer.append((f16[:, a:b], wt, noise, sat, cells[a // 2:(b + 1) // 2]))
         mean, wsum = part.result()
         out = mean[:, r0 - a:r1 - a].copy()
+        # (a drizzle's hole filling reaches 2 rows: the margin is one cell, ≥ 2 rows except at the frame's edge)
         np.copyto(out, np.float32(np.nan), where=~(wsum[r0 - a:r1 - a] > 0)[None])
         return out, wsum[r0 - a:r1 - a].copy()
 
     def weights(self) -> np.ndarray:
         """(H, W) sum of weights (the live array after the bootstrap; do not modify)."""
-        return self.wsum if self.wsum is not None else self.result()[1]
+        if self.wsum is None:
+            return self.result()[1]
+        if self.channel_weights:
+            return np.tensordot(self.lum_weights.astype(np.float32), self.wsum, axes=1)
+        return self.wsum
 
     def reduced(self, max_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Like result(), at most ``max_size`` px on the long side: the sums and weights are area-averaged
@@ -574,9 +666,17 @@ class RunningStack:
             # ~1.5 s at 24 MP; the preview is redrawn after each frame).
             small = None
             step = max(1, int(max(self.shape[1:]) / max_size))   # float16 -> float32 is slow: subsample first
+            c_n = self.shape[0]
             for f16, wt, noise, _, _ in self.buffer:
-                f = reduce(np.stack([f16[c, ::step, ::step].astype(np.float32) for c in range(f16.shape[0])]),
-                           max_size)
+                sub = np.stack([f16[c, ::step, ::step].astype(np.float32) for c in range(f16.shape[0])])
+                if self.channel_weights:    # values weighted by their coverage, then divided
+                    sub[:c_n] *= sub[c_n:]
+                    sub = reduce(sub, max_size)
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        f = sub[:c_n] / sub[c_n:]
+                    np.copyto(f, np.float32(np.nan), where=~(sub[c_n:] > 0))
+                else:
+                    f = reduce(sub, max_size)
                 if small is None:
                     small = RunningStack(f.shape, self.sky, self.p, self.lum_weights)   # debayered pixels
                 small.buffer.append((f, wt, noise, None, small.cells_of(f) - small.sky_lum))
@@ -585,11 +685,12 @@ class RunningStack:
                 return reduce(mean, max_size), reduce(wsum[None], max_size)[0]
             return small.result()
         sums = reduce(self.sums, max_size)
-        wsum = reduce(self.wsum[None], max_size)[0]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = sums / wsum[None]
-        np.copyto(mean, 0, where=~(wsum > 0)[None])
-        return mean.astype(np.float32, copy=False), wsum
+        wsum = reduce(self.wsum if self.channel_weights else self.wsum[None], max_size)
+        if not self.channel_weights:
+            wsum = wsum[0]
+        mean, w2 = self._mean(sums, wsum)
+        np.nan_to_num(mean, copy=False, nan=0.0)
+        return mean, w2
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -601,6 +702,7 @@ class RunningStack:
             "shape": np.array(self.shape), "sky": self.sky, "lum_weights": self.lum_weights,
             "cell_samples": self.cell_samples,
             "counters": np.array([self.frames, self.rejected_total]),
+            "channel_weights": np.array(self.channel_weights),
             "bootstrap_rejected": np.array(self.bootstrap_rejected, np.int64),
         }
         if self.sums is not None:
@@ -614,7 +716,9 @@ class RunningStack:
     @classmethod
     def from_state(cls, s, p: StackParams, *, pool=None, spill_dir: Path | None = None) -> "RunningStack":
         """The stack state() gave; with ``spill_dir`` its arrays are read straight into mapped files there."""
-        st = cls(tuple(int(v) for v in s["shape"]), s["sky"], p, s["lum_weights"], s["cell_samples"], pool=pool)
+        cw = bool(s["channel_weights"]) if "channel_weights" in s else False
+        st = cls(tuple(int(v) for v in s["shape"]), s["sky"], p, s["lum_weights"], s["cell_samples"], pool=pool,
+                 channel_weights=cw)
         st.spill_dir = None if spill_dir is None else Path(spill_dir)
         st.frames, st.rejected_total = (int(v) for v in s["counters"])
         st.bootstrap_rejected = [int(v) for v in s["bootstrap_rejected"]]
