@@ -24,7 +24,6 @@ Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import sys
@@ -95,9 +94,9 @@ def simulated(args, work: Path) -> None:
 
     # stars found by the engine a frame (seed 11): ~90, ~22 (tests/engine/test_pipeline.py's nights), ~15
     nights = {
-        "colour 640x480, 2000 sky stars": dict(width=640, height=480, n_stars=2000),
-        "colour 640x480, 600 sky stars": dict(width=640, height=480, n_stars=600),
-        "mono Ha 640x480, 150 sky stars": dict(width=640, height=480, n_stars=150, mono=True, filter="Ha"),
+        "colour 640x480, 2000 sky stars": {"n_stars": 2000},
+        "colour 640x480, 600 sky stars": {"n_stars": 600},
+        "mono Ha 640x480, 150 sky stars": {"n_stars": 150, "mono": True, "filter": "Ha"},
     }
     print("(a) simulator: rotation_deg 0.05 per frame, meridian flip at frame "
           f"{args.frames // 2}, drift (0.7, -0.4) px/frame, dither 2 px; errors in px against frame_to_sky")
@@ -107,12 +106,11 @@ def simulated(args, work: Path) -> None:
                (*MODELS, "engine")}
         skipped = 0
         for seed in args.seeds:
-            cfg = SimConfig(n_frames=args.frames, seed=seed, rotation_deg=0.05, flip_at=args.frames // 2,
-                            dither_px=2.0, **kw)
+            cfg = SimConfig(width=640, height=480, n_frames=args.frames, seed=seed, rotation_deg=0.05,
+                            flip_at=args.frames // 2, dither_px=2.0, **kw)
             folder = work / f"night{len(list(work.iterdir()))}"
             truth = render_night(folder, cfg)
             files = [folder / f["file"] for f in truth["frames"]]
-            shape = (cfg.height, cfg.width)
             for i, rec, stars, k, ref_stars, grid in engine_frames(files):
                 if ref_stars is None or i == k or stars is None:
                     skipped += 1
