@@ -186,3 +186,42 @@ def test_incomplete_reason_from_the_file_layout(tmp_path, daemon_night):
         assert incomplete_reason(f) is not None, cut
     f.write_bytes(b"garbage" * 1000)                     # not FITS-looking: the reader will say why
     assert incomplete_reason(f) is None
+
+
+def test_drizzle_in_the_daemon_survives_kill9_and_equals_livestack_stack(make_daemon, daemon_night, tmp_path):
+    """`run --drizzle 2`: the status says which grid, a kill -9 mid-night loses nothing, and the stack equals
+    `livestack stack --drizzle 2` of the same files."""
+    import subprocess
+    import sys
+    import urllib.request
+    import json
+
+    files = daemon_night[0][:8]
+    d = make_daemon("--drizzle", "2", "--pixfrac", "0.8", name="drizzle")
+    copy = d.feeder(files)
+    copy(5)
+    d.start()
+    d.wait_lines(5)
+    st = json.loads(urllib.request.urlopen(d.url.rstrip("/") + "/api/status", timeout=10).read())
+    assert st["grid"] == {"mode": "drizzle", "debayer": "drizzle", "shape": [720, 960], "channels": 3,
+                          "scale": 2.0, "pixfrac": 0.8}
+    d.kill9()
+    copy(3)
+    d.start()
+    d.wait_lines(len(files))
+    time.sleep(0.4)
+    assert d.stop() == 0
+    img, w, hdr = read_stack(d.out)
+    assert img.shape == (3, 720, 960) and hdr["DEBAYER"] == "drizzle"
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for f in files:
+        shutil.copy(f, src / f.name)
+    r = subprocess.run([sys.executable, "-m", "livestack.cli", "stack", str(src), "-o", str(tmp_path / "batch"),
+                        "-q", "--no-solve", "--drizzle", "2", "--pixfrac", "0.8"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    ref_img, ref_w, _ = read_stack(tmp_path / "batch")
+    assert np.allclose(img, ref_img, rtol=1e-4, atol=1e-2), float(np.abs(img - ref_img).max())
+    assert np.allclose(w, ref_w, rtol=1e-4, atol=1e-4)

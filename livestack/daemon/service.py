@@ -1059,6 +1059,10 @@ class Service:
             "last": None if last is None else {k: last.get(k) for k in ("file", "status", "reason")},
             "last_failed": None if last_fail is None else {k: last_fail.get(k) for k in ("file", "reason")},
             "reference": e.ref.file if e.ref else None,
+            "grid": None if e.grid is None else {
+                "mode": e.grid.mode, "debayer": e.grid.debayer, "shape": list(e.grid.shape),
+                "channels": e.grid.channels, "scale": e.grid.scale if e.grid.drizzled else None,
+                "pixfrac": e.grid.pixfrac if e.grid.drizzled else None},
             "target": self._target_dict(self.book.current) if self.book else None,
             "targets": [self._target_dict(t) for t in self.book.targets] if self.book else [],
             "held": [i.rel for i, _ in self._held],

@@ -137,11 +137,12 @@ class FrameRecord:
     filter: str | None = None
     iso: int | None = None
     gain: float | None = None
-    shift_x: float | None = None            # drift of the frame centre vs reference, px (stack grid)
+    shift_x: float | None = None            # drift of the frame centre vs reference, px (the frame's own)
     shift_y: float | None = None
     rotation: float | None = None           # degrees
     registration: str | None = None         # how the matrix was found: "predicted" (the frame's own WCS against
                                             #     the grid's, or the previous frame's matrix) | "pattern"
+    registration_model: str | None = None   # "similarity" | "affine": the model the star pairs supported
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]

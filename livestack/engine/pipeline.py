@@ -346,7 +346,7 @@ class Engine:
                     return None
                 return self._reject(rec, fs, f"registration failed: {err}")
             reg_matrix = reg.matrix
-            rec.status, rec.registration = "stacked", reg.method
+            rec.status, rec.registration, rec.registration_model = "stacked", reg.method, reg.model
         matrix = geometry.compose(grid.stars_to_grid, reg_matrix)     # frame pixels -> grid
         # How it compares with its own filter's frames.
         if fs.ref is None:

@@ -123,6 +123,10 @@ function showImage(src, alt, stillWanted, mark) {
   img.src = src;
 }
 
+// a drizzled stack says so, with its grid: "drizzle ×2 (pixfrac 0.7) · 3840×2160"
+const gridNote = (g) => (g && g.mode === "drizzle"
+  ? ` · drizzle ×${g.scale} (pixfrac ${g.pixfrac}) · ${g.shape[1]}×${g.shape[0]}` : "");
+
 function showCaption(s) {
   const t = viewed(s);
   if (t) {
@@ -133,7 +137,7 @@ function showCaption(s) {
   }
   const name = s.target && ((s.targets || []).length > 1 || s.target.named !== "order") ? `${s.target.name} · ` : "";
   $("caption").textContent = s.has_stack
-    ? `${name}${s.stacked} frames · ${duration(s.integration_s)}`
+    ? `${name}${s.stacked} frames · ${duration(s.integration_s)}${gridNote(s.grid)}`
       + `${s.palette && s.palette.name ? ` · ${s.palette.name}` : ""}${s.queued ? ` · ${s.queued} queued` : ""}`
     : (s.queued ? `${s.queued} queued` : "");
 }
