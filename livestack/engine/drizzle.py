@@ -68,12 +68,11 @@ def reach(pixfrac: float, scale: float) -> float:
 
 
 def stack_bytes(shape_hw: tuple[int, int], channels: int) -> int:
-    """Bytes of a drizzled stack's arrays on a (H, W) grid: the sums and the weights of each channel, the
-    weight map (channels + channels + 1 float32 planes) and the outlier test's statistics (a quarter plane of
-    3 float32 + 1 uint16), plus the frame's work planes (a value and a coverage plane per channel)."""
+    """Bytes of a drizzled stack's arrays on a (H, W) grid: the sums and the weights of each channel (2 ×
+    channels float32 planes) and the outlier test's statistics (a quarter plane of 3 float32 + 1 uint16), plus the frame's work planes (a value and a coverage plane: one channel at a time)."""
     h, w = shape_hw
     n = h * w
-    return n * 4 * (2 * channels + 1) + (n // 4) * 14 + n * 4 * 2 * channels
+    return n * 4 * 2 * channels + (n // 4) * 14 + n * 4 * 2
 
 
 def too_big(sensor_hw: tuple[int, int], channels: int, p: DrizzleParams) -> str | None:
@@ -133,16 +132,22 @@ class Drizzler:
         self.scale = float(scale)
 
     def planes(self, cfa: np.ndarray, matrix: np.ndarray, shape_hw: tuple[int, int], value: np.ndarray,
-               coverage: np.ndarray, *, parallel_map=None, band_rows: int = 16) -> None:
+               coverage: np.ndarray, *, channels: list[int] | None = None, parallel_map=None,
+               band_rows: int = 16) -> None:
         """Drizzle the (H, W) float32 mosaic ``cfa`` (normalised; NaN samples are left out) by ``matrix``
-        (sensor px -> grid px) into ``value`` and ``coverage``, two (C, h, w) float32 arrays."""
+        (sensor px -> grid px) into ``value`` and ``coverage``, two (len(channels), h, w) float32 arrays —
+        by default every channel; the pipeline asks for one at a time (two planes in memory instead of six:
+        the overlap planes are then made once per channel, ~+30 % of this stage's time for a Bayer frame)."""
+        channels = list(range(self.channels)) if channels is None else list(channels)
+        slot = {c: i for i, c in enumerate(channels)}
+        wanted = [(lat, slot[c]) for lat, c in zip(LATTICES, self.lattice_channel) if c in slot]
         h, w = shape_hw
         m = np.asarray(matrix, np.float64)
         inv = geometry.invert(m)
         lin = np.sqrt(abs(np.linalg.det(m[:, :2])))        # output px per sensor px
         half_out = 0.5 / lin                               # an output pixel's half-width in sensor px
         subs = []
-        for ox, oy in LATTICES:
+        for (ox, oy), _ in wanted:
             sub = np.ascontiguousarray(cfa[oy::2, ox::2])
             # sub-lattice index (i, j) -> sensor (2i + ox, 2j + oy) -> grid
             to_grid = geometry.compose(m, np.array([[2.0, 0, ox], [0, 2.0, oy]]))
@@ -154,14 +159,14 @@ class Drizzler:
             r1 = min(h, r0 + band_rows)
             rows = np.arange(r0, r1, dtype=np.float64)
             n = r1 - r0
-            kx = [_kernel_plane(inv[0], rows, cols, ph, half_out, self.pixfrac, np.empty((n, w), np.float32))
-                  for ph in (0, 1)]
-            ky = [_kernel_plane(inv[1], rows, cols, ph, half_out, self.pixfrac, np.empty((n, w), np.float32))
-                  for ph in (0, 1)]
-            first = [True] * self.channels
+            kx = {ph: _kernel_plane(inv[0], rows, cols, ph, half_out, self.pixfrac, np.empty((n, w), np.float32))
+                  for ph in {ox for (ox, _), _ in wanted}}
+            ky = {ph: _kernel_plane(inv[1], rows, cols, ph, half_out, self.pixfrac, np.empty((n, w), np.float32))
+                  for ph in {oy for (_, oy), _ in wanted}}
+            first = [True] * len(channels)
             v = np.empty((n, w), np.float32)
             cov = np.empty((n, w), np.float32)
-            for (ox, oy), c, (sub, to_grid, x0, x1, has_nan) in zip(LATTICES, self.lattice_channel, subs):
+            for ((ox, oy), c), (sub, to_grid, x0, x1, has_nan) in zip(wanted, subs):
                 # the band of the grid as its own image: shift the map up by r0 rows
                 band_map = to_grid.copy()
                 band_map[1, 2] -= r0
@@ -183,7 +188,7 @@ class Drizzler:
                 else:
                     value[c, r0:r1] += v
                     coverage[c, r0:r1] += cov
-            for c in range(self.channels):
+            for c in range(len(channels)):
                 vb, cb = value[c, r0:r1], coverage[c, r0:r1]
                 with np.errstate(invalid="ignore", divide="ignore"):
                     np.divide(vb, cb, out=vb)       # 0/0: NaN where nothing landed

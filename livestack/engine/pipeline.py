@@ -430,12 +430,15 @@ class Engine:
             normalize_inplace(sub, sub_plane, scale, fs.ref.plane[c:c + 1], to_grid)
         self._lap("normalize")
         dz = Drizzler(grid.pattern, grid.channels, grid.pixfrac, grid.scale)
-        value = self._buffer("dz_value", grid.stack_shape)
-        coverage = self._buffer("dz_coverage", grid.stack_shape)
-        dz.planes(cfa, matrix, grid.shape, value, coverage, parallel_map=fs.stack.parallel_map)
-        self._lap("drizzle")
+        value = self._buffer("dz_value", (1,) + grid.shape)
+        coverage = self._buffer("dz_coverage", (1,) + grid.shape)
+
+        def channel(c: int):      # one channel's planes at a time: 16 B per grid pixel fewer than all three
+            dz.planes(cfa, matrix, grid.shape, value, coverage, channels=[c], parallel_map=fs.stack.parallel_map)
+            return value[0], coverage[0]
+
         sat = grid.saturated(frame, sat_cfa, matrix, interpolation=interp)
-        return fs.stack.add_channels(cells, lambda c: (value[c], coverage[c]), weight, noise_n, saturated=sat)
+        return fs.stack.add_channels(cells, channel, weight, noise_n, saturated=sat)
 
     def _finish_bootstraps(self) -> None:
         """Once per filter, after the frame that filled its bootstrap buffer (and after _process has returned,
