@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 SEQUENCES = ROOT.parent / "shared" / "data" / "sequences"
 
-from bench_sharpness import background_sub, luminance, measure, pick_stars  # noqa: E402
+from bench_sharpness import luminance, measure, pick_stars  # noqa: E402
 
 
 def stack(frames: Path, out: Path, *args: str) -> tuple[float, int, int]:
@@ -56,12 +56,16 @@ def stack(frames: Path, out: Path, *args: str) -> tuple[float, int, int]:
     return wall, sum(r["status"] in ("reference", "stacked") for r in recs), rss
 
 
-def noise_area(lum: np.ndarray, k: int, edge: int) -> tuple[float, float]:
-    """Robust σ per pixel and of k×k means (the sky area of 4×4 reference pixels), sources masked."""
+def noise_area(lum: np.ndarray, k: int, edge: int, scale: float) -> tuple[float, float]:
+    """Robust σ per pixel and of k×k means (the sky area of 4×4 reference pixels), sources masked; the sky
+    background (sep, 64 reference pixels a mesh box: ``scale``× more on a finer grid) subtracted first."""
     import cv2
     import sep
 
-    sub, rms = background_sub(lum)
+    d = np.ascontiguousarray(np.nan_to_num(lum), np.float64)
+    box = int(round(64 * scale))
+    bkg = sep.Background(d, bw=box, bh=box)
+    sub, rms = d - bkg.back(), float(bkg.globalrms)
     sub = np.ascontiguousarray(sub[edge:-edge, edge:-edge])
     sep.set_extract_pixstack(max(300_000, sub.size // 10))
     _, seg = sep.extract(sub, 3.0, err=rms, minarea=3, segmentation_map=True)
@@ -94,7 +98,7 @@ def compare(frames: Path, work: Path, runs: dict[str, tuple[float, list[str]]], 
         m = measure(lum, pos, half=int(round(8 * scale)))
         fwhm, hfd = np.nanmedian(m["fwhm"]) / scale, np.nanmedian(m["hfd"]) / scale
         k = int(round(4 * scale))
-        n1, nk = noise_area(lum, k, edge=int(40 * scale))
+        n1, nk = noise_area(lum, k, edge=int(40 * scale), scale=scale)
         if base is None:
             base = (fwhm, hfd, nk)
         print(f"  {name:<22}{n:>7}{wall / max(n, 1):>9.2f}{fwhm:>8.3f}{fwhm / base[0] - 1:>+8.1%}{hfd:>8.3f}"
