@@ -193,9 +193,5 @@ class Drizzler:
                 with np.errstate(invalid="ignore", divide="ignore"):
                     np.divide(vb, cb, out=vb)       # 0/0: NaN where nothing landed
 
-        starts = list(range(0, h, band_rows))
-        if parallel_map is not None:
-            parallel_map(band, starts)
-        else:
-            for r0 in starts:
-                band(r0)
+        run = parallel_map or (lambda fn, items: [fn(i) for i in items])
+        run(band, list(range(0, h, band_rows)))
