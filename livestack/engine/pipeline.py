@@ -310,8 +310,10 @@ class Engine:
         stars = grid.refine(stars, q.fwhm, cfa, img)
         self.last_stars, self.last_pointing = stars, m.pointing
         self._lap("centroids")
+        spare = None
         if frame.pattern is not None:
-            frame.data = cfa = None   # the mosaic is done with: 96 MB back before the warp (24 MP)
+            # the mosaic is done with: its plane takes the warped channels (no scratch plane: 96 MB at 24 MP)
+            spare, frame.data, cfa = cfa, None, None
         rec.stars, rec.fwhm, rec.eccentricity = q.stars, _r(q.fwhm, 3), _r(q.eccentricity, 3)
         rec.background, rec.noise = _r(float(sky.mean()), 3), _r(float(noise.mean()), 4)
         sat_cfa = None if frame.saturated is None else cv2.findNonZero(frame.saturated.view(np.uint8))
@@ -377,7 +379,9 @@ class Engine:
         if on_grid:
             channel = img.__getitem__
         else:
-            one = self._buffer("scratch", img.shape[1:])
+            one = _plane_in(spare, img.shape[1:])
+            if one is None:
+                one = self._buffer("scratch", img.shape[1:])
 
             def channel(c: int) -> np.ndarray:
                 return warp(img[c][None], matrix, grid.shape, interpolation=interp, out=one[None])[0]
@@ -587,6 +591,14 @@ def _wcs_guess(frame_wcs, grid: Grid) -> np.ndarray | None:
         return pixel_transform(frame_wcs, grid.wcs, grid.shape, geometry.invert(grid.sensor_to_grid))
     except (ValueError, ArithmeticError):
         return None
+
+
+def _plane_in(buf: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None:
+    """A float32 (H, W) plane of ``shape`` on the memory of ``buf`` (a mosaic done with: same size, or a quarter
+    for superpixel), or None when it does not fit."""
+    if buf is None or buf.dtype != np.float32 or not buf.flags.c_contiguous or buf.size < shape[0] * shape[1]:
+        return None
+    return buf.reshape(-1)[: shape[0] * shape[1]].reshape(shape)
 
 
 def _r(x, nd):
