@@ -337,3 +337,18 @@ def test_read_fits_bottom_up_bayer_offsets_and_float(tmp_path):
     fits.PrimaryHDU(np.ones((20, 20), np.float32) * 0.5).writeto(tmp_path / "b.fit")
     g = read_frame(tmp_path / "b.fit")
     assert g.pattern is None and g.saturated is None and g.data.mean() == 0.5
+
+
+@pytest.mark.parametrize("top, left", [(0, 0), (1, 0), (0, 3), (5, 7), (8, 2)])
+@pytest.mark.parametrize("n", [2, 6])
+def test_read_raw_colours_of_the_visible_corner_match_rawpys_map(top, left, n):
+    """_colors_2x2 is rawpy's raw_colors_visible[:2, :2] (its pattern tiled over the sensor, less the margins),
+    whatever the margins' parity and for X-Trans-sized patterns too, without building the map."""
+    from types import SimpleNamespace
+
+    from livestack.engine.read import _colors_2x2
+
+    pattern = np.random.default_rng(n + top + left).integers(0, 4, (n, n)).astype(np.uint8)
+    raw = SimpleNamespace(raw_pattern=pattern, sizes=SimpleNamespace(top_margin=top, left_margin=left))
+    rawpy_map = np.pad(pattern, ((0, 40 - n), (0, 40 - n)), mode="wrap")[top:top + 20, left:left + 20]
+    np.testing.assert_array_equal(_colors_2x2(raw), rawpy_map[:2, :2])
