@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 
 from . import geometry
-from .calibrate import Masters, calibrate
+from .calibrate import Masters, calibrate, nonzero_xy
 from .filterstack import Counters, FilterStack, filter_key
 from .frame import Frame, FrameError, FrameRecord, Quality, Stars
 from .grid import Grid
@@ -316,7 +316,7 @@ class Engine:
             spare, frame.data, cfa = cfa, None, None
         rec.stars, rec.fwhm, rec.eccentricity = q.stars, _r(q.fwhm, 3), _r(q.eccentricity, 3)
         rec.background, rec.noise = _r(float(sky.mean()), 3), _r(float(noise.mean()), 4)
-        sat_cfa = None if frame.saturated is None else cv2.findNonZero(frame.saturated.view(np.uint8))
+        sat_cfa = None if frame.saturated is None else nonzero_xy(frame.saturated.view(np.uint8))
         rec.saturated_pixels = 0 if sat_cfa is None else len(sat_cfa)
         q = Quality(q.stars, q.fwhm, q.eccentricity, float(sky.mean()), float(noise.mean()))
 
