@@ -66,7 +66,7 @@ def main() -> int:
 
     from livestack.config import Config
     from livestack.engine.pipeline import Engine
-    from livestack.memory import keep_freed_memory
+    from livestack.engine.memory import keep_freed_memory
 
     keep_freed_memory()      # as `livestack` does, before the engine's threads
 

@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .memory import keep_freed_memory
+    from .engine.memory import keep_freed_memory
 
     keep_freed_memory()          # before any worker thread: frame temporaries reused, one arena (memory.py)
     ap = build_parser()

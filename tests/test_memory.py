@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PROBE = """
 import resource, sys
 import numpy as np
-from livestack.memory import keep_freed_memory
+from livestack.engine.memory import keep_freed_memory
 took = keep_freed_memory() if sys.argv[1] == "on" else None
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt

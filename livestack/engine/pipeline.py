@@ -28,6 +28,7 @@ from .calibrate import Masters, calibrate, nonzero_xy
 from .filterstack import Counters, FilterStack, filter_key
 from .frame import Frame, FrameError, FrameRecord, Quality, Stars
 from .grid import Grid
+from .memory import release_free_memory
 from .normalize import normalize_inplace, sky_level, sky_model
 from .read import read_frame
 from .register import RegistrationError, register
@@ -399,6 +400,7 @@ class Engine:
             if fs.stack.bootstrap_full:
                 self._t = time.perf_counter()
                 self._ws.clear()
+                release_free_memory()         # and the temporaries the heap kept for the frames (~90 MB)
                 self._trim(keep=fs.key, budget=0)
                 fs.stack.finish_bootstrap()
                 self._lap("bootstrap")

@@ -1,4 +1,5 @@
-"""How this process's C allocator treats the work memory of a stack: set once by the shells (cli.main).
+"""How this process's C allocator treats the work memory of a stack: set once by the shells (cli.main), and
+free memory given back before the one moment it matters (the bootstrap's combination, the session's peak).
 
 numpy and OpenCV allocate through malloc.  glibc's defaults suit a program that allocates a little and keeps
 it, not one that allocates the same few-megabyte to 32 MB temporaries for every frame:
@@ -44,3 +45,15 @@ def keep_freed_memory() -> bool:
                                                           (_M_TRIM_THRESHOLD, TRIM_THRESHOLD),
                                                           (_M_ARENA_MAX, 1))]
     return all(ok)
+
+
+def release_free_memory() -> None:
+    """Give the free memory the heap keeps back to the system now (glibc malloc_trim; nothing elsewhere): before
+    a step that needs more memory than a frame, so that the temporaries kept for the frames do not add to
+    it.  The next frame's temporaries are new pages again, once."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
