@@ -255,8 +255,7 @@ class Engine:
         try:
             key = f"cfa{slot}"
             frame = read_frame(path, out=self._ws.get(key), max_megapixels=cfg.engine.max_megapixels)
-            if frame.meta.kind == "raw":
-                self._ws[key] = frame.data      # decoded into by a later frame of this size
+            self._ws[key] = frame.data          # decoded into by a later frame of this size
             lap("read")
             f.frame = frame
             m = frame.meta
