@@ -2,10 +2,18 @@
 
     python benchmarks/bench_frame.py [--width 6000 --height 4000 --frames 6 --format dng]
                                      [--debayer mhc|bilinear|superpixel] [--interpolation bilinear|bicubic|lanczos]
-                                     [--no-read-ahead]
+                                     [--no-read-ahead] [--cpus 0]
+    python benchmarks/bench_frame.py --commands [--siril] [--repeat 3] [--cpus 0] [--keep DIR] …
 
 Frames are rendered by the simulator in a separate process first, so the peak RSS printed is the stacking
-process's own.  Prints figures; asserts nothing.
+process's own.  The engine runs in this process with the allocator settings `livestack` uses (memory.py).
+
+--commands: whole commands instead, as a user runs them — `livestack stack --no-solve` on the frames and, with
+--siril, Siril 1.0's standard colour workflow on the same files (siril-cli: convert -debayer, register, stack
+rej s 3 3 -norm=addscale -weighted; HOME in a temp folder) — alternating, --repeat times.  For each run: wall
+seconds, user + system CPU seconds (the command and its children, from wait4) and the peak RSS of the whole
+process tree (sampled every 50 ms from /proc).  --cpus pins to those CPUs (e.g. 0: one core, as `taskset -c 0`).
+Prints figures; asserts nothing.
 """
 from __future__ import annotations
 
@@ -14,6 +22,7 @@ import dataclasses
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,7 +43,12 @@ def main() -> int:
     ap.add_argument("--interpolation", default="bilinear")
     ap.add_argument("--no-read-ahead", action="store_true", help="[engine] read_ahead = false")
     ap.add_argument("--keep", help="render into this folder and keep it (re-used when it has the frames)")
+    ap.add_argument("--cpus", help="run on these CPUs only, e.g. 0 or 0,1 (as taskset -c)")
+    ap.add_argument("--commands", action="store_true", help="time whole `livestack stack` runs (see above)")
+    ap.add_argument("--siril", action="store_true", help="with --commands: also Siril on the same frames")
+    ap.add_argument("--repeat", type=int, default=3, help="with --commands: runs of each, alternating")
     args = ap.parse_args()
+    cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
 
     folder = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="livestack-bench-"))
     if not sorted(folder.glob(f"light_*.{args.format}")):
@@ -45,9 +59,16 @@ def main() -> int:
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         print(f"rendered {args.frames} frames in {time.perf_counter() - t:.1f} s (not counted)")
     files = sorted(folder.glob(f"light_*.{args.format}"))[: args.frames]
+    if args.commands:
+        return compare_commands(args, files, args.cpus)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
     from livestack.config import Config
     from livestack.engine.pipeline import Engine
+    from livestack.engine.memory import keep_freed_memory
+
+    keep_freed_memory()      # as `livestack` does, before the engine's threads
 
     cfg = Config()
     cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, debayer=args.debayer,
@@ -86,6 +107,111 @@ def main() -> int:
     print(f"bootstrap combine (once, before frame {boot + 1}): {once:.2f} s")
     print(f"snapshot (stack.fits + preview.jpg): {snap:.2f} s")
     print(f"peak RSS: {peak_mb:.0f} MB")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- whole commands
+
+SIRIL_SCRIPT = """requires 1.0.0
+convert light -debayer
+register light
+stack r_light rej s 3 3 -norm=addscale -weighted -out=siril_stack
+"""
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of ``pid`` and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    pages: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                stat = f.read()
+            with open(f"/proc/{d}/statm") as f:
+                pages[int(d)] = int(f.read().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
+        children.setdefault(ppid, []).append(int(d))
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        total += pages.get(p, 0)
+        todo += children.get(p, [])
+    return total * os.sysconf("SC_PAGE_SIZE")
+
+
+def run_measured(cmd: list[str], *, cwd: Path, env: dict | None = None, cpus: str | None = None) -> dict:
+    """Run ``cmd`` (on ``cpus``, taskset's list, when given): wall seconds, user and system CPU seconds of it
+    and its children (wait4), peak RSS of its process tree in bytes (sampled every 50 ms)."""
+    if cpus:
+        cmd = ["taskset", "-c", cpus, *cmd]
+    with tempfile.TemporaryFile() as err:
+        t = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        peak = 0
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            peak = max(peak, tree_rss(proc.pid))
+            time.sleep(0.05)
+        wall = time.perf_counter() - t
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            err.seek(0)
+            raise RuntimeError(f"{' '.join(cmd[:4])} … failed ({proc.returncode}): {err.read()[-600:]!r}")
+    return {"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime, "rss": max(peak, ru.ru_maxrss * 1024)}
+
+
+def _span(runs: list[dict], key: str, scale: float = 1.0, fmt: str = ".2f") -> str:
+    vs = sorted(r[key] * scale for r in runs)
+    return f"{vs[0]:{fmt}}–{vs[-1]:{fmt}}"
+
+
+def compare_commands(args, files: list[Path], cpus: str | None) -> int:
+    work = Path(tempfile.mkdtemp(prefix="livestack-bench-cmd-"))
+    toml = work / "bench.toml"
+    toml.write_text("[engine]\nread_ahead = false\n" if args.no_read_ahead else "")
+    ours = [sys.executable, "-m", "livestack.cli", "stack", *map(str, files), "-o", str(work / "out"), "-q",
+            "--no-solve", "--debayer", args.debayer, "--interpolation", args.interpolation, "--config", str(toml)]
+    runs: dict[str, list[dict]] = {"livestack": [], "siril": []}
+    for i in range(args.repeat):
+        r = run_measured(ours, cwd=ROOT, cpus=cpus)
+        runs["livestack"].append(r)
+        print(f"livestack stack  wall {r['wall']:6.2f} s  user {r['user']:6.2f}  sys {r['sys']:5.2f}  "
+              f"peak RSS {r['rss'] / 2 ** 20:5.0f} MB", flush=True)
+        if args.siril:
+            sw = work / f"siril{i}"
+            sw.mkdir()
+            for f in files:
+                (sw / f.name).symlink_to(f.resolve())
+            (sw / "bench.ssf").write_text(SIRIL_SCRIPT)
+            home = sw / "home"
+            home.mkdir()
+            r = run_measured(["siril-cli", "-d", str(sw), "-s", str(sw / "bench.ssf")], cwd=sw,
+                             env={**os.environ, "HOME": str(home)}, cpus=cpus)
+            runs["siril"].append(r)
+            print(f"siril-cli        wall {r['wall']:6.2f} s  user {r['user']:6.2f}  sys {r['sys']:5.2f}  "
+                  f"peak RSS {r['rss'] / 2 ** 20:5.0f} MB", flush=True)
+            shutil.rmtree(sw, ignore_errors=True)
+    print()
+    print(f"{len(files)} frames from {files[0].parent}, debayer {args.debayer}, warp {args.interpolation}, "
+          f"read-ahead {not args.no_read_ahead}, CPUs {args.cpus or 'all'} of {os.cpu_count()}; "
+          f"{platform.processor() or platform.machine()}, Python {platform.python_version()}")
+    for name, rs in runs.items():
+        if rs:
+            print(f"  {name:10s} wall {_span(rs, 'wall')} s  user {_span(rs, 'user')} s  sys {_span(rs, 'sys')} s  "
+                  f"peak RSS {_span(rs, 'rss', 2 ** -20, '.0f')} MB")
+    if runs["siril"]:
+        ratios = sorted(a["wall"] / b["wall"] for a, b in zip(runs["livestack"], runs["siril"]))
+        cpu = sorted((a["user"] + a["sys"]) / (b["user"] + b["sys"]) for a, b in zip(runs["livestack"],
+                                                                                   runs["siril"]))
+        print(f"  livestack / Siril: wall {ratios[0]:.3f}–{ratios[-1]:.3f}×, CPU {cpu[0]:.3f}–{cpu[-1]:.3f}× "
+              "(run by run)")
+    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

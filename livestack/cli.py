@@ -255,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .engine.memory import keep_freed_memory
+
+    keep_freed_memory()          # before any worker thread: frame temporaries reused, one arena (memory.py)
     ap = build_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,

@@ -162,7 +162,7 @@ def cosmetic_correct(img: np.ndarray, p: CosmeticParams, *, colour: bool, block_
         r1 = min(h_img - r, r0 + block_rows)
         excess = cv2.compare(cv2.subtract(img[r0:r1, r:w_img - r], img[r0:r1, 0:w_img - 2 * r]), float(margin),
                              cv2.CMP_GT)
-        nz = cv2.findNonZero(excess)
+        nz = nonzero_xy(excess)
         if nz is not None:
             nz = nz.reshape(-1, 2)
             ys.append(nz[:, 1].astype(np.int64) + r0)
@@ -185,6 +185,24 @@ def cosmetic_correct(img: np.ndarray, p: CosmeticParams, *, colour: bool, block_
     hot = (height > p.sigma * own_sigma) & (height > p.ratio * (adj - (med - own_sky)))
     img[fy[hot], fx[hot]] = med[hot]
     return int(hot.sum())
+
+
+def nonzero_xy(mask: np.ndarray, *, dense: int = 100_000) -> np.ndarray | None:
+    """cv2.findNonZero's answer — (N, 2) int32 (x, y) of the non-zero pixels of a (H, W) uint8 mask, in row order,
+    or None when there are none — read 8 pixels at a time: only the 8-byte words that hold a non-zero pixel
+    are looked at closely.  findNonZero reads byte by byte: 32 ms for a 24 MP mask with a hundred saturated
+    pixels, this 6 ms.  More than ``dense`` such words (the Moon): findNonZero itself."""
+    flat = np.ascontiguousarray(mask).reshape(-1)
+    n8 = flat.size // 8 * 8
+    words = np.flatnonzero(flat[:n8].view(np.uint64))
+    if len(words) > dense:
+        return cv2.findNonZero(np.ascontiguousarray(mask))
+    idx = np.concatenate([(words[:, None] * 8 + np.arange(8)).ravel(), np.arange(n8, flat.size)])
+    idx = idx[flat[idx] != 0]
+    if idx.size == 0:
+        return None
+    w = mask.shape[1]
+    return np.column_stack([idx % w, idx // w]).astype(np.int32)
 
 
 def replace_from_neighbours(img: np.ndarray, bad: np.ndarray, *, colour: bool) -> None:

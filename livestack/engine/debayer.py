@@ -57,9 +57,10 @@ def debayer(cfa: np.ndarray, pattern: str | None, method: str = "bilinear", *,
             out: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
     """Return float32 (3, H, W) [R, G, B] (bilinear, mhc), (3, H//2, W//2) (superpixel) or (1, H, W) for mono.
 
-    Allocates the output (3 planes for colour) and one temporary plane unless ``out``/``scratch`` (float32 of
-    the right shapes, reused across frames: first-touch page faults of a fresh 24 MP plane cost more than the
-    convolution) are given; ``cfa`` is not modified.
+    Allocates the output (3 planes for colour) unless ``out`` (float32 of the right shape, reused across frames:
+    first-touch page faults of a fresh 24 MP plane cost more than the convolution) is given; ``cfa`` is not
+    modified.  The full-resolution methods work in bands of BAND_ROWS rows with band-sized temporaries (~7 MB
+    at 6000 px wide), so ``scratch`` is not used (it is accepted from callers that still pass a plane).
     Reflecting borders (BORDER_REFLECT_101) keep the CFA phase, so edge pixels are interpolated correctly.
     """
     if pattern is None:
@@ -81,46 +82,73 @@ def debayer(cfa: np.ndarray, pattern: str | None, method: str = "bilinear", *,
         return out
     if out is None:
         out = np.empty((3,) + cfa.shape, np.float32)
-    if method == "mhc":
-        return _mhc(cfa, offs, out, scratch if scratch is not None else np.empty_like(out[0]))
-    sparse = scratch if scratch is not None else np.empty_like(out[0])
-    sparse.fill(0)
-    previous: list[tuple[int, int]] = []
-    for ch in "RBG":    # one fill; then only the previous colour's samples are zeroed (a quarter of the plane)
-        for (i, j) in previous:
-            sparse[i::2, j::2] = 0
-        for (i, j) in offs[ch]:
-            sparse[i::2, j::2] = cfa[i::2, j::2]
-        cv2.filter2D(sparse, -1, _K_G if ch == "G" else _K_RB, dst=out["RGB".index(ch)],
-                     borderType=cv2.BORDER_REFLECT_101)
-        previous = offs[ch]
+    band = _mhc_band if method == "mhc" else _bilinear_band
+    tmp = np.empty((4, BAND_ROWS + 2 * REACH[method], cfa.shape[1]), np.float32)
+    for r0 in range(0, cfa.shape[0], BAND_ROWS):
+        band(cfa, r0, min(cfa.shape[0], r0 + BAND_ROWS), offs, out, tmp)
     return out
 
 
-def _mhc(cfa: np.ndarray, offs: dict, out: np.ndarray, scratch: np.ndarray) -> np.ndarray:
-    """Malvar-He-Cutler into ``out`` (3, H, W): four 5×5 convolutions of the whole mosaic, each kept at the
-    sites it is for (a quarter or half of the plane), and the samples copied at their own sites."""
+# Rows per band (even: a band starts on the CFA's first row phase).  A band's source rows, the kernels' results
+# and its output rows stay in the cache while the colour sites are picked from them: 2.5× less CPU at 24 MP
+# than four full-plane convolutions and strided copies through memory (Xeon, one thread).
+BAND_ROWS = 64
+
+
+def _filtered(cfa: np.ndarray, r0: int, r1: int, reach: int, kernels, tmp: np.ndarray) -> list[np.ndarray]:
+    """Rows r0:r1 of cfa convolved with each kernel (views into ``tmp``).  Each convolution reads the band
+    and ``reach`` rows either side (reflected only at the mosaic's own edges), so its rows are exactly those
+    of the whole mosaic's convolution."""
+    a, e = max(0, r0 - reach), min(cfa.shape[0], r1 + reach)
+    src, o = cfa[a:e], r0 - a
+    res = []
+    for k, kernel in enumerate(kernels):
+        cv2.filter2D(src, -1, kernel, dst=tmp[k, : e - a], borderType=cv2.BORDER_REFLECT_101)
+        res.append(tmp[k, o:o + r1 - r0])
+    return res
+
+
+def _mhc_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarray, tmp: np.ndarray) -> None:
+    """Malvar-He-Cutler for rows r0:r1 into ``out`` (3, H, W): four 5×5 convolutions, each kept at the sites it
+    is for (a quarter or half of the plane), and the samples copied at their own sites."""
     (ri, rj), (bi, bj) = offs["R"][0], offs["B"][0]
     # A G site shares its row with R (g_r) or with B (g_b): R is interpolated from its row (_MHC_ROW) at the
     # former, from its column (_MHC_COL) at the latter, and B the other way round.
-    g_b = next(ij for ij in offs["G"] if ij[0] != ri)
-    bo = cv2.BORDER_REFLECT_101   # reflects about the edge sample: keeps the CFA phase
-    r, g, b = out
-    cv2.filter2D(cfa, -1, _MHC_G, dst=g, borderType=bo)
+    gi, gj = next(ij for ij in offs["G"] if ij[0] != ri)     # g_b
+    g_k, row_k, col_k, diag_k = _filtered(cfa, r0, r1, REACH["mhc"], (_MHC_G, _MHC_ROW, _MHC_COL, _MHC_DIAG), tmp)
+    c = cfa[r0:r1]
+    r, g, b = out[0, r0:r1], out[1, r0:r1], out[2, r0:r1]
+    g[...] = g_k
     for (i, j) in offs["G"]:
-        g[i::2, j::2] = cfa[i::2, j::2]
-    cv2.filter2D(cfa, -1, _MHC_ROW, dst=r, borderType=bo)   # right for R at g_r and for B at g_b
-    cv2.filter2D(cfa, -1, _MHC_COL, dst=b, borderType=bo)   # right for B at g_r and for R at g_b
-    i, j = g_b
-    scratch[i::2, j::2] = r[i::2, j::2]                     # swap R and B at the G sites of B rows
-    r[i::2, j::2] = b[i::2, j::2]
-    b[i::2, j::2] = scratch[i::2, j::2]
-    cv2.filter2D(cfa, -1, _MHC_DIAG, dst=scratch, borderType=bo)
-    r[bi::2, bj::2] = scratch[bi::2, bj::2]
-    b[ri::2, rj::2] = scratch[ri::2, rj::2]
-    r[ri::2, rj::2] = cfa[ri::2, rj::2]
-    b[bi::2, bj::2] = cfa[bi::2, bj::2]
-    return out
+        g[i::2, j::2] = c[i::2, j::2]
+    r[...] = row_k                                  # right for R at g_r
+    r[gi::2, gj::2] = col_k[gi::2, gj::2]           # … and from the column at g_b
+    r[bi::2, bj::2] = diag_k[bi::2, bj::2]
+    r[ri::2, rj::2] = c[ri::2, rj::2]
+    b[...] = col_k                                  # right for B at g_r
+    b[gi::2, gj::2] = row_k[gi::2, gj::2]
+    b[ri::2, rj::2] = diag_k[ri::2, rj::2]
+    b[bi::2, bj::2] = c[bi::2, bj::2]
+
+
+def _bilinear_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarray, tmp: np.ndarray) -> None:
+    """Bilinear for rows r0:r1 into ``out``: each colour's samples on a zero band (and the rows either side that
+    the 3×3 kernels read), convolved."""
+    reach = REACH["bilinear"]
+    a, e = max(0, r0 - reach), min(cfa.shape[0], r1 + reach)
+    sparse, src = tmp[3, : e - a], cfa[a:e]
+    sparse.fill(0)
+    previous: list[tuple[int, int]] = []
+    for ch in "RBG":    # one fill; then only the previous colour's samples are zeroed (a quarter of the band)
+        # (i - a) % 2: the band's first row is a's phase, not necessarily the mosaic's first row's
+        for (i, j) in previous:
+            sparse[(i - a) % 2::2, j::2] = 0
+        for (i, j) in offs[ch]:
+            sparse[(i - a) % 2::2, j::2] = src[(i - a) % 2::2, j::2]
+        conv = tmp[0, : e - a]
+        cv2.filter2D(sparse, -1, _K_G if ch == "G" else _K_RB, dst=conv, borderType=cv2.BORDER_REFLECT_101)
+        out["RGB".index(ch), r0:r1] = conv[r0 - a:r1 - a]
+        previous = offs[ch]
 
 
 def debayer_mask(mask: np.ndarray | None, pattern: str | None, method: str = "bilinear") -> np.ndarray | None:

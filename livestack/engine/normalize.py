@@ -71,8 +71,9 @@ def pair_noise(d: np.ndarray) -> float:
     """Per-pixel σ from differences ``d`` of neighbouring pixels (σ√2 each), clipped at 4σ of their MAD so
     that stars do not count; gradients cancel in a difference."""
     d = np.asarray(d, np.float64)
-    s0 = 1.4826 * np.median(np.abs(d - np.median(d))) + 1e-12
-    core = d[np.abs(d - np.median(d)) < 4 * s0]
+    dev = np.abs(d - np.median(d))
+    s0 = 1.4826 * np.median(dev) + 1e-12
+    core = d[dev < 4 * s0]
     return float(core.std()) / np.sqrt(2.0) if core.size > 10 else s0 / np.sqrt(2.0)
 
 

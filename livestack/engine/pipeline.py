@@ -24,11 +24,12 @@ import cv2
 import numpy as np
 
 from . import geometry
-from .calibrate import Masters, calibrate
+from .calibrate import Masters, calibrate, nonzero_xy
 from .drizzle import Drizzler, too_big
 from .filterstack import Counters, FilterStack, filter_key
 from .frame import Frame, FrameError, FrameRecord, Quality, Stars
 from .grid import Grid
+from .memory import release_free_memory
 from .normalize import normalize_inplace, sky_level, sky_model
 from .read import read_frame
 from .register import RegistrationError, register
@@ -259,8 +260,7 @@ class Engine:
         try:
             key = f"cfa{slot}"
             frame = read_frame(path, out=self._ws.get(key), max_megapixels=cfg.engine.max_megapixels)
-            if frame.meta.kind == "raw":
-                self._ws[key] = frame.data      # decoded into by a later frame of this size
+            self._ws[key] = frame.data          # decoded into by a later frame of this size
             lap("read")
             f.frame = frame
             m = frame.meta
@@ -316,11 +316,13 @@ class Engine:
         stars = grid.refine(stars, q.fwhm, cfa, img)
         self.last_stars, self.last_pointing = stars, m.pointing
         self._lap("centroids")
+        spare = None
         if frame.pattern is not None and not grid.drizzled:
-            frame.data = cfa = None   # the mosaic is done with: 96 MB back before the warp (24 MP)
+            # the mosaic is done with: its plane takes the warped channels (no scratch plane: 96 MB at 24 MP)
+            spare, frame.data, cfa = cfa, None, None
         rec.stars, rec.fwhm, rec.eccentricity = q.stars, _r(q.fwhm, 3), _r(q.eccentricity, 3)
         rec.background, rec.noise = _r(float(sky.mean()), 3), _r(float(noise.mean()), 4)
-        sat_cfa = None if frame.saturated is None else cv2.findNonZero(frame.saturated.view(np.uint8))
+        sat_cfa = None if frame.saturated is None else nonzero_xy(frame.saturated.view(np.uint8))
         rec.saturated_pixels = 0 if sat_cfa is None else len(sat_cfa)
         q = Quality(q.stars, q.fwhm, q.eccentricity, float(sky.mean()), float(noise.mean()))
 
@@ -393,7 +395,9 @@ class Engine:
         if on_grid:
             channel = img.__getitem__
         else:
-            one = self._buffer("scratch", img.shape[1:])
+            one = _plane_in(spare, img.shape[1:])
+            if one is None:
+                one = self._buffer("scratch", img.shape[1:])
 
             def channel(c: int) -> np.ndarray:
                 return warp(img[c][None], matrix, grid.shape, interpolation=interp, out=one[None])[0]
@@ -449,6 +453,7 @@ class Engine:
             if fs.stack.bootstrap_full:
                 self._t = time.perf_counter()
                 self._ws.clear()
+                release_free_memory()         # and the temporaries the heap kept for the frames (~90 MB)
                 self._trim(keep=fs.key, budget=0)
                 fs.stack.finish_bootstrap()
                 self._lap("bootstrap")
@@ -645,6 +650,14 @@ def _wcs_guess(frame_wcs, grid: Grid) -> np.ndarray | None:
         s = grid.stars_to_grid
         m = geometry.compose(geometry.invert(s), geometry.compose(m, s))
     return m
+
+
+def _plane_in(buf: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None:
+    """A float32 (H, W) plane of ``shape`` on the memory of ``buf`` (a mosaic done with: same size, or a quarter
+    for superpixel), or None when it does not fit."""
+    if buf is None or buf.dtype != np.float32 or not buf.flags.c_contiguous or buf.size < shape[0] * shape[1]:
+        return None
+    return buf.reshape(-1)[: shape[0] * shape[1]].reshape(shape)
 
 
 def _r(x, nd):

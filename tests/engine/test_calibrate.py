@@ -3,9 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
+import pytest
 
-from livestack.engine.calibrate import (CosmeticParams, Masters, calibrate, cosmetic_correct,
+from livestack.engine.calibrate import (CosmeticParams, Masters, calibrate, cosmetic_correct, nonzero_xy,
                                         replace_from_neighbours, same_exposure)
 from livestack.engine.frame import Frame, FrameMeta
 
@@ -103,3 +105,17 @@ def test_cosmetic_correction_without_masters_still_finds_hot_pixels():
     assert info["hot_pixels"] >= 1 and cal[20, 30] < 150
     img = data - 100
     assert cosmetic_correct(img, CosmeticParams(), colour=False) >= 1
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (40, 33), (513, 600)])
+@pytest.mark.parametrize("density", [0.0, 1e-4, 0.01, 0.5, 1.0])
+def test_nonzero_xy_is_findnonzero(shape, density):
+    """The word-at-a-time scan gives cv2.findNonZero's points, in its order, sparse or dense (fallback)."""
+    mask = (np.random.default_rng(7).random(shape) < density).astype(np.uint8) * 255
+    want = cv2.findNonZero(mask)
+    for got in (nonzero_xy(mask), nonzero_xy(mask, dense=0)):
+        if want is None:
+            assert got is None
+        else:
+            assert got.dtype == np.int32
+            np.testing.assert_array_equal(got.reshape(-1, 2), want.reshape(-1, 2))

@@ -337,3 +337,36 @@ def test_read_fits_bottom_up_bayer_offsets_and_float(tmp_path):
     fits.PrimaryHDU(np.ones((20, 20), np.float32) * 0.5).writeto(tmp_path / "b.fit")
     g = read_frame(tmp_path / "b.fit")
     assert g.pattern is None and g.saturated is None and g.data.mean() == 0.5
+
+
+@pytest.mark.parametrize("top, left", [(0, 0), (1, 0), (0, 3), (5, 7), (8, 2)])
+@pytest.mark.parametrize("n", [2, 6])
+def test_read_raw_colours_of_the_visible_corner_match_rawpys_map(top, left, n):
+    """_colors_2x2 is rawpy's raw_colors_visible[:2, :2] (its pattern tiled over the sensor, less the margins),
+    whatever the margins' parity and for X-Trans-sized patterns too, without building the map."""
+    from types import SimpleNamespace
+
+    from livestack.engine.read import _colors_2x2
+
+    pattern = np.random.default_rng(n + top + left).integers(0, 4, (n, n)).astype(np.uint8)
+    raw = SimpleNamespace(raw_pattern=pattern, sizes=SimpleNamespace(top_margin=top, left_margin=left))
+    rawpy_map = np.pad(pattern, ((0, 40 - n), (0, 40 - n)), mode="wrap")[top:top + 20, left:left + 20]
+    np.testing.assert_array_equal(_colors_2x2(raw), rawpy_map[:2, :2])
+
+
+@pytest.mark.parametrize("roworder", ["TOP-DOWN", "BOTTOM-UP"])
+def test_read_fits_into_a_reused_buffer(tmp_path, roworder):
+    """A FITS frame is converted into ``out`` (the pipeline's warm buffer), flipped and cleaned there: the same
+    frame as a fresh read."""
+    data = np.arange(18 * 20, dtype=np.float32).reshape(18, 20)
+    data[3, 4] = np.nan
+    h = fits.Header()
+    h["BAYERPAT"], h["ROWORDER"] = "RGGB", roworder
+    fits.PrimaryHDU(data, header=h).writeto(tmp_path / "a.fits")
+    fresh = read_frame(tmp_path / "a.fits")
+    out = np.full((18, 20), -1.0, np.float32)
+    f = read_frame(tmp_path / "a.fits", out=out)
+    assert f.data is out
+    np.testing.assert_array_equal(f.data, fresh.data)
+    assert f.pattern == fresh.pattern and np.isfinite(f.data).all()
+    assert read_frame(tmp_path / "a.fits", out=np.empty((18, 22), np.float32)).data.shape == (18, 20)
