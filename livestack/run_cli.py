@@ -11,7 +11,6 @@ from pathlib import Path
 
 from .config import Config, ConfigError, make_section
 from .daemon.config import session_section, shell_sections
-from .engine.solve import SolveParams
 from .session import SessionError, SessionFolder
 
 log = logging.getLogger("livestack")
@@ -60,6 +59,7 @@ def register_commands(sub, engine_opts) -> None:
 
 def cmd_run(args, cfg: Config) -> int:
     from .daemon.service import Service
+    from .engine.solve import SolveParams      # here, not at the top: astropy.wcs costs every command 0.2 s
     from .web.app import make_app, serve_in_thread
 
     source = Path(args.config).name if getattr(args, "config", None) else "config"

@@ -54,7 +54,7 @@ def colour_offsets(pattern: str) -> dict[str, list[tuple[int, int]]]:
 
 
 def debayer(cfa: np.ndarray, pattern: str | None, method: str = "bilinear", *,
-            out: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
+            out: np.ndarray | None = None, scratch: np.ndarray | None = None, parallel_map=None) -> np.ndarray:
     """Return float32 (3, H, W) [R, G, B] (bilinear, mhc), (3, H//2, W//2) (superpixel) or (1, H, W) for mono.
 
     Allocates the output (3 planes for colour) unless ``out`` (float32 of the right shape, reused across frames:
@@ -62,6 +62,7 @@ def debayer(cfa: np.ndarray, pattern: str | None, method: str = "bilinear", *,
     modified.  The full-resolution methods work in bands of BAND_ROWS rows with band-sized temporaries (~7 MB
     at 6000 px wide), so ``scratch`` is not used (it is accepted from callers that still pass a plane).
     Reflecting borders (BORDER_REFLECT_101) keep the CFA phase, so edge pixels are interpolated correctly.
+    ``parallel_map(fn, items)``: runs groups of bands on worker threads (OpenCV and numpy release the GIL).
     """
     if pattern is None:
         return cfa[None].astype(np.float32, copy=False)
@@ -83,9 +84,17 @@ def debayer(cfa: np.ndarray, pattern: str | None, method: str = "bilinear", *,
     if out is None:
         out = np.empty((3,) + cfa.shape, np.float32)
     band = _mhc_band if method == "mhc" else _bilinear_band
-    tmp = np.empty((4, BAND_ROWS + 2 * REACH[method], cfa.shape[1]), np.float32)
-    for r0 in range(0, cfa.shape[0], BAND_ROWS):
-        band(cfa, r0, min(cfa.shape[0], r0 + BAND_ROWS), offs, out, tmp)
+    starts = list(range(0, cfa.shape[0], BAND_ROWS))
+
+    def bands(group) -> None:         # consecutive bands sharing one temporary
+        tmp = np.empty((4, BAND_ROWS + 2 * REACH[method], cfa.shape[1]), np.float32)
+        for r0 in group:
+            band(cfa, r0, min(cfa.shape[0], r0 + BAND_ROWS), offs, out, tmp)
+
+    if parallel_map is None or len(starts) < 2:
+        bands(starts)
+    else:
+        parallel_map(bands, [g.tolist() for g in np.array_split(np.array(starts), min(4, len(starts)))])
     return out
 
 

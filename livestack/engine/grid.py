@@ -161,7 +161,7 @@ class Grid:
         s = Stars(cell_centres(stars.xy), stars.flux, stars.fwhm * 2.0, stars.a * 2.0, stars.b * 2.0)
         return s, Quality(q.stars, q.fwhm * 2.0, q.eccentricity, q.background, q.noise), lum
 
-    def debayer_into(self, cfa: np.ndarray, buffer) -> np.ndarray:
+    def debayer_into(self, cfa: np.ndarray, buffer, parallel_map=None) -> np.ndarray:
         """The frame's (C, H, W) float32 image at grid resolution; ``buffer(name, shape)`` gives reusable
         float32 work planes (first-touch page faults of a fresh 24 MP plane cost more than the work)."""
         if self.pattern is None or self.drizzled:
@@ -169,8 +169,7 @@ class Grid:
         h, w = cfa.shape
         if self.mode == "superpixel":
             return debayer(cfa, self.pattern, "superpixel", out=buffer("rgb", (3, h // 2, w // 2)))
-        return debayer(cfa, self.pattern, self.debayer, out=buffer("rgb", (3, h, w)),
-                       scratch=buffer("scratch", (h, w)))
+        return debayer(cfa, self.pattern, self.debayer, out=buffer("rgb", (3, h, w)), parallel_map=parallel_map)
 
     def refine(self, stars: Stars, fwhm: float, cfa: np.ndarray, img: np.ndarray) -> Stars:
         """Windowed centroids where the binned detection was coarse.  Bayer: on the full-resolution image

@@ -311,7 +311,7 @@ class Engine:
         plane = grid.plane(front.plane_cfa)
         sky = sky_level(front.plane_cfa, frame.shape)
         front.cfa = front.lum = None
-        img = grid.debayer_into(cfa, self._buffer)
+        img = grid.debayer_into(cfa, self._buffer, parallel_map=self._parallel_map)
         self._lap("debayer")
         stars = grid.refine(stars, q.fwhm, cfa, img)
         self.last_stars, self.last_pointing = stars, m.pointing
@@ -472,6 +472,12 @@ class Engine:
             self._recent.remove(key)
         self._recent.append(key)
         return fs
+
+    def _parallel_map(self, fn, items) -> list:
+        """[fn(i) for i in items] on the stacks' worker threads (serially with one)."""
+        if self._pool is None or len(items) < 2:
+            return [fn(i) for i in items]
+        return list(self._pool.map(fn, items))
 
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         b = self._ws.get(name)

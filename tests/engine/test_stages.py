@@ -370,3 +370,19 @@ def test_read_fits_into_a_reused_buffer(tmp_path, roworder):
     np.testing.assert_array_equal(f.data, fresh.data)
     assert f.pattern == fresh.pattern and np.isfinite(f.data).all()
     assert read_frame(tmp_path / "a.fits", out=np.empty((18, 22), np.float32)).data.shape == (18, 20)
+
+
+def test_median_of_three_with_missing_values_equals_the_sorted_rule():
+    """_median_rows' sorting network for three frames with NaN borders: the middle of three, the lower of two,
+    the one, or NaN — exactly what sorting gives."""
+    from livestack.engine.stack import _median_rows
+
+    rng = np.random.default_rng(5)
+    block = rng.normal(0, 1, (3, 200, 300)).astype(np.float32)
+    block[rng.random(block.shape) < 0.4] = np.nan
+    srt = np.sort(block, axis=0)
+    n = np.isfinite(block).sum(axis=0)
+    want = np.take_along_axis(srt, np.maximum(np.where(n == 2, 0, (n - 1) // 2), 0)[None], axis=0)[0]
+    got = _median_rows(block)
+    assert np.array_equal(got, want, equal_nan=True)
+    assert {0, 1, 2, 3} <= set(np.unique(n).tolist())
