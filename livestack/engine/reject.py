@@ -18,6 +18,10 @@ class RejectParams:
     min_transparency: float = 0.6     # reject star fluxes < this × the reference's (cloud, haze)
     eccentricity_delta: float = 0.2   # reject eccentricity > running median + delta …
     eccentricity_min: float = 0.45    # … and above this absolute value (round-star sessions have noisy medians)
+    eccentricity_fwhm: float = 2.0    # … for stars at least this wide (px, the frame's FWHM): narrower ones are
+                                      #     measured on 1–2 pixels (of the 2×2-binned mosaic for colour), where
+                                      #     pixel phase alone gives eccentricities of 0.1–0.8 (simulated FWHM
+                                      #     1.2 px: 8 of 16 clean frames were rejected as trailed)
     min_ref_stars: int = 15           # the reference frame needs at least this many stars
     window: int = 30                  # running statistics over the last N accepted frames
 
@@ -63,7 +67,8 @@ class FrameJudge:
                     f"{m['background']:.1f} ADU (clouds or light?)")
         if np.isfinite(q.fwhm) and q.fwhm > p.fwhm_factor * m["fwhm"]:
             return f"fwhm {q.fwhm:.2f} px > {p.fwhm_factor:g} × running median {m['fwhm']:.2f} px"
-        if q.eccentricity > max(p.eccentricity_min, m["eccentricity"] + p.eccentricity_delta):
+        if q.eccentricity > max(p.eccentricity_min, m["eccentricity"] + p.eccentricity_delta) and \
+                not q.fwhm < p.eccentricity_fwhm:
             return (f"eccentricity {q.eccentricity:.2f} > running median {m['eccentricity']:.2f} "
                     f"+ {p.eccentricity_delta:g} (trailed stars: wind or tracking)")
         return None

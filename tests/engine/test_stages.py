@@ -386,3 +386,13 @@ def test_median_of_three_with_missing_values_equals_the_sorted_rule():
     got = _median_rows(block)
     assert np.array_equal(got, want, equal_nan=True)
     assert {0, 1, 2, 3} <= set(np.unique(n).tolist())
+
+
+def test_eccentricity_of_stars_too_small_to_measure_is_not_a_trail():
+    """Undersampled stars (FWHM < 2 px) get eccentricities of 0.1–0.8 from pixel phase alone: no rejection for it;
+    resolved stars still are rejected when elongated."""
+    j = FrameJudge(RejectParams())
+    for ecc in (0.30, 0.35, 0.32, 0.28, 0.33):
+        j.accept(Quality(40, 3.0, ecc, 100.0, 5.0))
+    assert j.check(Quality(40, 1.7, 0.75, 100.0, 5.0)) is None
+    assert "eccentricity" in j.check(Quality(40, 3.1, 0.75, 100.0, 5.0))
