@@ -50,10 +50,6 @@ class DrizzleParams:
         if self.max_memory_mb < 64:
             raise ValueError(f"drizzle.max_memory_mb = {self.max_memory_mb}: must be ≥ 64")
 
-    @property
-    def on(self) -> bool:
-        return self.scale > 0
-
 
 def lattice_channels(pattern: str | None) -> list[int]:
     """The stack channel of each sub-lattice (LATTICES order): the CFA colour, or 0 for mono."""
