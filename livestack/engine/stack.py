@@ -575,22 +575,32 @@ class RunningStack:
         np.nan_to_num(mean, copy=False, nan=0.0)
         return mean, w2
 
-    def _mean(self, sums: np.ndarray, wsum: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(C, n, W) weighted mean, NaN where no frame covers, and the (n, W) weight map (new arrays) from
-        rows of the sums and weights.  With channel_weights the map is Σ lum_weights[c]·W_c, and a pixel that
+    def _weight_map(self, wsum: np.ndarray) -> np.ndarray:
+        """(n, W) float32 weight map (a new array) of rows of the weights: themselves, or with channel_weights
+        Σ lum_weights[c]·W_c — 0 only where no channel has a sample."""
+        if not self.channel_weights:
+            return np.array(wsum, np.float32)
+        return np.tensordot(self.lum_weights.astype(np.float32), wsum, axes=1).astype(np.float32, copy=False)
+
+    def _mean(self, sums: np.ndarray, wsum: np.ndarray, channels=None) -> tuple[np.ndarray, np.ndarray]:
+        """(len(channels), n, W) weighted mean (default: every channel), NaN where no frame covers, and the
+        (n, W) weight map (new arrays) from rows of the sums and weights.  With channel_weights a pixel that
         one channel has no sample of yet (a drizzle's first frames) takes that channel from its 5×5
         neighbourhood — no holes inside the covered area."""
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = (sums / (wsum if self.channel_weights else wsum[None])).astype(np.float32, copy=False)
+        w2 = self._weight_map(wsum)
         if not self.channel_weights:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = ((sums if channels is None else sums[list(channels)]) / wsum[None]).astype(np.float32,
+                                                                                               copy=False)
             np.copyto(mean, np.float32(np.nan), where=~(wsum > 0)[None])
-            return mean, np.array(wsum, np.float32)
-        w2 = np.zeros(wsum.shape[1:], np.float32)
-        for c in range(wsum.shape[0]):
-            w2 += np.float32(self.lum_weights[c]) * wsum[c]
-        for c in range(wsum.shape[0]):
+            return mean, w2
+        channels = range(sums.shape[0]) if channels is None else channels
+        mean = np.empty((len(channels),) + wsum.shape[1:], np.float32)
+        for i, c in enumerate(channels):
+            with np.errstate(invalid="ignore", divide="ignore"):
+                np.divide(sums[c], wsum[c], out=mean[i])
             missing = ~(wsum[c] > 0)
-            np.copyto(mean[c], np.float32(np.nan), where=missing)
+            np.copyto(mean[i], np.float32(np.nan), where=missing)
             holes = missing & (w2 > 0)
             if holes.any():
                 k = (5, 5)
@@ -599,7 +609,7 @@ class RunningStack:
                 w_b = cv2.boxFilter(np.asarray(wsum[c], np.float32), -1, k, normalize=False,
                                     borderType=cv2.BORDER_REFLECT)
                 with np.errstate(invalid="ignore", divide="ignore"):
-                    mean[c][holes] = s_b[holes] / w_b[holes]
+                    mean[i][holes] = s_b[holes] / w_b[holes]
         return mean, w2
 
     def mean_blocks(self):
@@ -613,8 +623,8 @@ class RunningStack:
                     np.nan_to_num(m, copy=False, nan=0.0)
                     yield m
                     continue
-                if self.channel_weights:
-                    m = self.mean_rows(r0, r1)[c]
+                if self.channel_weights:     # this channel only (its hole filling reads 2 rows either side)
+                    m = self.mean_rows(r0, r1, channels=[c])[0]
                     np.nan_to_num(m, copy=False, nan=0.0)
                 else:
                     w = self.wsum[r0:r1]
@@ -631,18 +641,20 @@ class RunningStack:
             if self.sums is None:
                 yield self._bootstrap_rows(r0, r1)[1]
             elif self.channel_weights:
-                yield np.tensordot(self.lum_weights.astype(np.float32), self.wsum[:, r0:r1], axes=1)
+                yield self._weight_map(self.wsum[:, r0:r1])
             else:
                 yield self.wsum[r0:r1]
 
-    def mean_rows(self, r0: int, r1: int) -> np.ndarray:
-        """Rows r0:r1 of the weighted mean, (C, r1 - r0, W) float32, NaN where no frame covers (a new array)."""
+    def mean_rows(self, r0: int, r1: int, channels=None) -> np.ndarray:
+        """Rows r0:r1 of the weighted mean, (C, r1 - r0, W) float32 — only ``channels`` when given —, NaN where
+        no frame covers (a new array)."""
         if self.sums is None:
-            return self._bootstrap_rows(r0, r1)[0]
+            rows = self._bootstrap_rows(r0, r1)[0]
+            return rows if channels is None else rows[list(channels)]
         if not self.channel_weights:
-            return self._mean(self.sums[:, r0:r1], self.wsum[r0:r1])[0]
+            return self._mean(self.sums[:, r0:r1], self.wsum[r0:r1], channels)[0]
         a, b = max(0, r0 - 2), min(self.shape[1], r1 + 2)       # the hole filling's 5×5 reach
-        return self._mean(self.sums[:, a:b], self.wsum[:, a:b])[0][:, r0 - a:r1 - a]
+        return self._mean(self.sums[:, a:b], self.wsum[:, a:b], channels)[0][:, r0 - a:r1 - a]
 
     def _bootstrap_rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         """During the bootstrap: rows r0:r1 of the combination of the buffered frames — (C, n, W) mean, NaN where
@@ -668,9 +680,7 @@ class RunningStack:
         """(H, W) sum of weights (the live array after the bootstrap; do not modify)."""
         if self.wsum is None:
             return self.result()[1]
-        if self.channel_weights:
-            return np.tensordot(self.lum_weights.astype(np.float32), self.wsum, axes=1)
-        return self.wsum
+        return self._weight_map(self.wsum) if self.channel_weights else self.wsum
 
     def reduced(self, max_size: int) -> tuple[np.ndarray, np.ndarray]:
         """Like result(), at most ``max_size`` px on the long side: the sums and weights are area-averaged
