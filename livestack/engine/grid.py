@@ -25,6 +25,9 @@ import numpy as np
 from . import geometry
 from .debayer import REACH as DEBAYER_REACH
 from .debayer import bin2x2_mean, debayer, debayer_mask
+from .drizzle import DrizzleParams, grid_shape
+from .drizzle import reach as drop_reach
+from .drizzle import sensor_to_grid as drizzle_to_grid
 from .frame import Frame, Quality, Stars
 from .normalize import normalize_inplace, plane_halved
 from .stack import bin2
@@ -73,10 +76,8 @@ class Grid:
         drizzle grid of either."""
         h, w = (int(v) for v in sensor_shape)
         if drizzle is not None and drizzle.scale > 0:
-            from .drizzle import grid_shape, sensor_to_grid
-
             return cls("drizzle", (h, w), pattern, grid_shape((h, w), drizzle.scale), 1 if pattern is None else 3,
-                       sensor_to_grid(drizzle.scale), scale=float(drizzle.scale), pixfrac=float(drizzle.pixfrac))
+                       drizzle_to_grid(drizzle.scale), scale=float(drizzle.scale), pixfrac=float(drizzle.pixfrac))
         if pattern is None:
             return cls("mono", (h, w), None, (h, w), 1, geometry.identity())
         if debayer_method not in _MODE_OF_DEBAYER:
@@ -226,8 +227,6 @@ class Grid:
             inside = (xs < self.shape[1]) & (ys < self.shape[0])
             xs, ys = xs[inside], ys[inside]
         if self.drizzled:       # a sample reaches the grid pixels its drop overlaps
-            from .drizzle import reach as drop_reach
-
             return warp_points(ys, xs, matrix, self.shape, reach=drop_reach(self.pixfrac, self.scale))
         # a full-resolution demosaic spreads a sample over ±1 (bilinear) or ±2 (mhc) pixels before the warp
         reach = (REACH[interpolation] if warped else 0.5) + DEBAYER_REACH.get(self.debayer, 0)
@@ -252,11 +251,7 @@ class Grid:
 
     @classmethod
     def from_state(cls, s: dict, wcs_text: str | None = None) -> "Grid":
-        drizzle = None
-        if s["mode"] == "drizzle":
-            from .drizzle import DrizzleParams
-
-            drizzle = DrizzleParams(scale=s["scale"], pixfrac=s["pixfrac"])
+        drizzle = DrizzleParams(scale=s["scale"], pixfrac=s["pixfrac"]) if s["mode"] == "drizzle" else None
         grid = cls.for_frame(tuple(s["sensor_shape"]), s["pattern"],
                              "bilinear" if drizzle else DEBAYER_OF_MODE[s["mode"]] or "bilinear", drizzle)
         if wcs_text:

@@ -25,7 +25,7 @@ import numpy as np
 
 from . import geometry
 from .calibrate import Masters, calibrate, nonzero_xy
-from .drizzle import Drizzler, too_big
+from .drizzle import Drizzler, normalize_mosaic, too_big
 from .filterstack import Counters, FilterStack, filter_key
 from .frame import Frame, FrameError, FrameRecord, Quality, Stars
 from .grid import Grid
@@ -370,29 +370,31 @@ class Engine:
         rec.shift_x, rec.shift_y, rec.rotation = _r(dx, 3), _r(dy, 3), _r(rot, 4)
 
         # Pixels: normalise to the filter's reference, warp (or drizzle) onto the grid, add.
-        if grid.drizzled:
-            weight = self._weight(fs, noise, scale, q)
-            rec.weight = _r(weight, 4)
-            rec.rejected_pixels = self._drizzle(grid, fs, frame, cfa, plane, scale, matrix, lum, sat_cfa, weight,
-                                                noise * scale)
-            self._lap("drizzle+stack")
-            fs.accept(q, m)
-            self.last_matrix = reg_matrix
-            return None
-        normalize_inplace(img, plane, scale, fs.ref.plane, matrix, parallel_map=fs.stack.parallel_map)
-        self._lap("normalize")
         noise_n = noise * scale
-        weight = self._weight(fs, noise, scale, q)
+        weight = self._weight(fs, noise_n, q)
         rec.weight = _r(weight, 4)
+        if grid.drizzled:      # each sample by its own colour's sky plane
+            normalize_mosaic(cfa, grid.pattern, plane, scale, fs.ref.plane, matrix)
+        else:
+            normalize_inplace(img, plane, scale, fs.ref.plane, matrix, parallel_map=fs.stack.parallel_map)
+        self._lap("normalize")
 
         # The stack takes the binned luminance first (it decides which 2×2 cells are outliers), then one channel
-        # at a time, so the warp needs one channel plane instead of a whole warped frame.
+        # at a time, so the warp (or the drizzle) needs one channel's planes instead of a whole frame's.
         interp = cfg.engine.interpolation
         cells = grid.lum_cells(lum, plane, scale, fs.ref.plane, matrix, interpolation=interp,
                                out=self._buffer("cells", grid.cells), parallel_map=fs.stack.parallel_map)
         on_grid = np.array_equal(matrix, geometry.identity())
         sat = grid.saturated(frame, sat_cfa, matrix, interpolation=interp, warped=not on_grid)
-        if on_grid:
+        if grid.drizzled:
+            dz = Drizzler(grid.pattern, grid.channels, grid.pixfrac, grid.scale)
+            value = self._buffer("dz_value", (1,) + grid.shape)
+            coverage = self._buffer("dz_coverage", (1,) + grid.shape)
+
+            def channel(c: int):
+                dz.planes(cfa, matrix, grid.shape, value, coverage, channels=[c], parallel_map=fs.stack.parallel_map)
+                return value[0], coverage[0]
+        elif on_grid:
             channel = img.__getitem__
         else:
             one = _plane_in(spare, img.shape[1:])
@@ -402,47 +404,18 @@ class Engine:
             def channel(c: int) -> np.ndarray:
                 return warp(img[c][None], matrix, grid.shape, interpolation=interp, out=one[None])[0]
         rec.rejected_pixels = fs.stack.add_channels(cells, channel, weight, noise_n, saturated=sat)
-        self._lap("warp+stack")
+        self._lap("drizzle+stack" if grid.drizzled else "warp+stack")
         fs.accept(q, m)
-        self.last_matrix = matrix
+        self.last_matrix = reg_matrix
 
-    def _weight(self, fs: FilterStack, noise: np.ndarray, scale: float, q: Quality) -> float:
+    def _weight(self, fs: FilterStack, noise_n: np.ndarray, q: Quality) -> float:
         """The frame's weight in its filter's stack: (reference noise / its normalised noise)², times the
         sharpness term when it is on."""
-        weight = (fs.ref.noise / max(float((noise * scale).mean()), 1e-12)) ** 2
+        weight = (fs.ref.noise / max(float(noise_n.mean()), 1e-12)) ** 2
         sw = self.cfg.engine.sharpness_weight
         if sw and np.isfinite(q.fwhm) and q.fwhm > 0:
             weight *= (fs.ref.fwhm / q.fwhm) ** sw
         return weight
-
-    def _drizzle(self, grid: Grid, fs: FilterStack, frame: Frame, cfa: np.ndarray, plane: np.ndarray, scale: float,
-                 matrix: np.ndarray, lum: np.ndarray, sat_cfa, weight: float, noise_n: np.ndarray) -> int | None:
-        """The drizzle's stage: normalise the mosaic (each sample by its own colour's sky plane), drop it onto
-        the grid — a value and a coverage plane per channel —, add.  The outlier test's cells are the binned
-        mosaic's luminance, warped as on any grid."""
-        from .drizzle import LATTICES, lattice_channels
-
-        interp = self.cfg.engine.interpolation
-        cells = grid.lum_cells(lum, plane, scale, fs.ref.plane, matrix, interpolation=interp,
-                               out=self._buffer("cells", grid.cells), parallel_map=fs.stack.parallel_map)
-        for (ox, oy), c in zip(LATTICES, lattice_channels(grid.pattern)):
-            # the sub-lattice's samples: pixel (i, j) of cfa[oy::2, ox::2] is sensor (2i + ox, 2j + oy)
-            sub = cfa[oy::2, ox::2][None]
-            p = plane[c]
-            sub_plane = np.array([[p[0] + p[1] * ox + p[2] * oy, 2 * p[1], 2 * p[2]]])
-            to_grid = geometry.compose(matrix, np.array([[2.0, 0, ox], [0, 2.0, oy]]))
-            normalize_inplace(sub, sub_plane, scale, fs.ref.plane[c:c + 1], to_grid)
-        self._lap("normalize")
-        dz = Drizzler(grid.pattern, grid.channels, grid.pixfrac, grid.scale)
-        value = self._buffer("dz_value", (1,) + grid.shape)
-        coverage = self._buffer("dz_coverage", (1,) + grid.shape)
-
-        def channel(c: int):      # one channel's planes at a time: 16 B per grid pixel fewer than all three
-            dz.planes(cfa, matrix, grid.shape, value, coverage, channels=[c], parallel_map=fs.stack.parallel_map)
-            return value[0], coverage[0]
-
-        sat = grid.saturated(frame, sat_cfa, matrix, interpolation=interp)
-        return fs.stack.add_channels(cells, channel, weight, noise_n, saturated=sat)
 
     def _finish_bootstraps(self) -> None:
         """Once per filter, after the frame that filled its bootstrap buffer (and after _process has returned,
