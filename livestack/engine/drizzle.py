@@ -101,7 +101,7 @@ def too_big(sensor_hw: tuple[int, int], channels: int, p: DrizzleParams) -> str 
 
 def grid_shape(sensor_hw: tuple[int, int], scale: float) -> tuple[int, int]:
     h, w = sensor_hw
-    return int(round(h * scale)), int(round(w * scale))
+    return round(h * scale), round(w * scale)
 
 
 def sensor_to_grid(scale: float) -> np.ndarray:
