@@ -127,10 +127,11 @@ def instrumented(log: Log, *, reject: bool = True, uniform: bool = False, every_
         log.weights.append(w)
         return orig_add(self, cells, channel, w, noise, **kw)
 
-    def accumulate(self, channel, bad_cells, weight, saturated, sums=None, wsum=None):
-        if sums is None or sums is self.sums:         # not a temporary combination (result() in the bootstrap)
+    def accumulate(self, channel, bad_cells, weight, saturated, sums=None, wsum=None, span=None):
+        # not a temporary combination (result() in the bootstrap); once (the bootstrap's comes in spans of rows)
+        if (sums is None or sums is self.sums) and (span is None or span[0] == 0):
             log.bad.append(bad_cells.copy())
-        return orig_acc(self, channel, bad_cells, weight, saturated, sums, wsum)
+        return orig_acc(self, channel, bad_cells, weight, saturated, sums, wsum, span)
 
     def threshold(self, b, centre, var):
         return orig_thr(self, b, centre, var) if reject else np.zeros(b.shape, bool)

@@ -89,7 +89,8 @@ def debayer(cfa: np.ndarray, pattern: str | None, method: str = "bilinear", *,
     def bands(group) -> None:         # consecutive bands sharing one temporary
         tmp = np.empty((4, BAND_ROWS + 2 * REACH[method], cfa.shape[1]), np.float32)
         for r0 in group:
-            band(cfa, r0, min(cfa.shape[0], r0 + BAND_ROWS), offs, out, tmp)
+            r1 = min(cfa.shape[0], r0 + BAND_ROWS)
+            band(cfa, r0, r1, offs, out[:, r0:r1], tmp)
 
     if parallel_map is None or len(starts) < 2:
         bands(starts)
@@ -118,15 +119,15 @@ def _filtered(cfa: np.ndarray, r0: int, r1: int, reach: int, kernels, tmp: np.nd
 
 
 def _mhc_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarray, tmp: np.ndarray) -> None:
-    """Malvar-He-Cutler for rows r0:r1 into ``out`` (3, H, W): four 5×5 convolutions, each kept at the sites it
-    is for (a quarter or half of the plane), and the samples copied at their own sites."""
+    """Malvar-He-Cutler for rows r0:r1 (r0 even) into ``out`` (3, r1 - r0, W): four 5×5 convolutions, each kept
+    at the sites it is for (a quarter or half of the plane), and the samples copied at their own sites."""
     (ri, rj), (bi, bj) = offs["R"][0], offs["B"][0]
     # A G site shares its row with R (g_r) or with B (g_b): R is interpolated from its row (_MHC_ROW) at the
     # former, from its column (_MHC_COL) at the latter, and B the other way round.
     gi, gj = next(ij for ij in offs["G"] if ij[0] != ri)     # g_b
     g_k, row_k, col_k, diag_k = _filtered(cfa, r0, r1, REACH["mhc"], (_MHC_G, _MHC_ROW, _MHC_COL, _MHC_DIAG), tmp)
     c = cfa[r0:r1]
-    r, g, b = out[0, r0:r1], out[1, r0:r1], out[2, r0:r1]
+    r, g, b = out
     g[...] = g_k
     for (i, j) in offs["G"]:
         g[i::2, j::2] = c[i::2, j::2]
@@ -141,8 +142,8 @@ def _mhc_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarray, tm
 
 
 def _bilinear_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarray, tmp: np.ndarray) -> None:
-    """Bilinear for rows r0:r1 into ``out``: each colour's samples on a zero band (and the rows either side that
-    the 3×3 kernels read), convolved."""
+    """Bilinear for rows r0:r1 (r0 even) into ``out`` (3, r1 - r0, W): each colour's samples on a zero band (and
+    the rows either side that the 3×3 kernels read), convolved."""
     reach = REACH["bilinear"]
     a, e = max(0, r0 - reach), min(cfa.shape[0], r1 + reach)
     sparse, src = tmp[3, : e - a], cfa[a:e]
@@ -156,8 +157,33 @@ def _bilinear_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarra
             sparse[(i - a) % 2::2, j::2] = src[(i - a) % 2::2, j::2]
         conv = tmp[0, : e - a]
         cv2.filter2D(sparse, -1, _K_G if ch == "G" else _K_RB, dst=conv, borderType=cv2.BORDER_REFLECT_101)
-        out["RGB".index(ch), r0:r1] = conv[r0 - a:r1 - a]
+        out["RGB".index(ch)] = conv[r0 - a:r1 - a]
         previous = offs[ch]
+
+
+def debayer_window(cfa: np.ndarray, pattern: str, method: str, rows: tuple[int, int], cols: tuple[int, int],
+                   tmp: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+    """At least the rows ``rows`` = (r0, r1) and columns ``cols`` = (c0, c1) of debayer(cfa, pattern, method),
+    with the same values as the whole mosaic's (the kernels read the mosaic around the window; only the
+    mosaic's own edges are reflected), without demosaicing the rest.  Returns a new float32 (3, m, n) array
+    and the mosaic row and column of its first pixel (≤ r0, ≤ c0: the window starts on the CFA's phase and
+    is widened by the kernels' reach along the rows; the columns of that widening are reflected, not the
+    mosaic's: use rows r0:r1 and columns c0:c1).  ``tmp``: float32 scratch, reused when it holds at least
+    4 × (m + 2·reach) × n values."""
+    reach = REACH[method]
+    h, w = cfa.shape
+    r0, r1 = rows[0] & ~1, rows[1]
+    p, q = max(0, cols[0] - reach) & ~1, min(w, cols[1] + reach)
+    a = max(0, r0 - reach) & ~1          # the rows the kernels read: from the CFA's first row phase
+    sub = cfa[a:min(h, r1 + reach), p:q]
+    n = q - p
+    need = 4 * (r1 - r0 + 2 * reach + 2) * n
+    if tmp is None or tmp.size < need:
+        tmp = np.empty(need, np.float32)
+    tmp = tmp.reshape(-1)[:need].reshape(4, -1, n)
+    out = np.empty((3, r1 - r0, n), np.float32)
+    (_mhc_band if method == "mhc" else _bilinear_band)(sub, r0 - a, r1 - a, colour_offsets(pattern), out, tmp)
+    return out, r0, p
 
 
 def debayer_mask(mask: np.ndarray | None, pattern: str | None, method: str = "bilinear") -> np.ndarray | None:

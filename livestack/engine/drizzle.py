@@ -29,7 +29,6 @@ import cv2
 import numpy as np
 
 from . import geometry
-from .normalize import normalize_inplace
 from .warp import footprint_rows, outside_index
 
 LATTICES = ((0, 0), (1, 0), (0, 1), (1, 1))     # (x, y) phase of each sub-lattice of a 2×2 cell
@@ -57,19 +56,6 @@ def lattice_channels(pattern: str | None) -> list[int]:
     if pattern is None:
         return [0, 0, 0, 0]
     return [_CFA_INDEX[pattern[ox + 2 * oy]] for ox, oy in LATTICES]
-
-
-def normalize_mosaic(cfa: np.ndarray, pattern: str | None, plane: np.ndarray, scale: float, ref_plane: np.ndarray,
-                     matrix: np.ndarray) -> None:
-    """normalize.normalize_inplace for an (H, W) mosaic, in place: each sub-lattice's samples by their own
-    colour's sky plane (``plane``: (C, 3) in sensor pixels; ``ref_plane``: the stack's, in grid pixels;
-    ``matrix``: sensor -> grid)."""
-    for (ox, oy), c in zip(LATTICES, lattice_channels(pattern)):
-        # pixel (i, j) of cfa[oy::2, ox::2] is sensor (2i + ox, 2j + oy): the plane and the map in its coordinates
-        p = plane[c]
-        sub_plane = np.array([[p[0] + p[1] * ox + p[2] * oy, 2 * p[1], 2 * p[2]]])
-        to_grid = geometry.compose(matrix, np.array([[2.0, 0, ox], [0, 2.0, oy]]))
-        normalize_inplace(cfa[oy::2, ox::2][None], sub_plane, scale, ref_plane[c:c + 1], to_grid)
 
 
 def reach(pixfrac: float, scale: float) -> float:

@@ -30,8 +30,15 @@ from .drizzle import reach as drop_reach
 from .drizzle import sensor_to_grid as drizzle_to_grid
 from .frame import Frame, Quality, Stars
 from .normalize import normalize_inplace, plane_halved
+from .render import FrameOnGrid
 from .stack import bin2
-from .stars import StarParams, detect_stars, refine_centroids
+from .stars import (
+    STAMP_MAX_FWHM,
+    StarParams,
+    detect_stars,
+    refine_centroids,
+    stamp_radius,
+)
 from .warp import REACH, warp, warp_mask, warp_points
 
 # mode -> its demosaicing (the FITS DEBAYER card).  "bayer" is full resolution, bilinear: the name checkpoints
@@ -162,19 +169,33 @@ class Grid:
         s = Stars(cell_centres(stars.xy), stars.flux, stars.fwhm * 2.0, stars.a * 2.0, stars.b * 2.0)
         return s, Quality(q.stars, q.fwhm * 2.0, q.eccentricity, q.background, q.noise), lum
 
-    def debayer_into(self, cfa: np.ndarray, buffer, parallel_map=None) -> np.ndarray:
-        """The frame's (C, H, W) float32 image at grid resolution; ``buffer(name, shape)`` gives reusable
-        float32 work planes (first-touch page faults of a fresh 24 MP plane cost more than the work)."""
-        if self.pattern is None or self.drizzled:
+    def planes(self, cfa: np.ndarray, buffer) -> np.ndarray | None:
+        """The frame's (C, H, W) float32 image where the stack is made from a whole one: superpixel's quarter
+        planes (``buffer(name, shape)`` gives a reusable float32 work plane: first-touch page faults of a fresh
+        plane cost more than the work) and mono's mosaic itself.  None for a full-resolution Bayer frame, which
+        is demosaiced a block at a time as it is warped (``source``), and for a drizzle, which takes the mosaic."""
+        if self.drizzled:
+            return None
+        if self.pattern is None:
             return cfa[None]
-        h, w = cfa.shape
         if self.mode == "superpixel":
+            h, w = cfa.shape
             return debayer(cfa, self.pattern, "superpixel", out=buffer("rgb", (3, h // 2, w // 2)))
-        return debayer(cfa, self.pattern, self.debayer, out=buffer("rgb", (3, h, w)), parallel_map=parallel_map)
+        return None
 
-    def refine(self, stars: Stars, fwhm: float, cfa: np.ndarray, img: np.ndarray) -> Stars:
-        """Windowed centroids where the binned detection was coarse.  Bayer: on the full-resolution image
-        (binned centroids of undersampled stars carry ~0.1 px pixel-phase errors; windowed ones ~0.03 px).
+    def source(self, cfa: np.ndarray, img: np.ndarray | None, matrix: np.ndarray, *,
+               interpolation: str) -> FrameOnGrid:
+        """What the stack takes a (normalised) frame's pixels from, a block of grid rows at a time: ``img``
+        from planes() warped by ``matrix`` (frame -> grid), or — when it is None — the mosaic demosaiced and
+        warped block by block."""
+        if img is not None:
+            return FrameOnGrid(img, matrix, self.shape, interpolation=interpolation)
+        return FrameOnGrid(cfa, matrix, self.shape, interpolation=interpolation, pattern=self.pattern,
+                           debayer=self.debayer)
+
+    def refine(self, stars: Stars, fwhm: float, cfa: np.ndarray) -> Stars:
+        """Windowed centroids where the binned detection was coarse.  Bayer: on the demosaiced image around each
+        star (binned centroids of undersampled stars carry ~0.1 px pixel-phase errors; windowed ones ~0.03 px).
         Superpixel: the grid has no finer image than the binned one, but the mosaic does (its 2×2 colour
         pattern averages out inside the window): ~0.08 -> ~0.03 sensor px RMS.  Mono: sep's own windowed
         centroids are already on the full image."""
@@ -185,7 +206,8 @@ class Grid:
         if self.mode == "superpixel":
             xy = refine_centroids(cfa[None], cell_centres(stars.xy), fwhm * 2.0)
             return Stars(cells_from_pixels(xy), stars.flux, stars.fwhm, stars.a, stars.b)
-        return Stars(refine_centroids(img, stars.xy, fwhm), stars.flux, stars.fwhm, stars.a, stars.b)
+        xy = refine_demosaiced(cfa, self.pattern, self.debayer, stars.xy, fwhm)
+        return Stars(xy, stars.flux, stars.fwhm, stars.a, stars.b)
 
     def lum_cells(self, lum: np.ndarray, plane: np.ndarray, scale: float, ref_plane: np.ndarray,
                   matrix: np.ndarray, *, interpolation: str, out: np.ndarray | None = None,
@@ -259,3 +281,45 @@ class Grid:
 
             grid = dataclasses.replace(grid, wcs=wcs_from_header_text(wcs_text))
         return grid
+
+
+def refine_demosaiced(cfa: np.ndarray, pattern: str, method: str, xy: np.ndarray, fwhm: float) -> np.ndarray:
+    """stars.refine_centroids on debayer(cfa, pattern, method) without demosaicing the frame: only a patch
+    around each star is (the patches, stacked into one narrow mosaic, demosaic in one call; each keeps a
+    margin the kernels' reach wide, so its inside has the whole mosaic's values).  (N, 2) float64 positions;
+    stars too near the edge, or whose windows would leave their patch, keep theirs."""
+    xy = np.asarray(xy, np.float64)
+    if len(xy) == 0 or not fwhm <= STAMP_MAX_FWHM:
+        return xy.copy()
+    h, w = cfa.shape
+    r = stamp_radius(fwhm)
+    half = r + 4                     # the window may walk a few px from the detection before it is refused
+    s = 2 * half + 2                 # patch side (even: patches keep the CFA phase)
+    m = DEBAYER_REACH[method] + DEBAYER_REACH[method] % 2       # margin, even
+    out = xy.copy()
+    # refine_centroids' own edge rule, on the frame
+    inside = (xy[:, 0] >= r + 1) & (xy[:, 0] < w - r - 2) & (xy[:, 1] >= r + 1) & (xy[:, 1] < h - r - 2)
+    idx = np.flatnonzero(inside)
+    if idx.size == 0 or h < s or w < s:
+        return out
+    origin = np.empty((idx.size, 2), np.int64)
+    for k, size in ((0, w), (1, h)):
+        origin[:, k] = np.clip((np.rint(xy[idx, k]).astype(np.int64) - half) & ~1, 0, (size - s) & ~1)
+    span = np.arange(-m, s + m)
+    ys = _reflect(origin[:, 1, None] + span[None], h)          # (N, s + 2m), reflected as the demosaic would
+    xs = _reflect(origin[:, 0, None] + span[None], w)
+    patches = cfa[ys[:, :, None], xs[:, None, :]].reshape(-1, s + 2 * m)
+    rgb = debayer(patches, pattern, method).reshape(3, idx.size, s + 2 * m, s + 2 * m)
+    stamps = np.ascontiguousarray(rgb[:, :, m:m + s, m:m + s]).reshape(3, idx.size * s, s)
+    local = xy[idx] - origin
+    local[:, 1] += np.arange(idx.size) * s                   # patch i lies at rows i·s … i·s + s − 1
+    refined = refine_centroids(stamps, local, fwhm)
+    refined[:, 1] -= np.arange(idx.size) * s
+    out[idx] = refined + origin
+    return out
+
+
+def _reflect(i: np.ndarray, n: int) -> np.ndarray:
+    """Indices beyond 0 … n − 1 reflected as BORDER_REFLECT_101 does (the demosaic's border)."""
+    i = np.abs(i)
+    return np.where(i > n - 1, 2 * (n - 1) - i, i)

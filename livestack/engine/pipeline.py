@@ -24,17 +24,16 @@ import numpy as np
 
 from . import geometry
 from .calibrate import Masters, calibrate, nonzero_xy
-from .drizzle import Drizzler, normalize_mosaic, too_big
+from .drizzle import Drizzler, too_big
 from .filterstack import Counters, FilterStack, filter_key
 from .frame import Frame, FrameError, FrameRecord, Quality, Stars
 from .grid import Grid
 from .memory import release_free_memory
-from .normalize import normalize_inplace, sky_level, sky_model
+from .normalize import normalize_inplace, normalize_mosaic, sky_level, sky_model
 from .read import read_frame
 from .register import RegistrationError, register
 from .settings import Config
 from .stack import RunningStack
-from .warp import warp
 
 log = logging.getLogger("livestack")
 QUANTISATION_NOISE = 12 ** -0.5   # ADU: the noise of rounding to whole ADU
@@ -193,6 +192,7 @@ class Engine:
         rec = FrameRecord(file=path.name, status="failed", index=self.index)
         self.index += 1
         self.last_stars = self.last_pointing = None
+        front = None
         try:
             front = self._take_front(path)
             if next_path is not None and self.cfg.engine.read_ahead and not self._bootstrap_near():
@@ -204,6 +204,7 @@ class Engine:
             rec.status, rec.reason = "failed", err.reason
             self.failed += 1
             log.warning("failed %s", err)
+        del front         # and its mosaic (96 MB at 24 MP), before a bootstrap's combination
         self._finish_bootstraps()
         self._trim()
         rec.seconds = round(time.perf_counter() - t0, 4)
@@ -310,15 +311,12 @@ class Engine:
         plane = grid.plane(front.plane_cfa)
         sky = sky_level(front.plane_cfa, frame.shape)
         front.cfa = front.lum = None
-        img = grid.debayer_into(cfa, self._buffer, parallel_map=self._parallel_map)
-        self._lap("debayer")
-        stars = grid.refine(stars, q.fwhm, cfa, img)
+        img = grid.planes(cfa, self._buffer)
+        if grid.mode == "superpixel":
+            self._lap("debayer")
+        stars = grid.refine(stars, q.fwhm, cfa)
         self.last_stars, self.last_pointing = stars, m.pointing
         self._lap("centroids")
-        spare = None
-        if frame.pattern is not None and not grid.drizzled:
-            # the mosaic is done with: its plane takes the warped channels (no scratch plane: 96 MB at 24 MP)
-            spare, frame.data, cfa = cfa, None, None
         rec.stars, rec.fwhm, rec.eccentricity = q.stars, _r(q.fwhm, 3), _r(q.eccentricity, 3)
         rec.background, rec.noise = _r(float(sky.mean()), 3), _r(float(noise.mean()), 4)
         sat_cfa = None if frame.saturated is None else nonzero_xy(frame.saturated.view(np.uint8))
@@ -372,14 +370,16 @@ class Engine:
         noise_n = noise * scale
         weight = self._weight(fs, noise_n, q)
         rec.weight = _r(weight, 4)
-        if grid.drizzled:      # each sample by its own colour's sky plane
-            normalize_mosaic(cfa, grid.pattern, plane, scale, fs.ref.plane, matrix)
+        if img is None:        # a mosaic (demosaiced later, or drizzled): each sample by its own colour's planes
+            normalize_mosaic(cfa, grid.pattern, plane, scale, fs.ref.plane, matrix,
+                             parallel_map=fs.stack.parallel_map)
         else:
             normalize_inplace(img, plane, scale, fs.ref.plane, matrix, parallel_map=fs.stack.parallel_map)
         self._lap("normalize")
 
-        # The stack takes the binned luminance first (it decides which 2×2 cells are outliers), then one channel
-        # at a time, so the warp (or the drizzle) needs one channel's planes instead of a whole frame's.
+        # The stack takes the binned luminance first (it decides which 2×2 cells are outliers), then the pixels:
+        # a block of rows at a time, each demosaiced (a Bayer mosaic) and warped as it is added — or, drizzled,
+        # one channel at a time.
         interp = cfg.engine.interpolation
         cells = grid.lum_cells(lum, plane, scale, fs.ref.plane, matrix, interpolation=interp,
                                out=self._buffer("cells", grid.cells), parallel_map=fs.stack.parallel_map)
@@ -393,17 +393,10 @@ class Engine:
             def channel(c: int):
                 dz.planes(cfa, matrix, grid.shape, value, coverage, channels=[c], parallel_map=fs.stack.parallel_map)
                 return value[0], coverage[0]
-        elif on_grid:
-            channel = img.__getitem__
-        else:
-            one = _plane_in(spare, img.shape[1:])
-            if one is None:
-                one = self._buffer("scratch", img.shape[1:])
-
-            def channel(c: int) -> np.ndarray:
-                return warp(img[c][None], matrix, grid.shape, interpolation=interp, out=one[None])[0]
+        else:       # demosaiced (a Bayer mosaic) and warped a block of rows at a time, as the stack adds them
+            channel = grid.source(cfa, img, matrix, interpolation=interp)
         rec.rejected_pixels = fs.stack.add_channels(cells, channel, weight, noise_n, saturated=sat)
-        self._lap("drizzle+stack" if grid.drizzled else "warp+stack")
+        self._lap("drizzle+stack" if grid.drizzled else "warp+stack" if img is not None else "debayer+warp+stack")
         fs.accept(q, m)
         self.last_matrix = reg_matrix
 
@@ -628,14 +621,6 @@ def _wcs_guess(frame_wcs, grid: Grid) -> np.ndarray | None:
         s = grid.stars_to_grid
         m = geometry.compose(geometry.invert(s), geometry.compose(m, s))
     return m
-
-
-def _plane_in(buf: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray | None:
-    """A float32 (H, W) plane of ``shape`` on the memory of ``buf`` (a mosaic done with: same size, or a quarter
-    for superpixel), or None when it does not fit."""
-    if buf is None or buf.dtype != np.float32 or not buf.flags.c_contiguous or buf.size < shape[0] * shape[1]:
-        return None
-    return buf.reshape(-1)[: shape[0] * shape[1]].reshape(shape)
 
 
 def _r(x, nd):

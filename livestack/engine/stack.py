@@ -114,6 +114,55 @@ def _to_float16(x: np.ndarray, out: np.ndarray) -> None:
     cv2.add(x, 0.0, dst=out, dtype=cv2.CV_16F)
 
 
+# Rows per block of the full-resolution pass (even: a block starts on a cell row).  A block of a 24 MP colour
+# frame (3 × 64 rows × 6000 px, 4.6 MB) is demosaiced, warped and added while it stays in the cache.
+BLOCK_ROWS = 64
+
+
+def _blocks(n: int, span: tuple[int, int] | None = None) -> list[tuple[int, int]]:
+    """[(r0, r1)] blocks of BLOCK_ROWS rows of n (of the rows span = (a, b) only: a a multiple of BLOCK_ROWS)."""
+    a, b = (0, n) if span is None else (span[0], min(n, span[1]))
+    return [(r0, min(b, r0 + BLOCK_ROWS)) for r0 in range(a, b, BLOCK_ROWS)]
+
+
+COMBINE_ROWS = 8 * BLOCK_ROWS     # rows of the bootstrap's combination added from every frame at a time
+
+
+def _anonymous(shape, dtype) -> np.ndarray:
+    """A zeroed array on its own anonymous memory map (whose pages _discard_rows can give back)."""
+    n = int(np.prod(shape))
+    mm = mmap.mmap(-1, max(1, n * np.dtype(dtype).itemsize), flags=mmap.MAP_PRIVATE)
+    return np.frombuffer(mm, dtype, count=n).reshape(shape)
+
+
+def _discard_rows(a: np.ndarray, r0: int, r1: int) -> None:
+    """Give back the memory pages of rows r0:r1 of every plane of a (P, H, W) array that is done with (their
+    values become undefined), when it lies on its own memory map (_anonymous, np.memmap); else nothing."""
+    mm = getattr(a, "_mmap", None)
+    base = a
+    while mm is None and isinstance(base, (np.ndarray, memoryview)):
+        base = base.obj if isinstance(base, memoryview) else base.base      # (np.frombuffer keeps a memoryview)
+        mm = base if isinstance(base, mmap.mmap) else getattr(base, "_mmap", None)
+    if mm is None or not a.flags.c_contiguous or len(mm) != a.nbytes:     # (a view of part of a map)
+        return
+    page = mmap.PAGESIZE
+    _, h, w = a.shape
+    row = w * a.itemsize
+    for p in range(a.shape[0]):
+        start, end = (p * h + r0) * row, (p * h + r1) * row
+        start, end = -(-start // page) * page, end // page * page      # whole pages inside the rows only
+        if end > start:
+            mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _rows_of(channel, n_channels: int):
+    """``rows(r0, r1)`` -> [C (r1 - r0, W) arrays] of what add_channels takes: an object's own rows(), or views
+    of the planes ``channel(c)`` returns."""
+    if hasattr(channel, "rows"):
+        return channel.rows
+    return lambda r0, r1: [channel(c)[r0:r1] for c in range(n_channels)]
+
+
 def _median_rows(block: np.ndarray) -> np.ndarray:
     """Per-pixel median over axis 0 of a (K, h, w) float32 array that may hold NaN (missing data).
 
@@ -222,31 +271,46 @@ class RunningStack:
     def add_channels(self, cells: np.ndarray, channel, weight: float, noise: np.ndarray, *,
                      saturated: np.ndarray | None = None) -> int | None:
         """Add one frame given as its binned luminance ``cells`` (``self.cells`` float32: the 2×2 means of
-        Σ lum_weights[c]·x_c, NaN outside the footprint) and ``channel(c)``, which returns channel c as an
-        (H, W) float32 array, NaN outside the footprint, that stays valid until the next call (it may reuse one
-        buffer: the pipeline warps each channel into the same plane, two full frames fewer in memory at 24 MP).
-        With ``channel_weights`` it returns (value, coverage): the coverage ≥ 0 scales the frame's weight per
-        pixel (0: nothing landed; the value is then ignored).
-        ``cells`` and the returned channels may be modified.  ``saturated`` as in add().  Returns as add()."""
+        Σ lum_weights[c]·x_c, NaN outside the footprint) and its pixels, either
+
+        - ``channel(c)``, which returns channel c as an (H, W) float32 array, NaN outside the footprint; or
+        - an object with ``rows(r0, r1)`` (render.FrameOnGrid), which returns rows r0:r1 of every channel as a
+          list of C (r1 - r0, W) float32 arrays, NaN outside the footprint, called once per block of rows
+          from the worker threads: the pipeline makes each block there (demosaic and warp), so a frame never
+          exists whole at full resolution.
+
+        With ``channel_weights`` only ``channel(c)`` is taken, and it returns (value, coverage): the coverage
+        ≥ 0 scales the frame's weight per pixel (0: nothing landed; the value is then ignored); it stays valid
+        until the next call (one buffer may be reused: a drizzle makes one channel at a time).
+        ``cells`` and the arrays returned may be modified.  ``saturated`` as in add().  Returns as add()."""
         saturated = self._points(saturated)
         if cells.shape != self.cells:
             raise ValueError(f"cells shape {cells.shape} does not match the stack's {self.cells}")
         if not weight > 0:
             raise ValueError(f"weight must be > 0 (got {weight})")
+        if self.channel_weights and hasattr(channel, "rows"):
+            raise ValueError("a stack with channel_weights takes channel(c) -> (value, coverage)")
         noise = np.asarray(noise, np.float32).reshape(-1)
         self.frames += 1
         if self.bootstrap_full:
             self.finish_bootstrap()
         if self.sums is None and self.p.bootstrap > 1:
             c_n = self.shape[0]
-            frame16 = self._new((2 * c_n,) + self.shape[1:] if self.channel_weights else self.shape, np.float16)
-            for c in range(c_n):
-                if self.channel_weights:
+            shape16 = (2 * c_n,) + self.shape[1:] if self.channel_weights else self.shape
+            frame16 = self._new(shape16, np.float16) if self.spill_dir is not None else _anonymous(shape16, np.float16)
+            if self.channel_weights:
+                for c in range(c_n):
                     x, a = channel(c)
                     _to_float16(a, frame16[c_n + c])
                     _to_float16(np.nan_to_num(x, copy=False), frame16[c])
-                else:
-                    _to_float16(channel(c), frame16[c])
+            else:
+                rows = _rows_of(channel, c_n)
+
+                def to16(r: tuple[int, int]) -> None:
+                    for c, x in enumerate(rows(*r)):
+                        _to_float16(x, frame16[c, r[0]:r[1]])
+
+                self.parallel_map(to16, _blocks(self.shape[1]))
             b = cells - self.sky_lum
             if self.spill_dir is not None:
                 b = self._new(b.shape, b.dtype, like=b)
@@ -450,13 +514,20 @@ class RunningStack:
                     bads[i] &= ~(everyone & (keep == i))
                 del dev, keep
         rejected = []
-        for i in range(k):
-            f16, wt, _, sat, _ = self.buffer[i]
-            if consume:     # finish_bootstrap: each buffered frame goes once added (the session's memory peak)
-                self.buffer[i] = None
+        frames = list(self.buffer)
+        if consume:         # finish_bootstrap: the frames go as they are added (the session's memory peak)
+            self.buffer = []
+        for i, (_, wt, _, _, _) in enumerate(frames):
             rejected.append(4 * int(bads[i].sum()))
             self._accumulate_cells(lums[i], np.isfinite(lums[i]) & ~bads[i], wt, lsum, lw, sq, count)
-            self._accumulate_pixels(self._buffered(f16), bads[i], wt, sat, sums, wsum)
+        # The pixels a span of rows at a time, every frame's: the frames' rows added are given back (consume)
+        # while the accumulators' pages fill, so the two are not resident whole at once (432 + 468 MB at 24 MP)
+        h = self.shape[1]
+        for a in range(0, h, COMBINE_ROWS):
+            for i, (f16, wt, _, sat, _) in enumerate(frames):
+                self._accumulate_pixels(self._buffered(f16), bads[i], wt, sat, sums, wsum, span=(a, a + COMBINE_ROWS))
+                if consume:
+                    _discard_rows(f16, a, min(h, a + COMBINE_ROWS))
         return rejected
 
     def _accumulate_cells(self, b, valid, weight, lsum, lw, sq, count) -> None:
@@ -475,59 +546,58 @@ class RunningStack:
             return lambda c: (f16[c], f16[c_n + c])
         return lambda c: f16[c]
 
-    def _accumulate_pixels(self, channel, bad_cells, weight, saturated, sums=None, wsum=None) -> None:
+    def _accumulate_pixels(self, channel, bad_cells, weight, saturated, sums=None, wsum=None, span=None) -> None:
         """Full resolution: W += w and S_c += w·x_c where valid — inside the footprint (channel 0 not NaN: every
-        channel shares it) and not in a rejected cell — a channel at a time.  ``channel(c)`` may give float32
-        (modified: zeroed where not valid) or float16 (converted block by block).
+        channel shares it) and not in a rejected cell — a block of rows at a time, every channel of a block
+        while it is in the cache.  ``channel``: as add_channels takes it (or a buffered frame's float16
+        channels, converted block by block); its arrays are modified (zeroed where not valid).  ``span``:
+        (a, b), only the blocks of rows a:b (a a multiple of BLOCK_ROWS).
 
         Saturated pixels (``saturated``: (rows, cols) on the grid, or None) are left out of the block passes
-        and added afterwards with the weight w·saturated_weight, by fancy indexing: they are few, and a
-        per-pixel weight map would cost each block with one saturated star a full extra pass per channel."""
+        and added with the weight w·saturated_weight by fancy indexing: they are few, and a per-pixel weight
+        map would cost each block with one saturated star a full extra pass per channel."""
         sums = self.sums if sums is None else sums
         wsum = self.wsum if wsum is None else wsum
         if self.channel_weights:
-            return self._accumulate_covered(channel, bad_cells, weight, saturated, sums, wsum)
-        chunks = list(self._chunks(self.shape[1]))
-        valid = unbin2(bad_cells, self.shape[1:])       # True where rejected, until made the valid mask below
+            return self._accumulate_covered(channel, bad_cells, weight, saturated, sums, wsum, span)
+        rows = _rows_of(channel, self.shape[0])
+        h, w = self.shape[1:]
+        w_frame, w_sat = float(weight), np.float32(weight * self.p.saturated_weight)
         if saturated is not None and len(saturated[0]):
-            ys, xs = saturated
-            sat_ok = ~valid[ys, xs]                     # not in a rejected cell (finite: checked below)
-            valid[ys, xs] = True                        # out of the block passes
-            w_sat = np.float32(weight * self.p.saturated_weight)
+            order = np.argsort(saturated[0], kind="stable")
+            sat_y, sat_x = saturated[0][order], saturated[1][order]
         else:
-            ys = None
+            sat_y = sat_x = np.empty(0, np.int32)
 
-        for c in range(self.shape[0]):
-            x = channel(c)
-            if ys is not None:
-                vals = x[ys, xs].astype(np.float32)
-                if c == 0:
-                    sat_ok &= np.isfinite(vals)
-                    ys, xs = ys[sat_ok], xs[sat_ok]
-                    wsum[ys, xs] += w_sat
-                    vals = vals[sat_ok]
-                sums[c][ys, xs] += w_sat * vals
+        def block(r: tuple[int, int]) -> None:
+            r0, r1 = r
+            xs = [x if x.dtype == np.float32 else cv2.add(x, 0.0, dtype=cv2.CV_32F) for x in rows(r0, r1)]
+            rejected = unbin2(bad_cells[r0 // 2:(r1 + 1) // 2], (r1 - r0, w))    # r0 is even
+            lo, hi = np.searchsorted(sat_y, (r0, r1))
+            ys, xx = sat_y[lo:hi] - r0, sat_x[lo:hi]
+            if len(ys):
+                ok = ~rejected[ys, xx]                  # not in a rejected cell …
+                rejected[ys, xx] = True                 # … and out of the block passes
+            valid = np.logical_not(rejected, out=rejected)
+            valid &= np.isfinite(xs[0])
+            if len(ys):
+                vals = [x[ys, xx] for x in xs]
+                ok &= np.isfinite(vals[0])                   # … and inside the footprint
+                wsum[r0 + ys[ok], xx[ok]] += w_sat
+                for c, v in enumerate(vals):
+                    sums[c, r0 + ys[ok], xx[ok]] += w_sat * v[ok]
+            cv2.add(wsum[r0:r1], w_frame, dst=wsum[r0:r1], mask=valid.view(np.uint8))
+            invalid = ~valid
+            for c, x in enumerate(xs):
+                np.copyto(x, 0, where=invalid)
+                cv2.scaleAdd(x, w_frame, sums[c, r0:r1], dst=sums[c, r0:r1])
 
-            def block(rows, x=x, c=c):
-                r0, r1 = rows
-                # float16 (bootstrap buffer): OpenCV converts 2× faster than numpy
-                xb = x[r0:r1] if x.dtype == np.float32 else cv2.add(x[r0:r1], 0.0, dtype=cv2.CV_32F)
-                if c == 0:   # the valid mask, then W, while the block is in cache
-                    v = valid[r0:r1]
-                    np.logical_not(v, out=v)
-                    v &= np.isfinite(xb)
-                    cv2.add(wsum[r0:r1], float(weight), dst=wsum[r0:r1], mask=v.view(np.uint8))
-                np.copyto(xb, 0, where=~valid[r0:r1])
-                cv2.scaleAdd(xb, float(weight), sums[c, r0:r1], dst=sums[c, r0:r1])
+        self.parallel_map(block, _blocks(h, span))
 
-            self.parallel_map(block, chunks)
-
-    def _accumulate_covered(self, channel, bad_cells, weight, saturated, sums, wsum) -> None:
+    def _accumulate_covered(self, channel, bad_cells, weight, saturated, sums, wsum, span=None) -> None:
         """_accumulate_pixels with a weight per channel and pixel: W_c += w·a_c and S_c += w·a_c·x_c where the
         cell is not rejected and a_c > 0.  Saturated pixels count with saturated_weight × that."""
-        chunks = list(self._chunks(self.shape[1]))
-        keep = unbin2(bad_cells, self.shape[1:])
-        np.logical_not(keep, out=keep)
+        chunks = _blocks(self.shape[1], span)
         if saturated is not None and len(saturated[0]):
             ys, xs = saturated
         else:
@@ -543,7 +613,8 @@ class RunningStack:
                     inside = (ys >= r0) & (ys < r1)
                     if inside.any():
                         ab[ys[inside] - r0, xs[inside]] *= np.float32(self.p.saturated_weight)
-                ok = keep[r0:r1] & (ab > 0)
+                ok = unbin2(bad_cells[r0 // 2:(r1 + 1) // 2], (r1 - r0, self.shape[2]))    # rejected …
+                ok = np.logical_not(ok, out=ok) & (ab > 0)                                  # … to kept
                 np.copyto(ab, 0, where=~ok)
                 np.copyto(xb, 0, where=~ok)
                 ab *= np.float32(weight)

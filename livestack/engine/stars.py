@@ -218,8 +218,16 @@ def aperture_moments(sub: np.ndarray, xy: np.ndarray, fwhm: float, *,
     return a, b, tensor
 
 
+def stamp_radius(fwhm: float) -> int:
+    """Half-width (px) of refine_centroids' stamps for stars of ``fwhm`` px: 3σ of its window and 2 px of sky."""
+    return int(np.ceil(3.0 * max(float(fwhm), 1.0) / _FWHM_PER_SIGMA)) + 2
+
+
+STAMP_MAX_FWHM = 8.0     # refine_centroids does nothing for wider stars
+
+
 def refine_centroids(img: np.ndarray, xy: np.ndarray, fwhm: float, *, iterations: int = 6,
-                     max_fwhm: float = 8.0) -> np.ndarray:
+                     max_fwhm: float = STAMP_MAX_FWHM) -> np.ndarray:
     """Gaussian-windowed centroids (SExtractor's XWIN/YWIN) measured on a full-resolution image.
 
     ``img``: (C, H, W) float32 (channels are summed into a luminance inside each stamp, so no full-frame
@@ -235,7 +243,7 @@ def refine_centroids(img: np.ndarray, xy: np.ndarray, fwhm: float, *, iterations
         return xy.astype(np.float64, copy=True)
     _, h, w = img.shape
     sig = max(float(fwhm), 1.0) / _FWHM_PER_SIGMA
-    r = int(np.ceil(3.0 * sig)) + 2
+    r = stamp_radius(fwhm)
     off = np.arange(-r, r + 1)
     oy, ox = np.meshgrid(off, off, indexing="ij")
     border = (np.abs(oy) == r) | (np.abs(ox) == r)

@@ -1,0 +1,107 @@
+"""A frame made on the grid a block of rows at a time (render.py) is the whole-frame path's: debayer, then warp."""
+import numpy as np
+import pytest
+
+from livestack.engine import geometry
+from livestack.engine.debayer import debayer, debayer_window
+from livestack.engine.grid import refine_demosaiced
+from livestack.engine.normalize import normalize_inplace, normalize_mosaic
+from livestack.engine.render import FrameOnGrid
+from livestack.engine.stars import refine_centroids
+from livestack.engine.warp import warp
+
+H, W = 300, 420
+
+
+def mosaic(seed=1):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:H, 0:W]
+    cfa = rng.normal(100, 10, (H, W)) + 0.05 * xx - 0.03 * yy
+    for x, y in rng.uniform([8, 8], [W - 8, H - 8], (40, 2)):
+        cfa += 2000 * np.exp(-((xx - x) ** 2 + (yy - y) ** 2) / (2 * 1.1 ** 2))
+    return cfa.astype(np.float32)
+
+
+def by_blocks(f: FrameOnGrid, rows=64):
+    return np.concatenate([np.stack(f.rows(r0, min(H, r0 + rows))) for r0 in range(0, H, rows)], axis=1)
+
+
+@pytest.mark.parametrize("method", ["mhc", "bilinear"])
+@pytest.mark.parametrize("pattern", ["RGGB", "GBRG"])
+def test_debayer_window_is_the_whole_mosaics(method, pattern):
+    cfa = mosaic()
+    full = debayer(cfa, pattern, method)
+    for rows, cols in [((0, 9), (0, W)), ((57, 99), (33, 151)), ((291, 300), (409, 420)), ((1, 2), (5, 6))]:
+        win, a, p = debayer_window(cfa, pattern, method, rows, cols)
+        assert a <= rows[0] and p <= cols[0]
+        got = win[:, rows[0] - a:rows[1] - a, cols[0] - p:cols[1] - p]
+        np.testing.assert_allclose(got, full[:, rows[0]:rows[1], cols[0]:cols[1]], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("angle", [0.0, 0.03, 12.0, 45.0, 90.0, 180.0, -33.0])
+def test_blocks_are_the_warped_demosaic(angle, interpolation):
+    """Same values and the same footprint (NaN outside) as debayer + warp, whatever the rotation — also when a
+    block is made in column segments (the steep rotations)."""
+    cfa = mosaic()
+    m = geometry.similarity(1.0, angle, 2.3, -1.7, center=(W / 2, H / 2))
+    want = warp(debayer(cfa, "RGGB", "mhc"), m, (H, W), interpolation=interpolation)
+    got = by_blocks(FrameOnGrid(cfa, m, (H, W), interpolation=interpolation, pattern="RGGB", debayer="mhc"))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    inside = np.isfinite(want)
+    assert inside.mean() > 0.3
+    # OpenCV rounds source positions to 1/32 px from the map's own origin: a block's origin moves a few
+    # positions across a rounding boundary (a difference far below the noise of 10)
+    assert np.abs(got - want)[inside].max() < 0.5
+    assert np.abs(got - want)[inside].mean() < 1e-3
+
+
+def test_on_grid_blocks_are_the_demosaic_and_planes_pass_through():
+    cfa = mosaic()
+    got = by_blocks(FrameOnGrid(cfa, geometry.identity(), (H, W), interpolation="bilinear", pattern="GRBG",
+                                debayer="mhc"), rows=50)
+    np.testing.assert_allclose(got, debayer(cfa, "GRBG", "mhc"), rtol=0, atol=1e-3)
+    planes = np.stack([cfa, cfa + 1])
+    f = FrameOnGrid(planes, geometry.identity(), (H, W), interpolation="bilinear")
+    rows = f.rows(10, 20)
+    assert all(np.shares_memory(r, planes) for r in rows)
+    m = geometry.similarity(1.0, 3.0, 1.5, 0.5, center=(W / 2, H / 2))
+    want = warp(planes, m, (H, W), interpolation="bilinear")
+    got = by_blocks(FrameOnGrid(planes, m, (H, W), interpolation="bilinear"))
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.nanmax(np.abs(got - want)) < 0.5
+
+
+def test_a_block_beyond_the_frame_is_all_outside():
+    cfa = mosaic()
+    m = geometry.similarity(1.0, 0.0, 0.0, 250.0)        # the frame covers the last 50 grid rows only
+    f = FrameOnGrid(cfa, m, (H, W), interpolation="bilinear", pattern="RGGB", debayer="bilinear")
+    assert np.isnan(np.stack(f.rows(0, 64))).all()
+    assert np.isfinite(np.stack(f.rows(260, 290))[:, :, :-1]).all()     # (the last column's taps leave it)
+
+
+@pytest.mark.parametrize("method", ["mhc", "bilinear"])
+def test_centroids_on_demosaiced_patches_are_the_whole_images(method):
+    cfa = mosaic(3)
+    rng = np.random.default_rng(0)
+    peaks = np.argwhere(cfa > 800)                       # the stars' brightest pixels
+    start = peaks[:, ::-1].astype(float) + rng.normal(0, 0.3, peaks.shape)
+    want = refine_centroids(debayer(cfa, "BGGR", method), start, 2.6)
+    got = refine_demosaiced(cfa, "BGGR", method, start, 2.6)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    assert (np.abs(got - start).sum(axis=1) > 0).mean() > 0.8       # most were refined
+
+
+@pytest.mark.parametrize("pattern", ["RGGB", "GBRG", "BGGR", "GRBG"])
+def test_normalising_the_mosaic_then_demosaicing_is_normalising_the_demosaic(pattern):
+    cfa = mosaic(5)
+    plane = np.array([[50, 1e-2, -2e-2], [90, 2e-2, 1e-2], [30, -1e-2, 3e-2]])
+    ref = np.array([[51, 1.1e-2, -2e-2], [88, 2.2e-2, 1e-2], [31, -1e-2, 2e-2]])
+    m = geometry.similarity(1.0, 0.4, 3.0, -2.0, center=(W / 2, H / 2))
+    want = debayer(cfa, pattern, "mhc")
+    normalize_inplace(want, plane, 0.9, ref, m)
+    got = cfa.copy()
+    normalize_mosaic(got, pattern, plane, 0.9, ref, m)
+    got = debayer(got, pattern, "mhc")
+    # exact inside; the mosaic's reflected border rows and columns are not linear
+    np.testing.assert_allclose(got[:, 2:-2, 2:-2], want[:, 2:-2, 2:-2], rtol=0, atol=2e-3)
