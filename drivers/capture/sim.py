@@ -14,15 +14,21 @@ import sys
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
-
-from drivers.simulator import SimConfig, render_frame, write_dng, write_fits
-from drivers.simulator.camera import parse_defects
+from typing import TYPE_CHECKING
 
 from .common import (CapturePlan, Stop, add_plan_arguments, frame_name, module_main, run_capture, run_plan,
                      start_capture)
 
+# drivers.simulator (numpy, scipy, astropy: ~0.7 s) is imported when frames are made, not when `livestack`
+# builds its command line (every command does, and this module gives `capture sim` its arguments)
+if TYPE_CHECKING:
+    from drivers.simulator import SimConfig
+
+
 def sim_config(plan: CapturePlan, base: SimConfig | None = None) -> SimConfig:
     """`base` (default SimConfig()) with the plan's exposure and gain, starting now (UTC)."""
+    from drivers.simulator import SimConfig
+
     base = base or SimConfig()
     changes: dict = {"start": datetime.now(timezone.utc).replace(tzinfo=None, microsecond=0).isoformat()}
     if plan.exposure > 0:
@@ -37,6 +43,8 @@ def capture(plan: CapturePlan, base: SimConfig | None = None, stop: Stop | None 
     """Render and write frames of plan.kind, plan.count of them (or until `stop`), plan.interval s apart.
     The frame index (and so the simulated drift and rotation) continues after files already in the folder.
     Returns the written paths in order. Usable from a thread: pass a Stop and call stop.stop()."""
+    from drivers.simulator import render_frame, write_dng, write_fits
+
     cfg = sim_config(plan, base)
     stop = stop or Stop()
     ext = ".dng" if cfg.fmt == "dng" else ".fits"
@@ -74,6 +82,9 @@ def run(args) -> int:
     plan = start_capture("sim", args, no_binning="the simulator does not bin")
     if plan is None:
         return 2
+    from drivers.simulator import SimConfig
+    from drivers.simulator.camera import parse_defects
+
     try:
         base = SimConfig(width=args.width, height=args.height, fmt=args.format, mono=args.mono, seed=args.seed,
                          rotation_deg=args.rotation_deg, dither_px=args.dither_px,

@@ -1,0 +1,60 @@
+"""FITS written without astropy (write.py formats the plain cards itself): the bytes astropy writes, read back by
+astropy, and astropy still formats what needs more than one card."""
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from livestack.engine.write import header_bytes, write_fits, write_fits_blocks
+
+CARDS = [("NCOMBINE", 12, "frames combined"), ("EXPTIME", 720.125, "[s] total exposure of combined frames"),
+         ("DATE-OBS", "2026-11-28T21:03:04.500", "start of the first combined frame"),
+         ("BAYERPAT", "RGGB", "CFA pattern of the source (stack is RGB)"), ("KAPPA", 3.0, ""),
+         ("SOFTWARE", "livestack 0.9", ""), ("FLAG", False, ""), ("NEG", -7, "a negative"),
+         ("CRVAL1", 189.99763298743, "[deg] RA"), ("CDELT2", 1.234567890123e-05, ""), ("BIG", 6.02214076e+23, ""),
+         ("TINY", -1e-300, ""), ("QUOTE", "it's", ""), ("EMPTY", "", ""), ("LONGNUM", 0.1 + 0.2, ""),
+         ("FILTREF", "x" * 60, ""), ("COMMENT", "sum of frame weights per pixel (reference frame = 1)", ""),
+         ("NCOUNT", np.int64(5), ""), ("NPFLOAT", np.float32(0.1), "numpy float"), ("NPBOOL", np.bool_(True), ""),
+         ("EXP5", 1e-05, ""), ("E16", 1e16, ""), ("CUT", 1.2345678901234567e-100, "mantissa cut"),
+         ("BIGINT", 2 ** 62, "")]
+
+
+def test_plain_cards_are_the_bytes_astropy_writes():
+    assert header_bytes(CARDS) == fits.Header(CARDS).tostring().encode("ascii")
+    long_comment = [("LONGCOM", 1.5, "c" * 75)]          # cut at the card's end, as astropy does (it warns)
+    with pytest.warns(fits.verify.VerifyWarning, match="comment will be truncated"):
+        want = fits.Header(long_comment).tostring().encode("ascii")
+    assert header_bytes(long_comment) == want
+
+
+@pytest.mark.parametrize("card", [("LONGSTR", "y" * 90, "a value of two cards"), ("HIERARCH ESO DET", 1, ""),
+                                  ("NAN", float("nan"), "")])
+def test_what_needs_more_than_a_card_is_astropys(card):
+    if card[0] == "NAN":
+        with pytest.raises(ValueError):     # astropy refuses NaN: so does the writer
+            header_bytes([card])
+        return
+    got = header_bytes([("A", 1, "")] + [card])
+    assert got == fits.Header([("A", 1, "")] + [card]).tostring().encode("ascii")
+
+
+def test_a_stack_file_reads_back(tmp_path):
+    rng = np.random.default_rng(0)
+    img = rng.normal(100, 5, (3, 37, 51)).astype(np.float32)
+    weight = rng.uniform(0, 9, (37, 51)).astype(np.float32)
+    hdr = {k: (v, c) for k, v, c in CARDS if k != "COMMENT"}
+    write_fits(tmp_path / "s.fits", img, hdr, weight=weight)
+    with fits.open(tmp_path / "s.fits") as f:
+        f.verify("exception")
+        np.testing.assert_array_equal(f[0].data, img)
+        np.testing.assert_array_equal(f["WEIGHT"].data, weight)
+        assert f[0].header["NCOMBINE"] == 12 and f[0].header["QUOTE"] == "it's"
+        assert f[0].header["CDELT2"] == 1.234567890123e-05 and f[0].header["FLAG"] is False
+    write_fits(tmp_path / "m.fits", img[:1], {"A": (1, "")})
+    with fits.open(tmp_path / "m.fits") as f:
+        assert f[0].data.shape == (37, 51) and len(f) == 1
+
+
+def test_a_short_image_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="image of 10 values, expected 20"):
+        write_fits_blocks(tmp_path / "s.fits", (4, 5), [np.zeros((2, 5), np.float32)], {})
+    assert not list(tmp_path.iterdir())
