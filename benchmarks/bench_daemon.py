@@ -1,12 +1,13 @@
 """The daemon's latency and backlog rate: from a file landing in the capture folder to the page's preview
 showing it, and how fast a backlog goes.
 
-    python benchmarks/bench_daemon.py --frames DIR [--settle 1.0] [--live 4] [--config livestack.toml]
+    python benchmarks/bench_daemon.py --frames DIR [--settle 1.0] [--live 8] [--gap 3] [--config livestack.toml]
 
 DIR holds simulated or real frames (e.g. `python -m drivers.simulator DIR --frames 8 --width 6000 --height 4000
 --format dng`).  Live: the first --live frames are dropped into the watched folder one at a time (written to a
-hidden name, then renamed, as capture programs do), each after the previous one is on the page; the time from
-the rename to the status's new preview_id is printed, split into the watcher's settle time and the rest.
+hidden name, then renamed, as capture programs do), each --gap seconds after the daemon is idle again (a night's
+exposures: the writes a frame owes — stack.fits, a checkpoint — are done before the next one lands); the time
+from the rename to the status's new preview_id is printed, split into the watcher's settle time and the rest.
 Backlog: then all frames at once into a fresh session; frames per second until the last is stacked.  Prints
 figures; asserts nothing.
 """
@@ -45,7 +46,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", required=True, help="folder of frames")
     ap.add_argument("--settle", type=float, default=1.0, help="[watch] settle_s (default 1.0, as shipped)")
-    ap.add_argument("--live", type=int, default=4, help="frames dropped one at a time")
+    ap.add_argument("--live", type=int, default=8, help="frames dropped one at a time")
+    ap.add_argument("--gap", type=float, default=3.0, help="seconds between the daemon's idle and the next frame")
     ap.add_argument("--config", help="livestack.toml for the engine settings")
     args = ap.parse_args()
 
@@ -71,6 +73,7 @@ def main() -> int:
         print(f"live frame {i}: {lat[-1]:.2f} s from the rename to the preview on the page")
         while svc.status()["state"] != "idle":      # stack.fits, checkpoint: after the preview, not counted
             time.sleep(0.01)
+        time.sleep(args.gap)
     svc.stop(timeout=60)
 
     # backlog
@@ -87,11 +90,12 @@ def main() -> int:
     svc.stop(timeout=60)
     shutil.rmtree(root, ignore_errors=True)
 
-    steady = lat[3:] or lat[1:] or lat
+    steady = sorted(lat[3:] or lat[1:] or lat)
     print()
     print(f"{len(files)} frames from {args.frames}; {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}; [watch] settle_s {args.settle}")
-    print(f"live, after the bootstrap: {', '.join(f'{x:.2f}' for x in steady)} s from the rename to the page "
+    print(f"live, after the bootstrap: median {steady[len(steady) // 2]:.2f} s (all: "
+          f"{', '.join(f'{x:.2f}' for x in steady)}) from the rename to the page "
           f"(of it the watcher's settle time: {min(args.settle, 0.25):.2f} s for a file whose layout shows a whole "
           f"image (FITS, DNG …), else {args.settle:.2f} s)")
     print(f"backlog of {len(files)}: {backlog:.1f} s from start to the last frame stacked, "

@@ -4,6 +4,7 @@
                                      [--debayer mhc|bilinear|superpixel] [--interpolation bilinear|bicubic|lanczos]
                                      [--no-read-ahead] [--cpus 0]
     python benchmarks/bench_frame.py --commands [--siril] [--repeat 3] [--cpus 0] [--keep DIR] …
+    python benchmarks/bench_frame.py --keep DIR --night 1000
 
 Frames are rendered by the simulator in a separate process first, so the peak RSS printed is the stacking
 process's own.  The engine runs in this process with the allocator settings `livestack` uses (memory.py).
@@ -13,7 +14,9 @@ process's own.  The engine runs in this process with the allocator settings `liv
 rej s 3 3 -norm=addscale -weighted; HOME in a temp folder) — alternating, --repeat times.  For each run: wall
 seconds, user + system CPU seconds (the command and its children, from wait4) and the peak RSS of the whole
 process tree (sampled every 50 ms from /proc).  --cpus pins to those CPUs (e.g. 0: one core, as `taskset -c 0`).
-Prints figures; asserts nothing.
+--night N: a long night — N frames through one engine, cycling through the rendered files (each pass stacks
+them again: the stack's memory is what is measured), the process's resident memory printed every N/10 frames
+and its peak at the end.  Prints figures; asserts nothing.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ def main() -> int:
     ap.add_argument("--commands", action="store_true", help="time whole `livestack stack` runs (see above)")
     ap.add_argument("--siril", action="store_true", help="with --commands: also Siril on the same frames")
     ap.add_argument("--repeat", type=int, default=3, help="with --commands: runs of each, alternating")
+    ap.add_argument("--night", type=int, default=0, help="N frames through one engine, cycling (see above)")
     args = ap.parse_args()
     cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
 
@@ -75,6 +79,8 @@ def main() -> int:
                                                               interpolation=args.interpolation,
                                                               read_ahead=not args.no_read_ahead))
     eng = Engine(cfg)
+    if args.night:
+        return long_night(eng, files, args.night)
     rows = []
     for i, f in enumerate(files):
         rec = eng.process(f, next_path=files[i + 1] if i + 1 < len(files) else None)   # as `livestack stack`
@@ -107,6 +113,28 @@ def main() -> int:
     print(f"bootstrap combine (once, before frame {boot + 1}): {once:.2f} s")
     print(f"snapshot (stack.fits + preview.jpg): {snap:.2f} s")
     print(f"peak RSS: {peak_mb:.0f} MB")
+    return 0
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def long_night(eng, files, n: int) -> int:
+    """n frames through ``eng``, cycling through ``files``; resident memory every n/10 frames, then the peak."""
+    t0 = time.perf_counter()
+    every = max(1, n // 10)
+    stacked = 0
+    for i in range(n):
+        rec = eng.process(files[i % len(files)], next_path=files[(i + 1) % len(files)] if i + 1 < n else None)
+        stacked += rec.status in ("reference", "stacked")
+        if (i + 1) % every == 0 or i + 1 == n:
+            print(f"frame {i + 1:5d}: RSS {rss_mb():6.0f} MB, peak so far "
+                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:6.0f} MB, "
+                  f"{(time.perf_counter() - t0) / (i + 1):.3f} s/frame", flush=True)
+    print(f"{stacked} of {n} frames stacked; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}"
+          f" MB; {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     return 0
 
 

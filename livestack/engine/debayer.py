@@ -162,14 +162,15 @@ def _bilinear_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarra
 
 
 def debayer_window(cfa: np.ndarray, pattern: str, method: str, rows: tuple[int, int], cols: tuple[int, int],
-                   tmp: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+                   tmp: np.ndarray | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
     """At least the rows ``rows`` = (r0, r1) and columns ``cols`` = (c0, c1) of debayer(cfa, pattern, method),
     with the same values as the whole mosaic's (the kernels read the mosaic around the window; only the
     mosaic's own edges are reflected), without demosaicing the rest.  Returns a new float32 (3, m, n) array
     and the mosaic row and column of its first pixel (≤ r0, ≤ c0: the window starts on the CFA's phase and
     is widened by the kernels' reach along the rows; the columns of that widening are reflected, not the
     mosaic's: use rows r0:r1 and columns c0:c1).  ``tmp``: float32 scratch, reused when it holds at least
-    4 × (m + 2·reach) × n values."""
+    4 × (m + 2·reach) × n values; ``out``: float32 memory for the result, used when it holds 3 × m × n values
+    (the array returned is then a view of it)."""
     reach = REACH[method]
     h, w = cfa.shape
     r0, r1 = rows[0] & ~1, rows[1]
@@ -181,7 +182,9 @@ def debayer_window(cfa: np.ndarray, pattern: str, method: str, rows: tuple[int, 
     if tmp is None or tmp.size < need:
         tmp = np.empty(need, np.float32)
     tmp = tmp.reshape(-1)[:need].reshape(4, -1, n)
-    out = np.empty((3, r1 - r0, n), np.float32)
+    size = 3 * (r1 - r0) * n
+    out = out.reshape(-1)[:size].reshape(3, r1 - r0, n) if out is not None and out.size >= size \
+        else np.empty((3, r1 - r0, n), np.float32)
     (_mhc_band if method == "mhc" else _bilinear_band)(sub, r0 - a, r1 - a, colour_offsets(pattern), out, tmp)
     return out, r0, p
 

@@ -232,6 +232,11 @@ class Grid:
         return warp(lum[None], half, self.cells, interpolation=interpolation,
                     out=None if out is None else out[None])[0]
 
+    @staticmethod
+    def needs_mask(points: np.ndarray | None) -> bool:
+        """Whether saturated() takes the frame's mask, not only its ``points`` (very many: the Moon)."""
+        return points is not None and len(points) > SPARSE_SATURATED
+
     def saturated(self, frame: Frame, points: np.ndarray | None, matrix: np.ndarray, *, interpolation: str,
                   warped: bool = True):
         """The grid pixels that saturated samples feed (through the debayer and, when ``warped``, the warp by
@@ -239,7 +244,7 @@ class Grid:
         give.  ``points``: cv2.findNonZero's (x, y) of the CFA samples, or None."""
         if points is None:
             return None
-        if len(points) > SPARSE_SATURATED:
+        if self.needs_mask(points):
             sat = debayer_mask(frame.saturated, frame.pattern,
                                "bilinear" if self.drizzled else self.debayer or "bilinear")
             return warp_mask(sat, matrix, self.shape) if warped else sat

@@ -145,12 +145,7 @@ def normalize_inplace(img: np.ndarray, plane: np.ndarray, scale: float, ref_plan
             x += rows[r0:r1, None]
             x += cols[None, :]
 
-    starts = list(range(0, h, block_rows))
-    if parallel_map is not None:
-        parallel_map(block, starts)
-    else:
-        for r0 in starts:
-            block(r0)
+    _by_blocks(block, h, block_rows, parallel_map)
 
 
 def normalize_mosaic(cfa: np.ndarray, pattern: str | None, plane: np.ndarray, scale: float, ref_plane: np.ndarray,
@@ -192,6 +187,11 @@ def normalize_mosaic(cfa: np.ndarray, pattern: str | None, plane: np.ndarray, sc
                 offset += at0[None]
                 cv2.scaleAdd(rows, float(scale), offset, dst=rows)
 
+    _by_blocks(block, h, block_rows, parallel_map)
+
+
+def _by_blocks(block, h: int, block_rows: int, parallel_map) -> None:
+    """block(r0) for each block of ``block_rows`` rows of ``h``, on ``parallel_map``'s threads when given."""
     starts = list(range(0, h, block_rows))
     if parallel_map is not None:
         parallel_map(block, starts)

@@ -1,11 +1,12 @@
 """Engine.process(path) -> FrameRecord: the stages, in order, for one frame.
 
-    read -> calibrate -> stars & quality -> debayer -> register -> judge -> normalise -> warp -> stack
+    read -> calibrate -> stars & quality -> register -> judge -> normalise -> demosaic + warp + stack
 
 The Engine routes: the session's Grid (chosen at the reference frame: mono, Bayer full resolution or
-superpixel) says how a frame's pixels reach the stacks, the reference stars (shared by every filter) say where
-a frame lies on the grid, and the frame's filter picks the FilterStack that judges, normalises, weights and
-stacks it.  Frame-sized working buffers are allocated once and reused: a fresh 24 MP plane costs ~0.15 s of
+superpixel) says how a frame's pixels reach the stacks (a Bayer mosaic is demosaiced and warped a block of
+grid rows at a time as its stack adds them: render.py), the reference stars (shared by every filter) say
+where a frame lies on the grid, and the frame's filter picks the FilterStack that judges, normalises, weights
+and stacks it.  Frame-sized working buffers are allocated once and reused: a fresh 24 MP plane costs ~0.15 s of
 page faults before any work is done.  Outputs (stack files, preview, composite) are written by ``outputs.py``;
 the checkpoint format is the session's (``session.py``): the engine gives and takes its state as plain values.
 """
@@ -273,6 +274,10 @@ class Engine:
                 raise FrameError(path, reason)
             f.masters = self.masters.select(frame) if self.masters is not None else None
             f.cfa, f.calibration = calibrate(frame, f.masters, cfg.cosmetic, inplace=True)
+            if frame.saturated is not None:     # as points; the mask (24 MB at 24 MP) only when they are many
+                f.sat_cfa = nonzero_xy(frame.saturated.view(np.uint8))
+                if not grid.needs_mask(f.sat_cfa):
+                    frame.saturated = None
             lap("calibrate")
             f.plane_cfa, noise = sky_model(f.cfa, frame.pattern)
             if np.isfinite(frame.white):
@@ -319,7 +324,7 @@ class Engine:
         self._lap("centroids")
         rec.stars, rec.fwhm, rec.eccentricity = q.stars, _r(q.fwhm, 3), _r(q.eccentricity, 3)
         rec.background, rec.noise = _r(float(sky.mean()), 3), _r(float(noise.mean()), 4)
-        sat_cfa = None if frame.saturated is None else nonzero_xy(frame.saturated.view(np.uint8))
+        sat_cfa = front.sat_cfa
         rec.saturated_pixels = 0 if sat_cfa is None else len(sat_cfa)
         q = Quality(q.stars, q.fwhm, q.eccentricity, float(sky.mean()), float(noise.mean()))
 
@@ -600,6 +605,7 @@ class _Front:
     stars: Stars | None = None
     q: Quality | None = None
     lum: np.ndarray | None = None
+    sat_cfa: np.ndarray | None = None    # (N, 2) (x, y) of the saturated samples, or None
     error: FrameError | None = None
     timings: dict = field(default_factory=dict)
 

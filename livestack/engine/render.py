@@ -9,8 +9,8 @@ block warped with the same map and footprint.
 
 The window a block needs: its corners mapped back onto the frame, plus the interpolation's reach.  When the
 frame is rotated against the grid a full-width block would need a tall window (a 10° rotation of a 6000 px
-wide frame: 1000 rows for a block of 64), so the block is made in column segments whose windows stay about
-as tall as the block; a meridian flip (180°) or a drift needs no segments.
+wide frame: 1000 rows for a block of 64), so a rotated frame is made in squares of 256 × 256 grid pixels,
+whose windows are the least demosaicing for their area; a meridian flip (180°) or a drift needs none.
 """
 from __future__ import annotations
 
@@ -25,12 +25,17 @@ from .debayer import debayer_window
 from .warp import INTERPOLATIONS, REACH, footprint_rows, outside_index
 
 _local = threading.local()      # each worker thread's demosaic scratch (reused from block to block)
+BLOCK_ROWS = 64                 # grid rows a block (even): a 24 MP colour block is 4.6 MB, made in the cache
+ROTATED_BLOCK_ROWS = 256        # … of a rotated frame, made in squares (see FrameOnGrid.__init__)
 
 
 class FrameOnGrid:
     """``rows(r0, r1)``: grid rows r0:r1 of a frame, as a list of C float32 (r1 - r0, w) arrays, NaN outside its
-    footprint — new arrays (the stack modifies them), or views of ``src`` when the frame is already on the
-    grid (then ``src`` is modified too).  Thread-safe: blocks are made on the stack's worker threads.
+    footprint — views of the calling thread's own work memory, valid until its next call (the stack modifies
+    them), or views of ``src`` when the frame is already on the grid (then ``src`` is modified too).
+    Thread-safe: blocks are made on the stack's worker threads, each into memory it keeps from block to block
+    (no heap traffic of a few MB a block: freed blocks interleaved across threads grew the heap's high-water
+    mark by tens of MB over a night).
 
     ``src``: a (H, W) Bayer mosaic with ``pattern`` and ``debayer`` ("bilinear" or "mhc"), or (C, H, W)
     planes (mono, or a superpixel image) with ``pattern`` None; ``matrix``: (2, 3) frame pixel -> grid pixel;
@@ -53,17 +58,25 @@ class FrameOnGrid:
         self.inv = geometry.invert(self.matrix)
         if not self.on_grid:
             self.x0, self.x1 = footprint_rows(self.matrix, self.src_hw, self.shape, reach=REACH[interpolation])
-        self.taps = int(math.ceil(REACH[interpolation]))     # source px either side of a position it reads
+        self.taps = math.ceil(REACH[interpolation])     # source px either side of a position it reads
+        # A block's window grows with the rotation: the whole grid width spans w·|dy/dx| source rows (0.5° of a
+        # 6000 px frame: 52, nearly doubling a 64-row block's demosaic).  Beyond 8 such rows the frame is made in
+        # squares of 256 × 256 grid pixels, whose windows are (1 + sin 2θ) times their area — the least for a
+        # square; 256 keeps the per-square overhead small (~400 squares at 24 MP).  The stack adds rows in blocks
+        # of block_rows.
+        self.rotated = not self.on_grid and abs(float(self.inv[1, 0])) * self.shape[1] > 8
+        self.block_rows = ROTATED_BLOCK_ROWS if self.rotated else BLOCK_ROWS
 
     def rows(self, r0: int, r1: int) -> list[np.ndarray]:
-        h, w = self.shape
+        w = self.shape[1]
         if self.on_grid:
             if not self.mosaic:
                 return [self.src[c, r0:r1] for c in range(self.channels)]
             img, a, p = debayer_window(self.src, self.pattern, self.method, (r0, r1), (0, w),
-                                       _scratch(r1 - r0, w))
+                                       _scratch(r1 - r0, w), _window(r1 - r0, w))
             return list(img[:, r0 - a:, p:p + w])
-        out = np.empty((self.channels, r1 - r0, w), np.float32)
+        out = _work("out", self.channels * (r1 - r0) * w)[: self.channels * (r1 - r0) * w]
+        out = out.reshape(self.channels, r1 - r0, w)
         for c0, c1 in self._segments(r0, r1):
             self._segment(out[:, :, c0:c1], r0, r1, c0, c1)
         idx = outside_index(self.x0[r0:r1], self.x1[r0:r1], w)
@@ -73,15 +86,10 @@ class FrameOnGrid:
         return list(out)
 
     def _segments(self, r0: int, r1: int):
-        """Column ranges of the grid rows r0:r1 made one at a time: the whole width unless the frame's rows
-        run steeply across the grid's (rotation), then segments whose source windows are about as tall as
-        the block (a segment of n columns spans n·|dy/dx| source rows)."""
+        """Column ranges of the grid rows r0:r1 made one at a time: the whole width, or for a rotated frame
+        squares as wide as the block (see block_rows)."""
         w = self.shape[1]
-        slope = abs(float(self.inv[1, 0]))         # source rows per grid column along a grid row
-        if slope * w <= max(r1 - r0, 16):
-            yield 0, w
-            return
-        n = max(64, int((r1 - r0) / slope) & ~1)
+        n = w if not self.rotated else self.block_rows
         for c0 in range(0, w, n):
             yield c0, min(w, c0 + n)
 
@@ -99,7 +107,7 @@ class FrameOnGrid:
             return
         if self.mosaic:
             win, a, p = debayer_window(self.src, self.pattern, self.method, (ya, ye), (xa, xe),
-                                       _scratch(ye - ya, xe - xa))
+                                       _scratch(ye - ya, xe - xa), _window(ye - ya, xe - xa))
         else:
             win, a, p = self.src[:, ya:ye, xa:xe], ya, xa
         # window pixel (u, v) is frame (u + p, v + a); the segment's pixel (X, Y) is grid (X + c0, Y + r0)
@@ -111,11 +119,22 @@ class FrameOnGrid:
 
 
 
+def _work(name: str, size: int) -> np.ndarray:
+    """This thread's float32 work memory ``name``, at least ``size`` values (grown when a block needs more)."""
+    buf = getattr(_local, name, None)
+    if buf is None or buf.size < size:
+        buf = np.empty(size, np.float32)
+        setattr(_local, name, buf)
+    return buf
+
+
+def _window(rows: int, cols: int) -> np.ndarray:
+    """This thread's memory for a demosaiced window of rows × cols (debayer_window widens it by a phase row and
+    the kernels' reach and phase columns)."""
+    return _work("window", 3 * (rows + 2) * (cols + 6))
+
+
 def _scratch(rows: int, cols: int) -> np.ndarray:
     """This thread's demosaic scratch, enough for a window of rows × cols (debayer_window's four kernel
     results with their reach and phase rows)."""
-    need = 4 * (rows + 8) * (cols + 8)
-    t = getattr(_local, "tmp", None)
-    if t is None or t.size < need:
-        t = _local.tmp = np.empty(need, np.float32)
-    return t
+    return _work("tmp", 4 * (rows + 8) * (cols + 8))

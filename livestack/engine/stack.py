@@ -114,15 +114,16 @@ def _to_float16(x: np.ndarray, out: np.ndarray) -> None:
     cv2.add(x, 0.0, dst=out, dtype=cv2.CV_16F)
 
 
-# Rows per block of the full-resolution pass (even: a block starts on a cell row).  A block of a 24 MP colour
-# frame (3 × 64 rows × 6000 px, 4.6 MB) is demosaiced, warped and added while it stays in the cache.
+# Rows per block of the full-resolution pass (even: a block starts on a cell row), unless the frame's source
+# says (render.FrameOnGrid.block_rows).  A block of a 24 MP colour frame (3 × 64 rows × 6000 px, 4.6 MB) is
+# demosaiced, warped and added while it stays in the cache.
 BLOCK_ROWS = 64
 
 
-def _blocks(n: int, span: tuple[int, int] | None = None) -> list[tuple[int, int]]:
-    """[(r0, r1)] blocks of BLOCK_ROWS rows of n (of the rows span = (a, b) only: a a multiple of BLOCK_ROWS)."""
+def _blocks(n: int, span: tuple[int, int] | None = None, rows: int = BLOCK_ROWS) -> list[tuple[int, int]]:
+    """[(r0, r1)] blocks of ``rows`` rows of n (of the rows span = (a, b) only: a a multiple of ``rows``)."""
     a, b = (0, n) if span is None else (span[0], min(n, span[1]))
-    return [(r0, min(b, r0 + BLOCK_ROWS)) for r0 in range(a, b, BLOCK_ROWS)]
+    return [(r0, min(b, r0 + rows)) for r0 in range(a, b, rows)]
 
 
 COMBINE_ROWS = 8 * BLOCK_ROWS     # rows of the bootstrap's combination added from every frame at a time
@@ -310,7 +311,7 @@ class RunningStack:
                     for c, x in enumerate(rows(*r)):
                         _to_float16(x, frame16[c, r[0]:r[1]])
 
-                self.parallel_map(to16, _blocks(self.shape[1]))
+                self.parallel_map(to16, _blocks(self.shape[1], rows=getattr(channel, "block_rows", BLOCK_ROWS)))
             b = cells - self.sky_lum
             if self.spill_dir is not None:
                 b = self._new(b.shape, b.dtype, like=b)
@@ -592,7 +593,7 @@ class RunningStack:
                 np.copyto(x, 0, where=invalid)
                 cv2.scaleAdd(x, w_frame, sums[c, r0:r1], dst=sums[c, r0:r1])
 
-        self.parallel_map(block, _blocks(h, span))
+        self.parallel_map(block, _blocks(h, span, getattr(channel, "block_rows", BLOCK_ROWS)))
 
     def _accumulate_covered(self, channel, bad_cells, weight, saturated, sums, wsum, span=None) -> None:
         """_accumulate_pixels with a weight per channel and pixel: W_c += w·a_c and S_c += w·a_c·x_c where the

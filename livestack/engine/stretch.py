@@ -35,11 +35,16 @@ class StretchParams:
 
 
 def reduce(img: np.ndarray, max_size: int) -> np.ndarray:
-    """(C, H, W) -> (C, h, w) float32 with max(h, w) <= max_size, area-averaged (noise falls, stars stay)."""
+    """(C, H, W) -> (C, h, w) float32 with max(h, w) <= max_size, area-averaged (noise falls, stars stay).
+
+    By a whole factor when that keeps at least 3/4 of ``max_size``: OpenCV averages whole blocks 4× faster
+    (a 24 MP plane to 1500 px: 13 ms, to 1600 px: 45–58 ms; the live preview reduces four after every frame)."""
     c, h, w = img.shape
     f = max(h, w) / max_size
     if f <= 1:
         return img.astype(np.float32, copy=True)
+    if max(h, w) / np.ceil(f) >= 0.75 * max_size:
+        f = float(np.ceil(f))
     size = (max(1, round(w / f)), max(1, round(h / f)))
     return np.stack([cv2.resize(img[i], size, interpolation=cv2.INTER_AREA) for i in range(c)])
 

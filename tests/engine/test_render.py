@@ -105,3 +105,31 @@ def test_normalising_the_mosaic_then_demosaicing_is_normalising_the_demosaic(pat
     got = debayer(got, pattern, "mhc")
     # exact inside; the mosaic's reflected border rows and columns are not linear
     np.testing.assert_allclose(got[:, 2:-2, 2:-2], want[:, 2:-2, 2:-2], rtol=0, atol=2e-3)
+
+
+@pytest.mark.parametrize("angle", [0.0, 0.01, 30.0])
+def test_a_stack_fed_by_blocks_is_the_one_fed_whole_planes(angle):
+    """Through RunningStack: the bootstrap's buffer and the streaming sums, saturated points included, whether a
+    frame comes as whole warped planes or as blocks (256-row squares for a rotated frame)."""
+    from livestack.engine.stack import RunningStack, StackParams, bin2
+
+    cfa = mosaic(7)
+    m = geometry.similarity(1.0, angle, 1.3, -0.6, center=(W / 2, H / 2))
+    f = FrameOnGrid(cfa, m, (H, W), interpolation="bilinear", pattern="RGGB", debayer="mhc")
+    assert f.block_rows == (256 if angle > 1 else 64)
+    results = []
+    for whole in (True, False):
+        st = RunningStack((3, H, W), np.array([100.0, 100, 100]), StackParams(threads=2, bootstrap=2),
+                          lum_weights=[0.25, 0.5, 0.25], cell_samples=[1, 2, 1])
+        for k in range(4):
+            planes = warp(debayer(cfa + k, "RGGB", "mhc"), m, (H, W), interpolation="bilinear")
+            cells = bin2(0.25 * planes[0] + 0.5 * planes[1] + 0.25 * planes[2])
+            sat = (np.array([10, 200, 201]), np.array([50, 300, 300]))
+            src = (lambda c, p=planes: p[c]) if whole else \
+                FrameOnGrid(cfa + k, m, (H, W), interpolation="bilinear", pattern="RGGB", debayer="mhc")
+            st.add_channels(cells, src, 1.0 + k, np.full(3, 10.0), saturated=sat)
+        results.append(st.result())
+        st.close()
+    (a, wa), (b, wb) = results
+    np.testing.assert_array_equal(wa, wb)
+    assert np.abs(a - b).max() < 0.5 and np.abs(a - b).mean() < 1e-3     # (OpenCV's 1/32 px rounding, above)
