@@ -95,9 +95,9 @@ def main() -> int:
     print(f"{len(files)} frames from {args.frames}; {platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}; [watch] settle_s {args.settle}")
     print(f"live, after the bootstrap: median {steady[len(steady) // 2]:.2f} s (all: "
-          f"{', '.join(f'{x:.2f}' for x in steady)}) from the rename to the page "
-          f"(of it the watcher's settle time: {min(args.settle, 0.25):.2f} s for a file whose layout shows a whole "
-          f"image (FITS, DNG …), else {args.settle:.2f} s)")
+          f"{', '.join(f'{x:.2f}' for x in steady)}) from the rename to the page (the watcher hands on a whole "
+          f"file renamed into place at once; one written in place after 0.25 s when its layout shows a whole "
+          f"image, else after [watch] settle_s, {args.settle:.2f} s)")
     print(f"backlog of {len(files)}: {backlog:.1f} s from start to the last frame stacked, "
           f"{backlog / len(files):.2f} s per frame (includes the start, the reference and the bootstrap)")
     return 0

@@ -84,3 +84,31 @@ def test_a_fits_cut_short_is_not_read_early(tmp_path):
     dt, item = _first_ready(watch, WP, drop)
     assert item.reason is None and dt >= 1.0       # taken only once whole
     assert (watch / "a.fits").stat().st_size == len(data)
+
+
+def test_a_whole_frame_renamed_into_place_is_read_at_once(tmp_path, daemon_night):
+    """Written under a hidden name, then moved in (what capture programs do): no settle time when the layout is
+    whole; the same file copied in place still waits settle_complete_s."""
+    src = daemon_night[0][0]
+    wp = WatchParams(settle_s=6.0, settle_complete_s=3.0, timeout_s=30.0, rescan_s=0.5)
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    shutil.copy(src, watch / f".{src.name}.part")
+    dt, item = _first_ready(watch, wp, lambda: (watch / f".{src.name}.part").rename(watch / src.name))
+    assert item.reason is None and dt < 1.0, dt
+    slow = tmp_path / "watch2"
+    slow.mkdir()
+    dt, _ = _first_ready(slow, wp, lambda: shutil.copy(src, slow / src.name))
+    assert dt >= 2.9, dt
+
+
+def test_a_cut_frame_renamed_into_place_still_waits(tmp_path):
+    src = tmp_path / "light.fits"
+    fits.PrimaryHDU(np.zeros((256, 256), np.uint16)).writeto(src)
+    data = src.read_bytes()
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    (watch / ".a.part").write_bytes(data[: len(data) // 2])
+    wp = WatchParams(settle_s=1.0, settle_complete_s=0.2, timeout_s=3.0, rescan_s=0.5)
+    dt, item = _first_ready(watch, wp, lambda: (watch / ".a.part").rename(watch / "a.fits"))
+    assert dt >= 2.9 and item.reason is not None and "FITS data" in item.reason, (dt, item)

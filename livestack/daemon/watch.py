@@ -2,7 +2,9 @@
 
 A file is handed on only when it is *complete*: its size and mtime have not changed for ``settle_s`` and, for
 the formats whose layout says how long they must be (FITS, TIFF-based RAWs such as DNG/NEF/CR2/ARW), it is at
-least that long.  Written-then-renamed files are complete at once; files written slowly in chunks wait.  A file
+least that long — ``settle_complete_s`` then suffices.  A file renamed into the folder (written under another
+name, then moved into place: how capture programs make a frame appear whole) whose layout shows a whole image
+is handed on at once; files written slowly in chunks wait.  A file
 still incomplete — or still growing — ``timeout_s`` after it appeared is handed on with a reason, and the worker
 records it failed.  So is a symbolic link leading out of the folder, unless ``follow_symlinks``.
 
@@ -152,6 +154,7 @@ class _Pending:
     changed: float       # monotonic time of the last size/mtime change (or probe)
     first: float         # monotonic time the file was first seen
     reason: str | None = None
+    renamed: bool = False   # moved into the folder (a writer's temporary renamed into place), not yet judged
 
 
 class _Handler(FileSystemEventHandler):
@@ -162,7 +165,7 @@ class _Handler(FileSystemEventHandler):
         if event.is_directory:
             return
         path = getattr(event, "dest_path", "") or event.src_path
-        self.w.note(Path(os.fsdecode(path)))
+        self.w.note(Path(os.fsdecode(path)), renamed=event.event_type == "moved")
 
 
 class Watcher:
@@ -179,6 +182,7 @@ class Watcher:
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="livestack-watch", daemon=True)
         self._observer = None
 
@@ -193,6 +197,7 @@ class Watcher:
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
@@ -208,16 +213,23 @@ class Watcher:
         with self._lock:
             return len(self._pending)
 
-    def note(self, path: Path) -> None:
-        """A file event (or a scan) saw ``path``: start tracking it if it may be a new frame."""
+    def note(self, path: Path, *, renamed: bool = False) -> None:
+        """A file event (or a scan) saw ``path``: start tracking it if it may be a new frame.  ``renamed``: it was
+        moved into place — written under another name first, as capture programs do to be atomic —, so a
+        whole layout needs no settle time."""
         rel = self._rel(path)
         if rel is None:
             return
         with self._lock:
-            if rel in self._known or rel in self._pending:
+            if rel in self._known:
+                return
+            if rel in self._pending:
+                self._pending[rel].renamed |= renamed
                 return
             now = time.monotonic()
-            self._pending[rel] = _Pending(-1, -1, now, now)
+            self._pending[rel] = _Pending(-1, -1, now, now, renamed=renamed)
+        if renamed:
+            self._wake.set()
 
     # -- internals
     def _rel(self, path: Path) -> str | None:
@@ -275,8 +287,9 @@ class Watcher:
             if now >= next_scan:
                 self._scan()
                 next_scan = now + self.p.rescan_s
+            self._wake.clear()
             self._check()
-            self._stop.wait(poll)
+            self._wake.wait(poll)         # a file renamed into place wakes the check at once
 
     def _check(self) -> None:
         now = time.monotonic()
@@ -297,6 +310,12 @@ class Watcher:
             if escape is not None:
                 ready.append(Ready(path, rel, escape))
                 continue
+            if st.renamed:                   # moved into place: whole at once when its layout says so
+                st.renamed = False           # (judged once: else the settle times decide, as for any file)
+                complete, st.reason = layout(path)
+                if complete and st.reason is None:
+                    ready.append(Ready(path, rel))
+                    continue
             if (s.st_size, s.st_mtime_ns) != (st.size, st.mtime_ns):
                 growing = st.size >= 0
                 st.size, st.mtime_ns, st.changed = s.st_size, s.st_mtime_ns, now

@@ -54,6 +54,9 @@ def mtf(m: float, x: np.ndarray) -> np.ndarray:
     return ((m - 1) * x) / ((2 * m - 1) * x - m)
 
 
+STAT_PIXELS = 1_000_000    # auto_stretch measures the sky on a quarter of the pixels above this many
+
+
 def auto_stretch(img: np.ndarray, p: StretchParams, *, coverage: np.ndarray | None = None,
                  dtype=np.uint8) -> np.ndarray:
     """(C, H, W) linear float -> (h, w, 3) RGB for display, uint8 (or uint16 for a 16-bit export; then give a
@@ -68,23 +71,27 @@ def auto_stretch(img: np.ndarray, p: StretchParams, *, coverage: np.ndarray | No
         cov = reduce(coverage[None].astype(np.float32), p.max_size)[0] > 0.5
     c = small.shape[0]
     sel = cov if cov is not None and cov.any() else np.ones(small.shape[1:], bool)
-    sky = np.array([np.median(small[i][sel]) for i in range(c)], np.float32)
+    # The statistics from every other pixel of every other row when there are plenty (above STAT_PIXELS):
+    # medians and percentiles were 0.13 of the 0.3 s a 1500 px preview took after every frame.
+    k = 2 if sel.size > STAT_PIXELS else 1
+    part, sel_k = small[:, ::k, ::k], sel[::k, ::k]
+    sky = np.array([np.median(part[i][sel_k]) for i in range(c)], np.float32)
     for i in range(c):
         small[i] -= sky[i]  # (1) background neutralisation
-    lum = small.mean(axis=0)
-    vals = lum[sel]
+    lum = part.mean(axis=0)
+    vals = lum[sel_k]
     sigma = 1.4826 * float(np.median(np.abs(vals - np.median(vals)))) or float(vals.std()) or 1.0
     if c == 3 and p.balance:  # (2) stars white on average: gains from the brightest unsaturated light
         hi = vals > np.percentile(vals, 99.5)
-        bright = np.stack([small[i][sel][hi] for i in range(3)])
+        bright = np.stack([part[i][sel_k][hi] for i in range(3)])
         top = np.percentile(vals, 99.99)
         keep = (bright.mean(axis=0) < top)
         sums = bright[:, keep].sum(axis=1) if keep.sum() > 10 else bright.sum(axis=1)
         if np.all(sums > 0):
             gains = sums.mean() / sums
             small *= gains[:, None, None].astype(np.float32)
-            lum = small.mean(axis=0)
-            vals = lum[sel]
+            lum = part.mean(axis=0)
+            vals = lum[sel_k]
             sigma = 1.4826 * float(np.median(np.abs(vals - np.median(vals)))) or sigma
     black = -p.shadows_sigma * sigma
     white = float(np.percentile(vals, p.white_percentile))
