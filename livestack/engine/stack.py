@@ -781,8 +781,10 @@ class RunningStack:
                 mean, wsum = self.result()
                 return reduce(mean, max_size), reduce(wsum[None], max_size)[0]
             return small.result()
-        sums = reduce(self.sums, max_size)
-        wsum = reduce(self.wsum if self.channel_weights else self.wsum[None], max_size)
+        # every plane on its own worker thread (OpenCV releases the GIL): the preview after each frame waits on it
+        w3 = self.wsum if self.channel_weights else self.wsum[None]
+        small = self.parallel_map(lambda a: reduce(a[None], max_size)[0], list(self.sums) + list(w3))
+        sums, wsum = np.stack(small[:len(self.sums)]), np.stack(small[len(self.sums):])
         if not self.channel_weights:
             wsum = wsum[0]
         mean, w2 = self._mean(sums, wsum)
