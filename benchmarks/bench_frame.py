@@ -64,7 +64,7 @@ def main() -> int:
         print(f"rendered {args.frames} frames in {time.perf_counter() - t:.1f} s (not counted)")
     files = sorted(folder.glob(f"light_*.{args.format}"))[: args.frames]
     if args.commands:
-        return compare_commands(args, files, args.cpus)
+        return compare_commands(args, files)
     if cpus:
         os.sched_setaffinity(0, cpus)
 
@@ -199,7 +199,7 @@ def _span(runs: list[dict], key: str, scale: float = 1.0, fmt: str = ".2f") -> s
     return f"{vs[0]:{fmt}}–{vs[-1]:{fmt}}"
 
 
-def compare_commands(args, files: list[Path], cpus: str | None) -> int:
+def compare_commands(args, files: list[Path]) -> int:
     work = Path(tempfile.mkdtemp(prefix="livestack-bench-cmd-"))
     toml = work / "bench.toml"
     toml.write_text("[engine]\nread_ahead = false\n" if args.no_read_ahead else "")
@@ -207,7 +207,7 @@ def compare_commands(args, files: list[Path], cpus: str | None) -> int:
             "--no-solve", "--debayer", args.debayer, "--interpolation", args.interpolation, "--config", str(toml)]
     runs: dict[str, list[dict]] = {"livestack": [], "siril": []}
     for i in range(args.repeat):
-        r = run_measured(ours, cwd=ROOT, cpus=cpus)
+        r = run_measured(ours, cwd=ROOT, cpus=args.cpus)
         runs["livestack"].append(r)
         print(f"livestack stack  wall {r['wall']:6.2f} s  user {r['user']:6.2f}  sys {r['sys']:5.2f}  "
               f"peak RSS {r['rss'] / 2 ** 20:5.0f} MB", flush=True)
@@ -220,7 +220,7 @@ def compare_commands(args, files: list[Path], cpus: str | None) -> int:
             home = sw / "home"
             home.mkdir()
             r = run_measured(["siril-cli", "-d", str(sw), "-s", str(sw / "bench.ssf")], cwd=sw,
-                             env={**os.environ, "HOME": str(home)}, cpus=cpus)
+                             env={**os.environ, "HOME": str(home)}, cpus=args.cpus)
             runs["siril"].append(r)
             print(f"siril-cli        wall {r['wall']:6.2f} s  user {r['user']:6.2f}  sys {r['sys']:5.2f}  "
                   f"peak RSS {r['rss'] / 2 ** 20:5.0f} MB", flush=True)
