@@ -54,7 +54,7 @@ def colour_offsets(pattern: str) -> dict[str, list[tuple[int, int]]]:
 
 
 def debayer(cfa: np.ndarray, pattern: str | None, method: str = "bilinear", *,
-            out: np.ndarray | None = None, scratch: np.ndarray | None = None, parallel_map=None) -> np.ndarray:
+            out: np.ndarray | None = None, scratch: np.ndarray | None = None) -> np.ndarray:
     """Return float32 (3, H, W) [R, G, B] (bilinear, mhc), (3, H//2, W//2) (superpixel) or (1, H, W) for mono.
 
     Allocates the output (3 planes for colour) unless ``out`` (float32 of the right shape, reused across frames:
@@ -62,7 +62,7 @@ def debayer(cfa: np.ndarray, pattern: str | None, method: str = "bilinear", *,
     modified.  The full-resolution methods work in bands of BAND_ROWS rows with band-sized temporaries (~7 MB
     at 6000 px wide), so ``scratch`` is not used (it is accepted from callers that still pass a plane).
     Reflecting borders (BORDER_REFLECT_101) keep the CFA phase, so edge pixels are interpolated correctly.
-    ``parallel_map(fn, items)``: runs groups of bands on worker threads (OpenCV and numpy release the GIL).
+    (The pipeline demosaics a window at a time: debayer_window.)
     """
     if pattern is None:
         return cfa[None].astype(np.float32, copy=False)
@@ -83,19 +83,10 @@ def debayer(cfa: np.ndarray, pattern: str | None, method: str = "bilinear", *,
         return out
     if out is None:
         out = np.empty((3,) + cfa.shape, np.float32)
-    band = _mhc_band if method == "mhc" else _bilinear_band
-    starts = list(range(0, cfa.shape[0], BAND_ROWS))
-
-    def bands(group) -> None:         # consecutive bands sharing one temporary
-        tmp = np.empty((4, BAND_ROWS + 2 * REACH[method], cfa.shape[1]), np.float32)
-        for r0 in group:
-            r1 = min(cfa.shape[0], r0 + BAND_ROWS)
-            band(cfa, r0, r1, offs, out[:, r0:r1], tmp)
-
-    if parallel_map is None or len(starts) < 2:
-        bands(starts)
-    else:
-        parallel_map(bands, [g.tolist() for g in np.array_split(np.array(starts), min(4, len(starts)))])
+    tmp = np.empty((4, BAND_ROWS + 2 * REACH[method], cfa.shape[1]), np.float32)   # shared by the bands
+    for r0 in range(0, cfa.shape[0], BAND_ROWS):
+        r1 = min(cfa.shape[0], r0 + BAND_ROWS)
+        _BANDS[method](cfa, r0, r1, offs, out[:, r0:r1], tmp)
     return out
 
 
@@ -161,12 +152,15 @@ def _bilinear_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarra
         previous = offs[ch]
 
 
+_BANDS = {"mhc": _mhc_band, "bilinear": _bilinear_band}    # full-resolution method -> its band function
+
+
 def debayer_window(cfa: np.ndarray, pattern: str, method: str, rows: tuple[int, int], cols: tuple[int, int],
                    tmp: np.ndarray | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
     """At least the rows ``rows`` = (r0, r1) and columns ``cols`` = (c0, c1) of debayer(cfa, pattern, method),
     with the same values as the whole mosaic's (the kernels read the mosaic around the window; only the
-    mosaic's own edges are reflected), without demosaicing the rest.  Returns a new float32 (3, m, n) array
-    and the mosaic row and column of its first pixel (≤ r0, ≤ c0: the window starts on the CFA's phase and
+    mosaic's own edges are reflected), without demosaicing the rest.  Returns a float32 (3, m, n) array (new,
+    or a view of ``out``) and the mosaic row and column of its first pixel (≤ r0, ≤ c0: the window starts on the CFA's phase and
     is widened by the kernels' reach along the rows; the columns of that widening are reflected, not the
     mosaic's: use rows r0:r1 and columns c0:c1).  ``tmp``: float32 scratch, reused when it holds at least
     4 × (m + 2·reach) × n values; ``out``: float32 memory for the result, used when it holds 3 × m × n values
@@ -185,7 +179,7 @@ def debayer_window(cfa: np.ndarray, pattern: str, method: str, rows: tuple[int, 
     size = 3 * (r1 - r0) * n
     out = out.reshape(-1)[:size].reshape(3, r1 - r0, n) if out is not None and out.size >= size \
         else np.empty((3, r1 - r0, n), np.float32)
-    (_mhc_band if method == "mhc" else _bilinear_band)(sub, r0 - a, r1 - a, colour_offsets(pattern), out, tmp)
+    _BANDS[method](sub, r0 - a, r1 - a, colour_offsets(pattern), out, tmp)
     return out, r0, p
 
 

@@ -32,13 +32,7 @@ from .frame import Frame, Quality, Stars
 from .normalize import normalize_inplace, plane_halved
 from .render import FrameOnGrid
 from .stack import bin2
-from .stars import (
-    STAMP_MAX_FWHM,
-    StarParams,
-    detect_stars,
-    refine_centroids,
-    stamp_radius,
-)
+from .stars import STAMP_MAX_FWHM, StarParams, detect_stars, refine_centroids, stamp_radius
 from .warp import REACH, warp, warp_mask, warp_points
 
 # mode -> its demosaicing (the FITS DEBAYER card).  "bayer" is full resolution, bilinear: the name checkpoints
@@ -291,8 +285,9 @@ class Grid:
 def refine_demosaiced(cfa: np.ndarray, pattern: str, method: str, xy: np.ndarray, fwhm: float) -> np.ndarray:
     """stars.refine_centroids on debayer(cfa, pattern, method) without demosaicing the frame: only a patch
     around each star is (the patches, stacked into one narrow mosaic, demosaic in one call; each keeps a
-    margin the kernels' reach wide, so its inside has the whole mosaic's values).  (N, 2) float64 positions;
-    stars too near the edge, or whose windows would leave their patch, keep theirs."""
+    margin the kernels' reach wide, so its inside has the whole mosaic's values; each is 4 px wider than the
+    window on every side, more than refine_centroids lets a star move).  (N, 2) float64 positions; stars too
+    near the edge keep theirs."""
     xy = np.asarray(xy, np.float64)
     if len(xy) == 0 or not fwhm <= STAMP_MAX_FWHM:
         return xy.copy()

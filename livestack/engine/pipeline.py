@@ -443,12 +443,6 @@ class Engine:
         self._recent.append(key)
         return fs
 
-    def _parallel_map(self, fn, items) -> list:
-        """[fn(i) for i in items] on the stacks' worker threads (serially with one)."""
-        if self._pool is None or len(items) < 2:
-            return [fn(i) for i in items]
-        return list(self._pool.map(fn, items))
-
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         b = self._ws.get(name)
         if b is None or b.shape != tuple(shape):

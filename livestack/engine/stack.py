@@ -71,7 +71,7 @@ class StackParams:
             raise ValueError(f"stack.bootstrap = {self.bootstrap}: must be in [0, 9]")
         if not 0 <= self.memory_mb <= 1_000_000:
             raise ValueError(f"stack.memory_mb = {self.memory_mb}: must be in [0, 1000000]")
-        if self.rel_floor < 0 or self.min_empirical in (1,) or self.min_empirical < 0 or self.chunk_rows < 8 \
+        if self.rel_floor < 0 or self.min_empirical == 1 or self.min_empirical < 0 or self.chunk_rows < 8 \
                 or not 1 <= self.threads <= 16:
             raise ValueError("stack: rel_floor ≥ 0, min_empirical 0 or ≥ 2, chunk_rows ≥ 8 and threads in [1, 16] "
                              "are required")
@@ -154,6 +154,22 @@ def _discard_rows(a: np.ndarray, r0: int, r1: int) -> None:
         start, end = -(-start // page) * page, end // page * page      # whole pages inside the rows only
         if end > start:
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+
+
+def _points_by_row(saturated):
+    """``in_rows(r0, r1)`` -> (rows − r0, cols) of the (rows, cols) points ``saturated`` (or None) that lie in rows
+    r0:r1: sorted by row once, each block's taken by a binary search."""
+    if saturated is None or not len(saturated[0]):
+        empty = np.empty(0, np.int64)
+        return lambda r0, r1: (empty, empty)
+    order = np.argsort(saturated[0], kind="stable")
+    ys, xs = saturated[0][order], saturated[1][order]
+
+    def in_rows(r0: int, r1: int):
+        lo, hi = np.searchsorted(ys, (r0, r1))
+        return ys[lo:hi] - r0, xs[lo:hi]
+
+    return in_rows
 
 
 def _rows_of(channel, n_channels: int):
@@ -462,11 +478,12 @@ class RunningStack:
             var = self.sq[r0:r1] * inv_w - mean * mean                   # weighted population variance
         bessel, mean_noise = self._factor_tables()
         var *= bessel[count]                                             # n/(n-1): an unbiased estimate
+        floor = self._cell_noise2(noise)
         signal = np.maximum(mean, 0) * np.float32(p.rel_floor)
         signal *= signal
-        signal += self._cell_noise2(noise)
+        signal += floor
         if p.min_empirical:     # the old rule: a cell's own scatter alone from min_empirical frames on
-            np.copyto(signal, self._cell_noise2(noise), where=count >= p.min_empirical)
+            np.copyto(signal, floor, where=count >= p.min_empirical)
         np.maximum(var, signal, out=var)
         var *= mean_noise[count]                                         # 1 + 1/n: the mean's own noise
         bad = self._threshold(b, mean, var)
@@ -564,18 +581,13 @@ class RunningStack:
         rows = _rows_of(channel, self.shape[0])
         h, w = self.shape[1:]
         w_frame, w_sat = float(weight), np.float32(weight * self.p.saturated_weight)
-        if saturated is not None and len(saturated[0]):
-            order = np.argsort(saturated[0], kind="stable")
-            sat_y, sat_x = saturated[0][order], saturated[1][order]
-        else:
-            sat_y = sat_x = np.empty(0, np.int32)
+        sat_in = _points_by_row(saturated)
 
         def block(r: tuple[int, int]) -> None:
             r0, r1 = r
             xs = [x if x.dtype == np.float32 else cv2.add(x, 0.0, dtype=cv2.CV_32F) for x in rows(r0, r1)]
             rejected = unbin2(bad_cells[r0 // 2:(r1 + 1) // 2], (r1 - r0, w))    # r0 is even
-            lo, hi = np.searchsorted(sat_y, (r0, r1))
-            ys, xx = sat_y[lo:hi] - r0, sat_x[lo:hi]
+            ys, xx = sat_in(r0, r1)
             if len(ys):
                 ok = ~rejected[ys, xx]                  # not in a rejected cell …
                 rejected[ys, xx] = True                 # … and out of the block passes
@@ -599,10 +611,7 @@ class RunningStack:
         """_accumulate_pixels with a weight per channel and pixel: W_c += w·a_c and S_c += w·a_c·x_c where the
         cell is not rejected and a_c > 0.  Saturated pixels count with saturated_weight × that."""
         chunks = _blocks(self.shape[1], span)
-        if saturated is not None and len(saturated[0]):
-            ys, xs = saturated
-        else:
-            ys = None
+        sat_in = _points_by_row(saturated)
         for c in range(self.shape[0]):
             x, a = channel(c)
 
@@ -610,10 +619,9 @@ class RunningStack:
                 r0, r1 = rows
                 ab = a[r0:r1] if a.dtype == np.float32 else cv2.add(a[r0:r1], 0.0, dtype=cv2.CV_32F)
                 xb = x[r0:r1] if x.dtype == np.float32 else cv2.add(x[r0:r1], 0.0, dtype=cv2.CV_32F)
-                if ys is not None:
-                    inside = (ys >= r0) & (ys < r1)
-                    if inside.any():
-                        ab[ys[inside] - r0, xs[inside]] *= np.float32(self.p.saturated_weight)
+                ys, xs = sat_in(r0, r1)
+                if len(ys):
+                    ab[ys, xs] *= np.float32(self.p.saturated_weight)
                 ok = unbin2(bad_cells[r0 // 2:(r1 + 1) // 2], (r1 - r0, self.shape[2]))    # rejected …
                 ok = np.logical_not(ok, out=ok) & (ab > 0)                                  # … to kept
                 np.copyto(ab, 0, where=~ok)
