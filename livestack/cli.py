@@ -12,6 +12,7 @@ from . import __version__
 from .config import Config, ConfigError, load_config, with_overrides
 from .engine.frame import FrameRecord
 from .engine.read import capture_order, is_supported
+from .engine.settings import INTERPOLATION_NAMES
 
 log = logging.getLogger("livestack")
 
@@ -214,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="livestack.toml")
         p.add_argument("--debayer", choices=("mhc", "bilinear", "superpixel"),
                        help="mhc (default): sharp; bilinear: smoother; superpixel: half resolution, fast")
-        p.add_argument("--interpolation", choices=("bilinear", "bicubic", "lanczos"), help="warp interpolation")
+        p.add_argument("--interpolation", choices=INTERPOLATION_NAMES,
+                       help="warp interpolation (compensated: bilinear made as sharp as bicubic, README warp step)")
         p.add_argument("--kappa", type=float, help="outlier pixel rejection threshold (σ)")
         p.add_argument("--drizzle", type=float, metavar="SCALE",
                        help="drizzle onto a grid SCALE× finer (2: undersampled stars; 1: colour without demosaic)")

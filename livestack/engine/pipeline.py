@@ -386,7 +386,9 @@ class Engine:
         # a block of rows at a time, each demosaiced (a Bayer mosaic) and warped as it is added — or, drizzled,
         # one channel at a time.
         interp = cfg.engine.interpolation
-        cells = grid.lum_cells(lum, plane, scale, fs.ref.plane, matrix, interpolation=interp,
+        # the outlier test's cells: a compensated warp's sharpening would only add noise to 2×2 means
+        cells = grid.lum_cells(lum, plane, scale, fs.ref.plane, matrix,
+                               interpolation="bilinear" if interp == "compensated" else interp,
                                out=self._buffer("cells", grid.cells), parallel_map=fs.stack.parallel_map)
         on_grid = np.array_equal(matrix, geometry.identity())
         sat = grid.saturated(frame, sat_cfa, matrix, interpolation=interp, warped=not on_grid)

@@ -22,7 +22,7 @@ import numpy as np
 
 from . import geometry
 from .debayer import debayer_window
-from .warp import INTERPOLATIONS, REACH, footprint_rows, outside_index
+from .warp import INTERPOLATIONS, REACH, compensation, footprint_rows, outside_index, sharpen
 
 _local = threading.local()      # each worker thread's demosaic scratch (reused from block to block)
 BLOCK_ROWS = 64                 # grid rows a block (even): a 24 MP colour block is 4.6 MB, made in the cache
@@ -110,6 +110,14 @@ class FrameOnGrid:
                                        _scratch(ye - ya, xe - xa), _window(ye - ya, xe - xa))
         else:
             win, a, p = self.src[:, ya:ye, xa:xe], ya, xa
+        if self.interpolation == "compensated":
+            k = compensation(self.inv, (c0, c1), (r0, r1))
+            if k != (0.0, 0.0):     # a whole-pixel shift reads no fraction: nothing to compensate
+                # a demosaiced window is this thread's own memory (sharpened in place); planes are the frame's
+                mine = win if self.mosaic else _work("sharp", win.size)[: win.size].reshape(win.shape)
+                for c in range(self.channels):
+                    sharpen(win[c], k, mine[c])
+                win = mine
         # window pixel (u, v) is frame (u + p, v + a); the segment's pixel (X, Y) is grid (X + c0, Y + r0)
         m = geometry.compose(np.array([[1.0, 0, -c0], [0, 1.0, -r0]]),
                              geometry.compose(self.matrix, np.array([[1.0, 0, p], [0, 1.0, a]])))

@@ -14,12 +14,16 @@ from .stars import StarParams
 from .stretch import StretchParams
 
 
+INTERPOLATION_NAMES = ("bilinear", "compensated", "bicubic", "lanczos")   # the warps a user can choose
+
+
 @dataclass(frozen=True, slots=True)
 class EngineParams:
     debayer: str = "mhc"             # "mhc" | "bilinear" (full resolution; mhc: Malvar-He-Cutler, stars ~13 %
                                      #     tighter, README debayer step) | "superpixel" (2×2 -> half, for a Pi)
-    # warp: "bilinear" | "bicubic" | "lanczos".  Bicubic: stars ~4–5 % tighter (FWHM) but +0.065 s per 24 MP
-    # plane (+0.2–0.6 s a frame on a 2-core VM): bilinear stays the default (README, warp step)
+    # warp: "bilinear" | "compensated" | "bicubic" | "lanczos".  Bicubic: stars ~4–5 % tighter (FWHM) but
+    # +0.065 s per 24 MP plane (+0.2–0.6 s a frame on a 2-core VM); compensated: bilinear after a 3-tap
+    # sharpening that cancels its blur (warp.py), nearly as tight for a third of that (README, warp step)
     interpolation: str = "bilinear"
     sharpness_weight: float = 0.0    # weight × (reference FWHM / frame FWHM) ** this (0 = noise only)
     seed: int = 0                    # RANSAC random generator
@@ -32,8 +36,9 @@ class EngineParams:
     def __post_init__(self):
         if self.debayer not in ("bilinear", "mhc", "superpixel"):
             raise ValueError(f"engine.debayer = {self.debayer!r}: must be 'bilinear', 'mhc' or 'superpixel'")
-        if self.interpolation not in ("bilinear", "bicubic", "lanczos"):
-            raise ValueError(f"engine.interpolation = {self.interpolation!r}: must be bilinear, bicubic or lanczos")
+        if self.interpolation not in INTERPOLATION_NAMES:
+            raise ValueError(f"engine.interpolation = {self.interpolation!r}: must be one of "
+                             f"{', '.join(INTERPOLATION_NAMES)}")
         if not 0 <= self.sharpness_weight <= 4:
             raise ValueError(f"engine.sharpness_weight = {self.sharpness_weight}: must be in [0, 4]")
         if self.max_megapixels is not None and not self.max_megapixels > 0:

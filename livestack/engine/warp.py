@@ -7,6 +7,14 @@ NaN bands whose width depends on its SIMD code (on x86-64, OpenCV 4.x/5.0: 8 px 
 warp where the kernel reaches 1; narrower on aarch64), so the same frames would give other edges on a Pi.  The
 source is read with a replicated border (never NaN) and every grid pixel whose kernel would reach outside the
 source is set to NaN: the same pixels on every platform, and 1–3 px of margin instead of up to 8.
+
+"compensated": a bilinear warp of the source after a 3-tap sharpening [−a, 1 + 2a, −a] along each source axis.
+A bilinear read at fraction t is the 2-tap kernel [1 − t, t], whose variance t(1 − t) is the blur it adds
+(1/6 px² on average: a star 3 px wide comes out ~5 % wider); with a = t(1 − t)/2 the two kernels together are
+Keys' cubic convolution (a = −½) at that t, tap for tap (their 4 taps have the same sum and first two moments).
+``compensation`` picks a from the fractions the warp reads — exact for a shift, their mean when a rotation sweeps
+them — so a stack of dithered frames is as sharp as with OpenCV's bicubic warp (README, warp step) for a
+separable 3×3 filter (~0.03 s per 24 MP plane) instead of a 4×4 kernel at every pixel (~0.11 s).
 """
 from __future__ import annotations
 
@@ -15,10 +23,11 @@ import numpy as np
 
 from . import geometry
 
-INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC,
-                  "lanczos": cv2.INTER_LANCZOS4}
-# How far (source px, per axis) each interpolation reads around the source position: its kernel's half-width.
-REACH = {"nearest": 0.5, "bilinear": 1.0, "bicubic": 2.0, "lanczos": 4.0}
+INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "compensated": cv2.INTER_LINEAR,
+                  "bicubic": cv2.INTER_CUBIC, "lanczos": cv2.INTER_LANCZOS4}
+# How far (source px, per axis) each interpolation reads around the source position: its kernel's half-width
+# (compensated: the sharpening's 1 px and then the bilinear read's).
+REACH = {"nearest": 0.5, "bilinear": 1.0, "compensated": 2.0, "bicubic": 2.0, "lanczos": 4.0}
 # OpenCV rounds source positions to 1/32 px (INTER_BITS = 5) before it picks the kernel's taps: a position just
 # below the upper limit can be rounded onto it, and Lanczos's table then gives the tap beyond the edge a weight
 # of ~1e-8 (not 0): the footprint keeps this much more away from the upper limit.
@@ -72,6 +81,28 @@ def outside_index(x0: np.ndarray, x1: np.ndarray, w: int) -> np.ndarray:
                            np.repeat(start + x1, right) + _ranges(right)])
 
 
+def compensation(inv: np.ndarray, cols: tuple[int, int], rows: tuple[int, int]) -> tuple[float, float]:
+    """The compensated warp's (a_x, a_y) for the grid pixels in ``cols`` × ``rows`` (half-open ranges): half
+    the mean t(1 − t) of the fractions t of their source positions along each source axis (``inv``: grid px
+    -> source px).  Sampled on a lattice of up to 9 × 65 pixels: exact for a shift (one fraction), the
+    fractions' mean when a rotation or scale sweeps them across the range."""
+    ys = np.unique(np.linspace(rows[0], rows[1] - 1, 9).round())
+    xs = np.unique(np.linspace(cols[0], cols[1] - 1, 65).round())
+    gx, gy = np.meshgrid(xs, ys)
+    s = geometry.apply(inv, np.column_stack([gx.ravel(), gy.ravel()]))
+    t = s - np.floor(s)
+    a = (t * (1 - t)).mean(axis=0) / 2
+    return float(a[0]), float(a[1])
+
+
+def sharpen(plane: np.ndarray, a: tuple[float, float], out: np.ndarray) -> np.ndarray:
+    """``plane`` filtered by [−a_x, 1 + 2a_x, −a_x] along rows and [−a_y, 1 + 2a_y, −a_y] along columns into
+    ``out`` (may be ``plane``).  The border is reflected; a compensated warp's footprint never reads it."""
+    kx = np.array([-a[0], 1 + 2 * a[0], -a[0]], np.float32)
+    ky = np.array([-a[1], 1 + 2 * a[1], -a[1]], np.float32)
+    return cv2.sepFilter2D(plane, -1, kx, ky, dst=out, borderType=cv2.BORDER_REFLECT_101)
+
+
 def warp(img: np.ndarray, matrix: np.ndarray, shape_hw: tuple[int, int], *, interpolation: str = "bilinear",
          out: np.ndarray | None = None) -> np.ndarray:
     """Resample a (C, H, W) float32 image onto a stack grid of ``shape_hw``.
@@ -86,9 +117,11 @@ def warp(img: np.ndarray, matrix: np.ndarray, shape_hw: tuple[int, int], *, inte
     if out is None:
         out = np.empty((img.shape[0], h, w), np.float32)
     m = np.asarray(matrix, np.float64)
+    a = compensation(geometry.invert(m), (0, w), (0, h)) if interpolation == "compensated" else None
     # The replicated border only feeds pixels that are set to NaN below (and taps of zero weight).
     for c in range(img.shape[0]):
-        cv2.warpAffine(img[c], m, (w, h), dst=out[c], flags=INTERPOLATIONS[interpolation],
+        src = img[c] if a is None else sharpen(img[c], a, np.empty_like(img[c], np.float32))
+        cv2.warpAffine(src, m, (w, h), dst=out[c], flags=INTERPOLATIONS[interpolation],
                        borderMode=cv2.BORDER_REPLICATE)
     x0, x1 = footprint_rows(m, img.shape[1:], (h, w), reach=REACH[interpolation])
     idx = outside_index(x0, x1, w)
