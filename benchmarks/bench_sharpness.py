@@ -154,16 +154,18 @@ def measure(lum: np.ndarray, xy: np.ndarray, *, half: int = 8) -> dict[str, np.n
     return {"fwhm": fwhm, "hfd": hfd, "flux": flux}
 
 
-def noise(lum: np.ndarray, *, edge: int = 40) -> tuple[float, float]:
-    """Robust σ of the luminance away from sources and edges: per pixel and of 4×4 means."""
+def noise(lum: np.ndarray, *, edge: int = 40, mask: np.ndarray | None = None) -> tuple[float, float, np.ndarray]:
+    """Robust σ of the luminance away from sources and edges: per pixel and of 4×4 means; and the mask of the
+    sources (pass it back to measure another stack on the same grid over the same pixels)."""
     import cv2
     import sep
 
     sub, rms = background_sub(lum)
     sub = np.ascontiguousarray(sub[edge:-edge, edge:-edge])
-    sep.set_extract_pixstack(max(300_000, sub.size // 10))
-    _, seg = sep.extract(sub, 3.0, err=rms, minarea=3, segmentation_map=True)
-    mask = cv2.dilate((seg > 0).astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    if mask is None:
+        sep.set_extract_pixstack(max(300_000, sub.size // 10))
+        _, seg = sep.extract(sub, 3.0, err=rms, minarea=3, segmentation_map=True)
+        mask = cv2.dilate((seg > 0).astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
 
     def rsig(v):
         v = v[np.isfinite(v)]
@@ -173,7 +175,7 @@ def noise(lum: np.ndarray, *, edge: int = 40) -> tuple[float, float]:
     h, w = (s // 4 * 4 for s in sub.shape)
     b = sub[:h, :w].reshape(h // 4, 4, w // 4, 4).mean(axis=(1, 3))
     bm = mask[:h, :w].reshape(h // 4, 4, w // 4, 4).any(axis=(1, 3))
-    return px, rsig(b[~bm])
+    return px, rsig(b[~bm]), mask
 
 
 def carry(xy_ref: np.ndarray, lum_ref: np.ndarray, lum: np.ndarray) -> np.ndarray | None:
@@ -240,6 +242,9 @@ def run_night(name: str, frames_dir: Path, frames: list[Path], work: Path, args,
     else:
         methods = [(f"{d} demosaic, {i} warp", i, f'[engine]\ndebayer = "{d}"\n')
                    for d in args.debayers for i in args.interpolations]
+    if args.smooth:     # each again with the sharpening only where the frames have signal
+        methods += [(label + ", smooth background", interp, toml + "smooth_background = true\n")
+                    for label, interp, toml in methods]
     if args.variants:
         methods += [("bilinear, no rejection (kappa 20)", "bilinear", f"[engine]\n{d0}[stack]\nkappa = 20.0\n"),
                     ("bicubic, no rejection (kappa 20)", "bicubic", f"[engine]\n{d0}[stack]\nkappa = 20.0\n"),
@@ -273,22 +278,31 @@ def run_night(name: str, frames_dir: Path, frames: list[Path], work: Path, args,
     print(f"\n== {name}: {len(frames)} frames, {lums[base].shape[1]}×{lums[base].shape[0]}, {int(ok.sum())} "
           f"stars (isolated, unsaturated, measured on every stack)"
           + (f"; simulated seeing median {truth_fwhm:.2f} px" if truth_fwhm else ""))
-    print(f"{'stack':36s} {'FWHM':>6s} {'HFD':>6s} {'FWHM/' + ref_key[:5]:>11s} {'HFD/' + ref_key[:5]:>10s} "
-          f"{'noise px':>9s} {'noise 4x4':>9s} {'s':>6s}")
+    print(f"{'stack':50s} {'FWHM':>6s} {'HFD':>6s} {'FWHM/' + ref_key[:5]:>11s} {'HFD/' + ref_key[:5]:>10s} "
+          f"{'noise px':>9s} {'noise 4x4':>9s} {'σ px/1st':>9s} {'σ 4x4/1st':>9s} {'s':>6s}")
+    _, _, mask0 = noise(lums[base])
+    adu0 = None
     for k, r in res.items():
         if r is None:
-            print(f"{k:36s} (no star match)")
+            print(f"{k:50s} (no star match)")
             continue
         rf = res[ref_key]
         f, d = r["fwhm"][ok], r["hfd"][ok]
         ratio_f = np.median(f / rf["fwhm"][ok])
         ratio_d = np.median(d / rf["hfd"][ok])
-        npx, nbin = noise(lums[k])
+        npx, nbin, _ = noise(lums[k])
         scale = float(np.median(r["flux"][ok]))
-        print(f"{k:36s} {np.median(f):6.3f} {np.median(d):6.3f} {ratio_f:11.4f} {ratio_d:10.4f} "
-              f"{1e4 * npx / scale:9.3f} {1e4 * nbin / scale:9.3f} {seconds[k]:6.1f}")
+        rel = ""
+        if lums[k].shape == lums[base].shape and k != "Siril 1.0":     # same grid, same units, same pixels
+            apx, abin, _ = noise(lums[k], mask=mask0)
+            adu0 = adu0 or (apx, abin)
+            rel = f"{apx / adu0[0]:9.3f} {abin / adu0[1]:9.3f}"
+        print(f"{k:50s} {np.median(f):6.3f} {np.median(d):6.3f} {ratio_f:11.4f} {ratio_d:10.4f} "
+              f"{1e4 * npx / scale:9.3f} {1e4 * nbin / scale:9.3f} {rel or '        -         -':19s} "
+              f"{seconds[k]:6.1f}")
     print("(FWHM, HFD: medians over the stars, px; ratios: median of per-star ratios; noise: robust σ × 10⁴ / "
-          "median star flux)")
+          "median star flux, each stack's own sources masked; σ/1st: robust σ in ADU over the first stack's "
+          "background pixels, ÷ the first stack's)")
 
 
 def main() -> int:
@@ -307,6 +321,8 @@ def main() -> int:
     ap.add_argument("--mono", action="store_true", help="a mono camera (no demosaic: isolates the warp)")
     ap.add_argument("--siril", action="store_true", help="also stack with siril-cli (Siril 1.0)")
     ap.add_argument("--variants", action="store_true", help="also: no rejection, sharpness weights")
+    ap.add_argument("--smooth", action="store_true",
+                    help="also each stack with [engine] smooth_background = true (sharpening only on signal)")
     ap.add_argument("--real", action="store_true", help="also the Seestar M94 sequences")
     ap.add_argument("--keep", help="work in this folder (frames re-used when present)")
     args = ap.parse_args()

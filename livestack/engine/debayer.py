@@ -156,7 +156,8 @@ _BANDS = {"mhc": _mhc_band, "bilinear": _bilinear_band}    # full-resolution met
 
 
 def debayer_window(cfa: np.ndarray, pattern: str, method: str, rows: tuple[int, int], cols: tuple[int, int],
-                   tmp: np.ndarray | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, int, int]:
+                   tmp: np.ndarray | None = None, out: np.ndarray | None = None, *,
+                   reach: int | None = None) -> tuple[np.ndarray, int, int]:
     """At least the rows ``rows`` = (r0, r1) and columns ``cols`` = (c0, c1) of debayer(cfa, pattern, method),
     with the same values as the whole mosaic's (the kernels read the mosaic around the window; only the
     mosaic's own edges are reflected), without demosaicing the rest.  Returns a float32 (3, m, n) array (new,
@@ -164,8 +165,9 @@ def debayer_window(cfa: np.ndarray, pattern: str, method: str, rows: tuple[int, 
     is widened by the kernels' reach along the rows; the columns of that widening are reflected, not the
     mosaic's: use rows r0:r1 and columns c0:c1).  ``tmp``: float32 scratch, reused when it holds at least
     4 × (m + 2·reach) × n values; ``out``: float32 memory for the result, used when it holds 3 × m × n values
-    (the array returned is then a view of it)."""
-    reach = REACH[method]
+    (the array returned is then a view of it).  ``reach``: widen the window as a method of that reach would (at
+    least the method's own), so that two methods' windows of the same rows and columns line up."""
+    reach = max(REACH[method], reach or 0)
     h, w = cfa.shape
     r0, r1 = rows[0] & ~1, rows[1]
     p, q = max(0, cols[0] - reach) & ~1, min(w, cols[1] + reach)

@@ -178,14 +178,16 @@ class Grid:
         return None
 
     def source(self, cfa: np.ndarray, img: np.ndarray | None, matrix: np.ndarray, *,
-               interpolation: str) -> FrameOnGrid:
+               interpolation: str, signal: np.ndarray | None = None) -> FrameOnGrid:
         """What the stack takes a (normalised) frame's pixels from, a block of grid rows at a time: ``img``
         from planes() warped by ``matrix`` (frame -> grid), or — when it is None — the mosaic demosaiced and
-        warped block by block."""
-        if img is not None:
-            return FrameOnGrid(img, matrix, self.shape, interpolation=interpolation)
+        warped block by block.  ``signal``: render.signal_cells of find_stars' binned image (the sharpening
+        only where the frame has signal), or None (everywhere)."""
+        if img is not None:     # superpixel planes are find_stars' binned image's size: cells of 2 px
+            return FrameOnGrid(img, matrix, self.shape, interpolation=interpolation, signal=signal,
+                               signal_step=2 if self.mode == "superpixel" else 4)
         return FrameOnGrid(cfa, matrix, self.shape, interpolation=interpolation, pattern=self.pattern,
-                           debayer=self.debayer)
+                           debayer=self.debayer, signal=signal, signal_step=4)
 
     def refine(self, stars: Stars, fwhm: float, cfa: np.ndarray) -> Stars:
         """Windowed centroids where the binned detection was coarse.  Bayer: on the demosaiced image around each

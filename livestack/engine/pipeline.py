@@ -32,6 +32,7 @@ from .grid import Grid
 from .memory import release_free_memory
 from .normalize import normalize_inplace, normalize_mosaic, sky_level, sky_model
 from .read import read_frame
+from .render import signal_cells
 from .register import RegistrationError, register
 from .settings import Config
 from .stack import RunningStack
@@ -288,6 +289,8 @@ class Engine:
                 raise FrameError(path, "no measurable noise in the sky (a processed image, not a camera frame?)")
             f.noise = noise
             f.stars, f.q, f.lum = grid.find_stars(f.cfa, frame.white - float(frame.black.mean()), cfg.stars)
+            if cfg.engine.smooth_background and not grid.drizzled:
+                f.signal = signal_cells(f.lum)      # where the sharpening (mhc, compensated warp) is applied
             lap("stars")
         except FrameError as err:
             f.error = err
@@ -401,7 +404,7 @@ class Engine:
                 dz.planes(cfa, matrix, grid.shape, value, coverage, channels=[c], parallel_map=fs.stack.parallel_map)
                 return value[0], coverage[0]
         else:       # demosaiced (a Bayer mosaic) and warped a block of rows at a time, as the stack adds them
-            channel = grid.source(cfa, img, matrix, interpolation=interp)
+            channel = grid.source(cfa, img, matrix, interpolation=interp, signal=front.signal)
         rec.rejected_pixels = fs.stack.add_channels(cells, channel, weight, noise_n, saturated=sat)
         self._lap("drizzle+stack" if grid.drizzled else "warp+stack" if img is not None else "debayer+warp+stack")
         fs.accept(q, m)
@@ -602,6 +605,7 @@ class _Front:
     q: Quality | None = None
     lum: np.ndarray | None = None
     sat_cfa: np.ndarray | None = None    # (N, 2) (x, y) of the saturated samples, or None
+    signal: np.ndarray | None = None     # render.signal_cells of the frame ([engine] smooth_background)
     error: FrameError | None = None
     timings: dict = field(default_factory=dict)
 

@@ -25,6 +25,8 @@ class EngineParams:
     # +0.065 s per 24 MP plane (+0.2–0.6 s a frame on a 2-core VM); compensated: bilinear after a 3-tap
     # sharpening that cancels its blur (warp.py), nearly as tight for a third of that (README, warp step)
     interpolation: str = "bilinear"
+    smooth_background: bool = False  # sharpen (mhc, compensated) only where the frame has signal: the background
+                                     #     keeps the bilinear path's noise (render.signal_cells)
     sharpness_weight: float = 0.0    # weight × (reference FWHM / frame FWHM) ** this (0 = noise only)
     seed: int = 0                    # RANSAC random generator
     read_ahead: bool = True          # read, calibrate and find the stars of the next file (when the caller knows
