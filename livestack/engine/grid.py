@@ -18,8 +18,10 @@ demosaiced nor interpolated: drizzle.py drops each sample onto it.  Stars and re
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from . import geometry
@@ -243,7 +245,12 @@ class Grid:
         if self.needs_mask(points):
             sat = debayer_mask(frame.saturated, frame.pattern,
                                "bilinear" if self.drizzled else self.debayer or "bilinear")
-            return warp_mask(sat, matrix, self.shape) if warped else sat
+            if not warped:
+                return sat
+            grow = math.ceil(REACH[interpolation]) - 1      # warp_mask reaches 1 px (bilinear); a wider kernel
+            if grow > 0 and not self.drizzled:              # reaches more: as far as the points' rule below
+                sat = cv2.dilate(sat.view(np.uint8), np.ones((2 * grow + 1,) * 2, np.uint8)).view(bool)
+            return warp_mask(sat, matrix, self.shape)
         xs, ys = points.reshape(-1, 2).T
         if self.mode == "superpixel":
             xs, ys = xs // 2, ys // 2

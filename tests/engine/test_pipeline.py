@@ -243,7 +243,7 @@ def test_sparse_and_dense_saturation_paths_agree(night, monkeypatch):
     (a, wa), (b, wb) = sparse.result(), dense.result()
     assert (wa < 1e-3 * wa.max()).sum() > 20          # star cores saturated in every frame: tiny weights
     differ = ~np.isclose(a, b, rtol=1e-5, atol=1e-3).all(axis=0) | ~np.isclose(wa, wb, rtol=1e-5)
-    assert differ.sum() <= 10, differ.sum()
+    assert differ.sum() <= 16, differ.sum()     # measured: 8 with a bilinear warp, 11 compensated (wider masks)
 
 
 def test_superpixel_mode_halves_the_grid(night):
