@@ -1,8 +1,9 @@
 """Per-stage and total seconds per frame, and peak memory, for large colour frames.
 
     python benchmarks/bench_frame.py [--width 6000 --height 4000 --frames 6 --format dng]
-                                     [--debayer mhc|bilinear|superpixel] [--interpolation bilinear|bicubic|lanczos]
-                                     [--no-read-ahead] [--cpus 0]
+                                     [--debayer mhc|bilinear|superpixel]
+                                     [--interpolation compensated|bilinear|bicubic|lanczos]
+                                     [--no-smooth-background] [--no-read-ahead] [--cpus 0]
     python benchmarks/bench_frame.py --commands [--siril] [--repeat 3] [--cpus 0] [--keep DIR] …
     python benchmarks/bench_frame.py --keep DIR --night 1000
 
@@ -43,7 +44,8 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--format", choices=("dng", "fits"), default="dng")
     ap.add_argument("--debayer", default="mhc", help="mhc (the default) | bilinear | superpixel")
-    ap.add_argument("--interpolation", default="bilinear")
+    ap.add_argument("--interpolation", default="compensated", help="compensated (the default) | bilinear | …")
+    ap.add_argument("--no-smooth-background", action="store_true", help="[engine] smooth_background = false")
     ap.add_argument("--no-read-ahead", action="store_true", help="[engine] read_ahead = false")
     ap.add_argument("--keep", help="render into this folder and keep it (re-used when it has the frames)")
     ap.add_argument("--cpus", help="run on these CPUs only, e.g. 0 or 0,1 (as taskset -c)")
@@ -77,6 +79,7 @@ def main() -> int:
     cfg = Config()
     cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, debayer=args.debayer,
                                                               interpolation=args.interpolation,
+                                                              smooth_background=not args.no_smooth_background,
                                                               read_ahead=not args.no_read_ahead))
     eng = Engine(cfg)
     if args.night:
@@ -100,7 +103,8 @@ def main() -> int:
     stages = [k for k in dict.fromkeys(k for _, tm in stacked for k in tm) if k != "bootstrap"]
     print()
     print(f"frame {args.width}×{args.height} ({args.width * args.height / 1e6:.0f} MP) {args.format}, "
-          f"debayer {args.debayer}, warp {args.interpolation}, read-ahead {not args.no_read_ahead}; {platform.processor() or platform.machine()}, "
+          f"debayer {args.debayer}, warp {args.interpolation}, smooth background {not args.no_smooth_background}, "
+          f"read-ahead {not args.no_read_ahead}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}")
     if stacked:
         def median(xs):
@@ -202,7 +206,8 @@ def _span(runs: list[dict], key: str, scale: float = 1.0, fmt: str = ".2f") -> s
 def compare_commands(args, files: list[Path]) -> int:
     work = Path(tempfile.mkdtemp(prefix="livestack-bench-cmd-"))
     toml = work / "bench.toml"
-    toml.write_text("[engine]\nread_ahead = false\n" if args.no_read_ahead else "")
+    toml.write_text("[engine]\n" + ("read_ahead = false\n" if args.no_read_ahead else "")
+                    + ("smooth_background = false\n" if args.no_smooth_background else ""))
     ours = [sys.executable, "-m", "livestack.cli", "stack", *map(str, files), "-o", str(work / "out"), "-q",
             "--no-solve", "--debayer", args.debayer, "--interpolation", args.interpolation, "--config", str(toml)]
     runs: dict[str, list[dict]] = {"livestack": [], "siril": []}
