@@ -45,7 +45,10 @@ def test_stack_folder_with_a_corrupt_file(night, tmp_path):
     for k in ("file", "status", "reason", "time", "exptime", "matrix", "stars", "fwhm", "eccentricity",
               "background", "noise", "weight", "seconds"):
         assert all(k in r for r in recs), k
-    assert fits.getheader(out / "stack.fits")["NCOMBINE"] == 4
+    hdr = fits.getheader(out / "stack.fits")
+    assert hdr["NCOMBINE"] == 4
+    # how it was made: the defaults (README, warp step)
+    assert (hdr["DEBAYER"], hdr["INTERP"], hdr["SMOOTHBG"]) == ("mhc", "compensated", True)
 
 
 def test_stack_of_only_bad_files_exits_1(tmp_path):

@@ -58,6 +58,7 @@ def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int
         "REFFRAME": (engine.ref.file if engine.ref else None, "reference frame (stack grid)"),
         "DEBAYER": (grid.debayer if grid else None, "demosaicing"),
         "INTERP": (cfg.engine.interpolation, "warp interpolation"),
+        "SMOOTHBG": (cfg.engine.smooth_background, "sharpened only where frames have signal"),
         "KAPPA": (cfg.stack.kappa, "outlier rejection threshold, sigma"),
         "BUNIT": ("ADU", "normalised to its filter's reference frame"),
     }
