@@ -235,16 +235,18 @@ def run_night(name: str, frames_dir: Path, frames: list[Path], work: Path, args,
               peak_max: float | None) -> None:
     stacks: dict[str, Path] = {}
     seconds: dict[str, float] = {}
-    # the demosaic is always named in the config: the labels stay true whatever the engine's default
-    d0 = f'debayer = "{args.debayers[0]}"\n'
+    # the demosaic and smooth_background are always named in the config: the labels stay true whatever the
+    # engine's defaults
+    d0 = f'debayer = "{args.debayers[0]}"\nsmooth_background = false\n'
     if len(args.debayers) == 1:
         methods = [(i, i, "[engine]\n" + d0) for i in args.interpolations]
     else:
-        methods = [(f"{d} demosaic, {i} warp", i, f'[engine]\ndebayer = "{d}"\n')
+        methods = [(f"{d} demosaic, {i} warp", i, f'[engine]\ndebayer = "{d}"\nsmooth_background = false\n')
                    for d in args.debayers for i in args.interpolations]
     if args.smooth:     # each again with the sharpening only where the frames have signal
-        methods += [(label + ", smooth background", interp, toml + "smooth_background = true\n")
-                    for label, interp, toml in methods]
+        methods += [(label + ", smooth background", interp, toml.replace("smooth_background = false",
+                                                                         "smooth_background = true"))
+                    for label, interp, toml in methods if "mhc" in toml or interp == "compensated"]
     if args.variants:
         methods += [("bilinear, no rejection (kappa 20)", "bilinear", f"[engine]\n{d0}[stack]\nkappa = 20.0\n"),
                     ("bicubic, no rejection (kappa 20)", "bicubic", f"[engine]\n{d0}[stack]\nkappa = 20.0\n"),
