@@ -112,11 +112,33 @@ def _filtered(cfa: np.ndarray, r0: int, r1: int, reach: int, kernels, tmp: np.nd
 def _mhc_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarray, tmp: np.ndarray) -> None:
     """Malvar-He-Cutler for rows r0:r1 (r0 even) into ``out`` (3, r1 - r0, W): four 5×5 convolutions, each kept
     at the sites it is for (a quarter or half of the plane), and the samples copied at their own sites."""
+    _sites_band(cfa, r0, r1, offs, out, tmp, REACH["mhc"], (_MHC_G, _MHC_ROW, _MHC_COL, _MHC_DIAG))
+
+
+# Bilinear as four kernels on the mosaic itself, kept at their sites as MHC's are: the same averages as the
+# sparse planes' convolutions (G: the 4 nearest; R/B: the 2 beside along the row or column, or the 4 diagonal),
+# with 3×3 kernels — cheaper than three convolutions of zero-filled planes (no fills, no strided copies).
+_BIL_G = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], np.float32) / 4
+_BIL_ROW = np.array([[0, 0, 0], [1, 0, 1], [0, 0, 0]], np.float32) / 2
+_BIL_COL = np.ascontiguousarray(_BIL_ROW.T)
+_BIL_DIAG = np.array([[1, 0, 1], [0, 0, 0], [1, 0, 1]], np.float32) / 4
+
+
+def _bilinear_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarray, tmp: np.ndarray) -> None:
+    """Bilinear for rows r0:r1 (r0 even) into ``out`` (3, r1 - r0, W): four 3×3 kernels on the mosaic, each
+    kept at the sites it is for, and the samples copied at their own sites."""
+    _sites_band(cfa, r0, r1, offs, out, tmp, REACH["bilinear"], (_BIL_G, _BIL_ROW, _BIL_COL, _BIL_DIAG))
+
+
+def _sites_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarray, tmp: np.ndarray, reach: int,
+                kernels) -> None:
+    """Rows r0:r1 of a linear demosaic given by four kernels on the mosaic: G at R and B sites; at a G site the
+    colour beside it in its row, and in its column; R at B sites and B at R sites."""
     (ri, rj), (bi, bj) = offs["R"][0], offs["B"][0]
-    # A G site shares its row with R (g_r) or with B (g_b): R is interpolated from its row (_MHC_ROW) at the
-    # former, from its column (_MHC_COL) at the latter, and B the other way round.
+    # A G site shares its row with R (g_r) or with B (g_b): R is interpolated from its row (the row kernel) at
+    # the former, from its column at the latter, and B the other way round.
     gi, gj = next(ij for ij in offs["G"] if ij[0] != ri)     # g_b
-    g_k, row_k, col_k, diag_k = _filtered(cfa, r0, r1, REACH["mhc"], (_MHC_G, _MHC_ROW, _MHC_COL, _MHC_DIAG), tmp)
+    g_k, row_k, col_k, diag_k = _filtered(cfa, r0, r1, reach, kernels, tmp)
     c = cfa[r0:r1]
     r, g, b = out
     g[...] = g_k
@@ -130,26 +152,6 @@ def _mhc_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarray, tm
     b[gi::2, gj::2] = row_k[gi::2, gj::2]
     b[ri::2, rj::2] = diag_k[ri::2, rj::2]
     b[bi::2, bj::2] = c[bi::2, bj::2]
-
-
-def _bilinear_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarray, tmp: np.ndarray) -> None:
-    """Bilinear for rows r0:r1 (r0 even) into ``out`` (3, r1 - r0, W): each colour's samples on a zero band (and
-    the rows either side that the 3×3 kernels read), convolved."""
-    reach = REACH["bilinear"]
-    a, e = max(0, r0 - reach), min(cfa.shape[0], r1 + reach)
-    sparse, src = tmp[3, : e - a], cfa[a:e]
-    sparse.fill(0)
-    previous: list[tuple[int, int]] = []
-    for ch in "RBG":    # one fill; then only the previous colour's samples are zeroed (a quarter of the band)
-        # (i - a) % 2: the band's first row is a's phase, not necessarily the mosaic's first row's
-        for (i, j) in previous:
-            sparse[(i - a) % 2::2, j::2] = 0
-        for (i, j) in offs[ch]:
-            sparse[(i - a) % 2::2, j::2] = src[(i - a) % 2::2, j::2]
-        conv = tmp[0, : e - a]
-        cv2.filter2D(sparse, -1, _K_G if ch == "G" else _K_RB, dst=conv, borderType=cv2.BORDER_REFLECT_101)
-        out["RGB".index(ch)] = conv[r0 - a:r1 - a]
-        previous = offs[ch]
 
 
 _BANDS = {"mhc": _mhc_band, "bilinear": _bilinear_band}    # full-resolution method -> its band function

@@ -21,13 +21,14 @@ import cv2
 import numpy as np
 
 from . import geometry
-from .debayer import REACH as DEBAYER_REACH, debayer_window
+from .debayer import _BANDS, REACH as DEBAYER_REACH, colour_offsets, debayer_window
 from .warp import INTERPOLATIONS, REACH, compensation, footprint_rows, outside_index, sharpen
 
 _local = threading.local()      # each worker thread's demosaic scratch (reused from block to block)
 BLOCK_ROWS = 64                 # grid rows a block (even): a 24 MP colour block is 4.6 MB, made in the cache
 ROTATED_BLOCK_ROWS = 256        # … of a rotated frame, made in squares (see FrameOnGrid.__init__)
 REACH_MHC = DEBAYER_REACH["mhc"]    # every window is widened as mhc's: plain and sharp windows line up
+CHUNK_MARGIN = REACH_MHC + 1        # columns a sharp value reads either side: the demosaic's and the sharpening's
 
 
 class FrameOnGrid:
@@ -158,27 +159,37 @@ class FrameOnGrid:
             win = mine
         rows, cols = win.shape[1:]
         cells, y0, x0 = self._cells(a, a + rows, p, p + cols)
-        s = self.signal_step
+        mask = self._mask(cells, y0, x0, (a, a + rows), (p, p + cols))
+        # The window's columns with signal, widened by what their sharp values read (mhc 2, the sharpening 1)
+        # to even columns (the CFA's phase), as chunks side by side in one array: one demosaic and one
+        # sharpening for all of them.  Where two chunks meet, the kernels read the other chunk: only the
+        # margins' values are wrong, and those are not copied (no signal there).
+        s, chunks = self.signal_step, []
         for j0, j1 in _runs(cells.max(axis=0) > 0):
-            u0, u1 = max(p, x0 + j0 * s), min(p + cols, x0 + j1 * s)        # source columns with signal
-            v0, v1 = max(p, u0 - 1), min(p + cols, u1 + 1)                  # … and the sharpening's reach
-            if self.mosaic and self.method == "mhc":
-                tile, ta, tp = debayer_window(self.src, self.pattern, "mhc", (a, a + rows), (v0, v1),
-                                              _scratch(rows, v1 - v0), _work("tile", 3 * (rows + 2) * (v1 - v0 + 6)))
-                tile = tile[:, a - ta:a - ta + rows, v0 - tp:v1 - tp]
-            elif self.mosaic:
-                tile = win[:, :, v0 - p:v1 - p]
+            v0 = max(0, x0 + j0 * s - p - CHUNK_MARGIN) & ~1
+            v1 = min(cols, x0 + j1 * s - p + CHUNK_MARGIN + 1) & ~1
+            v1 = cols if cols - v1 < 2 else v1
+            if chunks and v0 <= chunks[-1][1]:
+                chunks[-1] = (chunks[-1][0], v1)
             else:
-                tile = self.src[:, a:a + rows, v0:v1]
-            if k is not None:
-                sharp = _work("tile_sharp", tile[0].size * self.channels)[: tile[0].size * self.channels]
-                sharp = sharp.reshape(tile.shape)
-                for c in range(self.channels):
-                    sharpen(tile[c], k, sharp[c])
-                tile = sharp
-            where = self._mask(cells[:, j0:j1], y0, x0 + j0 * s, (a, a + rows), (u0, u1))
+                chunks.append((v0, v1))
+        n = sum(v1 - v0 for v0, v1 in chunks)
+        tile = _work("tile", self.channels * rows * n)[: self.channels * rows * n].reshape(self.channels, rows, n)
+        if self.mosaic and self.method == "mhc":
+            ra, re = max(0, a - REACH_MHC), min(self.src_hw[0], a + rows + REACH_MHC)
+            cat = _work("cat", (re - ra) * n)[: (re - ra) * n].reshape(re - ra, n)
+            np.concatenate([self.src[ra:re, p + v0:p + v1] for v0, v1 in chunks], axis=1, out=cat)
+            tmp = _scratch(rows, n)[: 4 * (re - ra) * n].reshape(4, re - ra, n)
+            _BANDS["mhc"](cat, a - ra, a - ra + rows, colour_offsets(self.pattern), tile, tmp)
+        else:               # a bilinear demosaic or planes: the plain window's own values, to be sharpened
+            np.concatenate([win[:, :, v0:v1] for v0, v1 in chunks], axis=2, out=tile)
+        if k is not None:
             for c in range(self.channels):
-                np.copyto(win[c, :, u0 - p:u1 - p], tile[c, :, u0 - v0:u1 - v0], where=where)
+                sharpen(tile[c], k, tile[c])
+        o = 0
+        for v0, v1 in chunks:
+            np.copyto(win[:, :, v0:v1], tile[:, :, o:o + v1 - v0], where=mask[:, v0:v1])
+            o += v1 - v0
         return win, a, p
 
     def _kind(self, ya: int, ye: int, xa: int, xe: int) -> str:
@@ -191,9 +202,11 @@ class FrameOnGrid:
         """The signal cells over source rows ya:ye, columns xa:xe (past the map's last cell: its edge cells),
         and the source row and column of the first cell's corner."""
         s, (n, m) = self.signal_step, self.signal.shape
-        i = np.minimum(np.arange(ya // s, (ye - 1) // s + 1), n - 1)
-        j = np.minimum(np.arange(xa // s, (xe - 1) // s + 1), m - 1)
-        return self.signal[np.ix_(i, j)], ya // s * s, xa // s * s
+        i0, i1, j0, j1 = ya // s, (ye - 1) // s + 1, xa // s, (xe - 1) // s + 1
+        cells = self.signal[min(i0, n - 1):min(i1, n), min(j0, m - 1):min(j1, m)]
+        if i1 > n or j1 > m:        # (rows or columns past the map: a frame's last, partial cell)
+            cells = np.pad(cells, ((0, i1 - i0 - cells.shape[0]), (0, j1 - j0 - cells.shape[1])), mode="edge")
+        return cells, i0 * s, j0 * s
 
     def _mask(self, cells: np.ndarray, y0: int, x0: int, rows: tuple[int, int], cols: tuple[int, int]):
         """bool (rows, cols) of the source pixels in rows × cols (half-open) whose cell has signal; ``cells``'
