@@ -25,6 +25,8 @@ from .debayer import _BANDS, REACH as DEBAYER_REACH, colour_offsets, debayer_win
 from .warp import INTERPOLATIONS, REACH, compensation, footprint_rows, outside_index, sharpen
 
 _local = threading.local()      # each worker thread's demosaic scratch (reused from block to block)
+_all_work: list[dict] = []      # … every thread's, for drop_work_memory
+_all_lock = threading.Lock()
 BLOCK_ROWS = 64                 # grid rows a block (even): a 24 MP colour block is 4.6 MB, made in the cache
 ROTATED_BLOCK_ROWS = 256        # … of a rotated frame, made in squares (see FrameOnGrid.__init__)
 REACH_MHC = DEBAYER_REACH["mhc"]    # every window is widened as mhc's: plain and sharp windows line up
@@ -241,7 +243,9 @@ def signal_cells(lum: np.ndarray, k: float = SIGNAL_SIGMA) -> np.ndarray:
     path's noise."""
     h, w = lum.shape[0] // 2 * 2, lum.shape[1] // 2 * 2
     q = cv2.resize(lum[:h, :w], (w // 2, h // 2), interpolation=cv2.INTER_AREA)
-    hp = q - cv2.blur(q, (7, 7), borderType=cv2.BORDER_REFLECT_101)
+    hp = cv2.blur(q, (7, 7), borderType=cv2.BORDER_REFLECT_101)
+    np.subtract(q, hp, out=hp)
+    del q
     sub = hp[::2, ::2]
     med = float(np.median(sub))
     sigma = 1.4826 * float(np.median(np.abs(sub - med)))
@@ -251,11 +255,24 @@ def signal_cells(lum: np.ndarray, k: float = SIGNAL_SIGMA) -> np.ndarray:
 
 def _work(name: str, size: int) -> np.ndarray:
     """This thread's float32 work memory ``name``, at least ``size`` values (grown when a block needs more)."""
-    buf = getattr(_local, name, None)
+    bufs = getattr(_local, "bufs", None)
+    if bufs is None:
+        bufs = _local.bufs = {}
+        with _all_lock:
+            _all_work.append(bufs)
+    buf = bufs.get(name)
     if buf is None or buf.size < size:
-        buf = np.empty(size, np.float32)
-        setattr(_local, name, buf)
+        buf = bufs[name] = np.empty(size, np.float32)
     return buf
+
+
+def drop_work_memory() -> None:
+    """Let go of every thread's work memory (tens of MB at 24 MP): before a step that needs more memory than a
+    frame — the bootstrap's combination, the session's peak —, with no frame being made.  Threads get new
+    memory at their next block."""
+    with _all_lock:
+        for bufs in _all_work:
+            bufs.clear()
 
 
 def _window(rows: int, cols: int) -> np.ndarray:
