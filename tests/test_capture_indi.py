@@ -78,8 +78,11 @@ class Server:
             c.set_values(DEVICE, "POLLING_PERIOD", {"PERIOD_MS": 50})   # an exposure ends on a poll tick
             c.set_values(DEVICE, "CCD_DIRECTORY_LOCATION", {"LOCATION": str(self.frames)})
             c.set_values(DEVICE, "CCD_DIRECTORY_TOGGLE", {"INDI_ENABLED": True})
-            c.wait(lambda: c.get(DEVICE, "CCD_DIRECTORY_TOGGLE").state != "Busy", 5, "directory mode")
-            assert c.get(DEVICE, "CCD_DIRECTORY_TOGGLE").values["INDI_ENABLED"], c.messages[-3:]
+            # wait for the switch itself (its state alone can still be the old one's, not yet "Busy": under load a
+            # restarted server answered after that check, and the mode was found off)
+            toggle = lambda: c.get(DEVICE, "CCD_DIRECTORY_TOGGLE")     # noqa: E731
+            c.wait(lambda: toggle().values["INDI_ENABLED"] or toggle().state == "Alert", 5, "directory mode")
+            assert toggle().values["INDI_ENABLED"], c.messages[-3:]
         finally:
             c.close()
 
@@ -175,6 +178,7 @@ def test_server_restart_mid_run_loses_no_frame(indi, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+            proc.communicate()      # its pipes closed here, not by a later test's garbage collection
     assert proc.returncode == 0, err
     names = sorted(f.name for f in out.iterdir())
     assert names == [f"light_{i:04d}_0.3s.fits" for i in range(n)]
