@@ -3,8 +3,9 @@
 OpenCV's demosaicing takes only 8/16-bit integers, and calibrated data is float (fractions, negatives after dark
 subtraction), so the full-resolution methods are written as float32 convolutions:
 
-- bilinear: three convolutions of the sparse colour planes — exactly bilinear, as fast as cv2.cvtColor on the
-  integer data.  Each output pixel averages its 3×3 neighbourhood: an undersampled star is widened.
+- bilinear: the nearest samples of each colour averaged — four 3×3 kernels on the mosaic, each kept at the
+  sites it is for, as MHC's are.  Each output pixel averages its 3×3 neighbourhood: an undersampled star is
+  widened.
 - mhc: Malvar, He & Cutler, "High-quality linear interpolation for demosaicing of Bayer-patterned color images"
   (ICASSP 2004): bilinear plus a correction by the Laplacian of the colour sampled at the pixel (the other
   colours' detail is assumed to follow it), four fixed 5×5 kernels applied to the whole mosaic.  Still linear,
@@ -16,11 +17,6 @@ import cv2
 import numpy as np
 
 DEBAYER_METHODS = ("bilinear", "mhc", "superpixel")
-
-# Bilinear demosaicing kernels: on a plane that holds one colour's samples and zeros elsewhere, these average the
-# nearest samples of that colour (R/B: 1, 2 or 4 of them; G: 1 or 4).
-_K_RB = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 4
-_K_G = np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]], np.float32) / 4
 
 # Malvar-He-Cutler kernels (the paper's coefficients), applied to the whole mosaic; each is used at the sites
 # named.  Weights on the colour wanted sum to 1, on the colour sampled at the centre to 0 (a Laplacian: zero on
