@@ -18,10 +18,8 @@ demosaiced nor interpolated: drizzle.py drops each sample onto it.  Stars and re
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
-import cv2
 import numpy as np
 
 from . import geometry
@@ -247,10 +245,8 @@ class Grid:
                                "bilinear" if self.drizzled else self.debayer or "bilinear")
             if not warped:
                 return sat
-            grow = math.ceil(REACH[interpolation]) - 1      # warp_mask reaches 1 px (bilinear); a wider kernel
-            if grow > 0 and not self.drizzled:              # reaches more: as far as the points' rule below
-                sat = cv2.dilate(sat.view(np.uint8), np.ones((2 * grow + 1,) * 2, np.uint8)).view(bool)
-            return warp_mask(sat, matrix, self.shape)
+            # as far as the warp reads (the points' rule below); a drizzle's drops: as for a bilinear read
+            return warp_mask(sat, matrix, self.shape, reach=1.0 if self.drizzled else REACH[interpolation])
         xs, ys = points.reshape(-1, 2).T
         if self.mode == "superpixel":
             xs, ys = xs // 2, ys // 2

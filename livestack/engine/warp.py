@@ -155,9 +155,14 @@ def warp(img: np.ndarray, matrix: np.ndarray, shape_hw: tuple[int, int], *, inte
             out[c].reshape(-1)[idx] = np.float32(np.nan)   # out[c] is C-contiguous: reshape is a view
     return out
 
-def warp_mask(mask: np.ndarray, matrix: np.ndarray, shape_hw: tuple[int, int]) -> np.ndarray:
-    """Carry a bool (H, W) mask to the stack grid (a grid pixel is set when any source pixel near it is)."""
+def warp_mask(mask: np.ndarray, matrix: np.ndarray, shape_hw: tuple[int, int], *, reach: float = 1.0) -> np.ndarray:
+    """Carry a bool (H, W) mask to the stack grid (a grid pixel is set when any source pixel near it is): within
+    ``reach`` source px on both axes, warp_points()' rule — the bilinear read's own 1 px, and a wider kernel's
+    (bicubic, compensated: 2) by growing the mask first."""
     h, w = shape_hw
+    grow = math.ceil(reach) - 1
+    if grow > 0:
+        mask = cv2.dilate(mask.view(np.uint8), np.ones((2 * grow + 1,) * 2, np.uint8)).view(bool)
     src = mask.astype(np.uint8) * np.uint8(255)  # 0/1 would round fractional contributions down to 0
     m = cv2.warpAffine(src, np.asarray(matrix, np.float64), (w, h), flags=cv2.INTER_LINEAR,
                        borderMode=cv2.BORDER_CONSTANT, borderValue=0)
