@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 
 import cv2
 import numpy as np
@@ -25,8 +26,17 @@ from .debayer import _BANDS, REACH as DEBAYER_REACH, colour_offsets, debayer_win
 from .warp import INTERPOLATIONS, REACH, compensation, footprint_rows, outside_index, sharpen
 
 _local = threading.local()      # each worker thread's demosaic scratch (reused from block to block)
-_all_work: list[dict] = []      # … every thread's, for drop_work_memory
+_all_work: weakref.WeakSet = weakref.WeakSet()   # … every live thread's, for drop_work_memory
 _all_lock = threading.Lock()
+
+
+class _Buffers:
+    """A thread's work memory by name; drop_work_memory's WeakSet holds it only while its thread lives."""
+
+    __slots__ = ("named", "__weakref__")
+
+    def __init__(self):
+        self.named: dict[str, np.ndarray] = {}
 BLOCK_ROWS = 64                 # grid rows a block (even): a 24 MP colour block is 4.6 MB, made in the cache
 ROTATED_BLOCK_ROWS = 256        # … of a rotated frame, made in squares (see FrameOnGrid.__init__)
 REACH_MHC = DEBAYER_REACH["mhc"]    # every window is widened as mhc's: plain and sharp windows line up
@@ -45,7 +55,7 @@ class FrameOnGrid:
     planes (mono, or a superpixel image) with ``pattern`` None; ``matrix``: (2, 3) frame pixel -> grid pixel;
     ``shape``: the grid's (h, w).  ``signal``: signal_cells() of the frame, its cells ``signal_step`` source
     pixels square — the sharpening (an mhc demosaic, a compensated warp) is then applied where it says there
-    is signal and the plain path (bilinear demosaic, bilinear read) elsewhere, blended by its weights."""
+    is signal and the plain path (bilinear demosaic, bilinear read) elsewhere."""
 
     def __init__(self, src: np.ndarray, matrix: np.ndarray, shape: tuple[int, int], *, interpolation: str,
                  pattern: str | None = None, debayer: str | None = None, signal: np.ndarray | None = None,
@@ -85,7 +95,7 @@ class FrameOnGrid:
         if self.on_grid:
             if not self.mosaic:
                 return [self.src[c, r0:r1] for c in range(self.channels)]
-            img, a, p = self._window(r0, r1, 0, w)
+            img, a, p = self._source(r0, r1, 0, w)
             return list(img[:, r0 - a:, p:p + w])
         out = _work("out", self.channels * (r1 - r0) * w)[: self.channels * (r1 - r0) * w]
         out = out.reshape(self.channels, r1 - r0, w)
@@ -117,7 +127,7 @@ class FrameOnGrid:
         if xa >= xe or ya >= ye:            # the block lies beyond the frame: all outside the footprint
             out.fill(np.nan)
             return
-        win, a, p = self._window(ya, ye, xa, xe, (r0, r1, c0, c1))
+        win, a, p = self._source(ya, ye, xa, xe, (r0, r1, c0, c1))
         # window pixel (u, v) is frame (u + p, v + a); the segment's pixel (X, Y) is grid (X + c0, Y + r0)
         m = geometry.compose(np.array([[1.0, 0, -c0], [0, 1.0, -r0]]),
                              geometry.compose(self.matrix, np.array([[1.0, 0, p], [0, 1.0, a]])))
@@ -125,7 +135,7 @@ class FrameOnGrid:
         for c in range(self.channels):
             cv2.warpAffine(win[c], m, (c1 - c0, r1 - r0), dst=out[c], flags=flags, borderMode=cv2.BORDER_REPLICATE)
 
-    def _window(self, ya: int, ye: int, xa: int, xe: int, segment: tuple | None = None):
+    def _source(self, ya: int, ye: int, xa: int, xe: int, segment: tuple | None = None):
         """The source rows ya:ye, columns xa:xe (at least) as the warp reads them: demosaiced (a mosaic) and, for a
         compensated warp of the grid ``segment`` (r0, r1, c0, c1), sharpened — or where ``signal`` says there
         is no signal, the plain path's values (bilinear demosaic, no sharpening).  Returns (C, m, n) float32 and
@@ -259,12 +269,12 @@ def _work(name: str, size: int) -> np.ndarray:
     """This thread's float32 work memory ``name``, at least ``size`` values (grown when a block needs more)."""
     bufs = getattr(_local, "bufs", None)
     if bufs is None:
-        bufs = _local.bufs = {}
+        bufs = _local.bufs = _Buffers()
         with _all_lock:
-            _all_work.append(bufs)
-    buf = bufs.get(name)
+            _all_work.add(bufs)
+    buf = bufs.named.get(name)
     if buf is None or buf.size < size:
-        buf = bufs[name] = np.empty(size, np.float32)
+        buf = bufs.named[name] = np.empty(size, np.float32)
     return buf
 
 
@@ -273,8 +283,8 @@ def drop_work_memory() -> None:
     frame — the bootstrap's combination, the session's peak —, with no frame being made.  Threads get new
     memory at their next block."""
     with _all_lock:
-        for bufs in _all_work:
-            bufs.clear()
+        for bufs in list(_all_work):
+            bufs.named.clear()
 
 
 def _window(rows: int, cols: int) -> np.ndarray:
