@@ -6,6 +6,7 @@
                                      [--no-smooth-background] [--no-read-ahead] [--cpus 0]
     python benchmarks/bench_frame.py --commands [--siril] [--repeat 3] [--cpus 0] [--keep DIR] …
     python benchmarks/bench_frame.py --keep DIR --night 1000
+    python benchmarks/bench_frame.py --keep DIR --paired 24 [--cpus 0] [--no-read-ahead]
 
 Frames are rendered by the simulator in a separate process first, so the peak RSS printed is the stacking
 process's own.  The engine runs in this process with the allocator settings `livestack` uses (memory.py).
@@ -17,7 +18,13 @@ seconds, user + system CPU seconds (the command and its children, from wait4) an
 process tree (sampled every 50 ms from /proc).  --cpus pins to those CPUs (e.g. 0: one core, as `taskset -c 0`).
 --night N: a long night — N frames through one engine, cycling through the rendered files (each pass stacks
 them again: the stack's memory is what is measured), the process's resident memory printed every N/10 frames
-and its peak at the end.  Prints figures; asserts nothing.
+and its peak at the end.
+--paired N: what the default mode costs over the old one (`--interpolation bilinear --no-smooth-background`,
+the default until the fifth session), measured so that the VM's drift cancels: two engines in one process, each
+file through both in turn (which goes first alternates), N files after their bootstraps, cycling; prints each
+engine's median seconds a frame and the median and quartiles of the per-frame differences (wall and CPU
+seconds; CPU of the whole process, so the read-ahead thread's work counts where it is done).
+Prints figures; asserts nothing.
 """
 from __future__ import annotations
 
@@ -53,6 +60,8 @@ def main() -> int:
     ap.add_argument("--siril", action="store_true", help="with --commands: also Siril on the same frames")
     ap.add_argument("--repeat", type=int, default=3, help="with --commands: runs of each, alternating")
     ap.add_argument("--night", type=int, default=0, help="N frames through one engine, cycling (see above)")
+    ap.add_argument("--paired", type=int, default=0, help="N frames: the configuration against the old default "
+                                                          "(see above)")
     args = ap.parse_args()
     cpus = {int(c) for c in args.cpus.split(",")} if args.cpus else None
 
@@ -81,6 +90,10 @@ def main() -> int:
                                                               interpolation=args.interpolation,
                                                               smooth_background=not args.no_smooth_background,
                                                               read_ahead=not args.no_read_ahead))
+    if args.paired:
+        old = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, interpolation="bilinear",
+                                                                  smooth_background=False))
+        return paired(Engine(cfg), Engine(old), files, args.paired, args)
     eng = Engine(cfg)
     if args.night:
         return long_night(eng, files, args.night)
@@ -139,6 +152,52 @@ def long_night(eng, files, n: int) -> int:
                   f"{(time.perf_counter() - t0) / (i + 1):.3f} s/frame", flush=True)
     print(f"{stacked} of {n} frames stacked; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}"
           f" MB; {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    return 0
+
+
+def paired(new, old, files, n: int, args) -> int:
+    """Each file through ``new`` and ``old`` in turn (alternating which goes first): per-frame wall and CPU
+    seconds of each, after both have their reference and bootstrap frames; medians and the differences'."""
+    def one(eng, i, nxt):
+        c, t = time.process_time(), time.perf_counter()
+        rec = eng.process(files[i % len(files)], next_path=files[nxt % len(files)] if nxt is not None else None)
+        if rec.status not in ("reference", "stacked"):
+            raise RuntimeError(f"{rec.file}: {rec.status} {rec.error}")
+        return time.perf_counter() - t, time.process_time() - c
+    boot = 1 + max(1, new.cfg.stack.bootstrap)
+    for i in range(boot):                       # reference + bootstrap (+ the combine): not counted
+        one(new, i, i + 1)
+        one(old, i, i + 1)
+    d_wall, d_cpu, nw, ow = [], [], [], []
+    for j in range(n):
+        i = boot + j
+        nxt = i + 1 if j + 1 < n else None
+        if j % 2:
+            a = one(new, i, nxt)
+            b = one(old, i, nxt)
+        else:
+            b = one(old, i, nxt)
+            a = one(new, i, nxt)
+        nw.append(a)
+        ow.append(b)
+        d_wall.append(a[0] - b[0])
+        d_cpu.append(a[1] - b[1])
+        print(f"{files[i % len(files)].name}: new {a[0]:.3f} s ({a[1]:.2f} CPU)  old {b[0]:.3f} s ({b[1]:.2f} CPU)"
+              f"  difference {a[0] - b[0]:+.3f} s", flush=True)
+
+    def q(xs, f):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(f * len(xs)))]
+    print()
+    print(f"{n} frames {files[0].name}…, {args.width}×{args.height} expected, debayer {args.debayer}: "
+          f"new = warp {args.interpolation}, smooth background {not args.no_smooth_background}; old = bilinear, "
+          f"no smooth background; read-ahead {not args.no_read_ahead}; {platform.machine()}, "
+          f"{len(os.sched_getaffinity(0))} CPUs usable, Python {platform.python_version()}")
+    print(f"  new: median {q([x for x, _ in nw], .5):.3f} s a frame, {q([c for _, c in nw], .5):.2f} CPU s")
+    print(f"  old: median {q([x for x, _ in ow], .5):.3f} s a frame, {q([c for _, c in ow], .5):.2f} CPU s")
+    print(f"  new − old, wall: median {q(d_wall, .5):+.3f} s (quartiles {q(d_wall, .25):+.3f} … "
+          f"{q(d_wall, .75):+.3f}); CPU: median {q(d_cpu, .5):+.3f} s (quartiles {q(d_cpu, .25):+.3f} … "
+          f"{q(d_cpu, .75):+.3f})")
     return 0
 
 

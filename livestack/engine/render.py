@@ -173,7 +173,6 @@ class FrameOnGrid:
             win = mine
         rows, cols = win.shape[1:]
         cells, y0, x0 = self._cells(a, a + rows, p, p + cols)
-        mask = self._mask(cells, y0, x0, (a, a + rows), (p, p + cols))
         # The window's columns with signal, widened by what their sharp values read (mhc 2, the sharpening 1)
         # to even columns (the CFA's phase), as chunks side by side in one array: one demosaic and one
         # sharpening for all of them.  Where two chunks meet, the kernels read the other chunk: only the
@@ -200,9 +199,14 @@ class FrameOnGrid:
         if k is not None:
             for c in range(self.channels):
                 sharpen(tile[c], k, tile[c])
+        # which of the tile's pixels lie in a cell with signal: the cells looked up for its rows and columns
+        # (only the chunks' columns: the whole window's mask cost ~25 ms a 24 MP frame)
+        col_cell = np.concatenate([np.arange(p + v0 - x0, p + v1 - x0) // s for v0, v1 in chunks])
+        row_cell = np.arange(a - y0, a + rows - y0) // s
+        mask = (cells > 0).take(col_cell, axis=1).take(row_cell, axis=0)
         o = 0
         for v0, v1 in chunks:
-            np.copyto(win[:, :, v0:v1], tile[:, :, o:o + v1 - v0], where=mask[:, v0:v1])
+            np.copyto(win[:, :, v0:v1], tile[:, :, o:o + v1 - v0], where=mask[:, o:o + v1 - v0])
             o += v1 - v0
         return win, a, p
 
@@ -221,13 +225,6 @@ class FrameOnGrid:
         if i1 > n or j1 > m:        # (rows or columns past the map: a frame's last, partial cell)
             cells = np.pad(cells, ((0, i1 - i0 - cells.shape[0]), (0, j1 - j0 - cells.shape[1])), mode="edge")
         return cells, i0 * s, j0 * s
-
-    def _mask(self, cells: np.ndarray, y0: int, x0: int, rows: tuple[int, int], cols: tuple[int, int]):
-        """bool (rows, cols) of the source pixels in rows × cols (half-open) whose cell has signal; ``cells``'
-        first cell's corner is source (y0, x0)."""
-        s = self.signal_step
-        up = cv2.resize(cells, (cells.shape[1] * s, cells.shape[0] * s), interpolation=cv2.INTER_NEAREST)
-        return up[rows[0] - y0:rows[1] - y0, cols[0] - x0:cols[1] - x0] > 0
 
 
 def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
