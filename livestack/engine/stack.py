@@ -524,25 +524,45 @@ class RunningStack:
         centre_var = np.float32(1.0 if k == 2 else (np.pi / 2) / max(k, 1))
         rel = np.float32(self.p.rel_floor)
         lums = np.stack([b for *_, b in self.buffer])                   # (K, cells) − sky
-        centre = _median_rows(lums)
-        signal = np.maximum(centre, 0) * rel
-        bads = [self._threshold(lums[i], centre, (self._cell_noise2(noise) + signal * signal) * (1 + centre_var))
-                for i, (_, _, noise, _, _) in enumerate(self.buffer)]
-        if k > 1:
-            everyone = np.logical_and.reduce(bads)
-            if everyone.any():
-                dev = np.abs(lums - centre[None])
-                keep = np.argmin(np.where(np.isnan(dev), np.inf, dev), axis=0)
-                for i in range(k):
-                    bads[i] &= ~(everyone & (keep == i))
-                del dev, keep
+        floors = [self._cell_noise2(noise) for _, _, noise, _, _ in self.buffer]
+        bads = np.empty(lums.shape, bool)
+        n_cells = lums.shape[1]
+
+        def judge(rows: tuple[int, int]) -> None:
+            # one row of cells either side: the growth of strong outliers (a 3×3 dilation) crosses chunks
+            r0, r1 = rows
+            a, e = max(0, r0 - 1), min(n_cells, r1 + 1)
+            part = lums[:, a:e]
+            centre = _median_rows(part)
+            signal = np.maximum(centre, 0) * rel
+            signal *= signal
+            bad = np.stack([self._threshold(part[i], centre, (floors[i] + signal) * (1 + centre_var))
+                            for i in range(k)])
+            if k > 1:
+                everyone = np.logical_and.reduce(bad)
+                if everyone.any():
+                    dev = np.abs(part - centre[None])
+                    keep = np.argmin(np.where(np.isnan(dev), np.inf, dev), axis=0)
+                    for i in range(k):
+                        bad[i] &= ~(everyone & (keep == i))
+            bads[:, r0:r1] = bad[:, r0 - a:r1 - a]
+
+        # Row chunks are independent (but for the growth's halo): the cores share the cells' work too
+        self.parallel_map(judge, list(self._chunks(n_cells)))
         rejected = []
         frames = list(self.buffer)
         if consume:         # finish_bootstrap: the frames go as they are added (the session's memory peak)
             self.buffer = []
         for i, (_, wt, _, _, _) in enumerate(frames):
-            rejected.append(4 * int(bads[i].sum()))
-            self._accumulate_cells(lums[i], np.isfinite(lums[i]) & ~bads[i], wt, lsum, lw, sq, count)
+            rejected.append(4 * int(np.count_nonzero(bads[i])))
+
+            def add_cells(rows: tuple[int, int], i=i, wt=wt) -> None:
+                r0, r1 = rows
+                b = lums[i, r0:r1]
+                self._accumulate_cells(b, np.isfinite(b) & ~bads[i, r0:r1], wt, lsum[r0:r1], lw[r0:r1],
+                                       sq[r0:r1], count[r0:r1])
+
+            self.parallel_map(add_cells, list(self._chunks(n_cells)))
         # The pixels a span of rows at a time, every frame's: the frames' rows added are given back (consume)
         # while the accumulators' pages fill, so the two are not resident whole at once (432 + 468 MB at 24 MP)
         h = self.shape[1]
