@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.spatial import cKDTree
 
 from . import geometry
 from .frame import FrameMeta, Quality, Stars
@@ -138,6 +137,8 @@ class FilterStack:
         reference's (mutually nearest): > 1 for a frame dimmed by cloud; 1.0 with fewer than 3 pairs."""
         if not len(stars) or not len(self.ref.xy):
             return 1.0
+        from scipy.spatial import cKDTree
+
         si, ri = mutual_pairs(geometry.apply(matrix, stars.xy), self.ref.xy, cKDTree(self.ref.xy), tol)
         return transparency_scale(self.ref.flux[ri], stars.flux[si])
 

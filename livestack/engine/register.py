@@ -15,15 +15,39 @@ Star lists are (N, 2) float arrays (x = column, y = row), brightest first. Nothi
 from __future__ import annotations
 
 import itertools
+import threading
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.spatial import cKDTree
-from scipy.special import pdtrc
 
 from livestack.engine import geometry as geo
 
 MODELS = ("auto", "affine", "similarity")
+
+
+def import_scipy() -> None:
+    """Import the scipy modules registration uses (cKDTree, pdtrc): 0.5–0.6 s, most of it scipy's array-API
+    shims importing numpy.testing and numpy.f2py.  The functions here import them where they need them, so that
+    the command line starts without them; ``import_scipy_in_background`` lets an engine have them ready by its
+    second frame."""
+    import scipy.spatial  # noqa: F401
+    import scipy.special  # noqa: F401
+
+
+_preload_lock = threading.Lock()
+_preloaded = False
+
+
+def import_scipy_in_background() -> None:
+    """import_scipy() on a daemon thread, once per process: it runs while the first frame is read and
+    calibrated (LibRaw, OpenCV and numpy release the GIL), which do not need it.  A function that needs the
+    modules before the thread is done waits for it at its import (Python's import lock)."""
+    global _preloaded
+    with _preload_lock:
+        if _preloaded:
+            return
+        _preloaded = True
+    threading.Thread(target=import_scipy, name="import-scipy", daemon=True).start()
 
 
 class RegistrationError(Exception):
@@ -92,6 +116,8 @@ def register(src_xy, ref_xy, p: RegisterParams, *, rng: np.random.Generator, pre
     if len(src) < p.min_matches or len(ref) < p.min_matches:
         raise RegistrationError(f"only {len(src)} frame stars and {len(ref)} reference stars "
                                 f"(need {p.min_matches} in each)")
+    from scipy.spatial import cKDTree
+
     ref_tree = cKDTree(ref)
 
     def weights(si, ri):
@@ -149,6 +175,8 @@ def register(src_xy, ref_xy, p: RegisterParams, *, rng: np.random.Generator, pre
 
 def _implausible(m, si, rms, src, ref, p: RegisterParams, tested: int) -> str:
     """Why a refined pattern match is not believable, or "" when it is."""
+    from scipy.special import pdtrc
+
     n = len(si)
     if n < p.min_matches:
         return f"only {n} star pairs matched (need {p.min_matches})"
@@ -202,9 +230,11 @@ def _scale_ok(m: np.ndarray, p: RegisterParams) -> bool:
     return bool(det > 0 and abs(np.sqrt(det) - 1.0) <= p.max_scale_change)
 
 
-def mutual_pairs(mapped: np.ndarray, ref: np.ndarray, ref_tree: cKDTree, tol: float):
+def mutual_pairs(mapped: np.ndarray, ref: np.ndarray, ref_tree: "cKDTree", tol: float):
     """Index pairs (si, ri) where ref[ri] is the nearest reference star to mapped[si] within ``tol`` and
     mapped[si] is the nearest mapped star to ref[ri]: one-to-one, so close doubles cannot pair twice."""
+    from scipy.spatial import cKDTree
+
     d, ri = ref_tree.query(mapped, k=1, distance_upper_bound=tol)
     si = np.flatnonzero(np.isfinite(d))
     if len(si) == 0:
@@ -317,6 +347,8 @@ def _triangles(xy: np.ndarray, neighbours: int) -> tuple[np.ndarray, np.ndarray]
     the sides sorted L0 >= L1 >= L2, both in (0, 1] (bounded, unlike astroalign's L0/L1, L1/L2, so one
     tolerance means the same everywhere). Triangles with a zero side (coincident stars) are dropped.
     """
+    from scipy.spatial import cKDTree
+
     n = len(xy)
     k = min(neighbours + 1, n)
     _, nn = cKDTree(xy).query(xy, k=k)
@@ -348,6 +380,8 @@ def _hypotheses(ps, pr, src, ref_tree, p: RegisterParams, rng: np.random.Generat
 
     Returns (matrices, hypotheses scored, reason when there are none).
     """
+    from scipy.spatial import cKDTree
+
     if len(ps) < 3 or len(pr) < 3:
         return [], 0, f"too few stars for triangles ({len(ps)} frame, {len(pr)} reference)"
     tri_s, inv_s = _triangles(ps, p.neighbours)
