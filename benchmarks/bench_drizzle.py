@@ -3,8 +3,9 @@
     python benchmarks/bench_drizzle.py [--sim] [--real] [--speed] [--frames 20 --fwhm 1.3 --seed 11]
 
 --sim    simulated undersampled nights (800×600, stars FWHM --fwhm px, dithers ±3 px, field rotation):
-         colour (RGGB) and mono, each stacked by `livestack stack` as is (MHC demosaic, bilinear warp), with
-         `--debayer bilinear`, and with `--drizzle 2` at several pixfracs (and `--drizzle 1` for colour).
+         colour (RGGB) and mono, each stacked by `livestack stack` as is (MHC demosaic, compensated warp, smooth
+         background), with `--debayer bilinear`, and with `--drizzle 2` at several pixfracs (and `--drizzle 1`
+         for colour); the drizzles as configured ([drizzle] compensate: on by default).
 --real   the Seestar S50 M94 nights of ../shared/data/sequences (GRBG, stars ~1.6 px in a binned luminance):
          the same stacks, before/after.
 --speed  the drop stage alone (Drizzler.planes, both cores) at 2 MP ×2 and 24 MP ×1, against the `drizzle`

@@ -213,6 +213,8 @@ def test_drizzle_in_the_daemon_survives_kill9_and_equals_livestack_stack(make_da
     assert d.stop() == 0
     img, w, hdr = read_stack(d.out)
     assert img.shape == (3, 720, 960) and hdr["DEBAYER"] == "drizzle"
+    assert (hdr["DRIZZLE"], hdr["PIXFRAC"]) == (2.0, 0.8)
+    assert hdr["DRZSHARP"] == round(((0.8 * 2) ** 2 + 1) / 24, 5)     # the compensation, through the restart
 
     src = tmp_path / "src"
     src.mkdir()

@@ -124,13 +124,14 @@ class FilterStack:
 
     def start(self, file: str, stars: Stars, matrix: np.ndarray, plane: np.ndarray, sky: np.ndarray,
               noise: float, fwhm: float, shape: tuple[int, int, int], lum_weights, cell_samples, *,
-              channel_weights: bool = False) -> None:
-        """Make the frame in hand this filter's reference and allocate its (empty) stack on the grid."""
+              channel_weights: bool = False, sharpen: float = 0.0) -> None:
+        """Make the frame in hand this filter's reference and allocate its (empty) stack on the grid
+        (``channel_weights``, ``sharpen``: RunningStack's, for a drizzle)."""
         self.ref = FilterRef(file, geometry.apply(matrix, stars.xy) if len(stars) else np.zeros((0, 2)),
                              np.asarray(stars.flux, np.float64), plane_to_grid(plane, matrix),
                              np.asarray(sky, np.float64), float(noise), float(fwhm))
         self.stack = RunningStack(shape, sky, self.stack_params, lum_weights, cell_samples, pool=self._pool,
-                                  channel_weights=channel_weights)
+                                  channel_weights=channel_weights, sharpen=sharpen)
 
     def transparency(self, stars: Stars, matrix: np.ndarray, *, tol: float) -> float:
         """Reference flux / frame flux over the frame's stars that land within ``tol`` grid px of one of the

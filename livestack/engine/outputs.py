@@ -60,6 +60,10 @@ def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int
         "INTERP": (cfg.engine.interpolation, "warp interpolation"),
         "SMOOTHBG": (cfg.engine.smooth_background, "sharpened only where frames have signal"),
         "KAPPA": (cfg.stack.kappa, "outlier rejection threshold, sigma"),
+        "DRIZZLE": (grid.scale if grid is not None and grid.drizzled else None, "drizzle: grid px per sensor px"),
+        "PIXFRAC": (grid.pixfrac if grid is not None and grid.drizzled else None, "drizzle: drop size, sensor px"),
+        "DRZSHARP": (round(engine.stack_sharpen(), 5) if grid is not None and grid.drizzled else None,
+                     "drizzle blur compensation [-a,1+2a,-a]: a"),
         "BUNIT": ("ADU", "normalised to its filter's reference frame"),
     }
     if grid is not None and grid.wcs is not None:

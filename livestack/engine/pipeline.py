@@ -26,6 +26,7 @@ import numpy as np
 from . import geometry
 from .calibrate import Masters, calibrate, nonzero_xy
 from .drizzle import Drizzler, too_big
+from .drizzle import compensation as drizzle_compensation
 from .filterstack import Counters, FilterStack, filter_key
 from .frame import Frame, FrameError, FrameRecord, Quality, Stars
 from .grid import Grid
@@ -360,7 +361,8 @@ class Engine:
         if fs.ref is None:
             scale = 1.0    # the first frame through this filter is its photometric reference
             fs.start(path.name, stars, matrix, plane, sky, float(noise.mean()), q.fwhm, grid.stack_shape,
-                     grid.lum_weights, grid.cell_samples, channel_weights=grid.drizzled)
+                     grid.lum_weights, grid.cell_samples, channel_weights=grid.drizzled,
+                     sharpen=self.stack_sharpen())
             if self.spill_dir is not None or self._over_budget():
                 self._trim(keep=fs.key)
         else:
@@ -588,7 +590,15 @@ class Engine:
             eng.filters[fs.key] = fs
             eng._recent = [k for k in meta["recent"] if k in eng.filters]
             eng._trim()        # stacks beyond the memory budget go to disk as they are read
+            if stack is not None:
+                stack.sharpen = eng.stack_sharpen()    # an output setting: today's configuration's
         return eng
+
+    def stack_sharpen(self) -> float:
+        """RunningStack's ``sharpen`` on this engine's grid: a drizzle's compensation, when [drizzle] compensate."""
+        g = self.grid
+        return drizzle_compensation(g.pixfrac, g.scale) if g is not None and g.drizzled and \
+            self.cfg.drizzle.compensate else 0.0
 
 
 @dataclass(slots=True, eq=False)
