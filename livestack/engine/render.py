@@ -173,41 +173,47 @@ class FrameOnGrid:
             win = mine
         rows, cols = win.shape[1:]
         cells, y0, x0 = self._cells(a, a + rows, p, p + cols)
-        # The window's columns with signal, widened by what their sharp values read (mhc 2, the sharpening 1)
-        # to even columns (the CFA's phase), as chunks side by side in one array: one demosaic and one
-        # sharpening for all of them.  Where two chunks meet, the kernels read the other chunk: only the
+        # The window's columns with signal, widened by what their sharp values read (an mhc demosaic's 2 and
+        # the sharpening's 1, to even columns: the CFA's phase; else the sharpening's 1), as chunks side by side
+        # in one array: one demosaic and one sharpening for all of them (gathered and put back by index).  Where two chunks meet, the kernels read the other chunk: only the
         # margins' values are wrong, and those are not copied (no signal there).
-        s, chunks = self.signal_step, []
-        for j0, j1 in _runs(cells.max(axis=0) > 0):
-            v0 = max(0, x0 + j0 * s - p - CHUNK_MARGIN) & ~1
-            v1 = min(cols, x0 + j1 * s - p + CHUNK_MARGIN + 1) & ~1
-            v1 = cols if cols - v1 < 2 else v1
-            if chunks and v0 <= chunks[-1][1]:
-                chunks[-1] = (chunks[-1][0], v1)
-            else:
-                chunks.append((v0, v1))
-        n = sum(v1 - v0 for v0, v1 in chunks)
+        s = self.signal_step
+        mhc = self.mosaic and self.method == "mhc"      # (else the sharp values read the sharpening's 1 px only)
+        margin, phase = (CHUNK_MARGIN, ~1) if mhc else (1, ~0)
+        j0, j1 = _runs(cells.max(axis=0) > 0)
+        v0 = np.maximum(0, x0 + j0 * s - p - margin) & phase
+        v1 = np.minimum(cols, x0 + j1 * s - p + margin + 1) & phase
+        v1[cols - v1 < 2] = cols
+        first = np.ones(len(v0), bool)          # chunks that meet or overlap the one before are merged into it
+        first[1:] = v0[1:] > v1[:-1]            # (v1 never decreases: the runs are in order)
+        v0, v1 = v0[first], v1[np.flatnonzero(np.append(first[1:], True))]
+        width = v1 - v0
+        n = int(width.sum())
+        # the tile's column i is the window's column idx[i]
+        idx = np.arange(n) + np.repeat(v0 - (np.cumsum(width) - width), width)
         tile = _work("tile", self.channels * rows * n)[: self.channels * rows * n].reshape(self.channels, rows, n)
-        if self.mosaic and self.method == "mhc":
+        plain = _work("plain", self.channels * rows * n)[: self.channels * rows * n].reshape(self.channels, rows, n)
+        np.take(win, idx, axis=2, out=plain)
+        if mhc:
             ra, re = max(0, a - REACH_MHC), min(self.src_hw[0], a + rows + REACH_MHC)
             cat = _work("cat", (re - ra) * n)[: (re - ra) * n].reshape(re - ra, n)
-            np.concatenate([self.src[ra:re, p + v0:p + v1] for v0, v1 in chunks], axis=1, out=cat)
+            np.take(self.src[ra:re], idx + p, axis=1, out=cat)
             tmp = _scratch(rows, n)[: 4 * (re - ra) * n].reshape(4, re - ra, n)
             _BANDS["mhc"](cat, a - ra, a - ra + rows, colour_offsets(self.pattern), tile, tmp)
-        else:               # a bilinear demosaic or planes: the plain window's own values, to be sharpened
-            np.concatenate([win[:, :, v0:v1] for v0, v1 in chunks], axis=2, out=tile)
-        if k is not None:
+            if k is not None:
+                for c in range(self.channels):
+                    sharpen(tile[c], k, tile[c])
+        elif k is not None:     # a bilinear demosaic or planes: the plain window's own values, sharpened
             for c in range(self.channels):
-                sharpen(tile[c], k, tile[c])
+                sharpen(plain[c], k, tile[c])
+        else:
+            np.copyto(tile, plain)
         # which of the tile's pixels lie in a cell with signal: the cells looked up for its rows and columns
-        # (only the chunks' columns: the whole window's mask cost ~25 ms a 24 MP frame)
-        col_cell = np.concatenate([np.arange(p + v0 - x0, p + v1 - x0) // s for v0, v1 in chunks])
-        row_cell = np.arange(a - y0, a + rows - y0) // s
-        mask = (cells > 0).take(col_cell, axis=1).take(row_cell, axis=0)
-        o = 0
-        for v0, v1 in chunks:
-            np.copyto(win[:, :, v0:v1], tile[:, :, o:o + v1 - v0], where=mask[:, o:o + v1 - v0])
-            o += v1 - v0
+        # (only the chunks' columns: the whole window's mask cost ~25 ms a 24 MP frame); elsewhere the plain
+        # values go back
+        mask = (cells == 0).take((idx + p - x0) // s, axis=1).take(np.arange(a - y0, a + rows - y0) // s, axis=0)
+        np.copyto(tile, plain, where=mask)
+        win[:, :, idx] = tile
         return win, a, p
 
     def _kind(self, ya: int, ye: int, xa: int, xe: int) -> str:
@@ -227,10 +233,10 @@ class FrameOnGrid:
         return cells, i0 * s, j0 * s
 
 
-def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
-    """The [start, end) index ranges of the True runs in a 1-D bool array."""
+def _runs(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The starts and ends (half-open) of the True runs in a 1-D bool array, as two int arrays."""
     d = np.diff(np.concatenate([[0], flags.view(np.int8), [0]]))
-    return list(zip(np.flatnonzero(d == 1), np.flatnonzero(d == -1)))
+    return np.flatnonzero(d == 1), np.flatnonzero(d == -1)
 
 
 # A cell has signal above its surroundings by this many times the cells' noise: 4σ leaves ~3e-5 of a frame's
