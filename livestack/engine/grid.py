@@ -163,29 +163,26 @@ class Grid:
         s = Stars(cell_centres(stars.xy), stars.flux, stars.fwhm * 2.0, stars.a * 2.0, stars.b * 2.0)
         return s, Quality(q.stars, q.fwhm * 2.0, q.eccentricity, q.background, q.noise), lum
 
-    def planes(self, cfa: np.ndarray, buffer) -> np.ndarray | None:
-        """The frame's (C, H, W) float32 image where the stack is made from a whole one: superpixel's quarter
-        planes (``buffer(name, shape)`` gives a reusable float32 work plane: first-touch page faults of a fresh
-        plane cost more than the work) and mono's mosaic itself.  None for a full-resolution Bayer frame, which
-        is demosaiced a block at a time as it is warped (``source``), and for a drizzle, which takes the mosaic."""
-        if self.drizzled:
+    def planes(self, cfa: np.ndarray) -> np.ndarray | None:
+        """The frame's (C, H, W) float32 image where the stack is made from a whole one: mono's mosaic itself.
+        None for a Bayer frame, which is demosaiced a block at a time as it is warped (``source``; superpixel
+        too: its quarter planes, 72 MB at 24 MP, are never whole), and for a drizzle, which takes the mosaic."""
+        if self.drizzled or self.pattern is not None:
             return None
-        if self.pattern is None:
-            return cfa[None]
-        if self.mode == "superpixel":
-            h, w = cfa.shape
-            return debayer(cfa, self.pattern, "superpixel", out=buffer("rgb", (3, h // 2, w // 2)))
-        return None
+        return cfa[None]
 
     def source(self, cfa: np.ndarray, img: np.ndarray | None, matrix: np.ndarray, *,
-               interpolation: str, signal: np.ndarray | None = None) -> FrameOnGrid:
+               interpolation: str, signal: np.ndarray | None = None, normalise=None) -> FrameOnGrid:
         """What the stack takes a (normalised) frame's pixels from, a block of grid rows at a time: ``img``
         from planes() warped by ``matrix`` (frame -> grid), or — when it is None — the mosaic demosaiced and
-        warped block by block.  ``signal``: render.signal_cells of find_stars' binned image (the sharpening
-        only where the frame has signal), or None (everywhere)."""
-        if img is not None:     # superpixel planes are find_stars' binned image's size: cells of 2 px
-            return FrameOnGrid(img, matrix, self.shape, interpolation=interpolation, signal=signal,
-                               signal_step=2 if self.mode == "superpixel" else 4)
+        warped block by block (superpixel: each window normalised by ``normalise``, a
+        normalize.Normalisation, as it is made).  ``signal``: render.signal_cells of find_stars' binned image
+        (the sharpening only where the frame has signal), or None (everywhere)."""
+        if img is not None:
+            return FrameOnGrid(img, matrix, self.shape, interpolation=interpolation, signal=signal, signal_step=4)
+        if self.mode == "superpixel":   # its image is find_stars' binned image's size: cells of 2 px
+            return FrameOnGrid(cfa, matrix, self.shape, interpolation=interpolation, pattern=self.pattern,
+                               debayer="superpixel", signal=signal, signal_step=2, normalise=normalise)
         return FrameOnGrid(cfa, matrix, self.shape, interpolation=interpolation, pattern=self.pattern,
                            debayer=self.debayer, signal=signal, signal_step=4)
 

@@ -121,31 +121,46 @@ def normalize_inplace(img: np.ndarray, plane: np.ndarray, scale: float, ref_plan
     ``parallel_map(fn, items)`` when given (worker threads: 55 -> 24 ms at 24 MP on 2 cores).
     """
     _, h, w = img.shape
-    a, b, c = matrix[0]
-    d, e, f = matrix[1]
-    xs = np.arange(w, dtype=np.float64)
-    ys = np.arange(h, dtype=np.float64)
-    terms = []
-    for ch in range(img.shape[0]):
-        p0, px, py = plane[ch]
-        r0, rx, ry = ref_plane[ch]
-        # R(M(x, y)) - scale * P(x, y), expanded into const + kx * x + ky * y
-        const = r0 + rx * c + ry * f - scale * p0
-        kx = rx * a + ry * d - scale * px
-        ky = rx * b + ry * e - scale * py
-        terms.append(((const + ky * ys).astype(np.float32), (kx * xs).astype(np.float32)))
-    s = np.float32(scale)
+    n = Normalisation(plane, scale, ref_plane, matrix, (h, w))
 
     def block(r0: int) -> None:
-        r1 = min(h, r0 + block_rows)
-        for ch, (rows, cols) in enumerate(terms):
-            x = img[ch, r0:r1]
-            if scale != 1.0:
-                x *= s
-            x += rows[r0:r1, None]
-            x += cols[None, :]
+        n.apply(img[:, r0:min(h, r0 + block_rows)], r0, 0)
 
     _by_blocks(block, h, block_rows, parallel_map)
+
+
+class Normalisation:
+    """normalize_inplace's offsets for an image of ``shape_hw``, to be applied to any window of it (render.py
+    makes a superpixel frame a window at a time): the same arithmetic, so the same values."""
+
+    def __init__(self, plane: np.ndarray, scale: float, ref_plane: np.ndarray, matrix: np.ndarray,
+                 shape_hw: tuple[int, int]):
+        h, w = shape_hw
+        a, b, c = matrix[0]
+        d, e, f = matrix[1]
+        xs = np.arange(w, dtype=np.float64)
+        ys = np.arange(h, dtype=np.float64)
+        self.terms = []
+        for ch in range(len(plane)):
+            p0, px, py = plane[ch]
+            r0, rx, ry = ref_plane[ch]
+            # R(M(x, y)) - scale * P(x, y), expanded into const + kx * x + ky * y
+            const = r0 + rx * c + ry * f - scale * p0
+            kx = rx * a + ry * d - scale * px
+            ky = rx * b + ry * e - scale * py
+            self.terms.append(((const + ky * ys).astype(np.float32), (kx * xs).astype(np.float32)))
+        self.scale = float(scale)
+
+    def apply(self, x: np.ndarray, r0: int, c0: int) -> None:
+        """Normalise ``x`` (C, n, m), the image's rows r0:r0 + n and columns c0:c0 + m, in place."""
+        n, m = x.shape[1:]
+        s = np.float32(self.scale)
+        for ch, (rows, cols) in enumerate(self.terms):
+            v = x[ch]
+            if self.scale != 1.0:
+                v *= s
+            v += rows[r0:r0 + n, None]
+            v += cols[None, c0:c0 + m]
 
 
 def normalize_mosaic(cfa: np.ndarray, pattern: str | None, plane: np.ndarray, scale: float, ref_plane: np.ndarray,

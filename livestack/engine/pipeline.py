@@ -31,7 +31,7 @@ from .filterstack import Counters, FilterStack, filter_key
 from .frame import Frame, FrameError, FrameRecord, Quality, Stars
 from .grid import Grid
 from .memory import release_free_memory
-from .normalize import normalize_inplace, normalize_mosaic, sky_level, sky_model
+from .normalize import Normalisation, normalize_inplace, normalize_mosaic, sky_level, sky_model
 from .read import read_frame
 from .render import drop_work_memory, signal_cells
 from .register import RegistrationError, import_scipy_in_background, register
@@ -321,9 +321,7 @@ class Engine:
         plane = grid.plane(front.plane_cfa)
         sky = sky_level(front.plane_cfa, frame.shape)
         front.cfa = front.lum = None
-        img = grid.planes(cfa, self._buffer)
-        if grid.mode == "superpixel":
-            self._lap("debayer")
+        img = grid.planes(cfa)
         stars = grid.refine(stars, q.fwhm, cfa)
         self.last_stars, self.last_pointing = stars, m.pointing
         self._lap("centroids")
@@ -381,7 +379,10 @@ class Engine:
         noise_n = noise * scale
         weight = self._weight(fs, noise_n, q)
         rec.weight = _r(weight, 4)
-        if img is None:        # a mosaic (demosaiced later, or drizzled): each sample by its own colour's planes
+        norm = None
+        if grid.mode == "superpixel":   # each window of its image as it is made (render.FrameOnGrid)
+            norm = Normalisation(plane, scale, fs.ref.plane, matrix, (cfa.shape[0] // 2, cfa.shape[1] // 2))
+        elif img is None:      # a mosaic (demosaiced later, or drizzled): each sample by its own colour's planes
             normalize_mosaic(cfa, grid.pattern, plane, scale, fs.ref.plane, matrix,
                              parallel_map=fs.stack.parallel_map)
         else:
@@ -407,9 +408,9 @@ class Engine:
                 dz.planes(cfa, matrix, grid.shape, value, coverage, channels=[c], parallel_map=fs.stack.parallel_map)
                 return value[0], coverage[0]
         else:       # demosaiced (a Bayer mosaic) and warped a block of rows at a time, as the stack adds them
-            channel = grid.source(cfa, img, matrix, interpolation=interp, signal=front.signal)
+            channel = grid.source(cfa, img, matrix, interpolation=interp, signal=front.signal, normalise=norm)
         rec.rejected_pixels = fs.stack.add_channels(cells, channel, weight, noise_n, saturated=sat)
-        self._lap("drizzle+stack" if grid.drizzled else "warp+stack" if img is not None else "debayer+warp+stack")
+        self._lap("drizzle+stack" if grid.drizzled else "debayer+warp+stack" if grid.pattern else "warp+stack")
         fs.accept(q, m)
         self.last_matrix = reg_matrix
 

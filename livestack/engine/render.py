@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from . import geometry
-from .debayer import _BANDS, REACH as DEBAYER_REACH, colour_offsets, debayer_window
+from .debayer import _BANDS, REACH as DEBAYER_REACH, colour_offsets, debayer, debayer_window
 from .warp import INTERPOLATIONS, REACH, compensation, footprint_rows, outside_index, sharpen
 
 _local = threading.local()      # each worker thread's demosaic scratch (reused from block to block)
@@ -52,22 +52,27 @@ class FrameOnGrid:
     mark by tens of MB over a night).
 
     ``src``: a (H, W) Bayer mosaic with ``pattern`` and ``debayer`` ("bilinear" or "mhc"), or (C, H, W)
-    planes (mono, or a superpixel image) with ``pattern`` None; ``matrix``: (2, 3) frame pixel -> grid pixel;
-    ``shape``: the grid's (h, w).  ``signal``: signal_cells() of the frame, its cells ``signal_step`` source
-    pixels square — the sharpening (an mhc demosaic, a compensated warp) is then applied where it says there
-    is signal and the plain path (bilinear demosaic, bilinear read) elsewhere."""
+    planes (mono) with ``pattern`` None; or a (H, W) Bayer mosaic with ``debayer`` "superpixel": the frame is
+    then its (H/2, W/2) superpixel image, each window of it made from the mosaic when it is needed (as
+    debayer.debayer's superpixel) and normalised by ``normalise`` (normalize.Normalisation, or None) — the
+    whole image is never made.  ``matrix``: (2, 3) frame pixel -> grid pixel; ``shape``: the grid's (h, w).
+    ``signal``: signal_cells() of the frame, its cells ``signal_step`` source pixels square — the sharpening
+    (an mhc demosaic, a compensated warp) is then applied where it says there is signal and the plain path
+    (bilinear demosaic, bilinear read) elsewhere."""
 
     def __init__(self, src: np.ndarray, matrix: np.ndarray, shape: tuple[int, int], *, interpolation: str,
                  pattern: str | None = None, debayer: str | None = None, signal: np.ndarray | None = None,
-                 signal_step: int = 4):
+                 signal_step: int = 4, normalise=None):
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"unknown interpolation '{interpolation}' (known: {', '.join(INTERPOLATIONS)})")
-        self.mosaic = pattern is not None
-        if self.mosaic and (src.ndim != 2 or debayer not in ("bilinear", "mhc")):
-            raise ValueError("a mosaic is rendered with the bilinear or mhc demosaic")
+        self.superpixel = pattern is not None and debayer == "superpixel"
+        self.mosaic = pattern is not None and not self.superpixel      # demosaiced at full resolution
+        if pattern is not None and (src.ndim != 2 or debayer not in ("bilinear", "mhc", "superpixel")):
+            raise ValueError("a mosaic is rendered with the bilinear, mhc or superpixel demosaic")
         self.src, self.pattern, self.method = src, pattern, debayer
-        self.src_hw = src.shape[-2:]
-        self.channels = 3 if self.mosaic else src.shape[0]
+        self.normalise = normalise
+        self.src_hw = (src.shape[0] // 2, src.shape[1] // 2) if self.superpixel else src.shape[-2:]
+        self.channels = 3 if pattern is not None else src.shape[0]
         self.matrix = np.asarray(matrix, np.float64)
         self.shape = tuple(int(v) for v in shape)
         self.interpolation = interpolation
@@ -94,7 +99,7 @@ class FrameOnGrid:
         w = self.shape[1]
         if self.on_grid:
             if not self.mosaic:
-                return [self.src[c, r0:r1] for c in range(self.channels)]
+                return list(self._planes(r0, r1, 0, w)[0])
             img, a, p = self._source(r0, r1, 0, w)
             return list(img[:, r0 - a:, p:p + w])
         out = _work("out", self.channels * (r1 - r0) * w)[: self.channels * (r1 - r0) * w]
@@ -151,9 +156,9 @@ class FrameOnGrid:
                 win, a, p = debayer_window(self.src, self.pattern, self.method, (ya, ye), (xa, xe),
                                            _scratch(ye - ya, xe - xa), _window(ye - ya, xe - xa), reach=REACH_MHC)
             else:
-                win, a, p = self.src[:, ya:ye, xa:xe], ya, xa
+                (win, owned), a, p = self._planes(ya, ye, xa, xe), ya, xa
             if k is not None:       # a demosaiced window is this thread's memory; planes are the frame's
-                mine = win if self.mosaic else _work("sharp", win.size)[: win.size].reshape(win.shape)
+                mine = win if self.mosaic or owned else _work("sharp", win.size)[: win.size].reshape(win.shape)
                 for c in range(self.channels):
                     sharpen(win[c], k, mine[c])
                 win = mine
@@ -164,10 +169,10 @@ class FrameOnGrid:
             win, a, p = debayer_window(self.src, self.pattern, "bilinear", (ya, ye), (xa, xe),
                                        _scratch(ye - ya, xe - xa), _window(ye - ya, xe - xa), reach=REACH_MHC)
         else:
-            win, a, p = self.src[:, ya:ye, xa:xe], ya, xa
+            (win, owned), a, p = self._planes(ya, ye, xa, xe), ya, xa
         if kind == "plain":
             return win, a, p
-        if not self.mosaic:         # the frame's planes: the copy that is changed
+        if not self.mosaic and not owned:       # the frame's planes: the copy that is changed
             mine = _work("sharp", win.size)[: win.size].reshape(win.shape)
             np.copyto(mine, win)
             win = mine
@@ -215,6 +220,18 @@ class FrameOnGrid:
         np.copyto(tile, plain, where=mask)
         win[:, :, idx] = tile
         return win, a, p
+
+    def _planes(self, ya: int, ye: int, xa: int, xe: int) -> tuple[np.ndarray, bool]:
+        """Rows ya:ye, columns xa:xe of the frame's planes, (C, ye - ya, xe - xa) float32, and whether it is this
+        thread's memory (a superpixel window, made now: it may be changed) or a view of ``src``."""
+        if not self.superpixel:
+            return self.src[:, ya:ye, xa:xe], False
+        n = 3 * (ye - ya) * (xe - xa)
+        win = _work("superpixel", n)[:n].reshape(3, ye - ya, xe - xa)
+        debayer(self.src[2 * ya:2 * ye, 2 * xa:2 * xe], self.pattern, "superpixel", out=win)
+        if self.normalise is not None:
+            self.normalise.apply(win, ya, xa)
+        return win, True
 
     def _kind(self, ya: int, ye: int, xa: int, xe: int) -> str:
         """What the source rows ya:ye, columns xa:xe need: "plain" (no signal), "sharp" (signal throughout)

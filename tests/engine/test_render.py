@@ -159,3 +159,38 @@ def test_a_stack_fed_by_blocks_is_the_one_fed_whole_planes(angle):
     (a, wa), (b, wb) = results
     np.testing.assert_array_equal(wa, wb)
     assert np.abs(a - b).max() < 0.5 and np.abs(a - b).mean() < 1e-3     # (OpenCV's 1/32 px rounding, above)
+
+
+@pytest.mark.parametrize("angle", [0.0, 0.02, 12.0, 180.0])
+@pytest.mark.parametrize("interpolation", ["compensated", "bilinear"])
+@pytest.mark.parametrize("signal", [False, True])
+def test_superpixel_windows_are_the_whole_superpixel_image(angle, interpolation, signal):
+    """A superpixel frame is made a window at a time from the mosaic, each normalised as it is made: the same
+    values, bit for bit, as the whole superpixel image normalised and rendered as planes — on the grid (the
+    reference), shifted, rotated, flipped; with the sharpening everywhere and only where there is signal."""
+    from livestack.engine.normalize import Normalisation
+    from livestack.engine.render import signal_cells
+
+    cfa = mosaic(3)
+    h, w = H // 2, W // 2
+    plane = np.array([[100.0, 0.02, -0.01], [98.0, 0.01, 0.0], [103.0, 0.0, 0.015]])
+    ref_plane = plane + np.array([[5.0, 0.001, 0.0], [-3.0, 0.0, 0.002], [1.0, 0.0, 0.0]])
+    m = geometry.identity() if angle == 0.0 else \
+        geometry.similarity(1.0, angle, 1.37, -0.61, center=(w / 2, h / 2))
+    planes = debayer(cfa, "RGGB", "superpixel")
+    lum = planes.mean(axis=0)
+    sig = signal_cells(lum) if signal else None
+    assert sig is None or 0 < (sig > 0).mean() < 0.5
+    normalize_inplace(planes, plane, 0.9, ref_plane, m)
+    want = np.concatenate([np.stack(r) for r in _all_rows(FrameOnGrid(
+        planes, m, (h, w), interpolation=interpolation, signal=sig, signal_step=2), h)], axis=1)
+    f = FrameOnGrid(cfa, m, (h, w), interpolation=interpolation, pattern="RGGB", debayer="superpixel",
+                    signal=sig, signal_step=2, normalise=Normalisation(plane, 0.9, ref_plane, m, (h, w)))
+    got = np.concatenate([np.stack(r) for r in _all_rows(f, h)], axis=1)
+    np.testing.assert_array_equal(got, want)
+    assert np.isfinite(got).mean() > 0.5
+
+
+def _all_rows(f: FrameOnGrid, h: int):
+    """Every block of ``f``'s rows, copied (a block is the thread's memory until its next one)."""
+    return [[r.copy() for r in f.rows(r0, min(h, r0 + f.block_rows))] for r0 in range(0, h, f.block_rows)]
