@@ -89,8 +89,11 @@ def _write_filter(engine, fs: FilterStack, path: Path) -> None:
     c = engine.grid.channels
     h, w = engine.grid.shape
     shape = (h, w) if c == 1 else (c, h, w)
-    write_fits_blocks(path, shape, fs.stack.mean_blocks(), filter_header(engine, fs),
-                      weight=fs.stack.weight_blocks())
+    if fs.stack.sums is None:       # in its bootstrap: each block of rows combined once for every channel
+        write_fits_rows(path, shape, fs.stack.bootstrap_blocks(), filter_header(engine, fs), weighted=True)
+    else:
+        write_fits_blocks(path, shape, fs.stack.mean_blocks(), filter_header(engine, fs),
+                          weight=fs.stack.weight_blocks())
     engine.release()
 
 

@@ -758,6 +758,15 @@ class RunningStack:
                 self.release()      # a spilled stack: only this block's rows stay paged in
                 yield m
 
+    def bootstrap_blocks(self):
+        """In the bootstrap: (r0, (C, n, W) mean, 0 where no frame covers, (n, W) weights) for each block of rows,
+        every channel and the weights from one combination of the block's rows (mean_blocks and weight_blocks
+        would combine each block once per channel and once more for the weights: 4–5 s at 24 MP)."""
+        for r0, r1 in self._chunks(self.shape[1]):
+            m, w = self._bootstrap_rows(r0, r1)
+            np.nan_to_num(m, copy=False, nan=0.0)
+            yield r0, m, w
+
     def weight_blocks(self):
         """The sum of weights in blocks of rows, each a float32 array (a view of the live array after the
         bootstrap: do not modify)."""

@@ -244,11 +244,7 @@ def write_fits_blocks(path: Path, shape: tuple[int, ...], blocks, header: dict, 
     the full-resolution mean and a byte-swapped copy (~600 MB at 24 MP)."""
     head = _primary_header(shape, header, extend=True)
     h, w = (int(v) for v in shape[-2:])
-    whead = header_bytes([("XTENSION", "IMAGE", "image extension"), ("BITPIX", -32, "array data type"),
-                          ("NAXIS", 2, "number of array dimensions"), ("NAXIS1", w, ""), ("NAXIS2", h, ""),
-                          ("PCOUNT", 0, "number of parameters"), ("GCOUNT", 1, "number of groups"),
-                          ("EXTNAME", "WEIGHT", "extension name"),
-                          ("COMMENT", "sum of frame weights per pixel (reference frame = 1)", "")])
+    whead = _weight_header(h, w)
 
     def unit(f, data, expected: int, what: str) -> None:
         written = _write_big_endian(f, data)
@@ -271,30 +267,54 @@ def write_fits_blocks(path: Path, shape: tuple[int, ...], blocks, header: dict, 
     atomic_write_with(path, writer, size=size)
 
 
-def write_fits_rows(path: Path, shape: tuple[int, int, int], rows, header: dict) -> None:
-    """Write a (C, H, W) float32 image from ``rows``, an iterable of (r0, (C, n, W) float32 block) covering every
-    row once, in any order: each block's channels are written at their places in the file (the data unit is
-    channel by channel), so a block computed for all channels at once — a composite — is computed once, not
-    once per channel.  Atomic like the other writers."""
-    c, h, w = (int(v) for v in shape)
-    head = _primary_header((c, h, w), header, extend=False)
+def write_fits_rows(path: Path, shape: tuple[int, ...], rows, header: dict, *, weighted: bool = False) -> None:
+    """Write a (C, H, W) — or (H, W) — float32 image from ``rows``, an iterable of (r0, (C, n, W) float32 block)
+    covering every row once, in any order: each block's channels are written at their places in the file (the
+    data unit is channel by channel), so a block computed for all channels at once — a composite, a stack in
+    its bootstrap — is computed once, not once per channel.  ``weighted``: the items are (r0, block, (n, W)
+    weights) and the weights go to a WEIGHT extension, as write_fits_blocks writes it.  Atomic like the other
+    writers."""
+    c, h, w = (1, *shape) if len(shape) == 2 else shape
+    c, h, w = int(c), int(h), int(w)
+    head = _primary_header(tuple(int(v) for v in shape), header, extend=weighted)
     size = c * h * w * 4
+    data_end = len(head) + size + (-size % 2880)
+    whead = _weight_header(h, w) if weighted else b""
+    wsize = h * w * 4
+    total = data_end + (len(whead) + wsize + (-wsize % 2880) if weighted else 0)
 
     def writer(tmp: Path) -> None:
         done = 0
         with open(tmp, "wb") as f:
             f.write(head)
-            f.truncate(len(head) + size + (-size % 2880))     # zero padding included
-            for r0, block in rows:
+            f.truncate(total)     # zero padding included
+            if weighted:
+                f.seek(data_end)
+                f.write(whead)
+            for item in rows:
+                r0, block = item[0], item[1]
+                block = block.reshape(c, -1, w)
                 n = block.shape[1]
                 for ch in range(c):
                     f.seek(len(head) + ((ch * h + r0) * w) * 4)
                     f.write(np.ascontiguousarray(block[ch], dtype=">f4").tobytes())
+                if weighted:
+                    f.seek(data_end + len(whead) + r0 * w * 4)
+                    f.write(np.ascontiguousarray(item[2], dtype=">f4").tobytes())
                 done += n
         if done != h:
             raise ValueError(f"{Path(path).name}: {done} rows written, expected {h}")
 
-    atomic_write_with(path, writer, size=len(head) + size + (-size % 2880))
+    atomic_write_with(path, writer, size=total)
+
+
+def _weight_header(h: int, w: int) -> bytes:
+    """The WEIGHT image extension's header."""
+    return header_bytes([("XTENSION", "IMAGE", "image extension"), ("BITPIX", -32, "array data type"),
+                         ("NAXIS", 2, "number of array dimensions"), ("NAXIS1", w, ""), ("NAXIS2", h, ""),
+                         ("PCOUNT", 0, "number of parameters"), ("GCOUNT", 1, "number of groups"),
+                         ("EXTNAME", "WEIGHT", "extension name"),
+                         ("COMMENT", "sum of frame weights per pixel (reference frame = 1)", "")])
 
 
 def write_fits(path: Path, image: np.ndarray, header: dict, *, weight: np.ndarray | None = None) -> None:

@@ -166,6 +166,28 @@ def test_rows_of_a_stack_in_its_bootstrap_equal_the_whole(night):
         assert np.array_equal(st.mean_rows(r0, r1), mean[:, r0:r1], equal_nan=True), (r0, r1)
 
 
+@pytest.mark.parametrize("mono", [False, True])
+def test_a_stack_in_its_bootstrap_is_written_as_block_by_block(night, tmp_path, mono):
+    """stack.fits of a stack still in its bootstrap (the daemon writes it after each of its first frames) is
+    written from one combination of each block of rows for every channel and the weights: the same bytes as
+    the channel-by-channel writer, which combined each block four times."""
+    from livestack.engine import outputs
+    from livestack.engine.write import write_fits_blocks
+
+    files, _ = night(n_frames=2, seed=23, mono=mono)
+    eng, _ = run(files)
+    fs = eng.stacks[0]
+    assert fs.stack.sums is None
+    c, (h, w) = eng.grid.channels, eng.grid.shape
+    outputs._write_filter(eng, fs, tmp_path / "new.fits")
+    write_fits_blocks(tmp_path / "old.fits", (h, w) if c == 1 else (c, h, w), fs.stack.mean_blocks(),
+                      outputs.filter_header(eng, fs), weight=fs.stack.weight_blocks())
+    assert (tmp_path / "new.fits").read_bytes() == (tmp_path / "old.fits").read_bytes()
+    with fits.open(tmp_path / "new.fits") as hd:
+        assert hd[0].data.shape == ((h, w) if c == 1 else (c, h, w)) and hd["WEIGHT"].data.shape == (h, w)
+        assert np.isfinite(hd[0].data).all() and (hd["WEIGHT"].data > 0).mean() > 0.9
+
+
 def test_checkpoints_and_spilled_stacks_give_the_uninterrupted_stack(night, tmp_path):
     """N stacks through a checkpoint (state saved inside every filter's bootstrap and after it) and with every
     stack but the one in use in memory-mapped files ([stack] memory_mb = 0): the same result, exactly."""
