@@ -15,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from .engine.frame import FrameRecord
-from .engine.write import atomic_write_bytes, atomic_write_with, disk_full, fsync_dir
+from .engine.write import atomic_write_bytes, atomic_write_with, disk_full, fsync_dir, give_way
+
+CHUNK_BYTES = 8 * 2 ** 20     # a checkpoint's arrays are written this much at a time (see save_engine)
 
 FRAMES_LOG = "frames.jsonl"
 
@@ -157,8 +159,19 @@ def save_engine(engine, path: Path | str, info: dict | None = None) -> None:
     def writer(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
             def put(name: str, a) -> None:
+                give_way()          # (inside write.deferrable: a frame waiting stops the checkpoint here)
+                a = np.asanyarray(a)
                 with z.open(name + ".npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array(f, np.asanyarray(a), allow_pickle=False)
+                    if a.nbytes <= CHUNK_BYTES or not a.flags.c_contiguous or a.dtype.hasobject:
+                        np.lib.format.write_array(f, a, allow_pickle=False)
+                        return
+                    # what write_array writes (its header, then the data in order), a few MB at a time
+                    np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(a))
+                    flat = a.reshape(-1)
+                    step = CHUNK_BYTES // a.itemsize
+                    for i in range(0, flat.size, step):
+                        give_way()
+                        f.write(memoryview(np.ascontiguousarray(flat[i:i + step])).cast("B"))
 
             put("meta", np.frombuffer(json.dumps(meta).encode(), np.uint8))
             if info is not None:

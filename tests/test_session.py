@@ -35,6 +35,53 @@ def test_checkpoint_resumes_exactly(tmp_path, six):
     assert not [p for p in folder.dir.iterdir() if p.name != "checkpoint.npz"]   # no temporary left behind
 
 
+def test_a_checkpoint_or_stack_file_gives_way_to_a_waiting_frame(tmp_path, six, monkeypatch):
+    """Inside write.deferrable() a checkpoint (and stack.fits) gives up as soon as the predicate says a frame is
+    waiting — between arrays and between a large array's chunks — leaving the old file and no temporary; when
+    nothing waits it is written whole, the same bytes as outside."""
+    import livestack.session as session
+    from livestack.engine.write import WriteDeferred, deferrable
+
+    cfg = Config()
+    a = Engine(cfg)
+    run(a, six[:5])          # past the bootstrap: the accumulators are large arrays
+    folder = SessionFolder(tmp_path)
+    folder.save_checkpoint(a, lines=3, excluded=set())
+    old = folder.checkpoint.read_bytes()
+    monkeypatch.setattr(session, "CHUNK_BYTES", 64 * 1024)     # many chunks per array at this size
+    calls = []
+
+    def after(n):           # a frame lands after n checks
+        def waiting():
+            calls.append(1)
+            return len(calls) > n
+        return waiting
+
+    for n in (0, 3, 40):
+        calls.clear()
+        with pytest.raises(WriteDeferred), deferrable(after(n)):
+            folder.save_checkpoint(a, lines=5, excluded=set())
+        assert folder.checkpoint.read_bytes() == old
+        assert not [p for p in folder.dir.iterdir() if p.name != "checkpoint.npz"]
+    assert len(calls) == 41          # it was still going after 40 checks: chunks are checked, not only arrays
+    with deferrable(lambda: False):
+        folder.save_checkpoint(a, lines=5, excluded=set())
+    inside = folder.checkpoint.read_bytes()
+    folder.save_checkpoint(a, lines=5, excluded=set())
+    assert len(inside) == len(folder.checkpoint.read_bytes())      # (only the time it was saved differs)
+    b, info = load_checkpoint(folder.checkpoint, cfg)
+    assert info["lines"] == 5 and np.array_equal(a.result()[0], b.result()[0])
+    # stack.fits too
+    a.snapshot(tmp_path / "out")
+    before = (tmp_path / "out" / "stack.fits").read_bytes()
+    run(a, six[5:])
+    calls.clear()
+    with pytest.raises(WriteDeferred), deferrable(after(2)):
+        a.write_stack(tmp_path / "out" / "stack.fits")
+    assert (tmp_path / "out" / "stack.fits").read_bytes() == before
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.endswith(".tmp")]
+
+
 def test_resume_drops_the_lines_after_the_checkpoint(tmp_path, six):
     folder = SessionFolder(tmp_path)
     eng, log = Engine(Config()), FramesLog(folder.frames)

@@ -31,8 +31,8 @@ from ..engine.compose import ComposeParams
 from ..engine.frame import FrameRecord
 from ..engine.pipeline import Engine
 from ..engine.read import read_pointing
-from ..engine.write import (DiskFull, atomic_write_bytes, disk_full, encode_png16, encode_tiff16, free_bytes, mb,
-                            remove_orphans)
+from ..engine.write import (DiskFull, WriteDeferred, atomic_write_bytes, deferrable, disk_full, encode_png16,
+                            encode_tiff16, free_bytes, mb, remove_orphans)
 from ..config import make_section
 from ..engine.solve import Solution, SolveError, SolveParams
 from ..session import FramesLog, Refused, SessionFolder, rewrite_frames_log
@@ -627,10 +627,14 @@ class Service:
             self._catch_up()
         if self._preview_dirty:
             self._render_preview()
-        if self._fits_dirty:
-            self._write_fits()
-        if self._since_ckpt and time.monotonic() - self._last_ckpt >= min(self.dp.checkpoint_s, 5.0):
-            self._checkpoint()
+        # stack.fits and the checkpoint (1–1.5 s each at 24 MP) give way to a frame that lands meanwhile: it is
+        # stacked first, and they are written at the next idle moment (or, frames streaming in, on their
+        # outputs_s / checkpoint_every schedule, which nothing interrupts)
+        with deferrable(lambda: not self.files.empty()):
+            if self._fits_dirty:
+                self._write_fits()
+            if self._since_ckpt and time.monotonic() - self._last_ckpt >= min(self.dp.checkpoint_s, 5.0):
+                self._checkpoint()
         if self._state != "idle":
             self._state = "idle"
             self._publish()
@@ -669,6 +673,9 @@ class Service:
             return False
         try:
             write()
+        except WriteDeferred:
+            log.debug("%s: deferred (a frame is waiting)", path.name)
+            return False
         except OSError as err:
             full = disk_full(err, path, needed() if callable(needed) else needed)
             if full is None:

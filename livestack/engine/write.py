@@ -2,11 +2,13 @@
 power cut leaves the previous complete file, never a torn one."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
 
 import cv2
@@ -15,6 +17,34 @@ import numpy as np
 # The temporary of a write in progress: ".<name>.<8 characters of tempfile's alphabet>.tmp" beside the file.  A
 # process killed mid-write leaves it behind (a 24 MP stack's is ~470 MB): remove_orphans() finds exactly these.
 _TMP_NAME = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+class WriteDeferred(Exception):
+    """A write given up because something more urgent is waiting (deferrable()): the file keeps its old content."""
+
+
+_defer = threading.local()
+
+
+@contextlib.contextmanager
+def deferrable(more_urgent):
+    """Writes in this thread inside the block give up, between blocks of a few MB, with WriteDeferred (their
+    temporary removed, the old file kept) as soon as ``more_urgent()`` is true — the daemon's stack.fits and
+    checkpoint written while it is idle, when the next frame lands (a 24 MP checkpoint takes ~1–1.5 s: the
+    frame would wait for it)."""
+    old = getattr(_defer, "check", None)
+    _defer.check = more_urgent
+    try:
+        yield
+    finally:
+        _defer.check = old
+
+
+def give_way() -> None:
+    """Raise WriteDeferred when inside deferrable() and something more urgent waits."""
+    check = getattr(_defer, "check", None)
+    if check is not None and check():
+        raise WriteDeferred("a frame is waiting")
 
 
 class DiskFull(OSError):
@@ -228,6 +258,7 @@ def _write_big_endian(f, blocks) -> int:
     written = 0
     for b in blocks:
         for r0 in range(0, b.shape[0], 256):
+            give_way()
             data = np.ascontiguousarray(b[r0:r0 + 256], dtype=">f4").tobytes()
             f.write(data)
             written += len(data)
@@ -292,6 +323,7 @@ def write_fits_rows(path: Path, shape: tuple[int, ...], rows, header: dict, *, w
                 f.seek(data_end)
                 f.write(whead)
             for item in rows:
+                give_way()
                 r0, block = item[0], item[1]
                 block = block.reshape(c, -1, w)
                 n = block.shape[1]
