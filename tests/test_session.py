@@ -255,6 +255,43 @@ def test_slow_checkpoints_take_a_bounded_share_of_the_time(tmp_path, six, monkey
     assert info["lines"] == 6 and engine.n_stacked + engine.n_rejected == 6
 
 
+def test_an_idle_checkpoint_gives_way_to_a_frame_that_lands(tmp_path, six, monkeypatch):
+    """The daemon idle, a checkpoint starts; a frame lands: the checkpoint stops (WriteDeferred), the frame is
+    stacked at once, and the checkpoint is written at the next idle moment, covering it."""
+    import shutil
+    import time
+
+    from livestack.engine import write
+
+    events = []
+    real = SessionFolder.save_checkpoint
+
+    def landing(self, *a, **k):
+        if getattr(write._defer, "check", None) is not None and not events:    # the idle path, first time
+            shutil.copy(six[4], tmp_path / "watch" / six[4].name)
+            deadline = time.monotonic() + 10
+            while svc.files.empty() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            try:
+                return real(self, *a, **k)
+            except write.WriteDeferred:
+                events.append(("deferred", len(svc.records)))
+                raise
+        events.append(("written", a[1] if len(a) > 1 else k.get("lines")))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(SessionFolder, "save_checkpoint", landing)
+    svc, out = _backlog_service(tmp_path, six[:4], checkpoint_every=100)   # idle ones only (5 s after start)
+    _wait(svc, 5, idle=True)
+    time.sleep(0.5)
+    svc.stop(timeout=10)
+    assert svc.error is None and len(svc.snapshot.frames) == 5
+    assert events[0] == ("deferred", 4), events
+    assert ("written", 5) in events[1:], events
+    engine, info = load_checkpoint(SessionFolder(out).checkpoint, Config())
+    assert info["lines"] == 5 and engine.n_stacked + engine.n_rejected == 5
+
+
 @pytest.mark.parametrize("preview_s, most", [(100.0, 3), (0.0, 99)])
 def test_a_backlog_redraws_the_preview_at_most_every_preview_s(tmp_path, six, monkeypatch, preview_s, most):
     """Frames waiting in the queue: preview.jpg (0.2 s at 24 MP) is drawn at most every preview_s — and once
