@@ -180,8 +180,9 @@ class FrameOnGrid:
         cells, y0, x0 = self._cells(a, a + rows, p, p + cols)
         # The window's columns with signal, widened by what their sharp values read (an mhc demosaic's 2 and
         # the sharpening's 1, to even columns: the CFA's phase; else the sharpening's 1), as chunks side by side
-        # in one array: one demosaic and one sharpening for all of them (gathered and put back by index).  Where two chunks meet, the kernels read the other chunk: only the
-        # margins' values are wrong, and those are not copied (no signal there).
+        # in one array: one demosaic and one sharpening for all of them (gathered and put back by index).
+        # Where two chunks meet, the kernels read the other chunk: only the margins' values are wrong, and
+        # those are not copied (no signal there).
         s = self.signal_step
         mhc = self.mosaic and self.method == "mhc"      # (else the sharp values read the sharpening's 1 px only)
         margin, phase = (CHUNK_MARGIN, ~1) if mhc else (1, ~0)
