@@ -185,7 +185,8 @@ def _black_2x2(raw, colors: np.ndarray) -> np.ndarray:
 class _ExifLog(logging.Filter):
     """exifread logs its complaints ("File format not recognized.") at WARNING and without the file's name.
     EXIF is optional and LibRaw reports a file that is really bad: while _exif_meta reads a file (in this
-    thread), its complaints are logged again at DEBUG, naming the file."""
+    thread), its complaints are logged again at DEBUG, naming the file; its own tracing below WARNING (a line
+    per tag when the root logger is at DEBUG) is dropped."""
 
     reading = threading.local()
 
@@ -193,7 +194,8 @@ class _ExifLog(logging.Filter):
         path = getattr(self.reading, "path", None)
         if path is None:
             return True
-        log.debug("%s: EXIF not read (%s)", path.name, record.getMessage())
+        if record.levelno >= logging.WARNING:
+            log.debug("%s: EXIF not read (%s)", path.name, record.getMessage())
         return False
 
 

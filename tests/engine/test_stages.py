@@ -396,3 +396,22 @@ def test_eccentricity_of_stars_too_small_to_measure_is_not_a_trail():
         j.accept(Quality(40, 3.0, ecc, 100.0, 5.0))
     assert j.check(Quality(40, 1.7, 0.75, 100.0, 5.0)) is None
     assert "eccentricity" in j.check(Quality(40, 3.1, 0.75, 100.0, 5.0))
+
+
+def test_exifread_tracing_is_not_relogged_as_complaints(daemon_night, caplog):
+    """With every logger at DEBUG, reading a DNG logs no "EXIF not read" lines: exifread's own tracing (a line
+    per tag) is dropped, only its complaints are logged again, at DEBUG, naming the file."""
+    import logging
+
+    from livestack.engine.read import read_frame
+
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("exifread").setLevel(logging.DEBUG)
+        try:
+            fr = read_frame(daemon_night[0][0])
+        finally:
+            logging.getLogger("exifread").setLevel(logging.NOTSET)
+    assert fr.meta.exptime == 60
+    assert not [r for r in caplog.records if "EXIF not read" in r.getMessage()]
+    logging.getLogger("exifread").warning("File format not recognized.")      # outside a read: its own
+    assert caplog.records[-1].name == "exifread"
