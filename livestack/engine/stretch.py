@@ -65,7 +65,9 @@ def auto_stretch(img: np.ndarray, p: StretchParams, *, coverage: np.ndarray | No
     ``coverage`` (H, W), when given, marks pixels with data (weight > 0); the rest is shown black and is left
     out of the statistics.
     """
-    small = np.nan_to_num(reduce(img, p.max_size), nan=0.0)
+    small = reduce(img, p.max_size)                # a new float32 array
+    for plane in small:
+        cv2.patchNaNs(plane, 0.0)                   # NaN -> 0 in one pass (np.nan_to_num: four)
     cov = None
     if coverage is not None:
         cov = reduce(coverage[None].astype(np.float32), p.max_size)[0] > 0.5
@@ -100,16 +102,28 @@ def auto_stretch(img: np.ndarray, p: StretchParams, *, coverage: np.ndarray | No
         black = black + p.black * (white - black)
     if p.white is not None:
         white = black + p.white * (white - black)
-    x = (small - black) / max(white - black, 1e-12)
-    np.clip(x, 0, 1, out=x)
     bg = float(np.clip((0 - black) / max(white - black, 1e-12), 1e-6, 0.999))
     # midtones m such that mtf(m, bg) = target: solving gives m = bg (t - 1) / (2 bg t - bg - t)
     t = p.target_background
     m = p.midtones if p.midtones is not None else bg * (t - 1) / (2 * bg * t - bg - t)
     m = float(np.clip(m, 1e-4, 0.9999))
-    out = mtf(m, x)
-    if cov is not None:
-        out *= cov
-    rgb = np.repeat(out, 3, axis=0) if c == 1 else out
-    scale = 65535 if dtype == np.uint16 else 255
-    return (np.clip(rgb, 0, 1) * scale + 0.5).astype(dtype).transpose(1, 2, 0).copy()
+    # (small - black) / (white - black), clipped to [0, 1], through mtf(m, ·), masked, to the output's levels:
+    # in place on ``small`` and a channel at a time (a 1500 px preview's tail took 5 passes over new arrays)
+    span = np.float32(max(white - black, 1e-12))
+    scale = np.float32(65535 if dtype == np.uint16 else 255)
+    den = np.empty_like(small[0])
+    for x in small:
+        x -= np.float32(black)
+        x /= span
+        np.clip(x, 0, 1, out=x)
+        np.multiply(x, np.float32(2 * m - 1), out=den)      # mtf: ((m - 1) x) / ((2m - 1) x - m)
+        den -= np.float32(m)
+        x *= np.float32(m - 1)
+        x /= den
+        if cov is not None:
+            x *= cov
+        np.clip(x, 0, 1, out=x)
+        x *= scale
+        x += np.float32(0.5)
+    rgb = np.repeat(small, 3, axis=0) if c == 1 else small
+    return rgb.astype(dtype).transpose(1, 2, 0).copy()
