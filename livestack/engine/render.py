@@ -150,7 +150,11 @@ class FrameOnGrid:
             r0, r1, c0, c1 = segment
             k = compensation(self.inv, (c0, c1), (r0, r1))
             k = None if k == (0.0, 0.0) else k      # a whole-pixel shift reads no fraction: nothing to sharpen
-        kind = "sharp" if self.signal is None else self._kind(ya, ye, xa, xe)
+        mhc = self.mosaic and self.method == "mhc"
+        if k is None and not mhc:       # nothing sharpens this block: the plain values are the sharp ones
+            kind = "plain"
+        else:
+            kind = "sharp" if self.signal is None else self._kind(ya, ye, xa, xe)
         if kind == "sharp":
             if self.mosaic:
                 win, a, p = debayer_window(self.src, self.pattern, self.method, (ya, ye), (xa, xe),
@@ -184,8 +188,7 @@ class FrameOnGrid:
         # Where two chunks meet, the kernels read the other chunk: only the margins' values are wrong, and
         # those are not copied (no signal there).
         s = self.signal_step
-        mhc = self.mosaic and self.method == "mhc"      # (else the sharp values read the sharpening's 1 px only)
-        margin, phase = (CHUNK_MARGIN, ~1) if mhc else (1, ~0)
+        margin, phase = (CHUNK_MARGIN, ~1) if mhc else (1, ~0)    # (else the sharp values read the sharpening's)
         j0, j1 = _runs(cells.max(axis=0) > 0)
         v0 = np.maximum(0, x0 + j0 * s - p - margin) & phase
         v1 = np.minimum(cols, x0 + j1 * s - p + margin + 1) & phase
@@ -209,11 +212,9 @@ class FrameOnGrid:
             if k is not None:
                 for c in range(self.channels):
                     sharpen(tile[c], k, tile[c])
-        elif k is not None:     # a bilinear demosaic or planes: the plain window's own values, sharpened
+        else:                   # a bilinear demosaic or planes (k is set: see kind): the plain values sharpened
             for c in range(self.channels):
                 sharpen(plain[c], k, tile[c])
-        else:
-            np.copyto(tile, plain)
         # which of the tile's pixels lie in a cell with signal: the cells looked up for its rows and columns
         # (only the chunks' columns: the whole window's mask cost ~25 ms a 24 MP frame); elsewhere the plain
         # values go back
