@@ -50,13 +50,14 @@ def same_exposure(t: float | None, t_dark: float | None) -> bool:
 
 
 def calibrate(frame: Frame, masters: Masters | None, cosmetic: CosmeticParams, *,
-              inplace: bool = False) -> tuple[np.ndarray, dict]:
+              inplace: bool = False, parallel_map=None) -> tuple[np.ndarray, dict]:
     """Return the calibrated (H, W) float32 mosaic and a dict saying what was applied.
 
     Allocates one (H, W) float32 plane (a copy of ``frame.data``) and leaves ``frame`` unchanged, unless
     ``inplace``: then ``frame.data`` itself is calibrated and returned (the pipeline's way: one 24 MP plane and
     its page faults fewer per frame).  Without masters the per-channel black level is removed and hot pixels
-    are corrected cosmetically.
+    are corrected cosmetically.  ``parallel_map`` (``fn, items -> list``): the hot-pixel search's row blocks on
+    worker threads (the same pixels found).
     """
     img = frame.data if inplace and frame.data.dtype == np.float32 else frame.data.astype(np.float32, copy=True)
     info: dict = {}
@@ -100,7 +101,7 @@ def calibrate(frame: Frame, masters: Masters | None, cosmetic: CosmeticParams, *
         replace_from_neighbours(img, m.bad, colour=frame.is_color)
         info["bad_pixels"] = int(m.bad.sum())
     if cosmetic.enabled:
-        info["hot_pixels"] = cosmetic_correct(img, cosmetic, colour=frame.is_color)
+        info["hot_pixels"] = cosmetic_correct(img, cosmetic, colour=frame.is_color, parallel_map=parallel_map)
     info.update(m.notes)
     return img, info
 
@@ -121,7 +122,8 @@ def _planes(shape: tuple[int, int], colour: bool):
 _RING = np.array([[1, 1, 1], [1, 0, 1], [1, 1, 1]], np.uint8)
 
 
-def cosmetic_correct(img: np.ndarray, p: CosmeticParams, *, colour: bool, block_rows: int = 512) -> int:
+def cosmetic_correct(img: np.ndarray, p: CosmeticParams, *, colour: bool, block_rows: int = 512,
+                     parallel_map=None) -> int:
     """Replace isolated hot pixels in place by the median of their same-colour neighbours; return the count.
 
     A pixel is hot when, above the local background b (the median of the same-colour pixels two pixels away),
@@ -157,19 +159,23 @@ def cosmetic_correct(img: np.ndarray, p: CosmeticParams, *, colour: bool, block_
     ring = [(dy, dx) for dy in range(-r, r + 1, step) for dx in range(-r, r + 1, step)
             if max(abs(dy), abs(dx)) == r]
     margin = np.float32(p.sigma * sigma.min())
-    ys, xs = [], []
-    for r0 in range(r, h_img - r, block_rows):
+
+    def candidates(r0: int) -> np.ndarray | None:      # (N, 2) (y, x) of a block's candidates, or None
         r1 = min(h_img - r, r0 + block_rows)
         excess = cv2.compare(cv2.subtract(img[r0:r1, r:w_img - r], img[r0:r1, 0:w_img - 2 * r]), float(margin),
                              cv2.CMP_GT)
         nz = nonzero_xy(excess)
-        if nz is not None:
-            nz = nz.reshape(-1, 2)
-            ys.append(nz[:, 1].astype(np.int64) + r0)
-            xs.append(nz[:, 0].astype(np.int64) + r)
-    if not ys:
+        if nz is None:
+            return None
+        nz = nz.reshape(-1, 2).astype(np.int64)
+        return np.column_stack([nz[:, 1] + r0, nz[:, 0] + r])
+
+    starts = range(r, h_img - r, block_rows)
+    found = [c for c in (parallel_map(candidates, list(starts)) if parallel_map else map(candidates, starts))
+             if c is not None]
+    if not found:
         return 0
-    fy, fx = np.concatenate(ys), np.concatenate(xs)
+    fy, fx = np.concatenate(found).T
     v = img[fy, fx]
     around = np.stack([img[fy + dy, fx + dx] for dy, dx in ring], axis=1)
     own_sigma = sigma[fy % 2, fx % 2]

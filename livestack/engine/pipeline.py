@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -246,11 +246,15 @@ class Engine:
             if a_path == path:
                 self._slot = slot
                 return front
-        return self._front(path, self._slot)
+        return self._front(path, self._slot, pool=self._pool)
 
-    def _front(self, path: Path, slot: int) -> "_Front":
+    def _front(self, path: Path, slot: int, pool: ThreadPoolExecutor | None = None) -> "_Front":
         """read -> calibrate -> sky -> stars: pure work on the file (no engine state is changed), so it may run
-        in the read-ahead thread while the previous frame is stacked.  A FrameError is kept for process()."""
+        in the read-ahead thread while the previous frame is stacked.  A FrameError is kept for process().
+
+        ``pool``: worker threads free for this frame (none is given to a read-ahead, whose frame is stacked on
+        them meanwhile): the hot-pixel search's row blocks and the sky model run there, beside the star finder
+        — the same results, ~0.05 s sooner at 24 MP for a frame that nothing was read ahead for (a live one)."""
         cfg = self.cfg
         f = _Front(path)
         t = time.perf_counter()
@@ -276,13 +280,22 @@ class Engine:
             if reason:
                 raise FrameError(path, reason)
             f.masters = self.masters.select(frame) if self.masters is not None else None
-            f.cfa, f.calibration = calibrate(frame, f.masters, cfg.cosmetic, inplace=True)
+            f.cfa, f.calibration = calibrate(frame, f.masters, cfg.cosmetic, inplace=True,
+                                             parallel_map=(lambda fn, items: list(pool.map(fn, items)))
+                                             if pool is not None else None)
             if frame.saturated is not None:     # as points; the mask (24 MB at 24 MP) only when they are many
                 f.sat_cfa = nonzero_xy(frame.saturated.view(np.uint8))
                 if not grid.needs_mask(f.sat_cfa):
                     frame.saturated = None
             lap("calibrate")
-            f.plane_cfa, noise = sky_model(f.cfa, frame.pattern)
+            sky = pool.submit(sky_model, f.cfa, frame.pattern) if pool is not None else None
+            try:
+                f.stars, f.q, f.lum = grid.find_stars(f.cfa, frame.white - float(frame.black.mean()), cfg.stars)
+            except BaseException:
+                if sky is not None:
+                    wait([sky])             # it reads the mosaic, which the next frame is decoded into
+                raise
+            f.plane_cfa, noise = sky.result() if sky is not None else sky_model(f.cfa, frame.pattern)
             if np.isfinite(frame.white):
                 # integer data: never less than its quantisation noise (an 8-bit processed image's flat sky has
                 # a MAD of 0, which would make every weight 0 or infinite)
@@ -290,7 +303,6 @@ class Engine:
             if not np.all(np.isfinite(noise)) or float(noise.min()) <= 0:
                 raise FrameError(path, "no measurable noise in the sky (a processed image, not a camera frame?)")
             f.noise = noise
-            f.stars, f.q, f.lum = grid.find_stars(f.cfa, frame.white - float(frame.black.mean()), cfg.stars)
             if cfg.engine.smooth_background and not grid.drizzled:
                 f.signal = signal_cells(f.lum)      # where the sharpening (mhc, compensated warp) is applied
             lap("stars")

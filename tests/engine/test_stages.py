@@ -79,6 +79,26 @@ def test_cosmetic_removes_hot_pixels_keeps_stars():
     assert img[31, 20] == star_peak   # an undersampled star (FWHM 2.2 px) is not a hot pixel
 
 
+@pytest.mark.parametrize("colour", [False, True], ids=["mono", "bayer"])
+def test_cosmetic_row_blocks_on_threads_find_the_same_pixels(colour):
+    """The hot-pixel search's row blocks on worker threads (a live frame's calibration): the same pixels
+    replaced by the same values, hot pixels in every block and on the blocks' edges."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(7)
+    img = rng.normal(500, 8, (203, 150)).astype(np.float32)
+    ys = np.r_[rng.integers(3, 200, 40), [15, 16, 31, 32, 33, 47]]
+    xs = rng.integers(3, 147, ys.size)
+    img[ys, xs] += rng.uniform(500, 4000, ys.size).astype(np.float32)
+    serial, threaded = img.copy(), img.copy()
+    n = cosmetic_correct(serial, CosmeticParams(), colour=colour, block_rows=16)
+    with ThreadPoolExecutor(2) as pool:
+        m = cosmetic_correct(threaded, CosmeticParams(), colour=colour, block_rows=16,
+                             parallel_map=lambda fn, items: list(pool.map(fn, items)))
+    assert n == m >= 40
+    np.testing.assert_array_equal(serial, threaded)
+
+
 def test_stars_fwhm_centroids_and_quality():
     rng = np.random.default_rng(2)
     truth = [(x, y, f) for x, y, f in zip(rng.uniform(10, 190, 40), rng.uniform(10, 140, 40),
