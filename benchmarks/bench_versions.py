@@ -3,6 +3,7 @@
     git worktree add /tmp/old <commit>
     python benchmarks/bench_versions.py --keep /tmp/bench24 --a /tmp/old --b . [--pairs 24] [--cpus 0]
                                         [--a-mode mhc,bilinear,plain] [--b-mode mhc,compensated,smooth]
+                                        [--preview]
 
 This VM's speed drifts by 20–40 % within minutes, so two runs one after the other measure the drift as much as
 the change.  Here each tree runs in its own worker process (its own imports: the code of that tree) and each
@@ -10,7 +11,9 @@ frame goes through both in turn — which goes first alternates — while the ot
 in the per-frame differences.  After the reference and the bootstrap (4 frames, not counted), ``--pairs``
 frames cycle through the folder's files.  A mode is debayer,interpolation,smooth|plain.  Read-ahead is off
 (a worker's read-ahead thread would run during the other's frame).  Prints each side's median seconds a frame
-(wall and CPU) and the median and quartiles of the differences b − a; asserts nothing.
+(wall and CPU) and the median and quartiles of the differences b − a; asserts nothing.  ``--preview``: each
+frame's time includes drawing the page's preview after it and encoding it as JPEG, as the daemon does after a
+live frame — the daemon's latency less the watcher's hand-over (~0.01 s).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def worker(tree: str, mode: str) -> int:
+def worker(tree: str, mode: str, preview: bool = False) -> int:
     """Stack the files named on stdin (one "path next" a line) with ``tree``'s code; print seconds a frame."""
     sys.path.insert(0, str(Path(tree).resolve()))
     from livestack.config import Config
@@ -45,6 +48,10 @@ def worker(tree: str, mode: str) -> int:
         path = Path(line.strip())
         c, t = time.process_time(), time.perf_counter()
         rec = eng.process(path)
+        if preview and rec.status in ("reference", "stacked"):
+            import cv2
+
+            ok, _ = cv2.imencode(".jpg", eng.preview()[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])
         print(f"{time.perf_counter() - t:.4f} {time.process_time() - c:.4f} {rec.status}", flush=True)
     return 0
 
@@ -58,17 +65,19 @@ def main() -> int:
     ap.add_argument("--b-mode", default="mhc,compensated,smooth")
     ap.add_argument("--pairs", type=int, default=24)
     ap.add_argument("--cpus", help="run both on these CPUs only (as taskset -c), e.g. 0")
+    ap.add_argument("--preview", action="store_true", help="each frame's time includes the page's preview")
     ap.add_argument("--worker", nargs=2, metavar=("TREE", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        return worker(*args.worker)
+        return worker(*args.worker, preview=args.preview)
     files = sorted(p for p in Path(args.keep).iterdir() if p.suffix.lower() in (".dng", ".fits", ".fit", ".cr2"))
     if not files:
         raise SystemExit(f"{args.keep}: no frames")
     sides = [(args.a, args.a_mode), (args.b, args.b_mode)]
     procs = []
     for tree, mode in sides:
-        cmd = [sys.executable, __file__, "--keep", args.keep, "--worker", tree, mode]
+        cmd = [sys.executable, __file__, "--keep", args.keep, "--worker", tree, mode] + \
+            (["--preview"] if args.preview else [])
         if args.cpus:
             cmd = ["taskset", "-c", args.cpus, *cmd]
         p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -99,7 +108,8 @@ def main() -> int:
         xs = sorted(xs)
         return xs[round(f * (len(xs) - 1))]
     print(f"{args.pairs} pairs of {files[0].name}…; {platform.machine()}, "
-          f"{args.cpus or os.cpu_count()} CPU(s), Python {platform.python_version()}; read-ahead off")
+          f"{args.cpus or os.cpu_count()} CPU(s), Python {platform.python_version()}; read-ahead off"
+          + ("; each frame with its preview (JPEG)" if args.preview else ""))
     for k, (tree, mode) in enumerate(sides):
         print(f"  {'ab'[k]}: {tree} {mode}: median {q([w for w, _ in res[k]], .5):.3f} s a frame, "
               f"{q([c for _, c in res[k]], .5):.3f} CPU s")
