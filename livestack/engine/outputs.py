@@ -215,18 +215,19 @@ def write_outputs(engine, out_dir: Path, params: comp.ComposeParams, stretch: St
 def preview(engine, img, wsum, stretch: StretchParams, params: comp.ComposeParams, *, dtype=np.uint8) -> np.ndarray:
     """(h, w, 3) RGB of the stretched stack or composite (see Engine.preview)."""
     if img is not None:
-        return auto_stretch(img, stretch, coverage=wsum > 0, dtype=dtype)
+        return auto_stretch(img, stretch, coverage=wsum > 0, dtype=dtype, parallel_map=engine.parallel_map)
     p = plan(engine, params, stretch.max_size)
     reduced = engine.reduced(stretch.max_size)
     if p is None:
         mean, ws = reduced[engine.stacks[0].key]
-        return auto_stretch(mean, stretch, coverage=ws > 0, dtype=dtype)
+        return auto_stretch(mean, stretch, coverage=ws > 0, dtype=dtype, parallel_map=engine.parallel_map)
     small = {fs.label: reduced[fs.key][0] for fs in engine.stacks}
     rgb = comp.composite(p, small)
     cov = np.isfinite(rgb).all(axis=0)
     # The composite's channels are already balanced by the palette's mapping and the user's weights:
     # the stretch neutralises the background but does not re-balance the colours on the stars.
-    return auto_stretch(np.nan_to_num(rgb), _no_balance(stretch), coverage=cov, dtype=dtype)
+    return auto_stretch(np.nan_to_num(rgb), _no_balance(stretch), coverage=cov, dtype=dtype,
+                        parallel_map=engine.parallel_map)
 
 
 def full_image(engine, params: comp.ComposeParams) -> tuple[np.ndarray, np.ndarray] | None:

@@ -465,6 +465,13 @@ class Engine:
         self._recent.append(key)
         return fs
 
+    def parallel_map(self, fn, items) -> list:
+        """[fn(i) for i in items] on the engine's worker threads (the stacks' own), for work outside a frame's
+        stages: the preview's channels."""
+        if self._pool is None or len(items) < 2:
+            return [fn(i) for i in items]
+        return list(self._pool.map(fn, items))
+
     def _buffer(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         b = self._ws.get(name)
         if b is None or b.shape != tuple(shape):

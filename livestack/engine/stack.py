@@ -694,7 +694,8 @@ class RunningStack:
         else:
             sums, wsum = self.sums, self.wsum
         mean, w2 = self._mean(sums, wsum)
-        np.nan_to_num(mean, copy=False, nan=0.0)
+        for plane in mean:
+            cv2.patchNaNs(plane, 0.0)       # NaN -> 0 in one pass (np.nan_to_num: several; 12 ms at 1500 px)
         return mean, w2
 
     def _weight_map(self, wsum: np.ndarray) -> np.ndarray:
@@ -853,7 +854,8 @@ class RunningStack:
         if not self.channel_weights:
             wsum = wsum[0]
         mean, w2 = self._mean(sums, wsum)
-        np.nan_to_num(mean, copy=False, nan=0.0)
+        for plane in mean:
+            cv2.patchNaNs(plane, 0.0)       # NaN -> 0 in one pass (np.nan_to_num: several; 12 ms at 1500 px)
         return mean, w2
 
     # ------------------------------------------------------------------ checkpoint

@@ -328,6 +328,29 @@ def test_stretch_background_and_stars():
     assert out[150, 200].min() > 200                                  # the bright star is white, not tinted
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_stretch_channels_on_threads_give_the_same_bytes(channels, dtype):
+    """The preview's channels stretched on worker threads: the same image, with coverage and NaN, C-ordered."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    img = np.stack([gaussian_image(300, 400, [(200, 150, 2e5), (50, 60, 2e4)], 3.0, sky=s, noise=4, rng=rng)
+                    for s in (500, 300, 200)][:channels])
+    img[:, :20] = np.nan
+    cov = np.ones(img.shape[1:], bool)
+    cov[:, :20] = False
+    serial = auto_stretch(img, StretchParams(), coverage=cov, dtype=dtype)
+    with ThreadPoolExecutor(2) as pool:
+        threaded = auto_stretch(img, StretchParams(), coverage=cov, dtype=dtype,
+                                parallel_map=lambda fn, items: list(pool.map(fn, items)))
+    assert threaded.dtype == dtype and threaded.shape == (300, 400, 3) and threaded.flags.c_contiguous
+    np.testing.assert_array_equal(serial, threaded)
+    assert not threaded[:, :20].any() and threaded[:, 20:].any()
+    if channels == 1:
+        assert np.array_equal(threaded[..., 0], threaded[..., 2])
+
+
 def test_frames_log_round_trip_and_torn_line(tmp_path):
     log = FramesLog(tmp_path / "frames.jsonl")
     rec = FrameRecord(file="a.fits", status="stacked", matrix=[[1.0, 0, 0], [0, 1.0, 0]], fwhm=2.5, weight=1.0)
