@@ -107,8 +107,9 @@ def main() -> int:
     def q(xs, f):
         xs = sorted(xs)
         return xs[round(f * (len(xs) - 1))]
-    print(f"{args.pairs} pairs of {files[0].name}…; {platform.machine()}, "
-          f"{args.cpus or os.cpu_count()} CPU(s), Python {platform.python_version()}; read-ahead off"
+    cpus = f"CPU {args.cpus}" if args.cpus else f"{os.cpu_count()} CPUs"
+    print(f"{args.pairs} pairs of {files[0].name}…; {platform.machine()}, {cpus}, "
+          f"Python {platform.python_version()}; read-ahead off"
           + ("; each frame with its preview (JPEG)" if args.preview else ""))
     for k, (tree, mode) in enumerate(sides):
         print(f"  {'ab'[k]}: {tree} {mode}: median {q([w for w, _ in res[k]], .5):.3f} s a frame, "

@@ -105,10 +105,10 @@ def _filtered(cfa: np.ndarray, r0: int, r1: int, reach: int, kernels, tmp: np.nd
     return res
 
 
-def _mhc_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarray, tmp: np.ndarray) -> None:
-    """Malvar-He-Cutler for rows r0:r1 (r0 even) into ``out`` (3, r1 - r0, W): four 5×5 convolutions, each kept
-    at the sites it is for (a quarter or half of the plane), and the samples copied at their own sites."""
-    _sites_band(cfa, r0, r1, offs, out, tmp, REACH["mhc"], (_MHC_G, _MHC_ROW, _MHC_COL, _MHC_DIAG))
+def _mhc_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """Malvar-He-Cutler for rows r0:r1 (r0 even): four 5×5 convolutions, each kept at the sites it is for (a
+    quarter or half of the plane), and the samples copied at their own sites.  ``out`` as _sites_band's."""
+    return _sites_band(cfa, r0, r1, offs, out, tmp, REACH["mhc"], (_MHC_G, _MHC_ROW, _MHC_COL, _MHC_DIAG))
 
 
 # Bilinear as four kernels on the mosaic itself, kept at their sites as MHC's are: the same averages as the
@@ -120,34 +120,60 @@ _BIL_COL = np.ascontiguousarray(_BIL_ROW.T)
 _BIL_DIAG = np.array([[1, 0, 1], [0, 0, 0], [1, 0, 1]], np.float32) / 4
 
 
-def _bilinear_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarray, tmp: np.ndarray) -> None:
-    """Bilinear for rows r0:r1 (r0 even) into ``out`` (3, r1 - r0, W): four 3×3 kernels on the mosaic, each
-    kept at the sites it is for, and the samples copied at their own sites."""
-    _sites_band(cfa, r0, r1, offs, out, tmp, REACH["bilinear"], (_BIL_G, _BIL_ROW, _BIL_COL, _BIL_DIAG))
+def _bilinear_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """Bilinear for rows r0:r1 (r0 even): four 3×3 kernels on the mosaic, each kept at the sites it is for, and
+    the samples copied at their own sites.  ``out`` as _sites_band's."""
+    return _sites_band(cfa, r0, r1, offs, out, tmp, REACH["bilinear"], (_BIL_G, _BIL_ROW, _BIL_COL, _BIL_DIAG))
+
+
+def band_rows(h: int, r0: int, r1: int, reach: int) -> tuple[int, int]:
+    """The mosaic rows a band r0:r1 of a method of ``reach`` reads (its kernels' support; reflected only at the
+    mosaic's own edges): what an ``out`` of _sites_band with room for them covers."""
+    return max(0, r0 - reach), min(h, r1 + reach)
 
 
 def _sites_band(cfa: np.ndarray, r0: int, r1: int, offs: dict, out: np.ndarray, tmp: np.ndarray, reach: int,
-                kernels) -> None:
+                kernels) -> np.ndarray:
     """Rows r0:r1 of a linear demosaic given by four kernels on the mosaic: G at R and B sites; at a G site the
-    colour beside it in its row, and in its column; R at B sites and B at R sites."""
+    colour beside it in its row, and in its column; R at B sites and B at R sites.  Returns them, (3, r1 - r0, W).
+
+    ``out`` (3, r1 - r0, W) receives them; or, with room for the rows the kernels read (3, e - a, W) for
+    (a, e) = band_rows(...), the kernels write their results straight into its planes — G's into G, the row
+    kernel's into R and the column kernel's into B, each right at most of its sites — and the rows r0:r1 of it
+    are returned (a view): three plane copies fewer a band (the demosaic's site picking was as costly as its
+    convolutions).  ``tmp`` holds the other kernels' results: 4 or 1 planes of e - a rows."""
     (ri, rj), (bi, bj) = offs["R"][0], offs["B"][0]
     # A G site shares its row with R (g_r) or with B (g_b): R is interpolated from its row (the row kernel) at
     # the former, from its column at the latter, and B the other way round.
     gi, gj = next(ij for ij in offs["G"] if ij[0] != ri)     # g_b
-    g_k, row_k, col_k, diag_k = _filtered(cfa, r0, r1, reach, kernels, tmp)
     c = cfa[r0:r1]
-    r, g, b = out
-    g[...] = g_k
+    a, e = band_rows(cfa.shape[0], r0, r1, reach)
+    if out.shape[1] == e - a:
+        src = cfa[a:e]
+        g_k, row_k, col_k, diag_k = kernels
+        for plane, kernel in ((out[1], g_k), (out[0], row_k), (out[2], col_k), (tmp[0, : e - a], diag_k)):
+            cv2.filter2D(src, -1, kernel, dst=plane, borderType=cv2.BORDER_REFLECT_101)
+        out = out[:, r0 - a:r1 - a]
+        diag_k = tmp[0, r0 - a:r1 - a]
+        r, g, b = out
+        swap = r[gi::2, gj::2].copy()               # at g_b R takes the column kernel's value, B the row's
+        r[gi::2, gj::2] = b[gi::2, gj::2]
+        b[gi::2, gj::2] = swap
+    else:
+        g_k, row_k, col_k, diag_k = _filtered(cfa, r0, r1, reach, kernels, tmp)
+        r, g, b = out
+        g[...] = g_k
+        r[...] = row_k                              # right for R at g_r
+        r[gi::2, gj::2] = col_k[gi::2, gj::2]       # … and from the column at g_b
+        b[...] = col_k                              # right for B at g_r
+        b[gi::2, gj::2] = row_k[gi::2, gj::2]
     for (i, j) in offs["G"]:
         g[i::2, j::2] = c[i::2, j::2]
-    r[...] = row_k                                  # right for R at g_r
-    r[gi::2, gj::2] = col_k[gi::2, gj::2]           # … and from the column at g_b
     r[bi::2, bj::2] = diag_k[bi::2, bj::2]
     r[ri::2, rj::2] = c[ri::2, rj::2]
-    b[...] = col_k                                  # right for B at g_r
-    b[gi::2, gj::2] = row_k[gi::2, gj::2]
     b[ri::2, rj::2] = diag_k[ri::2, rj::2]
     b[bi::2, bj::2] = c[bi::2, bj::2]
+    return out
 
 
 _BANDS = {"mhc": _mhc_band, "bilinear": _bilinear_band}    # full-resolution method -> its band function
@@ -159,11 +185,12 @@ def debayer_window(cfa: np.ndarray, pattern: str, method: str, rows: tuple[int, 
     """At least the rows ``rows`` = (r0, r1) and columns ``cols`` = (c0, c1) of debayer(cfa, pattern, method),
     with the same values as the whole mosaic's (the kernels read the mosaic around the window; only the
     mosaic's own edges are reflected), without demosaicing the rest.  Returns a float32 (3, m, n) array (new,
-    or a view of ``out``) and the mosaic row and column of its first pixel (≤ r0, ≤ c0: the window starts on the CFA's phase and
-    is widened by the kernels' reach along the rows; the columns of that widening are reflected, not the
-    mosaic's: use rows r0:r1 and columns c0:c1).  ``tmp``: float32 scratch, reused when it holds at least
-    4 × (m + 2·reach) × n values; ``out``: float32 memory for the result, used when it holds 3 × m × n values
-    (the array returned is then a view of it).  ``reach``: widen the window as a method of that reach would (at
+    or a view of ``out``) and the mosaic row and column of its first pixel (≤ r0, ≤ c0: the window starts on
+    the CFA's phase and is widened by the kernels' reach along the rows; the columns of that widening are
+    reflected, not the mosaic's: use rows r0:r1 and columns c0:c1).  ``tmp``: float32 scratch, reused when it
+    holds at least 4 × (m + 2·reach) × n values; ``out``: float32 memory for the result, used when it holds
+    3 × (m + 2·reach) × n values (the array returned is then a view of it: each plane m rows of a plane of up
+    to m + 2·reach, where the kernels wrote).  ``reach``: widen the window as a method of that reach would (at
     least the method's own), so that two methods' windows of the same rows and columns line up."""
     reach = max(REACH[method], reach or 0)
     h, w = cfa.shape
@@ -176,11 +203,11 @@ def debayer_window(cfa: np.ndarray, pattern: str, method: str, rows: tuple[int, 
     if tmp is None or tmp.size < need:
         tmp = np.empty(need, np.float32)
     tmp = tmp.reshape(-1)[:need].reshape(4, -1, n)
-    size = 3 * (r1 - r0) * n
-    out = out.reshape(-1)[:size].reshape(3, r1 - r0, n) if out is not None and out.size >= size \
-        else np.empty((3, r1 - r0, n), np.float32)
-    _BANDS[method](sub, r0 - a, r1 - a, colour_offsets(pattern), out, tmp)
-    return out, r0, p
+    ba, be = band_rows(sub.shape[0], r0 - a, r1 - a, REACH[method])
+    size = 3 * (be - ba) * n          # with room for the rows the kernels read: they write into it (_sites_band)
+    out = out.reshape(-1)[:size].reshape(3, be - ba, n) if out is not None and out.size >= size \
+        else np.empty((3, be - ba, n), np.float32)
+    return _BANDS[method](sub, r0 - a, r1 - a, colour_offsets(pattern), out, tmp), r0, p
 
 
 def debayer_mask(mask: np.ndarray | None, pattern: str | None, method: str = "bilinear") -> np.ndarray | None:

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 from . import geometry
-from .debayer import _BANDS, REACH as DEBAYER_REACH, colour_offsets, debayer, debayer_window
+from .debayer import _BANDS, REACH as DEBAYER_REACH, band_rows, colour_offsets, debayer, debayer_window
 from .warp import INTERPOLATIONS, REACH, compensation, footprint_rows, outside_index, sharpen
 
 _local = threading.local()      # each worker thread's demosaic scratch (reused from block to block)
@@ -200,7 +200,6 @@ class FrameOnGrid:
         n = int(width.sum())
         # the tile's column i is the window's column idx[i]
         idx = np.arange(n) + np.repeat(v0 - (np.cumsum(width) - width), width)
-        tile = _work("tile", self.channels * rows * n)[: self.channels * rows * n].reshape(self.channels, rows, n)
         plain = _work("plain", self.channels * rows * n)[: self.channels * rows * n].reshape(self.channels, rows, n)
         np.take(win, idx, axis=2, out=plain)
         if mhc:
@@ -208,11 +207,14 @@ class FrameOnGrid:
             cat = _work("cat", (re - ra) * n)[: (re - ra) * n].reshape(re - ra, n)
             np.take(self.src[ra:re], idx + p, axis=1, out=cat)
             tmp = _scratch(rows, n)[: 4 * (re - ra) * n].reshape(4, re - ra, n)
-            _BANDS["mhc"](cat, a - ra, a - ra + rows, colour_offsets(self.pattern), tile, tmp)
+            ba, be = band_rows(re - ra, a - ra, a - ra + rows, REACH_MHC)     # with room for the kernels' rows
+            room = _work("tile", 3 * (be - ba) * n)[: 3 * (be - ba) * n].reshape(3, be - ba, n)
+            tile = _BANDS["mhc"](cat, a - ra, a - ra + rows, colour_offsets(self.pattern), room, tmp)
             if k is not None:
                 for c in range(self.channels):
                     sharpen(tile[c], k, tile[c])
         else:                   # a bilinear demosaic or planes (k is set: see kind): the plain values sharpened
+            tile = _work("tile", self.channels * rows * n)[: self.channels * rows * n].reshape(self.channels, rows, n)
             for c in range(self.channels):
                 sharpen(plain[c], k, tile[c])
         # which of the tile's pixels lie in a cell with signal: the cells looked up for its rows and columns
@@ -311,8 +313,8 @@ def drop_work_memory() -> None:
 
 def _window(rows: int, cols: int) -> np.ndarray:
     """This thread's memory for a demosaiced window of rows × cols (debayer_window widens it by a phase row and
-    the kernels' reach and phase columns)."""
-    return _work("window", 3 * (rows + 2) * (cols + 6))
+    the kernels' reach and phase columns, and takes room for the rows its kernels read: 2 either side)."""
+    return _work("window", 3 * (rows + 6) * (cols + 6))
 
 
 def _scratch(rows: int, cols: int) -> np.ndarray:
