@@ -9,6 +9,7 @@ import os
 import re
 import tempfile
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import cv2
@@ -254,15 +255,30 @@ def _primary_header(shape: tuple[int, ...], header: dict, *, extend: bool) -> by
 
 
 def _write_big_endian(f, blocks) -> int:
-    """Write float32 blocks big-endian (256 rows at a time: bounded copies), returning the bytes written."""
+    """Write float32 blocks big-endian (256 rows at a time: bounded copies), returning the bytes written.  Each
+    piece is written from a second thread while the next is made — the caller's blocks (a stack's mean,
+    computed as they are asked for) and their byte-swapped copies: the write releases the GIL, and it is the
+    larger part (a 24 MP stack.fits: 384 MB, 0.45 s into the page cache here, against 0.23 s of means and
+    copies)."""
     written = 0
-    for b in blocks:
-        for r0 in range(0, b.shape[0], 256):
-            give_way()
-            data = np.ascontiguousarray(b[r0:r0 + 256], dtype=">f4").tobytes()
-            f.write(data)
-            written += len(data)
+    with ThreadPoolExecutor(1, thread_name_prefix="write") as ex:
+        pending = None
+        for b in blocks:
+            for r0 in range(0, b.shape[0], 256):
+                give_way()
+                data = b[r0:r0 + 256].astype(">f4")        # a copy: the caller may reuse ``b``
+                if pending is not None:
+                    pending.result()
+                pending = ex.submit(f.write, _bytes_view(data))
+                written += data.nbytes
+        if pending is not None:
+            pending.result()
     return written
+
+
+def _bytes_view(a: np.ndarray) -> memoryview:
+    """A C-contiguous array's bytes without a copy (``tobytes`` copies: 47 ms for a 24 MP stack.fits)."""
+    return memoryview(a.reshape(-1)).cast("B")
 
 
 def write_fits_blocks(path: Path, shape: tuple[int, ...], blocks, header: dict, *,
@@ -329,10 +345,10 @@ def write_fits_rows(path: Path, shape: tuple[int, ...], rows, header: dict, *, w
                 n = block.shape[1]
                 for ch in range(c):
                     f.seek(len(head) + ((ch * h + r0) * w) * 4)
-                    f.write(np.ascontiguousarray(block[ch], dtype=">f4").tobytes())
+                    f.write(_bytes_view(block[ch].astype(">f4")))
                 if weighted:
                     f.seek(data_end + len(whead) + r0 * w * 4)
-                    f.write(np.ascontiguousarray(item[2], dtype=">f4").tobytes())
+                    f.write(_bytes_view(np.asarray(item[2]).astype(">f4")))
                 done += n
         if done != h:
             raise ValueError(f"{Path(path).name}: {done} rows written, expected {h}")
