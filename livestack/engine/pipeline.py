@@ -288,14 +288,19 @@ class Engine:
                 if not grid.needs_mask(f.sat_cfa):
                     frame.saturated = None
             lap("calibrate")
-            sky = pool.submit(sky_model, f.cfa, frame.pattern) if pool is not None else None
-            try:
-                f.stars, f.q, f.lum = grid.find_stars(f.cfa, frame.white - float(frame.black.mean()), cfg.stars)
-            except BaseException:
-                if sky is not None:
+            white = frame.white - float(frame.black.mean())
+            found = error = None
+            if pool is not None:        # the sky model beside the star finder
+                sky = pool.submit(sky_model, f.cfa, frame.pattern)
+                try:
+                    found = grid.find_stars(f.cfa, white, cfg.stars)
+                except Exception as err:    # raised after the sky's verdict below, as in the serial order
+                    error = err
+                finally:
                     wait([sky])             # it reads the mosaic, which the next frame is decoded into
-                raise
-            f.plane_cfa, noise = sky.result() if sky is not None else sky_model(f.cfa, frame.pattern)
+                f.plane_cfa, noise = sky.result()
+            else:
+                f.plane_cfa, noise = sky_model(f.cfa, frame.pattern)
             if np.isfinite(frame.white):
                 # integer data: never less than its quantisation noise (an 8-bit processed image's flat sky has
                 # a MAD of 0, which would make every weight 0 or infinite)
@@ -303,6 +308,9 @@ class Engine:
             if not np.all(np.isfinite(noise)) or float(noise.min()) <= 0:
                 raise FrameError(path, "no measurable noise in the sky (a processed image, not a camera frame?)")
             f.noise = noise
+            if error is not None:
+                raise error
+            f.stars, f.q, f.lum = found if found is not None else grid.find_stars(f.cfa, white, cfg.stars)
             if cfg.engine.smooth_background and not grid.drizzled:
                 f.signal = signal_cells(f.lum)      # where the sharpening (mhc, compensated warp) is applied
             lap("stars")

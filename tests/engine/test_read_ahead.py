@@ -70,3 +70,23 @@ def test_a_frame_of_another_size_read_ahead_before_the_reference_is_set_is_refus
     assert (r0.status, r1.status, r2.status) == ("reference", "failed", "stacked")
     assert "differs from the session's" in r1.reason
     eng.close()
+
+
+def test_a_frame_without_noise_fails_for_the_same_reason_on_either_path(night, tmp_path):
+    """A processed image (a float frame whose sky has no scatter) fails with the sky model's reason whether
+    its first stages ran on the worker threads (a live frame: the star finder beside the sky model) or in the
+    read-ahead thread (serially) — the star finder's own trouble with it does not come first."""
+    from astropy.io import fits
+
+    files, _ = night(n_frames=3, mono=True)
+    flat = np.zeros((480, 640), np.float32)
+    flat[::7, ::5] = 5000.0                     # sparse spikes on a sky of exactly 0
+    bad = tmp_path / "processed.fits"
+    fits.writeto(bad, flat)
+    for ahead in (False, True):
+        eng = Engine(Config())
+        eng.process(files[0], next_path=bad if ahead else None)
+        rec = eng.process(bad, next_path=files[1] if ahead else None)
+        assert rec.status == "failed" and "no measurable noise in the sky" in rec.reason, rec.reason
+        assert eng.process(files[1]).status == "stacked"         # and the run carries on
+        eng.close()
