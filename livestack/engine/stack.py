@@ -361,16 +361,25 @@ class RunningStack:
         b -= self.sky_lum
         bad = np.empty(self.cells, bool)
 
-        def judge(rows: tuple[int, int]) -> int:
+        def judge(rows: tuple[int, int]) -> None:
+            # one row of cells either side: the growth of strong outliers (a 3×3 dilation) crosses chunks, so
+            # the cells judged do not depend on where the chunks end (as in the bootstrap's combination) —
+            # every chunk is judged before any adds its cells to the statistics the halo reads
             r0, r1 = rows
-            bad[r0:r1] = self._stream_outliers(b[r0:r1], noise, r0, r1)
+            a, e = max(0, r0 - 1), min(b.shape[0], r1 + 1)
+            bad[r0:r1] = self._stream_outliers(b[a:e], noise, a, e)[r0 - a:r1 - a]
+
+        def add(rows: tuple[int, int]) -> int:
+            r0, r1 = rows
             valid = np.isfinite(b[r0:r1]) & ~bad[r0:r1]
             self._accumulate_cells(b[r0:r1], valid, weight, self.lsum[r0:r1], self.lw[r0:r1], self.sq[r0:r1],
                                    self.count[r0:r1])
             return int(bad[r0:r1].sum())
 
         # Row blocks are independent and numpy releases the GIL in elementwise loops: use the cores.
-        rejected = 4 * sum(self.parallel_map(judge, list(self._chunks(self.cells[0]))))
+        chunks = list(self._chunks(self.cells[0]))
+        self.parallel_map(judge, chunks)
+        rejected = 4 * sum(self.parallel_map(add, chunks))
         self._accumulate_pixels(channel, bad, weight, saturated)
         self.rejected_total += rejected
         return rejected

@@ -83,6 +83,24 @@ def test_satellite_and_cosmic_rays_vanish(night, defect_frame):
     assert hits.max() < 5 * sigma, hits.max()
 
 
+def test_outlier_test_does_not_depend_on_where_its_chunks_end(night):
+    """The streaming outlier test works in chunks of cell rows on the worker threads; a strong outlier's grown
+    border (a satellite's) crosses chunk edges, so chunks of 8 rows reject exactly what one chunk does."""
+    import dataclasses
+
+    files, _ = night("defects", n_frames=8, seed=21, defects={5: "satellite", 6: "cosmic"})
+    base = Config()
+    out = []
+    for rows in (256, 8):
+        cfg = dataclasses.replace(base, stack=dataclasses.replace(base.stack, chunk_rows=rows))
+        eng, recs = run(files, cfg)
+        img, w = eng.result()
+        out.append(([r.rejected_pixels for r in recs], img, w))
+    assert out[0][0] == out[1][0] and max(r or 0 for r in out[0][0][4:]) > 0, out[0][0]
+    np.testing.assert_array_equal(out[0][1], out[1][1])
+    np.testing.assert_array_equal(out[0][2], out[1][2])
+
+
 def test_noise_falls_as_one_over_sqrt_n(night):
     from drivers.simulator import SimConfig, sky_field
 
