@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .engine.frame import FrameRecord
-from .engine.write import atomic_write_bytes, atomic_write_with, disk_full, fsync_dir, give_way
+from .engine.write import atomic_write_bytes, atomic_write_with, bytes_view, disk_full, fsync_dir, give_way
 
 CHUNK_BYTES = 8 * 2 ** 20     # a checkpoint's arrays are written this much at a time (see save_engine)
 
@@ -171,7 +171,7 @@ def save_engine(engine, path: Path | str, info: dict | None = None) -> None:
                     step = CHUNK_BYTES // a.itemsize
                     for i in range(0, flat.size, step):
                         give_way()
-                        f.write(memoryview(np.ascontiguousarray(flat[i:i + step])).cast("B"))
+                        f.write(bytes_view(flat[i:i + step]))
 
             put("meta", np.frombuffer(json.dumps(meta).encode(), np.uint8))
             if info is not None:

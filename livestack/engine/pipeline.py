@@ -246,16 +246,17 @@ class Engine:
             if a_path == path:
                 self._slot = slot
                 return front
-        return self._front(path, self._slot, pool=self._pool)
+        return self._front(path, self._slot, threads=True)
 
-    def _front(self, path: Path, slot: int, pool: ThreadPoolExecutor | None = None) -> "_Front":
+    def _front(self, path: Path, slot: int, *, threads: bool = False) -> "_Front":
         """read -> calibrate -> sky -> stars: pure work on the file (no engine state is changed), so it may run
         in the read-ahead thread while the previous frame is stacked.  A FrameError is kept for process().
 
-        ``pool``: worker threads free for this frame (none is given to a read-ahead, whose frame is stacked on
-        them meanwhile): the hot-pixel search's row blocks and the sky model run there, beside the star finder
-        — the same results, ~0.05 s sooner at 24 MP for a frame that nothing was read ahead for (a live one)."""
+        ``threads``: the engine's worker threads are free for this frame (not for a read-ahead, whose frame is
+        stacked on them meanwhile): the hot-pixel search's row blocks and the sky model run there, beside the
+        star finder — the same results, sooner for a frame that nothing was read ahead for (a live one)."""
         cfg = self.cfg
+        pool = self._pool if threads else None
         f = _Front(path)
         t = time.perf_counter()
 
@@ -281,8 +282,7 @@ class Engine:
                 raise FrameError(path, reason)
             f.masters = self.masters.select(frame) if self.masters is not None else None
             f.cfa, f.calibration = calibrate(frame, f.masters, cfg.cosmetic, inplace=True,
-                                             parallel_map=(lambda fn, items: list(pool.map(fn, items)))
-                                             if pool is not None else None)
+                                             parallel_map=self.parallel_map if threads else None)
             if frame.saturated is not None:     # as points; the mask (24 MB at 24 MP) only when they are many
                 f.sat_cfa = nonzero_xy(frame.saturated.view(np.uint8))
                 if not grid.needs_mask(f.sat_cfa):

@@ -39,7 +39,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .stretch import reduce
+from .stretch import reduce, zero_nan
 from .warp import sharpen
 
 _GROW = np.ones((3, 3), np.uint8)
@@ -703,9 +703,7 @@ class RunningStack:
         else:
             sums, wsum = self.sums, self.wsum
         mean, w2 = self._mean(sums, wsum)
-        for plane in mean:
-            cv2.patchNaNs(plane, 0.0)       # NaN -> 0 in one pass (np.nan_to_num: several; 12 ms at 1500 px)
-        return mean, w2
+        return zero_nan(mean), w2
 
     def _weight_map(self, wsum: np.ndarray) -> np.ndarray:
         """(n, W) float32 weight map (a new array) of rows of the weights: themselves, or with channel_weights
@@ -863,9 +861,7 @@ class RunningStack:
         if not self.channel_weights:
             wsum = wsum[0]
         mean, w2 = self._mean(sums, wsum)
-        for plane in mean:
-            cv2.patchNaNs(plane, 0.0)       # NaN -> 0 in one pass (np.nan_to_num: several; 12 ms at 1500 px)
-        return mean, w2
+        return zero_nan(mean), w2
 
     # ------------------------------------------------------------------ checkpoint
 

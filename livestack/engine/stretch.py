@@ -49,6 +49,14 @@ def reduce(img: np.ndarray, max_size: int) -> np.ndarray:
     return np.stack([cv2.resize(img[i], size, interpolation=cv2.INTER_AREA) for i in range(c)])
 
 
+def zero_nan(img: np.ndarray) -> np.ndarray:
+    """NaN -> 0 in place in each (H, W) float32 plane of a C-contiguous (C, H, W) ``img``, one pass a plane
+    (``np.nan_to_num``: several; 12 ms for a 1500 px preview's three planes); returns ``img``."""
+    for plane in img:
+        cv2.patchNaNs(plane, 0.0)
+    return img
+
+
 def mtf(m: float, x: np.ndarray) -> np.ndarray:
     """Midtones transfer function: maps 0 -> 0, m -> 0.5, 1 -> 1."""
     return ((m - 1) * x) / ((2 * m - 1) * x - m)
@@ -67,9 +75,7 @@ def auto_stretch(img: np.ndarray, p: StretchParams, *, coverage: np.ndarray | No
     worker threads (the same bytes; the live preview is drawn after every frame, on its way to the page).
     """
     pmap = parallel_map or (lambda fn, items: [fn(i) for i in items])
-    small = reduce(img, p.max_size)                # a new float32 array
-    for plane in small:
-        cv2.patchNaNs(plane, 0.0)                   # NaN -> 0 in one pass (np.nan_to_num: four)
+    small = zero_nan(reduce(img, p.max_size))      # a new float32 array
     cov = None
     if coverage is not None:
         cov = reduce(coverage[None].astype(np.float32), p.max_size)[0] > 0.5
@@ -113,7 +119,6 @@ def auto_stretch(img: np.ndarray, p: StretchParams, *, coverage: np.ndarray | No
     # in place on ``small`` and a channel at a time (a 1500 px preview's tail took 5 passes over new arrays)
     span = np.float32(max(white - black, 1e-12))
     scale = np.float32(65535 if dtype == np.uint16 else 255)
-
     out = np.empty(small.shape[1:] + (3,), dtype)
 
     def tail(i: int) -> None:

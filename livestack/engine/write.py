@@ -269,14 +269,14 @@ def _write_big_endian(f, blocks) -> int:
                 data = b[r0:r0 + 256].astype(">f4")        # a copy: the caller may reuse ``b``
                 if pending is not None:
                     pending.result()
-                pending = ex.submit(f.write, _bytes_view(data))
+                pending = ex.submit(f.write, bytes_view(data))
                 written += data.nbytes
         if pending is not None:
             pending.result()
     return written
 
 
-def _bytes_view(a: np.ndarray) -> memoryview:
+def bytes_view(a: np.ndarray) -> memoryview:
     """A C-contiguous array's bytes without a copy (``tobytes`` copies: 47 ms for a 24 MP stack.fits)."""
     return memoryview(a.reshape(-1)).cast("B")
 
@@ -345,10 +345,10 @@ def write_fits_rows(path: Path, shape: tuple[int, ...], rows, header: dict, *, w
                 n = block.shape[1]
                 for ch in range(c):
                     f.seek(len(head) + ((ch * h + r0) * w) * 4)
-                    f.write(_bytes_view(block[ch].astype(">f4")))
+                    f.write(bytes_view(block[ch].astype(">f4")))
                 if weighted:
                     f.seek(data_end + len(whead) + r0 * w * 4)
-                    f.write(_bytes_view(np.asarray(item[2]).astype(">f4")))
+                    f.write(bytes_view(np.asarray(item[2]).astype(">f4")))
                 done += n
         if done != h:
             raise ValueError(f"{Path(path).name}: {done} rows written, expected {h}")
