@@ -278,41 +278,24 @@ def _read_fits(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # astropy warns about non-standard cards from capture software
-            with fits.open(path, memmap=False) as hdul:
-                hdu = next((h for h in hdul if len(_fits_shape(h)) >= 2), None)
-                if hdu is None:
-                    raise FrameError(path, "FITS file has no image data")
-                shape = _fits_shape(hdu)     # from the header: hdu.data reads (or decompresses) every pixel
-                limit.check(path, shape[-1], shape[-2], int(np.prod(shape[:-2], dtype=np.int64)))
-                header = hdu.header.copy()
-                if hdu is not hdul[0]:
-                    for k, v in hdul[0].header.items():  # primary keys fill in what the image HDU lacks
-                        if k not in header and k not in ("SIMPLE", "EXTEND", "NAXIS", "BITPIX", ""):
-                            header[k] = v
-                raw = hdu.data
-                if raw.ndim == 3 and raw.shape[0] == 1:
-                    raw = raw[0]
-                if raw.ndim != 2:
-                    raise FrameError(path, f"FITS image has {raw.ndim} axes {raw.shape}; "
-                                           "expected a 2-D sensor image (mono or Bayer)")
-                # Row 0 of a BOTTOM-UP file is the bottom of the sensor: flipped so that row 0 is the top, as in
-                # RAW files, while it is converted.
-                if str(header.get("ROWORDER", "TOP-DOWN")).strip().upper() == "BOTTOM-UP":
-                    raw = raw[::-1]
-                if out is not None and out.shape == raw.shape and out.dtype == np.float32:
-                    data = out
-                    np.copyto(data, raw, casting="unsafe")
-                else:
-                    data = np.ascontiguousarray(raw, dtype=np.float32)
-                int_input = np.issubdtype(raw.dtype, np.integer) or header.get("BITPIX", -32) > 0
-                del raw
+            # A camera's integers are read as stored and made float32 in one pass (_integer_pixels); anything
+            # else (BSCALE, BLANK, floats, tile compression) as astropy scales it, in a second opening.
+            with fits.open(path, memmap=False, do_not_scale_image_data=True) as hdul:
+                hdu, header = _image_hdu(hdul, path, limit)
+                data = _integer_pixels(hdu, header, path, out)
+            exact = data is not None            # integers as stored: finite, and within their type's range
+            if not exact:
+                with fits.open(path, memmap=False) as hdul:
+                    hdu, header = _image_hdu(hdul, path, limit)
+                    data = _scaled_pixels(hdu, header, path, out)
+            int_input = header.get("BITPIX", -32) > 0
     except FrameError:
         raise
     except (OSError, ValueError, TypeError, IndexError, KeyError) as err:
         raise FrameError(path, f"unreadable FITS ({err})") from err
     if min(data.shape) < 16:
         raise FrameError(path, f"FITS image too small {data.shape}")
-    if not np.isfinite(data).all():
+    if not exact and not np.isfinite(data).all():       # (BLANK pixels are NaN once astropy scales them)
         np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
 
     pattern = _fits_pattern(header, path)
@@ -354,7 +337,7 @@ def _read_fits(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
     white = _num(header.get("SATURATE"))
     if white is None:
         if int_input:
-            bits = 16 if data.max(initial=0) < 65536 else 32
+            bits = 16 if (exact and _largest(header) < 65536) or data.max(initial=0) < 65536 else 32
             white = float(2 ** bits - 1)
         else:
             white = float("inf")
@@ -364,6 +347,79 @@ def _read_fits(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
         black_val = -ped if ped is not None and ped < 0 else 0.0
     black = np.full((2, 2), black_val, np.float32)
     return Frame(path, data, pattern, black, white, _saturated(data, white), meta)
+
+
+def _image_hdu(hdul, path: Path, limit: _Limit):
+    """The first HDU with a 2-D (or more) image, checked against the size limit from its header alone, and its
+    header (a copy) with the primary header's keys it lacks."""
+    hdu = next((h for h in hdul if len(_fits_shape(h)) >= 2), None)
+    if hdu is None:
+        raise FrameError(path, "FITS file has no image data")
+    shape = _fits_shape(hdu)     # from the header: hdu.data reads (or decompresses) every pixel
+    limit.check(path, shape[-1], shape[-2], int(np.prod(shape[:-2], dtype=np.int64)))
+    header = hdu.header.copy()
+    if hdu is not hdul[0]:
+        for k, v in hdul[0].header.items():  # primary keys fill in what the image HDU lacks
+            if k not in header and k not in ("SIMPLE", "EXTEND", "NAXIS", "BITPIX", ""):
+                header[k] = v
+    return hdu, header
+
+
+def _sensor_image(raw: np.ndarray, header, path: Path) -> np.ndarray:
+    """The 2-D sensor image of an HDU's pixels, row 0 at the top: row 0 of a BOTTOM-UP file is the bottom of
+    the sensor, flipped here (a view) so that it is converted in the top-down order of RAW files."""
+    if raw.ndim == 3 and raw.shape[0] == 1:
+        raw = raw[0]
+    if raw.ndim != 2:
+        raise FrameError(path, f"FITS image has {raw.ndim} axes {raw.shape}; "
+                               "expected a 2-D sensor image (mono or Bayer)")
+    if str(header.get("ROWORDER", "TOP-DOWN")).strip().upper() == "BOTTOM-UP":
+        raw = raw[::-1]
+    return raw
+
+
+def _float32_into(out: np.ndarray | None, shape) -> np.ndarray:
+    """``out`` when it is a float32 array of ``shape``, else a new one."""
+    if out is not None and out.shape == shape and out.dtype == np.float32:
+        return out
+    return np.empty(shape, np.float32)
+
+
+def _integer_pixels(hdu, header, path: Path, out: np.ndarray | None) -> np.ndarray | None:
+    """A camera's integer image (BITPIX 8, 16 or 32, BSCALE 1, an integer BZERO such as 32768 for unsigned
+    16-bit, no BLANK), read as stored (big-endian integers) and made float32 with its BZERO in one pass into
+    ``out`` — the values astropy's scaling gives (integers, rounded once to float32 beyond 2²⁴), without its
+    scaled copy nor a pass to look for NaN or the maximum: read_frame of a 24 MP 16-bit frame on one core
+    0.103 → 0.055 s.  None for anything else."""
+    from astropy.io import fits
+
+    if type(hdu) not in (fits.PrimaryHDU, fits.ImageHDU) or "BLANK" in header:
+        return None
+    bitpix, bscale, bzero = header.get("BITPIX"), header.get("BSCALE", 1), header.get("BZERO", 0)
+    if bitpix not in (8, 16, 32) or not isinstance(bscale, (int, float)) or bscale != 1 \
+            or not isinstance(bzero, (int, float)) or bzero != int(bzero):
+        return None
+    raw = _sensor_image(hdu.data, header, path)
+    data = _float32_into(out, raw.shape)
+    # exact in float32 for 8- and 16-bit data (an offset within 2²³); else one rounding of the exact sum
+    offset = np.float32(bzero) if bitpix < 32 and abs(bzero) <= 2 ** 23 else np.float64(bzero)
+    np.add(raw, offset, out=data, casting="unsafe")
+    return data
+
+
+def _largest(header) -> int:
+    """The largest value an integer FITS image (BSCALE 1) can hold: its type's, plus BZERO."""
+    bitpix = header["BITPIX"]
+    return (255 if bitpix == 8 else 2 ** (bitpix - 1) - 1) + int(header.get("BZERO", 0))
+
+
+def _scaled_pixels(hdu, header, path: Path, out: np.ndarray | None) -> np.ndarray:
+    """The image as astropy scales it (BSCALE, BZERO, BLANK as NaN, floats, tile-compressed), as float32 in
+    ``out`` when it fits."""
+    raw = _sensor_image(hdu.data, header, path)
+    data = _float32_into(out, raw.shape)
+    np.copyto(data, raw, casting="unsafe")
+    return data
 
 
 def _fits_shape(hdu) -> tuple[int, ...]:

@@ -415,6 +415,43 @@ def test_read_fits_into_a_reused_buffer(tmp_path, roworder):
     assert read_frame(tmp_path / "a.fits", out=np.empty((18, 22), np.float32)).data.shape == (18, 20)
 
 
+# (BITPIX as stored, BZERO, BSCALE, BLANK): a camera's unsigned 16 bit, signed, 8 bit, unsigned and signed 32 bit,
+# offsets beyond float32's integers, and what astropy must scale (a fraction, BSCALE, BLANK)
+_FITS_INTEGERS = [(np.int16, 32768, 1, None), (np.int16, 0, 1, None), (np.uint8, 0, 1, None),
+                  (np.int32, 2 ** 31, 1, None), (np.int32, 0, 1, None), (np.int32, 123456789, 1, None),
+                  (np.int16, -40000, 1, None), (np.int16, 0.5, 1, None), (np.int16, 0, 2, None),
+                  (np.int16, 0, 1, -5), (np.int16, 32768, 1, -5)]
+
+
+@pytest.mark.parametrize("stored, bzero, bscale, blank", _FITS_INTEGERS)
+@pytest.mark.parametrize("reuse", [False, True])
+def test_read_fits_integers_as_astropy_scales_them(tmp_path, stored, bzero, bscale, blank, reuse):
+    """A camera's integers are made float32 straight from the stored values (no scaled copy by astropy): the
+    values, levels and saturation flags are those of astropy's scaling, to the bit, for every integer layout —
+    and the layouts only astropy handles (BSCALE, a fractional BZERO, BLANK pixels, which become 0) still are."""
+    rng = np.random.default_rng(7)
+    info = np.iinfo(stored)
+    raw = rng.integers(info.min, int(info.max) + 1, (18, 20), dtype=np.int64).astype(stored)
+    raw[0, :3] = info.max                       # the type's largest value: saturated in an unsigned layout
+    raw[5, 6] = -5 if info.min < 0 else 5
+    hdu = fits.PrimaryHDU(raw, do_not_scale_image_data=True)
+    hdu.header["BZERO"], hdu.header["BSCALE"] = bzero, bscale
+    if blank is not None:
+        hdu.header["BLANK"] = blank
+    hdu.writeto(tmp_path / "a.fits")
+    with fits.open(tmp_path / "a.fits") as hdul:
+        want = hdul[0].data.astype(np.float32)           # astropy's physical values, rounded once
+    assert np.isnan(want).any() == (blank is not None and bzero == 0)   # (astropy keeps unsigned 16 bit whole)
+    want = np.nan_to_num(want, nan=0.0)
+    out = np.full(raw.shape, -1.0, np.float32) if reuse else None
+    f = read_frame(tmp_path / "a.fits", out=out)
+    assert f.data.dtype == np.float32 and (f.data is out) == reuse
+    np.testing.assert_array_equal(f.data, want)
+    top = np.float64(want).max()
+    assert f.white == (65535.0 if top < 65536 else 4294967295.0)
+    assert (f.saturated is not None) == bool((want >= f.white).any())
+
+
 def test_median_of_three_with_missing_values_equals_the_sorted_rule():
     """_median_rows' sorting network for three frames with NaN borders: the middle of three, the lower of two,
     the one, or NaN — exactly what sorting gives."""
