@@ -201,7 +201,9 @@ class FrameOnGrid:
         # the tile's column i is the window's column idx[i]
         idx = np.arange(n) + np.repeat(v0 - (np.cumsum(width) - width), width)
         plain = _work("plain", self.channels * rows * n)[: self.channels * rows * n].reshape(self.channels, rows, n)
-        np.take(win, idx, axis=2, out=plain)
+        # (indexing, not np.take: a window is a strided view of its padded planes, which np.take first copies
+        # whole — 1.3 ms a block, 0.08 s a 24 MP frame on one core)
+        np.copyto(plain, win[:, :, idx])
         if mhc:
             ra, re = max(0, a - REACH_MHC), min(self.src_hw[0], a + rows + REACH_MHC)
             cat = _work("cat", (re - ra) * n)[: (re - ra) * n].reshape(re - ra, n)
