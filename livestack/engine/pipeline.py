@@ -203,6 +203,7 @@ class Engine:
                 self._start_front(Path(next_path))
             elif self._ahead is None:
                 self._ws.pop(f"cfa{1 - self._slot}", None)   # no frame read ahead: its mosaic buffer goes
+            self._front_stars(front)      # a read-ahead's star search, beside the next file's reading
             self._process(front, rec, hold)
         except FrameError as err:
             rec.status, rec.reason = "failed", err.reason
@@ -229,7 +230,7 @@ class Engine:
         if self._reader is None:
             self._reader = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
         slot = 1 - self._slot
-        self._ahead = (path, slot, self._reader.submit(self._front, path, slot))
+        self._ahead = (path, slot, self._reader.submit(self._front, path, slot, stars=False))
 
     def _bootstrap_near(self) -> bool:
         """True when this frame may fill a stack's bootstrap buffer: its combination is the session's memory
@@ -248,13 +249,19 @@ class Engine:
                 return front
         return self._front(path, self._slot, threads=True)
 
-    def _front(self, path: Path, slot: int, *, threads: bool = False) -> "_Front":
+    def _front(self, path: Path, slot: int, *, threads: bool = False, stars: bool = True) -> "_Front":
         """read -> calibrate -> sky -> stars: pure work on the file (no engine state is changed), so it may run
         in the read-ahead thread while the previous frame is stacked.  A FrameError is kept for process().
 
         ``threads``: the engine's worker threads are free for this frame (not for a read-ahead, whose frame is
         stacked on them meanwhile): the hot-pixel search's row blocks and the sky model run there, beside the
-        star finder — the same results, sooner for a frame that nothing was read ahead for (a live one)."""
+        star finder — the same results, sooner for a frame that nothing was read ahead for (a live one).
+
+        ``stars`` False (a read-ahead): the star search is left to _front_stars, which process() runs in the
+        caller's thread once the next file's reading has started.  sep holds the GIL while it works (~60 ms at 24 MP:
+        sep-developers/sep#172), and in the read-ahead thread that stopped the worker threads stacking the
+        previous frame (benchmarks/bench_gil.py: 0.06–0.13 s a frame); beside the next file's decoding
+        (LibRaw and astropy release the GIL) it stops nothing."""
         cfg = self.cfg
         pool = self._pool if threads else None
         f = _Front(path)
@@ -310,13 +317,33 @@ class Engine:
             f.noise = noise
             if error is not None:
                 raise error
-            f.stars, f.q, f.lum = found if found is not None else grid.find_stars(f.cfa, white, cfg.stars)
-            if cfg.engine.smooth_background and not grid.drizzled:
-                f.signal = signal_cells(f.lum)      # where the sharpening (mhc, compensated warp) is applied
-            lap("stars")
+            f.white = white
+            if found is not None or stars:
+                self._stars(f, found)
+                lap("stars")
         except FrameError as err:
             f.error = err
         return f
+
+    def _front_stars(self, f: "_Front") -> None:
+        """The star search a read-ahead left (_front with stars False), now; nothing when it was done or the
+        frame failed."""
+        if f.error is not None or f.stars is not None or f.white is None:
+            return
+        t = time.perf_counter()
+        try:
+            self._stars(f)
+        except FrameError as err:
+            f.error = err
+        f.timings["stars"] = time.perf_counter() - t
+
+    def _stars(self, f: "_Front", found=None) -> None:
+        """Stars, quality and the binned luminance of a calibrated front (``found``: grid.find_stars' result
+        when it has run), and where the frame has signal."""
+        grid = f.grid
+        f.stars, f.q, f.lum = found if found is not None else grid.find_stars(f.cfa, f.white, self.cfg.stars)
+        if self.cfg.engine.smooth_background and not grid.drizzled:
+            f.signal = signal_cells(f.lum)      # where the sharpening (mhc, compensated warp) is applied
 
     def _process(self, front: "_Front", rec: FrameRecord, hold: bool = False) -> None:
         cfg = self.cfg
@@ -646,6 +673,7 @@ class _Front:
     lum: np.ndarray | None = None
     sat_cfa: np.ndarray | None = None    # (N, 2) (x, y) of the saturated samples, or None
     signal: np.ndarray | None = None     # render.signal_cells of the frame ([engine] smooth_background)
+    white: float | None = None           # the white level less the black: set once the star search may run
     error: FrameError | None = None
     timings: dict = field(default_factory=dict)
 

@@ -1,6 +1,8 @@
 """Reading the next file ahead (process(next_path=…)) changes when the work is done, never its result."""
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,26 @@ def test_a_frame_without_noise_fails_for_the_same_reason_on_either_path(night, t
         assert rec.status == "failed" and "no measurable noise in the sky" in rec.reason, rec.reason
         assert eng.process(files[1]).status == "stacked"         # and the run carries on
         eng.close()
+
+
+def test_a_read_ahead_leaves_the_star_search_to_the_frames_own_turn(night, monkeypatch):
+    """sep holds the GIL while it searches for stars, which in the read-ahead thread stopped the worker threads
+    stacking the frame before: a frame read ahead has its stars searched in the caller's thread, after the
+    next file's reading has started — and with the same records and stack (the test above)."""
+    from livestack.engine.grid import Grid
+
+    files, _ = night(n_frames=5, fmt="dng")
+    where = []
+    real = Grid.find_stars
+
+    def find_stars(self, *args, **kwargs):
+        where.append(threading.current_thread().name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Grid, "find_stars", find_stars)
+    eng = Engine(Config())
+    recs = [eng.process(f, next_path=files[i + 1] if i + 1 < len(files) else None) for i, f in enumerate(files)]
+    assert [r.status for r in recs] == ["reference"] + ["stacked"] * 4
+    assert len(where) == len(files) and set(where) == {threading.current_thread().name}, where
+    assert "stars" in eng.timings
+    eng.close()
