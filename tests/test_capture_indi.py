@@ -208,3 +208,75 @@ def test_header_update_keeps_data_bytes(tmp_path):
         assert (h["IMAGETYP"], h["FILTER"], h["CCD-TEMP"], h["INSTRUME"]) == ("Dark Frame", "O'III", -5.0,
                                                                           "ZWO ASI294MC")
         assert (hdul[0].data == hdu.data).all()
+
+
+def _slow_driver(sock: socket.socket, gain_after: float) -> None:
+    """A fake INDI server for one client: a CCD whose CCD_GAIN is defined ``gain_after`` s after the rest of its
+    properties (a driver starved of CPU, as indi_simulator_ccd was on a loaded CI machine), answering every
+    new*Vector with the values asked for."""
+    import re
+    import threading
+
+    conn, _ = sock.accept()
+    dev = "Slow CCD"
+
+    def defs() -> None:
+        conn.sendall((f'<defSwitchVector device="{dev}" name="CONNECTION" state="Ok" perm="rw" rule="OneOfMany">'
+                      '<defSwitch name="CONNECT">On</defSwitch><defSwitch name="DISCONNECT">Off</defSwitch>'
+                      '</defSwitchVector>'
+                      f'<defNumberVector device="{dev}" name="CCD_EXPOSURE" state="Idle" perm="rw">'
+                      '<defNumber name="CCD_EXPOSURE_VALUE" min="0" max="3600">1</defNumber></defNumberVector>'
+                      f'<defSwitchVector device="{dev}" name="UPLOAD_MODE" state="Idle" perm="rw" rule="OneOfMany">'
+                      '<defSwitch name="UPLOAD_CLIENT">On</defSwitch><defSwitch name="UPLOAD_LOCAL">Off</defSwitch>'
+                      '</defSwitchVector>'
+                      f'<defSwitchVector device="{dev}" name="CCD_FRAME_TYPE" state="Idle" perm="rw" '
+                      'rule="OneOfMany"><defSwitch name="FRAME_LIGHT">On</defSwitch>'
+                      '<defSwitch name="FRAME_DARK">Off</defSwitch></defSwitchVector>').encode())
+        time.sleep(gain_after)
+        conn.sendall((f'<defNumberVector device="{dev}" name="CCD_GAIN" state="Idle" perm="rw">'
+                      '<defNumber name="GAIN" min="0" max="300">90</defNumber></defNumberVector>').encode())
+
+    threading.Thread(target=defs, daemon=True).start()
+    buf = b""
+    conn.settimeout(10)
+    try:
+        while True:
+            data = conn.recv(65536)
+            if not data:
+                return
+            buf += data
+            end = 0
+            for m in re.finditer(rb'<new(\w+)Vector device="[^"]*" name="([^"]*)">(.*?)</new\1Vector>', buf):
+                kind, name, ones = m.group(1).decode(), m.group(2).decode(), m.group(3).decode()
+                conn.sendall(f'<set{kind}Vector device="{dev}" name="{name}" state="Ok">{ones}'
+                             f'</set{kind}Vector>'.encode())      # <oneX> elements are what a set carries
+                end = m.end()
+            buf = buf[end:]
+    except OSError:
+        return
+    finally:
+        conn.close()
+
+
+def test_a_gain_defined_late_by_a_slow_driver_is_still_set(tmp_path):
+    """A driver that defines CCD_GAIN a while after its other properties (one starved of CPU): the camera is set
+    to the gain asked for, not left at its own with a warning that it has none (the CI failure: GAIN 90 in
+    the header for --gain 40, after a fixed 0.3 s wait for the definitions)."""
+    import threading
+
+    from drivers.capture.common import CapturePlan, Stop
+    from drivers.capture.indi import IndiCamera, IndiOptions
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        th = threading.Thread(target=_slow_driver, args=(sock, 0.8), daemon=True)
+        th.start()
+        cam = IndiCamera(IndiOptions(host="127.0.0.1", port=sock.getsockname()[1]),
+                         CapturePlan(exposure=1.0, gain=40, out=tmp_path), Stop())
+        cam.open()
+        try:
+            assert cam.gain == 40
+            assert cam.client.get(cam.device, "CCD_GAIN").values["GAIN"] == 40
+        finally:
+            cam.close()

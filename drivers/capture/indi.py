@@ -83,6 +83,7 @@ class IndiClient:
         self.props: dict[tuple[str, str], Vector] = {}
         self.blobs: list[Blob] = []
         self.messages: list[str] = []
+        self.received = 0              # top-level messages handled (quiet() watches it)
         self._sock: socket.socket | None = None
         self._parser: ET.XMLPullParser | None = None
         self._root = None
@@ -179,7 +180,23 @@ class IndiClient:
                 raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
             self.pump(min(left, 0.5))
 
+    def quiet(self, gap: float, timeout: float) -> None:
+        """Read until the server has sent nothing for ``gap`` s (a driver's burst of definitions is over), or for
+        ``timeout`` s at most."""
+        end = time.monotonic() + timeout
+        while True:
+            seen = self.received
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            until = time.monotonic() + min(gap, left)
+            while self.received == seen and time.monotonic() < until:
+                self.pump(until - time.monotonic())
+            if self.received == seen:
+                return
+
     def _handle(self, elem) -> None:
+        self.received += 1
         tag = elem.tag
         device, name = elem.get("device", ""), elem.get("name", "")
         if tag.startswith("def") and tag.endswith("Vector"):
@@ -325,7 +342,9 @@ class IndiCamera:
             log.info("connecting %s", dev)
             c.set_values(dev, "CONNECTION", {"CONNECT": True})
         c.wait(lambda: c.get(dev, "CCD_EXPOSURE") is not None, 30, f"{dev} to connect (CCD_EXPOSURE)")
-        c.pump(0.3)  # the rest of the properties follow CCD_EXPOSURE in the same burst
+        # the rest of the properties follow CCD_EXPOSURE in the same burst: read until it is over (a fixed 0.3 s
+        # was too short on a loaded machine: CCD_GAIN came later, and --gain was ignored as unsupported)
+        c.quiet(0.5, 10.0)
         self._switch(dev, "UPLOAD_MODE", "UPLOAD_CLIENT")
         self._switch(dev, "CCD_TRANSFER_FORMAT", "FORMAT_FITS")
         self._binning()
@@ -417,6 +436,12 @@ class IndiCamera:
         """CCD_GAIN.GAIN (INDI standard) or the 'Gain' element of CCD_CONTROLS (ZWO, some QHY drivers)."""
         c, dev, want = self.client, self.device, self.plan.gain
         target = None
+        if want is not None:     # asked for: a slow driver may still be defining it
+            try:
+                c.wait(lambda: c.get(dev, "CCD_GAIN") is not None or c.get(dev, "CCD_CONTROLS") is not None, 5.0,
+                       f"{dev} to define its gain control")
+            except TimeoutError:
+                pass
         vec = c.get(dev, "CCD_GAIN")
         if vec is not None and "GAIN" in vec.values:
             target = ("CCD_GAIN", "GAIN")
