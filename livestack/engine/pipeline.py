@@ -297,7 +297,7 @@ class Engine:
             lap("calibrate")
             white = frame.white - float(frame.black.mean())
             found = error = None
-            if pool is not None:        # the sky model beside the star finder
+            if pool is not None and stars:      # the sky model beside the star finder
                 sky = pool.submit(sky_model, f.cfa, frame.pattern)
                 try:
                     found = grid.find_stars(f.cfa, white, cfg.stars)
@@ -318,7 +318,7 @@ class Engine:
             if error is not None:
                 raise error
             f.white = white
-            if found is not None or stars:
+            if stars:
                 self._stars(f, found)
                 lap("stars")
         except FrameError as err:
@@ -328,7 +328,7 @@ class Engine:
     def _front_stars(self, f: "_Front") -> None:
         """The star search a read-ahead left (_front with stars False), now; nothing when it was done or the
         frame failed."""
-        if f.error is not None or f.stars is not None or f.white is None:
+        if f.error is not None or f.stars is not None:
             return
         t = time.perf_counter()
         try:
