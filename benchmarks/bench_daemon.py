@@ -36,6 +36,22 @@ def _service(watch: Path, out: Path, settle: float, cfg):
                    DaemonParams(out=str(out)))
 
 
+def _timed(obj, names, spent=None) -> dict:
+    """Wrap obj's methods ``names`` so that each call's wall time is added to spent[name] (a list)."""
+    spent = {} if spent is None else spent
+    for name in names:
+        fn, times = getattr(obj, name), spent.setdefault(name, [])
+
+        def wrapper(*a, _fn=fn, _times=times, **k):
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                _times.append(time.perf_counter() - t)
+        setattr(obj, name, wrapper)
+    return spent
+
+
 def _drop(src: Path, watch: Path) -> float:
     tmp = watch / f".{src.name}.part"
     shutil.copy(src, tmp)
@@ -92,6 +108,11 @@ def main() -> int:
             shutil.copy(f, dst)
     t0 = time.perf_counter()
     svc = _service(watch, out, args.settle, cfg)
+    from livestack.daemon.service import Service
+    from livestack.engine.pipeline import Engine
+
+    spent = _timed(Service, ("_render_preview", "_write_fits", "_checkpoint"))
+    _timed(Engine, ("process",), spent)
     svc.start()
     t4 = None
     while len(svc.snapshot.frames) < n or svc.status()["state"] != "idle":
@@ -114,6 +135,9 @@ def main() -> int:
     print(f"backlog of {n}: {backlog:.1f} s from start to the last frame stacked, "
           f"{backlog / n:.2f} s per frame (includes the start, the reference and the bootstrap); "
           f"{steady_rate:.2f} s per frame after the fourth")
+    print("  where the backlog's time went (s): " + ", ".join(
+        f"{name.strip('_')} {sum(t):.1f} ({len(t)}×)"
+        for name, t in spent.items()))
     return 0
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 
 import numpy as np
 import pytest
@@ -292,19 +293,50 @@ def test_an_idle_checkpoint_gives_way_to_a_frame_that_lands(tmp_path, six, monke
     assert info["lines"] == 5 and engine.n_stacked + engine.n_rejected == 5
 
 
-@pytest.mark.parametrize("preview_s, most", [(100.0, 3), (0.0, 99)])
-def test_a_backlog_redraws_the_preview_at_most_every_preview_s(tmp_path, six, monkeypatch, preview_s, most):
-    """Frames waiting in the queue: preview.jpg (0.2 s at 24 MP) is drawn at most every preview_s — and once
-    more when the queue runs dry, so the last preview shows the whole stack."""
+@pytest.mark.parametrize("share, queued, ended_ago, due", [
+    (0.1, True, 20.0, False),   # 9× its duration has passed, but a backlog's share (a quarter of 0.1) has not
+    (0.1, True, 45.0, True),    # 46 s since it began: 1 s is 2.2 % of that, within 2.5 %
+    (0.1, False, 20.0, True),   # the queue ran dry: the 9× rule alone (the idle moment writes one anyway)
+    (0.0, True, 20.0, True),    # no share: the 9× rule alone
+    (0.1, True, 5.0, False),    # within 9× its duration: never
+])
+def test_a_backlog_checkpoints_within_its_share_of_the_time(tmp_path, share, queued, ended_ago, due):
+    """checkpoint_every frames make a checkpoint due once 9× the last one's duration has passed and, while files
+    wait, once it is at most a quarter of [daemon] backlog_share of the time since it began (a 1 s checkpoint:
+    every 40 s at 0.1) — a 24 MP backlog spent 10 of its 100 s on checkpoints."""
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    svc = Service(Config(), watch, tmp_path / "out", WatchParams(dir=str(watch)),
+                  DaemonParams(out=str(tmp_path / "out"), checkpoint_every=10, backlog_share=share))
+    if queued:
+        svc.files.put(object())
+    svc._since_ckpt, svc._ckpt_cost, svc._last_ckpt = 10, 1.0, time.monotonic() - ended_ago
+    assert svc._checkpoint_due() is due
+    svc._since_ckpt = 9                 # fewer frames than checkpoint_every: only checkpoint_s makes it due
+    assert svc._checkpoint_due() is False
+
+
+@pytest.mark.parametrize("preview_s, share, slow, most", [(100.0, 0.1, 0.0, 3), (0.0, 0.0, 0.0, 99),
+                                                        (0.0, 0.1, 0.3, 3), (0.0, 0.0, 0.3, 99)])
+def test_a_backlog_redraws_the_preview_at_most_every_preview_s(tmp_path, six, monkeypatch, preview_s, share, slow,
+                                                                most):
+    """Frames waiting in the queue: preview.jpg (0.2 s at 24 MP) is drawn at most every preview_s and when its
+    duration is at most half of [daemon] backlog_share of the time since the last one (a preview of 0.3 s: every
+    6 s at 0.1) — and once more when the queue runs dry, so the last preview shows the whole stack.  Share 0:
+    preview_s alone (0: every frame)."""
     drawn = []
     real = Engine.preview
 
     def preview(self, *a, **k):
         drawn.append(self.n_stacked)
+        time.sleep(slow)
         return real(self, *a, **k)
 
     monkeypatch.setattr(Engine, "preview", preview)
-    svc, out = _backlog_service(tmp_path, six, preview_s=preview_s)
+    svc, out = _backlog_service(tmp_path, six, preview_s=preview_s, backlog_share=share)
     _wait(svc, 6, idle=True)
     svc.stop(timeout=10)
     n = sum(r["status"] in ("reference", "stacked") for r in read_frames_log(out / "frames.jsonl"))

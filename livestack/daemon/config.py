@@ -39,6 +39,12 @@ class DaemonParams:
                                     #     checkpoint keeps every frame safe meanwhile
     preview_s: float = 2.0          # preview.jpg after every stacked frame, but at most this often, s, while
                                     #     files wait in the queue (a backlog: 0.2 s per 24 MP preview)
+    backlog_share: float = 0.1      # while files wait (a backlog), the outputs take at most about this share of
+                                    #     the time: half for preview.jpg, a quarter each for stack.fits and the
+                                    #     checkpoint — each waits until its last duration is that share of the
+                                    #     time since it was last made (24 MP: a preview every ~4 s, stack.fits
+                                    #     and a checkpoint every ~45 s, instead of 22 % of a backlog's time).
+                                    #     0: no share (preview_s, outputs_s, checkpoint_every alone)
     checkpoint_every: int = 10      # checkpoint every this many frames …
     checkpoint_s: float = 300.0     # … or this many seconds, whichever comes first
     max_attempts: int = 3           # a file that stopped the worker this many times in a row is skipped (failed)
@@ -55,6 +61,8 @@ class DaemonParams:
             raise ConfigError(f"daemon.max_attempts = {self.max_attempts}: must be at least 1")
         if self.outputs_s < 0 or self.preview_s < 0:
             raise ConfigError(f"daemon.outputs_s = {self.outputs_s}, preview_s = {self.preview_s}: must be ≥ 0")
+        if not 0 <= self.backlog_share <= 1:
+            raise ConfigError(f"daemon.backlog_share = {self.backlog_share}: must be in [0, 1] (0: no share)")
         if self.checkpoint_s <= 0:
             raise ConfigError(f"daemon.checkpoint_s = {self.checkpoint_s}: must be positive")
 

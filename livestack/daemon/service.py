@@ -110,8 +110,10 @@ class Service:
         self._ckpt_cost = 0.0           # seconds the last checkpoint took
         self._preview_dirty = False     # frames stacked since preview.jpg was drawn
         self._last_preview = 0.0
+        self._preview_cost = 0.0        # seconds the last preview took (drawn, published, saved)
         self._fits_dirty = 0
         self._last_fits = 0.0
+        self._fits_cost = 0.0           # seconds the last stack.fits took
         self._restacks = 0              # restacks completed since start
         # what is on disk: frames.jsonl holds records[:_logged] (None: to be rewritten whole, after a restack);
         # excluded.json holds _saved_excluded; preview.jpg is older than _preview when _preview_unsaved
@@ -396,12 +398,13 @@ class Service:
             self._fits_dirty += 1        # counts and header change with every record, pixels with stacked ones
         if rec.status in STACKED:
             self._preview_dirty = True
-            # one frame at a time (live): draw now; a backlog: at most every preview_s (a 24 MP preview takes
-            # 0.2 s, a third of a frame), and at once when the queue runs dry (_idle)
-            if self.files.empty() or time.monotonic() - self._last_preview >= self.dp.preview_s:
+            # one frame at a time (live): draw now; a backlog: at most every preview_s and within its share of
+            # the time (a 24 MP preview takes ~0.2 s, a quarter of a frame), and at once when the queue runs
+            # dry (_idle)
+            if self.files.empty() or self._spaced(self._last_preview, self.dp.preview_s, self._preview_cost, 2):
                 self._render_preview()
             if (self._fits_dirty >= self.dp.outputs_every
-                    and time.monotonic() - self._last_fits >= self.dp.outputs_s):
+                    and self._spaced(self._last_fits, self.dp.outputs_s, self._fits_cost, 4)):
                 self._write_fits()
         if self._solver is not None and rec.status in STACKED:
             self._solver.frames_since += 1
@@ -778,15 +781,28 @@ class Service:
 
     # ------------------------------------------------------------------ outputs
 
+    def _spaced(self, last: float, floor: float, cost: float, part: int) -> bool:
+        """An output last made at ``last`` (monotonic s), taking ``cost`` s, may be made again: ``floor`` s have
+        passed and, while files wait, it would take at most 1/``part`` of [daemon] backlog_share of the time
+        since — a backlog goes at the engine's own rate, not a fifth slower (at 24 MP the outputs were 22 s of a
+        100-frame backlog's 100 s: previews every 2 s, stack.fits every 30 s, a checkpoint every ~11 s)."""
+        since = time.monotonic() - last
+        if since < floor:
+            return False
+        share = self.dp.backlog_share
+        return self.files.empty() or not share or since * share >= cost * part
+
     def _checkpoint_due(self) -> bool:
         """Every ``checkpoint_every`` frames or ``checkpoint_s`` seconds — but frames alone do not make one due
-        before 9× the last one's duration has passed, so checkpoints take at most ~10 % of the time: at 24 MP
-        one is ~470 MB (1.5 s on this SSD, tens of seconds on an SD card) while a backlog goes by at a second
-        a frame.  Frames after the last checkpoint are not lost by a crash, only stacked again."""
+        before 9× the last one's duration has passed, so checkpoints take at most ~10 % of the time, and in a
+        backlog before its share of the time allows (_spaced): at 24 MP one is ~470 MB (1.3 s on this SSD, tens
+        of seconds on an SD card) while a backlog goes by at 0.8 s a frame.  Frames after the last checkpoint
+        are not lost by a crash, only stacked again."""
         since = time.monotonic() - self._last_ckpt
         if since >= self.dp.checkpoint_s:
             return True
-        return self._since_ckpt >= self.dp.checkpoint_every and since >= 9.0 * self._ckpt_cost
+        return (self._since_ckpt >= self.dp.checkpoint_every and since >= 9.0 * self._ckpt_cost
+                and self._spaced(self._last_ckpt - self._ckpt_cost, 0.0, self._ckpt_cost, 4))
 
     def _checkpoint_bytes(self) -> int:
         """What a checkpoint costs on disk: the engine's arrays (a 24 MP colour stack ~470 MB, each filter's
@@ -834,7 +850,7 @@ class Service:
         log.info("stack files written in %.1f s", time.monotonic() - t0)
         self._save_book()
         self._fits_dirty = 0
-        self._last_fits = time.monotonic()
+        self._fits_cost, self._last_fits = time.monotonic() - t0, t0     # outputs_s: start to start
         return True
 
     def _render_preview(self) -> None:
@@ -853,7 +869,8 @@ class Service:
         # the page first: writing preview.jpg, stack.fits (1–1.5 s at 24 MP) or a checkpoint comes after
         self._publish()
         self._save_preview()
-        log.debug("preview drawn in %.2f s", time.monotonic() - t0)
+        self._preview_cost = time.monotonic() - t0
+        log.debug("preview drawn in %.2f s", self._preview_cost)
 
     def _save_preview(self) -> None:
         path, data = self.out / "preview.jpg", self._preview
