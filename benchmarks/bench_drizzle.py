@@ -1,6 +1,6 @@
 """Drizzle: sharpness, noise, speed and memory against the ordinary stack of the same frames.
 
-    python benchmarks/bench_drizzle.py [--sim] [--real] [--speed] [--frames 20 --fwhm 1.3 --seed 11]
+    python benchmarks/bench_drizzle.py [--sim] [--real] [--speed] [--truth] [--frames 20 --fwhm 1.3 --seed 11]
 
 --sim    simulated undersampled nights (800×600, stars FWHM --fwhm px, dithers ±3 px, field rotation):
          colour (RGGB) and mono, each stacked by `livestack stack` as is (MHC demosaic, compensated warp, smooth
@@ -8,6 +8,8 @@
          for colour); the drizzles as configured ([drizzle] compensate: on by default).
 --real   the Seestar S50 M94 nights of ../shared/data/sequences (GRBG, stars ~1.6 px in a binned luminance):
          the same stacks, before/after.
+--truth  the drizzle alone, without noise, registration or rejection: noise-free frames, their true matrices,
+         each compensation (3, 5, 7 taps) against the tightest possible stack (the star seen through a pixel).
 --speed  the drop stage alone (Drizzler.planes, both cores) at 2 MP ×2 and 24 MP ×1, against the `drizzle`
          package's turbo kernel when it is installed (one plane each), and the peak RSS of `livestack stack
          --drizzle 2` of the Seestar night (whole process), and the largest frame a 2 GB limit allows.
@@ -181,6 +183,77 @@ def speed(work: Path) -> None:
               f"{wall:.1f} s, peak RSS {rss} MB")
 
 
+def truth(args) -> None:
+    """The drizzle alone, without noise, registration or rejection: noise-free colour frames of the simulated night
+    (no rotation, no hot pixels, flat or nebula) dropped with their true matrices (Drizzler.planes), combined by
+    coverage, and the luminance measured raw and through each compensation (3 taps: second moment only; 5 taps:
+    engine/drizzle.compensation; 7 taps: the sixth cumulant too) at the stars' true positions; against the
+    tightest possible, the star seen through one sensor pixel (pixel-integrated Gaussian of each frame's seeing,
+    sampled on the fine grid, the same fit)."""
+    from scipy.ndimage import convolve1d
+    from scipy.spatial import cKDTree
+    from scipy.special import erf
+
+    from drivers.simulator import SimConfig
+    from drivers.simulator.camera import invert_affine, render_frame, sky_field
+    from livestack.engine import geometry
+    from livestack.engine.drizzle import Drizzler, blur_variance, compensation, sensor_to_grid
+
+    s = 2
+    cfg = SimConfig(width=800, height=600, n_frames=args.frames, seed=args.seed, n_stars=2500, fwhm_px=args.fwhm,
+                    dither_px=3.0, rotation_deg=0.0, mono=False, n_hot=0, prnu=0.0, n_dust=0, vignetting=0.0,
+                    nebula=False)
+    h, w = cfg.height * s, cfg.width * s
+    rendered = [render_frame(cfg, i, noise=False) for i in range(cfg.n_frames)]
+    m0 = np.array(rendered[0][1]["frame_to_sky"])
+    inv0 = invert_affine(m0)
+    xy = sky_field(cfg).xy @ inv0[:, :2].T + inv0[:, 2]
+    print(f"\nnoise-free colour frames, true matrices: {cfg.n_frames} × 800×600, stars {args.fwhm} px, seed "
+          f"{args.seed}, scale {s}; FWHM in sensor px")
+    lum = None
+    for pixfrac in (1.0, 0.7, 0.6):
+        num = np.zeros((3, h, w))
+        den = np.zeros((3, h, w))
+        value, cov = (np.empty((3, h, w), np.float32) for _ in range(2))
+        dz = Drizzler("RGGB", 3, pixfrac, s)
+        for raw, meta in rendered:
+            to_ref = geometry.compose(inv0, np.array(meta["frame_to_sky"]))
+            dz.planes(raw.astype(np.float32) - cfg.bias, geometry.compose(sensor_to_grid(s), to_ref), (h, w),
+                      value, cov)
+            num += np.where(cov > 0, value * cov, 0)
+            den += cov
+        with np.errstate(invalid="ignore"):
+            lum = np.nan_to_num((num / den).mean(axis=0))
+        if pixfrac == 1.0:       # stars: isolated and bright on the binned image, at their true positions
+            found = pick_stars(lum.reshape(cfg.height, s, cfg.width, s).mean(axis=(1, 3)))
+            d, j = cKDTree(xy).query(found)
+            pos = xy[j[d < 0.5]] * s + (s - 1) / 2
+        v, wd = blur_variance(pixfrac, s), pixfrac * s
+        k2, k4, k6 = -v, (wd ** 4 + 1) / 120, -(wd ** 6 + 1) / 252
+        mom = np.linalg.solve(2 * np.array([[1, 4, 9], [1, 16, 81], [1, 64, 729]], float),
+                              [k2, k4 + 3 * k2 ** 2, k6 + 15 * k4 * k2 + 15 * k2 ** 3])
+        kernels = {"raw": None, "3 taps": [-v / 2, 1 + v, -v / 2], "5 taps": list(compensation(pixfrac, s)),
+                   "7 taps": [*mom[::-1], 1 - 2 * mom.sum(), *mom]}
+        row = []
+        for name, k in kernels.items():
+            img = lum if k is None else convolve1d(convolve1d(lum, np.array(k), axis=0), np.array(k), axis=1)
+            row.append(f"{name} {np.nanmedian(measure(img.astype(np.float32), pos, half=8 * s)['fwhm']) / s:.3f}")
+        print(f"  pixfrac {pixfrac}: " + ", ".join(row) + f"  ({len(pos)} stars)")
+    # the tightest possible: each frame's pixel-integrated star, averaged, point-sampled on the fine grid
+    u = np.arange(w, dtype=np.float64)
+    ideal = np.zeros((h, w))
+    for raw, meta in rendered:
+        sig = meta["fwhm"] / 2.3548 * s
+
+        def prof(c):
+            return 0.5 * (erf((u - c + s / 2) / (np.sqrt(2) * sig)) - erf((u - c - s / 2) / (np.sqrt(2) * sig)))
+
+        for x, y in pos:
+            ideal += np.outer(prof(y)[:h], prof(x))
+    print(f"  the star seen through one sensor pixel: "
+          f"{np.nanmedian(measure(ideal.astype(np.float32), pos, half=8 * s)['fwhm']) / s:.3f}")
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -192,11 +265,12 @@ def main() -> int:
     ap.add_argument("--sim", action="store_true")
     ap.add_argument("--real", action="store_true")
     ap.add_argument("--speed", action="store_true")
+    ap.add_argument("--truth", action="store_true", help="the drizzle alone: noise-free frames, true matrices")
     ap.add_argument("--frames", type=int, default=20)
     ap.add_argument("--fwhm", type=float, default=1.3)
     ap.add_argument("--seed", type=int, default=11)
     args = ap.parse_args()
-    if not (args.sim or args.real or args.speed):
+    if not (args.sim or args.real or args.speed or args.truth):
         args.sim = args.real = args.speed = True
     print(f"machine: {platform.machine()}, {platform.python_version()}, {__import__('os').cpu_count()} cores")
     with tempfile.TemporaryDirectory(prefix="bench-drizzle-") as tmp:
@@ -207,6 +281,8 @@ def main() -> int:
             real(work)
         if args.speed:
             speed(work)
+        if args.truth:
+            truth(args)
     return 0
 
 

@@ -124,7 +124,7 @@ class FilterStack:
 
     def start(self, file: str, stars: Stars, matrix: np.ndarray, plane: np.ndarray, sky: np.ndarray,
               noise: float, fwhm: float, shape: tuple[int, int, int], lum_weights, cell_samples, *,
-              channel_weights: bool = False, sharpen: float = 0.0) -> None:
+              channel_weights: bool = False, sharpen: tuple[float, ...] = ()) -> None:
         """Make the frame in hand this filter's reference and allocate its (empty) stack on the grid
         (``channel_weights``, ``sharpen``: RunningStack's, for a drizzle)."""
         self.ref = FilterRef(file, geometry.apply(matrix, stars.xy) if len(stars) else np.zeros((0, 2)),

@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import __version__
 from . import compose as comp
+from .drizzle import blur_variance
 from .filterstack import Counters, FilterStack
 from .stretch import StretchParams, auto_stretch, reduce
 from .write import disk_full, fsync_dir, write_fits_blocks, write_fits_rows, write_jpeg
@@ -42,6 +43,8 @@ def is_dual_band(name: str | None) -> bool:
 def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int) -> dict:
     """FITS header cards of a stack: provenance a stacking tool would write."""
     cfg, grid = engine.cfg, engine.grid
+    drizzled = grid is not None and grid.drizzled
+    sharp = engine.stack_sharpen()
     hdr = {
         "NCOMBINE": (c.stacked, "frames combined"),
         "EXPTIME": (round(c.exptime, 3), "[s] total exposure of combined frames"),
@@ -62,8 +65,10 @@ def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int
         "KAPPA": (cfg.stack.kappa, "outlier rejection threshold, sigma"),
         "DRIZZLE": (grid.scale if grid is not None and grid.drizzled else None, "drizzle: grid px per sensor px"),
         "PIXFRAC": (grid.pixfrac if grid is not None and grid.drizzled else None, "drizzle: drop size, sensor px"),
-        "DRZSHARP": (round(engine.stack_sharpen(), 5) if grid is not None and grid.drizzled else None,
-                     "drizzle blur compensation [-a,1+2a,-a]: a"),
+        "DRZSHARP": (None if not drizzled else round(blur_variance(grid.pixfrac, grid.scale) / 2, 5) if sharp
+                     else 0.0, "drizzle blur compensated: its variance/2, grid px2"),
+        "DRZTAPS": (",".join(f"{t:.5f}" for t in sharp[:3]) if sharp else None,
+                    "compensation taps c,b,centre (c,b,ctr,b,c)"),
         "BUNIT": ("ADU", "normalised to its filter's reference frame"),
     }
     if grid is not None and grid.wcs is not None:

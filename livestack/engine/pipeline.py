@@ -649,11 +649,12 @@ class Engine:
                 stack.sharpen = eng.stack_sharpen()    # an output setting: today's configuration's
         return eng
 
-    def stack_sharpen(self) -> float:
-        """RunningStack's ``sharpen`` on this engine's grid: a drizzle's compensation, when [drizzle] compensate."""
+    def stack_sharpen(self) -> tuple[float, ...]:
+        """RunningStack's ``sharpen`` on this engine's grid: a drizzle's compensation (its taps), when [drizzle]
+        compensate; () otherwise."""
         g = self.grid
         return drizzle_compensation(g.pixfrac, g.scale) if g is not None and g.drizzled and \
-            self.cfg.drizzle.compensate else 0.0
+            self.cfg.drizzle.compensate else ()
 
 
 @dataclass(slots=True, eq=False)

@@ -40,7 +40,6 @@ import cv2
 import numpy as np
 
 from .stretch import reduce, zero_nan
-from .warp import sharpen
 
 _GROW = np.ones((3, 3), np.uint8)
 
@@ -213,14 +212,17 @@ def _median_rows(block: np.ndarray) -> np.ndarray:
     return np.take_along_axis(srt, np.maximum(lower, 0)[None], axis=0)[0]
 
 
-def _sharpen_covered(plane: np.ndarray, a: float) -> None:
-    """``plane`` (NaN where nothing covers) filtered in place by [−a, 1 + 2a, −a] along both axes where the pixel
-    and its 8 neighbours are covered; the others (a footprint's edge) keep their values."""
+def _sharpen_covered(plane: np.ndarray, taps: tuple[float, ...]) -> None:
+    """``plane`` (NaN where nothing covers) filtered in place by the symmetric kernel ``taps`` (2r + 1 of them)
+    along both axes where the pixel and its (2r + 1)² neighbours are covered; the others (a footprint's edge)
+    keep their values."""
+    k = np.asarray(taps, np.float32)
+    r = len(k) // 2
     nan = np.isnan(plane)
     filled = np.where(nan, np.float32(0), plane)
-    sharpen(filled, (a, a), filled)
+    cv2.sepFilter2D(filled, -1, k, k, dst=filled, borderType=cv2.BORDER_REFLECT_101)
     if nan.any():
-        nan = cv2.dilate(nan.view(np.uint8), _GROW).view(bool)
+        nan = cv2.dilate(nan.view(np.uint8), np.ones((2 * r + 1, 2 * r + 1), np.uint8)).view(bool)
         np.copyto(plane, filled, where=~nan)
     else:
         np.copyto(plane, filled)
@@ -235,14 +237,14 @@ class RunningStack:
 
     def __init__(self, shape: tuple[int, int, int], sky: np.ndarray, p: StackParams,
                  lum_weights: np.ndarray | None = None, cell_samples: np.ndarray | None = None, *, pool=None,
-                 channel_weights: bool = False, sharpen: float = 0.0):
+                 channel_weights: bool = False, sharpen: tuple[float, ...] = ()):
         """``channel_weights``: each channel has its own weight per pixel (a drizzle: a sample lands in its own
         colour plane, through its footprint) — ``channel(c)`` gives (value, coverage) planes and the frame counts
         w·coverage there; the weights are then (C, H, W) instead of (H, W).  ``sharpen``: with channel_weights,
-        the mean is filtered by [−a, 1 + 2a, −a] along each axis, a = ``sharpen`` (drizzle.compensation) — where
-        a pixel and its 8 neighbours are covered; the sums are not: an output, like the mean itself."""
+        the mean is filtered along each axis by these taps (drizzle.compensation: 5) — where a pixel and its
+        5×5 neighbours are covered; the sums are not: an output, like the mean itself."""
         self.channel_weights = bool(channel_weights)
-        self.sharpen = float(sharpen) if channel_weights else 0.0
+        self.sharpen = tuple(float(t) for t in sharpen) if channel_weights else ()
         self._pool = pool                       # a shared ThreadPoolExecutor (not shut down by close())
         self._own_pool = pool is None
         self.spill_dir: Path | None = None      # set by spill(): arrays live in memory-mapped files there
@@ -794,18 +796,19 @@ class RunningStack:
             return rows if channels is None else rows[list(channels)]
         if not self.channel_weights:
             return self._mean(self.sums[:, r0:r1], self.wsum[r0:r1], channels)[0]
-        a, b = max(0, r0 - 3), min(self.shape[1], r1 + 3)       # the hole filling's 5×5 reach, and the sharpening's
+        m = 2 + len(self.sharpen) // 2       # the hole filling's 5×5 reach, and the sharpening's
+        a, b = max(0, r0 - m), min(self.shape[1], r1 + m)
         return self._mean(self.sums[:, a:b], self.wsum[:, a:b], channels)[0][:, r0 - a:r1 - a]
 
     def _bootstrap_rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         """During the bootstrap: rows r0:r1 of the combination of the buffered frames — (C, n, W) mean, NaN where
         no frame covers, and (n, W) weights — computed on those rows only and a margin of 2×2 cells: the rows the
-        mean reads beyond a row (a drizzle's hole filling 2, its sharpening 1 more), in cells whose rejections
+        mean reads beyond a row (a drizzle's hole filling 2, its sharpening 2 more), in cells whose rejections
         are right — one more cell, which the neighbours-of-strong-outliers rule reaches.  Every step of the
         combination is per cell, so the rows are what result() gives, without its full-frame temporaries
         (~400 MB at 26 MP)."""
         h = self.shape[1]
-        reads = (2 if self.channel_weights else 0) + (1 if self.sharpen else 0)
+        reads = (2 if self.channel_weights else 0) + len(self.sharpen) // 2
         m = 1 + (reads + 1) // 2
         a, b = max(0, (r0 // 2 - m) * 2), min(h, ((r1 + 1) // 2 + m) * 2)
         part = RunningStack((self.shape[0], b - a, self.shape[2]), self.sky, self.p, self.lum_weights,
