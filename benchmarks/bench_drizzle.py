@@ -120,6 +120,8 @@ def sim(args, work: Path) -> None:
         if not mono:
             runs["--debayer bilinear"] = (1, ["--debayer", "bilinear"])
             runs["drizzle 1"] = (1, ["--drizzle", "1"])
+        # the default the issue measured drizzle against (MHC demosaic, bilinear warp: until the fifth session)
+        runs["--interp. bilinear"] = (1, ["--interpolation", "bilinear"])
         for pf in (1.0, 0.7, 0.6):
             runs[f"drizzle 2 pixfrac {pf}"] = (2, ["--drizzle", "2", "--pixfrac", str(pf)])
         compare(frames, frames.parent, runs, f"simulated {'mono' if mono else 'colour (RGGB)'} night, "
