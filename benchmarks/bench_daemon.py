@@ -52,6 +52,21 @@ def _timed(obj, names, spent=None) -> dict:
     return spent
 
 
+def _stamped(cls, name, stamps=None) -> dict:
+    """Wrap cls.name so that stamps[name] = (start, end) (perf_counter) of its last call."""
+    stamps = {} if stamps is None else stamps
+    fn = getattr(cls, name)
+
+    def wrapper(*a, **k):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            stamps[name] = (t, time.perf_counter())
+    setattr(cls, name, wrapper)
+    return stamps
+
+
 def _drop(src: Path, watch: Path) -> float:
     tmp = watch / f".{src.name}.part"
     shutil.copy(src, tmp)
@@ -81,17 +96,25 @@ def main() -> int:
     watch, out = root / "live", root / "live-out"
     watch.mkdir()
     svc = _service(watch, out, args.settle, cfg)
+    from livestack.engine.pipeline import Engine
+
+    stamps = _stamped(Engine, "process")
+    _stamped(Engine, "preview", stamps)
     svc.start()
     lat = []
     for i, f in enumerate(files[: args.live]):
         seen = svc.status().get("preview_id")
+        stamps.clear()
         t0 = _drop(f, watch)
         while svc.status().get("preview_id") == seen:
             time.sleep(0.005)
         lat.append(time.perf_counter() - t0)
-        print(f"live frame {i}: {lat[-1]:.2f} s from the rename to the preview on the page")
         while svc.status()["state"] != "idle":      # stack.fits, checkpoint: after the preview, not counted
             time.sleep(0.01)
+        (p0, p1), (d0, d1) = stamps.get("process", (t0, t0)), stamps.get("preview", (t0, t0))
+        print(f"live frame {i}: {lat[-1]:.2f} s from the rename to the preview on the page: the watcher and the "
+              f"queue {p0 - t0:.2f}, Engine.process {p1 - p0:.2f}, the records {d0 - p1:.2f}, the preview drawn "
+              f"{d1 - d0:.2f}, published and seen {lat[-1] - (d1 - t0):.2f}")
         time.sleep(args.gap)
     svc.stop(timeout=60)
 

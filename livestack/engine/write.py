@@ -97,10 +97,15 @@ def atomic_write_with(path: Path, writer, *, size: int | None = None) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        # A unique name, but the writer creates the file: opening an existing file for writing truncates it, and
+        # on ext4 (auto_da_alloc) a file truncated to 0 is flushed when closed — close() waited 0.2–0.3 s for
+        # 400 MB, and so did a write given up (deferrable) for a frame that landed: the checkpoint gave way
+        # 0.4–0.5 s after the frame instead of a few ms.  (Only this process writes the folder.)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
-        os.chmod(tmp, 0o644)
+        os.unlink(tmp)
         writer(Path(tmp))
+        os.chmod(tmp, 0o644)      # mkstemp would make 0600, a writer's umask anything: outputs are shared
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
