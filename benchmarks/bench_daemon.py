@@ -2,7 +2,7 @@
 showing it, and how fast a backlog goes.
 
     python benchmarks/bench_daemon.py --frames DIR [--settle 1.0] [--live 8] [--gap 3] [--backlog N]
-                                      [--config livestack.toml]
+                                      [--config livestack.toml] [--give-way]
 
 DIR holds simulated or real frames (e.g. `python -m drivers.simulator DIR --frames 8 --width 6000 --height 4000
 --format dng`).  Live: the first --live frames are dropped into the watched folder one at a time (written to a
@@ -11,7 +11,10 @@ exposures: the writes a frame owes — stack.fits, a checkpoint — are done bef
 from the rename to the status's new preview_id is printed, split into the watcher's settle time and the rest.
 Backlog: then all frames at once into a fresh session (``--backlog N``: N files, the folder's hard-linked
 under new names in turn); seconds a frame until the last is stacked, overall and after the fourth (the start,
-the reference and the bootstrap done: the steady rate).  Prints figures; asserts nothing.
+the reference and the bootstrap done: the steady rate), and where the time went (Engine.process, previews,
+stack.fits, checkpoints).  Each live frame's latency is split into the watcher and the queue, Engine.process,
+the records, the preview.  --give-way: only how fast a checkpoint written at an idle moment stops for a landing
+frame (see give_way).  Prints figures; asserts nothing.
 """
 from __future__ import annotations
 
@@ -75,6 +78,60 @@ def _drop(src: Path, watch: Path) -> float:
     return t
 
 
+def give_way(files: list[Path]) -> None:
+    """How fast an idle write gives way to a landing frame: a checkpoint of a 4-frame stack written whole, and
+    asked to stop 0.3 and 0.6 s into its write (write.deferrable), three times each; and closing and removing
+    400 MB written to a file created by its writer against one created empty first and truncated on opening
+    (ext4 flushes the latter when it is closed: auto_da_alloc)."""
+    import threading
+
+    from livestack.config import Config
+    from livestack.engine.pipeline import Engine
+    from livestack.engine.write import WriteDeferred, deferrable
+    from livestack.session import save_engine
+
+    with tempfile.TemporaryDirectory(prefix="livestack-bench-giveway-") as tmp:
+        tmp = Path(tmp)
+        block = b"\0" * (8 << 20)
+        for created in (False, True, False, True):
+            path = tmp / f"file{int(created)}"
+            if created:
+                path.touch()                    # as tempfile.mkstemp did
+            with open(path, "wb") as f:
+                for _ in range(50):
+                    f.write(block)
+                t = time.perf_counter()
+            t1 = time.perf_counter()
+            os.unlink(path)
+            print(f"400 MB {'created empty, then truncated' if created else 'created by the writer'}: close "
+                  f"{t1 - t:.3f} s, unlink {time.perf_counter() - t1:.3f} s")
+        engine = Engine(Config())
+        for f in files[:4]:
+            engine.process(f)
+        out = tmp / "checkpoint.npz"
+        whole = []
+        for _ in range(3):
+            t = time.perf_counter()
+            save_engine(engine, out, {})
+            whole.append(time.perf_counter() - t)
+        print(f"a checkpoint of {files[0].parent}'s first 4 frames, whole: "
+              + ", ".join(f"{x:.2f}" for x in whole) + " s")
+        for delay in (0.3, 0.6):
+            late = []
+            for _ in range(3):
+                asked: list[float] = []
+                timer = threading.Timer(delay, lambda: asked.append(time.perf_counter()))
+                timer.start()
+                try:
+                    with deferrable(lambda: bool(asked)):
+                        save_engine(engine, out, {})
+                except WriteDeferred:
+                    late.append(time.perf_counter() - asked[0])
+                timer.cancel()
+            print(f"  asked to give way {delay} s in: it stopped " + ", ".join(f"{x:.3f}" for x in late)
+                  + " s later" + (f" ({3 - len(late)} finished first)" if len(late) < 3 else ""))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--frames", required=True, help="folder of frames")
@@ -83,6 +140,7 @@ def main() -> int:
     ap.add_argument("--gap", type=float, default=3.0, help="seconds between the daemon's idle and the next frame")
     ap.add_argument("--config", help="livestack.toml for the engine settings")
     ap.add_argument("--backlog", type=int, help="frames in the backlog (default: the folder's)")
+    ap.add_argument("--give-way", action="store_true", help="only: how fast an idle write gives way (see give_way)")
     args = ap.parse_args()
 
     from livestack.config import Config, load_config
@@ -90,6 +148,9 @@ def main() -> int:
     cfg = load_config(args.config) if args.config else Config()
     cfg.extra.setdefault("solve", {"enabled": False})      # a simulated sky: no plate solve
     files = sorted(p for p in Path(args.frames).iterdir() if p.suffix.lower() in (".dng", ".fits", ".fit", ".cr2"))
+    if args.give_way:
+        give_way(files)
+        return 0
     root = Path(tempfile.mkdtemp(prefix="livestack-bench-daemon-"))
 
     # live
