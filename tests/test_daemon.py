@@ -215,6 +215,8 @@ def test_drizzle_in_the_daemon_survives_kill9_and_equals_livestack_stack(make_da
     assert img.shape == (3, 720, 960) and hdr["DEBAYER"] == "drizzle"
     assert (hdr["DRIZZLE"], hdr["PIXFRAC"]) == (2.0, 0.8)
     assert hdr["DRZSHARP"] == round(((0.8 * 2) ** 2 + 1) / 24, 5)     # the compensation, through the restart
+    from livestack.engine.drizzle import compensation
+    assert hdr["DRZTAPS"] == ",".join(f"{t:.5f}" for t in compensation(0.8, 2)[:3])
 
     src = tmp_path / "src"
     src.mkdir()

@@ -68,7 +68,7 @@ def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int
         "DRZSHARP": (None if not drizzled else round(blur_variance(grid.pixfrac, grid.scale) / 2, 5) if sharp
                      else 0.0, "drizzle blur compensated: its variance/2, grid px2"),
         "DRZTAPS": (",".join(f"{t:.5f}" for t in sharp[:3]) if sharp else None,
-                    "compensation taps c,b,centre (c,b,ctr,b,c)"),
+                    "drizzle compensation taps c,b,centre"),
         "BUNIT": ("ADU", "normalised to its filter's reference frame"),
     }
     if grid is not None and grid.wcs is not None:
