@@ -39,35 +39,20 @@ def _service(watch: Path, out: Path, settle: float, cfg):
                    DaemonParams(out=str(out)))
 
 
-def _timed(obj, names, spent=None) -> dict:
-    """Wrap obj's methods ``names`` so that each call's wall time is added to spent[name] (a list)."""
-    spent = {} if spent is None else spent
+def _timed(cls, names, calls=None) -> dict:
+    """Wrap cls's methods ``names`` so that each call's (start, end) (perf_counter) is appended to calls[name]."""
+    calls = {} if calls is None else calls
     for name in names:
-        fn, times = getattr(obj, name), spent.setdefault(name, [])
+        fn, spans = getattr(cls, name), calls.setdefault(name, [])
 
-        def wrapper(*a, _fn=fn, _times=times, **k):
+        def wrapper(*a, _fn=fn, _spans=spans, **k):
             t = time.perf_counter()
             try:
                 return _fn(*a, **k)
             finally:
-                _times.append(time.perf_counter() - t)
-        setattr(obj, name, wrapper)
-    return spent
-
-
-def _stamped(cls, name, stamps=None) -> dict:
-    """Wrap cls.name so that stamps[name] = (start, end) (perf_counter) of its last call."""
-    stamps = {} if stamps is None else stamps
-    fn = getattr(cls, name)
-
-    def wrapper(*a, **k):
-        t = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            stamps[name] = (t, time.perf_counter())
-    setattr(cls, name, wrapper)
-    return stamps
+                _spans.append((t, time.perf_counter()))
+        setattr(cls, name, wrapper)
+    return calls
 
 
 def _drop(src: Path, watch: Path) -> float:
@@ -157,22 +142,24 @@ def main() -> int:
     watch, out = root / "live", root / "live-out"
     watch.mkdir()
     svc = _service(watch, out, args.settle, cfg)
+    from livestack.daemon.service import Service
     from livestack.engine.pipeline import Engine
 
-    stamps = _stamped(Engine, "process")
-    _stamped(Engine, "preview", stamps)
+    calls = _timed(Engine, ("process", "preview"))
+    _timed(Service, ("_render_preview", "_write_fits", "_checkpoint"), calls)
     svc.start()
     lat = []
     for i, f in enumerate(files[: args.live]):
         seen = svc.status().get("preview_id")
-        stamps.clear()
+        for spans in calls.values():
+            spans.clear()
         t0 = _drop(f, watch)
         while svc.status().get("preview_id") == seen:
             time.sleep(0.005)
         lat.append(time.perf_counter() - t0)
         while svc.status()["state"] != "idle":      # stack.fits, checkpoint: after the preview, not counted
             time.sleep(0.01)
-        (p0, p1), (d0, d1) = stamps.get("process", (t0, t0)), stamps.get("preview", (t0, t0))
+        (p0, p1), (d0, d1) = (calls[k][-1] if calls[k] else (t0, t0) for k in ("process", "preview"))
         print(f"live frame {i}: {lat[-1]:.2f} s from the rename to the preview on the page: the watcher and the "
               f"queue {p0 - t0:.2f}, Engine.process {p1 - p0:.2f}, the records {d0 - p1:.2f}, the preview drawn "
               f"{d1 - d0:.2f}, published and seen {lat[-1] - (d1 - t0):.2f}")
@@ -192,11 +179,8 @@ def main() -> int:
             shutil.copy(f, dst)
     t0 = time.perf_counter()
     svc = _service(watch, out, args.settle, cfg)
-    from livestack.daemon.service import Service
-    from livestack.engine.pipeline import Engine
-
-    spent = _timed(Service, ("_render_preview", "_write_fits", "_checkpoint"))
-    _timed(Engine, ("process",), spent)
+    for spans in calls.values():
+        spans.clear()
     svc.start()
     t4 = None
     while len(svc.snapshot.frames) < n or svc.status()["state"] != "idle":
@@ -220,8 +204,8 @@ def main() -> int:
           f"{backlog / n:.2f} s per frame (includes the start, the reference and the bootstrap); "
           f"{steady_rate:.2f} s per frame after the fourth")
     print("  where the backlog's time went (s): " + ", ".join(
-        f"{name.strip('_')} {sum(t):.1f} ({len(t)}×)"
-        for name, t in spent.items()))
+        f"{name.strip('_')} {sum(e - s for s, e in calls[name]):.1f} ({len(calls[name])}×)"
+        for name in ("_render_preview", "_write_fits", "_checkpoint", "process")))
     return 0
 
 
