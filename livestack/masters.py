@@ -658,7 +658,6 @@ def write_master(path: Path, data: np.ndarray, e: MasterEntry, bad: np.ndarray |
         hdus.append(t)
     def writer(tmp: Path) -> None:
         fits.HDUList(hdus).writeto(tmp, overwrite=True)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; masters are shared between users (capture, daemon)
     atomic_write_with(path, writer)
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from . import compose as comp
 from .drizzle import blur_variance
 from .filterstack import Counters, FilterStack
 from .stretch import StretchParams, auto_stretch, reduce
-from .write import disk_full, fsync_dir, write_fits_blocks, write_fits_rows, write_jpeg
+from .write import disk_full, fsync_dir, temp_name, write_fits_blocks, write_fits_rows, write_jpeg
 
 ROWS = 256    # rows per block when streaming a composite
 PLAN_SIZE = 800   # px, long side of the copies the composite's mapping is measured on: its statistics need no
@@ -104,9 +103,7 @@ def _write_filter(engine, fs: FilterStack, path: Path) -> None:
 
 def _link_atomic(src: Path, dst: Path) -> None:
     """``dst`` becomes the same file as ``src`` in one rename: a hard link, or a copy where links fail."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)
-    os.close(fd)
-    os.unlink(tmp)
+    tmp = temp_name(dst)
     try:
         try:
             os.link(src, tmp)
@@ -114,13 +111,13 @@ def _link_atomic(src: Path, dst: Path) -> None:
             shutil.copyfile(src, tmp)
         os.replace(tmp, dst)
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         full = disk_full(err, dst, src.stat().st_size)     # the copy, where links fail (exFAT, FAT)
         if full is None:
             raise
         raise full from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     fsync_dir(dst.parent)
 

@@ -89,6 +89,18 @@ def disk_full(err: OSError, path: Path | str, needed: int = 0) -> DiskFull | Non
     return None
 
 
+def temp_name(path: Path) -> Path:
+    """A free name for ``path``'s temporary beside it (``_TMP_NAME``, which remove_orphans finds), not created:
+    the writer creates the file.  Opening an existing file for writing truncates it, and on ext4 (auto_da_alloc)
+    a file truncated to 0 is flushed when closed — close() waited 0.2–0.3 s for 400 MB, and so did a write given
+    up (deferrable) for a frame that landed: the checkpoint gave way 0.4–0.5 s after the frame instead of a few
+    ms.  (Only this process writes the folder.)"""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    return Path(tmp)
+
+
 def atomic_write_with(path: Path, writer, *, size: int | None = None) -> None:
     """Call ``writer(tmp_path)`` to write a temporary file, then fsync and rename it onto ``path``.  On any error
     the temporary is removed and ``path`` keeps its old content; a lack of space raises DiskFull naming ``path``
@@ -97,15 +109,9 @@ def atomic_write_with(path: Path, writer, *, size: int | None = None) -> None:
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # A unique name, but the writer creates the file: opening an existing file for writing truncates it, and
-        # on ext4 (auto_da_alloc) a file truncated to 0 is flushed when closed — close() waited 0.2–0.3 s for
-        # 400 MB, and so did a write given up (deferrable) for a frame that landed: the checkpoint gave way
-        # 0.4–0.5 s after the frame instead of a few ms.  (Only this process writes the folder.)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        os.unlink(tmp)
-        writer(Path(tmp))
-        os.chmod(tmp, 0o644)      # mkstemp would make 0600, a writer's umask anything: outputs are shared
+        tmp = temp_name(path)
+        writer(tmp)
+        os.chmod(tmp, 0o644)      # whatever the writer's umask made: outputs are shared (capture, daemon)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
