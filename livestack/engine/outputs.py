@@ -62,8 +62,8 @@ def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int
         "INTERP": (cfg.engine.interpolation, "warp interpolation"),
         "SMOOTHBG": (cfg.engine.smooth_background, "sharpened only where frames have signal"),
         "KAPPA": (cfg.stack.kappa, "outlier rejection threshold, sigma"),
-        "DRIZZLE": (grid.scale if grid is not None and grid.drizzled else None, "drizzle: grid px per sensor px"),
-        "PIXFRAC": (grid.pixfrac if grid is not None and grid.drizzled else None, "drizzle: drop size, sensor px"),
+        "DRIZZLE": (grid.scale if drizzled else None, "drizzle: grid px per sensor px"),
+        "PIXFRAC": (grid.pixfrac if drizzled else None, "drizzle: drop size, sensor px"),
         "DRZSHARP": (None if not drizzled else round(blur_variance(grid.pixfrac, grid.scale) / 2, 5) if sharp
                      else 0.0, "drizzle blur compensated: its variance/2, grid px2"),
         "DRZTAPS": (",".join(f"{t:.5f}" for t in sharp[:3]) if sharp else None,
