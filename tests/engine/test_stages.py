@@ -495,3 +495,72 @@ def test_exifread_tracing_is_not_relogged_as_complaints(daemon_night, caplog):
     assert not [r for r in caplog.records if "EXIF not read" in r.getMessage()]
     logging.getLogger("exifread").warning("File format not recognized.")      # outside a read: its own
     assert caplog.records[-1].name == "exifread"
+
+
+def _masked_accumulate(sums, wsum, xs, bad_cells, weight, sat, w_sat):
+    """The full-resolution accumulation as masked passes over whole planes (what _accumulate_pixels did before
+    it took the left-out pixels by index): the reference its blocks must equal bit for bit."""
+    c, h, w = xs.shape
+    valid = np.isfinite(xs[0]) & ~np.repeat(np.repeat(bad_cells, 2, 0), 2, 1)[:h, :w]
+    ys, xx = sat
+    ok = valid[ys, xx]
+    valid[ys, xx] = False
+    wsum[ys[ok], xx[ok]] += w_sat
+    for k in range(c):
+        sums[k, ys[ok], xx[ok]] += w_sat * xs[k, ys[ok], xx[ok]]
+    import cv2
+    cv2.add(wsum, float(weight), dst=wsum, mask=valid.view(np.uint8))
+    for k in range(c):
+        x = np.where(valid, xs[k], np.float32(0))
+        cv2.scaleAdd(x, float(weight), sums[k], dst=sums[k])
+
+
+@pytest.mark.parametrize("case", ["few left out", "many left out", "none left out"])
+def test_stack_pixels_left_out_by_index_equal_masked_passes(case):
+    """A block's pixels outside the footprint, in rejected cells or saturated are taken out by index when they
+    are few and by masks when they are many: both give the masked passes' sums and weights exactly — odd width
+    and height (a last cell of one column and one row), rejected cells on those edges, saturated points."""
+    rng = np.random.default_rng(21)
+    c, h, w = 3, 131, 77                    # 131 rows: blocks of 64, 64 and 3 rows
+    st = RunningStack((c, h, w), np.zeros(c), StackParams(bootstrap=0, saturated_weight=0.01))
+    st._allocate()
+    st.sums[:] = rng.normal(50, 5, st.sums.shape)
+    st.wsum[:] = rng.uniform(1, 3, st.wsum.shape)
+    sums, wsum = st.sums.copy(), st.wsum.copy()
+    xs = rng.normal(100, 10, (c, h, w)).astype(np.float32)
+    bad = np.zeros(st.cells, bool)
+    sat = (np.array([], int), np.array([], int))
+    if case != "none left out":
+        xs[:, :, :3] = np.nan                   # a footprint's edge
+        xs[:, 100:, 70:] = np.nan
+        bad[[0, 5, 30, 65, 65], [0, 38, 20, 38, 3]] = True      # incl. the last row and column of cells
+        sat = (np.array([1, 64, 127, 130, 10]), np.array([76, 40, 2, 50, 1]))
+    if case == "many left out":
+        xs[:, 64:128, :40] = np.nan             # more than an eighth of the middle block
+    weight = 1.7
+    _masked_accumulate(sums, wsum, xs.copy(), bad, weight, sat, np.float32(weight * 0.01))
+    st._accumulate_pixels(lambda k: xs[k], bad, weight, st._points(sat))
+    assert np.array_equal(st.wsum, wsum) and np.array_equal(st.sums, sums)
+
+
+@pytest.mark.parametrize("counts", ["one count", "a few differ", "middle cell differs", "no count dominates"])
+def test_times_table_equals_the_gather(counts):
+    """x *= table[count], done as one factor for the usual count and a lookup for the others, gives exactly the
+    gather's values — whichever count the middle cell has and however many cells differ."""
+    from livestack.engine.stack import _times_table
+    rng = np.random.default_rng(4)
+    count = np.full((40, 60), 9, np.uint16)
+    if counts == "no count dominates":
+        count = rng.integers(0, 20, (40, 60)).astype(np.uint16)
+    elif counts != "one count":
+        count[rng.random((40, 60)) < 0.05] = 3
+        count[20, 30] = 3 if counts == "middle cell differs" else 9     # the cell the usual count is taken from
+    table = rng.uniform(0.5, 2, 65536).astype(np.float32)
+    x = rng.normal(1, 0.3, (40, 60)).astype(np.float32)
+    expected = x * table[count]
+    where = _times_table(x, table, count)
+    assert np.array_equal(x, expected)
+    x2 = rng.normal(1, 0.3, (40, 60)).astype(np.float32)
+    expected2 = x2 * table[::-1][count]
+    _times_table(x2, table[::-1].copy(), count, where)          # the other cells found once, used again
+    assert np.array_equal(x2, expected2)
