@@ -198,9 +198,10 @@ class Engine:
         self.last_stars = self.last_pointing = None
         front = None
         try:
-            front = self._take_front(path)
-            if next_path is not None and self.cfg.engine.read_ahead and not self._bootstrap_near():
-                self._start_front(Path(next_path))
+            ahead = next_path is not None and self.cfg.engine.read_ahead and not self._bootstrap_near()
+            front = self._take_front(path, Path(next_path) if ahead else None)
+            if ahead:
+                self._start_front(Path(next_path))      # (unless _take_front has)
             elif self._ahead is None:
                 self._ws.pop(f"cfa{1 - self._slot}", None)   # no frame read ahead: its mosaic buffer goes
             self._front_stars(front)      # a read-ahead's star search, beside the next file's reading
@@ -238,8 +239,10 @@ class Engine:
         return any(fs.stack.sums is None and len(fs.stack.buffer) >= max(1, fs.stack.p.bootstrap) - 1
                    for fs in self.stacks)
 
-    def _take_front(self, path: Path) -> "_Front":
-        """The first stages of ``path``: read ahead when they were started for it, else now."""
+    def _take_front(self, path: Path, next_path: Path | None = None) -> "_Front":
+        """The first stages of ``path``: read ahead when they were started for it, else now — and then, when
+        ``next_path`` is given, with that file's started in the read-ahead thread beside them: the first file
+        of a folder (or the first after a bootstrap) no longer leaves a core idle while LibRaw decodes it."""
         ahead, self._ahead = self._ahead, None
         if ahead is not None:
             a_path, slot, fut = ahead
@@ -247,6 +250,8 @@ class Engine:
             if a_path == path:
                 self._slot = slot
                 return front
+        if next_path is not None:
+            self._start_front(next_path)      # into the other slot's buffer
         return self._front(path, self._slot, threads=True)
 
     def _front(self, path: Path, slot: int, *, threads: bool = False, stars: bool = True) -> "_Front":

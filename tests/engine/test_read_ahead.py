@@ -115,3 +115,28 @@ def test_a_read_ahead_leaves_the_star_search_to_the_frames_own_turn(night, monke
     assert len(where) == len(files) and set(where) == {threading.current_thread().name}, where
     assert "stars" in eng.timings
     eng.close()
+
+
+def test_the_next_file_starts_beside_a_frame_nothing_was_read_ahead_for(night, monkeypatch):
+    """The first file of a folder has nobody reading it ahead: the next file's first stages are started before
+    its own (LibRaw's decoding leaves a core idle otherwise), into the other mosaic buffer — same results."""
+    files, _ = night(n_frames=4, fmt="dng")
+    eng = Engine(Config())
+    order = []
+    start, front = Engine._start_front, Engine._front
+
+    def started(self, path):
+        order.append(("ahead", path.name)) if self._ahead is None else None
+        return start(self, path)
+
+    def own(self, path, slot, **kw):
+        if kw.get("threads"):
+            order.append(("here", path.name))
+        return front(self, path, slot, **kw)
+
+    monkeypatch.setattr(Engine, "_start_front", started)
+    monkeypatch.setattr(Engine, "_front", own)
+    recs = [eng.process(f, next_path=files[i + 1] if i + 1 < len(files) else None) for i, f in enumerate(files)]
+    assert order[:2] == [("ahead", files[1].name), ("here", files[0].name)]
+    assert [r.status for r in recs] == ["reference", "stacked", "stacked", "stacked"]
+    eng.close()
