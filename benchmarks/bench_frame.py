@@ -11,9 +11,10 @@
 Frames are rendered by the simulator in a separate process first, so the peak RSS printed is the stacking
 process's own.  The engine runs in this process with the allocator settings `livestack` uses (memory.py).
 
---commands: whole commands instead, as a user runs them — `livestack stack --no-solve` on the frames and, with
---siril, Siril 1.0's standard colour workflow on the same files (siril-cli: convert -debayer, register, stack
-rej s 3 3 -norm=addscale -weighted; HOME in a temp folder) — alternating, --repeat times.  For each run: wall
+--commands: whole commands instead, as a user runs them — `livestack stack --no-solve` on the frames (its
+bytecode compiled first, as `pip install` does) and, with --siril, Siril 1.0's standard colour workflow on the
+same files (siril-cli: convert -debayer, register, stack rej s 3 3 -norm=addscale -weighted; HOME in a temp
+folder) — alternating, --repeat times.  For each run: wall
 seconds, user + system CPU seconds (the command and its children, from wait4) and the peak RSS of the whole
 process tree (sampled every 50 ms from /proc).  --cpus pins to those CPUs (e.g. 0: one core, as `taskset -c 0`).
 --night N: a long night — N frames through one engine, cycling through the rendered files (each pass stacks
@@ -270,6 +271,10 @@ def compare_commands(args, files: list[Path]) -> int:
     ours = [sys.executable, "-m", "livestack.cli", "stack", *map(str, files), "-o", str(work / "out"), "-q",
             "--no-solve", "--debayer", args.debayer, "--interpolation", args.interpolation, "--config", str(toml)]
     runs: dict[str, list[dict]] = {"livestack": [], "siril": []}
+    # As installed: pip compiles the package's bytecode when it installs it, while a source tree run with
+    # PYTHONDONTWRITEBYTECODE set (as on this workplace) compiled ~45 modules at every start (0.15–0.25 s).
+    subprocess.run([sys.executable, "-m", "compileall", "-q", "livestack"], cwd=ROOT, check=True,
+                   stdout=subprocess.DEVNULL)
     for i in range(args.repeat):
         r = run_measured(ours, cwd=ROOT, cpus=args.cpus)
         runs["livestack"].append(r)
