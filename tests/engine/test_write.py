@@ -92,3 +92,59 @@ def test_an_atomic_write_makes_its_temporary_afresh(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write_with(dst, failing)
     assert dst.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["stack.fits"]
+
+
+def test_long_writes_ask_the_disk_to_start_as_they_go(tmp_path, monkeypatch, night):
+    """A stack file or a checkpoint of hundreds of MB is fsynced before its rename: the writers ask the kernel
+    to start writing every WRITEBACK_BYTES (sync_file_range), so the fsync waits only for the tail.  Checked
+    with the threshold lowered: each writer asks at least once per threshold, on its own open temporary, and
+    the files read back intact; a deferrable write (the daemon's idle ones) does not ask."""
+    import os
+
+    from livestack import session
+    from livestack.config import Config
+    from livestack.engine import write
+    from livestack.engine.pipeline import Engine
+    from livestack.engine.write import write_fits_rows
+
+    if write._SYNC_FILE_RANGE is None:
+        pytest.skip("no sync_file_range in this C library")
+    real, asked = write._SYNC_FILE_RANGE, []
+
+    def counting(fd, offset, nbytes, flags):
+        asked.append((os.readlink(f"/proc/self/fd/{fd}"), flags))
+        return real(fd, offset, nbytes, flags)
+
+    monkeypatch.setattr(write, "_SYNC_FILE_RANGE", counting)
+    monkeypatch.setattr(write, "WRITEBACK_BYTES", 64 * 1024)
+    monkeypatch.setattr(session, "WRITEBACK_BYTES", 64 * 1024)
+    rng = np.random.default_rng(1)
+    img = rng.normal(100, 5, (3, 1000, 200)).astype(np.float32)         # 2.4 MB of image, written 200 kB at a time
+    weight = rng.uniform(0, 9, (1000, 200)).astype(np.float32)
+    write_fits(tmp_path / "s.fits", img, {"A": (1, "")}, weight=weight)
+    assert len(asked) >= 12 and all(".s.fits." in p and p.endswith(".tmp") and f == 2 for p, f in asked)
+    with fits.open(tmp_path / "s.fits") as f:
+        np.testing.assert_array_equal(f[0].data, img)
+        np.testing.assert_array_equal(f["WEIGHT"].data, weight)
+    asked.clear()
+    write_fits_rows(tmp_path / "r.fits", img.shape, [(r, img[:, r:r + 10], weight[r:r + 10])
+                                                     for r in range(0, 1000, 10)], {}, weighted=True)
+    assert len(asked) >= 30 and all(".r.fits." in p for p, _ in asked)
+    with fits.open(tmp_path / "r.fits") as f:
+        np.testing.assert_array_equal(f[0].data, img)
+        np.testing.assert_array_equal(f["WEIGHT"].data, weight)
+    asked.clear()
+    with write.deferrable(lambda: False):       # the daemon's idle writes: a give-way must not wait for the disk
+        write_fits(tmp_path / "d.fits", img, {"A": (1, "")}, weight=weight)
+    assert asked == []
+    files, _ = night(n_frames=2)
+    eng = Engine(Config())
+    for p in files:
+        eng.process(p)
+    asked.clear()
+    monkeypatch.setattr(session, "CHUNK_BYTES", 16 * 1024)
+    session.save_engine(eng, tmp_path / "ckpt.npz")
+    assert len(asked) >= 4 and all(".ckpt.npz." in p for p, _ in asked)
+    back, _ = session.load_engine(tmp_path / "ckpt.npz", Config())
+    (a, wa), (b, wb) = eng.result(), back.result()
+    assert np.array_equal(a, b, equal_nan=True) and np.array_equal(wa, wb)
