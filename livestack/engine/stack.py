@@ -217,14 +217,14 @@ def _times_table(x: np.ndarray, table: np.ndarray, count: np.ndarray, where=None
     (the same float32 products), without the gather where it can: once a night has streamed a while nearly every
     cell has the same count — all frames but the few it rejected or that did not cover it — so x is multiplied
     by that count's factor and only the other cells are looked up (a gather of a 24 MP frame's 6 M cells took
-    20 ms, against ~4 ms for this).  ``where``: the other cells' flat indices from an earlier call with this
-    count (or None: found here).  Returns them, for the next call."""
+    20 ms, against ~4 ms for this).  ``where``: (the usual count, the other cells' flat indices) from an earlier
+    call with this ``count``, or None (found here).  Returns it, for the next call."""
     flat, cnt = x.reshape(-1), count.reshape(-1)
     if where is None:
         mode = int(count[tuple(n // 2 for n in count.shape)]) if cnt.size else 0   # the middle cell's: the usual
         where = (mode, np.flatnonzero(cnt != mode))
     mode, idx = where
-    if len(idx) > len(cnt) // 8:        # no count dominates (the first frames, a mosaic's edge): the gather
+    if len(idx) > len(cnt) // 8 or not x.flags.c_contiguous:   # no count dominates (the first frames): the gather
         x *= table[count]
         return where
     others = flat[idx] * table[cnt[idx]]
