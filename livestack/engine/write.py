@@ -95,10 +95,11 @@ WRITEBACK_BYTES = 32 * 2 ** 20
 
 
 def _sync_file_range():
-    """Linux's sync_file_range(2) through ctypes, or None where the C library has none (macOS, musl's stub)."""
+    """Linux's sync_file_range(2) through ctypes, or None where the C library has none (macOS) or there is no C
+    library to open by that name (Windows: CDLL(None) is a TypeError there)."""
     try:
         fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
     fn.restype = ctypes.c_int
