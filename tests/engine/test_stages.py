@@ -564,3 +564,20 @@ def test_times_table_equals_the_gather(counts):
     expected2 = x2 * table[::-1][count]
     _times_table(x2, table[::-1].copy(), count, where)          # the other cells found once, used again
     assert np.array_equal(x2, expected2)
+
+
+def test_stack_threads_follow_the_cpus_the_process_may_use(monkeypatch):
+    """The worker threads are as many as the CPUs in the process's affinity (taskset, systemd's CPUAffinity=),
+    at most 4 — not the machine's count: pinned to one core, a second thread only took turns with the first."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert StackParams().threads == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {1, 3}, raising=False)
+    assert StackParams().threads == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert StackParams().threads == 4
+    monkeypatch.delattr(os, "sched_getaffinity", raising=False)     # (macOS, Windows)
+    assert StackParams().threads == 4
+    assert StackParams(threads=3).threads == 3                      # the setting wins
