@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from .engine.frame import FrameRecord
-from .engine.write import (WRITEBACK_BYTES, atomic_write_bytes, atomic_write_with, bytes_view, disk_full, fsync_dir,
-                           give_way, start_writeback)
+from .engine.write import (Writeback, atomic_write_bytes, atomic_write_with, bytes_view, disk_full, fsync_dir,
+                           give_way)
 
 CHUNK_BYTES = 8 * 2 ** 20     # a checkpoint's arrays are written this much at a time (see save_engine)
 
@@ -159,7 +159,7 @@ def save_engine(engine, path: Path | str, info: dict | None = None) -> None:
 
     def writer(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
-            pending = [0]       # bytes written since the kernel was last asked to start writing them
+            wb = Writeback(z.fp)        # the disk starts on the arrays as they go: the fsync waits less
 
             def put(name: str, a) -> None:
                 give_way()          # (inside write.deferrable: a frame waiting stops the checkpoint here)
@@ -175,10 +175,7 @@ def save_engine(engine, path: Path | str, info: dict | None = None) -> None:
                     for i in range(0, flat.size, step):
                         give_way()
                         f.write(bytes_view(flat[i:i + step]))
-                        pending[0] += min(step, flat.size - i) * a.itemsize
-                        if pending[0] >= WRITEBACK_BYTES:      # the disk starts on it: the fsync waits less
-                            start_writeback(z.fp)
-                            pending[0] = 0
+                        wb.wrote(min(step, flat.size - i) * a.itemsize)
 
             put("meta", np.frombuffer(json.dumps(meta).encode(), np.uint8))
             if info is not None:

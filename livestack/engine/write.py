@@ -110,29 +110,31 @@ _SYNC_FILE_RANGE = _sync_file_range()
 _SYNC_FILE_RANGE_WRITE = 2
 
 
-def start_writeback(f) -> None:
-    """Have the kernel start writing what the open file ``f`` holds to the disk now, without waiting for it
-    (sync_file_range with SYNC_FILE_RANGE_WRITE; nothing where there is none).  The fsync that ends every
-    atomic write then waits only for the last pieces: writers call this every WRITEBACK_BYTES, and the disk
-    works while they make the next ones (a 24 MP stack.fits, 384 MB: the fsync after the write took 0.25–0.38 s
-    here; on an SD card, at ~20 MB/s, it would be most of the write's time).
+class Writeback:
+    """Has the kernel start writing a file being written to the disk every WRITEBACK_BYTES, without waiting
+    (sync_file_range with SYNC_FILE_RANGE_WRITE; nothing where there is none): the fsync that ends every atomic
+    write then waits only for the last pieces, while the disk worked as the writer made the others (a 24 MP
+    stack.fits, 384 MB: the fsync after the write took 0.25–0.38 s here; on an SD card, at ~20 MB/s, it would be
+    most of the write's time).  The writer calls ``wrote(n)`` after each piece of n bytes — from any thread.
 
-    Not inside deferrable(): a write that gives way removes its temporary, and removing a file waits for the
-    pieces the disk is writing — a checkpoint asked to give way stopped 0.13–0.29 s later instead of 0.02–0.03
-    (bench_daemon.py --give-way), and on an SD card each 32 MB in flight would be ~1.5 s.  The daemon's idle
-    writes are deferrable and keep the kernel's own pace."""
-    if writeback_wanted():
-        _writeback(f)
+    Not inside deferrable(), decided in the thread that makes it (stack.fits is written from a second one): a
+    write that gives way removes its temporary, and removing a file waits for the pieces the disk is writing —
+    a checkpoint asked to give way stopped 0.13–0.29 s later instead of 0.02–0.03 (bench_daemon.py --give-way),
+    and on an SD card each 32 MB in flight would be ~1.5 s.  The daemon's idle writes keep the kernel's pace."""
 
+    def __init__(self, f):
+        self.f = f
+        self.on = _SYNC_FILE_RANGE is not None and getattr(_defer, "check", None) is None
+        self.pending = 0
 
-def writeback_wanted() -> bool:
-    """Whether start_writeback does anything in this thread (for a writer that writes from another thread)."""
-    return _SYNC_FILE_RANGE is not None and getattr(_defer, "check", None) is None
-
-
-def _writeback(f) -> None:
-    f.flush()
-    _SYNC_FILE_RANGE(f.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE)     # the whole file; errors only lose the hint
+    def wrote(self, n: int) -> None:
+        if not self.on:
+            return
+        self.pending += n
+        if self.pending >= WRITEBACK_BYTES:
+            self.f.flush()
+            _SYNC_FILE_RANGE(self.f.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE)   # the whole file; errors lose the hint
+            self.pending = 0
 
 
 def temp_name(path: Path) -> Path:
@@ -316,17 +318,13 @@ def _write_big_endian(f, blocks) -> int:
     piece is written from a second thread while the next is made — the caller's blocks (a stack's mean,
     computed as they are asked for) and their byte-swapped copies: the write releases the GIL, and it is the
     larger part (a 24 MP stack.fits: 384 MB, 0.45 s into the page cache here, against 0.23 s of means and
-    copies) —, and every WRITEBACK_BYTES the disk is asked to start on them (start_writeback)."""
+    copies) —, and the disk asked to start on them as they go (Writeback)."""
     written = 0
-    kicked = f.tell()
-    ask = writeback_wanted()        # (decided here: deferrable() is this thread's)
+    wb = Writeback(f)               # (made here: deferrable() is this thread's)
 
     def write(data: np.ndarray) -> None:
-        nonlocal kicked
         f.write(bytes_view(data))
-        if ask and f.tell() - kicked >= WRITEBACK_BYTES:
-            _writeback(f)
-            kicked = f.tell()
+        wb.wrote(data.nbytes)
 
     with ThreadPoolExecutor(1, thread_name_prefix="write") as ex:
         pending = None
@@ -398,8 +396,9 @@ def write_fits_rows(path: Path, shape: tuple[int, ...], rows, header: dict, *, w
     total = data_end + (len(whead) + wsize + (-wsize % 2880) if weighted else 0)
 
     def writer(tmp: Path) -> None:
-        done = pending = 0
+        done = 0
         with open(tmp, "wb") as f:
+            wb = Writeback(f)
             f.write(head)
             f.truncate(total)     # zero padding included
             if weighted:
@@ -417,10 +416,7 @@ def write_fits_rows(path: Path, shape: tuple[int, ...], rows, header: dict, *, w
                     f.seek(data_end + len(whead) + r0 * w * 4)
                     f.write(bytes_view(np.asarray(item[2]).astype(">f4")))
                 done += n
-                pending += (c + weighted) * n * w * 4
-                if pending >= WRITEBACK_BYTES:
-                    start_writeback(f)
-                    pending = 0
+                wb.wrote((c + weighted) * n * w * 4)
         if done != h:
             raise ValueError(f"{Path(path).name}: {done} rows written, expected {h}")
 

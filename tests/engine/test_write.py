@@ -117,7 +117,6 @@ def test_long_writes_ask_the_disk_to_start_as_they_go(tmp_path, monkeypatch, nig
 
     monkeypatch.setattr(write, "_SYNC_FILE_RANGE", counting)
     monkeypatch.setattr(write, "WRITEBACK_BYTES", 64 * 1024)
-    monkeypatch.setattr(session, "WRITEBACK_BYTES", 64 * 1024)
     rng = np.random.default_rng(1)
     img = rng.normal(100, 5, (3, 1000, 200)).astype(np.float32)         # 2.4 MB of image, written 200 kB at a time
     weight = rng.uniform(0, 9, (1000, 200)).astype(np.float32)
