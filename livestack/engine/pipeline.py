@@ -200,9 +200,7 @@ class Engine:
         try:
             ahead = next_path is not None and self.cfg.engine.read_ahead and not self._bootstrap_near()
             front = self._take_front(path, Path(next_path) if ahead else None)
-            if ahead:
-                self._start_front(Path(next_path))      # (unless _take_front has)
-            elif self._ahead is None:
+            if self._ahead is None:
                 self._ws.pop(f"cfa{1 - self._slot}", None)   # no frame read ahead: its mosaic buffer goes
             self._front_stars(front)      # a read-ahead's star search, beside the next file's reading
             self._process(front, rec, hold)
@@ -240,19 +238,22 @@ class Engine:
                    for fs in self.stacks)
 
     def _take_front(self, path: Path, next_path: Path | None = None) -> "_Front":
-        """The first stages of ``path``: read ahead when they were started for it, else now — and then, when
-        ``next_path`` is given, with that file's started in the read-ahead thread beside them: the first file
-        of a folder (or the first after a bootstrap) no longer leaves a core idle while LibRaw decodes it."""
+        """The first stages of ``path``: read ahead when they were started for it, else now; and ``next_path``'s
+        (when given) started in the read-ahead thread — before this file's own when nothing was read ahead for
+        it: the first file of a folder (or the first after a bootstrap) no longer leaves a core idle while
+        LibRaw decodes it."""
         ahead, self._ahead = self._ahead, None
+        front = None
         if ahead is not None:
             a_path, slot, fut = ahead
             front = fut.result()              # (a read ahead of another file is waited for and dropped)
             if a_path == path:
                 self._slot = slot
-                return front
+            else:
+                front = None
         if next_path is not None:
             self._start_front(next_path)      # into the other slot's buffer
-        return self._front(path, self._slot, threads=True)
+        return front if front is not None else self._front(path, self._slot, threads=True)
 
     def _front(self, path: Path, slot: int, *, threads: bool = False, stars: bool = True) -> "_Front":
         """read -> calibrate -> sky -> stars: pure work on the file (no engine state is changed), so it may run
