@@ -230,7 +230,7 @@ def _times_table(x: np.ndarray, table: np.ndarray, count: np.ndarray, where=None
     by that count's factor and only the other cells are looked up (a gather of a 24 MP frame's 6 M cells took
     20 ms, against ~4 ms for this).  ``where``: (the usual count, the other cells' flat indices) from an earlier
     call with this ``count``, or None (found here).  Returns it, for the next call."""
-    flat, cnt = x.reshape(-1), count.reshape(-1)
+    cnt = count.reshape(-1)
     if where is None:
         mode = int(count[tuple(n // 2 for n in count.shape)]) if cnt.size else 0   # the middle cell's: the usual
         where = (mode, np.flatnonzero(cnt != mode))
@@ -238,6 +238,7 @@ def _times_table(x: np.ndarray, table: np.ndarray, count: np.ndarray, where=None
     if len(idx) > len(cnt) // 8 or not x.flags.c_contiguous:   # no count dominates (the first frames): the gather
         x *= table[count]
         return where
+    flat = x.reshape(-1)                # a view: x is C-contiguous
     others = flat[idx] * table[cnt[idx]]
     x *= table[mode]
     flat[idx] = others
