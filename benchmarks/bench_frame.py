@@ -17,9 +17,15 @@ same files (siril-cli: convert -debayer, register, stack rej s 3 3 -norm=addscal
 folder) — alternating, --repeat times.  For each run: wall
 seconds, user + system CPU seconds (the command and its children, from wait4) and the peak RSS of the whole
 process tree (sampled every 50 ms from /proc).  --cpus pins to those CPUs (e.g. 0: one core, as `taskset -c 0`).
+--warm-mb N: before each command (ours and Siril's), a child process writes N MB of memory and exits.  A
+virtual machine that hands its guest's free memory back to the host (virtio-balloon free page reporting, DAMON
+pageout: this workplace's Firecracker VMs) makes the first touch of such memory slow — the same 1 GB written in
+2.79, 0.23 and 0.09 s in three new processes a minute apart, all of it system time — so a command's system time
+varied 1.0–3.2 s from run to run with the same work.  A Raspberry Pi has no host: warming takes that
+environment's cost out of both commands alike.
 --night N: a long night — N frames through one engine, cycling through the rendered files (each pass stacks
 them again: the stack's memory is what is measured), the process's resident memory printed every N/10 frames
-and its peak at the end.
+and its peak at the end, and the steady state: seconds a frame over the second half of the night.
 --paired N: what the default mode costs over the old one (`--interpolation bilinear --no-smooth-background`,
 the default until the fifth session), measured so that the VM's drift cancels: two engines in one process, each
 file through both in turn (which goes first alternates), N files after their bootstraps, cycling; prints each
@@ -60,6 +66,9 @@ def main() -> int:
     ap.add_argument("--commands", action="store_true", help="time whole `livestack stack` runs (see above)")
     ap.add_argument("--siril", action="store_true", help="with --commands: also Siril on the same frames")
     ap.add_argument("--repeat", type=int, default=3, help="with --commands: runs of each, alternating")
+    ap.add_argument("--warm-mb", type=int, default=0,
+                    help="with --commands: touch this much memory in a child process just before each run, "
+                         "ours and Siril's alike (see above)")
     ap.add_argument("--night", type=int, default=0, help="N frames through one engine, cycling (see above)")
     ap.add_argument("--paired", type=int, default=0, help="N frames: the configuration against the old default "
                                                           "(see above)")
@@ -144,13 +153,19 @@ def long_night(eng, files, n: int) -> int:
     t0 = time.perf_counter()
     every = max(1, n // 10)
     stacked = 0
+    half = None         # when the second half began: its rate is the steady state's (no reference, no bootstrap)
     for i in range(n):
+        if i == n // 2:
+            half = time.perf_counter()
         rec = eng.process(files[i % len(files)], next_path=files[(i + 1) % len(files)] if i + 1 < n else None)
         stacked += rec.status in ("reference", "stacked")
         if (i + 1) % every == 0 or i + 1 == n:
             print(f"frame {i + 1:5d}: RSS {rss_mb():6.0f} MB, peak so far "
                   f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:6.0f} MB, "
                   f"{(time.perf_counter() - t0) / (i + 1):.3f} s/frame", flush=True)
+    if half is not None and n >= 8:
+        print(f"steady state: {(time.perf_counter() - half) / (n - n // 2):.3f} s/frame over frames "
+              f"{n // 2 + 1}–{n}")
     print(f"{stacked} of {n} frames stacked; peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f}"
           f" MB; {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     return 0
@@ -275,7 +290,13 @@ def compare_commands(args, files: list[Path]) -> int:
     # PYTHONDONTWRITEBYTECODE set (as on this workplace) compiled ~45 modules at every start (0.15–0.25 s).
     subprocess.run([sys.executable, "-m", "compileall", "-q", "livestack"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
+    def warm() -> None:
+        if args.warm_mb > 0:
+            subprocess.run([sys.executable, "-c", "import numpy as np; np.ones(%d << 20, np.uint8)" % args.warm_mb],
+                           check=True)
+
     for i in range(args.repeat):
+        warm()
         r = run_measured(ours, cwd=ROOT, cpus=args.cpus)
         runs["livestack"].append(r)
         print(f"livestack stack  wall {r['wall']:6.2f} s  user {r['user']:6.2f}  sys {r['sys']:5.2f}  "
@@ -288,6 +309,7 @@ def compare_commands(args, files: list[Path]) -> int:
             (sw / "bench.ssf").write_text(SIRIL_SCRIPT)
             home = sw / "home"
             home.mkdir()
+            warm()
             r = run_measured(["siril-cli", "-d", str(sw), "-s", str(sw / "bench.ssf")], cwd=sw,
                              env={**os.environ, "HOME": str(home)}, cpus=args.cpus)
             runs["siril"].append(r)
@@ -296,7 +318,8 @@ def compare_commands(args, files: list[Path]) -> int:
             shutil.rmtree(sw, ignore_errors=True)
     print()
     print(f"{len(files)} frames from {files[0].parent}, debayer {args.debayer}, warp {args.interpolation}, "
-          f"read-ahead {not args.no_read_ahead}, CPUs {args.cpus or 'all'} of {os.cpu_count()}; "
+          f"read-ahead {not args.no_read_ahead}, CPUs {args.cpus or 'all'} of {os.cpu_count()}, "
+          f"warmed {args.warm_mb} MB; "
           f"{platform.processor() or platform.machine()}, Python {platform.python_version()}")
     for name, rs in runs.items():
         if rs:
