@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -256,7 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exit_fast: bool = False) -> int:
+    """Run one command; returns its exit code.  ``exit_fast`` (the `livestack` command itself, not a caller in
+    Python): after `stack`, leave the process at once (_exit_now)."""
     from .engine.memory import keep_freed_memory
 
     keep_freed_memory()          # before any worker thread: frame temporaries reused, one arena (memory.py)
@@ -275,10 +278,29 @@ def main(argv: list[str] | None = None) -> int:
         print(f"livestack: {err}", file=sys.stderr)
         return 2
     try:
-        return int(args.func(args, cfg) or 0)
+        code = int(args.func(args, cfg) or 0)
     except KeyboardInterrupt:
         return 130
+    if exit_fast and args.func is cmd_stack:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """Leave the process without Python's teardown: a batch `stack` has written, fsynced and closed every output
+    (atomic writes; frames.jsonl line by line) and joined its threads when it returns, and the teardown that
+    follows — freeing ~1 GB of a 24 MP stack's objects, unloading OpenCV, numpy and LibRaw — took 50–70 ms of a
+    3.6 s `livestack stack` of 8 frames (exit 0.07–0.10 s after the last line, 0.015 s with this)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def console() -> None:
+    """The `livestack` command (and `python -m livestack.cli`)."""
+    sys.exit(main(exit_fast=True))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

@@ -1,6 +1,7 @@
 """The command line is a public contract: names, exit codes, outputs."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,9 @@ from conftest import read_log
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args, cwd=None):
+def cli(*args, cwd=None, env=None):
     return subprocess.run([sys.executable, "-m", "livestack.cli", *map(str, args)], capture_output=True,
-                          text=True, cwd=cwd or ROOT, timeout=300)
+                          text=True, cwd=cwd or ROOT, timeout=300, env=env)
 
 
 def test_demo_fast_runs_and_prints_outputs(tmp_path):
@@ -49,6 +50,22 @@ def test_stack_folder_with_a_corrupt_file(night, tmp_path):
     assert hdr["NCOMBINE"] == 4
     # how it was made: the defaults (README, warp step)
     assert (hdr["DEBAYER"], hdr["INTERP"], hdr["SMOOTHBG"]) == ("mhc", "compensated", True)
+
+
+def test_stack_command_prints_and_writes_everything_before_it_exits(night, tmp_path):
+    # `livestack stack` leaves the process without Python's teardown (cli._exit_now): what it printed into a pipe
+    # (block-buffered) and every output must be complete
+    files, _ = night(n_frames=3, seed=5)
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}     # buffered, as a user's pipe is
+    r = cli("-v", "stack", files[0].parent, "-o", out, "--no-solve", env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("3 stacked, 0 rejected, 0 failed of 3 frames")
+    assert r.stdout.endswith(f"{out / 'frames.jsonl'}\n")
+    assert "3/3 light_0002_60s.fits stacked" in r.stderr        # the progress too
+    assert [rec["status"] for rec in read_log(out / "frames.jsonl")] == ["reference", "stacked", "stacked"]
+    assert fits.getheader(out / "stack.fits")["NCOMBINE"] == 3
+    assert (out / "preview.jpg").read_bytes()[-2:] == b"\xff\xd9"     # a whole JPEG
 
 
 def test_stack_of_only_bad_files_exits_1(tmp_path):
