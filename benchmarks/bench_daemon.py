@@ -214,7 +214,7 @@ def main() -> int:
           f"image, else after [watch] settle_s, {args.settle:.2f} s)")
     print(f"backlog of {n}: {backlog:.1f} s from start to the last frame stacked, "
           f"{backlog / n:.2f} s per frame (includes the start, the reference and the bootstrap); "
-          f"{steady_rate:.2f} s per frame after the fourth; idle {idle - backlog:.1f} s later (its last stack.fits "
+          f"{steady_rate:.3f} s per frame after the fourth; idle {idle - backlog:.1f} s later (its last stack.fits "
           f"and checkpoint written)")
     print("  where the backlog's time went (s): " + ", ".join(
         f"{name.strip('_')} {sum(e - s for s, e in calls[name]):.1f} ({len(calls[name])}×)"

@@ -319,6 +319,30 @@ def test_a_backlog_checkpoints_within_its_share_of_the_time(tmp_path, share, que
     assert svc._checkpoint_due() is False
 
 
+@pytest.mark.parametrize("fits_rate, started_ago, due", [
+    (100.0, 20.0, False),   # est. 1 s (100 MB at stack.fits' 100 MB/s): 20 s of backlog allow a quarter of 2 s
+    (100.0, 45.0, True),    # 45 s: 1 s is within a quarter of 4.5 s
+    (0.0, 20.0, True),      # no stack.fits timed yet: nothing to estimate from, checkpoint_every alone
+])
+def test_a_backlogs_first_checkpoint_is_estimated_from_stack_fits(tmp_path, monkeypatch, fits_rate, started_ago,
+                                                                  due):
+    """Before any checkpoint has been timed, its cost is its bytes at the rate stack.fits was written, so the
+    share of a backlog's time holds for the first one too (it came after checkpoint_every frames: ~1 s of a
+    24 MP backlog of 100)."""
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    svc = Service(Config(), watch, tmp_path / "out", WatchParams(dir=str(watch)),
+                  DaemonParams(out=str(tmp_path / "out"), checkpoint_every=10, backlog_share=0.1))
+    svc.files.put(object())
+    monkeypatch.setattr(svc, "_checkpoint_bytes", lambda: 100 * 2 ** 20)
+    svc._fits_rate = fits_rate * 2 ** 20
+    svc._since_ckpt, svc._last_ckpt = 10, time.monotonic() - started_ago
+    assert svc._ckpt_cost == 0.0 and svc._checkpoint_due() is due
+
+
 @pytest.mark.parametrize("preview_s, share, slow, most", [(100.0, 0.1, 0.0, 3), (0.0, 0.0, 0.0, 99),
                                                         (0.0, 0.1, 0.3, 3), (0.0, 0.0, 0.3, 99)])
 def test_a_backlog_redraws_the_preview_at_most_every_preview_s(tmp_path, six, monkeypatch, preview_s, share, slow,

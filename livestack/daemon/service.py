@@ -114,6 +114,7 @@ class Service:
         self._fits_dirty = 0
         self._last_fits = 0.0
         self._fits_cost = 0.0           # seconds the last stack.fits took
+        self._fits_rate = 0.0           # … and its bytes a second: a first checkpoint's cost is estimated from it
         self._restacks = 0              # restacks completed since start
         # what is on disk: frames.jsonl holds records[:_logged] (None: to be rewritten whole, after a restack);
         # excluded.json holds _saved_excluded; preview.jpg is older than _preview when _preview_unsaved
@@ -801,8 +802,17 @@ class Service:
         since = time.monotonic() - self._last_ckpt
         if since >= self.dp.checkpoint_s:
             return True
-        return (self._since_ckpt >= self.dp.checkpoint_every and since >= 9.0 * self._ckpt_cost
-                and self._spaced(self._last_ckpt - self._ckpt_cost, 0.0, self._ckpt_cost, 4))
+        cost = self._ckpt_cost or self._first_ckpt_cost()
+        return (self._since_ckpt >= self.dp.checkpoint_every and since >= 9.0 * cost
+                and self._spaced(self._last_ckpt - self._ckpt_cost, 0.0, cost, 4))
+
+    def _first_ckpt_cost(self) -> float:
+        """What the first checkpoint will take, before one has been timed: its bytes at the rate stack.fits was
+        written (both are one long write to the same disk), or 0 when no stack.fits was timed either.  Without
+        it the first checkpoint of a backlog came after checkpoint_every frames whatever the share (at 24 MP
+        ~1 s of a 100-frame backlog's 29 s); the time since the session started counts as the time since the
+        last one."""
+        return self._checkpoint_bytes() / self._fits_rate if self._fits_rate > 0 else 0.0
 
     def _checkpoint_bytes(self) -> int:
         """What a checkpoint costs on disk: the engine's arrays (a 24 MP colour stack ~470 MB, each filter's
@@ -851,6 +861,10 @@ class Service:
         self._save_book()
         self._fits_dirty = 0
         self._fits_cost, self._last_fits = time.monotonic() - t0, t0     # outputs_s: start to start
+        try:
+            self._fits_rate = path.stat().st_size / max(self._fits_cost, 1e-3)
+        except OSError:
+            pass
         return True
 
     def _render_preview(self) -> None:
