@@ -10,12 +10,12 @@ import logging
 import os
 import re
 import threading
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .frame import CFA_PATTERNS, Frame, FrameError, FrameMeta
+from .quiet import quiet_warnings
 
 RAW_SUFFIXES = frozenset(
     ".cr2 .cr3 .crw .nef .nrw .arw .srf .sr2 .dng .raf .orf .rw2 .pef .srw .x3f .3fr .erf .kdc .mef .mos "
@@ -211,8 +211,7 @@ def _exif_meta(path: Path) -> FrameMeta:
     meta = FrameMeta()
     _ExifLog.reading.path = path
     try:
-        with open(path, "rb") as f, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with open(path, "rb") as f, quiet_warnings():
             tags = exifread.process_file(f, details=False)
     except Exception:  # exifread raises assorted errors on odd makernotes; EXIF is optional
         return meta
@@ -276,8 +275,7 @@ def _read_fits(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
     from astropy.io import fits
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # astropy warns about non-standard cards from capture software
+        with quiet_warnings():  # astropy warns about non-standard cards from capture software
             # A camera's integers are read as stored and made float32 in one pass (_integer_pixels); anything
             # else (BSCALE, BLANK, floats, tile compression) as astropy scales it, in a second opening.
             with fits.open(path, memmap=False, do_not_scale_image_data=True) as hdul:
@@ -530,8 +528,7 @@ def image_header(path: Path | str):
         return None
     from astropy.io import fits
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_warnings():
             with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
                 for hdu in hdul:
                     if hdu.header.get("NAXIS", 0) >= 2 or "ZIMAGE" in hdu.header:
@@ -582,8 +579,7 @@ def capture_time(path: Path) -> dt.datetime | None:
         if s in FITS_SUFFIXES:
             from astropy.io import fits
 
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            with quiet_warnings():
                 with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
                     for h in hdul:
                         t = _fits_time(h.header)

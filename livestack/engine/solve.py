@@ -26,7 +26,6 @@ import signal
 import subprocess
 import tempfile
 import time
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ from astropy.io import fits
 from astropy.table import Table
 from astropy.wcs import WCS, Sip
 
+from .quiet import quiet_warnings
 from .read import _num, header_pointing
 
 MIN_MATCHES = 8   # fewer field/index star pairs than this do not pin down a TAN-SIP fit worth trusting
@@ -293,8 +293,7 @@ def _write_xylist(path: Path, xy: np.ndarray, flux: np.ndarray) -> None:
 
 
 def _read_wcs(path: Path, shape: tuple[int, int]) -> WCS:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")     # FITSFixedWarning: the .wcs header has NAXIS = 0
+    with quiet_warnings():     # FITSFixedWarning: the .wcs header has NAXIS = 0
         wcs = WCS(fits.getheader(path, 0))
     wcs.pixel_shape = (shape[1], shape[0])
     return wcs
@@ -314,8 +313,7 @@ def _check_solution(wcs: WCS, corr_path: Path, hints: Hints, params: SolveParams
     n = len(ra)
     if n < MIN_MATCHES:
         raise SolveError(f"solution rejected: only {n} stars matched the catalogue (need {MIN_MATCHES})")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")     # all_world2pix warns if its iteration does not converge
+    with quiet_warnings():     # all_world2pix warns if its iteration does not converge
         pix = np.column_stack(wcs.all_world2pix(ra, dec, 0))
     d = np.hypot(*(pix - fxy).T)
     rms = float(np.sqrt(np.mean(d ** 2))) if np.all(np.isfinite(d)) else math.inf
@@ -486,8 +484,7 @@ def header_wcs(header: Mapping, shape: tuple[int, int]) -> WCS | None:
     else:
         hdr["CTYPE1"], hdr["CTYPE2"] = "RA---TAN", "DEC--TAN"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")   # FITSFixedWarning (RADECSYS, DATE-OBS, NAXIS …) and the like
+        with quiet_warnings():   # FITSFixedWarning (RADECSYS, DATE-OBS, NAXIS …) and the like
             wcs = WCS(hdr, naxis=2)
             if not wcs.has_celestial:
                 return None
@@ -575,8 +572,7 @@ def pixel_transform(wcs_from: WCS, wcs_to: WCS, shape: tuple[int, int], to_from_
     ys, xs = np.meshgrid(np.linspace(0, h - 1, 5), np.linspace(0, w - 1, 5), indexing="ij")
     grid_xy = np.column_stack([xs.ravel(), ys.ravel()])
     src = geometry.apply(to_from_pixels, grid_xy)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_warnings():
         ra, dec = wcs_from.all_pix2world(src[:, 0], src[:, 1], 0)
         x, y = wcs_to.all_world2pix(ra, dec, 0)
     dst = np.column_stack([x, y])
@@ -588,8 +584,7 @@ def pixel_transform(wcs_from: WCS, wcs_to: WCS, shape: tuple[int, int], to_from_
 def wcs_header(wcs: WCS) -> fits.Header:
     """The WCS cards for an output FITS header: TAN or TAN-SIP (with '-SIP' CTYPEs and A/B/AP/BP cards).
     Time and observatory cards astropy adds (DATE-OBS, MJDREF, …) are left out: they belong to the frame."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_warnings():
         hdr = wcs.to_header(relax=True)
     for key in [k for k in hdr if _TIME_KEYS.match(k)]:
         del hdr[key]
@@ -605,8 +600,7 @@ def wcs_from_header_text(text: str) -> WCS:
     """The inverse of wcs_to_text().  Raises ValueError for text that holds no celestial WCS."""
     try:
         hdr = fits.Header.fromstring(text, sep="\n")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_warnings():
             wcs = WCS(hdr)
     except Exception as err:
         raise ValueError(f"unreadable WCS text ({err})") from err
