@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,10 +59,38 @@ class Progress:
         self.stream.flush()
 
 
+class _CtrlC:
+    """Ctrl-C (SIGINT) during `livestack stack`: the frame in hand is finished, a plate solve still running is
+    given up, and what is stacked is written — a frame stopped halfway would leave some rows of the stack with it
+    and others without.  A second Ctrl-C stops at once (an output being written is left as it was: atomic).
+    Only in the main thread (where Python delivers signals); elsewhere Ctrl-C is Python's own."""
+
+    def __init__(self):
+        self.event = threading.Event()
+        self._old = None
+
+    def __enter__(self) -> "_CtrlC":
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._on)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+    def _on(self, signum, frame) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+        print("livestack stack: stopping after this frame and writing what is stacked (Ctrl-C again: stop now)",
+              file=sys.stderr, flush=True)
+
+
 def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quiet: bool = False,
                 solve: bool = True) -> dict:
     """Stack ``files`` into ``out`` (stack.fits, preview.jpg, frames.jsonl), with a WCS when the reference
-    plate-solves (``solve``).  Returns a summary dict."""
+    plate-solves (``solve``).  Returns a summary dict ("interrupted": a Ctrl-C stopped it after "processed"
+    files: see _CtrlC)."""
     from .engine.pipeline import Engine
     from .session import FRAMES_LOG, FramesLog
 
@@ -73,28 +103,38 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
     progress = None if quiet else Progress(len(files))
     t0 = time.perf_counter()
     sky = None
-    for i, f in enumerate(files):
-        rec = engine.process(f, next_path=files[i + 1] if i + 1 < len(files) else None)
-        flog.append(rec)
-        if progress:
-            progress.update(rec)
-        if rec.status == "reference" and solve:
-            from .config import make_section
-            from .engine.solve import SolveParams
-            from .sky import BatchSolve
+    processed = 0
+    with _CtrlC() as ctrl_c:
+        for i, f in enumerate(files):
+            if ctrl_c.event.is_set():
+                break
+            last = i + 1 == len(files) or ctrl_c.event.is_set()
+            rec = engine.process(f, next_path=None if last else files[i + 1])
+            processed += 1
+            flog.append(rec)
+            if progress:
+                progress.update(rec)
+            if rec.status == "reference" and solve:
+                from .config import make_section
+                from .engine.solve import SolveParams
+                from .sky import BatchSolve
 
-            sky = BatchSolve(engine, f, make_section(SolveParams, cfg.extra.get("solve", {}), "config: solve"))
-    sky_status = sky.finish(engine) if sky is not None else None
-    wrote = engine.snapshot(out)
+                sky = BatchSolve(engine, f, make_section(SolveParams, cfg.extra.get("solve", {}), "config: solve"))
+        say = None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+        sky_status = sky.finish(engine, stop=ctrl_c.event, say=say) if sky is not None else None
+        wrote = engine.snapshot(out)
     files_out = [fs.file_name for fs in engine.stacks if fs.name is not None or len(engine.stacks) > 1]
-    return {"frames": len(files), "stacked": engine.n_stacked, "rejected": engine.n_rejected,
+    return {"frames": len(files), "processed": processed, "interrupted": ctrl_c.event.is_set(),
+            "stacked": engine.n_stacked, "rejected": engine.n_rejected,
             "failed": engine.n_failed, "exptime": engine.exptime_total, "seconds": time.perf_counter() - t0,
             "wrote": wrote, "filter_files": files_out, "sky": sky_status}
 
 
 def _print_summary(s: dict, out: Path) -> None:
-    print(f"{s['stacked']} stacked, {s['rejected']} rejected, {s['failed']} failed of {s['frames']} frames; "
-          f"{s['exptime']:.0f} s integration, {s['seconds']:.1f} s")
+    left = s["frames"] - s.get("processed", s["frames"])
+    print(f"{s['stacked']} stacked, {s['rejected']} rejected, {s['failed']} failed of {s['frames'] - left} frames; "
+          f"{s['exptime']:.0f} s integration, {s['seconds']:.1f} s"
+          + ((f" (stopped by Ctrl-C: {left} not read)" if left else " (Ctrl-C)") if s.get("interrupted") else ""))
     sky = s.get("sky")
     if sky:
         how = f"plate solved in {sky['seconds']:.1f} s" if sky["source"] == "solve" else "WCS from the reference frame"
@@ -123,6 +163,8 @@ def cmd_stack(args, cfg: Config) -> int:
         return 2
     s = stack_files(files, out, cfg, masters=masters, quiet=args.quiet, solve=not args.no_solve)
     _print_summary(s, out)
+    if s.get("interrupted"):
+        return 130          # as a Ctrl-C ends a command, with what was stacked written
     return 0 if s["wrote"] else 1
 
 

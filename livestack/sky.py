@@ -163,8 +163,20 @@ class BatchSolve:
         if self.why is None:
             self.solver.start(*engine.ref_stars_on_grid(), engine.grid.shape, self.hints)
 
-    def finish(self, engine) -> dict | None:
-        ans = self.solver.wait() if self.why is None else None
+    def finish(self, engine, *, stop: threading.Event | None = None, say=None) -> dict | None:
+        """``stop`` (set by a Ctrl-C): a solve still running is cancelled, the stack is written without it;
+        ``say(line)``: told that the solve is being waited for, when it still runs."""
+        ans = None
+        if self.why is None:
+            if self.solver.running and say is not None:
+                say(f"plate solving the reference frame (at most {self.solver.params.timeout_s:g} s; Ctrl-C skips it)")
+            while self.solver.running and not (stop is not None and stop.is_set()):
+                self.solver._thread.join(0.1)
+            if self.solver.running:
+                self.solver.cancel()
+                self.why = "skipped (Ctrl-C)"
+            else:
+                ans = self.solver.wait()
         if isinstance(ans, Solution):
             engine.set_wcs(ans.wcs)
             st = sky_status(ans.wcs, engine.grid.shape, source="solve", seconds=ans.seconds, obj=self.obj)

@@ -116,3 +116,55 @@ def test_example_config_loads():
 
     assert session_section(cfg).new_target_after == 3
     assert make_section(SolveParams, cfg.extra["solve"], "solve").timeout_s == 60
+
+
+def test_ctrl_c_finishes_the_frame_and_writes_what_is_stacked(night, tmp_path, monkeypatch, capsys):
+    # a user stopping a long restack keeps what is stacked: the frame in hand is finished (not half added),
+    # stack.fits, preview.jpg and frames.jsonl are written, exit 130
+    import os
+    import signal
+
+    from livestack.engine.pipeline import Engine
+
+    files, _ = night(n_frames=8, seed=9)
+    real, calls = Engine.process, []
+
+    def process(self, *a, **k):
+        rec = real(self, *a, **k)
+        calls.append(rec.file)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)      # Ctrl-C while the fourth frame is in hand
+        return rec
+
+    monkeypatch.setattr(Engine, "process", process)
+    out = tmp_path / "out"
+    assert main(["stack", str(files[0].parent), "-o", str(out), "-q", "--no-solve"]) == 130
+    recs = read_log(out / "frames.jsonl")
+    assert [r["file"] for r in recs] == calls and len(calls) == 4
+    stacked = sum(r["status"] in ("reference", "stacked") for r in recs)
+    assert stacked == 4 and fits.getheader(out / "stack.fits")["NCOMBINE"] == stacked
+    assert (out / "preview.jpg").exists()
+    assert "(stopped by Ctrl-C: 4 not read)" in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler      # Python's own handler is back
+
+
+def test_ctrl_c_gives_up_a_plate_solve_still_running():
+    # after the last frame `livestack stack` waits for the reference's solve (up to its timeout, 60 s): a Ctrl-C
+    # cancels it and the stack is written without a WCS
+    import threading
+    import time
+
+    from livestack.engine.solve import SolveParams
+    from livestack.sky import BatchSolve, SkySolver
+
+    batch = BatchSolve.__new__(BatchSolve)
+    batch.hints, batch.own, batch.obj, batch.why = None, None, None, None
+    batch.solver = SkySolver(SolveParams())
+    batch.solver._thread = threading.Thread(target=batch.solver._cancel.wait, args=(30,), daemon=True)
+    batch.solver._thread.start()              # a solve that would run for 30 s unless cancelled
+    stop, said = threading.Event(), []
+    threading.Timer(0.3, stop.set).start()
+    t = time.monotonic()
+    assert batch.finish(None, stop=stop, say=said.append) is None
+    assert time.monotonic() - t < 5 and not batch.solver.running
+    assert batch.why == "skipped (Ctrl-C)" and "Ctrl-C skips it" in said[0]
