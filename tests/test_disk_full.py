@@ -212,11 +212,13 @@ def test_temporaries_of_killed_writes_are_removed_at_start_but_not_in_the_watch_
     d.start()
     d.feeder(files)(1)
     d.wait_lines(1)
+    # stopped first: a live daemon may be writing stack.fits after its first frame, whose own temporary is
+    # then in the folder (CI saw '.stack.fits.7zvzent5.tmp' beside the two kept)
+    assert d.stop() == 0
     assert temporaries(d.out) == [".notes.tmp", ".stack.fits.abcdefgh.tmp"]   # not ours, and the folder
     assert len(list(d.watch.glob(".*.tmp"))) == 1                            # the capture program's
     assert all(p.exists() for p in keep)
     assert "removed 3 temporary files of interrupted writes (0.3 MB)" in d.log.read_text()
-    assert d.stop() == 0
 
 
 # ---------------------------------------------------------------- a capped checkpoint
