@@ -1,4 +1,4 @@
-"""Command line: argparse -> one engine/daemon function.  Exit codes: 0 ok, 1 failed, 2 usage."""
+"""Command line: argparse -> one engine/daemon function.  Exit codes: 0 ok, 1 failed, 2 usage, 130 Ctrl-C."""
 from __future__ import annotations
 
 import argparse
