@@ -108,8 +108,7 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
         for i, f in enumerate(files):
             if ctrl_c.event.is_set():
                 break
-            last = i + 1 == len(files) or ctrl_c.event.is_set()
-            rec = engine.process(f, next_path=None if last else files[i + 1])
+            rec = engine.process(f, next_path=files[i + 1] if i + 1 < len(files) else None)
             processed += 1
             flog.append(rec)
             if progress:

@@ -30,7 +30,6 @@ import json
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -41,6 +40,7 @@ import numpy as np
 from . import __version__
 from .engine.calibrate import Masters, same_exposure
 from .engine.frame import Frame, FrameError
+from .engine.quiet import quiet_warnings
 from .engine.read import FITS_SUFFIXES, _IMAGETYP, capture_order, is_supported, read_frame, suffix_of
 
 KINDS = ("bias", "dark", "darkflat", "flat")          # build order: each may need the ones before it
@@ -154,8 +154,7 @@ def _fits_imagetyp(path: Path) -> str | None:
     from astropy.io import fits
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_warnings():
             with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
                 for h in hdul:
                     typ = h.header.get("IMAGETYP", h.header.get("FRAMETYP", h.header.get("OBSTYPE")))
