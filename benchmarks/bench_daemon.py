@@ -13,9 +13,10 @@ Backlog: then all frames at once into a fresh session (``--backlog N``: N files,
 under new names in turn); seconds a frame until the last is stacked, overall and after the fourth (the start,
 the reference and the bootstrap done: the steady rate), then how long its last stack.fits and checkpoint took
 after the last frame (until the eleventh session the rate counted them: ~1.5 s at 24 MP, 0.015 s a frame of a
-backlog of 100), and where the time went until idle (Engine.process, previews, stack.fits, checkpoints).  Each live frame's latency is split into the watcher and the queue, Engine.process,
-the records, the preview.  --give-way: only how fast a checkpoint written at an idle moment stops for a landing
-frame (see give_way).  Prints figures; asserts nothing.
+backlog of 100), and where the time went until idle (Engine.process, previews, stack.fits, checkpoints).
+Each live frame's latency is split into the watcher and the queue, Engine.process, the records, the preview.
+--give-way: only how fast a checkpoint written at an idle moment stops for a landing frame (see give_way).
+Prints figures; asserts nothing.
 """
 from __future__ import annotations
 

@@ -290,6 +290,7 @@ def compare_commands(args, files: list[Path]) -> int:
     # PYTHONDONTWRITEBYTECODE set (as on this workplace) compiled ~45 modules at every start (0.15–0.25 s).
     subprocess.run([sys.executable, "-m", "compileall", "-q", "livestack"], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL)
+
     def warm() -> None:
         if args.warm_mb > 0:
             subprocess.run([sys.executable, "-c", "import numpy as np; np.ones(%d << 20, np.uint8)" % args.warm_mb],
