@@ -13,7 +13,10 @@ Backlog: then all frames at once into a fresh session (``--backlog N``: N files,
 under new names in turn); seconds a frame until the last is stacked, overall and after the fourth (the start,
 the reference and the bootstrap done: the steady rate), then how long its last stack.fits and checkpoint took
 after the last frame (until the eleventh session the rate counted them: ~1.5 s at 24 MP, 0.015 s a frame of a
-backlog of 100), and where the time went until idle (Engine.process, previews, stack.fits, checkpoints).
+backlog of 100), and where the time went until idle (Engine.process, previews, stack.fits, checkpoints) —
+with Engine.process's own median after the fourth frame, to set beside the engine alone (`bench_frame.py
+--night`): what the daemon's outputs cost the frames is then apart from what they cost themselves.
+--config: the engine's settings and the [daemon] section (e.g. backlog_share), as `livestack run` reads them.
 Each live frame's latency is split into the watcher and the queue, Engine.process, the records, the preview.
 --give-way: only how fast a checkpoint written at an idle moment stops for a landing frame (see give_way).
 Prints figures; asserts nothing.
@@ -34,11 +37,13 @@ sys.path.insert(0, str(ROOT))
 
 
 def _service(watch: Path, out: Path, settle: float, cfg):
-    from livestack.daemon.config import DaemonParams, WatchParams
+    import dataclasses
+
+    from livestack.daemon.config import WatchParams, shell_sections
     from livestack.daemon.service import Service
 
-    return Service(cfg, watch, out, WatchParams(dir=str(watch), settle_s=settle, timeout_s=60.0, rescan_s=1.0),
-                   DaemonParams(out=str(out)))
+    dp = dataclasses.replace(shell_sections(cfg)[1], out=str(out))     # [daemon] from --config, as `run` reads it
+    return Service(cfg, watch, out, WatchParams(dir=str(watch), settle_s=settle, timeout_s=60.0, rescan_s=1.0), dp)
 
 
 def _timed(cls, names, calls=None) -> dict:
@@ -125,7 +130,7 @@ def main() -> int:
     ap.add_argument("--settle", type=float, default=1.0, help="[watch] settle_s (default 1.0, as shipped)")
     ap.add_argument("--live", type=int, default=8, help="frames dropped one at a time")
     ap.add_argument("--gap", type=float, default=3.0, help="seconds between the daemon's idle and the next frame")
-    ap.add_argument("--config", help="livestack.toml for the engine settings")
+    ap.add_argument("--config", help="livestack.toml for the engine and [daemon] settings")
     ap.add_argument("--backlog", type=int, help="frames in the backlog (default: the folder's)")
     ap.add_argument("--give-way", action="store_true", help="only: how fast an idle write gives way (see give_way)")
     args = ap.parse_args()
@@ -217,6 +222,10 @@ def main() -> int:
           f"{backlog / n:.2f} s per frame (includes the start, the reference and the bootstrap); "
           f"{steady_rate:.3f} s per frame after the fourth; idle {idle - backlog:.1f} s later (its last stack.fits "
           f"and checkpoint written)")
+    per = sorted(e - s for s, e in calls["process"][4:])
+    if per:
+        print(f"  Engine.process after the fourth: median {per[len(per) // 2]:.3f} s, quartiles "
+              f"{per[len(per) // 4]:.3f}–{per[3 * len(per) // 4]:.3f} s")
     print("  where the backlog's time went (s): " + ", ".join(
         f"{name.strip('_')} {sum(e - s for s, e in calls[name]):.1f} ({len(calls[name])}×)"
         for name in ("_render_preview", "_write_fits", "_checkpoint", "process")))
