@@ -15,8 +15,10 @@ process's own.  The engine runs in this process with the allocator settings `liv
 bytecode compiled first, as `pip install` does) and, with --siril, Siril 1.0's standard colour workflow on the
 same files (siril-cli: convert -debayer, register, stack rej s 3 3 -norm=addscale -weighted; HOME in a temp
 folder) — alternating, --repeat times.  For each run: wall
-seconds, user + system CPU seconds (the command and its children, from wait4) and the peak RSS of the whole
-process tree (sampled every 50 ms from /proc).  --cpus pins to those CPUs (e.g. 0: one core, as `taskset -c 0`).
+seconds, user + system CPU seconds (the command and its children, from wait4), the peak RSS of the whole
+process tree (sampled every 50 ms from /proc) and the steal: CPU seconds the hypervisor took from the machine
+during the run (/proc/stat; 0 on real hardware) — on this VM it comes in bursts of 0.3–0.4 s that take 0.4–1.2 of
+the 2 CPUs, mostly while new memory is touched, and a run that meets one is that much slower.  --cpus pins to those CPUs (e.g. 0: one core, as `taskset -c 0`).
 --warm-mb N: before each command (ours and Siril's), a child process writes N MB of memory and exits.  A
 virtual machine that hands its guest's free memory back to the host (virtio-balloon free page reporting, DAMON
 pageout: this workplace's Firecracker VMs) makes the first touch of such memory slow — the same 1 GB written in
@@ -250,12 +252,25 @@ def tree_rss(pid: int) -> int:
     return total * os.sysconf("SC_PAGE_SIZE")
 
 
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor has taken from this machine's CPUs so far (all of them: /proc/stat's steal),
+    0 where there is no such count."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def run_measured(cmd: list[str], *, cwd: Path, env: dict | None = None, cpus: str | None = None) -> dict:
     """Run ``cmd`` (on ``cpus``, taskset's list, when given): wall seconds, user and system CPU seconds of it
-    and its children (wait4), peak RSS of its process tree in bytes (sampled every 50 ms)."""
+    and its children (wait4), peak RSS of its process tree in bytes (sampled every 50 ms), and the CPU seconds
+    the hypervisor took from the machine meanwhile (steal: a virtual machine's host running other guests)."""
     if cpus:
         cmd = ["taskset", "-c", cpus, *cmd]
     with tempfile.TemporaryFile() as err:
+        steal0 = steal_seconds()
         t = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=err)
         peak = 0
@@ -266,11 +281,13 @@ def run_measured(cmd: list[str], *, cwd: Path, env: dict | None = None, cpus: st
             peak = max(peak, tree_rss(proc.pid))
             time.sleep(0.05)
         wall = time.perf_counter() - t
+        steal = steal_seconds() - steal0
         proc.returncode = os.waitstatus_to_exitcode(status)
         if proc.returncode:
             err.seek(0)
             raise RuntimeError(f"{' '.join(cmd[:4])} … failed ({proc.returncode}): {err.read()[-600:]!r}")
-    return {"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime, "rss": max(peak, ru.ru_maxrss * 1024)}
+    return {"wall": wall, "user": ru.ru_utime, "sys": ru.ru_stime, "rss": max(peak, ru.ru_maxrss * 1024),
+            "steal": steal}
 
 
 def _span(runs: list[dict], key: str, scale: float = 1.0, fmt: str = ".2f") -> str:
@@ -301,7 +318,7 @@ def compare_commands(args, files: list[Path]) -> int:
         r = run_measured(ours, cwd=ROOT, cpus=args.cpus)
         runs["livestack"].append(r)
         print(f"livestack stack  wall {r['wall']:6.2f} s  user {r['user']:6.2f}  sys {r['sys']:5.2f}  "
-              f"peak RSS {r['rss'] / 2 ** 20:5.0f} MB", flush=True)
+              f"peak RSS {r['rss'] / 2 ** 20:5.0f} MB  steal {r['steal']:5.2f}", flush=True)
         if args.siril:
             sw = work / f"siril{i}"
             sw.mkdir()
@@ -315,7 +332,7 @@ def compare_commands(args, files: list[Path]) -> int:
                              env={**os.environ, "HOME": str(home)}, cpus=args.cpus)
             runs["siril"].append(r)
             print(f"siril-cli        wall {r['wall']:6.2f} s  user {r['user']:6.2f}  sys {r['sys']:5.2f}  "
-                  f"peak RSS {r['rss'] / 2 ** 20:5.0f} MB", flush=True)
+                  f"peak RSS {r['rss'] / 2 ** 20:5.0f} MB  steal {r['steal']:5.2f}", flush=True)
             shutil.rmtree(sw, ignore_errors=True)
     print()
     print(f"{len(files)} frames from {files[0].parent}, debayer {args.debayer}, warp {args.interpolation}, "
@@ -325,7 +342,7 @@ def compare_commands(args, files: list[Path]) -> int:
     for name, rs in runs.items():
         if rs:
             print(f"  {name:10s} wall {_span(rs, 'wall')} s  user {_span(rs, 'user')} s  sys {_span(rs, 'sys')} s  "
-                  f"peak RSS {_span(rs, 'rss', 2 ** -20, '.0f')} MB")
+                  f"peak RSS {_span(rs, 'rss', 2 ** -20, '.0f')} MB  steal {_span(rs, 'steal')} s")
     if runs["siril"]:
         ratios = sorted(a["wall"] / b["wall"] for a, b in zip(runs["livestack"], runs["siril"]))
         cpu = sorted((a["user"] + a["sys"]) / (b["user"] + b["sys"]) for a, b in zip(runs["livestack"],
