@@ -18,7 +18,8 @@ folder) — alternating, --repeat times.  For each run: wall
 seconds, user + system CPU seconds (the command and its children, from wait4), the peak RSS of the whole
 process tree (sampled every 50 ms from /proc) and the steal: CPU seconds the hypervisor took from the machine
 during the run (/proc/stat; 0 on real hardware) — on this VM it comes in bursts of 0.3–0.4 s that take 0.4–1.2 of
-the 2 CPUs, mostly while new memory is touched, and a run that meets one is that much slower.  --cpus pins to those CPUs (e.g. 0: one core, as `taskset -c 0`).
+the 2 CPUs, mostly while new memory is touched, and a run that meets one is that much slower.  --cpus pins to
+those CPUs (e.g. 0: one core, as `taskset -c 0`).
 --warm-mb N: before each command (ours and Siril's), a child process writes N MB of memory and exits.  A
 virtual machine that hands its guest's free memory back to the host (virtio-balloon free page reporting, DAMON
 pageout: this workplace's Firecracker VMs) makes the first touch of such memory slow — the same 1 GB written in
