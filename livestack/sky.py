@@ -130,9 +130,13 @@ class SkySolver:
         with self._lock:
             self._answer = None
 
-    def wait(self, timeout: float | None = None) -> Solution | SolveError | None:
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for a running solve to end, at most ``timeout`` s; its answer stays for poll()."""
         if self._thread is not None:
             self._thread.join(timeout)
+
+    def wait(self, timeout: float | None = None) -> Solution | SolveError | None:
+        self.join(timeout)
         return self.poll()
 
     def retry_due(self) -> bool:
@@ -171,7 +175,7 @@ class BatchSolve:
             if self.solver.running and say is not None:
                 say(f"plate solving the reference frame (at most {self.solver.params.timeout_s:g} s; Ctrl-C skips it)")
             while self.solver.running and not (stop is not None and stop.is_set()):
-                self.solver._thread.join(0.1)
+                self.solver.join(0.1)
             if self.solver.running:
                 self.solver.cancel()
                 self.why = "skipped (Ctrl-C)"
