@@ -130,8 +130,9 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
 
 
 def _print_summary(s: dict, out: Path) -> None:
-    left = s["frames"] - s.get("processed", s["frames"])
-    print(f"{s['stacked']} stacked, {s['rejected']} rejected, {s['failed']} failed of {s['frames'] - left} frames; "
+    read = s.get("processed", s["frames"])
+    left = s["frames"] - read
+    print(f"{s['stacked']} stacked, {s['rejected']} rejected, {s['failed']} failed of {read} frames; "
           f"{s['exptime']:.0f} s integration, {s['seconds']:.1f} s"
           + ((f" (stopped by Ctrl-C: {left} not read)" if left else " (Ctrl-C)") if s.get("interrupted") else ""))
     sky = s.get("sky")
