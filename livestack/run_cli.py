@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+from . import NOTICE
 from .config import Config, ConfigError, make_section
 from .daemon.config import session_section, shell_sections
 from .session import SessionError, SessionFolder
@@ -81,8 +82,7 @@ def cmd_run(args, cfg: Config) -> int:
         print("livestack run: give the capture folder and the session folder: --watch DIR --out DIR "
               "(or [watch] dir and [daemon] out in the config)", file=sys.stderr)
         return 2
-    if not args.quiet:
-        log.setLevel(logging.INFO)
+    log.setLevel(NOTICE if args.quiet else logging.INFO)   # -q: the session's milestones, problems
     for h in logging.getLogger().handlers:          # the journal: one line per record
         if not isinstance(h.formatter, OneLineFormatter):
             h.setFormatter(OneLineFormatter(h.formatter))
@@ -102,7 +102,7 @@ def cmd_run(args, cfg: Config) -> int:
         dest = folder.new_session()
         book.close_current(dest)
         if dest is not None:
-            log.warning("livestack: previous session archived in %s", dest)
+            log.log(NOTICE, "livestack: previous session archived in %s", dest)
 
     svc = Service(cfg, wp.dir, dp.out, wp, dp, masters=masters)
     app = None
@@ -126,7 +126,7 @@ def cmd_run(args, cfg: Config) -> int:
     stop = threading.Event()
 
     def on_signal(signum, frame):
-        log.warning("livestack: %s received: finishing the current frame", signal.Signals(signum).name)
+        log.log(NOTICE, "livestack: %s received: finishing the current frame", signal.Signals(signum).name)
         stop.set()
 
     # SIGHUP (the terminal or ssh session closed) stops cleanly like SIGTERM, instead of killing the process
@@ -135,7 +135,7 @@ def cmd_run(args, cfg: Config) -> int:
     web_thread = None
     if app is not None:
         web_thread = serve_in_thread(app)
-        log.warning("livestack: page at %s", app.url)
+        log.log(NOTICE, "livestack: page at %s", app.url)
     try:
         while not stop.wait(0.5):
             if not svc.running:

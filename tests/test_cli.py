@@ -29,6 +29,9 @@ def test_demo_fast_runs_and_prints_outputs(tmp_path):
     recs = read_log(tmp_path / "out" / "frames.jsonl")
     assert recs[0]["status"] == "reference"
     assert any(r["status"] == "rejected" for r in recs)   # the demo's cloudy frame
+    # a good night ends without a WARNING: the daemon's milestones (NOTICE) are `livestack run`'s, and the
+    # demo prints its own summary
+    assert "WARNING" not in r.stderr and "stopped;" not in r.stderr, r.stderr
 
 
 def test_stack_folder_with_a_corrupt_file(night, tmp_path):

@@ -414,6 +414,23 @@ def test_sighup_is_a_clean_stop(make_daemon, daemon_night):
     assert (d.out / "session" / "checkpoint.npz").is_file()
 
 
+def test_quiet_run_keeps_the_milestones_not_the_frames(make_daemon, daemon_night):
+    """-q: the session's milestones (NOTICE: started, the page, the solver off by choice, a signal,
+    stopped) and problems only."""
+    d = make_daemon("-q", checkpoint_every=100)
+    d.feeder(daemon_night[0][:2])(2)
+    d.start()
+    d.wait_lines(2)
+    assert d.stop() == 0
+    lines = d.log.read_text().splitlines()
+    notices = [line.split(" NOTICE ", 1)[1] for line in lines if " NOTICE " in line]
+    said = [n.split(";")[0].split(" at ")[0] for n in notices]
+    assert said[0] == "livestack: new session" and said[-2:] == [          # the page and the reference: any order
+        "livestack: SIGTERM received: finishing the current frame", "livestack: stopped"], lines
+    assert sorted(said[1:-2]) == ["livestack: page", "livestack: plate solving is off ([solve] enabled = false)"]
+    assert not [line for line in lines if " INFO " in line or " WARNING " in line], lines
+
+
 # ---------------------------------------------------------------- 8. one log line per message
 
 LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ")

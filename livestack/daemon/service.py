@@ -26,6 +26,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .. import NOTICE
 from ..engine import outputs
 from ..engine.compose import ComposeParams
 from ..engine.frame import FrameRecord
@@ -175,7 +176,7 @@ class Service:
         self.watcher = Watcher(self.watch_dir, self.wp, self.files, known=known, exclude=[self.out])
         self._thread.start()
         self.watcher.start()
-        log.warning("livestack: %s; watching %s, session %s", r.note, self.watch_dir, self.out)
+        log.log(NOTICE, "livestack: %s; watching %s, session %s", r.note, self.watch_dir, self.out)
         return r.note
 
     def _open_current(self):
@@ -535,8 +536,8 @@ class Service:
         self._generation += 1
         self._since_ckpt, self._fits_dirty, self._ckpt_frames = 0, 0, None
         self.started = _now()
-        log.warning("livestack: %s: %s archived in %s; %s %s", why, old.name, self.book.get(old.id).folder,
-                    "resumed" if to is not None else "new target", new.name)
+        log.log(NOTICE, "livestack: %s: %s archived in %s; %s %s", why, old.name, self.book.get(old.id).folder,
+                        "resumed" if to is not None else "new target", new.name)
         self._publish()
         return True
 
@@ -566,7 +567,7 @@ class Service:
                                    note=why or "the reference frame's own WCS until a plate solve lands")
         if why is not None:
             self._sky = self._sky or {"state": "off", "note": why}
-            log.warning("livestack: %s", why)
+            log.log(NOTICE if not self.solve_params.enabled else logging.WARNING, "livestack: %s", why)   # off: chosen
             return
         solver.start(*e.ref_stars_on_grid(), e.grid.shape, hints, workdir=None)
         self._sky = self._sky or {"state": "solving", "note": "plate solving the reference frame"}
@@ -586,10 +587,11 @@ class Service:
             self._save_book()
             self._fits_dirty += 1
             self._since_ckpt = max(self._since_ckpt, 1)      # the WCS is kept by the next checkpoint
-            log.warning("livestack: %s plate-solved in %.1f s: RA %s Dec %s, %.2f″/px, field %.2f°×%.2f°, "
-                        "rotation %.1f° E of N (%d stars matched, rms %.2f px)", cur.name, ans.seconds,
-                        self._sky["ra_hms"], self._sky["dec_dms"], self._sky["scale_arcsec"], self._sky["width_deg"],
-                        self._sky["height_deg"], self._sky["rotation_deg"], ans.matched, ans.rms_px)
+            log.log(NOTICE, "livestack: %s plate-solved in %.1f s: RA %s Dec %s, %.2f″/px, field %.2f°×%.2f°, "
+                            "rotation %.1f° E of N (%d stars matched, rms %.2f px)", cur.name, ans.seconds,
+                            self._sky["ra_hms"], self._sky["dec_dms"], self._sky["scale_arcsec"],
+                            self._sky["width_deg"], self._sky["height_deg"], self._sky["rotation_deg"], ans.matched,
+                            ans.rms_px)
             self._solver = None
             self._publish()
         elif isinstance(ans, SolveError):
@@ -664,8 +666,8 @@ class Service:
                       ", ".join(sorted(p.name for p in self._blocked)),
                       f"; {unlogged} frames not in frames.jsonl are stacked again at the next start" if unlogged
                       else "")
-        log.warning("livestack: stopped; %d stacked, %d rejected, %d failed; outputs in %s",
-                    self.engine.n_stacked, self.engine.n_rejected, self.engine.n_failed, self.out)
+        log.log(NOTICE, "livestack: stopped; %d stacked, %d rejected, %d failed; outputs in %s",
+                        self.engine.n_stacked, self.engine.n_rejected, self.engine.n_failed, self.out)
 
     # ------------------------------------------------------------------ writes, and a full disk
 
@@ -713,8 +715,8 @@ class Service:
         if self._blocked:
             self._disk = {**self._disk, "error": self._worst_owed()}
         elif self._disk is not None:
-            log.warning("livestack: disk space back (full since %s); frames.jsonl and the outputs are up to date",
-                        self._disk["since"])
+            log.log(NOTICE, "livestack: disk space back (full since %s); frames.jsonl and the outputs are up to date",
+                            self._disk["since"])
             self._disk = None
         self._publish()
 
@@ -1071,7 +1073,7 @@ class Service:
         self._ckpt_frames = None
         self._state = "idle"
         self._publish()
-        log.warning("livestack: new session; previous one archived in %s", dest)
+        log.log(NOTICE, "livestack: new session; previous one archived in %s", dest)
         return {**self.status(), "archived": str(dest.relative_to(self.out)) if dest else None}
 
     # ------------------------------------------------------------------ publishing
