@@ -16,6 +16,7 @@ from .config import Config, ConfigError, load_config, with_overrides
 from .engine.frame import FrameRecord
 from .engine.read import capture_order, is_supported
 from .engine.settings import INTERPOLATION_NAMES
+from .text import one_line
 
 log = logging.getLogger("livestack")
 
@@ -51,7 +52,7 @@ class Progress:
         bar = "█" * filled + "·" * (width - filled)
         detail = rec.status if rec.reason is None else f"{rec.status}: {rec.reason}"
         q = f" fwhm {rec.fwhm:.2f}px stars {rec.stars}" if rec.fwhm is not None else ""
-        line = f"[{bar}] {self.done}/{self.total} {rec.file} {detail}{q} ({rec.seconds:.2f}s)"
+        line = one_line(f"[{bar}] {self.done}/{self.total} {rec.file} {detail}{q} ({rec.seconds:.2f}s)")
         if self.tty:
             self.stream.write("\r\033[K" + line + ("\n" if self.done == self.total else ""))
         else:

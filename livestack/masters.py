@@ -622,7 +622,7 @@ def write_master(path: Path, data: np.ndarray, e: MasterEntry, bad: np.ndarray |
     """Master FITS: float32 primary image with provenance headers; bad pixels as a BADPIX table (X, Y)."""
     from astropy.io import fits
 
-    from .engine.write import atomic_write_with
+    from .engine.write import atomic_write_with, fits_text
 
     h = fits.Header()
     h["IMAGETYP"] = IMAGETYP_OUT[e.kind]
@@ -637,17 +637,17 @@ def write_master(path: Path, data: np.ndarray, e: MasterEntry, bad: np.ndarray |
              ("BAYERPAT", e.pattern, "CFA pattern of pixel (0,0)")]
     for k, v, c in cards:
         if v is not None:
-            h[k] = (v, c)
+            h[k] = (fits_text(v) if isinstance(v, str) else v, c)   # a camera's name from EXIF
     if e.pattern:
         h["XBAYROFF"], h["YBAYROFF"] = 0, 0
     h["ROWORDER"] = "TOP-DOWN"
     if e.subtracted:
-        h["CALSUB"] = (e.subtracted[:68], "subtracted from each flat")
+        h["CALSUB"] = (fits_text(e.subtracted)[:68], "subtracted from each flat")
     h["NSOURCE"] = (len(e.sources), "source files (HISTORY)")
     h["SOFTWARE"] = f"livestack {__version__}"
     h["DATE"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     for s in e.sources:
-        h.add_history(f"source: {s}")
+        h.add_history(fits_text(f"source: {s}"))      # file names: any characters, FITS: ASCII
     hdus = [fits.PrimaryHDU(np.ascontiguousarray(data, np.float32), header=h)]
     if bad is not None:
         y, x = np.nonzero(bad)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import signal
 import sys
 import threading
@@ -13,17 +12,9 @@ from . import NOTICE
 from .config import Config, ConfigError, make_section
 from .daemon.config import session_section, shell_sections
 from .session import SessionError, SessionFolder
+from .text import one_line
 
 log = logging.getLogger("livestack")
-
-# What would break a journal line: C0 controls (a newline in a file name), DEL, C1 controls, Unicode line breaks.
-_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
-
-
-def one_line(text: str) -> str:
-    """``text`` with its control characters escaped as repr() writes them (\\n, \\x1b, …), the rest kept."""
-    return _CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
-
 
 class OneLineFormatter(logging.Formatter):
     """Wraps a handler's formatter: each record's message is one line whatever the file names in it say; a

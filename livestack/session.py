@@ -45,8 +45,8 @@ class FramesLog:
 
     def append(self, rec: FrameRecord | dict) -> None:
         d = rec.to_dict() if isinstance(rec, FrameRecord) else rec
-        line = json.dumps(d, ensure_ascii=False, allow_nan=False) + "\n"
-        with open(self.path, "a", encoding="utf-8") as f:
+        line = json_utf8(d, allow_nan=False) + b"\n"
+        with open(self.path, "ab") as f:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
@@ -140,14 +140,23 @@ def _parse(line: bytes) -> dict | None:
     return d if isinstance(d, dict) and isinstance(d.get("file"), str) else None
 
 
+def json_utf8(obj, **kw) -> bytes:
+    """``obj`` as UTF-8 JSON, readable as written (Andromède, not Androm\\u00e8de) — but a file name with a byte
+    that is not UTF-8 (a FAT card's Latin-1 é: Python names it with a lone surrogate, \\udce9) has no UTF-8
+    form: that line is written with JSON's escapes, which read back as the same name."""
+    try:
+        return json.dumps(obj, ensure_ascii=False, **kw).encode()
+    except UnicodeEncodeError:
+        return json.dumps(obj, ensure_ascii=True, **kw).encode()
+
+
 def write_json_atomic(path: Path, obj) -> None:
-    atomic_write_bytes(Path(path), (json.dumps(obj, ensure_ascii=False, indent=1) + "\n").encode())
+    atomic_write_bytes(Path(path), json_utf8(obj, indent=1) + b"\n")
 
 
 def rewrite_frames_log(path: Path | str, records: list[dict]) -> None:
     """Replace frames.jsonl by ``records`` in one rename (a crash leaves the old or the new log, never half)."""
-    text = "".join(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n" for r in records)
-    atomic_write_bytes(Path(path), text.encode())
+    atomic_write_bytes(Path(path), b"".join(json_utf8(r, allow_nan=False) + b"\n" for r in records))
 
 
 def save_engine(engine, path: Path | str, info: dict | None = None) -> None:

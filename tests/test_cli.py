@@ -105,6 +105,20 @@ def test_capture_order_not_name_order(night, tmp_path):
     assert [r["time"] for r in recs] == [f["time"] for f in truth["frames"]]
 
 
+def test_file_names_beyond_ascii_reach_the_fits_header_escaped(night, tmp_path):
+    """A reference named Andromède_… (or with an undecodable byte, as a FAT card's Latin-1 name reads) is the
+    REFFRAME card: FITS holds printable ASCII only, and the card used to stop the stack.fits write."""
+    files, _ = night(n_frames=2, seed=1)
+    names = ["Andromède_0000.fits", os.fsdecode(b"M31_\xe9t\xe9_0001.fits")]
+    for f, name in zip(files, names):
+        f.rename(f.with_name(name))
+    out = tmp_path / "out"
+    assert main(["stack", str(files[0].parent), "-o", str(out), "-q"]) == 0
+    hdr = fits.getheader(out / "stack.fits")
+    assert hdr["REFFRAME"] == "Androm\\xe8de_0000.fits" and hdr["NCOMBINE"] == 2
+    assert [r["file"] for r in read_log(out / "frames.jsonl")] == names
+
+
 def test_example_config_loads():
     """systemd/livestack.toml.example is what Pi users copy: every key in it must be known and valid."""
     from livestack.config import load_config

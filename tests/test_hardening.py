@@ -3,6 +3,7 @@ night — each answered by a start that goes on, a frame recorded `failed` with 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -457,6 +458,27 @@ def test_odd_file_names_and_libraw_messages_stay_on_one_line(make_daemon, daemon
     by = {r["file"]: r for r in recs}
     assert by["odd.cr2"]["status"] == "failed" and "b'" not in by["odd.cr2"]["reason"], by["odd.cr2"]
     assert "Unsupported file format" in by["odd.cr2"]["reason"]
+
+
+def test_file_names_beyond_ascii_and_utf8_are_stacked_and_resumed(make_daemon, daemon_night):
+    """Andromède (UTF-8) as the reference — its FITS card escaped —, and a name with a byte that is not UTF-8 (a
+    FAT card's Latin-1 é: Python holds a lone surrogate, which UTF-8 JSON and rawpy could not take: the worker
+    died on it at every start)."""
+    files = daemon_night[0][:3]
+    d = make_daemon(checkpoint_every=100)
+    names = [b"Androm\xc3\xa8de_0000.dng", b"light_\xe9t\xe9_0001.dng", b"light_0002.dng"]
+    for f, name in zip(files, names):
+        shutil.copy(f, os.fsencode(d.watch) + b"/" + name)
+    d.start()
+    recs = d.wait_lines(3)
+    assert d.stop() == 0
+    assert [r["file"] for r in recs] == [os.fsdecode(n) for n in names]
+    assert [r["status"] for r in recs] == ["reference", "stacked", "stacked"], recs
+    assert read_stack(d.out)[2]["REFFRAME"] == "Androm\\xe8de_0000.dng"
+    d.start()                 # resumed: every file known by its name, none stacked twice
+    time.sleep(1.0)
+    assert d.stop() == 0
+    assert len(d.lines()) == 3 and read_stack(d.out)[2]["NCOMBINE"] == 3
 
 
 def test_exifread_complaints_name_the_file(tmp_path, caplog):

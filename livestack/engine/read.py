@@ -5,6 +5,7 @@ Never ``postprocess()``: it is non-linear.  The CFA mosaic is taken as LibRaw de
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import os
@@ -112,11 +113,31 @@ class _Limit:
 
 # ---------------------------------------------------------------- RAW
 
+@contextlib.contextmanager
+def _utf8_path(path: Path):
+    """A name LibRaw can open for ``path``: rawpy passes it on as UTF-8, which a name with a byte that is not
+    UTF-8 (a FAT card's Latin-1 é, which Python holds as a lone surrogate) has not — that file is opened here and
+    LibRaw given /proc/self/fd/N, the same file by an ASCII name."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        if not os.path.isdir("/proc/self/fd"):
+            raise
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            yield f"/proc/self/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    yield name
+
+
 def _read_raw(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
     import rawpy
 
     try:
-        with rawpy.imread(str(path)) as raw:        # parses the header only: unpack() comes with raw_image*
+        with _utf8_path(path) as name, rawpy.imread(name) as raw:   # the header only: unpack() comes with raw_image*
             limit.check(path, raw.sizes.raw_width, raw.sizes.raw_height)
             if raw.raw_type != rawpy.RawType.Flat:
                 raise FrameError(path, "not a single-mosaic RAW (LibRaw reports a stacked/linear layout)")

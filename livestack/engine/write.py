@@ -240,13 +240,23 @@ def _cards(header: dict) -> list[tuple[str, object, str]]:
 
 _KEYWORD = re.compile(r"[A-Z0-9_-]{1,8}")
 _PRINTABLE = re.compile(r"[ -~]*")
+_NOT_PRINTABLE = re.compile(r"[^ -~]")
+
+
+def fits_text(s: str) -> str:
+    """``s`` with every character outside printable ASCII escaped (\\xe8, \\n, \\udce9 for an undecodable byte of
+    a file name): what a FITS header may hold."""
+    return _NOT_PRINTABLE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"), s)
 
 
 def header_bytes(cards: list[tuple[str, object, str]]) -> bytes:
     """A FITS header unit: the cards, END, blank-padded to 2880 bytes.  The plain cards a stack has (short keywords,
     numbers, booleans, strings of one card) are formatted here as the FITS standard's fixed format says (values
     as astropy writes them: the same bytes); any other (a string longer than a card: CONTINUE cards, HIERARCH,
-    a long COMMENT) by astropy, which is only imported then — it costs 0.5 s, a sixth of a short `livestack stack`."""
+    a long COMMENT) by astropy, which is only imported then — it costs 0.5 s, a sixth of a short `livestack stack`.
+    Text outside printable ASCII (a file named Andromède_0001.dng as REFFRAME, a camera's name from EXIF) is
+    escaped as Python writes it (Androm\\xe8de): FITS allows nothing else, and astropy would refuse the card."""
+    cards = [(k, fits_text(v) if isinstance(v, str) else v, fits_text(c)) for k, v, c in cards]
     lines = [_card(*c) for c in cards]
     if any(line is None for line in lines):
         from astropy.io import fits
