@@ -185,7 +185,7 @@ class Book:
         cur = self.current
         base = folder_name(cur.name)
         dest, n = f"{ARCHIVE_DIR}/{base}", 2
-        while (self.out / dest).exists() and (to is None or dest != to.folder):
+        while (self.out / dest).exists():       # even the returning target's own: it is emptied only after
             dest, n = f"{ARCHIVE_DIR}/{base}-{n}", n + 1
         targets = [dataclasses.replace(t) for t in self.targets]
         for t in targets:

@@ -302,6 +302,26 @@ def test_a_switch_interrupted_anywhere_is_finished_at_the_next_start(tmp_path, c
     assert book.known_files() == {"m57.fits"}
 
 
+def test_back_to_a_target_of_the_same_name_keeps_both(tmp_path):
+    """Two panels of one OBJECT ("M 31"): going back to the first archived the current one into the first's own
+    folder (archive/M_31) — over its stack — and the move of session/ then failed at this and every start."""
+    out = tmp_path / "out"
+    out.mkdir()
+    _session(out, "panel2")
+    _session(out / "archive" / "M_31", "panel1")
+    (out / "targets.json").write_text(json.dumps({"targets": [
+        Target(1, "M 31", "archive/M_31", frames=1).to_dict(), Target(2, "M 31", ".", frames=1).to_dict()]}))
+    book = Book.open(out)
+    book.switch(book.get(1))
+    book = Book.open(out)             # the next start
+    assert book.current.id == 1 and book.get(2).folder == "archive/M_31-2"
+    assert (out / "stack.fits").read_text() == "panel1"
+    assert (out / "session" / "checkpoint.npz").read_text() == "panel1"
+    assert (out / "archive" / "M_31-2" / "stack.fits").read_text() == "panel2"
+    assert (out / "archive" / "M_31-2" / "session" / "checkpoint.npz").read_text() == "panel2"
+    assert not (out / "archive" / "M_31").exists() and not (out / SWITCH_FILE).exists()
+
+
 def test_targets_json_unreadable_is_rebuilt_from_the_folders(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
