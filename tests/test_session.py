@@ -156,11 +156,13 @@ def test_bad_excluded_list_is_one_line(tmp_path):
         folder.excluded()
 
 
-@pytest.mark.parametrize("checkpoint_every", [1, 10])
-def test_a_file_that_keeps_crashing_the_worker_is_skipped(tmp_path, six, monkeypatch, checkpoint_every):
+@pytest.mark.parametrize("checkpoint_every, n_files", [(1, 4), (10, 4), (1, 3)])
+def test_a_file_that_keeps_crashing_the_worker_is_skipped(tmp_path, six, monkeypatch, checkpoint_every, n_files):
     """An engine bug on one file (not a bad file: those are `failed` at once) stops the worker; systemd restarts
     it. After daemon.max_attempts starts on the same file it is recorded as failed and the night goes on —
-    also when the frames before it are stacked again after each restart (no checkpoint covered them)."""
+    also when the frames before it are stacked again after each restart (no checkpoint covered them), and for
+    good: when it was the last file, no frame after it made a checkpoint that covered its record, so the next
+    start dropped the record and ran the file again (n_files 3)."""
     import shutil
     import time
 
@@ -169,9 +171,9 @@ def test_a_file_that_keeps_crashing_the_worker_is_skipped(tmp_path, six, monkeyp
 
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
-    for f in six[:4]:
-        shutil.copy(f, watch / f.name)
     poison = six[2].name
+    for f in six[:n_files]:
+        shutil.copy(f, watch / f.name)
     real = Engine.process
 
     def process(self, path, **kw):
@@ -184,26 +186,36 @@ def test_a_file_that_keeps_crashing_the_worker_is_skipped(tmp_path, six, monkeyp
     dp = DaemonParams(out=str(out), max_attempts=3, checkpoint_every=checkpoint_every)
 
     def run_until_stopped_or(n_records: int) -> Service:
+        """Start; stop once the worker has stopped, or n_records are recorded and nothing waits."""
         svc = Service(Config(), watch, out, wp, dp)
         svc.start()
-        deadline = time.monotonic() + 30
-        while svc.running and len(svc.snapshot.frames) < n_records and time.monotonic() < deadline:
+        t0 = time.monotonic()
+        while svc.running and time.monotonic() < t0 + 30:
+            s = svc.status()
+            if len(svc.snapshot.frames) >= n_records and s["queued"] == 0 and s["state"] == "idle" \
+                    and time.monotonic() > t0 + 1.0:          # the watcher's first scan has queued what it finds
+                break
             time.sleep(0.05)
         svc.stop(timeout=10)
         return svc
 
+    if n_files == 3:               # the two frames before it stacked and checkpointed before it lands: it is last
+        (watch / poison).rename(tmp_path / poison)
+        assert run_until_stopped_or(2).error is None
+        (tmp_path / poison).rename(watch / poison)
     for attempt in range(3):                      # the bug stops the worker each time on the poison file
-        svc = run_until_stopped_or(4)
+        svc = run_until_stopped_or(n_files)
         assert isinstance(svc.error, RuntimeError), attempt
         assert SessionFolder(out).inflight()["attempts"] == attempt + 1
-    svc = run_until_stopped_or(4)                 # the fourth start skips it
-    assert svc.error is None
-    recs = read_frames_log(out / "frames.jsonl")
-    by_file = {r["file"]: r for r in recs}
-    assert set(by_file) == {f.name for f in six[:4]}
-    assert by_file[poison]["status"] == "failed" and "3 times in a row" in by_file[poison]["reason"]
-    assert sum(r["status"] in ("reference", "stacked") for r in recs) == 3
-    assert SessionFolder(out).inflight() is None
+    for start in ("skips it", "resumes"):        # the fourth start skips it; the fifth finds it recorded
+        svc = run_until_stopped_or(n_files)
+        assert svc.error is None, start
+        recs = read_frames_log(out / "frames.jsonl")
+        by_file = {r["file"]: r for r in recs}
+        assert len(recs) == n_files and set(by_file) == {f.name for f in six[:n_files]}
+        assert by_file[poison]["status"] == "failed" and "3 times in a row" in by_file[poison]["reason"]
+        assert sum(r["status"] in ("reference", "stacked") for r in recs) == n_files - 1
+        assert SessionFolder(out).inflight() is None
 
 
 def _backlog_service(tmp_path, files, **daemon):

@@ -164,6 +164,7 @@ class Service:
                                      reason=f"processing it stopped livestack {poison['attempts']} times in a "
                                             f"row; skipped (see the journal for the error)"), rel)
             self.engine.count_failed()
+            self._since_ckpt += 1     # a checkpoint must cover its line, or the next start runs the file again
             known.add(rel)
             log.error("livestack: %s stopped the worker %d times in a row; recorded as failed and skipped",
                       rel, poison["attempts"])
