@@ -160,6 +160,30 @@ def test_with_a_token_a_request_without_it_is_still_401(token_web):
     assert st == 200
 
 
+def test_a_token_header_that_is_not_utf8_is_403_not_500(token_web):
+    for header in (b"Authorization: Bearer \xff\xfe", b"X-Livestack-Token: sekret\xe9"):
+        got = raw(token_web, b"POST /api/pause HTTP/1.1\r\nHost: 127.0.0.1\r\n" + header
+                  + b"\r\nConnection: close\r\n\r\n")
+        assert got.split(b"\r\n", 1)[0].split()[1:2] == [b"403"], got[:300]
+    assert "Traceback" not in token_web.log.read_text()
+
+
+def test_what_json_and_headers_can_hold_is_a_4xx_not_a_500(open_web):
+    """A review's finds: each was a 500 and a traceback in the journal, from anyone who reaches the port."""
+    js = {"Content-Type": "application/json"}
+    big = "1" + "0" * 400                                     # an int no float holds
+    for path, body in [("/api/stretch", f'{{"black": {big}}}'), ("/api/stretch", f'{{"midtones": -{big}}}'),
+                       ("/api/palette", f'{{"weights": {{"a": {big}}}}}'),
+                       ("/api/palette", f'{{"hues": {{"a": [{big}, 0, 0]}}}}'),
+                       ("/api/pause", "[" * 30000 + "]" * 30000), ("/api/stretch", '{"a":' * 10000 + "1" + "}" * 10000)]:
+        st, answer = request(open_web, "POST", path, body.encode(), js)
+        assert st == 400 and json.loads(answer)["error"], (path, body[:40], st, answer[:200])
+    st, _ = request(open_web, "POST", "/api/pause", b"{}", {**js, "Origin": "http://[::1"})   # not a URL
+    assert st == 403
+    assert paused(open_web) is False
+    assert "Traceback" not in open_web.log.read_text()
+
+
 def test_which_host_names_are_this_servers():
     """A Pi listening on all addresses is reached by IP, <hostname>, <hostname>.local or a configured name;
     on loopback only by loopback names.  A name resolving here is not enough (DNS rebinding)."""

@@ -108,7 +108,7 @@ class ComposeParams:
         for name, hue in dict(self.hues).items():
             try:
                 h = tuple(float(v) for v in hue)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):      # OverflowError: an int beyond a float (10**400)
                 h = ()
             if not isinstance(name, str) or len(h) != 3 or not all(0.0 <= v <= 1.0 for v in h):
                 raise ValueError(f"compose.hues[{name!r}] = {hue!r}: must be 3 numbers in [0, 1] (r, g, b)")
@@ -118,7 +118,7 @@ class ComposeParams:
         for name, w in dict(self.weights).items():
             try:
                 v = float(w)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 v = float("nan")
             if not isinstance(name, str) or not 0.0 <= v <= 10.0:
                 raise ValueError(f"compose.weights[{name!r}] = {w!r}: must be a number in [0, 10]")

@@ -403,8 +403,11 @@ class Api:
             return                    # not a browser: curl, scripts
         if origin.strip().lower() == "null":
             raise HttpError(403, "cross-site request refused: Origin null (a sandboxed frame or a local file)")
-        o = urlsplit(origin.strip())
-        if o.scheme not in ("http", "https") or o.netloc.lower() != req.headers.get("Host", "").lower():
+        try:
+            o = urlsplit(origin.strip())
+        except ValueError:            # "http://[::1": not a URL a browser sends
+            o = None
+        if o is None or o.scheme not in ("http", "https") or o.netloc.lower() != req.headers.get("Host", "").lower():
             raise HttpError(403, f"cross-site request from {origin[:100]} refused")
 
     def _check_token(self, req: web.BaseRequest) -> None:
@@ -417,7 +420,8 @@ class Api:
             raise HttpError(401, "this call changes the session and needs the token: send "
                                  "'Authorization: Bearer <token>' or 'X-Livestack-Token: <token>'",
                             {"WWW-Authenticate": 'Bearer realm="livestack"'})
-        if not hmac.compare_digest(got.encode(), token.encode()):
+        # bytes that are not UTF-8 reach us as lone surrogates: compared as they came, never a 500
+        if not hmac.compare_digest(got.encode("utf-8", "surrogateescape"), token.encode()):
             raise HttpError(403, "wrong token")
 
     def _check_content_type(self, req: web.BaseRequest) -> None:
@@ -450,8 +454,8 @@ class Api:
             return {}
         try:
             body = json.loads(raw)
-        except ValueError as err:
-            raise HttpError(400, f"request body is not JSON ({err})") from err
+        except (ValueError, RecursionError) as err:        # RecursionError: [[[[… nested beyond Python's stack
+            raise HttpError(400, f"request body is not JSON ({type(err).__name__}: {str(err)[:100]})") from err
         if not isinstance(body, dict):
             raise HttpError(400, "request body must be a JSON object")
         return body
@@ -693,7 +697,7 @@ class Api:
             for k in ("black", "midtones", "white"):
                 v = body.get(k)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                      or not math.isfinite(v) or not 0 <= v <= 1):
+                                      or not 0 <= v <= 1 or not math.isfinite(v)):   # 10**400: no float
                     raise HttpError(400, f"stretch {k} = {v!r}: must be a number in 0..1 or null (auto)")
                 vals[k] = None if v is None else float(v)
             if vals["midtones"] is not None and not 0 < vals["midtones"] < 1:
