@@ -379,3 +379,38 @@ def test_a_backlog_redraws_the_preview_at_most_every_preview_s(tmp_path, six, mo
     assert svc.error is None and n >= 5
     assert drawn and drawn[-1] == n                      # the last preview has every stacked frame
     assert len(drawn) <= most and (most < 99 or len(drawn) >= n), drawn
+
+
+def test_exports_are_made_one_at_a_time(tmp_path, six, monkeypatch):
+    """Each GET /api/export was a command for the worker, queued without a bound: 250 of them (an <img> on any
+    site may ask) held a landing frame up for seconds here — for minutes at 24 MP.  Now one export at a time:
+    the same request shares it, another is refused (503) until it is done."""
+    import threading
+
+    from livestack.daemon.service import Service
+    from livestack.session import Refused
+
+    made, gate = [], threading.Event()
+    real = Service._cmd_export
+
+    def slow_export(self, fmt, mode):
+        made.append((fmt, mode))
+        gate.wait(10)
+        return real(self, fmt, mode)
+
+    monkeypatch.setattr(Service, "_cmd_export", slow_export)
+    svc, out = _backlog_service(tmp_path, six[:2])
+    try:
+        _wait(svc, 2, idle=True)
+        first = svc.export("png", "stretched")
+        assert all(svc.export("png", "stretched") is first for _ in range(50))
+        with pytest.raises(Refused) as err:
+            svc.export("tiff", "linear")
+        assert err.value.status == 503 and "being made" in str(err.value)
+        gate.set()
+        assert first.result(30)[:8] == b"\x89PNG\r\n\x1a\n"
+        assert svc.export("tiff", "linear").result(30)[:4] in (b"II*\0", b"MM\0*")   # done: the next one runs
+        assert made == [("png", "stretched"), ("tiff", "linear")]
+    finally:
+        gate.set()
+        svc.stop(timeout=10)

@@ -82,6 +82,8 @@ class Service:
         self.files: queue.Queue[Ready] = queue.Queue()
         self._commands: collections.deque[tuple] = collections.deque()   # (future, method, args), under _cmd_lock
         self._cmd_lock = threading.Lock()
+        self._export: tuple[tuple[str, str], Future] | None = None    # the export being made (export())
+        self._export_lock = threading.Lock()
         # exclude/include: the set the accepted requests lead to, and how many are not answered yet (callers'
         # threads and the worker, under _excl_lock)
         self._excl_lock = threading.Lock()
@@ -285,7 +287,20 @@ class Service:
         return self._submit(self._cmd_palette, new)
 
     def export(self, fmt: str, mode: str) -> Future:
-        return self._submit(self._cmd_export, fmt, mode)
+        """A full-resolution export, made by the worker between frames — one at a time: a request for the one
+        being made shares it (its bytes too), another is refused (503) until it is done.  Anyone who can load
+        the page can ask (a GET; an <img> on another site may too), and each export of a 24 MP stack takes
+        seconds and ~100 MB: queued without a bound they held the stacking up for as long as they came."""
+        with self._export_lock:
+            cur = self._export
+            if cur is not None and not cur[1].done():
+                if cur[0] == (fmt, mode):
+                    return cur[1]
+                raise Refused(f"an export ({cur[0][0]}, {cur[0][1]}) is being made; ask again when it is done",
+                              503)
+            fut = self._submit(self._cmd_export, fmt, mode)
+            self._export = ((fmt, mode), fut)
+            return fut
 
     def new_session(self) -> Future:
         return self._submit(self._cmd_new_session)

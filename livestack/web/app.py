@@ -385,7 +385,7 @@ class Api:
         except HttpError as err:
             return _json({"error": err.message}, err.status, err.headers)
         except Refused as err:
-            return _json({"error": str(err)}, err.status)
+            return _json({"error": str(err)}, err.status, {"Retry-After": "2"} if err.status == 503 else None)
 
     # ---------------------------------------------------------------- checks
     def _check_host(self, req: web.BaseRequest, target_authority: str | None) -> None:
