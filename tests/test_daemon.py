@@ -229,3 +229,40 @@ def test_drizzle_in_the_daemon_survives_kill9_and_equals_livestack_stack(make_da
     ref_img, ref_w, _ = read_stack(tmp_path / "batch")
     assert np.allclose(img, ref_img, rtol=1e-4, atol=1e-2), float(np.abs(img - ref_img).max())
     assert np.allclose(w, ref_w, rtol=1e-4, atol=1e-4)
+
+
+def test_files_waiting_reach_the_page_while_paused(make_daemon, daemon_night):
+    """The page's "N queued" comes from the status events; a file landing made none (the count was computed
+    only when something else changed): paused, it stayed at 0 while frames waited."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    d = make_daemon()
+    d.start()
+    u = urlsplit(d.url)
+    post = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    post.request("POST", "/api/pause")
+    assert post.getresponse().status == 200
+    post.close()
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=15)
+    conn.request("GET", "/api/events")
+    r = conn.getresponse()
+
+    def statuses():
+        while True:
+            line = r.fp.readline().decode()
+            if line.startswith("data: "):
+                yield json.loads(line[6:])
+
+    events = statuses()
+    while not next(events)["paused"]:
+        pass
+    for f in daemon_night[0][:2]:
+        shutil.copy(f, d.watch / f.name)
+    end = time.monotonic() + 10
+    while (s := next(events))["queued"] < 2 and time.monotonic() < end:     # the read times out (15 s) if none
+        pass
+    assert s["queued"] == 2 and s["paused"], s
+    conn.close()
+    assert d.stop() == 0

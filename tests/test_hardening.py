@@ -355,6 +355,20 @@ def test_symlinks_out_of_the_watch_folder(tmp_path, daemon_night, follow):
         assert "symbolic link" in got["out.dng"].reason and "follow_symlinks" in got["out.dng"].reason
 
 
+def test_a_symlink_loop_is_failed_at_timeout_not_kept_waiting(tmp_path):
+    """stat() of a link to itself says ELOOP: the watcher kept it pending (and the page "1 queued") for ever."""
+    from livestack.daemon.config import WatchParams
+
+    root = tmp_path / "watch"
+    root.mkdir()
+    # made while the watcher runs: its creation event tracks it (a scan passes it by: not a file)
+    later = threading.Timer(0.5, lambda: (root / "loop.dng").symlink_to(root / "loop.dng"))
+    later.start()
+    got = run_watcher(root, WatchParams(settle_s=0.1, timeout_s=1.0, rescan_s=0.5), 1, timeout=6.0)
+    later.join()
+    assert got and got[0].rel == "loop.dng" and got[0].reason.startswith("unreadable after 1 s"), got
+
+
 def test_follow_symlinks_is_a_watch_setting(tmp_path):
     from livestack.config import load_config
     from livestack.daemon.config import shell_sections

@@ -176,7 +176,8 @@ class Service:
         self._sky_begin()
         self._state = "idle"
         self._publish()
-        self.watcher = Watcher(self.watch_dir, self.wp, self.files, known=known, exclude=[self.out])
+        self.watcher = Watcher(self.watch_dir, self.wp, self.files, known=known, exclude=[self.out],
+                               on_change=self._notify)
         self._thread.start()
         self.watcher.start()
         log.log(NOTICE, "livestack: %s; watching %s, session %s", r.note, self.watch_dir, self.out)

@@ -170,13 +170,16 @@ class _Handler(FileSystemEventHandler):
 
 class Watcher:
     """Watches ``root`` (watchdog + a scan at start and every ``rescan_s``) and puts a Ready for each complete
-    new file on ``out``.  ``known``: paths (relative, '/') already in the session or to be ignored."""
+    new file on ``out``.  ``known``: paths (relative, '/') already in the session or to be ignored.
+    ``on_change``: called when a file starts to be tracked or is gone before it settled (the page's "queued"
+    count counts the files settling too)."""
 
     def __init__(self, root: Path, p: WatchParams, out: "queue.Queue[Ready]", *, known: set[str] = frozenset(),
-                 exclude: list[Path] = ()):
+                 exclude: list[Path] = (), on_change=None):
         self.root = Path(root).resolve()
         self.p = p
         self.out = out
+        self._on_change = on_change or (lambda: None)
         self._known = set(known)
         self._exclude = [Path(e).resolve() for e in exclude]
         self._pending: dict[str, _Pending] = {}
@@ -228,6 +231,7 @@ class Watcher:
                 return
             now = time.monotonic()
             self._pending[rel] = _Pending(-1, -1, now, now, renamed=renamed)
+        self._on_change()
         if renamed:
             self._wake.set()
 
@@ -303,8 +307,12 @@ class Watcher:
             except FileNotFoundError:       # renamed away or deleted before it settled
                 with self._lock:
                     self._pending.pop(rel, None)
+                self._on_change()
                 continue
-            except OSError:
+            except OSError as err:          # a symbolic link loop (ELOOP), permissions: failed in the end
+                if now - st.first >= self.p.timeout_s:
+                    ready.append(Ready(path, rel, f"unreadable after {self.p.timeout_s:g} s: "
+                                                  f"{err.strerror or err}"))
                 continue
             escape = self._link_out(path)
             if escape is not None:
