@@ -281,3 +281,52 @@ def test_page_in_headless_chromium(web):
         phone.screenshot(path=str(ARTIFACTS / "web-phone.png"), full_page=False)
         phone.screenshot(path=str(ARTIFACTS / "web-phone-full.png"), full_page=True)
     assert errors == []
+
+
+def _frames_in_table(page) -> list[tuple[str, str]]:
+    """(file, status) of the rows of the page's frames table, first frame first (the table shows the last on top)."""
+    rows = page.evaluate("""() => [...document.querySelectorAll('#frames tbody tr')]
+        .map((tr) => [tr.dataset.file, tr.className])""")
+    return [tuple(r) for r in reversed(rows)]
+
+
+@pytest.mark.browser
+def test_frames_table_survives_a_restack_during_its_fetch(web):
+    """A restack (exclude) lands between the page's `/api/frames?since=k` request and its answer: the answer
+    carries the new generation and its records k onward only.  The page must drop it and read the log again from
+    0 — not keep those records as the whole list and append records 1… to it later (the first frames missing,
+    the last ones twice, for good: the counts match the status so nothing ever fetches again)."""
+    from playwright.sync_api import expect
+
+    with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
+        n = len(web.lines())
+        expect(page.locator("#frames tbody tr")).to_have_count(n, timeout=30_000)
+        gen = json.loads(req(web, "GET", "/api/status")[1])["generation"]
+        # the page's next incremental read of the frames reaches the daemon only when the test lets it go
+        page.evaluate("""() => { const real = window.fetch;
+            window.fetch = (url, opts) => {
+              if (!window.releaseFrames && /\\/api\\/frames\\?since=[1-9]/.test(String(url)))
+                return new Promise((resolve) => { window.releaseFrames = () => resolve(real(url, opts)); });
+              return real(url, opts);
+            }; }""")
+        f = web.files[8]
+        shutil.copy(f, web.watch / f.name)                 # a frame lands: the page asks for records n onward
+        page.wait_for_function("() => !!window.releaseFrames", timeout=30_000)
+        st, _, _ = req(web, "POST", "/api/exclude", {"file": web.files[1].name}, AUTH)
+        assert st in (200, 202)
+        wait_status(web, lambda s: s["generation"] != gen and s["restack"] is None and s["frames"] == n + 1, 30)
+        page.evaluate("window.releaseFrames()")          # answered now: generation gen+1, records n onward
+        want = [(r.get("path") or r["file"], r["status"])
+                for r in json.loads(req(web, "GET", "/api/frames?since=0")[1])["frames"]]
+        assert len(want) == n + 1 and want[1] == (web.files[1].name, "excluded")
+        end = time.monotonic() + 10
+        while _frames_in_table(page) != want and time.monotonic() < end:
+            time.sleep(0.1)
+        got = _frames_in_table(page)
+        assert got == want, f"table {[f for f, _ in got]} != log {[f for f, _ in want]}"
+        assert page.locator("#frames-count").text_content() == f"({n + 1})"
+
+        st, _, _ = req(web, "POST", "/api/include", {"file": web.files[1].name}, AUTH)
+        assert st in (200, 202)
+        wait_status(web, lambda s: s["restack"] is None and s["excluded"] == 0, 30)
+    assert errors == []

@@ -292,10 +292,16 @@ async function loadFrames(generation) {
     const r = await fetch(`/api/frames?since=${since}`);
     if (!r.ok) return;
     const data = await r.json();
-    state.frames = (data.since === 0 || data.generation !== state.generation)
-      ? data.frames : state.frames.concat(data.frames);
+    if (data.since !== 0 && data.generation !== state.generation) {
+      // the log was rewritten (restack, new stack) after the status that asked for records k onward: those
+      // are the new log's, not the rest of ours; kept, the list would lack its first k for good
+      state.generation = null;
+      state.frames = [];
+      framesAgain = true;             // read again from 0
+      return;
+    }
+    state.frames = data.since === 0 ? data.frames : state.frames.concat(data.frames);
     state.generation = data.generation;
-    if (data.since !== 0 && data.generation !== generation) { framesAgain = true; }
     renderTable();
     drawPlots();
   } finally {
