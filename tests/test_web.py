@@ -330,3 +330,43 @@ def test_frames_table_survives_a_restack_during_its_fetch(web):
         assert st in (200, 202)
         wait_status(web, lambda s: s["restack"] is None and s["excluded"] == 0, 30)
     assert errors == []
+
+
+@pytest.mark.browser
+def test_sliders_follow_the_daemon_after_a_failed_stretch_post(web):
+    """A stretch POST that fails at the network level (Wi-Fi drop, daemon restarting) must not leave the page
+    thinking the user is still on a slider: the sliders follow the daemon's stretch again afterwards, and the
+    failure is said on the page rather than thrown into nowhere."""
+    from playwright.sync_api import expect
+
+    with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
+        expect(page.get_by_test_id("state")).not_to_have_text("connecting…", timeout=30_000)
+        expect(page.locator("#o-black")).to_have_text("auto")
+        # the next POST /api/stretch is refused by the network, as fetch does when the daemon is not there
+        page.evaluate("""() => { const real = window.fetch;
+            window.fetch = (url, opts) => {
+              if (!window.stretchFailed && String(url) === '/api/stretch') {
+                window.stretchFailed = true;
+                return Promise.reject(new TypeError('Failed to fetch'));
+              }
+              return real(url, opts);
+            }; }""")
+        page.eval_on_selector("#st-black", "el => { el.value = '0.04'; el.dispatchEvent(new Event('input')); }")
+        expect(page.locator("#o-black")).to_have_text("0.04")
+        page.wait_for_function("() => window.stretchFailed", timeout=5_000)
+        page.wait_for_timeout(200)
+        # another phone (or curl) sets the stretch: the status pushed to the page must move the slider
+        st, _, _ = req(web, "POST", "/api/stretch", {"black": 0.01}, AUTH)
+        assert st == 200
+        expect(page.locator("#o-black")).to_have_text("0.01", timeout=10_000)
+        assert page.eval_on_selector("#st-black", "el => Number(el.value)") == 0.01
+        expect(page.locator("#s-message")).to_contain_text("Failed to fetch")
+        expect(page.locator("#s-message")).to_have_class("note error")
+
+        # and the page's own next drag goes through
+        page.eval_on_selector("#st-black", "el => { el.value = '0.02'; el.dispatchEvent(new Event('input')); }")
+        wait_status(web, lambda s: s["stretch"]["black"] == 0.02)
+        st, _, _ = req(web, "POST", "/api/stretch", {"auto": True}, AUTH)
+        assert st == 200
+        expect(page.locator("#o-black")).to_have_text("auto", timeout=10_000)
+    assert errors == []

@@ -17,7 +17,13 @@ async function post(path, body) {
     const headers = { "Content-Type": "application/json" };
     const t = token();
     if (t) headers["Authorization"] = "Bearer " + t;
-    const r = await fetch(path, { method: "POST", headers, body: JSON.stringify(body || {}) });
+    let r;
+    try {
+      r = await fetch(path, { method: "POST", headers, body: JSON.stringify(body || {}) });
+    } catch (err) {                   // no answer at all: network down, daemon restarting
+      message(`${path}: no answer from livestack (${err.message || err})`, true);
+      return null;
+    }
     const data = await r.json().catch(() => ({}));
     if ((r.status === 401 || r.status === 403) && attempt === 0) {
       const entered = prompt("This livestack needs its token (from livestack.toml, [web] token):");
@@ -599,8 +605,12 @@ function sendStretch() {
       const el = $(s.id);
       body[k] = el.dataset.touched ? Number(s.toValue(Number(el.value)).toFixed(5)) : cur[k];
     }
-    const r = await post("/api/stretch", body);
-    dragging = false;
+    let r = null;
+    try {
+      r = await post("/api/stretch", body);
+    } finally {
+      dragging = false;               // else the sliders would never follow the daemon's stretch again
+    }
     if (r) showStatus(r);
   }, 250);
 }
