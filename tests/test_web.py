@@ -8,7 +8,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import numpy as np
 import pytest
@@ -207,8 +207,8 @@ def _chromium_or_skip():
 
 
 @contextlib.contextmanager
-def chromium_page(url: str, **page_kw):
-    """(page, console errors) of Debian's chromium, driven by Playwright, on ``url`` with the token."""
+def chromium_page(url: str, token: str = TOKEN, **page_kw):
+    """(page, console errors) of Debian's chromium, driven by Playwright, on ``url`` with ``token`` in its hash."""
     _chromium_or_skip()
     from playwright.sync_api import sync_playwright
 
@@ -222,7 +222,7 @@ def chromium_page(url: str, **page_kw):
             page = browser.new_page(**page_kw)
             page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
             page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(url + "#token=" + TOKEN)
+            page.goto(url + "#token=" + token)
             yield page, errors
         finally:
             browser.close()
@@ -370,3 +370,32 @@ def test_sliders_follow_the_daemon_after_a_failed_stretch_post(web):
         assert st == 200
         expect(page.locator("#o-black")).to_have_text("auto", timeout=10_000)
     assert errors == []
+
+
+ODD_TOKEN = "50%sure&more-token"
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("in_hash", [
+    ODD_TOKEN,                                   # as typed: a raw '%' (not an escape) and a raw '&'
+    quote(ODD_TOKEN, safe=""),                   # URL-encoded: 50%25sure%26more-token
+    "50%25sure&more-token",                      # '%' encoded, '&' raw
+])
+def test_a_token_with_percent_and_ampersand_in_the_hash(make_daemon, in_hash):
+    """`/#token=<token>` takes the rest of the hash, URL-decoded when it decodes: a '%' that is no escape
+    stopped the whole script (decodeURIComponent: URI malformed), and an '&' cut the token short."""
+    from playwright.sync_api import expect
+
+    d = make_daemon("--token", ODD_TOKEN, name="odd-token").start()
+    with chromium_page(d.url, token=in_hash) as (page, errors):
+        sent: list[str | None] = []
+        page.on("request", lambda r: sent.append(r.headers.get("authorization")) if r.method == "POST" else None)
+        expect(page.locator("#conn")).to_have_class("dot on", timeout=15_000)     # the script ran and connected
+        expect(page.get_by_test_id("state")).to_have_text("idle")
+        assert page.evaluate("localStorage.getItem('livestack-token')") == ODD_TOKEN
+        assert page.evaluate("location.hash") == ""                                  # not left in the address bar
+        page.get_by_test_id("pause").click()
+        expect(page.get_by_test_id("state")).to_have_text("paused", timeout=5_000)
+        assert sent == [f"Bearer {ODD_TOKEN}"]
+    assert errors == []
+    assert d.stop() == 0

@@ -6,9 +6,16 @@ const $ = (id) => document.getElementById(id);
 const state = { frames: [], generation: null, previewId: null, status: null, es: null, view: null };
 
 // ---------------------------------------------------------------- API helpers
+// /#token=<token>: the token is the rest of the hash ('&' included), URL-decoded when it decodes; a '%' that is
+// no escape ("50%sure") is kept as typed
 const token = (() => {
-  const m = location.hash.match(/token=([^&]+)/);
-  if (m) { localStorage.setItem("livestack-token", decodeURIComponent(m[1])); history.replaceState(null, "", location.pathname); }
+  const m = location.hash.match(/token=(.+)/);
+  if (m) {
+    let t = m[1];
+    try { t = decodeURIComponent(t); } catch (err) { /* not URL-encoded: as typed */ }
+    localStorage.setItem("livestack-token", t);
+    history.replaceState(null, "", location.pathname);
+  }
   return () => localStorage.getItem("livestack-token");
 })();
 
