@@ -414,3 +414,29 @@ def test_exports_are_made_one_at_a_time(tmp_path, six, monkeypatch):
     finally:
         gate.set()
         svc.stop(timeout=10)
+
+
+def test_an_export_that_fails_fails_alone(tmp_path, six, monkeypatch):
+    """An export only reads the stack: one that fails (a 24 MP export on a Pi without the memory) answers its
+    request with the reason and the night goes on — it stopped the worker."""
+    import shutil
+
+    from livestack.engine import outputs
+    from livestack.session import Refused
+
+    svc, out = _backlog_service(tmp_path, six[:2])
+    try:
+        _wait(svc, 2, idle=True)
+
+        def no_memory(*a, **k):
+            raise MemoryError("Unable to allocate 288. MiB")
+
+        monkeypatch.setattr(outputs, "full_image", no_memory)
+        with pytest.raises(Refused) as err:
+            svc.export("tiff", "linear").result(30)
+        assert err.value.status == 500 and "MemoryError" in str(err.value)
+        shutil.copy(six[2], tmp_path / "watch" / six[2].name)
+        _wait(svc, 3, idle=True)
+        assert svc.running and [d["status"] for d in svc.snapshot.frames][-1] == "stacked"
+    finally:
+        svc.stop(timeout=10)

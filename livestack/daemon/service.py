@@ -383,6 +383,15 @@ class Service:
                 fut.set_result(fn(*args))
             except Refused as err:
                 fut.set_exception(err)
+            except Exception as err:      # noqa: BLE001 — see below
+                if fn not in (self._cmd_export, self._cmd_stretch, self._cmd_palette):
+                    fut.set_exception(err)
+                    raise                 # a half-done change of the session: stop, the restart resumes
+                # these only read the stack (an export of 24 MP on a Pi may not find the memory): the request
+                # fails, the night goes on
+                log.error("livestack: %s failed: %s: %s", fn.__name__.lstrip("_").replace("cmd_", ""),
+                          type(err).__name__, err)
+                fut.set_exception(Refused(f"failed: {type(err).__name__}: {err}"[:300], 500))
 
     def _frame(self, item: Ready) -> None:
         self._state = "processing"
