@@ -40,7 +40,7 @@ def three_targets(tmp_path_factory):
     return sets
 
 
-def _service(tmp_path, watch: Path, out: Path, **session):
+def _service(tmp_path, watch: Path, out: Path, daemon: dict | None = None, **session):
     from livestack.daemon.config import DaemonParams, WatchParams
     from livestack.daemon.service import Service
 
@@ -48,7 +48,7 @@ def _service(tmp_path, watch: Path, out: Path, **session):
     if session:
         cfg.extra["session"] = session
     return Service(cfg, watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
-                   DaemonParams(out=str(out), checkpoint_every=2))
+                   DaemonParams(**{"out": str(out), "checkpoint_every": 2, **(daemon or {})}))
 
 
 def _feed_live(svc, watch: Path, files, *, timeout: float = 60.0) -> None:
@@ -129,6 +129,34 @@ def test_a_night_of_three_targets_ends_with_one_stack_per_target(tmp_path, three
     arch = out / second["folder"]
     for name in ("stack.fits", "preview.jpg", "frames.jsonl", "session/checkpoint.npz", "session/reference.json"):
         assert (arch / name).exists(), name
+
+
+def test_back_to_a_target_without_a_checkpoint_keeps_its_reference(tmp_path, three_targets):
+    """M13's checkpoint over [daemon] checkpoint_max_mb: back on M13 its frames are stacked again from
+    frames.jsonl — its own first (the reference, the grid as it was), then the frame that brought it back; the
+    returning frame went first and became the reference.  Meanwhile the page counts them as queued."""
+    files, parts = three_targets[True]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = _service(tmp_path, watch, out, {"checkpoint_max_mb": 0.001})
+    seen = []
+    real = type(svc)._frame
+
+    def frame(self, item):
+        if self._redo or seen:
+            seen.append((len(self._redo), self.status()["queued"], self.status()["state"]))
+        return real(self, item)
+
+    svc._frame = frame.__get__(svc)
+    svc.start()
+    _feed_live(svc, watch, parts["a"] + parts["b"] + parts["c"][:1])
+    svc.stop(timeout=30)
+    assert svc.error is None
+    m13 = _by_target(out)["M 13"]
+    assert [(r["path"], r["status"]) for r in m13] == [(parts["a"][0].name, "reference")] + [
+        (f.name, "stacked") for f in parts["a"][1:] + parts["c"][:1]]
+    redone = [x for x in seen if x[0] > 0]
+    assert redone and all(q >= n and state == "processing" for n, q, state in redone), seen
 
 
 def _wait_handled(d, n: int, timeout: float = 60.0) -> None:

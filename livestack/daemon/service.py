@@ -240,7 +240,7 @@ class Service:
             # exclude/include requests not answered yet: restacking until the last one is done, never idle between
             s["state"] = "restacking"
             s["restack"] = s.get("restack") or {"done": 0, "total": s.get("frames", 0)}
-        s["queued"] = self.files.qsize() + (self.watcher.pending() if self.watcher else 0)
+        s["queued"] = self.files.qsize() + len(self._redo) + (self.watcher.pending() if self.watcher else 0)
         s["changes"] = self._changes
         return s
 
@@ -371,6 +371,10 @@ class Service:
                 self._changes += 1
                 self._cond.notify_all()
 
+    def _nothing_waits(self) -> bool:
+        """No file queued — nor one to be stacked again after a switch of targets (_redo)."""
+        return self.files.empty() and not self._redo
+
     def _do_commands(self) -> None:
         while (cmd := self._next_command()) is not None:
             fut, fn, args = cmd
@@ -429,7 +433,7 @@ class Service:
             # one frame at a time (live): draw now; a backlog: at most every preview_s and within its share of
             # the time (a 24 MP preview takes ~0.2 s, a quarter of a frame), and at once when the queue runs
             # dry (_idle)
-            if self.files.empty() or self._spaced(self._last_preview, self.dp.preview_s, self._preview_cost, 2):
+            if self._nothing_waits() or self._spaced(self._last_preview, self.dp.preview_s, self._preview_cost, 2):
                 self._render_preview()
             if (self._fits_dirty >= self.dp.outputs_every
                     and self._spaced(self._last_fits, self.dp.outputs_s, self._fits_cost, 4)):
@@ -439,7 +443,7 @@ class Service:
         self._sky_poll()
         if self._checkpoint_due():
             self._checkpoint()
-        self._state = "idle" if self.files.empty() else "processing"
+        self._state = "idle" if self._nothing_waits() else "processing"
         self._publish()
 
     # ------------------------------------------------------------------ targets
@@ -481,7 +485,7 @@ class Service:
         else:
             log.info("held %s: %s (%d of %d for a new target)", item.rel, rec.reason, len(self._held),
                      self.sp.new_target_after)
-            self._state = "idle" if self.files.empty() else "processing"
+            self._state = "idle" if self._nothing_waits() else "processing"
             self._publish()
 
     def _settle_held(self) -> None:
@@ -553,9 +557,10 @@ class Service:
         self._refs.pop(old.id, None)
         r = self._open_current()
         self._sky_begin()
-        self._redo.extend(Ready(self.watch_dir / (d.get("path") or d["file"]), d.get("path") or d["file"])
-                          for d in r.dropped)
-        self._redo.extendleft(reversed(redo))
+        # the returning target's own frames beyond its checkpoint first (in their order: without a checkpoint its
+        # first frame is the reference again, the grid as it was), then the frames that brought it back
+        again = [Ready(self.watch_dir / (d.get("path") or d["file"]), d.get("path") or d["file"]) for d in r.dropped]
+        self._redo.extendleft(reversed(again + list(redo)))
         self._preview, self._preview_unsaved, self._preview_dirty = None, False, False
         if self.engine.has_stack:
             self._render_preview()
@@ -662,7 +667,7 @@ class Service:
         # stack.fits and the checkpoint (1–1.5 s each at 24 MP) give way to a frame that lands meanwhile: it is
         # stacked first, and they are written at the next idle moment (or, frames streaming in, on their
         # outputs_s / checkpoint_every schedule, which nothing interrupts)
-        with deferrable(lambda: not self.files.empty()):
+        with deferrable(lambda: not self._nothing_waits()):
             if self._fits_dirty:
                 self._write_fits()
             if self._since_ckpt and time.monotonic() - self._last_ckpt >= min(self.dp.checkpoint_s, 5.0):
@@ -819,7 +824,7 @@ class Service:
         if since < floor:
             return False
         share = self.dp.backlog_share
-        return self.files.empty() or not share or since * share >= cost * part
+        return self._nothing_waits() or not share or since * share >= cost * part
 
     def _checkpoint_due(self) -> bool:
         """Every ``checkpoint_every`` frames or ``checkpoint_s`` seconds — but frames alone do not make one due
