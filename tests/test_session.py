@@ -440,3 +440,38 @@ def test_an_export_that_fails_fails_alone(tmp_path, six, monkeypatch):
         assert svc.running and [d["status"] for d in svc.snapshot.frames][-1] == "stacked"
     finally:
         svc.stop(timeout=10)
+
+
+def test_a_frame_still_settling_at_new_stack_stays_with_the_old_session(tmp_path, six):
+    """The files seen before "new stack" are the old session's (its ignore list names them); one still being
+    written was listed there and yet handed on and stacked as the new session's reference — and a restart
+    without its checkpoint then dropped it (ignored)."""
+    import shutil
+
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for f in six[:2]:
+        shutil.copy(f, watch / f.name)
+    svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=1.0, timeout_s=30, rescan_s=0.5),
+                  DaemonParams(out=str(out)))
+    svc.start()
+    try:
+        _wait(svc, 2, idle=True)
+        data = six[2].read_bytes()
+        part = watch / six[2].name
+        part.write_bytes(data[: len(data) // 3])          # the camera is still writing it
+        time.sleep(0.3)
+        assert svc.status()["queued"] == 1
+        svc.new_session().result(10)
+        with open(part, "ab") as f:
+            f.write(data[len(data) // 3:])
+        shutil.copy(six[3], watch / six[3].name)           # the new session's first frame
+        _wait(svc, 1, idle=True)
+        time.sleep(1.5)                                   # past the settle time of the first
+        assert [d["file"] for d in svc.snapshot.frames] == [six[3].name]
+        assert six[2].name in json.loads((out / "session" / "ignore.json").read_text())
+    finally:
+        svc.stop(timeout=10)

@@ -1073,8 +1073,12 @@ class Service:
         if self._blocked:
             raise Refused(f"{self._disk['error']}: the current stack is not saved yet; free some space, then start "
                           f"a new one", 507)
-        ignore = self.watcher.seen() if self.watcher else set()
-        while True:             # files queued before "new stack" belong to the old target
+        # files seen before "new stack" belong to the old target: queued, to be stacked again after a switch of
+        # targets, or still being written (the watcher gives those up: listed as ignored, they are not stacked)
+        ignore = self.watcher.settle_none() if self.watcher else set()
+        ignore |= {r.rel for r in self._redo}
+        self._redo.clear()
+        while True:
             try:
                 self.files.get_nowait()
             except queue.Empty:

@@ -212,6 +212,14 @@ class Watcher:
         with self._lock:
             return self._known | set(self._pending)
 
+    def settle_none(self) -> set[str]:
+        """Every file this watcher knows, as seen(); those still settling are given up: never handed on (a "new
+        stack" leaves them to the old session, whose ignore list names them)."""
+        with self._lock:
+            self._known |= set(self._pending)
+            self._pending.clear()
+            return set(self._known)
+
     def pending(self) -> int:
         with self._lock:
             return len(self._pending)
