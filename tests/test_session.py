@@ -475,3 +475,30 @@ def test_a_frame_still_settling_at_new_stack_stays_with_the_old_session(tmp_path
         assert six[2].name in json.loads((out / "session" / "ignore.json").read_text())
     finally:
         svc.stop(timeout=10)
+
+
+def test_a_restack_leaves_the_files_failed_unread_unread(tmp_path, six):
+    """An exclude restacks every other file through a fresh engine; it read the files failed without being read
+    too — a symbolic link out of the capture folder (followed: it became the reference), or the file that
+    stopped the worker (the crash guard's)."""
+    import shutil
+
+    svc, out = _backlog_service(tmp_path, [])
+    watch = tmp_path / "watch"
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    shutil.copy(six[0], outside / six[0].name)
+    (watch / six[0].name).symlink_to(outside / six[0].name)      # a link out of the folder, the first frame
+    try:
+        _wait(svc, 1, idle=True)
+        for f in six[1:4]:
+            shutil.copy(f, watch / f.name)
+        _wait(svc, 4, idle=True)
+        before = [(d["file"], d["status"]) for d in svc.snapshot.frames]
+        assert before[0] == (six[0].name, "failed") and before[1][1] == "reference", before
+        res = svc.exclude(six[2].name).result(30)
+        after = [(d["file"], d["status"]) for d in svc.snapshot.frames]
+        assert after == [before[0], before[1], (six[2].name, "excluded"), before[3]], after
+        assert (res["stacked"], res["failed"], res["excluded"]) == (2, 1, 1)
+    finally:
+        svc.stop(timeout=10)

@@ -1041,6 +1041,12 @@ class Service:
                 if rel in want:   # keep its measurements: the plots still show why it was excluded
                     d = {**old, "status": "excluded", "reason": "excluded by the user", "weight": None,
                          "processed": _now()}
+                elif old["status"] == "failed" and old.get("index") is None:
+                    # failed without being read (no engine index): the watcher's verdict (a link out of the
+                    # folder, still incomplete at timeout) or the crash guard's — read now it would follow the
+                    # link, or stop the worker again
+                    d = old
+                    eng.count_failed()
                 else:
                     nxt = next((r for r in rels[i + 1:] if r not in want), None)
                     d = eng.process(self.watch_dir / rel,
