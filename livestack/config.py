@@ -71,14 +71,14 @@ def config_from_dict(d: dict, *, source: str = "config") -> Config:
     kwargs: dict = {}
     extra: dict = {}
     for name, values in d.items():
+        if name not in sections and name not in SHELL_SECTIONS:
+            known = ", ".join(list(sections) + list(SHELL_SECTIONS))
+            raise ConfigError(f"{source}: unknown section [{name}] (known: {known})")
+        if not isinstance(values, dict):              # `watch = 3` at the top of the file
+            raise ConfigError(f"{source}: [{name}] must be a table")
         if name in SHELL_SECTIONS:
             extra[name] = dict(values)
             continue
-        if name not in sections:
-            known = ", ".join(list(sections) + list(SHELL_SECTIONS))
-            raise ConfigError(f"{source}: unknown section [{name}] (known: {known})")
-        if not isinstance(values, dict):
-            raise ConfigError(f"{source}: [{name}] must be a table")
         kwargs[name] = make_section(hints[name], values, f"{source}: {name}")
     return Config(**kwargs, extra=extra)
 

@@ -89,6 +89,10 @@ def test_usage_and_config_errors_exit_2(tmp_path):
     cfg.write_text("[stack]\nkappa = 0.5\n")
     r = cli("stack", tmp_path, "-o", tmp_path / "o", "--config", cfg)
     assert r.returncode == 2 and "kappa" in r.stderr
+    for text in ("watch = 3\n", "stack = 3\n"):          # a daemon section or an engine one that is no table
+        cfg.write_text(text)
+        r = cli("stack", tmp_path, "-o", tmp_path / "o", "--config", cfg)
+        assert r.returncode == 2 and "must be a table" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_capture_order_not_name_order(night, tmp_path):

@@ -112,3 +112,17 @@ def test_a_cut_frame_renamed_into_place_still_waits(tmp_path):
     wp = WatchParams(settle_s=1.0, settle_complete_s=0.2, timeout_s=3.0, rescan_s=0.5)
     dt, item = _first_ready(watch, wp, lambda: (watch / ".a.part").rename(watch / "a.fits"))
     assert dt >= 2.9 and item.reason is not None and "FITS data" in item.reason, (dt, item)
+
+
+def test_a_garbled_naxis_is_judged_at_once(tmp_path):
+    """NAXIS = 999999999 (a garbled card; the standard allows 999): the layout walked that many axes in Python,
+    in the watcher's thread — minutes a call, and no other file handled meanwhile."""
+    src = tmp_path / "garbled.fits"
+    fits.PrimaryHDU(np.zeros((16, 16), np.uint16)).writeto(src)
+    data = bytearray(src.read_bytes())
+    i = data.index(b"NAXIS   =")
+    data[i:i + 80] = b"NAXIS   = 999999999".ljust(80)
+    src.write_bytes(bytes(data))
+    t0 = time.monotonic()
+    assert layout(src) == (False, None)
+    assert time.monotonic() - t0 < 0.5

@@ -118,6 +118,8 @@ def _fits_layout(path: Path, size: int) -> tuple[bool, str | None]:
                 if not end:
                     block = f.read(2880)
             naxis = keys.get(b"NAXIS", 0)
+            if not 0 <= naxis <= 999:         # over the standard's limit (a garbled card: the loop below would
+                return False, None            # take minutes): after the settle time the reader says what it is
             n = 1 if naxis else 0
             for i in range(1, naxis + 1):
                 n *= keys.get(b"NAXIS%d" % i, 0)
