@@ -123,7 +123,9 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
         say = None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
         sky_status = sky.finish(engine, stop=ctrl_c.event, say=say) if sky is not None else None
         wrote = engine.snapshot(out)
-    files_out = [fs.file_name for fs in engine.stacks if fs.name is not None or len(engine.stacks) > 1]
+    from .engine.outputs import filter_file
+
+    files_out = [f for fs in engine.stacks if (f := filter_file(engine, fs)) != "stack.fits"]
     return {"frames": len(files), "processed": processed, "interrupted": ctrl_c.event.is_set(),
             "stacked": engine.n_stacked, "rejected": engine.n_rejected,
             "failed": engine.n_failed, "exptime": engine.exptime_total, "seconds": time.perf_counter() - t0,

@@ -166,6 +166,15 @@ def test_exports_are_full_resolution_16_bit(web):
     assert st == 400 and "png or tiff" in json.loads(body)["error"]
 
 
+def test_each_filters_file_is_there_to_download(web):
+    """Frames without a FILTER: the one stack's file is stack.fits (status said stack_nofilter.fits: a 404)."""
+    st, body, _ = req(web, "GET", "/api/status")
+    files = [f["file"] for f in json.loads(body)["filters"]]
+    assert files == ["stack.fits"]
+    st, body, _ = req(web, "GET", f"/api/files/{files[0]}")
+    assert st == 200 and body[:6] == b"SIMPLE"
+
+
 def test_sse_sends_status_on_each_frame(web):
     u = urlsplit(web.url)
     conn = http.client.HTTPConnection(u.hostname, u.port, timeout=15)

@@ -1150,7 +1150,7 @@ class Service:
             "targets": [self._target_dict(t) for t in self.book.targets] if self.book else [],
             "held": [i.rel for i, _ in self._held],
             "sky": self._sky,
-            "filters": [fs.summary() for fs in e.filters.values()],
+            "filters": [{**fs.summary(), "file": outputs.filter_file(e, fs)} for fs in e.filters.values()],
             "palette": self._palette(),
             "restack": self._restack,
             "restacks": self._restacks,

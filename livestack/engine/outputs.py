@@ -147,6 +147,14 @@ def plan(engine, params: comp.ComposeParams, max_size: int = 1600):
     return p
 
 
+def filter_file(engine, fs: FilterStack, name: str = "stack.fits") -> str | None:
+    """The file write_stacks writes ``fs``'s stack to: stack_<F>.fits — or, for the one stack of frames without
+    a FILTER, only ``name`` —; None while it has no stack."""
+    if fs.stack is None:
+        return None
+    return fs.file_name if fs.name is not None or len(engine.stacks) > 1 else name
+
+
 def write_stacks(engine, out_dir: Path, params: comp.ComposeParams, *, name: str = "stack.fits") -> bool:
     """stack_<F>.fits for each filter and ``name`` (stack.fits): see the module's table.  False when nothing is
     stacked yet."""

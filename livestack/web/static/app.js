@@ -484,7 +484,7 @@ function showFilters(s) {
     tr.cells[0].style.setProperty("--fc", `var(${filterColor(list.map((x) => x.filter), f.filter)})`);
     const td = document.createElement("td");
     td.className = "dl";
-    if (f.frames > 0) {
+    if (f.frames > 0 && f.file) {
       const a = document.createElement("a");
       a.href = `/api/files/${encodeURIComponent(f.file)}`;
       a.download = f.file;
