@@ -278,15 +278,20 @@ def _session(folder: Path, tag: str) -> None:
     (folder / "session" / "checkpoint.npz").write_text(tag)
 
 
-@pytest.mark.parametrize("crash_after", ["journal", "archive", "bring", "none"])
-def test_a_switch_interrupted_anywhere_is_finished_at_the_next_start(tmp_path, crash_after, monkeypatch):
+def _two_targets(tmp_path, archived: tuple[str, str, str], current: tuple[str, str]) -> tuple[Path, Book]:
+    """OUT with target 1 archived (name, folder, its files' text) and target 2 current (name, text)."""
     out = tmp_path / "out"
     out.mkdir()
-    _session(out, "m57")
-    _session(out / "archive" / "M_13", "m13")
+    _session(out, current[1])
+    _session(out / archived[1], archived[2])
     (out / "targets.json").write_text(json.dumps({"targets": [
-        Target(1, "M 13", "archive/M_13", frames=1).to_dict(), Target(2, "M 57", ".", frames=1).to_dict()]}))
-    book = Book.open(out)
+        Target(1, archived[0], archived[1], frames=1).to_dict(), Target(2, current[0], ".", frames=1).to_dict()]}))
+    return out, Book.open(out)
+
+
+@pytest.mark.parametrize("crash_after", ["journal", "archive", "bring", "none"])
+def test_a_switch_interrupted_anywhere_is_finished_at_the_next_start(tmp_path, crash_after, monkeypatch):
+    out, book = _two_targets(tmp_path, ("M 13", "archive/M_13", "m13"), ("M 57", "m57"))
     import livestack.targets as tg
 
     real_write, real_replace = tg.write_json_atomic, tg.os.replace
@@ -333,13 +338,7 @@ def test_a_switch_interrupted_anywhere_is_finished_at_the_next_start(tmp_path, c
 def test_back_to_a_target_of_the_same_name_keeps_both(tmp_path):
     """Two panels of one OBJECT ("M 31"): going back to the first archived the current one into the first's own
     folder (archive/M_31) — over its stack — and the move of session/ then failed at this and every start."""
-    out = tmp_path / "out"
-    out.mkdir()
-    _session(out, "panel2")
-    _session(out / "archive" / "M_31", "panel1")
-    (out / "targets.json").write_text(json.dumps({"targets": [
-        Target(1, "M 31", "archive/M_31", frames=1).to_dict(), Target(2, "M 31", ".", frames=1).to_dict()]}))
-    book = Book.open(out)
+    out, book = _two_targets(tmp_path, ("M 31", "archive/M_31", "panel1"), ("M 31", "panel2"))
     book.switch(book.get(1))
     book = Book.open(out)             # the next start
     assert book.current.id == 1 and book.get(2).folder == "archive/M_31-2"
