@@ -152,11 +152,19 @@ def _print_summary(s: dict, out: Path) -> None:
 
 
 def cmd_stack(args, cfg: Config) -> int:
-    files = collect_inputs(args.inputs)
+    from .engine.outputs import is_stack_file
+    from .engine.write import output_dir_problem
+
+    out = Path(args.out).expanduser()
+    # a restack into the same folder: its own stack.fits / stack_<F>.fits are not lights (they were stacked in)
+    files = [f for f in collect_inputs(args.inputs) if not (is_stack_file(f) and f.parent.resolve() == out.resolve())]
     if not files:
         print(f"livestack stack: no RAW or FITS files in {' '.join(args.inputs)}", file=sys.stderr)
         return 1
-    out = Path(args.out).expanduser()
+    problem = output_dir_problem(out)
+    if problem:
+        print(f"livestack stack: {problem}", file=sys.stderr)
+        return 2
     from .masters_cli import load_masters
 
     try:

@@ -160,7 +160,7 @@ def _fits_imagetyp(path: Path) -> str | None:
                     typ = h.header.get("IMAGETYP", h.header.get("FRAMETYP", h.header.get("OBSTYPE")))
                     if typ is not None:
                         return _IMAGETYP.get(str(typ).strip().lower(), "unknown:" + str(typ).strip())
-    except (OSError, ValueError, TypeError, IndexError, KeyError):
+    except (OSError, ValueError, TypeError, IndexError, KeyError, fits.VerifyError):    # a garbled card
         return None
     return None
 
@@ -441,7 +441,11 @@ def build_library(calib_dir: Path | str, out_dir: Path | str, p: CalibrationPara
     say = log or (lambda s: None)
     if not calib_dir.is_dir():
         raise MasterError(f"{calib_dir}: not a folder of calibration frames")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from .engine.write import output_dir_problem
+
+    problem = output_dir_problem(out_dir)
+    if problem:
+        raise MasterError(problem)
     files, skipped = discover(calib_dir, exclude=out_dir)
     if not any(files.values()):
         raise MasterError(f"{calib_dir}: no calibration frames found (folders bias/, darks/, flats/, darkflats/ "
@@ -724,8 +728,11 @@ class MasterLibrary:
             from astropy.io import fits
 
             e = self._entry(name)
-            with fits.open(self.root / e.file, memmap=False) as hdul:
-                a = np.ascontiguousarray(hdul[0].data, dtype=np.float32)
+            try:
+                with fits.open(self.root / e.file, memmap=False) as hdul:
+                    a = np.ascontiguousarray(hdul[0].data, dtype=np.float32)
+            except (OSError, ValueError, TypeError) as err:        # cut short, overwritten, not FITS
+                raise MasterError(f"{e.file}: unreadable ({err})") from err
             if a.shape != (e.height, e.width):
                 raise MasterError(f"{e.file}: image is {a.shape[1]}×{a.shape[0]}, masters.json says "
                                   f"{e.width}×{e.height}")
@@ -776,6 +783,8 @@ class MasterLibrary:
                 hit = self._select(frame)
             except FrameError as err:
                 hit = err.reason
+            except (MasterError, OSError, ValueError) as err:    # a master damaged or changed since masters.json
+                hit = f"calibration master unusable: {err}"
             self._selected[key] = hit
         if isinstance(hit, str):
             raise FrameError(frame.path, hit)

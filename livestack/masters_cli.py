@@ -31,6 +31,12 @@ def cmd_masters(args, cfg) -> int:
     if not calib.is_dir():
         print(f"livestack masters: {calib}: not a folder", file=sys.stderr)
         return 2
+    from .engine.write import output_dir_problem
+
+    problem = output_dir_problem(out)
+    if problem:
+        print(f"livestack masters: {problem}", file=sys.stderr)
+        return 2
     say = (lambda s: None) if args.quiet else (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
     try:

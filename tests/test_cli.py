@@ -123,6 +123,56 @@ def test_file_names_beyond_ascii_reach_the_fits_header_escaped(night, tmp_path):
     assert [r["file"] for r in read_log(out / "frames.jsonl")] == names
 
 
+def _garble(path: Path, key: bytes) -> None:
+    """Make ``key``'s card one astropy cannot parse (asking for its value raises VerifyError)."""
+    b = bytearray(path.read_bytes())
+    i = b[:2880 * 4].index(key.ljust(8) + b"= ")
+    b[i:i + 80] = (key.ljust(8) + b"= 1 0").ljust(80)
+    path.write_bytes(bytes(b))
+
+
+def test_what_a_file_or_a_folder_can_do_wrong_fails_a_frame_or_says_one_line(night, tmp_path):
+    """A review's finds, each a traceback that ended the command (and lost what was stacked): a header card
+    astropy cannot parse, a master damaged since masters.json, an output path that cannot be a folder; and a
+    restack into the folder of the first stacked its own stack.fits (and stack_<F>.fits) as lights."""
+    files, _ = night(n_frames=4, seed=2)
+    _garble(files[3], b"GAIN")
+    out = tmp_path / "out"
+    assert main(["stack", str(files[0].parent), "-o", str(out), "-q"]) == 0
+    assert [r["status"] for r in read_log(out / "frames.jsonl")] == ["reference", "stacked", "stacked", "stacked"]
+    assert read_log(out / "frames.jsonl")[3]["gain"] is None              # the garbled card: its value unknown
+    # stacked again into its own folder: the same four frames, not the stack on top
+    again = files[0].parent
+    assert main(["stack", str(again), "-o", str(again), "-q"]) == 0
+    assert main(["stack", str(again), "-o", str(again), "-q"]) == 0
+    assert fits.getheader(again / "stack.fits")["NCOMBINE"] == 4
+    # an output path through a file
+    (tmp_path / "afile").write_text("")
+    r = cli("stack", again, "-o", tmp_path / "afile" / "out")
+    assert r.returncode == 2 and "cannot make the output folder" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_damaged_master_fails_the_frames_it_would_calibrate(tmp_path):
+    from drivers.simulator import SimConfig, render_calibration
+
+    calib = tmp_path / "calib"
+    render_calibration(calib, SimConfig(width=320, height=240, seed=5), n_bias=2, n_dark=2, n_flat=0, n_darkflat=0)
+    lib = tmp_path / "lib"
+    assert main(["masters", str(calib), "-o", str(lib), "-q"]) == 0
+    _garble(next(calib.rglob("*.fits")), b"EXPTIME")      # a garbled card in a calibration frame: read as well
+    dark = next(lib.glob("dark_*.fits"))
+    dark.write_bytes(dark.read_bytes()[: dark.stat().st_size // 2])
+    from conftest import make_night
+
+    files, _ = make_night(tmp_path / "lights", width=320, height=240, n_frames=2, seed=5)
+    r = cli("stack", files[0].parent, "-o", tmp_path / "out", "--masters", lib, "-q")
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    recs = read_log(tmp_path / "out" / "frames.jsonl")
+    assert [d["status"] for d in recs] == ["failed", "failed"]
+    assert recs[0]["reason"].startswith(f"calibration master unusable: {dark.name}: unreadable"), recs[0]["reason"]
+    assert main(["masters", str(calib), "-o", str(tmp_path / "lib2"), "-q"]) == 0
+
+
 def test_example_config_loads():
     """systemd/livestack.toml.example is what Pi users copy: every key in it must be known and valid."""
     from livestack.config import load_config

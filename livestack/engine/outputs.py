@@ -147,6 +147,11 @@ def plan(engine, params: comp.ComposeParams, max_size: int = 1600):
     return p
 
 
+def is_stack_file(path: Path) -> bool:
+    """stack.fits or stack_<F>.fits: what write_stacks writes (not a light to stack again)."""
+    return path.name == "stack.fits" or (path.name.startswith("stack_") and path.name.endswith(".fits"))
+
+
 def filter_file(engine, fs: FilterStack, name: str = "stack.fits") -> str | None:
     """The file write_stacks writes ``fs``'s stack to: stack_<F>.fits — or, for the one stack of frames without
     a FILTER, only ``name`` —; None while it has no stack."""

@@ -329,6 +329,8 @@ class Engine:
                 lap("stars")
         except FrameError as err:
             f.error = err
+        except Exception as err:      # noqa: BLE001 — see _unexpected
+            f.error = _unexpected(path, err)
         return f
 
     def _front_stars(self, f: "_Front") -> None:
@@ -341,6 +343,8 @@ class Engine:
             self._stars(f)
         except FrameError as err:
             f.error = err
+        except Exception as err:      # noqa: BLE001 — see _unexpected
+            f.error = _unexpected(f.path, err)
         f.timings["stars"] = time.perf_counter() - t
 
     def _stars(self, f: "_Front", found=None) -> None:
@@ -702,6 +706,14 @@ def _wcs_guess(frame_wcs, grid: Grid) -> np.ndarray | None:
         s = grid.stars_to_grid
         m = geometry.compose(geometry.invert(s), geometry.compose(m, s))
     return m
+
+
+def _unexpected(path: Path, err: Exception) -> FrameError:
+    """A frame's first stages (read, calibrate, sky, stars) change nothing of the engine's: whatever a file makes
+    a library raise there (a decoder's odd error, a master that does not fit it) fails that frame, where it
+    stopped `livestack stack` — and lost what was stacked — or the daemon's worker."""
+    log.debug("%s: %s", path.name, err, exc_info=True)
+    return FrameError(path, f"could not be read ({type(err).__name__}: {err})")
 
 
 def _r(x, nd):

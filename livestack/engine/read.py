@@ -310,8 +310,9 @@ def _read_fits(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
             int_input = header.get("BITPIX", -32) > 0
     except FrameError:
         raise
-    except (OSError, ValueError, TypeError, IndexError, KeyError) as err:
+    except (OSError, ValueError, TypeError, IndexError, KeyError, fits.VerifyError) as err:
         raise FrameError(path, f"unreadable FITS ({err})") from err
+    header = parsed_cards(header)
     if min(data.shape) < 16:
         raise FrameError(path, f"FITS image too small {data.shape}")
     if not exact and not np.isfinite(data).all():       # (BLANK pixels are NaN once astropy scales them)
@@ -553,10 +554,25 @@ def image_header(path: Path | str):
             with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
                 for hdu in hdul:
                     if hdu.header.get("NAXIS", 0) >= 2 or "ZIMAGE" in hdu.header:
-                        return hdu.header.copy()
-    except (OSError, ValueError, TypeError, IndexError, KeyError):
+                        return parsed_cards(hdu.header)
+    except (OSError, ValueError, TypeError, IndexError, KeyError, fits.VerifyError):
         pass
     return None
+
+
+def parsed_cards(header):
+    """``header`` without the cards astropy cannot parse (``GAIN = 1 0``: asking for their value raises
+    fits.VerifyError): a garbled card leaves its value unknown, as a missing one does, and the frame is read."""
+    from astropy.io import fits
+
+    out = fits.Header()
+    with quiet_warnings():
+        for card in header.cards:
+            try:
+                out.append((card.keyword, card.value, card.comment), end=True)
+            except (fits.VerifyError, ValueError):
+                continue
+    return out
 
 
 def read_pointing(path: Path | str) -> tuple[float, float] | None:

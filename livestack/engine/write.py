@@ -210,6 +210,17 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     atomic_write_with(path, lambda tmp: Path(tmp).write_bytes(data), size=len(data))
 
 
+def output_dir_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be an output folder (it is made when missing), in one sentence; None when it can."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:              # a file on the way, a read-only disk
+        return f"{path}: cannot make the output folder ({err.strerror or err})"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path}: the output folder is not writable"
+    return None
+
+
 def fsync_dir(d: Path) -> None:
     """Make a rename in ``d`` durable (best effort: some filesystems refuse to fsync a folder)."""
     try:
