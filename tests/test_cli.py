@@ -239,3 +239,13 @@ def test_ctrl_c_gives_up_a_plate_solve_still_running():
     assert batch.finish(None, stop=stop, say=said.append) is None
     assert time.monotonic() - t < 5 and not batch.solver.running
     assert batch.why == "skipped (Ctrl-C)" and "Ctrl-C skips it" in said[0]
+
+
+def test_a_capture_time_at_the_end_of_time_is_counted_not_raised():
+    import datetime as dt
+
+    from livestack.engine.filterstack import Counters
+    from livestack.engine.frame import FrameMeta
+
+    c = Counters().stacked_frame(FrameMeta(kind="fits", time=dt.datetime(9999, 12, 31, 23, 59, 30), exptime=60.0))
+    assert c.stacked == 1 and c.first_time.startswith("9999-12-31") and c.last_end is None

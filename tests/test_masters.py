@@ -212,6 +212,17 @@ def test_dark_of_60s_scaled_to_120s_matches_a_true_120s_dark(lib, tmp_path):
     assert unscaled[ok & ~hot].mean() > 2.5          # the unscaled 60 s dark leaves 3 e- behind
 
 
+def test_a_light_of_0_s_gets_the_dark_scaled_to_nothing(lib, tmp_path):
+    """EXPTIME = 0 is an exposure, not 'unknown': the 60 s dark was subtracted as it is, and nothing said so."""
+    frame, raw0 = sim_frame(tmp_path, SIM, "dark", 0.0)
+    m = lib.select(frame)
+    cal, info = calibrate(frame, dataclasses.replace(m, bad=None, flat=None), NO_COSMETIC)
+    assert info["dark_scaled"] == 0.0 and info["bias"] == m.names["bias"]
+    hot = np.zeros(cal.shape, bool)
+    hot[hot_pixels(SIM)[:, 1], hot_pixels(SIM)[:, 0]] = True
+    assert abs(float(cal[~hot].mean())) < 0.5                    # only the bias taken off: ~0 left
+
+
 def test_exact_dark_is_preferred_and_no_bias_then(lib, tmp_path):
     frame, _ = sim_frame(tmp_path, SIM, "light", 60.0)
     m = lib.select(frame)

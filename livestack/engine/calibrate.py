@@ -64,7 +64,7 @@ def calibrate(frame: Frame, masters: Masters | None, cosmetic: CosmeticParams, *
     m = masters or Masters()
     if m.dark is not None:
         t, td = frame.meta.exptime, m.dark_exptime
-        if t and td and not same_exposure(t, td) and (m.bias is not None or frame.black.any()):
+        if t is not None and td and not same_exposure(t, td) and (m.bias is not None or frame.black.any()):
             # Thermal signal scales with exposure: dark(t) = bias + (dark(td) - bias) * t / td.  Without a
             # master bias the file's black level stands in for it (LibRaw's, or FITS BLKLEVEL).
             k = np.float32(t / td)
@@ -81,7 +81,7 @@ def calibrate(frame: Frame, masters: Masters | None, cosmetic: CosmeticParams, *
                 info["dark_base"] = "black level"
         else:
             img -= m.dark
-            if t and td and not same_exposure(t, td):
+            if t is not None and td and not same_exposure(t, td):      # (t = 0 is an exposure too)
                 info["dark_unscaled"] = f"dark of {td:g} s used for {t:g} s: no bias or black level to scale it"
         info["dark"] = m.names.get("dark", True)
     elif m.bias is not None:

@@ -54,7 +54,10 @@ class Counters:
         first, last = self.first_time, self.last_end
         if m.time is not None:
             first = first or _iso(m.time)
-            last = _iso(m.time + dt.timedelta(seconds=m.exptime or 0.0))
+            try:
+                last = _iso(m.time + dt.timedelta(seconds=m.exptime or 0.0))
+            except OverflowError:       # a header's DATE-OBS at the end of year 9999
+                pass
         return dataclasses.replace(self, stacked=self.stacked + 1, exptime=self.exptime + (m.exptime or 0.0),
                                    first_time=first, last_end=last, camera=self.camera or m.camera,
                                    filter=self.filter or m.filter)
