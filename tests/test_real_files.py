@@ -25,6 +25,31 @@ def test_sony_arw(shared_data):
     assert f.saturated is not None and f.saturated.sum() == (f.data >= 16383).sum() > 0
 
 
+@pytest.mark.parametrize("part", [0.3, 0.6, 0.9, 0.99])
+def test_a_sony_arw_cut_short_fails_it_is_not_filled_in(shared_data, tmp_path, part):
+    """LibRaw decodes a truncated ARW without an error, repeating the last rows it decoded: such a frame became
+    the reference (and the whole frames after it failed on size)."""
+    from livestack.engine.frame import FrameError
+
+    data = (shared_data / "sony_ilce-7rm3_dsc2164.arw").read_bytes()
+    cut = tmp_path / "cut.arw"
+    cut.write_bytes(data[: int(len(data) * part)])
+    with pytest.raises(FrameError, match="RAW cut short: its last [0-9]+ rows repeat"):
+        read_frame(cut)
+
+
+def test_rows_repeated_at_the_bottom_are_counted_unless_flat():
+    from livestack.engine.read import _repeated_rows
+
+    rng = np.random.default_rng(0)
+    img = rng.normal(100, 5, (40, 64)).astype(np.float32)
+    assert _repeated_rows(img) == 0
+    img[30:] = np.tile(img[28:30], (5, 1))
+    assert _repeated_rows(img) == 10
+    img[30:] = 16383.0                              # clipped rows: equal, and proof of nothing
+    assert _repeated_rows(img) == 0
+
+
 @pytest.mark.parametrize("name, hdu_time", [
     ("panoptes_canon_dslr_rggb_20160909T081226.fits", dt.datetime(2016, 9, 9, 8, 12, 26)),
     ("panoptes_canon_dslr_rggb_20160909T081434.fits.fz", dt.datetime(2016, 9, 9, 8, 14, 34)),

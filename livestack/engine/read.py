@@ -160,12 +160,27 @@ def _read_raw(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
         raise FrameError(path, f"unreadable RAW ({err})") from err
     if data.ndim != 2 or min(data.shape) < 16:
         raise FrameError(path, f"RAW image has an unusable shape {data.shape}")
+    repeated = _repeated_rows(data)
+    if repeated:
+        raise FrameError(path, f"RAW cut short: its last {repeated} rows repeat one pair of rows (LibRaw fills "
+                               f"the rows a truncated file lacks)")
     meta = _exif_meta(path)
     meta.kind = "raw"
     return Frame(path, data, pattern, black, white, _saturated(data, white), meta)
 
 
-def _libraw_text(err: Exception) -> str:
+def _repeated_rows(data: np.ndarray) -> int:
+    """How many rows at the bottom are copies of the rows two above them (0 for a whole frame).  LibRaw decodes
+    a truncated compressed RAW (a Sony ARW cut at any point) without an error, repeating the last rows it
+    decoded; a sensor's noise never repeats a row of thousands of pixels — unless it holds one value
+    (clipped, or zero), which proves nothing."""
+    h = data.shape[0]
+    n = 0
+    while n < h - 2 and np.array_equal(data[h - 1 - n], data[h - 3 - n]):
+        n += 1
+    if n < 4 or float(data[h - 1].min()) == float(data[h - 1].max()):
+        return 0
+    return n
     """LibRaw's message as text: rawpy passes it as bytes (str() would show b'…')."""
     msg = err.args[0] if len(err.args) == 1 else str(err)
     return msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
