@@ -229,7 +229,9 @@ def write_outputs(engine, out_dir: Path, params: comp.ComposeParams, stretch: St
 
 def preview(engine, img, wsum, stretch: StretchParams, params: comp.ComposeParams, *, dtype=np.uint8) -> np.ndarray:
     """(h, w, 3) RGB of the stretched stack or composite (see Engine.preview)."""
-    if img is not None:
+    if img is not None:       # (full_image's: the composite when there are several filters — balanced as below)
+        if plan(engine, params) is not None:
+            stretch = _no_balance(stretch)
         return auto_stretch(img, stretch, coverage=wsum > 0, dtype=dtype, parallel_map=engine.parallel_map)
     p = plan(engine, params, stretch.max_size)
     reduced = engine.reduced(stretch.max_size)

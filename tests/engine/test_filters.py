@@ -125,6 +125,27 @@ def test_sho_composite_channels_follow_their_filters(night, tmp_path):
     assert abs(float(np.nanmedian(rgb[:, mask]))) < 0.05
 
 
+def test_the_stretched_export_of_a_composite_has_the_pages_colours(night):
+    """The export's stretch (full resolution) re-balanced the composite's colours, which the palette sets and
+    the page's preview leaves as they are: HOO came out red instead of cyan."""
+    import dataclasses
+
+    from livestack.engine import outputs
+    from livestack.engine.compose import ComposeParams
+
+    files, _ = night(mono=True, n_frames=9, seed=4, filters=("Ha", "OIII", "SII"), dither_px=2.0)
+    eng, recs = run(files)
+    cfg = Config()
+    for palette in ("SHO", "HOO"):
+        comp = ComposeParams(palette=palette)
+        page = eng.preview(stretch=cfg.stretch, compose=comp).reshape(-1, 3).astype(float) / 255
+        img, wsum = outputs.full_image(eng, comp)
+        full = dataclasses.replace(cfg.stretch, max_size=max(img.shape[1:]))
+        export = eng.preview(img, wsum, stretch=full, compose=comp, dtype=np.uint16).reshape(-1, 3) / 65535
+        bright = [x[x.sum(1) > np.percentile(x.sum(1), 99.5)].mean(0) for x in (page, export)]
+        np.testing.assert_allclose(bright[1], bright[0], atol=0.03, err_msg=palette)
+
+
 def test_dual_band_colour_camera_makes_hoo_from_one_stack(night, tmp_path):
     kw = dict(n_frames=4, seed=6, filters=("HaOIII",))
     files, _ = night(**kw)
