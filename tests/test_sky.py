@@ -137,7 +137,11 @@ def test_daemon_solves_in_the_background_and_keeps_the_wcs_across_a_restart(tmp_
                 and st["state"] == "idle":
             break
         time.sleep(0.1)
+    # an exclusion restacks through a fresh engine on the same reference: the solution stays on the stack (it
+    # was lost from every file written after it, while the status still said solved)
+    svc.exclude(files[3].name).result(60)
     svc.stop(timeout=30)
+    assert fits.getheader(out / "stack.fits")["NCOMBINE"] == 4
     sky = svc.snapshot.status["sky"]
     assert sky["state"] == "solved" and sky["object"] == "M 94" and sky["seconds"] < 60
     assert sky["scale_arcsec"] == pytest.approx(2.38, rel=0.03)

@@ -1059,7 +1059,12 @@ class Service:
             if not again:
                 break
             log.info("restack started over: a request changed a frame it had passed")
-        self.engine, self.records, self._engine_excluded = eng, new, want
+        old, self.engine, self.records, self._engine_excluded = self.engine, eng, new, want
+        if eng.has_stack and old.ref is not None and eng.ref.file == old.ref.file:
+            if old.grid.wcs is not None:
+                eng.set_wcs(old.grid.wcs)    # the same reference, the same grid: its plate solution holds
+        elif eng.has_stack:
+            self._sky_begin()                # the reference was excluded: another grid, solved anew
         self._logged = None              # frames.jsonl is rewritten whole
         self._save_log()
         self._generation += 1
