@@ -145,9 +145,13 @@ class SkySolver:
 
 
 def stars_on_grid(engine) -> tuple[np.ndarray, np.ndarray] | None:
-    """The latest stacked frame's stars mapped onto the grid (for a retry), or None."""
-    st, m = engine.last_stars, engine.last_matrix
-    if st is None or m is None or len(st.xy) == 0:
+    """The latest stacked frame's stars mapped onto the grid (for a retry), or None.  (Not last_stars: those are
+    the latest frame's, which may have been rejected or held — with last_matrix they landed elsewhere, and a
+    retry solved them, correctly, as the wrong place.)"""
+    if engine.last_stacked is None:
+        return None
+    st, m = engine.last_stacked
+    if len(st.xy) == 0:
         return None
     m = geometry.compose(engine.grid.stars_to_grid, m)
     return geometry.apply(m, np.asarray(st.xy, np.float64)), np.asarray(st.flux, np.float64)

@@ -246,3 +246,27 @@ def test_a_mono_frame_wcs_agrees_with_a_solve_of_the_image(tmp_path, shared_data
     d = _pixel_offsets(_stack_wcs(tmp_path / "out" / "stack.fits"),
                        _solve_image(fits.getdata(f).astype(np.float32), tmp_path / "solve", (2.4, 2.9)), (1760, 2328))
     assert np.median(d) < 0.2 and d.max() < 0.5, (np.median(d), d.max())
+
+
+def test_a_retry_solves_the_last_stacked_frames_stars_not_a_rejected_ones(tmp_path, shared_data):
+    """A retry plate solve took the latest frame's stars with the latest stacked frame's matrix: after a
+    rejected frame (shifted, bright sky) they lay ~73 px off, and solve-field solved them — correctly, as a
+    place 173″ away — onto the stack.  Now the stars and the matrix of the same stacked frame."""
+    from scipy.spatial import cKDTree
+
+    from livestack.config import Config
+    from livestack.engine.pipeline import Engine
+    from livestack.sky import stars_on_grid
+
+    src = sorted((shared_data / "sequences" / "seestar_m94_night1").glob("*.fit"))
+    with fits.open(src[5]) as h:
+        data, hdr = h[0].data.astype(np.int64), h[0].header.copy()
+    bad = tmp_path / "bright_shifted.fit"
+    fits.PrimaryHDU(np.clip(np.roll(data, (40, 60), axis=(0, 1)) + 6000, 0, 65535).astype(np.uint16),
+                    hdr).writeto(bad)
+    e = Engine(Config())
+    recs = [e.process(f) for f in src[:5] + [bad]]
+    assert [r.status for r in recs] == ["reference"] + ["stacked"] * 4 + ["rejected"]
+    xy, _ = stars_on_grid(e)
+    dist, _ = cKDTree(e.ref_stars_on_grid()[0]).query(xy)
+    assert np.median(dist) < 0.5, np.median(dist)

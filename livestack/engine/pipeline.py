@@ -76,6 +76,7 @@ class Engine:
         self.last_matrix: np.ndarray | None = None
         self.last_stars: Stars | None = None          # the latest frame's stars on its own grid …
         self.last_pointing: tuple[float, float] | None = None   # … and its header's pointing (matching targets)
+        self.last_stacked: tuple[Stars, np.ndarray] | None = None   # the latest stacked frame's stars, matrix
         self.index = 0
         self.failed = 0                               # frames that could not be used, whatever their filter
         self.calibration_used: dict = {}
@@ -470,6 +471,7 @@ class Engine:
         self._lap("drizzle+stack" if grid.drizzled else "debayer+warp+stack" if grid.pattern else "warp+stack")
         fs.accept(q, m)
         self.last_matrix = reg_matrix
+        self.last_stacked = (stars, reg_matrix)
 
     def _weight(self, fs: FilterStack, noise_n: np.ndarray, q: Quality) -> float:
         """The frame's weight in its filter's stack: (reference noise / its normalised noise)², times the
