@@ -340,8 +340,9 @@ def _read_fits(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
 
     meta = FrameMeta(kind="fits")
     for key in ("EXPTIME", "EXPOSURE", "EXP_TIME"):
-        if _num(header.get(key)) is not None:
-            meta.exptime = _num(header.get(key))
+        t = _num(header.get(key))
+        if t is not None and t >= 0:            # (a negative exposure is no exposure: unknown)
+            meta.exptime = t
             break
     meta.gain = _num(header.get("GAIN"))
     iso = _num(header.get("ISOSPEED", header.get("ISO")))
@@ -368,10 +369,14 @@ def _read_fits(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
     meta.object = obj or None
 
     # Levels.  Integer FITS from a camera: white = SATURATE when given, else the integer range (DATAMAX is the
-    # largest value present, not the saturation level); float data: no saturation flag without SATURATE.
+    # largest value present, not the saturation level) — 255 for a camera's RAW8 (BITPIX 8, unscaled), else 16
+    # or 32 bits; float data: no saturation flag without SATURATE.
     white = _num(header.get("SATURATE"))
     if white is None:
-        if int_input:
+        if int_input and header.get("BITPIX") == 8 and header.get("BZERO", 0) == 0 \
+                and header.get("BSCALE", 1) == 1:
+            white = 255.0
+        elif int_input:
             bits = 16 if (exact and _largest(header) < 65536) or data.max(initial=0) < 65536 else 32
             white = float(2 ** bits - 1)
         else:
@@ -608,7 +613,10 @@ def _fits_time(header) -> dt.datetime | None:
         return None
     s = s.rstrip("Z")
     try:
-        return dt.datetime.fromisoformat(s)
+        t = dt.datetime.fromisoformat(s)
+        # times are UTC without a zone (FITS); one given with its offset is brought to UTC, so that capture
+        # order and DATE-END compare it with the others
+        return t.astimezone(dt.timezone.utc).replace(tzinfo=None) if t.tzinfo is not None else t
     except ValueError:
         try:
             return dt.datetime.strptime(s[:19], "%Y-%m-%dT%H:%M:%S")

@@ -448,7 +448,10 @@ def test_read_fits_integers_as_astropy_scales_them(tmp_path, stored, bzero, bsca
     assert f.data.dtype == np.float32 and (f.data is out) == reuse
     np.testing.assert_array_equal(f.data, want)
     top = np.float64(want).max()
-    assert f.white == (65535.0 if top < 65536 else 4294967295.0)
+    if stored is np.uint8 and bzero == 0 and bscale == 1:
+        assert f.white == 255.0                         # a camera's RAW8: saturated at its top, not at 16 bits'
+    else:
+        assert f.white == (65535.0 if top < 65536 else 4294967295.0)
     assert (f.saturated is not None) == bool((want >= f.white).any())
 
 
@@ -581,3 +584,17 @@ def test_stack_threads_follow_the_cpus_the_process_may_use(monkeypatch):
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)     # (macOS, Windows)
     assert StackParams().threads == 4
     assert StackParams(threads=3).threads == 3                      # the setting wins
+
+
+def test_a_fits_time_with_its_offset_is_utc_and_a_negative_exposure_unknown(tmp_path):
+    """DATE-OBS '…T21:00:00+05:00' was read as 21:00 (the offset dropped): out of capture order beside UTC
+    times; EXPTIME = -5 took 5 s off the total integration."""
+    import datetime as dt
+
+    from livestack.engine.read import read_frame
+
+    h = fits.Header()
+    h["DATE-OBS"], h["EXPTIME"] = "2026-11-25T21:00:00+05:00", -5.0
+    fits.PrimaryHDU(np.full((32, 32), 100, np.uint16), header=h).writeto(tmp_path / "a.fits")
+    m = read_frame(tmp_path / "a.fits").meta
+    assert m.time == dt.datetime(2026, 11, 25, 16, 0, 0) and m.exptime is None
