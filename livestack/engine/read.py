@@ -533,7 +533,7 @@ def parse_sexagesimal(text) -> float | None:
 
 def _ra_deg(v, *, hours: bool) -> float | None:
     """RA in degrees from a number (in hours when ``hours``, else degrees) or a sexagesimal string (hours)."""
-    if isinstance(v, str) and re.search(r"[\s:]", v.strip()):
+    if isinstance(v, str) and (re.search(r"[\s:]", v.strip()) or _num(v) is None):     # '12 32 24', '12h32m24s'
         ra = parse_sexagesimal(v)
         ra = None if ra is None else ra * 15.0
     else:

@@ -475,6 +475,8 @@ def header_wcs(header: Mapping, shape: tuple[int, int]) -> WCS | None:
     c1, c2 = str(hdr.get("CTYPE1", "")).strip().upper(), str(hdr.get("CTYPE2", "")).strip().upper()
     if not (c1.startswith("RA---TAN") and c2.startswith("DEC--TAN")):
         return None
+    if "CRVAL1" not in hdr or "CRVAL2" not in hdr:
+        return None     # astropy would place the field at RA 0, Dec 0
     # TAN's native reference point is its pole (PV1_1 = 0, PV1_2 = 90).  Kocab.fits (PixInsight via KStars)
     # says PV1_2 = 0, which wcslib obeys: the field would land 90° away from CRVAL.  TAN takes no other PV1_m.
     for key in [k for k in hdr if re.fullmatch(r"PV1_[0-4]", k)]:

@@ -366,6 +366,11 @@ def test_header_wcs_forms_and_refusals():
     assert solve.header_wcs({**crota, "CTYPE1": "RA---SIN", "CTYPE2": "DEC--SIN"}, (800, 1200)) is None
     assert solve.header_wcs({"OBJECT": "M 94"}, (800, 1200)) is None
     assert solve.header_wcs({**crota, "CD1_1": "garbage"}, (800, 1200)) is None
+    assert solve.header_wcs({k: v for k, v in crota.items() if k != "CRVAL2"}, (800, 1200)) is None   # not 0, 0
+    from livestack.engine.read import header_pointing
+
+    assert header_pointing({"OBJCTRA": "12h32m24s", "OBJCTDEC": "+08d06m57.9s"}) == pytest.approx(
+        header_pointing({"OBJCTRA": "12 32 24", "OBJCTDEC": "+08 06 57.9"}))                  # letters as spaces
 
 
 def test_header_wcs_bottom_up_follows_read_flip():
