@@ -266,3 +266,23 @@ def test_files_waiting_reach_the_page_while_paused(make_daemon, daemon_night):
     assert s["queued"] == 2 and s["paused"], s
     conn.close()
     assert d.stop() == 0
+
+
+def test_a_restart_is_a_new_generation_of_the_frames_list(tmp_path, daemon_night):
+    """The page refetches frames.jsonl whole when `generation` changes; it started at 0 in every process, so a
+    page open across a restart (whose resume may rewrite the log) kept its old list."""
+    from livestack.config import Config
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    gens = []
+    for _ in range(2):
+        svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0),
+                      DaemonParams(out=str(out)))
+        svc.start()
+        gens.append(svc.status()["generation"])
+        svc.stop(timeout=10)
+        time.sleep(0.01)
+    assert gens[0] != gens[1], gens

@@ -103,7 +103,9 @@ class Service:
         self.records: list[dict] = []
         self.excluded: set[str] = set()
         self._engine_excluded: set[str] = set()   # the exclusions the engine's stack was built with
-        self._generation = 0
+        # frames.jsonl's version for the page (refetched whole when it changes): counted from this start's clock,
+        # so that a page open across a restart — whose resume may have rewritten the log — reads it again
+        self._generation = time.time_ns() // 1_000_000 % 2 ** 31
         self._preview: bytes | None = None
         self._preview_id = 0
         self._state = "starting"
