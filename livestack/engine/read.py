@@ -181,6 +181,9 @@ def _repeated_rows(data: np.ndarray) -> int:
     if n < 4 or float(data[h - 1].min()) == float(data[h - 1].max()):
         return 0
     return n
+
+
+def _libraw_text(err: Exception) -> str:
     """LibRaw's message as text: rawpy passes it as bytes (str() would show b'…')."""
     msg = err.args[0] if len(err.args) == 1 else str(err)
     return msg.decode("utf-8", "replace") if isinstance(msg, bytes) else str(msg)
