@@ -25,8 +25,9 @@ one by one.
 
 A streaming clip cannot judge the first frames against anything, and an outlier in the reference would then
 stay forever (and make every later frame look wrong there).  So the first ``bootstrap`` frames are buffered as
-float16 (2^-11 relative precision, far below the shot noise) and clipped against their per-cell median; from
-then on the stack streams.
+float16 (2^-11 relative precision, far below the shot noise; values stored as 2^-8 of themselves, so that up to
+1.7e7 fit — a normalised star core of a 16-bit camera passes float16's 65504) and clipped against their
+per-cell median; from then on the stack streams.
 """
 from __future__ import annotations
 
@@ -115,14 +116,32 @@ def unbin2(m: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 _F16_MAX = np.float32(np.finfo(np.float16).max)
+# A buffered frame's values are stored as F16_SCALE × themselves: float16 alone ends at 65504, which a 16-bit
+# camera's star core passes once normalised to a brighter reference frame (×1.2), and float or 32-bit FITS data
+# passed at once — the bootstrap's frames were clipped there and the stack's brightest pixels came out low
+# (0.63–0.92 of their value).  A power of two: each value is the float16 it was (the same bits) from 2^-6 up
+# to 2^24·0.99; below 2^-6 (0.0156) its absolute error is 2^-16 — a 16-bit source's own step in [0, 1] data.
+F16_SCALE = np.float32(2.0 ** -8)
 
 
-def _to_float16(x: np.ndarray, out: np.ndarray) -> None:
-    """float32 -> float16 into ``out``, clipped to its range (65504: a 16-bit camera's saturated pixels would
-    become inf); ``x`` is clipped in place (no 24 MP temporary).  OpenCV converts (same values, NaN kept):
-    17 ms per 24 MP plane where numpy takes 61."""
-    np.clip(x, -_F16_MAX, _F16_MAX, out=x)
-    cv2.add(x, 0.0, dst=out, dtype=cv2.CV_16F)
+def _to_float16(x: np.ndarray, out: np.ndarray, scale: np.float32 = F16_SCALE) -> None:
+    """float32 ``x`` × ``scale`` -> float16 into ``out``, clipped to its range; ``x`` is clipped in place (no 24 MP
+    temporary).  OpenCV converts (same values, NaN kept): 17 ms per 24 MP plane where numpy takes 61."""
+    top = _F16_MAX / scale
+    np.clip(x, -top, top, out=x)
+    if scale == 1:
+        cv2.add(x, 0.0, dst=out, dtype=cv2.CV_16F)
+    else:
+        cv2.multiply(x, float(scale), dst=out, dtype=cv2.CV_16F)
+
+
+def _from_float16(x: np.ndarray, scale: np.float32 = F16_SCALE) -> np.ndarray:
+    """A buffered float16 block (stored as ``scale`` × its values) as float32; a float32 block as it is."""
+    if x.dtype == np.float32:
+        return x
+    if scale == 1:
+        return cv2.add(x, 0.0, dtype=cv2.CV_32F)
+    return cv2.multiply(x, float(1 / scale), dtype=cv2.CV_32F)
 
 
 # Rows per block of the full-resolution pass (even: a block starts on a cell row), unless the frame's source
@@ -375,7 +394,7 @@ class RunningStack:
             if self.channel_weights:
                 for c in range(c_n):
                     x, a = channel(c)
-                    _to_float16(a, frame16[c_n + c])
+                    _to_float16(a, frame16[c_n + c], np.float32(1))     # coverage: 0…~4, stored as it is
                     _to_float16(np.nan_to_num(x, copy=False), frame16[c])
             else:
                 rows = _rows_of(channel, c_n)
@@ -671,7 +690,7 @@ class RunningStack:
 
         def block(r: tuple[int, int]) -> None:
             r0, r1 = r
-            xs = [x if x.dtype == np.float32 else cv2.add(x, 0.0, dtype=cv2.CV_32F) for x in rows(r0, r1)]
+            xs = [_from_float16(x) for x in rows(r0, r1)]
             valid = np.isfinite(xs[0])                  # inside the footprint …
             cells = np.flatnonzero(bad_cells[r0 // 2:(r1 + 1) // 2])     # … and not in a rejected cell (r0 even):
             if len(cells):                              # a few of a block's thousands, so their pixels by index
@@ -717,8 +736,8 @@ class RunningStack:
 
             def block(rows, x=x, a=a, c=c):
                 r0, r1 = rows
-                ab = a[r0:r1] if a.dtype == np.float32 else cv2.add(a[r0:r1], 0.0, dtype=cv2.CV_32F)
-                xb = x[r0:r1] if x.dtype == np.float32 else cv2.add(x[r0:r1], 0.0, dtype=cv2.CV_32F)
+                ab = _from_float16(a[r0:r1], np.float32(1))
+                xb = _from_float16(x[r0:r1])
                 ys, xs = sat_in(r0, r1)
                 if len(ys):
                     ab[ys, xs] *= np.float32(self.p.saturated_weight)
@@ -889,6 +908,7 @@ class RunningStack:
             c_n = self.shape[0]
             for f16, wt, noise, _, _ in self.buffer:
                 sub = np.stack([f16[c, ::step, ::step].astype(np.float32) for c in range(f16.shape[0])])
+                sub[:c_n] *= 1 / F16_SCALE       # the values (not a drizzle's coverages) as they were
                 if self.channel_weights:    # values weighted by their coverage, then divided
                     sub[:c_n] *= sub[c_n:]
                     sub = reduce(sub, max_size)
@@ -925,6 +945,7 @@ class RunningStack:
             "counters": np.array([self.frames, self.rejected_total]),
             "channel_weights": np.array(self.channel_weights),
             "bootstrap_rejected": np.array(self.bootstrap_rejected, np.int64),
+            "f16_scale": np.array(F16_SCALE),        # the buffered frames' (older checkpoints: 1)
         }
         if self.sums is not None:
             s.update({k: getattr(self, k) for k in self._ARRAYS})
@@ -951,9 +972,13 @@ class RunningStack:
             for k in cls._ARRAYS:
                 setattr(st, k, load(k))
         i = 0
+        rescale = F16_SCALE / np.float32(s["f16_scale"] if "f16_scale" in s else 1)
         while f"buf{i}_img" in s:
             sat = np.array(s[f"buf{i}_sat"]).reshape(2, -1) if f"buf{i}_sat" in s else None
-            st.buffer.append((load(f"buf{i}_img"), float(s[f"buf{i}_w"]), np.array(s[f"buf{i}_noise"]), sat,
-                              load(f"buf{i}_cells")))
+            img = load(f"buf{i}_img")
+            if rescale != 1:           # a checkpoint of an older livestack: its values as they were
+                values = img[: st.shape[0]] if cw else img
+                np.multiply(values, rescale, out=values, casting="unsafe")
+            st.buffer.append((img, float(s[f"buf{i}_w"]), np.array(s[f"buf{i}_noise"]), sat, load(f"buf{i}_cells")))
             i += 1
         return st
