@@ -806,8 +806,12 @@ class RunningStack:
                                     borderType=cv2.BORDER_REFLECT)
                 w_b = cv2.boxFilter(np.asarray(wsum[c], np.float32), -1, k, normalize=False,
                                     borderType=cv2.BORDER_REFLECT)
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    mean[i][holes] = s_b[holes] / w_b[holes]
+                # only where a neighbour has a sample: OpenCV's running sums leave residues (s_b −1.5e-11 over
+                # a w_b of exactly 0 at a ×3 grid's edge gave −inf — −3.4e38 in stack.fits); counted exactly
+                n_b = cv2.boxFilter((wsum[c] > 0).view(np.uint8), cv2.CV_32F, k, normalize=False,
+                                    borderType=cv2.BORDER_REFLECT)
+                fill = holes & (n_b > 0.5) & (w_b > 0)
+                mean[i][fill] = s_b[fill] / w_b[fill]
             if self.sharpen:
                 _sharpen_covered(mean[i], self.sharpen)
         return mean, w2

@@ -7,6 +7,7 @@ import dataclasses
 
 import numpy as np
 import pytest
+from astropy.io import fits
 from scipy.optimize import least_squares
 
 from conftest import through_checkpoints, truth_matrix
@@ -299,3 +300,17 @@ def test_drizzle_frame_too_big_fails_with_its_reason(undersampled):
     eng = Engine(_cfg(scale=4, max_memory_mb=64))
     rec = eng.process(files[0])
     assert rec.status == "failed" and "drizzle ×4" in rec.reason and "64 MB" in rec.reason
+
+
+def test_a_colour_drizzle_x3_has_no_infinities_at_its_edges(night, tmp_path):
+    """A channel's hole is filled from its 5×5 neighbourhood's sums; OpenCV's running box sums left −1.5e-11 over
+    a weight of exactly 0 at a ×3 grid's bottom and right edges (no B sample within 2 px): ±inf in the stack,
+    −3.4e38 in stack.fits, and the linear export all black (a review).  Holes with no sampled neighbour stay
+    NaN (uncovered)."""
+    files, _ = night(n_frames=5, seed=3, width=321, height=241, rotation_deg=0.1, n_stars=1600)
+    eng, recs, img, wsum = _stack(files, _cfg(scale=3, pixfrac=1.0))
+    assert all(r.status in ("reference", "stacked") for r in recs)
+    assert not np.isinf(img).any() and np.isfinite(img[:, wsum > 0]).mean() > 0.99
+    eng.snapshot(tmp_path / "out")
+    data = fits.getdata(tmp_path / "out" / "stack.fits")
+    assert np.abs(data).max() < 1e6
