@@ -66,6 +66,18 @@ def blur_variance(pixfrac: float, scale: float) -> float:
     return ((pixfrac * scale) ** 2 + 1.0) / 12.0
 
 
+MAX_COMPENSATED_DROP = 2.0     # grid px
+
+
+def compensated_drop(pixfrac: float, scale: float) -> float:
+    """The width (grid px) of the drop compensation() takes out: the drop's, at most 2 grid px.  A wider box has a
+    zero of its transfer inside the grid's band, which a 5-tap filter can only overshoot: at ×3 and ×4 (pixfrac
+    1) its taps were (0.15, −1.02, 2.73) and (0.40, −2.30, 4.81), the background noise 1.1× and 1.4× ×2's, and a
+    bright star ringed to −15 500 and −75 500 ADU on a sky of 425 (a review; ×2: −750).  A wider drop keeps the
+    rest of its blur."""
+    return min(pixfrac * scale, MAX_COMPENSATED_DROP)
+
+
 def compensation(pixfrac: float, scale: float) -> tuple[float, float, float, float, float]:
     """The 5-tap filter (c, b, 1 − 2b − 2c, b, c), applied along each grid axis, that takes the drizzle's own blur
     out of its stack — the two boxes of blur_variance — to fourth order: its second and fourth cumulants are
@@ -80,8 +92,8 @@ def compensation(pixfrac: float, scale: float) -> tuple[float, float, float, flo
     the star seen through one sensor pixel, 1.477 px): raw drizzle 1.577 px (pixfrac 0.6) / 1.666 (1.0), 3-tap
     1.505 / 1.532, this filter 1.490 / 1.496, a 7-tap matching κ₆ too 1.486 / 1.485 (its centre 1.89 at
     pixfrac 1: not worth its noise).  Through `livestack stack` (bench_drizzle --sim): README, drizzle."""
-    v = blur_variance(pixfrac, scale)
-    w = pixfrac * scale
+    w = compensated_drop(pixfrac, scale)
+    v = (w * w + 1.0) / 12.0                  # blur_variance, of the drop compensated
     m2 = -v                                   # the filter's second moment: −κ₂ of the boxes
     m4 = (w ** 4 + 1.0) / 120.0 + 3 * v * v   # its fourth moment: κ₄ = +Σ w⁴/120, m₄ = κ₄ + 3κ₂²
     c = (m4 - m2) / 24.0                      # m₂ = 2b + 8c, m₄ = 2b + 32c
