@@ -280,3 +280,50 @@ def test_a_gain_defined_late_by_a_slow_driver_is_still_set(tmp_path):
             assert cam.client.get(cam.device, "CCD_GAIN").values["GAIN"] == 40
         finally:
             cam.close()
+
+
+def _guide(port: int, stop) -> int:
+    """A guiding program on its own connection: guide-chip (CCD2) exposures back to back until `stop` is set,
+    as PHD2 takes them from a camera with a guide head. Returns the number of guide frames it received."""
+    c = IndiClient("127.0.0.1", port, timeout=2)
+    c.connect()
+    n = 0
+    try:
+        c.wait(lambda: c.get(DEVICE, "GUIDER_EXPOSURE") is not None, 10, "the guide head")
+        c.enable_blobs(DEVICE)
+        while not stop.is_set():
+            c.blobs.clear()
+            c.set_values(DEVICE, "GUIDER_EXPOSURE", {"GUIDER_EXPOSURE_VALUE": 0.5})
+            try:
+                c.wait(lambda: any(b.name == "CCD2" for b in c.blobs) or stop.is_set(), 5, "a guide frame")
+            except TimeoutError:   # the simulator now and then drops a guide exposure: take the next one
+                continue
+            n += any(b.name == "CCD2" for b in c.blobs)
+    finally:
+        c.close()
+    return n
+
+
+@server_test
+def test_guide_frames_of_a_camera_with_a_guide_head_are_not_written_as_lights(indi, tmp_path):
+    """The simulator has a guide head (CCD2) like SX and some QHY cameras: while a guiding program takes guide
+    frames on it, every light is a main-chip (CCD1) frame, never a guide frame named and headed as a light
+    (the review's repro: light_0000 was a 290×500 guide frame with our EXPTIME)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    out = tmp_path / "lights"
+    stop = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        guided = pool.submit(_guide, indi.port, stop)
+        time.sleep(0.5)
+        try:
+            r = run_capture(indi.port, out, "5", "--count", "4", "--download-timeout", "10", timeout=90)
+        finally:
+            stop.set()
+        assert guided.result(timeout=20) > 0     # guiding did run alongside
+    assert r.returncode == 0, r.stderr
+    files = sorted(out.iterdir())
+    assert [f.name for f in files] == [f"light_{i:04d}_5s.fits" for i in range(4)]
+    for f in files:
+        assert fits.getdata(f).shape == (360, 480), f.name

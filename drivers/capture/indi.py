@@ -32,6 +32,7 @@ from .common import (Backoff, CaptureError, CapturePlan, IMAGETYP, Stop, add_pla
 log = logging.getLogger("drivers.capture.indi")
 
 CCD_INTERFACE, FILTER_INTERFACE = 1 << 1, 1 << 4   # bits of DRIVER_INFO.DRIVER_INTERFACE
+MAIN_CHIP = "CCD1"                                  # the BLOB of the main chip's frames (CCD2: a guide head)
 FRAME_TYPE = {"light": "FRAME_LIGHT", "bias": "FRAME_BIAS", "dark": "FRAME_DARK", "flat": "FRAME_FLAT",
               "darkflat": "FRAME_DARK"}
 
@@ -137,8 +138,10 @@ class IndiClient:
         self.send(f'<new{kind}Vector device="{_esc(device)}" name="{_esc(name)}">{"".join(parts)}'
                   f'</new{kind}Vector>')
 
-    def enable_blobs(self, device: str, mode: str = "Also") -> None:
-        self.send(f'<enableBLOB device="{_esc(device)}">{mode}</enableBLOB>')
+    def enable_blobs(self, device: str, mode: str = "Also", *, name: str | None = None) -> None:
+        """Ask for the BLOBs of `device` (only those of its property `name`, if given)."""
+        prop = f' name="{_esc(name)}"' if name else ""
+        self.send(f'<enableBLOB device="{_esc(device)}"{prop}>{mode}</enableBLOB>')
 
     # ------------------------------------------------------------ receiving
 
@@ -337,7 +340,9 @@ class IndiCamera:
         self.client = c
         self.device = self._find_ccd(c)
         dev = self.device
-        c.enable_blobs(dev)
+        # the main chip's frames only: a camera with a guide head (the simulator, SX, some QHY) sends the guide
+        # chip's frames as CCD2 while a guiding program uses it
+        c.enable_blobs(dev, name=MAIN_CHIP)
         if not c.get(dev, "CONNECTION").values.get("CONNECT"):
             log.info("connecting %s", dev)
             c.set_values(dev, "CONNECTION", {"CONNECT": True})
@@ -542,12 +547,16 @@ class IndiCamera:
             if exp.state == "Alert":
                 last = c.messages[-1] if c.messages else "no message"
                 raise TimeoutError(f"{dev}: exposure failed ({last})")
-            return any(b.device == dev for b in c.blobs)
+            return any(self._ours(b) for b in c.blobs)
 
         c.wait(arrived, t + self.opts.download_timeout, f"frame {index} from {dev}")
-        blob = next(b for b in c.blobs if b.device == dev)
+        blob = next(b for b in c.blobs if self._ours(b))
         c.blobs.clear()
         return self._write(index, blob, start, ccd_temp)
+
+    def _ours(self, blob: Blob) -> bool:
+        """A frame of our exposure: the main chip's, not a guide head's (CCD2) taken by a guiding program."""
+        return blob.device == self.device and blob.name == MAIN_CHIP
 
     def _write(self, index: int, blob: Blob, start: datetime, ccd_temp: float | None) -> Path:
         data, fmt = blob.data, blob.format.lower() or ".fits"
