@@ -45,6 +45,24 @@ def test_numbering_continues_after_existing_frames(tmp_path):
     assert next_index(tmp_path, "flat") == 0
 
 
+def test_a_deleted_last_frame_number_is_not_used_again(tmp_path):
+    """The last frame of a run is deleted (a bad one); the next run does not reuse its name, which the daemon,
+    having handled that path already, would skip. The numbers used are kept in a hidden file, per kind."""
+    args = ["-m", "drivers.capture.sim", "1", "--count", "3", "--width", "64", "--height", "48", "-q",
+            "-o", str(tmp_path)]
+    assert run(*args).returncode == 0
+    (tmp_path / "light_0002_1s.fits").unlink()
+    assert run(*args[:3], "--count", "1", *args[5:]).returncode == 0
+    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert names == ["light_0000_1s.fits", "light_0001_1s.fits", "light_0003_1s.fits"]
+    for f in tmp_path.glob("light_*"):
+        f.unlink()                                  # all of them gone: still no number used twice
+    assert next_index(tmp_path, "light") == 4 and next_index(tmp_path, "dark") == 0
+    assert [p.name for p in tmp_path.iterdir()] == [".livestack-capture-index"]
+    (tmp_path / ".livestack-capture-index").write_text("{not json")   # unreadable: the files present count, with a warning
+    assert next_index(tmp_path, "light") == 0
+
+
 def test_calibration_folders_are_what_masters_reads(tmp_path):
     """bias/, darks/, flats/, darkflats/ under OUT (the simulator's --calib layout, which `livestack masters`
     reads); lights in OUT itself. Checked by capturing each type with the sim driver."""
@@ -54,7 +72,7 @@ def test_calibration_folders_are_what_masters_reads(tmp_path):
         r = run("-m", "drivers.capture.sim", exposure, "--type", kind, "--count", "2", "--width", "64",
                 "--height", "48", "-q", "-o", str(tmp_path))
         assert r.returncode == 0, r.stderr
-    found = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()}
+    found = {p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("[!.]*") if p.is_file()}
     assert found == {"bias/bias_0000_0s.fits", "bias/bias_0001_0s.fits",
                      "darks/dark_0000_60s.fits", "darks/dark_0001_60s.fits",
                      "flats/flat_0000_1.5s.fits", "flats/flat_0001_1.5s.fits",
@@ -205,8 +223,8 @@ def test_sigterm_finishes_the_frame_and_exits_cleanly(tmp_path):
     assert proc.returncode == 0, err
     assert time.monotonic() - t0 < 3
     assert "SIGTERM: finishing the current exposure" in err
-    files = sorted(tmp_path.iterdir())
-    assert files and all(not f.name.startswith(".") for f in files)
+    files = sorted(f for f in tmp_path.iterdir() if f.name != ".livestack-capture-index")
+    assert files and all(not f.name.startswith(".") for f in files)   # no temporary file left
     for i, f in enumerate(files):
         assert f.name == f"light_{i:04d}_30s.fits"
         assert fits.getdata(f).shape == (240, 320)
@@ -217,7 +235,7 @@ def test_sim_driver_frames_stack_and_resume_numbering(tmp_path):
             "--format", "dng", "--gain", "200", "-o", str(tmp_path / "in")]
     assert run(*args).returncode == 0
     assert run(*args).returncode == 0   # a second run appends 0003..0005 and continues the drift
-    names = sorted(p.name for p in (tmp_path / "in").iterdir())
+    names = sorted(p.name for p in (tmp_path / "in").iterdir() if not p.name.startswith("."))
     assert names == [f"light_{i:04d}_60s.dng" for i in range(6)]
     r = run("-m", "livestack.cli", "stack", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "-q", "--no-solve")
     assert r.returncode == 0 and r.stdout.startswith("6 stacked, 0 rejected, 0 failed of 6"), r.stdout + r.stderr
@@ -257,13 +275,13 @@ def test_a_filter_wheel_night_gets_each_filter_its_own_flat(tmp_path):
         r = run("-m", "drivers.capture.sim", exposure, "--type", kind, "--count", "4", *common, *extra,
                 "-o", str(calib))
         assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in (calib / "flats").iterdir()) == [
+    assert sorted(p.name for p in (calib / "flats").glob("[!.]*")) == [
         "flat_0000_1s_L.fits", "flat_0001_1s_Ha.fits", "flat_0002_1s_L.fits", "flat_0003_1s_Ha.fits"]
     r = run("-m", "livestack.cli", "masters", str(calib), "-o", str(tmp_path / "lib"), "-q")
     assert r.returncode == 0, r.stdout + r.stderr
     r = run("-m", "drivers.capture.sim", "60", "--count", "4", "--filters", "L,Ha", *common, "-o", str(lights))
     assert r.returncode == 0, r.stderr
-    assert sorted(p.name for p in lights.iterdir()) == [
+    assert sorted(p.name for p in lights.glob("[!.]*")) == [
         "light_0000_60s_L.fits", "light_0001_180s_Ha.fits", "light_0002_60s_L.fits", "light_0003_180s_Ha.fits"]
     r = run("-m", "livestack.cli", "stack", str(lights), "-o", str(tmp_path / "out"), "--masters",
             str(tmp_path / "lib"), "-q", "--no-solve")

@@ -46,7 +46,7 @@ def test_captured_frames_are_dngs_and_stack(card, tmp_path):
             "--delete-from-card", "-o", str(out))
     assert r.returncode == 0, r.stderr
     assert "camera has no ISO control; ignoring --iso 800" in r.stderr   # the virtual camera has none
-    files = sorted(out.iterdir())
+    files = sorted(out.glob("[!.]*"))
     assert len(files) == n
     served = (card / "IMG_0001.JPG").read_bytes()   # the virtual camera serves its first file every time
     for i, f in enumerate(files):
@@ -83,7 +83,7 @@ def test_camera_gone_mid_run_is_retried_and_the_count_completed(card, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err
-    assert sorted(f.name[:13] for f in out.iterdir()) == [f"light_{i:04d}_1s" for i in range(n)]
+    assert sorted(f.name[:13] for f in out.glob("[!.]*")) == [f"light_{i:04d}_1s" for i in range(n)]
     assert "camera (frame 2): " in err or "camera (frame 3): " in err, err
     assert "retrying in 1 s" in err
 

@@ -125,7 +125,7 @@ def test_captured_frames_stack(indi, tmp_path):
     out = tmp_path / "lights"
     r = run_capture(indi.port, out, "0.5", "--count", str(N), "--gain", "40")
     assert r.returncode == 0, r.stderr
-    files = sorted(out.iterdir())
+    files = sorted(out.glob("[!.]*"))
     assert [f.name for f in files] == [f"light_{i:04d}_0.5s.fits" for i in range(N)]
     for f in files:
         h = fits.getheader(f)
@@ -144,7 +144,7 @@ def test_dark_with_filter_goes_to_darks_folder(indi, tmp_path):
     r = run_capture(indi.port, tmp_path, "0.2", "--count", "2", "--type", "dark", "--filter-slot", "3",
                     "--temperature", "-1", "--temp-timeout", "20")
     assert r.returncode == 0, r.stderr
-    files = sorted((tmp_path / "darks").iterdir())
+    files = sorted((tmp_path / "darks").glob("[!.]*"))
     assert [f.name for f in files] == ["dark_0000_0.2s_Blue.fits", "dark_0001_0.2s_Blue.fits"]
     h = fits.getheader(files[0])
     assert (h["IMAGETYP"], h["FILTER"], h["EXPTIME"]) == ("Dark Frame", "Blue", 0.2)
@@ -180,9 +180,9 @@ def test_server_restart_mid_run_loses_no_frame(indi, tmp_path):
             proc.kill()
             proc.communicate()      # its pipes closed here, not by a later test's garbage collection
     assert proc.returncode == 0, err
-    names = sorted(f.name for f in out.iterdir())
+    names = sorted(f.name for f in out.glob("[!.]*"))
     assert names == [f"light_{i:04d}_0.3s.fits" for i in range(n)]
-    for f in out.iterdir():
+    for f in out.glob("[!.]*"):
         assert fits.getdata(f).ndim == 2 and fits.getheader(f)["EXPTIME"] == 0.3
     lost = [line for line in err.splitlines() if "retrying in" in line]
     assert lost, err   # one line per failed try: the loss, then maybe a refused connect while it restarts
@@ -323,7 +323,7 @@ def test_guide_frames_of_a_camera_with_a_guide_head_are_not_written_as_lights(in
             stop.set()
         assert guided.result(timeout=20) > 0     # guiding did run alongside
     assert r.returncode == 0, r.stderr
-    files = sorted(out.iterdir())
+    files = sorted(out.glob("[!.]*"))
     assert [f.name for f in files] == [f"light_{i:04d}_5s.fits" for i in range(4)]
     for f in files:
         assert fits.getdata(f).shape == (360, 480), f.name

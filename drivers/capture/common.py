@@ -9,6 +9,7 @@ The daemon's only interface to a camera is its watched folder, so these rules ar
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import re
@@ -19,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+
+from ..atomic import atomic_write
 
 log = logging.getLogger("drivers.capture")
 
@@ -85,18 +88,52 @@ def frame_name(kind: str, index: int, exposure: float, ext: str, *, filter: str 
     return "_".join(parts) + ext
 
 
+INDEX_FILE = ".livestack-capture-index"
+
+
 def next_index(folder: Path, kind: str) -> int:
-    """The index after the highest existing `kind_NNNN_…` file in `folder` (0 for none), so that a
-    restarted run appends instead of overwriting."""
+    """The index after the highest one ever used for `kind` in `folder`: the highest existing
+    `kind_NNNN_…` file, or the highest recorded in the folder's INDEX_FILE (record_index), whichever is
+    higher; 0 for none. A restarted run appends instead of overwriting, and a number whose file was deleted
+    (a bad last frame) is not used again: the daemon remembers every path it has handled and would skip a
+    new file under an old name."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
-    top = -1
+    top = _recorded(folder).get(kind, -1)
     for f in folder.iterdir():
         m = _NAME_RE.match(f.name)
         if m and m["kind"] == kind:
             top = max(top, int(m["index"]))
     return top + 1
+
+
+def _recorded(folder: Path) -> dict[str, int]:
+    """INDEX_FILE's {kind: highest index used}; {} when missing or unreadable (then the files alone count)."""
+    path = Path(folder) / INDEX_FILE
+    try:
+        got = json.loads(path.read_text())
+        return {k: int(v) for k, v in got.items() if k in KINDS}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        log.warning("%s unreadable (%s): numbering from the files present", path, err)
+        return {}
+
+
+def record_index(folder: Path, kind: str, index: int) -> None:
+    """Remember that `index` was used for `kind` in `folder` (INDEX_FILE, hidden, written atomically), so
+    that next_index never hands it out again, even once its file is deleted. A failure is a warning: the
+    frame itself is written, and its file still counts while it is there."""
+    folder = Path(folder)
+    seen = _recorded(folder)
+    if seen.get(kind, -1) >= index:
+        return
+    seen[kind] = index
+    try:
+        atomic_write(folder / INDEX_FILE, (json.dumps(seen, sort_keys=True) + "\n").encode())
+    except OSError as err:
+        log.warning("could not record frame number %d in %s (%s)", index, folder / INDEX_FILE, err)
 
 
 _TMP_RE = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp$")
@@ -245,7 +282,8 @@ class Stop:
 def run_plan(plan: CapturePlan, take: Callable[[int], Path], stop: Stop, *,
              on_frame: Callable[[Path], None] | None = None) -> list[Path]:
     """The capture loop: take(index) -> written path, plan.count times (or until stopped), pausing
-    plan.interval between frames. Numbering continues after existing files of the same kind."""
+    plan.interval between frames. Numbering continues after the highest number ever used for the kind in the
+    folder (next_index), and each number used is recorded (record_index)."""
     plan.folder.mkdir(parents=True, exist_ok=True)
     for f in clean_stale_temps(plan.folder):
         log.info("removed %s, left by a writer that was killed", f.name)
@@ -259,6 +297,7 @@ def run_plan(plan: CapturePlan, take: Callable[[int], Path], stop: Stop, *,
             path = take(first + n)
         except StopRequested:
             break
+        record_index(plan.folder, plan.kind, first + n)
         written.append(path)
         n += 1
         total = f"/{plan.count}" if plan.count else ""
