@@ -112,3 +112,30 @@ def test_unknown_port_is_a_usage_error(card, tmp_path):
 def test_shutter_speed_choices_parse(text, seconds):
     got = parse_speed(text)
     assert got == seconds if seconds is None else abs(got - seconds) < 1e-9
+
+
+@pytest.fixture
+def fake_gp(monkeypatch):
+    """The fake gphoto2 module (tests/fake_gphoto2.py) in place of the real one: a RAW+JPEG bulb camera."""
+    import fake_gphoto2
+
+    monkeypatch.setitem(sys.modules, "gphoto2", fake_gphoto2)
+    fake_gphoto2.Camera.last = None
+    return fake_gphoto2
+
+
+def test_raw_plus_jpeg_bulb_frames_are_each_their_own_raw(fake_gp, tmp_path):
+    """A camera set to RAW+JPEG announces two files per bulb frame: each frame is its own exposure's RAW,
+    never the JPEG left over from the frame before (the review's repro: frame 1 was IMG_0001.JPG, and every
+    other RAW was lost)."""
+    from drivers.capture.common import CapturePlan, Stop
+    from drivers.capture.gphoto import GphotoOptions, capture
+
+    plan = CapturePlan(exposure=0.2, count=3, out=tmp_path)
+    files = capture(plan, GphotoOptions(delete_from_card=True), Stop())
+    assert [f.name for f in files] == [f"light_{i:04d}_0.2s_IMG_{i + 1:04d}.CR2" for i in range(3)]
+    for i, f in enumerate(files):
+        assert f.read_bytes().endswith(f"raw frame {i + 1}".encode())
+    cam = fake_gp.Camera.last
+    assert [x for x in cam.log if x.startswith("download")] == [f"download IMG_{i:04d}.CR2" for i in (1, 2, 3)]
+    assert cam.card == {}     # --delete-from-card: the JPEGs too, not only the frames kept

@@ -30,6 +30,7 @@ log = logging.getLogger("drivers.capture.gphoto")
 ISO_WIDGETS = ("iso", "isospeed")
 SHUTTER_WIDGETS = ("shutterspeed", "shutterspeed2", "eos-shutterspeed")
 BULB_CHOICES = ("bulb", "b")
+JPEG_EXTS = (".jpg", ".jpeg")   # of RAW+JPEG's files the other one is the frame
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +38,7 @@ class GphotoOptions:
     port: str | None = None            # e.g. "usb:001,004"; None: the first camera found
     delete_from_card: bool = False
     event_timeout: float = 30.0        # s to wait for the file after a bulb exposure
+    event_quiet: float = 1.0           # s without a new file that ends a bulb frame's files (RAW+JPEG: two)
 
 
 def parse_speed(text: str) -> float | None:
@@ -208,6 +210,8 @@ class GphotoCamera:
     def _bulb_exposure(self) -> tuple[str, str]:
         gp, w = self.gp, self.bulb
         press, release = (("Press Full", "Release Full") if w == "eosremoterelease" else (1, 0))
+        for folder, name in self._pending_files():   # the last frame's late ones: not this exposure's
+            self._drop(folder, name, "announced before this exposure")
         try:
             self._set(w, press)
         except gp.GPhoto2Error as err:
@@ -218,12 +222,46 @@ class GphotoCamera:
         # not stop.wait: a stop request ends the run after this exposure, it does not cut it short
         time.sleep(self.plan.exposure)
         self._set(w, release)
+        # RAW+JPEG (and RAW on two cards) adds two or more files, each with its own event: take them all, until
+        # none has come for event_quiet s, or the next frame would take this one's leftover
+        added: list[tuple[str, str]] = []
         end = time.monotonic() + self.opts.event_timeout
-        while time.monotonic() < end:
-            kind, data = self.camera.wait_for_event(500)
+        last = None
+        while time.monotonic() < end and (last is None or time.monotonic() - last < self.opts.event_quiet):
+            kind, data = self.camera.wait_for_event(100 if added else 500)
             if kind == gp.GP_EVENT_FILE_ADDED:
-                return data.folder, data.name
-        raise gp.GPhoto2Error(gp.GP_ERROR_TIMEOUT)
+                added.append((data.folder, data.name))
+                last = time.monotonic()
+        if not added:
+            raise gp.GPhoto2Error(gp.GP_ERROR_TIMEOUT)
+        keep = next((f for f in added if not f[1].lower().endswith(JPEG_EXTS)), added[0])
+        for folder, name in added:
+            if (folder, name) != keep:
+                self._drop(folder, name, f"the same exposure as {keep[1]}")
+        return keep
+
+    def _pending_files(self) -> list[tuple[str, str]]:
+        """The files the camera has announced and not yet been asked about (events read until a quiet one,
+        2 s at most: some cameras send property changes without end)."""
+        gp, found = self.gp, []
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            kind, data = self.camera.wait_for_event(10)
+            if kind == gp.GP_EVENT_FILE_ADDED:
+                found.append((data.folder, data.name))
+            elif kind == gp.GP_EVENT_TIMEOUT:
+                break
+        return found
+
+    def _drop(self, folder: str, name: str, why: str) -> None:
+        """A file that is not a frame we keep (the JPEG of RAW+JPEG): skipped, and deleted from the card with
+        --delete-from-card like the frames."""
+        log.debug("skipping %s%s (%s)", folder, name, why)
+        if self.opts.delete_from_card:
+            try:
+                self.camera.file_delete(folder, name)
+            except self.gp.GPhoto2Error as err:
+                log.warning("could not delete %s%s from the card: %s", folder, name, err)
 
     def _responds(self) -> bool:
         try:

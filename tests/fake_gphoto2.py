@@ -1,0 +1,117 @@
+"""A stand-in for python-gphoto2 (the parts drivers.capture.gphoto uses): a Canon-like camera whose longest
+shutter speed is 1/10 s, so that longer exposures are bulb (eosremoterelease), set to RAW+JPEG: each bulb
+frame adds two files, IMG_n.CR2 then IMG_n.JPG, each announced by its own FILE_ADDED event as real cameras do.
+Install it with monkeypatch.setitem(sys.modules, "gphoto2", fake_gphoto2); Camera.last is the camera."""
+from __future__ import annotations
+
+import collections
+
+__version__ = "fake"
+GP_EVENT_UNKNOWN, GP_EVENT_TIMEOUT, GP_EVENT_FILE_ADDED = 0, 1, 2
+GP_ERROR_TIMEOUT = -10
+GP_CAPTURE_IMAGE = 0
+GP_FILE_TYPE_NORMAL = 1
+
+
+class GPhoto2Error(Exception):
+    def __init__(self, code):
+        super().__init__(f"[{code}] fake error")
+        self.code = code
+
+
+class Widget:
+    def __init__(self, name, value, choices=()):
+        self.name, self.value, self.choices = name, value, list(choices)
+
+    def get_value(self):
+        return self.value
+
+    def set_value(self, v):
+        self.value = v
+
+    def count_choices(self):
+        return len(self.choices)
+
+    def get_choice(self, i):
+        return self.choices[i]
+
+
+class Config:
+    def __init__(self, state):
+        self.w = {k: Widget(k, v, c) for k, (v, c) in state.items()}
+
+    def get_child_by_name(self, n):
+        if n not in self.w:
+            raise GPhoto2Error(-2)
+        return self.w[n]
+
+
+class CameraFilePath:
+    def __init__(self, folder, name):
+        self.folder, self.name = folder, name
+
+
+class CameraFile:
+    def __init__(self, data):
+        self.data = data
+
+    def get_data_and_size(self):
+        return self.data
+
+
+class Abilities:
+    model = "Fake Canon EOS"
+
+
+class Camera:
+    last: "Camera | None" = None
+
+    def __init__(self):
+        self.state = {"iso": ("800", ["100", "800"]), "shutterspeed": ("1/10", ["1/100", "1/10", "bulb"]),
+                      "eosremoterelease": ("None", ["None", "Press Full", "Release Full"])}
+        self.events = collections.deque()
+        self.n = 0
+        self.card: dict[str, bytes] = {}
+        self.log: list[str] = []           # config changes, downloads, deletions, in order
+        Camera.last = self
+
+    def init(self):
+        self.log.append("init")
+
+    def exit(self):
+        self.log.append("exit")
+
+    def get_abilities(self):
+        return Abilities()
+
+    def get_config(self):
+        return Config(self.state)
+
+    def set_config(self, config):
+        for k, w in config.w.items():
+            if self.state[k][0] != w.value:
+                self.log.append(f"set {k}={w.value}")
+                self.state[k] = (w.value, self.state[k][1])
+                if k == "eosremoterelease" and w.value == "Release Full":
+                    self.n += 1
+                    cr2, jpg = f"IMG_{self.n:04d}.CR2", f"IMG_{self.n:04d}.JPG"
+                    self.card[cr2] = b"II*\x00\x10\x00\x00\x00CR\x02\x00" + f"raw frame {self.n}".encode()
+                    self.card[jpg] = b"\xff\xd8\xff\xe0" + f"jpeg frame {self.n}".encode()
+                    self.events.append((GP_EVENT_FILE_ADDED, CameraFilePath("/store/DCIM", cr2)))
+                    self.events.append((GP_EVENT_FILE_ADDED, CameraFilePath("/store/DCIM", jpg)))
+
+    def wait_for_event(self, ms):
+        if self.events:
+            return self.events.popleft()
+        return GP_EVENT_TIMEOUT, None
+
+    def capture(self, kind):
+        raise GPhoto2Error(-6)
+
+    def file_get(self, folder, name, kind):
+        self.log.append(f"download {name}")
+        return CameraFile(self.card[name])
+
+    def file_delete(self, folder, name):
+        self.log.append(f"delete {name}")
+        self.card.pop(name, None)
