@@ -206,6 +206,61 @@ def test_a_stop_during_back_off_ends_the_wait():
     assert time.monotonic() - t0 < 1
 
 
+def _failing_writes(errors):
+    """A write function that raises the given OSErrors, one per call, then writes."""
+    errors = list(errors)
+
+    def write(path, *args):
+        if errors:
+            raise errors.pop(0)
+        Path(path).write_bytes(b"frame")
+    return write
+
+
+def test_a_full_disk_keeps_the_frame_and_retries_its_write_only(caplog):
+    """ENOSPC: the frame in hand waits for space (one line per try) and is written once there is some; after
+    give_up s, or at once for an unwritable folder, one CaptureError naming the file and the reason."""
+    import errno
+    import tempfile
+
+    from drivers.capture.common import CaptureError, write_frame
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "light_0003_60s.fits"
+        full = OSError(errno.ENOSPC, "No space left on device")
+        with caplog.at_level(logging.WARNING, logger="drivers.capture"):
+            got = write_frame(path, lambda w=_failing_writes([full]): w(path), stop=Stop(), give_up=600)
+        assert got == path and path.read_bytes() == b"frame"
+        assert [r.getMessage() for r in caplog.records] == [
+            f"{d}: cannot write light_0003_60s.fits: No space left on device (ENOSPC); retrying in 1 s"]
+        with pytest.raises(CaptureError) as e:
+            write_frame(path, lambda w=_failing_writes([full] * 9): w(path), stop=Stop(), give_up=0)
+        assert str(e.value) == f"cannot write {path}: No space left on device (ENOSPC)"
+        denied = PermissionError(errno.EACCES, "Permission denied")
+        t0 = time.monotonic()
+        with pytest.raises(CaptureError) as e:
+            write_frame(path, lambda w=_failing_writes([denied]): w(path), stop=Stop(), give_up=600)
+        assert str(e.value) == f"cannot write {path}: Permission denied (EACCES)" and time.monotonic() - t0 < 1
+
+
+def test_sim_driver_into_an_unwritable_folder_stops_with_one_line(tmp_path, monkeypatch):
+    """The review's repro showed a raw traceback: it is now a CaptureError (exit 1, one line) naming the file."""
+    import errno
+
+    import drivers.simulator
+    from drivers.capture import sim
+    from drivers.capture.common import CaptureError
+
+    monkeypatch.setattr(drivers.simulator, "write_fits",
+                        _failing_writes([PermissionError(errno.EACCES, "Permission denied")]))
+    plan = CapturePlan(exposure=1, count=2, out=tmp_path)
+    with pytest.raises(CaptureError, match=r"cannot write .*light_0000_1s.fits: Permission denied \(EACCES\)"):
+        sim.capture(plan, drivers.simulator.SimConfig(width=64, height=48), Stop())
+    r = run("-m", "drivers.capture.sim", "1", "--count", "1", "-o", "/proc/livestack-nowhere")
+    assert r.returncode == 1 and r.stderr.startswith("capture sim: cannot create /proc/livestack-nowhere: "), r.stderr
+    assert "Traceback" not in r.stderr
+
+
 def test_sigterm_finishes_the_frame_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "drivers.capture.sim", "30", "--interval", "0.2",
                              "--width", "320", "--height", "240", "-o", str(tmp_path)], cwd=ROOT,

@@ -139,3 +139,24 @@ def test_raw_plus_jpeg_bulb_frames_are_each_their_own_raw(fake_gp, tmp_path):
     cam = fake_gp.Camera.last
     assert [x for x in cam.log if x.startswith("download")] == [f"download IMG_{i:04d}.CR2" for i in (1, 2, 3)]
     assert cam.card == {}     # --delete-from-card: the JPEGs too, not only the frames kept
+
+
+def test_a_full_disk_keeps_the_frame_instead_of_taking_another(fake_gp, tmp_path, monkeypatch):
+    """ENOSPC on writing a downloaded frame: that frame is written once there is space, and no exposure is taken
+    and thrown away for it (before: the OSError was retried as a lost camera, with a new bulb exposure)."""
+    import errno
+
+    from drivers.capture import gphoto
+    from drivers.capture.common import CapturePlan, Stop
+
+    real, calls = gphoto.atomic_write, []
+
+    def full_once(path, data):
+        calls.append(path.name)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+    monkeypatch.setattr(gphoto, "atomic_write", full_once)
+    files = gphoto.capture(CapturePlan(exposure=0.2, count=2, out=tmp_path), gphoto.GphotoOptions(), Stop())
+    assert [f.name for f in files] == [f"light_{i:04d}_0.2s_IMG_{i + 1:04d}.CR2" for i in range(2)]
+    assert fake_gp.Camera.last.log.count("set eosremoterelease=Press Full") == 2

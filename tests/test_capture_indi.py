@@ -327,3 +327,33 @@ def test_guide_frames_of_a_camera_with_a_guide_head_are_not_written_as_lights(in
     assert [f.name for f in files] == [f"light_{i:04d}_5s.fits" for i in range(4)]
     for f in files:
         assert fits.getdata(f).shape == (360, 480), f.name
+
+
+@server_test
+def test_a_full_disk_keeps_the_frame_instead_of_taking_another(indi, tmp_path, monkeypatch):
+    """ENOSPC on writing a received frame: that frame is written once there is space, on the same connection,
+    and no exposure is taken and thrown away for it (before: reconnect, set-up and a new exposure per try)."""
+    import errno
+
+    from drivers.capture import indi as indi_driver
+    from drivers.capture.common import CapturePlan, Stop
+
+    real, calls, exposures = indi_driver.atomic_write, [], []
+
+    def full_once(path, data):
+        calls.append(path.name)
+        if len(calls) == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+    set_values = IndiClient.set_values
+
+    def counting(self, device, name, values):
+        exposures.extend([name] if name == "CCD_EXPOSURE" else [])
+        return set_values(self, device, name, values)
+    monkeypatch.setattr(indi_driver, "atomic_write", full_once)
+    monkeypatch.setattr(IndiClient, "set_values", counting)
+    opts = indi_driver.IndiOptions(host="127.0.0.1", port=indi.port, download_timeout=10)
+    files = indi_driver.capture(CapturePlan(exposure=0.5, count=2, out=tmp_path), opts, Stop(), retry_for=30)
+    assert [f.name for f in files] == ["light_0000_0.5s.fits", "light_0001_0.5s.fits"]
+    assert calls == ["light_0000_0.5s.fits"] * 2 + ["light_0001_0.5s.fits"]
+    assert len(exposures) == 2

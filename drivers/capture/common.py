@@ -9,6 +9,7 @@ The daemon's only interface to a camera is its watched folder, so these rules ar
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -237,6 +238,45 @@ def _reason(err: BaseException) -> str:
     return text
 
 
+class DiskFull(Exception):
+    """A frame in hand could not be written for want of space (ENOSPC, EDQUOT): its write is retried."""
+
+
+_WAIT_FOR_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def write_frame(path: Path, write: Callable[[], object], *, stop: "Stop | None", give_up: float | None) -> Path:
+    """Write a frame already in hand: `write()` writes `path` atomically. The camera is not involved, so a
+    failure here never costs another exposure. A full disk (ENOSPC, EDQUOT: the daemon or the user may free
+    space) is retried with back-off, one line each, waiting on `stop`, until `give_up` s; any other OSError
+    (a read-only or unwritable folder) stops the run at once. Raises CaptureError, one line naming the file and
+    the reason; StopRequested if a stop comes while waiting for space (the frame is then not written)."""
+    path = Path(path)
+
+    def once():
+        try:
+            write()
+        except OSError as err:
+            if err.errno in _WAIT_FOR_SPACE:
+                raise DiskFull(f"cannot write {path.name}: {_os_reason(err)}") from err
+            raise CaptureError(f"cannot write {path}: {_os_reason(err)}") from err
+    try:
+        retry(once, what=str(path.parent), backoff=Backoff(first=1.0, cap=30.0, give_up=give_up),
+              retry_on=(DiskFull,), stop=stop)
+    except DiskFull as err:
+        raise CaptureError(f"cannot write {path}: {_os_reason(err.__cause__)}") from err
+    except StopRequested:
+        log.error("stopped while waiting for space: %s not written", path.name)
+        raise
+    return path
+
+
+def _os_reason(err: OSError) -> str:
+    """'No space left on device (ENOSPC)': the system's sentence and the name to search for."""
+    name = errno.errorcode.get(err.errno or 0)
+    return f"{err.strerror or err} ({name})" if name else str(err)
+
+
 class StopRequested(Exception):
     """Raised out of a wait when a stop was requested (the frame in hand has been written already)."""
 
@@ -284,7 +324,10 @@ def run_plan(plan: CapturePlan, take: Callable[[int], Path], stop: Stop, *,
     """The capture loop: take(index) -> written path, plan.count times (or until stopped), pausing
     plan.interval between frames. Numbering continues after the highest number ever used for the kind in the
     folder (next_index), and each number used is recorded (record_index)."""
-    plan.folder.mkdir(parents=True, exist_ok=True)
+    try:
+        plan.folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CaptureError(f"cannot create {plan.folder}: {_os_reason(err)}") from err
     for f in clean_stale_temps(plan.folder):
         log.info("removed %s, left by a writer that was killed", f.name)
     first = next_index(plan.folder, plan.kind)

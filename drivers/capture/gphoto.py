@@ -23,7 +23,7 @@ from pathlib import Path
 
 from ..atomic import atomic_write
 from .common import (Backoff, CaptureError, CapturePlan, Stop, add_plan_arguments, frame_name, module_main, retry,
-                     run_capture, run_plan, sniff_extension, start_capture)
+                     run_capture, run_plan, sniff_extension, start_capture, write_frame)
 
 log = logging.getLogger("drivers.capture.gphoto")
 
@@ -58,11 +58,12 @@ def parse_speed(text: str) -> float | None:
 class GphotoCamera:
     """One camera over libgphoto2; open() on first use and after each loss."""
 
-    def __init__(self, opts: GphotoOptions, plan: CapturePlan, stop: Stop):
+    def __init__(self, opts: GphotoOptions, plan: CapturePlan, stop: Stop, *, retry_for: float | None = 600.0):
         import gphoto2 as gp  # after VCAMERADIR, which the tests set
 
         self.gp = gp
         self.opts, self.plan, self.stop = opts, plan, stop
+        self.retry_for = retry_for          # s a frame in hand waits for disk space (write_frame)
         self.camera = None
         self.bulb: str | None = None      # widget name pressed for bulb, or None for a timed shutter
         self.exposure = plan.exposure     # what the camera will actually do
@@ -190,7 +191,9 @@ class GphotoCamera:
             log.info("%s holds %s data: saved as %s (and so on)", name, ext, ext)
         path = self.plan.folder / frame_name(self.plan.kind, index, self.exposure, ext,
                                              original=stem if dot else name)
-        atomic_write(path, data)
+        # a full disk or an unwritable folder is not a lost camera: the frame in hand is kept (write_frame) and the
+        # card's copy too, never thrown away for a new exposure
+        write_frame(path, lambda: atomic_write(path, data), stop=self.stop, give_up=self.retry_for)
         if self.opts.delete_from_card:
             try:
                 self.camera.file_delete(folder, name)
@@ -282,7 +285,7 @@ def capture(plan: CapturePlan, opts: GphotoOptions, stop: Stop | None = None, *,
     import gphoto2 as gp
 
     stop = stop or Stop()
-    cam = GphotoCamera(opts, plan, stop)
+    cam = GphotoCamera(opts, plan, stop, retry_for=retry_for)
     backoff = Backoff(first=1.0, cap=30.0, give_up=retry_for)
     where = f"camera on {opts.port}" if opts.port else "camera"
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 from ..atomic import atomic_write
 from .common import (Backoff, CaptureError, CapturePlan, IMAGETYP, Stop, add_plan_arguments, frame_name,
-                     module_main, retry, run_capture, run_plan, start_capture)
+                     module_main, retry, run_capture, run_plan, start_capture, write_frame)
 
 log = logging.getLogger("drivers.capture.indi")
 
@@ -325,8 +325,9 @@ class IndiOptions:
 class IndiCamera:
     """Set up one INDI CCD per connection and take frames; see capture()."""
 
-    def __init__(self, opts: IndiOptions, plan: CapturePlan, stop: Stop):
+    def __init__(self, opts: IndiOptions, plan: CapturePlan, stop: Stop, *, retry_for: float | None = 600.0):
         self.opts, self.plan, self.stop = opts, plan, stop
+        self.retry_for = retry_for          # s a frame in hand waits for disk space (write_frame)
         self.client: IndiClient | None = None
         self.device = ""
         self.filter_name: str | None = None
@@ -529,12 +530,16 @@ class IndiCamera:
         if self.client is None:
             self.open()
         try:
-            return self._expose(index)
+            blob, start, ccd_temp = self._expose(index)
         except (OSError, TimeoutError):
             self.close()  # the next try starts from a fresh connection and a fresh set-up
             raise
+        # outside the camera's errors: a full disk or an unwritable folder is not a lost camera, and the frame
+        # in hand is kept (write_frame), not thrown away for a new exposure
+        return self._write(index, blob, start, ccd_temp)
 
-    def _expose(self, index: int) -> Path:
+    def _expose(self, index: int) -> tuple[Blob, datetime, float | None]:
+        """Expose and receive frame `index`: (the BLOB, the UTC start, the sensor temperature at the start)."""
         c, dev, t = self.client, self.device, self.plan.exposure
         c.blobs.clear()
         temp_vec = c.get(dev, "CCD_TEMPERATURE")
@@ -552,7 +557,7 @@ class IndiCamera:
         c.wait(arrived, t + self.opts.download_timeout, f"frame {index} from {dev}")
         blob = next(b for b in c.blobs if self._ours(b))
         c.blobs.clear()
-        return self._write(index, blob, start, ccd_temp)
+        return blob, start, ccd_temp
 
     def _ours(self, blob: Blob) -> bool:
         """A frame of our exposure: the main chip's, not a guide head's (CCD2) taken by a guiding program."""
@@ -570,7 +575,7 @@ class IndiCamera:
             log.warning("%s sent %s, not FITS: written as is, without our header keys", self.device, ext)
         path = self.plan.folder / frame_name(self.plan.kind, index, self.plan.exposure, ext,
                                              filter=self.filter_name)
-        return atomic_write(path, data)
+        return write_frame(path, lambda: atomic_write(path, data), stop=self.stop, give_up=self.retry_for)
 
     def _enrich(self, data: bytes, start: datetime, ccd_temp: float | None) -> bytes:
         """What we asked for replaces the device's cards (IMAGETYP, EXPTIME, GAIN, FILTER); what the camera
@@ -606,7 +611,7 @@ def capture(plan: CapturePlan, opts: IndiOptions, stop: Stop | None = None, *, r
     Raises CaptureError when the camera cannot do what was asked, or the last connection error once the
     server has been unreachable for `retry_for` s."""
     stop = stop or Stop()
-    cam = IndiCamera(opts, plan, stop)
+    cam = IndiCamera(opts, plan, stop, retry_for=retry_for)
     backoff = Backoff(first=1.0, cap=30.0, give_up=retry_for)
     where = f"INDI {opts.host}:{opts.port}"
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .common import (CapturePlan, Stop, add_plan_arguments, frame_name, module_main, run_capture, run_plan,
-                     start_capture)
+                     start_capture, write_frame)
 
 # drivers.simulator (numpy, scipy, astropy: ~0.7 s) is imported when frames are made, not when `livestack`
 # builds its command line (every command does, and this module gives `capture sim` its arguments)
@@ -39,7 +39,7 @@ def sim_config(plan: CapturePlan, base: SimConfig | None = None) -> SimConfig:
 
 
 def capture(plan: CapturePlan, base: SimConfig | None = None, stop: Stop | None = None, *,
-            on_frame=None) -> list[Path]:
+            on_frame=None, retry_for: float | None = 600.0) -> list[Path]:
     """Render and write frames of plan.kind, plan.count of them (or until `stop`), plan.interval s apart.
     The frame index (and so the simulated drift and rotation) continues after files already in the folder.
     Returns the written paths in order. Usable from a thread: pass a Stop and call stop.stop()."""
@@ -58,8 +58,9 @@ def capture(plan: CapturePlan, base: SimConfig | None = None, stop: Stop | None 
         if wheel:
             meta["filter"] = name    # flats through the wheel too (FILTER: the masters library groups by it)
         path = plan.folder / frame_name(plan.kind, index, t, ext, filter=name)
-        (write_dng if cfg.fmt == "dng" else write_fits)(path, raw, meta, cfg)  # atomic: temp + fsync + rename
-        return path
+        write = write_dng if cfg.fmt == "dng" else write_fits     # atomic: temp + fsync + rename
+        # a full disk waits for space, an unwritable folder stops the run: one line, not a traceback
+        return write_frame(path, lambda: write(path, raw, meta, cfg), stop=stop, give_up=retry_for)
 
     return run_plan(plan, take, stop, on_frame=on_frame)
 
@@ -93,7 +94,7 @@ def run(args) -> int:
     except ValueError as err:
         print(f"capture sim: {err}", file=sys.stderr)
         return 2
-    return run_capture("sim", plan, lambda stop: capture(plan, base, stop))
+    return run_capture("sim", plan, lambda stop: capture(plan, base, stop, retry_for=args.retry_for))
 
 
 def main(argv: list[str] | None = None) -> int:
