@@ -357,3 +357,98 @@ def test_a_full_disk_keeps_the_frame_instead_of_taking_another(indi, tmp_path, m
     assert [f.name for f in files] == ["light_0000_0.5s.fits", "light_0001_0.5s.fits"]
     assert calls == ["light_0000_0.5s.fits"] * 2 + ["light_0001_0.5s.fits"]
     assert len(exposures) == 2
+
+
+def _ccd_defs(dev: str, *, temperature: float | None = None) -> str:
+    """The definitions of a minimal CCD device (with a cooler at `temperature` °C, if given)."""
+    xml = (f'<defSwitchVector device="{dev}" name="CONNECTION" state="Ok" perm="rw" rule="OneOfMany">'
+           '<defSwitch name="CONNECT">On</defSwitch><defSwitch name="DISCONNECT">Off</defSwitch></defSwitchVector>'
+           f'<defNumberVector device="{dev}" name="CCD_EXPOSURE" state="Idle" perm="rw">'
+           '<defNumber name="CCD_EXPOSURE_VALUE" min="0.01" max="3600">1</defNumber></defNumberVector>'
+           f'<defSwitchVector device="{dev}" name="CCD_FRAME_TYPE" state="Idle" perm="rw" rule="OneOfMany">'
+           '<defSwitch name="FRAME_LIGHT">On</defSwitch><defSwitch name="FRAME_DARK">Off</defSwitch>'
+           '</defSwitchVector>')
+    if temperature is not None:
+        xml += (f'<defNumberVector device="{dev}" name="CCD_TEMPERATURE" state="Idle" perm="rw">'
+                f'<defNumber name="CCD_TEMPERATURE_VALUE" min="-50" max="50">{temperature}</defNumber>'
+                '</defNumberVector>'
+                f'<defSwitchVector device="{dev}" name="CCD_COOLER" state="Idle" perm="rw" rule="OneOfMany">'
+                '<defSwitch name="COOLER_ON">Off</defSwitch><defSwitch name="COOLER_OFF">On</defSwitch>'
+                '</defSwitchVector>')
+    return xml
+
+
+def _wheel_defs(dev: str = "Fake Wheel") -> str:
+    return (f'<defSwitchVector device="{dev}" name="CONNECTION" state="Ok" perm="rw" rule="OneOfMany">'
+            '<defSwitch name="CONNECT">On</defSwitch><defSwitch name="DISCONNECT">Off</defSwitch></defSwitchVector>'
+            f'<defNumberVector device="{dev}" name="FILTER_SLOT" state="Idle" perm="rw">'
+            '<defNumber name="FILTER_SLOT_VALUE" min="1" max="5">1</defNumber></defNumberVector>')
+
+
+def _fake_server(sock: socket.socket, connections: list, answers: dict | None = None) -> None:
+    """A fake INDI server: for its k-th client, the definitions connections[k]; every new*Vector is answered
+    with answers[name] if given (a string of XML), else with the values asked for (state Ok)."""
+    import re
+
+    for defs in connections:
+        conn, _ = sock.accept()
+        conn.settimeout(30)
+        buf = b""
+        try:
+            conn.sendall(defs.encode())
+            while True:
+                data = conn.recv(65536)
+                if not data:
+                    break
+                buf += data
+                end = 0
+                for m in re.finditer(rb'<new(\w+)Vector device="([^"]*)" name="([^"]*)">(.*?)</new\1Vector>', buf):
+                    kind, dev, name, ones = (g.decode() for g in m.groups())
+                    reply = (answers or {}).get(name)
+                    conn.sendall((reply if reply is not None else
+                                  f'<set{kind}Vector device="{dev}" name="{name}" state="Ok">{ones}'
+                                  f'</set{kind}Vector>').encode())
+                    end = m.end()
+                buf = buf[end:]
+        except OSError:
+            pass
+        finally:
+            conn.close()
+
+
+def _fake_camera(tmp_path, connections, answers=None, **opts):
+    """An IndiCamera on a fake server (_fake_server) in a thread; returns (camera, thread)."""
+    import threading
+
+    from drivers.capture.common import CapturePlan, Stop
+    from drivers.capture.indi import IndiCamera, IndiOptions
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    th = threading.Thread(target=lambda: (_fake_server(sock, connections, answers), sock.close()), daemon=True)
+    th.start()
+    cam = IndiCamera(IndiOptions(host="127.0.0.1", port=sock.getsockname()[1], **opts),
+                     CapturePlan(exposure=1.0, out=tmp_path), Stop())
+    return cam, th
+
+
+def test_a_camera_whose_driver_restarts_is_retried_not_fatal(tmp_path):
+    """On reconnect the server has the filter wheel but not (yet) the camera, whose driver restarts: that is a
+    lost camera, retried for --retry-for, not the fatal 'no CCD device' of a first connection."""
+    from drivers.capture.common import CaptureError
+
+    cam, _ = _fake_camera(tmp_path, [_ccd_defs("Fake CCD") + _wheel_defs(), _wheel_defs()])
+    cam.open()
+    assert cam.device == "Fake CCD"
+    cam.close()
+    with pytest.raises(OSError, match="Fake CCD"):      # retried by capture(): an OSError, not CaptureError
+        try:
+            cam.open()
+        except CaptureError as err:
+            pytest.fail(f"fatal on reconnect: {err}")
+    cam.close()
+    first, _ = _fake_camera(tmp_path, [_wheel_defs()])      # never seen: a wrong set-up, said at once
+    with pytest.raises(CaptureError, match="no CCD device"):
+        first.open()
+    first.close()

@@ -41,6 +41,11 @@ class IndiLost(ConnectionError):
     """The server closed the connection, or sent something that is not INDI XML."""
 
 
+class DeviceLost(IndiLost):
+    """The camera device went away while the server stayed (its driver restarted, its USB link dropped):
+    retried like a lost server."""
+
+
 @dataclass
 class Vector:
     """One INDI property as last defined/set by the server. values: element name -> float (Number),
@@ -330,6 +335,7 @@ class IndiCamera:
         self.retry_for = retry_for          # s a frame in hand waits for disk space (write_frame)
         self.client: IndiClient | None = None
         self.device = ""
+        self.seen: str | None = None        # the camera found on a first open(): after it, its absence is a loss
         self.filter_name: str | None = None
         self.gain: float | None = None
 
@@ -340,7 +346,7 @@ class IndiCamera:
         c.connect()
         self.client = c
         self.device = self._find_ccd(c)
-        dev = self.device
+        self.seen = dev = self.device
         # the main chip's frames only: a camera with a guide head (the simulator, SX, some QHY) sends the guide
         # chip's frames as CCD2 while a guiding program uses it
         c.enable_blobs(dev, name=MAIN_CHIP)
@@ -366,7 +372,7 @@ class IndiCamera:
         self.client = None
 
     def _find_ccd(self, c: IndiClient) -> str:
-        want = self.opts.device
+        want = self.opts.device or self.seen     # on reconnect the camera of the run, not any other CCD there
 
         def is_ccd(dev: str) -> bool:
             if c.get(dev, "CONNECTION") is None:
@@ -394,6 +400,9 @@ class IndiCamera:
                 break
             c.pump(0.2)
         if not found():
+            if self.seen is not None:
+                # the camera was there before: its driver restarting, not a wrong --device; try again
+                raise DeviceLost(f"{self.seen} is not on the server (devices: {', '.join(c.devices()) or 'none'})")
             if c.devices():
                 raise CaptureError(f"{c.where}: no {'device ' + repr(want) if want else 'CCD device'} "
                                    f"(devices: {', '.join(c.devices())})")
