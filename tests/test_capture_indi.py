@@ -452,3 +452,15 @@ def test_a_camera_whose_driver_restarts_is_retried_not_fatal(tmp_path):
     with pytest.raises(CaptureError, match="no CCD device"):
         first.open()
     first.close()
+
+
+def test_a_camera_gone_while_cooling_is_a_lost_camera(tmp_path):
+    """The camera's properties are deleted (its driver died) while the driver waits for the set point: a lost
+    camera, retried, not an AttributeError traceback (exit 1)."""
+    from drivers.capture.indi import IndiLost
+
+    cam, _ = _fake_camera(tmp_path, [_ccd_defs("Fake CCD", temperature=20)],
+                          answers={"CCD_TEMPERATURE": '<delProperty device="Fake CCD"/>'}, temperature=-10)
+    with pytest.raises(IndiLost, match="Fake CCD"):
+        cam.take(0)
+    assert cam.client is None       # the next try connects and sets the camera up again

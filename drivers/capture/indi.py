@@ -519,7 +519,12 @@ class IndiCamera:
         self._switch(dev, "CCD_COOLER", "COOLER_ON", wait=False)
         c.set_values(dev, "CCD_TEMPERATURE", {"CCD_TEMPERATURE_VALUE": target})
         t0 = time.monotonic()
-        temp = lambda: c.get(dev, "CCD_TEMPERATURE").values.get("CCD_TEMPERATURE_VALUE")  # noqa: E731
+
+        def temp() -> float:
+            vec = c.get(dev, "CCD_TEMPERATURE")
+            if vec is None:                   # deleted: the camera's driver died or was restarted meanwhile
+                raise DeviceLost(f"{dev} went away while cooling")
+            return vec.values.get("CCD_TEMPERATURE_VALUE")
         log.info("%s: cooling to %g °C (now %.1f °C, waiting up to %g s)", dev, target, temp(),
                  self.opts.temp_timeout)
         try:
@@ -536,12 +541,12 @@ class IndiCamera:
 
     def take(self, index: int) -> Path:
         """Expose, receive and write frame `index` (reconnecting first if needed). Returns the path."""
-        if self.client is None:
-            self.open()
         try:
+            if self.client is None:
+                self.open()
             blob, start, ccd_temp = self._expose(index)
         except (OSError, TimeoutError):
-            self.close()  # the next try starts from a fresh connection and a fresh set-up
+            self.close()  # the next try starts from a fresh connection and a fresh set-up (a failed one too)
             raise
         # outside the camera's errors: a full disk or an unwritable folder is not a lost camera, and the frame
         # in hand is kept (write_frame), not thrown away for a new exposure
@@ -558,6 +563,8 @@ class IndiCamera:
         exp = c.get(dev, "CCD_EXPOSURE")
 
         def arrived() -> bool:
+            if c.get(dev, "CCD_EXPOSURE") is None:
+                raise DeviceLost(f"{dev} went away during frame {index}")
             if exp.state == "Alert":
                 last = c.messages[-1] if c.messages else "no message"
                 raise TimeoutError(f"{dev}: exposure failed ({last})")
