@@ -59,7 +59,7 @@ def test_a_deleted_last_frame_number_is_not_used_again(tmp_path):
         f.unlink()                                  # all of them gone: still no number used twice
     assert next_index(tmp_path, "light") == 4 and next_index(tmp_path, "dark") == 0
     assert [p.name for p in tmp_path.iterdir()] == [".livestack-capture-index"]
-    (tmp_path / ".livestack-capture-index").write_text("{not json")   # unreadable: the files present count, with a warning
+    (tmp_path / ".livestack-capture-index").write_text("{not json")   # unreadable: the files count, warned
     assert next_index(tmp_path, "light") == 0
 
 

@@ -385,9 +385,11 @@ def _wheel_defs(dev: str = "Fake Wheel") -> str:
             '<defNumber name="FILTER_SLOT_VALUE" min="1" max="5">1</defNumber></defNumberVector>')
 
 
-def _fake_server(sock: socket.socket, connections: list, answers: dict | None = None) -> None:
+def _fake_server(sock: socket.socket, connections: list, answers: dict | None = None,
+                 asked: list | None = None) -> None:
     """A fake INDI server: for its k-th client, the definitions connections[k]; every new*Vector is answered
-    with answers[name] if given (a string of XML), else with the values asked for (state Ok)."""
+    with answers[name] if given (a string of XML), else with the values asked for (state Ok). The names of the
+    properties asked for are appended to `asked`."""
     import re
 
     for defs in connections:
@@ -404,6 +406,8 @@ def _fake_server(sock: socket.socket, connections: list, answers: dict | None = 
                 end = 0
                 for m in re.finditer(rb'<new(\w+)Vector device="([^"]*)" name="([^"]*)">(.*?)</new\1Vector>', buf):
                     kind, dev, name, ones = (g.decode() for g in m.groups())
+                    if asked is not None:
+                        asked.append(name)
                     reply = (answers or {}).get(name)
                     conn.sendall((reply if reply is not None else
                                   f'<set{kind}Vector device="{dev}" name="{name}" state="Ok">{ones}'
@@ -416,7 +420,7 @@ def _fake_server(sock: socket.socket, connections: list, answers: dict | None = 
             conn.close()
 
 
-def _fake_camera(tmp_path, connections, answers=None, **opts):
+def _fake_camera(tmp_path, connections, answers=None, asked=None, **opts):
     """An IndiCamera on a fake server (_fake_server) in a thread; returns (camera, thread)."""
     import threading
 
@@ -426,7 +430,7 @@ def _fake_camera(tmp_path, connections, answers=None, **opts):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(1)
-    th = threading.Thread(target=lambda: (_fake_server(sock, connections, answers), sock.close()), daemon=True)
+    th = threading.Thread(target=lambda: (_fake_server(sock, connections, answers, asked), sock.close()), daemon=True)
     th.start()
     cam = IndiCamera(IndiOptions(host="127.0.0.1", port=sock.getsockname()[1], **opts),
                      CapturePlan(exposure=1.0, out=tmp_path), Stop())
@@ -464,3 +468,24 @@ def test_a_camera_gone_while_cooling_is_a_lost_camera(tmp_path):
     with pytest.raises(IndiLost, match="Fake CCD"):
         cam.take(0)
     assert cam.client is None       # the next try connects and sets the camera up again
+
+
+def test_a_stop_while_cooling_starts_no_exposure(tmp_path):
+    """SIGTERM / Ctrl-C while the cooler works towards the set point ends the run there: no exposure is started
+    at the wrong temperature (before: the wait ended and a full exposure followed)."""
+    import threading
+
+    from drivers.capture.common import StopRequested
+
+    asked: list = []
+    stuck = ('<setNumberVector device="Fake CCD" name="CCD_TEMPERATURE" state="Busy">'
+             '<oneNumber name="CCD_TEMPERATURE_VALUE">20</oneNumber></setNumberVector>')   # a cooler far off
+    cam, _ = _fake_camera(tmp_path, [_ccd_defs("Fake CCD", temperature=20)], answers={"CCD_TEMPERATURE": stuck},
+                          asked=asked, temperature=-10, download_timeout=1)
+    threading.Timer(0.5, cam.stop.stop).start()
+    t0 = time.monotonic()
+    with pytest.raises(StopRequested):
+        cam.take(0)
+    cam.close()
+    assert time.monotonic() - t0 < 5
+    assert "CCD_TEMPERATURE" in asked and "CCD_EXPOSURE" not in asked

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..atomic import atomic_write
-from .common import (Backoff, CaptureError, CapturePlan, IMAGETYP, Stop, add_plan_arguments, frame_name,
+from .common import (Backoff, CaptureError, CapturePlan, IMAGETYP, Stop, StopRequested, add_plan_arguments, frame_name,
                      module_main, retry, run_capture, run_plan, start_capture, write_frame)
 
 log = logging.getLogger("drivers.capture.indi")
@@ -535,6 +535,8 @@ class IndiCamera:
             log.warning("%s: cooler did not reach %g °C in %g s (at %.1f °C); capturing anyway",
                         dev, target, self.opts.temp_timeout, temp())
             return
+        if self.stop.requested:   # not a frame at the wrong temperature: the run ends here
+            raise StopRequested(f"{dev}: stopped while cooling (at {temp():.1f} °C)")
         log.info("%s: at %.1f °C after %.0f s", dev, temp(), time.monotonic() - t0)
 
     # ------------------------------------------------------------ exposures
@@ -544,6 +546,8 @@ class IndiCamera:
         try:
             if self.client is None:
                 self.open()
+                if self.stop.requested:   # during the set-up (a reconnect, the cooler): start no exposure
+                    raise StopRequested(f"{self.device}: stopped before frame {index}")
             blob, start, ccd_temp = self._expose(index)
         except (OSError, TimeoutError):
             self.close()  # the next try starts from a fresh connection and a fresh set-up (a failed one too)
