@@ -482,7 +482,7 @@ def test_a_stop_while_cooling_starts_no_exposure(tmp_path):
              '<oneNumber name="CCD_TEMPERATURE_VALUE">20</oneNumber></setNumberVector>')   # a cooler far off
     cam, _ = _fake_camera(tmp_path, [_ccd_defs("Fake CCD", temperature=20)], answers={"CCD_TEMPERATURE": stuck},
                           asked=asked, temperature=-10, download_timeout=1)
-    threading.Timer(0.5, cam.stop.stop).start()
+    threading.Timer(1.5, cam.stop.stop).start()       # the set-up takes ~0.6 s: this is during the wait
     t0 = time.monotonic()
     with pytest.raises(StopRequested):
         cam.take(0)
