@@ -420,7 +420,7 @@ def _fake_server(sock: socket.socket, connections: list, answers: dict | None = 
             conn.close()
 
 
-def _fake_camera(tmp_path, connections, answers=None, asked=None, **opts):
+def _fake_camera(tmp_path, connections, answers=None, asked=None, *, exposure=1.0, kind="light", **opts):
     """An IndiCamera on a fake server (_fake_server) in a thread; returns (camera, thread)."""
     import threading
 
@@ -433,7 +433,7 @@ def _fake_camera(tmp_path, connections, answers=None, asked=None, **opts):
     th = threading.Thread(target=lambda: (_fake_server(sock, connections, answers, asked), sock.close()), daemon=True)
     th.start()
     cam = IndiCamera(IndiOptions(host="127.0.0.1", port=sock.getsockname()[1], **opts),
-                     CapturePlan(exposure=1.0, out=tmp_path), Stop())
+                     CapturePlan(exposure=exposure, kind=kind, out=tmp_path), Stop())
     return cam, th
 
 
@@ -489,3 +489,25 @@ def test_a_stop_while_cooling_starts_no_exposure(tmp_path):
     cam.close()
     assert time.monotonic() - t0 < 5
     assert "CCD_TEMPERATURE" in asked and "CCD_EXPOSURE" not in asked
+
+
+@pytest.mark.parametrize("exposure", [7200.0, 0.001])
+def test_an_exposure_the_camera_cannot_do_is_one_clear_error(tmp_path, exposure):
+    """An exposure outside CCD_EXPOSURE's range (here 0.01..3600 s) stops the run with one line, before any
+    exposure; it is not retried for 10 minutes as a lost camera (the driver's refusal, an Alert, was a
+    TimeoutError). A bias (0 s: the camera's shortest) is not refused."""
+    from drivers.capture.common import CaptureError
+
+    refused = ('<setNumberVector device="Fake CCD" name="CCD_EXPOSURE" state="Alert" message="Requested exposure '
+               'value is out of bounds [0.01,3600]"><oneNumber name="CCD_EXPOSURE_VALUE">1</oneNumber>'
+               '</setNumberVector>')
+    asked: list = []
+    cam, _ = _fake_camera(tmp_path, [_ccd_defs("Fake CCD")], answers={"CCD_EXPOSURE": refused}, asked=asked,
+                          exposure=exposure, download_timeout=1)
+    with pytest.raises(CaptureError, match=rf"Fake CCD: exposure {exposure:g} s: the camera takes 0.01 to 3600 s"):
+        cam.take(0)
+    cam.close()
+    assert "CCD_EXPOSURE" not in asked
+    bias, _ = _fake_camera(tmp_path, [_ccd_defs("Fake CCD")], exposure=0, kind="bias")
+    bias.open()
+    bias.close()

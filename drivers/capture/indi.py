@@ -357,6 +357,7 @@ class IndiCamera:
         # the rest of the properties follow CCD_EXPOSURE in the same burst: read until it is over (a fixed 0.3 s
         # was too short on a loaded machine: CCD_GAIN came later, and --gain was ignored as unsupported)
         c.quiet(0.5, 10.0)
+        self._exposure_range()
         self._switch(dev, "UPLOAD_MODE", "UPLOAD_CLIENT")
         self._switch(dev, "CCD_TRANSFER_FORMAT", "FORMAT_FITS")
         self._binning()
@@ -365,6 +366,15 @@ class IndiCamera:
         self._switch(dev, "CCD_FRAME_TYPE", FRAME_TYPE[self.plan.kind])
         self._cool()
         log.info("%s: %s ready", c.where, dev)
+
+    def _exposure_range(self) -> None:
+        """CaptureError for an exposure outside CCD_EXPOSURE's range: the driver would refuse each one (an Alert,
+        which is retried as a failed exposure), so say it once, before cooling and exposing. A bias is the
+        camera's shortest exposure whatever its minimum."""
+        dev, t = self.device, self.plan.exposure
+        lo, hi = self.client.get(dev, "CCD_EXPOSURE").limits.get("CCD_EXPOSURE_VALUE", (0.0, 0.0))
+        if self.plan.kind != "bias" and hi > lo and not lo <= t <= hi:
+            raise CaptureError(f"{dev}: exposure {t:g} s: the camera takes {lo:g} to {hi:g} s")
 
     def close(self) -> None:
         if self.client is not None:
