@@ -160,3 +160,21 @@ def test_a_full_disk_keeps_the_frame_instead_of_taking_another(fake_gp, tmp_path
     files = gphoto.capture(CapturePlan(exposure=0.2, count=2, out=tmp_path), gphoto.GphotoOptions(), Stop())
     assert [f.name for f in files] == [f"light_{i:04d}_0.2s_IMG_{i + 1:04d}.CR2" for i in range(2)]
     assert fake_gp.Camera.last.log.count("set eosremoterelease=Press Full") == 2
+
+
+def test_an_aborted_bulb_exposure_releases_the_shutter(fake_gp, tmp_path, monkeypatch):
+    """A second Ctrl-C (KeyboardInterrupt) in the middle of a bulb exposure: the shutter is released on the way
+    out, not left open on the camera (before: pressed, then never released)."""
+    import types
+
+    from drivers.capture import gphoto
+    from drivers.capture.common import CapturePlan, Stop
+
+    def interrupted(seconds):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(gphoto, "time", types.SimpleNamespace(sleep=interrupted, monotonic=time.monotonic))
+    cam = gphoto.GphotoCamera(gphoto.GphotoOptions(), CapturePlan(exposure=60, count=1, out=tmp_path), Stop())
+    with pytest.raises(KeyboardInterrupt):
+        cam.take(0)
+    log = fake_gp.Camera.last.log
+    assert log[-2:] == ["set eosremoterelease=Press Full", "set eosremoterelease=Release Full"], log

@@ -223,7 +223,14 @@ class GphotoCamera:
                                    f"or B, or use an exposure of at most its longest shutter speed") from err
             raise
         # not stop.wait: a stop request ends the run after this exposure, it does not cut it short
-        time.sleep(self.plan.exposure)
+        try:
+            time.sleep(self.plan.exposure)
+        except BaseException:     # a second Ctrl-C / SIGTERM aborts: the shutter must not stay open
+            try:
+                self._set(w, release)
+            except Exception as err:  # the abort's own error is the one to report
+                log.warning("could not release the shutter (%s: %s)", w, err)
+            raise
         self._set(w, release)
         # RAW+JPEG (and RAW on two cards) adds two or more files, each with its own event: take them all, until
         # none has come for event_quiet s, or the next frame would take this one's leftover
