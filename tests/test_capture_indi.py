@@ -367,7 +367,9 @@ def _ccd_defs(dev: str, *, temperature: float | None = None) -> str:
            '<defNumber name="CCD_EXPOSURE_VALUE" min="0.01" max="3600">1</defNumber></defNumberVector>'
            f'<defSwitchVector device="{dev}" name="CCD_FRAME_TYPE" state="Idle" perm="rw" rule="OneOfMany">'
            '<defSwitch name="FRAME_LIGHT">On</defSwitch><defSwitch name="FRAME_DARK">Off</defSwitch>'
-           '</defSwitchVector>')
+           '</defSwitchVector>'
+           f'<defSwitchVector device="{dev}" name="CCD_ABORT_EXPOSURE" state="Idle" perm="rw" rule="AtMostOne">'
+           '<defSwitch name="ABORT">Off</defSwitch></defSwitchVector>')
     if temperature is not None:
         xml += (f'<defNumberVector device="{dev}" name="CCD_TEMPERATURE" state="Idle" perm="rw">'
                 f'<defNumber name="CCD_TEMPERATURE_VALUE" min="-50" max="50">{temperature}</defNumber>'
@@ -511,3 +513,29 @@ def test_an_exposure_the_camera_cannot_do_is_one_clear_error(tmp_path, exposure)
     bias, _ = _fake_camera(tmp_path, [_ccd_defs("Fake CCD")], exposure=0, kind="bias")
     bias.open()
     bias.close()
+
+
+def test_an_aborted_exposure_is_aborted_on_the_server(tmp_path, monkeypatch):
+    """A second Ctrl-C (KeyboardInterrupt) while waiting for a frame: CCD_ABORT_EXPOSURE is sent before the
+    connection closes, so the camera does not go on exposing (and downloading) for nobody."""
+    from drivers.capture.indi import IndiCamera
+
+    asked: list = []
+    cam, th = _fake_camera(tmp_path, [_ccd_defs("Fake CCD")], asked=asked, exposure=300)
+    expose = IndiCamera._expose
+
+    def interrupted(self, index):
+        pump = self.client.pump
+
+        def pump_then_interrupt(timeout):
+            pump(timeout)
+            if "CCD_EXPOSURE" in asked:
+                raise KeyboardInterrupt
+        self.client.pump = pump_then_interrupt
+        return expose(self, index)
+    monkeypatch.setattr(IndiCamera, "_expose", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cam.take(0)
+    cam.close()
+    th.join(5)      # the server has read all the client sent
+    assert asked[-2:] == ["CCD_EXPOSURE", "CCD_ABORT_EXPOSURE"], asked

@@ -562,9 +562,24 @@ class IndiCamera:
         except (OSError, TimeoutError):
             self.close()  # the next try starts from a fresh connection and a fresh set-up (a failed one too)
             raise
+        except KeyboardInterrupt:   # a second Ctrl-C / SIGTERM: the camera stops too, not only this program
+            self._abort()
+            raise
         # outside the camera's errors: a full disk or an unwritable folder is not a lost camera, and the frame
         # in hand is kept (write_frame), not thrown away for a new exposure
         return self._write(index, blob, start, ccd_temp)
+
+    def _abort(self) -> None:
+        """Send CCD_ABORT_EXPOSURE, best effort: the camera would otherwise go on exposing and downloading for
+        nobody, and might still be busy for the next run."""
+        c, dev = self.client, self.device
+        if c is None or c.get(dev, "CCD_ABORT_EXPOSURE") is None:
+            return
+        try:
+            c.set_values(dev, "CCD_ABORT_EXPOSURE", {"ABORT": True})
+            log.warning("%s: exposure aborted", dev)
+        except OSError:
+            pass
 
     def _expose(self, index: int) -> tuple[Blob, datetime, float | None]:
         """Expose and receive frame `index`: (the BLOB, the UTC start, the sensor temperature at the start)."""
