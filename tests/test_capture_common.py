@@ -181,14 +181,17 @@ def test_retry_backs_off_and_logs_one_line_per_failure(caplog):
 
 
 def test_retry_gives_up_after_the_limit_and_lets_other_errors_through():
-    clock = FakeClock()
+    """--retry-for 20 means tries for 20 s: the last wait is cut to end at 20 s, that try is made, then it gives
+    up (before: it gave up at 15 s, because the next wait, 8 s, would have passed 20)."""
+    clock, tries = FakeClock(), []
 
     def down():
+        tries.append(clock.t)
         raise ConnectionRefusedError("refused")
     with pytest.raises(ConnectionRefusedError):
         retry(down, what="x", backoff=Backoff(first=1, cap=8, give_up=20), retry_on=(OSError,),
               sleep=clock.sleep, clock=clock)
-    assert clock.slept == [1, 2, 4, 8] and sum(clock.slept) <= 20
+    assert clock.slept == [1, 2, 4, 8, 5] and tries == [0, 1, 3, 7, 15, 20]
 
     def bug():
         raise KeyError("not retried")

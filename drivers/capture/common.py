@@ -207,8 +207,9 @@ def retry(fn: Callable[[], object], *, what: str, backoff: Backoff, retry_on: tu
           stop: "Stop | None" = None, sleep: Callable[[float], None] = time.sleep,
           clock: Callable[[], float] = time.monotonic):
     """Call fn() until it returns; on an exception in `retry_on` log one line (what failed, why, when the
-    next try is) and wait per `backoff`. Raises the last error once backoff.give_up seconds have passed, and
-    StopRequested if `stop` is requested while waiting."""
+    next try is) and wait per `backoff`, the last wait cut so that a try is made when backoff.give_up seconds
+    have passed since the first failure. Raises the last error when that try fails too, and StopRequested if
+    `stop` is requested while waiting."""
     start = None
     delays = backoff.delays()
     while True:
@@ -218,9 +219,11 @@ def retry(fn: Callable[[], object], *, what: str, backoff: Backoff, retry_on: tu
             now = clock()
             start = now if start is None else start
             delay = next(delays)
-            if backoff.give_up is not None and now - start + delay > backoff.give_up:
-                log.error("%s: %s; giving up after %.0f s", what, _reason(err), now - start)
-                raise
+            if backoff.give_up is not None:
+                if now - start >= backoff.give_up:
+                    log.error("%s: %s; giving up after %.0f s", what, _reason(err), now - start)
+                    raise
+                delay = min(delay, backoff.give_up - (now - start))   # a last try when the time is up
             log.warning("%s: %s; retrying in %.0f s", what, _reason(err), delay)
             if stop is not None:
                 if stop.wait(delay):
