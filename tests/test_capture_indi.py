@@ -539,3 +539,31 @@ def test_an_aborted_exposure_is_aborted_on_the_server(tmp_path, monkeypatch):
     cam.close()
     th.join(5)      # the server has read all the client sent
     assert asked[-2:] == ["CCD_EXPOSURE", "CCD_ABORT_EXPOSURE"], asked
+
+
+def _set_switch(port: int, name: str, element: str) -> None:
+    c = IndiClient("127.0.0.1", port, timeout=2)
+    c.connect()
+    try:
+        c.wait(lambda: c.get(DEVICE, name) is not None, 10, name)
+        c.set_values(DEVICE, name, {element: True})
+        c.wait(lambda: c.get(DEVICE, name).values[element] or c.get(DEVICE, name).state == "Alert", 5, name)
+    finally:
+        c.close()
+
+
+@server_test
+def test_a_camera_left_compressing_still_gives_fits_with_our_header(indi, tmp_path):
+    """CCD_COMPRESSION left on (by another client, a saved config) makes the driver send .fits.fz, tile-compressed,
+    which was written as is without our header keys: the driver switches compression off at set-up."""
+    out = tmp_path / "lights"
+    _set_switch(indi.port, "CCD_COMPRESSION", "INDI_ENABLED")
+    try:
+        r = run_capture(indi.port, out, "0.5", "--count", "1", "--gain", "40")
+    finally:
+        _set_switch(indi.port, "CCD_COMPRESSION", "INDI_DISABLED")
+    assert r.returncode == 0, r.stderr
+    assert [f.name for f in out.glob("[!.]*")] == ["light_0000_0.5s.fits"]
+    h = fits.getheader(out / "light_0000_0.5s.fits")
+    assert (h["IMAGETYP"], h["EXPTIME"], h["GAIN"]) == ("Light Frame", 0.5, 40)
+    assert "without our header keys" not in r.stderr

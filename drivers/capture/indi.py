@@ -360,6 +360,8 @@ class IndiCamera:
         self._exposure_range()
         self._switch(dev, "UPLOAD_MODE", "UPLOAD_CLIENT")
         self._switch(dev, "CCD_TRANSFER_FORMAT", "FORMAT_FITS")
+        # compression on sends tile-compressed .fits.fz, which we would write without our header keys
+        self._switch(dev, "CCD_COMPRESSION", "INDI_DISABLED")
         self._binning()
         self._gain()
         self._filter()
