@@ -567,3 +567,26 @@ def test_a_camera_left_compressing_still_gives_fits_with_our_header(indi, tmp_pa
     h = fits.getheader(out / "light_0000_0.5s.fits")
     assert (h["IMAGETYP"], h["EXPTIME"], h["GAIN"]) == ("Light Frame", 0.5, 40)
     assert "without our header keys" not in r.stderr
+
+
+@pytest.mark.parametrize("obj, kept", [("Unknown", None), ("M 31", "M 31")])
+def test_indis_placeholder_object_name_is_not_written(tmp_path, obj, kept):
+    """INDI drivers write OBJECT = 'Unknown' (FITS_HEADER's default) when nobody set a target: that is no object
+    name (livestack would take it for the target's), so the card is dropped; a real name is kept."""
+    import base64
+    import io
+
+    hdu = fits.PrimaryHDU(np.zeros((4, 6), dtype="uint16"))
+    hdu.header["OBJECT"] = obj
+    buf = io.BytesIO()
+    hdu.writeto(buf)
+    blob = ('<setBLOBVector device="Fake CCD" name="CCD1" state="Ok"><oneBLOB name="CCD1" format=".fits" '
+            f'size="{len(buf.getvalue())}">{base64.b64encode(buf.getvalue()).decode()}</oneBLOB></setBLOBVector>')
+    cam, _ = _fake_camera(tmp_path, [_ccd_defs("Fake CCD")], answers={"CCD_EXPOSURE": blob}, download_timeout=5)
+    try:
+        path = cam.take(0)
+    finally:
+        cam.close()
+    h = fits.getheader(path)
+    assert h.get("OBJECT") == kept and h["EXPTIME"] == 1.0
+    assert (fits.getdata(path) == 0).all()

@@ -284,9 +284,21 @@ def _card(key: str, value, comment: str = "") -> bytes:
     return text[:80].ljust(80).encode("ascii", "replace")
 
 
-def fits_header_update(data: bytes, set_cards: dict, add_cards: dict) -> bytes:
+def _card_text(card: bytes) -> str:
+    """The value of a string card ("OBJECT  = 'M 31    '" -> 'M 31'); the raw value text for other cards."""
+    text = card[10:].decode("ascii", "replace").strip()
+    if text.startswith("'"):
+        end = text.find("'", 1)
+        while end != -1 and text[end + 1:end + 2] == "'":     # '' is a quote inside the string
+            end = text.find("'", end + 2)
+        return text[1:end if end != -1 else None].replace("''", "'").rstrip()
+    return text.split("/", 1)[0].strip()
+
+
+def fits_header_update(data: bytes, set_cards: dict, add_cards: dict, *, drop_if: dict | None = None) -> bytes:
     """Return the FITS file `data` with its primary header changed: cards in `set_cards` replaced or added,
-    cards in `add_cards` added only if the header lacks them. Each value is `value` or (value, comment).
+    cards in `add_cards` added only if the header lacks them, cards whose key is in `drop_if` removed when
+    their value is that text (case-insensitive: a placeholder). Each value is `value` or (value, comment).
     The data unit is kept byte for byte. Raises ValueError if `data` is not a FITS file."""
     if not data.startswith(b"SIMPLE  ="):
         raise ValueError("not a FITS file (no SIMPLE card)")
@@ -300,6 +312,8 @@ def fits_header_update(data: bytes, set_cards: dict, add_cards: dict) -> bytes:
             break
         cards.append(card)
     header_len = -(-pos // 2880) * 2880
+    drop = {k: v.lower() for k, v in (drop_if or {}).items()}
+    cards = [c for c in cards if drop.get(c[:8].decode("ascii", "replace").strip()) != _card_text(c).lower()]
     keys = [c[:8].decode("ascii", "replace").strip() for c in cards]
     for key, val in {**{k: v for k, v in add_cards.items() if k not in keys}, **set_cards}.items():
         value, comment = val if isinstance(val, tuple) else (val, "")
@@ -646,7 +660,8 @@ class IndiCamera:
                 except ValueError:
                     pass
         try:
-            return fits_header_update(data, put, add)
+            # OBJECT 'Unknown' is INDI's FITS_HEADER default, no target: livestack would take it for a name
+            return fits_header_update(data, put, add, drop_if={"OBJECT": "Unknown"})
         except ValueError as err:
             log.warning("%s: frame header not updated (%s); written as received", dev, err)
             return data
