@@ -281,7 +281,8 @@ def _os_reason(err: OSError) -> str:
 
 
 class StopRequested(Exception):
-    """Raised out of a wait when a stop was requested (the frame in hand has been written already)."""
+    """Raised when a stop was requested and the run ends there, without another exposure: out of a retry's
+    wait (the frame in hand has been written already), out of a wait for the cooler or for disk space."""
 
 
 class Stop:

@@ -41,7 +41,7 @@ def sim_config(plan: CapturePlan, base: SimConfig | None = None) -> SimConfig:
 def capture(plan: CapturePlan, base: SimConfig | None = None, stop: Stop | None = None, *,
             on_frame=None, retry_for: float | None = 600.0) -> list[Path]:
     """Render and write frames of plan.kind, plan.count of them (or until `stop`), plan.interval s apart.
-    The frame index (and so the simulated drift and rotation) continues after files already in the folder.
+    The frame index (and so the simulated drift and rotation) continues after the highest one used in the folder.
     Returns the written paths in order. Usable from a thread: pass a Stop and call stop.stop()."""
     from drivers.simulator import render_frame, write_dng, write_fits
 
