@@ -214,7 +214,6 @@ def _slow_driver(sock: socket.socket, gain_after: float) -> None:
     """A fake INDI server for one client: a CCD whose CCD_GAIN is defined ``gain_after`` s after the rest of its
     properties (a driver starved of CPU, as indi_simulator_ccd was on a loaded CI machine), answering every
     new*Vector with the values asked for."""
-    import re
     import threading
 
     conn, _ = sock.accept()
@@ -237,25 +236,36 @@ def _slow_driver(sock: socket.socket, gain_after: float) -> None:
                       '<defNumber name="GAIN" min="0" max="300">90</defNumber></defNumberVector>').encode())
 
     threading.Thread(target=defs, daemon=True).start()
-    buf = b""
     conn.settimeout(10)
     try:
-        while True:
-            data = conn.recv(65536)
-            if not data:
-                return
+        _answer_requests(conn)
+    finally:
+        conn.close()
+
+
+def _answer_requests(conn: socket.socket, answers: dict | None = None, asked: list | None = None) -> None:
+    """Answer each new*Vector a client sends on ``conn`` — with answers[name] if given (a string of XML), else
+    with the values asked for (state Ok: <oneX> elements are what a set carries) — until it closes; the names
+    asked for are appended to ``asked``."""
+    import re
+
+    buf = b""
+    try:
+        while data := conn.recv(65536):
             buf += data
             end = 0
-            for m in re.finditer(rb'<new(\w+)Vector device="[^"]*" name="([^"]*)">(.*?)</new\1Vector>', buf):
-                kind, name, ones = m.group(1).decode(), m.group(2).decode(), m.group(3).decode()
-                conn.sendall(f'<set{kind}Vector device="{dev}" name="{name}" state="Ok">{ones}'
-                             f'</set{kind}Vector>'.encode())      # <oneX> elements are what a set carries
+            for m in re.finditer(rb'<new(\w+)Vector device="([^"]*)" name="([^"]*)">(.*?)</new\1Vector>', buf):
+                kind, dev, name, ones = (g.decode() for g in m.groups())
+                if asked is not None:
+                    asked.append(name)
+                reply = (answers or {}).get(name)
+                conn.sendall((reply if reply is not None else
+                              f'<set{kind}Vector device="{dev}" name="{name}" state="Ok">{ones}'
+                              f'</set{kind}Vector>').encode())
                 end = m.end()
             buf = buf[end:]
     except OSError:
-        return
-    finally:
-        conn.close()
+        pass
 
 
 def test_a_gain_defined_late_by_a_slow_driver_is_still_set(tmp_path):
@@ -392,30 +402,12 @@ def _fake_server(sock: socket.socket, connections: list, answers: dict | None = 
     """A fake INDI server: for its k-th client, the definitions connections[k]; every new*Vector is answered
     with answers[name] if given (a string of XML), else with the values asked for (state Ok). The names of the
     properties asked for are appended to `asked`."""
-    import re
-
     for defs in connections:
         conn, _ = sock.accept()
         conn.settimeout(30)
-        buf = b""
         try:
             conn.sendall(defs.encode())
-            while True:
-                data = conn.recv(65536)
-                if not data:
-                    break
-                buf += data
-                end = 0
-                for m in re.finditer(rb'<new(\w+)Vector device="([^"]*)" name="([^"]*)">(.*?)</new\1Vector>', buf):
-                    kind, dev, name, ones = (g.decode() for g in m.groups())
-                    if asked is not None:
-                        asked.append(name)
-                    reply = (answers or {}).get(name)
-                    conn.sendall((reply if reply is not None else
-                                  f'<set{kind}Vector device="{dev}" name="{name}" state="Ok">{ones}'
-                                  f'</set{kind}Vector>').encode())
-                    end = m.end()
-                buf = buf[end:]
+            _answer_requests(conn, answers, asked)
         except OSError:
             pass
         finally:
