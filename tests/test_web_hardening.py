@@ -158,6 +158,8 @@ def test_with_a_token_a_request_without_it_is_still_401(token_web):
     assert st == 200
     st, _ = request(token_web, "POST", "/api/resume", headers={"X-Livestack-Token": TOKEN})
     assert st == 200
+    assert request(token_web, "POST", "/api/pause", headers={"Authorization": f"bearer {TOKEN}"})[0] == 200
+    assert request(token_web, "POST", "/api/resume", headers={"X-Livestack-Token": TOKEN})[0] == 200
 
 
 def test_a_token_header_that_is_not_utf8_is_403_not_500(token_web):

@@ -415,7 +415,8 @@ class Api:
         if not token:
             return
         auth = req.headers.get("Authorization", "")
-        got = auth[7:].strip() if auth.startswith("Bearer ") else req.headers.get("X-Livestack-Token")
+        # the scheme is case-insensitive (RFC 9110 11.1): 'bearer …' as well as 'Bearer …'
+        got = auth[7:].strip() if auth[:7].lower() == "bearer " else req.headers.get("X-Livestack-Token")
         if not got:
             raise HttpError(401, "this call changes the session and needs the token: send "
                                  "'Authorization: Bearer <token>' or 'X-Livestack-Token: <token>'",
