@@ -220,6 +220,18 @@ def _failing_writes(errors):
     return write
 
 
+def test_a_run_that_stops_without_a_frame_says_why(tmp_path, caplog):
+    """A stop while the cooler worked ended with '0 frame(s)' and nothing saying why."""
+    from drivers.capture.common import run_plan
+
+    def take(index):
+        raise StopRequested("Fake CCD: stopped while cooling (at -1.5 °C)")
+
+    with caplog.at_level(logging.WARNING, logger="drivers.capture"):
+        assert run_plan(CapturePlan(exposure=10.0, count=3, out=tmp_path), take, Stop()) == []
+    assert [r.getMessage() for r in caplog.records] == ["Fake CCD: stopped while cooling (at -1.5 °C)"]
+
+
 def test_a_full_disk_keeps_the_frame_and_retries_its_write_only(caplog):
     """ENOSPC: the frame in hand waits for space (one line per try) and is written once there is some; after
     give_up s, or at once for an unwritable folder, one CaptureError naming the file and the reason."""

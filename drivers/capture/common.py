@@ -342,7 +342,9 @@ def run_plan(plan: CapturePlan, take: Callable[[int], Path], stop: Stop, *,
             break
         try:
             path = take(first + n)
-        except StopRequested:
+        except StopRequested as err:
+            if str(err):              # why no frame came (e.g. "stopped while cooling (at -1.5 °C)")
+                log.warning("%s", err)
             break
         record_index(plan.folder, plan.kind, first + n)
         written.append(path)
