@@ -182,6 +182,14 @@ def test_what_json_and_headers_can_hold_is_a_4xx_not_a_500(open_web):
         assert st == 400 and json.loads(answer)["error"], (path, body[:40], st, answer[:200])
     st, _ = request(open_web, "POST", "/api/pause", b"{}", {**js, "Origin": "http://[::1"})   # not a URL
     assert st == 403
+    for path in ("/api/files/stack.fits", "/static/app.js", "/api/targets/1/preview.jpg"):    # read-only trees
+        conn = http.client.HTTPConnection("127.0.0.1", open_web.port, timeout=10)
+        try:
+            conn.request("POST", path, b"{}", js)
+            r = conn.getresponse()
+            assert (r.status, r.getheader("Allow")) == (405, "GET"), (path, r.status)
+        finally:
+            conn.close()
     assert paused(open_web) is False
     assert "Traceback" not in open_web.log.read_text()
 

@@ -366,14 +366,12 @@ class Api:
                 self._check_origin(req)
                 self._check_token(req)
                 self._check_content_type(req)
-            if path.startswith("/api/files/") and not write:
-                return await self._file(req, path[len("/api/files/"):])
-            if path.startswith("/static/") and not write:
-                return await self._static(req, path[len("/static/"):])
-            if path.startswith("/api/targets/"):
-                if write:
-                    raise HttpError(405, f"{path[:200]} needs GET", {"Allow": "GET"})
-                return await self._target_preview(req, path[len("/api/targets/"):])
+            for prefix, serve in (("/api/files/", self._file), ("/static/", self._static),
+                                  ("/api/targets/", self._target_preview)):
+                if path.startswith(prefix):
+                    if write:            # read-only trees: a POST is the wrong method (405), not a missing page
+                        raise HttpError(405, f"{path[:200]} needs GET", {"Allow": "GET"})
+                    return await serve(req, path[len(prefix):])
             fn = (POST_ROUTES if write else GET_ROUTES).get(path)
             if fn is None:
                 if path in (GET_ROUTES if write else POST_ROUTES):
