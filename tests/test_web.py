@@ -381,6 +381,25 @@ def test_sliders_follow_the_daemon_after_a_failed_stretch_post(web):
     assert errors == []
 
 
+def test_a_refused_exclude_leaves_its_button_usable(web):
+    """An exclude the daemon refuses (409, 503) or that gets no answer said why, but its button stayed disabled
+    until the frames list was redrawn."""
+    from playwright.sync_api import expect
+
+    with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
+        expect(page.get_by_test_id("state")).not_to_have_text("connecting…", timeout=30_000)
+        page.evaluate("""() => { const real = window.fetch;
+            window.fetch = (url, opts) => String(url) === '/api/exclude'
+              ? Promise.resolve(new Response(JSON.stringify({error: 'a new stack is being made; try again'}),
+                                             {status: 409, headers: {'Content-Type': 'application/json'}}))
+              : real(url, opts); }""")
+        button = page.get_by_test_id("exclude").first
+        button.click()
+        expect(page.locator("#s-message")).to_contain_text("a new stack is being made")
+        expect(button).to_be_enabled()
+    assert errors == []
+
+
 ODD_TOKEN = "50%sure&more-token"
 
 

@@ -351,7 +351,9 @@ function renderTable() {
       b.dataset.testid = excluded ? "include" : "exclude";
       b.onclick = async () => {
         b.disabled = true;
-        await post(excluded ? "/api/include" : "/api/exclude", { file: f.path || f.file });
+        // refused (409 during a new stack, 503 stopping) or no answer: the reason is shown, the button usable again
+        // (accepted, the table is redrawn when the restack's new list comes)
+        if (!await post(excluded ? "/api/include" : "/api/exclude", { file: f.path || f.file })) b.disabled = false;
       };
       td.appendChild(b);
     }
