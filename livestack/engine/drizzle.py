@@ -78,6 +78,12 @@ def compensated_drop(pixfrac: float, scale: float) -> float:
     return min(pixfrac * scale, MAX_COMPENSATED_DROP)
 
 
+def compensated_variance(pixfrac: float, scale: float) -> float:
+    """The part of blur_variance that compensation() takes out (grid px²): the boxes' with the drop at most 2 grid
+    px wide (DRZSHARP is half of it)."""
+    return blur_variance(compensated_drop(pixfrac, scale) / scale, scale)
+
+
 def compensation(pixfrac: float, scale: float) -> tuple[float, float, float, float, float]:
     """The 5-tap filter (c, b, 1 − 2b − 2c, b, c), applied along each grid axis, that takes the drizzle's own blur
     out of its stack — the two boxes of blur_variance — to fourth order: its second and fourth cumulants are
@@ -93,7 +99,7 @@ def compensation(pixfrac: float, scale: float) -> tuple[float, float, float, flo
     1.505 / 1.532, this filter 1.490 / 1.496, a 7-tap matching κ₆ too 1.486 / 1.485 (its centre 1.89 at
     pixfrac 1: not worth its noise).  Through `livestack stack` (bench_drizzle --sim): README, drizzle."""
     w = compensated_drop(pixfrac, scale)
-    v = (w * w + 1.0) / 12.0                  # blur_variance, of the drop compensated
+    v = compensated_variance(pixfrac, scale)
     m2 = -v                                   # the filter's second moment: −κ₂ of the boxes
     m4 = (w ** 4 + 1.0) / 120.0 + 3 * v * v   # its fourth moment: κ₄ = +Σ w⁴/120, m₄ = κ₄ + 3κ₂²
     c = (m4 - m2) / 24.0                      # m₂ = 2b + 8c, m₄ = 2b + 32c

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import __version__
 from . import compose as comp
-from .drizzle import compensated_drop
+from .drizzle import compensated_variance
 from .filterstack import Counters, FilterStack
 from .stretch import StretchParams, auto_stretch, reduce
 from .write import disk_full, fsync_dir, temp_name, write_fits_blocks, write_fits_rows, write_jpeg
@@ -64,8 +64,8 @@ def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int
         "KAPPA": (cfg.stack.kappa, "outlier rejection threshold, sigma"),
         "DRIZZLE": (grid.scale if drizzled else None, "drizzle: grid px per sensor px"),
         "PIXFRAC": (grid.pixfrac if drizzled else None, "drizzle: drop size, sensor px"),
-        "DRZSHARP": (None if not drizzled else round((compensated_drop(grid.pixfrac, grid.scale) ** 2 + 1) / 24, 5)
-                     if sharp else 0.0, "drizzle blur compensated: its variance/2, grid px2"),
+        "DRZSHARP": (None if not drizzled else round(compensated_variance(grid.pixfrac, grid.scale) / 2, 5) if sharp
+                     else 0.0, "drizzle blur compensated: its variance/2, grid px2"),
         "DRZTAPS": (",".join(f"{t:.5f}" for t in sharp[:3]) if sharp else None,
                     "drizzle compensation taps c,b,centre"),
         "BUNIT": ("ADU", "normalised to its filter's reference frame"),
