@@ -441,11 +441,7 @@ def build_library(calib_dir: Path | str, out_dir: Path | str, p: CalibrationPara
     say = log or (lambda s: None)
     if not calib_dir.is_dir():
         raise MasterError(f"{calib_dir}: not a folder of calibration frames")
-    from .engine.write import output_dir_problem
-
-    problem = output_dir_problem(out_dir)
-    if problem:
-        raise MasterError(problem)
+    out_dir.mkdir(parents=True, exist_ok=True)
     files, skipped = discover(calib_dir, exclude=out_dir)
     if not any(files.values()):
         raise MasterError(f"{calib_dir}: no calibration frames found (folders bias/, darks/, flats/, darkflats/ "
