@@ -695,8 +695,8 @@ class Api:
             vals = {}
             for k in ("black", "midtones", "white"):
                 v = body.get(k)
-                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
-                                      or not 0 <= v <= 1 or not math.isfinite(v)):   # 10**400: no float
+                # (the range refuses NaN and ±inf too, and compares an int beyond a float, 10**400, exactly)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
                     raise HttpError(400, f"stretch {k} = {v!r}: must be a number in 0..1 or null (auto)")
                 vals[k] = None if v is None else float(v)
             if vals["midtones"] is not None and not 0 < vals["midtones"] < 1:
