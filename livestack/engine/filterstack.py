@@ -33,6 +33,18 @@ def file_safe(name: str | None) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", (name or "").strip()) or "nofilter"
 
 
+def distinct(base: str, taken, *, suffix: str = "") -> str:
+    """``base + suffix``, or ``base-2 + suffix``, ``base-3 + suffix`` …: the first not in ``taken``, compared
+    without case (two FILTER values can make one file name — 'Hα' and 'Hβ' are both 'H_' — and an exFAT disk
+    folds case)."""
+    folded = {t.casefold() for t in taken}
+    name, n = base + suffix, 1
+    while name.casefold() in folded:
+        n += 1
+        name = f"{base}-{n}{suffix}"
+    return name
+
+
 def _iso(t: dt.datetime | None) -> str | None:
     return t.isoformat() if t is not None else None
 
@@ -114,16 +126,10 @@ class FilterStack:
         self.last_time: str | None = None    # capture time of its latest stacked frame
         self.version = 0                     # bumped by every stacked frame (caches of reduced images)
         self._pool = pool
-
-    @property
-    def label(self) -> str:
-        """The filter's name for the composite and the page ('none' without a FILTER card)."""
-        return (self.name or "").strip() or "none"
-
-    @property
-    def file_name(self) -> str:
-        """'stack_<F>.fits'."""
-        return f"stack_{file_safe(self.name)}.fits"
+        # The filter's name for the composite and the page ('none' without a FILTER card), and its file,
+        # 'stack_<F>.fits': the engine makes both distinct from its other filters' (``distinct``).
+        self.label = (name or "").strip() or "none"
+        self.file_name = f"stack_{file_safe(name)}.fits"
 
     def start(self, file: str, stars: Stars, matrix: np.ndarray, plane: np.ndarray, sky: np.ndarray,
               noise: float, fwhm: float, shape: tuple[int, int, int], lum_weights, cell_samples, *,

@@ -27,7 +27,7 @@ from . import geometry
 from .calibrate import Masters, calibrate, nonzero_xy
 from .drizzle import Drizzler, too_big
 from .drizzle import compensation as drizzle_compensation
-from .filterstack import Counters, FilterStack, filter_key
+from .filterstack import Counters, FilterStack, distinct, filter_key
 from .frame import Frame, FrameError, FrameRecord, Quality, Stars
 from .grid import Grid
 from .memory import release_free_memory
@@ -506,10 +506,20 @@ class Engine:
         key = filter_key(name)
         fs = self.filters.get(key)
         if fs is None:
-            fs = self.filters[key] = FilterStack(name, self.cfg.stack, self.cfg.reject, pool=self._pool)
+            fs = self._add(FilterStack(name, self.cfg.stack, self.cfg.reject, pool=self._pool))
         if key in self._recent:
             self._recent.remove(key)
         self._recent.append(key)
+        return fs
+
+    def _add(self, fs: FilterStack) -> FilterStack:
+        """Keep ``fs`` among the filters, its label and file name made distinct from theirs (in order of first
+        appearance, so a checkpoint's filters get the same names again)."""
+        others = list(self.filters.values())
+        fs.label = distinct(fs.label, [o.label for o in others])
+        fs.file_name = distinct(fs.file_name[:-len(".fits")], [o.file_name for o in others],
+                                suffix=".fits")
+        self.filters[fs.key] = fs
         return fs
 
     def parallel_map(self, fn, items) -> list:
@@ -653,8 +663,7 @@ class Engine:
                 st = {n[len(prefix):]: arrays[n] for n in names if n.startswith(prefix)}
                 stack = RunningStack.from_state(st, cfg.stack, pool=eng._pool)
             fa = {k: arrays[f"f{i}_{k}"] for k in ("ref_xy", "ref_flux") if f"f{i}_{k}" in names}
-            fs = FilterStack.from_state(fmeta, fa, stack, cfg.stack, cfg.reject, pool=eng._pool)
-            eng.filters[fs.key] = fs
+            fs = eng._add(FilterStack.from_state(fmeta, fa, stack, cfg.stack, cfg.reject, pool=eng._pool))
             eng._recent = [k for k in meta["recent"] if k in eng.filters]
             eng._trim()        # stacks beyond the memory budget go to disk as they are read
             if stack is not None:

@@ -225,3 +225,34 @@ def test_checkpoints_and_spilled_stacks_give_the_uninterrupted_stack(night, tmp_
             b, wb = other.result(name)
             assert np.array_equal(a, b) and np.array_equal(wa, wb), name
     assert part.n_stacked == spilled.n_stacked == full.n_stacked == 12
+
+
+def test_filters_whose_names_make_one_file_name_get_two_files(night, tmp_path):
+    """FILTER 'H a' and 'H_a' are two filters with one file-safe name, as are 'nofilter' and no FILTER card:
+    each stack gets its own file (the second 'stack_H_a-2.fits'), also after a checkpoint — before, the second
+    overwrote the first's stack_H_a.fits."""
+    files, _ = night(mono=True, n_frames=6, seed=5, filters=("L", "Ha", "OIII"))
+    names = {"L": "H a", "Ha": "H_a", "OIII": None}
+    for f in files:
+        with fits.open(f, mode="update") as hd:
+            new = names[hd[0].header["FILTER"]]
+            if new is None:
+                del hd[0].header["FILTER"]
+            else:
+                hd[0].header["FILTER"] = new
+    extra = tmp_path / "extra.fits"
+    with fits.open(files[3]) as hd:
+        hd[0].header["FILTER"] = "nofilter"
+        hd.writeto(extra)
+    files = files + [extra]
+    for eng in (run(files)[0], through_checkpoints(files, [4], tmp_path)):
+        assert [(fs.name, fs.file_name, fs.label) for fs in eng.filters.values()] == [
+            ("H a", "stack_H_a.fits", "H a"), ("H_a", "stack_H_a-2.fits", "H_a"),
+            (None, "stack_nofilter.fits", "none"), ("nofilter", "stack_nofilter-2.fits", "nofilter")]
+    out = tmp_path / "out"
+    assert eng.snapshot(out)
+    for fs in eng.stacks:
+        with fits.open(out / fs.file_name) as hd:
+            assert hd[0].header.get("FILTER") == fs.name and hd[0].header["NCOMBINE"] == fs.counts.stacked
+    with fits.open(out / "stack.fits") as hd:
+        assert hd[0].header["FILTER"] == "H a,H_a,none,nofilter"
