@@ -59,6 +59,11 @@ class Progress:
             self.stream.write(line + "\n")
         self.stream.flush()
 
+    def note(self, text: str) -> None:
+        """A line of its own above the bar."""
+        self.stream.write(("\r\033[K" if self.tty else "") + one_line(text) + "\n")
+        self.stream.flush()
+
 
 class _CtrlC:
     """Ctrl-C (SIGINT) during `livestack stack`: the frame in hand is finished, a plate solve still running is
@@ -93,7 +98,7 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
     plate-solves (``solve``).  Returns a summary dict ("interrupted": a Ctrl-C stopped it after "processed"
     files: see _CtrlC)."""
     from .engine.pipeline import Engine
-    from .session import FRAMES_LOG, FramesLog
+    from .session import FRAMES_LOG, FramesLog, apply_amended, rewrite_frames_log
 
     out.mkdir(parents=True, exist_ok=True)
     flog_path = out / FRAMES_LOG
@@ -105,15 +110,24 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
     t0 = time.perf_counter()
     sky = None
     processed = 0
+    records: list[dict] = []
     with _CtrlC() as ctrl_c:
         for i, f in enumerate(files):
             if ctrl_c.event.is_set():
                 break
             rec = engine.process(f, next_path=files[i + 1] if i + 1 < len(files) else None)
             processed += 1
-            flog.append(rec)
+            records.append(rec.to_dict())
+            flog.append(records[-1])
             if progress:
                 progress.update(rec)
+            if engine.amended:      # a first frame judged by the frames after it
+                if apply_amended(records, engine.amended):
+                    rewrite_frames_log(flog_path, records)
+                if progress:
+                    for a in engine.amended:
+                        progress.note(f"{a['file']} {a['status']}: {a['reason']}")
+                engine.amended.clear()
             if rec.status == "reference" and solve:
                 from .config import make_section
                 from .engine.solve import SolveParams

@@ -159,6 +159,19 @@ def rewrite_frames_log(path: Path | str, records: list[dict]) -> None:
     atomic_write_bytes(Path(path), b"".join(json_utf8(r, allow_nan=False) + b"\n" for r in records))
 
 
+def apply_amended(records: list[dict], amended: list[dict]) -> bool:
+    """Engine.amended's later verdicts on earlier frames, applied to their records (the latest with the same
+    file and index); True when a record changed (frames.jsonl must then be rewritten)."""
+    changed = False
+    for a in amended:
+        for d in reversed(records):
+            if d.get("file") == a["file"] and d.get("index") == a["index"]:
+                d.update({k: v for k, v in a.items() if k not in ("file", "index")})
+                changed = True
+                break
+    return changed
+
+
 def save_engine(engine, path: Path | str, info: dict | None = None) -> None:
     """The checkpoint: Engine.state() — its meta (JSON), small arrays and every filter's stack arrays — and the
     caller's ``info`` (JSON, member "daemon") as one uncompressed .npz, written to a temporary name, fsynced

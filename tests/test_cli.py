@@ -249,3 +249,22 @@ def test_a_capture_time_at_the_end_of_time_is_counted_not_raised():
 
     c = Counters().stacked_frame(FrameMeta(kind="fits", time=dt.datetime(9999, 12, 31, 23, 59, 30), exptime=60.0))
     assert c.stacked == 1 and c.first_time.startswith("9999-12-31") and c.last_end is None
+
+
+def test_a_trailed_first_frame_is_rejected_in_frames_jsonl(night, tmp_path):
+    """The first frame, trailed, is stacked as the reference and rejected once the frames after it show it is:
+    frames.jsonl is rewritten with its verdict (still one line a frame), the progress says so, stack.fits
+    counts the frames left."""
+    files, _ = night(n_frames=6, seed=5, defects={0: "wind"})
+    out = tmp_path / "out"
+    r = cli("stack", files[0].parent, "-o", out, "--no-solve")
+    assert r.returncode == 0, r.stderr
+    recs = read_log(out / "frames.jsonl")
+    assert [x["file"] for x in recs] == [f.name for f in files]
+    assert recs[0]["status"] == "rejected" and "left out of the stack" in recs[0]["reason"]
+    assert recs[0]["weight"] is None
+    assert [x["status"] for x in recs[1:]] == ["stacked"] * 5
+    assert f"{files[0].name} rejected: " in r.stderr
+    hdr = fits.getheader(out / "stack.fits")
+    assert (hdr["NCOMBINE"], hdr["NREJECT"], hdr["EXPTIME"]) == (5, 1, 300)
+    assert "5 stacked, 1 rejected" in r.stdout

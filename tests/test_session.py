@@ -502,3 +502,36 @@ def test_a_restack_leaves_the_files_failed_unread_unread(tmp_path, six):
         assert (res["stacked"], res["failed"], res["excluded"]) == (2, 1, 1)
     finally:
         svc.stop(timeout=10)
+
+
+def test_the_daemon_records_a_first_frame_rejected_later(tmp_path):
+    """The live night's first frame trailed: once the bootstrap's frames judge it, its line in frames.jsonl
+    and on the page (a new generation of the frames list) says rejected, and a restart resumes from there."""
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+    from drivers.simulator import SimConfig, render_night
+
+    root = tmp_path / "night"
+    truth = render_night(root, SimConfig(width=480, height=360, n_frames=5, fmt="fits", seed=5, defects={0: "wind"}))
+    svc, out = _backlog_service(tmp_path, [root / f["file"] for f in truth["frames"]])
+    gen0 = svc.status()["generation"]
+    try:
+        _wait(svc, 5, idle=True)
+        assert svc.snapshot.frames[0]["status"] == "rejected", svc.snapshot.frames[0]
+        st = svc.status()
+        assert st["generation"] != gen0 and (st["stacked"], st["rejected"]) == (4, 1)
+    finally:
+        svc.stop(timeout=20)
+    recs = read_frames_log(out / "frames.jsonl")
+    assert [r["status"] for r in recs] == ["rejected"] + ["stacked"] * 4
+    assert "left out of the stack (still the grid's reference)" in recs[0]["reason"]
+    watch = tmp_path / "watch"
+    again = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                    DaemonParams(out=str(out)))
+    again.start()
+    try:
+        _wait(again, 5, idle=True)
+        assert (again.status()["stacked"], again.status()["rejected"]) == (4, 1)
+    finally:
+        again.stop(timeout=20)
+    assert read_frames_log(out / "frames.jsonl") == recs

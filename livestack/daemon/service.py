@@ -36,7 +36,7 @@ from ..engine.write import (DiskFull, WriteDeferred, atomic_write_bytes, deferra
                             encode_tiff16, free_bytes, mb, remove_orphans)
 from ..config import make_section
 from ..engine.solve import Solution, SolveError, SolveParams
-from ..session import FramesLog, Refused, SessionFolder, rewrite_frames_log
+from ..session import FramesLog, Refused, SessionFolder, apply_amended, rewrite_frames_log
 from ..sky import MAX_ATTEMPTS, SkySolver, reference_hints, sky_status, stars_on_grid
 from ..targets import REFERENCE_FILE, Book, Target, load_reference, match_target, save_reference, separation
 from .config import DaemonParams, WatchParams, session_section
@@ -588,7 +588,8 @@ class Service:
         if e.grid.wcs is not None and cur.sky and cur.sky.get("state") == "solved":
             self._sky = cur.sky
             return
-        rel = next((d.get("path") or d["file"] for d in self.records if d["status"] == "reference"), e.ref.file)
+        rel = next((d.get("path") or d["file"] for d in self.records if d["status"] == "reference"), None) or \
+            next((d.get("path") or d["file"] for d in self.records if d["file"] == e.ref.file), e.ref.file)
         hints, own, obj = reference_hints(self.watch_dir / rel, e.grid, self.solve_params)
         self._sky_hints, self._sky_object = hints, obj
         solver = self._solver = SkySolver(self.solve_params)
@@ -658,6 +659,11 @@ class Service:
         d = rec.to_dict()
         d["path"], d["processed"] = rel, _now()
         self.records.append(d)
+        if self.engine.amended:      # a filter's first frame judged by the frames after it
+            if apply_amended(self.records, self.engine.amended):
+                self._logged = None  # frames.jsonl is rewritten whole, the page's list fetched anew
+                self._generation += 1
+            self.engine.amended.clear()
         self._save_log()
 
     def _idle(self) -> None:
@@ -1055,6 +1061,8 @@ class Service:
                                     next_path=None if nxt is None else self.watch_dir / nxt).to_dict()
                     d["path"], d["processed"] = rel, _now()
                 new.append(d)
+                apply_amended(new, eng.amended)
+                eng.amended.clear()
                 self._restack = {"done": i + 1, "total": total}
                 if i % 5 == 4:
                     self._publish()

@@ -125,6 +125,11 @@ class FilterStack:
         self.counts = Counters(filter=name)
         self.last_time: str | None = None    # capture time of its latest stacked frame
         self.version = 0                     # bumped by every stacked frame (caches of reduced images)
+        # The frames in the stack's bootstrap buffer, in order: (file, index, start ISO, exptime, scale) — the
+        # first is judged against the others once the buffer is full (judge_first).
+        self.boot: list[tuple[str, int | None, str | None, float, float]] = []
+        self.first_judged = False
+        self.transparency_base = 1.0         # the typical frame's transparency against the first frame's
         self._pool = pool
         # The filter's name for the composite and the page ('none' without a FILTER card), and its file,
         # 'stack_<F>.fits': the engine makes both distinct from its other filters' (``distinct``).
@@ -152,7 +157,9 @@ class FilterStack:
         si, ri = mutual_pairs(geometry.apply(matrix, stars.xy), self.ref.xy, cKDTree(self.ref.xy), tol)
         return transparency_scale(self.ref.flux[ri], stars.flux[si])
 
-    def accept(self, q: Quality, m: FrameMeta) -> None:
+    def accept(self, q: Quality, m: FrameMeta, *, file: str, index: int | None = None, scale: float = 1.0) -> None:
+        if self.stack is not None and self.stack.sums is None and not self.first_judged:
+            self.boot.append((file, index, _iso(m.time), float(m.exptime or 0.0), float(scale)))
         self.judge.accept(q)
         self.counts = self.counts.stacked_frame(m)
         self.last_time = _iso(m.time) or self.last_time
@@ -160,6 +167,42 @@ class FilterStack:
 
     def reject(self) -> None:
         self.counts = self.counts.rejected_frame()
+
+    def check(self, q: Quality, scale: float) -> str | None:
+        """Why a frame of this filter (its transparency factor ``scale`` against the first frame) is rejected,
+        or None."""
+        t = 1.0 / scale if scale > 0 else 0.0
+        return self.judge.check(q, transparency=t / self.transparency_base)
+
+    def judge_first(self) -> str | None:
+        """Once, when the stack's bootstrap buffer is full: the filter's first frame — stacked unjudged, there
+        was nothing to judge it by — judged against the frames buffered after it, as they were judged against
+        it.  A trailed, soft or cloudy first frame (the mount settling after a slew, focus or cloud at dusk) is
+        then left out of the stack: the reason, or None.  Its sky and star fluxes stay the filter's photometric
+        reference (every later frame is normalised to them); transparency is then judged against the frames
+        that stay."""
+        if self.first_judged or len(self.boot) < 3 or len(self.judge.history) != len(self.boot):
+            return None
+        self.first_judged = True
+        others = FrameJudge(self.judge.p)
+        hist = list(self.judge.history)
+        others.history.extend(hist[1:])
+        fwhm, stars, background, ecc = hist[0]
+        scales = [b[4] for b in self.boot[1:]]
+        why = others.check(Quality(int(stars), fwhm, ecc, background, float("nan")),
+                           transparency=float(np.median(scales)))
+        if why is None:
+            return None
+        self.stack.drop_first()
+        self.judge.history.popleft()
+        _, _, _, exptime, _ = self.boot.pop(0)
+        self.transparency_base = float(np.median([1.0 / s if s > 0 else 0.0 for s in scales]))
+        self.counts = dataclasses.replace(self.counts, stacked=self.counts.stacked - 1,
+                                          rejected=self.counts.rejected + 1,
+                                          exptime=self.counts.exptime - exptime,
+                                          first_time=next((b[2] for b in self.boot if b[2]), None))
+        self.version += 1
+        return why
 
     def summary(self) -> dict:
         """JSON-ready figures for the page and /api/status."""
@@ -174,7 +217,8 @@ class FilterStack:
 
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         meta = {"name": self.name, "counts": dataclasses.asdict(self.counts), "judge": self.judge.state(),
-                "last_time": self.last_time}
+                "last_time": self.last_time, "boot": [list(b) for b in self.boot],
+                "first_judged": self.first_judged, "transparency_base": self.transparency_base}
         arrays: dict[str, np.ndarray] = {}
         if self.ref is not None:
             r = self.ref
@@ -190,6 +234,9 @@ class FilterStack:
         fs.counts = Counters(**meta["counts"])
         fs.judge.load_state(meta["judge"])
         fs.last_time = meta.get("last_time")
+        fs.boot = [tuple(b) for b in meta.get("boot", [])]
+        fs.first_judged = meta.get("first_judged", True)     # a checkpoint from before: not judged again
+        fs.transparency_base = meta.get("transparency_base", 1.0)
         if "ref" in meta:
             r = meta["ref"]
             fs.ref = FilterRef(r["file"], np.array(arrays["ref_xy"]).reshape(-1, 2), np.array(arrays["ref_flux"]),

@@ -79,6 +79,10 @@ class Engine:
         self.last_stacked: tuple[Stars, np.ndarray] | None = None   # the latest stacked frame's stars, matrix
         self.index = 0
         self.failed = 0                               # frames that could not be used, whatever their filter
+        # Verdicts on earlier frames that changed during the latest process(): {"file", "index", "status",
+        # "reason", "weight"} — a filter's first frame rejected once its bootstrap was full.  The caller
+        # applies them to its records (frames.jsonl) and clears the list.
+        self.amended: list[dict] = []
         self.calibration_used: dict = {}
         self._ws: dict[str, np.ndarray] = {}
         self._pool = ThreadPoolExecutor(cfg.stack.threads, thread_name_prefix="stack") \
@@ -423,7 +427,7 @@ class Engine:
                 self._trim(keep=fs.key)
         else:
             scale = fs.transparency(stars, matrix, tol=cfg.register.match_tol_px * float(grid.stars_to_grid[0, 0]))
-            reason = fs.judge.check(q, transparency=1.0 / scale if scale > 0 else 0.0)
+            reason = fs.check(q, scale)
             if reason:
                 return self._reject(rec, fs, reason)
         rec.scale = _r(scale, 4) if rec.status != "reference" else None
@@ -469,7 +473,7 @@ class Engine:
             channel = grid.source(cfa, img, matrix, interpolation=interp, signal=front.signal, normalise=norm)
         rec.rejected_pixels = fs.stack.add_channels(cells, channel, weight, noise_n, saturated=sat)
         self._lap("drizzle+stack" if grid.drizzled else "debayer+warp+stack" if grid.pattern else "warp+stack")
-        fs.accept(q, m)
+        fs.accept(q, m, file=path.name, index=rec.index, scale=scale)
         self.last_matrix = reg_matrix
         self.last_stacked = (stars, reg_matrix)
 
@@ -488,6 +492,16 @@ class Engine:
         The work buffers, and the pages of the other filters' spilled stacks, are given back first so that
         they, the buffer and the new accumulators never coexist (a 24 MP colour frame's planes are ~430 MB)."""
         for fs in self.stacks:
+            if fs.stack.bootstrap_full and not fs.first_judged:
+                first = fs.boot[0]
+                why = fs.judge_first()
+                if why is not None:
+                    kept = " (still the grid's reference)" if self.ref is not None and \
+                        first[0] == self.ref.file and fs.key == self.ref.filter else ""
+                    reason = f"{why}, against the {len(fs.boot)} frames after it: left out of the stack{kept}"
+                    self.amended.append({"file": first[0], "index": first[1], "status": "rejected",
+                                         "reason": reason, "weight": None})
+                    log.info("rejected %s: %s", first[0], reason)
             if fs.stack.bootstrap_full:
                 self._t = time.perf_counter()
                 self._ws.clear()

@@ -445,6 +445,13 @@ class RunningStack:
         accumulators while the buffer still exists: the memory peak of a session)."""
         return self.sums is None and self.p.bootstrap > 1 and len(self.buffer) >= self.p.bootstrap
 
+    def drop_first(self) -> None:
+        """Leave the first buffered frame out (judged bad once others were in: FilterStack.judge_first)."""
+        if self.sums is not None or not self.buffer:
+            raise ValueError("only a frame still in the bootstrap buffer can be left out")
+        del self.buffer[0]
+        self.frames -= 1
+
     def finish_bootstrap(self) -> None:
         """Clip the buffered frames against their per-cell median and start the accumulators from them."""
         if not self.bootstrap_full:

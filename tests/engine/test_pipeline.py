@@ -53,6 +53,49 @@ def test_cloudy_and_wind_frames_rejected_no_good_frame_rejected(night):
     assert "eccentricity" in recs[8].reason or "fwhm" in recs[8].reason
 
 
+@pytest.mark.parametrize("filters", [(), ("L", "R")])
+def test_a_trailed_first_frame_is_judged_by_the_frames_after_it(night, tmp_path, filters):
+    """The first frame of a filter (the session's reference among them) is stacked before there is anything to
+    judge it by: a trailed one (the mount settling after a slew) is rejected once its bootstrap holds the next
+    frames, left out of the stack (the WEIGHT sum is the stacked frames' weights alone) and out of the counts,
+    and reported through Engine.amended; a checkpoint inside the bootstrap gives the same.  With two filters
+    the R stack's first frame (the second file) is judged the same way."""
+    n = 10 if not filters else 14
+    bad = 0 if not filters else 1
+    files, truth = night(n_frames=n, seed=5, defects={bad: "wind"}, filters=filters)
+    eng = Engine(Config())
+    recs, amended = [], []
+    for f in files:
+        recs.append(eng.process(f))
+        amended += eng.amended
+        eng.amended.clear()
+    assert [a["file"] for a in amended] == [files[bad].name]
+    assert amended[0]["status"] == "rejected" and "left out of the stack" in amended[0]["reason"], amended
+    assert ("still the grid's reference" in amended[0]["reason"]) == (bad == 0)
+    assert recs[bad].status == ("reference" if bad == 0 else "stacked")        # as it was first recorded
+    assert all(r.status in ("reference", "stacked") for r in recs), [r.reason for r in recs]
+    fs = list(eng.filters.values())[bad]
+    mine = [r for r in recs if r.file != files[bad].name and r.filter == recs[bad].filter]
+    assert fs.counts.stacked == len(mine) and fs.counts.rejected == 1
+    assert fs.counts.exptime == pytest.approx(sum(r.exptime for r in mine))
+    _, wsum = eng.result(recs[bad].filter)
+    assert float(np.nanmax(wsum)) == pytest.approx(sum(r.weight for r in mine), rel=1e-4)
+    part = through_checkpoints(files, [bad + 2], tmp_path)
+    for key in eng.filters:
+        a, wa = eng.result(eng.filters[key].name)
+        b, wb = part.result(part.filters[key].name)
+        assert np.array_equal(a, b) and np.array_equal(wa, wb)
+
+
+def test_a_good_first_frame_stays_in_the_stack(night):
+    """Frames after a good first frame that are a little worse (or better) do not reject it."""
+    files, _ = night(n_frames=5, seed=8, defects={3: "wind"})
+    eng = Engine(Config())
+    recs = [eng.process(f) for f in files]
+    assert [r.status for r in recs] == ["reference", "stacked", "stacked", "rejected", "stacked"]
+    assert eng.amended == [] and eng.n_stacked == 4
+
+
 @pytest.mark.parametrize("defect_frame", [0, 5])   # an outlier in the reference itself must vanish too
 def test_satellite_and_cosmic_rays_vanish(night, defect_frame):
     defects = {defect_frame: "satellite", 7: "cosmic"}
