@@ -259,8 +259,9 @@ class Spill:
         self.dtype = np.dtype(np.float32)
         self._f = open(self.path, "ab")
 
-    def rows(self, r0: int, r1: int) -> np.ndarray:
-        """(n, r1 - r0, W) float32: rows r0..r1 of every frame (a new array).
+    def rows(self, r0: int, r1: int, frames=None) -> np.ndarray:
+        """(n, r1 - r0, W) float32: rows r0..r1 of every frame, or of the frames whose indices ``frames`` lists
+        (a new array).
 
         Read with one seek + read per frame rather than through np.memmap: the result is the same, but the
         pages of a mapping count in the process's RSS until unmapped, and 50 frames would show as gigabytes
@@ -269,11 +270,12 @@ class Spill:
             self._f.close()
             self._r = open(self.path, "rb")
         h, w = self.shape
-        out = np.empty((self.n, r1 - r0, w), np.float32)
+        frames = range(self.n) if frames is None else frames
+        out = np.empty((len(frames), r1 - r0, w), np.float32)
         count = (r1 - r0) * w
-        for i in range(self.n):
+        for k, i in enumerate(frames):
             self._r.seek(((i * h) + r0) * w * self.dtype.itemsize)
-            out[i] = np.fromfile(self._r, self.dtype, count).reshape(r1 - r0, w)
+            out[k] = np.fromfile(self._r, self.dtype, count).reshape(r1 - r0, w)
         return out
 
     def remove(self) -> None:
@@ -339,17 +341,18 @@ def _block_rows(n: int, width: int, p: CalibrationParams) -> int:
 
 
 def combine_spill(spill: Spill, p: CalibrationParams, *,
-                  prepare: Callable[[np.ndarray, int, int], None] | None = None) -> tuple[np.ndarray, int]:
-    """Combine all frames of ``spill`` block by block into one (H, W) float32 master (allocated here).
-    ``prepare(block, r0, r1)`` may modify each (N, r1 - r0, W) block in place first (flats).
-    Returns (master, values clipped)."""
+                  prepare: Callable[[np.ndarray, int, int], None] | None = None,
+                  frames: list[int] | None = None) -> tuple[np.ndarray, int]:
+    """Combine all frames of ``spill`` (or those whose indices ``frames`` lists) block by block into one (H, W)
+    float32 master (allocated here).  ``prepare(block, r0, r1)`` may modify each (N, r1 - r0, W) block in place
+    first (flats).  Returns (master, values clipped)."""
     h, w = spill.shape
     out = np.empty((h, w), np.float32)
-    rows = _block_rows(spill.n, w, p)
+    rows = _block_rows(spill.n if frames is None else len(frames), w, p)
     clipped = 0
     for r0 in range(0, h, rows):
         r1 = min(h, r0 + rows)
-        block = spill.rows(r0, r1)
+        block = spill.rows(r0, r1, frames)
         if prepare is not None:
             prepare(block, r0, r1)
         out[r0:r1], c = combine_block(block, p.method, p.kappa)
@@ -455,7 +458,7 @@ def build_library(calib_dir: Path | str, out_dir: Path | str, p: CalibrationPara
         try:
             for g in groups:
                 try:
-                    entry = _make_master(g, lib, p)
+                    entry = _make_master(g, lib, p, skipped)
                 except MasterError as err:
                     skipped += [{"file": f, "reason": str(err)} for f in g.sources]
                     say(f"  skipped {len(g.sources)} {KIND_LABEL[kind]} frames: {err}")
@@ -529,16 +532,19 @@ def _master_name(kind, camera, shape, exptime, temp, iso, gain, filt) -> str:
     return "_".join(parts)
 
 
-def _make_master(g: _Group, lib: "MasterLibrary", p: CalibrationParams) -> MasterEntry:
+def _make_master(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped: list[dict]) -> MasterEntry:
     colour = g.pattern is not None
-    exptime = _mean_or_none(g.exptimes)
-    temp = _mean_or_none(g.temps)
     subtracted = None
+    sources, n = g.sources, g.spill.n
     if g.kind == "flat":
-        data, bad, clipped, subtracted = _combine_flat(g, lib, p)
+        data, bad, clipped, subtracted, keep = _combine_flat(g, lib, p, skipped)
+        sources, n = [g.sources[i] for i in keep], len(keep)
+        g.exptimes, g.temps = [g.exptimes[i] for i in keep], [g.temps[i] for i in keep]
     else:
         data, clipped = combine_spill(g.spill, p)
         bad = hot_pixels_from_dark(data, colour, p.hot_sigma) if g.kind == "dark" else None
+    exptime = _mean_or_none(g.exptimes)
+    temp = _mean_or_none(g.temps)
     name = _master_name(g.kind, g.camera, g.shape, exptime, temp, g.iso, g.gain, g.filter)
     taken = {e.name for e in lib.entries}
     base, k = name, 2
@@ -547,10 +553,10 @@ def _make_master(g: _Group, lib: "MasterLibrary", p: CalibrationParams) -> Maste
     entry = MasterEntry(
         name=name, file=name + ".fits", kind=g.kind, camera=g.camera, width=g.shape[1], height=g.shape[0],
         pattern=g.pattern, iso=g.iso, gain=g.gain, exptime=exptime, temperature=temp, filter=g.filter,
-        ncombine=g.spill.n, method=p.method if g.spill.n > 2 or p.method == "median" else "mean",
-        kappa=p.kappa if p.method == "clipped" else None, sources=tuple(g.sources),
+        ncombine=n, method=p.method if n > 2 or p.method == "median" else "mean",
+        kappa=p.kappa if p.method == "clipped" else None, sources=tuple(sources),
         bad_pixels=int(bad.sum()) if bad is not None else 0, subtracted=subtracted,
-        clipped=round(clipped / max(1, data.size * g.spill.n), 6) if p.method == "clipped" else None)
+        clipped=round(clipped / max(1, data.size * n), 6) if p.method == "clipped" else None)
     write_master(lib.root / entry.file, data, entry, bad)
     lib._arrays[entry.name] = data
     if bad is not None:
@@ -558,7 +564,10 @@ def _make_master(g: _Group, lib: "MasterLibrary", p: CalibrationParams) -> Maste
     return entry
 
 
-def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams):
+def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped: list[dict]):
+    """The group's master flat, its bad pixels, the values clipped, what was subtracted and the indices of the
+    frames combined.  A frame without light (mean ≤ 0 in a colour after the subtraction: a dark or a capped
+    frame among the flats) is left out and listed in ``skipped``; MasterError when no frame is left."""
     colour = g.pattern is not None
     t = _mean_or_none(g.exptimes)
     offset = None
@@ -581,11 +590,14 @@ def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams):
         subtracted = f"black level {float(black.mean()):g}" if black.any() else None
     # Mean of (flat - offset) per colour, frame by frame: subtraction is linear, so from the raw means.
     level = np.array(g.sums) - sub_means[None]                   # (N, 2, 2)
-    if (level <= 0).any():
-        worst = g.sources[int(np.argmin(level.min(axis=(1, 2))))]
-        raise MasterError(f"flat group of {worst}: mean level ≤ 0 after subtracting {subtracted or 'nothing'} "
-                          "(underexposed flats, or a dark-flat of another exposure?)")
-    inv = (1.0 / level).astype(np.float32)
+    dark = level.min(axis=(1, 2)) <= 0
+    why = f"mean level ≤ 0 after subtracting {subtracted or 'nothing'}"
+    if dark.all():
+        raise MasterError(f"flat group of {g.sources[0]}: {why} (underexposed flats, or a dark-flat of another "
+                          "exposure?)")
+    skipped += [{"file": g.sources[i], "reason": f"flat without light: {why}"} for i in np.flatnonzero(dark)]
+    keep = [int(i) for i in np.flatnonzero(~dark)]
+    inv = (1.0 / level[keep]).astype(np.float32)
     black = sub_means.astype(np.float32) if sub is None else None
 
     def prepare(block: np.ndarray, r0: int, r1: int) -> None:
@@ -597,7 +609,7 @@ def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams):
                 block[sl] -= black[i, j]
             block[sl] *= inv[:, i, j][:, None, None]
 
-    data, clipped = combine_spill(g.spill, p, prepare=prepare)
+    data, clipped = combine_spill(g.spill, p, prepare=prepare, frames=keep)
     bad = ~np.isfinite(data)
     data[bad] = 1.0
     bad |= (data < p.flat_min) | cold_pixels_from_flat(data, colour, p.cold_ratio)
@@ -607,7 +619,7 @@ def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams):
         data[_site_slice(i, j, colour)] /= np.float32(norm[i, j])
     bad |= data < p.flat_min
     np.maximum(data, np.float32(p.flat_min), out=data)
-    return data, bad, clipped, subtracted
+    return data, bad, clipped, subtracted, keep
 
 
 def _same(a, b) -> bool:

@@ -184,6 +184,24 @@ def test_per_colour_normalisation_keeps_a_grey_card_grey(tmp_path):
     assert raw_ratio[0] == pytest.approx(raw_ratio[1], rel=0.01)   # the card really is grey
 
 
+def test_a_flat_without_light_is_left_out_not_the_whole_group(tmp_path):
+    """A capped or black frame among the flats (level ≤ 0 after the bias) is skipped with its reason; the
+    other flats still make the master, equal to the one made without it."""
+    cfg = dataclasses.replace(SIM, width=160, height=120, seed=13)
+    calib = tmp_path / "calib"
+    render_calibration(calib, cfg, n_bias=3, n_dark=0, n_flat=4, n_darkflat=0)
+    clean = build_library(calib, tmp_path / "clean")
+    first = sorted((calib / "flats").glob("*.fits"))[0]
+    with fits.open(first) as h:
+        fits.writeto(calib / "flats" / "flat_capped.fits", np.zeros_like(h[0].data), h[0].header)
+    lib = build_library(calib, tmp_path / "M")
+    (flat,) = [e for e in lib.entries if e.kind == "flat"]
+    assert flat.ncombine == 4 and "flats/flat_capped.fits" not in flat.sources
+    (why,) = [s["reason"] for s in lib.skipped if s["file"] == "flats/flat_capped.fits"]
+    assert why.startswith("flat without light: mean level ≤ 0 after subtracting bias_")
+    assert np.array_equal(lib.array(flat.name), clean.array(flat.name))
+
+
 # ---------------------------------------------------------------- darks
 
 def test_dark_of_60s_scaled_to_120s_matches_a_true_120s_dark(lib, tmp_path):
