@@ -564,49 +564,66 @@ def _make_master(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped:
     return entry
 
 
-def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped: list[dict]):
-    """The group's master flat, its bad pixels, the values clipped, what was subtracted and the indices of the
-    frames combined.  A frame without light (mean ≤ 0 in a colour after the subtraction: a dark or a capped
-    frame among the flats) is left out and listed in ``skipped``; MasterError when no frame is left."""
-    colour = g.pattern is not None
-    t = _mean_or_none(g.exptimes)
-    offset = None
+def _flat_offset(g: _Group, lib: "MasterLibrary", t: float | None) -> MasterEntry | None:
+    """The master to subtract from a flat of ``g`` taken with ``t`` s: the dark-flat of that exposure, else the
+    bias, else the dark of that exposure (the one of most frames); None: its black level."""
     for kind in ("darkflat", "bias", "dark"):
         cands = [e for e in lib.entries if e.kind == kind and e.width == g.shape[1] and e.height == g.shape[0]
                  and e.pattern == g.pattern and _same_camera(e.camera, g.camera)
                  and _same(e.iso, g.iso) and _same(e.gain, g.gain)
                  and (kind == "bias" or same_exposure(t, e.exptime))]
         if cands:
-            offset = max(cands, key=lambda e: e.ncombine)
-            break
-    if offset is not None:
-        sub = lib.array(offset.name)
-        sub_means = site_means(sub, colour)
-        subtracted = offset.name
-    else:
-        sub = None
-        black = np.mean(g.blacks, axis=0)
-        sub_means = black if colour else np.full((2, 2), black.mean())
-        subtracted = f"black level {float(black.mean()):g}" if black.any() else None
+            return max(cands, key=lambda e: e.ncombine)
+    return None
+
+
+def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped: list[dict]):
+    """The group's master flat, its bad pixels, the values clipped, what was subtracted and the indices of the
+    frames combined.  A frame without light (mean ≤ 0 in a colour after the subtraction: a dark or a capped
+    frame among the flats) is left out and listed in ``skipped``; MasterError when no frame is left."""
+    colour = g.pattern is not None
+    # What each flat has subtracted: the master of its own exposure (flats of several exposures — sky flats,
+    # an automatic flat panel — are one group, each with its own dark-flat), else the bias, else its black level.
+    offsets = [_flat_offset(g, lib, t) for t in g.exptimes]
+    subs: list[np.ndarray | None] = []
+    means = []                                                   # (2, 2) per frame: the subtracted means
+    offset_means = {}
+    for e, b in zip(offsets, g.blacks):
+        if e is not None:
+            subs.append(lib.array(e.name))
+            if e.name not in offset_means:
+                offset_means[e.name] = site_means(subs[-1], colour)
+            means.append(offset_means[e.name])
+        else:
+            subs.append(None)
+            means.append(b if colour else np.full((2, 2), b.mean()))
+    names = list(dict.fromkeys(e.name if e is not None else f"black level {float(b.mean()):g}"
+                               for e, b in zip(offsets, g.blacks) if e is not None or b.any()))
+    subtracted = ", ".join(names) or None
     # Mean of (flat - offset) per colour, frame by frame: subtraction is linear, so from the raw means.
-    level = np.array(g.sums) - sub_means[None]                   # (N, 2, 2)
+    level = np.array(g.sums) - np.array(means)                   # (N, 2, 2)
     dark = level.min(axis=(1, 2)) <= 0
-    why = f"mean level ≤ 0 after subtracting {subtracted or 'nothing'}"
     if dark.all():
-        raise MasterError(f"flat group of {g.sources[0]}: {why} (underexposed flats, or a dark-flat of another "
-                          "exposure?)")
-    skipped += [{"file": g.sources[i], "reason": f"flat without light: {why}"} for i in np.flatnonzero(dark)]
+        raise MasterError(f"flat group of {g.sources[0]}: mean level ≤ 0 after subtracting "
+                          f"{subtracted or 'nothing'} (underexposed flats, or a dark-flat of another exposure?)")
+    for i in np.flatnonzero(dark):
+        what = offsets[i].name if offsets[i] is not None else f"black level {float(g.blacks[i].mean()):g}"
+        skipped.append({"file": g.sources[i], "reason": f"flat without light: mean level ≤ 0 after subtracting "
+                                                         f"{what}"})
     keep = [int(i) for i in np.flatnonzero(~dark)]
     inv = (1.0 / level[keep]).astype(np.float32)
-    black = sub_means.astype(np.float32) if sub is None else None
+    kept_subs = [subs[i] for i in keep]
+    kept_black = [None if subs[i] is not None else np.asarray(means[i], np.float32) for i in keep]
 
     def prepare(block: np.ndarray, r0: int, r1: int) -> None:
-        if sub is not None:
-            block -= sub[r0:r1]
+        for k, (sub, black) in enumerate(zip(kept_subs, kept_black)):
+            if sub is not None:
+                block[k] -= sub[r0:r1]
+            elif black is not None:
+                for i, j in _sites(colour):
+                    block[k][_site_slice(i, j, colour)] -= black[i, j]
         for i, j in _sites(colour):
             sl = (slice(None),) + _site_slice(i, j, colour)
-            if black is not None:
-                block[sl] -= black[i, j]
             block[sl] *= inv[:, i, j][:, None, None]
 
     data, clipped = combine_spill(g.spill, p, prepare=prepare, frames=keep)
@@ -654,7 +671,8 @@ def write_master(path: Path, data: np.ndarray, e: MasterEntry, bad: np.ndarray |
         h["XBAYROFF"], h["YBAYROFF"] = 0, 0
     h["ROWORDER"] = "TOP-DOWN"
     if e.subtracted:
-        h["CALSUB"] = (fits_text(e.subtracted)[:68], "subtracted from each flat")
+        sub = fits_text(e.subtracted)       # (several names: a long string, on CONTINUE cards; no comment then)
+        h["CALSUB"] = (sub, "subtracted from each flat") if len(sub) <= 40 else sub
     h["NSOURCE"] = (len(e.sources), "source files (HISTORY)")
     h["SOFTWARE"] = f"livestack {__version__}"
     h["DATE"] = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
