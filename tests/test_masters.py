@@ -330,6 +330,24 @@ def test_hot_pixels_absent_from_the_stack(lib, tmp_path):
     assert excess["none"] > 20 and excess["masters"] < 4
 
 
+def test_each_filter_stack_names_its_own_flat_in_calibrat(tmp_path):
+    """CALIBRAT of stack_R.fits names the R flat (not the last flat any frame used), whole (not cut at 68
+    characters, where the flat's name was lost), and the composite lists every master."""
+    cfg = dataclasses.replace(SIM, n_frames=4, filters=("R", "G"))
+    render_calibration(tmp_path / "calib", cfg, n_bias=0, n_dark=3, n_flat=3, n_darkflat=3)
+    build_library(tmp_path / "calib", tmp_path / "M")
+    render_night(tmp_path / "lights", cfg)
+    out = tmp_path / "out"
+    assert cli_main(["stack", str(tmp_path / "lights"), "-o", str(out), "--masters", str(tmp_path / "M"),
+                     "--no-solve", "-q"]) == 0
+    dark = "dark=dark_60s_-10C_iso800_g120_SIMCAM-1_320x240"
+    for f in ("R", "G"):
+        flat = f"flat=flat_{f}_iso800_g120_SIMCAM-1_320x240"
+        assert fits.getheader(out / f"stack_{f}.fits")["CALIBRAT"] == f"{dark}, {flat}"
+    assert fits.getheader(out / "stack.fits")["CALIBRAT"] == (f"{dark}, flat=flat_G_iso800_g120_SIMCAM-1_320x240, "
+                                                              "flat=flat_R_iso800_g120_SIMCAM-1_320x240")
+
+
 # ---------------------------------------------------------------- mismatches
 
 def test_wrong_size_master_gives_the_clear_error(lib, tmp_path):

@@ -61,8 +61,10 @@ class Counters:
     last_end: str | None = None         # end of the last stacked frame, ISO
     camera: str | None = None
     filter: str | None = None           # FITS FILTER value as first seen
+    masters: tuple[str, ...] = ()       # "kind=name" of the calibration masters of the stacked frames, sorted
 
-    def stacked_frame(self, m: FrameMeta) -> "Counters":
+    def stacked_frame(self, m: FrameMeta, masters: dict | None = None) -> "Counters":
+        """One more stacked frame, with its metadata and the masters that calibrated it ({kind: name})."""
         first, last = self.first_time, self.last_end
         if m.time is not None:
             first = first or _iso(m.time)
@@ -72,7 +74,8 @@ class Counters:
                 pass
         return dataclasses.replace(self, stacked=self.stacked + 1, exptime=self.exptime + (m.exptime or 0.0),
                                    first_time=first, last_end=last, camera=self.camera or m.camera,
-                                   filter=self.filter or m.filter)
+                                   filter=self.filter or m.filter,
+                                   masters=_union(self.masters, (f"{k}={v}" for k, v in (masters or {}).items())))
 
     def rejected_frame(self) -> "Counters":
         return dataclasses.replace(self, rejected=self.rejected + 1)
@@ -85,7 +88,12 @@ class Counters:
         lasts = [t for t in (self.last_end, other.last_end) if t]
         return Counters(self.stacked + other.stacked, self.rejected + other.rejected, self.failed + other.failed,
                         self.exptime + other.exptime, min(firsts) if firsts else None,
-                        max(lasts) if lasts else None, self.camera or other.camera, self.filter or other.filter)
+                        max(lasts) if lasts else None, self.camera or other.camera, self.filter or other.filter,
+                        _union(self.masters, other.masters))
+
+
+def _union(a, b) -> tuple[str, ...]:
+    return tuple(sorted(set(a) | set(b)))
 
 
 @dataclass(slots=True)
@@ -157,11 +165,12 @@ class FilterStack:
         si, ri = mutual_pairs(geometry.apply(matrix, stars.xy), self.ref.xy, cKDTree(self.ref.xy), tol)
         return transparency_scale(self.ref.flux[ri], stars.flux[si])
 
-    def accept(self, q: Quality, m: FrameMeta, *, file: str, index: int | None = None, scale: float = 1.0) -> None:
+    def accept(self, q: Quality, m: FrameMeta, masters: dict | None = None, *, file: str, index: int | None = None,
+               scale: float = 1.0) -> None:
         if self.stack is not None and self.stack.sums is None and not self.first_judged:
             self.boot.append((file, index, _iso(m.time), float(m.exptime or 0.0), float(scale)))
         self.judge.accept(q)
-        self.counts = self.counts.stacked_frame(m)
+        self.counts = self.counts.stacked_frame(m, masters)
         self.last_time = _iso(m.time) or self.last_time
         self.version += 1
 

@@ -76,9 +76,8 @@ def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int
         for card in wcs_header(grid.wcs).cards:
             if card.keyword not in hdr and card.keyword not in ("DATE-OBS", "MJD-OBS", "DATE-END", "COMMENT"):
                 hdr[card.keyword] = (card.value, card.comment)
-    if engine.calibration_used:
-        hdr["CALIBRAT"] = (", ".join(f"{k}={v}" for k, v in sorted(engine.calibration_used.items()))[:68],
-                           "masters used")
+    if c.masters:       # this stack's own (a filter's flat), whole: a long value goes on CONTINUE cards
+        hdr["CALIBRAT"] = (", ".join(c.masters), "masters used")
     return {k: v for k, v in hdr.items() if v[0] is not None}
 
 

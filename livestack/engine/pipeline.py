@@ -473,7 +473,8 @@ class Engine:
             channel = grid.source(cfa, img, matrix, interpolation=interp, signal=front.signal, normalise=norm)
         rec.rejected_pixels = fs.stack.add_channels(cells, channel, weight, noise_n, saturated=sat)
         self._lap("drizzle+stack" if grid.drizzled else "debayer+warp+stack" if grid.pattern else "warp+stack")
-        fs.accept(q, m, file=path.name, index=rec.index, scale=scale)
+        fs.accept(q, m, front.masters.names if front.masters is not None else None, file=path.name, index=rec.index,
+                  scale=scale)
         self.last_matrix = reg_matrix
         self.last_stacked = (stars, reg_matrix)
 
