@@ -488,6 +488,11 @@ def _ingest(kind, paths, calib_dir, out_dir, p, skipped, say) -> list[_Group]:
                 skipped.append({"file": rel, "reason": err.reason})
                 say(f"  skipped {rel}: {err.reason}")
                 continue
+            why = _saturated_flat(frame) if kind == "flat" else None
+            if why:
+                skipped.append({"file": rel, "reason": why})
+                say(f"  skipped {rel}: {why}")
+                continue
             key = group_key(frame, kind, p)
             g = groups.get(key)
             if g is None:
@@ -508,6 +513,20 @@ def _ingest(kind, paths, calib_dir, out_dir, p, skipped, say) -> list[_Group]:
             g.spill.remove()
         raise
     return list(groups.values())
+
+
+def _saturated_flat(frame: Frame) -> str | None:
+    """Why a flat cannot be used because it is saturated, or None.  A flat clipped at the white level (a panel
+    too bright, an exposure too long) is flat where the optics are not: divided by it, the lights come out too
+    bright there.  More than 0.1 % of the pixels at the white level is a clipped region, not hot pixels (a
+    sensor's hot pixels are ~0.01 % and rarely saturate in a flat's short exposure)."""
+    if frame.saturated is None:
+        return None
+    n = int(np.count_nonzero(frame.saturated))
+    if n <= 1e-3 * frame.saturated.size:
+        return None
+    return (f"saturated flat: {100 * n / frame.saturated.size:.1f} % of the pixels at the white level "
+            f"{frame.white:g} (a dimmer panel or a shorter exposure)")
 
 
 def _mean_or_none(values) -> float | None:

@@ -230,6 +230,25 @@ def test_flats_of_two_exposures_each_get_the_dark_flat_of_their_own(tmp_path):
         assert h[0].header["CALSUB"] == e.subtracted
 
 
+def test_a_saturated_flat_is_left_out(tmp_path):
+    """A flat clipped at the white level (a panel too bright) is flat where the optics are not: it is skipped
+    with the reason, and the master is the one the good flats make."""
+    cfg = dataclasses.replace(SIM, width=160, height=120, seed=19)
+    calib = tmp_path / "calib"
+    render_calibration(calib, cfg, n_bias=3, n_dark=0, n_flat=4, n_darkflat=0)
+    clean = build_library(calib, tmp_path / "clean")
+    first = sorted((calib / "flats").glob("*.fits"))[0]
+    with fits.open(first) as h:
+        bright = np.clip((h[0].data.astype(np.float64) - cfg.bias) * 3 + cfg.bias, 0, cfg.white)
+        fits.writeto(calib / "flats" / "flat_bright.fits", bright.astype(np.uint16), h[0].header)
+    lib = build_library(calib, tmp_path / "M")
+    (flat,) = [e for e in lib.entries if e.kind == "flat"]
+    assert flat.ncombine == 4
+    (why,) = [s["reason"] for s in lib.skipped if s["file"] == "flats/flat_bright.fits"]
+    assert why.startswith("saturated flat: ") and f"at the white level {cfg.white:g}" in why
+    assert np.array_equal(lib.array(flat.name), clean.array(flat.name))
+
+
 # ---------------------------------------------------------------- darks
 
 def test_dark_of_60s_scaled_to_120s_matches_a_true_120s_dark(lib, tmp_path):
