@@ -191,6 +191,19 @@ def _discard_rows(a: np.ndarray, r0: int, r1: int) -> None:
             mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
+def _saved_points(a: np.ndarray) -> np.ndarray:
+    """Saturated points as add_channels takes them: (2, N) rows and cols, every channel's — or, for a stack with
+    channel_weights (a drizzle: a sample lands in its own channel only), (3, N) rows, cols and channels."""
+    return a if a.ndim == 2 and a.shape[0] == 3 else a.reshape(2, -1)
+
+
+def _channel_points(saturated, c: int):
+    """The (rows, cols) of channel ``c`` among saturated points (see _saved_points), or None."""
+    if saturated is None or saturated.shape[0] == 2:
+        return saturated
+    return saturated[:2, saturated[2] == c]
+
+
 def _points_by_row(saturated):
     """``in_rows(r0, r1)`` -> (rows − r0, cols) of the (rows, cols) points ``saturated`` (or None) that lie in rows
     r0:r1: sorted by row once, each block's taken by a binary search."""
@@ -337,7 +350,8 @@ class RunningStack:
         """Add one (C, H, W) frame; ``img`` may be modified (NaN and rejected pixels are zeroed in place).
 
         ``noise``: (C,) per-pixel background σ of this frame in stack units.  ``saturated``: an (H, W) bool mask
-        or the (rows, cols) of the saturated pixels; they count with ``saturated_weight`` × the frame's weight,
+        or the (rows, cols) of the saturated pixels — with channel_weights also (rows, cols, channels): each
+        flags its own channel only —; they count with ``saturated_weight`` × the frame's weight,
         so only where no frame has a better value.  Returns the number of pixels
         rejected as outliers, or None while the frame waits in the bootstrap buffer (its rejections are counted
         in ``bootstrap_rejected`` when the buffer is combined).
@@ -354,7 +368,7 @@ class RunningStack:
             if saturated.shape != self.shape[1:]:
                 raise ValueError(f"saturated mask {saturated.shape} does not match the stack {self.shape[1:]}")
             saturated = np.nonzero(saturated)
-        pts = np.array(saturated, np.int32).reshape(2, -1)
+        pts = _saved_points(np.array(saturated, np.int32))
         return pts if pts.shape[1] else None
 
     def cells_of(self, img: np.ndarray) -> np.ndarray:
@@ -737,9 +751,9 @@ class RunningStack:
         """_accumulate_pixels with a weight per channel and pixel: W_c += w·a_c and S_c += w·a_c·x_c where the
         cell is not rejected and a_c > 0.  Saturated pixels count with saturated_weight × that."""
         chunks = _blocks(self.shape[1], span)
-        sat_in = _points_by_row(saturated)
         for c in range(self.shape[0]):
             x, a = channel(c)
+            sat_in = _points_by_row(_channel_points(saturated, c))
 
             def block(rows, x=x, a=a, c=c):
                 r0, r1 = rows
@@ -894,7 +908,9 @@ class RunningStack:
         for f16, wt, noise, sat, cells in self.buffer:
             if sat is not None:
                 inside = (sat[0] >= a) & (sat[0] < b)
-                sat = np.stack([sat[0][inside] - a, sat[1][inside]]) if inside.any() else None
+                sat = sat[:, inside] if inside.any() else None      # (a copy)
+                if sat is not None:
+                    sat[0] -= a
             part.buffer.append((f16[:, a:b], wt, noise, sat, cells[a // 2:(b + 1) // 2]))
         mean, wsum = part.result()
         out = mean[:, r0 - a:r1 - a].copy()
@@ -985,7 +1001,7 @@ class RunningStack:
         i = 0
         rescale = F16_SCALE / np.float32(s["f16_scale"] if "f16_scale" in s else 1)
         while f"buf{i}_img" in s:
-            sat = np.array(s[f"buf{i}_sat"]).reshape(2, -1) if f"buf{i}_sat" in s else None
+            sat = _saved_points(np.array(s[f"buf{i}_sat"])) if f"buf{i}_sat" in s else None
             img = load(f"buf{i}_img")
             if rescale != 1:           # a checkpoint of an older livestack: its values as they were
                 values = img[: st.shape[0]] if cw else img
