@@ -384,6 +384,13 @@ def _read_fits(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
             white = float(2 ** bits - 1)
         else:
             white = float("inf")
+            top = float(np.nanmax(data, initial=0.0))
+            if 0.0 < top <= 1.0:
+                # Siril's and PixInsight's float images (a master dark or flat made there, a calibrated light)
+                # are 0…1 for the camera's 16-bit range: in ADU, like everything else here (a master dark of
+                # 0.002 subtracted from lights in ADU would take nothing off)
+                data *= np.float32(65535)
+                white = 65535.0
     black_val = _num(header.get("BLKLEVEL", header.get("BLACKLEV")))
     if black_val is None:
         ped = _num(header.get("PEDESTAL"))  # MaxIm: PEDESTAL = minus the offset it added to the data

@@ -377,9 +377,21 @@ def test_read_fits_bottom_up_bayer_offsets_and_float(tmp_path):
     np.testing.assert_array_equal(f.data, data[::-1].astype(np.float32))
     assert f.pattern == "GRBG"            # XBAYROFF 1 shifts RGGB by a column; 18 rows: flip keeps the phase
     assert f.meta.exptime == 30 and f.meta.imagetyp == "light" and f.meta.time.second == 5
-    fits.PrimaryHDU(np.ones((20, 20), np.float32) * 0.5).writeto(tmp_path / "b.fit")
+    fits.PrimaryHDU(np.ones((20, 20), np.float32) * 1000.5).writeto(tmp_path / "b.fit")
     g = read_frame(tmp_path / "b.fit")
-    assert g.pattern is None and g.saturated is None and g.data.mean() == 0.5
+    assert g.pattern is None and g.saturated is None and g.data.mean() == 1000.5 and g.white == np.inf
+
+
+def test_read_float_fits_of_0_to_1_is_16_bit_adu(tmp_path):
+    """Siril and PixInsight write float images as 0…1 of the 16-bit range: a master dark made there and put
+    among the darks (or a calibrated light) is read in ADU like every other frame, 1.0 saturated — a dark of
+    0.002 would otherwise be subtracted from lights of 1000 ADU as nothing."""
+    adu = np.random.default_rng(1).uniform(90, 140, (20, 24)).astype(np.float32)
+    adu[5, 6] = 65535
+    fits.PrimaryHDU(adu / np.float32(65535)).writeto(tmp_path / "siril.fit")
+    g = read_frame(tmp_path / "siril.fit")
+    np.testing.assert_allclose(g.data, adu, rtol=1e-6)
+    assert g.white == 65535 and g.saturated is not None and g.saturated.sum() == 1
 
 
 @pytest.mark.parametrize("top, left", [(0, 0), (1, 0), (0, 3), (5, 7), (8, 2)])
