@@ -326,7 +326,10 @@ def _fit_auto(src: np.ndarray, dst: np.ndarray, *, weights=None) -> tuple[np.nda
     dof = 2 * n - 6
     if dof < 4:
         return ms, "similarity"
-    ma = geo.fit_affine(src, dst, weights=weights)
+    try:
+        ma = geo.fit_affine(src, dst, weights=weights)
+    except ValueError:      # pairs on one line (a strip of sky, a star trail of a field): no affine to test
+        return ms, "similarity"
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
     rss_s = float(np.sum(w * np.sum((geo.apply(ms, src) - dst) ** 2, axis=1)))
     rss_a = float(np.sum(w * np.sum((geo.apply(ma, src) - dst) ** 2, axis=1)))

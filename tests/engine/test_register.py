@@ -349,3 +349,15 @@ def test_params_validated(field, value):
 def test_bad_input_shape():
     with pytest.raises(ValueError, match="src_xy must have shape"):
         register(np.zeros((10, 3)), np.zeros((10, 2)), P, rng=np.random.default_rng(0))
+
+
+def test_auto_model_keeps_the_similarity_for_pairs_on_one_line():
+    """Star pairs on one line (a strip of sky) leave the affine undetermined: the automatic model keeps the
+    similarity instead of raising (the frame was rejected as not registered)."""
+    from livestack.engine import geometry
+    from livestack.engine.register import _fit_auto
+
+    src = np.column_stack([np.linspace(100, 900, 8), np.linspace(50, 450, 8)])
+    truth = np.array([[np.cos(0.01), -np.sin(0.01), 3.0], [np.sin(0.01), np.cos(0.01), -2.0]])
+    m, model = _fit_auto(src, geometry.apply(truth, src))
+    assert model == "similarity" and np.allclose(m, truth, atol=1e-9)
