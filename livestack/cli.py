@@ -273,6 +273,35 @@ def cmd_demo(args, cfg: Config) -> int:
     return 0 if s["wrote"] and svc.error is None else 1
 
 
+def check_shell_sections(cfg: Config, source: str) -> None:
+    """Every section of livestack.toml that the shells own ([solve], [session], [calibration], [watch], [daemon],
+    [web]) checked when the file is read, whatever the command: an unknown key or a bad value is the one-line
+    usage error (exit 2) that the engine's sections give — not a traceback once the reference frame is stacked
+    (`stack`, `demo`), nor a key silently ignored.  Only the sections present are imported (astropy.wcs for
+    [solve])."""
+    from .config import make_section
+
+    def solve():
+        from .engine.solve import SolveParams
+        return SolveParams
+
+    def calibration():
+        from .masters import CalibrationParams
+        return CalibrationParams
+
+    def daemon(name):
+        def cls():
+            from .daemon import config as dc
+            return getattr(dc, name)
+        return cls
+
+    classes = {"solve": solve, "calibration": calibration, "session": daemon("SessionParams"),
+               "watch": daemon("WatchParams"), "daemon": daemon("DaemonParams"), "web": daemon("WebParams")}
+    for name, values in cfg.extra.items():
+        if name in classes:
+            make_section(classes[name](), values, f"{source}: {name}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="livestack", description="Live stacking for astrophotography.")
     ap.add_argument("--version", action="version", version=f"livestack {__version__}")
@@ -336,6 +365,7 @@ def main(argv: list[str] | None = None, *, exit_fast: bool = False) -> int:
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     try:
         cfg = load_config(getattr(args, "config", None))
+        check_shell_sections(cfg, Path(args.config).name if getattr(args, "config", None) else "config")
         cfg = with_overrides(cfg, engine={"debayer": getattr(args, "debayer", None),
                                           "interpolation": getattr(args, "interpolation", None)},
                              stack={"kappa": getattr(args, "kappa", None)},

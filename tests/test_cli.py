@@ -95,6 +95,23 @@ def test_usage_and_config_errors_exit_2(tmp_path):
         assert r.returncode == 2 and "must be a table" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_an_unknown_key_of_a_daemon_or_solver_section_is_a_usage_error_in_every_command(night, tmp_path):
+    """[solve], [session], [calibration] … are read by `stack` and `demo` too: an unknown key is the one-line exit 2
+    the README promises ("unknown keys are refused with the list of known ones"), not a traceback after the
+    reference frame nor a key silently ignored."""
+    files, _ = night(n_frames=2, seed=1)
+    cfg = tmp_path / "livestack.toml"
+    for section, known in (("solve", "timeout_s"), ("session", "slew_deg"), ("calibration", "hot_sigma")):
+        cfg.write_text(f"[{section}]\nbogus = 1\n")
+        r = cli("stack", files[0].parent, "-o", tmp_path / "o", "-q", "--config", cfg)
+        assert r.returncode == 2, r.stderr
+        assert "Traceback" not in r.stderr and "livestack.toml: " + section in r.stderr, r.stderr
+        assert "unknown key bogus" in r.stderr and known in r.stderr, r.stderr
+        assert not (tmp_path / "o" / "stack.fits").exists()
+    r = cli("demo", "--fast", "--no-web", "-q", "--out", tmp_path / "demo", "--config", cfg)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "unknown key bogus" in r.stderr, r.stderr
+
+
 def test_capture_order_not_name_order(night, tmp_path):
     files, truth = night(n_frames=3, seed=1)
     # rename so that name order is the reverse of capture order
