@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="log each frame's details")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def engine_opts(p):
+    def engine_opts(p, quiet_help: str = "no progress bar"):
         p.add_argument("--config", help="livestack.toml")
         p.add_argument("--debayer", choices=("mhc", "bilinear", "superpixel"),
                        help="mhc (default): sharp; bilinear: smoother; superpixel: half resolution, fast")
@@ -318,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--drizzle", type=float, metavar="SCALE",
                        help="drizzle onto a grid SCALE× finer (2: undersampled stars; 1: colour without demosaic)")
         p.add_argument("--pixfrac", type=float, help="drizzle drop size in sensor pixels (default 1.0)")
-        p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+        p.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
 
     p = sub.add_parser("stack", help="stack a folder or a list of RAW/FITS files")
     p.add_argument("inputs", nargs="+", metavar="DIR|FILES")

@@ -45,7 +45,8 @@ def register_commands(sub, engine_opts) -> None:
                    help="archive the session folder's contents into archive/<time>/ and start a new stack")
     p.add_argument("--recursive", action="store_true", default=None, help="also watch subfolders")
     p.add_argument("--no-web", action="store_true", help="no web page (stack and checkpoint only)")
-    engine_opts(p)
+    engine_opts(p, quiet_help="leave out the INFO lines (one per frame, per write): the session's milestones "
+                              "and problems only")
     p.set_defaults(func=cmd_run)
 
 

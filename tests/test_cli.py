@@ -285,3 +285,12 @@ def test_a_trailed_first_frame_is_rejected_in_frames_jsonl(night, tmp_path):
     hdr = fits.getheader(out / "stack.fits")
     assert (hdr["NCOMBINE"], hdr["NREJECT"], hdr["EXPTIME"]) == (5, 1, 300)
     assert "5 stacked, 1 rejected" in r.stdout
+
+
+def test_run_help_says_what_quiet_does():
+    """`livestack run` has no progress bar: its -q leaves out the INFO lines (README, The live daemon)."""
+    r = cli("run", "--help")
+    assert r.returncode == 0
+    text = " ".join(r.stdout.split())
+    assert "-q, --quiet leave out the INFO lines" in text and "progress bar" not in text, r.stdout
+    assert "no progress bar" in " ".join(cli("stack", "--help").stdout.split())
