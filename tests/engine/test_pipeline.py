@@ -80,7 +80,7 @@ def test_a_trailed_first_frame_is_judged_by_the_frames_after_it(night, tmp_path,
     assert fs.counts.exptime == pytest.approx(sum(r.exptime for r in mine))
     _, wsum = eng.result(recs[bad].filter)
     assert float(np.nanmax(wsum)) == pytest.approx(sum(r.weight for r in mine), rel=1e-4)
-    part = through_checkpoints(files, [bad + 2], tmp_path)
+    part = through_checkpoints(files, [bad + 2, bad + 5], tmp_path)   # before and after the verdict
     for key in eng.filters:
         a, wa = eng.result(eng.filters[key].name)
         b, wb = part.result(part.filters[key].name)
