@@ -40,7 +40,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .stretch import reduce, zero_nan
+from .stretch import reduce, reduced_size, zero_nan
 
 _GROW = np.ones((3, 3), np.uint8)
 
@@ -932,18 +932,21 @@ class RunningStack:
             # ~1.5 s at 24 MP; the preview is redrawn after each frame).
             small = None
             step = max(1, int(max(self.shape[1:]) / max_size))   # float16 -> float32 is slow: subsample first
+            # … reduced to the size the running sums are reduced to after the bootstrap: the preview keeps its
+            # size (a 6000 × 4000 frame's was 1600 × 1067 for the first frames, then 1500 × 1000)
+            size = reduced_size(*self.shape[1:], max_size)
             c_n = self.shape[0]
             for f16, wt, noise, _, _ in self.buffer:
                 sub = np.stack([f16[c, ::step, ::step].astype(np.float32) for c in range(f16.shape[0])])
                 sub[:c_n] *= 1 / F16_SCALE       # the values (not a drizzle's coverages) as they were
                 if self.channel_weights:    # values weighted by their coverage, then divided
                     sub[:c_n] *= sub[c_n:]
-                    sub = reduce(sub, max_size)
+                    sub = reduce(sub, max_size, shape=size)
                     with np.errstate(invalid="ignore", divide="ignore"):
                         f = sub[:c_n] / sub[c_n:]
                     np.copyto(f, np.float32(np.nan), where=~(sub[c_n:] > 0))
                 else:
-                    f = reduce(sub, max_size)
+                    f = reduce(sub, max_size, shape=size)
                 if small is None:
                     small = RunningStack(f.shape, self.sky, self.p, self.lum_weights)   # debayered pixels
                 small.buffer.append((f, wt, noise, None, small.cells_of(f) - small.sky_lum))

@@ -34,19 +34,28 @@ class StretchParams:
             raise ValueError(f"stretch.target_background = {self.target_background}: must be in (0, 0.5)")
 
 
-def reduce(img: np.ndarray, max_size: int) -> np.ndarray:
+def reduced_size(h: int, w: int, max_size: int) -> tuple[int, int]:
+    """The (h, w) that ``reduce`` gives an (H, W) = (h, w) image."""
+    f = max(h, w) / max_size
+    if f <= 1:
+        return h, w
+    if max(h, w) / np.ceil(f) >= 0.75 * max_size:
+        f = float(np.ceil(f))
+    return max(1, round(h / f)), max(1, round(w / f))
+
+
+def reduce(img: np.ndarray, max_size: int, *, shape: tuple[int, int] | None = None) -> np.ndarray:
     """(C, H, W) -> (C, h, w) float32 with max(h, w) <= max_size, area-averaged (noise falls, stars stay).
 
     By a whole factor when that keeps at least 3/4 of ``max_size``: OpenCV averages whole blocks 4× faster
-    (a 24 MP plane to 1500 px: 13 ms, to 1600 px: 45–58 ms; the live preview reduces four after every frame)."""
+    (a 24 MP plane to 1500 px: 13 ms, to 1600 px: 45–58 ms; the live preview reduces four after every frame).
+    ``shape``: the (h, w) to reduce to instead (that of reduced_size of the full image, for a subsampled copy
+    of it)."""
     c, h, w = img.shape
-    f = max(h, w) / max_size
-    if f <= 1:
+    rh, rw = shape if shape is not None else reduced_size(h, w, max_size)
+    if (rh, rw) == (h, w):
         return img.astype(np.float32, copy=True)
-    if max(h, w) / np.ceil(f) >= 0.75 * max_size:
-        f = float(np.ceil(f))
-    size = (max(1, round(w / f)), max(1, round(h / f)))
-    return np.stack([cv2.resize(img[i], size, interpolation=cv2.INTER_AREA) for i in range(c)])
+    return np.stack([cv2.resize(img[i], (rw, rh), interpolation=cv2.INTER_AREA) for i in range(c)])
 
 
 def zero_nan(img: np.ndarray) -> np.ndarray:

@@ -34,3 +34,21 @@ def test_mono_black_point_unchanged():
     img = noisy_colour_sky(rng)[:1]
     zero = (auto_stretch(img, StretchParams())[..., 0] == 0).mean()
     assert 0.0005 < zero < 0.006, zero
+
+
+def test_preview_keeps_its_size_through_the_bootstrap():
+    """The reduced copy the preview is drawn from has one size from the first frame on: in the bootstrap it is
+    made from subsampled frames (a 6000 × 4000 frame's preview was 1600 × 1067 for the first frames, then
+    1500 × 1000; here a 1600 × 1200 frame at max_size 427: 427 × 320, then 400 × 300)."""
+    from livestack.engine.stack import RunningStack, StackParams
+
+    rng = np.random.default_rng(9)
+    st = RunningStack((3, 1200, 1600), np.array([100.0, 100, 100]), StackParams(bootstrap=3))
+    shapes, means = [], []
+    for _ in range(4):
+        st.add(rng.normal(100, 10, (3, 1200, 1600)).astype(np.float32), 1.0, np.array([10.0, 10, 10]))
+        mean, wsum = st.reduced(427)
+        shapes.append((mean.shape, wsum.shape))
+        means.append(float(np.nanmean(mean)))
+    assert shapes == [((3, 300, 400), (300, 400))] * 4, shapes
+    assert np.allclose(means, 100, atol=0.5)
