@@ -255,6 +255,44 @@ def test_a_frame_that_fails_alone_is_rejected_not_a_new_target(tmp_path, three_t
     assert svc.engine.n_rejected == 1 and svc.engine.n_stacked == 5
 
 
+def test_a_stray_frame_between_two_close_targets_does_not_bounce_between_them(tmp_path):
+    """Two fields 0.3° apart (mosaic panels: closer than slew_deg), then one frame that registers onto neither,
+    the mount on the second: its pointing is within slew_deg of both, so it cannot say which — the stars do.  It
+    went back to the first target by its pointing, failed there, went back to the second by its pointing, …: an
+    endless switch of targets, the night's frames stuck behind it."""
+    a_at, b_at = (250.42, 36.46), (250.42, 36.76)
+    a = _sky(tmp_path, "a", 11, 3, 20, a_at, "NGC A")
+    b = _sky(tmp_path, "b", 22, 5, 21, b_at, "NGC B")
+    odd = _sky(tmp_path, "odd", 33, 1, 22, b_at, "NGC B")
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = _service(tmp_path, watch, out)
+    switches = []
+    real = svc._switch
+
+    def switch(to, redo, why):
+        switches.append(why)
+        if len(switches) > 4:
+            svc._stopping.set()          # an endless loop: end it, the asserts below say what happened
+        return real(to, redo, why)
+
+    svc._switch = switch
+    svc.start()
+    try:
+        _feed_live(svc, watch, a + b[:3] + odd + b[3:], timeout=30)
+    except AssertionError:
+        if len(switches) <= 4:
+            raise
+    finally:
+        svc.stop(timeout=30)
+    assert svc.error is None
+    assert switches == ["3 good frames in a row do not register onto NGC A"]
+    by = _by_target(out)
+    assert _stacked_names(by["NGC A"]) == [f.name for f in a]
+    assert _stacked_names(by["NGC B"]) == [f.name for f in b]
+    assert [r["status"] for r in by["NGC B"] if r["path"] == odd[0].name] == ["rejected"]
+
+
 def test_new_target_after_zero_keeps_one_target(tmp_path, three_targets):
     files, parts = three_targets[False]
     watch, out = tmp_path / "watch", tmp_path / "out"
