@@ -293,6 +293,28 @@ def test_a_stray_frame_between_two_close_targets_does_not_bounce_between_them(tm
     assert [r["status"] for r in by["NGC B"] if r["path"] == odd[0].name] == ["rejected"]
 
 
+def test_clouds_between_the_frames_of_a_new_field_still_make_a_new_target(tmp_path):
+    """After a slew (no pointing headers: only the stars tell), every other frame of the new field is cloudy: the
+    cloudy ones broke the row of good frames, and each break rejected the held ones into the old target — the
+    new target never came, every frame of the new field was lost.  The cloudy frames are held too, counted for
+    nothing, and go where the good ones go."""
+    a = _sky(tmp_path, "a", 11, 3, 20)
+    b = _sky(tmp_path, "b", 22, 6, 21, defects={1: "cloudy", 3: "cloudy"})
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = _service(tmp_path, watch, out)
+    svc.start()
+    _feed_live(svc, watch, a + b)
+    svc.stop(timeout=30)
+    assert svc.error is None
+    by = _by_target(out)
+    assert sorted(by) == ["target 1", "target 2"]
+    assert [r["path"] for r in by["target 1"]] == [f.name for f in a]
+    assert [(r["path"], r["status"]) for r in by["target 2"]] == [
+        (b[0].name, "reference"), (b[1].name, "rejected"), (b[2].name, "stacked"), (b[3].name, "rejected"),
+        (b[4].name, "stacked"), (b[5].name, "stacked")]
+
+
 def test_new_target_after_zero_keeps_one_target(tmp_path, three_targets):
     files, parts = three_targets[False]
     watch, out = tmp_path / "watch", tmp_path / "out"

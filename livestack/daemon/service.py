@@ -136,7 +136,7 @@ class Service:
         # targets: the book of OUT/targets.json; frames that did not register onto the current target and wait
         # for the verdict (another target, or rejected); files to process before the queue (after a switch)
         self.book: Book | None = None
-        self._held: list[tuple[Ready, FrameRecord]] = []
+        self._held: list[tuple[Ready, FrameRecord, bool]] = []     # (…, good: counts towards a new target)
         self._redo: collections.deque[Ready] = collections.deque()
         self._ref_saved = False
         self._refs: dict[int, dict | None] = {}       # archived targets' reference.json, read once
@@ -415,8 +415,10 @@ class Service:
             hold = self.sp.new_target_after > 0 and self.engine.has_stack
             rec = self.engine.process(item.path, hold=hold, next_path=self._next_path())
             if rec.status == "unregistered":
-                self._hold(item, rec)
-                return
+                if self.engine.last_judged is None or self._held:
+                    self._hold(item, rec, good=self.engine.last_judged is None)
+                    return
+                self.engine.count_rejected(rec)    # a bad frame, nothing held: an ordinary rejection
             self._settle_held()
             if self.engine.has_stack and not self._ref_saved:
                 self._new_reference()
@@ -470,29 +472,35 @@ class Service:
         why = f"{item.rel} points {separation(pointing, here):.2f}° from {cur.name}"
         return self._switch(near[0] if near else None, [item], why)
 
-    def _hold(self, item: Ready, rec: FrameRecord) -> None:
-        """A good frame that does not register: it returns to an archived target, or it is one of the
-        ``new_target_after`` frames in a row that make a new target, or (when a later frame registers) it is
-        rejected after all.  Held frames are recorded nowhere yet: a crash meanwhile finds them again."""
+    def _hold(self, item: Ready, rec: FrameRecord, *, good: bool = True) -> None:
+        """A frame that does not register: it returns to an archived target, or it is one of the
+        ``new_target_after`` good frames in a row that make a new target, or (when a later frame registers) it is
+        rejected after all.  A bad frame (clouds, trails: not ``good``) among them is held too — it breaks no row
+        (intermittent clouds on the new field would otherwise reject every frame of it into this target) and
+        counts for none; it goes where the good ones go.  Held frames are recorded nowhere yet: a crash meanwhile
+        finds them again."""
         self._best_effort(self.folder.clear_inflight)
-        back = match_target(self.engine.last_stars, self.engine.grid.state() if self.engine.grid else {},
-                            self.engine.last_pointing, self._candidates(), self.cfg.register, slew_deg=self.sp.slew_deg,
-                            rng=np.random.default_rng(self.cfg.engine.seed))
-        self._held.append((item, rec))
+        self._held.append((item, rec, good))
+        back = None
+        if good:
+            back = match_target(self.engine.last_stars, self.engine.grid.state() if self.engine.grid else {},
+                                self.engine.last_pointing, self._candidates(), self.cfg.register,
+                                slew_deg=self.sp.slew_deg, rng=np.random.default_rng(self.cfg.engine.seed))
+        n = sum(g for _, _, g in self._held)
         if back is not None:
-            self._switch(back, [i for i, _ in self._held], f"{item.rel} registers onto {back.name}")
-        elif len(self._held) >= self.sp.new_target_after:
-            self._switch(None, [i for i, _ in self._held],
-                         f"{len(self._held)} good frames in a row do not register onto {self.book.current.name}")
+            self._switch(back, [i for i, _, _ in self._held], f"{item.rel} registers onto {back.name}")
+        elif n >= self.sp.new_target_after:
+            self._switch(None, [i for i, _, _ in self._held],
+                         f"{n} good frames in a row do not register onto {self.book.current.name}")
         else:
-            log.info("held %s: %s (%d of %d for a new target)", item.rel, rec.reason, len(self._held),
-                     self.sp.new_target_after)
+            log.info("held %s: %s (%d of %d for a new target%s)", item.rel, rec.reason, n,
+                     self.sp.new_target_after, "" if good else f"; not counted: {self.engine.last_judged}")
             self._state = "idle" if self._nothing_waits() else "processing"
             self._publish()
 
     def _settle_held(self) -> None:
         """A frame registered after all: the held ones were just bad frames of this target."""
-        for item, rec in self._held:
+        for item, rec, _ in self._held:
             self.engine.count_rejected(rec)
             self._append(rec, item.rel)
             self._since_ckpt += 1
@@ -1163,7 +1171,7 @@ class Service:
                 "pixfrac": e.grid.pixfrac if e.grid.drizzled else None},
             "target": self._target_dict(self.book.current) if self.book else None,
             "targets": [self._target_dict(t) for t in self.book.targets] if self.book else [],
-            "held": [i.rel for i, _ in self._held],
+            "held": [i.rel for i, _, _ in self._held],
             "sky": self._sky,
             "filters": [{**fs.summary(), "file": outputs.filter_file(e, fs)} for fs in e.filters.values()],
             "palette": self._palette(),

@@ -76,6 +76,7 @@ class Engine:
         self.last_matrix: np.ndarray | None = None
         self.last_stars: Stars | None = None          # the latest frame's stars on its own grid …
         self.last_pointing: tuple[float, float] | None = None   # … and its header's pointing (matching targets)
+        self.last_judged: str | None = None   # an unregistered frame's judge verdict: None good, else why not
         self.last_stacked: tuple[Stars, np.ndarray] | None = None   # the latest stacked frame's stars, matrix
         self.index = 0
         self.failed = 0                               # frames that could not be used, whatever their filter
@@ -186,9 +187,10 @@ class Engine:
         """Run one file through the pipeline and update its filter's stack.  Never raises for a bad file: a
         FrameError becomes ``status: failed`` with its reason (and one log line).
 
-        ``hold``: a frame of good quality (its filter's judge finds nothing wrong) that does not register onto
-        the reference comes back as ``status: unregistered``, counted nowhere — the telescope may have moved to
-        another target (the daemon's call).  ``count_rejected(rec)`` counts it as an ordinary rejection later.
+        ``hold``: a frame that does not register onto the reference comes back as ``status: unregistered``,
+        counted nowhere — the telescope may have moved to another target (the daemon's call); ``last_judged``
+        is None when its filter's judge finds nothing wrong with it, else the judge's reason (clouds on the new
+        field, or on this one).  ``count_rejected(rec)`` counts it as an ordinary rejection later.
         ``last_stars`` and ``last_pointing`` hold every frame's stars on its own grid and its header's pointing,
         for matching it against other references.
 
@@ -200,7 +202,7 @@ class Engine:
         t0 = time.perf_counter()
         rec = FrameRecord(file=path.name, status="failed", index=self.index)
         self.index += 1
-        self.last_stars = self.last_pointing = None
+        self.last_stars = self.last_pointing = self.last_judged = None
         front = None
         try:
             ahead = next_path is not None and self.cfg.engine.read_ahead and not self._bootstrap_near()
@@ -409,9 +411,10 @@ class Engine:
                                predicted=guesses, src_flux=stars.flux, ref_flux=self.ref.stars.flux)
                 self._lap("register")
             except RegistrationError as err:
-                if hold and fs.judge.check(q) is None:
-                    # A good frame of another field (a slew?): the caller decides, nothing is counted yet.
+                if hold:
+                    # A frame of another field (a slew?), or a bad one: the caller decides, nothing is counted yet.
                     rec.status, rec.reason = "unregistered", f"registration failed: {err}"
+                    self.last_judged = fs.judge.check(q)
                     return None
                 return self._reject(rec, fs, f"registration failed: {err}")
             reg_matrix = reg.matrix
