@@ -295,27 +295,29 @@ def _geometry(grid_state: dict) -> dict:
 
 
 def match_target(stars, grid_state: dict, pointing, candidates: list[tuple[Target, dict]], p: RegisterParams, *,
-                 slew_deg: float, rng: np.random.Generator) -> Target | None:
+                 slew_deg: float, rng: np.random.Generator, here=None) -> Target | None:
     """The archived target a frame belongs to: its stars register onto the target's reference stars (same grid),
-    or — when its stars cannot be compared with them (another grid, too few stars) — its pointing is within
-    ``slew_deg`` of the target's.  Nearest pointing first.
+    or its pointing is within ``slew_deg`` of the target's and farther than that from ``here``, the current
+    target's pointing (when it is known).  Nearest pointing first.
 
-    The daemon asks only about a frame that pointed within ``slew_deg`` of the current target (a farther one has
-    switched already) and did not register onto it: a pointing that is also within ``slew_deg`` of an archived
-    target (mosaic panels, two galaxies of one group) cannot tell the two apart, and trusting it sent a stray
-    frame from one to the other and back without end."""
+    The daemon asks only about a frame that did not register onto the current target, and — when both pointings
+    are known — pointed within ``slew_deg`` of it (a farther one has switched already): a pointing that is also
+    within ``slew_deg`` of an archived target (mosaic panels, two galaxies of one group, one field taken with two
+    cameras) cannot tell the two apart; trusting it sent a stray frame from one to the other and back without
+    end."""
     def distance(item):
         t, ref = item
         tp = ref.get("pointing") or t.pointing      # the mount's idea, like the frame's header: compare like with like
         return separation(pointing, tp) if pointing is not None and tp is not None else math.inf
 
+    ambiguous = pointing is not None and here is not None and separation(pointing, here) <= slew_deg
     for t, ref in sorted(candidates, key=distance):
         d = distance((t, ref))
+        if d <= slew_deg and not ambiguous:
+            return t
         if math.isfinite(d) and d > 5 * slew_deg:
             continue         # the mount was far from it: not worth a pattern match
         if _geometry(ref["grid"]) != _geometry(grid_state) or stars is None or len(stars.xy) < p.min_matches:
-            if d <= slew_deg:
-                return t     # its stars cannot tell: the mount's pointing does
             continue
         try:
             register(stars.xy, ref["xy"], p, rng=rng, src_flux=stars.flux, ref_flux=ref["flux"])

@@ -237,6 +237,31 @@ def test_a_later_night_resumes_each_target(tmp_path, three_targets):
     assert _stacked_names(by["target 2"]) == [f.name for f in parts["b"]]
 
 
+def test_a_later_night_with_another_camera_makes_a_new_target(tmp_path):
+    """Night 1: M13 then M57 with one camera.  Night 2 in the same output folder: M13 again, through another
+    camera (another sensor size).  Its frames cannot go on M13's grid: every one of them was recorded failed
+    ("size … differs from the session's"), the night lost.  They make a target of their own (M 13 again, by its
+    OBJECT), and the first night's two stay as they were."""
+    a = _sky(tmp_path, "a", 11, 3, 20, M13, "M 13")
+    b = _sky(tmp_path, "b", 22, 3, 21, M57, "M 57")
+    c = _sky(tmp_path / "night2", "c", 11, 4, 22, M13, "M 13", width=360, height=280, seed=5)
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for night in (a + b, c):
+        svc = _service(tmp_path, watch, out)
+        svc.start()
+        _feed_live(svc, watch, night)
+        svc.stop(timeout=30)
+        assert svc.error is None
+    book = json.loads((out / "targets.json").read_text())["targets"]
+    got = [(t["name"], t["frames"], [(r["path"], r["status"]) for r in read_frames_log(out / t["folder"] / "frames.jsonl")])
+           for t in book]
+    assert got == [("M 13", 3, [(a[0].name, "reference"), (a[1].name, "stacked"), (a[2].name, "stacked")]),
+                   ("M 57", 3, [(b[0].name, "reference"), (b[1].name, "stacked"), (b[2].name, "stacked")]),
+                   ("M 13", 4, [(c[0].name, "reference")] + [(f.name, "stacked") for f in c[1:]])]
+    assert book[2]["current"] and fits.getdata(out / "stack.fits").shape == (280, 360)
+
+
 def test_a_frame_that_fails_alone_is_rejected_not_a_new_target(tmp_path, three_targets):
     """One frame of another field between frames of the target: held, then rejected when the next frame
     registers — recorded in order, no new target."""

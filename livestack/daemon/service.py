@@ -483,9 +483,11 @@ class Service:
         self._held.append((item, rec, good))
         back = None
         if good:
-            back = match_target(self.engine.last_stars, self.engine.grid.state() if self.engine.grid else {},
-                                self.engine.last_pointing, self._candidates(), self.cfg.register,
-                                slew_deg=self.sp.slew_deg, rng=np.random.default_rng(self.cfg.engine.seed))
+            e = self.engine
+            back = match_target(e.last_stars, e.last_grid.state() if e.last_grid else {}, e.last_pointing,
+                                self._candidates(), self.cfg.register, slew_deg=self.sp.slew_deg,
+                                rng=np.random.default_rng(self.cfg.engine.seed),
+                                here=e.ref.pointing or self.book.current.pointing)
         n = sum(g for _, _, g in self._held)
         if back is not None:
             self._switch(back, [i for i, _, _ in self._held], f"{item.rel} registers onto {back.name}")

@@ -75,6 +75,7 @@ class Engine:
         self.filters: dict[str, FilterStack] = {}     # by filter_key, in order of first appearance
         self.last_matrix: np.ndarray | None = None
         self.last_stars: Stars | None = None          # the latest frame's stars on its own grid …
+        self.last_grid: Grid | None = None            # … that grid (the session's, or another camera's own) …
         self.last_pointing: tuple[float, float] | None = None   # … and its header's pointing (matching targets)
         self.last_judged: str | None = None   # an unregistered frame's judge verdict: None good, else why not
         self.last_stacked: tuple[Stars, np.ndarray] | None = None   # the latest stacked frame's stars, matrix
@@ -191,8 +192,8 @@ class Engine:
         counted nowhere — the telescope may have moved to another target (the daemon's call); ``last_judged``
         is None when its filter's judge finds nothing wrong with it, else the judge's reason (clouds on the new
         field, or on this one).  ``count_rejected(rec)`` counts it as an ordinary rejection later.
-        ``last_stars`` and ``last_pointing`` hold every frame's stars on its own grid and its header's pointing,
-        for matching it against other references.
+        ``last_stars``, ``last_grid`` and ``last_pointing`` hold every frame's stars, the grid they lie on and its
+        header's pointing, for matching it against other references.
 
         ``next_path``: the file the caller will hand in next, when it knows (a folder to stack, a backlog): its
         first stages — reading, calibration, sky and stars, a third to a half of a frame's time — run in a
@@ -202,7 +203,7 @@ class Engine:
         t0 = time.perf_counter()
         rec = FrameRecord(file=path.name, status="failed", index=self.index)
         self.index += 1
-        self.last_stars = self.last_pointing = self.last_judged = None
+        self.last_stars = self.last_grid = self.last_pointing = self.last_judged = None
         front = None
         try:
             ahead = next_path is not None and self.cfg.engine.read_ahead and not self._bootstrap_near()
@@ -295,9 +296,13 @@ class Engine:
             m = frame.meta
             if m.imagetyp not in (None, "light"):
                 raise FrameError(path, f"IMAGETYP says '{m.imagetyp}', not a light frame")
-            grid = f.grid = self.grid or Grid.for_frame(frame.shape, frame.pattern, cfg.engine.debayer, cfg.drizzle)
-            reason = grid.mismatch(frame) or (too_big(frame.shape, grid.channels, cfg.drizzle)
-                                              if grid.drizzled else None)
+            grid = self.grid or Grid.for_frame(frame.shape, frame.pattern, cfg.engine.debayer, cfg.drizzle)
+            if grid.mismatch(frame):
+                # another camera (another night's, another target's?): its stars on a grid of its own, so that
+                # the caller can match them against other targets; process() says why it cannot be stacked here
+                grid = Grid.for_frame(frame.shape, frame.pattern, cfg.engine.debayer, cfg.drizzle)
+            f.grid = grid
+            reason = too_big(frame.shape, grid.channels, cfg.drizzle) if grid.drizzled else None
             if reason:
                 raise FrameError(path, reason)
             f.masters = self.masters.select(frame) if self.masters is not None else None
@@ -376,7 +381,15 @@ class Engine:
         grid = self.grid or front.grid
         reason = grid.mismatch(frame)       # the reference may have been set since the read-ahead
         if reason:
-            raise FrameError(path, reason)
+            if not hold:
+                raise FrameError(path, reason)
+            # Another camera: it cannot go on this grid — a frame of another target (the caller decides); its
+            # filter's judge knows only this camera's frames, so its stars are not judged.
+            q = front.q
+            rec.stars, rec.fwhm, rec.eccentricity = q.stars, _r(q.fwhm, 3), _r(q.eccentricity, 3)
+            rec.status, rec.reason = "unregistered", reason
+            self.last_stars, self.last_grid, self.last_pointing = front.stars, front.grid, m.pointing
+            return None
         fs = self._filter(m.filter)
         rec.calibration = front.calibration
         if front.masters is not None:
@@ -387,7 +400,7 @@ class Engine:
         front.cfa = front.lum = None
         img = grid.planes(cfa)
         stars = grid.refine(stars, q.fwhm, cfa)
-        self.last_stars, self.last_pointing = stars, m.pointing
+        self.last_stars, self.last_grid, self.last_pointing = stars, grid, m.pointing
         self._lap("centroids")
         rec.stars, rec.fwhm, rec.eccentricity = q.stars, _r(q.fwhm, 3), _r(q.eccentricity, 3)
         rec.background, rec.noise = _r(float(sky.mean()), 3), _r(float(noise.mean()), 4)
