@@ -694,7 +694,7 @@ class Engine:
                 st = {n[len(prefix):]: arrays[n] for n in names if n.startswith(prefix)}
                 stack = RunningStack.from_state(st, cfg.stack, pool=eng._pool)
             fa = {k: arrays[f"f{i}_{k}"] for k in ("ref_xy", "ref_flux") if f"f{i}_{k}" in names}
-            fs = eng._add(FilterStack.from_state(fmeta, fa, stack, cfg.stack, cfg.reject, pool=eng._pool))
+            eng._add(FilterStack.from_state(fmeta, fa, stack, cfg.stack, cfg.reject, pool=eng._pool))
             eng._recent = [k for k in meta["recent"] if k in eng.filters]
             eng._trim()        # stacks beyond the memory budget go to disk as they are read
             if stack is not None:
