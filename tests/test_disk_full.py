@@ -456,3 +456,92 @@ def test_spilled_stacks_stay_in_memory_when_their_blocks_cannot_be_reserved(tmp_
         assert np.array_equal(a, b) and np.array_equal(wa, wb)
     assert not any(isinstance(getattr(fs.stack, "sums", None), np.memmap) for fs in eng.stacks)
     assert any(isinstance(fs.stack.sums, np.memmap) for fs in ref.stacks)
+
+
+# ---------------------------------------------------------------- a disk that takes no writes at all
+
+def _remount(path: Path, mode: str) -> None:
+    r = subprocess.run(["mount", "-o", f"remount,{mode}", str(path)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"mount -o remount,{mode} failed: {r.stderr.strip() or r.returncode}")
+
+
+def test_a_read_only_remount_keeps_stacking_and_catches_up_when_writable_again(tmp_path, daemon_night):
+    """ext4 remounts an SD card read-only after an error: every write fails with EROFS.  That stopped the worker
+    (a traceback, exit 1, and a crash loop: a start on a read-only folder fails).  Like a full disk, the frames
+    are stacked in memory, the status says why, and everything is written once the folder takes writes again."""
+    files = daemon_night[0][:7]
+    out, watch = tmp_path / "out", tmp_path / "watch"
+    with tmpfs(out, 16):
+        svc = _service(watch, out, files[:4], checkpoint_every=1)
+        try:
+            _wait_idle(svc, 4)
+            wait_for(lambda: svc.status()["checkpoint"]["frames"] == 4, 10, "a checkpoint of 4 frames")
+            _remount(out, "ro")
+            try:
+                for f in files[4:]:
+                    shutil.copy(f, watch / f.name)
+                st = wait_for(lambda: (s := svc.status())["frames"] == 7 and s["state"] == "idle" and s["disk"]
+                              and s, 30, "7 frames counted on a read-only disk")
+                assert svc.running and svc.error is None
+                assert st["disk"]["error"].startswith(f"cannot write {out}/")
+                assert st["disk"]["error"].endswith(": read-only file system")
+                assert len(well_formed_lines(out / "frames.jsonl")) == 4
+            finally:
+                _remount(out, "rw")
+            wait_for(lambda: svc.status()["disk"] is None, 15, "catch-up")
+            wait_for(lambda: svc.status()["checkpoint"]["frames"] == 7, 10, "a checkpoint of 7 frames")
+        finally:
+            svc.stop(timeout=10)
+        assert svc.error is None
+        recs = well_formed_lines(out / "frames.jsonl")
+        assert [r["path"] for r in recs] == [f.name for f in files]
+        assert ncombine(out) == sum(r["status"] in STACKED for r in recs)
+        assert temporaries(out) == []
+
+
+def test_a_disk_pulled_out_keeps_stacking_and_catches_up_when_back(tmp_path, daemon_night, monkeypatch):
+    """A USB disk pulled out mid-night: every write fails with EIO (simulated: no root needed).  The worker goes
+    on in memory and says so; when writes succeed again, frames.jsonl, stack.fits and the checkpoint catch up."""
+    import errno
+
+    import livestack.engine.write as write_mod
+    import livestack.session as session_mod
+
+    files = daemon_night[0][:6]
+    out, watch = tmp_path / "out", tmp_path / "watch"
+    gone = threading.Event()
+    real_temp, real_append = write_mod.temp_name, session_mod.FramesLog.append
+
+    def temp_name(path):
+        if gone.is_set():
+            raise OSError(errno.EIO, "Input/output error", str(path))
+        return real_temp(path)
+
+    def append(self, rec):
+        if gone.is_set():
+            raise OSError(errno.EIO, "Input/output error", str(self.path))
+        return real_append(self, rec)
+
+    monkeypatch.setattr(write_mod, "temp_name", temp_name)
+    monkeypatch.setattr(session_mod.FramesLog, "append", append)
+    svc = _service(watch, out, files[:3], checkpoint_every=1)
+    try:
+        _wait_idle(svc, 3)
+        wait_for(lambda: svc.status()["checkpoint"]["frames"] == 3, 10, "a checkpoint of 3 frames")
+        gone.set()
+        for f in files[3:]:
+            shutil.copy(f, watch / f.name)
+        st = wait_for(lambda: (s := svc.status())["frames"] == 6 and s["state"] == "idle" and s["disk"] and s, 30,
+                      "6 frames counted with the disk gone")
+        assert svc.running and svc.error is None
+        assert st["disk"]["error"].startswith(f"cannot write {out}/")
+        assert st["disk"]["error"].endswith(": input/output error")
+        gone.clear()
+        wait_for(lambda: svc.status()["disk"] is None, 15, "catch-up")
+        wait_for(lambda: svc.status()["checkpoint"]["frames"] == 6, 10, "a checkpoint of 6 frames")
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+    assert [r["path"] for r in well_formed_lines(out / "frames.jsonl")] == [f.name for f in files]
+    assert ncombine(out) == sum(r["status"] in STACKED for r in read_frames_log(out / "frames.jsonl"))

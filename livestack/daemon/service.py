@@ -742,10 +742,13 @@ class Service:
         return True
 
     def _may_write(self, path: Path) -> bool:
-        """False while ``path``'s write is owed and its filesystem has less room than it needs."""
+        """False while ``path``'s write is owed and its filesystem has less room than it needs — or, when the
+        filesystem took no writes at all (read-only, its disk gone), while its folder still says so."""
         owed = self._blocked.get(path)
         if owed is None or time.monotonic() - owed[1] >= DISK_RETRY_S:
             return True
+        if not owed[0].space:     # a try fails at once (EROFS, a device gone): cheap enough for every frame
+            return os.access(path.parent, os.W_OK)
         try:
             return free_bytes(path.parent) >= max(owed[0].needed, 4096)
         except OSError:
@@ -756,7 +759,8 @@ class Service:
         self._blocked[key] = (full, time.monotonic())
         self._disk = {"error": self._worst_owed(), "since": self._disk["since"] if self._disk else _now()}
         if first:   # once, not per frame: the status says it until space returns
-            log.error("livestack: %s; stacking goes on in memory, the files are written when space returns", full)
+            log.error("livestack: %s; stacking goes on in memory, the files are written when %s", full,
+                      "space returns" if full.space else "the disk takes writes again")
         self._publish()
 
     def _unblock(self, key: Path) -> None:
@@ -764,8 +768,9 @@ class Service:
         if self._blocked:
             self._disk = {**self._disk, "error": self._worst_owed()}
         elif self._disk is not None:
-            log.log(NOTICE, "livestack: disk space back (full since %s); frames.jsonl and the outputs are up to date",
-                            self._disk["since"])
+            log.log(NOTICE, "livestack: disk %s (%s since %s); frames.jsonl and the outputs are up to date",
+                            *(("space back", "full") if self._disk["error"].startswith("disk full")
+                              else ("writable again", "not writable")), self._disk["since"])
             self._disk = None
         self._publish()
 

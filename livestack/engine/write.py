@@ -49,16 +49,31 @@ def give_way() -> None:
         raise WriteDeferred("a frame is waiting")
 
 
+# Errors that say the filesystem takes no writes now, whatever is written: out of space or quota, or read-only
+# (ext4 remounts an SD card read-only after an error), or its device gone (a USB disk pulled out: EIO, ENODEV;
+# exFAT through FUSE: ENOTCONN; NFS: ESTALE).  The daemon keeps stacking in memory and writes when it can again.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+UNWRITABLE = (errno.EROFS, errno.EIO, errno.ENODEV, errno.ENXIO, errno.ENOTCONN, errno.ESTALE)
+
+
 class DiskFull(OSError):
     """A write that failed for want of space: the file it was for and the bytes it needs (its whole size:
-    the temporary is written beside the old file, which stays until the rename)."""
+    the temporary is written beside the old file, which stays until the rename) — or, ``space`` False, because
+    the filesystem takes no writes at all now (``code``: EROFS, EIO, … see UNWRITABLE)."""
 
-    def __init__(self, path: Path | str, needed: int):
-        self.path, self.needed = Path(path), int(needed)
-        super().__init__(errno.ENOSPC, str(self))
+    def __init__(self, path: Path | str, needed: int, code: int = errno.ENOSPC):
+        self.path, self.needed, self.code = Path(path), int(needed), code
+        super().__init__(code, str(self))
+
+    @property
+    def space(self) -> bool:
+        """True when more free space is what the write needs."""
+        return self.code in NO_SPACE
 
     def __str__(self) -> str:
-        return f"disk full: {self.path}, {mb(self.needed)} needed"
+        if self.space:
+            return f"disk full: {self.path}, {mb(self.needed)} needed"
+        return f"cannot write {self.path}: {os.strerror(self.code).lower()}"
 
 
 def mb(n: int) -> str:
@@ -74,13 +89,13 @@ def free_bytes(folder: Path | str) -> int:
 
 
 def disk_full(err: OSError, path: Path | str, needed: int = 0) -> DiskFull | None:
-    """``err`` as a DiskFull naming ``path`` when it was a lack of space, else None.  ENOSPC and EDQUOT say so;
-    a short write without an errno (numpy's "163840 requested and 152880 written") is one when the filesystem
-    has less than 1 MB left."""
+    """``err`` as a DiskFull naming ``path`` when it was a lack of space, or a filesystem that takes no writes
+    now (UNWRITABLE: read-only, its disk gone), else None.  ENOSPC and EDQUOT say so; a short write without an
+    errno (numpy's "163840 requested and 152880 written") is one when the filesystem has less than 1 MB left."""
     if isinstance(err, DiskFull):
         return err
-    if err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return DiskFull(path, needed)
+    if err.errno in NO_SPACE or err.errno in UNWRITABLE:
+        return DiskFull(path, needed, err.errno)
     if err.errno is None:
         try:
             if free_bytes(Path(path).parent) < 2 ** 20:
@@ -171,7 +186,7 @@ def atomic_write_with(path: Path, writer, *, size: int | None = None) -> None:
         if tmp is not None:
             try:
                 os.unlink(tmp)
-            except FileNotFoundError:
+            except OSError:     # gone, or a disk that fails every call now: the first error is the one to tell
                 pass
         if full is not None and full is not err:
             raise full from err
