@@ -545,3 +545,34 @@ def test_a_disk_pulled_out_keeps_stacking_and_catches_up_when_back(tmp_path, dae
     assert svc.error is None
     assert [r["path"] for r in well_formed_lines(out / "frames.jsonl")] == [f.name for f in files]
     assert ncombine(out) == sum(r["status"] in STACKED for r in read_frames_log(out / "frames.jsonl"))
+
+
+def test_a_session_folder_gone_mid_night_is_not_made_again(tmp_path, daemon_night):
+    """The session folder's disk unmounted (systemd does so when a USB disk is pulled out): the writes made the
+    folder again under the mount point — on the SD card — with a frames.jsonl of the later frames only, beside a
+    checkpoint counting them all, and nothing said.  Now they wait, the status says why, and when the folder is
+    back (the same disk mounted again; here: renamed away and back) frames.jsonl and the outputs catch up."""
+    files = daemon_night[0][:6]
+    out, watch, away = tmp_path / "out", tmp_path / "watch", tmp_path / "unmounted"
+    svc = _service(watch, out, files[:3], checkpoint_every=1)
+    try:
+        _wait_idle(svc, 3)
+        wait_for(lambda: svc.status()["checkpoint"]["frames"] == 3, 10, "a checkpoint of 3 frames")
+        os.rename(out, away)
+        for f in files[3:]:
+            shutil.copy(f, watch / f.name)
+        st = wait_for(lambda: (s := svc.status())["frames"] == 6 and s["state"] == "idle" and s["disk"] and s, 30,
+                      "6 frames counted with the session folder gone")
+        time.sleep(1.5)                                  # an idle catch-up too
+        assert not out.exists()
+        assert svc.running and svc.error is None
+        assert f"the session folder {out} is gone" in st["disk"]["error"]
+        os.rename(away, out)
+        wait_for(lambda: svc.status()["disk"] is None, 15, "catch-up")
+        wait_for(lambda: svc.status()["checkpoint"]["frames"] == 6, 10, "a checkpoint of 6 frames")
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+    assert [r["path"] for r in well_formed_lines(out / "frames.jsonl")] == [f.name for f in files]
+    _, info = load_checkpoint(SessionFolder(out).checkpoint, Config())
+    assert info["lines"] == 6

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import datetime as dt
+import errno
 import json
 import logging
 import os
@@ -132,6 +133,7 @@ class Service:
         self._ckpt_bytes: int | None = None   # what the checkpoint costs (its arrays), last estimate
         self._ckpt_frames: int | None = None  # frames.jsonl lines the last checkpoint written covers
         self._ckpt_capped = False
+        self._out_id: tuple[int, int] | None = None   # the session folder's (st_dev, st_ino) at start
         self.started = _now()
         # targets: the book of OUT/targets.json; frames that did not register onto the current target and wait
         # for the verdict (another target, or rejected); files to process before the queue (after a switch)
@@ -155,6 +157,8 @@ class Service:
             raise FileNotFoundError(f"{self.watch_dir}: watch folder does not exist")
         self._remove_orphans()
         self.out.mkdir(parents=True, exist_ok=True)
+        st = os.stat(self.out)
+        self._out_id = (st.st_dev, st.st_ino)
         self.book = Book.open(self.out)          # finishes a switch of targets a crash interrupted
         r = self._open_current()
         # files of every target's session (and of "new stack" ignore lists) are not stacked again
@@ -727,6 +731,7 @@ class Service:
         if not self._may_write(path):
             return False
         try:
+            self._same_folder(path)
             write()
         except WriteDeferred:
             log.debug("%s: deferred (a frame is waiting)", path.name)
@@ -740,6 +745,21 @@ class Service:
         if path in self._blocked:
             self._unblock(path)
         return True
+
+    def _same_folder(self, path: Path) -> None:
+        """Raise DiskFull (not writable) when the session folder is no longer the one the daemon started with: its
+        disk unmounted (pulled out: systemd unmounts it), the folder deleted.  The writes would make a new one —
+        on the SD card under the mount point — with a frames.jsonl of the later frames only, beside a checkpoint
+        that counts them all; they wait instead until the folder is back."""
+        if self._out_id is None:
+            return
+        try:
+            st = os.stat(self.out)
+        except OSError:
+            st = None
+        if st is None or (st.st_dev, st.st_ino) != self._out_id:
+            raise DiskFull(path, 0, errno.ENODEV, why=f"the session folder {self.out} is gone or is another "
+                                                      f"folder now (its disk unmounted?)")
 
     def _may_write(self, path: Path) -> bool:
         """False while ``path``'s write is owed and its filesystem has less room than it needs — or, when the
@@ -795,6 +815,7 @@ class Service:
         """The crash-loop guard's inflight.json: without space it is skipped (a file that then stopped the
         worker would be retried once more than max_attempts), not a reason to stop."""
         try:
+            self._same_folder(self.folder.inflight_file)
             fn(*args)
         except OSError as err:
             if disk_full(err, self.folder.inflight_file) is None:
@@ -1109,6 +1130,10 @@ class Service:
         if self._blocked:
             raise Refused(f"{self._disk['error']}: the current stack is not saved yet; free some space, then start "
                           f"a new one", 507)
+        try:
+            self._same_folder(self.out)      # (nothing owed yet: no write has met it)
+        except DiskFull as full:
+            raise Refused(f"{full}; the current stack is kept", 507) from None
         # files seen before "new stack" belong to the old target: queued, to be stacked again after a switch of
         # targets, or still being written (the watcher gives those up: listed as ignored, they are not stacked)
         ignore = self.watcher.settle_none() if self.watcher else set()

@@ -61,8 +61,8 @@ class DiskFull(OSError):
     the temporary is written beside the old file, which stays until the rename) — or, ``space`` False, because
     the filesystem takes no writes at all now (``code``: EROFS, EIO, … see UNWRITABLE)."""
 
-    def __init__(self, path: Path | str, needed: int, code: int = errno.ENOSPC):
-        self.path, self.needed, self.code = Path(path), int(needed), code
+    def __init__(self, path: Path | str, needed: int, code: int = errno.ENOSPC, *, why: str | None = None):
+        self.path, self.needed, self.code, self.why = Path(path), int(needed), code, why
         super().__init__(code, str(self))
 
     @property
@@ -73,7 +73,7 @@ class DiskFull(OSError):
     def __str__(self) -> str:
         if self.space:
             return f"disk full: {self.path}, {mb(self.needed)} needed"
-        return f"cannot write {self.path}: {os.strerror(self.code).lower()}"
+        return f"cannot write {self.path}: {self.why or os.strerror(self.code).lower()}"
 
 
 def mb(n: int) -> str:
