@@ -576,3 +576,43 @@ def test_a_session_folder_gone_mid_night_is_not_made_again(tmp_path, daemon_nigh
     assert [r["path"] for r in well_formed_lines(out / "frames.jsonl")] == [f.name for f in files]
     _, info = load_checkpoint(SessionFolder(out).checkpoint, Config())
     assert info["lines"] == 6
+
+
+def test_a_reference_json_owed_does_not_restart_the_plate_solve_every_frame(tmp_path, daemon_night, monkeypatch):
+    """session/reference.json meets a full disk: it is owed like the other files — but the target's naming and
+    plate solve, which came with it, were redone with every frame until it could be written (solve-field killed
+    and started again each frame: the solve never landed).  Now they are done once; the file comes later."""
+    import livestack.daemon.service as service_mod
+    from livestack.engine.write import DiskFull
+
+    files = daemon_night[0][:6]
+    out = tmp_path / "out"
+    full = threading.Event()
+    full.set()
+    real_save, real_begin = service_mod.save_reference, Service._sky_begin
+    begun = []
+
+    def save_reference(out_dir, engine):
+        if full.is_set():
+            raise DiskFull(out_dir / "session" / "reference.json", 2000)
+        return real_save(out_dir, engine)
+
+    def sky_begin(self):
+        begun.append(self.engine.has_stack)
+        return real_begin(self)
+
+    monkeypatch.setattr(service_mod, "save_reference", save_reference)
+    monkeypatch.setattr(Service, "_sky_begin", sky_begin)
+    svc = _service(tmp_path / "watch", out, files)
+    try:
+        st = _wait_idle(svc, 6)
+        assert st["disk"]["error"].startswith("disk full: ") and not (out / "session" / "reference.json").exists()
+        assert begun.count(True) == 1, begun            # once, at the reference frame
+        full.clear()
+        wait_for(lambda: (out / "session" / "reference.json").exists() and svc.status()["disk"] is None, 15,
+                 "reference.json written when space returns")
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+    assert begun.count(True) == 1
+    assert json.loads((out / "session" / "reference.json").read_text())

@@ -140,7 +140,8 @@ class Service:
         self.book: Book | None = None
         self._held: list[tuple[Ready, FrameRecord, bool]] = []     # (…, good: counts towards a new target)
         self._redo: collections.deque[Ready] = collections.deque()
-        self._ref_saved = False
+        self._ref_saved = False          # session/reference.json written (an owed write on a full disk)
+        self._ref_named = False          # the target named, and its plate solve begun, from its reference
         self._refs: dict[int, dict | None] = {}       # archived targets' reference.json, read once
         # the current target's plate solve (sky.py) and what the page shows of it
         self._solver: SkySolver | None = None
@@ -200,6 +201,7 @@ class Service:
             self._wanted = set(self.excluded)
         self.flog = FramesLog(self.folder.frames)
         self._ref_saved = (self.folder.dir / REFERENCE_FILE).exists()
+        self._ref_named = self.engine.has_stack
         return r
 
     def _remove_orphans(self) -> None:
@@ -424,8 +426,10 @@ class Service:
                     return
                 self.engine.count_rejected(rec)    # a bad frame, nothing held: an ordinary rejection
             self._settle_held()
-            if self.engine.has_stack and not self._ref_saved:
+            if self.engine.has_stack and not self._ref_named:
                 self._new_reference()
+            elif self.engine.has_stack and not self._ref_saved:
+                self._save_reference()
         self._append(rec, item.rel)
         self._best_effort(self.folder.clear_inflight)
         self._since_ckpt += 1
@@ -524,8 +528,8 @@ class Service:
     def _new_reference(self) -> None:
         """The current target has its reference: keep what matching needs, and name the target."""
         ref, cur = self.engine.ref, self.book.current
-        if self._guarded(self.folder.dir / REFERENCE_FILE, lambda: save_reference(self.out, self.engine)):
-            self._ref_saved = True
+        self._save_reference()
+        self._ref_named = True           # once: a reference.json owed (disk full) must not restart the solve
         cur.reference = ref.file
         if ref.pointing is not None and cur.pointing is None:
             cur.pointing = [round(v, 6) for v in ref.pointing]
@@ -533,6 +537,10 @@ class Service:
             cur.name, cur.named = ref.object, "object"
         self._save_book()
         self._sky_begin()
+
+    def _save_reference(self) -> None:
+        if self._guarded(self.folder.dir / REFERENCE_FILE, lambda: save_reference(self.out, self.engine)):
+            self._ref_saved = True
 
     def _save_book(self) -> None:
         cur = self.book.current
@@ -804,6 +812,8 @@ class Service:
         self._last_catch_up = time.monotonic()
         self._save_excluded()
         self._save_log()
+        if self.engine.has_stack and not self._ref_saved:
+            self._save_reference()
         if self._fits_dirty:
             self._write_fits()
         if self._preview_unsaved:
@@ -1152,7 +1162,7 @@ class Service:
                 raise
             raise Refused(f"{full}; the current stack is kept", 507) from err
         self.book.close_current(dest)
-        self._held, self._ref_saved = [], False
+        self._held, self._ref_saved, self._ref_named = [], False, False
         if self._solver is not None:
             self._solver.cancel()
         self._solver, self._sky = None, None
