@@ -89,10 +89,15 @@ def cmd_run(args, cfg: Config) -> int:
         from .targets import Book
 
         folder = SessionFolder(dp.out)
-        folder.out.mkdir(parents=True, exist_ok=True)
-        book = Book.open(folder.out)
-        dest = folder.new_session()
-        book.close_current(dest)
+        try:
+            folder.out.mkdir(parents=True, exist_ok=True)
+            book = Book.open(folder.out)
+            dest = folder.new_session()
+            book.close_current(dest)
+        except (SessionError, OSError) as err:     # a full or read-only disk: one line, not a traceback
+            why = err.strerror if isinstance(err, OSError) and err.strerror else err
+            print(f"livestack run: --new-session: {folder.out}: {why}", file=sys.stderr)
+            return 1
         if dest is not None:
             log.log(NOTICE, "livestack: previous session archived in %s", dest)
 

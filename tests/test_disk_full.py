@@ -616,3 +616,21 @@ def test_a_reference_json_owed_does_not_restart_the_plate_solve_every_frame(tmp_
     assert svc.error is None
     assert begun.count(True) == 1
     assert json.loads((out / "session" / "reference.json").read_text())
+
+
+def test_run_new_session_on_a_full_disk_says_one_line_and_exits_1(tmp_path, monkeypatch, capsys):
+    """`livestack run --new-session` whose archive meets a full disk: one line and exit 1, as any start that
+    cannot be made — not a traceback."""
+    import errno
+
+    from livestack.cli import main
+
+    def full(self, ignore=frozenset()):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.out / ".new-session.tmp"))
+
+    monkeypatch.setattr(SessionFolder, "new_session", full)
+    (tmp_path / "watch").mkdir()
+    out = tmp_path / "out"
+    assert main(["run", "--watch", str(tmp_path / "watch"), "--out", str(out), "--no-web", "--new-session"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"livestack run: --new-session: {out}: No space left on device\n"
