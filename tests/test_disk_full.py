@@ -634,3 +634,33 @@ def test_run_new_session_on_a_full_disk_says_one_line_and_exits_1(tmp_path, monk
     assert main(["run", "--watch", str(tmp_path / "watch"), "--out", str(out), "--no-web", "--new-session"]) == 1
     err = capsys.readouterr().err
     assert err == f"livestack run: --new-session: {out}: No space left on device\n"
+
+
+def test_a_checkpoint_too_large_for_the_filesystem_is_left_out_like_a_capped_one(tmp_path, daemon_night,
+                                                                                  monkeypatch, caplog):
+    """FAT32 takes 4 GB a file (a multi-filter or drizzled 24 MP checkpoint is more): the write fails with EFBIG,
+    which stopped the worker (a traceback, exit 1).  Now no checkpoint is written, as over checkpoint_max_mb:
+    one warning, the status says capped, and it is not tried again each frame (gigabytes written each time)."""
+    import errno
+
+    files = daemon_night[0][:5]
+    tries = []
+
+    def too_large(self, engine, lines, excluded):
+        tries.append(lines)
+        raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(SessionFolder, "save_checkpoint", too_large)
+    caplog.set_level(logging.WARNING, logger="livestack")
+    svc = _service(tmp_path / "watch", tmp_path / "out", files, checkpoint_every=1)
+    try:
+        st = _wait_idle(svc, 5)
+        time.sleep(1.0)
+        assert svc.running and svc.error is None
+        assert st["checkpoint"]["capped"] and st["disk"] is None
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None and len(tries) == 1, tries
+    warnings = [r.getMessage() for r in caplog.records if "none written" in r.getMessage()]
+    assert len(warnings) == 1 and "more than the filesystem of" in warnings[0], warnings
+    assert len(read_frames_log(tmp_path / "out" / "frames.jsonl")) == 5

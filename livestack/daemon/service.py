@@ -133,6 +133,7 @@ class Service:
         self._ckpt_bytes: int | None = None   # what the checkpoint costs (its arrays), last estimate
         self._ckpt_frames: int | None = None  # frames.jsonl lines the last checkpoint written covers
         self._ckpt_capped = False
+        self._ckpt_limit: int | None = None   # a checkpoint this large met EFBIG (FAT32: 4 GB at most a file)
         self._out_id: tuple[int, int] | None = None   # the session folder's (st_dev, st_ino) at start
         self.started = _now()
         # targets: the book of OUT/targets.json; frames that did not register onto the current target and wait
@@ -916,21 +917,21 @@ class Service:
             return False     # still no room: not even the estimate
         self._ckpt_bytes = est = self._checkpoint_bytes()
         cap = self.dp.checkpoint_max_mb
-        if cap and est > cap * 2 ** 20:
-            if not self._ckpt_capped:
-                log.warning("livestack: a checkpoint would take %s, over [daemon] checkpoint_max_mb = %g: none "
-                            "written; after a crash the frames of frames.jsonl are stacked again", mb(est), cap)
-                self._ckpt_capped = True
-                self._publish()
-            self._since_ckpt, self._last_ckpt = 0, time.monotonic()
-            if ckpt in self._blocked:
-                self._unblock(ckpt)
-            return False
+        if (cap and est > cap * 2 ** 20) or (self._ckpt_limit is not None and est >= self._ckpt_limit):
+            return self._no_checkpoint(est)
         self._ckpt_capped = False
         t0 = time.monotonic()
-        if not self._guarded(ckpt, lambda: self.folder.save_checkpoint(self.engine, len(self.records),
-                                                                      self._engine_excluded), est):
-            return False
+        try:
+            if not self._guarded(ckpt, lambda: self.folder.save_checkpoint(self.engine, len(self.records),
+                                                                          self._engine_excluded), est):
+                return False
+        except OSError as err:
+            if err.errno != errno.EFBIG:
+                raise
+            # larger than the filesystem takes a file (FAT32: 4 GB; or systemd's LimitFSIZE=): it would fail
+            # again, after writing gigabytes, every time — none, as above a checkpoint_max_mb
+            self._ckpt_limit = est
+            return self._no_checkpoint(est)
         self._last_ckpt = time.monotonic()
         self._since_ckpt, self._ckpt_cost = 0, self._last_ckpt - t0
         self._ckpt_frames = len(self.records)
@@ -938,6 +939,22 @@ class Service:
                  ckpt.stat().st_size / 2 ** 20, self._ckpt_cost)
         self._publish()      # the status says what it covers and costs
         return True
+
+    def _no_checkpoint(self, est: int) -> bool:
+        """No checkpoint of ``est`` bytes is written (over checkpoint_max_mb, or too large a file for the disk): said
+        once; a crash then restacks the frames of frames.jsonl."""
+        ckpt, cap = self.folder.checkpoint, self.dp.checkpoint_max_mb
+        if not self._ckpt_capped:
+            why = (f"over [daemon] checkpoint_max_mb = {cap:g}" if cap and est > cap * 2 ** 20 else
+                   f"more than the filesystem of {ckpt.parent} takes in one file (FAT32: 4 GB)")
+            log.warning("livestack: a checkpoint would take %s, %s: none written; after a crash the frames of "
+                        "frames.jsonl are stacked again", mb(est), why)
+            self._ckpt_capped = True
+            self._publish()
+        self._since_ckpt, self._last_ckpt = 0, time.monotonic()
+        if ckpt in self._blocked:
+            self._unblock(ckpt)
+        return False
 
     def _write_fits(self) -> bool:
         path = self.out / "stack.fits"
