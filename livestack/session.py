@@ -256,6 +256,7 @@ class Resumed:
     dropped: list[dict]       # lines after the checkpoint: removed from frames.jsonl, their files are queued again
     note: str                 # one line for the log: what was resumed
     log_stale: bool = False   # frames.jsonl could not be rewritten (disk full): the caller rewrites it later
+    checkpointed: int | None = None   # frames.jsonl lines the checkpoint resumed from covers (None: none used)
 
 
 class SessionFolder:
@@ -401,7 +402,7 @@ class SessionFolder:
         garbled = [i + 1 for i, d in enumerate(parsed) if d is None]      # line numbers, from 1
         self._repair(records)
         excluded = self.excluded()
-        engine, covered, note = None, 0, "new session"
+        engine, covered, note, checkpointed = None, 0, "new session", None
         if self.checkpoint.exists() and not self.checkpoint.is_file():
             dest = set_aside(self.checkpoint, "", quiet=True)     # a directory: the next one could not replace it
             note = (f"{self.checkpoint.name}: unusable checkpoint (not a file; moved aside to {dest.name}); "
@@ -428,7 +429,7 @@ class SessionFolder:
                     note = (f"{self.frames.name}: the {n} lines {self.checkpoint.name} covers are not as it saw "
                             f"them{unreadable}; restacking all {len(records)} frames")
                 else:
-                    covered = n
+                    covered = checkpointed = n
                     note = f"resumed {covered} frames from {self.checkpoint.name}"
         elif records:
             note = f"no checkpoint; restacking {len(records)} frames of {self.frames.name}"
@@ -452,7 +453,7 @@ class SessionFolder:
                      f"(its file is stacked again)")
         if dropped:
             note += f"; {len(dropped)} frames after the checkpoint queued again"
-        return Resumed(engine, kept, dropped, note, log_stale)
+        return Resumed(engine, kept, dropped, note, log_stale, checkpointed)
 
     # ---- new session / archive
     def new_session(self, ignore: set[str] = frozenset()) -> Path | None:

@@ -664,3 +664,28 @@ def test_a_checkpoint_too_large_for_the_filesystem_is_left_out_like_a_capped_one
     warnings = [r.getMessage() for r in caplog.records if "none written" in r.getMessage()]
     assert len(warnings) == 1 and "more than the filesystem of" in warnings[0], warnings
     assert len(read_frames_log(tmp_path / "out" / "frames.jsonl")) == 5
+
+
+def test_after_a_restart_the_status_says_what_the_checkpoint_covers(tmp_path, daemon_night, monkeypatch):
+    """status.checkpoint.frames ("the frames the last one covers") read null after every start until a new
+    checkpoint was written — all night on a full disk, when it matters most what a crash would keep."""
+    from livestack.engine.write import DiskFull
+
+    files = daemon_night[0][:4]
+    svc = _service(tmp_path / "watch", tmp_path / "out", files, checkpoint_every=1)
+    try:
+        _wait_idle(svc, 4)
+    finally:
+        svc.stop(timeout=10)
+    assert load_checkpoint(SessionFolder(tmp_path / "out").checkpoint, Config())[1]["lines"] == 4
+
+    def full(self, engine, lines, excluded):
+        raise DiskFull(self.checkpoint, 4_000_000)
+
+    monkeypatch.setattr(SessionFolder, "save_checkpoint", full)
+    svc = _service(tmp_path / "watch", tmp_path / "out", [], checkpoint_every=1)
+    try:
+        st = _wait_idle(svc, 4)
+        assert st["checkpoint"]["frames"] == 4
+    finally:
+        svc.stop(timeout=10)

@@ -196,6 +196,7 @@ class Service:
         r = self.folder.resume(self.cfg, masters=self.masters)
         self.engine, self.records = r.engine, list(r.records)
         self._logged = None if r.log_stale else len(self.records)   # None: frames.jsonl is rewritten whole
+        self._ckpt_frames = r.checkpointed     # what a crash now would resume from, as the status says it
         self.excluded = self.folder.excluded()
         self._engine_excluded, self._saved_excluded = set(self.excluded), set(self.excluded)
         with self._excl_lock:
@@ -590,7 +591,7 @@ class Service:
         if self.engine.has_stack:
             self._render_preview()
         self._generation += 1
-        self._since_ckpt, self._fits_dirty, self._ckpt_frames = 0, 0, None
+        self._since_ckpt, self._fits_dirty = 0, 0
         self.started = _now()
         log.log(NOTICE, "livestack: %s: %s archived in %s; %s %s", why, old.name, self.book.get(old.id).folder,
                         "resumed" if to is not None else "new target", new.name)
