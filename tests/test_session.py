@@ -535,3 +535,21 @@ def test_the_daemon_records_a_first_frame_rejected_later(tmp_path):
     finally:
         again.stop(timeout=20)
     assert read_frames_log(out / "frames.jsonl") == recs
+
+
+def test_excluding_the_reference_rewrites_reference_json(tmp_path, six):
+    """The reference excluded, the restack's new reference is what session/reference.json describes (the
+    stars a returning target is matched by): it kept the excluded frame's."""
+    import json
+
+    svc, out = _backlog_service(tmp_path, six)
+    try:
+        _wait(svc, 6, idle=True)
+        ref = out / "session" / "reference.json"
+        assert json.loads(ref.read_text())["file"] == six[0].name
+        svc.exclude(six[0].name).result(60)
+        assert svc.engine.ref.file == six[1].name
+        assert json.loads(ref.read_text())["file"] == six[1].name
+        assert svc.book.current.reference == six[1].name
+    finally:
+        svc.stop(timeout=20)

@@ -1137,8 +1137,12 @@ class Service:
         if eng.has_stack and old.ref is not None and eng.ref.file == old.ref.file:
             if old.grid.wcs is not None:
                 eng.set_wcs(old.grid.wcs)    # the same reference, the same grid: its plate solution holds
-        elif eng.has_stack:
-            self._sky_begin()                # the reference was excluded: another grid, solved anew
+        elif eng.has_stack:                  # the reference was excluded: another grid, solved anew …
+            self._ref_saved = False
+            self._save_reference()           # … and other stars to match a returning frame against
+            self.book.current.reference = eng.ref.file
+            self._save_book()
+            self._sky_begin()
         self._logged = None              # frames.jsonl is rewritten whole
         self._save_log()
         self._generation += 1
