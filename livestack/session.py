@@ -469,6 +469,30 @@ class SessionFolder:
         os.replace(build, staging)
         return self.recover()
 
+    def _holds_nothing(self, entries: list[Path]) -> bool:
+        """True when ``entries`` (the session folder's own) are only what an empty session has: an empty
+        frames.jsonl, and in session/ the ignore list of the "new stack" that started it and an empty
+        exclusion list.  Anything else — a frame's line, a stack, a checkpoint, the crash guard's
+        inflight.json, a file of the user's — is archived."""
+        for p in entries:
+            if p.is_symlink():
+                return False
+            if p.name == FRAMES_LOG and p.is_file():
+                if p.stat().st_size:
+                    return False
+            elif p.name == SESSION_DIR and p.is_dir():
+                for q in p.iterdir():
+                    if q.is_symlink() or not q.is_file():
+                        return False
+                    if q.name == self.excluded_file.name:
+                        if self.load_list(q) != ([], None):
+                            return False
+                    elif q.name != self.ignore_file.name:
+                        return False
+            else:
+                return False
+        return True
+
     def recover(self) -> Path | None:
         """Finish a "new stack" interrupted by a crash (or just requested): archive, then promote the staging."""
         shutil.rmtree(self.out / (STAGING_DIR + ".tmp"), ignore_errors=True)
@@ -477,6 +501,13 @@ class SessionFolder:
             return None
         old = [p for p in self.out.iterdir() if p.name not in (ARCHIVE_DIR, STAGING_DIR, TARGETS_FILE, SWITCH_FILE)]
         dest = None
+        if old and self._holds_nothing(old):
+            # an empty session (new stack pressed again before a frame came): nothing to archive — an archive
+            # folder and a closed target per press grew the folder and every status with the requests.  Its
+            # ignore list is within the new one (the daemon's) or deliberately dropped (run --new-session).
+            for p in old:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            old = []
         if old:
             stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
             dest = self.out / ARCHIVE_DIR / stamp

@@ -553,3 +553,26 @@ def test_excluding_the_reference_rewrites_reference_json(tmp_path, six):
         assert svc.book.current.reference == six[1].name
     finally:
         svc.stop(timeout=20)
+
+
+def test_new_stack_on_an_empty_session_archives_nothing(tmp_path, six):
+    """"New stack" pressed again before a frame arrived (a double click, a page retrying, `run --new-session` at
+    every restart) archived each empty session: one archive/<time>/ folder holding only a copy of the capture
+    folder's ignore list, and one closed target in targets.json (and so in every status and event), per
+    press — the output folder and the status grew with the requests, not the frames."""
+    svc, out = _backlog_service(tmp_path, six[:2])
+    try:
+        _wait(svc, 2, idle=True)
+        first = svc.new_session().result(30)
+        assert first["archived"] is not None             # the two frames' session is archived
+        for _ in range(5):
+            st = svc.new_session().result(30)
+            assert st["archived"] is None
+        archives = sorted(p.name for p in (out / "archive").iterdir())
+        assert archives == [first["archived"].split("/")[-1]]
+        assert len(svc.status()["targets"]) == 2         # the archived one and the (empty) current one
+        assert set(json.loads((out / "session" / "ignore.json").read_text())) == {f.name for f in six[:2]}
+    finally:
+        svc.stop(timeout=10)
+    folder = SessionFolder(out)
+    assert folder.ignored() == {f.name for f in six[:2]}   # still ignored after the restart
