@@ -311,7 +311,14 @@ class Service:
                               503)
             fut = self._submit(self._cmd_export, fmt, mode)
             self._export = ((fmt, mode), fut)
-            return fut
+        # answered, it is forgotten: its bytes (~144 MB for a 24 MP 16-bit TIFF) stayed held until the next export
+        fut.add_done_callback(self._export_done)    # (outside the lock: a future already done calls it at once)
+        return fut
+
+    def _export_done(self, fut: Future) -> None:
+        with self._export_lock:
+            if self._export is not None and self._export[1] is fut:
+                self._export = None
 
     def new_session(self) -> Future:
         return self._submit(self._cmd_new_session)
