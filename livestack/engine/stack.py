@@ -496,16 +496,19 @@ class RunningStack:
             fd, name = tempfile.mkstemp(prefix=".stack-", suffix=".dat", dir=self.spill_dir)
         except OSError:
             return np.zeros(shape, dtype) if like is None else np.array(like, dtype)
+        # Unlinked before anything else: a kill while the blocks are reserved (on exFAT/vfat posix_fallocate
+        # writes every one of them: seconds at 24 MP) left a file as big as the array that nothing removed.
+        os.unlink(name)
         try:
             # The blocks are reserved now: a full disk is an error here (the array stays in memory), not a
             # SIGBUS later when the kernel writes a page back.
             os.posix_fallocate(fd, 0, int(np.prod(shape)) * np.dtype(dtype).itemsize)
-            a = np.memmap(name, dtype=dtype, mode="w+", shape=tuple(shape))
+            with open(fd, "r+b", closefd=False) as f:    # the mapping keeps its own descriptor
+                a = np.memmap(f, dtype=dtype, mode="r+", shape=tuple(shape))
         except OSError:
             a = None
         finally:
             os.close(fd)
-            os.unlink(name)
         if a is None:
             return np.zeros(shape, dtype) if like is None else np.array(like, dtype)
         if like is not None:
