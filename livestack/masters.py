@@ -41,7 +41,7 @@ from . import __version__
 from .engine.calibrate import Masters, same_exposure
 from .engine.frame import Frame, FrameError
 from .engine.quiet import quiet_warnings
-from .engine.read import FITS_SUFFIXES, _IMAGETYP, capture_order, is_supported, read_frame, suffix_of
+from .engine.read import FITS_SUFFIXES, _IMAGETYP, _decoder_errors, capture_order, is_supported, read_frame, suffix_of
 
 KINDS = ("bias", "dark", "darkflat", "flat")          # build order: each may need the ones before it
 KIND_LABEL = {"bias": "bias", "dark": "dark", "darkflat": "dark-flat", "flat": "flat"}
@@ -160,7 +160,8 @@ def _fits_imagetyp(path: Path) -> str | None:
                     typ = h.header.get("IMAGETYP", h.header.get("FRAMETYP", h.header.get("OBSTYPE")))
                     if typ is not None:
                         return _IMAGETYP.get(str(typ).strip().lower(), "unknown:" + str(typ).strip())
-    except (OSError, ValueError, TypeError, IndexError, KeyError, fits.VerifyError):    # a garbled card
+    except (OSError, ValueError, TypeError, IndexError, KeyError, fits.VerifyError,     # a garbled card
+            *_decoder_errors()):                                                        # a damaged file
         return None
     return None
 

@@ -27,6 +27,23 @@ FITS_SUFFIXES = frozenset(".fits .fit .fts .fits.fz .fit.fz .fz".split())
 log = logging.getLogger("livestack")
 
 
+def _decoder_errors() -> tuple[type[BaseException], ...]:
+    """What astropy's decoders raise on damaged bytes besides OSError/ValueError: the tile decompressor's
+    CfitsioException (a .fits.fz whose compressed tiles were overwritten: "hit end of compressed byte stream"),
+    zipfile's BadZipFile (a file starting with PK\\3\\4 is opened as a zip archive), zlib.error and EOFError
+    (a gzip or bzip2 stream cut short)."""
+    import zipfile
+    import zlib
+
+    errors: list[type[BaseException]] = [zipfile.BadZipFile, zlib.error, EOFError]
+    try:
+        from astropy.io.fits.hdu.compressed._compression import CfitsioException
+        errors.append(CfitsioException)
+    except ImportError:     # (a private module: another astropy may lack it; then nothing to add)
+        pass
+    return tuple(errors)
+
+
 def suffix_of(path: Path) -> str:
     name = path.name.lower()
     for s in (".fits.fz", ".fit.fz"):
@@ -328,7 +345,7 @@ def _read_fits(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
             int_input = header.get("BITPIX", -32) > 0
     except FrameError:
         raise
-    except (OSError, ValueError, TypeError, IndexError, KeyError, fits.VerifyError) as err:
+    except (OSError, ValueError, TypeError, IndexError, KeyError, fits.VerifyError, *_decoder_errors()) as err:
         raise FrameError(path, f"unreadable FITS ({err})") from err
     header = parsed_cards(header)
     if min(data.shape) < 16:
@@ -585,7 +602,7 @@ def image_header(path: Path | str):
                 for hdu in hdul:
                     if hdu.header.get("NAXIS", 0) >= 2 or "ZIMAGE" in hdu.header:
                         return parsed_cards(hdu.header)
-    except (OSError, ValueError, TypeError, IndexError, KeyError, fits.VerifyError):
+    except (OSError, ValueError, TypeError, IndexError, KeyError, fits.VerifyError, *_decoder_errors()):
         pass
     return None
 
