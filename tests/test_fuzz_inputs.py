@@ -70,3 +70,44 @@ def test_masters_skip_a_damaged_compressed_dark_and_build_the_rest(tmp_path):
     assert any(s["file"].endswith("dark_9999_60s.fits.fz") for s in skipped), skipped
     assert any(s["file"].endswith("dark_9998_60s.fits") for s in skipped), skipped
     assert any(s["file"] == "x.fits" for s in skipped), skipped
+
+
+def _set_fits_card(path: Path, key: str, value) -> None:
+    with fits.open(path, mode="update") as hdul:
+        hdul[0].header[key] = value
+
+
+def test_a_damaged_black_or_white_level_fails_the_frame_and_the_stack_is_not_its_own(tmp_path):
+    """One byte of a DNG's BlackLevel overwritten (what a flipped byte on a card did in fuzzing: 655360000) was
+    used as it said: the frame's calibrated values, around −6.5e8, keep only float32's steps of 64 ADU, its
+    background looked noiseless and its weight (~5000 against 1) made the stack that frame.  A FITS SATURATE
+    of 0 flagged every pixel saturated: "stacked", adding nothing."""
+    import struct
+
+    import tifffile
+
+    from conftest import make_night, stack_with_cli
+
+    files, _ = make_night(tmp_path / "in", n_frames=5, fmt="dng", seed=4)
+    bad = files[2]
+    with tifffile.TiffFile(bad) as tif:
+        off = tif.pages[0].tags[50714].valueoffset          # BlackLevel, LONG, inline
+    b = bytearray(bad.read_bytes())
+    struct.pack_into("<I", b, off, 655360000)
+    bad.write_bytes(bytes(b))
+    with pytest.raises(FrameError, match="black level 6.5536e\\+08 is not below the white level"):
+        read_frame(bad)
+    recs = {r["file"]: r for r in stack_with_cli(tmp_path / "in", tmp_path / "out")}
+    assert recs[bad.name]["status"] == "failed" and "black level" in recs[bad.name]["reason"]
+    assert sum(r["status"] in ("reference", "stacked") for r in recs.values()) == 4
+    assert max(r["weight"] for r in recs.values() if r["weight"] is not None) < 3
+
+    night, _ = make_night(tmp_path / "fits", n_frames=2, seed=4)
+    _set_fits_card(night[1], "SATURATE", 0)
+    with pytest.raises(FrameError, match="black level 512 is not below the white level 0"):
+        read_frame(night[1])
+    _set_fits_card(night[1], "SATURATE", 16383)
+    _set_fits_card(night[1], "BLKLEVEL", 1e9)
+    with pytest.raises(FrameError, match="black level 1e\\+09 is not below"):
+        read_frame(night[1])
+    assert read_frame(night[0]).white == 16383

@@ -75,10 +75,26 @@ def read_frame(path: Path | str, *, out: np.ndarray | None = None, max_megapixel
     limit = _Limit(max_megapixels)
     s = suffix_of(path)
     if s in FITS_SUFFIXES:
-        return _read_fits(path, out, limit)
+        return _checked_levels(_read_fits(path, out, limit))
     if s in RAW_SUFFIXES:
-        return _read_raw(path, out, limit)
+        return _checked_levels(_read_raw(path, out, limit))
     raise FrameError(path, f"unsupported file type '{s or path.name}' (expected a camera RAW or FITS file)")
+
+
+def _checked_levels(frame: Frame) -> Frame:
+    """``frame``, unless its black level cannot be one: not a number, or as large as the white level (either
+    way).  A header's damaged level (one byte of a DNG's BlackLevel overwritten: 655360000; a FITS BLKLEVEL of
+    1e9, a SATURATE of 0) is otherwise used as it says: calibrated values of −6.5e8 keep only float32's steps of
+    64 ADU, the background then looks noiseless, and that frame's inverse-variance weight (thousands against 1)
+    makes the stack its own; or every pixel is flagged saturated and the frame, "stacked", adds nothing."""
+    black = frame.black
+    if not np.isfinite(black).all():
+        raise FrameError(frame.path, "black level is not a number (the file's levels are damaged)")
+    top = float(np.abs(black).max())
+    if np.isfinite(frame.white) and top >= frame.white:
+        raise FrameError(frame.path, f"black level {top:g} is not below the white level {frame.white:g} "
+                                     "(the file's levels are damaged)")
+    return frame
 
 
 # ---------------------------------------------------------------- the size limit
