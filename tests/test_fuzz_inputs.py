@@ -111,3 +111,59 @@ def test_a_damaged_black_or_white_level_fails_the_frame_and_the_stack_is_not_its
     with pytest.raises(FrameError, match="black level 1e\\+09 is not below"):
         read_frame(night[1])
     assert read_frame(night[0]).white == 16383
+
+
+def _frame_fits(path: Path, shape=(480, 640), bitpix_override=None) -> Path:
+    data = np.random.default_rng(1).integers(500, 3000, size=shape, dtype=np.uint16)
+    fits.PrimaryHDU(data, header=fits.Header({"EXPTIME": 60.0, "IMAGETYP": "Light Frame"})).writeto(path)
+    return path
+
+
+@pytest.mark.parametrize("cut", [80, 2879, 2880, 5760, 100_000, 614_399])
+def test_a_fits_file_cut_short_says_so(tmp_path, cut):
+    """A capture or a copy interrupted leaves the first bytes of a frame: said as such, not as astropy's "cannot
+    reshape array of size 48560 into shape (480,640)" nor "Empty or corrupt FITS file"."""
+    whole = _frame_fits(tmp_path / "whole.fits").read_bytes()
+    path = tmp_path / "light_7.fits"
+    path.write_bytes(whole[:cut])
+    with pytest.raises(FrameError) as e:
+        read_frame(path)
+    assert str(e.value).startswith(f"light_7.fits: FITS file cut short: {cut:,} bytes"), str(e.value)
+    assert "\n" not in str(e.value) and "reshape" not in str(e.value)
+
+
+def test_a_compressed_fits_cut_short_says_so(tmp_path):
+    data = np.random.default_rng(1).integers(500, 3000, size=(480, 640), dtype=np.uint16)
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, compression_type="RICE_1")]).writeto(tmp_path / "w.fz")
+    whole = (tmp_path / "w.fz").read_bytes()
+    path = tmp_path / "light_8.fits.fz"
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(FrameError, match=r"^light_8.fits.fz: FITS file cut short: "):
+        read_frame(path)
+
+
+def test_a_file_without_padding_is_still_read(tmp_path):
+    whole = _frame_fits(tmp_path / "whole.fits").read_bytes()
+    path = tmp_path / "light_9.fits"
+    path.write_bytes(whole[: 2880 + 480 * 640 * 2])          # the pixels whole, the last block's padding gone
+    assert read_frame(path).shape == (480, 640)
+
+
+def test_not_a_fits_file_and_a_bitpix_fits_does_not_define_are_said_in_words(tmp_path):
+    path = tmp_path / "light_10.fits"
+    path.write_text("hello\n" * 1000)
+    with pytest.raises(FrameError) as e:
+        read_frame(path)
+    assert e.value.reason == "not a FITS file (it does not start with a SIMPLE card)"
+    from drivers.simulator.write import write_fits
+
+    write_fits(tmp_path / "whole.fits", np.full((64, 96), 900, np.uint16),
+               {"imagetyp": "Light Frame", "exptime": 60.0, "time": "2026-11-26T01:00:00"}, SIM)
+    raw = bytearray((tmp_path / "whole.fits").read_bytes())
+    i = raw.index(b"BITPIX  =")
+    raw[i:i + 80] = f"{'BITPIX':<8}= {12:>20}".ljust(80).encode()
+    path = tmp_path / "light_11.fits"
+    path.write_bytes(bytes(raw))
+    with pytest.raises(FrameError) as e:
+        read_frame(path)
+    assert "header card is missing or has a value FITS does not define: 12" in e.value.reason

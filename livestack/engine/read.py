@@ -362,7 +362,7 @@ def _read_fits(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
     except FrameError:
         raise
     except (OSError, ValueError, TypeError, IndexError, KeyError, fits.VerifyError, *_decoder_errors()) as err:
-        raise FrameError(path, f"unreadable FITS ({err})") from err
+        raise FrameError(path, _fits_reason(path, err)) from err
     header = parsed_cards(header)
     if min(data.shape) < 16:
         raise FrameError(path, f"FITS image too small {data.shape}")
@@ -430,6 +430,55 @@ def _read_fits(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
         black_val = -ped if ped is not None and ped < 0 else 0.0
     black = np.full((2, 2), black_val, np.float32)
     return Frame(path, data, pattern, black, white, _saturated(data, white), meta)
+
+
+def _fits_reason(path: Path, err: Exception) -> str:
+    """Why a FITS file could not be read, in words.  astropy's message says it for most files, not for the most
+    common damage, a file cut short (a copy or a capture interrupted): "cannot reshape array of size 48560 into
+    shape (480,640)", "decompression error" or "[Errno 22] Invalid argument"; nor for a header value that is no
+    FITS type (BITPIX = 12: "12", a KeyError)."""
+    cut = _cut_short(path)
+    if cut is not None:
+        return cut
+    if str(err).startswith("No SIMPLE card found"):     # (astropy goes on: "try with ignore_missing_simple=True")
+        return "not a FITS file (it does not start with a SIMPLE card)"
+    if isinstance(err, KeyError):
+        return f"unreadable FITS (a header card is missing or has a value FITS does not define: {err})"
+    return f"unreadable FITS ({err})"
+
+
+def _cut_short(path: Path) -> str | None:
+    """'FITS file cut short: …' when the file ends before the data its headers declare, else None."""
+    from astropy.io import fits
+
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            simple = f.read(6) == b"SIMPLE"
+        if simple and size < 2880:
+            return f"FITS file cut short: {size:,} bytes, less than its first 2880-byte header block"
+        with quiet_warnings(), fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+            i = 0
+            while True:
+                try:
+                    hdu = hdul[i]
+                    info = hdul.fileinfo(i)
+                except (IndexError, OSError, ValueError, TypeError, KeyError):
+                    return None             # no further HDU (or one that is damaged, not missing)
+                start, span = int(info["datLoc"]), int(info["datSpan"])
+                h = hdu.header
+                if type(hdu) in (fits.PrimaryHDU, fits.ImageHDU) and h.get("BITPIX") in (8, 16, 32, 64, -32, -64):
+                    # the pixels without the padding to 2880 bytes (a file without its padding is read)
+                    need = start + abs(h["BITPIX"]) // 8 * int(np.prod(_fits_shape(hdu), dtype=np.int64))
+                else:       # a table, or a tile-compressed image (the table holding its tiles): rows + heap
+                    t = getattr(hdu, "_bintable", hdu).header
+                    need = start + int(t.get("NAXIS1", 0)) * int(t.get("NAXIS2", 0)) + int(t.get("PCOUNT", 0))
+                if size < need:
+                    return (f"FITS file cut short: {size:,} bytes where its header declares {need:,} "
+                            "(an interrupted write or copy?)")
+                i += 1
+    except Exception:       # noqa: BLE001 — only a better message is at stake: the caller has the error
+        return None
 
 
 def _image_hdu(hdul, path: Path, limit: _Limit):
