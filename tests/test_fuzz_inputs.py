@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,42 @@ def test_not_a_fits_file_and_a_bitpix_fits_does_not_define_are_said_in_words(tmp
     with pytest.raises(FrameError) as e:
         read_frame(path)
     assert "header card is missing or has a value FITS does not define: 12" in e.value.reason
+
+
+def test_a_named_pipe_named_like_a_frame_never_blocks_the_watcher(tmp_path):
+    """A FIFO called light_x.fits in the watch folder: the watcher handed it on after timeout_s, then opened it
+    to read its capture time (capture_order) — and waited for a writer for ever: no later frame was ever stacked,
+    the page said "idle".  Now it is failed at once, named, and the good frame after it is handed on."""
+    import os
+    import queue
+
+    from livestack.daemon.config import WatchParams
+    from livestack.daemon.watch import Watcher
+    from livestack.engine.read import capture_order
+
+    os.mkfifo(tmp_path / "light_x.fits")
+    with pytest.raises(FrameError, match=r"^light_x.fits: not a regular file \(a named pipe \(FIFO\)\)$"):
+        read_frame(tmp_path / "light_x.fits")
+    import threading
+
+    done: list = []
+    t = threading.Thread(target=lambda: done.append(capture_order([tmp_path / "light_x.fits"])), daemon=True)
+    t.start()
+    t.join(5)
+    assert done == [[tmp_path / "light_x.fits"]], "capture_order blocked on a named pipe"
+
+    root = tmp_path / "watch"
+    root.mkdir()
+    q: queue.Queue = queue.Queue()
+    w = Watcher(root, WatchParams(settle_s=0.5, settle_complete_s=0.1, timeout_s=1.0, rescan_s=0.5), q)
+    w.start()
+    try:
+        os.mkfifo(root / "light_x.fits")                 # made while watched (a scan lists regular files only)
+        first = q.get(timeout=10)
+        assert first.path.name == "light_x.fits" and "not a regular file" in first.reason
+        time.sleep(1.5)                                  # past timeout_s: where the watcher used to block
+        _frame_fits(root / "light_y.fits", shape=(64, 96))
+        second = q.get(timeout=10)
+        assert second.path.name == "light_y.fits" and second.reason is None
+    finally:
+        w.stop()

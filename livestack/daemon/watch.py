@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -328,6 +329,9 @@ class Watcher:
             if escape is not None:
                 ready.append(Ready(path, rel, escape))
                 continue
+            if not stat.S_ISREG(s.st_mode) and not stat.S_ISDIR(s.st_mode):   # a named pipe, a device: never
+                ready.append(Ready(path, rel, "not a regular file (a named pipe or a device); not read"))
+                continue                                                       # a frame, and opening one blocks
             if st.renamed:                   # moved into place: whole at once when its layout says so
                 st.renamed = False           # (judged once: else the settle times decide, as for any file)
                 complete, st.reason = layout(path)

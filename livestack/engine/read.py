@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import os
 import re
+import stat
 import threading
 from pathlib import Path
 
@@ -70,7 +71,10 @@ def read_frame(path: Path | str, *, out: np.ndarray | None = None, max_megapixel
     path = Path(path)
     if not path.exists():
         raise FrameError(path, "file not found")
-    if path.stat().st_size == 0:
+    st = path.stat()
+    if not stat.S_ISREG(st.st_mode):
+        raise FrameError(path, f"not a regular file (a {_file_kind(st.st_mode)})")
+    if st.st_size == 0:
         raise FrameError(path, "empty file (0 bytes)")
     limit = _Limit(max_megapixels)
     s = suffix_of(path)
@@ -95,6 +99,21 @@ def _checked_levels(frame: Frame) -> Frame:
         raise FrameError(frame.path, f"black level {top:g} is not below the white level {frame.white:g} "
                                      "(the file's levels are damaged)")
     return frame
+
+
+def _file_kind(mode: int) -> str:
+    return ("directory" if stat.S_ISDIR(mode) else "named pipe (FIFO)" if stat.S_ISFIFO(mode)
+            else "device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "socket" if stat.S_ISSOCK(mode)
+            else "special file")
+
+
+def is_regular_file(path: Path) -> bool:
+    """Whether ``path`` (through symbolic links) is a regular file: the only kind a header is read from.  Opening
+    a named pipe waits for a writer, for ever; reading a device such as /dev/zero never ends."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------- the size limit
@@ -658,7 +677,7 @@ def image_header(path: Path | str):
     """The header of a FITS file's first image HDU (a copy; no pixels read: a few ms), or None for RAW files
     and for anything unreadable."""
     path = Path(path)
-    if suffix_of(path) not in FITS_SUFFIXES:
+    if suffix_of(path) not in FITS_SUFFIXES or not is_regular_file(path):
         return None
     from astropy.io import fits
     try:
@@ -727,6 +746,8 @@ def capture_time(path: Path) -> dt.datetime | None:
     """Capture time from the header alone (no pixel decode), None when unknown or unreadable."""
     path = Path(path)
     s = suffix_of(path)
+    if not is_regular_file(path):       # (a named pipe would block the daemon's watcher here for ever)
+        return None
     try:
         if s in FITS_SUFFIXES:
             from astropy.io import fits
