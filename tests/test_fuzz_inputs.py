@@ -207,3 +207,17 @@ def test_a_named_pipe_named_like_a_frame_never_blocks_the_watcher(tmp_path):
         assert second.path.name == "light_y.fits" and second.reason is None
     finally:
         w.stop()
+
+
+@pytest.mark.parametrize("cut", [8, 1000, 300_000])
+def test_a_dng_cut_short_says_so_not_only_input_output_error(tmp_path, cut):
+    """LibRaw reports a DNG cut short (a copy interrupted) as "Input/output error", which reads as a failing
+    disk; the line now says what it means for the file."""
+    from conftest import make_night
+
+    files, _ = make_night(tmp_path / "in", n_frames=1, fmt="dng", seed=4, n_stars=50)
+    path = tmp_path / "light_5.dng"
+    path.write_bytes(files[0].read_bytes()[:cut])
+    with pytest.raises(FrameError) as e:
+        read_frame(path)
+    assert "LibRawIOError" in e.value.reason and "cut short" in e.value.reason and "\n" not in str(e.value)

@@ -207,7 +207,10 @@ def _read_raw(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
     except FrameError:
         raise
     except rawpy.LibRawError as err:  # LibRawFileUnsupportedError, LibRawIOError, LibRawDataError, …
-        raise FrameError(path, f"unreadable RAW ({type(err).__name__}: {_libraw_text(err)})") from err
+        why = _libraw_text(err)
+        if isinstance(err, rawpy.LibRawIOError):   # LibRaw: LIBRAW_EXCEPTION_IO_EOF / IO_BADFILE, not a disk fault
+            why += ": the file ends before its image data (cut short, or a damaged header)"
+        raise FrameError(path, f"unreadable RAW ({type(err).__name__}: {why})") from err
     except (OSError, ValueError) as err:
         raise FrameError(path, f"unreadable RAW ({err})") from err
     if data.ndim != 2 or min(data.shape) < 16:
