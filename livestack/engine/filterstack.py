@@ -45,6 +45,11 @@ def distinct(base: str, taken, *, suffix: str = "") -> str:
     return name
 
 
+def settings_key(m: FrameMeta) -> str:
+    """What a frame's star count, sky level and star fluxes depend on besides the sky: exposure, ISO, gain."""
+    return f"{float(m.exptime or 0.0):g}s|iso {m.iso}|gain {m.gain}"
+
+
 def _iso(t: dt.datetime | None) -> str | None:
     return t.isoformat() if t is not None else None
 
@@ -133,11 +138,16 @@ class FilterStack:
         self.counts = Counters(filter=name)
         self.last_time: str | None = None    # capture time of its latest stacked frame
         self.version = 0                     # bumped by every stacked frame (caches of reduced images)
-        # The frames in the stack's bootstrap buffer, in order: (file, index, start ISO, exptime, scale) — the
-        # first is judged against the others once the buffer is full (judge_first).
-        self.boot: list[tuple[str, int | None, str | None, float, float]] = []
+        # Star counts, sky levels and transparency are compared among frames of one exposure, ISO and gain
+        # (settings_key): their judges, and each group's transparency against the filter's first frame (its
+        # first frame's, or — that one left out — the median of the frames kept).  FWHM and eccentricity are
+        # compared among all the filter's frames (``judge``).
+        self.levels: dict[str, FrameJudge] = {}
+        self.bases: dict[str, float] = {}
+        # The frames in the stack's bootstrap buffer, in order: (file, index, start ISO, exptime, scale,
+        # settings) — the first is judged against the others once the buffer is full (judge_first).
+        self.boot: list[tuple[str, int | None, str | None, float, float, str]] = []
         self.first_judged = False
-        self.transparency_base = 1.0         # the typical frame's transparency against the first frame's
         self._pool = pool
         # The filter's name for the composite and the page ('none' without a FILTER card), and its file,
         # 'stack_<F>.fits': the engine makes both distinct from its other filters' (``distinct``).
@@ -167,9 +177,12 @@ class FilterStack:
 
     def accept(self, q: Quality, m: FrameMeta, masters: dict | None = None, *, file: str, index: int | None = None,
                scale: float = 1.0) -> None:
+        key = settings_key(m)
         if self.stack is not None and self.stack.sums is None and not self.first_judged:
-            self.boot.append((file, index, _iso(m.time), float(m.exptime or 0.0), float(scale)))
+            self.boot.append((file, index, _iso(m.time), float(m.exptime or 0.0), float(scale), key))
         self.judge.accept(q)
+        self.levels.setdefault(key, FrameJudge(self.judge.p)).accept(q)
+        self.bases.setdefault(key, 1.0 / scale if scale > 0 else 1.0)
         self.counts = self.counts.stacked_frame(m, masters)
         self.last_time = _iso(m.time) or self.last_time
         self.version += 1
@@ -177,11 +190,14 @@ class FilterStack:
     def reject(self) -> None:
         self.counts = self.counts.rejected_frame()
 
-    def check(self, q: Quality, scale: float) -> str | None:
-        """Why a frame of this filter (its transparency factor ``scale`` against the first frame) is rejected,
-        or None."""
-        t = 1.0 / scale if scale > 0 else 0.0
-        return self.judge.check(q, transparency=t / self.transparency_base)
+    def check(self, q: Quality, m: FrameMeta, scale: float | None = None) -> str | None:
+        """Why a frame of this filter (its transparency factor ``scale`` against the first frame, when known) is
+        rejected, or None.  The first frame of a new exposure, ISO or gain has nothing to compare its star
+        count, sky and transparency with: only its FWHM and eccentricity are judged."""
+        key = settings_key(m)
+        base = self.bases.get(key)
+        t = None if scale is None or base is None else (1.0 / scale if scale > 0 else 0.0) / base
+        return self.judge.check(q, transparency=t, levels=self.levels.get(key, FrameJudge(self.judge.p)))
 
     def judge_first(self) -> str | None:
         """Once, when the stack's bootstrap buffer is full: the filter's first frame — stacked unjudged, there
@@ -197,15 +213,25 @@ class FilterStack:
         hist = list(self.judge.history)
         others.history.extend(hist[1:])
         fwhm, stars, background, ecc = hist[0]
-        scales = [b[4] for b in self.boot[1:]]
+        key = self.boot[0][5]
+        same = [b for b in self.boot[1:] if b[5] == key]
+        levels = FrameJudge(self.judge.p)   # the next frames' counts and levels, when their settings are its
+        if len(same) == len(self.boot) - 1:
+            levels.history.extend(hist[1:])
+        scales = [b[4] for b in same]
         why = others.check(Quality(int(stars), fwhm, ecc, background, float("nan")),
-                           transparency=float(np.median(scales)))
+                           transparency=float(np.median(scales)) if scales else None, levels=levels)
         if why is None:
             return None
         self.stack.drop_first()
         self.judge.history.popleft()
-        _, _, _, exptime, _ = self.boot.pop(0)
-        self.transparency_base = float(np.median([1.0 / s if s > 0 else 0.0 for s in scales]))
+        group = self.levels[key]
+        group.history.popleft()
+        if group.history:
+            self.bases[key] = float(np.median([1.0 / s if s > 0 else 0.0 for s in scales]))
+        else:
+            del self.levels[key], self.bases[key]
+        _, _, _, exptime, _, _ = self.boot.pop(0)
         self.counts = dataclasses.replace(self.counts, stacked=self.counts.stacked - 1,
                                           rejected=self.counts.rejected + 1,
                                           exptime=self.counts.exptime - exptime,
@@ -227,7 +253,8 @@ class FilterStack:
     def state(self) -> tuple[dict, dict[str, np.ndarray]]:
         meta = {"name": self.name, "counts": dataclasses.asdict(self.counts), "judge": self.judge.state(),
                 "last_time": self.last_time, "boot": [list(b) for b in self.boot],
-                "first_judged": self.first_judged, "transparency_base": self.transparency_base}
+                "first_judged": self.first_judged, "bases": self.bases,
+                "levels": {k: j.state() for k, j in self.levels.items()}}
         arrays: dict[str, np.ndarray] = {}
         if self.ref is not None:
             r = self.ref
@@ -244,8 +271,12 @@ class FilterStack:
         fs.judge.load_state(meta["judge"])
         fs.last_time = meta.get("last_time")
         fs.boot = [tuple(b) for b in meta.get("boot", [])]
-        fs.first_judged = meta.get("first_judged", True)     # a checkpoint from before: not judged again
-        fs.transparency_base = meta.get("transparency_base", 1.0)
+        fs.first_judged = meta.get("first_judged", True) or any(len(b) != 6 for b in fs.boot)   # (one from before:
+        # the first frame is not judged again)
+        fs.bases = {k: float(v) for k, v in meta.get("bases", {}).items()}
+        for k, h in meta.get("levels", {}).items():
+            fs.levels[k] = FrameJudge(reject_params)
+            fs.levels[k].load_state(h)
         if "ref" in meta:
             r = meta["ref"]
             fs.ref = FilterRef(r["file"], np.array(arrays["ref_xy"]).reshape(-1, 2), np.array(arrays["ref_flux"]),

@@ -427,7 +427,7 @@ class Engine:
                 if hold:
                     # A frame of another field (a slew?), or a bad one: the caller decides, nothing is counted yet.
                     rec.status, rec.reason = "unregistered", f"registration failed: {err}"
-                    self.last_judged = fs.judge.check(q)
+                    self.last_judged = fs.check(q, m)
                     return None
                 return self._reject(rec, fs, f"registration failed: {err}")
             reg_matrix = reg.matrix
@@ -443,7 +443,7 @@ class Engine:
                 self._trim(keep=fs.key)
         else:
             scale = fs.transparency(stars, matrix, tol=cfg.register.match_tol_px * float(grid.stars_to_grid[0, 0]))
-            reason = fs.check(q, scale)
+            reason = fs.check(q, m, scale)
             if reason:
                 return self._reject(rec, fs, reason)
         rec.scale = _r(scale, 4) if rec.status != "reference" else None

@@ -52,19 +52,24 @@ class FrameJudge:
             return f"only {q.stars} stars (a reference frame needs {self.p.min_ref_stars})"
         return None
 
-    def check(self, q: Quality, transparency: float | None = None) -> str | None:
-        """Reason to reject the frame, or None.  ``transparency`` = frame star flux / reference star flux."""
+    def check(self, q: Quality, transparency: float | None = None, *,
+              levels: "FrameJudge | None" = None) -> str | None:
+        """Reason to reject the frame, or None.  ``transparency`` = frame star flux / reference star flux.
+        ``levels``: the judge whose frames the star count and the sky level are compared with — those of the
+        frame's own exposure, ISO and gain (a 15 s frame has a quarter of a 60 s frame's sky and fewer stars:
+        against 60 s frames every one was "clouds"); None: this judge's own; one without frames: not tested."""
         p = self.p
         if not p.enabled or not self.history:
             return None
         m = self.medians()
-        if q.stars < p.min_star_fraction * m["stars"]:
-            return f"stars {q.stars} < {p.min_star_fraction:g} × running median {m['stars']:.0f} (clouds?)"
+        lv = (self if levels is None else levels).medians()
+        if lv and q.stars < p.min_star_fraction * lv["stars"]:
+            return f"stars {q.stars} < {p.min_star_fraction:g} × running median {lv['stars']:.0f} (clouds?)"
         if transparency is not None and transparency < p.min_transparency:
             return f"transparency {transparency:.2f} < {p.min_transparency:g} of the reference (clouds?)"
-        if m["background"] > 0 and q.background > p.background_factor * m["background"]:
+        if lv and lv["background"] > 0 and q.background > p.background_factor * lv["background"]:
             return (f"background {q.background:.1f} ADU > {p.background_factor:g} × running median "
-                    f"{m['background']:.1f} ADU (clouds or light?)")
+                    f"{lv['background']:.1f} ADU (clouds or light?)")
         if np.isfinite(q.fwhm) and q.fwhm > p.fwhm_factor * m["fwhm"]:
             return f"fwhm {q.fwhm:.2f} px > {p.fwhm_factor:g} × running median {m['fwhm']:.2f} px"
         if q.eccentricity > max(p.eccentricity_min, m["eccentricity"] + p.eccentricity_delta) and \

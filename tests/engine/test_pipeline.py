@@ -322,3 +322,26 @@ def test_superpixel_mode_halves_the_grid(night):
         m_cfa = geometry.compose(s, geometry.compose(np.array(r.matrix), s_inv))
         # centroids refined on the mosaic: ~0.03 CFA px (0.1-0.15 without)
         assert geometry.rms_error(m_cfa, truth_matrix(truth, i), (480, 640)) < 0.06
+
+
+def test_a_change_of_exposure_mid_night_is_not_clouds(tmp_path):
+    """60 s frames, then the user shortens them to 15 s: a 15 s frame has a quarter of the sky and a third of
+    the stars, and every one was rejected as "clouds" against the 60 s frames — the rest of the night lost.
+    Counts, sky and transparency are now compared among frames of one exposure (a cloudy 15 s frame is still
+    rejected), FWHM and shapes among all; the same through a checkpoint."""
+    from drivers.simulator import SimConfig, render_night
+
+    render_night(tmp_path / "a", SimConfig(width=640, height=480, n_frames=3, exptime=60, seed=1, sky_seed=1))
+    render_night(tmp_path / "b", SimConfig(width=640, height=480, n_frames=7, exptime=15, seed=2, sky_seed=1,
+                                           defects={4: "cloudy"}))
+    files = sorted((tmp_path / "a").glob("*.fits")) + sorted((tmp_path / "b").glob("*.fits"))
+    eng = Engine(Config())
+    recs = [eng.process(f) for f in files]
+    assert [r.status for r in recs] == ["reference"] + ["stacked"] * 6 + ["rejected", "stacked", "stacked"], \
+        [r.reason for r in recs]
+    assert "clouds" in recs[7].reason or "only 0 frame stars" in recs[7].reason, recs[7].reason
+    assert all(3 < r.scale < 5.5 for r in recs[3:7]), [r.scale for r in recs]    # normalised to the 60 s frames
+    part = through_checkpoints(files, [5], tmp_path / "ckpt")
+    a, wa = eng.result(None)
+    b, wb = part.result(None)
+    assert np.array_equal(a, b) and np.array_equal(wa, wb) and part.n_rejected == eng.n_rejected == 1
