@@ -65,3 +65,48 @@ def test_filter_changes_and_kill9_give_the_uninterrupted_stacks(make_daemon, whe
     assert a.shape == (3, 300, 400) and hb["PALETTE"] == ha["PALETTE"] and hb["NCOMBINE"] == 16
     assert np.allclose(a, b, rtol=1e-4, atol=1e-4, equal_nan=True)
     assert "resumed" in "".join(p.read_text() for p in sorted(d.tmp.glob("daemon-*.log")))
+
+
+def test_exclude_leaves_no_stack_file_of_a_filter_without_frames(tmp_path):
+    """After a restack a filter with no frame left has no stack_<F>.fits — as `livestack stack` of the
+    included files gives — and a filter whose name clash is gone gets back its plain file name: no stale
+    file keeps the excluded frame."""
+    from livestack.config import Config
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    night = tmp_path / "night"
+    seq = ("L", "H a", "L", "H_a")            # "H a" and "H_a" both come out as stack_H_a…
+    truth = render_night(night, SimConfig(width=320, height=240, n_stars=600, n_frames=len(seq), mono=True,
+                                          seed=11, filters=seq, dither_px=2.0))
+    files = [night / f["file"] for f in truth["frames"]]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for f in files:
+        (watch / f.name).write_bytes(f.read_bytes())
+    svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                  DaemonParams(out=str(out)))
+    svc.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not ((s := svc.status())["frames"] >= 4 and s["state"] == "idle") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stacks = lambda: sorted(p.name for p in out.glob("stack*.fits"))
+        while len(stacks()) < 4 and time.monotonic() < deadline:     # written once idle
+            time.sleep(0.05)
+        assert stacks() == ["stack.fits", "stack_H_a-2.fits", "stack_H_a.fits", "stack_L.fits"], \
+            [(r["file"], r["status"], r["reason"]) for r in read_frames_log(out / "frames.jsonl")]
+        svc.exclude(files[1].name).result(timeout=60)       # "H a": its only frame
+        assert stacks() == ["stack.fits", "stack_H_a.fits", "stack_L.fits"]
+        assert fits.getheader(out / "stack_H_a.fits")["FILTER"] == "H_a"
+        svc.exclude(files[3].name).result(timeout=60)       # "H_a" too: L alone
+        assert stacks() == ["stack.fits", "stack_L.fits"]
+        assert fits.getheader(out / "stack.fits")["FILTER"] == "L"
+        svc.exclude(files[3].name, False).result(timeout=60)
+        assert stacks() == ["stack.fits", "stack_H_a.fits", "stack_L.fits"]
+        for f in (files[0], files[2], files[3]):               # every frame out: no stack at all
+            svc.exclude(f.name).result(timeout=60)
+        assert stacks() == []
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None

@@ -969,6 +969,7 @@ class Service:
         t0 = time.monotonic()
         if not self._guarded(path, lambda: self.engine.write_stack(path, compose=self.compose)):
             return False
+        self._remove_stale_stacks()
         log.info("stack files written in %.1f s", time.monotonic() - t0)
         self._save_book()
         self._fits_dirty = 0
@@ -978,6 +979,21 @@ class Service:
         except OSError:
             pass
         return True
+
+    def _remove_stale_stacks(self) -> None:
+        """Remove the stack files no stack of the engine writes any more: after a restack, a filter whose frames
+        are all excluded has no stack, and a name clash gone (``H a`` excluded, ``H_a`` now stack_H_a.fits, not
+        stack_H_a-2.fits) renames one — the old file would keep excluded frames, beside what `livestack stack`
+        of the included files writes."""
+        e = self.engine
+        keep = {outputs.filter_file(e, fs) for fs in e.stacks} if e.has_stack else set()
+        for p in self.out.glob("stack*.fits"):
+            if outputs.is_stack_file(p) and p.name not in keep and (p.name != "stack.fits" or not e.has_stack):
+                try:
+                    p.unlink()
+                    log.info("%s removed: no stack of its own any more", p.name)
+                except OSError as err:
+                    log.warning("livestack: could not remove %s: %s", p.name, err)
 
     def _render_preview(self) -> None:
         self._preview_dirty, self._last_preview = False, time.monotonic()
