@@ -286,3 +286,45 @@ def test_a_restart_is_a_new_generation_of_the_frames_list(tmp_path, daemon_night
         svc.stop(timeout=10)
         time.sleep(0.01)
     assert gens[0] != gens[1], gens
+
+
+def test_a_restart_rewrites_stack_files_the_checkpoint_is_ahead_of(tmp_path, daemon_night):
+    """kill -9 after the checkpoint, before stack.fits (a restack writes them in that order; during a backlog
+    they are on separate schedules): the restart resumes the checkpoint's stack and writes it out — stack.fits
+    no longer keeps the frames of before until the next frame lands, even past a clean stop."""
+    from livestack.config import Config
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    files = daemon_night[0][:4]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for f in files:
+        shutil.copy(f, watch / f.name)
+
+    def service():
+        svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0,
+                                                        rescan_s=0.5), DaemonParams(out=str(out)))
+        svc.start()
+        deadline = time.monotonic() + 60
+        while not ((s := svc.status())["frames"] >= 4 and s["state"] == "idle") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return svc
+
+    svc = service()
+    svc.stop(timeout=10)
+    n = fits.getheader(out / "stack.fits")["NCOMBINE"]
+    before = (out / "stack.fits").read_bytes()
+    svc = service()
+    svc.exclude(files[1].name).result(timeout=60)      # restack: checkpoint, then stack.fits
+    svc.stop(timeout=10)
+    assert fits.getheader(out / "stack.fits")["NCOMBINE"] == n - 1
+    (out / "stack.fits").write_bytes(before)            # killed between the two writes
+    svc = service()
+    assert svc.status()["stacked"] == n - 1
+    deadline = time.monotonic() + 30
+    while fits.getheader(out / "stack.fits")["NCOMBINE"] != n - 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    svc.stop(timeout=10)
+    assert svc.error is None
+    assert fits.getheader(out / "stack.fits")["NCOMBINE"] == n - 1

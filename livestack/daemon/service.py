@@ -181,6 +181,9 @@ class Service:
             self.folder.clear_inflight()
         if self.engine.has_stack:
             self._render_preview()
+            # the checkpoint may be ahead of the stack files (a crash between a restack's checkpoint and its
+            # stack.fits, or during a backlog, where they keep separate schedules): written once, when idle
+            self._fits_dirty = max(self._fits_dirty, 1)
         self._sky_begin()
         self._state = "idle"
         self._publish()
