@@ -106,7 +106,7 @@ def test_exclude_leaves_no_stack_file_of_a_filter_without_frames(tmp_path):
         assert stacks() == ["stack.fits", "stack_H_a.fits", "stack_L.fits"]
         for f in (files[0], files[2], files[3]):               # every frame out: no stack at all
             svc.exclude(f.name).result(timeout=60)
-        assert stacks() == []
+        assert stacks() == [] and not (out / "preview.jpg").exists()
     finally:
         svc.stop(timeout=10)
     assert svc.error is None

@@ -1003,6 +1003,10 @@ class Service:
         t0 = self._last_preview
         if not self.engine.has_stack:
             self._preview = None
+            try:      # every frame excluded: no preview of them is left behind (as no stack file)
+                (self.out / "preview.jpg").unlink(missing_ok=True)
+            except OSError as err:
+                log.warning("livestack: could not remove preview.jpg: %s", err)
             return
         rgb = self.engine.preview(stretch=self.stretch, compose=self.compose)   # reduced copies: 0.2 s at 24 MP
         ok, enc = cv2.imencode(".jpg", rgb[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, int(self.stretch.jpeg_quality)])
