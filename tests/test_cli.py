@@ -294,3 +294,16 @@ def test_run_help_says_what_quiet_does():
     text = " ".join(r.stdout.split())
     assert "-q, --quiet leave out the INFO lines" in text and "progress bar" not in text, r.stdout
     assert "no progress bar" in " ".join(cli("stack", "--help").stdout.split())
+
+
+def test_a_second_stack_into_the_same_folder_leaves_no_stack_of_the_first(night, tmp_path):
+    """`livestack stack` into the folder of an earlier run with other filters: the earlier stack_<F>.fits went
+    on lying beside the new frames.jsonl and stack.fits."""
+    first, _ = night("first", mono=True, n_frames=6, seed=4, filters=("L", "Ha"))
+    second, _ = night("second", mono=True, n_frames=4, seed=4, filters=("L", "OIII"))
+    out = tmp_path / "out"
+    assert main(["stack", str(first[0].parent), "-o", str(out), "-q", "--no-solve"]) == 0
+    assert {p.name for p in out.glob("stack*.fits")} == {"stack.fits", "stack_L.fits", "stack_Ha.fits"}
+    assert main(["stack", str(second[0].parent), "-o", str(out), "-q", "--no-solve"]) == 0
+    assert {p.name for p in out.glob("stack*.fits")} == {"stack.fits", "stack_L.fits", "stack_OIII.fits"}
+    assert fits.getheader(out / "stack_L.fits")["NCOMBINE"] == 2
