@@ -2,6 +2,7 @@
 kill -9 at any moment followed by a restart gives the uninterrupted run's stack."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -328,3 +329,41 @@ def test_a_restart_rewrites_stack_files_the_checkpoint_is_ahead_of(tmp_path, dae
     svc.stop(timeout=10)
     assert svc.error is None
     assert fits.getheader(out / "stack.fits")["NCOMBINE"] == n - 1
+
+
+def test_every_frame_excluded_then_a_new_frame_is_the_targets_reference(tmp_path, daemon_night):
+    """A restack that excludes every frame leaves no stack; the next frame to arrive is the new reference: the
+    target, session/reference.json (what a returning frame is matched against) and the plate solve are its —
+    they kept naming the last excluded reference."""
+    from livestack.config import Config
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    files = daemon_night[0]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for f in files[:2]:
+        shutil.copy(f, watch / f.name)
+    svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                  DaemonParams(out=str(out)))
+    svc.start()
+
+    def wait(n):
+        deadline = time.monotonic() + 60
+        while not ((s := svc.status())["frames"] >= n and s["state"] == "idle") and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    try:
+        wait(2)
+        for f in files[:2]:
+            svc.exclude(f.name).result(timeout=60)
+        assert not svc.engine.has_stack
+        for f in files[2:4]:
+            shutil.copy(f, watch / f.name)
+        wait(4)
+        assert svc.engine.ref.file == files[2].name
+        assert json.loads((out / "session" / "reference.json").read_text())["file"] == files[2].name
+        assert svc.book.current.reference == files[2].name
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None

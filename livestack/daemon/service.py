@@ -1173,6 +1173,8 @@ class Service:
             self.book.current.reference = eng.ref.file
             self._save_book()
             self._sky_begin()
+        else:     # every frame excluded: the next frame stacked is a new reference, named and solved as a first
+            self._ref_named = self._ref_saved = False
         self._logged = None              # frames.jsonl is rewritten whole
         self._save_log()
         self._generation += 1
