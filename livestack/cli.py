@@ -137,16 +137,16 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
         say = None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
         sky_status = sky.finish(engine, stop=ctrl_c.event, say=say) if sky is not None else None
         wrote = engine.snapshot(out)
-    from .engine.outputs import filter_file, is_stack_file
+    from .engine.outputs import filter_file, stale_stacks
 
     files_out = [f for fs in engine.stacks if (f := filter_file(engine, fs)) != "stack.fits"]
-    if wrote:       # a run into a folder of an earlier one: its stacks of filters this one has not are not left
-        for p in out.glob("stack_*.fits"):      # beside this run's frames.jsonl as if they were this run's
-            if is_stack_file(p) and p.name not in files_out:
-                try:
-                    p.unlink()
-                except OSError as err:
-                    print(f"livestack stack: could not remove {p}: {err.strerror or err}", file=sys.stderr)
+    # a run into a folder of an earlier one: its stacks of filters this one has not are not left beside this
+    # run's frames.jsonl as if they were this run's (nothing is removed when nothing was stacked)
+    for p in stale_stacks(out, engine) if wrote else []:
+        try:
+            p.unlink()
+        except OSError as err:
+            print(f"livestack stack: could not remove {p}: {err.strerror or err}", file=sys.stderr)
     return {"frames": len(files), "processed": processed, "interrupted": ctrl_c.event.is_set(),
             "stacked": engine.n_stacked, "rejected": engine.n_rejected,
             "failed": engine.n_failed, "exptime": engine.exptime_total, "seconds": time.perf_counter() - t0,

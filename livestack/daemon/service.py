@@ -988,15 +988,12 @@ class Service:
         are all excluded has no stack, and a name clash gone (``H a`` excluded, ``H_a`` now stack_H_a.fits, not
         stack_H_a-2.fits) renames one — the old file would keep excluded frames, beside what `livestack stack`
         of the included files writes."""
-        e = self.engine
-        keep = {outputs.filter_file(e, fs) for fs in e.stacks} if e.has_stack else set()
-        for p in self.out.glob("stack*.fits"):
-            if outputs.is_stack_file(p) and p.name not in keep and (p.name != "stack.fits" or not e.has_stack):
-                try:
-                    p.unlink()
-                    log.info("%s removed: no stack of its own any more", p.name)
-                except OSError as err:
-                    log.warning("livestack: could not remove %s: %s", p.name, err)
+        for p in outputs.stale_stacks(self.out, self.engine):
+            try:
+                p.unlink()
+                log.info("%s removed: no stack of its own any more", p.name)
+            except OSError as err:
+                log.warning("livestack: could not remove %s: %s", p.name, err)
 
     def _render_preview(self) -> None:
         self._preview_dirty, self._last_preview = False, time.monotonic()

@@ -151,6 +151,14 @@ def is_stack_file(path: Path) -> bool:
     return path.name == "stack.fits" or (path.name.startswith("stack_") and path.name.endswith(".fits"))
 
 
+def stale_stacks(out_dir: Path, engine, name: str = "stack.fits") -> list[Path]:
+    """The stack files in ``out_dir`` that write_stacks would not write for ``engine`` now: stack_<F>.fits of
+    filters it has no stack of (every frame excluded; a name clash gone, so stack_H_a-2.fits is stack_H_a.fits
+    again; an earlier batch run's filters), and ``name`` when it has no stack at all."""
+    keep = {filter_file(engine, fs, name) for fs in engine.stacks} | ({name} if engine.stacks else set())
+    return [p for p in sorted(Path(out_dir).glob("stack*.fits")) if is_stack_file(p) and p.name not in keep]
+
+
 def filter_file(engine, fs: FilterStack, name: str = "stack.fits") -> str | None:
     """The file write_stacks writes ``fs``'s stack to: stack_<F>.fits — or, for the one stack of frames without
     a FILTER, only ``name`` —; None while it has no stack."""
