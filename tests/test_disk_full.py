@@ -631,7 +631,12 @@ def test_run_new_session_on_a_full_disk_says_one_line_and_exits_1(tmp_path, monk
     monkeypatch.setattr(SessionFolder, "new_session", full)
     (tmp_path / "watch").mkdir()
     out = tmp_path / "out"
-    assert main(["run", "--watch", str(tmp_path / "watch"), "--out", str(out), "--no-web", "--new-session"]) == 1
+    logger = logging.getLogger("livestack")
+    level = logger.level
+    try:
+        assert main(["run", "--watch", str(tmp_path / "watch"), "--out", str(out), "--no-web", "--new-session"]) == 1
+    finally:
+        logger.setLevel(level)      # (`run` sets the level for its process; other tests read DEBUG records)
     err = capsys.readouterr().err
     assert err == f"livestack run: --new-session: {out}: No space left on device\n"
 

@@ -502,7 +502,8 @@ def test_exifread_complaints_name_the_file(tmp_path, caplog):
 
     p = tmp_path / "odd.cr2"
     p.write_bytes(np.random.default_rng(0).bytes(6000))
-    with caplog.at_level(logging.DEBUG):
+    # (the livestack logger's own level too: an in-process `livestack run` earlier in the session sets it)
+    with caplog.at_level(logging.DEBUG), caplog.at_level(logging.DEBUG, logger="livestack"):
         assert capture_time(p) is None
     assert not [r for r in caplog.records if r.name == "exifread"]
     assert [r for r in caplog.records if "odd.cr2" in r.getMessage()], caplog.records
