@@ -215,9 +215,9 @@ class FilterStack:
         fwhm, stars, background, ecc = hist[0]
         key = self.boot[0][5]
         same = [b for b in self.boot[1:] if b[5] == key]
-        levels = FrameJudge(self.judge.p)   # the next frames' counts and levels, when their settings are its
-        if len(same) == len(self.boot) - 1:
-            levels.history.extend(hist[1:])
+        levels = FrameJudge(self.judge.p)   # the next frames' counts and levels: those of its own settings (any
+        # one of them, as a second frame of those settings is judged against the first)
+        levels.history.extend(h for h, b in zip(hist[1:], self.boot[1:]) if b[5] == key)
         scales = [b[4] for b in same]
         why = others.check(Quality(int(stars), fwhm, ecc, background, float("nan")),
                            transparency=float(np.median(scales)) if scales else None, levels=levels)

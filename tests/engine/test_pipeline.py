@@ -345,3 +345,29 @@ def test_a_change_of_exposure_mid_night_is_not_clouds(tmp_path):
     a, wa = eng.result(None)
     b, wb = part.result(None)
     assert np.array_equal(a, b) and np.array_equal(wa, wb) and part.n_rejected == eng.n_rejected == 1
+
+
+def test_a_first_frame_is_judged_on_its_sky_against_the_next_frame_of_its_exposure(tmp_path):
+    """A first frame in twilight (its sky twice the next frames'), then one more 60 s frame and 15 s frames: the
+    first frame's sky is compared with the 60 s frame after it — as that frame's was with it — and it is left
+    out.  It was compared with nothing as soon as one of the two frames after it had another exposure."""
+    from drivers.simulator import SimConfig, render_night
+
+    render_night(tmp_path / "a", SimConfig(width=640, height=480, n_frames=2, exptime=60, seed=1, sky_seed=1,
+                                           n_stars=3000))
+    render_night(tmp_path / "b", SimConfig(width=640, height=480, n_frames=3, exptime=15, seed=2, sky_seed=1,
+                                           n_stars=3000))
+    files = sorted((tmp_path / "a").glob("*.fits")) + sorted((tmp_path / "b").glob("*.fits"))
+    with fits.open(files[0], mode="update") as h:     # dusk: 500 ADU more sky
+        d = h[0].data.astype(np.float64) + np.random.default_rng(0).poisson(500.0, h[0].data.shape)
+        h[0].data = np.clip(d, 0, 16383).astype(np.uint16)
+        h[0].scale("int16", bzero=32768)
+    eng = Engine(Config())
+    amended = []
+    for f in files:
+        eng.process(f)
+        amended += eng.amended
+        eng.amended.clear()
+    assert [a["file"] for a in amended] == [files[0].name], amended
+    assert amended[0]["reason"].startswith("background"), amended[0]["reason"]
+    assert eng.n_stacked == 4 and eng.n_rejected == 1
