@@ -206,7 +206,7 @@ class FilterStack:
         then left out of the stack: the reason, or None.  Its sky and star fluxes stay the filter's photometric
         reference (every later frame is normalised to them); transparency is then judged against the frames
         that stay."""
-        if self.first_judged or len(self.boot) < 3 or len(self.judge.history) != len(self.boot):
+        if self.first_judged or len(self.boot) < 2 or len(self.judge.history) != len(self.boot):
             return None
         self.first_judged = True
         others = FrameJudge(self.judge.p)

@@ -515,7 +515,9 @@ class Engine:
                 if why is not None:
                     kept = " (still the grid's reference)" if self.ref is not None and \
                         first[0] == self.ref.file and fs.key == self.ref.filter else ""
-                    reason = f"{why}, against the {len(fs.boot)} frames after it: left out of the stack{kept}"
+                    n = len(fs.boot)
+                    reason = (f"{why}, against the {n} frame{'s' if n != 1 else ''} after it: left out of the "
+                              f"stack{kept}")
                     self.amended.append({"file": first[0], "index": first[1], "status": "rejected",
                                          "reason": reason, "weight": None})
                     log.info("rejected %s: %s", first[0], reason)

@@ -87,6 +87,28 @@ def test_a_trailed_first_frame_is_judged_by_the_frames_after_it(night, tmp_path,
         assert np.array_equal(a, b) and np.array_equal(wa, wb)
 
 
+def test_a_trailed_first_frame_is_judged_with_a_bootstrap_of_two(night, tmp_path):
+    """`[stack] bootstrap = 2`: the buffer holds the first frame and the one after it — judged against that one
+    (as that one was against it), the trailed first frame is left out; it stayed in the stack unjudged."""
+    import dataclasses
+
+    files, _ = night(n_frames=6, seed=5, defects={0: "wind"})
+    cfg = dataclasses.replace(Config(), stack=dataclasses.replace(Config().stack, bootstrap=2))
+    eng = Engine(cfg)
+    amended = []
+    for f in files:
+        eng.process(f)
+        amended += eng.amended
+        eng.amended.clear()
+    assert [a["file"] for a in amended] == [files[0].name], amended
+    assert "against the 1 frame after it: left out of the stack" in amended[0]["reason"], amended[0]["reason"]
+    assert eng.n_stacked == 5 and eng.n_rejected == 1
+    part = through_checkpoints(files, [1, 2, 3], tmp_path, cfg)
+    a, wa = eng.result(None)
+    b, wb = part.result(None)
+    assert np.array_equal(a, b) and np.array_equal(wa, wb) and part.counts == eng.counts
+
+
 def test_a_good_first_frame_stays_in_the_stack(night):
     """Frames after a good first frame that are a little worse (or better) do not reject it."""
     files, _ = night(n_frames=5, seed=8, defects={3: "wind"})
