@@ -144,6 +144,9 @@ class FilterStack:
         # compared among all the filter's frames (``judge``).
         self.levels: dict[str, FrameJudge] = {}
         self.bases: dict[str, float] = {}
+        # Resumed from a checkpoint of before that (no levels): its frames were all judged together, against the
+        # first frame's transparency — the settings of the next frame take them over (_adopt), not nothing.
+        self.legacy = False
         # The frames in the stack's bootstrap buffer, in order: (file, index, start ISO, exptime, scale,
         # settings) — the first is judged against the others once the buffer is full (judge_first).
         self.boot: list[tuple[str, int | None, str | None, float, float, str]] = []
@@ -175,9 +178,18 @@ class FilterStack:
         si, ri = mutual_pairs(geometry.apply(matrix, stars.xy), self.ref.xy, cKDTree(self.ref.xy), tol)
         return transparency_scale(self.ref.flux[ri], stars.flux[si])
 
+    def _adopt(self, key: str) -> None:
+        if self.legacy:
+            self.legacy = False
+            if key not in self.levels and self.judge.history:
+                self.levels[key] = FrameJudge(self.judge.p)
+                self.levels[key].history.extend(self.judge.history)
+                self.bases[key] = 1.0
+
     def accept(self, q: Quality, m: FrameMeta, masters: dict | None = None, *, file: str, index: int | None = None,
                scale: float = 1.0) -> None:
         key = settings_key(m)
+        self._adopt(key)
         if self.stack is not None and self.stack.sums is None and not self.first_judged:
             self.boot.append((file, index, _iso(m.time), float(m.exptime or 0.0), float(scale), key))
         self.judge.accept(q)
@@ -195,6 +207,7 @@ class FilterStack:
         rejected, or None.  The first frame of a new exposure, ISO or gain has nothing to compare its star
         count, sky and transparency with: only its FWHM and eccentricity are judged."""
         key = settings_key(m)
+        self._adopt(key)
         base = self.bases.get(key)
         t = None if scale is None or base is None else (1.0 / scale if scale > 0 else 0.0) / base
         return self.judge.check(q, transparency=t, levels=self.levels.get(key, FrameJudge(self.judge.p)))
@@ -254,7 +267,7 @@ class FilterStack:
         meta = {"name": self.name, "counts": dataclasses.asdict(self.counts), "judge": self.judge.state(),
                 "last_time": self.last_time, "boot": [list(b) for b in self.boot],
                 "first_judged": self.first_judged, "bases": self.bases,
-                "levels": {k: j.state() for k, j in self.levels.items()}}
+                "levels": {k: j.state() for k, j in self.levels.items()}, "legacy": self.legacy}
         arrays: dict[str, np.ndarray] = {}
         if self.ref is not None:
             r = self.ref
@@ -274,6 +287,7 @@ class FilterStack:
         fs.first_judged = meta.get("first_judged", True) or any(len(b) != 6 for b in fs.boot)   # (one from before:
         # the first frame is not judged again)
         fs.bases = {k: float(v) for k, v in meta.get("bases", {}).items()}
+        fs.legacy = bool(meta.get("legacy", "levels" not in meta))
         for k, h in meta.get("levels", {}).items():
             fs.levels[k] = FrameJudge(reject_params)
             fs.levels[k].load_state(h)

@@ -393,3 +393,25 @@ def test_a_first_frame_is_judged_on_its_sky_against_the_next_frame_of_its_exposu
     assert [a["file"] for a in amended] == [files[0].name], amended
     assert amended[0]["reason"].startswith("background"), amended[0]["reason"]
     assert eng.n_stacked == 4 and eng.n_rejected == 1
+
+
+def test_a_checkpoint_of_before_the_judge_by_exposure_still_judges_the_next_frame(night):
+    """A checkpoint written before star counts, sky and transparency were judged per exposure has no `levels` nor
+    `bases`: resumed, the next frame was a 'first frame of new settings', judged on FWHM and shape only — a
+    cloudy one was stacked (and became its exposure's transparency baseline).  It is judged against the frames
+    before, as it was before the upgrade."""
+    files, _ = night(n_frames=7, seed=5, defects={5: "cloudy"}, n_stars=3000)
+    eng = Engine(Config())
+    for f in files[:5]:
+        eng.process(f)
+    meta, arrays, stacks = eng.state()
+    for fm in meta["filters"]:
+        for k in ("levels", "bases", "legacy", "boot", "first_judged"):
+            fm.pop(k, None)
+    arrays = dict(arrays)
+    for prefix, st in stacks:
+        arrays.update({prefix + k: v for k, v in st.state().items()})
+    old = Engine.from_state(meta, arrays, Config())
+    recs = [old.process(f) for f in files[5:]]
+    assert [r.status for r in recs] == ["rejected", "stacked"], [r.reason for r in recs]
+    assert "clouds" in recs[0].reason, recs[0].reason
