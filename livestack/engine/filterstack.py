@@ -46,8 +46,9 @@ def distinct(base: str, taken, *, suffix: str = "") -> str:
 
 
 def settings_key(m: FrameMeta) -> str:
-    """What a frame's star count, sky level and star fluxes depend on besides the sky: exposure, ISO, gain."""
-    return f"{float(m.exptime or 0.0):g}s|iso {m.iso}|gain {m.gain}"
+    """What a frame's star count, sky level and star fluxes depend on besides the sky: exposure, ISO, gain.  The
+    exposure to three digits: a camera that writes the measured one (59.9987 s, 60.0013 s) keeps one group."""
+    return f"{float(m.exptime or 0.0):.3g}s|iso {m.iso}|gain {m.gain}"
 
 
 def _iso(t: dt.datetime | None) -> str | None:

@@ -415,3 +415,18 @@ def test_a_checkpoint_of_before_the_judge_by_exposure_still_judges_the_next_fram
     recs = [old.process(f) for f in files[5:]]
     assert [r.status for r in recs] == ["rejected", "stacked"], [r.reason for r in recs]
     assert "clouds" in recs[0].reason, recs[0].reason
+
+
+def test_a_measured_exposure_keeps_its_frames_in_one_group():
+    """A camera that writes the exposure it measured (59.9987 s, 60.0013 s) must not make a group of each frame
+    (then none would be judged on stars, sky or transparency); 15 s and 60 s, ISO 800 and 1600 are groups."""
+    from livestack.engine.filterstack import settings_key
+    from livestack.engine.frame import FrameMeta
+
+    def key(exptime, iso=800):
+        m = FrameMeta()
+        m.exptime, m.iso = exptime, iso
+        return settings_key(m)
+
+    assert key(59.9987) == key(60.0013) == key(60)
+    assert len({key(60), key(15), key(60, 1600)}) == 3
