@@ -596,3 +596,28 @@ def test_new_stack_on_an_empty_session_archives_nothing(tmp_path, six):
         svc.stop(timeout=10)
     folder = SessionFolder(out)
     assert folder.ignored() == {f.name for f in six[:2]}   # still ignored after the restart
+
+
+def test_a_rewritten_first_line_makes_a_checkpoint_due(tmp_path, monkeypatch):
+    """The first frame's verdict rewrites frames.jsonl, and the checkpoint before it no longer matches its lines
+    (a crash then restacks everything): a backlog with checkpoints far apart takes one at the verdict."""
+    from drivers.simulator import SimConfig, render_night
+
+    lines = []
+    real = SessionFolder.save_checkpoint
+
+    def spy(self, engine, n, excluded):
+        lines.append(n)
+        return real(self, engine, n, excluded)
+
+    monkeypatch.setattr(SessionFolder, "save_checkpoint", spy)
+    root = tmp_path / "night"
+    truth = render_night(root, SimConfig(width=480, height=360, n_frames=6, fmt="fits", seed=5, defects={0: "wind"}))
+    svc, out = _backlog_service(tmp_path, [root / f["file"] for f in truth["frames"]], checkpoint_every=1000,
+                                checkpoint_s=3600)
+    try:
+        _wait(svc, 6, idle=True)
+    finally:
+        svc.stop(timeout=20)
+    assert read_frames_log(out / "frames.jsonl")[0]["status"] == "rejected"
+    assert 3 in lines, lines          # right after the third frame's record, which carried the verdict

@@ -697,6 +697,9 @@ class Service:
             if apply_amended(self.records, self.engine.amended):
                 self._logged = None  # frames.jsonl is rewritten whole, the page's list fetched anew
                 self._generation += 1
+                # and the checkpoint no longer matches its lines (a crash would restack the night): one is due
+                # as soon as its share of the time allows
+                self._since_ckpt = max(self._since_ckpt, self.dp.checkpoint_every)
             self.engine.amended.clear()
         self._save_log()
 
