@@ -213,45 +213,83 @@ class FilterStack:
         t = None if scale is None or base is None else (1.0 / scale if scale > 0 else 0.0) / base
         return self.judge.check(q, transparency=t, levels=self.levels.get(key, FrameJudge(self.judge.p)))
 
-    def judge_first(self) -> str | None:
+    def judge_first(self) -> list[tuple[str, int | None, str]]:
         """Once, when the stack's bootstrap buffer is full: the filter's first frame — stacked unjudged, there
         was nothing to judge it by — judged against the frames buffered after it, as they were judged against
         it.  A trailed, soft or cloudy first frame (the mount settling after a slew, focus or cloud at dusk) is
-        then left out of the stack: the reason, or None.  Its sky and star fluxes stay the filter's photometric
+        then left out of the stack.  So is any frame after it that passed only because it was compared with that
+        one (the mount settling for two frames): each judged again against the others kept.  Returns the frames
+        left out as (file, index, reason).  The first frame's sky and star fluxes stay the filter's photometric
         reference (every later frame is normalised to them); transparency is then judged against the frames
         that stay."""
         if self.first_judged or len(self.boot) < 2 or len(self.judge.history) != len(self.boot):
-            return None
+            return []
         self.first_judged = True
-        others = FrameJudge(self.judge.p)
         hist = list(self.judge.history)
-        others.history.extend(hist[1:])
-        fwhm, stars, background, ecc = hist[0]
-        key = self.boot[0][5]
-        same = [b for b in self.boot[1:] if b[5] == key]
-        levels = FrameJudge(self.judge.p)   # the next frames' counts and levels: those of its own settings (any
-        # one of them, as a second frame of those settings is judged against the first)
-        levels.history.extend(h for h, b in zip(hist[1:], self.boot[1:]) if b[5] == key)
-        scales = [b[4] for b in same]
-        why = others.check(Quality(int(stars), fwhm, ecc, background, float("nan")),
-                           transparency=float(np.median(scales)) if scales else None, levels=levels)
+        why = self._loo(hist, 0, range(1, len(hist)))
         if why is None:
-            return None
-        self.stack.drop_first()
-        self.judge.history.popleft()
-        group = self.levels[key]
-        group.history.popleft()
-        if group.history:
-            self.bases[key] = float(np.median([1.0 / s if s > 0 else 0.0 for s in scales]))
-        else:
-            del self.levels[key], self.bases[key]
-        _, _, _, exptime, _, _ = self.boot.pop(0)
-        self.counts = dataclasses.replace(self.counts, stacked=self.counts.stacked - 1,
-                                          rejected=self.counts.rejected + 1,
-                                          exptime=self.counts.exptime - exptime,
-                                          first_time=next((b[2] for b in self.boot if b[2]), None))
+            return []
+        n = len(hist) - 1
+        out = [(0, f"{why}, against the {n} frame{'s' if n != 1 else ''} after it")]
+        rest = range(1, len(hist))
+        if len(rest) >= 2:
+            out += [(i, f"{w}, against the {len(rest) - 1} other frame{'s' if len(rest) != 2 else ''} kept "
+                        "with it after the first was left out")
+                    for i in rest if (w := self._loo(hist, i, [j for j in rest if j != i])) is not None]
+            if len(out) == len(hist):       # (one-sided tests: not all of them; kept safe all the same)
+                out = out[:1]
+        dropped = [(self.boot[i][0], self.boot[i][1], w) for i, w in out]
+        self._drop([i for i, _ in out])
+        return dropped
+
+    def _loo(self, hist: list, i: int, others: list[int] | range) -> str | None:
+        """Why bootstrap frame ``i`` would be rejected against bootstrap frames ``others`` (FWHM and shape against
+        all of them; stars, sky and transparency against those of its own settings), or None."""
+        judge, levels = FrameJudge(self.judge.p), FrameJudge(self.judge.p)
+        judge.history.extend(hist[j] for j in others)
+        key = self.boot[i][5]
+        same = [j for j in others if self.boot[j][5] == key]
+        levels.history.extend(hist[j] for j in same)
+        s_i = self.boot[i][4]
+        # frame i's star flux against frame j's: (ref / scale_i) / (ref / scale_j)
+        t = float(np.median([self.boot[j][4] / s_i for j in same])) if same and s_i > 0 else None
+        fwhm, stars, background, ecc = hist[i]
+        return judge.check(Quality(int(stars), fwhm, ecc, background, float("nan")), transparency=t, levels=levels)
+
+    def _drop(self, idx: list[int]) -> None:
+        """Take bootstrap frames ``idx`` out of the stack's buffer, the judges, the counts; each settings group's
+        transparency baseline from the frames kept (the first frame's own is 1)."""
+        keep = [i for i in range(len(self.boot)) if i not in idx]
+        hist = list(self.judge.history)
+        self.judge.history.clear()
+        self.judge.history.extend(hist[i] for i in keep)
+        for i in sorted(idx, reverse=True):
+            self.stack.drop(i)
+        self.levels = {k: j for k, j in self.levels.items() if k not in {self.boot[i][5] for i in range(len(hist))}}
+        for k in {self.boot[i][5] for i in range(len(hist))}:
+            self.bases.pop(k, None)
+        for i in keep:
+            file, index, start, exptime, scale, key = self.boot[i]
+            self.levels.setdefault(key, FrameJudge(self.judge.p)).accept(Quality(int(hist[i][1]), hist[i][0],
+                                                                                hist[i][3], hist[i][2], float("nan")))
+        for key in {self.boot[i][5] for i in keep}:
+            scales = [self.boot[i][4] for i in keep if self.boot[i][5] == key]
+            self.bases[key] = 1.0 if 0 in keep and self.boot[0][5] == key else \
+                float(np.median([1.0 / s if s > 0 else 0.0 for s in scales]))
+        gone = [self.boot[i] for i in idx]
+        self.boot = [self.boot[i] for i in keep]
+        ends = []
+        for _, _, start, exptime, _, _ in self.boot:
+            try:
+                ends.append(_iso(dt.datetime.fromisoformat(start) + dt.timedelta(seconds=exptime)) if start else None)
+            except (OverflowError, ValueError):
+                ends.append(None)
+        self.counts = dataclasses.replace(self.counts, stacked=self.counts.stacked - len(gone),
+                                          rejected=self.counts.rejected + len(gone),
+                                          exptime=self.counts.exptime - sum(g[3] for g in gone),
+                                          first_time=next((b[2] for b in self.boot if b[2]), None),
+                                          last_end=next((e for e in reversed(ends) if e), self.counts.last_end))
         self.version += 1
-        return why
 
     def summary(self) -> dict:
         """JSON-ready figures for the page and /api/status."""

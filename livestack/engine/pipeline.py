@@ -510,17 +510,13 @@ class Engine:
         they, the buffer and the new accumulators never coexist (a 24 MP colour frame's planes are ~430 MB)."""
         for fs in self.stacks:
             if fs.stack.bootstrap_full and not fs.first_judged:
-                first = fs.boot[0]
-                why = fs.judge_first()
-                if why is not None:
+                for file, index, why in fs.judge_first():
                     kept = " (still the grid's reference)" if self.ref is not None and \
-                        first[0] == self.ref.file and fs.key == self.ref.filter else ""
-                    n = len(fs.boot)
-                    reason = (f"{why}, against the {n} frame{'s' if n != 1 else ''} after it: left out of the "
-                              f"stack{kept}")
-                    self.amended.append({"file": first[0], "index": first[1], "status": "rejected",
-                                         "reason": reason, "weight": None})
-                    log.info("rejected %s: %s", first[0], reason)
+                        file == self.ref.file and fs.key == self.ref.filter else ""
+                    reason = f"{why}: left out of the stack{kept}"
+                    self.amended.append({"file": file, "index": index, "status": "rejected", "reason": reason,
+                                         "weight": None})
+                    log.info("rejected %s: %s", file, reason)
             if fs.stack.bootstrap_full:
                 self._t = time.perf_counter()
                 self._ws.clear()

@@ -459,11 +459,11 @@ class RunningStack:
         accumulators while the buffer still exists: the memory peak of a session)."""
         return self.sums is None and self.p.bootstrap > 1 and len(self.buffer) >= self.p.bootstrap
 
-    def drop_first(self) -> None:
-        """Leave the first buffered frame out (judged bad once others were in: FilterStack.judge_first)."""
-        if self.sums is not None or not self.buffer:
+    def drop(self, i: int = 0) -> None:
+        """Leave buffered frame ``i`` out (judged bad once others were in: FilterStack.judge_first)."""
+        if self.sums is not None or not 0 <= i < len(self.buffer):
             raise ValueError("only a frame still in the bootstrap buffer can be left out")
-        del self.buffer[0]
+        del self.buffer[i]
         self.frames -= 1
 
     def finish_bootstrap(self) -> None:

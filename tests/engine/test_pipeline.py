@@ -430,3 +430,25 @@ def test_a_measured_exposure_keeps_its_frames_in_one_group():
 
     assert key(59.9987) == key(60.0013) == key(60)
     assert len({key(60), key(15), key(60, 1600)}) == 3
+
+
+def test_two_trailed_frames_at_the_start_both_leave_the_stack(night, tmp_path):
+    """The mount settling for two frames: the second passed against the first (as trailed as itself) and was
+    never judged again.  Once the first is left out, the frames kept with it are judged against each other."""
+    files, truth = night(n_frames=8, seed=5, defects={0: "wind", 1: "wind"})
+    eng = Engine(Config())
+    recs, amended = [], []
+    for f in files:
+        recs.append(eng.process(f))
+        amended += eng.amended
+        eng.amended.clear()
+    assert [a["file"] for a in amended] == [files[0].name, files[1].name], amended
+    assert "after the first was left out: left out of the stack" in amended[1]["reason"]
+    assert [r.status for r in recs[2:]] == ["stacked"] * 6, [r.reason for r in recs]
+    assert eng.n_stacked == 6 and eng.n_rejected == 2
+    _, wsum = eng.result(None)
+    assert float(np.nanmax(wsum)) == pytest.approx(sum(r.weight for r in recs[2:]), rel=1e-4)
+    part = through_checkpoints(files, [2, 4], tmp_path)
+    a, wa = eng.result(None)
+    b, wb = part.result(None)
+    assert np.array_equal(a, b) and np.array_equal(wa, wb) and part.n_rejected == 2
