@@ -112,6 +112,7 @@ class Service:
         self._state = "starting"
         self._restack: dict | None = None
         self._since_ckpt = 0
+        self._ckpt_stale = False         # frames.jsonl's lines rewritten under the checkpoint: one is due now
         self._last_ckpt = time.monotonic()
         self._ckpt_cost = 0.0           # seconds the last checkpoint took
         self._preview_dirty = False     # frames stacked since preview.jpg was drawn
@@ -601,7 +602,7 @@ class Service:
         if self.engine.has_stack:
             self._render_preview()
         self._generation += 1
-        self._since_ckpt, self._fits_dirty = 0, 0
+        self._since_ckpt, self._fits_dirty, self._ckpt_stale = 0, 0, False
         self.started = _now()
         log.log(NOTICE, "livestack: %s: %s archived in %s; %s %s", why, old.name, self.book.get(old.id).folder,
                         "resumed" if to is not None else "new target", new.name)
@@ -698,8 +699,8 @@ class Service:
                 self._logged = None  # frames.jsonl is rewritten whole, the page's list fetched anew
                 self._generation += 1
                 # and the checkpoint no longer matches its lines (a crash would restack the night): one is due
-                # as soon as its share of the time allows
-                self._since_ckpt = max(self._since_ckpt, self.dp.checkpoint_every)
+                # now, whatever the schedule (once per filter and session)
+                self._since_ckpt, self._ckpt_stale = max(self._since_ckpt, 1), True
             self.engine.amended.clear()
         self._save_log()
 
@@ -902,7 +903,7 @@ class Service:
         of seconds on an SD card) while a backlog goes by at 0.8 s a frame.  Frames after the last checkpoint
         are not lost by a crash, only stacked again."""
         since = time.monotonic() - self._last_ckpt
-        if since >= self.dp.checkpoint_s:
+        if since >= self.dp.checkpoint_s or self._ckpt_stale:
             return True
         cost = self._ckpt_cost or self._first_ckpt_cost()
         return (self._since_ckpt >= self.dp.checkpoint_every and since >= 9.0 * cost
@@ -947,7 +948,7 @@ class Service:
             self._ckpt_limit = est
             return self._no_checkpoint(est)
         self._last_ckpt = time.monotonic()
-        self._since_ckpt, self._ckpt_cost = 0, self._last_ckpt - t0
+        self._since_ckpt, self._ckpt_cost, self._ckpt_stale = 0, self._last_ckpt - t0, False
         self._ckpt_frames = len(self.records)
         log.info("checkpoint of %d frames: %.0f MB in %.1f s", len(self.records),
                  ckpt.stat().st_size / 2 ** 20, self._ckpt_cost)
@@ -958,6 +959,7 @@ class Service:
         """No checkpoint of ``est`` bytes is written (over checkpoint_max_mb, or too large a file for the disk): said
         once; a crash then restacks the frames of frames.jsonl."""
         ckpt, cap = self.folder.checkpoint, self.dp.checkpoint_max_mb
+        self._ckpt_stale = False
         if not self._ckpt_capped:
             why = (f"over [daemon] checkpoint_max_mb = {cap:g}" if cap and est > cap * 2 ** 20 else
                    f"more than the filesystem of {ckpt.parent} takes in one file (FAT32: 4 GB)")
@@ -1229,7 +1231,7 @@ class Service:
         self._preview, self._generation = None, self._generation + 1
         self._preview_unsaved = False
         self.started = _now()
-        self._since_ckpt, self._fits_dirty = 0, 0
+        self._since_ckpt, self._fits_dirty, self._ckpt_stale = 0, 0, False
         self._ckpt_frames = None
         self._state = "idle"
         self._publish()
