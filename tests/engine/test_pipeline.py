@@ -53,6 +53,17 @@ def test_cloudy_and_wind_frames_rejected_no_good_frame_rejected(night):
     assert "eccentricity" in recs[8].reason or "fwhm" in recs[8].reason
 
 
+def run_judged(files, cfg=None):
+    """(engine, records, Engine.amended of every frame) of ``files`` processed in turn."""
+    eng = Engine(cfg or Config())
+    recs, amended = [], []
+    for f in files:
+        recs.append(eng.process(f))
+        amended += eng.amended
+        eng.amended.clear()
+    return eng, recs, amended
+
+
 @pytest.mark.parametrize("filters", [(), ("L", "R")])
 def test_a_trailed_first_frame_is_judged_by_the_frames_after_it(night, tmp_path, filters):
     """The first frame of a filter (the session's reference among them) is stacked before there is anything to
@@ -63,12 +74,7 @@ def test_a_trailed_first_frame_is_judged_by_the_frames_after_it(night, tmp_path,
     n = 10 if not filters else 14
     bad = 0 if not filters else 1
     files, truth = night(n_frames=n, seed=5, defects={bad: "wind"}, filters=filters)
-    eng = Engine(Config())
-    recs, amended = [], []
-    for f in files:
-        recs.append(eng.process(f))
-        amended += eng.amended
-        eng.amended.clear()
+    eng, recs, amended = run_judged(files)
     assert [a["file"] for a in amended] == [files[bad].name]
     assert amended[0]["status"] == "rejected" and "left out of the stack" in amended[0]["reason"], amended
     assert ("still the grid's reference" in amended[0]["reason"]) == (bad == 0)
@@ -94,12 +100,7 @@ def test_a_trailed_first_frame_is_judged_with_a_bootstrap_of_two(night, tmp_path
 
     files, _ = night(n_frames=6, seed=5, defects={0: "wind"})
     cfg = dataclasses.replace(Config(), stack=dataclasses.replace(Config().stack, bootstrap=2))
-    eng = Engine(cfg)
-    amended = []
-    for f in files:
-        eng.process(f)
-        amended += eng.amended
-        eng.amended.clear()
+    eng, _, amended = run_judged(files, cfg)
     assert [a["file"] for a in amended] == [files[0].name], amended
     assert "against the 1 frame after it: left out of the stack" in amended[0]["reason"], amended[0]["reason"]
     assert eng.n_stacked == 5 and eng.n_rejected == 1
@@ -384,12 +385,7 @@ def test_a_first_frame_is_judged_on_its_sky_against_the_next_frame_of_its_exposu
         d = h[0].data.astype(np.float64) + np.random.default_rng(0).poisson(500.0, h[0].data.shape)
         h[0].data = np.clip(d, 0, 16383).astype(np.uint16)
         h[0].scale("int16", bzero=32768)
-    eng = Engine(Config())
-    amended = []
-    for f in files:
-        eng.process(f)
-        amended += eng.amended
-        eng.amended.clear()
+    eng, _, amended = run_judged(files)
     assert [a["file"] for a in amended] == [files[0].name], amended
     assert amended[0]["reason"].startswith("background"), amended[0]["reason"]
     assert eng.n_stacked == 4 and eng.n_rejected == 1
@@ -436,12 +432,7 @@ def test_two_trailed_frames_at_the_start_both_leave_the_stack(night, tmp_path):
     """The mount settling for two frames: the second passed against the first (as trailed as itself) and was
     never judged again.  Once the first is left out, the frames kept with it are judged against each other."""
     files, truth = night(n_frames=8, seed=5, defects={0: "wind", 1: "wind"})
-    eng = Engine(Config())
-    recs, amended = [], []
-    for f in files:
-        recs.append(eng.process(f))
-        amended += eng.amended
-        eng.amended.clear()
+    eng, recs, amended = run_judged(files)
     assert [a["file"] for a in amended] == [files[0].name, files[1].name], amended
     assert "after the first was left out: left out of the stack" in amended[1]["reason"]
     assert [r.status for r in recs[2:]] == ["stacked"] * 6, [r.reason for r in recs]
