@@ -278,17 +278,21 @@ class FilterStack:
                 float(np.median([1.0 / s if s > 0 else 0.0 for s in scales]))
         gone = [self.boot[i] for i in idx]
         self.boot = [self.boot[i] for i in keep]
-        ends = []
+        # the times of the frames kept, as Counters.stacked_frame and accept() took them: the buffer is every
+        # frame stacked so far, so a frame left out last (the one in hand) leaves no time behind
+        first = last = None
         for _, _, start, exptime, _, _ in self.boot:
-            try:
-                ends.append(_iso(dt.datetime.fromisoformat(start) + dt.timedelta(seconds=exptime)) if start else None)
-            except (OverflowError, ValueError):
-                ends.append(None)
+            if start:
+                first = first or start
+                try:
+                    last = _iso(dt.datetime.fromisoformat(start) + dt.timedelta(seconds=exptime))
+                except (OverflowError, ValueError):
+                    pass
+        self.last_time = next((b[2] for b in reversed(self.boot) if b[2]), None)
         self.counts = dataclasses.replace(self.counts, stacked=self.counts.stacked - len(gone),
                                           rejected=self.counts.rejected + len(gone),
                                           exptime=self.counts.exptime - sum(g[3] for g in gone),
-                                          first_time=next((b[2] for b in self.boot if b[2]), None),
-                                          last_end=next((e for e in reversed(ends) if e), self.counts.last_end))
+                                          first_time=first, last_end=last)
         self.version += 1
 
     def summary(self) -> dict:

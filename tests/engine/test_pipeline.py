@@ -1,6 +1,9 @@
 """The core engine end to end on simulated nights with known truth (issue #2's acceptance tests)."""
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -443,3 +446,24 @@ def test_two_trailed_frames_at_the_start_both_leave_the_stack(night, tmp_path):
     a, wa = eng.result(None)
     b, wb = part.result(None)
     assert np.array_equal(a, b) and np.array_equal(wa, wb) and part.n_rejected == 2
+
+
+def test_the_last_frame_of_the_bootstrap_left_out_is_no_longer_the_filters_last(night, tmp_path):
+    """`[stack] bootstrap = 5`, the first and the fifth frame hazy (their star fluxes halved): the fifth passed
+    against the first, and is left out with it once the first is — the frame in hand.  The filter's last frame
+    time (the page, /api/status) and its counters' end were still those of that frame, left out of the stack."""
+    files, truth = night(n_frames=5, seed=5, mono=True, n_stars=3000)
+    for i in (0, 4):
+        with fits.open(files[i], mode="update") as h:
+            d = h[0].data.astype(np.float64)
+            sky = np.median(d)
+            h[0].data = np.clip(sky + 0.45 * (d - sky), 0, 16383).astype(np.uint16)
+            h[0].scale("int16", bzero=32768)
+    cfg = dataclasses.replace(Config(), stack=dataclasses.replace(Config().stack, bootstrap=5))
+    eng, recs, amended = run_judged(files, cfg)
+    assert [a["file"] for a in amended] == [files[0].name, files[4].name], amended
+    fs = list(eng.filters.values())[0]
+    assert fs.counts.stacked == 3 and fs.counts.rejected == 2
+    assert fs.last_time == recs[3].time and fs.summary()["last_frame_time"] == recs[3].time
+    end = dt.datetime.fromisoformat(recs[3].time) + dt.timedelta(seconds=recs[3].exptime)
+    assert fs.counts.first_time == recs[1].time and fs.counts.last_end == end.isoformat()
