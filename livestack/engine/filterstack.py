@@ -265,17 +265,23 @@ class FilterStack:
         self.judge.history.extend(hist[i] for i in keep)
         for i in sorted(idx, reverse=True):
             self.stack.drop(i)
-        self.levels = {k: j for k, j in self.levels.items() if k not in {self.boot[i][5] for i in range(len(hist))}}
-        for k in {self.boot[i][5] for i in range(len(hist))}:
-            self.bases.pop(k, None)
+        groups = {self.boot[i][5] for i in range(len(hist))}
+        self.levels = {k: j for k, j in self.levels.items() if k not in groups}
         for i in keep:
             file, index, start, exptime, scale, key = self.boot[i]
             self.levels.setdefault(key, FrameJudge(self.judge.p)).accept(Quality(int(hist[i][1]), hist[i][0],
                                                                                 hist[i][3], hist[i][2], float("nan")))
-        for key in {self.boot[i][5] for i in keep}:
+        # a group's baseline is its first frame's (accept: the buffer holds every frame so far): only a group
+        # whose first frame is left out takes the median of its frames kept — another group's stays (a hazy
+        # frame of it moved that one's, and let hazier ones in)
+        for key in groups:
+            if next(i for i in range(len(hist)) if self.boot[i][5] == key) not in idx:
+                continue
             scales = [self.boot[i][4] for i in keep if self.boot[i][5] == key]
-            self.bases[key] = 1.0 if 0 in keep and self.boot[0][5] == key else \
-                float(np.median([1.0 / s if s > 0 else 0.0 for s in scales]))
+            if scales:
+                self.bases[key] = float(np.median([1.0 / s if s > 0 else 0.0 for s in scales]))
+            else:
+                self.bases.pop(key, None)
         gone = [self.boot[i] for i in idx]
         self.boot = [self.boot[i] for i in keep]
         # the times of the frames kept, as Counters.stacked_frame and accept() took them: the buffer is every

@@ -467,3 +467,28 @@ def test_the_last_frame_of_the_bootstrap_left_out_is_no_longer_the_filters_last(
     assert fs.last_time == recs[3].time and fs.summary()["last_frame_time"] == recs[3].time
     end = dt.datetime.fromisoformat(recs[3].time) + dt.timedelta(seconds=recs[3].exptime)
     assert fs.counts.first_time == recs[1].time and fs.counts.last_end == end.isoformat()
+
+
+def test_a_first_frame_left_out_leaves_the_baseline_of_other_exposures_alone(tmp_path):
+    """`[stack] bootstrap = 5` over a trailed 60 s first frame, one more 60 s frame, then 15 s frames, the second
+    of them a little hazy (its star fluxes × 0.7).  Leaving out the first frame set every group's transparency
+    baseline to the median of its frames kept — the 15 s one too, whose first frame stayed: moved by the hazy
+    one, it let a hazier 15 s frame (× 0.55: rejected against the first 15 s frame) into the stack."""
+    from drivers.simulator import SimConfig, render_night
+
+    kw = dict(width=640, height=480, sky_seed=1, mono=True, n_stars=3000)
+    render_night(tmp_path / "a", SimConfig(n_frames=2, exptime=60, seed=1, defects={0: "wind"}, **kw))
+    render_night(tmp_path / "b", SimConfig(n_frames=4, exptime=15, seed=2, **kw))
+    files = sorted((tmp_path / "a").glob("*.fits")) + sorted((tmp_path / "b").glob("*.fits"))
+    for i, k in ((3, 0.7), (5, 0.55)):
+        with fits.open(files[i], mode="update") as h:
+            d = h[0].data.astype(np.float64)
+            sky = np.median(d)
+            h[0].data = np.clip(sky + k * (d - sky), 0, 16383).astype(np.uint16)
+            h[0].scale("int16", bzero=32768)
+    cfg = dataclasses.replace(Config(), stack=dataclasses.replace(Config().stack, bootstrap=5))
+    eng, recs, amended = run_judged(files, cfg)
+    assert [a["file"] for a in amended] == [files[0].name], amended
+    fs = list(eng.filters.values())[0]
+    assert fs.bases["15s|iso 800|gain 120.0"] == pytest.approx(1 / recs[2].scale, rel=1e-3)
+    assert recs[5].status == "rejected" and "transparency" in recs[5].reason, recs[5].reason
