@@ -145,6 +145,7 @@ class FilterStack:
         # compared among all the filter's frames (``judge``).
         self.levels: dict[str, FrameJudge] = {}
         self.bases: dict[str, float] = {}
+        self.first_settings: tuple | None = None   # (settings key, exposure, ISO, gain) of the first frame
         # Resumed from a checkpoint of before that (no levels): its frames were all judged together, against the
         # first frame's transparency — the settings of the next frame take them over (_adopt), not nothing.
         self.legacy = False
@@ -193,9 +194,13 @@ class FilterStack:
         self._adopt(key)
         if self.stack is not None and self.stack.sums is None and not self.first_judged:
             self.boot.append((file, index, _iso(m.time), float(m.exptime or 0.0), float(scale), key))
+        if self.first_settings is None and not self.judge.history and not self.legacy:
+            self.first_settings = (key, float(m.exptime or 0.0), m.iso, m.gain)
         self.judge.accept(q)
         self.levels.setdefault(key, FrameJudge(self.judge.p)).accept(q)
-        self.bases.setdefault(key, 1.0 / scale if scale > 0 else 1.0)
+        if key not in self.bases:
+            expected = self._expected_base(m)
+            self.bases[key] = expected if expected is not None else (1.0 / scale if scale > 0 else 1.0)
         self.counts = self.counts.stacked_frame(m, masters)
         self.last_time = _iso(m.time) or self.last_time
         self.version += 1
@@ -206,12 +211,28 @@ class FilterStack:
     def check(self, q: Quality, m: FrameMeta, scale: float | None = None) -> str | None:
         """Why a frame of this filter (its transparency factor ``scale`` against the first frame, when known) is
         rejected, or None.  The first frame of a new exposure, ISO or gain has nothing to compare its star
-        count, sky and transparency with: only its FWHM and eccentricity are judged."""
+        count and sky with; its transparency is judged against the first frame's scaled by the exposures when
+        only the exposure changed (_expected_base), not at all after a change of ISO or gain."""
         key = settings_key(m)
         self._adopt(key)
         base = self.bases.get(key)
+        if base is None:
+            base = self._expected_base(m)
         t = None if scale is None or base is None else (1.0 / scale if scale > 0 else 0.0) / base
         return self.judge.check(q, transparency=t, levels=self.levels.get(key, FrameJudge(self.judge.p)))
+
+    def _expected_base(self, m: FrameMeta) -> float | None:
+        """The transparency a clear frame of ``m``'s settings shows against the filter's first frame when only
+        the exposure differs (star flux is proportional to it: a 15 s frame's is a quarter of a 60 s frame's),
+        relative to the baseline of the first frame's settings; None for another ISO or gain (their scale is
+        the camera's own) or an exposure unknown."""
+        if self.first_settings is None:
+            return None
+        key0, exptime0, iso0, gain0 = self.first_settings
+        exptime = float(m.exptime or 0.0)
+        if (m.iso, m.gain) != (iso0, gain0) or not exptime > 0 or not exptime0 > 0 or key0 not in self.bases:
+            return None
+        return self.bases[key0] * exptime / exptime0
 
     def judge_first(self) -> list[tuple[str, int | None, str]]:
         """Once, when the stack's bootstrap buffer is full: the filter's first frame — stacked unjudged, there
@@ -316,7 +337,8 @@ class FilterStack:
         meta = {"name": self.name, "counts": dataclasses.asdict(self.counts), "judge": self.judge.state(),
                 "last_time": self.last_time, "boot": [list(b) for b in self.boot],
                 "first_judged": self.first_judged, "bases": self.bases,
-                "levels": {k: j.state() for k, j in self.levels.items()}, "legacy": self.legacy}
+                "levels": {k: j.state() for k, j in self.levels.items()}, "legacy": self.legacy,
+                "first_settings": None if self.first_settings is None else list(self.first_settings)}
         arrays: dict[str, np.ndarray] = {}
         if self.ref is not None:
             r = self.ref
@@ -337,6 +359,7 @@ class FilterStack:
         # the first frame is not judged again)
         fs.bases = {k: float(v) for k, v in meta.get("bases", {}).items()}
         fs.legacy = bool(meta.get("legacy", "levels" not in meta))
+        fs.first_settings = tuple(meta["first_settings"]) if meta.get("first_settings") else None
         for k, h in meta.get("levels", {}).items():
             fs.levels[k] = FrameJudge(reject_params)
             fs.levels[k].load_state(h)

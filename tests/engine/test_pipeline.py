@@ -490,5 +490,27 @@ def test_a_first_frame_left_out_leaves_the_baseline_of_other_exposures_alone(tmp
     eng, recs, amended = run_judged(files, cfg)
     assert [a["file"] for a in amended] == [files[0].name], amended
     fs = list(eng.filters.values())[0]
-    assert fs.bases["15s|iso 800|gain 120.0"] == pytest.approx(1 / recs[2].scale, rel=1e-3)
+    assert fs.bases["15s|iso 800|gain 120.0"] == 0.25     # the exposures' ratio, as it was before the verdict
     assert recs[5].status == "rejected" and "transparency" in recs[5].reason, recs[5].reason
+
+
+def test_the_first_frame_of_a_new_exposure_is_judged_on_its_transparency(tmp_path):
+    """Star flux is proportional to the exposure: the first 15 s frame after 60 s ones, hazy (its star fluxes
+    × 0.45), is rejected for its transparency against the first frame's scaled by 15/60 — it was judged on its
+    FWHM and shape alone and, stacked, set its exposure's transparency baseline.  A clear one is stacked."""
+    from drivers.simulator import SimConfig, render_night
+
+    kw = dict(width=640, height=480, sky_seed=1, mono=True, n_stars=3000)
+    render_night(tmp_path / "a", SimConfig(n_frames=3, exptime=60, seed=1, **kw))
+    render_night(tmp_path / "b", SimConfig(n_frames=3, exptime=15, seed=2, **kw))
+    files = sorted((tmp_path / "a").glob("*.fits")) + sorted((tmp_path / "b").glob("*.fits"))
+    with fits.open(files[3], mode="update") as h:
+        d = h[0].data.astype(np.float64)
+        sky = np.median(d)
+        h[0].data = np.clip(sky + 0.45 * (d - sky), 0, 16383).astype(np.uint16)
+        h[0].scale("int16", bzero=32768)
+    eng, recs, _ = run_judged(files)
+    assert [r.status for r in recs] == ["reference", "stacked", "stacked", "rejected", "stacked", "stacked"], \
+        [r.reason for r in recs]
+    assert recs[3].reason.startswith("transparency 0.4"), recs[3].reason
+    assert list(eng.filters.values())[0].bases["15s|iso 800|gain 120.0"] == 0.25
