@@ -288,10 +288,8 @@ class FilterStack:
             self.stack.drop(i)
         groups = {self.boot[i][5] for i in range(len(hist))}
         self.levels = {k: j for k, j in self.levels.items() if k not in groups}
-        for i in keep:
-            file, index, start, exptime, scale, key = self.boot[i]
-            self.levels.setdefault(key, FrameJudge(self.judge.p)).accept(Quality(int(hist[i][1]), hist[i][0],
-                                                                                hist[i][3], hist[i][2], float("nan")))
+        for i in keep:        # (the histories are of accepted frames, in order: the buffer's, here)
+            self.levels.setdefault(self.boot[i][5], FrameJudge(self.judge.p)).history.append(hist[i])
         # a group's baseline is its first frame's (accept: the buffer holds every frame so far): only a group
         # whose first frame is left out takes the median of its frames kept — another group's stays (a hazy
         # frame of it moved that one's, and let hazier ones in)
