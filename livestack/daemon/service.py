@@ -1169,12 +1169,9 @@ class Service:
         if eng.has_stack and old.ref is not None and eng.ref.file == old.ref.file:
             if old.grid.wcs is not None:
                 eng.set_wcs(old.grid.wcs)    # the same reference, the same grid: its plate solution holds
-        elif eng.has_stack:                  # the reference was excluded: another grid, solved anew …
-            self._ref_saved = False
-            self._save_reference()           # … and other stars to match a returning frame against
-            self.book.current.reference = eng.ref.file
-            self._save_book()
-            self._sky_begin()
+        elif eng.has_stack:     # the reference was excluded: another grid, other stars to match a returning
+            self._ref_saved = False             # frame against, solved anew — as for a first reference
+            self._new_reference()
         else:     # every frame excluded: the next frame stacked is a new reference, named and solved as a first
             self._ref_named = self._ref_saved = False
         self._logged = None              # frames.jsonl is rewritten whole
