@@ -487,7 +487,7 @@ def _cut_short(path: Path) -> str | None:
                     info = hdul.fileinfo(i)
                 except (IndexError, OSError, ValueError, TypeError, KeyError):
                     return None             # no further HDU (or one that is damaged, not missing)
-                start, span = int(info["datLoc"]), int(info["datSpan"])
+                start = int(info["datLoc"])
                 h = hdu.header
                 if type(hdu) in (fits.PrimaryHDU, fits.ImageHDU) and h.get("BITPIX") in (8, 16, 32, 64, -32, -64):
                     # the pixels without the padding to 2880 bytes (a file without its padding is read)
