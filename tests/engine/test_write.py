@@ -147,3 +147,77 @@ def test_long_writes_ask_the_disk_to_start_as_they_go(tmp_path, monkeypatch, nig
     back, _ = session.load_engine(tmp_path / "ckpt.npz", Config())
     (a, wa), (b, wb) = eng.result(), back.result()
     assert np.array_equal(a, b, equal_nan=True) and np.array_equal(wa, wb)
+
+
+def _direct_small(monkeypatch, chunk=8192):
+    """The direct path for small files, with chunks small enough that blocks and headers straddle them."""
+    from livestack.engine import write
+
+    monkeypatch.setattr(write, "DIRECT_MIN", 0)
+    monkeypatch.setattr(write, "DIRECT_CHUNK", chunk)
+    return write
+
+
+@pytest.mark.parametrize("shape", [(3, 37, 51), (40, 1000), (2, 3)])
+def test_a_stack_written_past_the_page_cache_is_the_same_file(tmp_path, monkeypatch, shape):
+    """A large stack.fits goes to the disk with O_DIRECT (write._DirectFile): byte for byte the file the page
+    cache path writes, whatever the size against the chunks and the 4096-byte alignment (a tail cut to size)."""
+    rng = np.random.default_rng(1)
+    img = rng.normal(100, 5, shape).astype(np.float32)
+    weight = rng.uniform(0, 9, shape[-2:]).astype(np.float32)
+    hdr = {"NCOMBINE": (12, "frames combined")}
+    write_fits(tmp_path / "cached.fits", img, hdr, weight=weight)
+    write = _direct_small(monkeypatch)
+    opened = []
+    real_open = write._DirectFile.open
+    monkeypatch.setattr(write._DirectFile, "open", classmethod(lambda cls, p: opened.append(p) or real_open(p)))
+    # blocks of uneven rows, as a stack's mean_blocks gives them
+    blocks = [img.reshape(-1, shape[-1])[r:r + 7] for r in range(0, img.reshape(-1, shape[-1]).shape[0], 7)]
+    write_fits_blocks(tmp_path / "direct.fits", img.shape, blocks, hdr, weight=weight)
+    assert opened, "the direct path was not taken"
+    assert (tmp_path / "direct.fits").read_bytes() == (tmp_path / "cached.fits").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cached.fits", "direct.fits"]
+
+
+def test_a_filesystem_without_direct_io_gets_the_page_cache_path(tmp_path, monkeypatch):
+    """tmpfs before Linux 6.6 and some FUSE filesystems refuse O_DIRECT (EINVAL), at open or at the first write:
+    the file is written through the page cache instead, the same bytes."""
+    import errno
+
+    img = np.arange(3 * 20 * 30, dtype=np.float32).reshape(3, 20, 30)
+    write_fits(tmp_path / "want.fits", img, {})
+    write = _direct_small(monkeypatch)
+
+    def refuse(fd, data, offset):        # (the page cache path does not call pwrite)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(write.os, "pwrite", refuse)
+    write_fits(tmp_path / "got.fits", img, {})
+    assert (tmp_path / "got.fits").read_bytes() == (tmp_path / "want.fits").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["got.fits", "want.fits"]
+
+
+def test_a_full_disk_during_a_direct_write_keeps_the_old_file(tmp_path, monkeypatch):
+    """ENOSPC from a chunk written by the second thread: DiskFull naming the file, the old file kept, no
+    temporary left."""
+    import errno
+    import os
+
+    from livestack.engine.write import DiskFull
+
+    write = _direct_small(monkeypatch)
+    real_pwrite = os.pwrite
+    calls = []
+
+    def fill(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(write.os, "pwrite", fill)
+    (tmp_path / "s.fits").write_bytes(b"old")
+    with pytest.raises(DiskFull, match="disk full: .*s.fits"):
+        write_fits(tmp_path / "s.fits", np.ones((3, 40, 100), np.float32), {})
+    assert (tmp_path / "s.fits").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["s.fits"]
