@@ -372,7 +372,8 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
         if reason:
             raise SolveError(reason)
 
-    with tempfile.TemporaryDirectory(prefix="livestack-solve-") as tmp:
+    remove_dead_solve_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"{SOLVE_DIR_PREFIX}{os.getpid()}-") as tmp:
         out = Path(workdir) if workdir is not None else Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         xyls = out / "stars.xyls"
@@ -416,6 +417,49 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
         wcs = _read_wcs(wcs_path, (h, w))
         matched, rms, scale = _check_solution(wcs, out / "stars.corr", hints, params)
     return Solution(wcs, seconds, matched, rms, scale)
+
+
+# A solve's scratch folder in the temporary folder: "livestack-solve-<pid>-<random>", so that one left by a process
+# killed mid-solve (kill -9, a power cut before /tmp is cleared) is known by its owner being gone.
+SOLVE_DIR_PREFIX = "livestack-solve-"
+_SOLVE_DIR = re.compile(re.escape(SOLVE_DIR_PREFIX) + r"(?P<pid>\d+)-.+")
+
+
+def remove_dead_solve_dirs(root: Path | str | None = None) -> list[Path]:
+    """Remove the scratch folders of solves whose process no longer runs (this user's only), from ``root`` (the
+    temporary folder by default).  -> the folders removed.  A few kB each, but one per kill: a daemon restarted
+    by systemd after every crash would leave them for as long as /tmp lives (on a Pi: until the next boot)."""
+    root = Path(root if root is not None else tempfile.gettempdir())
+    removed = []
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return removed
+    for e in entries:
+        m = _SOLVE_DIR.fullmatch(e.name)
+        if m is None or _alive(int(m["pid"])):
+            continue
+        try:
+            if not e.is_dir(follow_symlinks=False) or e.stat(follow_symlinks=False).st_uid != os.getuid():
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(e.path, ignore_errors=True)
+        removed.append(Path(e.path))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (another user's counts: kill(0) is refused to it, not missing)."""
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
 
 
 def _run(cmd: list[str], *, timeout: float, cancel=None) -> str | None:

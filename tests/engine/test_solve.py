@@ -11,6 +11,7 @@ import math
 import shutil
 import time
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -411,3 +412,29 @@ def test_solve_params_checked():
         SolveParams(timeout_s=0)
     with pytest.raises(ValueError, match="max_stars"):
         SolveParams(max_stars=3)
+
+
+def test_a_solve_killed_mid_way_leaves_no_scratch_folder_for_good(tmp_path):
+    """kill -9 during a solve leaves its scratch folder (TemporaryDirectory's cleanup never runs); the next solve
+    removes the folders of processes that are gone, and no other."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os, tempfile, time\n"
+         f"d = tempfile.mkdtemp(prefix=f'{solve.SOLVE_DIR_PREFIX}{{os.getpid()}}-', dir={str(tmp_path)!r})\n"
+         "open(os.path.join(d, 'stars.xyls'), 'w').close(); print(d, flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    dead = child.stdout.readline().strip()
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    child.stdout.close()
+    mine = tmp_path / f"{solve.SOLVE_DIR_PREFIX}{os.getpid()}-abc"
+    mine.mkdir()
+    other = tmp_path / "livestack-solve-notapid"
+    other.mkdir()
+    assert os.path.isdir(dead)
+    assert solve.remove_dead_solve_dirs(tmp_path) == [Path(dead)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, other.name])
