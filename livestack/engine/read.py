@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import os
 import re
 import stat
@@ -321,7 +322,7 @@ def _exif_meta(path: Path) -> FrameMeta:
 
     t = tag("ExposureTime")
     if t is not None:
-        meta.exptime = _ratio(t)
+        meta.exptime = _exposure(_ratio(t))
     iso = tag("ISOSpeedRatings", "PhotographicSensitivity", "ISOSpeed")
     if iso is not None:
         try:
@@ -339,6 +340,20 @@ def _exif_meta(path: Path) -> FrameMeta:
     meta.camera = cam or None
     meta.imagetyp = None
     return meta
+
+
+# The longest exposure a single frame is taken to have: a value beyond it is a damaged or misread header (a
+# fuzzed EXPTIME = 1e300 put a 300-digit integration in the summary and made the frame a settings group of its
+# own, judged against an expectation scaled by 1e298), not an exposure.  A day: no sub-frame is longer.
+MAX_EXPOSURE_S = 86400.0
+
+
+def _exposure(t: float | None) -> float | None:
+    """An exposure in seconds as read, or None (unknown) when it cannot be one: negative, not finite, longer than
+    MAX_EXPOSURE_S."""
+    if t is None or not math.isfinite(t) or t < 0 or t > MAX_EXPOSURE_S:
+        return None
+    return t
 
 
 def _ratio(t) -> float | None:
@@ -398,8 +413,8 @@ def _read_fits(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
 
     meta = FrameMeta(kind="fits")
     for key in ("EXPTIME", "EXPOSURE", "EXP_TIME"):
-        t = _num(header.get(key))
-        if t is not None and t >= 0:            # (a negative exposure is no exposure: unknown)
+        t = _exposure(_num(header.get(key)))
+        if t is not None:
             meta.exptime = t
             break
     meta.gain = _num(header.get("GAIN"))

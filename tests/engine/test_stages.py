@@ -612,6 +612,20 @@ def test_a_fits_time_with_its_offset_is_utc_and_a_negative_exposure_unknown(tmp_
     assert m.time == dt.datetime(2026, 11, 25, 16, 0, 0) and m.exptime is None
 
 
+@pytest.mark.parametrize("value", [1e300, 86401.0])
+def test_an_exposure_longer_than_a_day_is_unknown(tmp_path, value):
+    """A damaged EXPTIME (fuzzed: 1e300) was taken as read: a 300-digit integration in the summary, and a
+    settings group of its own whose expected transparency was scaled by 1e298.  A day is the longest a frame is
+    taken to be exposed; 60 s and a day itself are read as they are."""
+    from livestack.engine.read import read_frame
+
+    for t, want in ((value, None), (60.0, 60.0), (86400.0, 86400.0)):
+        h = fits.Header()
+        h["EXPTIME"] = t
+        fits.PrimaryHDU(np.full((32, 32), 100, np.uint16), header=h).writeto(tmp_path / "a.fits", overwrite=True)
+        assert read_frame(tmp_path / "a.fits").meta.exptime == want
+
+
 @pytest.mark.parametrize("bootstrap", [3, 0])
 def test_values_beyond_float16_survive_the_bootstrap(bootstrap):
     """The bootstrap buffers its frames as float16, which ends at 65504: a normalised star core of a 16-bit
