@@ -133,6 +133,20 @@ def test_a_fits_file_cut_short_says_so(tmp_path, cut):
     assert "\n" not in str(e.value) and "reshape" not in str(e.value)
 
 
+def test_a_header_declaring_more_than_any_file_holds_says_so(tmp_path):
+    """A damaged NAXIS1 (10^15) made astropy fail to seek past the data it declares: the frame failed with
+    "unreadable FITS ([Errno 22] Invalid argument)", which says nothing of the file."""
+    path = _frame_fits(tmp_path / "light_3.fits")
+    raw = bytearray(path.read_bytes())        # (astropy would write the header its data has)
+    at = raw.index(b"NAXIS1  =")
+    raw[at:at + 80] = f"NAXIS1  = {10 ** 15:20d}".ljust(80).encode("ascii")
+    path.write_bytes(raw)
+    with pytest.raises(FrameError) as e:
+        read_frame(path)
+    assert str(e.value) == ("light_3.fits: damaged FITS header: it declares 1,000,000,000,000,000×480 pixels "
+                            f"(960,000,000,000,000,000 bytes) in a file of {path.stat().st_size:,}"), str(e.value)
+
+
 def test_a_compressed_fits_cut_short_says_so(tmp_path):
     data = np.random.default_rng(1).integers(500, 3000, size=(480, 640), dtype=np.uint16)
     fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, compression_type="RICE_1")]).writeto(tmp_path / "w.fz")

@@ -494,6 +494,15 @@ def _cut_short(path: Path) -> str | None:
             simple = f.read(6) == b"SIMPLE"
         if simple and size < 2880:
             return f"FITS file cut short: {size:,} bytes, less than its first 2880-byte header block"
+        if simple:
+            primary = _primary_layout(path)
+            if primary is not None and size < primary[0] + primary[1]:
+                start, data, shape = primary
+                if data > 2 ** 40:      # no camera's frame: a damaged NAXISn, not a cut
+                    dims = "×".join(f"{n:,}" for n in reversed(shape))
+                    return f"damaged FITS header: it declares {dims} pixels ({data:,} bytes) in a file of {size:,}"
+                return (f"FITS file cut short: {size:,} bytes where its header declares {start + data:,} "
+                        "(an interrupted write or copy?)")
         with quiet_warnings(), fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
             i = 0
             while True:
@@ -516,6 +525,32 @@ def _cut_short(path: Path) -> str | None:
                 i += 1
     except Exception:       # noqa: BLE001 — only a better message is at stake: the caller has the error
         return None
+
+
+def _primary_layout(path: Path) -> tuple[int, int, tuple[int, ...]] | None:
+    """(where the primary HDU's data starts, its bytes, its (…, H, W) shape) from the header's cards read here,
+    or None when they do not say (no END in the first 100 blocks, a BITPIX or NAXISn that is no number).
+    astropy cannot say it for a header that declares more data than a file can hold: it fails to seek past it
+    ("[Errno 22] Invalid argument")."""
+    cards = {}
+    with open(path, "rb") as f:
+        for block in range(100):
+            chunk = f.read(2880)
+            if len(chunk) < 2880:
+                return None
+            for i in range(0, 2880, 80):
+                key = chunk[i:i + 8].decode("ascii", "replace").strip()
+                if key == "END":
+                    try:
+                        bitpix, naxis = int(cards["BITPIX"]), int(cards["NAXIS"])
+                        shape = tuple(int(cards[f"NAXIS{k}"]) for k in range(naxis, 0, -1))
+                    except (KeyError, ValueError):
+                        return None
+                    n = int(np.prod(shape, dtype=object)) if shape else 0
+                    return (block + 1) * 2880, abs(bitpix) // 8 * n, shape
+                if chunk[i + 8:i + 10] == b"= ":
+                    cards[key] = chunk[i + 10:i + 80].decode("ascii", "replace").split("/")[0].strip()
+    return None
 
 
 def _image_hdu(hdul, path: Path, limit: _Limit):
