@@ -202,6 +202,39 @@ def test_a_flat_without_light_is_left_out_not_the_whole_group(tmp_path):
     assert np.array_equal(lib.array(flat.name), clean.array(flat.name))
 
 
+def test_calibration_frames_are_trimmed_like_lights(tmp_path):
+    """A CCD's bias, darks and flats carry the TRIMSEC of its lights: each is cut to it when read, so the
+    masters are the lights' size and Bayer phase (a cut at column 2, row 2 makes RGGB BGGR) — the same masters,
+    to the bit, as from files cut by hand; and a trimmed light selects them."""
+    cfg = dataclasses.replace(SIM, width=160, height=120, seed=21)
+    calib, by_hand = tmp_path / "calib", tmp_path / "by_hand"
+    render_calibration(calib, cfg, n_bias=3, n_dark=3, n_flat=3, n_darkflat=0, dark_exptime=DARK_T)
+    for path in sorted(calib.rglob("*.fits")):
+        with fits.open(path, mode="update") as hdul:
+            header = hdul[0].header
+            cut = hdul[0].data[1:117, 1:155].copy()
+            header["TRIMSEC"] = "[2:155,2:117]"
+        hand = header.copy()
+        del hand["TRIMSEC"]
+        hand["XBAYROFF"], hand["YBAYROFF"] = 1, 1
+        (by_hand / path.relative_to(calib)).parent.mkdir(parents=True, exist_ok=True)
+        fits.PrimaryHDU(cut, header=hand).writeto(by_hand / path.relative_to(calib))
+    lib = build_library(calib, tmp_path / "M")
+    ref = build_library(by_hand, tmp_path / "M_by_hand")
+    assert sorted(e.kind for e in lib.entries) == ["bias", "dark", "flat"]
+    for e, r in zip(sorted(lib.entries, key=lambda e: e.kind), sorted(ref.entries, key=lambda e: e.kind)):
+        assert (e.width, e.height, e.pattern) == (154, 116, "BGGR") == (r.width, r.height, r.pattern)
+        assert np.array_equal(lib.array(e.name), ref.array(r.name))
+    raw, _ = render_frame(cfg, 90, kind="light", exptime=DARK_T, noise=False)
+    light = write_sim(tmp_path / "light.fits", cfg, raw, "light", DARK_T)
+    with fits.open(light, mode="update") as hdul:
+        hdul[0].header["TRIMSEC"] = "[2:155,2:117]"
+    frame = read_frame(light)
+    assert frame.shape == (116, 154) and frame.pattern == "BGGR"
+    chosen = lib.select(frame)
+    assert chosen is not None and chosen.dark is not None and chosen.flat is not None
+
+
 def test_flats_of_two_exposures_each_get_the_dark_flat_of_their_own(tmp_path):
     """Sky flats or an automatic panel: flats of 1 s and 2 s in one folder, dark-flats of both, files without
     BLKLEVEL (as most capture programs write them).  Each flat has the dark-flat of its exposure subtracted (not

@@ -69,10 +69,27 @@ def test_panoptes_bayer_fits(shared_data, name, hdu_time):
 
 def test_mono_ccd_fits(shared_data):
     saao = read_frame(shared_data / "saao_1m_ste3_ccd_light_a8280271.fits")
-    assert saao.data.shape == (520, 536) and saao.pattern is None
+    assert saao.pattern is None
     assert saao.meta.exptime == pytest.approx(150.04) and saao.meta.imagetyp == "light"
     assert saao.meta.time == dt.datetime(2013, 7, 13, 0, 57, 33) and saao.meta.camera == "STE3 CCD"
-    assert saao.data.min() == 187 and saao.data.max() == 1715
+    assert saao.data.max() == 1715
+
+
+def test_saao_ccd_frame_is_cut_to_its_trimsec(shared_data):
+    """MANIFEST: 520×536 with TRIMSEC '[  17: 528,   1: 520]' and the overscan BIASSEC '[   4:  13,   1: 520]'
+    (data min / max 187 / 1715 over the whole frame): read, it is columns 17–528, 520×512, and no column of the
+    overscan (at the bias level, a black band in the stack) is left."""
+    from astropy.io import fits
+
+    path = shared_data / "saao_1m_ste3_ccd_light_a8280271.fits"
+    saao = read_frame(path)
+    assert saao.data.shape == (520, 512) and saao.data.dtype == np.float32
+    whole = fits.getdata(path).astype(np.float32)
+    assert whole.shape == (520, 536) and whole.min() == 187 and whole.max() == 1715
+    np.testing.assert_array_equal(saao.data, whole[:, 16:528])
+    bias = float(np.median(whole[:, 3:13]))                 # BIASSEC
+    assert (np.median(saao.data, axis=0) > bias + 50).all()  # every column sees sky, none the bias level
+    assert (np.median(whole, axis=0) < bias + 5).sum() == 24   # (whole: 16 + 8 columns of it)
 
     sbig = read_frame(shared_data / "sbig_st1602_maxim_light_thar.fit")
     assert sbig.data.shape == (1020, 1530) and sbig.meta.exptime == 5.0

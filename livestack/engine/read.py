@@ -13,6 +13,7 @@ import os
 import re
 import stat
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -389,20 +390,26 @@ def _read_fits(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
             # else (BSCALE, BLANK, floats, tile compression) as astropy scales it, in a second opening.
             with fits.open(path, memmap=False, do_not_scale_image_data=True) as hdul:
                 hdu, header = _image_hdu(hdul, path, limit)
-                data = _integer_pixels(hdu, header, path, out)
+                section, notes = data_section(header, _fits_shape(hdu)[-2:])
+                data = _integer_pixels(hdu, header, path, out, section)
             exact = data is not None            # integers as stored: finite, and within their type's range
             if not exact:
                 with fits.open(path, memmap=False) as hdul:
                     hdu, header = _image_hdu(hdul, path, limit)
-                    data = _scaled_pixels(hdu, header, path, out)
+                    data = _scaled_pixels(hdu, header, path, out, section)
             int_input = header.get("BITPIX", -32) > 0
     except FrameError:
         raise
     except (OSError, ValueError, TypeError, IndexError, KeyError, fits.VerifyError, *_decoder_errors()) as err:
         raise FrameError(path, _fits_reason(path, err)) from err
     header = parsed_cards(header)
+    for note in notes:
+        log.warning("%s: %s; the frame is read whole", path.name, note)
+    if section is not None:
+        header = trimmed_header(header, section)
     if min(data.shape) < 16:
-        raise FrameError(path, f"FITS image too small {data.shape}")
+        raise FrameError(path, f"FITS image too small {data.shape}"
+                               + (f" (its {section.key} {section.text})" if section is not None else ""))
     if not exact and not np.isfinite(data).all():       # (BLANK pixels are NaN once astropy scales them)
         np.nan_to_num(data, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
 
@@ -569,14 +576,17 @@ def _image_hdu(hdul, path: Path, limit: _Limit):
     return hdu, header
 
 
-def _sensor_image(raw: np.ndarray, header, path: Path) -> np.ndarray:
-    """The 2-D sensor image of an HDU's pixels, row 0 at the top: row 0 of a BOTTOM-UP file is the bottom of
-    the sensor, flipped here (a view) so that it is converted in the top-down order of RAW files."""
+def _sensor_image(raw: np.ndarray, header, path: Path, section: Section | None = None) -> np.ndarray:
+    """The 2-D sensor image of an HDU's pixels, row 0 at the top: cut to its data ``section`` (in the stored
+    order, as FITS sections count) and, when row 0 of a BOTTOM-UP file is the bottom of the sensor, flipped here
+    (views both) so that it is converted in the top-down order of RAW files."""
     if raw.ndim == 3 and raw.shape[0] == 1:
         raw = raw[0]
     if raw.ndim != 2:
         raise FrameError(path, f"FITS image has {raw.ndim} axes {raw.shape}; "
                                "expected a 2-D sensor image (mono or Bayer)")
+    if section is not None:
+        raw = raw[section.y0:section.y1, section.x0:section.x1]
     if str(header.get("ROWORDER", "TOP-DOWN")).strip().upper() == "BOTTOM-UP":
         raw = raw[::-1]
     return raw
@@ -589,7 +599,8 @@ def _float32_into(out: np.ndarray | None, shape) -> np.ndarray:
     return np.empty(shape, np.float32)
 
 
-def _integer_pixels(hdu, header, path: Path, out: np.ndarray | None) -> np.ndarray | None:
+def _integer_pixels(hdu, header, path: Path, out: np.ndarray | None,
+                    section: Section | None = None) -> np.ndarray | None:
     """A camera's integer image (BITPIX 8, 16 or 32, BSCALE 1, an integer BZERO such as 32768 for unsigned
     16-bit, no BLANK), read as stored (big-endian integers) and made float32 with its BZERO in one pass into
     ``out`` — the values astropy's scaling gives (integers, rounded once to float32 beyond 2²⁴), without its
@@ -603,7 +614,7 @@ def _integer_pixels(hdu, header, path: Path, out: np.ndarray | None) -> np.ndarr
     if bitpix not in (8, 16, 32) or not isinstance(bscale, (int, float)) or bscale != 1 \
             or not isinstance(bzero, (int, float)) or bzero != int(bzero):
         return None
-    raw = _sensor_image(hdu.data, header, path)
+    raw = _sensor_image(hdu.data, header, path, section)
     data = _float32_into(out, raw.shape)
     # exact in float32 for 8- and 16-bit data (an offset within 2²³); else one rounding of the exact sum
     offset = np.float32(bzero) if bitpix < 32 and abs(bzero) <= 2 ** 23 else np.float64(bzero)
@@ -617,10 +628,10 @@ def _largest(header) -> int:
     return (255 if bitpix == 8 else 2 ** (bitpix - 1) - 1) + int(header.get("BZERO", 0))
 
 
-def _scaled_pixels(hdu, header, path: Path, out: np.ndarray | None) -> np.ndarray:
+def _scaled_pixels(hdu, header, path: Path, out: np.ndarray | None, section: Section | None = None) -> np.ndarray:
     """The image as astropy scales it (BSCALE, BZERO, BLANK as NaN, floats, tile-compressed), as float32 in
     ``out`` when it fits."""
-    raw = _sensor_image(hdu.data, header, path)
+    raw = _sensor_image(hdu.data, header, path, section)
     data = _float32_into(out, raw.shape)
     np.copyto(data, raw, casting="unsafe")
     return data
@@ -637,6 +648,92 @@ def _fits_shape(hdu) -> tuple[int, ...]:
     except (TypeError, ValueError):
         return ()
     return shape if shape and min(shape) > 0 else ()
+
+
+# ---------------------------------------------------------------- data section (overscan / prescan)
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """The part of a stored FITS image that holds sky: rows y0:y1, columns x0:x1 (0-based, end excluded, in the
+    order the rows are stored), and the card it came from (``key`` = ``text``) for messages."""
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    key: str
+    text: str
+
+
+_SECTION_RE = re.compile(r"\[\s*(\*|\d+\s*:\s*\d+)\s*,\s*(\*|\d+\s*:\s*\d+)\s*\]")
+
+
+def data_section(header, shape) -> tuple[Section | None, list[str]]:
+    """The data section of an image of ``shape`` (H, W) as stored, from TRIMSEC, else DATASEC (IRAF's
+    '[x1:x2,y1:y2]', 1-based, ends included, '*' for a whole axis): a CCD's overscan and prescan columns or rows
+    (bias level, no sky) would be a black band in every stack.  TRIMSEC is preferred: where both are given it is
+    the one the observatory says to keep (DATASEC may still include the rows next to the overscan).
+
+    Returns (section, notes): section None when there is none, or it is the whole image; notes says why a card
+    was not used — malformed, reversed (a flip), or outside the image (a header of another binning or
+    readout).  Such a card is ignored and the frame read whole, as before: its pixels are good, only one card is
+    wrong, and refusing the frame would refuse every frame of that camera; its masters, with the same header,
+    stay the same shape as its lights."""
+    from astropy.io.fits import VerifyError
+
+    h, w = (int(n) for n in shape)
+    notes: list[str] = []
+    for key in ("TRIMSEC", "DATASEC"):
+        try:
+            value = header.get(key)
+        except (VerifyError, ValueError):       # a garbled card: its value is unknown, as a missing one's
+            notes.append(f"{key} ignored: its card cannot be parsed")
+            continue
+        if value is None:
+            continue
+        text = str(value).strip()
+        m = _SECTION_RE.fullmatch(text) if isinstance(value, str) else None
+        if m is None:
+            notes.append(f"{key} {text!r} ignored: not a section '[x1:x2,y1:y2]'")
+            continue
+        spans, why = [], None
+        for part, n, axis in ((m.group(1), w, "columns"), (m.group(2), h, "rows")):
+            if part == "*":
+                spans.append((0, n))
+                continue
+            a, b = (int(v) for v in part.split(":"))
+            if a > b:
+                why = f"{axis} {a}:{b} are reversed (a flipped section is not supported)"
+            elif a < 1 or b > n:
+                why = f"{axis} {a}:{b} are outside the image's 1:{n}"
+            spans.append((a - 1, b))
+            if why:
+                break
+        if why:
+            notes.append(f"{key} {text!r} ignored: {why}")
+            continue
+        (x0, x1), (y0, y1) = spans
+        if (y0, y1, x0, x1) == (0, h, 0, w):
+            return None, notes
+        return Section(y0, y1, x0, x1, key, text), notes
+    return None, notes
+
+
+def trimmed_header(header, section: Section):
+    """A copy of ``header`` that describes the pixels of ``section`` only: NAXIS1/2 its size, the WCS reference
+    pixel (CRPIX1/2) and the Bayer offsets (XBAYROFF/YBAYROFF: a cut at an odd column or row shifts the CFA
+    pattern of pixel (0,0)) moved by its corner; and without TRIMSEC, DATASEC and BIASSEC, which no longer
+    describe these pixels (nothing is cut twice)."""
+    out = header.copy()
+    out["NAXIS1"], out["NAXIS2"] = section.x1 - section.x0, section.y1 - section.y0
+    for key, d in (("CRPIX1", section.x0), ("CRPIX2", section.y0)):
+        v = _num(out.get(key))
+        if v is not None:
+            out[key] = v - d
+    for key, d in (("XBAYROFF", section.x0), ("YBAYROFF", section.y0)):
+        out[key] = int(_num(out.get(key)) or 0) + d
+    for key in ("TRIMSEC", "DATASEC", "BIASSEC"):
+        out.remove(key, ignore_missing=True, remove_all=True)
+    return out
 
 
 def _fits_pattern(header, path: Path) -> str | None:
@@ -727,8 +824,9 @@ def header_pointing(header) -> tuple[float, float] | None:
 
 
 def image_header(path: Path | str):
-    """The header of a FITS file's first image HDU (a copy; no pixels read: a few ms), or None for RAW files
-    and for anything unreadable."""
+    """The header of a FITS file's first image HDU (a copy; no pixels read: a few ms), describing the pixels
+    read_frame delivers (trimmed_header when it has a data section), or None for RAW files and for anything
+    unreadable."""
     path = Path(path)
     if suffix_of(path) not in FITS_SUFFIXES or not is_regular_file(path):
         return None
@@ -738,7 +836,12 @@ def image_header(path: Path | str):
             with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
                 for hdu in hdul:
                     if hdu.header.get("NAXIS", 0) >= 2 or "ZIMAGE" in hdu.header:
-                        return parsed_cards(hdu.header)
+                        header = parsed_cards(hdu.header)
+                        # cut as read_frame cuts it (a section in the primary header counts for its extension)
+                        keys = {k: v for k in ("TRIMSEC", "DATASEC")
+                                for v in [header.get(k, hdul[0].header.get(k))] if v is not None}
+                        section, _ = data_section(keys, _fits_shape(hdu)[-2:])
+                        return header if section is None else trimmed_header(header, section)
     except (OSError, ValueError, TypeError, IndexError, KeyError, fits.VerifyError, *_decoder_errors()):
         pass
     return None
