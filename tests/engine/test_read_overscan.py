@@ -169,3 +169,14 @@ def test_a_trimmed_frame_is_read_into_the_reused_buffer(tmp_path):
     again = read_frame(p, out=first.data)
     assert again.data is first.data
     np.testing.assert_array_equal(again.data, data[:, 16:48].astype(np.float32))
+
+
+def test_a_tile_compressed_frame_is_cut_too(tmp_path):
+    """A .fits.fz (fpack) carries TRIMSEC in its compressed image header: read through astropy's scaled path."""
+    data = np.arange(40 * 56, dtype=np.uint16).reshape(40, 56)
+    hdu = fits.CompImageHDU(data, compression_type="RICE_1")
+    hdu.header["TRIMSEC"] = "[17:48,2:40]"
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(tmp_path / "a.fits.fz")
+    f = read_frame(tmp_path / "a.fits.fz")
+    np.testing.assert_array_equal(f.data, data[1:40, 16:48].astype(np.float32))
+    assert image_header(tmp_path / "a.fits.fz")["NAXIS2"] == 39
