@@ -74,6 +74,8 @@ class CalibrationParams:
     flat_min: float = 0.05           # normalised flat below this: clamped and marked bad (corners, dead pixels)
     hot_sigma: float = 6.0           # hot pixel: master dark this many robust σ above its local median
     cold_ratio: float = 0.5          # cold pixel: master flat below this × its local median
+    frame_sigma: float = 5.0         # a bias/dark/dark-flat whose median or noise is this many σ of its group's
+                                     # spread from the group's median is left out (a light, a light leak)
     memory_mb: int = 256             # working memory of the combine (the block of rows of all frames)
     chunk_rows: int = 0              # rows per block; 0: from memory_mb
 
@@ -90,8 +92,9 @@ class CalibrationParams:
         if not 0 < self.flat_min < 1 or not 0 < self.cold_ratio < 1:
             raise ValueError(f"calibration: flat_min {self.flat_min} and cold_ratio {self.cold_ratio} "
                              "must be in (0, 1)")
-        if self.hot_sigma <= 0:
-            raise ValueError(f"calibration.hot_sigma = {self.hot_sigma}: must be > 0")
+        if self.hot_sigma <= 0 or self.frame_sigma <= 0:
+            raise ValueError(f"calibration: hot_sigma {self.hot_sigma} and frame_sigma {self.frame_sigma} "
+                             "must be > 0")
         if self.memory_mb < 1 or self.chunk_rows < 0:
             raise ValueError(f"calibration: memory_mb {self.memory_mb} must be ≥ 1 and chunk_rows "
                              f"{self.chunk_rows} ≥ 0")
@@ -430,6 +433,7 @@ class _Group:
     sources: list = field(default_factory=list)
     sums: list = field(default_factory=list)      # flats: (2, 2) per-frame raw means
     blacks: list = field(default_factory=list)    # (2, 2) black level of each frame
+    stats: list = field(default_factory=list)     # _FrameStats of each frame
 
 
 def build_library(calib_dir: Path | str, out_dir: Path | str, p: CalibrationParams | None = None, *,
@@ -458,12 +462,15 @@ def build_library(calib_dir: Path | str, out_dir: Path | str, p: CalibrationPara
         groups = _ingest(kind, files[kind], calib_dir, out_dir, p, skipped, say)
         try:
             for g in groups:
+                n_skipped = len(skipped)
                 try:
                     entry = _make_master(g, lib, p, skipped)
                 except MasterError as err:
                     skipped += [{"file": f, "reason": str(err)} for f in g.sources]
                     say(f"  skipped {len(g.sources)} {KIND_LABEL[kind]} frames: {err}")
                     continue
+                for s in skipped[n_skipped:]:       # frames of the group left out of its master
+                    say(f"  skipped {s['file']}: {s['reason']}")
                 lib.entries.append(entry)
                 lib.save()  # masters.json after each master: an interrupted build keeps what it made
                 say(f"  {entry.file}: {entry.ncombine} frames, {entry.width}×{entry.height}"
@@ -506,6 +513,7 @@ def _ingest(kind, paths, calib_dir, out_dir, p, skipped, say) -> list[_Group]:
             g.exptimes.append(frame.meta.exptime)
             g.temps.append(frame.meta.temperature)
             g.blacks.append(frame.black.astype(np.float64))
+            g.stats.append(frame_stats(frame.data))
             if kind == "flat":
                 g.sums.append(site_means(frame.data, frame.is_color))
             del frame
@@ -514,6 +522,69 @@ def _ingest(kind, paths, calib_dir, out_dir, p, skipped, say) -> list[_Group]:
             g.spill.remove()
         raise
     return list(groups.values())
+
+
+@dataclass(frozen=True, slots=True)
+class _FrameStats:
+    lo: float          # smallest and largest pixel value, ADU
+    hi: float
+    level: float       # median, ADU
+    noise: float       # pixel-to-pixel σ, ADU (from same-colour neighbours: gradients and vignetting cancel)
+
+
+def frame_stats(data: np.ndarray) -> _FrameStats:
+    """Level and noise of one (H, W) float32 calibration frame, from every 16th row (0.05 s at 24 MP).  The noise is
+    the σ of the differences of pixels two columns apart (same CFA colour) over √2, clipped at 5 robust σ so
+    that hot pixels and cosmic rays do not count; a clipped σ, not a MAD, so that integer data with σ below
+    1 ADU still gets a σ above 0."""
+    rows = data[::16]                          # a view: 1.5 M pixels of a 24 MP frame, plenty for two numbers
+    d = (rows[:, 2:] - rows[:, :-2]).ravel()           # float32: exact for integer ADU
+    s0 = 1.4826 * float(np.median(np.abs(d))) if d.size else 0.0     # (differences are centred on 0)
+    d = d[np.abs(d) <= 5 * max(s0, 1.0)]
+    noise = float(np.std(d, dtype=np.float64)) / math.sqrt(2) if d.size else 0.0
+    return _FrameStats(float(data.min()), float(data.max()), float(np.median(rows)), noise)
+
+
+def _odd_frames(g: _Group, p: CalibrationParams) -> dict[int, str]:
+    """Frames of ``g`` that are no calibration frame of the group's settings: {index: reason}.
+
+    Any kind, in a group of two or more: a constant frame (every pixel one value: a blank frame written by the
+    camera or a capture program) — alone it may be a synthetic master, so it is kept.  Bias, darks and
+    dark-flats in a group of three or more non-constant frames: frames of one camera at one gain, exposure and
+    temperature share their level and noise, so a frame whose median lies more than ``frame_sigma`` × the
+    group's spread from the group's median (a light, a light leak, another offset) or whose noise does (a
+    light's sky, another gain) is left out.  The spread is robust (1.4826 × MAD over the frames, so up to half
+    the frames may be bad) with a floor from physics: the pixel noise for the level — a shift below
+    ``frame_sigma`` pixel σ is what the clipped combine tolerates anyway — and 5 % of the noise for the noise
+    (dark current varies that much within a 2 °C bin).  Flats vary in level by design (sky flats), are
+    normalised one by one, and already lose a frame without light or saturated: only the constant test."""
+    odd: dict[int, str] = {}
+    if len(g.stats) < 2:
+        return odd
+    for i, st in enumerate(g.stats):
+        if st.hi == st.lo:
+            odd[i] = f"constant frame: every pixel is {st.lo:g} (a blank frame from the camera or its software)"
+    rest = [i for i in range(len(g.stats)) if i not in odd]
+    if g.kind == "flat" or len(rest) < 3:
+        return odd
+    label = KIND_LABEL[g.kind] + "s"
+    levels = np.array([g.stats[i].level for i in rest])
+    noises = np.array([g.stats[i].noise for i in rest])
+    c_level, c_noise = float(np.median(levels)), float(np.median(noises))
+    s_level = max(1.4826 * float(np.median(np.abs(levels - c_level))), c_noise)
+    s_noise = max(1.4826 * float(np.median(np.abs(noises - c_noise))), 0.05 * c_noise)
+    for i, level, noise in zip(rest, levels, noises):
+        if s_level > 0 and abs(level - c_level) > p.frame_sigma * s_level:
+            up = level > c_level
+            odd[i] = (f"median {level:.6g} ADU, {abs(level - c_level) / s_level:.0f} σ "
+                      f"{'above' if up else 'below'} the {len(rest)} {label}' {c_level:.6g} (σ {s_level:.2g} ADU): "
+                      + ("a light, or light leaking in?" if up else "another offset or gain, or a damaged frame?"))
+        elif s_noise > 0 and abs(noise - c_noise) > p.frame_sigma * s_noise:
+            up = noise > c_noise
+            odd[i] = (f"noise {noise:.3g} ADU, {abs(noise - c_noise) / s_noise:.0f} σ "
+                      f"{'above' if up else 'below'} the {len(rest)} {label}' {c_noise:.3g} (σ {s_noise:.2g} ADU): "
+                      + ("a light's sky, or another gain?" if up else "another gain, or a processed frame?"))
+    return odd
 
 
 def _saturated_flat(frame: Frame) -> str | None:
@@ -555,14 +626,18 @@ def _master_name(kind, camera, shape, exptime, temp, iso, gain, filt) -> str:
 def _make_master(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped: list[dict]) -> MasterEntry:
     colour = g.pattern is not None
     subtracted = None
-    sources, n = g.sources, g.spill.n
+    odd = _odd_frames(g, p)
     if g.kind == "flat":
-        data, bad, clipped, subtracted, keep = _combine_flat(g, lib, p, skipped)
-        sources, n = [g.sources[i] for i in keep], len(keep)
-        g.exptimes, g.temps = [g.exptimes[i] for i in keep], [g.temps[i] for i in keep]
+        data, bad, clipped, subtracted, keep = _combine_flat(g, lib, p, skipped, odd)
     else:
-        data, clipped = combine_spill(g.spill, p)
+        keep = [i for i in range(g.spill.n) if i not in odd]
+        if not keep:
+            raise MasterError(f"{KIND_LABEL[g.kind]} group of {g.sources[0]}: no frame left ({odd[0]})")
+        skipped.extend({"file": g.sources[i], "reason": why} for i, why in sorted(odd.items()))
+        data, clipped = combine_spill(g.spill, p, frames=None if not odd else keep)
         bad = hot_pixels_from_dark(data, colour, p.hot_sigma) if g.kind == "dark" else None
+    sources, n = [g.sources[i] for i in keep], len(keep)
+    g.exptimes, g.temps = [g.exptimes[i] for i in keep], [g.temps[i] for i in keep]
     exptime = _mean_or_none(g.exptimes)
     temp = _mean_or_none(g.temps)
     name = _master_name(g.kind, g.camera, g.shape, exptime, temp, g.iso, g.gain, g.filter)
@@ -597,10 +672,12 @@ def _flat_offset(g: _Group, lib: "MasterLibrary", t: float | None) -> MasterEntr
     return None
 
 
-def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped: list[dict]):
+def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped: list[dict],
+                  odd: dict[int, str]):
     """The group's master flat, its bad pixels, the values clipped, what was subtracted and the indices of the
     frames combined.  A frame without light (mean ≤ 0 in a colour after the subtraction: a dark or a capped
-    frame among the flats) is left out and listed in ``skipped``; MasterError when no frame is left."""
+    frame among the flats), then one of ``odd`` (index: reason), is left out and listed in ``skipped``;
+    MasterError when no frame is left."""
     colour = g.pattern is not None
     # What each flat has subtracted: the master of its own exposure (flats of several exposures — sky flats,
     # an automatic flat panel — are one group, each with its own dark-flat), else the bias, else its black level.
@@ -626,11 +703,15 @@ def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped
     if dark.all():
         raise MasterError(f"flat group of {g.sources[0]}: mean level ≤ 0 after subtracting "
                           f"{subtracted or 'nothing'} (underexposed flats, or a dark-flat of another exposure?)")
+    keep = [int(i) for i in np.flatnonzero(~dark) if i not in odd]
+    if not keep:
+        raise MasterError(f"flat group of {g.sources[0]}: no frame left ({odd[min(odd)]})")
     for i in np.flatnonzero(dark):
         what = offsets[i].name if offsets[i] is not None else f"black level {float(g.blacks[i].mean()):g}"
         skipped.append({"file": g.sources[i], "reason": f"flat without light: mean level ≤ 0 after subtracting "
                                                          f"{what}"})
-    keep = [int(i) for i in np.flatnonzero(~dark)]
+    for i in sorted(set(odd) - set(np.flatnonzero(dark).tolist())):
+        skipped.append({"file": g.sources[i], "reason": odd[i]})
     inv = (1.0 / level[keep]).astype(np.float32)
     kept_subs = [subs[i] for i in keep]
     kept_black = [None if subs[i] is not None else np.asarray(means[i], np.float32) for i in keep]

@@ -282,6 +282,83 @@ def test_a_saturated_flat_is_left_out(tmp_path):
     assert np.array_equal(lib.array(flat.name), clean.array(flat.name))
 
 
+def _bad_copies(folder: Path, cfg: SimConfig, bad: dict[str, np.ndarray]) -> None:
+    """Write ``bad`` (file name -> pixels) into ``folder`` with the header of its first good frame."""
+    first = sorted(folder.glob("*.fits"))[0]
+    with fits.open(first) as h:
+        header = h[0].header
+    for name, data in bad.items():
+        fits.writeto(folder / name, data, header)
+
+
+def test_blank_constant_and_light_frames_are_left_out_of_the_master_dark(tmp_path):
+    """Among 10 good darks: two all-zero frames (a camera writing a blank frame), one constant at 4095 and a
+    light dropped into the darks folder.  Each is left out with a one-line reason naming it; the master is the
+    one the 10 good darks make (before: 14 frames combined, master median 515 -> 467 ADU, 668 'hot' pixels)."""
+    cfg = dataclasses.replace(SIM, width=160, height=120, seed=23)
+    calib = tmp_path / "calib"
+    render_calibration(calib, cfg, n_bias=0, n_dark=10, n_flat=0, n_darkflat=0, dark_exptime=DARK_T)
+    clean = build_library(calib, tmp_path / "clean")
+    shape = (cfg.height, cfg.width)
+    light, _ = render_frame(cfg, 5, kind="light", exptime=DARK_T)
+    _bad_copies(calib / "darks", cfg, {"blank_a.fits": np.zeros(shape, np.uint16),
+                                       "blank_b.fits": np.zeros(shape, np.uint16),
+                                       "white.fits": np.full(shape, 4095, np.uint16),
+                                       "m31_light.fits": np.clip(np.rint(light), 0, cfg.white).astype(np.uint16)})
+    said: list[str] = []
+    lib = build_library(calib, tmp_path / "M", log=said.append)
+    (dark,) = lib.entries
+    reasons = {s["file"]: s["reason"] for s in lib.skipped}
+    print("\n".join(said))
+    assert dark.ncombine == 10 and set(reasons) == {f"darks/{n}" for n in
+                                                     ("blank_a.fits", "blank_b.fits", "white.fits", "m31_light.fits")}
+    assert reasons["darks/blank_a.fits"].startswith("constant frame: every pixel is 0")
+    assert reasons["darks/white.fits"].startswith("constant frame: every pixel is 4095")
+    assert reasons["darks/m31_light.fits"].startswith("median ") and " above the 11 darks' " in reasons[
+        "darks/m31_light.fits"]
+    for f, why in reasons.items():                      # one line each, naming the file, in the log too
+        assert "\n" not in why and f"  skipped {f}: {why}" in said
+    assert np.array_equal(lib.array(dark.name), clean.array(dark.name))
+    assert np.median(lib.array(dark.name)) == np.median(clean.array(dark.name)) == 515
+
+
+def test_bias_of_other_noise_or_level_is_left_out(tmp_path):
+    """Bias frames: one with an offset 40 ADU up (another offset setting, light leaking in), one with three
+    times the read noise (another gain): both left out, by their numbers; a slow 1-ADU drift of the others is
+    not."""
+    cfg = dataclasses.replace(SIM, width=160, height=120, seed=29)
+    rng = np.random.default_rng(29)
+    calib = tmp_path / "calib" / "bias"
+    calib.mkdir(parents=True)
+    shape = (cfg.height, cfg.width)
+    for k in range(8):
+        write_sim(calib / f"bias_{k}.fits", cfg, cfg.bias + k / 8 + rng.normal(0, 3, shape), "bias", 0.0)
+    write_sim(calib / "bias_up.fits", cfg, cfg.bias + 40 + rng.normal(0, 3, shape), "bias", 0.0)
+    write_sim(calib / "bias_noisy.fits", cfg, cfg.bias + rng.normal(0, 9, shape), "bias", 0.0)
+    lib = build_library(tmp_path / "calib", tmp_path / "M")
+    (bias,) = lib.entries
+    reasons = {s["file"]: s["reason"] for s in lib.skipped}
+    assert bias.ncombine == 8 and set(reasons) == {"bias/bias_up.fits", "bias/bias_noisy.fits"}
+    assert reasons["bias/bias_up.fits"].startswith("median 552 ADU")
+    assert reasons["bias/bias_noisy.fits"].startswith("noise ")
+    assert abs(float(np.median(lib.array(bias.name))) - (cfg.bias + 0.44)) < 0.5
+
+
+def test_a_constant_flat_is_left_out(tmp_path):
+    """A flat whose pixels are all one value above the bias (a blank frame) would pass as a perfect flat — no
+    vignetting — and flatten the master's vignetting by 1/5: it is left out."""
+    cfg = dataclasses.replace(SIM, width=160, height=120, seed=31)
+    calib = tmp_path / "calib"
+    render_calibration(calib, cfg, n_bias=3, n_dark=0, n_flat=4, n_darkflat=0)
+    clean = build_library(calib, tmp_path / "clean")
+    _bad_copies(calib / "flats", cfg, {"flat_blank.fits": np.full((cfg.height, cfg.width), 9000, np.uint16)})
+    lib = build_library(calib, tmp_path / "M")
+    (flat,) = [e for e in lib.entries if e.kind == "flat"]
+    (why,) = [s["reason"] for s in lib.skipped if s["file"] == "flats/flat_blank.fits"]
+    assert flat.ncombine == 4 and why.startswith("constant frame: every pixel is 9000")
+    assert np.array_equal(lib.array(flat.name), clean.array(flat.name))
+
+
 # ---------------------------------------------------------------- darks
 
 def test_dark_of_60s_scaled_to_120s_matches_a_true_120s_dark(lib, tmp_path):
