@@ -359,6 +359,27 @@ def test_a_constant_flat_is_left_out(tmp_path):
     assert np.array_equal(lib.array(flat.name), clean.array(flat.name))
 
 
+def test_float_flats_of_0_to_1_are_one_set_whatever_their_brightest_pixel(tmp_path):
+    """Flats saved by Siril (float, 0…1 of 16 bits), with 16-bit bias frames: the one whose brightest pixels
+    reach 1.02 was read in other units than its siblings peaking at 0.98, came out at 0.5 'ADU' below the
+    bias and was left out as a flat without light; now all four make the master."""
+    cfg = dataclasses.replace(SIM, width=160, height=120, seed=37)
+    calib = tmp_path / "calib"
+    render_calibration(calib, cfg, n_bias=3, n_dark=0, n_flat=4, n_darkflat=0)
+    for k, f in enumerate(sorted((calib / "flats").glob("*.fits"))):
+        with fits.open(f) as h:
+            data, header = h[0].data.astype(np.float32), h[0].header
+        if k == 3:
+            data[10, 10:14] = 66800                     # four pixels at 1.019 (a calibrated frame's overshoot)
+        for key in ("BZERO", "BSCALE", "SATURATE", "BLKLEVEL"):       # (Siril writes its own levels)
+            del header[key]
+        header["PROGRAM"] = "Siril v1.2.4"
+        fits.writeto(f, data / np.float32(65535), header, overwrite=True)
+    lib = build_library(calib, tmp_path / "M")
+    (flat,) = [e for e in lib.entries if e.kind == "flat"]
+    assert flat.ncombine == 4 and lib.skipped == []
+
+
 # ---------------------------------------------------------------- darks
 
 def test_dark_of_60s_scaled_to_120s_matches_a_true_120s_dark(lib, tmp_path):

@@ -394,6 +394,42 @@ def test_read_float_fits_of_0_to_1_is_16_bit_adu(tmp_path):
     assert g.white == 65535 and g.saturated is not None and g.saturated.sum() == 1
 
 
+@pytest.mark.parametrize("program", [None, "Siril v1.2.4"])
+def test_read_float_fits_of_0_to_1_with_a_few_values_above_1_is_still_16_bit_adu(tmp_path, program):
+    """The unit of a float FITS was decided by its largest value alone: a flat in 0…1 peaking at 0.98 was read
+    ×65535 and one whose few brightest pixels reach 1.02 (a hot pixel, a calibrated frame's overshoot) was not,
+    so two flats of one set came out 65535× apart.  Both are ADU now; so is a frame with 0.5 % of its pixels
+    above 1 when its header says Siril wrote it."""
+    rng = np.random.default_rng(2)
+    adu = rng.uniform(20000, 60000, (40, 50)).astype(np.float32)
+    h = fits.Header()
+    if program:
+        h["PROGRAM"] = program
+    fits.PrimaryHDU(adu * np.float32(0.98 / 60000), header=h).writeto(tmp_path / "flat_098.fit")
+    over = adu.copy()
+    over.flat[rng.choice(over.size, 10 if program else 2, replace=False)] = 66800      # 1.019 of 65535
+    fits.PrimaryHDU(over / np.float32(65535), header=h).writeto(tmp_path / "flat_102.fit")
+    a, b = read_frame(tmp_path / "flat_098.fit"), read_frame(tmp_path / "flat_102.fit")
+    assert a.white == b.white == 65535 and 0.97 < np.median(b.data) / np.median(a.data) * 0.98 / 60000 * 65535 < 1.03
+    np.testing.assert_allclose(b.data, over, rtol=1e-6)
+    assert b.saturated is not None and b.saturated.sum() == (10 if program else 2)
+
+
+@pytest.mark.parametrize("name, values", [
+    ("adu_light", lambda r: r.normal(1200, 30, (40, 50))),                  # a float light in ADU
+    ("mean_1_flat", lambda r: r.normal(1.0, 0.05, (40, 50))),               # a master flat normalised to mean 1
+    ("dark_current_master", lambda r: r.normal(0.1, 0.3, (40, 50))),        # bias-subtracted dark in ADU
+])
+def test_read_float_fits_in_adu_or_normalised_to_mean_1_is_not_scaled(tmp_path, name, values):
+    """What stays as stored: data whose bulk is not within 0…1 (an ADU light, a flat of mean 1, a dark-current
+    master with its negative noise), even with a few pixels in 0…1 or above 1."""
+    data = values(np.random.default_rng(3)).astype(np.float32)
+    fits.PrimaryHDU(data).writeto(tmp_path / f"{name}.fits")
+    f = read_frame(tmp_path / f"{name}.fits")
+    np.testing.assert_array_equal(f.data, data)
+    assert f.white == np.inf
+
+
 @pytest.mark.parametrize("top, left", [(0, 0), (1, 0), (0, 3), (5, 7), (8, 2)])
 @pytest.mark.parametrize("n", [2, 6])
 def test_read_raw_colours_of_the_visible_corner_match_rawpys_map(top, left, n):
