@@ -175,9 +175,9 @@ class FilterStack:
         reference's (mutually nearest): > 1 for a frame dimmed by cloud; 1.0 with fewer than 3 pairs."""
         if not len(stars) or not len(self.ref.xy):
             return 1.0
-        from scipy.spatial import cKDTree
+        from .neighbours import Grid
 
-        si, ri = mutual_pairs(geometry.apply(matrix, stars.xy), self.ref.xy, cKDTree(self.ref.xy), tol)
+        si, ri = mutual_pairs(geometry.apply(matrix, stars.xy), self.ref.xy, Grid(self.ref.xy, tol), tol)
         return transparency_scale(self.ref.flux[ri], stars.flux[si])
 
     def _adopt(self, key: str) -> None:

@@ -34,7 +34,7 @@ from .memory import release_free_memory
 from .normalize import Normalisation, normalize_inplace, normalize_mosaic, sky_level, sky_model
 from .read import read_frame
 from .render import drop_work_memory, signal_cells
-from .register import RegistrationError, import_scipy_in_background, register
+from .register import RegistrationError, register
 from .settings import Config
 from .stack import RunningStack
 
@@ -65,7 +65,6 @@ class Engine:
         """``cfg``: the settings (plain values); ``spill_dir``: where stacks of filters not being captured are
         kept in memory-mapped files when the stacks outgrow ``cfg.stack.memory_mb`` (default: the system's
         temporary folder)."""
-        import_scipy_in_background()    # registration's (0.5 s), ready by the second frame
         self.cfg = cfg
         self.masters = masters
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None

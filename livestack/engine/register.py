@@ -15,39 +15,14 @@ Star lists are (N, 2) float arrays (x = column, y = row), brightest first. Nothi
 from __future__ import annotations
 
 import itertools
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 
 from livestack.engine import geometry as geo
+from livestack.engine.neighbours import Grid, k_nearest, poisson_tail
 
 MODELS = ("auto", "affine", "similarity")
-
-
-def import_scipy() -> None:
-    """Import the scipy modules registration uses (cKDTree, pdtrc): 0.5–0.6 s, most of it scipy's array-API
-    shims importing numpy.testing and numpy.f2py.  The functions here import them where they need them, so that
-    the command line starts without them; ``import_scipy_in_background`` lets an engine have them ready by its
-    second frame."""
-    import scipy.spatial  # noqa: F401
-    import scipy.special  # noqa: F401
-
-
-_preload_lock = threading.Lock()
-_preloaded = False
-
-
-def import_scipy_in_background() -> None:
-    """import_scipy() on a daemon thread, once per process: it runs while the first frame is read and
-    calibrated (LibRaw, OpenCV and numpy release the GIL), which do not need it.  A function that needs the
-    modules before the thread is done waits for it at its import (Python's import lock)."""
-    global _preloaded
-    with _preload_lock:
-        if _preloaded:
-            return
-        _preloaded = True
-    threading.Thread(target=import_scipy, name="import-scipy", daemon=True).start()
 
 
 class RegistrationError(Exception):
@@ -116,9 +91,7 @@ def register(src_xy, ref_xy, p: RegisterParams, *, rng: np.random.Generator, pre
     if len(src) < p.min_matches or len(ref) < p.min_matches:
         raise RegistrationError(f"only {len(src)} frame stars and {len(ref)} reference stars "
                                 f"(need {p.min_matches} in each)")
-    from scipy.spatial import cKDTree
-
-    ref_tree = cKDTree(ref)
+    ref_tree = Grid(ref, p.match_tol_px)
 
     def weights(si, ri):
         # Clipped, so that a few saturated stars (poor centroids, huge flux) cannot dominate the fit.
@@ -175,8 +148,6 @@ def register(src_xy, ref_xy, p: RegisterParams, *, rng: np.random.Generator, pre
 
 def _implausible(m, si, rms, src, ref, p: RegisterParams, tested: int) -> str:
     """Why a refined pattern match is not believable, or "" when it is."""
-    from scipy.special import pdtrc
-
     n = len(si)
     if n < p.min_matches:
         return f"only {n} star pairs matched (need {p.min_matches})"
@@ -194,7 +165,7 @@ def _implausible(m, si, rms, src, ref, p: RegisterParams, tested: int) -> str:
     mapped = geo.apply(m, src)
     n_in = int(np.all((mapped >= lo) & (mapped <= hi), axis=1).sum())
     lam = n_in * min(1.0, len(ref) * np.pi * p.match_tol_px ** 2 / area)
-    need = int(np.searchsorted(-pdtrc(np.arange(400), lam), -1e-6 / max(tested, 1))) + 1 + 2
+    need = int(np.searchsorted(-poisson_tail(np.arange(400), lam), -1e-6 / max(tested, 1))) + 1 + 2
     if n < need:
         return (f"only {n} star pairs matched where {n_in} × {len(ref)} stars pair ~{lam:.1f} times by chance "
                 f"(need {need})")
@@ -230,17 +201,17 @@ def _scale_ok(m: np.ndarray, p: RegisterParams) -> bool:
     return bool(det > 0 and abs(np.sqrt(det) - 1.0) <= p.max_scale_change)
 
 
-def mutual_pairs(mapped: np.ndarray, ref: np.ndarray, ref_tree: "cKDTree", tol: float):
+def mutual_pairs(mapped: np.ndarray, ref: np.ndarray, ref_tree: Grid, tol: float):
     """Index pairs (si, ri) where ref[ri] is the nearest reference star to mapped[si] within ``tol`` and
-    mapped[si] is the nearest mapped star to ref[ri]: one-to-one, so close doubles cannot pair twice."""
-    from scipy.spatial import cKDTree
-
-    d, ri = ref_tree.query(mapped, k=1, distance_upper_bound=tol)
+    mapped[si] is the nearest mapped star to ref[ri]: one-to-one, so close doubles cannot pair twice.
+    ``ref_tree``: a Grid of ``ref``."""
+    d, ri = ref_tree.nearest(mapped, tol)
     si = np.flatnonzero(np.isfinite(d))
     if len(si) == 0:
         return si, si.copy()
     ri = ri[si]
-    _, back = cKDTree(mapped).query(ref[ri], k=1)
+    # (mapped[si] lies within tol of ref[ri]: the nearest mapped star to ref[ri] does too)
+    _, back = Grid(mapped, tol).nearest(ref[ri], tol)
     keep = back == si
     return si[keep], ri[keep]
 
@@ -350,11 +321,9 @@ def _triangles(xy: np.ndarray, neighbours: int) -> tuple[np.ndarray, np.ndarray]
     the sides sorted L0 >= L1 >= L2, both in (0, 1] (bounded, unlike astroalign's L0/L1, L1/L2, so one
     tolerance means the same everywhere). Triangles with a zero side (coincident stars) are dropped.
     """
-    from scipy.spatial import cKDTree
-
     n = len(xy)
     k = min(neighbours + 1, n)
-    _, nn = cKDTree(xy).query(xy, k=k)
+    nn = k_nearest(xy, k)
     combos = np.array(list(itertools.combinations(range(k), 3)), dtype=np.int64)
     tri = np.sort(nn[:, combos].reshape(-1, 3), axis=1)
     tri = np.unique(tri, axis=0)
@@ -383,19 +352,17 @@ def _hypotheses(ps, pr, src, ref_tree, p: RegisterParams, rng: np.random.Generat
 
     Returns (matrices, hypotheses scored, reason when there are none).
     """
-    from scipy.spatial import cKDTree
-
     if len(ps) < 3 or len(pr) < 3:
         return [], 0, f"too few stars for triangles ({len(ps)} frame, {len(pr)} reference)"
     tri_s, inv_s = _triangles(ps, p.neighbours)
     tri_r, inv_r = _triangles(pr, p.neighbours)
     if len(tri_s) == 0 or len(tri_r) == 0:
         return [], 0, "no usable star triangles (coincident stars)"
-    pairs = cKDTree(inv_s).sparse_distance_matrix(cKDTree(inv_r), p.invariant_tol, output_type="ndarray")
-    if len(pairs) == 0:
+    pi, pj = Grid(inv_r, p.invariant_tol).pairs(inv_s, p.invariant_tol)
+    if len(pi) == 0:
         return [], 0, (f"no matching star triangles among the {len(ps)} frame and {len(pr)} reference "
                        f"brightest stars")
-    ts, tr = tri_s[pairs["i"]], tri_r[pairs["j"]]
+    ts, tr = tri_s[pi], tri_r[pj]
     # Side ratios cannot tell a triangle from its mirror image, but a rotation keeps the winding: dropping
     # mirrored matches halves the chance pairs for free and guarantees no reflection.
     same = _orientation(ps, ts) == _orientation(pr, tr)
@@ -427,8 +394,7 @@ def _hypotheses(ps, pr, src, ref_tree, p: RegisterParams, rng: np.random.Generat
     for b0 in range(0, len(a), batch):
         ab, tb = a[b0:b0 + batch], t[b0:b0 + batch]
         w = ab[:, None] * z[None, :] + tb[:, None]                      # (B, N) mapped src
-        d, _ = ref_tree.query(np.column_stack([w.real.ravel(), w.imag.ravel()]), k=1,
-                              distance_upper_bound=p.match_tol_px)
+        d, _ = ref_tree.nearest(np.column_stack([w.real.ravel(), w.imag.ravel()]), p.match_tol_px)
         d = d.reshape(len(ab), len(z))
         hit = np.isfinite(d)
         counts[b0:b0 + len(ab)] = hit.sum(axis=1)

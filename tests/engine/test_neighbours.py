@@ -1,0 +1,61 @@
+"""The registration's neighbour searches (engine/neighbours.py) give what scipy's cKDTree and pdtrc gave, on
+random fields of every density and on the cases a grid gets wrong first: points on cell edges, queries far
+outside, coincident points, a radius wider than a cell."""
+import numpy as np
+import pytest
+from scipy.spatial import cKDTree
+from scipy.special import pdtrc
+
+from livestack.engine.neighbours import Grid, k_nearest, poisson_tail
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_nearest_and_pairs_are_ckdtrees(seed):
+    rng = np.random.default_rng(seed)
+    m, n = int(rng.integers(1, 500)), int(rng.integers(1, 3000))
+    scale = [1.0, 100.0, 6000.0][seed % 3]
+    ref = rng.uniform(-0.1, 1, (m, 2)) * scale
+    q = rng.uniform(-0.3, 1.3, (n, 2)) * scale
+    k = min(n, m)
+    q[:k] = ref[:k] + rng.normal(0, 0.002 * scale, (k, 2))       # most with a neighbour
+    if seed % 4 == 0:
+        ref[: m // 2] = np.round(ref[: m // 2])                    # on the cells' edges
+        ref[m // 2:] = ref[0]                                      # coincident
+    r = [0.02, 0.5, 2.5][seed % 3] * scale / 100 if scale > 1 else 0.02
+    grid = Grid(ref, r if seed % 2 else r / 3)                     # cells narrower than the radius too
+    d, i = grid.nearest(q, r)
+    d2, i2 = cKDTree(ref).query(q, k=1, distance_upper_bound=r)
+    found = np.isfinite(d2)
+    assert np.array_equal(np.isfinite(d), found)
+    assert np.array_equal(i[~found], i2[~found]) and (i[~found] == m).all()
+    # among coincident points any is the nearest: the same distance, and the first of them here
+    np.testing.assert_allclose(d[found], d2[found], rtol=0, atol=1e-12)
+    pi, pj = grid.pairs(q, r)
+    sp = cKDTree(q).sparse_distance_matrix(cKDTree(ref), r, output_type="ndarray")
+    assert sorted(zip(sp["i"].tolist(), sp["j"].tolist())) == list(zip(pi.tolist(), pj.tolist()))
+
+
+def test_empty_and_far_away():
+    g = Grid(np.zeros((0, 2)), 1.0)
+    d, i = g.nearest(np.array([[1.0, 2.0]]), 5.0)
+    assert np.isinf(d).all() and (i == 0).all()
+    g = Grid(np.array([[10.0, 10.0]]), 1.0)
+    d, i = g.nearest(np.array([[1e9, -1e9], [10.5, 10.0]]), 1.0)
+    assert np.isinf(d[0]) and i[0] == 1 and d[1] == 0.5 and i[1] == 0
+    assert [len(a) for a in g.pairs(np.array([[1e9, 0.0]]), 1.0)] == [0, 0]
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_k_nearest_is_ckdtrees(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 250))
+    xy = rng.uniform(0, 500, (n, 2))
+    k = int(rng.integers(1, 8))
+    _, want = cKDTree(xy).query(xy, k=min(k, n))
+    assert np.array_equal(k_nearest(xy, k), want.reshape(n, -1))
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-3, 0.5, 3.0, 16.0, 120.0, 399.0, 800.0])
+def test_poisson_tail_is_pdtrc(lam):
+    k = np.arange(400)
+    np.testing.assert_allclose(poisson_tail(k, lam), pdtrc(k, lam), rtol=1e-9, atol=1e-300)
