@@ -150,8 +150,11 @@ class FilterStack:
         # first frame's transparency — the settings of the next frame take them over (_adopt), not nothing.
         self.legacy = False
         # The frames in the stack's bootstrap buffer, in order: (file, index, start ISO, exptime, scale,
-        # settings) — the first is judged against the others once the buffer is full (judge_first).
-        self.boot: list[tuple[str, int | None, str | None, float, float, str]] = []
+        # settings, [fwhm, stars, background, eccentricity, noise]) — the first is judged against the others once
+        # the buffer is full (judge_first).  Their qualities are kept here, not read back from the judge: with
+        # `[reject] window` below `[stack] bootstrap` its history no longer holds them all (and the verdict never
+        # came).  A checkpoint of before that has 6-tuples: the judge's history is theirs.
+        self.boot: list[tuple] = []
         self.first_judged = False
         self._pool = pool
         # The filter's name for the composite and the page ('none' without a FILTER card), and its file,
@@ -193,7 +196,8 @@ class FilterStack:
         key = settings_key(m)
         self._adopt(key)
         if self.stack is not None and self.stack.sums is None and not self.first_judged:
-            self.boot.append((file, index, _iso(m.time), float(m.exptime or 0.0), float(scale), key))
+            self.boot.append((file, index, _iso(m.time), float(m.exptime or 0.0), float(scale), key,
+                              [q.fwhm, float(q.stars), q.background, q.eccentricity, q.noise]))
         if self.first_settings is None and not self.judge.history and not self.legacy:
             self.first_settings = (key, float(m.exptime or 0.0), m.iso, m.gain)
         self.judge.accept(q)
@@ -243,10 +247,10 @@ class FilterStack:
         left out as (file, index, reason).  The first frame's sky and star fluxes stay the filter's photometric
         reference (every later frame is normalised to them); transparency is then judged against the frames
         that stay."""
-        if self.first_judged or len(self.boot) < 2 or len(self.judge.history) != len(self.boot):
+        hist = self._boot_history()
+        if self.first_judged or len(self.boot) < 2 or hist is None:
             return []
         self.first_judged = True
-        hist = list(self.judge.history)
         why = self._loo(hist, 0, range(1, len(hist)))
         if why is None:
             return []
@@ -263,10 +267,20 @@ class FilterStack:
         self._drop([i for i, _ in out])
         return dropped
 
+    def _boot_history(self) -> list | None:
+        """The judge's (fwhm, stars, background, eccentricity) of each bootstrap frame, in order; None when they
+        are not known (a checkpoint of before they were kept, whose judge no longer holds them all)."""
+        if all(len(b) == 7 for b in self.boot):
+            return [tuple(b[6][:4]) for b in self.boot]
+        hist = list(self.judge.history)
+        return hist if len(hist) == len(self.boot) else None
+
     def _loo(self, hist: list, i: int, others: list[int] | range) -> str | None:
         """Why bootstrap frame ``i`` would be rejected against bootstrap frames ``others`` (FWHM and shape against
-        all of them; stars, sky and transparency against those of its own settings), or None."""
-        judge, levels = FrameJudge(self.judge.p), FrameJudge(self.judge.p)
+        all of them; stars, sky and transparency against those of its own settings), or None.  Against all of
+        them, whatever `[reject] window` (the reason counts them)."""
+        p = dataclasses.replace(self.judge.p, window=max(self.judge.p.window, len(hist)))
+        judge, levels = FrameJudge(p), FrameJudge(p)
         judge.history.extend(hist[j] for j in others)
         key = self.boot[i][5]
         same = [j for j in others if self.boot[j][5] == key]
@@ -281,7 +295,7 @@ class FilterStack:
         """Take bootstrap frames ``idx`` out of the stack's buffer, the judges, the counts; each settings group's
         transparency baseline from the frames kept (the first frame's own is 1)."""
         keep = [i for i in range(len(self.boot)) if i not in idx]
-        hist = list(self.judge.history)
+        hist = self._boot_history()
         self.judge.history.clear()
         self.judge.history.extend(hist[i] for i in keep)
         for i in sorted(idx, reverse=True):
@@ -306,7 +320,7 @@ class FilterStack:
         # the times of the frames kept, as Counters.stacked_frame and accept() took them: the buffer is every
         # frame stacked so far, so a frame left out last (the one in hand) leaves no time behind
         first = last = None
-        for _, _, start, exptime, _, _ in self.boot:
+        for _, _, start, exptime, *_ in self.boot:
             if start:
                 first = first or start
                 try:
@@ -353,8 +367,8 @@ class FilterStack:
         fs.judge.load_state(meta["judge"])
         fs.last_time = meta.get("last_time")
         fs.boot = [tuple(b) for b in meta.get("boot", [])]
-        fs.first_judged = meta.get("first_judged", True) or any(len(b) != 6 for b in fs.boot)   # (one from before:
-        # the first frame is not judged again)
+        fs.first_judged = meta.get("first_judged", True) or any(len(b) not in (6, 7) for b in fs.boot)  # (one from
+        # before: the first frame is not judged again)
         fs.bases = {k: float(v) for k, v in meta.get("bases", {}).items()}
         fs.legacy = bool(meta.get("legacy", "levels" not in meta))
         fs.first_settings = tuple(meta["first_settings"]) if meta.get("first_settings") else None

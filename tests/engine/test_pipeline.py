@@ -113,6 +113,25 @@ def test_a_trailed_first_frame_is_judged_with_a_bootstrap_of_two(night, tmp_path
     assert np.array_equal(a, b) and np.array_equal(wa, wb) and part.counts == eng.counts
 
 
+@pytest.mark.parametrize("window", [1, 2])
+def test_a_trailed_first_frame_is_judged_with_a_window_below_the_bootstrap(night, tmp_path, window):
+    """`[reject] window` below `[stack] bootstrap` (3): the judge's history no longer held every frame of the
+    buffer and the first frame's verdict never came — a trailed first frame stayed in the stack.  It is judged
+    against all the frames after it whatever the window; the same through checkpoints inside the bootstrap."""
+    files, _ = night(n_frames=6, seed=5, defects={0: "wind"})
+    cfg = dataclasses.replace(Config(), reject=dataclasses.replace(Config().reject, window=window))
+    eng, recs, amended = run_judged(files, cfg)
+    assert [a["file"] for a in amended] == [files[0].name], amended
+    assert "against the 2 frames after it: left out of the stack" in amended[0]["reason"], amended[0]["reason"]
+    assert [r.status for r in recs] == ["reference"] + ["stacked"] * 5, [r.reason for r in recs]
+    assert eng.n_stacked == 5 and eng.n_rejected == 1
+    assert len(list(eng.filters.values())[0].judge.history) == window
+    part = through_checkpoints(files, [1, 2, 3], tmp_path, cfg)
+    a, wa = eng.result(None)
+    b, wb = part.result(None)
+    assert np.array_equal(a, b) and np.array_equal(wa, wb) and part.counts == eng.counts
+
+
 def test_a_good_first_frame_stays_in_the_stack(night):
     """Frames after a good first frame that are a little worse (or better) do not reject it."""
     files, _ = night(n_frames=5, seed=8, defects={3: "wind"})
