@@ -145,6 +145,18 @@ class FilterStack:
         # compared among all the filter's frames (``judge``).
         self.levels: dict[str, FrameJudge] = {}
         self.bases: dict[str, float] = {}
+        # The noise (ADU) of the frame each baseline is from: a change of the pixel scale (ADU per electron: ISO,
+        # gain, a broken BSCALE) moves star fluxes and noise alike, a cloud only the fluxes (_suspect).  And the
+        # latest accepted frame's (settings key, noise, exposure): what a new ISO or gain is scaled from.
+        self.noises: dict[str, float] = {}
+        self.last: tuple | None = None
+        # Frames in a row rejected for their transparency alone: (settings key, star flux against the first
+        # frame's, noise, transparency, SNR transparency — None: the baseline's noise unknown —, baseline
+        # estimated across settings) — their baseline is on trial once there are enough (_suspect).
+        self.streak: list[tuple[str, float, float, float, float | None, bool]] = []
+        # (file or None, index, reason) of what a verdict on a baseline did: a frame left out (the caller rewrites
+        # its line) or, without a file, a baseline replaced (logged) — taken by the caller after each check().
+        self.events: list[tuple[str | None, int | None, str]] = []
         self.first_settings: tuple | None = None   # (settings key, exposure, ISO, gain) of the first frame
         # Resumed from a checkpoint of before that (no levels): its frames were all judged together, against the
         # first frame's transparency — the settings of the next frame take them over (_adopt), not nothing.
@@ -205,6 +217,9 @@ class FilterStack:
         if key not in self.bases:
             expected = self._expected_base(m)
             self.bases[key] = expected if expected is not None else (1.0 / scale if scale > 0 else 1.0)
+            self.noises[key] = float(q.noise)
+        self.last = (key, float(q.noise), float(m.exptime or 0.0))
+        self.streak = [s for s in self.streak if s[0] != key]
         self.counts = self.counts.stacked_frame(m, masters)
         self.last_time = _iso(m.time) or self.last_time
         self.version += 1
@@ -216,14 +231,99 @@ class FilterStack:
         """Why a frame of this filter (its transparency factor ``scale`` against the first frame, when known) is
         rejected, or None.  The first frame of a new exposure, ISO or gain has nothing to compare its star
         count and sky with; its transparency is judged against the first frame's scaled by the exposures when
-        only the exposure changed (_expected_base), not at all after a change of ISO or gain."""
+        only the exposure changed (_expected_base), by its noise against the latest frame's after a change of
+        ISO or gain (_expected_across).  A frame rejected for its transparency alone may put its baseline on
+        trial (_suspect): what that did is left in ``events``."""
         key = settings_key(m)
         self._adopt(key)
-        base = self.bases.get(key)
-        if base is None:
-            base = self._expected_base(m)
-        t = None if scale is None or base is None else (1.0 / scale if scale > 0 else 0.0) / base
-        return self.judge.check(q, transparency=t, levels=self.levels.get(key, FrameJudge(self.judge.p)))
+        base, noise0, estimated = self._baseline(key, m, q)
+        raw = None if scale is None else (1.0 / scale if scale > 0 else 0.0)
+        t = None if raw is None or base is None else raw / base
+        levels = self.levels.get(key, FrameJudge(self.judge.p))
+        reason = self.judge.check(q, transparency=t, levels=levels)
+        if reason is None or t is None or t >= self.judge.p.min_transparency or \
+                self.judge.check(q, levels=levels) is not None:
+            return reason
+        ok = noise0 is not None and np.isfinite(q.noise) and q.noise > 0
+        if self.streak and self.streak[-1][0] != key:
+            self.streak = []
+        self.streak.append((key, raw, float(q.noise), t, t * noise0 / q.noise if ok else None, estimated))
+        if self._suspect(key):
+            levels = self.levels.get(key, FrameJudge(self.judge.p))
+            reason = self.judge.check(q, transparency=raw / self.bases[key], levels=levels)
+        return reason
+
+    def _baseline(self, key: str, m: FrameMeta, q: Quality) -> tuple[float | None, float | None, bool]:
+        """(the star flux against the filter's first frame a clear frame of ``m``'s settings shows, the noise of
+        the frame it is from or None, True when it is estimated from this frame's own noise); None: not judged."""
+        if key in self.bases:
+            return self.bases[key], self.noises.get(key), False
+        base = self._expected_base(m)
+        if base is not None:
+            key0, exptime0 = self.first_settings[:2]
+            n0 = self.noises.get(key0)
+            return base, None if n0 is None else n0 * float(np.sqrt(float(m.exptime) / exptime0)), False
+        return self._expected_across(m, q), None, True
+
+    def _expected_across(self, m: FrameMeta, q: Quality) -> float | None:
+        """The baseline of a new ISO or gain, from the filter's latest accepted frame (minutes before: the same
+        sky).  Star fluxes scale with the camera's ADU per electron, and so does the sky's noise: measured on
+        both frames, its ratio is that scale whatever the camera's units (ISO, ZWO's 0.1 dB, another vendor's).
+        With the exposure changed too, star fluxes take the exposures' ratio r whole, and the noise between none
+        of it (read noise, or a sky that is not the exposure's: the simulator's) and √r (the sky's photons): the
+        lower expectation of the two, min(r, √r), is taken — a clear frame is never judged against more than it
+        can show.  Read noise makes it approximate: a streak of frames rejected against it replaces it
+        (_suspect).  None without a latest frame or a noise."""
+        if self.last is None:
+            return None
+        key_l, noise_l, exptime_l = self.last
+        exptime = float(m.exptime or 0.0)
+        if key_l not in self.bases or not noise_l > 0 or not (np.isfinite(q.noise) and q.noise > 0):
+            return None
+        r = exptime / exptime_l if exptime > 0 and exptime_l > 0 else 1.0
+        return self.bases[key_l] * q.noise / noise_l * min(r, float(np.sqrt(r)))
+
+    def _suspect(self, key: str) -> bool:
+        """A baseline on trial: ``suspect_after`` frames in a row rejected for their transparency alone against
+        it, agreeing with each other (each within ``min_transparency`` of the others: one sky, not passing
+        clouds).  A baseline from a frame is left when their noise is as much lower as their star fluxes (their
+        SNR transparency against it ≥ √min_transparency): the pixel scale changed, not the sky — a cloud dims
+        the stars and at most the square root of the sky's noise with them (a good first frame with clouds
+        after it stays).  That frame, still in the bootstrap buffer, is left out of the stack.  A baseline
+        estimated across settings (_expected_across) is left on their agreement alone.  The baseline becomes
+        theirs (the median); True when it changed."""
+        p = self.judge.p
+        n = p.suspect_after
+        if not n or len(self.streak) < n:
+            return False
+        _, raws, noises, ts, snrs, estimated = zip(*self.streak[-n:])
+        if not min(raws) > 0 or max(raws) > min(raws) / p.min_transparency:
+            return False
+        med = float(np.median(raws))
+        noise = float(np.median(noises))
+        if not all(estimated):
+            if any(e or s is None for s, e in zip(snrs, estimated)) or \
+                    min(snrs) < float(np.sqrt(p.min_transparency)):     # (a noise unknown: never)
+                return False
+            i = next((i for i, b in enumerate(self.boot) if b[5] == key), 0 if self.boot else None)
+            why = (f"star fluxes {1 / float(np.median(ts)):.3g} × those of the {n} frames after it rejected "
+                   f"against it, and noise {float(np.median([s / t for s, t in zip(snrs, ts)])):.3g} × theirs "
+                   "(another pixel scale, not a clearer sky)")
+            if i is not None and self.stack is not None and self.stack.sums is None and not self.first_judged \
+                    and self._boot_history() is not None:
+                self.events.append((self.boot[i][0], self.boot[i][1], why))
+                if i == 0:
+                    self.first_judged = True
+                self._drop([i])
+            else:
+                self.events.append((None, None, f"{key}: transparency baseline replaced by the {n} frames "
+                                                f"rejected against it: {why}"))
+        else:
+            self.events.append((None, None, f"{key}: transparency expected from the noise replaced by the {n} "
+                                            f"frames rejected against it (median {med:.3g})"))
+        self.bases[key], self.noises[key] = med, noise
+        self.streak = []
+        return True
 
     def _expected_base(self, m: FrameMeta) -> float | None:
         """The transparency a clear frame of ``m``'s settings shows against the filter's first frame when only
@@ -311,10 +411,15 @@ class FilterStack:
             if next(i for i in range(len(hist)) if self.boot[i][5] == key) not in idx:
                 continue
             scales = [self.boot[i][4] for i in keep if self.boot[i][5] == key]
+            noises = [self.boot[i][6][4] for i in keep if self.boot[i][5] == key and len(self.boot[i]) == 7]
             if scales:
                 self.bases[key] = float(np.median([1.0 / s if s > 0 else 0.0 for s in scales]))
             else:
                 self.bases.pop(key, None)
+            if noises:
+                self.noises[key] = float(np.median(noises))
+            else:
+                self.noises.pop(key, None)
         gone = [self.boot[i] for i in idx]
         self.boot = [self.boot[i] for i in keep]
         # the times of the frames kept, as Counters.stacked_frame and accept() took them: the buffer is every
@@ -350,7 +455,9 @@ class FilterStack:
                 "last_time": self.last_time, "boot": [list(b) for b in self.boot],
                 "first_judged": self.first_judged, "bases": self.bases,
                 "levels": {k: j.state() for k, j in self.levels.items()}, "legacy": self.legacy,
-                "first_settings": None if self.first_settings is None else list(self.first_settings)}
+                "first_settings": None if self.first_settings is None else list(self.first_settings),
+                "noises": self.noises, "last": None if self.last is None else list(self.last),
+                "streak": [list(t) for t in self.streak]}
         arrays: dict[str, np.ndarray] = {}
         if self.ref is not None:
             r = self.ref
@@ -372,6 +479,9 @@ class FilterStack:
         fs.bases = {k: float(v) for k, v in meta.get("bases", {}).items()}
         fs.legacy = bool(meta.get("legacy", "levels" not in meta))
         fs.first_settings = tuple(meta["first_settings"]) if meta.get("first_settings") else None
+        fs.noises = {k: float(v) for k, v in meta.get("noises", {}).items()}
+        fs.last = tuple(meta["last"]) if meta.get("last") else None
+        fs.streak = [tuple(t) for t in meta.get("streak", [])]
         for k, h in meta.get("levels", {}).items():
             fs.levels[k] = FrameJudge(reject_params)
             fs.levels[k].load_state(h)

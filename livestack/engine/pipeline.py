@@ -443,6 +443,7 @@ class Engine:
         else:
             scale = fs.transparency(stars, matrix, tol=cfg.register.match_tol_px * float(grid.stars_to_grid[0, 0]))
             reason = fs.check(q, m, scale)
+            self._verdicts(fs)
             if reason:
                 return self._reject(rec, fs, reason)
         rec.scale = _r(scale, 4) if rec.status != "reference" else None
@@ -510,12 +511,7 @@ class Engine:
         for fs in self.stacks:
             if fs.stack.bootstrap_full and not fs.first_judged:
                 for file, index, why in fs.judge_first():
-                    kept = " (still the grid's reference)" if self.ref is not None and \
-                        file == self.ref.file and fs.key == self.ref.filter else ""
-                    reason = f"{why}: left out of the stack{kept}"
-                    self.amended.append({"file": file, "index": index, "status": "rejected", "reason": reason,
-                                         "weight": None})
-                    log.info("rejected %s: %s", file, reason)
+                    self._left_out(fs, file, index, why)
             if fs.stack.bootstrap_full:
                 self._t = time.perf_counter()
                 self._ws.clear()
@@ -524,6 +520,24 @@ class Engine:
                 self._trim(keep=fs.key, budget=0)
                 fs.stack.finish_bootstrap()
                 self._lap("bootstrap")
+
+    def _left_out(self, fs: FilterStack, file: str, index: int | None, why: str) -> None:
+        """A frame stacked earlier and left out of its filter's stack by a later verdict: its line is to be
+        rewritten to `rejected` (``amended``, taken by the CLI and the daemon)."""
+        kept = " (still the grid's reference)" if self.ref is not None and \
+            file == self.ref.file and fs.key == self.ref.filter else ""
+        reason = f"{why}: left out of the stack{kept}"
+        self.amended.append({"file": file, "index": index, "status": "rejected", "reason": reason, "weight": None})
+        log.info("rejected %s: %s", file, reason)
+
+    def _verdicts(self, fs: FilterStack) -> None:
+        """What a verdict on a transparency baseline did (FilterStack._suspect): frames left out, or a log line."""
+        for file, index, why in fs.events:
+            if file is None:
+                log.info("filter %s: %s", fs.label, why)
+            else:
+                self._left_out(fs, file, index, why)
+        fs.events.clear()
 
     def _reject(self, rec: FrameRecord, fs: FilterStack, reason: str) -> None:
         rec.status, rec.reason = "rejected", reason

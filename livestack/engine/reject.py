@@ -24,6 +24,9 @@ class RejectParams:
                                       #     1.2 px: 8 of 16 clean frames were rejected as trailed)
     min_ref_stars: int = 15           # the reference frame needs at least this many stars
     window: int = 30                  # running statistics over the last N accepted frames
+    suspect_after: int = 3            # this many frames in a row rejected for their transparency alone, agreeing
+                                      #     with each other, put their baseline on trial (FilterStack._suspect);
+                                      #     0: never
 
     def __post_init__(self):
         if self.fwhm_factor <= 1 or self.background_factor <= 1:
@@ -32,6 +35,8 @@ class RejectParams:
             raise ValueError("reject.min_star_fraction and reject.min_transparency must be in (0, 1)")
         if self.window < 1 or self.min_ref_stars < 3:
             raise ValueError("reject.window must be ≥ 1 and reject.min_ref_stars ≥ 3")
+        if self.suspect_after < 0 or self.suspect_after == 1:
+            raise ValueError(f"reject.suspect_after = {self.suspect_after}: must be 0 (never) or ≥ 2")
 
 
 class FrameJudge:

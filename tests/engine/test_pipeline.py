@@ -533,3 +533,124 @@ def test_the_first_frame_of_a_new_exposure_is_judged_on_its_transparency(tmp_pat
         [r.reason for r in recs]
     assert recs[3].reason.startswith("transparency 0.4"), recs[3].reason
     assert list(eng.filters.values())[0].bases["15s|iso 800|gain 120.0"] == 0.25
+
+
+def haze(path, k: float, seed: int) -> None:
+    """Star fluxes (and the nebula) × k on the same sky and the same noise — as a thin cloud dims a frame; scaling
+    the pixels alone would lower the noise with them, as a change of the pixel scale (ISO, gain) does."""
+    with fits.open(path, mode="update") as h:
+        d = h[0].data.astype(np.float64)
+        sky = np.median(d)
+        dd = np.diff(d, axis=1)
+        sig = 1.4826 * float(np.median(np.abs(dd - np.median(dd)))) / np.sqrt(2)
+        d = sky + k * (d - sky) + np.random.default_rng(seed).normal(0, sig * np.sqrt(1 - k * k), d.shape)
+        h[0].data = np.clip(d, 0, 16383).astype(np.uint16)
+        h[0].scale("int16", bzero=32768)
+
+
+def iso_night(root, n_a: int, n_b: int, **b):
+    """n_a frames at ISO 800 (1 e-/ADU), then n_b at ISO 1600 (0.5 e-/ADU: twice the ADU for the same sky);
+    ``b``: more SimConfig fields of the second part."""
+    from drivers.simulator import SimConfig, render_night
+
+    kw = dict(width=640, height=480, sky_seed=1, mono=True, n_stars=3000)
+    render_night(root / "a", SimConfig(n_frames=n_a, iso=800, gain=1.0, seed=1, **kw))
+    render_night(root / "b", SimConfig(n_frames=n_b, iso=1600, gain=0.5, seed=2, **{**kw, **b}))
+    return sorted((root / "a").glob("*.fits")) + sorted((root / "b").glob("*.fits"))
+
+
+def test_the_first_frame_of_a_new_iso_is_judged_on_its_transparency(tmp_path):
+    """ISO 800 -> 1600 mid-night, the first ISO 1600 frame hazy (star fluxes × 0.45, same sky): it was judged on
+    FWHM and shape alone, stacked, and made its group's baseline (then a hazier frame passed against it).  Its
+    transparency is now judged against the latest frame's scaled by their noises (the ADU per electron: 2×
+    here): rejected; the clear frame after it becomes the baseline.  The same through a checkpoint."""
+    files = iso_night(tmp_path, 4, 5)
+    haze(files[4], 0.45, 0)
+    haze(files[6], 0.5, 1)
+    eng, recs, amended = run_judged(files)
+    assert [r.status for r in recs] == ["reference"] + ["stacked"] * 3 + ["rejected", "stacked", "rejected",
+                                                                          "stacked", "stacked"], \
+        [r.reason for r in recs]
+    assert recs[4].reason.startswith("transparency 0.4"), recs[4].reason
+    assert recs[6].reason.startswith("transparency 0.4"), recs[6].reason
+    assert amended == []
+    assert 1.8 < list(eng.filters.values())[0].bases["60s|iso 1600|gain 120.0"] < 2.2
+    part = through_checkpoints(files, [4, 5], tmp_path / "ckpt")
+    a, wa = eng.result(None)
+    b, wb = part.result(None)
+    assert np.array_equal(a, b) and np.array_equal(wa, wb) and part.n_rejected == eng.n_rejected == 2
+
+
+def test_a_clear_night_whose_gain_and_exposure_change_together_loses_no_frame(tmp_path):
+    """120 s at ISO 400 (2 e-/ADU), then 30 s at ISO 3200 (0.25 e-/ADU), on the simulator's sky (the same
+    electrons per frame whatever the exposure: the noise does not follow it).  Scaled by the noise and √ of the
+    exposures, every clear 30 s frame until the third was "transparency 0.5"; by the lower of r and √r, none."""
+    from drivers.simulator import SimConfig, render_night
+
+    kw = dict(width=640, height=480, sky_seed=1, mono=True, n_stars=3000)
+    render_night(tmp_path / "a", SimConfig(n_frames=3, iso=400, gain=2.0, exptime=120, seed=1, **kw))
+    render_night(tmp_path / "b", SimConfig(n_frames=3, iso=3200, gain=0.25, exptime=30, seed=2, **kw))
+    files = sorted((tmp_path / "a").glob("*.fits")) + sorted((tmp_path / "b").glob("*.fits"))
+    eng, recs, amended = run_judged(files)
+    assert [r.status for r in recs] == ["reference"] + ["stacked"] * 5, [r.reason for r in recs]
+    assert amended == []
+
+
+def test_a_new_gain_misjudged_by_its_noise_recovers(tmp_path):
+    """The noise estimate of a new gain is off when read noise weighs (40 e- here against 400 e- of sky: the
+    noise 2.2× the ADU scale's, every clear frame "transparency 0.45").  Three frames in a row, agreeing with
+    each other, replace the estimate: two are lost, not the rest of the night."""
+    files = iso_night(tmp_path, 4, 6, read_noise=40.0)
+    eng, recs, amended = run_judged(files)
+    assert [r.status for r in recs] == ["reference"] + ["stacked"] * 3 + ["rejected"] * 2 + ["stacked"] * 4, \
+        [r.reason for r in recs]
+    assert all(r.reason.startswith("transparency 0.4") for r in recs[4:6]), [r.reason for r in recs]
+    assert amended == [] and eng.n_stacked == 8
+
+
+def corrupt(path, factor: float) -> None:
+    """The frame's pixels × factor, as float32 (a broken BSCALE or a program's scaling)."""
+    with fits.open(path) as h:
+        d, hdr = h[0].data.astype(np.float32) * np.float32(factor), h[0].header.copy()
+    for k in ("BZERO", "BSCALE"):
+        hdr.pop(k, None)
+    fits.PrimaryHDU(d, hdr).writeto(path, overwrite=True)
+
+
+def test_a_first_frame_of_another_pixel_scale_is_left_out(night, tmp_path):
+    """A first frame whose pixels are × 10⁵: every later frame was "transparency 0.00" against it, and its
+    verdict needed frames accepted after it — the night was lost.  Three frames in a row rejected against it
+    for their transparency alone, agreeing with each other and with their noise as much lower as their star
+    fluxes (a pixel scale, not a cloud), leave it out of the stack; the night goes on from the third.  The same
+    through checkpoints."""
+    files, _ = night(n_frames=8, seed=5, mono=True, n_stars=3000)
+    corrupt(files[0], 1e5)
+    eng, recs, amended = run_judged(files)
+    assert [r.status for r in recs] == ["reference", "rejected", "rejected"] + ["stacked"] * 5, \
+        [r.reason for r in recs]
+    assert [a["file"] for a in amended] == [files[0].name], amended
+    assert "another pixel scale" in amended[0]["reason"] and "(still the grid's reference)" in amended[0]["reason"]
+    assert eng.n_stacked == 5 and eng.n_rejected == 3
+    part = through_checkpoints(files, [2, 4], tmp_path / "ckpt")
+    a, wa = eng.result(None)
+    b, wb = part.result(None)
+    assert np.array_equal(a, b, equal_nan=True) and np.array_equal(wa, wb) and part.n_rejected == 3
+
+
+@pytest.mark.parametrize("weather", ["haze", "cloudy"])
+def test_a_good_first_frame_stays_when_clouds_come_after_it(night, weather):
+    """A good first frame, then clouds for the rest of the night: every frame is rejected for its transparency
+    against it, and they agree with each other — but their noise did not fall with their stars (haze: the same
+    sky; the simulator's cloud: star fluxes × 0.3 and the sky × 2.5), so the first frame stays and so does its
+    baseline.  The star count and sky tests are loosened so that transparency alone judges them."""
+    files, _ = night(n_frames=8, seed=5, mono=True, n_stars=3000,
+                     defects={i: "cloudy" for i in range(1, 8)} if weather == "cloudy" else {})
+    if weather == "haze":
+        for i in range(1, 8):
+            haze(files[i], 0.45, i)
+    cfg = dataclasses.replace(Config(), reject=dataclasses.replace(Config().reject, min_star_fraction=0.05,
+                                                                   background_factor=10.0))
+    eng, recs, amended = run_judged(files, cfg)
+    assert [r.status for r in recs] == ["reference"] + ["rejected"] * 7, [r.reason for r in recs]
+    assert all(r.reason.startswith("transparency") for r in recs[1:]), [r.reason for r in recs]
+    assert amended == [] and list(eng.filters.values())[0].bases == {"60s|iso 800|gain 120.0": 1.0}
