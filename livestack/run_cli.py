@@ -11,7 +11,7 @@ from pathlib import Path
 from . import NOTICE
 from .config import Config, ConfigError, make_section
 from .daemon.config import session_section, shell_sections
-from .session import SessionError, SessionFolder
+from .session import FolderError, SessionError, SessionFolder
 from .text import one_line
 
 log = logging.getLogger("livestack")
@@ -118,7 +118,9 @@ def cmd_run(args, cfg: Config) -> int:
         print(f"livestack run: {err}", file=sys.stderr)
         if app is not None:
             app.server_close()
-        return 1
+        # a session folder that cannot be one is a configuration error (2: systemd's RestartPreventExitStatus=
+        # keeps it from restarting into it every 5 s); a full or read-only disk is no error at start any more
+        return 2 if isinstance(err, FolderError) else 1
 
     stop = threading.Event()
 

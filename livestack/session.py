@@ -31,19 +31,29 @@ class FramesLog:
 
     def __init__(self, path: Path | str):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._repair()
+        self.torn = False       # a torn last line not cut yet (the disk took no writes): cut before an append
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._repair()
+        except OSError as err:  # a read-only or full disk at start: the daemon runs on, the cut waits
+            if disk_full(err, self.path) is None:
+                raise
+            self.torn = True
 
     def _repair(self) -> None:
-        """Cut a torn last line (power lost mid-append) so the next record starts on a line of its own."""
+        """Cut a torn last line (power lost mid-append) so the next record starts on a line of its own.  The
+        file is opened for writing only when there is a line to cut: a start on a read-only disk reads it."""
         if not self.path.exists():
             return
-        with open(self.path, "rb+") as f:
+        with open(self.path, "rb") as f:
             data = f.read()
-            if data and not data.endswith(b"\n"):
-                f.truncate(data.rfind(b"\n") + 1)
+        if data and not data.endswith(b"\n"):
+            os.truncate(self.path, data.rfind(b"\n") + 1)
 
     def append(self, rec: FrameRecord | dict) -> None:
+        if self.torn:
+            self._repair()
+            self.torn = False
         d = rec.to_dict() if isinstance(rec, FrameRecord) else rec
         line = json_utf8(d, allow_nan=False) + b"\n"
         with open(self.path, "ab") as f:
@@ -247,6 +257,11 @@ class Refused(Exception):
 
 class SessionError(Exception):
     """A session folder problem, as one line naming the file and the reason."""
+
+
+class FolderError(SessionError):
+    """The session folder cannot be one at all (a file in the way, no permission to make it or write in it):
+    a configuration error, which no restart mends — unlike a full or read-only disk, which the daemon waits out."""
 
 
 @dataclass

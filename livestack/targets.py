@@ -30,7 +30,7 @@ import numpy as np
 
 from .engine.register import RegisterParams, RegistrationError, register
 from .engine.solve import separation_deg
-from .engine.write import fsync_dir
+from .engine.write import disk_full, fsync_dir
 from .session import (ARCHIVE_DIR, FRAMES_LOG, SESSION_DIR, STAGING_DIR, SWITCH_FILE, TARGETS_FILE, SessionFolder,
                       read_frames_log, set_aside, write_json_atomic)
 
@@ -118,12 +118,19 @@ class Book:
             except (OSError, ValueError, KeyError, TypeError, IndexError) as err:
                 why, book.targets = f"unreadable ({err})", []
         if not book.targets:
-            if why is not None:
-                set_aside(book.path, why, "rebuilt from the session folders")
-            book._rebuild()
+            try:
+                if why is not None:
+                    set_aside(book.path, why, "rebuilt from the session folders")
+                book._rebuild()
+            except OSError as err:
+                # a start on a full or read-only disk: the list is kept in memory and saved with the stack files
+                if disk_full(err, book.path) is None:
+                    raise
+                if not book.targets:
+                    book._rebuild(save=False)
         return book
 
-    def _rebuild(self) -> None:
+    def _rebuild(self, *, save: bool = True) -> None:
         """One target for the current session; the archived sessions found on disk follow (archives of a "new
         stack" and of older versions are listed closed: their reference is not known to be comparable)."""
         self.targets = [Target(1, "target 1", ".")]
@@ -134,7 +141,8 @@ class Book:
                     ref = load_reference(p)
                     self.targets.append(Target(len(self.targets) + 1, p.name, f"{ARCHIVE_DIR}/{p.name}",
                                                closed=ref is None))
-        self.save()
+        if save:
+            self.save()
 
     def save(self) -> None:
         write_json_atomic(self.path, {"targets": [t.to_dict() for t in self.targets]})

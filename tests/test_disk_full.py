@@ -694,3 +694,82 @@ def test_after_a_restart_the_status_says_what_the_checkpoint_covers(tmp_path, da
         assert st["checkpoint"]["frames"] == 4
     finally:
         svc.stop(timeout=10)
+
+
+# ---------------------------------------------------------------- a start on a disk that takes no writes
+
+def test_a_start_on_a_read_only_session_folder_serves_the_page_stacks_and_writes_later(make_daemon, daemon_night):
+    """The SD card came up read-only (ext4 remounted it after an error) with last night's session on it: the
+    start exited 1 with one line (`cannot write …/targets.json: read-only file system`), and under systemd
+    that is a restart every 5 s with no page.  Now it starts as a mid-night read-only remount goes on: the page
+    and the status say why, the frames are stacked in memory, and everything is written once the folder takes
+    writes again."""
+    files, _ = daemon_night
+    d = make_daemon(name="ro-start")
+    with tmpfs(d.out, 16):
+        d.run_through(files[:3])
+        killed_write(d.out / "stack.fits")     # a power cut mid-write (what made ext4 remount it read-only)
+        _remount(d.out, "ro")
+        try:
+            d.start()
+            st = wait_for(lambda: (s := status(d))["state"] == "idle" and s, 15, "the page", d)
+            assert st["frames"] == 3 and st["disk"]["since"]
+            assert st["disk"]["error"] == f"cannot write {d.out}: read-only file system", st["disk"]
+            d.feeder(files[3:])(3)
+            st = wait_for(lambda: (s := status(d))["frames"] == 6 and s["state"] == "idle" and s, 30,
+                          "6 frames counted on a read-only disk", d)
+            assert st["disk"] and st["stacked"] + st["rejected"] == 6
+            assert len(well_formed_lines(d.out / "frames.jsonl")) == 3
+        finally:
+            _remount(d.out, "rw")
+        wait_for(lambda: status(d)["disk"] is None, 15, "catch-up", d)
+        wait_for(lambda: status(d)["checkpoint"]["frames"] == 6, 15, "a checkpoint of 6 frames", d)
+        assert d.stop() == 0
+        recs = well_formed_lines(d.out / "frames.jsonl")
+        assert [r["path"] for r in recs] == [f.name for f in files[:6]]
+        assert ncombine(d.out) == sum(r["status"] in STACKED for r in recs)
+        assert len(temporaries(d.out)) == 1          # the power cut's: removed at the next start, not this one
+        assert d.log.read_text().count("read-only file system") == 1, d.log.read_text()
+
+
+def test_a_start_on_a_full_disk_serves_the_page_stacks_and_writes_later(make_daemon, daemon_night):
+    """A new session folder on a full disk: the start exited 1 (`disk full: …/targets.json, 0.1 MB needed`).  Now
+    the page comes up saying so, frames are stacked in memory, and the files are written when space returns."""
+    files, _ = daemon_night
+    d = make_daemon(name="full-start")
+    with tmpfs(d.out, 16):
+        filler = fill(d.out)
+        d.start()
+        st = wait_for(lambda: (s := status(d))["state"] == "idle" and s, 15, "the page", d)
+        assert st["disk"]["error"] == f"disk full: {d.out}", st["disk"]
+        d.feeder(files)(4)
+        wait_for(lambda: (s := status(d))["frames"] == 4 and s["state"] == "idle", 30, "4 frames in memory", d)
+        assert not (d.out / "stack.fits").exists()
+        filler.unlink()
+        wait_for(lambda: status(d)["disk"] is None, 15, "catch-up", d)
+        assert d.stop() == 0
+        recs = well_formed_lines(d.out / "frames.jsonl")
+        assert [r["path"] for r in recs] == [f.name for f in files[:4]]
+        assert ncombine(d.out) == sum(r["status"] in STACKED for r in recs)
+        assert json.loads((d.out / "targets.json").read_text())["targets"][0]["folder"] == "."
+        assert d.log.read_text().count("disk full") == 1, d.log.read_text()
+
+
+def test_a_torn_last_line_on_a_read_only_disk_is_cut_before_the_next_append(tmp_path):
+    """frames.jsonl with a torn last line (a power cut mid-append) on a disk that came up read-only: the cut
+    cannot be made at start, which stopped the start; it is made before the first append once writes work
+    again — or the next record would be glued to the torn one and both lost."""
+    from livestack.session import FramesLog
+
+    out = tmp_path / "out"
+    with tmpfs(out, 16):
+        path = out / "frames.jsonl"
+        path.write_bytes(b'{"file": "a.dng", "status": "stacked"}\n{"file": "b.d')
+        _remount(out, "ro")
+        try:
+            flog = FramesLog(path)
+            assert flog.torn
+        finally:
+            _remount(out, "rw")
+        flog.append({"file": "c.dng", "status": "stacked"})
+        assert [d["file"] for d in well_formed_lines(path)] == ["a.dng", "c.dng"]

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import queue
+import tempfile
 import threading
 import time
 from concurrent.futures import Future
@@ -37,7 +38,7 @@ from ..engine.write import (DiskFull, WriteDeferred, atomic_write_bytes, deferra
                             encode_tiff16, free_bytes, mb, remove_orphans)
 from ..config import make_section
 from ..engine.solve import Solution, SolveError, SolveParams
-from ..session import FramesLog, Refused, SessionFolder, apply_amended, rewrite_frames_log
+from ..session import FolderError, FramesLog, Refused, SessionFolder, apply_amended, rewrite_frames_log
 from ..sky import MAX_ATTEMPTS, SkySolver, reference_hints, sky_status, stars_on_grid
 from ..targets import REFERENCE_FILE, Book, Target, load_reference, match_target, save_reference, separation
 from .config import DaemonParams, WatchParams, session_section
@@ -158,12 +159,24 @@ class Service:
         Raises SessionError / FileNotFoundError with one line naming the folder."""
         if not self.watch_dir.is_dir():
             raise FileNotFoundError(f"{self.watch_dir}: watch folder does not exist")
-        self._remove_orphans()
-        self.out.mkdir(parents=True, exist_ok=True)
+        if self.out.exists() and not self.out.is_dir():
+            raise FolderError(f"{self.out}: not a folder; the session folder must be one")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:   # a file on the way, no permission, a read-only or full parent: no folder to wait on
+            raise FolderError(f"{self.out}: cannot make the session folder ({err.strerror or err})") from err
         st = os.stat(self.out)
         self._out_id = (st.st_dev, st.st_ino)
+        try:
+            self._probe()
+            unwritable = None
+        except DiskFull as full:     # met as mid-night: the page and the status say it, the writes wait
+            unwritable = full
+        self._remove_orphans()
         self.book = Book.open(self.out)          # finishes a switch of targets a crash interrupted
         r = self._open_current()
+        if unwritable is not None:
+            self._block(self._probe_key, unwritable)
         # files of every target's session (and of "new stack" ignore lists) are not stacked again
         known = {d.get("path") or d["file"] for d in self.records} | self.folder.ignored() | self.book.known_files()
         poison = self.folder.inflight()
@@ -179,7 +192,7 @@ class Service:
             known.add(rel)
             log.error("livestack: %s stopped the worker %d times in a row; recorded as failed and skipped",
                       rel, poison["attempts"])
-            self.folder.clear_inflight()
+            self._best_effort(self.folder.clear_inflight)
         if self.engine.has_stack:
             self._render_preview()
             # the checkpoint may be ahead of the stack files (a crash between a restack's checkpoint and its
@@ -210,6 +223,30 @@ class Service:
         self._ref_named = self.engine.has_stack
         return r
 
+    @property
+    def _probe_key(self) -> Path:
+        """The owed "write" that stands for the session folder itself (_probe), among the files' in _blocked."""
+        return self.out / ".probe"
+
+    def _probe(self) -> None:
+        """Write, fsync and remove a small file in the session folder.  At start it tells a folder that takes no
+        writes (read-only, full: DiskFull naming the folder, waited out like a mid-night one) from one that
+        never will (no permission: FolderError) — before a frame comes, so that the page says it at once."""
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=self.out)
+            try:
+                os.write(fd, b"\0" * 4096)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(tmp)
+        except OSError as err:
+            full = disk_full(err, self.out)
+            if full is None:
+                raise FolderError(f"{self.out}: cannot write in the session folder ({err.strerror or err})") \
+                    from err
+            raise full from err
+
     def _remove_orphans(self) -> None:
         """Temporaries of writes killed mid-way (kill -9, power cut) are never renamed into place: at 24 MP each
         is ~470 MB.  Only the session folder and session/ are cleaned, only of atomic_write_with's names — never
@@ -217,7 +254,11 @@ class Service:
         removed = []
         for folder in (self.out, self.folder.dir):
             if folder.resolve() != self.watch_dir:
-                removed += remove_orphans(folder)
+                try:
+                    removed += remove_orphans(folder)
+                except OSError as err:     # a read-only disk: they are removed at a later start
+                    if disk_full(err, folder) is None:
+                        raise
         if removed:
             log.warning("livestack: removed %d temporary files of interrupted writes (%s): %s", len(removed),
                         mb(sum(n for _, n in removed)),
@@ -819,13 +860,19 @@ class Service:
         self._publish()
 
     def _worst_owed(self) -> str:
-        """The owed write that needs the most room, as the page says it ("disk full: <path>, N MB needed")."""
+        """The owed write that needs the most room, as the page says it ("disk full: <path>, N MB needed") — or,
+        while the session folder takes no writes at all since the start, the folder ("cannot write <out>: …")."""
+        probe = self._blocked.get(self._probe_key)
+        if probe is not None and not probe[0].space:
+            return str(probe[0])
         return str(max((f for f, _ in self._blocked.values()), key=lambda f: f.needed))
 
     def _catch_up(self) -> None:
         """Write what a full disk left owed, in the order a restart needs it: the exclusions, frames.jsonl, then
         the outputs and the checkpoint (which must not count frames that frames.jsonl lacks)."""
         self._last_catch_up = time.monotonic()
+        if self._probe_key in self._blocked:      # the folder took no writes at start
+            self._guarded(self._probe_key, self._probe)
         self._save_excluded()
         self._save_log()
         if self.engine.has_stack and not self._ref_saved:

@@ -72,8 +72,8 @@ class DiskFull(OSError):
         return self.code in NO_SPACE
 
     def __str__(self) -> str:
-        if self.space:
-            return f"disk full: {self.path}, {mb(self.needed)} needed"
+        if self.space:     # (needed 0: not known — a folder's own check, not a file's write)
+            return f"disk full: {self.path}" + (f", {mb(self.needed)} needed" if self.needed else "")
         return f"cannot write {self.path}: {self.why or os.strerror(self.code).lower()}"
 
 
