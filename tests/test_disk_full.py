@@ -773,3 +773,71 @@ def test_a_torn_last_line_on_a_read_only_disk_is_cut_before_the_next_append(tmp_
             _remount(out, "rw")
         flog.append({"file": "c.dng", "status": "stacked"})
         assert [d["file"] for d in well_formed_lines(path)] == ["a.dng", "c.dng"]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "livestack.cli", "run", "--port", "0", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_session_folder_that_cannot_be_one_is_a_configuration_error(tmp_path):
+    """A file where the session folder should be, or on its way: no disk to wait for, a path to correct.  One
+    line and exit 2, a configuration error — which the unit's RestartPreventExitStatus=2 keeps systemd from
+    restarting into every 5 s (it was exit 1 and `[Errno 20] Not a directory: …`)."""
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    r = _run("--watch", str(watch), "--out", str(afile))
+    assert (r.returncode, r.stderr) == (2, f"livestack run: {afile}: not a folder; the session folder must be one\n")
+    r = _run("--watch", str(watch), "--out", str(afile / "out"))
+    assert (r.returncode, r.stderr) == (2, f"livestack run: {afile / 'out'}: cannot make the session folder "
+                                           f"(Not a directory)\n")
+    r = _run("--watch", str(tmp_path / "nope"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 1 and r.stderr.endswith("watch folder does not exist\n"), r.stderr   # restarts: see README
+
+
+def test_a_session_folder_that_cannot_be_made_on_a_read_only_disk_is_a_configuration_error(tmp_path):
+    """There is no folder to wait on (and a missing one is never made later: it may be an unmounted disk's mount
+    point): one line, exit 2."""
+    ro, watch = tmp_path / "ro", tmp_path / "watch"
+    watch.mkdir()
+    with tmpfs(ro, 1):
+        _remount(ro, "ro")
+        r = _run("--watch", str(watch), "--out", str(ro / "out"))
+    assert (r.returncode, r.stderr) == (2, f"livestack run: {ro / 'out'}: cannot make the session folder "
+                                           f"(Read-only file system)\n")
+
+
+def test_a_session_folder_without_write_permission_is_a_configuration_error(tmp_path, monkeypatch, capsys):
+    """No permission to write in it (the unit's User= does not own it; ReadWritePaths= left out): no restart
+    mends that.  (Simulated: the tests run as root, whom permissions do not stop.)"""
+    import errno
+    import tempfile
+
+    from livestack.cli import main
+
+    out, watch = tmp_path / "out", tmp_path / "watch"
+    out.mkdir()
+    watch.mkdir()
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kw):
+        if Path(dir) == out:
+            raise PermissionError(errno.EACCES, "Permission denied", str(out / ".probe.x.tmp"))
+        return real(*args, dir=dir, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    logger = logging.getLogger("livestack")
+    level = logger.level
+    try:
+        assert main(["run", "--watch", str(watch), "--out", str(out), "--no-web"]) == 2
+    finally:
+        logger.setLevel(level)
+    assert capsys.readouterr().err == f"livestack run: {out}: cannot write in the session folder (Permission denied)\n"
+
+
+def test_the_unit_does_not_restart_into_a_configuration_error():
+    """Exit 2 (usage, configuration, a session folder that cannot be one) is not restarted by systemd."""
+    unit = (REPO / "systemd" / "livestack.service").read_text()
+    assert "\nRestart=on-failure\n" in unit and "\nRestartPreventExitStatus=2\n" in unit

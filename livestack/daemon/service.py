@@ -156,7 +156,9 @@ class Service:
 
     def start(self) -> str:
         """Resume the session and start the worker and the watcher.  Returns the one-line resume note.
-        Raises SessionError / FileNotFoundError with one line naming the folder."""
+        Raises SessionError / FileNotFoundError with one line naming the folder; FolderError when the session
+        folder cannot be one (a configuration error).  A full or read-only disk is not an error: the writes wait
+        for it, as they do mid-night."""
         if not self.watch_dir.is_dir():
             raise FileNotFoundError(f"{self.watch_dir}: watch folder does not exist")
         if self.out.exists() and not self.out.is_dir():
