@@ -841,3 +841,31 @@ def test_the_unit_does_not_restart_into_a_configuration_error():
     """Exit 2 (usage, configuration, a session folder that cannot be one) is not restarted by systemd."""
     unit = (REPO / "systemd" / "livestack.service").read_text()
     assert "\nRestart=on-failure\n" in unit and "\nRestartPreventExitStatus=2\n" in unit
+
+
+def test_a_stop_on_a_read_only_start_names_only_the_files_not_written(tmp_path, daemon_night, caplog):
+    """Stopped while the session folder still takes no writes: the last line names the files not written — not
+    the folder's own check at start (".probe not written" named a file there never was)."""
+    files = daemon_night[0][:2]
+    out = tmp_path / "out"
+    caplog.set_level(logging.INFO, logger="livestack")
+    with tmpfs(out, 16):
+        _remount(out, "ro")
+        try:
+            svc = _service(tmp_path / "watch", out, [])
+            try:
+                wait_for(lambda: svc.status()["disk"], 10, "the disk's status")
+            finally:
+                svc.stop(timeout=10)
+            svc = _service(tmp_path / "watch", out, files)
+            try:
+                _wait_idle(svc, 2)
+            finally:
+                svc.stop(timeout=10)
+        finally:
+            _remount(out, "rw")
+    stops = [r.getMessage() for r in caplog.records if "stopping with" in r.getMessage()]
+    assert stops[0] == f"livestack: stopping with cannot write {out}: read-only file system", stops
+    assert stops[1].startswith(f"livestack: stopping with cannot write {out}: read-only file system: ")
+    assert ".probe" not in stops[1] and "frames.jsonl" in stops[1] and "stack.fits" in stops[1], stops
+    assert stops[1].endswith("; 2 frames not in frames.jsonl are stacked again at the next start"), stops

@@ -782,8 +782,9 @@ class Service:
         self._publish()
         if self._blocked:
             unlogged = len(self.records) - (self._logged or 0)
-            log.error("livestack: stopping with %s: %s not written%s", self._disk["error"],
-                      ", ".join(sorted(p.name for p in self._blocked)),
+            owed = sorted(p.name for p in self._blocked if p != self._probe_key)   # (the folder's own check: no file)
+            log.error("livestack: stopping with %s%s%s", self._disk["error"],
+                      f": {', '.join(owed)} not written" if owed else "",
                       f"; {unlogged} frames not in frames.jsonl are stacked again at the next start" if unlogged
                       else "")
         log.log(NOTICE, "livestack: stopped; %d stacked, %d rejected, %d failed; outputs in %s",
