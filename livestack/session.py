@@ -50,10 +50,14 @@ class FramesLog:
         if data and not data.endswith(b"\n"):
             os.truncate(self.path, data.rfind(b"\n") + 1)
 
-    def append(self, rec: FrameRecord | dict) -> None:
+    def cut(self) -> None:
+        """Make the cut of a torn last line that a read-only or full disk put off at start (``torn``)."""
         if self.torn:
             self._repair()
             self.torn = False
+
+    def append(self, rec: FrameRecord | dict) -> None:
+        self.cut()
         d = rec.to_dict() if isinstance(rec, FrameRecord) else rec
         line = json_utf8(d, allow_nan=False) + b"\n"
         with open(self.path, "ab") as f:

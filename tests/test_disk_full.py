@@ -869,3 +869,51 @@ def test_a_stop_on_a_read_only_start_names_only_the_files_not_written(tmp_path, 
     assert stops[1].startswith(f"livestack: stopping with cannot write {out}: read-only file system: ")
     assert ".probe" not in stops[1] and "frames.jsonl" in stops[1] and "stack.fits" in stops[1], stops
     assert stops[1].endswith("; 2 frames not in frames.jsonl are stacked again at the next start"), stops
+
+
+def test_a_torn_line_cut_late_is_not_brought_back_by_a_failed_append(tmp_path, daemon_night, monkeypatch):
+    """The torn line of a read-only start is cut before the first append; when that append then fails (the disk
+    writable again, but full: simulated, as a small append into a page the file already has succeeds on a full
+    tmpfs), the log is cut back to its size before the append — which, measured before the cut, held the torn
+    line: truncate() brought its length back as NUL bytes, glued to the next line."""
+    import errno
+
+    import livestack.session as session_mod
+
+    files = daemon_night[0][:3]
+    out, watch = tmp_path / "out", tmp_path / "watch"
+    full = threading.Event()
+    real_append = session_mod.FramesLog.append
+
+    def append(self, rec):
+        if full.is_set():
+            self.cut()                  # the cut (a truncate) needs no room; the line does
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real_append(self, rec)
+
+    with tmpfs(out, 16):
+        svc = _service(watch, out, files[:2])
+        try:
+            _wait_idle(svc, 2)
+        finally:
+            svc.stop(timeout=10)
+        with open(out / "frames.jsonl", "ab") as f:
+            f.write(b'{"file": "torn.dng", "sta')
+        monkeypatch.setattr(session_mod.FramesLog, "append", append)
+        full.set()
+        _remount(out, "ro")
+        try:
+            svc = _service(watch, out, [])
+        finally:
+            _remount(out, "rw")
+        try:
+            assert svc.flog.torn
+            shutil.copy(files[2], watch / files[2].name)
+            wait_for(lambda: (s := svc.status())["frames"] == 3 and s["state"] == "idle" and s["disk"], 30,
+                     "3 frames, frames.jsonl owed")
+            full.clear()
+            wait_for(lambda: svc.status()["disk"] is None, 15, "catch-up")
+        finally:
+            svc.stop(timeout=10)
+        assert svc.error is None
+        assert [r["path"] for r in well_formed_lines(out / "frames.jsonl")] == [f.name for f in files]

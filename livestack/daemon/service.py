@@ -909,6 +909,7 @@ class Service:
             rewrite_frames_log(self.folder.frames, self.records)
             self._logged = len(self.records)
             return
+        self.flog.cut()      # first: the size a failed append is cut back to must not hold the torn line
         while self._logged < len(self.records):
             try:
                 size = self.folder.frames.stat().st_size
