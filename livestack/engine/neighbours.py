@@ -30,7 +30,12 @@ class Grid:
         self.points, self.n = pts, len(pts)
         lo = pts.min(axis=0) if self.n else np.zeros(2)
         extent = (pts.max(axis=0) - lo) if self.n else np.zeros(2)
-        self.cell = max(float(cell), math.sqrt(float((extent[0] + cell) * (extent[1] + cell)) / self.MAX_CELLS))
+        # The smallest width s with (e0 / s + 1)(e1 / s + 1) ≤ MAX_CELLS (a root of the quadratic in s): not
+        # sqrt(e0 · e1 / MAX_CELLS), which leaves a line of points — all on one row, or one mapped star at 1e12 px
+        # beside the others — 1.5e8 cells (3.5 GB) long.
+        e0, e1, m = float(extent[0]), float(extent[1]), self.MAX_CELLS - 1
+        wide = ((e0 + e1) + math.sqrt((e0 + e1) ** 2 + 4.0 * m * e0 * e1)) / (2.0 * m)
+        self.cell = max(float(cell), wide * (1.0 + 1e-9))     # (a margin for the floor's rounding)
         self.lo = lo
         self.shape = (np.floor(extent / self.cell).astype(np.int64) + 1) if self.n else np.zeros(2, np.int64)
         ij = np.floor((pts - lo) / self.cell).astype(np.int64)

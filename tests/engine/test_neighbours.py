@@ -59,3 +59,15 @@ def test_k_nearest_is_ckdtrees(seed):
 def test_poisson_tail_is_pdtrc(lam):
     k = np.arange(400)
     np.testing.assert_allclose(poisson_tail(k, lam), pdtrc(k, lam), rtol=1e-9, atol=1e-300)
+
+
+@pytest.mark.parametrize("far", [[1e12, 0.0], [1e9, 5.0], [0.0, 1e7], [1e7, 4000.0], [6000.0, 4000.0], [3.0, 0.0]])
+def test_the_cell_table_stays_within_its_cap_for_any_extent(far):
+    # A line of points (all on one row, or one mapped star at 1e12 px beside the rest) once made a table of
+    # 1.5e8 cells (3.5 GB) while a square field of the same width made 65536: the cap was sqrt(area / cells).
+    pts = np.array([[0.0, 0.0], far, [far[0] / 2, far[1] / 2]])
+    g = Grid(pts, 3.0)
+    assert int(np.prod(g.shape)) <= Grid.MAX_CELLS
+    assert len(g.start) <= Grid.MAX_CELLS + 1
+    d, i = g.nearest(pts + 0.5, 1.0)
+    assert np.allclose(d, np.hypot(0.5, 0.5)) and (i == np.arange(3)).all()
