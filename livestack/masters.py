@@ -530,19 +530,22 @@ class _FrameStats:
     hi: float
     level: float       # median, ADU
     noise: float       # pixel-to-pixel σ, ADU (from same-colour neighbours: gradients and vignetting cancel)
+    step: float = 0.0  # the data's quantum: 1 ADU for integers, 16 for 12-bit data in 16-bit files, ~0 for floats
 
 
 def frame_stats(data: np.ndarray) -> _FrameStats:
     """Level and noise of one (H, W) float32 calibration frame, from every 16th row (0.05 s at 24 MP).  The noise is
-    the σ of the differences of pixels two columns apart (same CFA colour) over √2, clipped at 5 robust σ so
-    that hot pixels and cosmic rays do not count; a clipped σ, not a MAD, so that integer data with σ below
-    1 ADU still gets a σ above 0."""
+    the σ of the differences of pixels two columns apart (same CFA colour) over √2, clipped at 5 robust σ — at
+    least 5 steps of the data — so that hot pixels and cosmic rays do not count; a clipped σ, not a MAD, so that
+    integer data with σ below its step still gets a σ above 0 (clipped at 5 ADU, data in steps of 16 had none)."""
     rows = data[::16]                          # a view: 1.5 M pixels of a 24 MP frame, plenty for two numbers
     d = (rows[:, 2:] - rows[:, :-2]).ravel()           # float32: exact for integer ADU
     s0 = 1.4826 * float(np.median(np.abs(d))) if d.size else 0.0     # (differences are centred on 0)
-    d = d[np.abs(d) <= 5 * max(s0, 1.0)]
+    nonzero = np.abs(d[d != 0])
+    step = float(nonzero.min()) if nonzero.size else 0.0
+    d = d[np.abs(d) <= 5 * max(s0, step, 1.0)]
     noise = float(np.std(d, dtype=np.float64)) / math.sqrt(2) if d.size else 0.0
-    return _FrameStats(float(data.min()), float(data.max()), float(np.median(rows)), noise)
+    return _FrameStats(float(data.min()), float(data.max()), float(np.median(rows)), noise, step)
 
 
 def _odd_frames(g: _Group, p: CalibrationParams) -> dict[int, str]:
@@ -556,7 +559,9 @@ def _odd_frames(g: _Group, p: CalibrationParams) -> dict[int, str]:
     light's sky, another gain) is left out.  The spread is robust (1.4826 × MAD over the frames, so up to half
     the frames may be bad) with a floor from physics: the pixel noise for the level — a shift below
     ``frame_sigma`` pixel σ is what the clipped combine tolerates anyway — and 5 % of the noise for the noise
-    (dark current varies that much within a 2 °C bin).  Flats vary in level by design (sky flats), are
+    (dark current varies that much within a 2 °C bin); and beyond both, the step of integer data: with a noise
+    below it, an offset drifting by half a step moves a frame's median by a whole step and its measured noise
+    from ~0.3 to ~0.5 step, which says nothing of the frame.  Flats vary in level by design (sky flats), are
     normalised one by one, and already lose a frame without light or saturated: only the constant test."""
     odd: dict[int, str] = {}
     if len(g.stats) < 2:
@@ -573,13 +578,14 @@ def _odd_frames(g: _Group, p: CalibrationParams) -> dict[int, str]:
     c_level, c_noise = float(np.median(levels)), float(np.median(noises))
     s_level = max(1.4826 * float(np.median(np.abs(levels - c_level))), c_noise)
     s_noise = max(1.4826 * float(np.median(np.abs(noises - c_noise))), 0.05 * c_noise)
+    step = max(g.stats[i].step for i in rest)
     for i, level, noise in zip(rest, levels, noises):
-        if s_level > 0 and abs(level - c_level) > p.frame_sigma * s_level:
+        if s_level > 0 and abs(level - c_level) > p.frame_sigma * s_level + step:
             up = level > c_level
             odd[i] = (f"median {level:.6g} ADU, {abs(level - c_level) / s_level:.0f} σ "
                       f"{'above' if up else 'below'} the {len(rest)} {label}' {c_level:.6g} (σ {s_level:.2g} ADU): "
                       + ("a light, or light leaking in?" if up else "another offset or gain, or a damaged frame?"))
-        elif s_noise > 0 and abs(noise - c_noise) > p.frame_sigma * s_noise:
+        elif s_noise > 0 and abs(noise - c_noise) > p.frame_sigma * s_noise + 0.5 * step:
             up = noise > c_noise
             odd[i] = (f"noise {noise:.3g} ADU, {abs(noise - c_noise) / s_noise:.0f} σ "
                       f"{'above' if up else 'below'} the {len(rest)} {label}' {c_noise:.3g} (σ {s_noise:.2g} ADU): "

@@ -344,6 +344,30 @@ def test_bias_of_other_noise_or_level_is_left_out(tmp_path):
     assert abs(float(np.median(lib.array(bias.name))) - (cfg.bias + 0.44)) < 0.5
 
 
+@pytest.mark.parametrize("step", [1, 16])
+@pytest.mark.parametrize("sigma, offsets", [(0.3, [0, 0.02, 0.05, 0.01, 0.45, 0.55]), (0.15, [0, 0.02, 0.05, 0.01, 0.55])])
+def test_bias_below_one_step_of_noise_is_kept_across_a_sub_step_drift(tmp_path, step, sigma, offsets):
+    """Integer bias frames with a read noise below one step of the data (0.3 or 0.15 ADU; as much of a 12-bit
+    camera's step of 16 in 16-bit files) and an offset drifting by half a step are all good: but a median of
+    such data moves by a whole step, and its measured noise from 0.31 to 0.51 step, as the offset crosses half a
+    step.  Before: the frames at +0.45 and +0.55 were left out ("noise 0.507 ADU, 10 σ above", "median 101 ADU,
+    29 σ above"); the 12-bit ones measured a noise of 0 (differences clipped at 5 ADU, not 5 steps) and a frame
+    5 steps up (another offset) was kept."""
+    cfg = dataclasses.replace(SIM, width=160, height=120, seed=41)
+    rng = np.random.default_rng(41)
+    calib = tmp_path / "calib" / "bias"
+    calib.mkdir(parents=True)
+    shape = (cfg.height, cfg.width)
+    for k, d in enumerate(offsets):
+        write_sim(calib / f"bias_{k}.fits", cfg, step * np.rint(100 + rng.normal(d, sigma, shape)), "bias", 0.0)
+    write_sim(calib / "bias_up.fits", cfg, step * np.rint(105 + rng.normal(0, sigma, shape)), "bias", 0.0)
+    lib = build_library(tmp_path / "calib", tmp_path / "M")
+    (bias,) = lib.entries
+    reasons = {s["file"]: s["reason"] for s in lib.skipped}
+    assert bias.ncombine == len(offsets) and set(reasons) == {"bias/bias_up.fits"}, reasons
+    assert reasons["bias/bias_up.fits"].startswith(f"median {105 * step} ADU")
+
+
 def test_a_constant_flat_is_left_out(tmp_path):
     """A flat whose pixels are all one value above the bias (a blank frame) would pass as a perfect flat — no
     vignetting — and flatten the master's vignetting by 1/5: it is left out."""
