@@ -572,7 +572,7 @@ def _odd_frames(g: _Group, p: CalibrationParams) -> dict[int, str]:
     rest = [i for i in range(len(g.stats)) if i not in odd]
     if g.kind == "flat" or len(rest) < 3:
         return odd
-    label = KIND_LABEL[g.kind] + "s"
+    label = "biases" if g.kind == "bias" else KIND_LABEL[g.kind] + "s"     # (not "the 7 biass'")
     levels = np.array([g.stats[i].level for i in rest])
     noises = np.array([g.stats[i].noise for i in rest])
     c_level, c_noise = float(np.median(levels)), float(np.median(noises))

@@ -366,6 +366,7 @@ def test_bias_below_one_step_of_noise_is_kept_across_a_sub_step_drift(tmp_path, 
     reasons = {s["file"]: s["reason"] for s in lib.skipped}
     assert bias.ncombine == len(offsets) and set(reasons) == {"bias/bias_up.fits"}, reasons
     assert reasons["bias/bias_up.fits"].startswith(f"median {105 * step} ADU")
+    assert f" above the {len(offsets) + 1} biases' " in reasons["bias/bias_up.fits"]
 
 
 def test_a_constant_flat_is_left_out(tmp_path):
