@@ -584,7 +584,9 @@ def _odd_frames(g: _Group, p: CalibrationParams) -> dict[int, str]:
             up = level > c_level
             odd[i] = (f"median {level:.6g} ADU, {abs(level - c_level) / s_level:.0f} σ "
                       f"{'above' if up else 'below'} the {len(rest)} {label}' {c_level:.6g} (σ {s_level:.2g} ADU): "
-                      + ("a light, or light leaking in?" if up else "another offset or gain, or a damaged frame?"))
+                      + ("a light, or light leaking in" if up else "another offset or gain, or a damaged frame")
+                      # a dark's level is its sensor's temperature too (a DSLR warming through its darks)
+                      + ((", or the sensor warmer?" if up else ", or the sensor cooler?") if g.kind == "dark" else "?"))
         elif s_noise > 0 and abs(noise - c_noise) > p.frame_sigma * s_noise + 0.5 * step:
             up = noise > c_noise
             odd[i] = (f"noise {noise:.3g} ADU, {abs(noise - c_noise) / s_noise:.0f} σ "
