@@ -63,8 +63,9 @@ class Grid:
                     yield inside[has], first[has], count[has]
 
     def nearest(self, q: np.ndarray, r: float) -> tuple[np.ndarray, np.ndarray]:
-        """(distance, index) of the nearest point within ``r`` of each point of ``q`` (M, 2); (inf, n) where there
-        is none — as cKDTree.query(q, k=1, distance_upper_bound=r).  Of points at one distance, the first."""
+        """(distance, index) of the nearest point closer than ``r`` to each point of ``q`` (M, 2); (inf, n) where
+        there is none — as cKDTree.query(q, k=1, distance_upper_bound=r), which leaves out a point at exactly
+        ``r``.  Of points at one distance, the first."""
         q = np.asarray(q, np.float64).reshape(-1, 2)
         dist = np.full(len(q), np.inf)
         idx = np.full(len(q), self.n, np.int64)
@@ -76,13 +77,14 @@ class Grid:
                 qt = qi[more]
                 pt = self.order[first[more] + t]
                 d = np.hypot(q[qt, 0] - self.points[pt, 0], q[qt, 1] - self.points[pt, 1])
-                better = (d <= r) & ((d < dist[qt]) | ((d == dist[qt]) & (pt < idx[qt])))
+                better = (d < r) & ((d < dist[qt]) | ((d == dist[qt]) & (pt < idx[qt])))
                 dist[qt[better]] = d[better]
                 idx[qt[better]] = pt[better]
         return dist, idx
 
     def pairs(self, q: np.ndarray, r: float) -> tuple[np.ndarray, np.ndarray]:
-        """(i, j): every point q[i] within ``r`` of point j, sorted by i then j."""
+        """(i, j): every point q[i] within ``r`` of point j (at ``r`` included, as cKDTree's
+        sparse_distance_matrix), sorted by i then j."""
         q = np.asarray(q, np.float64).reshape(-1, 2)
         qs, ps = [], []
         if self.n and len(q):

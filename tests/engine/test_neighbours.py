@@ -97,3 +97,15 @@ def test_k_nearest_of_many_points_in_bounded_memory_and_ties_by_index():
     n = len(lattice)
     want = np.lexsort((np.broadcast_to(np.arange(n), (n, n)), d2), axis=1)[:, :7]
     assert np.array_equal(k_nearest(lattice, 7), want)
+
+
+def test_a_point_at_exactly_the_radius_is_as_ckdtree_has_it():
+    """cKDTree's query leaves out a point at exactly distance_upper_bound (and a coincident one with a radius
+    of 0); its sparse_distance_matrix keeps one at max_distance."""
+    ref, q = np.array([[0.0, 0.0]]), np.array([[3.0, 4.0], [0.0, 0.0]])
+    grid = Grid(ref, 5.0)
+    d, i = grid.nearest(q, 5.0)
+    d2, i2 = cKDTree(ref).query(q, k=1, distance_upper_bound=5.0)
+    assert i.tolist() == i2.tolist() == [1, 0]
+    assert grid.nearest(ref, 0.0)[1].tolist() == cKDTree(ref).query(ref, k=1, distance_upper_bound=0.0)[1].tolist()
+    assert [a.tolist() for a in grid.pairs(q[:1], 5.0)] == [[0], [0]]
