@@ -487,6 +487,11 @@ def test_a_read_only_remount_keeps_stacking_and_catches_up_when_writable_again(t
                 assert st["disk"]["error"].startswith(f"cannot write {out}/")
                 assert st["disk"]["error"].endswith(": read-only file system")
                 assert len(well_formed_lines(out / "frames.jsonl")) == 4
+                from livestack.session import Refused
+
+                with pytest.raises(Refused) as err:     # (it said "free some space": none is wanted)
+                    svc.new_session().result(timeout=30)
+                assert str(err.value).endswith("not saved yet; make the disk writable again, then start a new one")
             finally:
                 _remount(out, "rw")
             wait_for(lambda: svc.status()["disk"] is None, 15, "catch-up")

@@ -1242,7 +1242,10 @@ class Service:
     def _cmd_new_session(self) -> dict:
         self._catch_up()
         if self._blocked:
-            raise Refused(f"{self._disk['error']}: the current stack is not saved yet; free some space, then start "
+            # (a read-only or vanished disk wants no space freed: a remount, or the disk back in its socket)
+            mend = "free some space" if all(f.space for f, _ in self._blocked.values()) else \
+                "make the disk writable again"
+            raise Refused(f"{self._disk['error']}: the current stack is not saved yet; {mend}, then start "
                           f"a new one", 507)
         try:
             self._same_folder(self.out)      # (nothing owed yet: no write has met it)
