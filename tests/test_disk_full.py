@@ -814,6 +814,35 @@ def test_a_session_folder_that_cannot_be_made_on_a_read_only_disk_is_a_configura
                                            f"(Read-only file system)\n")
 
 
+def test_a_read_only_bind_mount_of_a_writable_disk_is_a_configuration_error(tmp_path):
+    """systemd's ProtectSystem=strict mounts every folder its unit's ReadWritePaths= leaves out read-only over a
+    writable filesystem — an `out` moved in livestack.toml and not in the unit.  Taken for a read-only disk,
+    the daemon stacked the whole night in memory and wrote nothing; no remount mends it: one line naming the
+    mount, exit 2.  (A disk itself read-only — ext4 after an error — is still waited out: the tests above.)"""
+    from livestack.engine.write import read_only_mount
+
+    disk, view, watch = tmp_path / "disk", tmp_path / "view", tmp_path / "watch"
+    watch.mkdir()
+    with tmpfs(disk, 4):
+        (disk / "out").mkdir()
+        view.mkdir()
+        r = subprocess.run(["mount", "--bind", str(disk), str(view)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"mount --bind failed: {r.stderr.strip() or r.returncode}")
+        try:
+            _remount(view, "ro,bind")
+            assert read_only_mount(view / "out") == view and read_only_mount(disk / "out") is None
+            r = _run("--watch", str(watch), "--out", str(view / "out"))
+        finally:
+            subprocess.run(["umount", "-l", str(view)], capture_output=True)
+        _remount(disk, "ro")             # the filesystem itself read-only: a disk to wait for, not this error
+        assert read_only_mount(disk / "out") is None
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == (f"livestack run: {view / 'out'}: cannot write in the session folder: {view} is mounted "
+                        "read-only here while its filesystem is writable (systemd's ProtectSystem=strict: is the "
+                        "folder in the unit's ReadWritePaths=?)\n")
+
+
 def test_a_session_folder_without_write_permission_is_a_configuration_error(tmp_path, monkeypatch, capsys):
     """No permission to write in it (the unit's User= does not own it; ReadWritePaths= left out): no restart
     mends that.  (Simulated: the tests run as root, whom permissions do not stop.)"""

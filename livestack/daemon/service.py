@@ -35,7 +35,7 @@ from ..engine.frame import FrameRecord
 from ..engine.pipeline import Engine
 from ..engine.read import read_pointing
 from ..engine.write import (DiskFull, WriteDeferred, atomic_write_bytes, deferrable, disk_full, encode_png16,
-                            encode_tiff16, free_bytes, mb, remove_orphans)
+                            encode_tiff16, free_bytes, mb, read_only_mount, remove_orphans)
 from ..config import make_section
 from ..engine.solve import Solution, SolveError, SolveParams
 from ..session import FolderError, FramesLog, Refused, SessionFolder, apply_amended, rewrite_frames_log
@@ -173,6 +173,12 @@ class Service:
             self._probe()
             unwritable = None
         except DiskFull as full:     # met as mid-night: the page and the status say it, the writes wait
+            mount = read_only_mount(self.out) if full.code == errno.EROFS else None
+            if mount is not None:    # no remount mends it: the night would be stacked for nothing
+                raise FolderError(
+                    f"{self.out}: cannot write in the session folder: {mount} is mounted read-only here while its "
+                    "filesystem is writable (systemd's ProtectSystem=strict: is the folder in the unit's "
+                    "ReadWritePaths=?)") from None
             unwritable = full
         self._remove_orphans()
         self.book = Book.open(self.out)          # finishes a switch of targets a crash interrupted

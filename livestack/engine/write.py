@@ -83,6 +83,33 @@ def mb(n: int) -> str:
     return f"{v:.0f} MB" if v >= 10 else f"{max(v, 0.1):.1f} MB"
 
 
+def read_only_mount(path: Path | str) -> Path | None:
+    """The mount point of ``path`` when it is mounted read-only while its filesystem is writable — a read-only
+    bind mount, as systemd's ProtectSystem=strict makes of every folder its unit's ReadWritePaths= leaves out —,
+    else None (a writable mount; a filesystem itself read-only, as ext4 remounts a failing SD card; no
+    /proc/self/mountinfo).  The first no remount mends: a configuration to change, not a disk to wait for."""
+    try:
+        target = os.path.realpath(path)
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    best = None
+    for line in lines:
+        fields = line.split()
+        try:
+            sep = fields.index("-")
+            point = fields[4].encode().decode("unicode_escape")     # (\040 for a space, as the kernel writes it)
+            mount_opts, super_opts = fields[5].split(","), fields[sep + 3].split(",")
+        except (ValueError, IndexError, UnicodeDecodeError):
+            continue
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and (best is None or len(point) >= len(best[0])):       # the last of equal ones is on top
+            best = (point, mount_opts, super_opts)
+    if best is not None and "ro" in best[1] and "rw" in best[2]:
+        return Path(best[0])
+    return None
+
+
 def free_bytes(folder: Path | str) -> int:
     """Bytes this process may still write on ``folder``'s filesystem."""
     st = os.statvfs(folder)
