@@ -30,6 +30,7 @@ from .drizzle import reach as drop_reach
 from .drizzle import sensor_to_grid as drizzle_to_grid
 from .frame import Frame, Quality, Stars
 from .normalize import normalize_inplace, plane_halved
+from .reject import RejectParams
 from .render import FrameOnGrid
 from .stack import bin2
 from .stars import STAMP_MAX_FWHM, StarParams, detect_stars, refine_centroids, stamp_radius
@@ -112,6 +113,16 @@ class Grid:
     @property
     def drizzled(self) -> bool:
         return self.mode == "drizzle"
+
+    def judge_params(self, p: RejectParams) -> RejectParams:
+        """The frame judge's settings for this grid's frames.  Its one absolute size, ``eccentricity_fwhm``, is in
+        sensor pixels — the unit of the FWHM a full-resolution or drizzle grid's frames report; a superpixel
+        frame's FWHM is in superpixels, so the limit is halved.  The eccentricity it gates is measured on the
+        same 2×2-binned luminance in every mode: without this, the Seestar's trailed frames (FWHM 3.3 sensor px,
+        1.65 superpixels) were rejected by the default debayer and all stacked by the superpixel one."""
+        if self.mode != "superpixel":
+            return p
+        return dataclasses.replace(p, eccentricity_fwhm=p.eccentricity_fwhm / 2.0)
 
     @property
     def stars_to_grid(self) -> np.ndarray:

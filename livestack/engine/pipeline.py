@@ -35,6 +35,7 @@ from .normalize import Normalisation, normalize_inplace, normalize_mosaic, sky_l
 from .read import read_frame
 from .render import drop_work_memory, signal_cells
 from .register import RegistrationError, register
+from .reject import RejectParams
 from .settings import Config
 from .stack import RunningStack
 
@@ -389,7 +390,7 @@ class Engine:
             rec.status, rec.reason = "unregistered", reason
             self.last_stars, self.last_grid, self.last_pointing = front.stars, front.grid, m.pointing
             return None
-        fs = self._filter(m.filter)
+        fs = self._filter(m.filter, grid)
         rec.calibration = front.calibration
         if front.masters is not None:
             self.calibration_used.update(front.masters.names)
@@ -544,15 +545,20 @@ class Engine:
         fs.reject()
         log.info("rejected %s: %s", rec.file, reason)
 
-    def _filter(self, name: str | None) -> FilterStack:
+    def _filter(self, name: str | None, grid: Grid | None = None) -> FilterStack:
         key = filter_key(name)
         fs = self.filters.get(key)
         if fs is None:
-            fs = self._add(FilterStack(name, self.cfg.stack, self.cfg.reject, pool=self._pool))
+            fs = self._add(FilterStack(name, self.cfg.stack, self._reject_params(grid or self.grid),
+                                       pool=self._pool))
         if key in self._recent:
             self._recent.remove(key)
         self._recent.append(key)
         return fs
+
+    def _reject_params(self, grid: Grid | None) -> RejectParams:
+        """The configured judge, its absolute sizes in ``grid``'s units (the configuration's without a grid)."""
+        return self.cfg.reject if grid is None else grid.judge_params(self.cfg.reject)
 
     def _add(self, fs: FilterStack) -> FilterStack:
         """Keep ``fs`` among the filters, its label and file name made distinct from theirs (in order of first
@@ -705,7 +711,8 @@ class Engine:
                 st = {n[len(prefix):]: arrays[n] for n in names if n.startswith(prefix)}
                 stack = RunningStack.from_state(st, cfg.stack, pool=eng._pool)
             fa = {k: arrays[f"f{i}_{k}"] for k in ("ref_xy", "ref_flux") if f"f{i}_{k}" in names}
-            eng._add(FilterStack.from_state(fmeta, fa, stack, cfg.stack, cfg.reject, pool=eng._pool))
+            eng._add(FilterStack.from_state(fmeta, fa, stack, cfg.stack, eng._reject_params(eng.grid),
+                                            pool=eng._pool))
             eng._recent = [k for k in meta["recent"] if k in eng.filters]
             eng._trim()        # stacks beyond the memory budget go to disk as they are read
             if stack is not None:
