@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,3 +146,37 @@ def test_seestar_night2_trailed_frames_are_rejected_whatever_the_debayer(shared_
         if r["status"] == "rejected":
             assert r["reason"].startswith("eccentricity") and "trailed" in r["reason"]
     assert sum(s in ("reference", "stacked") for s in status.values()) >= 6
+
+
+def _ring_rgb(preview: Path, centre_grid: tuple[float, float], grid_h: int, r0: float, r1: float) -> np.ndarray:
+    import cv2
+
+    im = cv2.imread(str(preview))[:, :, ::-1].astype(np.float64)
+    s = im.shape[0] / grid_h
+    yy, xx = np.mgrid[: im.shape[0], : im.shape[1]]
+    r = np.hypot(xx - centre_grid[0] * s, yy - centre_grid[1] * s)
+    return im[(r >= r0) & (r < r1)].mean(axis=0)
+
+
+def test_seestar_preview_colour_balance_does_not_depend_on_the_grid(shared_data, tmp_path):
+    """The preview balances its colours on the stars.  It took the brightest 0.5 % of the pixels for them, which
+    in a Seestar field of ~20 stars begins 2.9-3.5 σ above the sky: mostly noise, of no colour, and more of it on
+    a finer grid.  The same stack's M 94 came out white in the default preview and green with --drizzle 2 (the
+    halo 3-6 preview px from the core: RGB 237, 236, 230 against 185, 207, 164)."""
+    src = shared_data / "sequences" / "seestar_m94_night1"
+    core = (604.0, 957.0)          # M 94 on the reference frame's sensor (its WCS; night 1's frames barely drift)
+    colours = {}
+    for name, args, centre, h in [("mhc", [], core, 1920),
+                                  ("drizzle", ["--drizzle", "2"], (2 * core[0] + 0.5, 2 * core[1] + 0.5), 3840),
+                                  ("superpixel", ["--debayer", "superpixel"],
+                                   ((core[0] - 0.5) / 2, (core[1] - 0.5) / 2), 960)]:
+        out = tmp_path / name
+        assert main(["stack", str(src), "-o", str(out), "--no-solve", "-q", *args]) == 0
+        colours[name] = _ring_rgb(out / "preview.jpg", centre, h, 4.0, 12.0)
+    for name, rgb in colours.items():
+        # the galaxy's halo (linear R/G 0.84, B/G 0.53 in every mode) balanced as the stars are: not green
+        assert rgb[1] - rgb[0] < 8 and rgb[1] - rgb[2] < 20, (name, rgb.round(1))
+    ref = colours["mhc"]
+    for name, rgb in colours.items():
+        g_r, g_b = rgb[1] / rgb[0] - ref[1] / ref[0], rgb[1] / rgb[2] - ref[1] / ref[2]
+        assert abs(g_r) < 0.04 and abs(g_b) < 0.06, (name, rgb.round(1), ref.round(1))
