@@ -180,3 +180,18 @@ def test_seestar_preview_colour_balance_does_not_depend_on_the_grid(shared_data,
     for name, rgb in colours.items():
         g_r, g_b = rgb[1] / rgb[0] - ref[1] / ref[0], rgb[1] / rgb[2] - ref[1] / ref[2]
         assert abs(g_r) < 0.04 and abs(g_b) < 0.06, (name, rgb.round(1), ref.round(1))
+
+
+def test_one_frame_stack_of_a_short_exposure_keeps_its_exptime(shared_data, tmp_path):
+    """MANIFEST: the Sony ARW is a 1/640 s exposure.  Its one-frame stack said EXPTIME = 0.002 (the total rounded
+    to 3 decimals: 28 % off) while its DATE-END was 1.5625 ms after DATE-OBS."""
+    from astropy.io import fits
+
+    rc = main(["stack", str(shared_data / "sony_ilce-7rm3_dsc2164.arw"), "-o", str(tmp_path), "--no-solve", "-q"])
+    if rc != 0:
+        pytest.skip("the concert photo was not stacked (rejected: not a star field)")
+    h = fits.getheader(tmp_path / "stack.fits")
+    assert h["NCOMBINE"] == 1
+    assert h["EXPTIME"] == pytest.approx(1 / 640, rel=1e-6)
+    start, end = (dt.datetime.fromisoformat(h[k]) for k in ("DATE-OBS", "DATE-END"))
+    assert (end - start).total_seconds() == pytest.approx(1 / 640, abs=2e-6)
