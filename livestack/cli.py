@@ -385,6 +385,14 @@ def main(argv: list[str] | None = None, *, exit_fast: bool = False) -> int:
         code = int(args.func(args, cfg) or 0)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # stdout closed by its reader (`livestack stack … | head -1`): what was written stays written (a stack's
+        # summary comes after its outputs); no traceback, and the status a shell gives a command SIGPIPE ended
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (the exit's flush must not fail)
+        except OSError:
+            pass
+        return 128 + 13
     if exit_fast and args.func is cmd_stack:
         _exit_now(code)
     return code

@@ -71,6 +71,23 @@ def test_stack_command_prints_and_writes_everything_before_it_exits(night, tmp_p
     assert (out / "preview.jpg").read_bytes()[-2:] == b"\xff\xd9"     # a whole JPEG
 
 
+def test_stack_into_a_closed_pipe_ends_without_a_traceback(night, tmp_path):
+    """`livestack stack … | head -1`: the reader gone, the summary's print raised BrokenPipeError — a traceback
+    after the outputs were written.  Now the outputs, no traceback, and 141 (what a shell says of a command
+    SIGPIPE ended)."""
+    files, _ = night(n_frames=3, seed=5)
+    out = tmp_path / "out"
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)                      # nobody reads
+    try:
+        p = subprocess.run([sys.executable, "-m", "livestack.cli", "stack", files[0].parent, "-o", out, "-q",
+                            "--no-solve"], stdout=w_fd, stderr=subprocess.PIPE, text=True, cwd=ROOT, timeout=300)
+    finally:
+        os.close(w_fd)
+    assert "Traceback" not in p.stderr and p.returncode == 141, p.stderr
+    assert fits.getheader(out / "stack.fits")["NCOMBINE"] == 3
+
+
 def test_stack_of_only_bad_files_exits_1(tmp_path):
     bad = tmp_path / "x.fits"
     bad.write_text("nope")
