@@ -153,11 +153,16 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
             "wrote": wrote, "filter_files": files_out, "sky": sky_status}
 
 
+def _seconds(t: float) -> str:
+    """An integration as a summary says it: "480 s", "1.5 s", "0.0016 s" (a 1/640 s frame is no "0 s")."""
+    return f"{t:.0f} s" if t >= 10 or t == 0 else f"{t:.2g} s"
+
+
 def _print_summary(s: dict, out: Path) -> None:
     read = s.get("processed", s["frames"])
     left = s["frames"] - read
     print(f"{s['stacked']} stacked, {s['rejected']} rejected, {s['failed']} failed of {read} frames; "
-          f"{s['exptime']:.0f} s integration, {s['seconds']:.1f} s"
+          f"{_seconds(s['exptime'])} integration, {s['seconds']:.1f} s"
           + ((f" (stopped by Ctrl-C: {left} not read)" if left else " (Ctrl-C)") if s.get("interrupted") else ""))
     sky = s.get("sky")
     if sky:

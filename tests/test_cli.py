@@ -324,3 +324,11 @@ def test_a_second_stack_into_the_same_folder_leaves_no_stack_of_the_first(night,
     assert main(["stack", str(second[0].parent), "-o", str(out), "-q", "--no-solve"]) == 0
     assert {p.name for p in out.glob("stack*.fits")} == {"stack.fits", "stack_L.fits", "stack_OIII.fits"}
     assert fits.getheader(out / "stack_L.fits")["NCOMBINE"] == 2
+
+
+def test_a_summary_says_a_short_integration_as_it_is():
+    """A one-frame stack of a 1/640 s exposure said "0 s integration" (a review of the real files)."""
+    from livestack.cli import _seconds
+
+    assert [_seconds(t) for t in (480.0, 0.0, 0.0015625, 1.5, 12.3)] == ["480 s", "0 s", "0.0016 s", "1.5 s",
+                                                                       "12 s"]

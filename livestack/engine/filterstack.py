@@ -444,7 +444,7 @@ class FilterStack:
         med = self.judge.medians()
         fwhm = med.get("fwhm")
         return {"filter": self.name, "key": self.key, "file": self.file_name, "frames": self.counts.stacked,
-                "rejected": self.counts.rejected, "integration_s": round(self.counts.exptime, 3),
+                "rejected": self.counts.rejected, "integration_s": float(f"{self.counts.exptime:.9g}"),
                 "fwhm": None if fwhm is None or not np.isfinite(fwhm) else round(float(fwhm), 3),
                 "last_frame_time": self.last_time, "reference": self.ref.file if self.ref else None}
 
