@@ -359,3 +359,75 @@ def test_connections_over_the_cap_get_503(open_web):
             s.close()
     time.sleep(0.2)
     assert request(open_web, "GET", "/api/status")[0] == 200
+
+
+# ---------------------------------------------------------------------------------------------------- review-web
+
+def _flood(port: int, seconds: float, hold_s: float = 2.0, most: int = 6000) -> int:
+    """Open connections as fast as the loop goes, each kept open `hold_s` without a byte sent (a script on the
+    Wi-Fi; no request is needed), at most `most` at once; returns how many were opened."""
+    held: list = []
+    n = 0
+    end = time.monotonic() + seconds
+    try:
+        while time.monotonic() < end:
+            while held and (held[0][0] < time.monotonic() - hold_s or len(held) >= most):
+                held.pop(0)[1].close()
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            except OSError:
+                s.close()
+                time.sleep(0.001)
+                continue
+            held.append((time.monotonic(), s))
+            n += 1
+    finally:
+        for _, s in held:
+            s.close()
+    return n
+
+
+def test_a_connection_flood_does_not_take_the_daemons_files(tmp_path, night):
+    """Each connection over the cap used to be held for a second to deliver its 503: a flood of connects held
+    every descriptor of the process (systemd's default limit: 1024).  The daemon stopped on an error
+    ('Too many open files: …/frames.jsonl'), the watcher lost its folder and asyncio logged a traceback per
+    refused accept (3 MB of journal in 12 s).  Now frames keep being stacked and the log stays quiet."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 8192:
+        pytest.skip(f"the flood needs ~8000 descriptors on this side (hard limit {hard})")
+    files, _ = night("flood", n_frames=6)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))        # the daemon inherits systemd's default
+    (tmp_path / "d").mkdir()
+    try:
+        d = start_daemon(tmp_path / "d")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 8192), hard))
+    try:
+        (d.watch / files[0].name).write_bytes(files[0].read_bytes())
+        d.wait_lines(1)
+        done = []
+        t = threading.Thread(target=lambda: done.append(_flood(d.port, 8.0)))
+        t.start()
+        try:
+            time.sleep(2)
+            for f in files[1:]:
+                (d.watch / f.name).write_bytes(f.read_bytes())
+                time.sleep(0.8)
+        finally:
+            t.join(20)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert done and done[0] > 5000, f"the flood opened only {done} connections"
+        recs = d.wait_lines(len(files), timeout=30)
+        assert [r["status"] for r in recs].count("stacked") + 1 == len(files), recs
+        wait_ok(d)
+        log = d.log.read_text()
+        assert "Traceback" not in log and "Too many open files" not in log, log[-3000:]
+        assert "out of system resource" not in log and len(log) < 20_000, log[-3000:]
+    finally:
+        assert d.stop() == 0

@@ -59,6 +59,7 @@ SSE_KEEPALIVE_S = 15.0
 IDLE_S = 30.0                 # no complete request, body or read progress for this long: the connection closes
 BACKLOG = 128                 # pending connections the kernel queues before the loop accepts them
 MAX_CONNECTIONS = 256         # open connections; beyond: 503 at once (file descriptors are the daemon's too)
+BUSY_LINGER = 32              # refused connections held for their 503 at once; beyond, reset (a flood of connects)
 LINGER_S = 2.0                # a refused request's unread body is discarded this long, then the socket closes
 SHUTDOWN_S = 3.0
 CHUNK = 1 << 20               # file and export streaming
@@ -131,8 +132,10 @@ class App:
         server = web.Server(api.handle, keepalive_timeout=self.idle_s, lingering_time=LINGER_S,
                             auto_decompress=False, logger=_HTTP_LOG, access_log=log, access_log_class=_AccessLog)
 
+        refused: set[_Busy] = set()
+
         def protocol():
-            return _Busy() if len(server.connections) >= MAX_CONNECTIONS else server()
+            return _Busy(refused) if len(server.connections) >= MAX_CONNECTIONS else server()
 
         changes.start()
         listener = await loop.create_server(protocol, sock=self.socket, backlog=BACKLOG)
@@ -175,26 +178,41 @@ def idle_timeout(web_params) -> float:
 
 
 class _Busy(asyncio.Protocol):
-    """A connection over MAX_CONNECTIONS: 503 at once, then closed (no request is parsed, no thread spent)."""
+    """A connection over MAX_CONNECTIONS: 503 at once, then closed (no request is parsed, no thread spent).
+    At most BUSY_LINGER of them are held for the client to read its 503; beyond, the socket is reset at once:
+    a flood of connects held one descriptor a second each, and took every descriptor of the process (systemd's
+    limit is 1024) — the worker stopped on 'Too many open files' and each refused accept logged a traceback."""
 
     BODY = json.dumps({"error": f"too many open connections (over {MAX_CONNECTIONS}); try again"}).encode()
     RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
                 b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" % len(BODY)) + BODY
 
+    def __init__(self, lingering: set):
+        self.lingering = lingering
+        self._timer: asyncio.TimerHandle | None = None
+
     def connection_made(self, transport):
-        self.transport = transport
-        transport.write(self.RESPONSE)
-        if transport.can_write_eof():
-            transport.write_eof()
+        if len(self.lingering) >= BUSY_LINGER:
+            transport.abort()
+            return
+        self.lingering.add(self)
         # read what the client sends for a moment: closing with unread data would reset the connection
         # before the client reads the 503
         self._timer = asyncio.get_running_loop().call_later(1.0, transport.close)
+        try:
+            transport.write(self.RESPONSE)
+            if transport.can_write_eof():
+                transport.write_eof()
+        except OSError:               # the client has gone already (ENOTCONN): nothing to tell it
+            transport.abort()
 
     def data_received(self, data):
         pass
 
     def connection_lost(self, exc):
-        self._timer.cancel()
+        self.lingering.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class _AccessLog(AbstractAccessLogger):
