@@ -431,3 +431,24 @@ def test_a_connection_flood_does_not_take_the_daemons_files(tmp_path, night):
         assert "out of system resource" not in log and len(log) < 20_000, log[-3000:]
     finally:
         assert d.stop() == 0
+
+
+def test_a_client_gone_in_the_middle_of_its_body_is_no_traceback(open_web):
+    """A POST whose body stops half-way, then the connection closes: aiohttp logged 'Error handling request' and a
+    traceback at ERROR for each (ConnectionResetError out of the body's read): a script could fill the journal."""
+    before = open_web.log.read_text().count("Traceback")
+    head = b"POST /api/exclude HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", open_web.port), timeout=5) as s:
+            s.sendall(head + b'Content-Length: 100\r\n\r\n{"file": "a')
+            time.sleep(0.05)
+        with socket.create_connection(("127.0.0.1", open_web.port), timeout=5) as s:   # 100-continue, no body
+            s.sendall(head + b"Content-Length: 100\r\nExpect: 100-continue\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 100")
+        with socket.create_connection(("127.0.0.1", open_web.port), timeout=5) as s:   # chunked, cut
+            s.sendall(head + b'Transfer-Encoding: chunked\r\n\r\n40\r\n{"file"')
+            time.sleep(0.05)
+    time.sleep(0.5)
+    wait_ok(open_web)
+    log = open_web.log.read_text()
+    assert log.count("Traceback") == before and "Error handling request" not in log, log[-2000:]

@@ -456,10 +456,10 @@ class Api:
             raise HttpError(413, f"request body of {n} bytes is over the {MAX_BODY} byte limit")
         if not req.body_exists:
             return {}
-        if req.headers.get("Expect", "").lower() == "100-continue":
-            await req.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         raw = bytearray()
         try:
+            if req.headers.get("Expect", "").lower() == "100-continue":
+                await req.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             async with asyncio.timeout(self.idle_s):
                 while chunk := await req.content.read(MAX_BODY + 1 - len(raw)):
                     raw += chunk
@@ -467,6 +467,9 @@ class Api:
                         raise HttpError(413, f"request body is over the {MAX_BODY} byte limit")
         except TimeoutError as err:
             raise HttpError(408, f"request body not received within {self.idle_s:g} s") from err
+        except ConnectionError as err:      # the client left before its body was complete: nobody to answer,
+            # and not aiohttp's "Error handling request" with a traceback at ERROR for each one
+            raise HttpError(400, "the connection closed before the request body was complete") from err
         if not raw.strip():
             return {}
         try:
