@@ -19,6 +19,7 @@ from test_web import TOKEN
 
 IDLE_S = 2.0
 MAX_CONNECTIONS = 256          # livestack.web.app.MAX_CONNECTIONS
+MAX_PER_CLIENT = 32            # [web] max_per_client
 
 
 def start_daemon(root, *extra: str) -> Daemon:
@@ -452,3 +453,59 @@ def test_a_client_gone_in_the_middle_of_its_body_is_no_traceback(open_web):
     wait_ok(open_web)
     log = open_web.log.read_text()
     assert log.count("Traceback") == before and "Error handling request" not in log, log[-2000:]
+
+
+def _lan_address() -> str | None:
+    """This machine's address on its network (not loopback), or None."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("192.0.2.1", 9))          # no packet is sent: only the route is looked up
+            ip = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if ip.startswith("127.") else ip
+
+
+def test_one_client_cannot_hold_every_connection(tmp_path):
+    """A phone on the Wi-Fi opening 300 event streams held every connection slot, for as long as it liked (a
+    stream is never idle): the page answered 503 to everyone else.  One address now gets at most
+    [web] max_per_client connections; the next visitor's page loads."""
+    ip = _lan_address()
+    if ip is None:
+        pytest.skip("no network address besides loopback")
+    (tmp_path / "d").mkdir()
+    # on all addresses (for the test's few seconds): the flood comes from `ip`, the next visitor from loopback
+    d = start_daemon(tmp_path / "d", "--host", "0.0.0.0")
+    socks = []
+    try:
+        for _ in range(300):
+            s = socket.create_connection((ip, d.port), timeout=5)
+            s.sendall(b"GET /api/events HTTP/1.1\r\nHost: %s\r\n\r\n" % ip.encode())
+            socks.append(s)
+        time.sleep(0.5)
+        heads = []
+        for s in socks:
+            try:
+                heads.append(s.recv(12))
+            except OSError:
+                heads.append(b"reset")
+        assert 1 <= heads.count(b"HTTP/1.1 200") <= MAX_PER_CLIENT, heads.count(b"HTTP/1.1 200")
+        # the next visitor (here from loopback: a reverse proxy's address too, which is not capped)
+        st, body = request(d, "GET", "/")
+        assert st == 200 and b"<html" in body
+        assert request(d, "GET", "/api/status")[0] == 200
+    finally:
+        for s in socks:
+            s.close()
+        assert d.stop() == 0
+    assert "Traceback" not in d.log.read_text()
+
+
+def test_max_per_client_is_checked():
+    from livestack.config import ConfigError
+    from livestack.daemon.config import WebParams
+
+    assert WebParams(max_per_client=0).max_per_client == 0          # a proxy on another machine: no cap
+    for bad in (-1, True, 10**6):
+        with pytest.raises(ConfigError, match="max_per_client"):
+            WebParams(max_per_client=bad)

@@ -91,12 +91,16 @@ class WebParams:
     token: str | None = None        # required on every state-changing call when set
     allowed_hosts: tuple[str, ...] = ()   # extra Host names the page answers to (a reverse proxy's name); "*": any
     idle_timeout_s: float = 30.0    # an idle or trickling connection is closed after this long
+    max_per_client: int = 32        # open connections from one address (IPv6: a /64); 0: no cap (loopback has none)
 
     def __post_init__(self):
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"web.port = {self.port}: must be in [0, 65535]")
         if not 0 < self.idle_timeout_s <= 3600:
             raise ConfigError(f"web.idle_timeout_s = {self.idle_timeout_s}: must be in (0, 3600]")
+        if isinstance(self.max_per_client, bool) or not 0 <= self.max_per_client <= 100_000:
+            raise ConfigError(f"web.max_per_client = {self.max_per_client}: must be 0 (no cap) or a number of "
+                              "connections")
         if isinstance(self.allowed_hosts, str) or not all(isinstance(h, str) for h in self.allowed_hosts):
             raise ConfigError(f"web.allowed_hosts = {self.allowed_hosts!r}: must be a list of host names")
         object.__setattr__(self, "allowed_hosts", tuple(self.allowed_hosts))

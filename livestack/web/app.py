@@ -27,6 +27,7 @@ methods and its futures.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hmac
 import ipaddress
@@ -129,8 +130,9 @@ class App:
         changes = Changes(self.service, loop)
         io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="livestack-web-io")
         api = Api(self.service, self.web, self.hosts, self.idle_s, changes, io)
-        server = web.Server(api.handle, keepalive_timeout=self.idle_s, lingering_time=LINGER_S,
-                            auto_decompress=False, logger=_HTTP_LOG, access_log=log, access_log_class=_AccessLog)
+        server = _Server(api.handle, self.web.max_per_client, keepalive_timeout=self.idle_s,
+                         lingering_time=LINGER_S, auto_decompress=False, logger=_HTTP_LOG, access_log=log,
+                         access_log_class=_AccessLog)
 
         refused: set[_Busy] = set()
 
@@ -177,15 +179,69 @@ def idle_timeout(web_params) -> float:
     return float(web_params.idle_timeout_s or IDLE_S)
 
 
+def _refusal(message: str) -> bytes:
+    body = json.dumps({"error": message}).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" % len(body)) + body
+
+
+def client_key(peername) -> ipaddress.IPv4Address | ipaddress.IPv6Network | None:
+    """Whose connection this is, for [web] max_per_client: the IPv4 address, or the IPv6 /64 (one machine may take
+    any address of its /64); None for loopback (everyone comes from there behind a reverse proxy) and the unknown."""
+    try:
+        ip = ipaddress.ip_address(peername[0].split("%", 1)[0])
+    except (TypeError, IndexError, ValueError):
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return None
+    return ip if ip.version == 4 else ipaddress.ip_network((ip, 64), strict=False)
+
+
+class _Server(web.Server):
+    """aiohttp's server, with at most `per_client` ([web] max_per_client; 0: any number) open connections per
+    client: an event stream is never idle, so one phone opening 300 of them held every slot of MAX_CONNECTIONS
+    for as long as it liked, and the page answered 503 to everyone else.  (A browser opens 6 to a host.)"""
+
+    def __init__(self, handler, per_client: int, **kwargs):
+        super().__init__(handler, **kwargs)
+        self.per_client = per_client
+        self.too_many = _refusal(f"too many open connections from your address (over {per_client}); "
+                                 "close some pages")
+        self._client_of: dict = {}                           # handler -> client_key, while its connection is open
+        self._per_client: collections.Counter = collections.Counter()
+
+    def connection_made(self, handler, transport) -> None:
+        super().connection_made(handler, transport)
+        key = client_key(transport.get_extra_info("peername")) if self.per_client else None
+        if key is None:
+            return
+        if self._per_client[key] >= self.per_client:
+            transport.pause_reading()           # its request is not read: the 503 is the only answer
+            transport.write(self.too_many)
+            # closed once the handler's task has started (closing here, it would start on a lost connection)
+            asyncio.get_running_loop().call_soon(transport.close)
+            return
+        self._client_of[handler] = key
+        self._per_client[key] += 1
+
+    def connection_lost(self, handler, exc=None) -> None:
+        key = self._client_of.pop(handler, None)
+        if key is not None:
+            self._per_client[key] -= 1
+            if self._per_client[key] <= 0:
+                del self._per_client[key]
+        super().connection_lost(handler, exc)
+
+
 class _Busy(asyncio.Protocol):
     """A connection over MAX_CONNECTIONS: 503 at once, then closed (no request is parsed, no thread spent).
     At most BUSY_LINGER of them are held for the client to read its 503; beyond, the socket is reset at once:
     a flood of connects held one descriptor a second each, and took every descriptor of the process (systemd's
     limit is 1024) — the worker stopped on 'Too many open files' and each refused accept logged a traceback."""
 
-    BODY = json.dumps({"error": f"too many open connections (over {MAX_CONNECTIONS}); try again"}).encode()
-    RESPONSE = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\nRetry-After: 1\r\nConnection: close\r\n\r\n" % len(BODY)) + BODY
+    RESPONSE = _refusal(f"too many open connections (over {MAX_CONNECTIONS}); try again")
 
     def __init__(self, lingering: set):
         self.lingering = lingering
