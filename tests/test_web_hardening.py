@@ -509,3 +509,45 @@ def test_max_per_client_is_checked():
     for bad in (-1, True, 10**6):
         with pytest.raises(ConfigError, match="max_per_client"):
             WebParams(max_per_client=bad)
+
+
+def test_slow_export_downloads_do_not_pile_up_in_memory(tmp_path, night):
+    """Each export answered is a new image in memory (a 24 MP 16-bit TIFF: 144 MB) until its client has read it;
+    a client reading slowly kept it (all but the few MB the kernel's socket buffer takes).  12 slow downloads of
+    an 18 MB export held 12 images; a Pi holds 20 of 144 MB.  Now at most 2 are sent at once, the others get
+    503 and Retry-After, and memory stays put."""
+    files, _ = night("exports", n_frames=2, width=2000, height=1500)
+    (tmp_path / "d").mkdir()
+    d = start_daemon(tmp_path / "d")
+    socks = []
+    try:
+        for f in files:
+            (d.watch / f.name).write_bytes(f.read_bytes())
+        d.wait_lines(len(files))
+        while not json.loads(request(d, "GET", "/api/status")[1])["has_stack"]:
+            time.sleep(0.05)
+        assert request(d, "GET", "/api/export?format=tiff&mode=linear")[0] == 200     # warm: its buffers
+        rss0 = proc_status(d, "VmRSS")
+        heads = []
+        for _ in range(12):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)       # then reads nothing more
+            s.settimeout(10)
+            s.connect(("127.0.0.1", d.port))
+            s.sendall(b"GET /api/export?format=tiff&mode=linear HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            heads.append(s.recv(12))
+            socks.append(s)
+        time.sleep(0.5)
+        grown_mb = (proc_status(d, "VmRSS") - rss0) / 1024
+        assert 1 <= heads.count(b"HTTP/1.1 200") <= 2, heads
+        assert heads.count(b"HTTP/1.1 503") == len(heads) - heads.count(b"HTTP/1.1 200"), heads
+        assert grown_mb < 60, f"{grown_mb:.0f} MB more with 12 slow downloads of an 18 MB export"
+        for s in socks:
+            s.close()
+        socks = []
+        time.sleep(0.5)
+        assert request(d, "GET", "/api/export?format=png&mode=linear")[0] == 200
+    finally:
+        for s in socks:
+            s.close()
+        assert d.stop() == 0

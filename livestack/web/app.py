@@ -65,6 +65,7 @@ LINGER_S = 2.0                # a refused request's unread body is discarded thi
 SHUTDOWN_S = 3.0
 CHUNK = 1 << 20               # file and export streaming
 IO_THREADS = 2                # file reads (open, read) off the event loop
+EXPORT_SENDS = 2              # exports made or sent at once: each is in memory until its client has read it
 
 
 class HttpError(Exception):
@@ -422,6 +423,7 @@ class Api:
     def __init__(self, service, web_params, hosts: Hosts, idle_s: float, changes: Changes, io: ThreadPoolExecutor):
         self.service, self.web, self.hosts, self.idle_s = service, web_params, hosts, idle_s
         self.changes, self.io = changes, io
+        self.exports = 0              # export requests being made or sent (EXPORT_SENDS); only the loop touches it
 
     async def handle(self, req: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -714,10 +716,19 @@ class Api:
             raise HttpError(400, f"format={fmt!r}: use png or tiff")
         if mode not in ("stretched", "linear"):
             raise HttpError(400, f"mode={mode!r}: use stretched or linear")
-        data = await self._wait(self.service.export(fmt, mode), 300, "the export")
-        ext = "png" if fmt == "png" else "tif"
-        return await self._send_bytes(req, data, "image/png" if fmt == "png" else "image/tiff",
-                                      {"Content-Disposition": f'attachment; filename="stack-{mode}-16bit.{ext}"'})
+        # each export sent is a whole image in memory (144 MB at 24 MP) until its client has read it: slow
+        # readers (a phone on weak Wi-Fi, or on purpose) held one each, as many as asked
+        if self.exports >= EXPORT_SENDS:
+            raise HttpError(503, f"{EXPORT_SENDS} exports are being made or downloaded; try again when one is done",
+                            {"Retry-After": "10"})
+        self.exports += 1
+        try:
+            data = await self._wait(self.service.export(fmt, mode), 300, "the export")
+            ext = "png" if fmt == "png" else "tif"
+            return await self._send_bytes(req, data, "image/png" if fmt == "png" else "image/tiff",
+                                          {"Content-Disposition": f'attachment; filename="stack-{mode}-16bit.{ext}"'})
+        finally:
+            self.exports -= 1
 
     async def events(self, req, q, _):
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store",
