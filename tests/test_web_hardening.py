@@ -585,3 +585,34 @@ def test_a_stop_with_slow_downloads_open_is_clean(tmp_path, night):
     log = d.log.read_text()
     assert "Task was destroyed" not in log and "ERROR" not in log, log[-2000:]
     assert took < 8, f"the stop took {took:.1f} s"
+
+
+def test_the_page_behind_a_reverse_proxy_can_post(tmp_path):
+    """[web] allowed_hosts names a reverse proxy's public name, so that its page works.  Reads did, but the page's
+    POSTs were refused as cross-site whenever the proxy does not pass the browser's Host as it came: nginx's
+    default (Host: 127.0.0.1:8080) or its $host on another port than 443 (the port is dropped).  An Origin
+    naming an allowed_hosts name is this server's page; other Origins are still refused."""
+    root = tmp_path / "d"
+    (root / "watch").mkdir(parents=True)
+    d = Daemon(root, root / "watch", root / "out")
+    d.config.write_text(d.config.read_text() + '[web]\nallowed_hosts = ["astro.example.org"]\n')
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LIVESTACK_WEB_IDLE_S", str(IDLE_S))
+        d.start()
+    d.port = urlsplit(d.url).port
+    try:
+        wait_ok(d)
+        js = {"Content-Type": "application/json"}
+        for host, origin in ((f"127.0.0.1:{d.port}", "https://astro.example.org"),       # nginx's default
+                             ("astro.example.org", "https://astro.example.org:8443"),   # $host, another port
+                             ("astro.example.org", "https://Astro.Example.Org")):
+            st, body = request(d, "POST", "/api/pause", b"{}", {**js, "Host": host, "Origin": origin})
+            assert st == 200, (host, origin, st, body)
+            assert request(d, "POST", "/api/resume", b"{}", {**js, "Origin": origin})[0] == 200
+        for origin in ("https://evil.example", "https://astro.example.org.evil.example", "http://localhost:3000",
+                       "https://127.0.0.1:9999", "null", "https://astro.example.org@evil.example"):
+            st, _ = request(d, "POST", "/api/pause", b"{}", {**js, "Origin": origin})
+            assert st == 403, origin
+        assert paused(d) is False
+    finally:
+        assert d.stop() == 0

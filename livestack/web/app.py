@@ -332,13 +332,16 @@ class Hosts:
 
     names: frozenset[str]     # lower case, no port; "*" allows any
     any_ip: bool              # any IP literal (listening on all or a LAN address), else loopback literals only
+    configured: frozenset[str] = frozenset()   # the names of [web] allowed_hosts ("*" aside): a page from one of
+    # them is this server's page (a reverse proxy's), whatever Host the proxy passes on
 
     @classmethod
     def for_server(cls, bound: str, allowed=()) -> Hosts:
         """Listening on loopback: localhost, 127.x, ::1.  Otherwise also any IP literal, this machine's
         hostname and <hostname>.local (mDNS), and the listening name.  Plus `allowed` ([web] allowed_hosts)."""
         allowed = (allowed,) if isinstance(allowed, str) else allowed or ()
-        names = {"localhost"} | {n for n in (host_name(a) if a != "*" else "*" for a in allowed) if n}
+        configured = frozenset(n for n in (host_name(a) for a in allowed if a != "*") if n)
+        names = {"localhost"} | configured | ({"*"} if "*" in allowed else set())
         b = bound.strip("[]").lower()
         try:
             loopback = ipaddress.ip_address(b).is_loopback
@@ -350,7 +353,7 @@ class Hosts:
             hn = socket.gethostname().lower().rstrip(".")
             short = hn.split(".")[0]
             names |= {hn, short, short + ".local"}
-        return cls(frozenset(names), not loopback)
+        return cls(frozenset(names), not loopback, configured)
 
     def allows(self, authority: str) -> bool:
         name = host_name(authority)
@@ -492,8 +495,14 @@ class Api:
             o = urlsplit(origin.strip())
         except ValueError:            # "http://[::1": not a URL a browser sends
             o = None
-        if o is None or o.scheme not in ("http", "https") or o.netloc.lower() != req.headers.get("Host", "").lower():
-            raise HttpError(403, f"cross-site request from {origin[:100]} refused")
+        if o is not None and o.scheme in ("http", "https"):
+            if o.netloc.lower() == req.headers.get("Host", "").lower():
+                return
+            # behind a reverse proxy the Host is what the proxy sends (nginx: 127.0.0.1:8080 by default, or the
+            # name without its port): the page's origin is one of the [web] allowed_hosts names
+            if host_name(o.netloc) in self.hosts.configured:
+                return
+        raise HttpError(403, f"cross-site request from {origin[:100]} refused")
 
     def _check_token(self, req: web.BaseRequest) -> None:
         token = self.web.token
