@@ -616,3 +616,18 @@ def test_the_page_behind_a_reverse_proxy_can_post(tmp_path):
         assert paused(d) is False
     finally:
         assert d.stop() == 0
+
+
+def test_stretch_auto_must_be_true_or_false(open_web):
+    """{"auto": "no"}, {"auto": "false"}, {"auto": 0.5} and {"auto": NaN} were all taken as auto (any truthy
+    value), and the other fields of an auto request were not looked at ({"auto": true, "blakc": 0.1})."""
+    js = {"Content-Type": "application/json"}
+    for body in ('{"auto": "no"}', '{"auto": "false"}', '{"auto": 0.5}', '{"auto": NaN}', '{"auto": null}',
+                 '{"auto": true, "blakc": 0.1}', '{"auto": [1]}'):
+        st, answer = request(open_web, "POST", "/api/stretch", body.encode(), js)
+        assert st == 400 and json.loads(answer)["error"], (body, st, answer[:200])
+    st, answer = request(open_web, "POST", "/api/stretch", b'{"auto": true}', js)
+    assert st == 200 and json.loads(answer)["stretch"]["auto"] is True, answer[:300]
+    st, answer = request(open_web, "POST", "/api/stretch", b'{"auto": false, "black": 0.01}', js)
+    assert st == 200, answer[:300]
+    assert request(open_web, "POST", "/api/stretch", b'{"auto": true}', js)[0] == 200

@@ -793,13 +793,16 @@ class Api:
         return await self._exclude(body, False)
 
     async def stretch(self, req, q, body):
-        if body.get("auto"):
+        unknown = set(body) - {"black", "midtones", "white", "auto"}
+        if unknown:
+            raise HttpError(400, f"unknown stretch field(s) {', '.join(sorted(unknown)[:5])[:200]}; "
+                                 "use black, midtones, white (0..1) or auto")
+        auto = body.get("auto", False)
+        if not isinstance(auto, bool):      # "no", "false", 0.5, NaN were all taken as auto
+            raise HttpError(400, f"stretch auto = {str(auto)[:40]!r}: must be true or false")
+        if auto:
             vals = {"black": None, "midtones": None, "white": None}
         else:
-            unknown = set(body) - {"black", "midtones", "white", "auto"}
-            if unknown:
-                raise HttpError(400, f"unknown stretch field(s) {', '.join(sorted(unknown))}; "
-                                     "use black, midtones, white (0..1) or auto")
             vals = {}
             for k in ("black", "midtones", "white"):
                 v = body.get(k)
