@@ -151,11 +151,18 @@ class App:
         def protocol():
             return _Busy(refused) if len(server.connections) >= MAX_CONNECTIONS else server()
 
+        async def sweep():
+            while True:
+                await asyncio.sleep(1.0)
+                server.drop_stalled(self.idle_s, loop.time())
+
         changes.start()
         listener = await loop.create_server(protocol, sock=self.socket, backlog=BACKLOG)
+        sweeper = loop.create_task(sweep())
         try:
             await self._stop.wait()
         finally:
+            sweeper.cancel()
             listener.close()
             changes.close()
             await server.shutdown(SHUTDOWN_S / 2)     # aiohttp waits twice: for the handler, then its cancel
@@ -223,6 +230,21 @@ class _Server(web.Server):
                                  "close some pages")
         self._client_of: dict = {}                           # handler -> client_key, while its connection is open
         self._per_client: collections.Counter = collections.Counter()
+        self._stalled: dict = {}                             # handler -> loop time its writing was seen paused
+
+    def drop_stalled(self, idle_s: float, now: float) -> None:
+        """Abort the connections whose client has read nothing of their answers for `idle_s` (called every
+        second).  aiohttp waits for a client to read without a time limit: requests pipelined and never read
+        kept a connection, and ~4 MB of kernel buffers, past the idle timeout for as long as the client liked."""
+        stalled = {}
+        for h in self.connections:
+            if h.transport is not None and h.writing_paused:
+                since = self._stalled.get(h, now)
+                if now - since >= idle_s:
+                    h.transport.abort()
+                else:
+                    stalled[h] = since
+        self._stalled = stalled
 
     def connection_made(self, handler, transport) -> None:
         super().connection_made(handler, transport)
