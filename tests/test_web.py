@@ -427,3 +427,39 @@ def test_a_token_with_percent_and_ampersand_in_the_hash(make_daemon, in_hash):
         assert sent == [f"Bearer {ODD_TOKEN}"]
     assert errors == []
     assert d.stop() == 0
+
+
+@pytest.mark.browser
+def test_the_page_comes_back_after_its_event_stream_got_an_http_error(web):
+    """An EventSource that gets an HTTP error (a reverse proxy's 502 while the daemon restarts, the 503 of too
+    many connections) is closed for good: the browser retries network errors only.  The page said "offline"
+    until the visitor reloaded it, however long the daemon had been back.  Now it connects again."""
+    from playwright.sync_api import expect
+
+    with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
+        expect(page.locator("#conn")).to_have_class("dot on", timeout=15_000)
+        status = req(web, "GET", "/api/status")[1].decode()
+        calls = []
+
+        def events(route):
+            calls.append(1)
+            if len(calls) == 1:      # a stream that ends (a proxy's timeout, a restart): the browser reconnects
+                route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
+                              body=f"retry: 300\n\nevent: status\ndata: {status}\n\n")
+            else:                    # … and meets the proxy's 502 while the daemon is not back yet
+                route.fulfill(status=502, headers={"Content-Type": "text/html"}, body="<h1>502 Bad Gateway</h1>")
+
+        page.route("**/api/events", events)
+        page.reload()                # the page's stream, now through the route
+        page.wait_for_function("() => typeof state === 'object' && state.es && state.es.readyState === 2",
+                               timeout=10_000)
+        expect(page.get_by_test_id("state")).to_have_text("offline")
+        page.unroute("**/api/events")                  # the daemon is back
+        expect(page.locator("#conn")).to_have_class("dot on", timeout=15_000)
+        st, _, _ = req(web, "POST", "/api/pause", None, AUTH)
+        assert st == 200
+        try:
+            expect(page.get_by_test_id("state")).to_have_text("paused", timeout=10_000)
+        finally:
+            assert req(web, "POST", "/api/resume", None, AUTH)[0] == 200
+    assert [e for e in errors if "502" not in e] == []
