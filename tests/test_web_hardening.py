@@ -671,3 +671,23 @@ def test_a_client_that_never_reads_its_answers_is_closed(open_web):
             time.sleep(0.2)
         assert _sockets(open_web) == base, f"still open {IDLE_S + 4:g} s after the client stopped reading"
     wait_ok(open_web)
+
+
+def test_head_is_answered_like_get_without_a_body(open_web):
+    """HEAD was 405 everywhere (curl -I, link checkers, `wget --spider`, a download manager asking the size);
+    every general-purpose server must answer it (RFC 9110 9.1): GET's status and headers, no body."""
+    for path, status in (("/", 200), ("/api/status", 200), ("/static/app.js", 200), ("/api/files/frames.jsonl", 404),
+                         ("/api/files/../x", 403), ("/api/events", 200), ("/nope", 404)):
+        got = raw(open_web, f"HEAD {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode(),
+                  timeout=3)
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.split(b"\r\n", 1)[0].split()[1:2] == [str(status).encode()], (path, got[:200])
+        assert body == b"", (path, body[:100])
+    got = raw(open_web, b"HEAD /static/app.js HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    size = (Path(__file__).parents[1] / "livestack/web/static/app.js").stat().st_size
+    assert b"Content-Length: %d\r\n" % size in got, got[:300]
+    # keep-alive: the connection goes on with the next request
+    got = raw(open_web, b"HEAD /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                        b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    assert got.count(b"HTTP/1.1 200") == 2 and got.endswith(b"}"), got[-200:]
+    assert "Traceback" not in open_web.log.read_text()

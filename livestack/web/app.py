@@ -10,6 +10,7 @@ GET  /api/stack.fits        the stack (float32, weight map in HDU "WEIGHT")
 GET  /api/export?format=png|tiff&mode=stretched|linear   full-resolution 16-bit image
 GET  /api/files/<path>      any file inside the session folder (frames.jsonl, archive/…); nothing outside
 GET  /api/events            server-sent events: "status" with the status JSON whenever anything changes
+HEAD                        any GET above: its status and headers, no body
 POST /api/pause, /api/resume, /api/exclude {"file"}, /api/include {"file"}, /api/stretch {black, midtones,
      white | auto}, /api/palette {palette, weights, hues}, /api/new-session — with a token configured, each
      needs "Authorization: Bearer <token>" or "X-Livestack-Token: <token>"
@@ -471,8 +472,9 @@ class Api:
                 u = urlsplit(target)
                 path, query, authority = u.path or "/", u.query, u.netloc
             self._check_host(req, authority)
-            if req.method not in ("GET", "POST"):
-                raise HttpError(405, f"{req.method} is not used here: GET reads, POST changes", {"Allow": "GET, POST"})
+            if req.method not in ("GET", "HEAD", "POST"):
+                raise HttpError(405, f"{req.method} is not used here: GET reads, POST changes",
+                                {"Allow": "GET, HEAD, POST"})
             write = req.method == "POST"
             if write:
                 self._check_origin(req)
@@ -594,6 +596,8 @@ class Api:
         try:
             await resp.prepare(req)
             async with contextlib.aclosing(chunks):
+                if req.method == "HEAD":          # GET's headers, no body (aiohttp would send what is written)
+                    return resp
                 async for chunk in chunks:
                     await self._write(resp, chunk)
         except ConnectionError:
@@ -778,6 +782,8 @@ class Api:
         resp.force_close()
         try:
             await resp.prepare(req)
+            if req.method == "HEAD":
+                return resp
             await self._write(resp, b"retry: 2000\n\n")
             seen = -1
             while (ch := await self.changes.wait(seen, SSE_KEEPALIVE_S)) is not None:
