@@ -691,3 +691,26 @@ def test_head_is_answered_like_get_without_a_body(open_web):
                         b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
     assert got.count(b"HTTP/1.1 200") == 2 and got.endswith(b"}"), got[-200:]
     assert "Traceback" not in open_web.log.read_text()
+
+
+def test_a_slow_but_steady_download_is_not_cut(open_web):
+    """A phone on weak Wi-Fi reads a big file for longer than the idle timeout, a little at a time: it is reading,
+    so it is not idle.  (A 24 MP stack.fits is 384 MB: minutes over Wi-Fi.)"""
+    size = 12 << 20                  # beyond the kernel's socket buffers (4 MB here): the server waits on the client
+    (open_web.out / "big.bin").write_bytes(bytes(range(256)) * (size // 256))
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.settimeout(IDLE_S + 5)
+            s.connect(("127.0.0.1", open_web.port))
+            s.sendall(b"GET /api/files/big.bin HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            got, t0 = b"", time.monotonic()
+            while chunk := s.recv(32768):          # ~2 MB/s: 6 s, three times the idle timeout
+                got += chunk
+                time.sleep(0.015)
+            took = time.monotonic() - t0
+        head, _, body = got.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and len(body) == size, (head[:100], len(body), took)
+        assert took > IDLE_S * 1.5, took
+    finally:
+        (open_web.out / "big.bin").unlink()

@@ -231,20 +231,27 @@ class _Server(web.Server):
                                  "close some pages")
         self._client_of: dict = {}                           # handler -> client_key, while its connection is open
         self._per_client: collections.Counter = collections.Counter()
-        self._stalled: dict = {}                             # handler -> loop time its writing was seen paused
+        self._stalled: dict = {}      # handler -> (loop time, its write buffer's size) since which nothing moved
 
     def drop_stalled(self, idle_s: float, now: float) -> None:
         """Abort the connections whose client has read nothing of their answers for `idle_s` (called every
         second).  aiohttp waits for a client to read without a time limit: requests pipelined and never read
-        kept a connection, and ~4 MB of kernel buffers, past the idle timeout for as long as the client liked."""
+        kept a connection, and ~4 MB of kernel buffers, past the idle timeout for as long as the client liked.
+        Stalled = writing paused and the write buffer the same size as a second ago: a client that reads, however
+        slowly, lets the buffer drain into the kernel (a 384 MB stack.fits takes minutes over weak Wi-Fi)."""
         stalled = {}
         for h in self.connections:
-            if h.transport is not None and h.writing_paused:
-                since = self._stalled.get(h, now)
-                if now - since >= idle_s:
-                    h.transport.abort()
-                else:
-                    stalled[h] = since
+            t = h.transport
+            if t is None or not h.writing_paused:
+                continue
+            size = t.get_write_buffer_size()
+            since, before = self._stalled.get(h, (now, -1))
+            if size != before:
+                since = now
+            if now - since >= idle_s:
+                t.abort()
+            else:
+                stalled[h] = (since, size)
         self._stalled = stalled
 
     def connection_made(self, handler, transport) -> None:
