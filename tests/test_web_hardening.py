@@ -716,3 +716,19 @@ def test_a_slow_but_steady_download_is_not_cut(open_web):
         assert took > IDLE_S * 1.5, took
     finally:
         (open_web.out / "big.bin").unlink()
+
+
+def test_palette_weights_and_hues_are_few_and_short(open_web):
+    """Any name was taken as a filter: 3000 made-up weights (a 40 KB body) were kept, and every status — each
+    event to each open page — grew from ~2 KB to 43 KB for the rest of the night."""
+    js = {"Content-Type": "application/json"}
+    size0 = len(request(open_web, "GET", "/api/status")[1])
+    for body in ({"weights": {f"f{i}": 1.0 for i in range(3000)}},
+                 {"hues": {f"f{i}": [1, 0, 0] for i in range(1000)}},
+                 {"weights": {"H" * 5000: 1.0}}):
+        st, answer = request(open_web, "POST", "/api/palette", json.dumps(body).encode(), js)
+        assert st == 400 and json.loads(answer)["error"], (st, answer[:200])
+    assert len(request(open_web, "GET", "/api/status")[1]) < size0 + 100
+    st, _ = request(open_web, "POST", "/api/palette", b'{"weights": {"Ha": 1.5, "OIII": 0.8}}', js)
+    assert st == 200
+    assert request(open_web, "POST", "/api/palette", b'{"weights": {}}', js)[0] == 200

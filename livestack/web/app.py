@@ -66,6 +66,8 @@ LINGER_S = 2.0                # a refused request's unread body is discarded thi
 SHUTDOWN_S = 3.0
 CHUNK = 1 << 20               # file and export streaming
 IO_THREADS = 2                # file reads (open, read) off the event loop
+MAX_FILTERS = 32              # POST /api/palette: weights or hues for at most this many filter names,
+MAX_FILTER_NAME = 140         # each at most this long (a FITS FILTER value: 68 characters; "<filter>:<channel>")
 EXPORT_SENDS = 2              # exports made or sent at once: each is in memory until its client has read it
 
 
@@ -861,6 +863,10 @@ class Api:
         for k in ("weights", "hues"):
             if k in body and not isinstance(body[k], dict):
                 raise HttpError(400, f'{k} must be an object, e.g. {{"Ha": 1.5}}')
+            # any name is taken (a filter may come later), but not without end: they are in every status sent
+            if k in body and (len(body[k]) > MAX_FILTERS or any(len(n) > MAX_FILTER_NAME for n in body[k])):
+                raise HttpError(400, f"{k}: at most {MAX_FILTERS} filters, names of at most {MAX_FILTER_NAME} "
+                                     "characters")
         if "palette" in body and not isinstance(body["palette"], str):
             raise HttpError(400, 'palette must be a name, e.g. "SHO" (or "auto")')
         try:
