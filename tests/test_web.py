@@ -463,3 +463,15 @@ def test_the_page_comes_back_after_its_event_stream_got_an_http_error(web):
         finally:
             assert req(web, "POST", "/api/resume", None, AUTH)[0] == 200
     assert [e for e in errors if "502" not in e] == []
+
+
+@pytest.mark.browser
+def test_the_pages_own_export_link_still_downloads(web):
+    """Exports are refused to another site's page (Sec-Fetch-Site): the page's own links are same-origin."""
+    with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
+        page.wait_for_selector("#conn.on", timeout=15_000)
+        with page.expect_download(timeout=30_000) as dl:
+            page.eval_on_selector('a[href="/api/export?format=png&mode=stretched"]', "a => a.click()")
+        path = dl.value.path()
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert errors == []

@@ -732,3 +732,34 @@ def test_palette_weights_and_hues_are_few_and_short(open_web):
     st, _ = request(open_web, "POST", "/api/palette", b'{"weights": {"Ha": 1.5, "OIII": 0.8}}', js)
     assert st == 200
     assert request(open_web, "POST", "/api/palette", b'{"weights": {}}', js)[0] == 200
+
+
+def test_another_sites_page_cannot_make_exports(tmp_path, night):
+    """An export is the worker's time between frames (seconds and ~100 MB at 24 MP).  Any page a visitor opened
+    while on the observatory's Wi-Fi could have it made again and again: <img src="http://raspberrypi.local:
+    8080/api/export?format=tiff">, a GET the Host check lets through.  The browser says where a request comes
+    from (Sec-Fetch-Site; Origin on a fetch): another site's is refused, the page's own download link, an
+    address typed or a script (no such header) are not."""
+    files, _ = night("cross", n_frames=2)
+    (tmp_path / "d").mkdir()
+    d = start_daemon(tmp_path / "d")
+    try:
+        for f in files:
+            (d.watch / f.name).write_bytes(f.read_bytes())
+        d.wait_lines(len(files))
+        while not json.loads(request(d, "GET", "/api/status")[1])["has_stack"]:
+            time.sleep(0.05)
+        path = "/api/export?format=png&mode=linear"
+        for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
+                        {"Origin": "https://evil.example"}, {"Origin": "null"},
+                        {"Sec-Fetch-Site": "cross-site", "Origin": f"http://127.0.0.1:{d.port}"}):
+            st, body = request(d, "GET", path, headers=headers)
+            assert st == 403 and "another site" in json.loads(body)["error"], (headers, st, body[:200])
+        for headers in ({}, {"Sec-Fetch-Site": "same-origin"}, {"Sec-Fetch-Site": "none"},
+                        {"Origin": f"http://127.0.0.1:{d.port}", "Sec-Fetch-Site": "same-origin"}):
+            st, body = request(d, "GET", path, headers=headers)
+            assert st == 200 and body[:8] == b"\x89PNG\r\n\x1a\n", (headers, st, body[:200])
+        # reading stays open to everyone (an <img> of the preview on an astronomy club's page)
+        assert request(d, "GET", "/api/preview.jpg", headers={"Sec-Fetch-Site": "cross-site"})[0] == 200
+    finally:
+        assert d.stop() == 0

@@ -771,6 +771,16 @@ class Api:
             raise HttpError(400, f"format={fmt!r}: use png or tiff")
         if mode not in ("stretched", "linear"):
             raise HttpError(400, f"mode={mode!r}: use stretched or linear")
+        # the worker's time between frames: not for any page a visitor has open (<img src=…/api/export>); the
+        # browser says where a request comes from (Sec-Fetch-Site; Origin on a fetch).  Scripts send neither.
+        refused = HttpError(403, "refused: another site's page asked for an export (the worker makes it between "
+                                 "frames); download it from this server's page")
+        if req.headers.get("Sec-Fetch-Site", "").strip().lower() in ("cross-site", "same-site"):
+            raise refused
+        try:
+            self._check_origin(req)
+        except HttpError as err:
+            raise refused from err
         # each export sent is a whole image in memory (144 MB at 24 MP) until its client has read it: slow
         # readers (a phone on weak Wi-Fi, or on purpose) held one each, as many as asked
         if self.exports >= EXPORT_SENDS:
