@@ -135,6 +135,9 @@ def cmd_run(args, cfg: Config) -> int:
     if app is not None:
         web_thread = serve_in_thread(app)
         log.log(NOTICE, "livestack: page at %s", app.url)
+        lan = app.lan_urls()
+        if lan:             # (http://0.0.0.0:8080/ is no address a phone can open)
+            log.log(NOTICE, "livestack: from another machine: %s", " or ".join(lan))
     try:
         while not stop.wait(0.5):
             if not svc.running:

@@ -763,3 +763,26 @@ def test_another_sites_page_cannot_make_exports(tmp_path, night):
         assert request(d, "GET", "/api/preview.jpg", headers={"Sec-Fetch-Site": "cross-site"})[0] == 200
     finally:
         assert d.stop() == 0
+
+
+def test_a_server_on_every_address_says_where_a_phone_opens_the_page():
+    """`--host 0.0.0.0` logged "page at http://0.0.0.0:8080/", which no browser opens (a review): the page's
+    <hostname>.local and the default route's address are said too; a bind to one address says nothing more."""
+    import socket
+
+    from livestack.web.app import App
+
+    class Bound:          # what lan_urls reads of an App: its listening socket
+        def __init__(self, sock):
+            self.socket = sock
+
+    for family, host in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET, "127.0.0.1")):
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            urls = App.lan_urls(Bound(s))
+            port = s.getsockname()[1]
+        if host == "127.0.0.1":
+            assert urls == []
+            continue
+        assert urls[0] == f"http://{socket.gethostname().split('.')[0].lower()}.local:{port}/"
+        assert all(u.endswith(f":{port}/") and "0.0.0.0" not in u and "127." not in u for u in urls)

@@ -100,6 +100,26 @@ class App:
         host, port = self.socket.getsockname()[:2]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
+    def lan_urls(self) -> list[str]:
+        """Where a phone on the same network opens the page when the server listens on every address (0.0.0.0,
+        ::), whose own URL (``url``) no browser can open: <hostname>.local (mDNS, as Raspberry Pi OS announces
+        it) and the address of the interface the default route leaves by; [] for any other bind."""
+        host, port = self.socket.getsockname()[:2]
+        if host not in ("0.0.0.0", "::"):
+            return []
+        urls = [f"http://{socket.gethostname().split('.')[0].lower()}.local:{port}/"]
+        probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            probe.connect(("10.255.255.255", 1))       # no packet is sent: the kernel only picks a route
+            ip = probe.getsockname()[0]
+            if not ipaddress.ip_address(ip).is_loopback:
+                urls.append(f"http://{ip}:{port}/")
+        except OSError:             # no route at all (no network yet)
+            pass
+        finally:
+            probe.close()
+        return urls
+
     def serve_forever(self) -> None:
         """Serve until shutdown(); blocks (run it in a thread)."""
         self._served.set()
