@@ -557,6 +557,44 @@ def test_slow_export_downloads_do_not_pile_up_in_memory(tmp_path, night):
         assert d.stop() == 0
 
 
+def test_slow_downloads_of_a_large_file_are_few(tmp_path, night):
+    """Each download holds the version of stack.fits it began with, and a replaced version's disk space comes back
+    only when its reader is done: slow readers held one each (8 seen; at 24 MP each is 470 MB of an SD card).  A
+    file of 32 MB or more is sent to at most 4 clients at once; the others get 503 and Retry-After."""
+    files, _ = night("big", n_frames=2, width=2000, height=1500)       # stack.fits: 48 MB
+    (tmp_path / "d").mkdir()
+    d = start_daemon(tmp_path / "d")
+    socks = []
+    try:
+        for f in files:
+            (d.watch / f.name).write_bytes(f.read_bytes())
+        d.wait_lines(len(files))
+        while not (d.out / "stack.fits").exists():
+            time.sleep(0.05)
+        heads = []
+        for _ in range(8):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)       # then reads nothing more
+            s.settimeout(10)
+            s.connect(("127.0.0.1", d.port))
+            s.sendall(b"GET /api/stack.fits HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            heads.append(s.recv(12))
+            socks.append(s)
+        assert heads.count(b"HTTP/1.1 200") == 4 and heads.count(b"HTTP/1.1 503") == 4, heads
+        assert request(d, "GET", "/api/status")[0] == 200          # small answers are not held back
+        for s in socks:
+            s.close()
+        socks = []
+        deadline = time.monotonic() + 10
+        while (st := request(d, "GET", "/api/stack.fits")[0]) != 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert st == 200
+    finally:
+        for s in socks:
+            s.close()
+        assert d.stop() == 0
+
+
 def test_a_stop_with_slow_downloads_open_is_clean(tmp_path, night):
     """SIGTERM while a client reads stack.fits slowly and another holds an export: aiohttp waited 2 x 3 s for
     their handlers, then the loop closed with them still pending — 'ERROR Task was destroyed but it is

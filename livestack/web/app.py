@@ -69,6 +69,8 @@ IO_THREADS = 2                # file reads (open, read) off the event loop
 MAX_FILTERS = 32              # POST /api/palette: weights or hues for at most this many filter names,
 MAX_FILTER_NAME = 140         # each at most this long (a FITS FILTER value: 68 characters; "<filter>:<channel>")
 EXPORT_SENDS = 2              # exports made or sent at once: each is in memory until its client has read it
+BIG_FILE = 32 << 20           # a file this large (stack.fits, a checkpoint) …
+BIG_SENDS = 4                 # … is sent to at most this many clients at once: each holds the version it began
 
 
 class HttpError(Exception):
@@ -490,6 +492,7 @@ class Api:
         self.service, self.web, self.hosts, self.idle_s = service, web_params, hosts, idle_s
         self.changes, self.io = changes, io
         self.exports = 0              # export requests being made or sent (EXPORT_SENDS); only the loop touches it
+        self.big_sends = 0            # files of BIG_FILE or more being sent (BIG_SENDS); only the loop touches it
 
     async def handle(self, req: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -649,6 +652,16 @@ class Api:
         except OSError as err:
             raise HttpError(404, f"{p.name} cannot be read ({err.strerror})") from err
         size = os.fstat(f.fileno()).st_size
+        # A download holds the version of the file it began with: stack.fits is replaced every few frames, and a
+        # replaced version's disk space comes back only when its last reader is done — slow readers (a phone on
+        # weak Wi-Fi) held one 470 MB version each at 24 MP, as many as asked, on an SD card.
+        big = size >= BIG_FILE
+        if big and self.big_sends >= BIG_SENDS:
+            f.close()
+            raise HttpError(503, f"{BIG_SENDS} large files are being downloaded; try again when one is done",
+                            {"Retry-After": "10"})
+        if big:
+            self.big_sends += 1
 
         async def chunks():
             left = size
@@ -664,6 +677,8 @@ class Api:
                                       size, chunks(), headers)
         finally:
             f.close()
+            if big:
+                self.big_sends -= 1
 
     async def _static(self, req, name: str):
         name = unquote(name)
