@@ -320,6 +320,27 @@ def test_plan_refuses_nonsense():
     assert r.returncode == 2 and "--count 0" in r.stderr
 
 
+@pytest.mark.parametrize("driver, args, said", [
+    ("sim", ["nan"], "exposure nan s: must be"),
+    ("sim", ["inf"], "exposure inf s: must be"),
+    ("sim", ["1", "--interval", "nan"], "--interval nan s: must be"),
+    ("sim", ["1", "--retry-for", "-5"], "--retry-for -5 s: must be"),
+    ("sim", ["1", "--retry-for", "nan"], "--retry-for nan s: must be"),
+    ("indi", ["1", "--download-timeout", "-1"], "--download-timeout -1 s: must be"),
+    ("indi", ["1", "--temp-timeout", "nan"], "--temp-timeout nan s: must be"),
+    ("indi", ["1", "--temperature", "nan"], "--temperature nan °C: must be"),
+])
+def test_a_number_that_cannot_be_one_is_a_usage_error(tmp_path, driver, args, said):
+    """NaN and infinity parse as floats: an exposure of 'nan' or 'inf' went on to the simulator (a numpy
+    traceback, exit 1), a NaN interval or --retry-for was taken silently (no pause; no retry at all). Each is
+    one line naming the option, exit 2, before any camera is touched or folder made."""
+    port = ["--port", "1"] if driver == "indi" else []        # nothing listens there: not asked
+    r = run("-m", "livestack.cli", "capture", driver, *args, "--count", "1", *port, "-o", str(tmp_path / "o"))
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"capture {driver}: ") and said in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("head, camera_ext, want", [
     (b"II*\x00\x08\x00\x00\x00", ".JPG", ".dng"),          # the virtual camera: DNG under a .JPG name
     (b"MM\x00*\x00\x00\x00\x08", ".jpg", ".dng"),

@@ -12,6 +12,7 @@ import argparse
 import errno
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -48,12 +49,10 @@ class CapturePlan:
     gain: float | None = None       # INDI gain, or ISO for gphoto2
 
     def __post_init__(self):
-        if self.exposure < 0:
-            raise ValueError(f"exposure {self.exposure:g} s: must be ≥ 0")
+        check_seconds(self.exposure, "exposure")
         if self.count is not None and self.count < 1:
             raise ValueError(f"--count {self.count}: must be ≥ 1 (leave it out to run until stopped)")
-        if self.interval < 0:
-            raise ValueError(f"--interval {self.interval:g} s: must be ≥ 0")
+        check_seconds(self.interval, "--interval")
         if self.kind not in KINDS:
             raise ValueError(f"--type {self.kind!r}: unknown (known: {', '.join(KINDS)})")
         if not 1 <= self.binning <= 16:
@@ -62,6 +61,13 @@ class CapturePlan:
     @property
     def folder(self) -> Path:
         return frame_folder(self.out, self.kind)
+
+
+def check_seconds(value: float, what: str) -> None:
+    """ValueError unless `value` is a duration: a finite number ≥ 0. argparse's float() takes 'nan' and 'inf',
+    and NaN passes every `< 0` test: an exposure of nan reached the camera, a NaN --retry-for never retried."""
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{what} {value:g} s: must be a finite number ≥ 0")
 
 
 def frame_folder(out: Path, kind: str) -> Path:
@@ -386,6 +392,7 @@ def start_capture(name: str, args, *, no_binning: str | None = None) -> CaptureP
     try:
         if no_binning and args.binning != 1:
             raise ValueError(f"--binning: {no_binning}")
+        check_seconds(args.retry_for, "--retry-for")
         return plan_from_args(args)
     except ValueError as err:
         print(f"capture {name}: {err}", file=sys.stderr)

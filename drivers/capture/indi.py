@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import base64
 import logging
+import math
 import select
 import socket
 import sys
@@ -26,8 +27,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..atomic import atomic_write
-from .common import (Backoff, CaptureError, CapturePlan, IMAGETYP, Stop, StopRequested, add_plan_arguments, frame_name,
-                     module_main, retry, run_capture, run_plan, start_capture, write_frame)
+from .common import (Backoff, CaptureError, CapturePlan, IMAGETYP, Stop, StopRequested, add_plan_arguments,
+                     check_seconds, frame_name, module_main, retry, run_capture, run_plan, start_capture, write_frame)
 
 log = logging.getLogger("drivers.capture.indi")
 
@@ -339,6 +340,12 @@ class IndiOptions:
     temperature: float | None = None    # °C cooler set point; None: leave the cooler alone
     temp_timeout: float = 600.0         # s to wait for the set point (±0.5 °C) before capturing anyway
     download_timeout: float = 60.0      # s beyond the exposure for the frame to arrive
+
+    def __post_init__(self):
+        check_seconds(self.temp_timeout, "--temp-timeout")
+        check_seconds(self.download_timeout, "--download-timeout")
+        if self.temperature is not None and not math.isfinite(self.temperature):
+            raise ValueError(f"--temperature {self.temperature:g} °C: must be a finite number")
 
 
 class IndiCamera:
@@ -704,9 +711,13 @@ def run(args) -> int:
     plan = start_capture("indi", args)
     if plan is None:
         return 2
-    opts = IndiOptions(host=args.host, port=args.port, device=args.device, filter_slot=args.filter_slot,
-                       temperature=args.temperature, temp_timeout=args.temp_timeout,
-                       download_timeout=args.download_timeout)
+    try:
+        opts = IndiOptions(host=args.host, port=args.port, device=args.device, filter_slot=args.filter_slot,
+                           temperature=args.temperature, temp_timeout=args.temp_timeout,
+                           download_timeout=args.download_timeout)
+    except ValueError as err:
+        print(f"capture indi: {err}", file=sys.stderr)
+        return 2
     return run_capture("indi", plan, lambda stop: capture(plan, opts, stop, retry_for=args.retry_for),
                        gave_up=lambda err: isinstance(err, (OSError, TimeoutError)))
 
