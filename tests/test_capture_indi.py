@@ -152,6 +152,17 @@ def test_dark_with_filter_goes_to_darks_folder(indi, tmp_path):
 
 
 @server_test
+def test_a_bias_is_taken_at_the_cameras_shortest_exposure(indi, tmp_path):
+    """INDI's CCD takes FRAME_BIAS at its shortest exposure (the simulator: 0.01 s) whatever was asked: that
+    frame is ours, written with the EXPTIME asked for (not refused as another program's exposure)."""
+    r = run_capture(indi.port, tmp_path, "0.5", "--count", "2", "--type", "bias", "--download-timeout", "5")
+    assert r.returncode == 0, r.stderr
+    files = sorted((tmp_path / "bias").glob("[!.]*"))
+    assert [f.name for f in files] == ["bias_0000_0.5s.fits", "bias_0001_0.5s.fits"], r.stderr
+    assert fits.getheader(files[0])["IMAGETYP"] == "Bias Frame"
+
+
+@server_test
 def test_unknown_device_fails_with_the_devices_named(indi, tmp_path):
     r = run_capture(indi.port, tmp_path, "1", "--count", "1", "--device", "ZWO CCD ASI294MC")
     assert r.returncode == 1
@@ -337,6 +348,41 @@ def test_guide_frames_of_a_camera_with_a_guide_head_are_not_written_as_lights(in
     assert [f.name for f in files] == [f"light_{i:04d}_5s.fits" for i in range(4)]
     for f in files:
         assert fits.getdata(f).shape == (360, 480), f.name
+
+
+@server_test
+def test_another_programs_exposure_is_not_written_as_ours(indi, tmp_path):
+    """Two programs on one camera: while our 300 s light exposes, another client (a focusing tool, Ekos' preview)
+    starts a 10 s exposure on the same chip; the camera restarts with theirs and sends that frame to every
+    client. It is not written as our light (before: the other program's frame, named and headed
+    light_0000_300s with EXPTIME 300); ours is exposed again and written."""
+    import io
+
+    out = tmp_path / "lights"
+    proc = subprocess.Popen(capture_cmd(indi.port, out, "300", "--count", "1", "--download-timeout", "10"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    other = IndiClient("127.0.0.1", indi.port, timeout=2)
+    try:
+        other.connect()
+        exposing = lambda: other.get(DEVICE, "CCD_EXPOSURE") is not None \
+            and other.get(DEVICE, "CCD_EXPOSURE").state == "Busy"            # noqa: E731
+        other.wait(exposing, 20, "our exposure to start")
+        other.enable_blobs(DEVICE, name="CCD1")
+        other.set_values(DEVICE, "CCD_EXPOSURE", {"CCD_EXPOSURE_VALUE": 10.0})   # 0.1 s at SIM_TIME_FACTOR 0.01
+        other.wait(lambda: other.blobs, 10, "the other program's frame")
+        theirs = fits.getdata(io.BytesIO(other.blobs[0].data))
+        assert fits.getheader(io.BytesIO(other.blobs[0].data))["EXPTIME"] == 10
+        _, err = proc.communicate(timeout=60)
+    finally:
+        other.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    files = sorted(out.glob("[!.]*"))
+    assert [f.name for f in files] == ["light_0000_300s.fits"], err
+    assert not np.array_equal(fits.getdata(files[0]), theirs), "the other program's frame was written as ours"
+    assert "a 10 s exposure, not our 300 s: another program is using the camera" in err, err
 
 
 @server_test

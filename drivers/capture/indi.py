@@ -21,7 +21,7 @@ import sys
 import time
 import xml.etree.ElementTree as ET
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -45,6 +45,12 @@ class IndiLost(ConnectionError):
 class DeviceLost(IndiLost):
     """The camera device went away while the server stayed (its driver restarted, its USB link dropped):
     retried like a lost server."""
+
+
+class ForeignFrame(ConnectionError):
+    """The frame received is not our exposure: another program on the camera started its own (an INDI camera
+    restarts with the newest request and sends the frame to every client). Retried like a lost camera: set up
+    again (the other program may have changed frame type, binning or filter) and exposed again."""
 
 
 @dataclass
@@ -294,6 +300,21 @@ def _card_text(card: bytes) -> str:
             end = text.find("'", end + 2)
         return text[1:end if end != -1 else None].replace("''", "'").rstrip()
     return text.split("/", 1)[0].strip()
+
+
+def fits_header_value(data: bytes, key: str) -> str | None:
+    """The value text of `key` in the primary header of the FITS file `data` (a string card's text without its
+    quotes); None when the key is missing or `data` is not FITS."""
+    if not data.startswith(b"SIMPLE  ="):
+        return None
+    want = key.encode("ascii").ljust(8)
+    for pos in range(0, len(data) - 79, 80):
+        card = data[pos:pos + 80]
+        if card[:8] == b"END     ":
+            return None
+        if card[:8] == want:
+            return _card_text(card)
+    return None
 
 
 def fits_header_update(data: bytes, set_cards: dict, add_cards: dict, *, drop_if: dict | None = None) -> bytes:
@@ -625,16 +646,37 @@ class IndiCamera:
         c.wait(arrived, t + self.opts.download_timeout, f"frame {index} from {dev}")
         blob = next(b for b in c.blobs if self._ours(b))
         c.blobs.clear()
+        if blob.format.lower().endswith(".z"):
+            blob = replace(blob, data=zlib.decompress(blob.data), format=blob.format[:-2])
+        self._check_exposure(blob, exp)
         return blob, start, ccd_temp
+
+    def _check_exposure(self, blob: Blob, exp: Vector) -> None:
+        """ForeignFrame when the frame's own EXPTIME (written by the INDI driver) is not the exposure we asked
+        for: another program's exposure on this camera, which would otherwise be written under our name and
+        our EXPTIME. 30 % (a third of a stop, a DSLR's nearest speed) + 10 ms of slack for drivers that round;
+        a bias may be any exposure from the camera's shortest (what INDI's CCD takes for FRAME_BIAS) to ours."""
+        text = fits_header_value(blob.data, "EXPTIME")
+        try:
+            got = float(text) if text is not None else None
+        except ValueError:
+            got = None
+        if got is None:
+            return
+        shortest = exp.limits.get("CCD_EXPOSURE_VALUE", (0.0, 0.0))[0]
+        want = max(self.plan.exposure, shortest)
+        if self.plan.kind == "bias" and shortest - 0.01 <= got <= want:
+            return
+        if abs(got - want) > 0.3 * want + 0.01:
+            raise ForeignFrame(f"{self.device}: the frame received is a {got:g} s exposure, not our "
+                               f"{self.plan.exposure:g} s: another program is using the camera; not written")
 
     def _ours(self, blob: Blob) -> bool:
         """A frame of our exposure: the main chip's, not a guide head's (CCD2) taken by a guiding program."""
         return blob.device == self.device and blob.name == MAIN_CHIP
 
     def _write(self, index: int, blob: Blob, start: datetime, ccd_temp: float | None) -> Path:
-        data, fmt = blob.data, blob.format.lower() or ".fits"
-        if fmt.endswith(".z"):
-            data, fmt = zlib.decompress(data), fmt[:-2]
+        data, fmt = blob.data, blob.format.lower() or ".fits"     # decompressed by _expose
         ext = fmt if fmt.startswith(".") else "." + fmt
         if ext in (".fits", ".fit", ".fts"):
             data = self._enrich(data, start, ccd_temp)
