@@ -5,6 +5,7 @@ Install it with monkeypatch.setitem(sys.modules, "gphoto2", fake_gphoto2); Camer
 from __future__ import annotations
 
 import collections
+import time
 
 __version__ = "fake"
 GP_EVENT_UNKNOWN, GP_EVENT_TIMEOUT, GP_EVENT_FILE_ADDED = 0, 1, 2
@@ -65,6 +66,7 @@ class Abilities:
 
 class Camera:
     last: "Camera | None" = None
+    file_delay = 0.0     # s between the release and the files' events (long-exposure noise reduction: a dark)
 
     def __init__(self):
         self.state = {"iso": ("800", ["100", "800"]), "shutterspeed": ("1/10", ["1/100", "1/10", "bulb"]),
@@ -97,12 +99,18 @@ class Camera:
                     cr2, jpg = f"IMG_{self.n:04d}.CR2", f"IMG_{self.n:04d}.JPG"
                     self.card[cr2] = b"II*\x00\x10\x00\x00\x00CR\x02\x00" + f"raw frame {self.n}".encode()
                     self.card[jpg] = b"\xff\xd8\xff\xe0" + f"jpeg frame {self.n}".encode()
-                    self.events.append((GP_EVENT_FILE_ADDED, CameraFilePath("/store/DCIM", cr2)))
-                    self.events.append((GP_EVENT_FILE_ADDED, CameraFilePath("/store/DCIM", jpg)))
+                    ready = time.monotonic() + self.file_delay
+                    self.events.append((ready, GP_EVENT_FILE_ADDED, CameraFilePath("/store/DCIM", cr2)))
+                    self.events.append((ready, GP_EVENT_FILE_ADDED, CameraFilePath("/store/DCIM", jpg)))
 
     def wait_for_event(self, ms):
+        end = time.monotonic() + ms / 1000
+        while self.events and self.events[0][0] > time.monotonic():   # announced only once the file is made
+            if time.monotonic() >= end:
+                return GP_EVENT_TIMEOUT, None
+            time.sleep(min(0.01, ms / 1000))
         if self.events:
-            return self.events.popleft()
+            return self.events.popleft()[1:]
         return GP_EVENT_TIMEOUT, None
 
     def capture(self, kind):

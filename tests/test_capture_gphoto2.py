@@ -120,6 +120,7 @@ def fake_gp(monkeypatch):
     import fake_gphoto2
 
     monkeypatch.setitem(sys.modules, "gphoto2", fake_gphoto2)
+    monkeypatch.setattr(fake_gphoto2.Camera, "file_delay", 0.0)
     fake_gphoto2.Camera.last = None
     return fake_gphoto2
 
@@ -178,3 +179,18 @@ def test_an_aborted_bulb_exposure_releases_the_shutter(fake_gp, tmp_path, monkey
         cam.take(0)
     log = fake_gp.Camera.last.log
     assert log[-2:] == ["set eosremoterelease=Press Full", "set eosremoterelease=Release Full"], log
+
+
+def test_a_frame_that_comes_late_after_noise_reduction_is_kept(fake_gp, tmp_path):
+    """Long-exposure noise reduction (on by default on many Canons): after a bulb frame the camera takes a dark
+    as long as the exposure, and the file comes only then. It is waited for and kept (before: the wait for the
+    file ended 30 s after the release — here 0.5 s —, the frame was retried as a lost camera, a new exposure
+    started, and the late file was dropped as the last frame's leftover, for every frame of the night)."""
+    from drivers.capture.common import CapturePlan, Stop
+    from drivers.capture.gphoto import GphotoOptions, capture
+
+    fake_gp.Camera.file_delay = 1.0        # a dark as long as the 1 s exposure
+    plan = CapturePlan(exposure=1.0, count=2, out=tmp_path)
+    files = capture(plan, GphotoOptions(event_timeout=0.5), Stop(), retry_for=3)
+    assert [f.name for f in files] == [f"light_{i:04d}_1s_IMG_{i + 1:04d}.CR2" for i in range(2)]
+    assert fake_gp.Camera.last.log.count("set eosremoterelease=Press Full") == 2   # no exposure thrown away

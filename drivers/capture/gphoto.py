@@ -37,7 +37,8 @@ JPEG_EXTS = (".jpg", ".jpeg")   # of RAW+JPEG's files the other one is the frame
 class GphotoOptions:
     port: str | None = None            # e.g. "usb:001,004"; None: the first camera found
     delete_from_card: bool = False
-    event_timeout: float = 30.0        # s to wait for the file after a bulb exposure
+    event_timeout: float = 30.0        # s to wait for the file after a bulb exposure, beyond the exposure's
+                                       # length (long-exposure noise reduction: a dark as long, first)
     event_quiet: float = 1.0           # s without a new file that ends a bulb frame's files (RAW+JPEG: two)
 
 
@@ -234,8 +235,10 @@ class GphotoCamera:
         self._set(w, release)
         # RAW+JPEG (and RAW on two cards) adds two or more files, each with its own event: take them all, until
         # none has come for event_quiet s, or the next frame would take this one's leftover
+        # with long-exposure noise reduction the camera then takes a dark as long as the exposure before it
+        # writes the file: wait for that too (a fixed 30 s gave up on every 60 s+ frame, and took a new one)
         added: list[tuple[str, str]] = []
-        end = time.monotonic() + self.opts.event_timeout
+        end = time.monotonic() + self.plan.exposure + self.opts.event_timeout
         last = None
         while time.monotonic() < end and (last is None or time.monotonic() - last < self.opts.event_quiet):
             kind, data = self.camera.wait_for_event(100 if added else 500)
