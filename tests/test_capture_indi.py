@@ -386,6 +386,47 @@ def test_another_programs_exposure_is_not_written_as_ours(indi, tmp_path):
 
 
 @server_test
+def test_a_filter_wheel_moved_by_another_program_is_moved_back(indi, tmp_path):
+    """Another program turns the wheel (slot 3 'Blue' -> 1 'Red') once our first frame is written: no frame
+    taken through the wrong filter is written under our name and FILTER; the wheel is turned back and the frame
+    taken again (before: the rest of the run went through Red, written as ..._Blue.fits with FILTER 'Blue')."""
+    out = tmp_path / "lights"
+    proc = subprocess.Popen(capture_cmd(indi.port, out, "50", "--count", "4", "--filter-slot", "3"),
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    other = IndiClient("127.0.0.1", indi.port, timeout=2)
+    slots, moved, was = [], False, None   # the wheel's slot as each exposure starts and ends (0.5 s at factor 0.01)
+    try:
+        other.connect()
+        other.wait(lambda: other.get(DEVICE, "FILTER_SLOT") is not None, 10, "the wheel")
+        end = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < end:
+            other.pump(0.02)
+            exp = other.get(DEVICE, "CCD_EXPOSURE")
+            now = exp.state if exp is not None else None
+            slot = other.get(DEVICE, "FILTER_SLOT").values["FILTER_SLOT_VALUE"]
+            if now == "Busy" and was != "Busy":
+                slots.append([slot])
+            elif was == "Busy" and now != "Busy":
+                slots[-1].append(slot)
+            was = now
+            if not moved and list(out.glob("*.fits")):
+                other.set_values(DEVICE, "FILTER_SLOT", {"FILTER_SLOT_VALUE": 1})
+                moved = True
+        _, err = proc.communicate(timeout=30)
+    finally:
+        other.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert moved and sorted(f.name for f in out.glob("[!.]*")) == [f"light_{i:04d}_50s_Blue.fits" for i in range(4)]
+    # the other program's move reaches us only when the server says so: an exposure may start at slot 1, but
+    # none that did not start and end at slot 3 is written
+    assert sum(s == [3, 3] for s in slots) == 4, (slots, err)
+    assert "CCD Simulator: filter wheel at slot 1 (Red), not 3 (Blue)" in err, err
+
+
+@server_test
 def test_a_full_disk_keeps_the_frame_instead_of_taking_another(indi, tmp_path, monkeypatch):
     """ENOSPC on writing a received frame: that frame is written once there is space, on the same connection,
     and no exposure is taken and thrown away for it (before: reconnect, set-up and a new exposure per try)."""
@@ -529,6 +570,24 @@ def test_a_stop_while_cooling_starts_no_exposure(tmp_path):
     cam.close()
     assert time.monotonic() - t0 < 5
     assert "CCD_TEMPERATURE" in asked and "CCD_EXPOSURE" not in asked
+
+
+def test_a_filter_wheel_that_does_not_move_is_one_clear_error(tmp_path):
+    """A wheel asked for slot 3 that answers Ok where it stopped (slot 1: jammed, or a wheel that reports the
+    position it reached): the run stops with one line before any exposure (before: every frame was written
+    with FILTER 'slot3' and '_slot3' in its name, taken through slot 1)."""
+    from drivers.capture.common import CaptureError
+
+    stuck = ('<setNumberVector device="Fake Wheel" name="FILTER_SLOT" state="Ok">'
+             '<oneNumber name="FILTER_SLOT_VALUE">1</oneNumber></setNumberVector>')
+    asked: list = []
+    cam, _ = _fake_camera(tmp_path, [_ccd_defs("Fake CCD") + _wheel_defs()], answers={"FILTER_SLOT": stuck},
+                          asked=asked, filter_slot=3)
+    with pytest.raises(CaptureError, match=r"^--filter-slot 3: Fake Wheel: filter wheel at slot 1 \(slot1\), "
+                                           r"not 3 \(slot3\) after the move$"):
+        cam.take(0)
+    cam.close()
+    assert "FILTER_SLOT" in asked and "CCD_EXPOSURE" not in asked
 
 
 @pytest.mark.parametrize("exposure", [7200.0, 0.001])

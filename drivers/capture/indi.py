@@ -48,9 +48,9 @@ class DeviceLost(IndiLost):
 
 
 class ForeignFrame(ConnectionError):
-    """The frame received is not our exposure: another program on the camera started its own (an INDI camera
-    restarts with the newest request and sends the frame to every client). Retried like a lost camera: set up
-    again (the other program may have changed frame type, binning or filter) and exposed again."""
+    """Another program on the camera changed what our frame is: it started its own exposure (an INDI camera
+    restarts with the newest request and sends the frame to every client), or turned the filter wheel. Retried
+    like a lost camera: set up again (the wheel turned back, frame type and binning set again) and exposed again."""
 
 
 @dataclass
@@ -379,6 +379,7 @@ class IndiCamera:
         self.device = ""
         self.seen: str | None = None        # the camera found on a first open(): after it, its absence is a loss
         self.filter_name: str | None = None
+        self.wheel: str | None = None        # the device with our FILTER_SLOT (with --filter-slot)
         self.gain: float | None = None
 
     # ------------------------------------------------------------ set-up
@@ -533,7 +534,7 @@ class IndiCamera:
         """FILTER_SLOT on the CCD itself (built-in wheels) or on a filter wheel device (connected if needed);
         the name from its FILTER_NAME. Only with --filter-slot: without it the filter is not recorded."""
         c, slot = self.client, self.opts.filter_slot
-        self.filter_name = None
+        self.filter_name = self.wheel = None
         if slot is None:
             return
         wheel = next((d for d in [self.device] + c.devices() if c.get(d, "FILTER_SLOT") is not None), None)
@@ -559,8 +560,27 @@ class IndiCamera:
         if c.get(wheel, "FILTER_SLOT").values.get("FILTER_SLOT_VALUE") != slot:
             log.info("%s: moving to slot %d", wheel, slot)
             self._set_numbers(wheel, "FILTER_SLOT", {"FILTER_SLOT_VALUE": slot}, f"filter slot {slot}")
-        names = c.get(wheel, "FILTER_NAME")
-        self.filter_name = (names.values.get(f"FILTER_SLOT_NAME_{slot}") if names else None) or f"slot{slot}"
+        self.wheel, self.filter_name = wheel, self._slot_name(wheel, slot)
+        if (why := self._wheel_off()) is not None:      # a wheel that answers Ok where it stopped: stuck
+            raise CaptureError(f"--filter-slot {slot}: {why} after the move")
+
+    def _slot_name(self, wheel: str, slot: float) -> str:
+        names = self.client.get(wheel, "FILTER_NAME")
+        return (names.values.get(f"FILTER_SLOT_NAME_{slot:g}") if names else None) or f"slot{slot:g}"
+
+    def _wheel_off(self) -> str | None:
+        """Why the wheel is not at our slot ('Wheel: filter wheel at slot 1 (Red), not 3 (Blue)'), None when it
+        is. Its FILTER_SLOT is kept current by the server's messages to every client: no request is sent."""
+        if self.wheel is None:
+            return None
+        vec, slot = self.client.get(self.wheel, "FILTER_SLOT"), self.opts.filter_slot
+        if vec is None:
+            raise DeviceLost(f"{self.wheel} (the filter wheel) went away")
+        at = vec.values.get("FILTER_SLOT_VALUE")
+        if at == slot and vec.state != "Busy":
+            return None
+        where = "moving" if vec.state == "Busy" else f"at slot {at:g} ({self._slot_name(self.wheel, at)})"
+        return f"{self.wheel}: filter wheel {where}, not {slot} ({self.filter_name})"
 
     def _cool(self) -> None:
         c, dev, target = self.client, self.device, self.opts.temperature
@@ -629,6 +649,8 @@ class IndiCamera:
         """Expose and receive frame `index`: (the BLOB, the UTC start, the sensor temperature at the start)."""
         c, dev, t = self.client, self.device, self.plan.exposure
         c.blobs.clear()
+        if (why := self._wheel_off()) is not None:   # turned by another program since our set-up
+            raise ForeignFrame(f"{why}: turned by another program; setting up again")
         temp_vec = c.get(dev, "CCD_TEMPERATURE")
         ccd_temp = temp_vec.values.get("CCD_TEMPERATURE_VALUE") if temp_vec else None
         start = datetime.now(timezone.utc)
@@ -649,6 +671,8 @@ class IndiCamera:
         if blob.format.lower().endswith(".z"):
             blob = replace(blob, data=zlib.decompress(blob.data), format=blob.format[:-2])
         self._check_exposure(blob, exp)
+        if (why := self._wheel_off()) is not None:   # turned during the exposure: a frame through two filters
+            raise ForeignFrame(f"{why} at the end of frame {index}: turned by another program; not written")
         return blob, start, ccd_temp
 
     def _check_exposure(self, blob: Blob, exp: Vector) -> None:
