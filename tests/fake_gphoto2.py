@@ -1,6 +1,7 @@
 """A stand-in for python-gphoto2 (the parts drivers.capture.gphoto uses): a Canon-like camera whose longest
 shutter speed is 1/10 s, so that longer exposures are bulb (eosremoterelease), set to RAW+JPEG: each bulb
-frame adds two files, IMG_n.CR2 then IMG_n.JPG, each announced by its own FILE_ADDED event as real cameras do.
+frame adds two files, IMG_n.CR2 then IMG_n.JPG, each announced by its own FILE_ADDED event as real cameras do
+(a timed capture() makes its RAW only).
 Install it with monkeypatch.setitem(sys.modules, "gphoto2", fake_gphoto2); Camera.last is the camera."""
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ class Abilities:
 class Camera:
     last: "Camera | None" = None
     file_delay = 0.0     # s between the release and the files' events (long-exposure noise reduction: a dark)
+    config_failures = 0  # the next get_config() calls that fail (a USB glitch during the set-up)
 
     def __init__(self):
         self.state = {"iso": ("800", ["100", "800"]), "shutterspeed": ("1/10", ["1/100", "1/10", "bulb"]),
@@ -87,6 +89,9 @@ class Camera:
         return Abilities()
 
     def get_config(self):
+        if Camera.config_failures:
+            Camera.config_failures -= 1
+            raise GPhoto2Error(-7)      # GP_ERROR_IO
         return Config(self.state)
 
     def set_config(self, config):
@@ -114,7 +119,15 @@ class Camera:
         return GP_EVENT_TIMEOUT, None
 
     def capture(self, kind):
-        raise GPhoto2Error(-6)
+        """A timed exposure at the shutter speed set (bulb: the camera cannot), RAW only."""
+        speed = self.state["shutterspeed"][0]
+        self.log.append(f"capture at {speed}")
+        if speed == "bulb":
+            raise GPhoto2Error(-6)
+        self.n += 1
+        name = f"IMG_{self.n:04d}.CR2"
+        self.card[name] = b"II*\x00\x10\x00\x00\x00CR\x02\x00" + f"raw frame {self.n} at {speed}".encode()
+        return CameraFilePath("/store/DCIM", name)
 
     def file_get(self, folder, name, kind):
         self.log.append(f"download {name}")

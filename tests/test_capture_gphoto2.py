@@ -121,6 +121,7 @@ def fake_gp(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "gphoto2", fake_gphoto2)
     monkeypatch.setattr(fake_gphoto2.Camera, "file_delay", 0.0)
+    monkeypatch.setattr(fake_gphoto2.Camera, "config_failures", 0)
     fake_gphoto2.Camera.last = None
     return fake_gphoto2
 
@@ -194,3 +195,18 @@ def test_a_frame_that_comes_late_after_noise_reduction_is_kept(fake_gp, tmp_path
     files = capture(plan, GphotoOptions(event_timeout=0.5), Stop(), retry_for=3)
     assert [f.name for f in files] == [f"light_{i:04d}_1s_IMG_{i + 1:04d}.CR2" for i in range(2)]
     assert fake_gp.Camera.last.log.count("set eosremoterelease=Press Full") == 2   # no exposure thrown away
+
+
+def test_a_camera_lost_during_its_set_up_is_set_up_again(fake_gp, tmp_path):
+    """A USB glitch while the camera is being set up (after init, reading its configuration): the next try sets
+    it up again before exposing (before: it was taken as open, never set to bulb, and the frame was a timed
+    capture at whatever speed the camera had — 1/10 s — written as light_0000_1s)."""
+    from drivers.capture.common import CapturePlan, Stop
+    from drivers.capture.gphoto import GphotoOptions, capture
+
+    fake_gp.Camera.config_failures = 1
+    files = capture(CapturePlan(exposure=1.0, count=1, out=tmp_path), GphotoOptions(), Stop(), retry_for=5)
+    assert [f.name for f in files] == ["light_0000_1s_IMG_0001.CR2"]
+    log = fake_gp.Camera.last.log
+    assert not [x for x in log if x.startswith("capture")], log
+    assert log.count("set eosremoterelease=Press Full") == 1, log

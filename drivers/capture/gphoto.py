@@ -177,13 +177,15 @@ class GphotoCamera:
 
     def take(self, index: int) -> Path:
         gp = self.gp
-        if self.camera is None:
-            self.open()
         try:
+            if self.camera is None:
+                self.open()
             folder, name = self._bulb_exposure() if self.bulb else self._timed_exposure()
             data = self._download(folder, name)
         except gp.GPhoto2Error:
-            self.close()  # the next try re-opens the camera (USB glitch, camera asleep, cable pulled)
+            # the next try re-opens the camera (USB glitch, camera asleep, cable pulled) and sets it up again: one
+            # lost during open() is not open — it would expose at whatever speed it had, never set to bulb
+            self.close()
             raise
         stem, dot, ext = name.rpartition(".")
         ext = sniff_extension(data, f".{ext}" if dot else "")
