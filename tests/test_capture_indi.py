@@ -427,6 +427,36 @@ def test_a_filter_wheel_moved_by_another_program_is_moved_back(indi, tmp_path):
 
 
 @server_test
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_second_stop_mid_exposure_aborts_with_one_line(indi, tmp_path, sig):
+    """Ctrl-C twice (or SIGTERM twice) during an exposure of `python -m drivers.capture.indi`: the exposure is
+    aborted, nothing is written, and the run ends with one line and exit 130 (before: a KeyboardInterrupt
+    traceback, and for SIGTERM a process killed by SIGINT)."""
+    out = tmp_path / "lights"
+    proc = subprocess.Popen(capture_cmd(indi.port, out, "1000", "--count", "1"), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    other = IndiClient("127.0.0.1", indi.port, timeout=2)
+    try:
+        other.connect()
+        other.wait(lambda: other.get(DEVICE, "CCD_EXPOSURE") is not None
+                   and other.get(DEVICE, "CCD_EXPOSURE").state == "Busy", 20, "our exposure to start")
+        proc.send_signal(sig)
+        time.sleep(0.3)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        other.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "CCD Simulator: exposure aborted" in err, err
+    assert err.splitlines()[-1] == (f"capture indi: aborted by a second {sig.name}: "
+                                   "the frame in progress is not written"), err
+    assert not [f for f in out.iterdir() if f.suffix == ".fits" or f.name.endswith(".tmp")]
+
+
+@server_test
 def test_a_full_disk_keeps_the_frame_instead_of_taking_another(indi, tmp_path, monkeypatch):
     """ENOSPC on writing a received frame: that frame is written once there is space, on the same connection,
     and no exposure is taken and thrown away for it (before: reconnect, set-up and a new exposure per try)."""

@@ -298,6 +298,7 @@ class Stop:
     def __init__(self):
         self._event = threading.Event()
         self.signals = 0
+        self.signal_name: str | None = None   # the last signal's ('SIGINT'), for the line that ends a run
 
     @property
     def requested(self) -> bool:
@@ -320,6 +321,7 @@ class Stop:
         """SIGINT/SIGTERM: the first finishes the current exposure and stops; a second aborts at once."""
         def handler(signum, frame):
             self.signals += 1
+            self.signal_name = signal.Signals(signum).name
             if self.signals > 1:
                 raise KeyboardInterrupt
             log.warning("%s: finishing the current exposure, then stopping (again to abort)",
@@ -418,7 +420,8 @@ def run_capture(name: str, plan: CapturePlan, capture: Callable[["Stop"], list[P
                 gave_up: Callable[[BaseException], bool] = lambda err: False) -> int:
     """The drivers' command-line tail: install the stop signals, run ``capture(stop)``, turn a CaptureError
     (the camera cannot do it) or an error ``gave_up`` accepts (the camera stayed away past --retry-for) into one
-    line and exit 1; 0 when the count is done or a stop was requested."""
+    line and exit 1; 0 when the count is done or a stop was requested; 130, with one line, when a second stop
+    aborted the run (never a KeyboardInterrupt traceback)."""
     stop = Stop()
     stop.install_signals()
     try:
@@ -426,6 +429,10 @@ def run_capture(name: str, plan: CapturePlan, capture: Callable[["Stop"], list[P
     except CaptureError as err:
         print(f"capture {name}: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:     # a second SIGINT/SIGTERM: the driver has aborted the exposure on its way out
+        print(f"capture {name}: aborted by a second {stop.signal_name or 'SIGINT'}: the frame in progress is "
+              f"not written", file=sys.stderr)
+        return 130
     except Exception as err:
         if not gave_up(err):
             raise
