@@ -63,6 +63,21 @@ def test_a_deleted_last_frame_number_is_not_used_again(tmp_path):
     assert next_index(tmp_path, "light") == 0
 
 
+def test_two_runs_into_one_folder_never_write_the_same_name(tmp_path):
+    """Two capture runs writing into one folder at once (two cameras of a dual rig, a second run started by
+    mistake): every frame keeps its own number (before: each run numbered from where the folder was when it
+    started, and frames of one replaced the other's under the same name — 4 files left of 6 frames)."""
+    args = [sys.executable, "-m", "drivers.capture.sim", "1", "--count", "3", "--interval", "0.3", "--width", "64",
+            "--height", "48", "-q", "-o", str(tmp_path)]
+    procs = [subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+    names = sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
+    assert names == [f"light_{i:04d}_1s.fits" for i in range(6)]
+
+
 def test_calibration_folders_are_what_masters_reads(tmp_path):
     """bias/, darks/, flats/, darkflats/ under OUT (the simulator's --calib layout, which `livestack masters`
     reads); lights in OUT itself. Checked by capturing each type with the sim driver."""

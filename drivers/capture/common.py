@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import fcntl
 import json
 import logging
 import math
@@ -141,6 +142,26 @@ def record_index(folder: Path, kind: str, index: int) -> None:
         atomic_write(folder / INDEX_FILE, (json.dumps(seen, sort_keys=True) + "\n").encode())
     except OSError as err:
         log.warning("could not record frame number %d in %s (%s)", index, folder / INDEX_FILE, err)
+
+
+def claim_index(folder: Path, kind: str) -> int:
+    """The next index for `kind` in `folder` (next_index), recorded as used (record_index) before it is returned,
+    both under an exclusive lock on the folder: two runs writing into one folder at once (the cameras of a dual
+    rig, a second run started by mistake) each get numbers of their own, where each used to number from the
+    folder as it was when it started, and a frame of one replaced the other's under the same name. A number
+    claimed for a frame that is then not written stays unused, like a deleted frame's."""
+    folder = Path(folder)
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as err:    # a filesystem without locks: numbering still works for one run
+            log.debug("no lock on %s (%s)", folder, err)
+        index = next_index(folder, kind)
+        record_index(folder, kind, index)
+        return index
+    finally:
+        os.close(fd)      # and with it the lock
 
 
 _TMP_RE = re.compile(r"^\..+\.(?P<pid>\d+)\.tmp$")
@@ -334,27 +355,25 @@ class Stop:
 def run_plan(plan: CapturePlan, take: Callable[[int], Path], stop: Stop, *,
              on_frame: Callable[[Path], None] | None = None) -> list[Path]:
     """The capture loop: take(index) -> written path, plan.count times (or until stopped), pausing
-    plan.interval between frames. Numbering continues after the highest number ever used for the kind in the
-    folder (next_index), and each number used is recorded (record_index)."""
+    plan.interval between frames. Each frame's number is claimed just before it is taken (claim_index): after
+    the highest ever used for the kind in the folder, by this run or by another one writing there too."""
     try:
         plan.folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CaptureError(f"cannot create {plan.folder}: {_os_reason(err)}") from err
     for f in clean_stale_temps(plan.folder):
         log.info("removed %s, left by a writer that was killed", f.name)
-    first = next_index(plan.folder, plan.kind)
     written: list[Path] = []
     n = 0
     while (plan.count is None or n < plan.count) and not stop.requested:
         if n and plan.interval and stop.wait(plan.interval):
             break
         try:
-            path = take(first + n)
+            path = take(claim_index(plan.folder, plan.kind))   # per frame: another run may share the folder
         except StopRequested as err:
             if str(err):              # why no frame came (e.g. "stopped while cooling (at -1.5 °C)")
                 log.warning("%s", err)
             break
-        record_index(plan.folder, plan.kind, first + n)
         written.append(path)
         n += 1
         total = f"/{plan.count}" if plan.count else ""
