@@ -163,6 +163,17 @@ def test_a_bias_is_taken_at_the_cameras_shortest_exposure(indi, tmp_path):
 
 
 @server_test
+@pytest.mark.parametrize("gain", ["99999", "-5"])
+def test_a_gain_the_camera_cannot_set_is_one_clear_error(indi, tmp_path, gain):
+    """A --gain outside CCD_GAIN's range: one line naming the range, exit 1, nothing written (before: the
+    simulator kept its gain, 90, and the run went on at it without a word)."""
+    r = run_capture(indi.port, tmp_path, "0.5", "--count", "1", "--gain", gain)
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"capture indi: {DEVICE}: --gain {gain}: the camera takes 0 to 100"
+    assert not list(tmp_path.glob("*.fits"))
+
+
+@server_test
 def test_unknown_device_fails_with_the_devices_named(indi, tmp_path):
     r = run_capture(indi.port, tmp_path, "1", "--count", "1", "--device", "ZWO CCD ASI294MC")
     assert r.returncode == 1

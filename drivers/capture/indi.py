@@ -526,6 +526,10 @@ class IndiCamera:
                             dev, want)
             self.gain = None
             return
+        lo, hi = c.get(dev, target[0]).limits.get(target[1], (0.0, 0.0))
+        if want is not None and hi > lo and not lo <= want <= hi:
+            # the driver would keep its own gain without a word (the simulator does), and the night with it
+            raise CaptureError(f"{dev}: --gain {want:g}: the camera takes {lo:g} to {hi:g}")
         if want is not None and c.get(dev, target[0]).values[target[1]] != want:
             self._set_numbers(dev, target[0], {target[1]: want}, f"gain {want:g}")
         self.gain = c.get(dev, target[0]).values[target[1]]
