@@ -174,6 +174,18 @@ def test_a_gain_the_camera_cannot_set_is_one_clear_error(indi, tmp_path, gain):
 
 
 @server_test
+def test_a_set_point_the_cooler_cannot_take_is_one_clear_error(indi, tmp_path):
+    """--temperature outside CCD_TEMPERATURE's range: one line naming it, at once (before: the driver waited all
+    of --temp-timeout, 600 s by default, for a set point the camera had refused, then captured anyway)."""
+    t0 = time.monotonic()
+    r = run_capture(indi.port, tmp_path, "0.5", "--count", "1", "--temperature", "-200", "--temp-timeout", "30")
+    assert r.returncode == 1, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == \
+        f"capture indi: {DEVICE}: --temperature -200 °C: the cooler takes -50 to 50 °C", r.stderr
+    assert time.monotonic() - t0 < 15 and not list(tmp_path.glob("*.fits"))
+
+
+@server_test
 def test_unknown_device_fails_with_the_devices_named(indi, tmp_path):
     r = run_capture(indi.port, tmp_path, "1", "--count", "1", "--device", "ZWO CCD ASI294MC")
     assert r.returncode == 1

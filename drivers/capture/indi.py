@@ -594,6 +594,10 @@ class IndiCamera:
         if vec is None:
             log.warning("%s has no cooler (CCD_TEMPERATURE); ignoring --temperature %g", dev, target)
             return
+        lo, hi = vec.limits.get("CCD_TEMPERATURE_VALUE", (0.0, 0.0))
+        if hi > lo and not lo <= target <= hi:
+            # refused by the driver, the wait would last all of --temp-timeout before capturing anyway
+            raise CaptureError(f"{dev}: --temperature {target:g} °C: the cooler takes {lo:g} to {hi:g} °C")
         self._switch(dev, "CCD_COOLER", "COOLER_ON", wait=False)
         c.set_values(dev, "CCD_TEMPERATURE", {"CCD_TEMPERATURE_VALUE": target})
         t0 = time.monotonic()
