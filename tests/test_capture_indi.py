@@ -643,6 +643,29 @@ def test_a_filter_wheel_that_does_not_move_is_one_clear_error(tmp_path):
     assert "FILTER_SLOT" in asked and "CCD_EXPOSURE" not in asked
 
 
+def test_a_truncated_frame_is_not_written(tmp_path):
+    """A frame shorter than its own FITS header says (a camera driver that lost part of the download): it is not
+    written — the daemon would wait for the rest of a file that never comes, then record it failed — and the
+    exposure is retried like a lost camera's (before: written as light_0000_1s.fits, 1504 bytes of data short)."""
+    import base64
+    import io
+
+    buf = io.BytesIO()
+    fits.PrimaryHDU(np.zeros((48, 64), dtype="uint16")).writeto(buf)
+    short = buf.getvalue()[:-4000]                   # 11520 bytes: 2880 of header, 6144 of data, padding
+    frame = ('<setNumberVector device="Fake CCD" name="CCD_EXPOSURE" state="Ok">'
+             '<oneNumber name="CCD_EXPOSURE_VALUE">0</oneNumber></setNumberVector>'
+             '<setBLOBVector device="Fake CCD" name="CCD1" state="Ok">'
+             f'<oneBLOB name="CCD1" size="{len(short)}" format=".fits">{base64.b64encode(short).decode()}'
+             '</oneBLOB></setBLOBVector>')
+    cam, _ = _fake_camera(tmp_path, [_ccd_defs("Fake CCD")], answers={"CCD_EXPOSURE": frame}, download_timeout=5)
+    with pytest.raises(OSError, match=r"^Fake CCD: frame 0 is truncated: 7520 of 9024 bytes \(its header says "
+                                      r"64×48 × 16 bits\)$"):
+        cam.take(0)
+    cam.close()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("exposure", [7200.0, 0.001])
 def test_an_exposure_the_camera_cannot_do_is_one_clear_error(tmp_path, exposure):
     """An exposure outside CCD_EXPOSURE's range (here 0.01..3600 s) stops the run with one line, before any

@@ -317,6 +317,31 @@ def fits_header_value(data: bytes, key: str) -> str | None:
     return None
 
 
+def fits_size(data: bytes) -> tuple[int, str] | None:
+    """(bytes the primary HDU needs: its header blocks + its data, without the final padding; what the header
+    says, '64×48 × 16 bits'), from the FITS file `data`'s own header; None when it cannot tell (not FITS, no END
+    card in the data, a header without BITPIX/NAXISn)."""
+    if not data.startswith(b"SIMPLE  ="):
+        return None
+    values: dict[str, str] = {}
+    for pos in range(0, len(data) - 79, 80):
+        key = data[pos:pos + 8].decode("ascii", "replace").strip()
+        if key == "END":
+            header_len = -(-(pos + 80) // 2880) * 2880
+            break
+        values.setdefault(key, _card_text(data[pos:pos + 80]))
+    else:
+        return None
+    try:
+        bits, axes = abs(int(values["BITPIX"])), [int(values[f"NAXIS{i + 1}"]) for i in range(int(values["NAXIS"]))]
+    except (KeyError, ValueError):
+        return None
+    n = 1
+    for a in axes:
+        n *= a
+    return header_len + (n * bits // 8 if axes else 0), f"{'×'.join(map(str, axes))} × {bits} bits"
+
+
 def fits_header_update(data: bytes, set_cards: dict, add_cards: dict, *, drop_if: dict | None = None) -> bytes:
     """Return the FITS file `data` with its primary header changed: cards in `set_cards` replaced or added,
     cards in `add_cards` added only if the header lacks them, cards whose key is in `drop_if` removed when
@@ -678,6 +703,11 @@ class IndiCamera:
         c.blobs.clear()
         if blob.format.lower().endswith(".z"):
             blob = replace(blob, data=zlib.decompress(blob.data), format=blob.format[:-2])
+        size = fits_size(blob.data) if blob.format.lower() in (".fits", ".fit", ".fts") else None
+        if size is not None and len(blob.data) < size[0]:
+            # not written: the daemon would wait for the rest of the file, then record it failed; taken again
+            raise IndiLost(f"{dev}: frame {index} is truncated: {len(blob.data)} of {size[0]} bytes (its header "
+                           f"says {size[1]})")
         self._check_exposure(blob, exp)
         if (why := self._wheel_off()) is not None:   # turned during the exposure: a frame through two filters
             raise ForeignFrame(f"{why} at the end of frame {index}: turned by another program; not written")
