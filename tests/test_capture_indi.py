@@ -480,6 +480,48 @@ def test_a_second_stop_mid_exposure_aborts_with_one_line(indi, tmp_path, sig):
 
 
 @server_test
+def test_a_subframe_set_by_another_program_is_not_our_frame(tmp_path):
+    """A focusing tool leaves the camera on a 200×100 subframe (CCD_FRAME), before our run and again during it:
+    every light is the whole sensor (before: light_0000 was the focusing tool's 200×100 subframe). The
+    simulator draws its own frames here (directory mode serves whole files whatever the subframe)."""
+    home, frames = tmp_path / "home", tmp_path / "served"
+    home.mkdir()
+    render_night(frames, SimConfig(width=64, height=48, n_frames=1, fmt="fits", seed=3))   # switched off below
+    (frames / "truth.json").unlink()
+    server = Server(home, free_port(), frames)
+    other = IndiClient("127.0.0.1", server.port, timeout=2)
+    out = tmp_path / "lights"
+    try:
+        server.start()        # inside: a failed set-up (an assert in Server.setup) must not leave it running
+        other.connect()
+        other.wait(lambda: other.get(DEVICE, "CCD_FRAME") is not None
+                   and other.get(DEVICE, "CCD_DIRECTORY_TOGGLE") is not None, 10, "CCD_FRAME")
+        other.set_values(DEVICE, "CCD_DIRECTORY_TOGGLE", {"INDI_DISABLED": True})
+        subframe = {"X": 100, "Y": 50, "WIDTH": 200, "HEIGHT": 100}
+        other.set_values(DEVICE, "CCD_FRAME", subframe)
+        other.wait(lambda: other.get(DEVICE, "CCD_FRAME").values["WIDTH"] == 200, 10, "the subframe")
+        proc = subprocess.Popen(capture_cmd(server.port, out, "50", "--count", "3", "--interval", "0.5"), cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            end = time.monotonic() + 30
+            while not list(out.glob("*.fits")) and time.monotonic() < end and proc.poll() is None:
+                other.pump(0.05)
+            other.set_values(DEVICE, "CCD_FRAME", subframe)       # and again, mid-run
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    finally:
+        other.close()
+        server.kill()
+    assert proc.returncode == 0, err
+    files = sorted(out.glob("[!.]*"))
+    assert [f.name for f in files] == [f"light_{i:04d}_50s.fits" for i in range(3)], err
+    assert [fits.getdata(f).shape for f in files] == [(1024, 1280)] * 3, err
+
+
+@server_test
 def test_a_full_disk_keeps_the_frame_instead_of_taking_another(indi, tmp_path, monkeypatch):
     """ENOSPC on writing a received frame: that frame is written once there is space, on the same connection,
     and no exposure is taken and thrown away for it (before: reconnect, set-up and a new exposure per try)."""

@@ -240,6 +240,9 @@ class IndiClient:
                                                base64.b64decode(child.text)))
                 else:
                     vec.values[el] = self._value(kind, child.text or "")
+                    if kind == "Number" and child.get("min") is not None and child.get("max") is not None:
+                        # IUUpdateMinMax: a driver's new range (the sensor size in the simulator's directory mode)
+                        vec.limits[el] = (_number(child.get("min")), _number(child.get("max")))
         elif tag == "delProperty":
             if name:
                 self.props.pop((device, name), None)
@@ -430,6 +433,7 @@ class IndiCamera:
         self._switch(dev, "CCD_TRANSFER_FORMAT", "FORMAT_FITS")
         # compression on sends tile-compressed .fits.fz, which we would write without our header keys
         self._switch(dev, "CCD_COMPRESSION", "INDI_DISABLED")
+        self._full_frame()
         self._binning()
         self._gain()
         self._filter()
@@ -513,6 +517,32 @@ class IndiCamera:
         if vec is not None and vec.state == "Alert":
             last = c.messages[-1] if c.messages else "no message"
             raise CaptureError(f"{dev}: {what or name} refused ({last})")
+
+    def _full(self) -> dict | None:
+        """CCD_FRAME of the whole sensor ({X: 0, Y: 0, WIDTH, HEIGHT} at their maxima), None without one."""
+        vec = self.client.get(self.device, "CCD_FRAME")
+        w, h = (vec.limits.get(k, (0.0, 0.0))[1] for k in ("WIDTH", "HEIGHT")) if vec else (0.0, 0.0)
+        return {"X": 0.0, "Y": 0.0, "WIDTH": w, "HEIGHT": h} if w > 0 and h > 0 else None
+
+    def _full_frame(self) -> None:
+        """The whole sensor: a subframe left by a focusing tool (or a plate-solving run) would make every light a
+        small crop of the field."""
+        full, vec = self._full(), self.client.get(self.device, "CCD_FRAME")
+        if full is not None and any(vec.values.get(k) != v for k, v in full.items()):
+            log.info("%s: subframe %s: setting the full frame", self.device, self._frame_text(vec.values))
+            self._set_numbers(self.device, "CCD_FRAME", full, "the full frame")
+
+    def _subframe(self) -> str | None:
+        """'CCD: subframe 200×100 at (100, 50), not the full 1280×1024' when CCD_FRAME is not the whole sensor."""
+        full, vec = self._full(), self.client.get(self.device, "CCD_FRAME")
+        if full is None or all(vec.values.get(k) == v for k, v in full.items()):
+            return None
+        return (f"{self.device}: subframe {self._frame_text(vec.values)}, "
+                f"not the full {full['WIDTH']:g}×{full['HEIGHT']:g}")
+
+    @staticmethod
+    def _frame_text(v: dict) -> str:
+        return f"{v.get('WIDTH', 0):g}×{v.get('HEIGHT', 0):g} at ({v.get('X', 0):g}, {v.get('Y', 0):g})"
 
     def _binning(self) -> None:
         dev, b = self.device, self.plan.binning
@@ -684,6 +714,11 @@ class IndiCamera:
         c.blobs.clear()
         if (why := self._wheel_off()) is not None:   # turned by another program since our set-up
             raise ForeignFrame(f"{why}: turned by another program; setting up again")
+        # another program (a focusing tool) may have set a subframe, binning or frame type of its own since the
+        # last frame: ours again — nothing is sent when they are unchanged
+        self._full_frame()
+        self._binning()
+        self._switch(dev, "CCD_FRAME_TYPE", FRAME_TYPE[self.plan.kind])
         temp_vec = c.get(dev, "CCD_TEMPERATURE")
         ccd_temp = temp_vec.values.get("CCD_TEMPERATURE_VALUE") if temp_vec else None
         start = datetime.now(timezone.utc)
@@ -711,6 +746,8 @@ class IndiCamera:
         self._check_exposure(blob, exp)
         if (why := self._wheel_off()) is not None:   # turned during the exposure: a frame through two filters
             raise ForeignFrame(f"{why} at the end of frame {index}: turned by another program; not written")
+        if (why := self._subframe()) is not None:    # set during the exposure: the frame is a crop of the field
+            raise ForeignFrame(f"{why} at the end of frame {index}: set by another program; not written")
         return blob, start, ccd_temp
 
     def _check_exposure(self, blob: Blob, exp: Vector) -> None:
