@@ -514,6 +514,21 @@ def test_max_per_client_is_checked():
             WebParams(max_per_client=bad)
 
 
+def slow_readers(d, target: str, n: int, socks: list) -> list[bytes]:
+    """``n`` GETs of ``target`` whose clients read the status line and then nothing more (a 4 KB receive
+    buffer): the first 12 bytes of each answer; the sockets go into ``socks`` (the caller closes them)."""
+    heads = []
+    for _ in range(n):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(10)
+        s.connect(("127.0.0.1", d.port))
+        socks.append(s)
+        s.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
+        heads.append(s.recv(12))
+    return heads
+
+
 def test_slow_export_downloads_do_not_pile_up_in_memory(tmp_path, night):
     """Each export answered is a new image in memory (a 24 MP 16-bit TIFF: 144 MB) until its client has read it;
     a client reading slowly kept it (all but the few MB the kernel's socket buffer takes).  12 slow downloads of
@@ -531,15 +546,7 @@ def test_slow_export_downloads_do_not_pile_up_in_memory(tmp_path, night):
             time.sleep(0.05)
         assert request(d, "GET", "/api/export?format=tiff&mode=linear")[0] == 200     # warm: its buffers
         rss0 = proc_status(d, "VmRSS")
-        heads = []
-        for _ in range(12):
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)       # then reads nothing more
-            s.settimeout(10)
-            s.connect(("127.0.0.1", d.port))
-            s.sendall(b"GET /api/export?format=tiff&mode=linear HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            heads.append(s.recv(12))
-            socks.append(s)
+        heads = slow_readers(d, "/api/export?format=tiff&mode=linear", 12, socks)
         time.sleep(0.5)
         grown_mb = (proc_status(d, "VmRSS") - rss0) / 1024
         assert 1 <= heads.count(b"HTTP/1.1 200") <= 2, heads
@@ -571,15 +578,7 @@ def test_slow_downloads_of_a_large_file_are_few(tmp_path, night):
         d.wait_lines(len(files))
         while not (d.out / "stack.fits").exists():
             time.sleep(0.05)
-        heads = []
-        for _ in range(8):
-            s = socket.socket()
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)       # then reads nothing more
-            s.settimeout(10)
-            s.connect(("127.0.0.1", d.port))
-            s.sendall(b"GET /api/stack.fits HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
-            heads.append(s.recv(12))
-            socks.append(s)
+        heads = slow_readers(d, "/api/stack.fits", 8, socks)
         assert heads.count(b"HTTP/1.1 200") == 4 and heads.count(b"HTTP/1.1 503") == 4, heads
         assert request(d, "GET", "/api/status")[0] == 200          # small answers are not held back
         for s in socks:
