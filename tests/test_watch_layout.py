@@ -126,3 +126,37 @@ def test_a_garbled_naxis_is_judged_at_once(tmp_path):
     t0 = time.monotonic()
     assert layout(src) == (False, None)
     assert time.monotonic() - t0 < 0.5
+
+
+def test_recursive_leaves_calibration_folders_to_the_masters(tmp_path):
+    """`livestack capture --type dark -o OUT` writes OUT/darks/ beside the lights; a daemon watching OUT with
+    --recursive stacked those darks (and flats) as lights — DSLR ones have no IMAGETYP to refuse them by.
+    Folders whose name says calibration (as `livestack masters` reads names) are not watched; lights in any
+    other subfolder are, whether there at the start or arriving later."""
+    import dataclasses
+
+    src = tmp_path / "light.fits"
+    fits.PrimaryHDU(np.zeros((64, 64), np.uint16)).writeto(src)
+    root = tmp_path / "watch"
+    early = ["M31/a.fits", "darks/d1.fits", "Flat_Fields/f1.fits", "night1/Offsets/b1.fits", "night1/lights/l1.fits"]
+    late = ["M31/b.fits", "darkflats/df1.fits", "bias/b2.fits", "c.fits"]
+    for rel in early:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, root / rel)
+    q: queue.Queue = queue.Queue()
+    w = Watcher(root, dataclasses.replace(WP, recursive=True), q)
+    w.start()
+    try:
+        time.sleep(0.3)
+        for rel in late:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, root / rel)
+        got, end = set(), time.monotonic() + 3.0
+        while time.monotonic() < end:
+            try:
+                got.add(q.get(timeout=0.2).rel)
+            except queue.Empty:
+                pass
+    finally:
+        w.stop()
+    assert got == {"M31/a.fits", "night1/lights/l1.fits", "M31/b.fits", "c.fits"}, got

@@ -35,6 +35,16 @@ IGNORED_ENDINGS = (".part", ".partial", ".tmp", ".temp", "~", ".xmp", ".swp", ".
                    ".filepart")
 
 
+def calibration_folder(name: str) -> bool:
+    """A subfolder of calibration frames — bias/, darks/, flats/, darkflats/ as `livestack capture --type` writes
+    them beside the lights, or any name `livestack masters` takes for one ("Darks_60s", "Offsets") — which
+    `--recursive` leaves to `livestack masters`: its DSLR darks and flats were stacked as lights (rejected for
+    want of stars, a line each in frames.jsonl, or worse)."""
+    from ..masters import kind_from_folder
+
+    return kind_from_folder(name) in ("bias", "dark", "darkflat", "flat")
+
+
 def is_candidate(name: str) -> bool:
     """True for a file name that may be a frame: a supported type, not hidden, not temporary, not a sidecar."""
     low = name.lower()
@@ -257,7 +267,7 @@ class Watcher:
             return None
         if len(rel.parts) > 1 and not self.p.recursive:
             return None
-        if any(part.startswith(".") for part in rel.parts[:-1]):
+        if any(part.startswith(".") or calibration_folder(part) for part in rel.parts[:-1]):
             return None
         if any(path.is_relative_to(e) for e in self._exclude):
             return None
@@ -281,7 +291,7 @@ class Watcher:
     def _scan(self) -> None:
         if self.p.recursive:
             for d, dirs, files in os.walk(self.root):
-                dirs[:] = [x for x in dirs if not x.startswith(".")
+                dirs[:] = [x for x in dirs if not x.startswith(".") and not calibration_folder(x)
                            and not any((Path(d) / x).resolve() == e for e in self._exclude)]
                 for name in files:
                     self.note(Path(d) / name)
