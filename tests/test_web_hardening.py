@@ -504,6 +504,38 @@ def test_one_client_cannot_hold_every_connection(tmp_path):
     assert "Traceback" not in d.log.read_text()
 
 
+def test_an_address_guessing_the_token_waits(tmp_path):
+    """With `--token 1234` a script on the Wi-Fi could try thousands of tokens a second (403 each, no end).  After
+    10 wrong ones within a minute its address gets 429 and Retry-After, even for the right token; loopback (a
+    reverse proxy's address, everyone's behind it) is not counted, so a guesser cannot lock the page out."""
+    ip = _lan_address()
+    if ip is None:
+        pytest.skip("no network address besides loopback")
+    (tmp_path / "d").mkdir()
+    d = start_daemon(tmp_path / "d", "--host", "0.0.0.0", "--token", TOKEN)
+
+    def post(host: str, token: str, path: str = "/api/pause") -> tuple[int, dict]:
+        conn = http.client.HTTPConnection(host, d.port, timeout=10)
+        try:
+            conn.request("POST", path, body=b"{}", headers={
+                "Host": f"{host}:{d.port}", "Content-Type": "application/json", "Authorization": f"Bearer {token}"})
+            r = conn.getresponse()
+            return r.status, {**dict(r.getheaders()), "body": r.read()}
+        finally:
+            conn.close()
+
+    try:
+        assert [post(ip, f"guess{i}")[0] for i in range(10)] == [403] * 10
+        st, h = post(ip, TOKEN)
+        assert st == 429 and 50 <= int(h["Retry-After"]) <= 60, (st, h)
+        assert b"10 wrong tokens" in h["body"]
+        assert post("127.0.0.1", TOKEN)[0] == 200            # the proxy's address, and anyone else's
+        assert [post("127.0.0.1", "nope")[0] for _ in range(12)] == [403] * 12      # loopback: not counted
+        assert post("127.0.0.1", TOKEN, "/api/resume")[0] == 200
+    finally:
+        assert d.stop() == 0
+
+
 def test_max_per_client_is_checked():
     from livestack.config import ConfigError
     from livestack.daemon.config import WebParams

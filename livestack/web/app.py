@@ -69,6 +69,8 @@ IO_THREADS = 2                # file reads (open, read) off the event loop
 MAX_FILTERS = 32              # POST /api/palette: weights or hues for at most this many filter names,
 MAX_FILTER_NAME = 140         # each at most this long (a FITS FILTER value: 68 characters; "<filter>:<channel>")
 EXPORT_SENDS = 2              # exports made or sent at once: each is in memory until its client has read it
+BAD_TOKENS = 10               # wrong tokens from one address (loopback aside) within BAD_TOKEN_S: it waits …
+BAD_TOKEN_S = 60.0            # … until the oldest of them is this old (a token guessed at 10 a minute, not 1000 a s)
 BIG_FILE = 32 << 20           # a file this large (stack.fits, a checkpoint) …
 BIG_SENDS = 4                 # … is sent to at most this many clients at once: each holds the version it began
 
@@ -493,6 +495,7 @@ class Api:
         self.changes, self.io = changes, io
         self.exports = 0              # export requests being made or sent (EXPORT_SENDS); only the loop touches it
         self.big_sends = 0            # files of BIG_FILE or more being sent (BIG_SENDS); only the loop touches it
+        self.bad_tokens: dict = {}    # client_key -> loop times of its wrong tokens (BAD_TOKENS); the loop's only
 
     async def handle(self, req: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -571,8 +574,26 @@ class Api:
             raise HttpError(401, "this call changes the session and needs the token: send "
                                  "'Authorization: Bearer <token>' or 'X-Livestack-Token: <token>'",
                             {"WWW-Authenticate": 'Bearer realm="livestack"'})
+        # Guessing: an address that sent BAD_TOKENS wrong ones within BAD_TOKEN_S waits (429), right token or
+        # not — a short token ([web] token = "1234") fell to a script trying thousands a second.  Loopback is
+        # not counted: behind a reverse proxy every visitor comes from there, and one guesser would lock all out.
+        transport = req.transport
+        key = client_key(transport.get_extra_info("peername")) if transport is not None else None
+        now = asyncio.get_running_loop().time()
+        times = self.bad_tokens.get(key) if key is not None else None
+        if times:
+            while times and now - times[0] >= BAD_TOKEN_S:
+                times.popleft()
+            if len(times) >= BAD_TOKENS:
+                wait = max(1, math.ceil(BAD_TOKEN_S - (now - times[0])))
+                raise HttpError(429, f"{BAD_TOKENS} wrong tokens from your address within {BAD_TOKEN_S:g} s; "
+                                     f"try again in {wait} s", {"Retry-After": str(wait)})
         # bytes that are not UTF-8 reach us as lone surrogates: compared as they came, never a 500
         if not hmac.compare_digest(got.encode("utf-8", "surrogateescape"), token.encode()):
+            if key is not None:
+                if key not in self.bad_tokens and len(self.bad_tokens) >= 1024:    # (many addresses: forget one)
+                    self.bad_tokens.pop(next(iter(self.bad_tokens)))
+                self.bad_tokens.setdefault(key, collections.deque()).append(now)
             raise HttpError(403, "wrong token")
 
     def _check_content_type(self, req: web.BaseRequest) -> None:
