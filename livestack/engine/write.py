@@ -464,16 +464,14 @@ class _DirectFile:
     def _room(self) -> int:
         return DIRECT_CHUNK - self.pos
 
-    def put(self, data: bytes) -> None:
+    def write(self, data: bytes) -> None:
+        """Bytes (a header, padding): as a file's write, which write_fits_blocks calls."""
         view = memoryview(data).cast("B")
         while len(view):
             k = min(len(view), self._room())
             self.chunks[self.cur][self.pos:self.pos + k] = view[:k]
             self._filled(k)
             view = view[k:]
-
-    def zeros(self, n: int) -> None:
-        self.put(bytes(n))
 
     def put_f4(self, block: np.ndarray) -> None:
         """A float32 array's values, big-endian, C order."""
@@ -540,9 +538,6 @@ class _DirectFile:
                 except BufferError:     # a view still held by an error's traceback: unmapped when it goes
                     pass
             self.chunks = []
-
-    def write(self, data: bytes) -> None:      # the file-like calls write_fits_blocks makes
-        self.put(data)
 
 
 def bytes_view(a: np.ndarray) -> memoryview:
