@@ -24,7 +24,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from ..engine.read import FITS_SUFFIXES, capture_order, is_supported, suffix_of
+from ..engine.read import FITS_SUFFIXES, capture_order, fits_data_bytes, fits_header_numbers, is_supported, suffix_of
 from .config import WatchParams
 
 log = logging.getLogger("livestack")
@@ -89,13 +89,6 @@ def layout(path: Path) -> tuple[bool, str | None]:
     return False, None
 
 
-def _fits_int(card: bytes) -> int | None:
-    try:
-        return int(card[10:80].split(b"/")[0].strip())
-    except ValueError:
-        return None
-
-
 def _fits_layout(path: Path, size: int) -> tuple[bool, str | None]:
     """Walk the HDUs: each header (2880-byte blocks up to END) then its data, of a length the header states.
     Complete when it ends cleanly after whole HDUs of which one holds data (an image, a compressed image)."""
@@ -109,32 +102,13 @@ def _fits_layout(path: Path, size: int) -> tuple[bool, str | None]:
                 return False, None                 # not FITS-looking: let the reader say what it is
             if pos > 0 and not block.startswith(b"XTENSION"[: len(block)]):
                 return image, None                 # trailing bytes that are not an HDU: not our concern
-            keys: dict[bytes, int] = {}
-            hdr_len, end = 0, False
-            while not end:
-                if len(block) < 2880:
-                    return False, f"FITS header incomplete ({size} bytes so far)"
-                hdr_len += 2880
-                for i in range(0, 2880, 80):
-                    card = block[i:i + 80]
-                    key = card[:8].rstrip()
-                    if key == b"END":
-                        end = True
-                        break
-                    if card[8:10] == b"= " and (key in (b"BITPIX", b"NAXIS", b"PCOUNT", b"GCOUNT")
-                                                or key.startswith(b"NAXIS")):
-                        v = _fits_int(card)
-                        if v is not None:
-                            keys[key] = v
-                if not end:
-                    block = f.read(2880)
-            naxis = keys.get(b"NAXIS", 0)
-            if not 0 <= naxis <= 999:         # over the standard's limit (a garbled card: the loop below would
-                return False, None            # take minutes): after the settle time the reader says what it is
-            n = 1 if naxis else 0
-            for i in range(1, naxis + 1):
-                n *= keys.get(b"NAXIS%d" % i, 0)
-            data = abs(keys.get(b"BITPIX", 8)) // 8 * keys.get(b"GCOUNT", 1) * (keys.get(b"PCOUNT", 0) + n)
+            head = fits_header_numbers(f, block)
+            if head is None:
+                return False, f"FITS header incomplete ({size} bytes so far)"
+            hdr_len, keys = head
+            data = fits_data_bytes(keys)
+            if data is None:                  # NAXIS over the standard's limit (a garbled card): after the settle
+                return False, None            # time the reader says what it is
             if pos + hdr_len + data > size:
                 return False, f"FITS data {max(size - pos - hdr_len, 0)} of {data} bytes"
             image = image or data > 0

@@ -561,28 +561,55 @@ def _cut_short(path: Path) -> str | None:
 
 def _primary_layout(path: Path) -> tuple[int, int, tuple[int, ...]] | None:
     """(where the primary HDU's data starts, its bytes, its (…, H, W) shape) from the header's cards read here,
-    or None when they do not say (no END in the first 100 blocks, a BITPIX or NAXISn that is no number).
-    astropy cannot say it for a header that declares more data than a file can hold: it fails to seek past it
-    ("[Errno 22] Invalid argument")."""
-    cards = {}
+    or None when they do not say (the file ends before END, a NAXIS beyond the standard's 999).  astropy cannot
+    say it for a header that declares more data than a file can hold: it fails to seek past it ("[Errno 22]
+    Invalid argument")."""
     with open(path, "rb") as f:
-        for block in range(100):
-            chunk = f.read(2880)
-            if len(chunk) < 2880:
-                return None
-            for i in range(0, 2880, 80):
-                key = chunk[i:i + 8].decode("ascii", "replace").strip()
-                if key == "END":
-                    try:
-                        bitpix, naxis = int(cards["BITPIX"]), int(cards["NAXIS"])
-                        shape = tuple(int(cards[f"NAXIS{k}"]) for k in range(naxis, 0, -1))
-                    except (KeyError, ValueError):
-                        return None
-                    n = int(np.prod(shape, dtype=object)) if shape else 0
-                    return (block + 1) * 2880, abs(bitpix) // 8 * n, shape
-                if chunk[i + 8:i + 10] == b"= ":
-                    cards[key] = chunk[i + 10:i + 80].decode("ascii", "replace").split("/")[0].strip()
-    return None
+        head = fits_header_numbers(f, f.read(2880))
+    if head is None:
+        return None
+    length, keys = head
+    data = fits_data_bytes(keys)
+    if data is None:
+        return None
+    naxis = keys.get(b"NAXIS", 0)
+    return length, data, tuple(keys.get(b"NAXIS%d" % k, 0) for k in range(naxis, 0, -1))
+
+
+def fits_header_numbers(f, block: bytes) -> tuple[int, dict[bytes, int]] | None:
+    """The FITS header whose first 2880 bytes are ``block``, read on from the binary file ``f`` up to its END
+    card, from its own cards (no astropy): (its length in bytes, its integer BITPIX, NAXIS, NAXISn, PCOUNT and
+    GCOUNT), or None when the file ends first.  For what astropy cannot tell: whether a file still being
+    written holds its whole image (the watcher), what a header declares that no file could hold (the reader)."""
+    keys: dict[bytes, int] = {}
+    length = 0
+    while True:
+        if len(block) < 2880:
+            return None
+        length += 2880
+        for i in range(0, 2880, 80):
+            card = block[i:i + 80]
+            key = card[:8].rstrip()
+            if key == b"END":
+                return length, keys
+            if card[8:10] == b"= " and (key in (b"BITPIX", b"PCOUNT", b"GCOUNT") or key.startswith(b"NAXIS")):
+                try:
+                    keys[key] = int(card[10:80].split(b"/")[0].strip())
+                except ValueError:
+                    pass
+        block = f.read(2880)
+
+
+def fits_data_bytes(keys: dict[bytes, int]) -> int | None:
+    """The bytes of data (padding aside) that a header's numbers (fits_header_numbers) declare; None for a NAXIS
+    beyond the standard's 999 (a garbled card: its product would take minutes)."""
+    naxis = keys.get(b"NAXIS", 0)
+    if not 0 <= naxis <= 999:
+        return None
+    n = 1 if naxis else 0
+    for i in range(1, naxis + 1):
+        n *= keys.get(b"NAXIS%d" % i, 0)
+    return abs(keys.get(b"BITPIX", 8)) // 8 * keys.get(b"GCOUNT", 1) * (keys.get(b"PCOUNT", 0) + n)
 
 
 def _image_hdu(hdul, path: Path, limit: _Limit):
