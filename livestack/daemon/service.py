@@ -31,6 +31,7 @@ import numpy as np
 from .. import NOTICE
 from ..engine import outputs
 from ..engine.compose import ComposeParams
+from ..engine.filterstack import integration
 from ..engine.frame import FrameRecord
 from ..engine.pipeline import Engine
 from ..engine.read import read_pointing
@@ -1310,7 +1311,7 @@ class Service:
             "stacked": e.n_stacked, "rejected": e.n_rejected, "failed": e.n_failed,
             "excluded": sum(1 for d in self.records if d["status"] == "excluded"),
             "frames": len(self.records),
-            "integration_s": float(f"{e.exptime_total:.9g}"),     # (a 1/640 s frame: 0.0015625, not 0.002)
+            "integration_s": integration(e.exptime_total),
             "first_frame_time": e.counts.first_time, "last_frame_time": last_time,
             "last_processed": last.get("processed") if last else None,
             "current": None if measured is None else {k: measured.get(k) for k in (

@@ -22,7 +22,7 @@ import numpy as np
 from .. import __version__
 from . import compose as comp
 from .drizzle import compensated_variance
-from .filterstack import Counters, FilterStack
+from .filterstack import Counters, FilterStack, integration
 from .stretch import StretchParams, auto_stretch, reduce
 from .write import disk_full, fsync_dir, temp_name, write_fits_blocks, write_fits_rows, write_jpeg
 
@@ -46,8 +46,7 @@ def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int
     sharp = engine.stack_sharpen()
     hdr = {
         "NCOMBINE": (c.stacked, "frames combined"),
-        # 9 significant digits: a sum's float noise goes, a 1/640 s frame's 0.0015625 stays (3 decimals: 0.002)
-        "EXPTIME": (float(f"{c.exptime:.9g}"), "[s] total exposure of combined frames"),
+        "EXPTIME": (integration(c.exptime), "[s] total exposure of combined frames"),
         "DATE-OBS": (c.first_time, "start of the first combined frame"),
         "DATE-END": (c.last_end, "end of the last combined frame"),
         "INSTRUME": (c.camera, "camera"),
