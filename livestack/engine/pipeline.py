@@ -240,10 +240,21 @@ class Engine:
         self._ahead = (path, slot, self._reader.submit(self._front, path, slot, stars=False))
 
     def _bootstrap_near(self) -> bool:
-        """True when this frame may fill a stack's bootstrap buffer: its combination is the session's memory
-        peak, and a mosaic read ahead meanwhile would add to it (~120 MB at 24 MP)."""
+        """True when this frame may fill a stack's bootstrap buffer whose combination is the session's memory
+        peak (_combination_peaks): a mosaic read ahead meanwhile would add to it (~120 MB at 24 MP)."""
         return any(fs.stack.sums is None and len(fs.stack.buffer) >= max(1, fs.stack.p.bootstrap) - 1
-                   for fs in self.stacks)
+                   and self._combination_peaks(fs) for fs in self.stacks)
+
+    def _combination_peaks(self, fs: FilterStack) -> bool:
+        """Whether ``fs``'s bootstrap combination needs more memory than the steady state, which holds a
+        mosaic read ahead beside the accumulators: then nothing is read ahead beside the frame that fills the
+        buffer, and the threads' and the heap's free memory is given back before the combination.  Not for a
+        stack of three colour or mono frames, whose peak is the steady state's: there both cost 0.1 s at
+        24 MP (the frame after the combination was read while nothing ran beside it, and its temporaries
+        were new pages again; `livestack stack` of 8 frames 3.04–3.28 → 2.98–3.09 s, peak RSS 914–921 →
+        941–950 MB).  Drizzled, or a longer bootstrap: yes."""
+        mosaic = self.grid.sensor_shape[0] * self.grid.sensor_shape[1] * 4 if self.grid is not None else 0
+        return fs.stack.combination_excess() > mosaic
 
     def _take_front(self, path: Path, next_path: Path | None = None) -> "_Front":
         """The first stages of ``path``: read ahead when they were started for it, else now; and ``next_path``'s
@@ -507,17 +518,19 @@ class Engine:
     def _finish_bootstraps(self) -> None:
         """Once per filter, after the frame that filled its bootstrap buffer (and after _process has returned,
         so that its locals no longer hold the work planes): the buffered first frames become the accumulators.
-        The work buffers, and the pages of the other filters' spilled stacks, are given back first so that
-        they, the buffer and the new accumulators never coexist (a 24 MP colour frame's planes are ~430 MB)."""
+        The pages of the other filters' spilled stacks are given back first, and when the combination is the
+        session's memory peak (_combination_peaks) the work buffers too, so that they, the buffer and the new
+        accumulators never coexist."""
         for fs in self.stacks:
             if fs.stack.bootstrap_full and not fs.first_judged:
                 for file, index, why in fs.judge_first():
                     self._left_out(fs, file, index, why)
             if fs.stack.bootstrap_full:
                 self._t = time.perf_counter()
-                self._ws.clear()
-                drop_work_memory()            # the threads' block memory (~10 MB a thread at 24 MP)
-                release_free_memory()         # and the temporaries the heap kept for the frames (~90 MB)
+                self._ws.clear()                  # the mosaic buffer of the frame in hand (96 MB at 24 MP)
+                if self._combination_peaks(fs):
+                    drop_work_memory()            # the threads' block memory (~10 MB a thread at 24 MP)
+                    release_free_memory()         # and the temporaries the heap kept for the frames (~90 MB)
                 self._trim(keep=fs.key, budget=0)
                 fs.stack.finish_bootstrap()
                 self._lap("bootstrap")

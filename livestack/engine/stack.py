@@ -465,8 +465,21 @@ class RunningStack:
     def bootstrap_full(self) -> bool:
         """The bootstrap buffer holds all its frames and waits to be combined: finish_bootstrap() does it, or
         the next add().  The owner may free its own frame-sized buffers first (the combination allocates the
-        accumulators while the buffer still exists: the memory peak of a session)."""
+        accumulators while the buffer still exists: it may be the session's memory peak, combination_excess)."""
         return self.sums is None and self.p.bootstrap > 1 and len(self.buffer) >= self.p.bootstrap
+
+    def combination_excess(self) -> int:
+        """Bytes by which the bootstrap's combination outgrows the steady state: the full buffer's frames (float16
+        pixels and their cells) less the accumulators that replace them — the combination gives each span of
+        the frames' rows back as the accumulators' rows fill (consume), so it holds about the larger of the
+        two.  Small for a colour stack of three frames (24 MP: 432 + 72 MB buffered, 468 MB of accumulators:
+        +36 MB), below 0 for mono; large when drizzled (coverage planes too) or with a longer bootstrap."""
+        c, h, w = self.shape
+        cells = self.cells[0] * self.cells[1]
+        planes = 2 * c if self.channel_weights else c
+        buffered = max(self.p.bootstrap, 0) * (planes * h * w * 2 + cells * 4)
+        accumulators = c * h * w * 4 + (c if self.channel_weights else 1) * h * w * 4 + cells * (3 * 4 + 2)
+        return buffered - accumulators
 
     def drop(self, i: int = 0) -> None:
         """Leave buffered frame ``i`` out (judged bad once others were in: FilterStack.judge_first)."""

@@ -140,3 +140,37 @@ def test_the_next_file_starts_beside_a_frame_nothing_was_read_ahead_for(night, m
     assert order[:2] == [("ahead", files[1].name), ("here", files[0].name)]
     assert [r.status for r in recs] == ["reference", "stacked", "stacked", "stacked"]
     eng.close()
+
+
+@pytest.mark.parametrize("drizzle", [False, True])
+def test_the_read_ahead_goes_on_beside_the_bootstrap_unless_its_combination_is_the_memory_peak(night, monkeypatch,
+                                                                                               drizzle):
+    """A colour stack of three bootstrap frames holds less in its combination than in the frames after it (the
+    buffer's rows go as the accumulators' fill): the file after the frame that fills the buffer is read ahead as
+    any other, and the heap keeps its free memory for it.  A drizzled stack's buffer (coverage planes too)
+    outweighs its accumulators: nothing is read beside its combination, and the work memory goes first."""
+    import dataclasses
+
+    from livestack.engine.drizzle import DrizzleParams
+
+    files, _ = night(n_frames=5, fmt="dng")
+    cfg = dataclasses.replace(Config(), drizzle=DrizzleParams(scale=1.0)) if drizzle else Config()
+    eng = Engine(cfg)
+    here, dropped = [], []
+    front = Engine._front
+
+    def own(self, path, slot, **kw):
+        if kw.get("threads"):
+            here.append(path.name)
+        return front(self, path, slot, **kw)
+
+    from livestack.engine import pipeline
+
+    monkeypatch.setattr(Engine, "_front", own)
+    monkeypatch.setattr(pipeline, "release_free_memory", lambda: dropped.append("heap"))
+    recs = [eng.process(f, next_path=files[i + 1] if i + 1 < len(files) else None) for i, f in enumerate(files)]
+    assert [r.status for r in recs] == ["reference"] + ["stacked"] * 4
+    assert eng._combination_peaks(eng.main) == drizzle
+    assert here == ([files[0].name, files[3].name] if drizzle else [files[0].name])
+    assert dropped == (["heap"] if drizzle else [])
+    eng.close()

@@ -227,6 +227,21 @@ def test_running_stack_rejects_outliers_in_any_frame_and_weights_are_order_free(
     np.testing.assert_allclose(results[0][0, 10:20], results[1][0, 10:20], atol=6)
 
 
+@pytest.mark.parametrize("channels, bootstrap", [(3, 3), (1, 3), (3, 5)])
+def test_combination_excess_is_the_buffer_less_the_accumulators_that_replace_it(channels, bootstrap):
+    """What the engine decides the memory peak by (Engine._combination_peaks): predicted before the first
+    frame, it is the full buffer's bytes less the accumulators' once they exist."""
+    rng = np.random.default_rng(3)
+    st = RunningStack((channels, 41, 60), np.full(channels, 100.0), StackParams(bootstrap=bootstrap))
+    predicted = st.combination_excess()
+    for _ in range(bootstrap):
+        st.add(rng.normal(100, 5, (channels, 41, 60)).astype(np.float32), 1.0, np.full(channels, 5.0))
+    buffered = st.nbytes
+    st.finish_bootstrap()
+    assert st.buffer == [] and predicted == buffered - st.nbytes
+    assert (predicted > 41 * 60 * 4) == (bootstrap == 5)      # more than a float32 mosaic: the peak
+
+
 def test_stack_cell_noise_model_matches_pure_noise():
     """Cells of 4 independent pixels per channel: with cell_samples = 4 the κσ test sees the true variance and
     rejects ~0.27 % of pure-noise cells (κ = 3); claiming 16 samples (a 2× too small σ) rejects far more."""
