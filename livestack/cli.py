@@ -314,7 +314,9 @@ def check_shell_sections(cfg: Config, source: str) -> None:
             make_section(classes[name](), values, f"{source}: {name}")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; ``command``: the sub-command about to run, when known — the capture drivers'
+    arguments (and their modules) are then added for `capture` only."""
     ap = argparse.ArgumentParser(prog="livestack", description="Live stacking for astrophotography.")
     ap.add_argument("--version", action="version", version=f"livestack {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="log each frame's details")
@@ -361,8 +363,17 @@ def build_parser() -> argparse.ArgumentParser:
             if err.name is None or not mod.startswith(err.name):
                 raise
             continue
-        m.register_commands(sub, engine_opts)
+        if mod == "drivers.cli":
+            m.register_commands(sub, engine_opts, arguments=command in (None, "capture"))
+        else:
+            m.register_commands(sub, engine_opts)
     return ap
+
+
+def _command_of(argv: list[str]) -> str | None:
+    """The sub-command named in ``argv``: its first word that is not an option (the top level's options take
+    no value), or None (none: `--help`, `--version`)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: list[str] | None = None, *, exit_fast: bool = False) -> int:
@@ -371,7 +382,7 @@ def main(argv: list[str] | None = None, *, exit_fast: bool = False) -> int:
     from .engine.memory import keep_freed_memory
 
     keep_freed_memory()          # before any worker thread: frame temporaries reused, one arena (memory.py)
-    ap = build_parser()
+    ap = build_parser(_command_of(sys.argv[1:] if argv is None else argv))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
