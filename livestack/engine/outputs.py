@@ -185,10 +185,13 @@ def write_stacks(engine, out_dir: Path, params: comp.ComposeParams, *, name: str
     for fs in stacks:
         path = out_dir / fs.file_name
         # A filter that stacked nothing since its file was written keeps it (in a live night with a filter
-        # wheel most filters wait while one is captured: 200 MB each at 26 MP).
-        if engine.written.get(path) != (fs.version, engine.n_failed) or not path.exists():
+        # wheel most filters wait while one is captured: 200 MB each at 26 MP) — unless its header changed: a
+        # frame of it rejected counts in its NREJECT without a new version (keyed on the version alone, the
+        # file kept NREJECT 0 after its filter's frame was rejected while the status said 1).
+        written = (fs.version, fs.counts, engine.n_failed)
+        if engine.written.get(path) != written or not path.exists():
             _write_filter(engine, fs, path)
-            engine.written[path] = (fs.version, engine.n_failed)
+            engine.written[path] = written
     _write_composite(engine, p, main)
     return True
 

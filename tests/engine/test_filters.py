@@ -287,3 +287,23 @@ def test_a_spill_file_is_not_left_behind_by_a_kill(tmp_path):
     r = subprocess.run([sys.executable, "-c", SPILL_KILLED, str(spill)], env=env, capture_output=True, timeout=60)
     assert r.returncode == -9, r.stderr.decode()[-500:]
     assert list(spill.iterdir()) == []
+
+
+def test_a_filter_file_kept_between_writes_says_its_rejected_frames(night, tmp_path):
+    """A filter that stacked nothing since its file was written keeps the file; a frame of it rejected still
+    changes its header: NREJECT said 0 in stack_R.fits while the engine (and the page) counted 1 — the file
+    was kept on the filter's stack version alone."""
+    files, _ = night(mono=True, n_frames=4, seed=6, filters=("L", "R"))
+    bad = tmp_path / "light_0099_60s_R.fits"          # no stars: registration fails, the R frame is rejected
+    with fits.open(files[1]) as hd:
+        hd[0].data = (np.median(hd[0].data) + np.random.default_rng(0).normal(0, 20, hd[0].data.shape)).astype(
+            hd[0].data.dtype)
+        hd.writeto(bad)
+    eng, recs = run(files)
+    out = tmp_path / "out"
+    assert eng.snapshot(out)
+    rec = eng.process(bad)
+    assert rec.status == "rejected" and rec.filter == "R", rec.reason
+    assert eng.snapshot(out)
+    for name, rejected in (("stack_R.fits", 1), ("stack_L.fits", 0), ("stack.fits", 1)):
+        assert fits.getheader(out / name)["NREJECT"] == rejected, name
