@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import __version__
 from . import compose as comp
+from . import geometry
 from .drizzle import compensated_variance
 from .filterstack import Counters, FilterStack, integration
 from .stretch import StretchParams, auto_stretch, reduce
@@ -140,10 +141,54 @@ def plan(engine, params: comp.ComposeParams, max_size: int = 1600):
     if cached is not None and cached[0] == key:
         return cached[1]
     reduced = engine.reduced(max_size)
+    fluxes = star_fluxes(engine) if params.star_white else None
     p = comp.plan_composite({fs.label: reduce(reduced[fs.key][0], PLAN_SIZE) for fs in stacks}, params,
-                            full_shape=engine.grid.shape)
+                            full_shape=engine.grid.shape, star_fluxes=fluxes)
     engine._plan = (key, p)
     return p
+
+
+STAR_STARS = 60      # the reference's brightest stars measured in every stack for the composite's star_white
+
+
+def star_fluxes(engine) -> dict | None:
+    """Aperture sums of the reference frame's brightest STAR_STARS stars in every filter's stack at full
+    resolution, for the composite's star_white (compose._given_star_ratios): stack label -> ((C, N) fluxes,
+    (C, N) errors), NaN where a star's stamp is not wholly covered; None before a reference.  Each star's
+    stamp is read from the stack's sums alone (stack.mean_window): ~60 stamps of ~20 × 20 px a stack.  The
+    aperture is 2 FWHM (at least 3 px), the sky the median of an annulus 2–6 px beyond it."""
+    ref, grid = engine.ref, engine.grid
+    if ref is None or grid is None or not len(ref.stars):
+        return None
+    n = min(STAR_STARS, len(ref.stars))
+    xy = geometry.apply(grid.stars_to_grid, ref.stars.xy[:n])
+    fwhm = float(np.nanmedian(ref.stars.fwhm[:n])) * float(grid.stars_to_grid[0, 0])
+    r = max(3.0, 2.0 * fwhm) if np.isfinite(fwhm) else 3.0
+    r_in, r_out = r + 2.0, r + 6.0
+    k = int(np.ceil(r_out)) + 1
+    h, w = grid.shape
+    yy, xx = np.mgrid[-k:k + 1, -k:k + 1].astype(np.float64)
+    out = {}
+    for fs in engine.stacks:
+        c_n = fs.stack.shape[0]
+        flux, err = np.full((c_n, n), np.nan), np.full((c_n, n), np.nan)
+        for i, (x, y) in enumerate(xy):
+            xi, yi = int(round(x)), int(round(y))
+            if not (k <= xi < w - k and k <= yi < h - k):
+                continue
+            stamp = fs.stack.mean_window(yi - k, yi + k + 1, xi - k, xi + k + 1)
+            d = np.hypot(xx - (x - xi), yy - (y - yi))
+            ap, ann = d <= r, (d >= r_in) & (d <= r_out)
+            for c in range(c_n):
+                a = stamp[c]
+                if not (np.isfinite(a[ap]).all() and np.isfinite(a[ann]).all()):
+                    continue
+                sky = np.median(a[ann])
+                sd = 1.4826 * np.median(np.abs(a[ann] - sky))
+                flux[c, i] = float(np.sum(a[ap] - sky))
+                err[c, i] = float(sd * np.sqrt(ap.sum() * (1.0 + np.pi / 2 * ap.sum() / ann.sum())))
+        out[fs.label] = (flux, err)
+    return out
 
 
 def is_stack_file(path: Path) -> bool:

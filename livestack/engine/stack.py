@@ -926,6 +926,14 @@ class RunningStack:
         a, b = max(0, r0 - m), min(self.shape[1], r1 + m)
         return self._mean(self.sums[:, a:b], self.wsum[:, a:b], channels)[0][:, r0 - a:r1 - a]
 
+    def mean_window(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """Rows r0:r1, columns c0:c1 of the weighted mean, (C, r1 - r0, c1 - c0) float32, NaN where no frame
+        covers: a star's stamp, from the sums' window alone — during the bootstrap or with channel_weights
+        from mean_rows (whole rows)."""
+        if self.sums is not None and not self.channel_weights:
+            return self._mean(self.sums[:, r0:r1, c0:c1], self.wsum[r0:r1, c0:c1])[0]
+        return self.mean_rows(r0, r1)[:, :, c0:c1]
+
     def _bootstrap_rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         """During the bootstrap: rows r0:r1 of the combination of the buffered frames — (C, n, W) mean, NaN where
         no frame covers, and (n, W) weights — computed on those rows only and a margin of 2×2 cells: the rows the

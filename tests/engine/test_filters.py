@@ -307,3 +307,36 @@ def test_a_filter_file_kept_between_writes_says_its_rejected_frames(night, tmp_p
     assert eng.snapshot(out)
     for name, rejected in (("stack_R.fits", 1), ("stack_L.fits", 0), ("stack.fits", 1)):
         assert fits.getheader(out / name)["NREJECT"] == rejected, name
+
+
+def _star_colours(rgb: np.ndarray) -> tuple[float, float]:
+    """Median R/G and B/G of the stars of a linear (3, H, W) composite (aperture sums with a local annulus)."""
+    import sep
+
+    ok = np.isfinite(rgb).all(axis=0)
+    img = np.ascontiguousarray(np.where(ok, rgb, 0), np.float32)
+    g = img[1]
+    obj = sep.extract(g, 10.0, err=float(np.std(g[ok & (g < np.percentile(g[ok], 90))])), mask=~ok, minarea=4)
+    flux = [sep.sum_circle(img[c], obj["x"], obj["y"], 3.0, mask=~ok, bkgann=(5.0, 8.0))[0] for c in range(3)]
+    good = (flux[1] > 0) & np.isfinite(flux[0]) & np.isfinite(flux[2])
+    assert good.sum() >= 20, good.sum()
+    return float(np.median(flux[0][good] / flux[1][good])), float(np.median(flux[2][good] / flux[1][good]))
+
+
+def test_the_composites_star_colours_do_not_depend_on_each_filters_integration(night, tmp_path):
+    """RGB: each filter's white point came from its stack's noise (20 σ beats the 99.5th percentile in a star
+    field), so the filter with less integration was darker: with one R frame against four, the stars' R/G fell
+    to a third.  Now the whites follow the stars' fluxes: the median star is white, however deep each stack."""
+    files, _ = night(mono=True, n_frames=12, seed=3, filters=("R", "G", "B"), dither_px=2.0)
+    colours = []
+    for name, keep in (("even", files), ("one_r", [f for i, f in enumerate(files) if i % 3 or i == 0])):
+        eng, recs = run(keep)
+        assert all(r.status in STACKED for r in recs), [r.reason for r in recs]
+        assert eng.snapshot(tmp_path / name)
+        with fits.open(tmp_path / name / "stack.fits") as h:
+            rgb, palette = h[0].data.astype(np.float32), h[0].header["PALETTE"]
+        assert palette.startswith("RGB"), palette
+        colours.append(_star_colours(rgb))
+    (rg_even, bg_even), (rg_one, bg_one) = colours
+    assert 0.85 < rg_even < 1.15 and 0.85 < bg_even < 1.15, colours
+    assert abs(rg_one / rg_even - 1) < 0.1 and abs(bg_one / bg_even - 1) < 0.1, colours
