@@ -187,7 +187,10 @@ class BatchSolve:
                 ans = self.solver.wait()
         if isinstance(ans, Solution):
             engine.set_wcs(ans.wcs)
-            st = sky_status(ans.wcs, engine.grid.shape, source="solve", seconds=ans.seconds, obj=self.obj)
+            st = sky_status(ans.wcs, engine.grid.shape, source="solve", seconds=ans.seconds, obj=self.obj,
+                            note=ans.note)
+            if ans.note:
+                log.warning("livestack stack: %s", ans.note)
             log.info("plate solved in %.1f s: %s, RA %s Dec %s, %.2f″/px, rotation %.1f° E of N", ans.seconds,
                      st["object"] or "no catalogue object", st["ra_hms"], st["dec_dms"], st["scale_arcsec"],
                      st["rotation_deg"])

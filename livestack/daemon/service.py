@@ -699,7 +699,10 @@ class Service:
         e, cur = self.engine, self.book.current
         if isinstance(ans, Solution):
             e.set_wcs(ans.wcs)
-            self._sky = sky_status(ans.wcs, e.grid.shape, source="solve", seconds=ans.seconds, obj=self._sky_object)
+            self._sky = sky_status(ans.wcs, e.grid.shape, source="solve", seconds=ans.seconds, obj=self._sky_object,
+                                   note=ans.note)
+            if ans.note:
+                log.warning("livestack: %s: %s", cur.name, ans.note)
             cur.pointing, cur.sky = [round(self._sky["ra"], 6), round(self._sky["dec"], 6)], self._sky
             if cur.named == "order" and self._sky.get("object"):
                 cur.name, cur.named = self._sky["object"], "catalogue"

@@ -111,6 +111,7 @@ class Solution:
     matched:      field/index star pairs behind the fit (solve-field's .corr).
     rms_px:       RMS distance between those pairs, grid px, through ``wcs``.
     scale_arcsec: arcsec per grid pixel at the reference point.
+    note:         "" or one sentence, e.g. that the header's pointing was wrong and the field solved without it.
     """
 
     wcs: WCS
@@ -118,6 +119,7 @@ class Solution:
     matched: int
     rms_px: float
     scale_arcsec: float
+    note: str = ""       # what the user should know of a solution that came despite a hint (a wrong pointing)
 
     def describe(self, shape: tuple[int, int]) -> dict:
         """``describe(self.wcs, shape)``."""
@@ -383,7 +385,6 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
         cmd = [exe, str(xyls), "--width", str(w), "--height", str(h),
                "--x-column", "X", "--y-column", "Y", "--sort-column", "FLUX",
                "--no-plots", "--overwrite", "--dir", str(out), "--crpix-center",
-               "--cpulimit", str(max(1, math.ceil(params.timeout_s))),
                "--new-fits", "none", "--index-xyls", "none", "--rdls", "none", "--match", "none"]
         # --no-verify is not given: it concerns WCS headers of FITS *images*; an xylist has none.
         # The SIP order stays solve-field's default (2): order 1 and 3 fitted the PANOPTES frame equally well.
@@ -394,29 +395,46 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
         if hints.has_scale:
             cmd += ["--scale-units", "arcsecperpix",
                     "--scale-low", f"{hints.scale_low:.6g}", "--scale-high", f"{hints.scale_high:.6g}"]
+        near = []
         if hints.has_pointing:
-            cmd += ["--ra", f"{hints.ra:.6f}", "--dec", f"{hints.dec:.6f}", "--radius", f"{params.radius_deg:g}"]
+            near = ["--ra", f"{hints.ra:.6f}", "--dec", f"{hints.dec:.6f}", "--radius", f"{params.radius_deg:g}"]
 
+        # A pointing hint that is wrong (a mount not synced, another target's RA/DEC left in the capture
+        # program) confines solve-field to the wrong 5° of sky: the field that solves in 0.9 s without it
+        # failed in 0.5 s with it (Seestar M94, RA hint 30° off).  Such a miss is solved once more without the
+        # pointing — with the scale hint, in what is left of the time limit.
         t0 = time.perf_counter()
-        log = _run(cmd, timeout=params.timeout_s + 1.0, cancel=cancel)
+        for attempt in ([near, []] if near else [[]]):
+            left = params.timeout_s - (time.perf_counter() - t0)
+            (out / "stars.wcs").unlink(missing_ok=True)
+            log = _run(cmd + attempt + ["--cpulimit", str(max(1, math.ceil(left)))], timeout=left + 1.0,
+                       cancel=cancel)
+            if cancel is not None and cancel.is_set():
+                raise SolveError("plate solve cancelled")
+            if log is None or (out / "stars.wcs").is_file() or time.perf_counter() - t0 >= params.timeout_s:
+                break
         seconds = time.perf_counter() - t0
-        if cancel is not None and cancel.is_set():
-            raise SolveError("plate solve cancelled")
-        if log is None:
-            raise SolveError(f"no solution within {params.timeout_s:g} s: give a scale hint "
-                             "([solve] scale_arcsec, or FOCALLEN/XPIXSZ in the header) or a longer timeout")
         wcs_path = out / "stars.wcs"
+        where = "" if not near else (f" near the header's pointing (RA {hints.ra:.2f}°, Dec {hints.dec:+.2f}°)"
+                                     + (" nor elsewhere" if not attempt else ""))
+        if log is None or (not wcs_path.is_file() and seconds >= 0.9 * params.timeout_s):
+            raise SolveError(f"no solution{where} within {params.timeout_s:g} s: "
+                             + ("check the scale hint or give a longer timeout ([solve] timeout_s)" if hints.has_scale
+                                else "give a scale hint ([solve] scale_arcsec, or FOCALLEN/XPIXSZ in the header) "
+                                     "or a longer timeout"))
         if not wcs_path.is_file():
-            if seconds >= 0.9 * params.timeout_s:
-                raise SolveError(f"no solution within {params.timeout_s:g} s: give a scale hint "
-                                 "([solve] scale_arcsec, or FOCALLEN/XPIXSZ in the header) or a longer timeout")
             tail = _last_error_line(log)
-            raise SolveError(f"no solution: the {len(xy)} stars match no catalogue pattern"
+            raise SolveError(f"no solution: the {len(xy)} stars match no catalogue pattern{where}"
                              + (f" ({tail})" if tail else "")
                              + "; check the scale hint, or try a frame with more stars")
         wcs = _read_wcs(wcs_path, (h, w))
         matched, rms, scale = _check_solution(wcs, out / "stars.corr", hints, params)
-    return Solution(wcs, seconds, matched, rms, scale)
+    note = ""
+    if near and not attempt:
+        ra, dec = (float(v) for v in wcs.celestial.pixel_to_world_values((w - 1) / 2.0, (h - 1) / 2.0))
+        note = (f"the header's pointing (RA {hints.ra:.2f}°, Dec {hints.dec:+.2f}°) is "
+                f"{separation_deg(ra, dec, hints.ra, hints.dec):.1f}° from the solved field: solved without it")
+    return Solution(wcs, seconds, matched, rms, scale, note)
 
 
 # A solve's scratch folder in the temporary folder: "livestack-solve-<pid>-<random>", so that one left by a process
