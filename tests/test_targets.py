@@ -497,3 +497,34 @@ def test_two_real_seestar_nights_two_weeks_apart_stack_into_one_target(tmp_path,
     assert len(recs) == len(n1) + len(n2) and all(r["status"] in STACKED for r in recs)
     rot = [r["rotation"] for r in recs[len(n1):]]
     assert all(60 < abs(x) < 80 for x in rot), rot
+
+
+def test_a_stop_while_frames_are_held_keeps_every_index(tmp_path, three_targets):
+    """Stopped (SIGTERM: a checkpoint is written) while two frames of another field were held, then back on the
+    first target: the held frames are rejected into it and every line keeps the index an uninterrupted night
+    gives it (0, 1, 2, … in order).  The checkpoint used to count the held frames, which the restart processed
+    again: b_00 and b_01 came out as 5 and 6 where 3 and 4 were due, and every later frame two higher."""
+    files, parts = three_targets[False]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    daemon = {"checkpoint_every": 100, "checkpoint_s": 3600}    # frames since the last checkpoint at the stop
+    svc = _service(tmp_path, watch, out, daemon)
+    svc.start()
+    _feed_live(svc, watch, parts["a"][:3] + parts["b"][:2])
+    assert len(svc.snapshot.status["held"]) == 2
+    svc.stop(timeout=30)
+    assert svc.error is None
+    svc = _service(tmp_path, watch, out, daemon)
+    svc.start()
+    deadline = time.monotonic() + 60
+    while len(svc.snapshot.status.get("held", [])) < 2 or svc.snapshot.status.get("state") != "idle":
+        assert svc.running and time.monotonic() < deadline, svc.snapshot.status    # held again after the start
+        time.sleep(0.05)
+    _feed_live(svc, watch, parts["c"][:2])
+    svc.stop(timeout=30)
+    assert svc.error is None
+    recs = read_frames_log(out / "frames.jsonl")
+    assert [r["path"] for r in recs] == [f.name for f in parts["a"][:3] + parts["b"][:2] + parts["c"][:2]]
+    assert [r["status"] for r in recs] == ["reference", "stacked", "stacked", "rejected", "rejected", "stacked",
+                                           "stacked"]
+    assert [r["index"] for r in recs] == list(range(7))

@@ -622,7 +622,7 @@ class Service:
             self._write_fits()
             if self._preview_unsaved or self._preview_dirty:
                 self._render_preview()
-            self._checkpoint()
+            self._checkpoint(closing=True)
         if self._blocked:
             log.error("livestack: %s, but %s: the current target is not saved yet; staying on it", why,
                       self._disk["error"])
@@ -985,10 +985,19 @@ class Service:
         n = sum(np.asarray(a).nbytes for a in arrays.values())
         return n + sum(np.asarray(a).nbytes for _, st in stacks for a in st.state().values())
 
-    def _checkpoint(self) -> bool:
+    def _checkpoint(self, *, closing: bool = False) -> bool:
+        """Write the checkpoint now (False when it cannot be: see the guards).  ``closing``: the target is being
+        closed by a switch, and the frames it holds go to another target."""
         ckpt = self.folder.checkpoint
         if self._logged != len(self.records) or self._saved_excluded != self._engine_excluded:
             return False     # its line count and exclusions must match frames.jsonl and excluded.json on disk
+        if self._held and not closing:
+            # A held frame is in the engine's state (its index, the random draws of its registration, a new
+            # filter's entry) but in no frames.jsonl line: a restart finds it again and processes it again, so
+            # that every later frame's index came out one higher per held frame (b_00 index 7, not 5, after a
+            # stop while two frames were held) and the registrations drew other random numbers.  None while
+            # frames are held: a restart resumes from the checkpoint before them.
+            return False
         if not self._may_write(ckpt):
             return False     # still no room: not even the estimate
         self._ckpt_bytes = est = self._checkpoint_bytes()
