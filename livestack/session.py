@@ -2,6 +2,7 @@
 for the daemon the checkpoint, exclusions and archived sessions (layout below)."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -184,6 +185,42 @@ def apply_amended(records: list[dict], amended: list[dict]) -> bool:
                 changed = True
                 break
     return changed
+
+
+# What a frame's contribution to the stacks depends on: the sections of these names, but for the keys that only
+# change how fast or in how much memory it is made, or only the output files (drizzle's compensation is applied
+# as a stack file is written, with today's setting).
+STACK_SECTIONS = ("engine", "stars", "register", "reject", "stack", "cosmetic", "drizzle")
+NOT_STACK_KEYS = {"engine": ("read_ahead", "max_megapixels"), "stack": ("threads", "memory_mb", "chunk_rows"),
+                  "drizzle": ("max_memory_mb", "compensate")}
+
+
+def stack_settings(cfg) -> dict:
+    """{section: {key: value}} of the settings that shape the stacks, as JSON gives them back (a checkpoint keeps
+    them: a stack continued under other ones would be a silent mix of two)."""
+    out = {}
+    for name in STACK_SECTIONS:
+        d = dataclasses.asdict(getattr(cfg, name))
+        for k in NOT_STACK_KEYS.get(name, ()):
+            d.pop(k, None)
+        out[name] = d
+    return json.loads(json.dumps(out))
+
+
+def settings_changed(saved, cfg) -> list[str]:
+    """What differs between a checkpoint's ``saved`` stack_settings() and ``cfg``'s, as "[stack] kappa = 3.0, now
+    1.5" — only keys both know: a setting added by a later livestack is no change (the default keeps the old
+    behaviour), and a checkpoint from before they were kept is trusted as it always was."""
+    if not isinstance(saved, dict):
+        return []
+    now, out = stack_settings(cfg), []
+    for name, values in now.items():
+        old = saved.get(name)
+        if not isinstance(old, dict):
+            continue
+        out += [f"[{name}] {k} = {json.dumps(old[k])}, now {json.dumps(v)}" for k, v in values.items()
+                if k in old and old[k] != v]
+    return out
 
 
 def save_engine(engine, path: Path | str, info: dict | None = None) -> None:
@@ -393,7 +430,7 @@ class SessionFolder:
         """Checkpoint ``engine``, whose state includes the first ``lines`` lines of frames.jsonl: their sha256 is
         stored too, so that resume() matches the lines themselves, not their count — a line garbled later (it
         would be skipped, shifting the count) cannot make a frame count twice and another never."""
-        info = {"version": 2, "lines": lines, "excluded": sorted(excluded),
+        info = {"version": 2, "lines": lines, "excluded": sorted(excluded), "settings": stack_settings(engine.cfg),
                 "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         covered = _complete_lines(self.frames)[:lines]
         if len(covered) == lines:
@@ -439,6 +476,12 @@ class SessionFolder:
                     engine, note = None, f"{self.checkpoint.name}: unusable checkpoint (no line count); restacking"
                 elif sorted(info.get("excluded", [])) != sorted(excluded):
                     engine, note = None, f"{self.checkpoint.name}: built before the last exclusion; restacking"
+                elif changed := settings_changed(info.get("settings"), cfg):
+                    # frames stacked under the old settings and the next under the new would be neither night's
+                    # stack (kappa 3 then 1.5: 1131 ADU off the one, 1275 off the other): all under the new ones
+                    engine = None
+                    note = (f"{self.checkpoint.name}: stacked with other settings ({'; '.join(changed)}); "
+                            f"restacking all {len(records)} frames with the new ones")
                 elif n > len(lines):
                     engine = None
                     note = (f"{self.checkpoint.name}: covers {n} frames but {self.frames.name} has "

@@ -621,3 +621,30 @@ def test_a_rewritten_first_line_makes_a_checkpoint_due(tmp_path, monkeypatch):
         svc.stop(timeout=20)
     assert read_frames_log(out / "frames.jsonl")[0]["status"] == "rejected"
     assert 3 in lines, lines          # right after the third frame's record, which carried the verdict
+
+
+def test_a_checkpoint_of_other_stack_settings_is_restacked_with_the_new_ones(tmp_path, six):
+    """Restarted with another kappa (or debayer, warp, …): the checkpoint's frames were stacked under the old
+    settings, and continuing it mixed the two — kappa 3 then 1.5 gave a stack 1131 ADU off the kappa 3 night
+    and 1275 off the kappa 1.5 one, without a word.  Now the start says what changed and stacks every frame
+    again under the new settings: the same stack as a night run with them.  Settings that only change speed
+    or memory (threads) keep the checkpoint."""
+    import dataclasses
+
+    def cfg(**stack):
+        c = Config()
+        return dataclasses.replace(c, stack=dataclasses.replace(c.stack, **stack))
+
+    folder = SessionFolder(tmp_path / "s")
+    eng, log = Engine(cfg(kappa=3.0)), FramesLog(folder.frames)
+    run(eng, six[:4], log)
+    folder.save_checkpoint(eng, lines=4, excluded=set())
+    assert folder.resume(cfg(kappa=3.0, threads=1)).engine.n_stacked == 4
+    r = folder.resume(cfg(kappa=1.5))
+    assert "[stack] kappa = 3.0, now 1.5" in r.note and "restacking all 4 frames" in r.note, r.note
+    assert r.engine.n_stacked == 0 and r.records == [] and len(r.dropped) == 4
+    run(r.engine, six)                    # the daemon queues the dropped files again, then the new ones come
+    straight = Engine(cfg(kappa=1.5))
+    run(straight, six)
+    assert np.array_equal(r.engine.result()[0], straight.result()[0], equal_nan=True)
+    assert np.array_equal(r.engine.result()[1], straight.result()[1])
