@@ -443,12 +443,17 @@ class SessionFolder:
 
         return Engine(cfg, masters=masters, spill_dir=self.dir)
 
-    def resume(self, cfg, *, masters=None) -> Resumed:
+    def resume(self, cfg, *, masters=None, present=None) -> Resumed:
         """Open (or create) the session: the checkpoint is the truth for the stack; frames.jsonl lines after it
         are dropped (atomically) so that their files are processed again — nothing counted twice or skipped.
         The checkpoint is used only when the lines it covers are still there, unchanged and readable; else
         (and when it is unusable) everything is restacked from the capture folder.  A garbled line after it is
-        dropped: its file, no longer in the session, is found and stacked again."""
+        dropped: its file, no longer in the session, is found and stacked again.
+
+        ``present``: whether a record's file can still be read (the daemon: in its capture folder).  A checkpoint
+        stacked under other settings is restacked only when every frame it covers is: else it is kept, and the
+        new settings apply to the frames to come (the note says so) — a night whose files were moved away is not
+        given up for a setting."""
         self.recover()
         self.out.mkdir(parents=True, exist_ok=True)
         FramesLog(self.frames)  # repairs a torn last line
@@ -476,7 +481,8 @@ class SessionFolder:
                     engine, note = None, f"{self.checkpoint.name}: unusable checkpoint (no line count); restacking"
                 elif sorted(info.get("excluded", [])) != sorted(excluded):
                     engine, note = None, f"{self.checkpoint.name}: built before the last exclusion; restacking"
-                elif changed := settings_changed(info.get("settings"), cfg):
+                elif (changed := settings_changed(info.get("settings"), cfg)) and \
+                        not (gone := sum(1 for d in records[:n] if present is not None and not present(d))):
                     # frames stacked under the old settings and the next under the new would be neither night's
                     # stack (kappa 3 then 1.5: 1131 ADU off the one, 1275 off the other): all under the new ones
                     engine = None
@@ -493,6 +499,9 @@ class SessionFolder:
                 else:
                     covered = checkpointed = n
                     note = f"resumed {covered} frames from {self.checkpoint.name}"
+                    if changed:
+                        note += (f", stacked with other settings ({'; '.join(changed)}): {gone} of their files "
+                                 f"are gone, so the new settings apply to the frames to come only")
         elif records:
             note = f"no checkpoint; restacking {len(records)} frames of {self.frames.name}"
         if engine is None:

@@ -648,3 +648,23 @@ def test_a_checkpoint_of_other_stack_settings_is_restacked_with_the_new_ones(tmp
     run(straight, six)
     assert np.array_equal(r.engine.result()[0], straight.result()[0], equal_nan=True)
     assert np.array_equal(r.engine.result()[1], straight.result()[1])
+
+
+def test_a_checkpoint_of_other_settings_is_kept_when_its_files_are_gone(tmp_path, six):
+    """Restacking under new settings needs every frame's file: with one moved away, restacking would have lost it
+    from a night already stacked.  The checkpoint is kept then, and the note says the new settings apply to the
+    frames to come."""
+    import dataclasses
+
+    c = Config()
+    folder = SessionFolder(tmp_path / "s")
+    eng, log = Engine(c), FramesLog(folder.frames)
+    run(eng, six[:4], log)
+    folder.save_checkpoint(eng, lines=4, excluded=set())
+    other = dataclasses.replace(c, stack=dataclasses.replace(c.stack, kappa=1.5))
+    names = {f.name for f in six[1:4]}           # the first frame's file is gone
+    r = folder.resume(other, present=lambda d: d["file"] in names)
+    assert r.engine.n_stacked == 4 and len(r.records) == 4 and not r.dropped, r.note
+    assert "1 of their files are gone" in r.note and "kappa = 3.0, now 1.5" in r.note, r.note
+    r = folder.resume(other, present=lambda d: True)
+    assert r.engine.n_stacked == 0 and len(r.dropped) == 4, r.note

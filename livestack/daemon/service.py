@@ -219,7 +219,8 @@ class Service:
 
     def _open_current(self):
         """Resume the session in OUT/ (the current target's): the engine, its records and exclusions."""
-        r = self.folder.resume(self.cfg, masters=self.masters)
+        r = self.folder.resume(self.cfg, masters=self.masters,
+                               present=lambda d: (self.watch_dir / (d.get("path") or d["file"])).is_file())
         self.engine, self.records = r.engine, list(r.records)
         self._logged = None if r.log_stale else len(self.records)   # None: frames.jsonl is rewritten whole
         self._ckpt_frames = r.checkpointed     # what a crash now would resume from, as the status says it
