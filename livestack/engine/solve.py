@@ -426,7 +426,9 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
             tail = _last_error_line(log)
             raise SolveError(f"no solution: the {len(xy)} stars match no catalogue pattern{where}"
                              + (f" ({tail})" if tail else "")
-                             + "; check the scale hint, or try a frame with more stars")
+                             + ("; check the scale hint, or try a frame with more stars" if hints.has_scale
+                                else "; give a scale hint ([solve] scale_arcsec, or FOCALLEN/XPIXSZ in the header), "
+                                     "or try a frame with more stars"))
         wcs = _read_wcs(wcs_path, (h, w))
         matched, rms, scale = _check_solution(wcs, out / "stars.corr", hints, params)
     note = ""

@@ -268,6 +268,18 @@ def test_random_stars_give_no_wcs():
         solve.solve_stars(xy, rng.uniform(1, 100, 100), (800, 1000), hints, SolveParams(timeout_s=3))
     assert time.perf_counter() - t < 5          # the try without the pointing shares the time limit
     assert "near the header's pointing (RA 180.00°, Dec +30.00°)" in err.value.reason
+    assert "check the scale hint" in err.value.reason or "longer timeout" in err.value.reason, err.value.reason
+
+
+@needs_solver
+def test_no_solution_without_a_scale_hint_asks_for_one():
+    """"check the scale hint" was said of a solve given none: it asks for one instead."""
+    rng = np.random.default_rng(5)
+    xy = rng.uniform(0, 1000, (10, 2)) * [1.0, 0.8]         # few: solve-field gives up in ~1 s, no time-out
+    with pytest.raises(SolveError, match="^no solution: the 10 stars match no catalogue pattern") as err:
+        solve.solve_stars(xy, rng.uniform(1, 100, 10), (800, 1000), Hints(), SolveParams(timeout_s=20))
+    assert "check the scale hint" not in err.value.reason and "give a scale hint" in err.value.reason, \
+        err.value.reason
 
 
 # ------------------------------------------------------------------------------------------- units
