@@ -668,3 +668,22 @@ def test_a_checkpoint_of_other_settings_is_kept_when_its_files_are_gone(tmp_path
     assert "1 of their files are gone" in r.note and "kappa = 3.0, now 1.5" in r.note, r.note
     r = folder.resume(other, present=lambda d: True)
     assert r.engine.n_stacked == 0 and len(r.dropped) == 4, r.note
+
+
+def test_a_checkpoint_whose_stack_arrays_have_another_shape_is_restacked(tmp_path, six):
+    """A checkpoint whose zip is sound (every CRC holds) but whose sums are a column short — a bug, an edited
+    file — was resumed ("resumed 4 frames") and broke at the next frame: now it is unusable, said so, and every
+    frame is stacked again."""
+    folder = SessionFolder(tmp_path / "s")
+    eng, log = Engine(Config()), FramesLog(folder.frames)
+    run(eng, six[:4], log)
+    folder.save_checkpoint(eng, lines=4, excluded=set())
+    with np.load(folder.checkpoint, allow_pickle=False) as z:
+        members = {k: z[k] for k in z.files}
+    assert "f0_stack_sums" in members
+    members["f0_stack_sums"] = members["f0_stack_sums"][..., :-1]
+    with open(folder.checkpoint, "wb") as f:
+        np.savez(f, **members)
+    r = folder.resume(Config())
+    assert "unusable checkpoint" in r.note and "f0_stack_sums" not in r.note and "sums" in r.note, r.note
+    assert r.engine.n_stacked == 0 and len(r.dropped) == 4

@@ -1038,10 +1038,22 @@ class RunningStack:
         st.spill_dir = None if spill_dir is None else Path(spill_dir)
         st.frames, st.rejected_total = (int(v) for v in s["counters"])
         st.bootstrap_rejected = [int(v) for v in s["bootstrap_rejected"]]
+        c, h, w = st.shape
+        full = (c, h, w) if cw else (h, w)
+        expected = {"sums": ((c, h, w), np.float32), "wsum": (full, np.float32), "count": (st.cells, np.uint16),
+                    **{k: (st.cells, np.float32) for k in ("lsum", "lw", "sq")}}
+
         def load(key):
+            # bytes from disk whose CRC holds can still be of another shape (a bug, an edited file): refused
+            # here — accepted, a stack one column short resumed and broke at its first frame
             a = s[key]
+            shape, dtype = expected[key.split("_", 1)[1] if key.startswith("buf") else key]
+            if tuple(a.shape) != tuple(shape) or a.dtype != dtype:
+                raise ValueError(f"stack array {key} is {a.dtype}{list(a.shape)}, not {np.dtype(dtype)}{list(shape)}")
             return st._new(a.shape, a.dtype, like=a)
 
+        expected["img"] = ((2 * c if cw else c, h, w), np.float16)
+        expected["cells"] = (st.cells, np.float32)
         if "sums" in s:
             for k in cls._ARRAYS:
                 setattr(st, k, load(k))
