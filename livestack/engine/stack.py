@@ -928,11 +928,16 @@ class RunningStack:
 
     def mean_window(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         """Rows r0:r1, columns c0:c1 of the weighted mean, (C, r1 - r0, c1 - c0) float32, NaN where no frame
-        covers: a star's stamp, from the sums' window alone — during the bootstrap or with channel_weights
-        from mean_rows (whole rows)."""
-        if self.sums is not None and not self.channel_weights:
+        covers: a star's stamp, from the sums' window alone (with channel_weights widened by the hole filling's
+        and the sharpening's reach, as mean_rows' rows are) — during the bootstrap from mean_rows (whole rows)."""
+        if self.sums is None:
+            return self.mean_rows(r0, r1)[:, :, c0:c1]
+        if not self.channel_weights:
             return self._mean(self.sums[:, r0:r1, c0:c1], self.wsum[r0:r1, c0:c1])[0]
-        return self.mean_rows(r0, r1)[:, :, c0:c1]
+        m = 2 + len(self.sharpen) // 2
+        a, b = max(0, r0 - m), min(self.shape[1], r1 + m)
+        e, f = max(0, c0 - m), min(self.shape[2], c1 + m)
+        return self._mean(self.sums[:, a:b, e:f], self.wsum[:, a:b, e:f])[0][:, r0 - a:r1 - a, c0 - e:c1 - e]
 
     def _bootstrap_rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         """During the bootstrap: rows r0:r1 of the combination of the buffered frames — (C, n, W) mean, NaN where

@@ -340,3 +340,23 @@ def test_the_composites_star_colours_do_not_depend_on_each_filters_integration(n
     (rg_even, bg_even), (rg_one, bg_one) = colours
     assert 0.85 < rg_even < 1.15 and 0.85 < bg_even < 1.15, colours
     assert abs(rg_one / rg_even - 1) < 0.1 and abs(bg_one / bg_even - 1) < 0.1, colours
+
+
+@pytest.mark.parametrize("drizzle, n", [(None, 2), (None, 5), (2.0, 5), (1.0, 2)])
+def test_a_window_of_the_mean_equals_the_whole_means(night, drizzle, n):
+    """stack.mean_window (the stamps star_white measures stars on) reads only its window — widened by the hole
+    filling's and the sharpening's reach on a drizzle grid, not whole rows (60 stamps of a 96 MP drizzle grid
+    would have read 60 bands of 12 000 px) — and gives the whole mean's values there."""
+    from livestack.engine.drizzle import DrizzleParams
+
+    files, _ = night(n_frames=n, seed=22, fmt="dng")
+    cfg = dataclasses.replace(Config(), drizzle=DrizzleParams(scale=drizzle)) if drizzle else Config()
+    eng, recs = run(files, cfg)
+    assert all(r.status in STACKED for r in recs), [r.reason for r in recs]
+    st = eng.stacks[0].stack
+    whole = st.mean_rows(0, st.shape[1])
+    h, w = st.shape[1:]
+    for r0, r1, c0, c1 in ((0, 9, 0, 11), (40, 61, 100, 121), (h - 13, h, w - 17, w), (3, 4, 5, 6)):
+        # (the drizzle's sharpening rounds a little otherwise on a window: OpenCV's filters, ≤ 1e-7 relative)
+        np.testing.assert_allclose(st.mean_window(r0, r1, c0, c1), whole[:, r0:r1, c0:c1], rtol=1e-6 if drizzle else 0,
+                                   atol=0, equal_nan=True, err_msg=str((r0, r1, c0, c1)))
