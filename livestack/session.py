@@ -100,6 +100,8 @@ def read_frames_log(path: Path | str) -> list[dict]:
 #                                     and a line changed since (a bad sector) is seen, not miscounted.
 #   out/session/excluded.json         files the user excluded (user intent; survives restarts)
 #   out/session/ignore.json           files already present when "new stack" was pressed (not this session)
+#   out/session/palette.json          the palette, weights and hues chosen on the page (user intent; survives
+#                                     restarts, applied over the config's [compose])
 #   out/archive/<UTC time>/           earlier sessions (--new-session, the page's "new stack")
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -110,6 +112,8 @@ ARCHIVE_DIR = "archive"
 STAGING_DIR = ".new-session"     # a "new stack" being set up; promoted by recover()
 TARGETS_FILE = "targets.json"    # the targets of an output folder (targets.py): not part of any one session
 SWITCH_FILE = ".switch.json"     # a switch of targets under way (targets.py)
+PALETTE_FILE = "palette.json"    # the page's palette choice (session/, per target)
+PAGE_COMPOSE = ("palette", "weights", "hues")    # the [compose] keys the page sets (POST /api/palette)
 
 
 def _utc_stamp() -> str:
@@ -326,6 +330,7 @@ class SessionFolder:
         self.excluded_file = self.dir / "excluded.json"
         self.ignore_file = self.dir / "ignore.json"
         self.inflight_file = self.dir / "inflight.json"
+        self.palette_file = self.dir / PALETTE_FILE
 
     # ---- small persistent lists
     def _read_list(self, path: Path) -> list[str]:
@@ -373,6 +378,43 @@ class SessionFolder:
 
     def ignored(self) -> set[str]:
         return set(self._read_list(self.ignore_file))
+
+    # ---- the palette chosen on the page
+    def set_palette(self, choice: dict) -> None:
+        """Keep the page's choice (``{"palette", "weights", "hues"}``, the keys it has set): a restart of this
+        session — a power blip, systemctl restart — must not give the colours tuned at the telescope back to
+        the config's."""
+        write_json_atomic(self.palette_file, choice)
+
+    def palette(self, base) -> tuple[dict, object]:
+        """(the page's choice, ``base`` — the config's ComposeParams — with it applied), or ({}, ``base``) when
+        there is none.  A file that cannot be used (torn by a power cut, edited by hand into something the page
+        would refuse) is moved aside with one log line naming it and why, and the config's [compose] is used: a
+        colour choice is never a reason to refuse a start (under systemd, a restart loop)."""
+        path = self.palette_file
+        if not path.exists() and not path.is_symlink():
+            return {}, base
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("expected a JSON object {\"palette\", \"weights\", \"hues\"}")
+            unknown = sorted(set(data) - set(PAGE_COMPOSE))
+            if unknown:
+                raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(PAGE_COMPOSE)}")
+            for k in ("weights", "hues"):
+                if k in data and not isinstance(data[k], dict):
+                    raise ValueError(f"{k} must be an object, e.g. {{\"Ha\": 1.5}}")
+            return data, dataclasses.replace(base, **data)     # ComposeParams checks each value (ValueError)
+        except (OSError, ValueError, TypeError) as err:     # bytes from disk: whatever they break, the config
+            why = f"unreadable ({err})" if isinstance(err, (OSError, json.JSONDecodeError, UnicodeError)) else err
+            try:
+                dest = set_aside(path, "", quiet=True)
+                where = f"; moved aside to {dest.name}"
+            except OSError:              # a read-only disk: it stays, and is read (and refused) again next start
+                where = ""
+            log.warning("livestack: %s: %s%s; the palette of the config's [compose] is used",
+                        path.relative_to(self.out), why, where)
+            return {}, base
 
     # ---- the frame being processed: a file that crashes the engine must not crash-loop the service
     def mark_inflight(self, rel: str) -> int:

@@ -1,6 +1,9 @@
 """`livestack run` while the filter wheel turns: a stack per filter, the composite, and kill -9 in between."""
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import time
 from pathlib import Path
 
@@ -110,3 +113,132 @@ def test_exclude_leaves_no_stack_file_of_a_filter_without_frames(tmp_path):
     finally:
         svc.stop(timeout=10)
     assert svc.error is None
+
+
+def _service(watch: Path, out: Path):
+    from livestack.config import Config
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    return Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                   DaemonParams(out=str(out)))
+
+
+def _wait_idle(svc, frames: int, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while not ((s := svc.status())["frames"] >= frames and s["state"] == "idle") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return s
+
+
+@pytest.fixture
+def two_filters(tmp_path) -> tuple[Path, Path]:
+    """A capture folder of 2 Ha and 2 OIII frames (auto: HOO) and the session folder to stack them into."""
+    night = tmp_path / "night"
+    truth = render_night(night, SimConfig(width=320, height=240, n_stars=600, n_frames=4, mono=True, seed=3,
+                                          filters=("Ha", "OIII", "Ha", "OIII"), dither_px=2.0))
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for f in truth["frames"]:
+        (watch / f["file"]).write_bytes((night / f["file"]).read_bytes())
+    return watch, out
+
+
+def test_the_page_palette_survives_a_restart(two_filters):
+    """A palette, weights and hues chosen on the page are the session's: a restart (a power blip, systemctl
+    restart) finds them as they were left, in the status, stack.fits and the preview — not the config's."""
+    watch, out = two_filters
+    svc = _service(watch, out)
+    svc.start()
+    try:
+        assert _wait_idle(svc, 4)["palette"]["name"] == "HOO"
+        svc.set_palette("HUES", {"Ha": 2.5}, {"OIII": [0, 1, 0]}).result(timeout=60)
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+    assert fits.getheader(out / "stack.fits")["PALETTE"].startswith("HUES")
+
+    again = _service(watch, out)
+    again.start()
+    try:
+        p = _wait_idle(again, 4)["palette"]
+        assert (p["requested"], p["name"], p["weights"], p["hues"]) == ("HUES", "HUES", {"Ha": 2.5},
+                                                                        {"OIII": [0.0, 1.0, 0.0]}), p
+        again.set_palette(weights={"OIII": 0.5}).result(timeout=60)     # weights alone: the palette stays
+    finally:
+        again.stop(timeout=10)
+    assert again.error is None
+    assert fits.getheader(out / "stack.fits")["PALETTE"].startswith("HUES")
+
+    third = _service(watch, out)
+    third.start()
+    try:
+        p = _wait_idle(third, 4)["palette"]
+        assert (p["requested"], p["weights"], p["hues"]) == ("HUES", {"OIII": 0.5}, {"OIII": [0.0, 1.0, 0.0]}), p
+    finally:
+        third.stop(timeout=10)
+    assert fits.getheader(out / "stack.fits")["PALETTE"].startswith("HUES")
+
+
+@pytest.mark.parametrize("text, why", [
+    ('{"palette": "SHO", "weig', "unreadable"),                     # torn by a power cut
+    ('{"palette": "Rainbow"}', "Rainbow"),                          # edited by hand: what the page refuses
+    ('{"weights": {"Ha": 11}}', "Ha"),
+    ('{"weights": [1, 2]}', "weights must be an object"),
+    ('{"pallete": "SHO"}', "'pallete'"),
+    ('["SHO"]', "JSON object"),
+])
+def test_a_damaged_palette_file_gives_the_config_one_line(tmp_path, caplog, text, why):
+    """A session/palette.json that cannot be used never stops a start (under systemd, a restart loop): one
+    log line names it and why, it is moved aside for a look, and the config's [compose] is used."""
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    (out / "session").mkdir(parents=True)
+    (out / "session" / "palette.json").write_text(text)
+    svc = _service(watch, out)
+    with caplog.at_level(logging.WARNING, logger="livestack"):
+        svc.start()
+    try:
+        p = _wait_idle(svc, 0)["palette"]
+        assert (p["requested"], p["weights"], p["hues"]) == ("auto", {}, {}), p
+        lines = [r.getMessage() for r in caplog.records if "palette.json" in r.getMessage()]
+        assert len(lines) == 1 and "session/palette.json" in lines[0] and why in lines[0], lines
+        assert "\n" not in lines[0] and "moved aside" in lines[0]
+        assert not (out / "session" / "palette.json").exists()
+        assert [q.read_text() for q in (out / "session").glob("palette.json.corrupt-*")] == [text]
+        svc.set_palette("SHO").result(timeout=30)        # the page's next choice is kept again
+        assert json.loads((out / "session" / "palette.json").read_text()) == {"palette": "SHO"}
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+
+
+def test_a_full_disk_does_not_stop_the_palette(tmp_path, monkeypatch):
+    """The page's choice applies at once on a full or read-only disk (like the stack, kept in memory): its
+    file is owed, the status says so, and it is written when the disk takes it again."""
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = _service(watch, out)
+    svc.start()
+    try:
+        _wait_idle(svc, 0)
+        write = svc.folder.set_palette
+
+        def full(choice):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(svc.folder, "set_palette", full)
+        s = svc.set_palette("HUES", {"Ha": 2}).result(timeout=30)
+        assert s["palette"]["requested"] == "HUES" and s["palette"]["weights"] == {"Ha": 2.0}, s["palette"]
+        assert "palette.json" in s["disk"]["error"] and not (out / "session" / "palette.json").exists()
+        monkeypatch.setattr(svc.folder, "set_palette", write)
+        deadline = time.monotonic() + 10                 # caught up while idle (every second)
+        while svc.status()["disk"] is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert svc.status()["disk"] is None
+        assert json.loads((out / "session" / "palette.json").read_text()) == {"palette": "HUES",
+                                                                              "weights": {"Ha": 2.0}}
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+

@@ -82,6 +82,10 @@ class Service:
         self.out = self.folder.out
         self.stretch = cfg.stretch
         self.compose = cfg.compose      # the page may change palette and weights without restacking
+        # … and its choice is the session's: the [compose] keys the page set (session/palette.json), and what of
+        # them is on disk (a full disk: the choice applies at once, its file is written when there is room)
+        self._page_compose: dict = {}
+        self._saved_compose: dict = {}
         self.files: queue.Queue[Ready] = queue.Queue()
         self._commands: collections.deque[tuple] = collections.deque()   # (future, method, args), under _cmd_lock
         self._cmd_lock = threading.Lock()
@@ -229,6 +233,9 @@ class Service:
         with self._excl_lock:
             self._wanted = set(self.excluded)
         self.flog = FramesLog(self.folder.frames)
+        # the palette chosen on the page for this target's session, over the config's [compose]
+        self._page_compose, self.compose = self.folder.palette(self.cfg.compose)
+        self._saved_compose = dict(self._page_compose)
         self._ref_saved = (self.folder.dir / REFERENCE_FILE).exists()
         self._ref_named = self.engine.has_stack
         return r
@@ -350,7 +357,7 @@ class Service:
         """Change the composite's palette, per-filter weights or hues (ValueError: one sentence) and redraw."""
         changes = {k: v for k, v in {"palette": palette, "weights": weights, "hues": hues}.items() if v is not None}
         new = dataclasses.replace(self.compose, **changes)     # validated here, in the caller's thread
-        return self._submit(self._cmd_palette, new)
+        return self._submit(self._cmd_palette, new, changes)
 
     def export(self, fmt: str, mode: str) -> Future:
         """A full-resolution export, made by the worker between frames — one at a time: a request for the one
@@ -888,6 +895,7 @@ class Service:
         if self._probe_key in self._blocked:      # the folder took no writes at start
             self._guarded(self._probe_key, self._probe)
         self._save_excluded()
+        self._save_palette()
         self._save_log()
         if self.engine.has_stack and not self._ref_saved:
             self._save_reference()
@@ -942,6 +950,17 @@ class Service:
         want = set(self.excluded)
         if self._guarded(self.folder.excluded_file, lambda: self.folder.set_excluded(want)):
             self._saved_excluded = want
+            return True
+        return False
+
+    def _save_palette(self) -> bool:
+        """Bring session/palette.json up to the page's choice.  On a full or read-only disk the write is owed
+        (the choice already applies in memory) and made by _catch_up when the disk takes it."""
+        if self._page_compose == self._saved_compose:
+            return True
+        want = dict(self._page_compose)
+        if self._guarded(self.folder.palette_file, lambda: self.folder.set_palette(want)):
+            self._saved_compose = want
             return True
         return False
 
@@ -1108,8 +1127,12 @@ class Service:
         self._publish()
         return self.status()
 
-    def _cmd_palette(self, new: ComposeParams) -> dict:
+    def _cmd_palette(self, new: ComposeParams, changes: dict) -> dict:
         self.compose = new
+        # kept as the JSON the request gave once validated (hues as lists): what a restart applies again
+        self._page_compose = {**self._page_compose, **json.loads(json.dumps(
+            {k: getattr(new, k) for k in changes}))}
+        self._save_palette()
         if self.engine.has_stack:
             self._render_preview()
             self._fits_dirty += 1      # stack.fits holds the composite: rewritten when next due
