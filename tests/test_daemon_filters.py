@@ -242,3 +242,30 @@ def test_a_full_disk_does_not_stop_the_palette(tmp_path, monkeypatch):
         svc.stop(timeout=10)
     assert svc.error is None
 
+
+def test_a_new_session_starts_with_the_config_palette(two_filters):
+    """*New stack* (and --new-session) start fresh: the choice goes to the archive with its session, and the
+    new session, restarted or not, has the config's [compose]."""
+    watch, out = two_filters
+    svc = _service(watch, out)
+    svc.start()
+    try:
+        _wait_idle(svc, 4)
+        svc.set_palette("HUES", {"Ha": 2.5}).result(timeout=60)
+        s = svc.new_session().result(timeout=60)
+        assert (s["palette"]["requested"], s["palette"]["weights"]) == ("auto", {}), s["palette"]
+        assert not (out / "session" / "palette.json").exists()
+        assert json.loads((out / s["archived"] / "session" / "palette.json").read_text())["palette"] == "HUES"
+        svc.set_palette("SHO").result(timeout=60)        # a choice in a session without a frame yet …
+        s = svc.new_session().result(timeout=60)
+        assert s["archived"] is None and s["palette"]["requested"] == "auto"     # … makes no archive
+        assert not (out / "session" / "palette.json").exists()
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+    again = _service(watch, out)
+    again.start()
+    try:
+        assert _wait_idle(again, 0)["palette"]["requested"] == "auto"
+    finally:
+        again.stop(timeout=10)

@@ -1319,6 +1319,7 @@ class Service:
         self.engine = self.folder.new_engine(self.cfg, masters=self.masters)
         self.records, self.excluded, self._engine_excluded = [], set(), set()
         self._logged, self._saved_excluded = 0, set()
+        self.compose, self._page_compose, self._saved_compose = self.cfg.compose, {}, {}   # its palette.json: archived
         with self._excl_lock:
             self._wanted = set()
         self.flog = FramesLog(self.folder.frames)
