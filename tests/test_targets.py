@@ -528,3 +528,34 @@ def test_a_stop_while_frames_are_held_keeps_every_index(tmp_path, three_targets)
     assert [r["status"] for r in recs] == ["reference", "stacked", "stacked", "rejected", "rejected", "stacked",
                                            "stacked"]
     assert [r["index"] for r in recs] == list(range(7))
+
+
+def test_each_target_keeps_the_palette_chosen_for_it(tmp_path, three_targets):
+    """The page's palette is its target's (session/palette.json moves with its folder): M57 starts with the
+    config's, and back on M13 — or after a restart — M13's colours are as they were left."""
+    files, parts = three_targets[True]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = _service(tmp_path, watch, out)
+    svc.start()
+    try:
+        _feed_live(svc, watch, parts["a"][:2])
+        svc.set_palette("HUES", {"L": 2}).result(timeout=30)
+        _feed_live(svc, watch, parts["b"][:2])                    # M57: a new target
+        p = svc.status()["palette"]
+        assert svc.status()["target"]["name"] == "M 57" and (p["requested"], p["weights"]) == ("auto", {}), p
+        svc.set_palette("SHO").result(timeout=30)
+        _feed_live(svc, watch, parts["c"][:1])                    # back to M13
+        p = svc.status()["palette"]
+        assert svc.status()["target"]["name"] == "M 13" and (p["requested"], p["weights"]) == ("HUES", {"L": 2.0})
+    finally:
+        svc.stop(timeout=30)
+    assert svc.error is None
+    arch = out / json.loads((out / "targets.json").read_text())["targets"][1]["folder"]
+    assert json.loads((arch / "session" / "palette.json").read_text()) == {"palette": "SHO"}
+    again = _service(tmp_path, watch, out)
+    again.start()
+    try:
+        assert again.status()["palette"]["requested"] == "HUES"
+    finally:
+        again.stop(timeout=30)
