@@ -102,6 +102,8 @@ def read_frames_log(path: Path | str) -> list[dict]:
 #   out/session/ignore.json           files already present when "new stack" was pressed (not this session)
 #   out/session/palette.json          the palette, weights and hues chosen on the page (user intent; survives
 #                                     restarts, applied over the config's [compose])
+#   out/session/stretch.json          the black, midtones and white points chosen on the page (user intent;
+#                                     survives restarts, applied over the config's [stretch])
 #   out/archive/<UTC time>/           earlier sessions (--new-session, the page's "new stack")
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -114,6 +116,8 @@ TARGETS_FILE = "targets.json"    # the targets of an output folder (targets.py):
 SWITCH_FILE = ".switch.json"     # a switch of targets under way (targets.py)
 PALETTE_FILE = "palette.json"    # the page's palette choice (session/, per target)
 PAGE_COMPOSE = ("palette", "weights", "hues")    # the [compose] keys the page sets (POST /api/palette)
+STRETCH_FILE = "stretch.json"    # the page's stretch (session/, per target)
+PAGE_STRETCH = ("black", "midtones", "white")    # the [stretch] keys the page sets (POST /api/stretch)
 
 
 def _utc_stamp() -> str:
@@ -331,6 +335,7 @@ class SessionFolder:
         self.ignore_file = self.dir / "ignore.json"
         self.inflight_file = self.dir / "inflight.json"
         self.palette_file = self.dir / PALETTE_FILE
+        self.stretch_file = self.dir / STRETCH_FILE
 
     # ---- small persistent lists
     def _read_list(self, path: Path) -> list[str]:
@@ -413,6 +418,48 @@ class SessionFolder:
             except OSError:              # a read-only disk: it stays, and is read (and refused) again next start
                 where = ""
             log.warning("livestack: %s: %s%s; the palette of the config's [compose] is used",
+                        path.relative_to(self.out), why, where)
+            return {}, base
+
+    # ---- the stretch chosen on the page
+    def set_stretch(self, choice: dict) -> None:
+        """Keep the page's stretch (``{"black", "midtones", "white"}``, null = auto): a restart of this session
+        must not give the preview tuned at the telescope back to the config's [stretch]."""
+        write_json_atomic(self.stretch_file, choice)
+
+    def stretch(self, base) -> tuple[dict, object]:
+        """(the page's stretch, ``base`` — the config's StretchParams — with it applied), or ({}, ``base``) when
+        there is none.  A file that cannot be used (torn, or edited by hand into points the page would refuse:
+        StretchParams does not check them, the page does) is moved aside with one log line and the config's
+        [stretch] is used — as for palette.json, a preview's look never refuses a start."""
+        path = self.stretch_file
+        if not path.exists() and not path.is_symlink():
+            return {}, base
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("expected a JSON object {\"black\", \"midtones\", \"white\"}")
+            unknown = sorted(set(data) - set(PAGE_STRETCH))
+            if unknown:
+                raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(PAGE_STRETCH)}")
+            for k, v in data.items():      # the page's own bounds (web/app.py Api.stretch)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
+                    raise ValueError(f"stretch {k} = {v!r}: must be a number in 0..1 or null (auto)")
+            data = {k: None if v is None else float(v) for k, v in data.items()}
+            if data.get("midtones") is not None and not 0 < data["midtones"] < 1:
+                raise ValueError(f"stretch midtones = {data['midtones']}: must be strictly between 0 and 1")
+            black, white = data.get("black", base.black), data.get("white", base.white)
+            if black is not None and white is not None and black >= white:
+                raise ValueError(f"stretch black {black} must be below white {white}")
+            return data, dataclasses.replace(base, **data)
+        except (OSError, ValueError, TypeError) as err:     # bytes from disk: whatever they break, the config
+            why = f"unreadable ({err})" if isinstance(err, (OSError, json.JSONDecodeError, UnicodeError)) else err
+            try:
+                dest = set_aside(path, "", quiet=True)
+                where = f"; moved aside to {dest.name}"
+            except OSError:              # a read-only disk: it stays, and is read (and refused) again next start
+                where = ""
+            log.warning("livestack: %s: %s%s; the stretch of the config's [stretch] is used",
                         path.relative_to(self.out), why, where)
             return {}, base
 

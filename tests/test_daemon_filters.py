@@ -269,3 +269,113 @@ def test_a_new_session_starts_with_the_config_palette(two_filters):
         assert _wait_idle(again, 0)["palette"]["requested"] == "auto"
     finally:
         again.stop(timeout=10)
+
+
+def _sky_grey(svc) -> float:
+    import cv2
+
+    jpg = svc.snapshot.preview
+    return float(np.median(cv2.imdecode(np.frombuffer(jpg, np.uint8), cv2.IMREAD_GRAYSCALE)))
+
+
+def test_the_page_stretch_survives_a_restart(two_filters):
+    """The black, midtones and white points set on the page are the session's, like its palette: a restart (a
+    power blip, systemctl restart) finds them in the status — the page's sliders — and the preview, not the
+    config's [stretch]."""
+    watch, out = two_filters
+    svc = _service(watch, out)
+    svc.start()
+    try:
+        _wait_idle(svc, 4)
+        auto = _sky_grey(svc)
+        s = svc.set_stretch(0.001, 0.5, 0.6).result(timeout=60)
+        assert s["stretch"] == {"black": 0.001, "midtones": 0.5, "white": 0.6, "auto": False}
+        dark = _sky_grey(svc)
+        assert dark < auto - 30, (auto, dark)
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+
+    again = _service(watch, out)
+    again.start()
+    try:
+        s = _wait_idle(again, 4)
+        assert s["stretch"] == {"black": 0.001, "midtones": 0.5, "white": 0.6, "auto": False}, s["stretch"]
+        assert abs(_sky_grey(again) - dark) < 3, (dark, _sky_grey(again))
+        again.set_stretch().result(timeout=60)           # Auto stretch: kept too (null = auto)
+    finally:
+        again.stop(timeout=10)
+    assert again.error is None
+
+    third = _service(watch, out)
+    third.start()
+    try:
+        assert _wait_idle(third, 4)["stretch"]["auto"] is True
+        assert abs(_sky_grey(third) - auto) < 3, (auto, _sky_grey(third))
+    finally:
+        third.stop(timeout=10)
+
+
+@pytest.mark.parametrize("text, why", [
+    ('{"black": 0.001, "midt', "unreadable"),                      # torn by a power cut
+    ('{"black": 2, "midtones": null, "white": null}', "black = 2"),  # edited by hand: what the page refuses
+    ('{"black": null, "midtones": 1, "white": null}', "midtones"),
+    ('{"black": 0.5, "midtones": null, "white": 0.4}', "below white"),
+    ('{"black": "0.1"}', "black = '0.1'"),
+    ('{"gamma": 1}', "'gamma'"),
+    ('[0.001, 0.5, 0.6]', "JSON object"),
+])
+def test_a_damaged_stretch_file_gives_the_config_one_line(tmp_path, caplog, text, why):
+    """A session/stretch.json that cannot be used never stops a start: one log line names it and why, it is
+    moved aside for a look, and the config's [stretch] is used."""
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    (out / "session").mkdir(parents=True)
+    (out / "session" / "stretch.json").write_text(text)
+    svc = _service(watch, out)
+    with caplog.at_level(logging.WARNING, logger="livestack"):
+        svc.start()
+    try:
+        assert _wait_idle(svc, 0)["stretch"]["auto"] is True
+        lines = [r.getMessage() for r in caplog.records if "stretch.json" in r.getMessage()]
+        assert len(lines) == 1 and "session/stretch.json" in lines[0] and why in lines[0], lines
+        assert "\n" not in lines[0] and "moved aside" in lines[0] and "[stretch] is used" in lines[0]
+        assert not (out / "session" / "stretch.json").exists()
+        assert [q.read_text() for q in (out / "session").glob("stretch.json.corrupt-*")] == [text]
+        svc.set_stretch(midtones=0.3).result(timeout=30)      # the page's next choice is kept again
+        assert json.loads((out / "session" / "stretch.json").read_text()) == {"black": None, "midtones": 0.3,
+                                                                              "white": None}
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+
+
+def test_a_full_disk_does_not_stop_the_stretch(tmp_path, monkeypatch):
+    """The page's stretch applies at once on a full or read-only disk: its file is owed, the status says so,
+    and it is written when the disk takes it again."""
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = _service(watch, out)
+    svc.start()
+    try:
+        _wait_idle(svc, 0)
+        write = svc.folder.set_stretch
+
+        def full(choice):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(svc.folder, "set_stretch", full)
+        s = svc.set_stretch(0.01, 0.2, None).result(timeout=30)
+        assert s["stretch"] == {"black": 0.01, "midtones": 0.2, "white": None, "auto": False}, s["stretch"]
+        assert "stretch.json" in s["disk"]["error"] and not (out / "session" / "stretch.json").exists()
+        monkeypatch.setattr(svc.folder, "set_stretch", write)
+        deadline = time.monotonic() + 10                 # caught up while idle (every second)
+        while svc.status()["disk"] is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert svc.status()["disk"] is None
+        assert json.loads((out / "session" / "stretch.json").read_text()) == {"black": 0.01, "midtones": 0.2,
+                                                                              "white": None}
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+

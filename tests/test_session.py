@@ -687,3 +687,19 @@ def test_a_checkpoint_whose_stack_arrays_have_another_shape_is_restacked(tmp_pat
     r = folder.resume(Config())
     assert "unusable checkpoint" in r.note and "f0_stack_sums" not in r.note and "sums" in r.note, r.note
     assert r.engine.n_stacked == 0 and len(r.dropped) == 4
+
+
+def test_the_page_stretch_is_applied_over_the_config(tmp_path):
+    """session/stretch.json holds all three points the page set, null for auto: the page's Auto stretch is
+    kept as auto even over a config whose [stretch] sets its own points; a session without it has the config's."""
+    from livestack.engine.stretch import StretchParams
+
+    folder = SessionFolder(tmp_path)
+    base = StretchParams(black=0.01, midtones=0.4, white=0.9)
+    assert folder.stretch(base) == ({}, base)
+    folder.set_stretch({"black": None, "midtones": None, "white": None})
+    choice, p = folder.stretch(base)
+    assert choice == {"black": None, "midtones": None, "white": None}
+    assert (p.black, p.midtones, p.white, p.max_size) == (None, None, None, base.max_size)
+    folder.set_stretch({"black": 0, "midtones": 0.25, "white": 1})
+    assert folder.stretch(base)[1] == StretchParams(black=0.0, midtones=0.25, white=1.0)

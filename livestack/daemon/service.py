@@ -80,12 +80,14 @@ class Service:
         self.watch_dir = Path(watch_dir).expanduser().resolve()
         self.folder = SessionFolder(Path(out_dir).expanduser().resolve())
         self.out = self.folder.out
-        self.stretch = cfg.stretch
-        self.compose = cfg.compose      # the page may change palette and weights without restacking
+        self.stretch = cfg.stretch      # the page may change the black, midtones and white points
+        self.compose = cfg.compose      # … and palette and weights, without restacking
         # … and its choice is the session's: the [compose] keys the page set (session/palette.json), and what of
         # them is on disk (a full disk: the choice applies at once, its file is written when there is room)
         self._page_compose: dict = {}
         self._saved_compose: dict = {}
+        self._page_stretch: dict = {}   # the same for the [stretch] points (session/stretch.json)
+        self._saved_stretch: dict = {}
         self.files: queue.Queue[Ready] = queue.Queue()
         self._commands: collections.deque[tuple] = collections.deque()   # (future, method, args), under _cmd_lock
         self._cmd_lock = threading.Lock()
@@ -236,6 +238,9 @@ class Service:
         # the palette chosen on the page for this target's session, over the config's [compose]
         self._page_compose, self.compose = self.folder.palette(self.cfg.compose)
         self._saved_compose = dict(self._page_compose)
+        # … and its stretch, over the config's [stretch]
+        self._page_stretch, self.stretch = self.folder.stretch(self.cfg.stretch)
+        self._saved_stretch = dict(self._page_stretch)
         self._ref_saved = (self.folder.dir / REFERENCE_FILE).exists()
         self._ref_named = self.engine.has_stack
         return r
@@ -896,6 +901,7 @@ class Service:
             self._guarded(self._probe_key, self._probe)
         self._save_excluded()
         self._save_palette()
+        self._save_stretch()
         self._save_log()
         if self.engine.has_stack and not self._ref_saved:
             self._save_reference()
@@ -961,6 +967,16 @@ class Service:
         want = dict(self._page_compose)
         if self._guarded(self.folder.palette_file, lambda: self.folder.set_palette(want)):
             self._saved_compose = want
+            return True
+        return False
+
+    def _save_stretch(self) -> bool:
+        """Bring session/stretch.json up to the page's stretch; owed on a full disk, like palette.json."""
+        if self._page_stretch == self._saved_stretch:
+            return True
+        want = dict(self._page_stretch)
+        if self._guarded(self.folder.stretch_file, lambda: self.folder.set_stretch(want)):
+            self._saved_stretch = want
             return True
         return False
 
@@ -1122,6 +1138,9 @@ class Service:
 
     def _cmd_stretch(self, black, midtones, white) -> dict:
         self.stretch = dataclasses.replace(self.stretch, black=black, midtones=midtones, white=white)
+        # all three, null = auto: the page's Auto stretch must also stay auto over a config's own points
+        self._page_stretch = {"black": black, "midtones": midtones, "white": white}
+        self._save_stretch()
         if self.engine.has_stack:
             self._render_preview()
         self._publish()
