@@ -632,7 +632,8 @@ class SessionFolder:
     def _holds_nothing(self, entries: list[Path]) -> bool:
         """True when ``entries`` (the session folder's own) are only what an empty session has: an empty
         frames.jsonl, and in session/ the ignore list of the "new stack" that started it and an empty
-        exclusion list (and a palette chosen on the page: the new session starts with the config's anyway).
+        exclusion list (and a palette or stretch chosen on the page: the new session starts with the config's
+        anyway).
         Anything else — a frame's line, a stack, a checkpoint, the crash guard's
         inflight.json, a file of the user's — is archived."""
         for p in entries:
@@ -648,7 +649,8 @@ class SessionFolder:
                     if q.name == self.excluded_file.name:
                         if self.load_list(q) != ([], None):
                             return False
-                    elif q.name not in (self.ignore_file.name, self.palette_file.name):   # a colour is no frame
+                    elif q.name not in (self.ignore_file.name, self.palette_file.name,   # a look is no frame
+                                        self.stretch_file.name):
                         return False
             else:
                 return False

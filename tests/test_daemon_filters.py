@@ -379,3 +379,30 @@ def test_a_full_disk_does_not_stop_the_stretch(tmp_path, monkeypatch):
         svc.stop(timeout=10)
     assert svc.error is None
 
+
+def test_a_new_session_starts_with_the_config_stretch(two_filters):
+    """*New stack* starts fresh: the stretch goes to the archive with its session, and the new session,
+    restarted or not, has the config's [stretch] — and a stretch alone makes no archive."""
+    watch, out = two_filters
+    svc = _service(watch, out)
+    svc.start()
+    try:
+        _wait_idle(svc, 4)
+        svc.set_stretch(0.001, 0.5, 0.6).result(timeout=60)
+        s = svc.new_session().result(timeout=60)
+        assert s["stretch"]["auto"] is True, s["stretch"]
+        assert not (out / "session" / "stretch.json").exists()
+        assert json.loads((out / s["archived"] / "session" / "stretch.json").read_text())["midtones"] == 0.5
+        svc.set_stretch(midtones=0.3).result(timeout=60)   # a stretch in a session without a frame yet …
+        s = svc.new_session().result(timeout=60)
+        assert s["archived"] is None and s["stretch"]["auto"] is True     # … makes no archive
+        assert not (out / "session" / "stretch.json").exists()
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+    again = _service(watch, out)
+    again.start()
+    try:
+        assert _wait_idle(again, 0)["stretch"]["auto"] is True
+    finally:
+        again.stop(timeout=10)

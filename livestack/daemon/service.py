@@ -1339,6 +1339,7 @@ class Service:
         self.records, self.excluded, self._engine_excluded = [], set(), set()
         self._logged, self._saved_excluded = 0, set()
         self.compose, self._page_compose, self._saved_compose = self.cfg.compose, {}, {}   # its palette.json: archived
+        self.stretch, self._page_stretch, self._saved_stretch = self.cfg.stretch, {}, {}   # … and stretch.json
         with self._excl_lock:
             self._wanted = set()
         self.flog = FramesLog(self.folder.frames)
