@@ -559,3 +559,36 @@ def test_each_target_keeps_the_palette_chosen_for_it(tmp_path, three_targets):
         assert again.status()["palette"]["requested"] == "HUES"
     finally:
         again.stop(timeout=30)
+
+
+def test_each_target_keeps_the_stretch_chosen_for_it(tmp_path, three_targets):
+    """The page's stretch is its target's (session/stretch.json moves with its folder): M57 starts with the
+    config's, and back on M13 — or after a restart — M13's points are as they were left."""
+    files, parts = three_targets[True]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = _service(tmp_path, watch, out)
+    svc.start()
+    try:
+        _feed_live(svc, watch, parts["a"][:2])
+        svc.set_stretch(0.001, 0.5, 0.6).result(timeout=30)
+        _feed_live(svc, watch, parts["b"][:2])                    # M57: a new target
+        s = svc.status()
+        assert s["target"]["name"] == "M 57" and s["stretch"]["auto"] is True, s["stretch"]
+        svc.set_stretch(midtones=0.3).result(timeout=30)
+        _feed_live(svc, watch, parts["c"][:1])                    # back to M13
+        s = svc.status()
+        assert s["target"]["name"] == "M 13" and s["stretch"] == {"black": 0.001, "midtones": 0.5, "white": 0.6,
+                                                                  "auto": False}, s["stretch"]
+    finally:
+        svc.stop(timeout=30)
+    assert svc.error is None
+    arch = out / json.loads((out / "targets.json").read_text())["targets"][1]["folder"]
+    assert json.loads((arch / "session" / "stretch.json").read_text()) == {"black": None, "midtones": 0.3,
+                                                                           "white": None}
+    again = _service(tmp_path, watch, out)
+    again.start()
+    try:
+        assert again.status()["stretch"]["midtones"] == 0.5
+    finally:
+        again.stop(timeout=30)
