@@ -384,7 +384,7 @@ class SessionFolder:
     def ignored(self) -> set[str]:
         return set(self._read_list(self.ignore_file))
 
-    # ---- the palette chosen on the page
+    # ---- the palette and the stretch chosen on the page
     def set_palette(self, choice: dict) -> None:
         """Keep the page's choice (``{"palette", "weights", "hues"}``, the keys it has set): a restart of this
         session — a power blip, systemctl restart — must not give the colours tuned at the telescope back to
@@ -393,35 +393,15 @@ class SessionFolder:
 
     def palette(self, base) -> tuple[dict, object]:
         """(the page's choice, ``base`` — the config's ComposeParams — with it applied), or ({}, ``base``) when
-        there is none.  A file that cannot be used (torn by a power cut, edited by hand into something the page
-        would refuse) is moved aside with one log line naming it and why, and the config's [compose] is used: a
-        colour choice is never a reason to refuse a start (under systemd, a restart loop)."""
-        path = self.palette_file
-        if not path.exists() and not path.is_symlink():
-            return {}, base
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError("expected a JSON object {\"palette\", \"weights\", \"hues\"}")
-            unknown = sorted(set(data) - set(PAGE_COMPOSE))
-            if unknown:
-                raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(PAGE_COMPOSE)}")
+        there is none (see _page_choice)."""
+        def check(data: dict) -> dict:
             for k in ("weights", "hues"):
                 if k in data and not isinstance(data[k], dict):
                     raise ValueError(f"{k} must be an object, e.g. {{\"Ha\": 1.5}}")
-            return data, dataclasses.replace(base, **data)     # ComposeParams checks each value (ValueError)
-        except (OSError, ValueError, TypeError) as err:     # bytes from disk: whatever they break, the config
-            why = f"unreadable ({err})" if isinstance(err, (OSError, json.JSONDecodeError, UnicodeError)) else err
-            try:
-                dest = set_aside(path, "", quiet=True)
-                where = f"; moved aside to {dest.name}"
-            except OSError:              # a read-only disk: it stays, and is read (and refused) again next start
-                where = ""
-            log.warning("livestack: %s: %s%s; the palette of the config's [compose] is used",
-                        path.relative_to(self.out), why, where)
-            return {}, base
+            return data                    # ComposeParams checks each value (ValueError)
 
-    # ---- the stretch chosen on the page
+        return self._page_choice(self.palette_file, PAGE_COMPOSE, check, base, "the palette of the config's [compose]")
+
     def set_stretch(self, choice: dict) -> None:
         """Keep the page's stretch (``{"black", "midtones", "white"}``, null = auto): a restart of this session
         must not give the preview tuned at the telescope back to the config's [stretch]."""
@@ -429,19 +409,8 @@ class SessionFolder:
 
     def stretch(self, base) -> tuple[dict, object]:
         """(the page's stretch, ``base`` — the config's StretchParams — with it applied), or ({}, ``base``) when
-        there is none.  A file that cannot be used (torn, or edited by hand into points the page would refuse:
-        StretchParams does not check them, the page does) is moved aside with one log line and the config's
-        [stretch] is used — as for palette.json, a preview's look never refuses a start."""
-        path = self.stretch_file
-        if not path.exists() and not path.is_symlink():
-            return {}, base
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError("expected a JSON object {\"black\", \"midtones\", \"white\"}")
-            unknown = sorted(set(data) - set(PAGE_STRETCH))
-            if unknown:
-                raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(PAGE_STRETCH)}")
+        there is none (see _page_choice; StretchParams does not check the points, the page does: so here)."""
+        def check(data: dict) -> dict:
             for k, v in data.items():      # the page's own bounds (web/app.py Api.stretch)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1):
                     raise ValueError(f"stretch {k} = {v!r}: must be a number in 0..1 or null (auto)")
@@ -451,6 +420,26 @@ class SessionFolder:
             black, white = data.get("black", base.black), data.get("white", base.white)
             if black is not None and white is not None and black >= white:
                 raise ValueError(f"stretch black {black} must be below white {white}")
+            return data
+
+        return self._page_choice(self.stretch_file, PAGE_STRETCH, check, base, "the stretch of the config's [stretch]")
+
+    def _page_choice(self, path: Path, keys: tuple[str, ...], check, base, fallback: str) -> tuple[dict, object]:
+        """A choice the page keeps in ``path`` (a JSON object of some of ``keys``, checked by ``check``, which
+        returns it as it applies) and ``base`` with it applied; ({}, ``base``) without one.  A file that cannot
+        be used (torn by a power cut, edited by hand into something the page would refuse) is moved aside with
+        one log line naming it and why, and ``fallback`` is used: a preview's look is never a reason to refuse
+        a start (under systemd, a restart loop)."""
+        if not path.exists() and not path.is_symlink():
+            return {}, base
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("expected a JSON object {" + ", ".join(f'"{k}"' for k in keys) + "}")
+            unknown = sorted(set(data) - set(keys))
+            if unknown:
+                raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(keys)}")
+            data = check(data)
             return data, dataclasses.replace(base, **data)
         except (OSError, ValueError, TypeError) as err:     # bytes from disk: whatever they break, the config
             why = f"unreadable ({err})" if isinstance(err, (OSError, json.JSONDecodeError, UnicodeError)) else err
@@ -459,8 +448,7 @@ class SessionFolder:
                 where = f"; moved aside to {dest.name}"
             except OSError:              # a read-only disk: it stays, and is read (and refused) again next start
                 where = ""
-            log.warning("livestack: %s: %s%s; the stretch of the config's [stretch] is used",
-                        path.relative_to(self.out), why, where)
+            log.warning("livestack: %s: %s%s; %s is used", path.relative_to(self.out), why, where, fallback)
             return {}, base
 
     # ---- the frame being processed: a file that crashes the engine must not crash-loop the service

@@ -960,25 +960,26 @@ class Service:
         return False
 
     def _save_palette(self) -> bool:
-        """Bring session/palette.json up to the page's choice.  On a full or read-only disk the write is owed
-        (the choice already applies in memory) and made by _catch_up when the disk takes it."""
-        if self._page_compose == self._saved_compose:
-            return True
-        want = dict(self._page_compose)
-        if self._guarded(self.folder.palette_file, lambda: self.folder.set_palette(want)):
-            self._saved_compose = want
-            return True
-        return False
+        """Bring session/palette.json up to the page's choice (_save_choice)."""
+        if self._save_choice(self.folder.palette_file, self._page_compose, self._saved_compose,
+                             self.folder.set_palette):
+            self._saved_compose = dict(self._page_compose)
+        return self._saved_compose == self._page_compose
 
     def _save_stretch(self) -> bool:
-        """Bring session/stretch.json up to the page's stretch; owed on a full disk, like palette.json."""
-        if self._page_stretch == self._saved_stretch:
-            return True
-        want = dict(self._page_stretch)
-        if self._guarded(self.folder.stretch_file, lambda: self.folder.set_stretch(want)):
-            self._saved_stretch = want
-            return True
-        return False
+        """Bring session/stretch.json up to the page's stretch (_save_choice)."""
+        if self._save_choice(self.folder.stretch_file, self._page_stretch, self._saved_stretch,
+                             self.folder.set_stretch):
+            self._saved_stretch = dict(self._page_stretch)
+        return self._saved_stretch == self._page_stretch
+
+    def _save_choice(self, path: Path, page: dict, saved: dict, write) -> bool:
+        """True when ``page``'s choice was written to ``path`` now.  On a full or read-only disk the write is owed
+        (the choice already applies in memory) and made by _catch_up when the disk takes it."""
+        if page == saved:
+            return False
+        want = dict(page)
+        return bool(self._guarded(path, lambda: write(want)))
 
     # ------------------------------------------------------------------ outputs
 
