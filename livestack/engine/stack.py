@@ -692,26 +692,10 @@ class RunningStack:
         # The pixels a span of rows at a time, every frame's: the frames' rows added are given back (consume)
         # while the accumulators' pages fill, so the two are not resident whole at once (432 + 468 MB at 24 MP)
         h = self.shape[1]
-        if not self.channel_weights:
-            # Every frame's block of rows in turn while the accumulators' block is in the cache — not a span of
-            # each frame after the other, which read and wrote the span's sums (37 MB at 24 MP) once per frame.
-            # Each pixel's additions come in the same order: the same sums, bit for bit.
-            fns = [self._pixel_block(self._buffered(f16), bads[i], wt, sat, sums, wsum)
-                   for i, (f16, wt, _, sat, _) in enumerate(frames)]
-
-            def together(r: tuple[int, int]) -> None:
-                for fn in fns:
-                    fn(r)
-
         for a in range(0, h, COMBINE_ROWS):
-            if self.channel_weights:
-                for i, (f16, wt, _, sat, _) in enumerate(frames):
-                    self._accumulate_pixels(self._buffered(f16), bads[i], wt, sat, sums, wsum,
-                                            span=(a, a + COMBINE_ROWS))
-            else:
-                self.parallel_map(together, _blocks(h, (a, a + COMBINE_ROWS)))
-            if consume:
-                for f16, *_ in frames:
+            for i, (f16, wt, _, sat, _) in enumerate(frames):
+                self._accumulate_pixels(self._buffered(f16), bads[i], wt, sat, sums, wsum, span=(a, a + COMBINE_ROWS))
+                if consume:
                     _discard_rows(f16, a, min(h, a + COMBINE_ROWS))
         return rejected
 
@@ -745,11 +729,6 @@ class RunningStack:
         wsum = self.wsum if wsum is None else wsum
         if self.channel_weights:
             return self._accumulate_covered(channel, bad_cells, weight, saturated, sums, wsum, span)
-        block = self._pixel_block(channel, bad_cells, weight, saturated, sums, wsum)
-        self.parallel_map(block, _blocks(self.shape[1], span, getattr(channel, "block_rows", BLOCK_ROWS)))
-
-    def _pixel_block(self, channel, bad_cells, weight, saturated, sums, wsum):
-        """_accumulate_pixels' work on one block of rows (r0, r1), as a function of it (no channel_weights)."""
         rows = _rows_of(channel, self.shape[0])
         h, w = self.shape[1:]
         w_frame, w_sat = float(weight), np.float32(weight * self.p.saturated_weight)
@@ -791,7 +770,7 @@ class RunningStack:
             for c, x in enumerate(xs):
                 cv2.scaleAdd(x, w_frame, sums[c, r0:r1], dst=sums[c, r0:r1])
 
-        return block
+        self.parallel_map(block, _blocks(h, span, getattr(channel, "block_rows", BLOCK_ROWS)))
 
     def _accumulate_covered(self, channel, bad_cells, weight, saturated, sums, wsum, span=None) -> None:
         """_accumulate_pixels with a weight per channel and pixel: W_c += w·a_c and S_c += w·a_c·x_c where the

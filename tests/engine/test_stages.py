@@ -609,39 +609,6 @@ def test_stack_pixels_left_out_by_index_equal_masked_passes(case):
     assert np.array_equal(st.wsum, wsum) and np.array_equal(st.sums, sums)
 
 
-def test_the_bootstraps_combination_equals_its_frames_added_one_after_the_other():
-    """The combination adds every buffered frame's block of rows in turn while the accumulators' block is in the
-    cache (it added a span of each frame after the other): the sums and weights are those of the frames'
-    _accumulate_pixels one after the other, bit for bit — with a satellite rejected, saturated points and a
-    footprint's edge."""
-    rng = np.random.default_rng(23)
-    c, h, w = 3, 1100, 90                    # more than two spans of COMBINE_ROWS (512) rows
-    st = RunningStack((c, h, w), np.full(c, 100.0), StackParams(bootstrap=3, saturated_weight=0.01))
-    for i in range(3):
-        x = rng.normal(100, 5, (c, h, w)).astype(np.float32)
-        x[:, :, :2 + i] = np.nan                                 # the footprints differ
-        if i == 1:
-            x[:, 600:604, :] += 5000                             # a satellite in one frame
-        sat = (np.array([3, 515, 1099, 700]), np.array([5 + i, 40, 89, 2 + i]))
-        st.add(x, 1.0 + 0.3 * i, np.full(c, 5.0), saturated=sat)
-    seen = []
-    real = RunningStack._pixel_block
-
-    def block(self, channel, bad_cells, weight, saturated, sums, wsum):
-        seen.append(([channel(k).copy() for k in range(c)], bad_cells.copy(), weight, saturated))
-        return real(self, channel, bad_cells, weight, saturated, sums, wsum)
-
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(RunningStack, "_pixel_block", block)
-        st.finish_bootstrap()
-    assert len(seen) == 3 and seen[1][1].any()                  # the satellite's cells rejected
-    ref = RunningStack((c, h, w), np.full(c, 100.0), StackParams(bootstrap=0, saturated_weight=0.01))
-    ref._allocate()
-    for xs, bad, weight, sat in seen:
-        ref._accumulate_pixels(lambda k, xs=xs: xs[k].copy(), bad, weight, sat)
-    assert np.array_equal(st.sums, ref.sums) and np.array_equal(st.wsum, ref.wsum)
-
-
 @pytest.mark.parametrize("counts", ["one count", "a few differ", "middle cell differs", "no count dominates"])
 def test_times_table_equals_the_gather(counts):
     """x *= table[count], done as one factor for the usual count and a lookup for the others, gives exactly the
