@@ -180,6 +180,30 @@ def test_the_page_palette_survives_a_restart(two_filters):
     assert fits.getheader(out / "stack.fits")["PALETTE"].startswith("HUES")
 
 
+def _start_on_damaged(tmp_path, caplog, kind: str, text: str, why: str):
+    """A service started on a session/<kind>.json holding ``text``: it starts, one log line names the file and
+    ``why`` and says the config's section is used, and the file is moved aside for a look.  (service, out,
+    status)."""
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    (out / "session").mkdir(parents=True)
+    (out / "session" / f"{kind}.json").write_text(text)
+    svc = _service(watch, out)
+    with caplog.at_level(logging.WARNING, logger="livestack"):
+        svc.start()
+    try:
+        status = _wait_idle(svc, 0)
+        lines = [r.getMessage() for r in caplog.records if f"{kind}.json" in r.getMessage()]
+        assert len(lines) == 1 and f"session/{kind}.json" in lines[0] and why in lines[0], lines
+        assert "\n" not in lines[0] and "moved aside" in lines[0] and "of the config's" in lines[0]
+        assert not (out / "session" / f"{kind}.json").exists()
+        assert [q.read_text() for q in (out / "session").glob(f"{kind}.json.corrupt-*")] == [text]
+    except BaseException:
+        svc.stop(timeout=10)
+        raise
+    return svc, out, status
+
+
 @pytest.mark.parametrize("text, why", [
     ('{"palette": "SHO", "weig', "unreadable"),                     # torn by a power cut
     ('{"palette": "Rainbow"}', "Rainbow"),                          # edited by hand: what the page refuses
@@ -191,53 +215,12 @@ def test_the_page_palette_survives_a_restart(two_filters):
 def test_a_damaged_palette_file_gives_the_config_one_line(tmp_path, caplog, text, why):
     """A session/palette.json that cannot be used never stops a start (under systemd, a restart loop): one
     log line names it and why, it is moved aside for a look, and the config's [compose] is used."""
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    watch.mkdir()
-    (out / "session").mkdir(parents=True)
-    (out / "session" / "palette.json").write_text(text)
-    svc = _service(watch, out)
-    with caplog.at_level(logging.WARNING, logger="livestack"):
-        svc.start()
+    svc, out, status = _start_on_damaged(tmp_path, caplog, "palette", text, why)
     try:
-        p = _wait_idle(svc, 0)["palette"]
+        p = status["palette"]
         assert (p["requested"], p["weights"], p["hues"]) == ("auto", {}, {}), p
-        lines = [r.getMessage() for r in caplog.records if "palette.json" in r.getMessage()]
-        assert len(lines) == 1 and "session/palette.json" in lines[0] and why in lines[0], lines
-        assert "\n" not in lines[0] and "moved aside" in lines[0]
-        assert not (out / "session" / "palette.json").exists()
-        assert [q.read_text() for q in (out / "session").glob("palette.json.corrupt-*")] == [text]
         svc.set_palette("SHO").result(timeout=30)        # the page's next choice is kept again
         assert json.loads((out / "session" / "palette.json").read_text()) == {"palette": "SHO"}
-    finally:
-        svc.stop(timeout=10)
-    assert svc.error is None
-
-
-def test_a_full_disk_does_not_stop_the_palette(tmp_path, monkeypatch):
-    """The page's choice applies at once on a full or read-only disk (like the stack, kept in memory): its
-    file is owed, the status says so, and it is written when the disk takes it again."""
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    watch.mkdir()
-    svc = _service(watch, out)
-    svc.start()
-    try:
-        _wait_idle(svc, 0)
-        write = svc.folder.set_palette
-
-        def full(choice):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        monkeypatch.setattr(svc.folder, "set_palette", full)
-        s = svc.set_palette("HUES", {"Ha": 2}).result(timeout=30)
-        assert s["palette"]["requested"] == "HUES" and s["palette"]["weights"] == {"Ha": 2.0}, s["palette"]
-        assert "palette.json" in s["disk"]["error"] and not (out / "session" / "palette.json").exists()
-        monkeypatch.setattr(svc.folder, "set_palette", write)
-        deadline = time.monotonic() + 10                 # caught up while idle (every second)
-        while svc.status()["disk"] is not None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert svc.status()["disk"] is None
-        assert json.loads((out / "session" / "palette.json").read_text()) == {"palette": "HUES",
-                                                                              "weights": {"Ha": 2.0}}
     finally:
         svc.stop(timeout=10)
     assert svc.error is None
@@ -328,20 +311,9 @@ def test_the_page_stretch_survives_a_restart(two_filters):
 def test_a_damaged_stretch_file_gives_the_config_one_line(tmp_path, caplog, text, why):
     """A session/stretch.json that cannot be used never stops a start: one log line names it and why, it is
     moved aside for a look, and the config's [stretch] is used."""
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    watch.mkdir()
-    (out / "session").mkdir(parents=True)
-    (out / "session" / "stretch.json").write_text(text)
-    svc = _service(watch, out)
-    with caplog.at_level(logging.WARNING, logger="livestack"):
-        svc.start()
+    svc, out, status = _start_on_damaged(tmp_path, caplog, "stretch", text, why)
     try:
-        assert _wait_idle(svc, 0)["stretch"]["auto"] is True
-        lines = [r.getMessage() for r in caplog.records if "stretch.json" in r.getMessage()]
-        assert len(lines) == 1 and "session/stretch.json" in lines[0] and why in lines[0], lines
-        assert "\n" not in lines[0] and "moved aside" in lines[0] and "[stretch] is used" in lines[0]
-        assert not (out / "session" / "stretch.json").exists()
-        assert [q.read_text() for q in (out / "session").glob("stretch.json.corrupt-*")] == [text]
+        assert status["stretch"]["auto"] is True
         svc.set_stretch(midtones=0.3).result(timeout=30)      # the page's next choice is kept again
         assert json.loads((out / "session" / "stretch.json").read_text()) == {"black": None, "midtones": 0.3,
                                                                               "white": None}
@@ -350,31 +322,39 @@ def test_a_damaged_stretch_file_gives_the_config_one_line(tmp_path, caplog, text
     assert svc.error is None
 
 
-def test_a_full_disk_does_not_stop_the_stretch(tmp_path, monkeypatch):
-    """The page's stretch applies at once on a full or read-only disk: its file is owed, the status says so,
-    and it is written when the disk takes it again."""
+@pytest.mark.parametrize("kind, choose, applied, kept", [
+    ("palette", lambda svc: svc.set_palette("HUES", {"Ha": 2}),
+     lambda s: s["palette"]["requested"] == "HUES" and s["palette"]["weights"] == {"Ha": 2.0},
+     {"palette": "HUES", "weights": {"Ha": 2.0}}),
+    ("stretch", lambda svc: svc.set_stretch(0.01, 0.2, None),
+     lambda s: s["stretch"] == {"black": 0.01, "midtones": 0.2, "white": None, "auto": False},
+     {"black": 0.01, "midtones": 0.2, "white": None}),
+])
+def test_a_full_disk_does_not_stop_the_pages_choice(tmp_path, monkeypatch, kind, choose, applied, kept):
+    """The page's palette or stretch applies at once on a full or read-only disk (like the stack, kept in
+    memory): its file is owed, the status says so, and it is written when the disk takes it again."""
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
     svc = _service(watch, out)
     svc.start()
     try:
         _wait_idle(svc, 0)
-        write = svc.folder.set_stretch
+        setter = f"set_{kind}"
+        write = getattr(svc.folder, setter)
 
         def full(choice):
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        monkeypatch.setattr(svc.folder, "set_stretch", full)
-        s = svc.set_stretch(0.01, 0.2, None).result(timeout=30)
-        assert s["stretch"] == {"black": 0.01, "midtones": 0.2, "white": None, "auto": False}, s["stretch"]
-        assert "stretch.json" in s["disk"]["error"] and not (out / "session" / "stretch.json").exists()
-        monkeypatch.setattr(svc.folder, "set_stretch", write)
+        monkeypatch.setattr(svc.folder, setter, full)
+        s = choose(svc).result(timeout=30)
+        assert applied(s), s
+        assert f"{kind}.json" in s["disk"]["error"] and not (out / "session" / f"{kind}.json").exists()
+        monkeypatch.setattr(svc.folder, setter, write)
         deadline = time.monotonic() + 10                 # caught up while idle (every second)
         while svc.status()["disk"] is not None and time.monotonic() < deadline:
             time.sleep(0.05)
         assert svc.status()["disk"] is None
-        assert json.loads((out / "session" / "stretch.json").read_text()) == {"black": 0.01, "midtones": 0.2,
-                                                                              "white": None}
+        assert json.loads((out / "session" / f"{kind}.json").read_text()) == kept
     finally:
         svc.stop(timeout=10)
     assert svc.error is None
