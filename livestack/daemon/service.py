@@ -82,12 +82,11 @@ class Service:
         self.out = self.folder.out
         self.stretch = cfg.stretch      # the page may change the black, midtones and white points
         self.compose = cfg.compose      # … and palette and weights, without restacking
-        # … and its choice is the session's: the [compose] keys the page set (session/palette.json), and what of
-        # them is on disk (a full disk: the choice applies at once, its file is written when there is room)
-        self._page_compose: dict = {}
-        self._saved_compose: dict = {}
-        self._page_stretch: dict = {}   # the same for the [stretch] points (session/stretch.json)
-        self._saved_stretch: dict = {}
+        # … and its choices are the session's: the [compose] and [stretch] keys the page set, by the file that
+        # keeps them (session/palette.json, stretch.json), and what of them is on disk (a full disk: a choice
+        # applies at once, its file is written when there is room)
+        self._page: dict[str, dict] = {"palette": {}, "stretch": {}}
+        self._saved: dict[str, dict] = {"palette": {}, "stretch": {}}
         self.files: queue.Queue[Ready] = queue.Queue()
         self._commands: collections.deque[tuple] = collections.deque()   # (future, method, args), under _cmd_lock
         self._cmd_lock = threading.Lock()
@@ -235,12 +234,10 @@ class Service:
         with self._excl_lock:
             self._wanted = set(self.excluded)
         self.flog = FramesLog(self.folder.frames)
-        # the palette chosen on the page for this target's session, over the config's [compose]
-        self._page_compose, self.compose = self.folder.palette(self.cfg.compose)
-        self._saved_compose = dict(self._page_compose)
-        # … and its stretch, over the config's [stretch]
-        self._page_stretch, self.stretch = self.folder.stretch(self.cfg.stretch)
-        self._saved_stretch = dict(self._page_stretch)
+        # the palette and the stretch chosen on the page for this target's session, over the config's
+        self._page["palette"], self.compose = self.folder.palette(self.cfg.compose)
+        self._page["stretch"], self.stretch = self.folder.stretch(self.cfg.stretch)
+        self._saved = {k: dict(v) for k, v in self._page.items()}
         self._ref_saved = (self.folder.dir / REFERENCE_FILE).exists()
         self._ref_named = self.engine.has_stack
         return r
@@ -900,8 +897,8 @@ class Service:
         if self._probe_key in self._blocked:      # the folder took no writes at start
             self._guarded(self._probe_key, self._probe)
         self._save_excluded()
-        self._save_palette()
-        self._save_stretch()
+        self._save_page("palette")
+        self._save_page("stretch")
         self._save_log()
         if self.engine.has_stack and not self._ref_saved:
             self._save_reference()
@@ -959,27 +956,17 @@ class Service:
             return True
         return False
 
-    def _save_palette(self) -> bool:
-        """Bring session/palette.json up to the page's choice (_save_choice)."""
-        if self._save_choice(self.folder.palette_file, self._page_compose, self._saved_compose,
-                             self.folder.set_palette):
-            self._saved_compose = dict(self._page_compose)
-        return self._saved_compose == self._page_compose
-
-    def _save_stretch(self) -> bool:
-        """Bring session/stretch.json up to the page's stretch (_save_choice)."""
-        if self._save_choice(self.folder.stretch_file, self._page_stretch, self._saved_stretch,
-                             self.folder.set_stretch):
-            self._saved_stretch = dict(self._page_stretch)
-        return self._saved_stretch == self._page_stretch
-
-    def _save_choice(self, path: Path, page: dict, saved: dict, write) -> bool:
-        """True when ``page``'s choice was written to ``path`` now.  On a full or read-only disk the write is owed
-        (the choice already applies in memory) and made by _catch_up when the disk takes it."""
-        if page == saved:
-            return False
-        want = dict(page)
-        return bool(self._guarded(path, lambda: write(want)))
+    def _save_page(self, kind: str) -> bool:
+        """Bring session/<kind>.json ("palette", "stretch") up to the page's choice.  On a full or read-only disk
+        the write is owed (the choice already applies in memory) and made by _catch_up when the disk takes it."""
+        if self._page[kind] == self._saved[kind]:
+            return True
+        want = dict(self._page[kind])
+        write = getattr(self.folder, f"set_{kind}")
+        if self._guarded(getattr(self.folder, f"{kind}_file"), lambda: write(want)):
+            self._saved[kind] = want
+            return True
+        return False
 
     # ------------------------------------------------------------------ outputs
 
@@ -1140,8 +1127,8 @@ class Service:
     def _cmd_stretch(self, black, midtones, white) -> dict:
         self.stretch = dataclasses.replace(self.stretch, black=black, midtones=midtones, white=white)
         # all three, null = auto: the page's Auto stretch must also stay auto over a config's own points
-        self._page_stretch = {"black": black, "midtones": midtones, "white": white}
-        self._save_stretch()
+        self._page["stretch"] = {"black": black, "midtones": midtones, "white": white}
+        self._save_page("stretch")
         if self.engine.has_stack:
             self._render_preview()
         self._publish()
@@ -1150,9 +1137,9 @@ class Service:
     def _cmd_palette(self, new: ComposeParams, changes: dict) -> dict:
         self.compose = new
         # kept as the JSON the request gave once validated (hues as lists): what a restart applies again
-        self._page_compose = {**self._page_compose, **json.loads(json.dumps(
+        self._page["palette"] = {**self._page["palette"], **json.loads(json.dumps(
             {k: getattr(new, k) for k in changes}))}
-        self._save_palette()
+        self._save_page("palette")
         if self.engine.has_stack:
             self._render_preview()
             self._fits_dirty += 1      # stack.fits holds the composite: rewritten when next due
@@ -1339,8 +1326,8 @@ class Service:
         self.engine = self.folder.new_engine(self.cfg, masters=self.masters)
         self.records, self.excluded, self._engine_excluded = [], set(), set()
         self._logged, self._saved_excluded = 0, set()
-        self.compose, self._page_compose, self._saved_compose = self.cfg.compose, {}, {}   # its palette.json: archived
-        self.stretch, self._page_stretch, self._saved_stretch = self.cfg.stretch, {}, {}   # … and stretch.json
+        self.compose, self.stretch = self.cfg.compose, self.cfg.stretch     # the page's: archived with the session
+        self._page, self._saved = {"palette": {}, "stretch": {}}, {"palette": {}, "stretch": {}}
         with self._excl_lock:
             self._wanted = set()
         self.flog = FramesLog(self.folder.frames)
