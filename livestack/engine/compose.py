@@ -427,9 +427,18 @@ STAR_WHITE_MIN = 8      # stars measured in every filter before star_white decid
 STAR_WHITE_MAX = 30     # … of which the brightest this many decide it
 
 
-def _given_star_ratios(sources: tuple[SourceMap, ...], star_fluxes: Mapping) -> tuple[np.ndarray | None, int]:
-    """_star_ratios from the caller's full-resolution photometry: ``star_fluxes`` maps a stack's name to
-    ((C, N) fluxes, (C, N) errors) of the same N stars, brightest first (NaN: not measured)."""
+def _star_ratios(sources: tuple[SourceMap, ...], star_fluxes: Mapping) -> tuple[np.ndarray | None, int]:
+    """Each source's star flux over the first's, the median ratio over the brightest STAR_WHITE_MAX stars measured
+    at ≥ 10 σ in every source, and how many stars that was — None for the ratios when fewer than
+    STAR_WHITE_MIN.  ``star_fluxes`` maps a stack's name to ((C, N) fluxes, (C, N) errors) of the same N stars,
+    brightest first (NaN: not measured), from the caller's full-resolution photometry.
+
+    The ratio of a star's fluxes does not depend on how deep each filter's stack is: the white point of a star
+    field otherwise comes from each stack's noise (`white_sigma` × σ beats the percentile when stars fill
+    < 0.5 % of the pixels), and a filter with a sixth of the frames came out √6 dimmer — R/G of the stars
+    0.72 → 0.24 of the truth with one R frame against six (simulated RGB).  The brightest only: stars differ in
+    colour, and a deeper stack of one filter measuring more of the faint ones moved the median (B/G of the
+    whites 0.93 → 0.81 with 52 → 38 stars, R alone shallower); the brightest are measured however deep."""
     fluxes = []
     ok = None
     for s in sources:
@@ -446,67 +455,11 @@ def _given_star_ratios(sources: tuple[SourceMap, ...], star_fluxes: Mapping) -> 
     return np.array([float(np.median(f[idx] / fluxes[0][idx])) for f in fluxes]), len(idx)
 
 
-def _star_ratios(sources: tuple[SourceMap, ...], reduced: Mapping[str, np.ndarray],
-                 full: tuple[int, int]) -> tuple[np.ndarray | None, int]:
-    """Each source's star flux over the first's: the median ratio over the stars measured well in every source
-    (found on the sum of their background-subtracted, noise-scaled reduced images; aperture sums with a local
-    annulus, flux ≥ 10 σ in each), and how many stars that was — None for the ratios when fewer than
-    STAR_WHITE_MIN.  The ratio of a star's fluxes does not depend on how deep each filter's stack is: the
-    white point of a star field otherwise comes from each stack's noise (`white_sigma` × σ beats the
-    percentile when stars fill < 0.5 % of the pixels), and a filter with a sixth of the frames came out √6
-    dimmer — R/G of the stars 0.72 → 0.24 of the truth with one R frame against six (simulated RGB)."""
-    import sep
-
-    if any(not s.sigma > 0 for s in sources):
-        return None, 0
-    imgs = []
-    for s in sources:
-        img = np.asarray(reduced[s.stack], np.float32)
-        x = img[s.channels[0]].astype(np.float32)
-        for c in s.channels[1:]:
-            x = x + img[c]
-        x /= np.float32(len(s.channels))
-        x -= s.background_rows(0, x.shape[0], full, x.shape)
-        imgs.append(x)
-    missing = ~np.logical_and.reduce([np.isfinite(x) for x in imgs])
-    imgs = [np.ascontiguousarray(np.where(missing, 0, x), np.float32) for x in imgs]
-    snr = np.ascontiguousarray(sum(x / np.float32(s.sigma) for x, s in zip(imgs, sources)), np.float32)
-    try:
-        obj = sep.extract(snr, 5.0 * np.sqrt(len(sources)), mask=missing, minarea=3)
-    except Exception:       # noqa: BLE001 — sep's "overflow" errors: a field of nebula, not of stars
-        return None, 0
-    obj = obj[(obj["flag"] & (sep.OBJ_MERGED | sep.OBJ_TRUNC)) == 0]
-    if len(obj) < STAR_WHITE_MIN:
-        return None, len(obj)
-    r = max(2.0, 2.5 * float(np.median(obj["a"])))
-    fluxes = []
-    ok = np.ones(len(obj), bool)
-    for x, s in zip(imgs, sources):
-        f, e, flag = sep.sum_circle(x, obj["x"], obj["y"], r, err=float(s.sigma), mask=missing,
-                                    bkgann=(r + 1.0, r + 4.0))
-        ok &= (flag == 0) & (f > 10.0 * e)
-        fluxes.append(f)
-    n = int(ok.sum())
-    if n < STAR_WHITE_MIN:
-        return None, n
-    # the brightest STAR_WHITE_MAX of them: stars differ in colour, and a deeper stack of one filter measuring
-    # more of the faint ones moved the median (B/G of the whites 0.93 → 0.81 with 52 → 38 stars, R alone
-    # shallower); the brightest are measured in every stack however deep
-    idx = np.flatnonzero(ok)
-    idx = idx[np.argsort(-obj["flux"][idx], kind="stable")][:STAR_WHITE_MAX]
-    return np.array([float(np.median(f[idx] / fluxes[0][idx])) for f in fluxes]), len(idx)
-
-
-def _star_whites(sources: tuple[SourceMap, ...], reduced: Mapping[str, np.ndarray], full: tuple[int, int],
-                 star_fluxes: Mapping | None = None):
-    """The sources with white points in the ratio of their star fluxes (see _star_ratios; from ``star_fluxes``
-    when the caller measured them: _given_star_ratios), the common scale the least that keeps each at or
-    above its own (so no filter's noise is amplified more than its rule allows), and a note for the
-    description."""
-    if star_fluxes is not None:
-        ratios, n = _given_star_ratios(sources, star_fluxes)
-    else:
-        ratios, n = _star_ratios(sources, reduced, full)
+def _star_whites(sources: tuple[SourceMap, ...], star_fluxes: Mapping):
+    """The sources with white points in the ratio of their star fluxes (_star_ratios), the common scale the least
+    that keeps each at or above its own (so no filter's noise is amplified more than its rule allows), and a
+    note for the description."""
+    ratios, n = _star_ratios(sources, star_fluxes)
     if ratios is None or not np.all(np.isfinite(ratios) & (ratios > 0)):
         return sources, f"white per filter (stars measured in every filter: {n}, {STAR_WHITE_MIN} needed)"
     k = max(s.white / r for s, r in zip(sources, ratios))
@@ -533,8 +486,9 @@ def plan_composite(reduced: Mapping[str, np.ndarray], p: ComposeParams, *,
     order the stacks should be listed.  ``full_shape``: (H, W) of the full-resolution grid the composite will be
     computed on (default: the reduced size); the background models are fitted in its coordinates.
     ``star_fluxes``: for star_white, each stack's photometry of the same stars at full resolution (see
-    _given_star_ratios; the reduced copies of a 24 MP grid are too coarse for it: at 800 px its stars are
-    sub-pixel) — else the stars are found and measured on the reduced copies.  The inputs
+    _star_ratios; the reduced copies of a 24 MP grid are too coarse for it: at 800 px its stars are
+    sub-pixel, and measured there the whites moved ±10 %) — without it each filter keeps its own white
+    point.  The inputs
     are not modified.  A requested palette whose filters are not all there falls back to HUES (said in
     ``header`` and ``description``); filters outside a requested palette are ignored (said in ``description``).
     Raises ValueError when no stack is left (none given, or all weights 0) or the shapes disagree.
@@ -568,8 +522,8 @@ def plan_composite(reduced: Mapping[str, np.ndarray], p: ComposeParams, *,
     sources = tuple(_measure(c, np.asarray(reduced[c.stack]), full, mix * weights[id(c)], p)
                     for c, mix, _ in chosen)
     balance = None
-    if p.star_white and palette in ("RGB", "LRGB"):
-        sources, balance = _star_whites(sources, reduced, full, star_fluxes)
+    if p.star_white and palette in ("RGB", "LRGB") and star_fluxes is not None:
+        sources, balance = _star_whites(sources, star_fluxes)
 
     # The card: palette first, then a fallback note, then the mapping (truncated: the UI has the long form).
     if palette == "HUES":
