@@ -1046,7 +1046,8 @@ class RunningStack:
         c, h, w = st.shape
         full = (c, h, w) if cw else (h, w)
         expected = {"sums": ((c, h, w), np.float32), "wsum": (full, np.float32), "count": (st.cells, np.uint16),
-                    **{k: (st.cells, np.float32) for k in ("lsum", "lw", "sq")}}
+                    **{k: (st.cells, np.float32) for k in ("lsum", "lw", "sq")},
+                    "img": ((2 * c if cw else c, h, w), np.float16), "cells": (st.cells, np.float32)}  # (buf<i>_…)
 
         def load(key):
             # bytes from disk whose CRC holds can still be of another shape (a bug, an edited file): refused
@@ -1057,8 +1058,6 @@ class RunningStack:
                 raise ValueError(f"stack array {key} is {a.dtype}{list(a.shape)}, not {np.dtype(dtype)}{list(shape)}")
             return st._new(a.shape, a.dtype, like=a)
 
-        expected["img"] = ((2 * c if cw else c, h, w), np.float16)
-        expected["cells"] = (st.cells, np.float32)
         if "sums" in s:
             for k in cls._ARRAYS:
                 setattr(st, k, load(k))
