@@ -549,13 +549,19 @@ class SessionFolder:
             try:
                 engine, info = load_checkpoint(self.checkpoint, cfg, masters=masters, spill_dir=self.dir)
             except SessionError as err:
-                note = f"{err}; restacking all {len(records)} frames"
+                # kept for a look (another livestack's format, a damaged file): the next checkpoint must not
+                # overwrite what may be the only copy of a night whose files are gone
+                kept = "" if self.checkpoint.stat().st_size == 0 else \
+                    f" (moved aside to {set_aside(self.checkpoint, '', quiet=True).name})"
+                note = f"{err}{kept}; restacking all {len(records)} frames"
             else:
                 n = info.get("lines")
                 bad = [i for i in garbled if i <= (n if isinstance(n, int) else 0)]
                 unreadable = f" (line {', '.join(map(str, bad))} unreadable)" if bad else ""
                 if not isinstance(n, int) or n < 0:
-                    engine, note = None, f"{self.checkpoint.name}: unusable checkpoint (no line count); restacking"
+                    dest = set_aside(self.checkpoint, "", quiet=True)
+                    engine, note = None, (f"{self.checkpoint.name}: unusable checkpoint (no line count; moved aside "
+                                          f"to {dest.name}); restacking")
                 elif sorted(info.get("excluded", [])) != sorted(excluded):
                     engine, note = None, f"{self.checkpoint.name}: built before the last exclusion; restacking"
                 elif (changed := settings_changed(info.get("settings"), cfg)) and \

@@ -63,7 +63,8 @@ def assert_same_stack(out: Path, ref) -> None:
 
 def test_an_unusable_checkpoint_is_restacked_from_frames_jsonl(make_daemon, daemon_night):
     """Empty (power cut mid-write), random bytes, cut at half, a directory in its place: each start says
-    "unusable checkpoint … restacking", restacks, and the night ends with the uninterrupted run's stack."""
+    "unusable checkpoint … restacking", restacks, and the night ends with the uninterrupted run's stack; what
+    was there is moved aside, not overwritten by the next checkpoint."""
     files = daemon_night[0][:7]
     ref = uninterrupted(make_daemon, files)
     d, feed = stopped_after_three(make_daemon, files, "damaged")
@@ -88,7 +89,9 @@ def test_an_unusable_checkpoint_is_restacked_from_frames_jsonl(make_daemon, daem
         assert "unusable checkpoint" in log and "restacking" in log, (kind, log)
         assert "Traceback" not in log, log
         assert ckpt.is_file()
-    assert list(ckpt.parent.glob("checkpoint.npz.corrupt-*"))   # the directory, moved aside
+    # the damaged ones and the directory moved aside for a look (the empty one holds nothing to look at)
+    aside = sorted(ckpt.parent.glob("checkpoint.npz.corrupt-*"))
+    assert len(aside) == 3 and sum(p.is_dir() for p in aside) == 1, aside
     assert_same_stack(d.out, ref)
 
 
