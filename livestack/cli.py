@@ -128,12 +128,16 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
                     for a in engine.amended:
                         progress.note(f"{a['file']} {a['status']}: {a['reason']}")
                 engine.amended.clear()
-            if rec.status == "reference" and solve:
+            if rec.status == "reference":
+                import dataclasses
+
                 from .config import make_section
                 from .engine.solve import SolveParams
                 from .sky import BatchSolve
 
-                sky = BatchSolve(engine, f, make_section(SolveParams, cfg.extra.get("solve", {}), "config: solve"))
+                params = make_section(SolveParams, cfg.extra.get("solve", {}), "config: solve")
+                # --no-solve runs no solver, as [solve] enabled = false: the reference's own WCS still counts
+                sky = BatchSolve(engine, f, params if solve else dataclasses.replace(params, enabled=False))
         say = None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
         sky_status = sky.finish(engine, stop=ctrl_c.event, say=say) if sky is not None else None
         wrote = engine.snapshot(out)
@@ -340,7 +344,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--masters", help="master library folder (from `livestack masters`)")
     p.add_argument("--no-solve", action="store_true",
                    help="no plate solve (by default the reference is solved with astrometry.net, when installed, "
-                        "and the stack files get its WCS)")
+                        "and the stack files get its WCS); a reference whose FITS header has a WCS still gives it")
     engine_opts(p)
     p.set_defaults(func=cmd_stack)
 

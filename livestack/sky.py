@@ -196,8 +196,9 @@ class BatchSolve:
                      st["rotation_deg"])
             return st
         why = self.why or (ans.reason if ans is not None else "no answer")
+        level = logging.WARNING if self.solver.params.enabled else logging.INFO     # off: chosen, no news
         if self.own is not None:
-            log.warning("livestack stack: not plate solved (%s); the reference frame's own WCS is used", why)
+            log.log(level, "livestack stack: not plate solved (%s); the reference frame's own WCS is used", why)
             return sky_status(self.own, engine.grid.shape, source="header", obj=self.obj, note=why)
-        log.warning("livestack stack: not plate solved: %s", why)
+        log.log(level, "livestack stack: not plate solved: %s", why)
         return None

@@ -86,20 +86,22 @@ def WCS_shifted(half: WCS):
     return _W()
 
 
-def test_without_a_solver_the_reference_frames_own_wcs_is_used(tmp_path, shared_data):
-    """[solve] enabled = false: the KStars frame's own (pointing) WCS goes into the stack, said as such."""
+@pytest.mark.parametrize("off", ["config", "--no-solve"])
+def test_without_a_solver_the_reference_frames_own_wcs_is_used(tmp_path, shared_data, off):
+    """[solve] enabled = false or --no-solve: the KStars frame's own (pointing) WCS goes into the stack, said as
+    such."""
     src = tmp_path / "src"
     src.mkdir()
     f = shared_data / "sequences" / "kstars_asi1600mm" / "ngc4535-autofocus3.fits"
     shutil.copy(f, src / f.name)
     cfg = tmp_path / "c.toml"
-    cfg.write_text("[solve]\nenabled = false\n")
+    cfg.write_text("[solve]\nenabled = false\n" if off == "config" else "")
     import subprocess
     import sys
 
     r = subprocess.run([sys.executable, "-m", "livestack.cli", "stack", str(src), "-o", str(tmp_path / "out"), "-q",
-                        "--config", str(cfg)], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                       text=True, timeout=120)
+                        "--config", str(cfg), *(["--no-solve"] if off == "--no-solve" else [])],
+                       cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "WCS from the reference frame" in r.stdout
     mine = _stack_wcs(tmp_path / "out" / "stack.fits")
