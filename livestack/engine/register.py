@@ -377,9 +377,10 @@ def _hypotheses(ps, pr, src, ref_tree, p: RegisterParams, rng: np.random.Generat
     t = mr[:, 0] - a * ms[:, 0]
     resid = np.sqrt((np.abs(cr - a[:, None] * cs) ** 2).mean(axis=1))
     ok = (np.abs(np.abs(a) - 1.0) <= p.max_scale_change) & (resid <= p.match_tol_px)
+    matched = len(a)
     a, t = a[ok], t[ok]
     if len(a) == 0:
-        return [], 0, (f"none of {len(pairs)} matching star triangles has a scale within "
+        return [], 0, (f"none of {matched} matching star triangles has a scale within "
                        f"1 ± {p.max_scale_change} and a residual within {p.match_tol_px} px")
 
     order = rng.permutation(len(a))[:p.ransac_iters]

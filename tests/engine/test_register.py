@@ -289,6 +289,15 @@ def test_unrelated_fields_raise():
         register(src, ref, P, rng=np.random.default_rng(0), predicted=geo.identity())
 
 
+def test_a_field_at_another_scale_fails_with_the_reason():
+    """Every matched triangle's scale beyond 1 ± max_scale_change (another telescope's frames in the folder):
+    the reason says so (the message named a variable that did not exist: a NameError failed the frame)."""
+    ref = np.random.default_rng(0).uniform([100, 100], [W - 100, H - 100], size=(10, 2))
+    src = (ref - CENTER) / 2.0 + CENTER          # the frame's pattern at half the scale
+    with pytest.raises(RegistrationError, match=r"none of \d+ matching star triangles has a scale within"):
+        register(src, ref, P, rng=np.random.default_rng(0))
+
+
 def test_no_reflection_even_for_mirrored_field():
     # A mirrored frame (x -> W-1-x) is not something the optics can do: refuse rather than fit a reflection.
     truth = np.array([[-1.0, 0.0, W - 1.0], [0.0, 1.0, 0.0]])
