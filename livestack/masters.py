@@ -39,6 +39,7 @@ import numpy as np
 
 from . import __version__
 from .engine.calibrate import Masters, same_exposure
+from .engine.filtername import filter_key
 from .engine.frame import Frame, FrameError
 from .engine.quiet import quiet_warnings
 from .engine.read import FITS_SUFFIXES, _IMAGETYP, _decoder_errors, capture_order, is_supported, read_frame, suffix_of
@@ -223,7 +224,7 @@ def group_key(frame: Frame, kind: str, p: CalibrationParams) -> tuple:
     if kind == "dark":
         key += (None if m.temperature is None else int(round(m.temperature / p.temperature_bin)),)
     if kind == "flat":
-        key += ((m.filter or "").strip().lower() or None,)
+        key += (filter_key(m.filter) or None,)
     return key
 
 
@@ -911,7 +912,7 @@ class MasterLibrary:
         m = frame.meta
         key = (_norm_camera(m.camera), frame.shape, frame.pattern, m.iso, m.gain, _exp_key(m.exptime),
                None if m.temperature is None else round(m.temperature, 1),
-               (m.filter or "").lower(), frame.black.tobytes())
+               filter_key(m.filter), frame.black.tobytes())
         hit = self._selected.get(key)
         if hit is None:
             try:
@@ -999,8 +1000,8 @@ class MasterLibrary:
                 return (not exact, round(dist, 6), -(e.exptime or 0), dtemp, -e.ncombine)
             return min(ok, key=rank), None
         if kind == "flat":
-            f = (m.filter or "").lower()
-            return min(ok, key=lambda e: ((e.filter or "").lower() != f, -e.ncombine)), None
+            f = filter_key(m.filter)
+            return min(ok, key=lambda e: (filter_key(e.filter) != f, -e.ncombine)), None
         return min(ok, key=lambda e: -e.ncombine), None
 
     def _problems(self, e: MasterEntry, frame: Frame) -> list[str]:
@@ -1024,7 +1025,7 @@ class MasterLibrary:
             if abs(e.temperature - m.temperature) > self.params.temperature_tolerance:
                 out.append(f"{d} was taken at {e.temperature:.1f} °C but the frame at {m.temperature:.1f} °C "
                            f"(tolerance {self.params.temperature_tolerance:g} °C)")
-        if e.kind == "flat" and e.filter and m.filter and e.filter.strip().lower() != m.filter.strip().lower():
+        if e.kind == "flat" and e.filter and m.filter and filter_key(e.filter) != filter_key(m.filter):
             out.append(f"{d} is for filter '{e.filter}' but the frame has filter '{m.filter}'")
         return out
 

@@ -79,10 +79,12 @@ def test_exclude_leaves_no_stack_file_of_a_filter_without_frames(tmp_path):
     from livestack.daemon.service import Service
 
     night = tmp_path / "night"
-    seq = ("L", "H a", "L", "H_a")            # "H a" and "H_a" both come out as stack_H_a…
-    truth = render_night(night, SimConfig(width=320, height=240, n_stars=600, n_frames=len(seq), mono=True,
-                                          seed=11, filters=seq, dither_px=2.0))
+    truth = render_night(night, SimConfig(width=320, height=240, n_stars=600, n_frames=4, mono=True,
+                                          seed=11, filters=("L", "Ha", "L", "OIII"), dither_px=2.0))
     files = [night / f["file"] for f in truth["frames"]]
+    for f, name in ((files[1], "C a"), (files[3], "C_a")):     # two filters both come out as stack_C_a…
+        with fits.open(f, mode="update") as hd:
+            hd[0].header["FILTER"] = name
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
     for f in files:
@@ -97,16 +99,16 @@ def test_exclude_leaves_no_stack_file_of_a_filter_without_frames(tmp_path):
         stacks = lambda: sorted(p.name for p in out.glob("stack*.fits"))
         while len(stacks()) < 4 and time.monotonic() < deadline:     # written once idle
             time.sleep(0.05)
-        assert stacks() == ["stack.fits", "stack_H_a-2.fits", "stack_H_a.fits", "stack_L.fits"], \
+        assert stacks() == ["stack.fits", "stack_C_a-2.fits", "stack_C_a.fits", "stack_L.fits"], \
             [(r["file"], r["status"], r["reason"]) for r in read_frames_log(out / "frames.jsonl")]
-        svc.exclude(files[1].name).result(timeout=60)       # "H a": its only frame
-        assert stacks() == ["stack.fits", "stack_H_a.fits", "stack_L.fits"]
-        assert fits.getheader(out / "stack_H_a.fits")["FILTER"] == "H_a"
-        svc.exclude(files[3].name).result(timeout=60)       # "H_a" too: L alone
+        svc.exclude(files[1].name).result(timeout=60)       # "C a": its only frame
+        assert stacks() == ["stack.fits", "stack_C_a.fits", "stack_L.fits"]
+        assert fits.getheader(out / "stack_C_a.fits")["FILTER"] == "C_a"
+        svc.exclude(files[3].name).result(timeout=60)       # "C_a" too: L alone
         assert stacks() == ["stack.fits", "stack_L.fits"]
         assert fits.getheader(out / "stack.fits")["FILTER"] == "L"
         svc.exclude(files[3].name, False).result(timeout=60)
-        assert stacks() == ["stack.fits", "stack_H_a.fits", "stack_L.fits"]
+        assert stacks() == ["stack.fits", "stack_C_a.fits", "stack_L.fits"]
         for f in (files[0], files[2], files[3]):               # every frame out: no stack at all
             svc.exclude(f.name).result(timeout=60)
         assert stacks() == [] and not (out / "preview.jpg").exists()

@@ -523,6 +523,18 @@ def test_each_filter_stack_names_its_own_flat_in_calibrat(tmp_path):
                                                               "flat=flat_R_iso800_g120_SIMCAM-1_320x240")
 
 
+def test_a_flat_is_found_under_another_spelling_of_its_filter(tmp_path):
+    """Flats taken as 'R' calibrate lights whose capture program writes 'Red' (and not the G ones): the library
+    matches filters as the stacks do (filter_key), not by the exact name."""
+    cfg = dataclasses.replace(SIM, n_frames=2, filters=("R", "G"))
+    render_calibration(tmp_path / "calib", cfg, n_bias=0, n_dark=3, n_flat=3, n_darkflat=3)
+    lib = build_library(tmp_path / "calib", tmp_path / "M")
+    frame, _ = sim_frame(tmp_path, cfg, "light", 60.0)
+    for spelling, flat in (("Red", "flat_R"), ("green", "flat_G")):
+        frame.meta.filter = spelling
+        assert lib.select(frame).names["flat"].startswith(flat + "_"), spelling
+
+
 # ---------------------------------------------------------------- mismatches
 
 def test_wrong_size_master_gives_the_clear_error(lib, tmp_path):

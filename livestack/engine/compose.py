@@ -23,30 +23,18 @@ source in use has no data (NaN) are NaN in all three channels: a colour is only 
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from .filtername import canonical_filter
 from .normalize import pair_noise
 from .stretch import reduce
 
 PALETTES = ("auto", "RGB", "LRGB", "SHO", "HOO", "HUES")
 
-# Spellings (case-folded, without spaces, '-', '_', '.', brackets and a trailing bandwidth such as "7nm").
-_SPELLINGS = {
-    "ha": "Ha", "halpha": "Ha", "hα": "Ha",
-    "oiii": "OIII", "o3": "OIII",
-    "sii": "SII", "s2": "SII",
-    "l": "L", "lum": "L", "luminance": "L",
-    "r": "R", "red": "R",
-    "g": "G", "green": "G",
-    "b": "B", "blue": "B",
-}
-_SEPARATORS = re.compile(r"[\s\-_.\[\]()/]+")
-_BANDWIDTH = re.compile(r"\d+(?:[.,]\d+)?\s*nm$")
 
 # Central wavelengths, nm.  L is a broad band: white in HUES, whatever its wavelength.
 _WAVELENGTH = {"B": 450.0, "OIII": 501.0, "G": 530.0, "L": 550.0, "R": 640.0, "Ha": 656.0, "SII": 672.0}
@@ -67,14 +55,6 @@ _MAPPING_TEXT = {"RGB": "R=R G=G B=B", "LRGB": "L=L R=R G=G B=B", "SHO": "R=SII 
 _AUTO = {frozenset(m): name for name, m in _MIXES.items()}   # exactly these filters -> this palette
 
 HEADER_MAX = 68   # characters of a FITS string value on one card
-
-
-def canonical_filter(name: str) -> str | None:
-    """A filter name as written by a camera, a filter wheel or a user -> "Ha", "OIII", "SII", "L", "R", "G" or
-    "B", or None when unknown.  Case-insensitive; "H-alpha", "H_alpha", "Ha 7nm", "O-III", "[SII]", "S2",
-    "Lum", "Red" and the like are recognised."""
-    s = _BANDWIDTH.sub("", name.strip().casefold()).strip()
-    return _SPELLINGS.get(_SEPARATORS.sub("", s))
 
 
 def _lookup(table: Mapping, name: str, default):

@@ -16,16 +16,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import geometry
+from .filtername import filter_key  # noqa: F401  (the engine keys its stacks by it)
 from .frame import FrameMeta, Quality, Stars
 from .normalize import transparency_scale
 from .register import mutual_pairs
 from .reject import FrameJudge, RejectParams
 from .stack import RunningStack, StackParams
-
-
-def filter_key(name: str | None) -> str:
-    """The identity of a filter: its FITS value without case or surrounding blanks ('' = no FILTER card)."""
-    return (name or "").strip().casefold()
 
 
 def file_safe(name: str | None) -> str:

@@ -577,6 +577,8 @@ class Engine:
         """Keep ``fs`` among the filters, its label and file name made distinct from theirs (in order of first
         appearance, so a checkpoint's filters get the same names again)."""
         others = list(self.filters.values())
+        if fs.key in self.filters:      # a checkpoint of two spellings filter_key now makes one: kept apart
+            fs.key = distinct((fs.name or "").strip().casefold(), self.filters)
         fs.label = distinct(fs.label, [o.label for o in others])
         fs.file_name = distinct(fs.file_name[:-len(".fits")], [o.file_name for o in others],
                                 suffix=".fits")
@@ -726,11 +728,18 @@ class Engine:
             fa = {k: arrays[f"f{i}_{k}"] for k in ("ref_xy", "ref_flux") if f"f{i}_{k}" in names}
             eng._add(FilterStack.from_state(fmeta, fa, stack, cfg.stack, eng._reject_params(eng.grid),
                                             pool=eng._pool))
-            eng._recent = [k for k in meta["recent"] if k in eng.filters]
+            eng._recent = [k for k in map(eng._known_key, meta["recent"]) if k in eng.filters]
             eng._trim()        # stacks beyond the memory budget go to disk as they are read
             if stack is not None:
                 stack.sharpen = eng.stack_sharpen()    # an output setting: today's configuration's
+        if eng.ref is not None:
+            eng.ref.filter = eng._known_key(eng.ref.filter)
         return eng
+
+    def _known_key(self, key: str) -> str:
+        """A filter key as a checkpoint wrote it, as the filters are keyed now: the same, or for a checkpoint
+        written before filter_key knew spellings ('h-alpha') what it is now ('ha')."""
+        return key if key in self.filters else filter_key(key)
 
     def stack_sharpen(self) -> tuple[float, ...]:
         """RunningStack's ``sharpen`` on this engine's grid: a drizzle's compensation (its taps), when [drizzle]

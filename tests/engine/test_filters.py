@@ -14,6 +14,7 @@ from drivers.simulator import SimConfig, nebula_truth
 from livestack.config import Config
 from livestack.engine import geometry
 from livestack.engine.compose import ComposeParams
+from livestack.engine.filtername import filter_key
 from livestack.engine.pipeline import Engine
 
 SEVEN = ("L", "R", "G", "B", "Ha", "OIII", "SII")
@@ -228,11 +229,11 @@ def test_checkpoints_and_spilled_stacks_give_the_uninterrupted_stack(night, tmp_
 
 
 def test_filters_whose_names_make_one_file_name_get_two_files(night, tmp_path):
-    """FILTER 'H a' and 'H_a' are two filters with one file-safe name, as are 'nofilter' and no FILTER card:
-    each stack gets its own file (the second 'stack_H_a-2.fits'), also after a checkpoint — before, the second
-    overwrote the first's stack_H_a.fits."""
+    """FILTER 'C a' and 'C_a' are two filters with one file-safe name, as are 'nofilter' and no FILTER card:
+    each stack gets its own file (the second 'stack_C_a-2.fits'), also after a checkpoint — before, the second
+    overwrote the first's stack_C_a.fits."""
     files, _ = night(mono=True, n_frames=6, seed=5, filters=("L", "Ha", "OIII"))
-    names = {"L": "H a", "Ha": "H_a", "OIII": None}
+    names = {"L": "C a", "Ha": "C_a", "OIII": None}
     for f in files:
         with fits.open(f, mode="update") as hd:
             new = names[hd[0].header["FILTER"]]
@@ -247,7 +248,7 @@ def test_filters_whose_names_make_one_file_name_get_two_files(night, tmp_path):
     files = files + [extra]
     for eng in (run(files)[0], through_checkpoints(files, [4], tmp_path)):
         assert [(fs.name, fs.file_name, fs.label) for fs in eng.filters.values()] == [
-            ("H a", "stack_H_a.fits", "H a"), ("H_a", "stack_H_a-2.fits", "H_a"),
+            ("C a", "stack_C_a.fits", "C a"), ("C_a", "stack_C_a-2.fits", "C_a"),
             (None, "stack_nofilter.fits", "none"), ("nofilter", "stack_nofilter-2.fits", "nofilter")]
     out = tmp_path / "out"
     assert eng.snapshot(out)
@@ -255,7 +256,63 @@ def test_filters_whose_names_make_one_file_name_get_two_files(night, tmp_path):
         with fits.open(out / fs.file_name) as hd:
             assert hd[0].header.get("FILTER") == fs.name and hd[0].header["NCOMBINE"] == fs.counts.stacked
     with fits.open(out / "stack.fits") as hd:
-        assert hd[0].header["FILTER"] == "H a,H_a,none,nofilter"
+        assert hd[0].header["FILTER"] == "C a,C_a,none,nofilter"
+
+
+def _relabel(files, names: dict) -> None:
+    """FILTER of each file (by its index) set to ``names[i]``."""
+    for i, new in names.items():
+        with fits.open(files[i], mode="update") as hd:
+            hd[0].header["FILTER"] = new
+
+
+def test_spellings_of_one_filter_make_one_stack(night, tmp_path):
+    """'Ha', 'H-alpha' and 'HALPHA' (two capture programs naming one wheel's filter) are one filter: one stack,
+    named as first seen, with all their frames; a bandwidth keeps two apart ('Ha 7nm', 'Ha 3nm').  Before, each
+    spelling made a stack of its own and the composite had two greens."""
+    files, _ = night(mono=True, n_frames=10, seed=5, filters=("L", "Ha"))
+    _relabel(files, {3: "H-alpha", 5: "HALPHA", 7: "Ha"})
+    eng, recs = run(files)
+    assert [(fs.name, fs.file_name) for fs in eng.filters.values()] == [("L", "stack_L.fits"),
+                                                                         ("Ha", "stack_Ha.fits")]
+    ha = eng.filters[filter_key("H-alpha")]
+    assert ha is eng.filters[filter_key("Ha")] and ha.counts.stacked == sum(r.status in STACKED and r.filter != "L"
+                                                                 for r in recs) == 5
+    assert [r.filter for r in recs][1:9:2] == ["Ha", "H-alpha", "HALPHA", "Ha"]     # each frame says its own
+    _relabel(files, {1: "Ha 7nm", 3: "H-alpha 7.0 nm", 5: "Ha 3nm", 7: "Ha 3 nm", 9: "Ha 3nm"})
+    eng, _ = run(files)
+    assert [(fs.name, fs.counts.stacked) for fs in eng.filters.values()] == [("L", 5), ("Ha 7nm", 2),
+                                                                              ("Ha 3nm", 3)]
+
+
+def test_a_checkpoint_keyed_by_spelling_resumes(night, tmp_path, monkeypatch):
+    """A checkpoint written when each spelling was a filter of its own: a night of 'H-alpha' alone resumes into
+    its stack (its reference found under the new key), and one with both 'Ha' and 'H-alpha' keeps the two stacks
+    it had, each taking its own spelling's frames."""
+    from livestack.engine import filterstack, pipeline
+    from livestack.session import load_engine, save_engine
+
+    def old_key(name):
+        return (name or "").strip().casefold()
+
+    files, _ = night(mono=True, n_frames=10, seed=5, filters=("Ha", "L"))
+    _relabel(files, {i: "H-alpha" for i in range(0, 10, 2)})
+    for both in (False, True):
+        if both:
+            _relabel(files, {2: "Ha", 6: "Ha"})
+        with monkeypatch.context() as m:
+            m.setattr(pipeline, "filter_key", old_key)
+            m.setattr(filterstack, "filter_key", old_key)
+            eng, _ = run(files[:8])
+            assert eng.ref.filter == "h-alpha" and len(eng.filters) == 2 + both
+            save_engine(eng, tmp_path / "old.npz")
+        eng, _ = load_engine(tmp_path / "old.npz", Config())
+        assert eng.main is not None and eng.main.name == "H-alpha"
+        before = {fs.name: fs.counts.stacked for fs in eng.filters.values()}
+        recs = [eng.process(f) for f in files[8:]]
+        assert [r.status for r in recs] == ["stacked", "stacked"], [r.reason for r in recs]
+        assert {fs.name: fs.counts.stacked - before[fs.name] for fs in eng.filters.values()} == \
+            {"H-alpha": 1, "L": 1, **({"Ha": 0} if both else {})}
 
 
 SPILL_KILLED = """
