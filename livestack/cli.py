@@ -350,9 +350,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="a live simulated night: capture, stack and the web page on this machine")
     p.add_argument("--out", help="folder for the simulated frames and outputs (default: a temp folder)")
-    p.add_argument("--frames", type=int, default=20)
+    p.add_argument("--frames", type=int, default=20, help="number of simulated frames (default 20)")
     p.add_argument("--interval", type=float, default=3.0, help="seconds between simulated frames")
-    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--seed", type=int, default=7, help="simulator seed: the same seed, the same night (default 7)")
     p.add_argument("--port", type=int, default=8080, help="web page port (any free port if taken)")
     p.add_argument("--no-web", action="store_true", help="no web page")
     p.add_argument("--exit", action="store_true", help="exit when the last frame is stacked")

@@ -391,7 +391,7 @@ def add_plan_arguments(p: argparse.ArgumentParser, *, gain_help: str, gain_flags
     p.add_argument("-n", "--count", type=int, help="number of frames (default: until Ctrl-C / SIGTERM)")
     p.add_argument("--interval", type=float, default=0.0,
                    help="pause between frames, s (dither settle, intervalometer); default 0")
-    p.add_argument(*gain_flags, dest="gain", type=float, help=gain_help)
+    p.add_argument(*gain_flags, dest="gain", type=float, metavar=gain_flags[0].lstrip("-").upper(), help=gain_help)
     p.add_argument("--binning", type=int, default=1, help="binning N×N (default 1)")
     p.add_argument("--type", dest="kind", choices=KINDS, default="light",
                    help="frame type; calibration frames go to OUT/bias, darks, flats, darkflats")

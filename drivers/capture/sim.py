@@ -67,13 +67,15 @@ def capture(plan: CapturePlan, base: SimConfig | None = None, stop: Stop | None 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_plan_arguments(p, gain_help="gain written to the header (GAIN)")
-    p.add_argument("--width", type=int, default=800)
-    p.add_argument("--height", type=int, default=600)
-    p.add_argument("--format", choices=("fits", "dng"), default="fits")
+    p.add_argument("--width", type=int, default=800, help="frame width, px (default 800)")
+    p.add_argument("--height", type=int, default=600, help="frame height, px (default 600)")
+    p.add_argument("--format", choices=("fits", "dng"), default="fits",
+                   help="file format (default fits; dng: Bayer only)")
     p.add_argument("--mono", action="store_true", help="mono sensor (FITS, FILTER L) instead of Bayer RGGB")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1, help="simulator seed: the same seed, the same frames (default 1)")
     p.add_argument("--rotation-deg", type=float, default=0.0, help="field rotation per frame (alt-az)")
-    p.add_argument("--dither-px", type=float, default=0.0)
+    p.add_argument("--dither-px", type=float, default=0.0,
+                   help="random shift per frame, up to ± this many px on each axis (default 0)")
     p.add_argument("--defects", default="", help="NAME:FRAME,… (cloudy, wind, satellite, cosmic)")
     p.add_argument("--filters", default="", help="a filter wheel cycled frame by frame, e.g. L,R,G,B or "
                                                   "Ha,OIII,SII (narrowband exposures 3× EXPOSURE)")
