@@ -34,6 +34,12 @@ def grid_binning(grid) -> float:
     return 1.0 / float(grid.sensor_to_grid[0, 0])
 
 
+def star_px(grid) -> float:
+    """Grid pixels per pixel the frames' stars are measured on: the drizzle scale on a drizzle grid (stars
+    measured on the sensor), 1 on the others."""
+    return float(grid.stars_to_grid[0, 0])
+
+
 def reference_hints(path: Path | None, grid, params: SolveParams) -> tuple[Hints, object | None, str | None]:
     """(hints, the header's own WCS on the grid or None, OBJECT) from the reference frame's FITS header (a RAW
     file or none: only the hints of ``params``)."""
@@ -70,6 +76,7 @@ class SkySolver:
     A switch of targets cancels the solve in hand (cancel()): its answer is dropped."""
 
     params: SolveParams
+    star_px: float = 1.0       # star_px(grid): the solution check is in the pixels the stars were measured on
     attempts: int = 0
     frames_since: int = 0
     last_error: str | None = None
@@ -102,7 +109,7 @@ class SkySolver:
         def run():
             try:
                 ans: Solution | SolveError = solve_stars(xy, flux, tuple(shape), hints, self.params, workdir=workdir,
-                                                         cancel=self._cancel)
+                                                         cancel=self._cancel, star_px=self.star_px)
             except SolveError as err:
                 ans = err
             except Exception as err:      # noqa: BLE001 — a solver bug must not stop the night
@@ -164,7 +171,7 @@ class BatchSolve:
 
     def __init__(self, engine, ref_path: Path, params: SolveParams):
         self.hints, self.own, self.obj = reference_hints(ref_path, engine.grid, params)
-        self.solver = SkySolver(params)
+        self.solver = SkySolver(params, star_px(engine.grid))
         self.why = self.solver.available()
         if self.own is not None:
             engine.set_wcs(self.own)

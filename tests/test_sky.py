@@ -250,6 +250,21 @@ def test_a_mono_frame_wcs_agrees_with_a_solve_of_the_image(tmp_path, shared_data
     assert np.median(d) < 0.2 and d.max() < 0.5, (np.median(d), d.max())
 
 
+@pytest.mark.solver
+@needs_solver
+def test_a_drizzle_grid_keeps_the_solution_its_sensor_grid_accepts(tmp_path, shared_data):
+    """The same KStars frame with --drizzle 2: its stars, measured on the sensor, solve as at 1× (0.64 sensor px
+    RMS), but the check counted the residual in drizzle pixels (1.29 > max_rms_px 1) and refused the solve — the
+    stack got only KStars' approximate pointing WCS (1.2′ off), and a frame without one would have got none."""
+    from livestack.cli import stack_files
+    from livestack.config import with_overrides
+
+    f = shared_data / "sequences" / "kstars_asi1600mm" / "ngc4535-autofocus3.fits"
+    s = stack_files([f], tmp_path / "out", with_overrides(Config(), drizzle={"scale": 2.0}), quiet=True)
+    assert s["sky"]["source"] == "solve", s["sky"]["note"]
+    assert s["sky"]["scale_arcsec"] == pytest.approx(2.65 / 2, rel=0.02)
+
+
 def test_a_retry_solves_the_last_stacked_frames_stars_not_a_rejected_ones(tmp_path, shared_data):
     """A retry plate solve took the latest frame's stars with the latest stacked frame's matrix: after a
     rejected frame (shifted, bright sky) they lay ~73 px off, and solve-field solved them — correctly, as a

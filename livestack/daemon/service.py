@@ -40,7 +40,7 @@ from ..engine.write import (DiskFull, WriteDeferred, atomic_write_bytes, deferra
 from ..config import make_section
 from ..engine.solve import Solution, SolveError, SolveParams
 from ..session import FolderError, FramesLog, Refused, SessionFolder, apply_amended, rewrite_frames_log
-from ..sky import MAX_ATTEMPTS, SkySolver, reference_hints, sky_status, stars_on_grid
+from ..sky import MAX_ATTEMPTS, SkySolver, reference_hints, sky_status, star_px, stars_on_grid
 from ..targets import REFERENCE_FILE, Book, Target, load_reference, match_target, save_reference, separation
 from .config import DaemonParams, WatchParams, session_section
 from .watch import Ready, Watcher
@@ -687,7 +687,7 @@ class Service:
             next((d.get("path") or d["file"] for d in self.records if d["file"] == e.ref.file), e.ref.file)
         hints, own, obj = reference_hints(self.watch_dir / rel, e.grid, self.solve_params)
         self._sky_hints, self._sky_object = hints, obj
-        solver = self._solver = SkySolver(self.solve_params)
+        solver = self._solver = SkySolver(self.solve_params, star_px(e.grid))
         why = solver.available()
         if own is not None:
             e.set_wcs(own)
