@@ -138,6 +138,16 @@ def set_aside(path: Path, why: str, then: str = "", *, quiet: bool = False) -> P
     return dest
 
 
+def _aside(path: Path) -> str:
+    """set_aside() an unusable checkpoint, quietly: "; moved aside to <name>" for the start's note — or, when the
+    disk takes no writes (read-only: ext4 remounts a failing SD card so, and the start goes on, stacking in
+    memory), "; not moved aside: <why>" and it stays: a start must not fail on it (under systemd, a restart loop)."""
+    try:
+        return f"; moved aside to {set_aside(path, '', quiet=True).name}"
+    except OSError as err:
+        return f"; not moved aside: {err.strerror or err}"
+
+
 def _complete_lines(path: Path) -> list[bytes]:
     """frames.jsonl's complete lines, as bytes (a torn last line is left out)."""
     try:
@@ -542,8 +552,8 @@ class SessionFolder:
         excluded = self.excluded()
         engine, covered, note, checkpointed = None, 0, "new session", None
         if self.checkpoint.exists() and not self.checkpoint.is_file():
-            dest = set_aside(self.checkpoint, "", quiet=True)     # a directory: the next one could not replace it
-            note = (f"{self.checkpoint.name}: unusable checkpoint (not a file; moved aside to {dest.name}); "
+            aside = _aside(self.checkpoint)     # a directory: the next one could not replace it
+            note = (f"{self.checkpoint.name}: unusable checkpoint (not a file{aside}); "
                     f"restacking all {len(records)} frames")
         elif self.checkpoint.exists():
             try:
@@ -551,17 +561,15 @@ class SessionFolder:
             except SessionError as err:
                 # kept for a look (another livestack's format, a damaged file): the next checkpoint must not
                 # overwrite what may be the only copy of a night whose files are gone
-                kept = "" if self.checkpoint.stat().st_size == 0 else \
-                    f" (moved aside to {set_aside(self.checkpoint, '', quiet=True).name})"
+                kept = "" if self.checkpoint.stat().st_size == 0 else f" ({_aside(self.checkpoint)[2:]})"
                 note = f"{err}{kept}; restacking all {len(records)} frames"
             else:
                 n = info.get("lines")
                 bad = [i for i in garbled if i <= (n if isinstance(n, int) else 0)]
                 unreadable = f" (line {', '.join(map(str, bad))} unreadable)" if bad else ""
                 if not isinstance(n, int) or n < 0:
-                    dest = set_aside(self.checkpoint, "", quiet=True)
-                    engine, note = None, (f"{self.checkpoint.name}: unusable checkpoint (no line count; moved aside "
-                                          f"to {dest.name}); restacking")
+                    engine, note = None, (f"{self.checkpoint.name}: unusable checkpoint (no line count"
+                                          f"{_aside(self.checkpoint)}); restacking")
                 elif sorted(info.get("excluded", [])) != sorted(excluded):
                     engine, note = None, f"{self.checkpoint.name}: built before the last exclusion; restacking"
                 elif (changed := settings_changed(info.get("settings"), cfg)) and \

@@ -689,6 +689,40 @@ def test_a_checkpoint_whose_stack_arrays_have_another_shape_is_restacked(tmp_pat
     assert r.engine.n_stacked == 0 and len(r.dropped) == 4
 
 
+@pytest.mark.parametrize("kind", ["another format", "no line count"])
+def test_an_unusable_checkpoint_on_a_read_only_disk_is_left_where_it_is(tmp_path, six, monkeypatch, kind):
+    """An unusable checkpoint is moved aside at start — a rename, which a disk remounted read-only (ext4 after
+    an error; the start goes on, stacking in memory) refuses: the start failed with EROFS, under systemd a
+    restart loop.  Now it stays where it is, the note says so, and every frame is stacked again."""
+    import errno
+
+    folder = SessionFolder(tmp_path / "s")
+    eng, log = Engine(Config()), FramesLog(folder.frames)
+    run(eng, six[:2], log)
+    if kind == "another format":
+        folder.dir.mkdir(parents=True, exist_ok=True)
+        folder.checkpoint.write_bytes(b"not a checkpoint of this livestack " * 100)
+    else:
+        folder.save_checkpoint(eng, lines=2, excluded=set())
+        with np.load(folder.checkpoint, allow_pickle=False) as z:
+            members = {k: z[k] for k in z.files}
+        info = json.loads(bytes(members["daemon"]).decode())
+        del info["lines"]
+        members["daemon"] = np.frombuffer(json.dumps(info).encode(), np.uint8)
+        with open(folder.checkpoint, "wb") as f:
+            np.savez(f, **members)
+    before = folder.checkpoint.read_bytes()
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(src))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    r = folder.resume(Config())
+    assert "unusable checkpoint" in r.note and "not moved aside: Read-only file system" in r.note, r.note
+    assert r.engine.n_stacked == 0 and len(r.dropped) == 2
+    assert folder.checkpoint.read_bytes() == before
+
+
 def test_the_page_stretch_is_applied_over_the_config(tmp_path):
     """session/stretch.json holds all three points the page set, null for auto: the page's Auto stretch is
     kept as auto even over a config whose [stretch] sets its own points; a session without it has the config's."""
