@@ -146,6 +146,30 @@ def two_filters(tmp_path) -> tuple[Path, Path]:
     return watch, out
 
 
+def test_weights_and_a_palette_posted_back_to_back_are_both_applied(two_filters):
+    """The page posts a slider's weights and a palette as two requests; the second was built from the palette the
+    caller saw — before the worker had applied the first, still queued — and undid its weights in memory, while
+    palette.json kept them: the status and the composite lost the weights (10 times in 10), a restart brought
+    them back."""
+    watch, out = two_filters
+    svc = _service(watch, out)
+    svc.start()
+    try:
+        _wait_idle(svc, 4)
+        for i, palette in enumerate(("HUES", "SHO", "HUES")):
+            weights = {"Ha": 1.5 + i / 10}
+            first = svc.set_palette(weights=weights)
+            svc.set_palette(palette).result(timeout=60)
+            first.result(timeout=60)
+            p = svc.status()["palette"]
+            assert (p["requested"], p["weights"]) == (palette, weights), p
+            kept = json.loads((out / "session" / "palette.json").read_text())
+            assert kept == {"weights": weights, "palette": palette}, kept
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+
+
 def test_the_page_palette_survives_a_restart(two_filters):
     """A palette, weights and hues chosen on the page are the session's: a restart (a power blip, systemctl
     restart) finds them as they were left, in the status, stack.fits and the preview — not the config's."""

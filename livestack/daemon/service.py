@@ -30,7 +30,6 @@ import numpy as np
 
 from .. import NOTICE
 from ..engine import outputs
-from ..engine.compose import ComposeParams
 from ..engine.filterstack import integration
 from ..engine.frame import FrameRecord
 from ..engine.pipeline import Engine
@@ -358,8 +357,8 @@ class Service:
                     hues: dict | None = None) -> Future:
         """Change the composite's palette, per-filter weights or hues (ValueError: one sentence) and redraw."""
         changes = {k: v for k, v in {"palette": palette, "weights": weights, "hues": hues}.items() if v is not None}
-        new = dataclasses.replace(self.compose, **changes)     # validated here, in the caller's thread
-        return self._submit(self._cmd_palette, new, changes)
+        dataclasses.replace(self.compose, **changes)     # validated here, in the caller's thread
+        return self._submit(self._cmd_palette, changes)
 
     def export(self, fmt: str, mode: str) -> Future:
         """A full-resolution export, made by the worker between frames — one at a time: a request for the one
@@ -1134,8 +1133,11 @@ class Service:
         self._publish()
         return self.status()
 
-    def _cmd_palette(self, new: ComposeParams, changes: dict) -> dict:
-        self.compose = new
+    def _cmd_palette(self, changes: dict) -> dict:
+        # over the palette as it is now, not as the caller saw it: a command still queued (the page's weights,
+        # posted just before this palette) or a switch of targets would otherwise be undone in memory while
+        # palette.json kept it — the composite and the status lost the weights, a restart brought them back
+        new = self.compose = dataclasses.replace(self.compose, **changes)
         # kept as the JSON the request gave once validated (hues as lists): what a restart applies again
         self._page["palette"] = {**self._page["palette"], **json.loads(json.dumps(
             {k: getattr(new, k) for k in changes}))}
