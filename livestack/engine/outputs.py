@@ -149,6 +149,7 @@ def plan(engine, params: comp.ComposeParams, max_size: int = 1600):
 
 
 STAR_STARS = 60      # the reference's brightest stars measured in every stack for the composite's star_white
+STAR_CLIPPED = 0.01  # … but not one with a pixel whose weight is below this share of its sky's: saturated in every frame
 
 
 def star_fluxes(engine) -> dict | None:
@@ -176,9 +177,15 @@ def star_fluxes(engine) -> dict | None:
             xi, yi = int(round(x)), int(round(y))
             if not (k <= xi < w - k and k <= yi < h - k):
                 continue
-            stamp = fs.stack.mean_window(yi - k, yi + k + 1, xi - k, xi + k + 1)
+            stamp, wt = fs.stack.mean_window(yi - k, yi + k + 1, xi - k, xi + k + 1, weights=True)
             d = np.hypot(xx - (x - xi), yy - (y - yi))
             ap, ann = d <= r, (d >= r_in) & (d <= r_out)
+            # A star saturated in every frame of this stack is the clip level there, not its flux: its pixels
+            # count with saturated_weight.  The brightest stars are the first to saturate, and the longest
+            # exposures or the widest filter the most: their ratios came out compressed towards 1 (simulated
+            # RGB of 30/60/120 s, 6 of the 30 brightest saturated in B: the stars' B/G 1.16, not 1.0).
+            if np.any(wt[ap] < STAR_CLIPPED * np.median(wt[ann])):
+                continue
             for c in range(c_n):
                 a = stamp[c]
                 if not (np.isfinite(a[ap]).all() and np.isfinite(a[ann]).all()):

@@ -926,18 +926,24 @@ class RunningStack:
         a, b = max(0, r0 - m), min(self.shape[1], r1 + m)
         return self._mean(self.sums[:, a:b], self.wsum[:, a:b], channels)[0][:, r0 - a:r1 - a]
 
-    def mean_window(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    def mean_window(self, r0: int, r1: int, c0: int, c1: int, *, weights: bool = False):
         """Rows r0:r1, columns c0:c1 of the weighted mean, (C, r1 - r0, c1 - c0) float32, NaN where no frame
         covers: a star's stamp, from the sums' window alone (with channel_weights widened by the hole filling's
-        and the sharpening's reach, as mean_rows' rows are) — during the bootstrap from mean_rows (whole rows)."""
+        and the sharpening's reach, as mean_rows' rows are) — during the bootstrap from its rows' combination
+        (whole rows).  ``weights``: (mean, (r1 - r0, c1 - c0) weight map) — where every frame was saturated the
+        weight is saturated_weight × the others' (the mean there is the clip level, not the star)."""
         if self.sums is None:
-            return self.mean_rows(r0, r1)[:, :, c0:c1]
-        if not self.channel_weights:
-            return self._mean(self.sums[:, r0:r1, c0:c1], self.wsum[r0:r1, c0:c1])[0]
-        m = 2 + len(self.sharpen) // 2
-        a, b = max(0, r0 - m), min(self.shape[1], r1 + m)
-        e, f = max(0, c0 - m), min(self.shape[2], c1 + m)
-        return self._mean(self.sums[:, a:b, e:f], self.wsum[:, a:b, e:f])[0][:, r0 - a:r1 - a, c0 - e:c1 - e]
+            mean, w2 = self._bootstrap_rows(r0, r1)
+            mean, w2 = mean[:, :, c0:c1], w2[:, c0:c1]
+        elif not self.channel_weights:
+            mean, w2 = self._mean(self.sums[:, r0:r1, c0:c1], self.wsum[r0:r1, c0:c1])
+        else:
+            m = 2 + len(self.sharpen) // 2
+            a, b = max(0, r0 - m), min(self.shape[1], r1 + m)
+            e, f = max(0, c0 - m), min(self.shape[2], c1 + m)
+            mean, w2 = self._mean(self.sums[:, a:b, e:f], self.wsum[:, a:b, e:f])
+            mean, w2 = mean[:, r0 - a:r1 - a, c0 - e:c1 - e], w2[r0 - a:r1 - a, c0 - e:c1 - e]
+        return (mean, w2) if weights else mean
 
     def _bootstrap_rows(self, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
         """During the bootstrap: rows r0:r1 of the combination of the buffered frames — (C, n, W) mean, NaN where
