@@ -79,7 +79,7 @@ class ComposeParams:
     background_cells: int = 16   # mesh cells on the long side for the background's clipped medians
     white_percentile: float = 99.5   # white point: this percentile of the covered background-subtracted pixels
     white_sigma: float = 20.0    # ... and at least this many background σ (noise alone is not amplified)
-    # RGB, LRGB: the filters' white points in the ratio of their stars' fluxes (the median star comes out white),
+    # RGB, LRGB: the filters' white points in the ratio of their stars' fluxes (the typical star comes out white),
     # scaled so that none is below its own rule above; else (and with < STAR_WHITE_MIN stars) that rule alone
     star_white: bool = True
 
@@ -408,8 +408,8 @@ STAR_WHITE_MAX = 30     # … of which the brightest this many decide it
 
 
 def _star_ratios(sources: tuple[SourceMap, ...], star_fluxes: Mapping) -> tuple[np.ndarray | None, int]:
-    """Each source's star flux over the first's, the median ratio over the brightest STAR_WHITE_MAX stars measured
-    at ≥ 10 σ in every source, and how many stars that was — None for the ratios when fewer than
+    """Each source's star flux over the first's, the typical ratio (_middle_mean) of the brightest STAR_WHITE_MAX
+    stars measured at ≥ 10 σ in every source, and how many stars that was — None for the ratios when fewer than
     STAR_WHITE_MIN.  ``star_fluxes`` maps a stack's name to ((C, N) fluxes, (C, N) errors) of the same N stars,
     brightest first (NaN: not measured), from the caller's full-resolution photometry.
 
@@ -432,7 +432,17 @@ def _star_ratios(sources: tuple[SourceMap, ...], star_fluxes: Mapping) -> tuple[
     idx = np.flatnonzero(ok)[:STAR_WHITE_MAX]
     if len(idx) < STAR_WHITE_MIN:
         return None, len(idx)
-    return np.array([float(np.median(f[idx] / fluxes[0][idx])) for f in fluxes]), len(idx)
+    return np.array([_middle_mean(f[idx] / fluxes[0][idx]) for f in fluxes]), len(idx)
+
+
+def _middle_mean(ratios: np.ndarray) -> float:
+    """The typical of positive ``ratios``: the geometric mean of their middle half.  Stars' colours are often
+    bimodal (hot and cool stars), and a median then sits in the gap between the two: a set one star apart moved
+    it by 10–16 % (simulated RGB, the stars measured with one R frame against four), the middle half's mean by
+    2–7 %."""
+    x = np.sort(np.log(ratios))
+    k = len(x) // 4
+    return float(np.exp(x[k:len(x) - k].mean()))
 
 
 def _star_whites(sources: tuple[SourceMap, ...], star_fluxes: Mapping):
@@ -444,7 +454,7 @@ def _star_whites(sources: tuple[SourceMap, ...], star_fluxes: Mapping):
         return sources, f"white per filter (stars measured in every filter: {n}, {STAR_WHITE_MIN} needed)"
     k = max(s.white / r for s, r in zip(sources, ratios))
     return (tuple(dataclasses.replace(s, white=float(k * r)) for s, r in zip(sources, ratios)),
-            f"white from {n} stars (the median star white)")
+            f"white from {n} stars (the typical star white)")
 
 
 def single_stack_palette(channels: int, p: ComposeParams) -> bool:
