@@ -685,6 +685,7 @@ class Engine:
             "last_matrix": None if self.last_matrix is None else self.last_matrix.tolist(),
             "grid": None if self.grid is None else self.grid.state(), "recent": self._recent, "filters": [],
             "wcs": None if self.grid is None else self.grid.wcs_state(),
+            "filter_keys": "spelling",      # the filters' keys are filter_key's (a known filter's one spelling)
         }
         arrays: dict[str, np.ndarray] = {}
         stacks: list[tuple[str, RunningStack]] = []
@@ -728,18 +729,18 @@ class Engine:
             fa = {k: arrays[f"f{i}_{k}"] for k in ("ref_xy", "ref_flux") if f"f{i}_{k}" in names}
             eng._add(FilterStack.from_state(fmeta, fa, stack, cfg.stack, eng._reject_params(eng.grid),
                                             pool=eng._pool))
-            eng._recent = [k for k in map(eng._known_key, meta["recent"]) if k in eng.filters]
+            eng._recent = [k for k in meta["recent"] if k in eng.filters]
             eng._trim()        # stacks beyond the memory budget go to disk as they are read
             if stack is not None:
                 stack.sharpen = eng.stack_sharpen()    # an output setting: today's configuration's
-        if eng.ref is not None:
-            eng.ref.filter = eng._known_key(eng.ref.filter)
+        if meta.get("filter_keys") != "spelling":
+            # written when a filter's key was its name without case ('h-alpha'): each such key is the filter of
+            # that name, whatever key it has now ('ha'; two spellings of one filter kept apart: see _add)
+            old = {(fs.name or "").strip().casefold(): fs.key for fs in eng.filters.values()}
+            eng._recent = [old[k] for k in meta["recent"] if k in old]
+            if eng.ref is not None:
+                eng.ref.filter = old.get(eng.ref.filter, eng.ref.filter)
         return eng
-
-    def _known_key(self, key: str) -> str:
-        """A filter key as a checkpoint wrote it, as the filters are keyed now: the same, or for a checkpoint
-        written before filter_key knew spellings ('h-alpha') what it is now ('ha')."""
-        return key if key in self.filters else filter_key(key)
 
     def stack_sharpen(self) -> tuple[float, ...]:
         """RunningStack's ``sharpen`` on this engine's grid: a drizzle's compensation (its taps), when [drizzle]

@@ -295,6 +295,13 @@ def test_a_checkpoint_keyed_by_spelling_resumes(night, tmp_path, monkeypatch):
     def old_key(name):
         return (name or "").strip().casefold()
 
+    new_state = pipeline.Engine.state
+
+    def old_state(self):        # without the mark of filter_key's keys
+        meta, arrays, stacks = new_state(self)
+        del meta["filter_keys"]
+        return meta, arrays, stacks
+
     files, _ = night(mono=True, n_frames=10, seed=5, filters=("Ha", "L"))
     _relabel(files, {i: "H-alpha" for i in range(0, 10, 2)})
     for both in (False, True):
@@ -303,11 +310,13 @@ def test_a_checkpoint_keyed_by_spelling_resumes(night, tmp_path, monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(pipeline, "filter_key", old_key)
             m.setattr(filterstack, "filter_key", old_key)
+            m.setattr(pipeline.Engine, "state", old_state)
             eng, _ = run(files[:8])
             assert eng.ref.filter == "h-alpha" and len(eng.filters) == 2 + both
             save_engine(eng, tmp_path / "old.npz")
         eng, _ = load_engine(tmp_path / "old.npz", Config())
         assert eng.main is not None and eng.main.name == "H-alpha"
+        assert sorted(eng._recent) == sorted(eng.filters), (eng._recent, list(eng.filters))   # each one's key
         before = {fs.name: fs.counts.stacked for fs in eng.filters.values()}
         recs = [eng.process(f) for f in files[8:]]
         assert [r.status for r in recs] == ["stacked", "stacked"], [r.reason for r in recs]
