@@ -14,7 +14,7 @@ from pathlib import Path
 from . import __version__
 from .config import Config, ConfigError, load_config, with_overrides
 from .engine.frame import FrameRecord
-from .engine.read import capture_order, is_supported
+from .engine.read import FITS_SUFFIXES, capture_order, is_supported, suffix_of
 from .engine.settings import INTERPOLATION_NAMES
 from .text import one_line
 
@@ -128,7 +128,9 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
                     for a in engine.amended:
                         progress.note(f"{a['file']} {a['status']}: {a['reason']}")
                 engine.amended.clear()
-            if rec.status == "reference":
+            # --no-solve runs no solver, as [solve] enabled = false: the reference's own WCS still counts — a FITS
+            # header's (a RAW file has none: nothing to import the solver's modules for, ~20 MB and 0.2 s)
+            if rec.status == "reference" and (solve or suffix_of(Path(f)) in FITS_SUFFIXES):
                 import dataclasses
 
                 from .config import make_section
@@ -136,7 +138,6 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
                 from .sky import BatchSolve
 
                 params = make_section(SolveParams, cfg.extra.get("solve", {}), "config: solve")
-                # --no-solve runs no solver, as [solve] enabled = false: the reference's own WCS still counts
                 sky = BatchSolve(engine, f, params if solve else dataclasses.replace(params, enabled=False))
         say = None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
         sky_status = sky.finish(engine, stop=ctrl_c.event, say=say) if sky is not None else None
