@@ -76,6 +76,9 @@ def config_from_dict(d: dict, *, source: str = "config") -> Config:
             raise ConfigError(f"{source}: unknown section [{name}] (known: {known})")
         if not isinstance(values, dict):              # `watch = 3` at the top of the file
             raise ConfigError(f"{source}: [{name}] must be a table")
+        if name == "capture" and values:   # nothing reads it: a key there would be a setting silently ignored
+            raise ConfigError(f"{source}: capture: unknown key {next(iter(values))} ([capture] takes no keys: "
+                              "`livestack capture` is set by its options)")
         if name in SHELL_SECTIONS:
             extra[name] = dict(values)
             continue

@@ -118,7 +118,8 @@ def test_an_unknown_key_of_a_daemon_or_solver_section_is_a_usage_error_in_every_
     reference frame nor a key silently ignored."""
     files, _ = night(n_frames=2, seed=1)
     cfg = tmp_path / "livestack.toml"
-    for section, known in (("solve", "timeout_s"), ("session", "slew_deg"), ("calibration", "hot_sigma")):
+    for section, known in (("solve", "timeout_s"), ("session", "slew_deg"), ("calibration", "hot_sigma"),
+                           ("capture", "its options")):       # [capture]: a section nothing reads
         cfg.write_text(f"[{section}]\nbogus = 1\n")
         r = cli("stack", files[0].parent, "-o", tmp_path / "o", "-q", "--config", cfg)
         assert r.returncode == 2, r.stderr
