@@ -213,7 +213,7 @@ def test_drizzle_in_the_daemon_survives_kill9_and_equals_livestack_stack(make_da
     time.sleep(0.4)
     assert d.stop() == 0
     img, w, hdr = read_stack(d.out)
-    assert img.shape == (3, 720, 960) and hdr["DEBAYER"] == "drizzle"
+    assert img.shape == (3, 720, 960) and hdr["DEBAYER"] == hdr["INTERP"] == "drizzle"     # (no warp either)
     assert (hdr["DRIZZLE"], hdr["PIXFRAC"]) == (2.0, 0.8)
     assert hdr["DRZSHARP"] == round(((0.8 * 2) ** 2 + 1) / 24, 5)     # the compensation, through the restart
     from livestack.engine.drizzle import compensation
@@ -224,9 +224,10 @@ def test_drizzle_in_the_daemon_survives_kill9_and_equals_livestack_stack(make_da
     for f in files:
         shutil.copy(f, src / f.name)
     r = subprocess.run([sys.executable, "-m", "livestack.cli", "stack", str(src), "-o", str(tmp_path / "batch"),
-                        "-q", "--no-solve", "--drizzle", "2", "--pixfrac", "0.8"], capture_output=True, text=True,
-                       timeout=300)
+                        "-q", "--no-solve", "--drizzle", "2", "--pixfrac", "0.8", "--debayer", "superpixel"],
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
+    assert "superpixel has no effect with a drizzle" in r.stderr, r.stderr      # and the same stack below
     ref_img, ref_w, _ = read_stack(tmp_path / "batch")
     assert np.allclose(img, ref_img, rtol=1e-4, atol=1e-2), float(np.abs(img - ref_img).max())
     assert np.allclose(w, ref_w, rtol=1e-4, atol=1e-4)

@@ -60,7 +60,7 @@ def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int
         "REJPIX": (rejected_pixels, "outlier pixels rejected"),
         "REFFRAME": (engine.ref.file if engine.ref else None, "reference frame (stack grid)"),
         "DEBAYER": (grid.debayer if grid else None, "demosaicing"),
-        "INTERP": (cfg.engine.interpolation, "warp interpolation"),
+        "INTERP": ("drizzle" if drizzled else cfg.engine.interpolation, "warp interpolation"),
         "SMOOTHBG": (cfg.engine.smooth_background, "sharpened only where frames have signal"),
         "KAPPA": (cfg.stack.kappa, "outlier rejection threshold, sigma"),
         "DRIZZLE": (grid.scale if drizzled else None, "drizzle: grid px per sensor px"),

@@ -67,6 +67,9 @@ class Engine:
         kept in memory-mapped files when the stacks outgrow ``cfg.stack.memory_mb`` (default: the system's
         temporary folder)."""
         self.cfg = cfg
+        if cfg.drizzle.scale and cfg.engine.debayer == "superpixel":     # (the Pi's mode and a drizzle: said once)
+            log.warning("livestack: debayer superpixel has no effect with a drizzle: each sample goes to its own "
+                        "colour plane, nothing is demosaiced")
         self.masters = masters
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         self.rng = np.random.default_rng(cfg.engine.seed)
