@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from astropy.io import fits
 
 from livestack.daemon.config import WatchParams
@@ -126,6 +127,51 @@ def test_a_garbled_naxis_is_judged_at_once(tmp_path):
     t0 = time.monotonic()
     assert layout(src) == (False, None)
     assert time.monotonic() - t0 < 0.5
+
+
+@pytest.mark.parametrize("card", [b"NAXIS1  =                -3000", b"NAXIS   = 999999999"])
+def test_a_damaged_fits_header_holds_up_no_other_frame(tmp_path, card):
+    """NAXIS1 = -3000 (a garbled card) makes the data length negative: the layout, and astropy after it, found
+    the next HDU where that one starts — the same header again, for ever; NAXIS = 999999999 made astropy build a
+    shape of a billion axes (minutes) when the watcher sorted the file by its DATE-OBS.  The watcher's thread
+    spun, no frame of the night was handed on, not a line in the log.  The file is handed on, the frame beside it
+    too, and the reader refuses it in one line."""
+    import threading
+
+    from livestack.engine.frame import FrameError
+    from livestack.engine.read import read_frame
+
+    src = tmp_path / "garbled.fits"
+    fits.PrimaryHDU(np.zeros((1, 16), np.uint8)).writeto(src)
+    data = bytearray(src.read_bytes())
+    i = data.index(card[:9])
+    data[i:i + 80] = card.ljust(80)
+    src.write_bytes(bytes(data))
+    good = tmp_path / "good.fits"
+    fits.PrimaryHDU(np.zeros((64, 64), np.uint16)).writeto(good)
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    q: queue.Queue = queue.Queue()
+    w = Watcher(watch, WatchParams(settle_s=0.5, settle_complete_s=0.2, timeout_s=30.0, rescan_s=0.5), q)
+    w.start()
+    try:
+        shutil.copy(src, watch / "a_garbled.fits")
+        shutil.copy(good, watch / "b_good.fits")
+        got = {q.get(timeout=5).rel, q.get(timeout=5).rel}
+    finally:
+        w.stop()
+    assert got == {"a_garbled.fits", "b_good.fits"}
+    err = []
+
+    def read():
+        try:
+            read_frame(src)
+        except FrameError as e:
+            err.append(str(e))
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(5.0)
+    assert len(err) == 1 and "damaged FITS header" in err[0], err
 
 
 def test_recursive_leaves_calibration_folders_to_the_masters(tmp_path):

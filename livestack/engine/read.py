@@ -81,6 +81,8 @@ def read_frame(path: Path | str, *, out: np.ndarray | None = None, max_megapixel
     limit = _Limit(max_megapixels)
     s = suffix_of(path)
     if s in FITS_SUFFIXES:
+        if (why := fits_impossible(path)) is not None:
+            raise FrameError(path, why)
         return _checked_levels(_read_fits(path, out, limit))
     if s in RAW_SUFFIXES:
         return _checked_levels(_read_raw(path, out, limit))
@@ -602,14 +604,44 @@ def fits_header_numbers(f, block: bytes) -> tuple[int, dict[bytes, int]] | None:
 
 def fits_data_bytes(keys: dict[bytes, int]) -> int | None:
     """The bytes of data (padding aside) that a header's numbers (fits_header_numbers) declare; None for a NAXIS
-    beyond the standard's 999 (a garbled card: its product would take minutes)."""
+    beyond the standard's 999 (a garbled card: its product would take minutes) or a negative length (a garbled
+    NAXISn, PCOUNT or GCOUNT: the watcher's walk over the HDUs stepped back by it, onto the same header, for ever)."""
     naxis = keys.get(b"NAXIS", 0)
     if not 0 <= naxis <= 999:
         return None
     n = 1 if naxis else 0
     for i in range(1, naxis + 1):
         n *= keys.get(b"NAXIS%d" % i, 0)
-    return abs(keys.get(b"BITPIX", 8)) // 8 * keys.get(b"GCOUNT", 1) * (keys.get(b"PCOUNT", 0) + n)
+    data = abs(keys.get(b"BITPIX", 8)) // 8 * keys.get(b"GCOUNT", 1) * (keys.get(b"PCOUNT", 0) + n)
+    return data if data >= 0 else None
+
+
+def fits_impossible(path: Path) -> str | None:
+    """Why astropy must not be given ``path``: a header (the primary or an extension's) whose numbers declare no
+    possible data — a NAXIS beyond the standard's 999, or a negative length from a garbled NAXISn, PCOUNT or
+    GCOUNT.  astropy then builds a shape of a billion axes (minutes), or finds the next HDU where that one starts,
+    the same HDU again, for ever: the daemon's watcher (sorting files by their DATE-OBS) and its worker hung on
+    one such file, and no other frame of the night was handled.  None otherwise, a cut or unreadable file
+    included (astropy and the reader say what those are)."""
+    try:
+        with open(path, "rb") as f:
+            pos = 0
+            while True:
+                f.seek(pos)
+                block = f.read(2880)
+                if not block.startswith(b"XTENSION" if pos else b"SIMPLE  ="):
+                    return None
+                head = fits_header_numbers(f, block)
+                if head is None:
+                    return None
+                length, keys = head
+                data = fits_data_bytes(keys)
+                if data is None:
+                    cards = ", ".join(f"{k.decode()} = {v}" for k, v in keys.items() if k.startswith(b"NAXIS"))
+                    return f"damaged FITS header: {cards[:200]} declares no possible image"
+                pos += length + -(-data // 2880) * 2880
+    except OSError:
+        return None
 
 
 def _image_hdu(hdul, path: Path, limit: _Limit):
@@ -880,7 +912,7 @@ def image_header(path: Path | str):
     read_frame delivers (trimmed_header when it has a data section), or None for RAW files and for anything
     unreadable."""
     path = Path(path)
-    if suffix_of(path) not in FITS_SUFFIXES or not is_regular_file(path):
+    if suffix_of(path) not in FITS_SUFFIXES or not is_regular_file(path) or fits_impossible(path) is not None:
         return None
     from astropy.io import fits
     try:
@@ -960,6 +992,8 @@ def capture_time(path: Path) -> dt.datetime | None:
         if s in FITS_SUFFIXES:
             from astropy.io import fits
 
+            if fits_impossible(path) is not None:
+                return None
             with quiet_warnings():
                 with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
                     for h in hdul:
