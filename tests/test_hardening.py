@@ -347,7 +347,9 @@ def test_symlinks_out_of_the_watch_folder(tmp_path, daemon_night, follow):
     shutil.copy(src, elsewhere / "secret.dng")
     shutil.copy(src, root / "a.dng")
     (root / "out.dng").symlink_to(elsewhere / "secret.dng")          # leaves the folder
-    (root / "in.dng").symlink_to(root / "a.dng")                     # stays inside: always followed
+    (root / ".hidden").mkdir()
+    shutil.copy(src, root / ".hidden" / "b.dng")
+    (root / "in.dng").symlink_to(root / ".hidden" / "b.dng")         # stays inside: always followed
     wp = WatchParams(settle_s=0.1, timeout_s=5.0, rescan_s=0.5, follow_symlinks=follow)
     got = {r.rel: r for r in run_watcher(root, wp, 3)}
     assert set(got) == {"a.dng", "in.dng", "out.dng"}
@@ -356,6 +358,27 @@ def test_symlinks_out_of_the_watch_folder(tmp_path, daemon_night, follow):
         assert got["out.dng"].reason is None
     else:
         assert "symbolic link" in got["out.dng"].reason and "follow_symlinks" in got["out.dng"].reason
+
+
+def test_a_symlink_to_a_watched_frame_does_not_stack_it_twice(make_daemon, daemon_night):
+    """latest.dng -> a.dng (a capture script's link to the last frame): the watcher read the frame through the
+    link as well as under its own name, and the stack counted it twice.  The link is recorded failed, naming the
+    frame it leads to; after a restart too, the frame is stacked once."""
+    d = make_daemon()
+    a, b = daemon_night[0][:2]
+    shutil.copy(a, d.watch / "a.dng")
+    (d.watch / "latest.dng").symlink_to(d.watch / "a.dng")
+    d.start()
+    recs = {r["path"]: r for r in d.wait_lines(2)}
+    assert set(recs) == {"a.dng", "latest.dng"}
+    assert recs["a.dng"]["status"] == "reference"
+    assert recs["latest.dng"]["status"] == "failed" and "a.dng" in recs["latest.dng"]["reason"]
+    assert d.stop() == 0
+    shutil.copy(b, d.watch / "b.dng")
+    d.start()
+    assert sorted(r["path"] for r in d.wait_lines(3)) == ["a.dng", "b.dng", "latest.dng"]
+    assert d.stop() == 0
+    assert "Traceback" not in d.log.read_text()
 
 
 def test_a_symlink_loop_is_failed_at_timeout_not_kept_waiting(tmp_path):

@@ -16,7 +16,8 @@ class WatchParams:
     timeout_s: float = 120.0        # a file still incomplete this long after it appeared is marked failed
     rescan_s: float = 10.0          # full rescan of the folder (catches events a USB/network mount never sends)
     follow_symlinks: bool = False   # read files through symbolic links that lead out of the folder (links that
-                                    #     stay inside are always followed); false: recorded failed, not read
+                                    #     stay inside are always followed — but for one to a file watched itself,
+                                    #     the same frame twice: recorded failed); false: recorded failed, not read
 
     def __post_init__(self):
         if not 0 <= self.settle_s <= 600:

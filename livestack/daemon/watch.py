@@ -6,7 +6,8 @@ least that long — ``settle_complete_s`` then suffices.  A file renamed into th
 name, then moved into place: how capture programs make a frame appear whole) whose layout shows a whole image
 is handed on at once; files written slowly in chunks wait.  A file
 still incomplete — or still growing — ``timeout_s`` after it appeared is handed on with a reason, and the worker
-records it failed.  So is a symbolic link leading out of the folder, unless ``follow_symlinks``.
+records it failed.  So is a symbolic link leading out of the folder, unless ``follow_symlinks``, and one leading to
+another file the watcher takes (the same frame, twice).
 
 The watcher never opens pixel data and never waits on the worker: it only stats files and reads headers.
 """
@@ -258,6 +259,10 @@ class Watcher:
             return None
         if any(real.is_relative_to(e) for e in self._exclude):
             return "a symbolic link into the session folder; not read"
+        if real.is_relative_to(self.root) and (twin := self._rel(real)) is not None:
+            # the file it leads to is watched itself, under its own name: read through the link too, that frame
+            # would be stacked twice (a capture script's "latest.fits" link to the last frame)
+            return f"a symbolic link to {twin}, which is stacked under its own name; not read"
         if not self.p.follow_symlinks and not real.is_relative_to(self.root):
             return "a symbolic link out of the watch folder; not read ([watch] follow_symlinks = false)"
         return None
