@@ -178,14 +178,16 @@ def test_recursive_leaves_calibration_folders_to_the_masters(tmp_path):
     """`livestack capture --type dark -o OUT` writes OUT/darks/ beside the lights; a daemon watching OUT with
     --recursive stacked those darks (and flats) as lights — DSLR ones have no IMAGETYP to refuse them by.
     Folders whose name says calibration (as `livestack masters` reads names) are not watched; lights in any
-    other subfolder are, whether there at the start or arriving later."""
+    other subfolder are, whether there at the start or arriving later — a target's named like one ("Dark Shark
+    Nebula") too: no light of it was stacked, and not a line said why."""
     import dataclasses
 
     src = tmp_path / "light.fits"
     fits.PrimaryHDU(np.zeros((64, 64), np.uint16)).writeto(src)
     root = tmp_path / "watch"
     early = ["M31/a.fits", "darks/d1.fits", "Flat_Fields/f1.fits", "night1/Offsets/b1.fits", "night1/lights/l1.fits"]
-    late = ["M31/b.fits", "darkflats/df1.fits", "bias/b2.fits", "c.fits"]
+    late = ["M31/b.fits", "darkflats/df1.fits", "bias/b2.fits", "c.fits", "2026-11-29/Dark Shark Nebula/L/s1.fits",
+            "Darks_300s_gain100_-10C/d2.fits"]
     for rel in early:
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, root / rel)
@@ -205,4 +207,5 @@ def test_recursive_leaves_calibration_folders_to_the_masters(tmp_path):
                 pass
     finally:
         w.stop()
-    assert got == {"M31/a.fits", "night1/lights/l1.fits", "M31/b.fits", "c.fits"}, got
+    assert got == {"M31/a.fits", "night1/lights/l1.fits", "M31/b.fits", "c.fits",
+                   "2026-11-29/Dark Shark Nebula/L/s1.fits"}, got

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import stat
 import threading
 import time
@@ -36,14 +37,26 @@ IGNORED_ENDINGS = (".part", ".partial", ".tmp", ".temp", "~", ".xmp", ".swp", ".
                    ".filepart")
 
 
+# Words that follow the kind in a calibration folder's name besides numbers and short units ("Darks_300s_gain100",
+# "Flats Halpha bin2", "flat-darks"): its exposure, settings, filter.
+_CALIBRATION_WORDS = frozenset(
+    "gain offset temp bin binning iso sec secs mins exp exposure master masters frame frames field fields "
+    "lum luma luminance red green blue clear halpha hbeta oiii dual".split())
+
+
 def calibration_folder(name: str) -> bool:
     """A subfolder of calibration frames — bias/, darks/, flats/, darkflats/ as `livestack capture --type` writes
-    them beside the lights, or any name `livestack masters` takes for one ("Darks_60s", "Offsets") — which
+    them beside the lights, or a name `livestack masters` takes for one ("Darks_60s", "Offsets") — which
     `--recursive` leaves to `livestack masters`: its DSLR darks and flats were stacked as lights (rejected for
-    want of stars, a line each in frames.jsonl, or worse)."""
+    want of stars, a line each in frames.jsonl, or worse).  A name that goes on with another word is a target's
+    ("Dark Shark Nebula", "Dark Horse"): masters' reading of the first letters alone left such a target's lights
+    unwatched — not one stacked, not a line in the log."""
     from ..masters import kind_from_folder
 
-    return kind_from_folder(name) in ("bias", "dark", "darkflat", "flat")
+    if kind_from_folder(name) not in ("bias", "dark", "darkflat", "flat"):
+        return False
+    words = re.findall(r"[a-z]+", name.lower())[1:]
+    return all(len(w) <= 3 or w in _CALIBRATION_WORDS or kind_from_folder(w) is not None for w in words)
 
 
 def is_candidate(name: str) -> bool:
