@@ -42,7 +42,8 @@ from .engine.calibrate import Masters, same_exposure
 from .engine.filtername import filter_key
 from .engine.frame import Frame, FrameError
 from .engine.quiet import quiet_warnings
-from .engine.read import FITS_SUFFIXES, _IMAGETYP, _decoder_errors, capture_order, is_supported, read_frame, suffix_of
+from .engine.read import (FITS_SUFFIXES, _IMAGETYP, _decoder_errors, capture_order, fits_impossible, is_supported,
+                          read_frame, suffix_of)
 
 KINDS = ("bias", "dark", "darkflat", "flat")          # build order: each may need the ones before it
 KIND_LABEL = {"bias": "bias", "dark": "dark", "darkflat": "dark-flat", "flat": "flat"}
@@ -157,6 +158,8 @@ def _fits_imagetyp(path: Path) -> str | None:
     """Kind from a FITS header (no pixel decode): 'light', 'dark', … or None."""
     from astropy.io import fits
 
+    if fits_impossible(path) is not None:     # astropy would walk onto the same header for ever (read_frame says why)
+        return None
     try:
         with quiet_warnings():
             with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:

@@ -523,6 +523,30 @@ def test_each_filter_stack_names_its_own_flat_in_calibrat(tmp_path):
                                                               "flat=flat_R_iso800_g120_SIMCAM-1_320x240")
 
 
+def test_a_damaged_fits_header_holds_up_no_master(tmp_path):
+    """A FITS file in a folder whose name says no kind, with no IMAGETYP and a NAXIS1 card garbled to -3000:
+    looking for its IMAGETYP in every HDU, astropy found the next HDU where that one starts — the same header, for
+    ever: `livestack masters` hung.  It is skipped, and the darks beside it make their master."""
+    import subprocess
+    import sys
+
+    render_calibration(tmp_path / "calib", SIM, n_bias=0, n_dark=3, n_flat=0, n_darkflat=0)
+    (tmp_path / "calib" / "other").mkdir()
+    garbled = tmp_path / "calib" / "other" / "garbled.fits"
+    fits.PrimaryHDU(np.zeros((1, 16), np.uint8)).writeto(garbled)   # -3000 bytes: the next HDU is this one
+    data = bytearray(garbled.read_bytes())
+    i = data.index(b"NAXIS1  =")
+    data[i:i + 80] = b"NAXIS1  = -3000".ljust(80)
+    garbled.write_bytes(bytes(data))
+    r = subprocess.run([sys.executable, "-m", "livestack.cli", "masters", str(tmp_path / "calib"), "-o",
+                        str(tmp_path / "M"), "-q"], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    index = json.loads((tmp_path / "M" / "masters.json").read_text())
+    assert [e["kind"] for e in index["masters"]] == ["dark"], index
+    assert any(s["file"].endswith("garbled.fits") for s in index["skipped"]), index["skipped"]
+
+
 def test_a_flat_is_found_under_another_spelling_of_its_filter(tmp_path):
     """Flats taken as 'R' calibrate lights whose capture program writes 'Red' (and not the G ones): the library
     matches filters as the stacks do (filter_key), not by the exact name."""
