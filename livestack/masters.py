@@ -173,6 +173,30 @@ def _fits_imagetyp(path: Path) -> str | None:
     return None
 
 
+def _made_master(path: Path) -> bool:
+    """True when a FITS calibration file says it is a master already (IMAGETYP 'Master …', NCOMBINE or Siril's
+    STACKCNT above 1): made by another program or by livestack, from frames that had their bias or dark-flat
+    taken off — a flat of these must not have it taken off again (no pixel decode)."""
+    from astropy.io import fits
+
+    if suffix_of(path) not in FITS_SUFFIXES or fits_impossible(path) is not None:
+        return False
+    try:
+        with quiet_warnings():
+            with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+                for h in hdul:
+                    typ = str(h.header.get("IMAGETYP", "")).strip().lower()
+                    if typ.startswith("master"):
+                        return True
+                    for key in ("NCOMBINE", "STACKCNT"):
+                        n = h.header.get(key)
+                        if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 1:
+                            return True
+    except (OSError, ValueError, TypeError, IndexError, KeyError, fits.VerifyError, *_decoder_errors()):
+        return False
+    return False
+
+
 def discover(calib_dir: Path, *, exclude: Path | None = None) -> tuple[dict[str, list[Path]], list[dict]]:
     """Calibration files under ``calib_dir`` (recursive), by kind, in capture order; and the files skipped,
     each {"file", "reason"}.  The nearest folder whose name says a kind wins over the FITS IMAGETYP."""
@@ -437,6 +461,7 @@ class _Group:
     sources: list = field(default_factory=list)
     sums: list = field(default_factory=list)      # flats: (2, 2) per-frame raw means
     blacks: list = field(default_factory=list)    # (2, 2) black level of each frame
+    made: list = field(default_factory=list)      # flats: True for a master flat made elsewhere (offset taken off)
     stats: list = field(default_factory=list)     # _FrameStats of each frame
 
 
@@ -516,7 +541,9 @@ def _ingest(kind, paths, calib_dir, out_dir, p, skipped, say) -> list[_Group]:
             g.sources.append(rel)
             g.exptimes.append(frame.meta.exptime)
             g.temps.append(frame.meta.temperature)
-            g.blacks.append(frame.black.astype(np.float64))
+            made = kind == "flat" and _made_master(path)
+            g.made.append(made)
+            g.blacks.append(np.zeros((2, 2)) if made else frame.black.astype(np.float64))
             g.stats.append(frame_stats(frame.data))
             if kind == "flat":
                 g.sums.append(site_means(frame.data, frame.is_color))
@@ -693,7 +720,8 @@ def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped
     colour = g.pattern is not None
     # What each flat has subtracted: the master of its own exposure (flats of several exposures — sky flats,
     # an automatic flat panel — are one group, each with its own dark-flat), else the bias, else its black level.
-    offsets = [_flat_offset(g, lib, t) for t in g.exptimes]
+    # A master flat made elsewhere had its offset taken off there: nothing (its black level is zeroed at ingest).
+    offsets = [None if made else _flat_offset(g, lib, t) for t, made in zip(g.exptimes, g.made)]
     subs: list[np.ndarray | None] = []
     means = []                                                   # (2, 2) per frame: the subtracted means
     offset_means = {}

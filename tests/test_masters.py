@@ -405,6 +405,35 @@ def test_float_flats_of_0_to_1_are_one_set_whatever_their_brightest_pixel(tmp_pa
     assert flat.ncombine == 4 and lib.skipped == []
 
 
+@pytest.mark.parametrize("made_by", ["siril", "livestack"])
+def test_a_master_flat_made_elsewhere_is_not_offset_again(tmp_path, made_by):
+    """A master flat made by another program (Siril: float 0…1, STACKCNT) or by livestack (mean 1, IMAGETYP
+    'Master Flat', NCOMBINE) has had the bias or dark-flat taken off its flats already.  Put among the flats
+    beside bias frames, it had the master bias subtracted once more: Siril's came out 4 % too dark in the
+    corners (lights calibrated with it too bright there), livestack's own went below 0 and was left out as
+    'a flat without light'."""
+    cfg = dataclasses.replace(SIM, width=160, height=120, seed=41, mono=True)
+    calib = tmp_path / "calib"
+    render_calibration(calib, cfg, n_bias=3, n_dark=0, n_flat=0, n_darkflat=0)
+    truth = true_flat(cfg)
+    (calib / "flats").mkdir(exist_ok=True)
+    h = fits.Header()
+    h["INSTRUME"], h["GAIN"], h["ISOSPEED"], h["FILTER"], h["EXPTIME"] = cfg.camera, cfg.gain_setting, cfg.iso, "L", 1.0
+    if made_by == "siril":                   # bias-subtracted, in 0…1 of 16 bits
+        h["IMAGETYP"], h["STACKCNT"], h["PROGRAM"] = "Flat Field", 20, "Siril v1.2.4"
+        data = truth * np.float32(0.4 * (cfg.white - cfg.bias) / 65535)
+    else:
+        h["IMAGETYP"], h["NCOMBINE"] = "Master Flat", 20
+        data = truth / truth.mean()
+    fits.writeto(calib / "flats" / "master_flat_L.fits", data.astype(np.float32), h)
+    lib = build_library(calib, tmp_path / "M")
+    (flat,) = [e for e in lib.entries if e.kind == "flat"]
+    assert lib.skipped == [] and flat.subtracted is None
+    bad = lib.bad_map(flat.name)
+    r = lib.array(flat.name)[~bad] / (truth[~bad] / truth[~bad].mean()) - 1
+    assert np.abs(r).max() < 1e-3
+
+
 # ---------------------------------------------------------------- darks
 
 def test_dark_of_60s_scaled_to_120s_matches_a_true_120s_dark(lib, tmp_path):
