@@ -509,7 +509,7 @@ def build_library(calib_dir: Path | str, out_dir: Path | str, p: CalibrationPara
             for g in groups:
                 g.spill.remove()
     if not lib.entries:
-        raise MasterError(f"{calib_dir}: no master could be built ({len(skipped)} files skipped)")
+        raise MasterError(f"{calib_dir}: no master could be built ({len(skipped)} file{'s' * (len(skipped) != 1)} skipped)")
     lib.save()
     return lib
 

@@ -45,7 +45,7 @@ def cmd_masters(args, cfg) -> int:
         print(f"livestack masters: {err}", file=sys.stderr)
         return 1
     print(f"{len(lib.entries)} masters in {out / 'masters.json'} ({time.perf_counter() - t0:.1f} s)"
-          + (f"; {len(lib.skipped)} files skipped (listed there)" if lib.skipped else ""))
+          + (f"; {len(lib.skipped)} file{'s' * (len(lib.skipped) != 1)} skipped (listed there)" if lib.skipped else ""))
     return 0
 
 
