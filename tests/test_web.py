@@ -466,6 +466,37 @@ def test_the_page_comes_back_after_its_event_stream_got_an_http_error(web):
 
 
 @pytest.mark.browser
+def test_the_page_says_offline_while_the_daemon_is_down(web):
+    """A stream lost to a network error (the daemon restarting: connection refused) is retried by the browser
+    itself, its EventSource 'connecting', never closed: the page said offline only for a closed one, and went on
+    showing the last state ("processing", "idle") and its numbers as live for as long as the daemon was down."""
+    from playwright.sync_api import expect
+
+    with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
+        expect(page.locator("#conn")).to_have_class("dot on", timeout=15_000)
+        status = req(web, "GET", "/api/status")[1].decode()
+        calls = []
+
+        def events(route):
+            calls.append(1)
+            if len(calls) == 1:      # the stream of the daemon that is about to stop
+                route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
+                              body=f"retry: 300\n\nevent: status\ndata: {status}\n\n")
+            else:                    # … then nobody listens on the port
+                route.abort("connectionrefused")
+
+        page.route("**/api/events", events)
+        page.reload()
+        page.wait_for_function("() => state.es && state.es.readyState === 0 && !$('conn').classList.contains('on')",
+                               timeout=10_000)
+        expect(page.get_by_test_id("state")).to_have_text("offline", timeout=5_000)
+        page.unroute("**/api/events")                  # the daemon is back
+        expect(page.locator("#conn")).to_have_class("dot on", timeout=15_000)
+        expect(page.get_by_test_id("state")).not_to_have_text("offline")
+    assert [e for e in errors if "ERR_CONNECTION_REFUSED" not in e and "ERR_FAILED" not in e] == []
+
+
+@pytest.mark.browser
 def test_the_pages_own_export_link_still_downloads(web):
     """Exports are refused to another site's page (Sec-Fetch-Site): the page's own links are same-origin."""
     with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):

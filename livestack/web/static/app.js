@@ -670,8 +670,9 @@ function connect() {
   es.onerror = () => {
     $("conn").classList.remove("on");
     const pill = $("state");
+    // offline whether the browser connects again by itself (a network error: the daemon restarting) or not
+    pill.textContent = "offline"; pill.className = "pill offline";
     if (es.readyState === EventSource.CLOSED) {
-      pill.textContent = "offline"; pill.className = "pill offline";
       // the browser retries network errors only: an HTTP error (a reverse proxy's 502 while the daemon restarts,
       // the 503 of too many connections) closed the stream for good, the page "offline" until reloaded
       if (state.es === es) setTimeout(() => { if (state.es === es) connect(); }, 3000);
