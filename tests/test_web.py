@@ -465,6 +465,26 @@ def test_the_page_comes_back_after_its_event_stream_got_an_http_error(web):
     assert [e for e in errors if "502" not in e] == []
 
 
+def test_a_restarted_daemon_does_not_reuse_the_preview_ids_of_its_last_run(make_daemon, daemon_night):
+    """The page loads the preview when `preview_id` differs from the one it shows.  Counted from 0 at each start,
+    a restarted daemon gave its previews the ids of the last run's: a page open across the restart (frames
+    captured meanwhile, stacked at the start) saw the id it had, and kept the old run's image — 4 frames on
+    screen under a caption of 7, until the next frame."""
+    files, _ = daemon_night
+    d = make_daemon(name="preview-ids")
+    for f in files[:4]:
+        shutil.copy(f, d.watch / f.name)
+    d.start()
+    d.wait_lines(4)
+    before = wait_status(d, lambda s: s["frames"] == 4 and s["state"] == "idle" and s["has_stack"])["preview_id"]
+    assert d.stop() == 0
+    time.sleep(0.01)
+    d.start()
+    after = wait_status(d, lambda s: s["state"] == "idle" and s["has_stack"])["preview_id"]
+    assert after > before
+    assert d.stop() == 0
+
+
 @pytest.mark.browser
 def test_the_page_says_offline_while_the_daemon_is_down(web):
     """A stream lost to a network error (the daemon restarting: connection refused) is retried by the browser

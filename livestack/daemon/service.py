@@ -114,7 +114,9 @@ class Service:
         # so that a page open across a restart — whose resume may have rewritten the log — reads it again
         self._generation = time.time_ns() // 1_000_000 % 2 ** 31
         self._preview: bytes | None = None
-        self._preview_id = 0
+        # counted from this start's clock too: a page open across a restart that saw the last run's id again kept
+        # the last run's image
+        self._preview_id = time.time_ns() // 1_000_000 % 2 ** 31
         self._state = "starting"
         self._restack: dict | None = None
         self._since_ckpt = 0
