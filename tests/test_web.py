@@ -517,6 +517,23 @@ def test_the_page_says_offline_while_the_daemon_is_down(web):
 
 
 @pytest.mark.browser
+@pytest.mark.parametrize("width", [390, 360])
+def test_the_status_numbers_are_whole_on_a_phone(web, width):
+    """The status tiles cut what does not fit with an ellipsis: on a 390 px phone the integration of most of a
+    night's first hour ("16 m 00 s") read "16 m 0…", on a 360 px one even "2 h 15 m" was cut."""
+    with chromium_page(web.url, viewport={"width": width, "height": 844}, device_scale_factor=2, is_mobile=True,
+                       has_touch=True) as (page, errors):
+        page.wait_for_selector("#conn.on", timeout=15_000)
+        for s in (959, 3599, 8100, 36300):          # 15 m 59 s, 59 m 59 s, 2 h 15 m, 10 h 05 m
+            cut = page.evaluate("""(s) => { showStatus({...state.status, integration_s: s, last_frame_time:
+                    "2026-11-25T23:59:58"});
+                return [...document.querySelectorAll('.stat b')].filter((b) => b.scrollWidth > b.clientWidth)
+                    .map((b) => b.textContent); }""", s)
+            assert cut == [], (s, cut)
+    assert errors == []
+
+
+@pytest.mark.browser
 def test_the_pages_own_export_link_still_downloads(web):
     """Exports are refused to another site's page (Sec-Fetch-Site): the page's own links are same-origin."""
     with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
