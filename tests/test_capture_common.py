@@ -291,6 +291,27 @@ def test_sim_driver_into_an_unwritable_folder_stops_with_one_line(tmp_path, monk
     assert "Traceback" not in r.stderr
 
 
+def test_a_folder_removed_mid_night_stops_with_one_line(tmp_path, capsys, monkeypatch):
+    """The watched folder deleted between frames (by hand, a clean-up script, a USB disk unmounted): one line
+    naming the folder and the reason, exit 1 (before: numbering the next frame raised FileNotFoundError — a
+    traceback from the sim driver, 'gave up' as if the camera had gone from INDI and gphoto2)."""
+    import shutil
+
+    from drivers.capture.common import run_capture, run_plan
+
+    out = tmp_path / "lights"
+
+    def take(index):
+        path = out / f"light_{index:04d}_1s.fits"
+        atomic_write(path, b"frame")
+        shutil.rmtree(out)
+        return path
+    plan = CapturePlan(exposure=1, count=3, out=out)
+    monkeypatch.setattr(Stop, "install_signals", lambda self: None)    # pytest's own Ctrl-C handling stays
+    assert run_capture("sim", plan, lambda stop: run_plan(plan, take, stop)) == 1
+    assert capsys.readouterr().err == f"capture sim: cannot write in {out}: No such file or directory (ENOENT)\n"
+
+
 def test_sigterm_finishes_the_frame_and_exits_cleanly(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "drivers.capture.sim", "30", "--interval", "0.2",
                              "--width", "320", "--height", "240", "-o", str(tmp_path)], cwd=ROOT,

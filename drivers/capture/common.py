@@ -369,7 +369,11 @@ def run_plan(plan: CapturePlan, take: Callable[[int], Path], stop: Stop, *,
         if n and plan.interval and stop.wait(plan.interval):
             break
         try:
-            path = take(claim_index(plan.folder, plan.kind))   # per frame: another run may share the folder
+            index = claim_index(plan.folder, plan.kind)   # per frame: another run may share the folder
+        except OSError as err:    # the folder removed (or made unreadable) since the start: not a lost camera
+            raise CaptureError(f"cannot write in {plan.folder}: {_os_reason(err)}") from err
+        try:
+            path = take(index)
         except StopRequested as err:
             if str(err):              # why no frame came (e.g. "stopped while cooling (at -1.5 °C)")
                 log.warning("%s", err)
