@@ -365,6 +365,10 @@ def test_plan_refuses_nonsense():
     ("indi", ["1", "--download-timeout", "-1"], "--download-timeout -1 s: must be"),
     ("indi", ["1", "--temp-timeout", "nan"], "--temp-timeout nan s: must be"),
     ("indi", ["1", "--temperature", "nan"], "--temperature nan °C: must be"),
+    ("sim", ["1", "--gain", "nan"], "gain nan: must be a finite number"),     # was a ValueError traceback
+    ("sim", ["1", "--gain", "inf"], "gain inf: must be a finite number"),     # an OverflowError traceback
+    ("indi", ["1", "--gain", "nan"], "gain nan: must be a finite number"),    # the camera asked, then exit 1
+    ("gphoto2", ["1", "--iso", "nan"], "gain nan: must be a finite number"),
 ])
 def test_a_number_that_cannot_be_one_is_a_usage_error(tmp_path, driver, args, said):
     """NaN and infinity parse as floats: an exposure of 'nan' or 'inf' went on to the simulator (a numpy

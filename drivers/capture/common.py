@@ -58,6 +58,8 @@ class CapturePlan:
             raise ValueError(f"--type {self.kind!r}: unknown (known: {', '.join(KINDS)})")
         if not 1 <= self.binning <= 16:
             raise ValueError(f"--binning {self.binning}: must be 1..16")
+        if self.gain is not None and not math.isfinite(self.gain):   # argparse's float() takes 'nan', 'inf'
+            raise ValueError(f"gain {self.gain:g}: must be a finite number")
 
     @property
     def folder(self) -> Path:
