@@ -429,6 +429,22 @@ def test_a_token_with_percent_and_ampersand_in_the_hash(make_daemon, in_hash):
     assert d.stop() == 0
 
 
+def _stream_then(web, then):
+    """A route for /api/events: the first request gets one status event and the stream ends (retry in 0.3 s),
+    every later one ``then(route)``."""
+    status = req(web, "GET", "/api/status")[1].decode()
+    calls = []
+
+    def events(route):
+        calls.append(1)
+        if len(calls) == 1:
+            route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
+                          body=f"retry: 300\n\nevent: status\ndata: {status}\n\n")
+        else:
+            then(route)
+    return events
+
+
 @pytest.mark.browser
 def test_the_page_comes_back_after_its_event_stream_got_an_http_error(web):
     """An EventSource that gets an HTTP error (a reverse proxy's 502 while the daemon restarts, the 503 of too
@@ -438,18 +454,10 @@ def test_the_page_comes_back_after_its_event_stream_got_an_http_error(web):
 
     with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
         expect(page.locator("#conn")).to_have_class("dot on", timeout=15_000)
-        status = req(web, "GET", "/api/status")[1].decode()
-        calls = []
-
-        def events(route):
-            calls.append(1)
-            if len(calls) == 1:      # a stream that ends (a proxy's timeout, a restart): the browser reconnects
-                route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
-                              body=f"retry: 300\n\nevent: status\ndata: {status}\n\n")
-            else:                    # … and meets the proxy's 502 while the daemon is not back yet
-                route.fulfill(status=502, headers={"Content-Type": "text/html"}, body="<h1>502 Bad Gateway</h1>")
-
-        page.route("**/api/events", events)
+        # a stream that ends (a proxy's timeout, a restart): the browser reconnects, and meets the proxy's 502
+        # while the daemon is not back yet
+        page.route("**/api/events", _stream_then(web, lambda route: route.fulfill(
+            status=502, headers={"Content-Type": "text/html"}, body="<h1>502 Bad Gateway</h1>")))
         page.reload()                # the page's stream, now through the route
         page.wait_for_function("() => typeof state === 'object' && state.es && state.es.readyState === 2",
                                timeout=10_000)
@@ -494,18 +502,8 @@ def test_the_page_says_offline_while_the_daemon_is_down(web):
 
     with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
         expect(page.locator("#conn")).to_have_class("dot on", timeout=15_000)
-        status = req(web, "GET", "/api/status")[1].decode()
-        calls = []
-
-        def events(route):
-            calls.append(1)
-            if len(calls) == 1:      # the stream of the daemon that is about to stop
-                route.fulfill(status=200, headers={"Content-Type": "text/event-stream"},
-                              body=f"retry: 300\n\nevent: status\ndata: {status}\n\n")
-            else:                    # … then nobody listens on the port
-                route.abort("connectionrefused")
-
-        page.route("**/api/events", events)
+        # the stream of the daemon that is about to stop, then nobody listens on the port
+        page.route("**/api/events", _stream_then(web, lambda route: route.abort("connectionrefused")))
         page.reload()
         page.wait_for_function("() => state.es && state.es.readyState === 0 && !$('conn').classList.contains('on')",
                                timeout=10_000)
