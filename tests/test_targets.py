@@ -340,6 +340,30 @@ def test_clouds_between_the_frames_of_a_new_field_still_make_a_new_target(tmp_pa
         (b[4].name, "stacked"), (b[5].name, "stacked")]
 
 
+def test_back_from_a_target_whose_every_frame_was_rejected_resumes_the_first(tmp_path):
+    """M13, then M57 under clouds (every frame rejected: it never has a stack), then M13 again: the return was
+    not seen — a target without a stack had no pointing to have slewed from — so M13's frames became the
+    reference of the cloudy target, and M13 was stacked in two halves, two targets of one name."""
+    a = _sky(tmp_path, "a", 11, 3, 20, M13, "M 13")
+    b = _sky(tmp_path, "b", 22, 3, 21, M57, "M 57", defects={0: "cloudy", 1: "cloudy", 2: "cloudy"})
+    c = _sky(tmp_path, "c", 11, 2, 22, M13, "M 13")
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = _service(tmp_path, watch, out)
+    svc.start()
+    _feed_live(svc, watch, a + b + c)
+    svc.stop(timeout=30)
+    assert svc.error is None
+    book = json.loads((out / "targets.json").read_text())["targets"]
+    assert [t["name"] for t in book if t["current"]] == ["M 13"] and len(book) == 2
+    cur = read_frames_log(out / "frames.jsonl")
+    assert _stacked_names(cur) == [f.name for f in a + c]
+    assert [r["status"] for r in cur].count("reference") == 1
+    other = next(t for t in book if not t["current"])
+    assert [(r["path"], r["status"]) for r in read_frames_log(out / other["folder"] / "frames.jsonl")] == [
+        (f.name, "rejected") for f in b]
+
+
 def test_new_target_after_zero_keeps_one_target(tmp_path, three_targets):
     files, parts = three_targets[False]
     watch, out = tmp_path / "watch", tmp_path / "out"

@@ -537,11 +537,11 @@ class Service:
     def _slewed(self, item: Ready) -> bool:
         """A frame whose header says the mount points more than slew_deg away from the current target's
         pointing belongs to another target: switch before processing it (to the archived target it points at,
-        or a new one).  True when it was switched (the frame is queued first for the new target)."""
-        if not self.engine.has_stack:
-            return False
+        or a new one).  True when it was switched (the frame is queued first for the new target).  A target with
+        nothing stacked yet (every frame rejected: clouds) has the pointing of the frame that slewed to it."""
         cur = self.book.current
-        here = self.engine.ref.pointing or cur.pointing     # the mount's pointing, as in the frame's header
+        # the mount's pointing, as in the frame's header
+        here = (self.engine.ref.pointing or cur.pointing) if self.engine.has_stack else cur.pointing
         if here is None:
             return False
         pointing = read_pointing(item.path)
@@ -552,7 +552,12 @@ class Service:
                 if ref.get("pointing") or t.pointing]
         near = [t for t, d in sorted(near, key=lambda x: x[1]) if d <= self.sp.slew_deg]
         why = f"{item.rel} points {separation(pointing, here):.2f}° from {cur.name}"
-        return self._switch(near[0] if near else None, [item], why)
+        if not self._switch(near[0] if near else None, [item], why):
+            return False
+        if not near:     # where the new target is, before any frame of it is stacked (clouds: maybe none will be)
+            self.book.current.pointing = [round(v, 6) for v in pointing]
+            self._best_effort(self.book.save)
+        return True
 
     def _hold(self, item: Ready, rec: FrameRecord, *, good: bool = True) -> None:
         """A frame that does not register: it returns to an archived target, or it is one of the
