@@ -364,6 +364,36 @@ def test_back_from_a_target_whose_every_frame_was_rejected_resumes_the_first(tmp
         (f.name, "rejected") for f in b]
 
 
+def test_an_exclusion_asked_on_a_target_just_archived_is_refused_not_applied_to_the_next(tmp_path):
+    """The page's "exclude" on a frame of M13 while the frame that slews to M57 is being read: the request ran
+    after the switch, on M57 — answered as done, M57 restacked for nothing with a_02 in its excluded.json, and
+    a_02 still stacked in M13.  It is refused (the frame is another target's now); M57 is left as it was."""
+    from livestack.session import Refused
+
+    a = _sky(tmp_path, "a", 11, 4, 20, M13, "M 13")
+    b = _sky(tmp_path, "b", 22, 2, 21, M57, "M 57")
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = _service(tmp_path, watch, out)
+    svc.start()
+    _feed_live(svc, watch, a)
+    real, futs = svc._switch, []
+
+    def switch(to, redo, why):      # the click lands while b_00 is being read
+        futs.append(svc.exclude(a[2].name))
+        return real(to, redo, why)
+
+    svc._switch = switch
+    _feed_live(svc, watch, b)
+    with pytest.raises(Refused, match="M 13"):
+        futs[0].result(30)
+    svc.stop(timeout=30)
+    assert svc.error is None and svc.snapshot.status["restacks"] == 0
+    assert not (out / "session" / "excluded.json").exists()
+    assert [r["status"] for r in read_frames_log(out / "archive" / "M_13" / "frames.jsonl")].count("excluded") == 0
+    assert _stacked_names(read_frames_log(out / "frames.jsonl")) == [f.name for f in b]
+
+
 def test_new_target_after_zero_keeps_one_target(tmp_path, three_targets):
     files, parts = three_targets[False]
     watch, out = tmp_path / "watch", tmp_path / "out"

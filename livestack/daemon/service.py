@@ -347,7 +347,8 @@ class Service:
         with self._excl_lock:
             if exclude == (rel in self._wanted) and not self._excl_open:
                 raise Refused(f"{name} is {'already' if exclude else 'not'} excluded")
-            fut = self._submit(self._cmd_exclude, rel, exclude)
+            target = self._snap.status.get("target")     # the target whose frame it is
+            fut = self._submit(self._cmd_exclude, rel, exclude, target and target["id"])
             self._wanted = (self._wanted | {rel}) if exclude else (self._wanted - {rel})
             self._excl_open += 1
         return fut
@@ -1173,8 +1174,13 @@ class Service:
         out16 = out16[0] if out16.shape[0] == 1 else np.ascontiguousarray(out16.transpose(1, 2, 0))
         return encode_png16(out16) if fmt == "png" else encode_tiff16(out16)
 
-    def _cmd_exclude(self, rel: str, exclude: bool) -> None:
-        """One exclude/include request, applied to the set; _exclusions restacks once for all of them."""
+    def _cmd_exclude(self, rel: str, exclude: bool, target: int | None = None) -> None:
+        """One exclude/include request, applied to the set; _exclusions restacks once for all of them.  Refused
+        when a switch of targets came between the request and now: the frame is an archived target's."""
+        if target is not None and target != self.book.current.id:
+            old = self.book.get(target)
+            raise Refused(f"{rel} is a frame of {old.name if old else f'target {target}'}, archived since: "
+                          f"it is not excluded or included; see GET /api/targets")
         self.excluded = (self.excluded | {rel}) if exclude else (self.excluded - {rel})
 
     def _exclusions(self, first: tuple) -> None:
@@ -1188,9 +1194,15 @@ class Service:
         def absorb(batch: list[tuple]) -> bool:
             nonlocal n
             for fut, fn, args in batch:
-                if fut.set_running_or_notify_cancel():
+                ok = fut.set_running_or_notify_cancel()
+                try:
+                    fn(*args)
+                except Refused as err:       # another target's frame (a switch came between)
+                    if ok:
+                        fut.set_exception(err)
+                    continue
+                if ok:
                     running.append(fut)
-                fn(*args)
             n += len(batch)
             return bool(batch)
 
