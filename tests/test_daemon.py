@@ -332,6 +332,44 @@ def test_a_restart_rewrites_stack_files_the_checkpoint_is_ahead_of(tmp_path, dae
     assert fits.getheader(out / "stack.fits")["NCOMBINE"] == n - 1
 
 
+def test_a_frame_excluded_before_a_kill_keeps_its_measurements(tmp_path, daemon_night):
+    """kill -9 after an exclusion was saved, before the restack's checkpoint: the restart restacks ("built
+    before the last exclusion") and the excluded frame's line keeps its measurements — filter, index, FWHM,
+    stars — as a restack without the kill keeps them (the plots still show why it was excluded); they were
+    recorded bare, the frame shown with no filter and no numbers."""
+    from livestack.config import Config
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    files = daemon_night[0][:4]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for f in files:
+        shutil.copy(f, watch / f.name)
+
+    def service():
+        svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0,
+                                                        rescan_s=0.5), DaemonParams(out=str(out)))
+        svc.start()
+        deadline = time.monotonic() + 60
+        while not ((s := svc.status())["frames"] >= 4 and s["state"] == "idle") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return svc
+
+    service().stop(timeout=10)
+    before = read_frames_log(out / "frames.jsonl")[1]
+    (out / "session" / "excluded.json").write_text(json.dumps([files[1].name]))   # what the restack saves first
+    svc = service()
+    svc.stop(timeout=10)
+    assert svc.error is None
+    recs = read_frames_log(out / "frames.jsonl")
+    assert [r["file"] for r in recs] == [f.name for f in files]
+    after = recs[1]
+    assert after["status"] == "excluded" and after["weight"] is None, after
+    assert {k: after[k] for k in ("filter", "index", "fwhm", "stars", "time", "exptime")} == \
+        {k: before[k] for k in ("filter", "index", "fwhm", "stars", "time", "exptime")}, (before, after)
+
+
 def test_every_frame_excluded_then_a_new_frame_is_the_targets_reference(tmp_path, daemon_night):
     """A restack that excludes every frame leaves no stack; the next frame to arrive is the new reference: the
     target, session/reference.json (what a returning frame is matched against) and the plate solve are its —

@@ -228,6 +228,8 @@ class Service:
         r = self.folder.resume(self.cfg, masters=self.masters,
                                present=lambda d: (self.watch_dir / (d.get("path") or d["file"])).is_file())
         self.engine, self.records = r.engine, list(r.records)
+        # the lines after the checkpoint, by file: an excluded one, queued again, keeps its measurements
+        self._dropped = {d.get("path") or d["file"]: d for d in r.dropped}
         self._logged = None if r.log_stale else len(self.records)   # None: frames.jsonl is rewritten whole
         self._ckpt_frames = r.checkpointed     # what a crash now would resume from, as the status says it
         self.excluded = self.folder.excluded()
@@ -485,7 +487,11 @@ class Service:
         if self._blocked:
             self._catch_up()         # space may be back: what is owed goes first (frames.jsonl in order)
         if item.rel in self.excluded:
-            rec = FrameRecord(file=item.path.name, status="excluded", reason="excluded by the user")
+            # measured before a restart that restacks (kill -9 during an exclusion's restack): its measurements
+            # kept, as a restack keeps them — the plots still show why it was excluded
+            old = self._dropped.get(item.rel) or {"file": item.path.name}
+            rec = FrameRecord.from_dict({**old, "status": "excluded", "reason": "excluded by the user",
+                                         "weight": None})
         elif item.reason is not None:
             rec = FrameRecord(file=item.path.name, status="failed", reason=item.reason)
             self.engine.count_failed()   # counted like the engine's own failures (NFAILED in the header)
