@@ -218,6 +218,34 @@ def test_a_file_that_keeps_crashing_the_worker_is_skipped(tmp_path, six, monkeyp
         assert SessionFolder(out).inflight() is None
 
 
+def test_three_kills_while_a_recorded_frame_is_stacked_again_do_not_skip_it(tmp_path, six):
+    """kill -9 three times in a row while the night's first frame is stacked again (no checkpoint yet: the
+    frames of frames.jsonl are restacked at each start — a drizzle reference takes seconds): the crash guard
+    counted three starts on it and the next start recorded it `failed`, "stopped livestack 3 times", and
+    skipped it — the night's reference lost (NCOMBINE one short) though the engine had finished it before.  A
+    frame whose line was dropped only to be stacked again is no file that stops the worker."""
+    svc, out = _backlog_service(tmp_path, six[:3])
+    _wait(svc, 3, idle=True)
+    svc.stop(timeout=10)
+    folder = SessionFolder(out)
+    folder.checkpoint.unlink()                      # killed before the first checkpoint, then twice more on it
+    (folder.dir / "inflight.json").write_text(json.dumps({"path": six[0].name, "starts": {six[0].name: 3}}))
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    watch = tmp_path / "watch"
+    svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                  DaemonParams(out=str(out)))
+    svc.start()
+    _wait(svc, 3, idle=True)
+    svc.stop(timeout=10)
+    assert svc.error is None
+    recs = read_frames_log(out / "frames.jsonl")
+    assert [(r["file"], r["status"]) for r in recs] == \
+        [(six[0].name, "reference"), (six[1].name, "stacked"), (six[2].name, "stacked")], recs
+    assert folder.inflight() is None
+
+
 def _backlog_service(tmp_path, files, **daemon):
     """An in-process daemon (no web) on a watched folder that already holds ``files``, started."""
     import shutil

@@ -195,7 +195,10 @@ class Service:
         # files of every target's session (and of "new stack" ignore lists) are not stacked again
         known = {d.get("path") or d["file"] for d in self.records} | self.folder.ignored() | self.book.known_files()
         poison = self.folder.inflight()
-        if poison and poison["attempts"] >= self.dp.max_attempts and poison["path"] not in known:
+        # (not a frame whose line was dropped to be stacked again: the engine finished it before — the starts
+        # that did not finish it were kills or power cuts, and skipping it would lose a good frame)
+        if poison and poison["attempts"] >= self.dp.max_attempts and poison["path"] not in known \
+                and self._dropped.get(poison["path"], {}).get("index") is None:
             # Earlier runs died on this file (an engine bug, not a bad file — those are recorded as failed):
             # record it instead of crash-looping under systemd, and carry on with the night.
             rel = poison["path"]
