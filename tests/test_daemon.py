@@ -290,28 +290,39 @@ def test_a_restart_is_a_new_generation_of_the_frames_list(tmp_path, daemon_night
     assert gens[0] != gens[1], gens
 
 
-def test_a_restart_rewrites_stack_files_the_checkpoint_is_ahead_of(tmp_path, daemon_night):
-    """kill -9 after the checkpoint, before stack.fits (a restack writes them in that order; during a backlog
-    they are on separate schedules): the restart resumes the checkpoint's stack and writes it out — stack.fits
-    no longer keeps the frames of before until the next frame lands, even past a clean stop."""
-    from livestack.config import Config
-    from livestack.daemon.config import DaemonParams, WatchParams
-    from livestack.daemon.service import Service
-
+def _four_frames_watched(tmp_path: Path, daemon_night):
+    """(the night's first four files, a capture folder holding them, an output folder)."""
     files = daemon_night[0][:4]
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
     for f in files:
         shutil.copy(f, watch / f.name)
+    return files, watch, out
+
+
+def _started_idle(watch: Path, out: Path, frames: int):
+    """A Service on ``watch`` → ``out``, started and waited for until it has ``frames`` records and is idle."""
+    from livestack.config import Config
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                  DaemonParams(out=str(out)))
+    svc.start()
+    deadline = time.monotonic() + 60
+    while not ((s := svc.status())["frames"] >= frames and s["state"] == "idle") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return svc
+
+
+def test_a_restart_rewrites_stack_files_the_checkpoint_is_ahead_of(tmp_path, daemon_night):
+    """kill -9 after the checkpoint, before stack.fits (a restack writes them in that order; during a backlog
+    they are on separate schedules): the restart resumes the checkpoint's stack and writes it out — stack.fits
+    no longer keeps the frames of before until the next frame lands, even past a clean stop."""
+    files, watch, out = _four_frames_watched(tmp_path, daemon_night)
 
     def service():
-        svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0,
-                                                        rescan_s=0.5), DaemonParams(out=str(out)))
-        svc.start()
-        deadline = time.monotonic() + 60
-        while not ((s := svc.status())["frames"] >= 4 and s["state"] == "idle") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return svc
+        return _started_idle(watch, out, 4)
 
     svc = service()
     svc.stop(timeout=10)
@@ -337,24 +348,10 @@ def test_a_frame_excluded_before_a_kill_keeps_its_measurements(tmp_path, daemon_
     before the last exclusion") and the excluded frame's line keeps its measurements — filter, index, FWHM,
     stars — as a restack without the kill keeps them (the plots still show why it was excluded); they were
     recorded bare, the frame shown with no filter and no numbers."""
-    from livestack.config import Config
-    from livestack.daemon.config import DaemonParams, WatchParams
-    from livestack.daemon.service import Service
-
-    files = daemon_night[0][:4]
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    watch.mkdir()
-    for f in files:
-        shutil.copy(f, watch / f.name)
+    files, watch, out = _four_frames_watched(tmp_path, daemon_night)
 
     def service():
-        svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0,
-                                                        rescan_s=0.5), DaemonParams(out=str(out)))
-        svc.start()
-        deadline = time.monotonic() + 60
-        while not ((s := svc.status())["frames"] >= 4 and s["state"] == "idle") and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return svc
+        return _started_idle(watch, out, 4)
 
     service().stop(timeout=10)
     before = read_frames_log(out / "frames.jsonl")[1]
