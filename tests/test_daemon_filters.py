@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import contextlib
 import json
 import logging
 import time
@@ -133,6 +134,19 @@ def _wait_idle(svc, frames: int, timeout: float = 60.0) -> dict:
     return s
 
 
+@contextlib.contextmanager
+def _running(watch: Path, out: Path, frames: int):
+    """(a service on ``watch`` → ``out``, its status once idle with ``frames`` records); stopped afterwards, and
+    it ended without an error."""
+    svc = _service(watch, out)
+    svc.start()
+    try:
+        yield svc, _wait_idle(svc, frames)
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+
+
 @pytest.fixture
 def two_filters(tmp_path) -> tuple[Path, Path]:
     """A capture folder of 2 Ha and 2 OIII frames (auto: HOO) and the session folder to stack them into."""
@@ -174,35 +188,21 @@ def test_the_page_palette_survives_a_restart(two_filters):
     """A palette, weights and hues chosen on the page are the session's: a restart (a power blip, systemctl
     restart) finds them as they were left, in the status, stack.fits and the preview — not the config's."""
     watch, out = two_filters
-    svc = _service(watch, out)
-    svc.start()
-    try:
-        assert _wait_idle(svc, 4)["palette"]["name"] == "HOO"
+    with _running(watch, out, 4) as (svc, s):
+        assert s["palette"]["name"] == "HOO"
         svc.set_palette("HUES", {"Ha": 2.5}, {"OIII": [0, 1, 0]}).result(timeout=60)
-    finally:
-        svc.stop(timeout=10)
-    assert svc.error is None
     assert fits.getheader(out / "stack.fits")["PALETTE"].startswith("HUES")
 
-    again = _service(watch, out)
-    again.start()
-    try:
-        p = _wait_idle(again, 4)["palette"]
+    with _running(watch, out, 4) as (again, s):
+        p = s["palette"]
         assert (p["requested"], p["name"], p["weights"], p["hues"]) == ("HUES", "HUES", {"Ha": 2.5},
                                                                         {"OIII": [0.0, 1.0, 0.0]}), p
         again.set_palette(weights={"OIII": 0.5}).result(timeout=60)     # weights alone: the palette stays
-    finally:
-        again.stop(timeout=10)
-    assert again.error is None
     assert fits.getheader(out / "stack.fits")["PALETTE"].startswith("HUES")
 
-    third = _service(watch, out)
-    third.start()
-    try:
-        p = _wait_idle(third, 4)["palette"]
+    with _running(watch, out, 4) as (_, s):
+        p = s["palette"]
         assert (p["requested"], p["weights"], p["hues"]) == ("HUES", {"OIII": 0.5}, {"OIII": [0.0, 1.0, 0.0]}), p
-    finally:
-        third.stop(timeout=10)
     assert fits.getheader(out / "stack.fits")["PALETTE"].startswith("HUES")
 
 
@@ -256,10 +256,7 @@ def test_a_new_session_starts_with_the_config_palette(two_filters):
     """*New stack* (and --new-session) start fresh: the choice goes to the archive with its session, and the
     new session, restarted or not, has the config's [compose]."""
     watch, out = two_filters
-    svc = _service(watch, out)
-    svc.start()
-    try:
-        _wait_idle(svc, 4)
+    with _running(watch, out, 4) as (svc, _):
         svc.set_palette("HUES", {"Ha": 2.5}).result(timeout=60)
         s = svc.new_session().result(timeout=60)
         assert (s["palette"]["requested"], s["palette"]["weights"]) == ("auto", {}), s["palette"]
@@ -269,15 +266,8 @@ def test_a_new_session_starts_with_the_config_palette(two_filters):
         s = svc.new_session().result(timeout=60)
         assert s["archived"] is None and s["palette"]["requested"] == "auto"     # … makes no archive
         assert not (out / "session" / "palette.json").exists()
-    finally:
-        svc.stop(timeout=10)
-    assert svc.error is None
-    again = _service(watch, out)
-    again.start()
-    try:
-        assert _wait_idle(again, 0)["palette"]["requested"] == "auto"
-    finally:
-        again.stop(timeout=10)
+    with _running(watch, out, 0) as (_, s):
+        assert s["palette"]["requested"] == "auto"
 
 
 def _sky_grey(svc) -> float:
@@ -292,37 +282,21 @@ def test_the_page_stretch_survives_a_restart(two_filters):
     power blip, systemctl restart) finds them in the status — the page's sliders — and the preview, not the
     config's [stretch]."""
     watch, out = two_filters
-    svc = _service(watch, out)
-    svc.start()
-    try:
-        _wait_idle(svc, 4)
+    with _running(watch, out, 4) as (svc, _):
         auto = _sky_grey(svc)
         s = svc.set_stretch(0.001, 0.5, 0.6).result(timeout=60)
         assert s["stretch"] == {"black": 0.001, "midtones": 0.5, "white": 0.6, "auto": False}
         dark = _sky_grey(svc)
         assert dark < auto - 30, (auto, dark)
-    finally:
-        svc.stop(timeout=10)
-    assert svc.error is None
 
-    again = _service(watch, out)
-    again.start()
-    try:
-        s = _wait_idle(again, 4)
+    with _running(watch, out, 4) as (again, s):
         assert s["stretch"] == {"black": 0.001, "midtones": 0.5, "white": 0.6, "auto": False}, s["stretch"]
         assert abs(_sky_grey(again) - dark) < 3, (dark, _sky_grey(again))
         again.set_stretch().result(timeout=60)           # Auto stretch: kept too (null = auto)
-    finally:
-        again.stop(timeout=10)
-    assert again.error is None
 
-    third = _service(watch, out)
-    third.start()
-    try:
-        assert _wait_idle(third, 4)["stretch"]["auto"] is True
+    with _running(watch, out, 4) as (third, s):
+        assert s["stretch"]["auto"] is True
         assert abs(_sky_grey(third) - auto) < 3, (auto, _sky_grey(third))
-    finally:
-        third.stop(timeout=10)
 
 
 @pytest.mark.parametrize("text, why", [
