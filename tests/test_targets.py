@@ -2,6 +2,7 @@
 none of their frames lost or counted twice — also across kill -9 and a later night."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -584,15 +585,25 @@ def test_a_stop_while_frames_are_held_keeps_every_index(tmp_path, three_targets)
     assert [r["index"] for r in recs] == list(range(7))
 
 
-def test_each_target_keeps_the_palette_chosen_for_it(tmp_path, three_targets):
-    """The page's palette is its target's (session/palette.json moves with its folder): M57 starts with the
-    config's, and back on M13 — or after a restart — M13's colours are as they were left."""
-    files, parts = three_targets[True]
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    watch.mkdir()
+@contextlib.contextmanager
+def _running(tmp_path, watch: Path, out: Path):
+    """A service on ``watch`` → ``out``, started; stopped afterwards, and it ended without an error."""
     svc = _service(tmp_path, watch, out)
     svc.start()
     try:
+        yield svc
+    finally:
+        svc.stop(timeout=30)
+    assert svc.error is None
+
+
+def test_each_target_keeps_the_palette_chosen_for_it(tmp_path, three_targets):
+    """The page's palette is its target's (session/palette.json moves with its folder): M57 starts with the
+    config's, and back on M13 — or after a restart — M13's colours are as they were left."""
+    _, parts = three_targets[True]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    with _running(tmp_path, watch, out) as svc:
         _feed_live(svc, watch, parts["a"][:2])
         svc.set_palette("HUES", {"L": 2}).result(timeout=30)
         _feed_live(svc, watch, parts["b"][:2])                    # M57: a new target
@@ -602,28 +613,19 @@ def test_each_target_keeps_the_palette_chosen_for_it(tmp_path, three_targets):
         _feed_live(svc, watch, parts["c"][:1])                    # back to M13
         p = svc.status()["palette"]
         assert svc.status()["target"]["name"] == "M 13" and (p["requested"], p["weights"]) == ("HUES", {"L": 2.0})
-    finally:
-        svc.stop(timeout=30)
-    assert svc.error is None
     arch = out / json.loads((out / "targets.json").read_text())["targets"][1]["folder"]
     assert json.loads((arch / "session" / "palette.json").read_text()) == {"palette": "SHO"}
-    again = _service(tmp_path, watch, out)
-    again.start()
-    try:
+    with _running(tmp_path, watch, out) as again:
         assert again.status()["palette"]["requested"] == "HUES"
-    finally:
-        again.stop(timeout=30)
 
 
 def test_each_target_keeps_the_stretch_chosen_for_it(tmp_path, three_targets):
     """The page's stretch is its target's (session/stretch.json moves with its folder): M57 starts with the
     config's, and back on M13 — or after a restart — M13's points are as they were left."""
-    files, parts = three_targets[True]
+    _, parts = three_targets[True]
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
-    svc = _service(tmp_path, watch, out)
-    svc.start()
-    try:
+    with _running(tmp_path, watch, out) as svc:
         _feed_live(svc, watch, parts["a"][:2])
         svc.set_stretch(0.001, 0.5, 0.6).result(timeout=30)
         _feed_live(svc, watch, parts["b"][:2])                    # M57: a new target
@@ -634,15 +636,8 @@ def test_each_target_keeps_the_stretch_chosen_for_it(tmp_path, three_targets):
         s = svc.status()
         assert s["target"]["name"] == "M 13" and s["stretch"] == {"black": 0.001, "midtones": 0.5, "white": 0.6,
                                                                   "auto": False}, s["stretch"]
-    finally:
-        svc.stop(timeout=30)
-    assert svc.error is None
     arch = out / json.loads((out / "targets.json").read_text())["targets"][1]["folder"]
     assert json.loads((arch / "session" / "stretch.json").read_text()) == {"black": None, "midtones": 0.3,
                                                                            "white": None}
-    again = _service(tmp_path, watch, out)
-    again.start()
-    try:
+    with _running(tmp_path, watch, out) as again:
         assert again.status()["stretch"]["midtones"] == 0.5
-    finally:
-        again.stop(timeout=30)
