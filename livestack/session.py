@@ -139,7 +139,7 @@ def set_aside(path: Path, why: str, then: str = "", *, quiet: bool = False) -> P
 
 
 def _aside(path: Path) -> str:
-    """set_aside() an unusable checkpoint, quietly: "; moved aside to <name>" for the start's note — or, when the
+    """set_aside() an unusable session file, quietly: "; moved aside to <name>" for the caller's line — or, when the
     disk takes no writes (read-only: ext4 remounts a failing SD card so, and the start goes on, stacking in
     memory), "; not moved aside: <why>" and it stays: a start must not fail on it (under systemd, a restart loop)."""
     try:
@@ -453,12 +453,8 @@ class SessionFolder:
             return data, dataclasses.replace(base, **data)
         except (OSError, ValueError, TypeError) as err:     # bytes from disk: whatever they break, the config
             why = f"unreadable ({err})" if isinstance(err, (OSError, json.JSONDecodeError, UnicodeError)) else err
-            try:
-                dest = set_aside(path, "", quiet=True)
-                where = f"; moved aside to {dest.name}"
-            except OSError:              # a read-only disk: it stays, and is read (and refused) again next start
-                where = ""
-            log.warning("livestack: %s: %s%s; %s is used", path.relative_to(self.out), why, where, fallback)
+            # (on a read-only disk it stays, and is read — and refused — again at the next start)
+            log.warning("livestack: %s: %s%s; %s is used", path.relative_to(self.out), why, _aside(path), fallback)
             return {}, base
 
     # ---- the frame being processed: a file that crashes the engine must not crash-loop the service
