@@ -209,3 +209,38 @@ def test_recursive_leaves_calibration_folders_to_the_masters(tmp_path):
         w.stop()
     assert got == {"M31/a.fits", "night1/lights/l1.fits", "M31/b.fits", "c.fits",
                    "2026-11-29/Dark Shark Nebula/L/s1.fits"}, got
+
+
+def test_recursive_sees_nested_folders_made_at_once(tmp_path):
+    """A capture program making date/target/filter folders in one `mkdir -p` while the daemon watches: watchdog
+    (7.x) may add the new folders' watch twice and warn "Callback with id … already exists … It will be
+    Overwritten" from its inotify thread — harmless, but under `-W error` (the tests' setting) that thread died
+    and no later file was seen except by a rescan.  Every frame here is seen from its events alone (no rescan
+    after the first), and the warning is silenced where it is raised."""
+    import dataclasses
+
+    src = tmp_path / "light.fits"
+    fits.PrimaryHDU(np.zeros((16, 16), np.uint16)).writeto(src)
+    root = tmp_path / "watch"
+    root.mkdir()
+    q: queue.Queue = queue.Queue()
+    w = Watcher(root, dataclasses.replace(WP, recursive=True, rescan_s=3600.0), q)
+    w.start()
+    want = set()
+    try:
+        time.sleep(0.2)
+        for i in range(25):
+            rel = f"2026-11-{i:02d}/Target {i}/L/s{i}.fits"
+            (root / rel).parent.mkdir(parents=True)
+            shutil.copy(src, root / rel)
+            want.add(rel)
+            time.sleep(0.05)
+        got, end = set(), time.monotonic() + 5.0
+        while got != want and time.monotonic() < end:
+            try:
+                got.add(q.get(timeout=0.2).rel)
+            except queue.Empty:
+                pass
+    finally:
+        w.stop()
+    assert got == want, sorted(want - got)

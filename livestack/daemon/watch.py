@@ -20,6 +20,7 @@ import re
 import stat
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,6 +195,11 @@ class Watcher:
     def start(self) -> None:
         if not self.root.is_dir():
             raise FileNotFoundError(f"{self.root}: watch folder does not exist")
+        # watchdog 7's inotify thread may add a watch twice for folders made at once (`mkdir -p date/target/L`)
+        # and warn that it overwrites the first: harmless, but a line on the journal that reads like a fault, and
+        # under `-W error` the exception that ends the thread (no file event afterwards, only the rescans).
+        # Added here, not at import: a filter added later goes first, ahead of any "error" set before.
+        warnings.filterwarnings("ignore", r"Callback with id .* already exists", RuntimeWarning, r"watchdog\.")
         self._observer = Observer()
         self._observer.schedule(_Handler(self), str(self.root), recursive=self.p.recursive)
         self._observer.start()
