@@ -244,3 +244,20 @@ def test_recursive_sees_nested_folders_made_at_once(tmp_path):
     finally:
         w.stop()
     assert got == want, sorted(want - got)
+
+
+@pytest.mark.parametrize("name, calibration", [
+    ("darks", True), ("Darks_300s_gain100_-10C", True), ("Flat_Fields", True), ("flatframes", True),
+    ("DarkFrames", True), ("BIAS", True), ("Offsets", True), ("darkflats", True), ("Flat-Darks", True),
+    ("flatfield", True), ("zeros", True), ("Flats Halpha bin2", True),
+    # one word that only begins like a kind: a target's folder, whose lights were left unwatched
+    ("Flatiron", False), ("Darkhorse", False), ("DarkNebula", False), ("FLATIRON", False), ("Biased", False),
+    ("Dark Shark Nebula", False), ("Flaming Star", False), ("lights", False), ("M31", False),
+])
+def test_a_folder_is_calibration_only_when_its_first_word_is_a_kind(name, calibration):
+    """`--recursive` leaves calibration folders to `livestack masters`, by name; a target's folder whose one
+    word begins like a kind ("Flatiron", "Darkhorse", a camel-cased "DarkNebula") was taken for one and its
+    lights were never stacked, without a line."""
+    from livestack.daemon.watch import calibration_folder
+
+    assert calibration_folder(name) is calibration

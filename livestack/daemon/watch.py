@@ -43,6 +43,9 @@ IGNORED_ENDINGS = (".part", ".partial", ".tmp", ".temp", "~", ".xmp", ".swp", ".
 _CALIBRATION_WORDS = frozenset(
     "gain offset temp bin binning iso sec secs mins exp exposure master masters frame frames field fields "
     "lum luma luminance red green blue clear halpha hbeta oiii dual".split())
+# The first word of a calibration folder's name: a kind, plural or with "frames"/"field" run on.
+_CALIBRATION_FIRST = re.compile(r"(?:flatdark|darkflat|dflat|biasflat|flat|dark|bias|offset|zero)"
+                                r"(?:s|es|frames?|fields?)?")
 
 
 def calibration_folder(name: str) -> bool:
@@ -56,8 +59,12 @@ def calibration_folder(name: str) -> bool:
 
     if kind_from_folder(name) not in ("bias", "dark", "darkflat", "flat"):
         return False
-    words = re.findall(r"[a-z]+", name.lower())[1:]
-    return all(len(w) <= 3 or w in _CALIBRATION_WORDS or kind_from_folder(w) is not None for w in words)
+    # words: runs of letters, camel case split ("DarkFrames", "HDRFlats"); the first must be a kind as a
+    # whole ("darks", "flatframes"), not a word that only begins like one ("Flatiron", "Darkhorse")
+    words = [w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+", name)]
+    if not _CALIBRATION_FIRST.fullmatch(words[0]):
+        return False
+    return all(len(w) <= 3 or w in _CALIBRATION_WORDS or kind_from_folder(w) is not None for w in words[1:])
 
 
 def is_candidate(name: str) -> bool:
