@@ -177,6 +177,13 @@ class _Handler(FileSystemEventHandler):
         self.w.note(Path(os.fsdecode(path)), renamed=event.event_type == "moved")
 
 
+def _quiet_stop(record: logging.LogRecord) -> bool:
+    """watchdog 7 logs an ERROR when its emitter is stopped while events still arrive ("queue_events() called
+    when the thread is inactive"): every stop of the daemon amid file activity put it in the journal, where it
+    reads like a fault.  Nothing is lost by it (the watcher is being stopped); other records pass."""
+    return "called when the thread is inactive" not in str(record.msg)
+
+
 class Watcher:
     """Watches ``root`` (watchdog + a scan at start and every ``rescan_s``) and puts a Ready for each complete
     new file on ``out``.  ``known``: paths (relative, '/') already in the session or to be ignored.
@@ -207,6 +214,7 @@ class Watcher:
         # under `-W error` the exception that ends the thread (no file event afterwards, only the rescans).
         # Added here, not at import: a filter added later goes first, ahead of any "error" set before.
         warnings.filterwarnings("ignore", r"Callback with id .* already exists", RuntimeWarning, r"watchdog\.")
+        logging.getLogger("watchdog.observers.inotify").addFilter(_quiet_stop)    # (once: addFilter checks)
         self._observer = Observer()
         self._observer.schedule(_Handler(self), str(self.root), recursive=self.p.recursive)
         self._observer.start()
