@@ -861,3 +861,46 @@ def test_a_server_on_every_address_says_where_a_phone_opens_the_page():
             continue
         assert urls[0] == f"http://{socket.gethostname().split('.')[0].lower()}.local:{port}/"
         assert all(u.endswith(f":{port}/") and "0.0.0.0" not in u and "127." not in u for u in urls)
+
+
+def test_an_internal_error_is_answered_as_json_and_logged(caplog):
+    """A bug in a handler was answered by aiohttp's own plain-text "500 Internal Server Error — Server got itself
+    in trouble", not the `{"error": …}` every other answer is (README, HTTP API): the page and scripts could not
+    read it.  Now a JSON 500 naming the exception, and its traceback in the log; the server goes on answering."""
+    import logging
+
+    from livestack.daemon.config import WebParams
+    from livestack.web.app import App, serve_in_thread
+
+    class Broken:                 # a service whose status() has a bug; nothing ever changes
+        calls = 0
+
+        def status(self):
+            Broken.calls += 1
+            if Broken.calls == 1:
+                raise RuntimeError("a bug in status")
+            return {"state": "idle"}
+
+        def wait_change(self, seen, timeout):
+            return None
+
+    app = App(Broken(), WebParams(port=0))
+    thread = serve_in_thread(app)
+    try:
+        port = app.socket.getsockname()[1]
+        with caplog.at_level(logging.ERROR, logger="livestack.web"):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/api/status")
+            r = conn.getresponse()
+            body = r.read()
+            assert (r.status, r.getheader("Content-Type").split(";")[0]) == (500, "application/json"), body
+            assert json.loads(body)["error"].startswith("internal error (RuntimeError: a bug in status)")
+            conn.request("GET", "/api/status")          # the same connection, the next answer
+            r = conn.getresponse()
+            assert (r.status, json.loads(r.read())) == (200, {"state": "idle"})
+            conn.close()
+        assert any(rec.exc_info and "GET /api/status" in rec.getMessage() for rec in caplog.records), caplog.text
+    finally:
+        app.shutdown()
+        thread.join(10)
+        app.server_close()

@@ -51,6 +51,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from ..session import Refused
 
 log = logging.getLogger("livestack.web")
+_STARTED = "livestack.answer_started"     # set on a request once its streamed answer's headers are sent
 STATIC = Path(__file__).parent / "static"
 CONTENT_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".css": "text/css; charset=utf-8", ".svg": "image/svg+xml", ".png": "image/png",
@@ -533,6 +534,17 @@ class Api:
             return _json({"error": err.message}, err.status, err.headers)
         except Refused as err:
             return _json({"error": str(err)}, err.status, {"Retry-After": "2"} if err.status == 503 else None)
+        except ConnectionError:
+            raise
+        except Exception as err:
+            # a bug: the traceback to the log, and the JSON every other error is (aiohttp's own 500 was a
+            # plain-text "Server got itself in trouble", which the page and scripts could not read); once an
+            # answer has begun (a download, the event stream) there is nothing to say: aiohttp drops the connection
+            if req.get(_STARTED):
+                raise
+            log.exception("internal error answering %s %s", req.method, req.path[:200])
+            return _json({"error": f"internal error ({type(err).__name__}: {str(err)[:200]}): a bug — the "
+                                   f"daemon's log has the details; please report it"}, 500)
 
     # ---------------------------------------------------------------- checks
     def _check_host(self, req: web.BaseRequest, target_authority: str | None) -> None:
@@ -648,6 +660,7 @@ class Api:
         resp.content_length = size
         try:
             await resp.prepare(req)
+            req[_STARTED] = True
             async with contextlib.aclosing(chunks):
                 if req.method == "HEAD":          # GET's headers, no body (aiohttp would send what is written)
                     return resp
@@ -857,6 +870,7 @@ class Api:
         resp.force_close()
         try:
             await resp.prepare(req)
+            req[_STARTED] = True
             if req.method == "HEAD":
                 return resp
             await self._write(resp, b"retry: 2000\n\n")
