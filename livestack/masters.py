@@ -485,6 +485,10 @@ def build_library(calib_dir: Path | str, out_dir: Path | str, p: CalibrationPara
                           "or FITS IMAGETYP)")
     lib = MasterLibrary(out_dir, [], p)
     lib.skipped = skipped
+    try:        # the library this rebuilds: its masters stay listed until made again (an interrupted rebuild)
+        before = MasterLibrary.load(out_dir, p).entries
+    except MasterError:
+        before = []
     for kind in KINDS:
         if files[kind]:
             say(f"{KIND_LABEL[kind]}: {len(files[kind])} files")
@@ -501,7 +505,8 @@ def build_library(calib_dir: Path | str, out_dir: Path | str, p: CalibrationPara
                 for s in skipped[n_skipped:]:       # frames of the group left out of its master
                     say(f"  skipped {s['file']}: {s['reason']}")
                 lib.entries.append(entry)
-                lib.save()  # masters.json after each master: an interrupted build keeps what it made
+                lib.save(also=before)   # after each master: an interrupted build keeps what it made, and the
+                                        # masters of an earlier build it has not made again (their files stay)
                 say(f"  {entry.file}: {entry.ncombine} frames, {entry.width}×{entry.height}"
                     + (f", {entry.bad_pixels} bad pixels" if entry.bad_pixels else "")
                     + (f", minus {entry.subtracted}" if entry.subtracted else ""))
@@ -858,14 +863,17 @@ class MasterLibrary:
         """See build_library."""
         return build_library(calib_dir, out_dir, params, log=log)
 
-    def save(self) -> None:
-        """Write masters.json (atomically)."""
+    def save(self, *, also: list[MasterEntry] = ()) -> None:
+        """Write masters.json (atomically).  ``also``: masters of an earlier build listed too, but for those this
+        library has made again (the same file) and those whose file is gone."""
         from .engine.write import atomic_write_bytes
 
+        made = {e.file for e in self.entries}
+        kept = [e for e in also if e.file not in made and (self.root / e.file).is_file()]
         doc = {"version": 1, "software": f"livestack {__version__}",
                "created": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
                "params": dataclasses.asdict(self.params),
-               "masters": [e.to_dict() for e in self.entries], "skipped": self.skipped}
+               "masters": [e.to_dict() for e in self.entries + kept], "skipped": self.skipped}
         atomic_write_bytes(self.root / INDEX, json.dumps(doc, indent=1).encode())
         os.chmod(self.root / INDEX, 0o644)
 

@@ -781,3 +781,36 @@ def test_cli_masters(tmp_path, capsys):
     assert cli_main(["masters", str(tmp_path / "nothing"), "-o", str(out)]) == 2
     (tmp_path / "empty").mkdir()
     assert cli_main(["masters", str(tmp_path / "empty"), "-o", str(out)]) == 1
+
+
+def test_an_interrupted_rebuild_keeps_the_masters_it_has_not_made_again(tmp_path, monkeypatch):
+    """`livestack masters` run again on a library (new flats added, say) saves masters.json after each master it
+    makes; it started from an empty list, so a rebuild interrupted after the bias (Ctrl-C, a power cut) left an
+    index of the bias alone: the darks and flats, still on disk, were no longer found and the night's lights
+    went uncalibrated.  Each master not yet made again stays listed until the rebuild replaces it; a finished
+    rebuild lists exactly what it made."""
+    import livestack.masters as masters
+
+    render_calibration(tmp_path / "calib", SIM, n_bias=3, n_dark=3, n_flat=3, n_darkflat=3, dark_exptime=DARK_T)
+    build_library(tmp_path / "calib", tmp_path / "lib")
+    before = {e.file: e.kind for e in MasterLibrary.load(tmp_path / "lib").entries}
+    assert sorted(before.values()) == ["bias", "dark", "darkflat", "flat"]
+
+    make = masters._make_master
+
+    def interrupted(g, lib, p, skipped):
+        if g.kind == "dark":
+            raise KeyboardInterrupt
+        return make(g, lib, p, skipped)
+
+    monkeypatch.setattr(masters, "_make_master", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        build_library(tmp_path / "calib", tmp_path / "lib")
+    after = MasterLibrary.load(tmp_path / "lib")
+    assert {e.file: e.kind for e in after.entries} == before
+    assert after.select(sim_frame(tmp_path, SIM, "light", DARK_T)[0]).flat is not None
+
+    monkeypatch.setattr(masters, "_make_master", make)
+    shutil.rmtree(tmp_path / "calib" / "flats")            # a rebuild that ends lists what it made, no more
+    build_library(tmp_path / "calib", tmp_path / "lib")
+    assert sorted(e.kind for e in MasterLibrary.load(tmp_path / "lib").entries) == ["bias", "dark", "darkflat"]
