@@ -124,28 +124,36 @@ def _utc_stamp() -> str:
     return _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
-def set_aside(path: Path, why: str, then: str = "", *, quiet: bool = False) -> Path:
-    """Move an unusable session file (or directory) out of the way as <name>.corrupt-<UTC time>, kept for a
-    look, with one log line unless ``quiet`` (``why``; ``then``: what was done instead): a start must not fail
-    on it in a systemd restart loop.  Returns where it went."""
+def _move_aside(path: Path) -> tuple[Path | None, str]:
+    """Move ``path`` to <name>.corrupt-<UTC time>: (where it went, "; moved aside to <name>") — or, when it cannot
+    be (a disk that takes no writes: ext4 remounts a failing SD card read-only, and the start goes on, stacking
+    in memory), (None, "; not moved aside: <why>"), and it stays."""
     dest = path.with_name(f"{path.name}.corrupt-{_utc_stamp()}")
     n = 1
     while dest.exists():
         dest, n = path.with_name(f"{path.name}.corrupt-{_utc_stamp()}-{n}"), n + 1
-    os.replace(path, dest)
-    if not quiet:
-        log.warning("livestack: %s: %s; moved aside to %s%s", path.name, why, dest.name, f"; {then}" if then else "")
+    try:
+        os.replace(path, dest)
+    except OSError as err:
+        return None, f"; not moved aside: {err.strerror or err}"
+    return dest, f"; moved aside to {dest.name}"
+
+
+def set_aside(path: Path, why: str, then: str = "") -> Path | None:
+    """Move an unusable session file (or directory) out of the way as <name>.corrupt-<UTC time>, kept for a
+    look, with one log line (``why``; ``then``: what was done instead): a start must not fail on it in a systemd
+    restart loop — nor on a disk that refuses the move (read-only): the file then stays, the line says it was
+    not moved aside and why, and None is returned: the caller must not read it as valid again.  Returns where
+    it went."""
+    dest, moved = _move_aside(path)
+    log.warning("livestack: %s: %s%s%s", path.name, why, moved, f"; {then}" if then else "")
     return dest
 
 
 def _aside(path: Path) -> str:
-    """set_aside() an unusable session file, quietly: "; moved aside to <name>" for the caller's line — or, when the
-    disk takes no writes (read-only: ext4 remounts a failing SD card so, and the start goes on, stacking in
-    memory), "; not moved aside: <why>" and it stays: a start must not fail on it (under systemd, a restart loop)."""
-    try:
-        return f"; moved aside to {set_aside(path, '', quiet=True).name}"
-    except OSError as err:
-        return f"; not moved aside: {err.strerror or err}"
+    """_move_aside() for a caller that says it in its own line: "; moved aside to <name>", or "; not moved aside:
+    <why>" (it stays: a start must not fail on it — under systemd, a restart loop)."""
+    return _move_aside(path)[1]
 
 
 def _complete_lines(path: Path) -> list[bytes]:
@@ -346,9 +354,14 @@ class SessionFolder:
         self.inflight_file = self.dir / "inflight.json"
         self.palette_file = self.dir / PALETTE_FILE
         self.stretch_file = self.dir / STRETCH_FILE
+        # what is read instead of a list that could not be read nor moved aside at start (a read-only disk):
+        # the file stays, unreadable, until it is written (see _repair)
+        self._stand_in: dict[Path, list[str]] = {}
 
     # ---- small persistent lists
     def _read_list(self, path: Path) -> list[str]:
+        if path in self._stand_in:
+            return list(self._stand_in[path])
         data, why = self.load_list(path)
         if why is not None:
             raise SessionError(f"{path}: {why}")
@@ -372,24 +385,46 @@ class SessionFolder:
         filesystem without ordered writes, an edit by hand) is moved aside instead of stopping every start.
         The exclusions come back from frames.jsonl (its frames recorded "excluded"), so the checkpoint built
         with them stays valid; lost "new stack" ignores cannot be known, and a lost in-flight count costs at
-        most a few more attempts on a file that crashes the worker."""
+        most a few more attempts on a file that crashes the worker.
+        On a disk that takes no writes (read-only, full) a file that cannot be moved aside stays: it is not read
+        again — the exclusions recovered, or no ignores, stand in for it in memory — and excluded.json is written
+        by the next set_excluded() (the daemon's catch-up, once the disk takes writes: ``excluded_owed``)."""
+        self._stand_in = {}
         _, why = self.load_list(self.excluded_file)
         if why is not None:
             back = {d.get("path") or d["file"] for d in records if d.get("status") == "excluded"}
-            set_aside(self.excluded_file, why, f"{len(back)} exclusion{'s' * (len(back) != 1)} recovered from "
-                                               f"{FRAMES_LOG}")
-            self.set_excluded(back)
+            self._stand_in[self.excluded_file] = sorted(back)
+            if set_aside(self.excluded_file, why, f"{len(back)} exclusion{'s' * (len(back) != 1)} recovered "
+                                                  f"from {FRAMES_LOG}") is not None:
+                try:
+                    self.set_excluded(back)
+                except OSError as err:     # a full disk: they are written with the owed writes
+                    if disk_full(err, self.excluded_file) is None:
+                        raise
         _, why = self.load_list(self.ignore_file)
         if why is not None:
-            set_aside(self.ignore_file, why, "files from before the last new stack may be stacked again")
+            if set_aside(self.ignore_file, why, "files from before the last new stack may be stacked again") is None:
+                self._stand_in[self.ignore_file] = []
         if (self.inflight_file.exists() or self.inflight_file.is_symlink()) and self._read_inflight() is None:
             set_aside(self.inflight_file, "unreadable")
 
     def excluded(self) -> set[str]:
         return set(self._read_list(self.excluded_file))
 
+    @property
+    def excluded_owed(self) -> bool:
+        """excluded.json does not hold excluded() yet: it was unreadable at start and could not be replaced."""
+        return self.excluded_file in self._stand_in
+
     def set_excluded(self, paths: set[str]) -> None:
+        if self.excluded_owed and os.path.lexists(self.excluded_file):
+            # the unreadable one a read-only disk kept at start: aside now, for a look, not overwritten
+            dest, moved = _move_aside(self.excluded_file)
+            if dest is not None:
+                log.warning("livestack: %s: unreadable since the start%s; replaced by the exclusions in use",
+                            self.excluded_file.name, moved)
         write_json_atomic(self.excluded_file, sorted(paths))
+        self._stand_in.pop(self.excluded_file, None)
 
     def ignored(self) -> set[str]:
         return set(self._read_list(self.ignore_file))
@@ -680,6 +715,7 @@ class SessionFolder:
                 os.replace(p, dest / p.name)
         for p in staging.iterdir():
             os.replace(p, self.out / p.name)
+        self._stand_in = {}      # the lists they stood in for are archived
         staging.rmdir()
         fsync_dir(self.out)
         return dest

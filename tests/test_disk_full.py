@@ -780,6 +780,76 @@ def test_a_torn_last_line_on_a_read_only_disk_is_cut_before_the_next_append(tmp_
         assert [d["file"] for d in well_formed_lines(path)] == ["a.dng", "c.dng"]
 
 
+GARBLED = b'["light_00\x00\x00'      # a list torn by a power cut
+
+
+@pytest.mark.parametrize("name, then", [
+    ("excluded.json", "; 1 exclusion recovered from frames.jsonl"),
+    ("ignore.json", "; files from before the last new stack may be stacked again"),
+    ("inflight.json", ""),
+])
+def test_an_unreadable_session_list_on_a_read_only_disk_is_left_where_it_is(tmp_path, caplog, name, then):
+    """An excluded.json, ignore.json or inflight.json that cannot be read is moved aside at start — a rename,
+    which a disk remounted read-only refuses: the start failed with EROFS, under systemd a restart loop.  Now it
+    stays where it is, its one line says it was not moved aside and why, and it is not read as valid: the
+    exclusions come back from frames.jsonl and apply in memory; excluded.json is written (the unreadable one
+    moved aside first, for a look) when the disk takes writes again."""
+    from livestack.session import FramesLog
+
+    out = tmp_path / "out"
+    caplog.set_level(logging.WARNING, logger="livestack")
+    with tmpfs(out, 16):
+        folder = SessionFolder(out)
+        flog = FramesLog(folder.frames)
+        for f, status in (("a", "stacked"), ("b", "excluded")):
+            flog.append({"file": f"{f}.dng", "path": f"n/{f}.dng", "status": status})
+        folder.dir.mkdir()
+        (folder.dir / name).write_bytes(GARBLED)
+        _remount(out, "ro")
+        try:
+            folder.resume(Config())
+            assert folder.excluded() == ({"n/b.dng"} if name == "excluded.json" else set())
+            assert folder.ignored() == set() and folder.inflight() is None
+            assert (folder.dir / name).read_bytes() == GARBLED
+        finally:
+            _remount(out, "rw")
+        lines = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+        assert len(lines) == 1 and lines[0].startswith(f"livestack: {name}: unreadable"), lines
+        assert lines[0].endswith(f"; not moved aside: Read-only file system{then}"), lines
+        if name == "excluded.json":
+            folder.set_excluded(folder.excluded())
+            assert json.loads(folder.excluded_file.read_text()) == ["n/b.dng"]
+            assert [p.read_bytes() for p in folder.dir.glob("excluded.json.corrupt-*")] == [GARBLED]
+            assert SessionFolder(out).excluded() == {"n/b.dng"}
+
+
+@pytest.mark.parametrize("name", ["targets.json", ".switch.json"])
+def test_an_unreadable_targets_file_on_a_read_only_disk_is_left_where_it_is(tmp_path, caplog, name):
+    """targets.json or a switch's journal (.switch.json) that cannot be read is moved aside at start: on a disk
+    remounted read-only the journal's move raised EROFS out of the start (a restart loop), and the book's was
+    caught without a word.  Now each stays where it is with one line saying it was not moved aside and why;
+    the book is rebuilt from the folders in memory (saved with the stack files once the disk takes writes)."""
+    from livestack.targets import Book
+
+    out = tmp_path / "out"
+    caplog.set_level(logging.WARNING, logger="livestack")
+    with tmpfs(out, 16):
+        (out / "frames.jsonl").write_text(json.dumps({"file": "a.fits", "path": "a.fits", "status": "reference"})
+                                          + "\n")
+        (out / name).write_bytes(GARBLED)
+        _remount(out, "ro")
+        try:
+            book = Book.open(out)
+            assert [t.folder for t in book.targets] == ["."]
+            assert (out / name).read_bytes() == GARBLED
+        finally:
+            _remount(out, "rw")
+    lines = [r.getMessage() for r in caplog.records if name in r.getMessage()]
+    then = "; rebuilt from the session folders" if name == "targets.json" else ""
+    assert len(lines) == 1 and lines[0].startswith(f"livestack: {name}: unreadable ("), lines
+    assert lines[0].endswith(f"; not moved aside: Read-only file system{then}"), lines
+
+
 def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "livestack.cli", "run", "--port", "0", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
