@@ -823,6 +823,48 @@ def test_an_unreadable_session_list_on_a_read_only_disk_is_left_where_it_is(tmp_
             assert SessionFolder(out).excluded() == {"n/b.dng"}
 
 
+def test_a_start_on_a_read_only_disk_with_an_unreadable_excluded_json_keeps_the_exclusion(tmp_path, daemon_night):
+    """The daemon's side of the above: started on a read-only disk with an unreadable excluded.json (it raised
+    EROFS), the exclusion recovered from frames.jsonl applies — the checkpoint built with it is resumed, the
+    frame stays out — and once the disk takes writes again excluded.json is written before the next checkpoint
+    (which must match it), the unreadable one kept aside for a look."""
+    files = daemon_night[0][:4]
+    out, watch = tmp_path / "out", tmp_path / "watch"
+    excl = out / "session" / "excluded.json"
+    with tmpfs(out, 16):
+        svc = _service(watch, out, files[:3], checkpoint_every=1)
+        try:
+            _wait_idle(svc, 3)
+            svc.exclude(files[1].name).result(timeout=30)
+            wait_for(lambda: (s := svc.status())["checkpoint"]["frames"] == 3 and s["state"] == "idle", 10,
+                     "a checkpoint with the exclusion")
+        finally:
+            svc.stop(timeout=10)
+        assert svc.error is None and json.loads(excl.read_text()) == [files[1].name]
+        excl.write_bytes(GARBLED)
+        _remount(out, "ro")
+        try:
+            svc = _service(watch, out, [], checkpoint_every=1)
+            try:
+                st = wait_for(lambda: (s := svc.status())["state"] == "idle" and s["disk"] and s, 10, "the page")
+                assert svc.excluded == {files[1].name} and st["excluded"] == 1
+                assert st["checkpoint"]["frames"] == 3          # resumed: built with that exclusion
+                assert excl.read_bytes() == GARBLED
+            finally:
+                _remount(out, "rw")
+            wait_for(lambda: svc.status()["disk"] is None, 15, "catch-up")
+            assert json.loads(excl.read_text()) == [files[1].name]
+            assert [p.read_bytes() for p in excl.parent.glob("excluded.json.corrupt-*")] == [GARBLED]
+            shutil.copy(files[3], watch / files[3].name)
+            wait_for(lambda: (s := svc.status())["checkpoint"]["frames"] == 4 and s["state"] == "idle", 30,
+                     "a checkpoint of 4 frames")
+        finally:
+            svc.stop(timeout=10)
+        assert svc.error is None
+        _, info = load_checkpoint(SessionFolder(out).checkpoint, Config())
+        assert info["lines"] == 4 and info["excluded"] == [files[1].name]
+
+
 @pytest.mark.parametrize("name", ["targets.json", ".switch.json"])
 def test_an_unreadable_targets_file_on_a_read_only_disk_is_left_where_it_is(tmp_path, caplog, name):
     """targets.json or a switch's journal (.switch.json) that cannot be read is moved aside at start: on a disk

@@ -132,9 +132,10 @@ class Service:
         self._fits_rate = 0.0           # … and its bytes a second: a first checkpoint's cost is estimated from it
         self._restacks = 0              # restacks completed since start
         # what is on disk: frames.jsonl holds records[:_logged] (None: to be rewritten whole, after a restack);
-        # excluded.json holds _saved_excluded; preview.jpg is older than _preview when _preview_unsaved
+        # excluded.json holds _saved_excluded (None: something unreadable); preview.jpg is older than _preview
+        # when _preview_unsaved
         self._logged: int | None = 0
-        self._saved_excluded: set[str] = set()
+        self._saved_excluded: set[str] | None = set()
         self._preview_unsaved = False
         self._blocked: dict[Path, tuple[DiskFull, float]] = {}   # writes owed for want of space, last attempt
         self._disk: dict | None = None  # {"error", "since"} while any write is owed
@@ -192,6 +193,7 @@ class Service:
         r = self._open_current()
         if unwritable is not None:
             self._block(self._probe_key, unwritable)
+        self._save_excluded()                    # owed by _open_current: written now, or when the disk takes it
         # files of every target's session (and of "new stack" ignore lists) are not stacked again
         known = {d.get("path") or d["file"] for d in self.records} | self.folder.ignored() | self.book.known_files()
         poison = self.folder.inflight()
@@ -236,7 +238,9 @@ class Service:
         self._logged = None if r.log_stale else len(self.records)   # None: frames.jsonl is rewritten whole
         self._ckpt_frames = r.checkpointed     # what a crash now would resume from, as the status says it
         self.excluded = self.folder.excluded()
-        self._engine_excluded, self._saved_excluded = set(self.excluded), set(self.excluded)
+        # excluded.json unreadable and left in place (a read-only disk): what stands in for it is a write owed
+        self._engine_excluded = set(self.excluded)
+        self._saved_excluded = None if self.folder.excluded_owed else set(self.excluded)
         with self._excl_lock:
             self._wanted = set(self.excluded)
         self.flog = FramesLog(self.folder.frames)
