@@ -94,12 +94,19 @@ def cmd_run(args, cfg: Config) -> int:
             book = Book.open(folder.out)
             dest = folder.new_session()
             book.close_current(dest)
+            # a fresh start typed at the keyboard stacks: a pause left by the last run ends (the page's New stack,
+            # pressed while paused for a slew, keeps it)
+            ended = folder.paused() is not None
+            if ended:
+                folder.set_paused(None)
         except (SessionError, OSError) as err:     # a full or read-only disk: one line, not a traceback
             why = err.strerror if isinstance(err, OSError) and err.strerror else err
             print(f"livestack run: --new-session: {folder.out}: {why}", file=sys.stderr)
             return 1
         if dest is not None:
             log.log(NOTICE, "livestack: previous session archived in %s", dest)
+        if ended:
+            log.log(NOTICE, "livestack: the last run's pause ended by --new-session")
 
     svc = Service(cfg, wp.dir, dp.out, wp, dp, masters=masters)
     app = None

@@ -104,6 +104,9 @@ def read_frames_log(path: Path | str) -> list[dict]:
 #                                     restarts, applied over the config's [compose])
 #   out/session/stretch.json          the black, midtones and white points chosen on the page (user intent;
 #                                     survives restarts, applied over the config's [stretch])
+#   out/paused.json                   the page's pause, {"paused", "since"} (user intent; survives restarts and the
+#                                     page's "new stack", ended by resume or --new-session; the output folder's, not
+#                                     one target's: a switch of targets leaves it)
 #   out/archive/<UTC time>/           earlier sessions (--new-session, the page's "new stack")
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -118,6 +121,7 @@ PALETTE_FILE = "palette.json"    # the page's palette choice (session/, per targ
 PAGE_COMPOSE = ("palette", "weights", "hues")    # the [compose] keys the page sets (POST /api/palette)
 STRETCH_FILE = "stretch.json"    # the page's stretch (session/, per target)
 PAGE_STRETCH = ("black", "midtones", "white")    # the [stretch] keys the page sets (POST /api/stretch)
+PAUSE_FILE = "paused.json"       # the page's pause (POST /api/pause): the output folder's, not any one session's
 
 
 def _utc_stamp() -> str:
@@ -354,6 +358,7 @@ class SessionFolder:
         self.inflight_file = self.dir / "inflight.json"
         self.palette_file = self.dir / PALETTE_FILE
         self.stretch_file = self.dir / STRETCH_FILE
+        self.pause_file = self.out / PAUSE_FILE
         # what is read instead of a list that could not be read nor moved aside at start (a read-only disk):
         # the file stays, unreadable, until it is written (see _repair)
         self._stand_in: dict[Path, list[str]] = {}
@@ -491,6 +496,32 @@ class SessionFolder:
             # (on a read-only disk it stays, and is read — and refused — again at the next start)
             log.warning("livestack: %s: %s%s; %s is used", path.relative_to(self.out), why, _aside(path), fallback)
             return {}, base
+
+    # ---- the pause (POST /api/pause, the page's Pause)
+    def set_paused(self, since: str | None) -> None:
+        """Keep the pause (``since``: when it began, ISO UTC; None: not paused): a restart in the night — a crash
+        and systemd's Restart=, an out-of-memory kill, a power blip, `systemctl restart` — must not stack the
+        frames the user paused for (a slew, focusing, a meridian flip, clouds)."""
+        write_json_atomic(self.pause_file, {"paused": since is not None, "since": since})
+
+    def paused(self) -> str | None:
+        """When the pause kept in paused.json began ("" when the file does not say), or None: not paused.  A file
+        that cannot be used (torn by a power cut, edited by hand) is moved aside with one log line and counts as
+        not paused: a start must not fail on it (under systemd, a restart loop)."""
+        path = self.pause_file
+        if not path.exists() and not path.is_symlink():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict) or not isinstance(data.get("paused"), bool) \
+                    or not isinstance(data.get("since"), (str, type(None))):
+                raise ValueError('expected a JSON object {"paused": true or false, "since": a time or null}')
+        except (OSError, ValueError) as err:
+            why = f"unreadable ({err})" if isinstance(err, (OSError, json.JSONDecodeError, UnicodeError)) else err
+            # (on a read-only disk it stays, and is read — and refused — again at the next start)
+            log.warning("livestack: %s: %s%s; not paused", path.name, why, _aside(path))
+            return None
+        return (data["since"] or "") if data["paused"] else None
 
     # ---- the frame being processed: a file that crashes the engine must not crash-loop the service
     def mark_inflight(self, rel: str) -> int:
@@ -695,7 +726,8 @@ class SessionFolder:
         staging = self.out / STAGING_DIR
         if not staging.is_dir():
             return None
-        old = [p for p in self.out.iterdir() if p.name not in (ARCHIVE_DIR, STAGING_DIR, TARGETS_FILE, SWITCH_FILE)]
+        old = [p for p in self.out.iterdir()       # (the pause is the folder's: a new stack keeps it)
+               if p.name not in (ARCHIVE_DIR, STAGING_DIR, TARGETS_FILE, SWITCH_FILE, PAUSE_FILE)]
         dest = None
         if old and self._holds_nothing(old):
             # an empty session (new stack pressed again before a frame came): nothing to archive — an archive

@@ -31,15 +31,15 @@ import numpy as np
 from .engine.register import RegisterParams, RegistrationError, register
 from .engine.solve import separation_deg
 from .engine.write import disk_full, fsync_dir
-from .session import (ARCHIVE_DIR, FRAMES_LOG, SESSION_DIR, STAGING_DIR, SWITCH_FILE, TARGETS_FILE, SessionFolder,
-                      read_frames_log, set_aside, write_json_atomic)
+from .session import (ARCHIVE_DIR, FRAMES_LOG, PAUSE_FILE, SESSION_DIR, STAGING_DIR, SWITCH_FILE, TARGETS_FILE,
+                      SessionFolder, read_frames_log, set_aside, write_json_atomic)
 
 log = logging.getLogger("livestack")
 
 REFERENCE_FILE = "reference.json"
 # Entries of OUT/ that belong to no target's session (everything else moves with the current target).
 SHARED = frozenset({ARCHIVE_DIR, STAGING_DIR, STAGING_DIR + ".tmp", TARGETS_FILE, SWITCH_FILE,
-                    TARGETS_FILE + ".tmp"})
+                    TARGETS_FILE + ".tmp", PAUSE_FILE})     # (the pause: the folder's, not a target's)
 
 
 @dataclass

@@ -403,3 +403,145 @@ def test_every_frame_excluded_then_a_new_frame_is_the_targets_reference(tmp_path
     finally:
         svc.stop(timeout=10)
     assert svc.error is None
+
+
+# ---------------------------------------------------------------- the pause across a restart
+
+def _paused_service(watch: Path, out: Path):
+    """A Service on ``watch`` → ``out``, started (paused or not: it does not wait for idle)."""
+    from livestack.config import Config
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+
+    svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                  DaemonParams(out=str(out)))
+    svc.start()
+    return svc
+
+
+def _until(cond, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while not (got := cond()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert got, f"not within {timeout} s"
+    return got
+
+
+def test_a_pause_survives_a_restart_and_resume_stacks_what_waited(tmp_path, daemon_night):
+    """Paused for a slew or a meridian flip, the daemon restarted (a crash and systemd's Restart=, an OOM kill,
+    `systemctl restart`): it came back unpaused and stacked the frames the user had paused for.  The pause is
+    the session folder's now: the restart is paused, the frames that land wait in the queue, and Resume stacks
+    them — and a resumed daemon stays resumed across the next restart."""
+    files, watch, out = _four_frames_watched(tmp_path, daemon_night)
+    svc = _started_idle(watch, out, 4)
+    try:
+        assert svc.pause()["paused"]
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+    shutil.copy(daemon_night[0][4], watch / daemon_night[0][4].name)    # lands while the daemon is down
+    svc = _paused_service(watch, out)
+    try:
+        s = svc.status()
+        assert s["paused"] and s["state"] == "paused", s
+        shutil.copy(daemon_night[0][5], watch / daemon_night[0][5].name)    # lands while paused
+        _until(lambda: svc.status()["queued"] >= 2)
+        time.sleep(0.5)
+        assert svc.status()["frames"] == 4 and len(read_frames_log(out / "frames.jsonl")) == 4
+        svc.resume()
+        _until(lambda: (s := svc.status())["frames"] == 6 and s["state"] == "idle")
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+    svc = _paused_service(watch, out)        # resumed before this restart: it stacks
+    try:
+        assert not svc.status()["paused"]
+        shutil.copy(daemon_night[0][6], watch / daemon_night[0][6].name)
+        _until(lambda: (s := svc.status())["frames"] == 7 and s["state"] == "idle")
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+
+
+def call(d, method: str, path: str) -> dict:
+    """The daemon's answer to ``method path`` (no body), which must be 200."""
+    import http.client
+    from urllib.parse import urlsplit
+
+    u = urlsplit(d.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+    try:
+        conn.request(method, path)
+        r = conn.getresponse()
+        assert r.status == 200, (path, r.status)
+        return json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def test_a_pause_survives_kill9_and_the_journal_says_why_nothing_stacks(make_daemon, daemon_night):
+    """The same through the HTTP API and a kill -9 (an OOM kill, a power blip): the restarted daemon says in
+    its log that it is paused, /api/status says so, and POST /api/resume stacks the frames that waited."""
+    files = daemon_night[0]
+    d = make_daemon()
+    copy = d.feeder(files)
+    copy(2)
+    d.start()
+    d.wait_lines(2)
+    assert call(d, "POST", "/api/pause")["paused"]
+    d.kill9()
+    copy(2)
+    d.start()
+    s = call(d, "GET", "/api/status")
+    assert s["paused"] and s["state"] == "paused", s
+    assert "paused before the restart" in d.log.read_text(), d.log.read_text()
+    kept = len(d.lines())        # (the frames after the last checkpoint are queued again, as after any kill)
+    _until(lambda: (s := call(d, "GET", "/api/status"))["queued"] + s["frames"] == 4)
+    time.sleep(1.0)
+    assert call(d, "GET", "/api/status")["frames"] == len(d.lines()) == kept
+    assert not call(d, "POST", "/api/resume")["paused"]
+    d.wait_lines(4)
+    assert d.stop() == 0
+
+
+def test_new_stack_keeps_the_pause_and_new_session_flag_ends_it(make_daemon, daemon_night):
+    """The page's New stack (a new target after a slew, paused meanwhile) keeps the pause, across a restart
+    too; `run --new-session`, a fresh start typed at the keyboard, begins unpaused."""
+    files = daemon_night[0]
+    d = make_daemon()
+    copy = d.feeder(files)
+    copy(2)
+    d.start()
+    d.wait_lines(2)
+    call(d, "POST", "/api/pause")
+    assert call(d, "POST", "/api/new-session")["paused"]
+    assert d.stop() == 0
+    d.start()
+    assert call(d, "GET", "/api/status")["paused"]
+    assert d.stop() == 0
+    d.start("--new-session")
+    assert not call(d, "GET", "/api/status")["paused"]
+    d.wait_lines(2)                          # the capture folder's files, stacked again (as with a fresh --out)
+    assert d.stop() == 0
+
+
+def test_an_unreadable_pause_file_is_moved_aside_and_counts_as_not_paused(tmp_path, daemon_night, caplog):
+    """A paused.json torn by a power cut or edited by hand must not stop every start (under systemd, a restart
+    loop): it is moved aside with one log line and the daemon stacks."""
+    import logging
+
+    files, watch, out = _four_frames_watched(tmp_path, daemon_night)
+    out.mkdir()
+    (out / "paused.json").write_text('{"paused": tr')
+    with caplog.at_level(logging.WARNING, logger="livestack"):
+        svc = _paused_service(watch, out)
+        try:
+            assert not svc.status()["paused"]
+            _until(lambda: (s := svc.status())["frames"] == 4 and s["state"] == "idle")
+        finally:
+            svc.stop(timeout=10)
+    assert svc.error is None
+    lines = [r.getMessage() for r in caplog.records if "paused.json" in r.getMessage()]
+    assert len(lines) == 1 and "moved aside to paused.json.corrupt-" in lines[0] and "not paused" in lines[0], lines
+    assert not (out / "paused.json").exists() or json.loads((out / "paused.json").read_text())["paused"] is False
+    assert len(list(out.glob("paused.json.corrupt-*"))) == 1

@@ -1063,3 +1063,48 @@ def test_a_torn_line_cut_late_is_not_brought_back_by_a_failed_append(tmp_path, d
             svc.stop(timeout=10)
         assert svc.error is None
         assert [r["path"] for r in well_formed_lines(out / "frames.jsonl")] == [f.name for f in files]
+
+
+def test_pause_and_resume_on_a_read_only_disk_apply_and_are_kept_when_writable_again(tmp_path, daemon_night,
+                                                                                        monkeypatch):
+    """paused.json cannot be written on a read-only disk (ext4 remounts a failing SD card so; simulated: no root
+    needed): pause and resume still answer and apply at once, the status says what is owed, and the file is
+    written when the disk takes writes again — a restart then comes back paused."""
+    import errno
+
+    import livestack.engine.write as write_mod
+
+    files = daemon_night[0][:2]
+    out, watch = tmp_path / "out", tmp_path / "watch"
+    ro = threading.Event()
+    real_temp = write_mod.temp_name
+
+    def temp_name(path):
+        if ro.is_set():
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_temp(path)
+
+    monkeypatch.setattr(write_mod, "temp_name", temp_name)
+    svc = _service(watch, out, files, checkpoint_every=1)
+    try:
+        _wait_idle(svc, 2)
+        wait_for(lambda: svc.status()["checkpoint"]["frames"] == 2 and (out / "stack.fits").exists()
+                 and ncombine(out) == 2, 10, "a checkpoint and stack.fits of 2 frames")
+        ro.set()
+        assert svc.pause()["paused"]
+        assert not svc.resume()["paused"]
+        assert svc.pause()["paused"]
+        st = wait_for(lambda: (s := svc.status())["disk"] and s, 10, "the owed paused.json in the status")
+        assert "paused.json" in st["disk"]["error"] and svc.running, st
+        assert not (out / "paused.json").exists()
+        ro.clear()
+        wait_for(lambda: svc.status()["disk"] is None, 15, "catch-up")
+        assert json.loads((out / "paused.json").read_text())["paused"] is True
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+    svc = _service(watch, out, [])
+    try:
+        assert svc.status()["paused"]
+    finally:
+        svc.stop(timeout=10)

@@ -97,7 +97,12 @@ class Service:
         self._wanted: set[str] = set()
         self._excl_open = 0
         self._stopping = threading.Event()
+        # the pause (pause()/resume(), any thread, under _pause_lock): since when (ISO UTC), and what OUT/paused.json
+        # says — written at once by the caller; on a full or read-only disk owed, and written by the worker
+        self._pause_lock = threading.Lock()
         self._paused = False
+        self._pause_since: str | None = None
+        self._pause_on_disk: str | None = None
         self._cond = threading.Condition()
         self._changes = 0
         self._closing = False
@@ -191,6 +196,11 @@ class Service:
         self._remove_orphans()
         self.book = Book.open(self.out)          # finishes a switch of targets a crash interrupted
         r = self._open_current()
+        # paused before the restart (a crash, an out-of-memory kill, a power blip): still paused — the frames
+        # the user paused for (a slew, focusing, a meridian flip) are not stacked behind their back
+        since = self.folder.paused()
+        if since is not None:
+            self._paused, self._pause_since, self._pause_on_disk = True, since, since
         if unwritable is not None:
             self._block(self._probe_key, unwritable)
         self._save_excluded()                    # owed by _open_current: written now, or when the disk takes it
@@ -226,6 +236,9 @@ class Service:
         self._thread.start()
         self.watcher.start()
         log.log(NOTICE, "livestack: %s; watching %s, session %s", r.note, self.watch_dir, self.out)
+        if self._paused:
+            log.log(NOTICE, "livestack: paused before the restart%s: new frames wait, not stacked, until POST "
+                            "/api/resume or the page's Resume", f" (since {since})" if since else "")
         return r.note
 
     def _open_current(self):
@@ -335,18 +348,42 @@ class Service:
             return None if self._closing else self._changes
 
     def pause(self) -> dict:
-        if self._paused:
-            raise Refused("already paused; did you mean POST /api/resume?")
-        self._paused = True
+        """Stop taking new frames (they wait in the queue) — across restarts too: kept in OUT/paused.json."""
+        with self._pause_lock:
+            if self._paused:
+                raise Refused("already paused; did you mean POST /api/resume?")
+            self._paused, self._pause_since = True, _now()
+            self._write_pause_now()
         self._notify()
         return self.status()
 
     def resume(self) -> dict:
-        if not self._paused:
-            raise Refused("not paused; did you mean POST /api/pause?")
-        self._paused = False
+        with self._pause_lock:
+            if not self._paused:
+                raise Refused("not paused; did you mean POST /api/pause?")
+            self._paused, self._pause_since = False, None
+            self._write_pause_now()
         self._notify()
         return self.status()
+
+    def _write_pause_now(self) -> None:
+        """(The caller's thread, under _pause_lock.)  paused.json brought up to the pause before the answer, so that
+        a kill right after it keeps it.  A write that fails — a full or read-only disk — fails neither pause nor
+        resume: the pause applies in memory and the worker writes the file when it can (_save_pause), saying why
+        in the status meanwhile, as for the other owed writes."""
+        try:
+            self._write_pause()
+        except OSError:
+            pass
+
+    def _write_pause(self) -> None:
+        """(Under _pause_lock.)  Write paused.json when it does not say the pause."""
+        if self._pause_since == self._pause_on_disk:
+            return
+        want = self._pause_since
+        self._same_folder(self.folder.pause_file)
+        self.folder.set_paused(want)
+        self._pause_on_disk = want
 
     def exclude(self, name: str, exclude: bool = True) -> Future:
         """Exclude (include) a frame: the stack is rebuilt without (with) it.  Requests arriving while others
@@ -436,6 +473,7 @@ class Service:
         try:
             while not self._stopping.is_set():
                 self._do_commands()
+                self._save_pause()
                 if self._paused:
                     self._stopping.wait(0.1)
                     continue
@@ -807,6 +845,7 @@ class Service:
 
     def _finish(self) -> None:
         self._state = "stopping"
+        self._save_pause()         # (a pause owed is written before the next start reads it, if the disk lets it)
         if self._solver is not None:
             self._sky_poll()               # a solution that just landed is kept
             if self._solver is not None:
@@ -919,6 +958,7 @@ class Service:
         self._save_excluded()
         self._save_page("palette")
         self._save_page("stretch")
+        self._save_pause()
         self._save_log()
         if self.engine.has_stack and not self._ref_saved:
             self._save_reference()
@@ -938,6 +978,17 @@ class Service:
         except OSError as err:
             if disk_full(err, self.folder.inflight_file) is None:
                 raise
+
+    def _save_pause(self) -> bool:
+        """(The worker.)  Write paused.json when pause()/resume() could not (a full or read-only disk): the status
+        says it owed meanwhile.  Tried every CATCH_UP_S at most — also while paused, when nothing else is tried."""
+        if self._pause_since == self._pause_on_disk:
+            return True
+        owed = self._blocked.get(self.folder.pause_file)
+        if owed is not None and time.monotonic() - owed[1] < CATCH_UP_S:
+            return False
+        with self._pause_lock:
+            return self._guarded(self.folder.pause_file, self._write_pause)
 
     def _save_log(self) -> bool:
         """Bring frames.jsonl up to ``records``: append the lines it lacks, or rewrite it after a restack."""
