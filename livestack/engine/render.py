@@ -23,7 +23,7 @@ import numpy as np
 
 from . import geometry
 from .debayer import _BANDS, REACH as DEBAYER_REACH, band_rows, colour_offsets, debayer, debayer_window
-from .warp import INTERPOLATIONS, REACH, compensation, footprint_rows, outside_index, sharpen
+from .warp import CLAMPED, INTERPOLATIONS, REACH, clamp_below, compensation, footprint_rows, outside_index, sharpen
 
 _local = threading.local()      # each worker thread's demosaic scratch (reused from block to block)
 _all_work: weakref.WeakSet = weakref.WeakSet()   # … every live thread's, for drop_work_memory
@@ -139,6 +139,8 @@ class FrameOnGrid:
         flags = INTERPOLATIONS[self.interpolation]
         for c in range(self.channels):
             cv2.warpAffine(win[c], m, (c1 - c0, r1 - r0), dst=out[c], flags=flags, borderMode=cv2.BORDER_REPLICATE)
+            if self.interpolation in CLAMPED:
+                clamp_below(win[c], m, out[c])
 
     def _source(self, ya: int, ye: int, xa: int, xe: int, segment: tuple | None = None):
         """The source rows ya:ye, columns xa:xe (at least) as the warp reads them: demosaiced (a mosaic) and, for a

@@ -31,6 +31,12 @@ INTERPOLATIONS = {"nearest": cv2.INTER_NEAREST, "bilinear": cv2.INTER_LINEAR, "c
 # How far (source px, per axis) each interpolation reads around the source position: its kernel's half-width
 # (compensated: the sharpening's 1 px and then the bilinear read's).
 REACH = {"nearest": 0.5, "bilinear": 1.0, "compensated": 2.0, "bicubic": 2.0, "lanczos": 4.0}
+# Interpolations whose kernel has negative lobes, clamped from below (clamp_below): a star clipped at the
+# sensor's white level rings to a dark halo of −250 ADU on a sky of 500 (noise 10) after a bicubic or Lanczos
+# warp; Siril clamps its bicubic and Lanczos-4 for the same reason.  (The compensated warp's mild sharpening rings
+# by −50 there: left as it is, the default's cost counts.)
+CLAMPED = frozenset({"bicubic", "lanczos"})
+_K2 = np.ones((2, 2), np.uint8)
 # OpenCV rounds source positions to 1/32 px (INTER_BITS = 5) before it picks the kernel's taps: a position just
 # below the upper limit can be rounded onto it, and Lanczos's table then gives the tap beyond the edge a weight
 # of ~1e-8 (not 0): the footprint keeps this much more away from the upper limit.
@@ -128,13 +134,31 @@ def sharpen(plane: np.ndarray, a: tuple[float, float], out: np.ndarray) -> np.nd
     return cv2.sepFilter2D(plane, -1, kx, ky, dst=out, borderType=cv2.BORDER_REFLECT_101)
 
 
+def clamp_below(src: np.ndarray, matrix: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Raise each pixel of ``dst`` — ``src`` (H, W) warped by ``matrix`` (source px -> dst px) — to the least of
+    the 2×2 source pixels around its source position (the samples it lies between: a bilinear read's), where
+    it is below them: the dark ring a kernel with negative lobes leaves beside a bright star goes, a peak
+    between samples stays (stars keep their width).  In pure noise it lifts the few values that undershoot
+    all four samples: +0.03 σ on the background's mean for OpenCV's bicubic, +0.1 σ for Lanczos-4 (a simulated
+    sky of 500 ± 10 ADU).  NaN stays NaN.  Returns ``dst``."""
+    lo = cv2.erode(src, _K2, anchor=(0, 0), borderType=cv2.BORDER_REPLICATE)    # min of [y, y+1] × [x, x+1]
+    inv = cv2.invertAffineTransform(np.asarray(matrix, np.float64))
+    inv[:, 2] -= 0.5                    # a nearest read at s − ½ is the pixel at ⌊s⌋: the 2×2 block's corner
+    floor = np.empty(dst.shape, np.float32)
+    cv2.warpAffine(lo, inv, (dst.shape[1], dst.shape[0]), dst=floor, flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                   borderMode=cv2.BORDER_REPLICATE)
+    np.copyto(dst, floor, where=floor > dst)
+    return dst
+
+
 def warp(img: np.ndarray, matrix: np.ndarray, shape_hw: tuple[int, int], *, interpolation: str = "bilinear",
          out: np.ndarray | None = None) -> np.ndarray:
     """Resample a (C, H, W) float32 image onto a stack grid of ``shape_hw``.
 
     ``matrix`` (2×3) maps the image's pixel coordinates to the grid's (forward map: OpenCV inverts it).  Output
     (C, h, w) float32, NaN outside the footprint (footprint_rows(): where the kernel would read outside the
-    image), finite inside it when ``img`` is; written into ``out`` when given.  ``img`` is unchanged.
+    image), finite inside it when ``img`` is; bicubic and Lanczos clamped from below (clamp_below); written
+    into ``out`` when given.  ``img`` is unchanged.
     """
     if interpolation not in INTERPOLATIONS:
         raise ValueError(f"unknown interpolation '{interpolation}' (known: {', '.join(INTERPOLATIONS)})")
@@ -148,6 +172,8 @@ def warp(img: np.ndarray, matrix: np.ndarray, shape_hw: tuple[int, int], *, inte
         src = img[c] if a is None else sharpen(img[c], a, np.empty_like(img[c], np.float32))
         cv2.warpAffine(src, m, (w, h), dst=out[c], flags=INTERPOLATIONS[interpolation],
                        borderMode=cv2.BORDER_REPLICATE)
+        if interpolation in CLAMPED:
+            clamp_below(src, m, out[c])
     x0, x1 = footprint_rows(m, img.shape[1:], (h, w), reach=REACH[interpolation])
     idx = outside_index(x0, x1, w)
     if len(idx):

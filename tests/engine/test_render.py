@@ -51,8 +51,10 @@ def test_blocks_are_the_warped_demosaic(angle, interpolation):
     inside = np.isfinite(want)
     assert inside.mean() > 0.3
     # OpenCV rounds source positions to 1/32 px from the map's own origin: a block's origin moves a few
-    # positions across a rounding boundary (a difference far below the noise of 10)
-    assert np.abs(got - want)[inside].max() < 0.5
+    # positions across a rounding boundary (a difference far below the noise of 10) — and bicubic's clamp
+    # (warp.clamp_below) takes the 2×2 samples from ⌊s⌋, which for a position within 1/1024 px of a whole
+    # pixel may be either (measured: 2 pixels of 300 000 differ by up to 1.4 at 45°)
+    assert np.abs(got - want)[inside].max() < (0.5 if interpolation == "bilinear" else 2.0)
     assert np.abs(got - want)[inside].mean() < 1e-3
 
 
