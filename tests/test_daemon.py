@@ -545,3 +545,60 @@ def test_an_unreadable_pause_file_is_moved_aside_and_counts_as_not_paused(tmp_pa
     assert len(lines) == 1 and "moved aside to paused.json.corrupt-" in lines[0] and "not paused" in lines[0], lines
     assert not (out / "paused.json").exists() or json.loads((out / "paused.json").read_text())["paused"] is False
     assert len(list(out.glob("paused.json.corrupt-*"))) == 1
+
+
+def test_a_request_made_as_the_daemon_stops_is_answered(tmp_path):
+    """A change asked for (a page's POST) at the moment the daemon stops: its check "stopping?" passed just before
+    the worker's last look at the queue, and the request was queued after it — its future never answered, the
+    page's request waiting out its timeout during the SIGTERM.  The window is held open here: the request's
+    thread reaches the queue only once the worker has ended."""
+    import threading
+
+    from livestack.config import Config
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+    from livestack.session import Refused
+
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0),
+                  DaemonParams(out=str(out)))
+    svc.start()
+    asking, real = threading.Event(), svc._cmd_lock
+
+    class HeldOpen:
+        """The command lock; the requesting thread is held at its door until the worker has ended."""
+
+        def __enter__(self):
+            if threading.current_thread().name == "asker":
+                asking.set()
+                svc._thread.join(30)
+            return real.__enter__()
+
+        def __exit__(self, *exc):
+            return real.__exit__(*exc)
+
+    svc._cmd_lock = HeldOpen()
+    got: list = []
+
+    def ask():
+        try:
+            got.append(svc.set_stretch(midtones=0.3))
+        except Refused as err:
+            got.append(err)
+
+    t = threading.Thread(target=ask, name="asker", daemon=True)
+    t.start()
+    try:
+        assert asking.wait(10)
+    finally:
+        svc.stop(timeout=10)
+    t.join(30)
+    assert svc.error is None and len(got) == 1
+    if isinstance(got[0], Refused):              # refused at once: the daemon is stopping
+        err = got[0]
+    else:                                        # or queued, and then answered
+        with pytest.raises(Refused) as info:
+            got[0].result(timeout=5)
+        err = info.value
+    assert err.status == 503 and "stopping" in str(err)

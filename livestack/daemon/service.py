@@ -89,6 +89,7 @@ class Service:
         self.files: queue.Queue[Ready] = queue.Queue()
         self._commands: collections.deque[tuple] = collections.deque()   # (future, method, args), under _cmd_lock
         self._cmd_lock = threading.Lock()
+        self._cmd_closed = False         # the worker has ended: no command is taken any more (under _cmd_lock)
         self._export: tuple[tuple[str, str], Future] | None = None    # the export being made (export())
         self._export_lock = threading.Lock()
         # exclude/include: the set the accepted requests lead to, and how many are not answered yet (callers'
@@ -442,10 +443,13 @@ class Service:
         raise Refused(f"no frame named {name!r} in this session; see GET /api/frames", 404)
 
     def _submit(self, fn, *args) -> Future:
-        if self._stopping.is_set() or not self._thread.is_alive():
-            raise Refused("the daemon is stopping", 503)
         fut: Future = Future()
         with self._cmd_lock:
+            # checked under the lock the worker's last look at the queue takes too (_run's finally): checked
+            # before it, a request whose check passed as the daemon stopped was queued after that last look —
+            # its future never answered, its caller (a page's POST during a SIGTERM) waiting out its timeout
+            if self._cmd_closed or self._stopping.is_set() or not self._thread.is_alive():
+                raise Refused("the daemon is stopping", 503)
             self._commands.append((fut, fn, args))
         return fut
 
@@ -491,6 +495,8 @@ class Service:
             self.error = err
             log.exception("livestack: worker stopped by an error")
         finally:
+            with self._cmd_lock:
+                self._cmd_closed = True      # no command is queued after this: each queued one is answered below
             while (cmd := self._next_command()) is not None:
                 fut, fn, _ = cmd
                 if fn == self._cmd_exclude:
