@@ -511,7 +511,9 @@ def test_a_frame_still_settling_at_new_stack_stays_with_the_old_session(tmp_path
         data = six[2].read_bytes()
         part = watch / six[2].name
         part.write_bytes(data[: len(data) // 3])          # the camera is still writing it
-        time.sleep(0.3)
+        deadline = time.monotonic() + 10                  # seen (its event, or the next scan), not handed on
+        while svc.status()["queued"] != 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
         assert svc.status()["queued"] == 1
         svc.new_session().result(10)
         with open(part, "ab") as f:
