@@ -54,25 +54,32 @@ def _service(tmp_path, watch: Path, out: Path, daemon: dict | None = None, **ses
 
 def _feed_live(svc, watch: Path, files, *, timeout: float = 60.0) -> None:
     """Copy each file into the watched folder once the previous one is done (as a camera writes them)."""
-    base = _done(svc)
-    for seen, f in enumerate(files, 1):
+    fed: set[str] = set()
+    for f in files:
         shutil.copy(f, watch / f.name)
+        fed.add(f.name)
         deadline = time.monotonic() + timeout
-        while not (_done(svc) >= base + seen and svc.snapshot.status.get("state") == "idle" and not svc._redo):
+        while True:
+            snap = svc.snapshot           # one status: its state goes with its frames and held ones
+            if fed <= _handled(snap, svc.out) and snap.status.get("state") == "idle" and not svc._redo:
+                break
             assert svc.running, svc.error
-            assert time.monotonic() < deadline, f"{f.name} not done in {timeout} s: {svc.snapshot.status}"
+            assert time.monotonic() < deadline, f"{f.name} not done in {timeout} s: {snap.status}"
             time.sleep(0.05)
 
 
-def _done(svc) -> int:
-    """Files recorded in some target's frames.jsonl, or held (in the status)."""
-    return len(svc.snapshot.frames) + len(svc.snapshot.status.get("held", [])) + sum(
-        t["frames_recorded"] for t in _archived_counts(svc.out))
-
-
-def _archived_counts(out: Path) -> list[dict]:
-    return [{"folder": p.parent, "frames_recorded": len(read_frames_log(p))}
-            for p in sorted((out / "archive").glob("*/frames.jsonl"))]
+def _handled(snap, out: Path) -> set[str]:
+    """The files recorded in some target's frames.jsonl, or held (in the status ``snap``) — by name: while a
+    switch of targets moves the folders (the one closed into archive/ before the one resumed comes out of it) and
+    until its status is published, a target's lines are in two places at once.  Counted, they were counted twice
+    and a frame still being read passed for done (the last status before the switch said "idle")."""
+    names = {d.get("path") or d["file"] for d in snap.frames} | set(snap.status.get("held", []))
+    for p in (out / "archive").glob("*/frames.jsonl"):
+        try:
+            names |= {d.get("path") or d["file"] for d in read_frames_log(p)}
+        except FileNotFoundError:         # moved out of archive/ meanwhile: its lines are in the status then
+            pass
+    return names
 
 
 def _by_target(out: Path) -> dict[str, list[dict]]:
