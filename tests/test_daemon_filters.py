@@ -43,6 +43,13 @@ def test_filter_changes_and_kill9_give_the_uninterrupted_stacks(make_daemon, whe
     copy(4)
     d.start()
     d.wait_lines(3)
+    # a checkpoint to resume from before the kills: its schedule depends on how long frames and stack.fits take
+    # (a loaded machine: none before either kill, and no restart said "resumed"); the one of the idle moment
+    # after the backlog comes within 5 s
+    deadline = time.monotonic() + 30
+    while not (d.out / "session" / "checkpoint.npz").exists():
+        assert time.monotonic() < deadline and d.proc.poll() is None, d.log.read_text()
+        time.sleep(0.05)
     copy(4, pause=0.1)                  # the wheel turns to Ha while the daemon runs
     d.wait_lines(6)
     d.kill9()
