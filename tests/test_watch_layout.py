@@ -281,3 +281,38 @@ def test_watchdogs_error_on_a_stop_amid_events_is_not_logged(tmp_path, caplog):
         inotify_log.warning("Inotify queue overflowed; reconciling recursive watches below %r", b"/x")
     assert [r.getMessage() for r in caplog.records] == [
         "Inotify queue overflowed; reconciling recursive watches below b'/x'"]
+
+
+def test_a_file_given_up_while_it_is_handed_on_is_not_handed_on(tmp_path, monkeypatch):
+    """"New stack" gives up the files still settling (settle_none: the old session's ignore list names them) and
+    empties the queue.  One that completed while it did — found complete by the watcher's check, put on the queue
+    just after — was stacked as the new session's frame although the old session's ignore list named it (a
+    restart without a checkpoint then dropped it).  The window is held open here: settle_none() runs while the
+    watcher orders the files it found complete."""
+    from livestack.daemon import watch
+
+    src = tmp_path / "light.fits"
+    fits.PrimaryHDU(np.zeros((64, 64), np.uint16)).writeto(src)
+    root = tmp_path / "watch"
+    root.mkdir()
+    q: queue.Queue = queue.Queue()
+    w = Watcher(root, WatchParams(settle_s=0.5, settle_complete_s=0.1, timeout_s=30.0, rescan_s=0.5), q)
+    given_up: list[set] = []
+    real = watch.capture_order
+
+    def ordering(paths):
+        if not given_up:
+            given_up.append(w.settle_none())      # the user's "new stack", at this moment
+        return real(paths)
+
+    monkeypatch.setattr(watch, "capture_order", ordering)
+    w.start()
+    try:
+        shutil.copy(src, root / "a.fits")
+        deadline = time.monotonic() + 10
+        while not given_up and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        w.stop()                                      # (joins the watcher's thread: its put, if any, is done)
+    assert given_up == [{"a.fits"}]
+    assert q.empty(), q.get_nowait()

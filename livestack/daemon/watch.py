@@ -383,9 +383,14 @@ class Watcher:
         if not ready:
             return
         by_path = {r.path: r for r in ready}
+        order = capture_order(list(by_path))
         with self._lock:
-            for r in ready:
-                self._pending.pop(r.rel, None)
+            # handed on only if still tracked, and under the lock settle_none() takes: a "new stack" between the
+            # checks above and here gave these files up (the old session's ignore list names them) and emptied the
+            # queue — put on it afterwards, one was stacked as the new session's frame all the same
+            for path in order:
+                r = by_path[path]
+                if self._pending.pop(r.rel, None) is None:
+                    continue
                 self._known.add(r.rel)
-        for path in capture_order(list(by_path)):
-            self.out.put(by_path[path])
+                self.out.put(r)
