@@ -588,8 +588,12 @@ def test_slow_export_downloads_do_not_pile_up_in_memory(tmp_path, night):
         for s in socks:
             s.close()
         socks = []
-        time.sleep(0.5)
-        assert request(d, "GET", "/api/export?format=png&mode=linear")[0] == 200
+        # the slots are free once the daemon has seen its two readers go (503 until then)
+        deadline = time.monotonic() + 10
+        while (st := request(d, "GET", "/api/export?format=png&mode=linear")[0]) != 200 \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert st == 200
     finally:
         for s in socks:
             s.close()
