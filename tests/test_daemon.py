@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -602,3 +603,33 @@ def test_a_request_made_as_the_daemon_stops_is_answered(tmp_path):
             got[0].result(timeout=5)
         err = info.value
     assert err.status == 503 and "stopping" in str(err)
+
+
+def test_the_status_says_which_file_is_being_processed(tmp_path, daemon_night, monkeypatch):
+    """The status was published once a frame was done, so while one was worked on (1–2 s at 24 MP on a Pi) the
+    page said "idle" and `state: processing` was never seen for a live frame.  It is published as the worker
+    takes the file: `state` processing and `processing` its path; null and idle once it is done."""
+    from livestack.engine.pipeline import Engine
+
+    files, watch, out = _four_frames_watched(tmp_path, daemon_night)
+    svc = _started_idle(watch, out, 4)
+    slow = threading.Event()
+    try:
+        assert (svc.status()["state"], svc.status()["processing"]) == ("idle", None)
+        real = Engine.process
+
+        def held(self, *a, **k):
+            slow.wait(10)
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(Engine, "process", held)
+        shutil.copy(daemon_night[0][4], watch / "live.dng")
+        s = _until(lambda: (st := svc.status())["processing"] is not None and st)
+        assert (s["state"], s["processing"], s["frames"]) == ("processing", "live.dng", 4)
+        slow.set()
+        s = _until(lambda: (st := svc.status())["frames"] == 5 and st["state"] == "idle" and st)
+        assert s["processing"] is None
+    finally:
+        slow.set()
+        svc.stop()
+    assert svc.error is None

@@ -102,6 +102,7 @@ class Service:
         # says — written at once by the caller; on a full or read-only disk owed, and written by the worker
         self._pause_lock = threading.Lock()
         self._paused = False
+        self._processing: str | None = None     # the file the worker is on (its path in the watch folder)
         self._pause_since: str | None = None
         self._pause_on_disk: str | None = None
         self._cond = threading.Condition()
@@ -534,7 +535,18 @@ class Service:
                 fut.set_exception(Refused(f"failed: {type(err).__name__}: {err}"[:300], 500))
 
     def _frame(self, item: Ready) -> None:
-        self._state = "processing"
+        """One file from the watcher: the status says so while it is worked on (``processing``: a 24 MP frame takes
+        1–2 s on a Pi, and the page said "idle" all the while: its status was published only once it was done)."""
+        self._state, self._processing = "processing", item.rel
+        self._publish()
+        try:
+            self._handle(item)
+        finally:
+            if self._processing is not None:    # a frame held, or handed to another target: said done
+                self._processing = None
+                self._publish()
+
+    def _handle(self, item: Ready) -> None:
         if self._blocked:
             self._catch_up()         # space may be back: what is owed goes first (frames.jsonl in order)
         if item.rel in self.excluded:
@@ -588,6 +600,7 @@ class Service:
         if self._checkpoint_due():
             self._checkpoint()
         self._state = "idle" if self._nothing_waits() else "processing"
+        self._processing = None
         self._publish()
 
     # ------------------------------------------------------------------ targets
@@ -1443,7 +1456,7 @@ class Service:
         last_time = next((d["time"] for d in reversed(self.records) if d.get("time")), None)
         s = self.stretch
         return {
-            "state": self._state,
+            "state": self._state, "processing": self._processing,
             "stacked": e.n_stacked, "rejected": e.n_rejected, "failed": e.n_failed,
             "excluded": sum(1 for d in self.records if d["status"] == "excluded"),
             "frames": len(self.records),

@@ -84,6 +84,7 @@ function showStatus(s) {
   const pill = $("state");
   pill.textContent = s.restack ? `restacking ${s.restack.done}/${s.restack.total}` : s.state;
   pill.className = "pill " + s.state;
+  pill.title = s.processing ? `processing ${s.processing}` : "";
   $("pause").textContent = s.paused ? "Resume" : "Pause";
   $("s-stacked").textContent = s.stacked;
   $("s-rejected").textContent = s.rejected;
