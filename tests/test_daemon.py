@@ -18,6 +18,17 @@ from livestack.session import read_frames_log
 STACKED = ("reference", "stacked")
 
 
+def _running(make_daemon, files, n: int, *flags: str, **kw):
+    """A daemon (``make_daemon(*flags, **kw)``) started on the first ``n`` of ``files``, which it has stacked: (it,
+    its feeder of the rest)."""
+    d = make_daemon(*flags, **kw)
+    copy = d.feeder(files)
+    copy(n)
+    d.start()
+    d.wait_lines(n)
+    return d, copy
+
+
 def read_stack(out: Path):
     with fits.open(out / "stack.fits") as h:
         return np.array(h[0].data), np.array(h["WEIGHT"].data), dict(h[0].header)
@@ -90,11 +101,7 @@ def test_kill9_at_any_moment_then_restart_equals_uninterrupted_run(make_daemon, 
     ref_recs = {r["file"]: r["status"] for r in read_frames_log(ref.out / "frames.jsonl")}
     assert ref_recs[files[5].name] == "rejected"         # the cloudy frame, so rejection state is resumed too
 
-    d = make_daemon(name="killed")
-    copy = d.feeder(files)
-    copy(4)
-    d.start()
-    d.wait_lines(4)
+    d, copy = _running(make_daemon, files, 4, name="killed")
     copy(4, pause=0.1)                                   # live frames; killed while they are being stacked
     d.wait_lines(6)
     d.kill9()
@@ -199,11 +206,7 @@ def test_drizzle_in_the_daemon_survives_kill9_and_equals_livestack_stack(make_da
     import json
 
     files = daemon_night[0][:8]
-    d = make_daemon("--drizzle", "2", "--pixfrac", "0.8", name="drizzle")
-    copy = d.feeder(files)
-    copy(5)
-    d.start()
-    d.wait_lines(5)
+    d, copy = _running(make_daemon, files, 5, "--drizzle", "2", "--pixfrac", "0.8", name="drizzle")
     st = json.loads(urllib.request.urlopen(d.url.rstrip("/") + "/api/status", timeout=10).read())
     assert st["grid"] == {"mode": "drizzle", "debayer": "drizzle", "shape": [720, 960], "channels": 3,
                           "scale": 2.0, "pixfrac": 0.8}
@@ -483,12 +486,7 @@ def call(d, method: str, path: str) -> dict:
 def test_a_pause_survives_kill9_and_the_journal_says_why_nothing_stacks(make_daemon, daemon_night):
     """The same through the HTTP API and a kill -9 (an OOM kill, a power blip): the restarted daemon says in
     its log that it is paused, /api/status says so, and POST /api/resume stacks the frames that waited."""
-    files = daemon_night[0]
-    d = make_daemon()
-    copy = d.feeder(files)
-    copy(2)
-    d.start()
-    d.wait_lines(2)
+    d, copy = _running(make_daemon, daemon_night[0], 2)
     assert call(d, "POST", "/api/pause")["paused"]
     d.kill9()
     copy(2)
@@ -508,12 +506,7 @@ def test_a_pause_survives_kill9_and_the_journal_says_why_nothing_stacks(make_dae
 def test_new_stack_keeps_the_pause_and_new_session_flag_ends_it(make_daemon, daemon_night):
     """The page's New stack (a new target after a slew, paused meanwhile) keeps the pause, across a restart
     too; `run --new-session`, a fresh start typed at the keyboard, begins unpaused."""
-    files = daemon_night[0]
-    d = make_daemon()
-    copy = d.feeder(files)
-    copy(2)
-    d.start()
-    d.wait_lines(2)
+    d, copy = _running(make_daemon, daemon_night[0], 2)
     call(d, "POST", "/api/pause")
     assert call(d, "POST", "/api/new-session")["paused"]
     assert d.stop() == 0

@@ -32,6 +32,18 @@ def _first_ready(root: Path, wp: WatchParams, drop, timeout: float = 10.0) -> tu
 WP = WatchParams(settle_s=2.0, settle_complete_s=0.2, timeout_s=30.0, rescan_s=0.5)
 
 
+def _collect(q: queue.Queue, want: set[str], *, at_least: float = 0.0, at_most: float) -> set[str]:
+    """The paths handed on: until all of ``want`` have come (a loaded machine takes its time) and ``at_least``
+    seconds have passed (what must not come would come as soon as they do), ``at_most`` seconds in all."""
+    got, t0 = set(), time.monotonic()
+    while (not want <= got or time.monotonic() < t0 + at_least) and time.monotonic() < t0 + at_most:
+        try:
+            got.add(q.get(timeout=0.2).rel)
+        except queue.Empty:
+            pass
+    return got
+
+
 def test_a_complete_fits_is_read_after_the_short_settle(tmp_path):
     src = tmp_path / "light.fits"
     fits.PrimaryHDU(np.zeros((64, 64), np.uint16)).writeto(src)
@@ -203,12 +215,7 @@ def test_recursive_leaves_calibration_folders_to_the_masters(tmp_path):
         # frame wrongly handed on would come as soon as they do
         want = {"M31/a.fits", "night1/lights/l1.fits", "M31/b.fits", "c.fits",
                 "2026-11-29/Dark Shark Nebula/L/s1.fits"}
-        got, t0 = set(), time.monotonic()
-        while (not want <= got or time.monotonic() < t0 + 3.0) and time.monotonic() < t0 + 30.0:
-            try:
-                got.add(q.get(timeout=0.2).rel)
-            except queue.Empty:
-                pass
+        got = _collect(q, want, at_least=3.0, at_most=30.0)
     finally:
         w.stop()
     assert got == want, got
@@ -238,12 +245,7 @@ def test_recursive_sees_nested_folders_made_at_once(tmp_path):
             shutil.copy(src, root / rel)
             want.add(rel)
             time.sleep(0.05)
-        got, end = set(), time.monotonic() + 5.0
-        while got != want and time.monotonic() < end:
-            try:
-                got.add(q.get(timeout=0.2).rel)
-            except queue.Empty:
-                pass
+        got = _collect(q, want, at_most=5.0)
     finally:
         w.stop()
     assert got == want, sorted(want - got)
