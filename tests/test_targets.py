@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -165,6 +166,119 @@ def test_back_to_a_target_without_a_checkpoint_keeps_its_reference(tmp_path, thr
         (f.name, "stacked") for f in parts["a"][1:] + parts["c"][:1]]
     redone = [x for x in seen if x[0] > 0]
     assert redone and all(q >= n and state == "processing" for n, q, state in redone), seen
+
+
+_NO_CKPT = {"checkpoint_max_mb": 0.001}       # no target ever has a checkpoint: a return restacks its frames
+
+
+@pytest.fixture(scope="module")
+def night_without_checkpoints(tmp_path_factory, three_targets):
+    """{pointing: OUT of an uninterrupted daemon run over M13, M57, M13 again} with no checkpoint ever written."""
+    done = {}
+
+    def run(pointing: bool) -> Path:
+        if pointing not in done:
+            files, _ = three_targets[pointing]
+            root = tmp_path_factory.mktemp("uninterrupted")
+            watch, out = root / "watch", root / "out"
+            watch.mkdir()
+            svc = _service(root, watch, out, _NO_CKPT)
+            svc.start()
+            _feed_live(svc, watch, files)
+            svc.stop(timeout=30)
+            assert svc.error is None
+            done[pointing] = out
+        return done[pointing]
+    return run
+
+
+def _records(recs) -> list[tuple]:
+    return [(r["path"], r["status"], r.get("index")) for r in recs]
+
+
+@pytest.mark.parametrize("pointing", [False, True], ids=["stars", "pointing"])
+@pytest.mark.parametrize("stop_at", ["switched", "a_02", "c_00"])
+def test_a_stop_while_a_returning_target_is_restacked_loses_nothing(tmp_path, three_targets, night_without_checkpoints,
+                                                                   pointing, stop_at):
+    """Back on M13, which has no checkpoint: its frames are stacked again from its frames.jsonl, which the
+    resume rewrote empty — the frames not restacked yet are then in no list but the worker's queue.  The daemon
+    stopped (SIGTERM) right after the switch, while a_02 is restacked, or while c_00 (the frame that brought M13
+    back) is stacked: the next start finds them again (no list names them) and stacks them in capture order —
+    every frame once, in its own target, M13's stack and records as an uninterrupted night's."""
+    files, parts = three_targets[pointing]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = _service(tmp_path, watch, out, _NO_CKPT)
+    reached, release, back = threading.Event(), threading.Event(), []
+    real_switch, real_frame = svc._switch, type(svc)._frame
+
+    def hold():
+        reached.set()
+        assert release.wait(60), "never released"
+
+    def switch(to, redo, why):
+        done = real_switch(to, redo, why)
+        if done and to is not None:           # the return to M13: its frames are in _redo now, nowhere else
+            back.append([i.rel for i in svc._redo])
+            if stop_at == "switched":
+                hold()
+        return done
+
+    def frame(self, item):
+        if back and item.rel == f"{stop_at}.fits":
+            hold()                            # the frame in hand: finished by the stop
+        return real_frame(self, item)
+
+    svc._switch = switch
+    svc._frame = frame.__get__(svc)
+    svc.start()
+    _feed_live(svc, watch, parts["a"] + parts["b"])
+    shutil.copy(parts["c"][0], watch / parts["c"][0].name)      # slews back to M13
+    assert reached.wait(60), svc.snapshot.status
+    assert back[0] == [f.name for f in parts["a"] + parts["c"][:1]]
+    stopper = threading.Thread(target=svc.stop, kwargs={"timeout": 30})
+    stopper.start()
+    deadline = time.monotonic() + 10
+    while not svc._stopping.is_set():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    release.set()
+    stopper.join(60)
+    assert not svc.running and svc.error is None
+    # what the stop left: M13 current, with only the frames restacked before it — the others in no list
+    assert not (out / SWITCH_FILE).exists()
+    left = [r["path"] for r in read_frames_log(out / "frames.jsonl")]
+    redone = {"switched": 0, "a_02": 3, "c_00": 6}[stop_at]
+    assert left == [f.name for f in parts["a"] + parts["c"][:1]][:redone]
+    assert not (out / "session" / "checkpoint.npz").exists()
+
+    svc = _service(tmp_path, watch, out, _NO_CKPT)
+    svc.start()
+    want = {f.name for f in parts["a"] + parts["b"] + parts["c"][:1]}
+    deadline = time.monotonic() + 60
+    while not (want <= _handled(svc.snapshot, out) and svc.snapshot.status.get("state") == "idle"):
+        assert svc.running, svc.error
+        assert time.monotonic() < deadline, svc.snapshot.status
+        time.sleep(0.05)
+    _feed_live(svc, watch, parts["c"][1:])
+    svc.stop(timeout=30)
+    assert svc.error is None
+
+    ref = night_without_checkpoints(pointing)
+    by, ref_by = _by_target(out), _by_target(ref)
+    assert sorted(by) == sorted(ref_by) and len(by) == 2
+    for name in by:                             # each target's lines: the same files, statuses and indexes
+        assert _records(by[name]) == _records(ref_by[name]), name
+    names = sorted(r["path"] for recs in by.values() for r in recs)
+    assert names == sorted(f.name for f in files)          # none lost, none twice, none in the other target
+    book, ref_book = (json.loads((o / "targets.json").read_text())["targets"] for o in (out, ref))
+    assert [(t["name"], t["folder"] == ".", t["frames"]) for t in book] == \
+        [(t["name"], t["folder"] == ".", t["frames"]) for t in ref_book]
+    for t, r in zip(book, ref_book):            # each target's stack as the uninterrupted night's
+        with fits.open(out / t["folder"] / "stack.fits") as h, fits.open(ref / r["folder"] / "stack.fits") as g:
+            assert h[0].header["NCOMBINE"] == g[0].header["NCOMBINE"] == t["frames"]
+            np.testing.assert_allclose(h[0].data, g[0].data, rtol=1e-5, atol=1e-3)
+            np.testing.assert_allclose(h["WEIGHT"].data, g["WEIGHT"].data, rtol=1e-5, atol=1e-5)
 
 
 def _wait_handled(d, n: int, timeout: float = 60.0) -> None:
