@@ -121,6 +121,11 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
             flog.append(records[-1])
             if progress:
                 progress.update(rec)
+            # -v ("log each frame's details"): a line per frame, as the daemon's, also under -q (no progress bar);
+            # failed and rejected frames the engine has logged, with the reason
+            if rec.status not in ("failed", "rejected"):
+                log.info("%s %s%s", rec.status, rec.file, f": {rec.reason}" if rec.reason else
+                         f" fwhm {rec.fwhm} px, {rec.stars} stars ({rec.seconds} s)")
             if engine.amended:      # a first frame judged by the frames after it
                 if apply_amended(records, engine.amended):
                     rewrite_frames_log(flog_path, records)

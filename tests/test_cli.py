@@ -71,6 +71,18 @@ def test_stack_command_prints_and_writes_everything_before_it_exits(night, tmp_p
     assert (out / "preview.jpg").read_bytes()[-2:] == b"\xff\xd9"     # a whole JPEG
 
 
+def test_verbose_stack_logs_each_frame(night, tmp_path):
+    """`livestack -v stack` ("log each frame's details", README Commands) logged only the rejected frames: under
+    -q (no progress bar) a stacked frame left no line at all.  Now one INFO line per frame, as the daemon's."""
+    files, _ = night(n_frames=3, seed=5)
+    r = cli("-v", "stack", files[0].parent, "-o", tmp_path / "out", "--no-solve", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "INFO reference light_0000_60s.fits fwhm " in r.stderr, r.stderr
+    assert "INFO stacked light_0002_60s.fits fwhm " in r.stderr, r.stderr
+    r = cli("stack", files[0].parent, "-o", tmp_path / "out2", "--no-solve", "-q")     # without -v: none
+    assert r.returncode == 0 and "INFO" not in r.stderr, r.stderr
+
+
 def test_stack_into_a_closed_pipe_ends_without_a_traceback(night, tmp_path):
     """`livestack stack … | head -1`: the reader gone, the summary's print raised BrokenPipeError — a traceback
     after the outputs were written.  Now the outputs, no traceback, and 141 (what a shell says of a command
