@@ -143,7 +143,8 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
                 from .sky import BatchSolve
 
                 params = make_section(SolveParams, cfg.extra.get("solve", {}), "config: solve")
-                sky = BatchSolve(engine, f, params if solve else dataclasses.replace(params, enabled=False))
+                sky = BatchSolve(engine, f, params if solve else dataclasses.replace(params, enabled=False),
+                                 off=None if solve else "plate solving is off (--no-solve)")
         say = None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
         sky_status = sky.finish(engine, stop=ctrl_c.event, say=say) if sky is not None else None
         wrote = engine.snapshot(out)

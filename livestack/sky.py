@@ -169,10 +169,12 @@ class BatchSolve:
     are stacked; the reference's own header WCS stands in meanwhile (it predicts where frames lie) and when no
     solve lands.  finish() puts the WCS on the engine's grid and returns the sky status (or None)."""
 
-    def __init__(self, engine, ref_path: Path, params: SolveParams):
+    def __init__(self, engine, ref_path: Path, params: SolveParams, *, off: str | None = None):
+        """``off``: why no solve runs when the command said so (`--no-solve`), rather than the config's
+        [solve] enabled = false that the log would otherwise name."""
         self.hints, self.own, self.obj = reference_hints(ref_path, engine.grid, params)
         self.solver = SkySolver(params, star_px(engine.grid))
-        self.why = self.solver.available()
+        self.why = off or self.solver.available()
         if self.own is not None:
             engine.set_wcs(self.own)
         if self.why is None:
@@ -205,7 +207,7 @@ class BatchSolve:
         why = self.why or (ans.reason if ans is not None else "no answer")
         level = logging.WARNING if self.solver.params.enabled else logging.INFO     # off: chosen, no news
         if self.own is not None:
-            log.log(level, "livestack stack: not plate solved (%s); the reference frame's own WCS is used", why)
+            log.log(level, "livestack stack: not plate solved: %s; the reference frame's own WCS is used", why)
             return sky_status(self.own, engine.grid.shape, source="header", obj=self.obj, note=why)
         log.log(level, "livestack stack: not plate solved: %s", why)
         return None

@@ -83,6 +83,16 @@ def test_verbose_stack_logs_each_frame(night, tmp_path):
     assert r.returncode == 0 and "INFO" not in r.stderr, r.stderr
 
 
+def test_verbose_no_solve_names_the_flag_not_a_config_key(night, tmp_path):
+    """`livestack -v stack … --no-solve` said "plate solving is off ([solve] enabled = false)": a setting the user
+    had not made, in a line with parentheses inside parentheses.  Now it names the flag given."""
+    files, _ = night(n_frames=2, seed=5)
+    r = cli("-v", "stack", files[0].parent, "-o", tmp_path / "out", "--no-solve", "-q")
+    assert r.returncode == 0, r.stderr
+    assert "not plate solved: plate solving is off (--no-solve)" in r.stderr, r.stderr
+    assert "enabled = false" not in r.stderr, r.stderr
+
+
 def test_stack_into_a_closed_pipe_ends_without_a_traceback(night, tmp_path):
     """`livestack stack … | head -1`: the reader gone, the summary's print raised BrokenPipeError — a traceback
     after the outputs were written.  Now the outputs, no traceback, and 141 (what a shell says of a command
