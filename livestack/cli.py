@@ -387,6 +387,30 @@ def _command_of(argv: list[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+# the engine flags and the config keys they set
+ENGINE_FLAGS = (("debayer", "engine", "debayer"), ("interpolation", "engine", "interpolation"),
+                ("kappa", "stack", "kappa"), ("drizzle", "drizzle", "scale"), ("pixfrac", "drizzle", "pixfrac"))
+
+
+def _with_flags(cfg: Config, args) -> Config:
+    """``cfg`` with the engine flags given over it.  A bad value is said as it was given (`--kappa 0: must be in
+    [1.5, 20]`): the user typed a flag, not the config key it sets (`stack.kappa = 0.0`)."""
+    for flag, section, key in ENGINE_FLAGS:
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        try:
+            cfg = with_overrides(cfg, **{section: {key: value}})
+        except (ConfigError, ValueError) as err:
+            why = str(err)
+            head = f"{section}.{key} = "
+            if why.startswith(head) and ": " in why[len(head):]:
+                why = why[len(head):].split(": ", 1)[1]
+            raise ConfigError(f"--{flag} {value:g}: {why}" if isinstance(value, float) else
+                              f"--{flag} {value}: {why}") from err
+    return cfg
+
+
 def main(argv: list[str] | None = None, *, exit_fast: bool = False) -> int:
     """Run one command; returns its exit code.  ``exit_fast`` (the `livestack` command itself, not a caller in
     Python): after `stack`, leave the process at once (_exit_now)."""
@@ -400,11 +424,7 @@ def main(argv: list[str] | None = None, *, exit_fast: bool = False) -> int:
     try:
         cfg = load_config(getattr(args, "config", None))
         check_shell_sections(cfg, Path(args.config).name if getattr(args, "config", None) else "config")
-        cfg = with_overrides(cfg, engine={"debayer": getattr(args, "debayer", None),
-                                          "interpolation": getattr(args, "interpolation", None)},
-                             stack={"kappa": getattr(args, "kappa", None)},
-                             drizzle={"scale": getattr(args, "drizzle", None),
-                                      "pixfrac": getattr(args, "pixfrac", None)})
+        cfg = _with_flags(cfg, args)
     except (ConfigError, ValueError) as err:
         print(f"livestack: {err}", file=sys.stderr)
         return 2

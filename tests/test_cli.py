@@ -134,6 +134,20 @@ def test_usage_and_config_errors_exit_2(tmp_path):
         assert r.returncode == 2 and "must be a table" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
+def test_a_bad_flag_value_is_said_as_the_flag(tmp_path):
+    """`livestack stack … --kappa 0` said "stack.kappa = 0.0: must be in [1.5, 20]": a config key the user had not
+    written.  Now the flag as given, and still exit 2 before anything is read or made."""
+    for flags, said in ((["--kappa", "0"], "--kappa 0: must be in [1.5, 20]"),
+                        (["--drizzle", "5"], "--drizzle 5: must be 0 (off) or in [1, 4]"),
+                        (["--pixfrac", "0.1"], "--pixfrac 0.1: must be in [0.3, 1]")):
+        r = cli("stack", tmp_path, "-o", tmp_path / "o", *flags)
+        assert r.returncode == 2 and said in r.stderr, r.stderr
+        assert "stack." not in r.stderr and "drizzle." not in r.stderr, r.stderr
+    r = cli("run", "--watch", tmp_path, "--out", tmp_path / "o", "--kappa", "99", "--no-web")
+    assert r.returncode == 2 and "--kappa 99: must be in [1.5, 20]" in r.stderr, r.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_an_unknown_key_of_a_daemon_or_solver_section_is_a_usage_error_in_every_command(night, tmp_path):
     """[solve], [session], [calibration] … are read by `stack` and `demo` too: an unknown key is the one-line exit 2
     the README promises ("unknown keys are refused with the list of known ones"), not a traceback after the
