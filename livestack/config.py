@@ -62,6 +62,11 @@ def make_section(cls, values: dict, where: str):
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:
+        # a check that names its own key (`engine.debayer = 'x': …`) is not prefixed with its section again
+        # ("livestack.toml: engine: engine.debayer = …")
+        source, _, section = where.rpartition(": ")
+        if str(err).startswith(f"{section}."):
+            raise ConfigError(f"{source}: {err}" if source else str(err)) from err
         raise ConfigError(f"{where}: {err}") from err
 
 

@@ -148,6 +148,18 @@ def test_a_bad_flag_value_is_said_as_the_flag(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_a_bad_config_value_names_its_section_once(tmp_path):
+    """A value refused by its section's own check read "livestack.toml: engine: engine.debayer = 'mhcx': …" — the
+    section twice; now "livestack.toml: engine.debayer = 'mhcx': …"."""
+    cfg = tmp_path / "livestack.toml"
+    for text, said in (("[engine]\ndebayer = 'mhcx'\n", "livestack.toml: engine.debayer = 'mhcx': must be"),
+                       ("[web]\nport = 99999\n", "livestack.toml: web.port = 99999: must be")):
+        cfg.write_text(text)
+        r = cli("stack", tmp_path, "-o", tmp_path / "o", "--config", cfg)
+        assert r.returncode == 2 and said in r.stderr, r.stderr
+        assert ": engine: " not in r.stderr and ": web: " not in r.stderr, r.stderr
+
+
 def test_an_unknown_key_of_a_daemon_or_solver_section_is_a_usage_error_in_every_command(night, tmp_path):
     """[solve], [session], [calibration] … are read by `stack` and `demo` too: an unknown key is the one-line exit 2
     the README promises ("unknown keys are refused with the list of known ones"), not a traceback after the
