@@ -74,6 +74,15 @@ def cmd_run(args, cfg: Config) -> int:
         print("livestack run: give the capture folder and the session folder: --watch DIR --out DIR "
               "(or [watch] dir and [daemon] out in the config)", file=sys.stderr)
         return 2
+    watch_dir, out_dir = Path(wp.dir).expanduser().resolve(), Path(dp.out).expanduser().resolve()
+    if watch_dir.is_relative_to(out_dir):
+        # the session folder is kept out of the watch (its stack.fits is no light): a capture folder that is it, or
+        # is inside it, would never have a frame stacked, without a word — and a new stack would move it into
+        # archive/ with the session's files
+        where = "the session folder" if watch_dir == out_dir else f"inside the session folder {out_dir}"
+        print(f"livestack run: the capture folder {watch_dir} is {where}: its frames would never be stacked; "
+              "give --out a folder of its own (beside the captures, or inside them)", file=sys.stderr)
+        return 2
     log.setLevel(NOTICE if args.quiet else logging.INFO)   # -q: the session's milestones, problems
     for h in logging.getLogger().handlers:          # the journal: one line per record
         if not isinstance(h.formatter, OneLineFormatter):

@@ -163,6 +163,26 @@ def test_usage_errors_are_one_line(make_daemon, tmp_path):
     assert r.returncode == 1 and "watch folder does not exist" in r.stderr, r.stderr
 
 
+def test_a_capture_folder_in_the_session_folder_is_refused(tmp_path):
+    """`--watch night/lights --out night` (or the same folder twice) started, and stacked nothing without a word:
+    the session folder is kept out of the watch.  Now one line and exit 2, before anything is made or archived."""
+    import subprocess
+    import sys
+
+    night = tmp_path / "night"
+    (night / "lights").mkdir(parents=True)
+    for watch in (night / "lights", night):
+        try:
+            r = subprocess.run([sys.executable, "-m", "livestack.cli", "run", "--watch", str(watch), "--out",
+                                str(night), "--no-web", "--new-session"], capture_output=True, text=True,
+                               cwd=Path(__file__).parents[1], timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"--watch {watch} --out {night}: the daemon started")
+        assert r.returncode == 2 and "session folder" in r.stderr and "never be stacked" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in night.iterdir()) == ["lights"]       # nothing archived, nothing made
+
+
 @pytest.mark.parametrize("name, taken", [("IMG_0001.CR3", True), ("a.fits", True), ("a.fit.fz", True),
                                          ("a.dng.part", False), (".a.dng", False), ("a.xmp", False),
                                          ("a.jpg", False), ("a.dng~", False), ("a.tmp", False)])
