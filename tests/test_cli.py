@@ -362,6 +362,12 @@ def test_run_help_says_what_quiet_does():
     assert "no progress bar" in " ".join(cli("stack", "--help").stdout.split())
 
 
+def test_demo_help_gives_the_defaults_the_readme_shows():
+    """README Commands shows `demo [--frames 20 --interval 3 --port 8080 …]`; --help said the frames' default only."""
+    text = " ".join(cli("demo", "--help").stdout.split())
+    assert "(default 20)" in text and "(default 3)" in text and "(default 8080;" in text, text
+
+
 def test_a_second_stack_into_the_same_folder_leaves_no_stack_of_the_first(night, tmp_path):
     """`livestack stack` into the folder of an earlier run with other filters: the earlier stack_<F>.fits went
     on lying beside the new frames.jsonl and stack.fits."""
