@@ -70,6 +70,9 @@ class Engine:
         if cfg.drizzle.scale and cfg.engine.debayer == "superpixel":     # (the Pi's mode and a drizzle: said once)
             log.warning("livestack: debayer superpixel has no effect with a drizzle: each sample goes to its own "
                         "colour plane, nothing is demosaiced")
+        if not cfg.drizzle.scale and cfg.drizzle.pixfrac != type(cfg.drizzle)().pixfrac:   # (said once, too)
+            log.warning("livestack: drizzle pixfrac %g has no effect without a drizzle (--drizzle 1 or 2, "
+                        "[drizzle] scale): the frames are warped", cfg.drizzle.pixfrac)
         self.masters = masters
         self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         self.rng = np.random.default_rng(cfg.engine.seed)

@@ -399,3 +399,19 @@ def test_a_saturated_stars_edge_is_not_sharpened_into_a_dark_ring(night):
     assert img[near].min() > 0, img[near].min()
     sky = np.median(img[:, wsum > 0])
     assert img[:, wsum > 0].min() > -15 * sky, img[:, wsum > 0].min()      # (was −16 203: −39 × the sky)
+
+
+def test_a_pixfrac_without_a_drizzle_is_said_to_do_nothing(caplog):
+    """`--pixfrac 0.7` without `--drizzle` (or `[drizzle] pixfrac` with scale 0) was silently ignored: the user
+    believed the stack drizzled.  One warning when the engine is made; none for the default or with a drizzle."""
+    import logging
+
+    from livestack.config import Config, with_overrides
+
+    with caplog.at_level(logging.WARNING, logger="livestack"):
+        Engine(with_overrides(Config(), drizzle={"pixfrac": 0.7}))
+        Engine(Config())
+        Engine(with_overrides(Config(), drizzle={"scale": 2, "pixfrac": 0.7}))
+    said = [r.getMessage() for r in caplog.records if "pixfrac" in r.getMessage()]
+    assert said == ["livestack: drizzle pixfrac 0.7 has no effect without a drizzle (--drizzle 1 or 2, "
+                    "[drizzle] scale): the frames are warped"], said
