@@ -63,8 +63,13 @@ def cmd_run(args, cfg: Config) -> int:
         wp = dataclasses.replace(wp, **{k: v for k, v in {"dir": args.watch, "recursive": args.recursive}.items()
                                         if v is not None})
         dp = dataclasses.replace(dp, out=args.out or dp.out)
-        web = dataclasses.replace(web, **{k: v for k, v in {"host": args.host, "port": args.port,
-                                                               "token": args.token}.items() if v is not None})
+        for key in ("host", "port", "token"):      # a bad value is said as the flag the user typed
+            if (value := getattr(args, key)) is not None:
+                try:
+                    web = dataclasses.replace(web, **{key: value})
+                except ConfigError as err:
+                    why = str(err).replace(f"web.{key} = {value}", f"--{key} {value}", 1)
+                    raise ConfigError(why.replace(f"web.{key}:", f"--{key}:", 1)) from err
         if args.no_web:
             web = dataclasses.replace(web, enabled=False)
     except (ConfigError, ValueError) as err:

@@ -146,6 +146,11 @@ def test_a_bad_flag_value_is_said_as_the_flag(tmp_path):
     r = cli("run", "--watch", tmp_path, "--out", tmp_path / "o", "--kappa", "99", "--no-web")
     assert r.returncode == 2 and "--kappa 99: must be in [1.5, 20]" in r.stderr, r.stderr
     assert not (tmp_path / "o").exists()
+    for flags, said in ((["--token", "abc"], "--token: use at least 8 characters"),
+                        (["--port", "99999"], "--port 99999: must be in [0, 65535]")):     # run's own flags too
+        r = cli("run", "--watch", tmp_path, "--out", tmp_path / "o", *flags)
+        assert r.returncode == 2 and said in r.stderr and "web." not in r.stderr, r.stderr
+        assert not (tmp_path / "o").exists()
 
 
 def test_a_bad_config_value_names_its_section_once(tmp_path):
