@@ -23,7 +23,13 @@ def cmd_masters(args, cfg) -> int:
     from .config import ConfigError
 
     try:
-        p = calibration_params(cfg, method=args.method, kappa=args.masters_kappa)
+        p = calibration_params(cfg, method=args.method)
+        if args.masters_kappa is not None:      # said as the flag typed, not as the key it sets
+            try:
+                p = calibration_params(cfg, method=args.method, kappa=args.masters_kappa)
+            except ConfigError as err:
+                why = str(err).split(": ", 2)[-1]
+                raise ConfigError(f"--kappa {args.masters_kappa:g}: {why}") from err
     except ConfigError as err:
         print(f"livestack masters: {err}", file=sys.stderr)
         return 2

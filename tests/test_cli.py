@@ -151,6 +151,9 @@ def test_a_bad_flag_value_is_said_as_the_flag(tmp_path):
         r = cli("run", "--watch", tmp_path, "--out", tmp_path / "o", *flags)
         assert r.returncode == 2 and said in r.stderr and "web." not in r.stderr, r.stderr
         assert not (tmp_path / "o").exists()
+    r = cli("masters", tmp_path, "-o", tmp_path / "o", "--kappa", "0")                  # and masters' own --kappa
+    assert r.returncode == 2 and "--kappa 0: must be in (0, 100]" in r.stderr and "calibration." not in r.stderr, \
+        r.stderr
 
 
 def test_a_bad_config_value_names_its_section_once(tmp_path):
