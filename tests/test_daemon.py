@@ -646,3 +646,30 @@ def test_the_status_says_which_file_is_being_processed(tmp_path, daemon_night, m
         slow.set()
         svc.stop()
     assert svc.error is None
+
+
+def test_a_stop_says_how_many_files_found_are_not_stacked_yet(tmp_path, daemon_night, caplog):
+    """Stopped with files waiting (a backlog, a pause, a returning target's frames to stack again), the journal
+    said only "stopped; N stacked …": where the others went was a guess.  The line counts them and says the next
+    start takes them — and it does."""
+    import logging
+
+    files, watch, out = _four_frames_watched(tmp_path, daemon_night)
+    svc = _started_idle(watch, out, 4)
+    svc.pause()
+    for f in daemon_night[0][4:6]:
+        shutil.copy(f, watch / f.name)
+    _until(lambda: svc.status()["queued"] == 2)
+    with caplog.at_level(logging.INFO, logger="livestack"):
+        svc.stop()
+    assert svc.error is None
+    said = [r.getMessage() for r in caplog.records if "livestack: stopped;" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("; 2 files found but not stacked yet: taken at the next start"), said
+    svc = _paused_service(watch, out)           # paused still (the pause is kept): resumed, they are stacked
+    try:
+        _until(lambda: (s := svc.status())["paused"] and s["queued"] == 2)
+        svc.resume()
+        _until(lambda: (s := svc.status())["frames"] == 6 and s["state"] == "idle")
+    finally:
+        svc.stop()
+    assert svc.error is None

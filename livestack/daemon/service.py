@@ -885,8 +885,15 @@ class Service:
                       f": {', '.join(owed)} not written" if owed else "",
                       f"; {unlogged} frames not in frames.jsonl are stacked again at the next start" if unlogged
                       else "")
-        log.log(NOTICE, "livestack: stopped; %d stacked, %d rejected, %d failed; outputs in %s",
-                        self.engine.n_stacked, self.engine.n_rejected, self.engine.n_failed, self.out)
+        # files found but not stacked (queued behind a backlog or a pause, still being written, held for a verdict,
+        # a returning target's to stack again): no list names them, so the next start takes them — said, for the
+        # journal's reader who wonders where they went
+        waiting = self.files.qsize() + len(self._redo) + len(self._held) + (self.watcher.pending() if self.watcher
+                                                                              else 0)
+        log.log(NOTICE, "livestack: stopped; %d stacked, %d rejected, %d failed; outputs in %s%s",
+                        self.engine.n_stacked, self.engine.n_rejected, self.engine.n_failed, self.out,
+                        f"; {waiting} file{'s' * (waiting != 1)} found but not stacked yet: taken at the next start"
+                        if waiting else "")
 
     # ------------------------------------------------------------------ writes, and a full disk
 
