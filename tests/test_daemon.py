@@ -673,3 +673,46 @@ def test_a_stop_says_how_many_files_found_are_not_stacked_yet(tmp_path, daemon_n
     finally:
         svc.stop()
     assert svc.error is None
+
+
+def test_a_pause_right_after_a_frame_still_writes_its_stack_file(tmp_path, daemon_night):
+    """Frames coming in, stack.fits is written at the next idle moment (at most every outputs_s meanwhile); a pause
+    pressed while a frame was stacked left no idle moment — the worker only waited — so stack.fits (what the page's
+    download and a user copying the night off the Pi get) stayed a frame short for as long as the pause lasted,
+    and so did the checkpoint.  Both are written while paused."""
+    from astropy.io import fits
+
+    from livestack.config import Config
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+    from livestack.engine.pipeline import Engine
+
+    files, watch, out = _four_frames_watched(tmp_path, daemon_night)
+    svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                  DaemonParams(out=str(out), outputs_s=3600.0))
+    held = threading.Event()
+    real = Engine.process
+
+    def process(self, path, *a, **k):
+        if Path(path).name == "live.dng":
+            held.wait(10)
+        return real(self, path, *a, **k)
+
+    Engine.process = process
+    try:
+        svc.start()
+        _until(lambda: (s := svc.status())["frames"] == 4 and s["state"] == "idle"
+               and s["checkpoint"]["frames"] == 4)
+        assert fits.getheader(out / "stack.fits")["NCOMBINE"] == 4
+        shutil.copy(daemon_night[0][4], watch / "live.dng")
+        _until(lambda: svc.status()["processing"] == "live.dng")
+        svc.pause()
+        held.set()
+        _until(lambda: (s := svc.status())["frames"] == 5 and s["checkpoint"]["frames"] == 5, timeout=20)
+        assert svc.status()["paused"]
+        _until(lambda: fits.getheader(out / "stack.fits")["NCOMBINE"] == 5, timeout=20)
+    finally:
+        held.set()
+        Engine.process = real
+        svc.stop()
+    assert svc.error is None

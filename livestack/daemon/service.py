@@ -480,6 +480,7 @@ class Service:
                 self._do_commands()
                 self._save_pause()
                 if self._paused:
+                    self._idle()         # what the frame before the pause left to write (stack.fits, the checkpoint)
                     self._stopping.wait(0.1)
                     continue
                 if self._redo:
@@ -853,7 +854,9 @@ class Service:
         # stack.fits and the checkpoint (1–1.5 s each at 24 MP) give way to a frame that lands meanwhile: it is
         # stacked first, and they are written at the next idle moment (or, frames streaming in, on their
         # outputs_s / checkpoint_every schedule, which nothing interrupts)
-        with deferrable(lambda: not self._nothing_waits()):
+        # (paused, the files waiting are not taken: nothing to give way to — a pause right after a frame kept its
+        # stack.fits, the file a user then downloads, a frame short for as long as the pause lasted)
+        with deferrable(lambda: not self._paused and not self._nothing_waits()):
             if self._fits_dirty:
                 self._write_fits()
             if self._since_ckpt and time.monotonic() - self._last_ckpt >= min(self.dp.checkpoint_s, 5.0):
