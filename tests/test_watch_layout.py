@@ -318,3 +318,41 @@ def test_a_file_given_up_while_it_is_handed_on_is_not_handed_on(tmp_path, monkey
         w.stop()                                      # (joins the watcher's thread: its put, if any, is done)
     assert given_up == [{"a.fits"}]
     assert q.empty(), q.get_nowait()
+
+
+def test_a_folder_without_file_events_is_said_once(tmp_path, monkeypatch, caplog):
+    """On a network mount (NFS, SMB) the kernel sends no file events: every frame waited for the next rescan (up
+    to rescan_s, 10 s by default) and nothing said why.  A new file the rescan finds first, written seconds before,
+    is said once; where events come, a file is never taken for one."""
+    import logging
+    import os
+
+    from livestack.daemon import watch
+
+    def run(root: Path, events: bool) -> list[str]:
+        root.mkdir()
+        shutil.copy(src, root / "there_before.fits")            # the first scan's: no event expected for it
+        q: queue.Queue = queue.Queue()
+        w = Watcher(root, WatchParams(settle_s=0.3, settle_complete_s=0.1, timeout_s=30.0, rescan_s=0.5), q)
+        caplog.clear()
+        with monkeypatch.context() as mp, caplog.at_level(logging.WARNING, logger="livestack"):
+            if not events:
+                mp.setattr(watch._Handler, "on_any_event", lambda self, event: None)
+            w.start()
+            try:
+                time.sleep(0.3)
+                for name in ("a.fits", "b.fits"):
+                    shutil.copy(src, root / name)
+                    past = time.time() - 5                          # written 5 s ago (a copy that keeps times)
+                    os.utime(root / name, (past, past))
+                got = _collect(q, {"there_before.fits", "a.fits", "b.fits"}, at_most=10.0)
+            finally:
+                w.stop()
+        assert got == {"there_before.fits", "a.fits", "b.fits"}
+        return [r.getMessage() for r in caplog.records if "not by a file event" in r.getMessage()]
+
+    src = tmp_path / "light.fits"
+    fits.PrimaryHDU(np.zeros((16, 16), np.uint16)).writeto(src)
+    said = run(tmp_path / "mount", events=False)
+    assert len(said) == 1 and "file events do not reach this folder" in said[0] and "rescan_s = 0.5 s" in said[0], said
+    assert run(tmp_path / "local", events=True) == []

@@ -184,6 +184,11 @@ def _quiet_stop(record: logging.LogRecord) -> bool:
     return "called when the thread is inactive" not in str(record.msg)
 
 
+# A file a rescan finds first, written at least this long before, was announced by no file event (one reaches the
+# watcher within milliseconds of the write where the kernel sends them at all).
+NO_EVENT_AGE_S = 2.0
+
+
 class Watcher:
     """Watches ``root`` (watchdog + a scan at start and every ``rescan_s``) and puts a Ready for each complete
     new file on ``out``.  ``known``: paths (relative, '/') already in the session or to be ignored.
@@ -204,6 +209,9 @@ class Watcher:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="livestack-watch", daemon=True)
         self._observer = None
+        self._scanned_once = False
+        self._said_no_events = False
+        self._unannounced = 0
 
     # -- public
     def start(self) -> None:
@@ -246,10 +254,10 @@ class Watcher:
         with self._lock:
             return len(self._pending)
 
-    def note(self, path: Path, *, renamed: bool = False) -> None:
-        """A file event (or a scan) saw ``path``: start tracking it if it may be a new frame.  ``renamed``: it was
-        moved into place — written under another name first, as capture programs do to be atomic —, so a
-        whole layout needs no settle time."""
+    def note(self, path: Path, *, renamed: bool = False, scanned: bool = False) -> None:
+        """A file event (or a scan: ``scanned``) saw ``path``: start tracking it if it may be a new frame.
+        ``renamed``: it was moved into place — written under another name first, as capture programs do to be
+        atomic —, so a whole layout needs no settle time."""
         rel = self._rel(path)
         if rel is None:
             return
@@ -261,9 +269,29 @@ class Watcher:
                 return
             now = time.monotonic()
             self._pending[rel] = _Pending(-1, -1, now, now, renamed=renamed)
+        if scanned and self._scanned_once:
+            self._no_events(path, rel)
         self._on_change()
         if renamed:
             self._wake.set()
+
+    def _no_events(self, path: Path, rel: str) -> None:
+        """A rescan found a new file that no file event announced, seconds after it was written: events do not
+        reach this folder (a network mount: NFS, SMB; some FUSE and USB setups), and every frame waits for the next
+        rescan — said once, at the second such file, so that the user knows why frames come up to rescan_s late."""
+        try:
+            age = time.time() - path.stat().st_mtime
+        except OSError:
+            return
+        if age < NO_EVENT_AGE_S or self._said_no_events:
+            return                  # (an event on its way: the rescan only came first)
+        self._unannounced += 1
+        if self._unannounced < 2:   # (one could be an event the rescan overtook by chance: a second confirms)
+            return
+        self._said_no_events = True
+        log.warning("livestack: watch %s: %s was found by the periodic rescan, not by a file event (written %.0f s "
+                    "before): file events do not reach this folder (a network mount?); new frames are seen within "
+                    "[watch] rescan_s = %g s", self.root, rel, age, self.p.rescan_s)
 
     # -- internals
     def _rel(self, path: Path) -> str | None:
@@ -307,13 +335,13 @@ class Watcher:
                 dirs[:] = [x for x in dirs if not x.startswith(".") and not calibration_folder(x)
                            and not any((Path(d) / x).resolve() == e for e in self._exclude)]
                 for name in files:
-                    self.note(Path(d) / name)
+                    self.note(Path(d) / name, scanned=True)
         else:
             try:
                 with os.scandir(self.root) as it:
                     for e in it:
                         if e.is_file():
-                            self.note(Path(e.path))
+                            self.note(Path(e.path), scanned=True)
             except OSError as err:  # a USB disk unplugged: keep trying, say so once per scan
                 log.warning("watch %s: %s", self.root, err.strerror or err)
 
@@ -324,6 +352,7 @@ class Watcher:
             now = time.monotonic()
             if now >= next_scan:
                 self._scan()
+                self._scanned_once = True       # (what the first scan finds was there before the start)
                 next_scan = now + self.p.rescan_s
             self._wake.clear()
             self._check()
