@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import Config, ConfigError, load_config, with_overrides
+from .config import Config, ConfigError, flag_error, load_config, with_overrides
 from .engine.frame import FrameRecord
 from .engine.read import FITS_SUFFIXES, capture_order, is_supported, suffix_of
 from .engine.settings import INTERPOLATION_NAMES
@@ -402,12 +402,7 @@ def _with_flags(cfg: Config, args) -> Config:
         try:
             cfg = with_overrides(cfg, **{section: {key: value}})
         except (ConfigError, ValueError) as err:
-            why = str(err)
-            head = f"{section}.{key} = "
-            if why.startswith(head) and ": " in why[len(head):]:
-                why = why[len(head):].split(": ", 1)[1]
-            raise ConfigError(f"--{flag} {value:g}: {why}" if isinstance(value, float) else
-                              f"--{flag} {value}: {why}") from err
+            raise flag_error(err, f"{section}.{key}", f"--{flag}", value) from err
     return cfg
 
 

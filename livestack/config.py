@@ -70,6 +70,23 @@ def make_section(cls, values: dict, where: str):
         raise ConfigError(f"{where}: {err}") from err
 
 
+def flag_error(err: Exception, key: str, flag: str, value) -> ConfigError:
+    """A section's check refused the value that command-line ``flag`` gave its config ``key`` ("stack.kappa"): the
+    same sentence, said as the flag the user typed — "--kappa 0: must be in [1.5, 20]" for "stack.kappa = 0.0: …",
+    "--token: use at least 8 characters" for "web.token: …" (a value the sentence does not show is not shown)."""
+    why = str(err)
+    at = why.find(key)
+    if at < 0:
+        return ConfigError(f"{flag} {_shown(value)}: {why}")
+    rest = why[at + len(key):]
+    reason = rest.split(": ", 1)[1] if ": " in rest else rest
+    return ConfigError(f"{flag} {_shown(value)}: {reason}" if rest.startswith(" = ") else f"{flag}: {reason}")
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def config_from_dict(d: dict, *, source: str = "config") -> Config:
     sections = {f.name: f for f in dataclasses.fields(Config) if f.name != "extra"}
     hints = typing.get_type_hints(Config)

@@ -20,7 +20,7 @@ def calibration_params(cfg, **overrides) -> CalibrationParams:
 
 
 def cmd_masters(args, cfg) -> int:
-    from .config import ConfigError
+    from .config import ConfigError, flag_error
 
     try:
         p = calibration_params(cfg, method=args.method)
@@ -28,8 +28,7 @@ def cmd_masters(args, cfg) -> int:
             try:
                 p = calibration_params(cfg, method=args.method, kappa=args.masters_kappa)
             except ConfigError as err:
-                why = str(err).split(": ", 2)[-1]
-                raise ConfigError(f"--kappa {args.masters_kappa:g}: {why}") from err
+                raise flag_error(err, "calibration.kappa", "--kappa", args.masters_kappa) from err
     except ConfigError as err:
         print(f"livestack masters: {err}", file=sys.stderr)
         return 2

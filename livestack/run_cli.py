@@ -9,7 +9,7 @@ import threading
 from pathlib import Path
 
 from . import NOTICE
-from .config import Config, ConfigError, make_section
+from .config import Config, ConfigError, flag_error, make_section
 from .daemon.config import session_section, shell_sections
 from .session import FolderError, SessionError, SessionFolder
 from .text import one_line
@@ -68,8 +68,7 @@ def cmd_run(args, cfg: Config) -> int:
                 try:
                     web = dataclasses.replace(web, **{key: value})
                 except ConfigError as err:
-                    why = str(err).replace(f"web.{key} = {value}", f"--{key} {value}", 1)
-                    raise ConfigError(why.replace(f"web.{key}:", f"--{key}:", 1)) from err
+                    raise flag_error(err, f"web.{key}", f"--{key}", value) from err
         if args.no_web:
             web = dataclasses.replace(web, enabled=False)
     except (ConfigError, ValueError) as err:
