@@ -339,9 +339,13 @@ class Service:
             # exclude/include requests not answered yet: restacking until the last one is done, never idle between
             s["state"] = "restacking"
             s["restack"] = s.get("restack") or {"done": 0, "total": s.get("frames", 0)}
-        s["queued"] = self.files.qsize() + len(self._redo) + (self.watcher.pending() if self.watcher else 0)
+        s["queued"] = self._queued()
         s["changes"] = self._changes
         return s
+
+    def _queued(self) -> int:
+        """Files found and not taken yet: queued, to be stacked again after a switch of targets, still settling."""
+        return self.files.qsize() + len(self._redo) + (self.watcher.pending() if self.watcher else 0)
 
     def wait_change(self, seen: int, timeout: float) -> int | None:
         """Block until something changed since ``seen`` (returns the new counter), None when closing."""
@@ -891,8 +895,7 @@ class Service:
         # files found but not stacked (queued behind a backlog or a pause, still being written, held for a verdict,
         # a returning target's to stack again): no list names them, so the next start takes them — said, for the
         # journal's reader who wonders where they went
-        waiting = self.files.qsize() + len(self._redo) + len(self._held) + (self.watcher.pending() if self.watcher
-                                                                              else 0)
+        waiting = self._queued() + len(self._held)
         log.log(NOTICE, "livestack: stopped; %d stacked, %d rejected, %d failed; outputs in %s%s",
                         self.engine.n_stacked, self.engine.n_rejected, self.engine.n_failed, self.out,
                         f"; {waiting} file{'s' * (waiting != 1)} found but not stacked yet: taken at the next start"
