@@ -160,6 +160,12 @@ def _aside(path: Path) -> str:
     return _move_aside(path)[1]
 
 
+def _unusable(err: Exception) -> str:
+    """Why a small JSON file of the page's choices cannot be used: "unreadable (…)" when its bytes are not JSON
+    (or cannot be read), else the check's own sentence."""
+    return f"unreadable ({err})" if isinstance(err, (OSError, json.JSONDecodeError, UnicodeError)) else str(err)
+
+
 def _complete_lines(path: Path) -> list[bytes]:
     """frames.jsonl's complete lines, as bytes (a torn last line is left out)."""
     try:
@@ -492,7 +498,7 @@ class SessionFolder:
             data = check(data)
             return data, dataclasses.replace(base, **data)
         except (OSError, ValueError, TypeError) as err:     # bytes from disk: whatever they break, the config
-            why = f"unreadable ({err})" if isinstance(err, (OSError, json.JSONDecodeError, UnicodeError)) else err
+            why = _unusable(err)
             # (on a read-only disk it stays, and is read — and refused — again at the next start)
             log.warning("livestack: %s: %s%s; %s is used", path.relative_to(self.out), why, _aside(path), fallback)
             return {}, base
@@ -517,7 +523,7 @@ class SessionFolder:
                     or not isinstance(data.get("since"), (str, type(None))):
                 raise ValueError('expected a JSON object {"paused": true or false, "since": a time or null}')
         except (OSError, ValueError) as err:
-            why = f"unreadable ({err})" if isinstance(err, (OSError, json.JSONDecodeError, UnicodeError)) else err
+            why = _unusable(err)
             # (on a read-only disk it stays, and is read — and refused — again at the next start)
             log.warning("livestack: %s: %s%s; not paused", path.name, why, _aside(path))
             return None
