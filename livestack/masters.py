@@ -154,6 +154,19 @@ def kind_from_folder(name: str) -> str | None:
     return None
 
 
+def _read_index(root: Path) -> tuple[list["MasterEntry"], list[dict]]:
+    """masters.json of ``root``: its masters and its skipped files.  Raises MasterError naming the file."""
+    index = root / INDEX
+    if not index.is_file():
+        raise MasterError(f"{root}: no {INDEX} (build one with `livestack masters CALIB -o {root}`)")
+    try:
+        doc = json.loads(index.read_text())
+        entries = [MasterEntry.from_dict(d) for d in doc["masters"]]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise MasterError(f"{index}: not a master index ({err})") from err
+    return entries, list(doc.get("skipped", []))
+
+
 def _fits_imagetyp(path: Path) -> str | None:
     """Kind from a FITS header (no pixel decode): 'light', 'dark', … or None."""
     from astropy.io import fits
@@ -485,8 +498,8 @@ def build_library(calib_dir: Path | str, out_dir: Path | str, p: CalibrationPara
                           "or FITS IMAGETYP)")
     lib = MasterLibrary(out_dir, [], p)
     lib.skipped = skipped
-    try:        # the library this rebuilds: its masters stay listed until made again (an interrupted rebuild)
-        before = MasterLibrary.load(out_dir, p).entries
+    try:        # the library this rebuilds: its masters stay listed until made again (an interrupted rebuild);
+        before = _read_index(out_dir)[0]        # one whose file is gone is left out by save()
     except MasterError:
         before = []
     for kind in KINDS:
@@ -881,19 +894,12 @@ class MasterLibrary:
     def load(cls, root: Path | str, params: CalibrationParams | None = None) -> "MasterLibrary":
         """Read masters.json of ``root`` (no pixels yet).  Raises MasterError naming the file."""
         root = Path(root).expanduser()
-        index = root / INDEX
-        if not index.is_file():
-            raise MasterError(f"{root}: no {INDEX} (build one with `livestack masters CALIB -o {root}`)")
-        try:
-            doc = json.loads(index.read_text())
-            entries = [MasterEntry.from_dict(d) for d in doc["masters"]]
-        except (OSError, ValueError, KeyError, TypeError) as err:
-            raise MasterError(f"{index}: not a master index ({err})") from err
+        entries, skipped = _read_index(root)
         missing = [e.file for e in entries if not (root / e.file).is_file()]
         if missing:
             raise MasterError(f"{root}: {INDEX} lists missing files: {', '.join(missing[:3])}")
         lib = cls(root, entries, params)
-        lib.skipped = list(doc.get("skipped", []))
+        lib.skipped = skipped
         return lib
 
     def array(self, name: str) -> np.ndarray:

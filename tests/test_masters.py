@@ -809,6 +809,14 @@ def test_an_interrupted_rebuild_keeps_the_masters_it_has_not_made_again(tmp_path
     after = MasterLibrary.load(tmp_path / "lib")
     assert {e.file: e.kind for e in after.entries} == before
     assert after.select(sim_frame(tmp_path, SIM, "light", DARK_T)[0]).flat is not None
+    # one master's file deleted by hand meanwhile: the index that lists it is not usable as it is, but the other
+    # masters it lists still stay until made again (only the missing one is left out)
+    gone = next(f for f, kind in before.items() if kind == "darkflat")
+    (tmp_path / "lib" / gone).unlink()
+    with pytest.raises(KeyboardInterrupt):
+        build_library(tmp_path / "calib", tmp_path / "lib")
+    assert {e.file: e.kind for e in MasterLibrary.load(tmp_path / "lib").entries} == \
+        {f: kind for f, kind in before.items() if f != gone}
 
     monkeypatch.setattr(masters, "_make_master", make)
     shutil.rmtree(tmp_path / "calib" / "flats")            # a rebuild that ends lists what it made, no more
