@@ -326,13 +326,7 @@ def _four_frames_watched(tmp_path: Path, daemon_night):
 
 def _started_idle(watch: Path, out: Path, frames: int):
     """A Service on ``watch`` → ``out``, started and waited for until it has ``frames`` records and is idle."""
-    from livestack.config import Config
-    from livestack.daemon.config import DaemonParams, WatchParams
-    from livestack.daemon.service import Service
-
-    svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
-                  DaemonParams(out=str(out)))
-    svc.start()
+    svc = _started_service(watch, out)
     deadline = time.monotonic() + 60
     while not ((s := svc.status())["frames"] >= frames and s["state"] == "idle") and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -431,7 +425,7 @@ def test_every_frame_excluded_then_a_new_frame_is_the_targets_reference(tmp_path
 
 # ---------------------------------------------------------------- the pause across a restart
 
-def _paused_service(watch: Path, out: Path):
+def _started_service(watch: Path, out: Path):
     """A Service on ``watch`` → ``out``, started (paused or not: it does not wait for idle)."""
     from livestack.config import Config
     from livestack.daemon.config import DaemonParams, WatchParams
@@ -464,7 +458,7 @@ def test_a_pause_survives_a_restart_and_resume_stacks_what_waited(tmp_path, daem
         svc.stop(timeout=10)
     assert svc.error is None
     shutil.copy(daemon_night[0][4], watch / daemon_night[0][4].name)    # lands while the daemon is down
-    svc = _paused_service(watch, out)
+    svc = _started_service(watch, out)
     try:
         s = svc.status()
         assert s["paused"] and s["state"] == "paused", s
@@ -477,7 +471,7 @@ def test_a_pause_survives_a_restart_and_resume_stacks_what_waited(tmp_path, daem
     finally:
         svc.stop(timeout=10)
     assert svc.error is None
-    svc = _paused_service(watch, out)        # resumed before this restart: it stacks
+    svc = _started_service(watch, out)        # resumed before this restart: it stacks
     try:
         assert not svc.status()["paused"]
         shutil.copy(daemon_night[0][6], watch / daemon_night[0][6].name)
@@ -548,7 +542,7 @@ def test_an_unreadable_pause_file_is_moved_aside_and_counts_as_not_paused(tmp_pa
     out.mkdir()
     (out / "paused.json").write_text('{"paused": tr')
     with caplog.at_level(logging.WARNING, logger="livestack"):
-        svc = _paused_service(watch, out)
+        svc = _started_service(watch, out)
         try:
             assert not svc.status()["paused"]
             _until(lambda: (s := svc.status())["frames"] == 4 and s["state"] == "idle")
@@ -665,7 +659,7 @@ def test_a_stop_says_how_many_files_found_are_not_stacked_yet(tmp_path, daemon_n
     assert svc.error is None
     said = [r.getMessage() for r in caplog.records if "livestack: stopped;" in r.getMessage()]
     assert len(said) == 1 and said[0].endswith("; 2 files found but not stacked yet: taken at the next start"), said
-    svc = _paused_service(watch, out)           # paused still (the pause is kept): resumed, they are stacked
+    svc = _started_service(watch, out)           # paused still (the pause is kept): resumed, they are stacked
     try:
         _until(lambda: (s := svc.status())["paused"] and s["queued"] == 2)
         svc.resume()
