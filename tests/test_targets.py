@@ -651,7 +651,9 @@ def test_a_reference_of_another_demosaic_is_still_matched_by_its_stars():
 
 def test_two_real_seestar_nights_two_weeks_apart_stack_into_one_target(tmp_path, shared_data):
     """Seestar S50 on M94, 2025-03-27 and 2025-04-09 (another framing, the field turned ~69°): the second night,
-    in the same output folder, registers onto the first night's grid — one target, every frame used."""
+    in the same output folder, registers onto the first night's grid — one target, every frame registered; the
+    second night's five trailed frames rejected as when it is stacked alone (judged against its own night's
+    frames, not the first's rounder median)."""
     seq = shared_data / "sequences"
     n1, n2 = sorted((seq / "seestar_m94_night1").glob("*.fit")), sorted((seq / "seestar_m94_night2").glob("*.fit"))
     watch, out = tmp_path / "watch", tmp_path / "out"
@@ -670,9 +672,13 @@ def test_two_real_seestar_nights_two_weeks_apart_stack_into_one_target(tmp_path,
     book = json.loads((out / "targets.json").read_text())["targets"]
     assert len(book) == 1 and book[0]["name"] == "M 94"
     recs = read_frames_log(out / "frames.jsonl")
-    assert len(recs) == len(n1) + len(n2) and all(r["status"] in STACKED for r in recs)
-    rot = [r["rotation"] for r in recs[len(n1):]]
-    assert all(60 < abs(x) < 80 for x in rot), rot
+    assert len(recs) == len(n1) + len(n2) and all(r["status"] in STACKED for r in recs[:len(n1)])
+    second = recs[len(n1):]
+    gone = [r for r in second if r["status"] not in STACKED]
+    assert len(gone) == 5 and all("trailed" in r["reason"] for r in gone), [r["reason"] for r in gone]
+    assert all(r["registration"] for r in second)
+    rot = [r["rotation"] for r in second if r["status"] in STACKED]
+    assert len(rot) == 6 and all(60 < abs(x) < 80 for x in rot), rot
 
 
 def test_a_stop_while_frames_are_held_keeps_every_index(tmp_path, three_targets):

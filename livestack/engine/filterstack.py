@@ -229,6 +229,33 @@ class FilterStack:
     def reject(self) -> None:
         self.counts = self.counts.rejected_frame()
 
+    def new_night(self, m: FrameMeta) -> float | None:
+        """When the frame in hand was taken `[reject] new_night_after_h` or more after this filter's last stacked
+        frame, a new night has begun: its seeing, star counts, sky and trailing are another night's, so the running
+        statistics start again from its own frames (the transparency stays against the filter's first frame — a
+        hazier night is what that test is for).  Two nights of one target stacked together, or a daemon's target
+        taken up again the next evening, had every frame judged against the first night's medians: a night of
+        4.2 px stars after one of 2.6 px lost 7 of its 10 frames as "fwhm > 1.5 × running median", kept or not by
+        their jitter alone; the same trailing passed under the other night's rounder median.  Returns the gap in
+        hours when it cleared them (the caller says so), else None."""
+        gap = self.judge.p.new_night_after_h
+        if not gap or m.time is None or not self.last_time or not self.judge.history:
+            return None
+        try:
+            last = dt.datetime.fromisoformat(self.last_time)
+            now = m.time
+            if (last.tzinfo is None) != (now.tzinfo is None):     # one file said UTC, the other nothing
+                last, now = last.replace(tzinfo=None), now.replace(tzinfo=None)
+            hours = abs(now - last).total_seconds() / 3600.0     # (a folder of an earlier night after it, too)
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if hours < gap:
+            return None
+        self.judge.history.clear()
+        for judge in self.levels.values():
+            judge.history.clear()
+        return hours
+
     def check(self, q: Quality, m: FrameMeta, scale: float | None = None) -> str | None:
         """Why a frame of this filter (its transparency factor ``scale`` against the first frame, when known) is
         rejected, or None.  The first frame of a new exposure, ISO or gain has nothing to compare its star

@@ -460,6 +460,11 @@ class Engine:
                 self._trim(keep=fs.key)
         else:
             scale = fs.transparency(stars, matrix, tol=cfg.register.match_tol_px * float(grid.stars_to_grid[0, 0]))
+            hours = fs.new_night(m)
+            if hours is not None:
+                log.info("filter %s: %s was taken %.0f h after the last frame stacked — a new night: its seeing, "
+                         "star counts and sky are judged against this night's frames from now on",
+                         fs.label, path.name, hours)
             reason = fs.check(q, m, scale)
             self._verdicts(fs)
             if reason:

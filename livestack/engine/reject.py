@@ -27,6 +27,9 @@ class RejectParams:
     suspect_after: int = 3            # this many frames in a row rejected for their transparency alone, agreeing
                                       #     with each other, put their baseline on trial (FilterStack._suspect);
                                       #     0: never
+    new_night_after_h: float = 6.0    # a frame taken this many hours after its filter's last stacked frame
+                                      #     begins a new night: FWHM, star counts, sky and eccentricity are judged
+                                      #     against that night's frames from then on (0: never)
 
     def __post_init__(self):
         if self.fwhm_factor <= 1 or self.background_factor <= 1:
@@ -37,6 +40,8 @@ class RejectParams:
             raise ValueError("reject.window must be ≥ 1 and reject.min_ref_stars ≥ 3")
         if self.suspect_after < 0 or self.suspect_after == 1:
             raise ValueError(f"reject.suspect_after = {self.suspect_after}: must be 0 (never) or ≥ 2")
+        if not self.new_night_after_h >= 0:
+            raise ValueError(f"reject.new_night_after_h = {self.new_night_after_h}: must be ≥ 0 (0: never)")
 
 
 class FrameJudge:

@@ -654,3 +654,75 @@ def test_a_good_first_frame_stays_when_clouds_come_after_it(night, weather):
     assert [r.status for r in recs] == ["reference"] + ["rejected"] * 7, [r.reason for r in recs]
     assert all(r.reason.startswith("transparency") for r in recs[1:]), [r.reason for r in recs]
     assert amended == [] and list(eng.filters.values())[0].bases == {"60s|iso 800|gain 120.0": 1.0}
+
+
+def _two_nights(tmp_path, **second):
+    """A night of 2.6 px stars and the next evening's of 4.2 px on the same field (RGGB FITS, 480×360)."""
+    from drivers.simulator import SimConfig, render_night
+
+    render_night(tmp_path / "n1", SimConfig(width=480, height=360, n_frames=6, fwhm_px=2.6, seed=3, sky_seed=3,
+                                            start="2026-11-25T21:00:00"))
+    render_night(tmp_path / "n2", SimConfig(width=480, height=360, n_frames=8, fwhm_px=4.2, seed=4, sky_seed=3,
+                                            start="2026-11-26T20:30:00", **second))
+    return sorted((tmp_path / "n1").glob("*.fits")) + sorted((tmp_path / "n2").glob("*.fits"))
+
+
+def test_a_second_night_is_judged_against_its_own_frames(tmp_path):
+    """Two nights of one target, the second's seeing 1.6× the first's: every frame of the second was judged against
+    the first night's median FWHM and most were rejected (`fwhm > 1.5 × running median`), kept or not by their
+    jitter.  A frame taken `[reject] new_night_after_h` (6) after the last one stacked starts the running
+    statistics afresh; the second night's trailed and cloudy frames are still rejected, against its own; the
+    same through a checkpoint at the nights' boundary (the last frame's time is in it)."""
+    files = _two_nights(tmp_path, defects={3: "wind", 6: "cloudy"})
+    eng = Engine(Config())
+    recs = [eng.process(f) for f in files]
+    assert [r.status for r in recs] == ["reference"] + ["stacked"] * 8 + ["rejected", "stacked", "stacked",
+                                                                          "rejected", "stacked"], \
+        [r.reason for r in recs]
+    # the wind's frame against the second night's median (4.1–4.2 px, whichever test takes it), not the first's
+    assert "trailed" in recs[9].reason or "running median 4." in recs[9].reason, recs[9].reason
+    part = through_checkpoints(files, [6], tmp_path / "ckpt")
+    assert part.counts == eng.counts
+    a, wa = eng.result(None)
+    b, wb = part.result(None)
+    assert np.array_equal(a, b) and np.array_equal(wa, wb)
+    # without it (0: never), the second night against the first's seeing: most of its frames go
+    never = dataclasses.replace(Config(), reject=dataclasses.replace(Config().reject, new_night_after_h=0))
+    eng0 = Engine(never)
+    recs0 = [eng0.process(f) for f in files]
+    lost = [r for r in recs0[6:] if r.status == "rejected" and "fwhm" in r.reason]
+    assert len(lost) >= 4, [r.reason for r in lost]
+
+
+def test_a_new_night_by_the_gap_between_capture_times():
+    """The gap is between the frame's capture time and its filter's last stacked frame's, either way round (an
+    earlier night's folder after a later one), with or without a time zone; a frame without a time, a filter
+    with nothing judged yet, or `new_night_after_h = 0` start nothing."""
+    from livestack.engine.filterstack import FilterStack
+    from livestack.engine.frame import FrameMeta, Quality
+    from livestack.engine.reject import RejectParams
+    from livestack.engine.stack import StackParams
+
+    def fs_with(last, **kw):
+        fs = FilterStack("L", StackParams(), RejectParams(**kw))
+        fs.judge.accept(Quality(100, 3.0, 0.2, 500.0, 10.0))
+        fs.levels["k"] = fs.judge.__class__(fs.judge.p)
+        fs.levels["k"].accept(Quality(100, 3.0, 0.2, 500.0, 10.0))
+        fs.last_time = last
+        return fs
+
+    utc = dt.timezone.utc
+    at = lambda *a, tz=None: FrameMeta(time=dt.datetime(*a, tzinfo=tz))   # noqa: E731
+    fs = fs_with("2026-11-25T23:00:00")
+    assert fs.new_night(at(2026, 11, 26, 4, 59)) is None and fs.judge.history      # 5 h 59 min: the same night
+    assert fs.new_night(at(2026, 11, 26, 5, 0, tz=utc)) == pytest.approx(6.0)
+    assert not fs.judge.history and not fs.levels["k"].history
+    assert fs_with("2026-11-26T21:00:00+00:00").new_night(at(2026, 11, 25, 21, 0)) == pytest.approx(24.0)
+    assert fs_with("2026-11-25T21:00:00").new_night(FrameMeta()) is None
+    assert fs_with(None).new_night(at(2026, 12, 25, 21, 0)) is None
+    assert fs_with("2026-11-25T21:00:00", new_night_after_h=0).new_night(at(2026, 12, 25, 21, 0)) is None
+    empty = FilterStack("L", StackParams(), RejectParams())
+    empty.last_time = "2026-11-25T21:00:00"
+    assert empty.new_night(at(2026, 12, 25, 21, 0)) is None
+    with pytest.raises(ValueError, match="new_night_after_h"):
+        RejectParams(new_night_after_h=-1)
