@@ -515,12 +515,14 @@ def test_the_page_says_offline_while_the_daemon_is_down(web):
 
 
 @pytest.mark.browser
-@pytest.mark.parametrize("width", [390, 360])
+@pytest.mark.parametrize("width", [390, 360, 900, 1024, 1400, 1920])
 def test_the_status_numbers_are_whole_on_a_phone(web, width):
     """The status tiles cut what does not fit with an ellipsis: on a 390 px phone the integration of most of a
-    night's first hour ("16 m 00 s") read "16 m 0…", on a 360 px one even "2 h 15 m" was cut."""
-    with chromium_page(web.url, viewport={"width": width, "height": 844}, device_scale_factor=2, is_mobile=True,
-                       has_touch=True) as (page, errors):
+    night's first hour ("16 m 00 s") read "16 m 0…", on a 360 px one even "2 h 15 m" was cut; and on a laptop,
+    where the tiles sit in the column beside the preview, "23 m 00 s" read "23 m 0…" at 1400 px and 1920 px."""
+    phone = width < 520
+    with chromium_page(web.url, viewport={"width": width, "height": 844 if phone else 900},
+                       device_scale_factor=2 if phone else 1, is_mobile=phone, has_touch=phone) as (page, errors):
         page.wait_for_selector("#conn.on", timeout=15_000)
         for s in (959, 3599, 8100, 36300):          # 15 m 59 s, 59 m 59 s, 2 h 15 m, 10 h 05 m
             cut = page.evaluate("""(s) => { showStatus({...state.status, integration_s: s, last_frame_time:
