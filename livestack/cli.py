@@ -145,7 +145,9 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
                 params = make_section(SolveParams, cfg.extra.get("solve", {}), "config: solve")
                 sky = BatchSolve(engine, f, params if solve else dataclasses.replace(params, enabled=False),
                                  off=None if solve else "plate solving is off (--no-solve)")
-        say = None if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+        # said under -q too: -q leaves out the progress bar, not the one line saying what the stack still waits for
+        # (a blind solve that fails takes up to [solve] timeout_s: ~46 s of silence looked like a hang)
+        say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
         sky_status = sky.finish(engine, stop=ctrl_c.event, say=say) if sky is not None else None
         wrote = engine.snapshot(out)
     from .engine.outputs import filter_file, stale_stacks

@@ -425,3 +425,31 @@ def test_a_stack_imports_no_capture_driver_and_capture_still_has_every_argument(
     r = subprocess.run([sys.executable, "-m", "livestack.cli", "-v", "capture", "sim", "--help"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0 and "--interval" in r.stdout and "--format" in r.stdout, r.stdout + r.stderr
+
+
+
+def test_a_quiet_stack_still_says_it_waits_for_a_plate_solve(night, tmp_path, monkeypatch, capsys):
+    """`stack -q` waited silently through a failing blind solve (~46 s on simulator frames): -q leaves out the
+    progress bar (README), not the one line saying what the stack waits for."""
+    import threading
+
+    from livestack import sky
+    from livestack.engine.solve import SolveError
+
+    files, _ = night(n_frames=3, seed=2)
+
+    def start(self, xy, flux, shape, hints, workdir=None):   # a solve that is still running after the last frame
+        def run():
+            self._cancel.wait(1.0)
+            with self._lock:
+                self._answer = SolveError("no solution: a test's sky")
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return True
+
+    monkeypatch.setattr(sky.SkySolver, "available", lambda self: None)
+    monkeypatch.setattr(sky.SkySolver, "start", start)
+    assert main(["stack", str(files[0].parent), "-o", str(tmp_path / "out"), "-q"]) == 0
+    err = capsys.readouterr().err
+    assert "plate solving the reference frame" in err, err
+    assert "[█" not in err and "[·" not in err, err        # still no progress bar
