@@ -259,7 +259,13 @@ def cmd_demo(args, cfg: Config) -> int:
     print(f"simulated night: {n} frames of {size[0]}×{size[1]} (Bayer RGGB, DNG), one every "
           f"{interval:g} s, into {lights}")
     if app is not None:
-        print(f"live page: {app.url}   (open it in a browser and watch the stack grow)", flush=True)
+        # an invitation only to a page that stays: --fast stacks its frames in a second and exits
+        if args.fast:
+            print(f"web page: {app.url}   (--fast closes it as soon as the {n} frames are stacked; leave out "
+                  "--fast to watch the stack grow)", flush=True)
+        else:
+            print(f"live page: {app.url}   (open it in a browser and watch the stack grow"
+                  + ("; --exit closes it after the last frame)" if args.exit else ")"), flush=True)
     t0 = time.perf_counter()
     stop = Stop()
     capture = threading.Thread(target=sim_capture.capture, args=(plan, sim, stop), daemon=True, name="capture")

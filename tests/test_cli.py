@@ -427,6 +427,17 @@ def test_a_stack_imports_no_capture_driver_and_capture_still_has_every_argument(
     assert r.returncode == 0 and "--interval" in r.stdout and "--format" in r.stdout, r.stdout + r.stderr
 
 
+def test_demo_fast_does_not_invite_to_a_page_it_closes_at_once(tmp_path):
+    """`demo --fast` printed "live page: … (open it in a browser and watch the stack grow)" and exited within a
+    second: the page it invited the user to was gone.  --fast exits when done (README): it says the page closes,
+    and the normal demo still invites."""
+    r = cli("demo", "--fast", "--port", "0", "--out", tmp_path, "-q")
+    assert r.returncode == 0, r.stderr
+    page = [line for line in r.stdout.splitlines() if "http://127.0.0.1:" in line]
+    assert len(page) == 1, r.stdout
+    assert "watch the stack grow" not in page[0].split("leave out --fast")[0], page[0]
+    assert "closes" in page[0] and "--fast" in page[0], page[0]
+
 
 def test_a_quiet_stack_still_says_it_waits_for_a_plate_solve(night, tmp_path, monkeypatch, capsys):
     """`stack -q` waited silently through a failing blind solve (~46 s on simulator frames): -q leaves out the
