@@ -221,8 +221,6 @@ def cmd_stack(args, cfg: Config) -> int:
 def cmd_demo(args, cfg: Config) -> int:
     """The whole live loop on one machine: the simulator capture driver writes a frame every few seconds into a
     watch folder, the daemon stacks each one, and the page shows the stack growing."""
-    import threading
-
     from drivers.capture import sim as sim_capture
     from drivers.capture.common import CapturePlan, Stop
     from drivers.simulator import SimConfig
@@ -254,48 +252,66 @@ def cmd_demo(args, cfg: Config) -> int:
                 break
             except OSError:
                 continue
-    svc.start()
-    web_thread = serve_in_thread(app) if app is not None else None
-    print(f"simulated night: {n} frames of {size[0]}×{size[1]} (Bayer RGGB, DNG), one every "
-          f"{interval:g} s, into {lights}")
-    if app is not None:
-        # an invitation only to a page that stays: --fast stacks its frames in a second and exits
-        if args.fast:
-            print(f"web page: {app.url}   (--fast closes it as soon as the {n} frames are stacked; leave out "
-                  "--fast to watch the stack grow)", flush=True)
-        else:
-            print(f"live page: {app.url}   (open it in a browser and watch the stack grow"
-                  + ("; --exit closes it after the last frame)" if args.exit else ")"), flush=True)
+    # SIGTERM (a process manager, `timeout`) and SIGHUP (the terminal closed) end the demo as Ctrl-C does — the
+    # daemon stopped, the summary printed —, as they end `livestack run`; they used to kill it on the spot
+    stopping: list[int] = []
+
+    def on_signal(signum, frame):
+        stopping.append(signum)
+
+    old = {}
+    if threading.current_thread() is threading.main_thread():
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
     t0 = time.perf_counter()
     stop = Stop()
     capture = threading.Thread(target=sim_capture.capture, args=(plan, sim, stop), daemon=True, name="capture")
-    capture.start()
-    progress = None if args.quiet else Progress(n)
-    shown = 0
+    web_thread = None
     try:
+        svc.start()
+        web_thread = serve_in_thread(app) if app is not None else None
+        print(f"simulated night: {n} frames of {size[0]}×{size[1]} (Bayer RGGB, DNG), one every "
+              f"{interval:g} s, into {lights}")
+        if app is not None:
+            # an invitation only to a page that stays: --fast stacks its frames in a second and exits
+            if args.fast:
+                print(f"web page: {app.url}   (--fast closes it as soon as the {n} frames are stacked; leave out "
+                      "--fast to watch the stack grow)", flush=True)
+            else:
+                print(f"live page: {app.url}   (open it in a browser and watch the stack grow"
+                      + ("; --exit closes it after the last frame)" if args.exit else ")"), flush=True)
+        capture.start()
+        progress = None if args.quiet else Progress(n)
+        shown = 0
         while True:
             recs = svc.snapshot.frames
             for d in recs[shown:]:
                 if progress:
                     progress.update(FrameRecord.from_dict(d))
             shown = max(shown, len(recs))
-            if shown >= n or not svc.running:
+            if shown >= n or not svc.running or stopping:
                 break
             time.sleep(0.2)
-        if app is not None and not args.fast and not args.exit:
+        if app is not None and not args.fast and not args.exit and not stopping:
             print(f"done; the page stays at {app.url} — press Ctrl-C to stop", flush=True)
-            while svc.running:
+            while svc.running and not stopping:
                 time.sleep(0.5)
     except KeyboardInterrupt:
         pass
     finally:
+        if stopping:
+            print(f"livestack demo: {signal.Signals(stopping[0]).name} received: stopping", file=sys.stderr,
+                  flush=True)
         stop.stop()
-        capture.join(timeout=10)
+        if capture.is_alive():
+            capture.join(timeout=10)
         svc.stop()
-        if app is not None:
+        if web_thread is not None:
             app.shutdown()
-            app.server_close()
             web_thread.join(timeout=5)
+        if app is not None:
+            app.server_close()
+        for s, h in old.items():
+            signal.signal(s, h)
     st = svc.status()
     s = {"frames": st["frames"], "stacked": st["stacked"], "rejected": st["rejected"], "failed": st["failed"],
          "exptime": st["integration_s"], "seconds": time.perf_counter() - t0,

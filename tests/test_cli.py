@@ -439,6 +439,37 @@ def test_demo_fast_does_not_invite_to_a_page_it_closes_at_once(tmp_path):
     assert "closes" in page[0] and "--fast" in page[0], page[0]
 
 
+def _demo_until_stacking(tmp_path, *extra):
+    """A `livestack demo` subprocess, returned once its first frame is in frames.jsonl."""
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "livestack.cli", "demo", "--frames", "40", "--interval", "0.3",
+                          "--no-web", "-q", *map(str, extra)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, cwd=ROOT)
+    flog = tmp_path / "out" / "frames.jsonl"
+    deadline = time.monotonic() + 60
+    while not (flog.exists() and flog.read_text().strip()) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.1)
+    assert p.poll() is None and flog.exists(), p.communicate(timeout=30)
+    return p
+
+
+def test_demo_stopped_by_sigterm_ends_as_ctrl_c_does(tmp_path):
+    """A demo under a process manager or `timeout` is stopped by SIGTERM: it died at once, without its summary
+    and without stopping the daemon.  Now SIGTERM (and SIGHUP), as `livestack run`, stop it as Ctrl-C does."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        out = tmp_path / sig.name
+        p = _demo_until_stacking(out, "--out", out)
+        p.send_signal(sig)
+        stdout, stderr = p.communicate(timeout=60)
+        assert p.returncode == 0, (sig.name, p.returncode, stdout, stderr)
+        assert " stacked, " in stdout and str(out / "out" / "stack.fits") in stdout, (sig.name, stdout, stderr)
+        assert (out / "out" / "stack.fits").stat().st_size > 0
+        assert "Traceback" not in stderr, stderr
+
+
 def test_a_quiet_stack_still_says_it_waits_for_a_plate_solve(night, tmp_path, monkeypatch, capsys):
     """`stack -q` waited silently through a failing blind solve (~46 s on simulator frames): -q leaves out the
     progress bar (README), not the one line saying what the stack waits for."""
