@@ -220,7 +220,27 @@ def cmd_stack(args, cfg: Config) -> int:
 
 def cmd_demo(args, cfg: Config) -> int:
     """The whole live loop on one machine: the simulator capture driver writes a frame every few seconds into a
-    watch folder, the daemon stacks each one, and the page shows the stack growing."""
+    watch folder, the daemon stacks each one, and the page shows the stack growing.  Without --out it works in a
+    temporary folder: at the end its simulated frames and the checkpoint (tens of MB a run, left in /tmp at every
+    run before) are removed, and the outputs the summary lists stay."""
+    import shutil
+
+    temp = not args.out
+    base = Path(args.out).expanduser() if args.out else Path(tempfile.mkdtemp(prefix="livestack-demo-"))
+    code = None
+    try:
+        code = _demo(args, cfg, base)
+        return code
+    finally:
+        if temp:
+            shutil.rmtree(base / "lights", ignore_errors=True)
+            shutil.rmtree(base / "out" / "session", ignore_errors=True)
+            if code is not None:
+                print(f"(the simulated frames and the checkpoint are removed; the outputs stay in {base / 'out'}: "
+                      "--out DIR keeps everything)", flush=True)
+
+
+def _demo(args, cfg: Config, base: Path) -> int:
     from drivers.capture import sim as sim_capture
     from drivers.capture.common import CapturePlan, Stop
     from drivers.simulator import SimConfig
@@ -229,7 +249,6 @@ def cmd_demo(args, cfg: Config) -> int:
     from .daemon.service import Service
     from .web.app import make_app, serve_in_thread
 
-    base = Path(args.out).expanduser() if args.out else Path(tempfile.mkdtemp(prefix="livestack-demo-"))
     lights, out = base / "lights", base / "out"
     lights.mkdir(parents=True, exist_ok=True)
     n = 6 if args.fast else args.frames

@@ -470,6 +470,25 @@ def test_demo_stopped_by_sigterm_ends_as_ctrl_c_does(tmp_path):
         assert "Traceback" not in stderr, stderr
 
 
+def test_demo_in_a_temp_folder_removes_its_frames_and_says_where_the_outputs_are(tmp_path):
+    """`demo` without --out left livestack-demo-XXXX (tens of MB of simulated frames) in /tmp at every run.  The
+    frames and the checkpoint are removed at the end; the outputs it lists stay, and the last line says so.
+    With --out nothing is removed."""
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    r = cli("demo", "--fast", "--no-web", "-q", env=env)
+    assert r.returncode == 0, r.stderr
+    (base,) = tmp_path.glob("livestack-demo-*")
+    assert not (base / "lights").exists() and not (base / "out" / "session").exists()
+    for name in ("stack.fits", "preview.jpg", "frames.jsonl"):
+        assert str(base / "out" / name) in r.stdout and (base / "out" / name).is_file()
+    assert "removed" in r.stdout.splitlines()[-1] and "--out" in r.stdout.splitlines()[-1], r.stdout
+    kept = tmp_path / "kept"
+    r = cli("demo", "--fast", "--no-web", "-q", "--out", kept)
+    assert r.returncode == 0, r.stderr
+    assert len(list((kept / "lights").glob("*.dng"))) == 6 and (kept / "out" / "session").is_dir()
+    assert "removed" not in r.stdout, r.stdout
+
+
 def test_a_quiet_stack_still_says_it_waits_for_a_plate_solve(night, tmp_path, monkeypatch, capsys):
     """`stack -q` waited silently through a failing blind solve (~46 s on simulator frames): -q leaves out the
     progress bar (README), not the one line saying what the stack waits for."""
