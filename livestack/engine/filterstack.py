@@ -254,6 +254,7 @@ class FilterStack:
         self.judge.history.clear()
         for judge in self.levels.values():
             judge.history.clear()
+        self.streak = []        # frames rejected at dawn and the next evening's are not "in a row" (_suspect)
         return hours
 
     def check(self, q: Quality, m: FrameMeta, scale: float | None = None) -> str | None:

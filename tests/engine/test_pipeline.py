@@ -715,8 +715,9 @@ def test_a_new_night_by_the_gap_between_capture_times():
     at = lambda *a, tz=None: FrameMeta(time=dt.datetime(*a, tzinfo=tz))   # noqa: E731
     fs = fs_with("2026-11-25T23:00:00")
     assert fs.new_night(at(2026, 11, 26, 4, 59)) is None and fs.judge.history      # 5 h 59 min: the same night
+    fs.streak = [("k", 0.5, 10.0, 0.5, 0.5, False)]       # a frame rejected for its transparency at dawn
     assert fs.new_night(at(2026, 11, 26, 5, 0, tz=utc)) == pytest.approx(6.0)
-    assert not fs.judge.history and not fs.levels["k"].history
+    assert not fs.judge.history and not fs.levels["k"].history and fs.streak == []
     assert fs_with("2026-11-26T21:00:00+00:00").new_night(at(2026, 11, 25, 21, 0)) == pytest.approx(24.0)
     assert fs_with("2026-11-25T21:00:00").new_night(FrameMeta()) is None
     assert fs_with(None).new_night(at(2026, 12, 25, 21, 0)) is None
