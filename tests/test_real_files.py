@@ -195,3 +195,17 @@ def test_one_frame_stack_of_a_short_exposure_keeps_its_exptime(shared_data, tmp_
     assert h["EXPTIME"] == pytest.approx(1 / 640, rel=1e-6)
     start, end = (dt.datetime.fromisoformat(h[k]) for k in ("DATE-OBS", "DATE-END"))
     assert (end - start).total_seconds() == pytest.approx(1 / 640, abs=2e-6)
+
+
+def test_clipped_stars_of_12_bit_cameras_are_flagged_saturated(shared_data):
+    """Neither camera writes SATURATE, and neither reaches 65535: the ASI1600MM (12-bit, bin 2) clips at 65504
+    (four pixels of the KStars frame, the next value 64772); the Seestar S50's clipped star cores read
+    65460-65524 after its own dark subtraction.  Only pixels ≥ 65535 were flagged: a frame's clipped cores
+    counted as data (saturated_pixels 0 in frames.jsonl for both)."""
+    seq = shared_data / "sequences"
+    ks = read_frame(seq / "kstars_asi1600mm" / "ngc4535-autofocus3.fits")
+    assert ks.saturated is not None and ks.saturated.sum() == (ks.data == 65504).sum() == 4
+    s2 = read_frame(seq / "seestar_m94_night2" / "Light_M_94_10.0s_IRCUT_20250409-225435.fit")
+    assert s2.saturated is not None and s2.saturated.sum() == (s2.data > 65400).sum() == 4
+    s1 = read_frame(seq / "seestar_m94_night1" / "Light_M_94_10.0s_IRCUT_20250326-212046.fit")
+    assert s1.saturated is None     # max 23406: nothing near full scale

@@ -474,7 +474,10 @@ def _read_fits(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
         ped = _num(header.get("PEDESTAL"))  # MaxIm: PEDESTAL = minus the offset it added to the data
         black_val = -ped if ped is not None and ped < 0 else 0.0
     black = np.full((2, 2), black_val, np.float32)
-    return Frame(path, data, pattern, black, white, _saturated(data, white), meta)
+    clip = white
+    if camera_16_bit(header) and "SATURATE" not in header:
+        clip = white - FULL_SCALE_MARGIN
+    return Frame(path, data, pattern, black, white, _saturated(data, clip), meta)
 
 
 # Header cards that name the program that wrote a file (Siril: PROGRAM; PixInsight, others: SWCREATE, CREATOR)
@@ -973,6 +976,19 @@ def _fits_time(header) -> dt.datetime | None:
             return dt.datetime.strptime(s[:19], "%Y-%m-%dT%H:%M:%S")
         except ValueError:
             return None
+
+
+# A 16-bit FITS without SATURATE is flagged saturated this far below 65535: a 12- or 14-bit camera's full scale
+# is 65520 / 65532 in its 16-bit container (10-bit modes 65472), and a camera's own dark subtraction takes tens
+# of ADU more off it — the Seestar S50's clipped star cores read 65460–65524, the KStars ASI1600MM frame's 65504,
+# none of them 65535, so none was flagged.  0.2 % of the range: a sensor is no longer linear there anyway.
+FULL_SCALE_MARGIN = 131.0
+
+
+def camera_16_bit(header) -> bool:
+    """Whether a FITS header stores a camera's unsigned 16-bit pixels (BITPIX 16, BZERO 32768, BSCALE 1)."""
+    return (header.get("BITPIX") == 16 and _num(header.get("BZERO", 0)) == 32768
+            and _num(header.get("BSCALE", 1)) == 1)
 
 
 def _saturated(data: np.ndarray, white: float) -> np.ndarray | None:

@@ -11,7 +11,7 @@ from livestack.engine.calibrate import CosmeticParams, cosmetic_correct
 from livestack.engine.debayer import bin2x2_mean, debayer, debayer_mask
 from livestack.engine.frame import FrameRecord, Quality
 from livestack.engine.normalize import normalize_inplace, sky_model, transparency_scale
-from livestack.engine.read import read_frame
+from livestack.engine.read import FULL_SCALE_MARGIN, read_frame
 from livestack.engine.reject import FrameJudge, RejectParams
 from livestack.engine.stack import RunningStack, StackParams
 from livestack.engine.stars import StarParams, detect_stars, refine_centroids
@@ -515,7 +515,11 @@ def test_read_fits_integers_as_astropy_scales_them(tmp_path, stored, bzero, bsca
         assert f.white == 255.0                         # a camera's RAW8: saturated at its top, not at 16 bits'
     else:
         assert f.white == (65535.0 if top < 65536 else 4294967295.0)
-    assert (f.saturated is not None) == bool((want >= f.white).any())
+    # a camera's unsigned 16 bit: from 65535 − FULL_SCALE_MARGIN (12- and 14-bit cameras never reach 65535)
+    clip = f.white - (FULL_SCALE_MARGIN if (stored, bzero, bscale) == (np.int16, 32768, 1) else 0)
+    assert (f.saturated is not None) == bool((want >= clip).any())
+    if f.saturated is not None:
+        np.testing.assert_array_equal(f.saturated, want >= clip)
 
 
 def test_median_of_three_with_missing_values_equals_the_sorted_rule():
