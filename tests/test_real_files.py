@@ -209,3 +209,14 @@ def test_clipped_stars_of_12_bit_cameras_are_flagged_saturated(shared_data):
     assert s2.saturated is not None and s2.saturated.sum() == (s2.data > 65400).sum() == 4
     s1 = read_frame(seq / "seestar_m94_night1" / "Light_M_94_10.0s_IRCUT_20250326-212046.fit")
     assert s1.saturated is None     # max 23406: nothing near full scale
+
+
+def test_stack_header_keeps_the_frames_object(shared_data, tmp_path):
+    """Every Seestar sub says OBJECT = 'M 94' (KStars and NINA write it too): the stack's header dropped it, so
+    PixInsight, Siril and an archive saw a stack of nothing in particular."""
+    from astropy.io import fits
+
+    src = shared_data / "sequences" / "seestar_m94_night1" / "Light_M_94_10.0s_IRCUT_20250326-212046.fit"
+    assert main(["stack", str(src), "-o", str(tmp_path), "--no-solve", "--debayer", "superpixel", "-q"]) == 0
+    for name in ("stack.fits", "stack_IRCUT.fits"):
+        assert fits.getheader(tmp_path / name)["OBJECT"] == "M 94"

@@ -51,6 +51,7 @@ def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int
         "DATE-OBS": (c.first_time, "start of the first combined frame"),
         "DATE-END": (c.last_end, "end of the last combined frame"),
         "INSTRUME": (c.camera, "camera"),
+        "OBJECT": (engine.ref.object if engine.ref is not None else None, "the reference frame's OBJECT"),
         "BAYERPAT": (grid.pattern if grid else None, "CFA pattern of the source (stack is RGB)"),
         "FILTER": (filter_name, "filter"),
         "SOFTWARE": (f"livestack {__version__}", "stacking software"),
