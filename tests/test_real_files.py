@@ -220,3 +220,20 @@ def test_stack_header_keeps_the_frames_object(shared_data, tmp_path):
     assert main(["stack", str(src), "-o", str(tmp_path), "--no-solve", "--debayer", "superpixel", "-q"]) == 0
     for name in ("stack.fits", "stack_IRCUT.fits"):
         assert fits.getheader(tmp_path / name)["OBJECT"] == "M 94"
+
+
+@pytest.mark.parametrize("scale", ["1", "2"])
+def test_drizzle_preview_of_a_first_frame_has_its_sky_grey(shared_data, tmp_path, scale):
+    """Until a drizzle stack leaves its bootstrap (three frames) its preview is drawn from each frame's reduced
+    planes, and a frame has a sample of a colour at one pixel in four: hardly reduced (the 700 px PANOPTES crop
+    is 1400 px at ×2, 700 at ×1; the preview is ≤ 1600 px), the others were NaN, drawn black — the sky came
+    out at 2, 1, 1 of 255 at ×2 and red (38, 9, 0 with two frames) where the stack without drizzle has it at
+    52, 50, 53.  `livestack stack` of one to three frames and the page's first previews of a night showed it."""
+    import cv2
+
+    src = shared_data / "panoptes_canon_dslr_rggb_20160909T081226.fits"
+    assert main(["stack", str(src), "-o", str(tmp_path), "--drizzle", scale, "--no-solve", "-q"]) == 0
+    im = cv2.imread(str(tmp_path / "preview.jpg"))[:, :, ::-1].reshape(-1, 3)
+    sky = np.median(im, axis=0)
+    assert np.all(np.abs(sky - 51) <= 3), sky           # [stretch] target_background 0.2 × 255
+    assert (im == 0).all(axis=1).mean() < 0.001

@@ -826,7 +826,8 @@ class RunningStack:
             return np.array(wsum, np.float32)
         return np.tensordot(self.lum_weights.astype(np.float32), wsum, axes=1).astype(np.float32, copy=False)
 
-    def _mean(self, sums: np.ndarray, wsum: np.ndarray, channels=None) -> tuple[np.ndarray, np.ndarray]:
+    def _mean(self, sums: np.ndarray, wsum: np.ndarray, channels=None, *,
+              sharpen: bool = True) -> tuple[np.ndarray, np.ndarray]:
         """(len(channels), n, W) weighted mean (default: every channel), NaN where no frame covers, and the
         (n, W) weight map (new arrays) from rows of the sums and weights.  With channel_weights a pixel that
         one channel has no sample of yet (a drizzle's first frames) takes that channel from its 5×5
@@ -858,7 +859,7 @@ class RunningStack:
                                     borderType=cv2.BORDER_REFLECT)
                 fill = holes & (n_b > 0.5) & (w_b > 0)
                 mean[i][fill] = s_b[fill] / w_b[fill]
-            if self.sharpen:
+            if self.sharpen and sharpen:
                 _sharpen_covered(mean[i], self.sharpen, (wsum[c] > 0) & (wsum[c] < self._weak_weight()))
         return mean, w2
 
@@ -997,9 +998,11 @@ class RunningStack:
                 if self.channel_weights:    # values weighted by their coverage, then divided
                     sub[:c_n] *= sub[c_n:]
                     sub = reduce(sub, max_size, shape=size)
-                    with np.errstate(invalid="ignore", divide="ignore"):
-                        f = sub[:c_n] / sub[c_n:]
-                    np.copyto(f, np.float32(np.nan), where=~(sub[c_n:] > 0))
+                    # … and where this frame has no sample of a channel — most of each colour plane of a
+                    # drizzle's frame when the preview is hardly reduced (a 700 px frame at ×2, a 1304 px one at
+                    # ×1) — that channel from its 5×5 neighbourhood, as the stack's mean has it: those pixels
+                    # were NaN, drawn black, and the preview of the first frames came out black or red
+                    f = self._mean(sub[:c_n], sub[c_n:], sharpen=False)[0]
                 else:
                     f = reduce(sub, max_size, shape=size)
                 if small is None:
