@@ -237,3 +237,18 @@ def test_drizzle_preview_of_a_first_frame_has_its_sky_grey(shared_data, tmp_path
     sky = np.median(im, axis=0)
     assert np.all(np.abs(sky - 51) <= 3), sky           # [stretch] target_background 0.2 × 255
     assert (im == 0).all(axis=1).mean() < 0.001
+
+
+def test_frames_jsonl_says_which_cfa_pattern_a_frame_was_read_with(shared_data, tmp_path):
+    """frames.jsonl had camera, filter, ISO, gain — not the Bayer pattern the frame was debayered with, the one
+    thing to check when colours come out wrong (a crop at an odd offset, a ROWORDER flip, a FILTER of 'RGGB'
+    taken for a pattern: PANOPTES)."""
+    seq = shared_data / "sequences"
+    seestar = seq / "seestar_m94_night1" / "Light_M_94_10.0s_IRCUT_20250326-212046.fit"
+    assert main(["stack", str(seestar), "-o", str(tmp_path / "s"), "--no-solve", "--debayer", "superpixel",
+                 "-q"]) == 0
+    assert read_log(tmp_path / "s" / "frames.jsonl")[0]["pattern"] == "GRBG"
+    mono = seq / "kstars_asi1600mm" / "Kocab.fits"
+    assert main(["stack", str(mono), "-o", str(tmp_path / "m"), "--no-solve", "-q"]) == 0
+    rec = read_log(tmp_path / "m" / "frames.jsonl")[0]
+    assert "pattern" in rec and rec["pattern"] is None

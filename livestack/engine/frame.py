@@ -143,6 +143,8 @@ class FrameRecord:
     registration: str | None = None         # how the matrix was found: "predicted" (the frame's own WCS against
                                             #     the grid's, or the previous frame's matrix) | "pattern"
     registration_model: str | None = None   # "similarity" | "affine": the model the star pairs supported
+    pattern: str | None = None              # CFA pattern used, at the frame's pixel (0, 0) as read (after a
+                                            #     ROWORDER flip or a TRIMSEC cut); null for mono
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]

@@ -393,6 +393,7 @@ class Engine:
             m = frame.meta
             rec.time, rec.exptime = (m.time.isoformat() if m.time else None), m.exptime
             rec.camera, rec.filter, rec.iso, rec.gain = m.camera, m.filter, m.iso, m.gain
+            rec.pattern = frame.pattern
         if front.error is not None:
             raise front.error
         grid = self.grid or front.grid
