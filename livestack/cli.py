@@ -38,6 +38,24 @@ def collect_inputs(items: list[str]) -> list[Path]:
     return capture_order(unique)
 
 
+def _subfolders_hint(items: list[str], show: int = 3) -> str:
+    """'' or, when the folders given hold none but some of their subfolders do (a night's folder per night,
+    a filter's per filter: `stack` does not look inside), which ones — the user meant those."""
+    subs: list[Path] = []
+    for item in items:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            try:
+                subs += sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith(".")
+                               and any(f.is_file() and is_supported(f) for f in d.iterdir()))
+            except OSError:
+                continue
+    if not subs:
+        return ""
+    names = ", ".join(d.name for d in subs[:show]) + (f" and {len(subs) - show} more" if len(subs) > show else "")
+    return f" (subfolders are not searched; {names} hold some: give them as inputs)"
+
+
 class Progress:
     """A one-line progress bar on a terminal, one line per frame otherwise (logs, CI)."""
 
@@ -198,7 +216,8 @@ def cmd_stack(args, cfg: Config) -> int:
     # a restack into the same folder: its own stack.fits / stack_<F>.fits are not lights (they were stacked in)
     files = [f for f in collect_inputs(args.inputs) if not (is_stack_file(f) and f.parent.resolve() == out.resolve())]
     if not files:
-        print(f"livestack stack: no RAW or FITS files in {' '.join(args.inputs)}", file=sys.stderr)
+        print(f"livestack stack: no RAW or FITS files in {' '.join(args.inputs)}{_subfolders_hint(args.inputs)}",
+              file=sys.stderr)
         return 1
     problem = output_dir_problem(out)
     if problem:

@@ -252,3 +252,12 @@ def test_frames_jsonl_says_which_cfa_pattern_a_frame_was_read_with(shared_data, 
     assert main(["stack", str(mono), "-o", str(tmp_path / "m"), "--no-solve", "-q"]) == 0
     rec = read_log(tmp_path / "m" / "frames.jsonl")[0]
     assert "pattern" in rec and rec["pattern"] is None
+
+
+def test_a_folder_of_night_folders_says_which_to_give(shared_data, tmp_path, capsys):
+    """`livestack stack sequences/ -o OUT` — the parent of one folder per night — said only "no RAW or FITS
+    files in sequences": true (stack does not look inside folders), and no help to find the ones it wanted."""
+    assert main(["stack", str(shared_data / "sequences"), "-o", str(tmp_path), "-q"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no RAW or FITS files in" in err[0]
+    assert "kstars_asi1600mm, seestar_m94_night1, seestar_m94_night2 hold some" in err[0]
