@@ -261,3 +261,26 @@ def test_a_folder_of_night_folders_says_which_to_give(shared_data, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no RAW or FITS files in" in err[0]
     assert "kstars_asi1600mm, seestar_m94_night1, seestar_m94_night2 hold some" in err[0]
+
+
+def test_stack_header_has_what_a_plate_solver_needs(shared_data, tmp_path):
+    """A stack without a WCS (no solver installed, --no-solve) had no FOCALLEN, no pixel size and no pointing:
+    Siril's and PixInsight's solvers asked for them by hand, though every frame's header had them.  The pixel
+    size is the stack's: twice the sensor's on a superpixel grid."""
+    from astropy.io import fits
+    from astropy.wcs import WCS
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    seq = shared_data / "sequences"
+    seestar = seq / "seestar_m94_night1" / "Light_M_94_10.0s_IRCUT_20250326-212046.fit"
+    assert main(["stack", str(seestar), "-o", str(tmp_path / "s"), "--no-solve", "--debayer", "superpixel",
+                 "-q"]) == 0
+    h = fits.getheader(tmp_path / "s" / "stack.fits")
+    assert h["FOCALLEN"] == 250 and h["XPIXSZ"] == h["YPIXSZ"] == pytest.approx(5.8) and "CTYPE1" not in h
+    assert (h["RA"], h["DEC"]) == pytest.approx((193.04166, 40.970556)) and h["TELESCOP"] == "S50_1d3fe189"
+    ks = seq / "kstars_asi1600mm" / "ngc4535-autofocus3.fits"        # bin 2: XPIXSZ 7.6, its own WCS
+    assert main(["stack", str(ks), "-o", str(tmp_path / "k"), "--no-solve", "-q"]) == 0
+    h = fits.getheader(tmp_path / "k" / "stack.fits")
+    scale = proj_plane_pixel_scales(WCS(h, naxis=2)).mean() * 3600
+    assert 206.265 * h["XPIXSZ"] / h["FOCALLEN"] == pytest.approx(scale, rel=0.01)
+    assert "RA" not in h            # the WCS says where it is

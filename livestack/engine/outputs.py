@@ -52,6 +52,7 @@ def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int
         "DATE-END": (c.last_end, "end of the last combined frame"),
         "INSTRUME": (c.camera, "camera"),
         "OBJECT": (engine.ref.object if engine.ref is not None else None, "the reference frame's OBJECT"),
+        **_optics_cards(engine),
         "BAYERPAT": (grid.pattern if grid else None, "CFA pattern of the source (stack is RGB)"),
         "FILTER": (filter_name, "filter"),
         "SOFTWARE": (f"livestack {__version__}", "stacking software"),
@@ -81,6 +82,31 @@ def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int
     if c.masters:       # this stack's own (a filter's flat), whole: a long value goes on CONTINUE cards
         hdr["CALIBRAT"] = (", ".join(c.masters), "masters used")
     return {k: v for k, v in hdr.items() if v[0] is not None}
+
+
+def _optics_cards(engine) -> dict:
+    """TELESCOP, FOCALLEN and the size of a stack pixel (XPIXSZ, YPIXSZ: the reference frame's over the grid's
+    pixels per sensor pixel — twice it on a superpixel grid, half at drizzle ×2) and, without a WCS, the
+    reference's pointing (RA, DEC): what Siril's and PixInsight's plate solvers read to solve a stack
+    themselves (no solver here, or --no-solve)."""
+    ref, grid = engine.ref, engine.grid
+    optics = (ref.optics or {}) if ref is not None else {}
+    cards: dict = {}
+    if "TELESCOP" in optics:
+        cards["TELESCOP"] = (optics["TELESCOP"], "the reference frame's telescope")
+    if "FOCALLEN" in optics:
+        cards["FOCALLEN"] = (optics["FOCALLEN"], "[mm] focal length")
+    if grid is not None:
+        per = float(grid.sensor_to_grid[0][0]), float(grid.sensor_to_grid[1][1])   # grid px per sensor px
+        for k, s in (("XPIXSZ", per[0]), ("YPIXSZ", per[1])):
+            v = optics.get(k, optics.get("XPIXSZ"))
+            if v is not None and s > 0:
+                cards[k] = (round(v / s, 6), "[um] size of a stack pixel, binning included")
+    if ref is not None and ref.pointing is not None and (grid is None or grid.wcs is None):
+        # (with a WCS its centre says it better: a mount's pointing can be far off — PANOPTES' crops 2°)
+        cards["RA"] = (round(ref.pointing[0], 6), "[deg] the reference frame's pointing (mount)")
+        cards["DEC"] = (round(ref.pointing[1], 6), "[deg] the reference frame's pointing (mount)")
+    return cards
 
 
 def filter_header(engine, fs: FilterStack) -> dict:
