@@ -284,3 +284,20 @@ def test_stack_header_has_what_a_plate_solver_needs(shared_data, tmp_path):
     scale = proj_plane_pixel_scales(WCS(h, naxis=2)).mean() * 3600
     assert 206.265 * h["XPIXSZ"] / h["FOCALLEN"] == pytest.approx(scale, rel=0.01)
     assert "RA" not in h            # the WCS says where it is
+
+
+def test_stack_says_its_rows_are_top_down_when_its_frames_said_an_order(shared_data, tmp_path):
+    """Kocab.fits says ROWORDER = 'TOP-DOWN' (PixInsight, NINA, and the cameras that write BOTTOM-UP, which
+    read.py flips): its stack, rows in that order, said nothing — and Siril, which honours ROWORDER and takes a
+    file without it as bottom-up, showed the stack upside down against its frames.  A frame without the card
+    (the Seestar's) keeps a stack without it."""
+    from astropy.io import fits
+
+    seq = shared_data / "sequences"
+    assert main(["stack", str(seq / "kstars_asi1600mm" / "Kocab.fits"), "-o", str(tmp_path / "k"), "--no-solve",
+                 "-q"]) == 0
+    assert fits.getheader(tmp_path / "k" / "stack.fits")["ROWORDER"] == "TOP-DOWN"
+    seestar = seq / "seestar_m94_night1" / "Light_M_94_10.0s_IRCUT_20250326-212046.fit"
+    assert main(["stack", str(seestar), "-o", str(tmp_path / "s"), "--no-solve", "--debayer", "superpixel",
+                 "-q"]) == 0
+    assert "ROWORDER" not in fits.getheader(tmp_path / "s" / "stack.fits")

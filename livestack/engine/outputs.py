@@ -53,6 +53,9 @@ def header(engine, c: Counters, *, filter_name: str | None, rejected_pixels: int
         "INSTRUME": (c.camera, "camera"),
         "OBJECT": (engine.ref.object if engine.ref is not None else None, "the reference frame's OBJECT"),
         **_optics_cards(engine),
+        # rows top-down, whatever the source's order (read.py flips BOTTOM-UP): said when the source said one
+        "ROWORDER": ("TOP-DOWN" if engine.ref is not None and "ROWORDER" in (engine.ref.cards or {}) else None,
+                     "row 0 is the top of the sensor"),
         "BAYERPAT": (grid.pattern if grid else None, "CFA pattern of the source (stack is RGB)"),
         "FILTER": (filter_name, "filter"),
         "SOFTWARE": (f"livestack {__version__}", "stacking software"),
@@ -90,7 +93,7 @@ def _optics_cards(engine) -> dict:
     reference's pointing (RA, DEC): what Siril's and PixInsight's plate solvers read to solve a stack
     themselves (no solver here, or --no-solve)."""
     ref, grid = engine.ref, engine.grid
-    optics = (ref.optics or {}) if ref is not None else {}
+    optics = (ref.cards or {}) if ref is not None else {}
     cards: dict = {}
     if "TELESCOP" in optics:
         cards["TELESCOP"] = (optics["TELESCOP"], "the reference frame's telescope")

@@ -58,16 +58,18 @@ class Reference:
     filter: str                       # its filter's key
     pointing: tuple[float, float] | None = None   # (RA, Dec) degrees from its header, when it has one
     object: str | None = None         # its OBJECT header
-    optics: dict | None = None        # its TELESCOP, FOCALLEN (mm), XPIXSZ, YPIXSZ (µm, binning included)
+    cards: dict | None = None         # its TELESCOP, FOCALLEN (mm), XPIXSZ, YPIXSZ (µm, binning included),
+                                      # ROWORDER: what the stacks' headers keep of it
 
 
-def _optics(extra: dict) -> dict | None:
-    """A reference frame's telescope and pixel size from its header (FITS), for the stacks' headers: TELESCOP
-    as text, FOCALLEN, XPIXSZ and YPIXSZ when positive numbers; None when it has none of them."""
+def _header_cards(extra: dict) -> dict | None:
+    """What the stacks' headers keep of a reference frame's (FITS) header: TELESCOP and ROWORDER as text,
+    FOCALLEN, XPIXSZ and YPIXSZ when positive numbers; None when it has none of them."""
     out: dict = {}
-    tel = str(extra.get("TELESCOP", "") or "").strip()
-    if tel:
-        out["TELESCOP"] = tel
+    for k in ("TELESCOP", "ROWORDER"):
+        text = str(extra.get(k, "") or "").strip()
+        if text:
+            out[k] = text
     for k in ("FOCALLEN", "XPIXSZ", "YPIXSZ"):
         try:
             v = float(extra[k])
@@ -451,7 +453,7 @@ class Engine:
             if reason:
                 return self._reject(rec, fs, reason)
             self.grid = grid
-            self.ref = Reference(path.name, stars, fs.key, m.pointing, m.object, _optics(m.extra))
+            self.ref = Reference(path.name, stars, fs.key, m.pointing, m.object, _header_cards(m.extra))
             reg_matrix = geometry.identity()
             rec.status = "reference"
         else:
@@ -723,7 +725,7 @@ class Engine:
         if self.ref is not None:
             meta["ref"] = {"file": self.ref.file, "filter": self.ref.filter, "object": self.ref.object,
                            "pointing": None if self.ref.pointing is None else list(self.ref.pointing),
-                           "optics": self.ref.optics}
+                           "cards": self.ref.cards}
             for k in ("xy", "flux", "fwhm", "a", "b"):
                 arrays[f"ref_{k}"] = getattr(self.ref.stars, k)
         for i, fs in enumerate(self.filters.values()):
@@ -750,7 +752,7 @@ class Engine:
             stars = Stars(*(np.array(arrays[f"ref_{k}"]) for k in ("xy", "flux", "fwhm", "a", "b")))
             r = meta["ref"]
             eng.ref = Reference(r["file"], stars, r["filter"], tuple(r["pointing"]) if r.get("pointing") else None,
-                                r.get("object"), r.get("optics"))
+                                r.get("object"), r.get("cards"))
         names = set(arrays.keys()) if not hasattr(arrays, "files") else set(arrays.files)
         for i, fmeta in enumerate(meta["filters"]):
             prefix = f"f{i}_stack_"
