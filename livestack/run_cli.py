@@ -122,7 +122,7 @@ def cmd_run(args, cfg: Config) -> int:
             log.log(NOTICE, "livestack: the last run's pause ended by --new-session")
 
     svc = Service(cfg, wp.dir, dp.out, wp, dp, masters=masters)
-    app = None
+    app = web_thread = None
     if web.enabled:
         if web.host not in ("127.0.0.1", "localhost", "::1") and not web.token:
             log.warning("livestack: the page listens on %s without a token: anyone on the network can change "
@@ -132,15 +132,10 @@ def cmd_run(args, cfg: Config) -> int:
         except OSError as err:
             print(f"livestack run: cannot listen on {web.host}:{web.port} ({err.strerror or err})", file=sys.stderr)
             return 1
-    try:
-        svc.start()
-    except (SessionError, OSError) as err:
-        print(f"livestack run: {err}", file=sys.stderr)
-        if app is not None:
-            app.server_close()
-        # a session folder that cannot be one is a configuration error (2: systemd's RestartPreventExitStatus=
-        # keeps it from restarting into it every 5 s); a full or read-only disk is no error at start any more
-        return 2 if isinstance(err, FolderError) else 1
+        # served before the start: loading the night so far (a 24 MP colour checkpoint is ~0.5 GB: ~10 s read cold
+        # from a Pi's SD card) left the page of a restarted daemon hanging; meanwhile the status says "starting"
+        # and what needs the session answers 503
+        web_thread = serve_in_thread(app)
 
     stop = threading.Event()
 
@@ -148,12 +143,27 @@ def cmd_run(args, cfg: Config) -> int:
         log.log(NOTICE, "livestack: %s received: finishing the current frame", signal.Signals(signum).name)
         stop.set()
 
+    def close() -> None:
+        if app is not None:
+            app.shutdown()
+            app.server_close()
+            web_thread.join(timeout=5)
+        for s, h in old.items():
+            signal.signal(s, h)
+
     # SIGHUP (the terminal or ssh session closed) stops cleanly like SIGTERM, instead of killing the process
-    # mid-frame; there is no reload: a changed config would not match the checkpoint's stack.
+    # mid-frame; there is no reload: a changed config would not match the checkpoint's stack.  Caught from before
+    # the start: the page says "idle" as soon as it is done, and a stop asked for meanwhile is a clean one too.
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    web_thread = None
-    if app is not None:
-        web_thread = serve_in_thread(app)
+    try:
+        svc.start()
+    except (SessionError, OSError) as err:
+        print(f"livestack run: {err}", file=sys.stderr)
+        close()
+        # a session folder that cannot be one is a configuration error (2: systemd's RestartPreventExitStatus=
+        # keeps it from restarting into it every 5 s); a full or read-only disk is no error at start any more
+        return 2 if isinstance(err, FolderError) else 1
+    if app is not None:             # said once started: the line has always meant a daemon that stacks
         log.log(NOTICE, "livestack: page at %s", app.url)
         lan = app.lan_urls()
         if lan:             # (http://0.0.0.0:8080/ is no address a phone can open)
@@ -164,12 +174,7 @@ def cmd_run(args, cfg: Config) -> int:
                 break
     finally:
         svc.stop()
-        if app is not None:
-            app.shutdown()
-            app.server_close()
-            web_thread.join(timeout=5)
-        for s, h in old.items():
-            signal.signal(s, h)
+        close()
     if svc.error is not None:
         print(f"livestack run: stopped by an error: {type(svc.error).__name__}: {svc.error}", file=sys.stderr)
         return 1

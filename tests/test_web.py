@@ -5,7 +5,12 @@ import contextlib
 import http.client
 import io
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import quote, urlsplit
@@ -34,10 +39,10 @@ def web(tmp_path_factory, daemon_night):
     assert d.stop() == 0
 
 
-def req(d: Daemon, method: str, path: str, body=None, headers=None) -> tuple[int, bytes, dict]:
+def req(d: Daemon, method: str, path: str, body=None, headers=None, timeout: float = 30) -> tuple[int, bytes, dict]:
     """A raw request: the path is sent exactly as given (no client-side '..' normalisation)."""
     u = urlsplit(d.url)
-    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
     try:
         data = json.dumps(body).encode() if body is not None else None
         h = {"Content-Type": "application/json"} if data else {}
@@ -543,3 +548,131 @@ def test_the_pages_own_export_link_still_downloads(web):
         path = dl.value.path()
         assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert errors == []
+
+
+# a daemon whose start() takes as long as the test likes: its session's resume (the checkpoint's load — ~0.5 GB
+# for a 24 MP colour stack: 0.7 s from the page cache, ~10 s cold from a Pi's SD card) waits for a file
+HELD_START = """\
+import pathlib, sys, time
+from livestack import session
+
+entered, gate = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+resume = session.SessionFolder.resume
+
+def held_resume(self, *args, **kw):
+    entered.touch()
+    end = time.monotonic() + 60
+    while not gate.exists() and time.monotonic() < end:
+        time.sleep(0.02)
+    return resume(self, *args, **kw)
+
+session.SessionFolder.resume = held_resume
+from livestack.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def start_held(d: Daemon, *more: str) -> Path:
+    """Start `d` with its resume held until the returned file exists; return once start() is in it.  The port is
+    chosen here: the page's address is logged once the start is done."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    entered, gate = d.tmp / "entered", d.tmp / "gate"
+    entered.unlink(missing_ok=True)
+    gate.unlink(missing_ok=True)
+    script = d.tmp / "held_start.py"
+    script.write_text(HELD_START)
+    d.runs += 1
+    d.log = d.tmp / f"daemon-{d.runs}.log"
+    with open(d.log, "wb") as err:
+        d.proc = subprocess.Popen(
+            [sys.executable, str(script), str(entered), str(gate), "run", "--watch", str(d.watch), "--out",
+             str(d.out), "--port", str(port), "--config", str(d.config), *d.extra, *more],
+            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=err)
+    d.url = f"http://127.0.0.1:{port}/"
+    end = time.monotonic() + 30
+    while not entered.exists():
+        assert d.proc.poll() is None and time.monotonic() < end, d.log.read_text()
+        time.sleep(0.02)
+    return gate
+
+
+def test_the_page_answers_while_the_daemon_loads_its_stack(make_daemon, daemon_night):
+    """The page was served only once start() had returned — after the checkpoint's load (~10 s for a 24 MP
+    colour stack read cold from a Pi's SD card), the rescans and the target book: a user who reloaded the page
+    after a restart (a crash under systemd, the Pi rebooted) met a page that hung.  It answers at once now: the
+    page, and a status that says the stack is being loaded; what needs the session answers 503 with the sentence,
+    until the start is done — then everything as before."""
+    files, _ = daemon_night
+    d = make_daemon(name="slow-start")
+    d.run_through(files[:3])                       # a checkpoint (every 3 frames) to resume from
+    gate = start_held(d)
+    try:
+        st, body, h = req(d, "GET", "/api/status", timeout=5)
+        s = json.loads(body)
+        assert st == 200 and s["state"] == "starting" and s["paused"] is None
+        assert "loading the stack" in s["starting"] and "checkpoint.npz" in s["starting"]
+        assert s["stacked"] is None and s["frames"] is None and not s["has_stack"]   # not known yet: not 0
+        assert s["watch"] == str(d.watch.resolve()) and s["out"] == str(d.out.resolve())
+        st, body, h = req(d, "GET", "/", timeout=5)
+        assert st == 200 and h["Content-Type"].startswith("text/html")
+        for method, path in (("GET", "/api/frames"), ("GET", "/api/preview.jpg"), ("GET", "/api/targets"),
+                             ("POST", "/api/pause"), ("POST", "/api/stretch"), ("POST", "/api/new-session")):
+            st, body, h = req(d, method, path, {} if method == "POST" else None, timeout=5)
+            assert st == 503 and h.get("Retry-After"), (path, st, body)
+            assert json.loads(body)["error"].startswith("livestack is starting: "), (path, body)
+        assert not (d.out / "paused.json").exists()
+        started = set(s)
+    finally:
+        gate.touch()
+    s = wait_status(d, lambda s: s["state"] == "idle")
+    assert s["stacked"] == 3 and s["frames"] == 3 and s["has_stack"] and s["starting"] is None
+    assert set(s) == started                        # the same fields, before and after
+    assert req(d, "GET", "/api/frames")[0] == 200 and req(d, "GET", "/api/preview.jpg")[0] == 200
+    assert d.stop() == 0
+    assert "Traceback" not in d.log.read_text(), d.log.read_text()
+
+
+@pytest.mark.browser
+def test_the_page_says_the_stack_is_being_loaded(make_daemon, daemon_night):
+    """Opened while the daemon starts, the page says so (state "starting", the caption: what is being loaded),
+    then shows the stack once it is loaded, without a reload."""
+    from playwright.sync_api import expect
+
+    files, _ = daemon_night
+    d = make_daemon(name="slow-start-page")
+    d.run_through(files[:3])
+    gate = start_held(d)
+    try:
+        with chromium_page(d.url, viewport={"width": 1280, "height": 900}) as (page, errors):
+            expect(page.get_by_test_id("state")).to_have_text("starting", timeout=10_000)
+            expect(page.get_by_test_id("caption")).to_contain_text("loading the stack", timeout=5_000)
+            expect(page.locator("#nopreview")).to_contain_text("loading the stack")
+            page.screenshot(path=str(ARTIFACTS / "web-starting.png"))
+            gate.touch()
+            expect(page.get_by_test_id("preview")).to_be_visible(timeout=30_000)
+            expect(page.get_by_test_id("state")).to_have_text("idle", timeout=10_000)
+            expect(page.locator("#frames tbody tr")).to_have_count(3, timeout=10_000)
+            expect(page.get_by_test_id("caption")).to_contain_text("3 frames")
+        assert errors == []
+    finally:
+        gate.touch()
+    assert d.stop() == 0
+
+
+def test_a_stop_asked_for_while_the_daemon_starts_is_clean(make_daemon, daemon_night):
+    """The page answers before the start is done, and says "idle" the moment it is: a SIGTERM then (systemctl
+    stop, a script that saw the status) killed the process, its handler not set yet.  It is caught from before the
+    start now: the start ends, then the daemon stops as after any SIGTERM (exit 0)."""
+    files, _ = daemon_night
+    d = make_daemon(name="stop-in-start")
+    d.run_through(files[:3])
+    gate = start_held(d)
+    d.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    gate.touch()
+    assert d.stop() == 0
+    log = d.log.read_text()
+    assert "SIGTERM received" in log and "Traceback" not in log, log
+    assert len(d.lines()) == 3

@@ -51,6 +51,8 @@ DISK_RETRY_S = 300.0    # a write that failed for want of space is retried when 
                         # needs, or after this long anyway (in case the size was misjudged): a failing 24 MP write
                         # costs ~470 MB of card writes, not to be repeated every frame
 CATCH_UP_S = 1.0        # while idle and owing writes, look at the free space this often
+STARTING = ("livestack is starting: it is loading the stack of the night so far; try again in a few seconds "
+            "(GET /api/status says when it is done)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +110,11 @@ class Service:
         self._cond = threading.Condition()
         self._changes = 0
         self._closing = False
-        self._snap = Snapshot({"state": "starting"}, (), None, 0)
+        # frames.jsonl's version for the page (refetched whole when it changes): counted from this start's clock,
+        # so that a page open across a restart — whose resume may have rewritten the log — reads it again
+        self._generation = time.time_ns() // 1_000_000 % 2 ** 31
+        self.started = _now()
+        self._snap = Snapshot(self._starting_status(), (), None, self._generation)
         self._thread = threading.Thread(target=self._run, name="livestack-worker", daemon=True)
         self.error: BaseException | None = None
         self.watcher: Watcher | None = None
@@ -117,9 +123,6 @@ class Service:
         self.records: list[dict] = []
         self.excluded: set[str] = set()
         self._engine_excluded: set[str] = set()   # the exclusions the engine's stack was built with
-        # frames.jsonl's version for the page (refetched whole when it changes): counted from this start's clock,
-        # so that a page open across a restart — whose resume may have rewritten the log — reads it again
-        self._generation = time.time_ns() // 1_000_000 % 2 ** 31
         self._preview: bytes | None = None
         # counted from this start's clock too: a page open across a restart that saw the last run's id again kept
         # the last run's image
@@ -152,7 +155,6 @@ class Service:
         self._ckpt_capped = False
         self._ckpt_limit: int | None = None   # a checkpoint this large met EFBIG (FAT32: 4 GB at most a file)
         self._out_id: tuple[int, int] | None = None   # the session folder's (st_dev, st_ino) at start
-        self.started = _now()
         # targets: the book of OUT/targets.json; frames that did not register onto the current target and wait
         # for the verdict (another target, or rejected); files to process before the queue (after a switch)
         self.book: Book | None = None
@@ -168,6 +170,35 @@ class Service:
         self._sky_object: str | None = None
 
     # ------------------------------------------------------------------ life cycle
+
+    def _starting_status(self) -> dict:
+        """The status while start() loads the session (the page is served meanwhile): the fields of _status(), null
+        where only the loaded session knows them — the counts too: the night's frames are not known yet, not 0 —,
+        and `starting` saying what is being loaded."""
+        try:
+            ckpt = self.folder.checkpoint
+            what = f"loading the stack of the night so far ({ckpt.relative_to(self.out)}, {mb(ckpt.stat().st_size)})"
+        except OSError:               # none (a new session), or the folder is not there yet
+            what = "loading the session"
+        unknown = ("processing", "stacked", "rejected", "failed", "excluded", "frames", "integration_s",
+                   "first_frame_time", "last_frame_time", "last_processed", "current", "last_rejected", "last",
+                   "last_failed", "reference", "grid", "target", "sky", "palette", "restack", "disk", "stretch",
+                   "preview_id")
+        return {**dict.fromkeys(unknown), "state": "starting", "starting": what, "targets": [], "held": [],
+                "filters": [], "restacks": 0, "has_stack": False, "generation": self._generation,
+                "checkpoint": {"bytes": None, "frames": None, "max_mb": self.dp.checkpoint_max_mb or None,
+                               "capped": False},
+                "session_started": self.started, "watch": str(self.watch_dir), "out": str(self.out),
+                "updated": _now()}
+
+    @property
+    def starting(self) -> bool:
+        """start() has not started the worker yet: the session is being loaded, or the start failed."""
+        return self._thread.ident is None
+
+    def _refuse_starting(self) -> None:
+        if self.starting:
+            raise Refused(STARTING, 503)
 
     def start(self) -> str:
         """Resume the session and start the worker and the watcher.  Returns the one-line resume note.
@@ -330,9 +361,19 @@ class Service:
     def snapshot(self) -> Snapshot:
         return self._snap
 
+    def loaded(self) -> Snapshot:
+        """The snapshot, for what only the loaded session knows (its frames, targets, preview); Refused (503) while
+        start() loads it: the starting snapshot's empty lists would say the night has none.  (start() publishes
+        loaded ones before it is done — its preview —, state "starting" still, `starting` null.)"""
+        snap = self._snap
+        if snap.status["starting"] is not None:
+            raise Refused(STARTING, 503)
+        return snap
+
     def status(self) -> dict:
         s = dict(self._snap.status)
-        s["paused"] = self._paused
+        # (not known before start() has read paused.json: null, as the counts)
+        s["paused"] = self._paused if s["starting"] is None else None
         if self._paused and s.get("state") == "idle":
             s["state"] = "paused"
         if self._excl_open and s.get("state") not in ("stopping", "starting"):
@@ -355,6 +396,7 @@ class Service:
 
     def pause(self) -> dict:
         """Stop taking new frames (they wait in the queue) — across restarts too: kept in OUT/paused.json."""
+        self._refuse_starting()          # (start() reads paused.json)
         with self._pause_lock:
             if self._paused:
                 raise Refused("already paused; did you mean POST /api/resume?")
@@ -364,6 +406,7 @@ class Service:
         return self.status()
 
     def resume(self) -> dict:
+        self._refuse_starting()
         with self._pause_lock:
             if not self._paused:
                 raise Refused("not paused; did you mean POST /api/pause?")
@@ -395,6 +438,7 @@ class Service:
         """Exclude (include) a frame: the stack is rebuilt without (with) it.  Requests arriving while others
         wait or restack join them — one restack reaches the final set and every future resolves with the status
         after it.  Refused when it would change nothing and nothing is pending."""
+        self._refuse_starting()          # (not "no frame named …": the frames are not loaded yet)
         rel = self._find(name)
         with self._excl_lock:
             if exclude == (rel in self._wanted) and not self._excl_open:
@@ -453,6 +497,7 @@ class Service:
             # checked under the lock the worker's last look at the queue takes too (_run's finally): checked
             # before it, a request whose check passed as the daemon stopped was queued after that last look —
             # its future never answered, its caller (a page's POST during a SIGTERM) waiting out its timeout
+            self._refuse_starting()
             if self._cmd_closed or self._stopping.is_set() or not self._thread.is_alive():
                 raise Refused("the daemon is stopping", 503)
             self._commands.append((fut, fn, args))
@@ -1469,7 +1514,7 @@ class Service:
         last_time = next((d["time"] for d in reversed(self.records) if d.get("time")), None)
         s = self.stretch
         return {
-            "state": self._state, "processing": self._processing,
+            "state": self._state, "starting": None, "processing": self._processing,
             "stacked": e.n_stacked, "rejected": e.n_rejected, "failed": e.n_failed,
             "excluded": sum(1 for d in self.records if d["status"] == "excluded"),
             "frames": len(self.records),

@@ -750,7 +750,7 @@ class Api:
             raise HttpError(404, f"no such page /api/targets/{shown}; a target's image is "
                                  "/api/targets/<id>/preview.jpg with an id from GET /api/targets")
         tid = int(m.group(1))
-        snap = self.service.snapshot          # one snapshot: its targets list and its preview belong together
+        snap = self.service.loaded()          # one snapshot: its targets list and its preview belong together
         t = next((t for t in snap.status.get("targets") or () if t.get("id") == tid), None)
         if t is None:
             raise HttpError(404, f"no target {tid}; the ids are listed by GET /api/targets")
@@ -806,7 +806,7 @@ class Api:
         return _json(self.service.status())
 
     async def frames(self, req, q, _):
-        snap = self.service.snapshot
+        snap = self.service.loaded()
         try:
             since = max(0, int(q.get("since", 0)))
         except ValueError as err:
@@ -815,13 +815,13 @@ class Api:
                       "frames": [_clean(d) for d in snap.frames[since:]]})
 
     async def preview(self, req, q, _):
-        jpg = self.service.snapshot.preview
+        jpg = self.service.loaded().preview
         if jpg is None:
             raise HttpError(404, "nothing stacked yet: the preview appears with the first stacked frame")
         return await self._send_bytes(req, jpg, "image/jpeg")
 
     async def targets(self, req, q, _):
-        s = self.service.snapshot.status
+        s = self.service.loaded().status
         # the book's count of the current target is brought up to date when stack.fits is written; the engine's
         # count, in the same snapshot, is the live one
         targets = [{**t, "frames": s["stacked"]} if t.get("current") and isinstance(s.get("stacked"), int) else t

@@ -89,7 +89,7 @@ function showStatus(s) {
   $("s-stacked").textContent = s.stacked;
   $("s-rejected").textContent = s.rejected;
   $("s-failed").textContent = s.failed;
-  $("s-integration").textContent = duration(s.integration_s);
+  $("s-integration").textContent = num(s.integration_s) ? duration(s.integration_s) : "–";   // null: starting
   $("s-last").textContent = clock(s.last_frame_time);
   const c = s.current || {};
   $("s-fwhm").textContent = fmt(c.fwhm, 2);
@@ -112,7 +112,10 @@ function showStatus(s) {
     state.previewId = null;
     if (state.view === null) { $("preview").hidden = true; $("nopreview").hidden = false; }
   }
-  if (s.generation !== state.generation || s.frames !== state.frames.length) loadFrames(s.generation);
+  // while the daemon starts: what it loads (the stack of the night so far: seconds from a Pi's SD card); the frames
+  // are asked for once they are loaded (/api/frames answers 503 meanwhile)
+  $("nopreview").textContent = s.starting ? `Starting: ${s.starting}…` : "Waiting for the first stacked frame…";
+  if (!s.starting && (s.generation !== state.generation || s.frames !== state.frames.length)) loadFrames(s.generation);
 }
 
 function loadPreview(id) {
@@ -149,6 +152,7 @@ function showCaption(s) {
          + (/(Z|\+00:00)$/.test(t.updated) ? " UTC" : "") : "");
     return;
   }
+  if (s.starting) { $("caption").textContent = `starting: ${s.starting}…`; return; }
   const name = s.target && ((s.targets || []).length > 1 || s.target.named !== "order") ? `${s.target.name} · ` : "";
   $("caption").textContent = s.has_stack
     ? `${name}${s.stacked} frames · ${duration(s.integration_s)}${gridNote(s.grid)}`
