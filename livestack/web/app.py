@@ -23,7 +23,8 @@ Why aiohttp and not http.server: its parser answers malformed requests (Content-
 a connection costs no thread (the standard library's server spends one per connection, idle ones included),
 and its keep-alive timer closes a connection that sends no complete request in time, trickled bytes or not.
 The event loop runs in one thread beside the worker; the Service is only called through its thread-safe
-methods and its futures.
+methods and its futures.  It serves from before the Service's start(): while the session loads, the status says
+"starting" and what needs the loaded session is refused with 503 by the Service (loaded(), its commands).
 """
 from __future__ import annotations
 
