@@ -154,6 +154,31 @@ def kind_from_folder(name: str) -> str | None:
     return None
 
 
+# Words that follow the kind in a calibration or lights folder's name besides numbers and short units
+# ("Darks_300s_gain100", "Flats Halpha bin2", "flat-darks"): its exposure, settings, filter.
+_KIND_WORDS = frozenset(
+    "gain offset temp bin binning iso sec secs mins exp exposure master masters frame frames field fields "
+    "lum luma luminance red green blue clear halpha hbeta oiii dual".split())
+# The first word of such a folder's name: a kind, plural or with "frames"/"field" run on.
+_KIND_FIRST = re.compile(r"(?:flatdark|darkflat|dflat|biasflat|flat|dark|bias|offset|zero|light|object|science)"
+                         r"(?:s|es|frames?|fields?)?")
+
+
+def folder_kind(name: str) -> tuple[str | None, bool]:
+    """(kind_from_folder(name), whether the name says only that): ("dark", True) for "Darks_300s_gain100",
+    "DARK", "Flat-Darks"; ("dark", False) for a name that goes on with another word — a target's, "Dark Shark
+    Nebula", "Darkhorse" — or a user's ("darks_canon"), which says less than a FITS file's IMAGETYP."""
+    kind = kind_from_folder(name)
+    if kind is None:
+        return None, False
+    # words: runs of letters, camel case split ("DarkFrames", "HDRFlats"); the first must be a kind as a
+    # whole ("darks", "flatframes"), not a word that only begins like one ("Flatiron", "Darkhorse")
+    words = [w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+", name)]
+    sure = (bool(words) and _KIND_FIRST.fullmatch(words[0]) is not None
+            and all(len(w) <= 3 or w in _KIND_WORDS or kind_from_folder(w) is not None for w in words[1:]))
+    return kind, sure
+
+
 def _read_index(root: Path) -> tuple[list["MasterEntry"], list[dict]]:
     """masters.json of ``root``: its masters and its skipped files.  Raises MasterError naming the file."""
     index = root / INDEX
@@ -225,17 +250,30 @@ def discover(calib_dir: Path, *, exclude: Path | None = None) -> tuple[dict[str,
             if fname.startswith(".") or not is_supported(p):
                 continue
             rel = p.relative_to(calib_dir)
-            kind = None
+            # The nearest folder whose name says only a kind decides ("Darks_300s"); a name that goes on with
+            # other words ("Dark Shark Nebula", a target's folder under Light/ as ASIAIR writes it) gives way to
+            # a folder further up, then to the FITS IMAGETYP, and decides only when neither says anything
+            kind = guess = None
             for part in reversed(rel.parts[:-1]):
-                kind = kind_from_folder(part)
-                if kind:
+                k, sure = folder_kind(part)
+                if k and sure:
+                    kind = k
                     break
+                guess = guess or (k and (k, part))
             if kind is None and suffix_of(p) in FITS_SUFFIXES:
-                kind = _fits_imagetyp(p)
+                typ = _fits_imagetyp(p)
+                if typ in KINDS or typ == "light" or guess is None:
+                    kind = typ
+            light_why = "a light frame (folder name or IMAGETYP)"
+            if kind is None and guess:
+                kind = guess[0]
+            elif kind == "light" and guess and guess[0] != "light":
+                light_why = (f"a light frame (its {'folder ' + repr(part) if sure else 'IMAGETYP'} says so; the "
+                             f"folder '{guess[1]}' reads as a target's name, not as {KIND_LABEL[guess[0]]} frames)")
             if kind in KINDS:
                 found[kind].append(p)
             elif kind == "light":
-                skipped.append({"file": str(rel), "reason": "a light frame (folder name or IMAGETYP)"})
+                skipped.append({"file": str(rel), "reason": light_why})
             elif kind and kind.startswith("unknown:"):
                 skipped.append({"file": str(rel), "reason": f"IMAGETYP '{kind[8:]}' is not a calibration frame"})
             else:

@@ -576,6 +576,36 @@ def test_a_damaged_fits_header_holds_up_no_master(tmp_path):
     assert any(s["file"].endswith("garbled.fits") for s in index["skipped"]), index["skipped"]
 
 
+def test_a_targets_folder_named_like_a_kind_does_not_make_its_lights_darks(tmp_path):
+    """ASIAIR keeps lights in Autorun/Light/<target>/: a target named "Dark Shark Nebula" was read as a darks folder
+    (the nearest folder whose name begins with a kind won), so its lights went into the master dark — more lights
+    than darks, and the real darks were the ones left out as "another offset".  A name that goes on with other
+    words gives way to a folder further up (Light/), then to IMAGETYP; it decides only when nothing else says
+    anything (a user's "darks_canon" of IMAGETYP-less frames)."""
+    from livestack.masters import discover
+
+    small = dataclasses.replace(SIM, width=64, height=48)
+    calib = tmp_path / "Autorun"
+    for folder, kind, t in (("Light/Dark Shark Nebula", "light", 60.0), ("Dark", "dark", 60.0),
+                            ("Flatiron Nebula", "light", 60.0)):      # a target's folder, lights by IMAGETYP
+        (calib / folder).mkdir(parents=True)
+        for i in range(2):
+            raw, _ = render_frame(small, i, kind=kind, exptime=t, noise=False)
+            write_sim(calib / folder / f"{kind}_{i}.fits", small, raw, kind, t)
+    (calib / "darks_canon").mkdir()
+    fits.PrimaryHDU(np.full((48, 64), 600, np.uint16)).writeto(calib / "darks_canon" / "d.fits")  # no IMAGETYP
+    found, skipped = discover(calib)
+    assert [p.relative_to(calib).as_posix() for p in found["dark"]] == [
+        "Dark/dark_0.fits", "Dark/dark_1.fits", "darks_canon/d.fits"]
+    assert not found["flat"]
+    why = {s["file"]: s["reason"] for s in skipped}
+    assert why["Light/Dark Shark Nebula/light_0.fits"] == (
+        "a light frame (its folder 'Light' says so; the folder 'Dark Shark Nebula' reads as a target's name, not "
+        "as dark frames)")
+    assert why["Flatiron Nebula/light_1.fits"].startswith("a light frame (its IMAGETYP says so; the folder "
+                                                              "'Flatiron Nebula'")
+
+
 def test_a_flat_is_found_under_another_spelling_of_its_filter(tmp_path):
     """Flats taken as 'R' calibrate lights whose capture program writes 'Red' (and not the G ones): the library
     matches filters as the stacks do (filter_key), not by the exact name."""

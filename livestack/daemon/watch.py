@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import re
 import stat
 import threading
 import time
@@ -38,16 +37,6 @@ IGNORED_ENDINGS = (".part", ".partial", ".tmp", ".temp", "~", ".xmp", ".swp", ".
                    ".filepart")
 
 
-# Words that follow the kind in a calibration folder's name besides numbers and short units ("Darks_300s_gain100",
-# "Flats Halpha bin2", "flat-darks"): its exposure, settings, filter.
-_CALIBRATION_WORDS = frozenset(
-    "gain offset temp bin binning iso sec secs mins exp exposure master masters frame frames field fields "
-    "lum luma luminance red green blue clear halpha hbeta oiii dual".split())
-# The first word of a calibration folder's name: a kind, plural or with "frames"/"field" run on.
-_CALIBRATION_FIRST = re.compile(r"(?:flatdark|darkflat|dflat|biasflat|flat|dark|bias|offset|zero)"
-                                r"(?:s|es|frames?|fields?)?")
-
-
 def calibration_folder(name: str) -> bool:
     """A subfolder of calibration frames — bias/, darks/, flats/, darkflats/ as `livestack capture --type` writes
     them beside the lights, or a name `livestack masters` takes for one ("Darks_60s", "Offsets") — which
@@ -55,16 +44,10 @@ def calibration_folder(name: str) -> bool:
     want of stars, a line each in frames.jsonl, or worse).  A name that goes on with another word is a target's
     ("Dark Shark Nebula", "Dark Horse"): masters' reading of the first letters alone left such a target's lights
     unwatched — not one stacked, not a line in the log."""
-    from ..masters import kind_from_folder
+    from ..masters import folder_kind
 
-    if kind_from_folder(name) not in ("bias", "dark", "darkflat", "flat"):
-        return False
-    # words: runs of letters, camel case split ("DarkFrames", "HDRFlats"); the first must be a kind as a
-    # whole ("darks", "flatframes"), not a word that only begins like one ("Flatiron", "Darkhorse")
-    words = [w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+", name)]
-    if not _CALIBRATION_FIRST.fullmatch(words[0]):
-        return False
-    return all(len(w) <= 3 or w in _CALIBRATION_WORDS or kind_from_folder(w) is not None for w in words[1:])
+    kind, sure = folder_kind(name)
+    return bool(sure) and kind in ("bias", "dark", "darkflat", "flat")
 
 
 def is_candidate(name: str) -> bool:
