@@ -1084,6 +1084,12 @@ class MasterLibrary:
             return min(ok, key=rank), None
         if kind == "flat":
             f = filter_key(m.filter)
+            filters = {filter_key(e.filter): e.filter for e in ok}
+            if not f and "" not in filters and len(filters) > 1:
+                # a frame without FILTER, flats of several filters and none without: any one would be a guess
+                names = ", ".join(f"'{n}'" for n in sorted(filters.values(), key=str.casefold))
+                return None, (f"the frame has no FILTER and the master flats are for filters {names}: which one "
+                              "is unknown")
             return min(ok, key=lambda e: (filter_key(e.filter) != f, -e.ncombine)), None
         return min(ok, key=lambda e: -e.ncombine), None
 

@@ -618,6 +618,25 @@ def test_a_flat_is_found_under_another_spelling_of_its_filter(tmp_path):
         assert lib.select(frame).names["flat"].startswith(flat + "_"), spelling
 
 
+def test_a_light_without_filter_gets_no_guessed_flat_among_several_filters(tmp_path):
+    """A light with no FILTER card and a library of R and G flats (none without a filter) was given the flat of
+    most frames, silently: which filter it was taken through is unknown, so that is a mismatch — failed, or
+    calibrated without a flat under on_mismatch = "skip", with the reason.  With one filter's flats alone, or a
+    flat without filter among them, the light still gets that flat."""
+    cfg = dataclasses.replace(SIM, width=64, height=48, n_frames=2, filters=("R", "G"))
+    render_calibration(tmp_path / "calib", cfg, n_bias=0, n_dark=0, n_flat=3, n_darkflat=0)
+    build_library(tmp_path / "calib", tmp_path / "M")
+    frame, _ = sim_frame(tmp_path, cfg, "light", 60.0)
+    frame.meta.filter = None
+    why = "the frame has no FILTER and the master flats are for filters 'G', 'R': which one is unknown"
+    with pytest.raises(FrameError, match=why):
+        MasterLibrary.load(tmp_path / "M").select(frame)
+    skip = MasterLibrary.load(tmp_path / "M", CalibrationParams(on_mismatch="skip")).select(frame)
+    assert skip.flat is None and skip.notes == {"flat_skipped": why}
+    frame.meta.filter = "R"
+    assert MasterLibrary.load(tmp_path / "M").select(frame).names["flat"].startswith("flat_R_")
+
+
 # ---------------------------------------------------------------- mismatches
 
 def test_wrong_size_master_gives_the_clear_error(lib, tmp_path):
