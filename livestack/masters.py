@@ -204,11 +204,21 @@ def _fits_imagetyp(path: Path) -> str | None:
                 for h in hdul:
                     typ = h.header.get("IMAGETYP", h.header.get("FRAMETYP", h.header.get("OBSTYPE")))
                     if typ is not None:
-                        return _IMAGETYP.get(str(typ).strip().lower(), "unknown:" + str(typ).strip())
+                        return _kind_of_imagetyp(str(typ))
     except (OSError, ValueError, TypeError, IndexError, KeyError, fits.VerifyError,     # a garbled card
             *_decoder_errors()):                                                        # a damaged file
         return None
     return None
+
+
+def _kind_of_imagetyp(typ: str) -> str:
+    """'Dark Frame' -> 'dark', 'Master Dark' / 'MASTERFLAT' / 'master_dark_flat' (a master made by livestack or
+    another program) -> its kind, 'Light Frame' -> 'light'; 'unknown:<typ>' for anything else."""
+    low = typ.strip().lower()
+    kind = _IMAGETYP.get(low)
+    if kind is None and low.startswith("master"):
+        kind = _IMAGETYP.get(re.sub(r"[\s_-]+", " ", low[6:]).strip())
+    return kind or "unknown:" + typ.strip()
 
 
 def _made_master(path: Path) -> bool:

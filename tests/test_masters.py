@@ -606,6 +606,28 @@ def test_a_targets_folder_named_like_a_kind_does_not_make_its_lights_darks(tmp_p
                                                               "'Flatiron Nebula'")
 
 
+def test_masters_are_found_by_their_imagetyp_master_kind(tmp_path):
+    """Masters made earlier (by livestack: IMAGETYP 'Master Dark', …; other programs write 'MASTERDARK' and the
+    like) in a folder whose name says no kind were "not a calibration frame": `livestack masters` on a folder of
+    them said "no calibration frames found (… or FITS IMAGETYP)".  'Master <kind>' is that kind."""
+    from livestack.masters import discover
+
+    small = dataclasses.replace(SIM, width=64, height=48)
+    render_calibration(tmp_path / "calib", small, n_bias=3, n_dark=3, n_flat=3, n_darkflat=3)
+    build_library(tmp_path / "calib", tmp_path / "M")
+    (tmp_path / "again" / "last_month").mkdir(parents=True)
+    for f in (tmp_path / "M").glob("*.fits"):
+        shutil.copy(f, tmp_path / "again" / "last_month" / f.name)
+    other = tmp_path / "again" / "last_month" / "other_program.fits"
+    fits.PrimaryHDU(np.full((48, 64), 500, np.float32), fits.Header([("IMAGETYP", "MASTERDARK")])).writeto(other)
+    found, skipped = discover(tmp_path / "again")
+    assert {k: sorted(p.name.split("_")[0] for p in v) for k, v in found.items()} == {
+        "bias": ["bias"], "dark": ["dark", "other"], "darkflat": ["darkflat"], "flat": ["flat"]}
+    assert skipped == []
+    lib = build_library(tmp_path / "again", tmp_path / "M2")
+    assert sorted(e.kind for e in lib.entries) == ["bias", "dark", "dark", "darkflat", "flat"]
+
+
 def test_a_flat_is_found_under_another_spelling_of_its_filter(tmp_path):
     """Flats taken as 'R' calibrate lights whose capture program writes 'Red' (and not the G ones): the library
     matches filters as the stacks do (filter_key), not by the exact name."""
