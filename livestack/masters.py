@@ -524,6 +524,7 @@ class _Group:
     blacks: list = field(default_factory=list)    # (2, 2) black level of each frame
     made: list = field(default_factory=list)      # flats: True for a master flat made elsewhere (offset taken off)
     stats: list = field(default_factory=list)     # _FrameStats of each frame
+    notes: list = field(default_factory=list)     # what the build log says of the master besides its line
 
 
 def build_library(calib_dir: Path | str, out_dir: Path | str, p: CalibrationParams | None = None, *,
@@ -571,6 +572,8 @@ def build_library(calib_dir: Path | str, out_dir: Path | str, p: CalibrationPara
                 say(f"  {entry.file}: {entry.ncombine} frames, {entry.width}×{entry.height}"
                     + (f", {entry.bad_pixels} bad pixels" if entry.bad_pixels else "")
                     + (f", minus {entry.subtracted}" if entry.subtracted else ""))
+                for note in g.notes:
+                    say(f"    {note}")
         finally:
             for g in groups:
                 g.spill.remove()
@@ -777,6 +780,24 @@ def _flat_offset(g: _Group, lib: "MasterLibrary", t: float | None) -> MasterEntr
     return None
 
 
+def _darkflats_unused(g: _Group, lib: "MasterLibrary", t: float | None) -> str | None:
+    """Why the library's dark-flats of this camera and size fit no flat of ``g`` taken with ``t`` s (another
+    exposure, ISO or gain), or None when it has none: the flats then have a bias or a black level subtracted
+    instead, which the build log must say — the dark-flats were taken for them."""
+    why = []
+    for e in lib.entries:
+        if (e.kind != "darkflat" or (e.height, e.width) != g.shape or e.pattern != g.pattern
+                or not _same_camera(e.camera, g.camera)):
+            continue
+        if not _same(e.iso, g.iso):
+            why.append(f"{e.name} is ISO {e.iso}, the flats ISO {g.iso}")
+        elif not _same(e.gain, g.gain):
+            why.append(f"{e.name} has gain {e.gain:g}, the flats {g.gain:g}")
+        elif not same_exposure(t, e.exptime):
+            why.append(f"{e.name} is of {_fmt_t(e.exptime)}, the flats of {_fmt_t(t)}")
+    return "; ".join(why) or None
+
+
 def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped: list[dict],
                   odd: dict[int, str]):
     """The group's master flat, its bad pixels, the values clipped, what was subtracted and the indices of the
@@ -788,6 +809,14 @@ def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped
     # an automatic flat panel — are one group, each with its own dark-flat), else the bias, else its black level.
     # A master flat made elsewhere had its offset taken off there: nothing (its black level is zeroed at ingest).
     offsets = [None if made else _flat_offset(g, lib, t) for t, made in zip(g.exptimes, g.made)]
+    instead = {t: e.name if e is not None else f"their black level {float(b.mean()):g}"
+               for t, e, b, made in zip(g.exptimes, offsets, g.blacks, g.made)
+               if not made and (e is None or e.kind != "darkflat")}
+    for t, what in instead.items():
+        why = _darkflats_unused(g, lib, t)
+        if why:
+            g.notes.append(f"no master dark-flat fits the flats of {_fmt_t(t)} ({why}): {what} was subtracted "
+                           "instead")
     subs: list[np.ndarray | None] = []
     means = []                                                   # (2, 2) per frame: the subtracted means
     offset_means = {}

@@ -263,6 +263,23 @@ def test_flats_of_two_exposures_each_get_the_dark_flat_of_their_own(tmp_path):
         assert h[0].header["CALSUB"] == e.subtracted
 
 
+def test_dark_flats_that_fit_no_flat_are_said_not_silently_passed_over(tmp_path):
+    """Dark-flats of 2 s for flats of 1 s: the flats had their black level subtracted instead and the build log said
+    only "minus black level 512" — the dark-flats taken for them were made into a master and never used, without a
+    word.  The log now says which dark-flat fits no flat, and why."""
+    small = dataclasses.replace(SIM, width=64, height=48)
+    render_calibration(tmp_path / "calib", small, n_bias=0, n_dark=0, n_flat=3, n_darkflat=3, flat_exptime=1.0)
+    for f in (tmp_path / "calib" / "darkflats").iterdir():         # the same frames, said to be of 2 s
+        with fits.open(f, mode="update") as h:
+            h[0].header["EXPTIME"] = 2.0
+    lines: list[str] = []
+    lib = build_library(tmp_path / "calib", tmp_path / "M", log=lines.append)
+    (flat,) = [e for e in lib.entries if e.kind == "flat"]
+    assert flat.subtracted == "black level 512"
+    assert ("    no master dark-flat fits the flats of 1 s (darkflat_2s_iso800_g120_SIMCAM-1_64x48 is of 2 s, the "
+            "flats of 1 s): their black level 512 was subtracted instead") in lines, lines
+
+
 def test_a_saturated_flat_is_left_out(tmp_path):
     """A flat clipped at the white level (a panel too bright) is flat where the optics are not: it is skipped
     with the reason, and the master is the one the good flats make."""
