@@ -27,9 +27,11 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import json
+import logging
 import math
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,6 +46,8 @@ from .engine.frame import Frame, FrameError
 from .engine.quiet import quiet_warnings
 from .engine.read import (FITS_SUFFIXES, _IMAGETYP, _decoder_errors, capture_order, fits_impossible, is_supported,
                           read_frame, suffix_of)
+
+log = logging.getLogger("livestack")
 
 KINDS = ("bias", "dark", "darkflat", "flat")          # build order: each may need the ones before it
 KIND_LABEL = {"bias": "bias", "dark": "dark", "darkflat": "dark-flat", "flat": "flat"}
@@ -944,6 +948,8 @@ class MasterLibrary:
         self._bad: dict[str, np.ndarray] = {}
         self._bad_union: dict[tuple, np.ndarray] = {}
         self._selected: dict[tuple, Masters | str] = {}
+        self._said: set = set()          # what the log has said of the choices (once each, not once a light)
+        self._lock = threading.Lock()    # select() runs on the read-ahead threads: one choice, said once
 
     # -------------------------------------------------------------- build / save / load
 
@@ -978,6 +984,12 @@ class MasterLibrary:
         lib = cls(root, entries, params)
         lib.skipped = skipped
         return lib
+
+    def summary(self) -> str:
+        """'1 bias, 2 darks, 3 flats': how many masters of each kind."""
+        plural = {"bias": "biases", "dark": "darks", "darkflat": "dark-flats", "flat": "flats"}
+        counts = [(k, sum(e.kind == k for e in self.entries)) for k in KINDS]
+        return ", ".join(f"{n} {KIND_LABEL[k] if n == 1 else plural[k]}" for k, n in counts if n) or "no masters"
 
     def array(self, name: str) -> np.ndarray:
         """(H, W) float32 data of master ``name``, read once."""
@@ -1035,18 +1047,45 @@ class MasterLibrary:
         key = (_norm_camera(m.camera), frame.shape, frame.pattern, m.iso, m.gain, _exp_key(m.exptime),
                None if m.temperature is None else round(m.temperature, 1),
                filter_key(m.filter), frame.black.tobytes())
-        hit = self._selected.get(key)
-        if hit is None:
-            try:
-                hit = self._select(frame)
-            except FrameError as err:
-                hit = err.reason
-            except (MasterError, OSError, ValueError) as err:    # a master damaged or changed since masters.json
-                hit = f"calibration master unusable: {err}"
-            self._selected[key] = hit
+        with self._lock:
+            hit = self._selected.get(key)
+            if hit is None:
+                hit = self._selected[key] = self._select_new(frame)
         if isinstance(hit, str):
             raise FrameError(frame.path, hit)
         return hit
+
+    def _select_new(self, frame: Frame) -> Masters | None | str:
+        """select()'s choice for ``frame``, or why it has none (a str), said in the log."""
+        try:
+            hit = self._select(frame)
+        except FrameError as err:
+            return err.reason
+        except (MasterError, OSError, ValueError) as err:    # a master damaged or changed since masters.json
+            return f"calibration master unusable: {err}"
+        self._say(frame, hit)
+        return hit
+
+    def _say(self, frame: Frame, chosen: Masters | None) -> None:
+        """Log the masters chosen for the lights of ``frame``'s settings (INFO), and a master of a kind the library
+        has that none fitted, left out under on_mismatch = "skip" (WARNING): frames.jsonl records it for each
+        light, but the command's output and the daemon's log said nothing — the lights were stacked without
+        their dark, or their flat, and looked calibrated.  Each line once, not once a light."""
+        if chosen is None:
+            return
+        for kind in ("bias", "dark", "flat"):
+            why = chosen.notes.get(f"{kind}_skipped")
+            if why and ("skipped", why) not in self._said:
+                self._said.add(("skipped", why))
+                log.warning("%s (and the lights of its settings): calibrated without a master %s "
+                            "(on_mismatch = \"skip\"): %s", frame.path.name, kind, why)
+        t, td = frame.meta.exptime, chosen.dark_exptime
+        used = ", ".join(f"{k}={v}" for k, v in chosen.names.items())
+        if chosen.dark is not None and t is not None and td and not same_exposure(t, td):
+            used += f" (dark scaled ×{t / td:.4g}" + (" on the black level)" if chosen.bias is None else ")")
+        if used and used not in self._said:
+            self._said.add(used)
+            log.info("%s (and the lights of its settings): masters %s", frame.path.name, used)
 
     def _select(self, frame: Frame) -> Masters | None:
         p = self.params

@@ -98,6 +98,9 @@ def cmd_run(args, cfg: Config) -> int:
     except ValueError as err:
         print(f"livestack run: {err}", file=sys.stderr)
         return 2
+    if masters is not None:     # which library calibrates the night: the log said nothing of it
+        log.log(NOTICE, "livestack: calibration masters from %s: %s (on_mismatch = %s)", masters.root,
+                masters.summary(), masters.params.on_mismatch)
     if args.new_session:
         from .targets import Book
 

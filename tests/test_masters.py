@@ -725,6 +725,33 @@ def test_skip_mode_calibrates_without_the_master_and_records_why(lib, tmp_path):
     assert abs(float(np.median(cal))) < 1000          # black level still removed
 
 
+def test_the_masters_chosen_and_a_master_skipped_are_said_once_in_the_log(lib, tmp_path, caplog):
+    """Under on_mismatch = "skip" a light calibrated without its dark (none fitted) was recorded so in frames.jsonl
+    only: `livestack stack` printed the light as stacked, the daemon's log said nothing, and the night looked
+    calibrated.  The first light of each set of settings says, as a WARNING, which master was left out and why,
+    and at INFO which masters it gets (a scaled dark too); the lights after it say nothing more."""
+    import logging
+
+    skip = MasterLibrary.load(lib.root, CalibrationParams(on_mismatch="skip"))
+    warm = dataclasses.replace(SIM, temperature=5.0)
+    frames_ = [sim_frame(tmp_path, warm, "light", 60.0, index=i)[0] for i in (1, 2)]
+    frames_ += [sim_frame(tmp_path, SIM, "light", 120.0, index=i)[0] for i in (3, 4)]
+    with caplog.at_level(logging.INFO, logger="livestack"):
+        for f in frames_:
+            skip.select(f)
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said == [
+        ("WARNING", "light_1_60s.fits (and the lights of its settings): calibrated without a master dark "
+                    "(on_mismatch = \"skip\"): master dark dark_60s_-10C_iso800_g120_SIMCAM-1_320x240 was taken at "
+                    "-10.0 °C but the frame at 5.0 °C (tolerance 3 °C)"),
+        ("INFO", "light_1_60s.fits (and the lights of its settings): masters bias=bias_iso800_g120_SIMCAM-1_320x240, "
+                 "flat=flat_iso800_g120_SIMCAM-1_320x240"),
+        ("INFO", "light_3_120s.fits (and the lights of its settings): masters bias=bias_iso800_g120_SIMCAM-1_320x240, "
+                 "dark=dark_60s_-10C_iso800_g120_SIMCAM-1_320x240, flat=flat_iso800_g120_SIMCAM-1_320x240 "
+                 "(dark scaled ×2)")], said
+    assert skip.summary() == "1 bias, 1 dark, 1 dark-flat, 1 flat"      # `livestack run` says it as it starts
+
+
 def test_engine_records_a_mismatch_as_failed(lib, tmp_path):
     from livestack.config import Config
     from livestack.engine.pipeline import Engine
