@@ -44,8 +44,8 @@ from .engine.calibrate import Masters, same_exposure
 from .engine.filtername import filter_key
 from .engine.frame import Frame, FrameError
 from .engine.quiet import quiet_warnings
-from .engine.read import (FITS_SUFFIXES, _IMAGETYP, _decoder_errors, capture_order, fits_impossible, is_supported,
-                          read_frame, suffix_of)
+from .engine.read import (FITS_SUFFIXES, _IMAGETYP, _decoder_errors, _fits_reason, capture_order, fits_impossible,
+                          is_supported, read_frame, suffix_of)
 
 log = logging.getLogger("livestack")
 
@@ -999,10 +999,11 @@ class MasterLibrary:
 
             e = self._entry(name)
             try:
-                with fits.open(self.root / e.file, memmap=False) as hdul:
+                with quiet_warnings(), fits.open(self.root / e.file, memmap=False) as hdul:
                     a = np.ascontiguousarray(hdul[0].data, dtype=np.float32)
             except (OSError, ValueError, TypeError) as err:        # cut short, overwritten, not FITS
-                raise MasterError(f"{e.file}: unreadable ({err})") from err
+                # in words: astropy says a cut file's "cannot reshape array of size 57600 into shape (360,480)"
+                raise MasterError(f"{e.file}: {_fits_reason(self.root / e.file, err)}") from err
             if a.shape != (e.height, e.width):
                 raise MasterError(f"{e.file}: image is {a.shape[1]}×{a.shape[0]}, masters.json says "
                                   f"{e.width}×{e.height}")
