@@ -75,7 +75,7 @@ class CalibrationParams:
     method: str = "clipped"          # combine: "clipped" (sigma-clipped mean) | "median"
     kappa: float = 3.0               # clipping threshold, × the standard deviation of the other frames
     on_mismatch: str = "fail"        # master of the wrong size/camera/… for a light: "fail" it | "skip" the master
-    temperature_bin: float = 2.0     # °C: darks are grouped by round(T / bin)
+    temperature_bin: float = 2.0     # °C: a dark joins the group whose first dark is within bin / 2 of it
     temperature_tolerance: float = 3.0  # °C: a dark further than this from the light's temperature is refused
     flat_min: float = 0.05           # normalised flat below this: clamped and marked bad (corners, dead pixels)
     hot_sigma: float = 6.0           # hot pixel: master dark this many robust σ above its local median
@@ -307,17 +307,28 @@ def _exp_key(t: float | None) -> float | None:
 
 
 def group_key(frame: Frame, kind: str, p: CalibrationParams) -> tuple:
-    """What must be equal for two frames to go into one master of ``kind``."""
+    """What must be equal for two frames to go into one master of ``kind`` (darks: besides a temperature within
+    ``temperature_bin`` / 2 of their group's first dark — see _dark_group)."""
     m = frame.meta
     key: tuple = (kind, _norm_camera(m.camera), frame.shape, frame.pattern, m.iso,
                   None if m.gain is None else round(m.gain, 3))
     if kind in ("dark", "darkflat"):
         key += (_exp_key(m.exptime),)
-    if kind == "dark":
-        key += (None if m.temperature is None else int(round(m.temperature / p.temperature_bin)),)
     if kind == "flat":
         key += (filter_key(m.filter) or None,)
     return key
+
+
+def _dark_group(key: tuple, t: float | None, groups: dict, p: CalibrationParams) -> tuple:
+    """The key of the group of darks a dark of ``key`` (group_key's) and sensor temperature ``t`` joins: the one
+    whose first dark is nearest, within ``temperature_bin`` / 2, else a new one, keyed by its first temperature.
+    Bins fixed at round(t / bin) put their edges at odd degrees: the darks of a camera cooled to −15 °C, read as
+    −15.1, −15.0 and −14.9, were split across two bins into two masters of half the frames each."""
+    near = [k for k in groups if k[:-1] == key and (k[-1] is None) == (t is None)
+            and (t is None or abs(t - k[-1]) <= p.temperature_bin / 2)]
+    if not near:
+        return key + (t,)
+    return min(near, key=lambda k: 0.0 if t is None else abs(t - k[-1]))
 
 
 # ---------------------------------------------------------------- spill file
@@ -604,6 +615,8 @@ def _ingest(kind, paths, calib_dir, out_dir, p, skipped, say) -> list[_Group]:
                 say(f"  skipped {rel}: {why}")
                 continue
             key = group_key(frame, kind, p)
+            if kind == "dark":
+                key = _dark_group(key, frame.meta.temperature, groups, p)
             g = groups.get(key)
             if g is None:
                 spill = Spill(out_dir / f".scratch_{kind}_{len(groups)}_{os.getpid()}.bin", frame.shape)

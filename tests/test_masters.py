@@ -280,6 +280,20 @@ def test_dark_flats_that_fit_no_flat_are_said_not_silently_passed_over(tmp_path)
             "flats of 1 s): their black level 512 was subtracted instead") in lines, lines
 
 
+def test_darks_at_an_odd_setpoint_make_one_master(tmp_path):
+    """Darks were binned by round(T / 2 °C): a camera cooled to −15 °C reads −15.1, −15.0, −14.9, which fell on both
+    sides of a bin edge (−7.5) and made two masters of half the frames each.  A dark joins the group whose first
+    dark is within temperature_bin / 2; darks at −20 °C stay a master of their own."""
+    folder = tmp_path / "calib" / "darks"
+    folder.mkdir(parents=True)
+    for i, t in enumerate([-15.1, -15.0, -14.9, -15.0, -14.9, -15.1, -20.0, -20.1, -19.9]):
+        cfg = dataclasses.replace(SIM, width=64, height=48, temperature=t)
+        raw, _ = render_frame(cfg, i, kind="dark", exptime=60.0)
+        write_sim(folder / f"dark_{i}.fits", cfg, raw, "dark", 60.0)
+    lib = build_library(tmp_path / "calib", tmp_path / "M")
+    assert sorted((e.ncombine, round(e.temperature, 2)) for e in lib.entries) == [(3, -20.0), (6, -15.0)]
+
+
 def test_a_saturated_flat_is_left_out(tmp_path):
     """A flat clipped at the white level (a panel too bright) is flat where the optics are not: it is skipped
     with the reason, and the master is the one the good flats make."""
