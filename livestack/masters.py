@@ -1161,10 +1161,22 @@ class MasterLibrary:
             return None, None
         judged = [(self._problems(e, frame), e) for e in cands]
         ok = [e for probs, e in judged if not probs]
-        if not ok:
-            probs, e = min(judged, key=lambda pe: len(pe[0]))
-            return None, probs[0]
         m = frame.meta
+        if not ok:
+            if kind == "flat" and m.filter:
+                # flats of other filters alone: name them all, not the first ("… is for filter 'L'" when R was there)
+                others = {filter_key(e.filter): e.filter for probs, e in judged
+                          if len(probs) == 1 and e.filter and filter_key(e.filter) != filter_key(m.filter)}
+                if len(others) > 1:
+                    names = ", ".join(f"'{n}'" for n in sorted(others.values(), key=str.casefold))
+                    return None, f"no master flat for filter '{m.filter}' (the master flats are for {names})"
+
+            def nearest(pe):         # the fewest problems; among darks, the nearest temperature is the one to name
+                e = pe[1]
+                dt = (abs(e.temperature - m.temperature) if None not in (e.temperature, m.temperature) else 0.0)
+                return len(pe[0]), dt
+            probs, e = min(judged, key=nearest)
+            return None, probs[0]
         if kind == "dark":
             t = m.exptime
 

@@ -766,6 +766,30 @@ def test_the_masters_chosen_and_a_master_skipped_are_said_once_in_the_log(lib, t
     assert skip.summary() == "1 bias, 1 dark, 1 dark-flat, 1 flat"      # `livestack run` says it as it starts
 
 
+def test_a_mismatch_names_every_flat_filter_and_the_nearest_dark(tmp_path):
+    """No master fits: the reason named the first one listed — "master flat flat_L… is for filter 'L'" when an
+    OIII flat was there too, "taken at -25.0 °C" when a dark at -15 °C was nearer the light's -10 °C.  Flats of
+    other filters are all named; among darks, the nearest temperature."""
+    from livestack.masters import MasterEntry
+
+    def entry(kind, name, **kw):
+        d = dict(name=name, file=name + ".fits", kind=kind, camera="SIMCAM 1", width=64, height=48, pattern="RGGB",
+                 iso=800, gain=120.0, exptime=None, temperature=None, filter=None, ncombine=3, method="clipped",
+                 kappa=3.0, sources=())
+        d.update(kw)
+        return MasterEntry(**d)
+
+    lib = MasterLibrary(tmp_path, [entry("flat", "flat_L", filter="L"), entry("flat", "flat_OIII", filter="OIII"),
+                                   entry("dark", "dark_m25", exptime=60.0, temperature=-25.0),
+                                   entry("dark", "dark_m15", exptime=60.0, temperature=-15.0)],
+                        CalibrationParams(on_mismatch="skip"))
+    frame, _ = sim_frame(tmp_path, dataclasses.replace(SIM, width=64, height=48, filter="Ha"), "light", 60.0)
+    notes = lib.select(frame).notes
+    assert notes["flat_skipped"] == "no master flat for filter 'Ha' (the master flats are for 'L', 'OIII')"
+    assert notes["dark_skipped"] == ("master dark dark_m15 was taken at -15.0 °C but the frame at -10.0 °C "
+                                     "(tolerance 3 °C)")
+
+
 def test_engine_records_a_mismatch_as_failed(lib, tmp_path):
     from livestack.config import Config
     from livestack.engine.pipeline import Engine
