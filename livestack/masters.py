@@ -261,9 +261,14 @@ def discover(calib_dir: Path, *, exclude: Path | None = None) -> tuple[dict[str,
                          and (exclude is None or (rootp / d).resolve() != exclude.resolve()))
         for fname in sorted(files):
             p = rootp / fname
-            if fname.startswith(".") or not is_supported(p):
+            if fname.startswith("."):
                 continue
             rel = p.relative_to(calib_dir)
+            if not is_supported(p):
+                if fname.lower().endswith(".xisf"):     # NINA's and PixInsight's other format: not passed over unsaid
+                    skipped.append({"file": str(rel), "reason": "an XISF file: livestack reads FITS and camera RAW "
+                                                                "files (have the capture program save FITS)"})
+                continue
             # The nearest folder whose name says only a kind decides ("Darks_300s"); a name that goes on with
             # other words ("Dark Shark Nebula", a target's folder under Light/ as ASIAIR writes it) gives way to
             # a folder further up, then to the FITS IMAGETYP, and decides only when neither says anything
@@ -558,8 +563,12 @@ def build_library(calib_dir: Path | str, out_dir: Path | str, p: CalibrationPara
     out_dir.mkdir(parents=True, exist_ok=True)
     files, skipped = discover(calib_dir, exclude=out_dir)
     if not any(files.values()):
+        why = ""
+        if skipped:         # e.g. the frames are all XISF, or all lights: say so, not only where frames are looked for
+            n = len(skipped)
+            why = f"; {n} file{'s' * (n != 1)} skipped, {skipped[0]['file']}: {skipped[0]['reason']}"
         raise MasterError(f"{calib_dir}: no calibration frames found (folders bias/, darks/, flats/, darkflats/ "
-                          "or FITS IMAGETYP)")
+                          f"or FITS IMAGETYP){why}")
     lib = MasterLibrary(out_dir, [], p)
     lib.skipped = skipped
     try:        # the library this rebuilds: its masters stay listed until made again (an interrupted rebuild);

@@ -659,6 +659,22 @@ def test_masters_are_found_by_their_imagetyp_master_kind(tmp_path):
     assert sorted(e.kind for e in lib.entries) == ["bias", "dark", "dark", "darkflat", "flat"]
 
 
+def test_xisf_calibration_frames_are_said_not_passed_over(tmp_path):
+    """NINA can save XISF: a calibration folder of XISF frames gave "no calibration frames found (folders bias/,
+    darks/, … or FITS IMAGETYP)" although its DARK/ and FLAT/ were full — the files were passed over unsaid.
+    Each is listed as skipped with what livestack reads, and the error says how many and why."""
+    from livestack.masters import MasterError
+
+    for folder in ("DARK", "FLAT"):
+        (tmp_path / "calib" / folder).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "calib" / folder / f"{folder.lower()}_{i}.xisf").write_bytes(b"XISF0100" + bytes(100))
+    with pytest.raises(MasterError) as err:
+        build_library(tmp_path / "calib", tmp_path / "M")
+    assert str(err.value).endswith("or FITS IMAGETYP); 4 files skipped, DARK/dark_0.xisf: an XISF file: livestack "
+                                   "reads FITS and camera RAW files (have the capture program save FITS)"), err.value
+
+
 def test_a_flat_is_found_under_another_spelling_of_its_filter(tmp_path):
     """Flats taken as 'R' calibrate lights whose capture program writes 'Red' (and not the G ones): the library
     matches filters as the stacks do (filter_key), not by the exact name."""
