@@ -255,13 +255,19 @@ def discover(calib_dir: Path, *, exclude: Path | None = None) -> tuple[dict[str,
     calib_dir = Path(calib_dir)
     found: dict[str, list[Path]] = {k: [] for k in KINDS}
     skipped: list[dict] = []
+    own: set[Path] = set()      # the library's masters, when it is CALIB itself (-o CALIB): no frames of a rebuild
+    if exclude is not None:
+        try:
+            own = {(Path(exclude) / e.file).resolve() for e in _read_index(Path(exclude))[0]}
+        except MasterError:
+            pass
     for root, dirs, files in os.walk(calib_dir):
         rootp = Path(root)
         dirs[:] = sorted(d for d in dirs if not d.startswith(".")
                          and (exclude is None or (rootp / d).resolve() != exclude.resolve()))
         for fname in sorted(files):
             p = rootp / fname
-            if fname.startswith("."):
+            if fname.startswith(".") or (own and p.resolve() in own):
                 continue
             rel = p.relative_to(calib_dir)
             if not is_supported(p):

@@ -675,6 +675,19 @@ def test_xisf_calibration_frames_are_said_not_passed_over(tmp_path):
                                    "reads FITS and camera RAW files (have the capture program save FITS)"), err.value
 
 
+def test_a_library_in_its_calibration_folder_is_not_read_as_frames_on_a_rebuild(tmp_path):
+    """`livestack masters CALIB -o CALIB` run again: the masters of the first build, at CALIB's top level, were read
+    as frames (their IMAGETYP 'Master Flat' is a flat) — the master flat went into the new one, the master dark and
+    bias were left out with "noise … below …: a processed frame?".  The library's own masters are not frames."""
+    small = dataclasses.replace(SIM, width=64, height=48)
+    calib = tmp_path / "calib"
+    render_calibration(calib, small, n_bias=3, n_dark=3, n_flat=3, n_darkflat=0)
+    first = build_library(calib, calib)
+    again = build_library(calib, calib)
+    assert sorted((e.kind, e.ncombine) for e in again.entries) == [("bias", 3), ("dark", 3), ("flat", 3)]
+    assert again.skipped == first.skipped == []
+
+
 def test_a_flat_is_found_under_another_spelling_of_its_filter(tmp_path):
     """Flats taken as 'R' calibrate lights whose capture program writes 'Red' (and not the G ones): the library
     matches filters as the stacks do (filter_key), not by the exact name."""
