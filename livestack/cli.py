@@ -181,7 +181,9 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
     return {"frames": len(files), "processed": processed, "interrupted": ctrl_c.event.is_set(),
             "stacked": engine.n_stacked, "rejected": engine.n_rejected,
             "failed": engine.n_failed, "exptime": engine.exptime_total, "seconds": time.perf_counter() - t0,
-            "wrote": wrote, "filter_files": files_out, "sky": sky_status}
+            "wrote": wrote, "filter_files": files_out, "sky": sky_status,
+            # the masters that calibrated the stacked frames (the stacks' CALIBRAT), said in the summary
+            "masters_used": sorted({m for fs in engine.stacks for m in fs.counts.masters}) if masters else None}
 
 
 def _seconds(t: float) -> str:
@@ -195,6 +197,8 @@ def _print_summary(s: dict, out: Path) -> None:
     print(f"{s['stacked']} stacked, {s['rejected']} rejected, {s['failed']} failed of {read} frames; "
           f"{_seconds(s['exptime'])} integration, {s['seconds']:.1f} s"
           + ((f" (stopped by Ctrl-C: {left} not read)" if left else " (Ctrl-C)") if s.get("interrupted") else ""))
+    if s.get("masters_used") is not None and s["stacked"]:     # --masters: which of them the stack has
+        print("calibrated with " + (", ".join(s["masters_used"]) or "no master (see frames.jsonl)"))
     sky = s.get("sky")
     if sky:
         how = f"plate solved in {sky['seconds']:.1f} s" if sky["source"] == "solve" else "WCS from the reference frame"

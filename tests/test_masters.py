@@ -965,6 +965,34 @@ def test_cli_masters(tmp_path, capsys):
     assert cli_main(["masters", str(tmp_path / "empty"), "-o", str(out)]) == 1
 
 
+def test_stack_summary_says_the_masters_it_calibrated_with(tmp_path, capsys):
+    """`livestack stack --masters M` said nothing of calibration: which masters its lights got was in the stack's
+    CALIBRAT and frames.jsonl alone, and lights calibrated with none (on_mismatch = "skip") looked the same.  The
+    summary says them, or that there were none."""
+    cfg = dataclasses.replace(SIM, seed=23, n_frames=2)
+    render_calibration(tmp_path / "calib", cfg, n_bias=0, n_dark=3, n_flat=3, n_darkflat=0)
+    render_night(tmp_path / "night", cfg)
+    assert cli_main(["masters", str(tmp_path / "calib"), "-o", str(tmp_path / "M"), "-q"]) == 0
+    capsys.readouterr()
+    assert cli_main(["stack", str(tmp_path / "night"), "-o", str(tmp_path / "out"), "--masters", str(tmp_path / "M"),
+                     "--no-solve", "-q"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == ("calibrated with dark=dark_60s_-10C_iso800_g120_SIMCAM-1_320x240, "
+                        "flat=flat_iso800_g120_SIMCAM-1_320x240"), lines
+    (tmp_path / "skip.toml").write_text('[calibration]\non_mismatch = "skip"\n')
+    for e in MasterLibrary.load(tmp_path / "M").entries:     # masters of another camera: none fits
+        f = tmp_path / "M" / e.file
+        with fits.open(f, mode="update") as h:
+            h[0].header["INSTRUME"] = "OTHER"
+    doc = json.loads((tmp_path / "M" / "masters.json").read_text())
+    for m in doc["masters"]:
+        m["camera"] = "OTHER"
+    (tmp_path / "M" / "masters.json").write_text(json.dumps(doc))
+    assert cli_main(["stack", str(tmp_path / "night"), "-o", str(tmp_path / "out"), "--masters", str(tmp_path / "M"),
+                     "--no-solve", "-q", "--config", str(tmp_path / "skip.toml")]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == "calibrated with no master (see frames.jsonl)"
+
+
 def test_an_interrupted_rebuild_keeps_the_masters_it_has_not_made_again(tmp_path, monkeypatch):
     """`livestack masters` run again on a library (new flats added, say) saves masters.json after each master it
     makes; it started from an empty list, so a rebuild interrupted after the bias (Ctrl-C, a power cut) left an
