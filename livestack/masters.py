@@ -812,22 +812,22 @@ def _flat_offset(g: _Group, lib: "MasterLibrary", t: float | None) -> MasterEntr
     return None
 
 
-def _darkflats_unused(g: _Group, lib: "MasterLibrary", t: float | None) -> str | None:
-    """Why the library's dark-flats of this camera and size fit no flat of ``g`` taken with ``t`` s (another
-    exposure, ISO or gain), or None when it has none: the flats then have a bias or a black level subtracted
-    instead, which the build log must say — the dark-flats were taken for them."""
-    why = []
+def _darkflats_unused(g: _Group, lib: "MasterLibrary") -> str | None:
+    """What the library's dark-flats of this camera and size are ("darkflat_1s_… is of 1 s", "… has gain 300, the
+    flats 120"), for flats of ``g`` none of them fits; None when it has none.  The flats then have a bias or a
+    black level subtracted instead, which the build log must say — the dark-flats were taken for them."""
+    what = []
     for e in lib.entries:
         if (e.kind != "darkflat" or (e.height, e.width) != g.shape or e.pattern != g.pattern
                 or not _same_camera(e.camera, g.camera)):
             continue
         if not _same(e.iso, g.iso):
-            why.append(f"{e.name} is ISO {e.iso}, the flats ISO {g.iso}")
+            what.append(f"{e.name} is ISO {e.iso}, the flats ISO {g.iso}")
         elif not _same(e.gain, g.gain):
-            why.append(f"{e.name} has gain {e.gain:g}, the flats {g.gain:g}")
-        elif not same_exposure(t, e.exptime):
-            why.append(f"{e.name} is of {_fmt_t(e.exptime)}, the flats of {_fmt_t(t)}")
-    return "; ".join(why) or None
+            what.append(f"{e.name} has gain {e.gain:g}, the flats {g.gain:g}")
+        else:
+            what.append(f"{e.name} is of {_fmt_t(e.exptime)}")
+    return "; ".join(what) or None
 
 
 def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped: list[dict],
@@ -841,14 +841,16 @@ def _combine_flat(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped
     # an automatic flat panel — are one group, each with its own dark-flat), else the bias, else its black level.
     # A master flat made elsewhere had its offset taken off there: nothing (its black level is zeroed at ingest).
     offsets = [None if made else _flat_offset(g, lib, t) for t, made in zip(g.exptimes, g.made)]
-    instead = {t: e.name if e is not None else f"their black level {float(b.mean()):g}"
-               for t, e, b, made in zip(g.exptimes, offsets, g.blacks, g.made)
-               if not made and (e is None or e.kind != "darkflat")}
-    for t, what in instead.items():
-        why = _darkflats_unused(g, lib, t)
-        if why:
-            g.notes.append(f"no master dark-flat fits the flats of {_fmt_t(t)} ({why}): {what} was subtracted "
-                           "instead")
+    instead: dict[str, list] = {}      # what was subtracted instead of a dark-flat: the exposures of those flats
+    for t, e, b, made in zip(g.exptimes, offsets, g.blacks, g.made):
+        if not made and (e is None or e.kind != "darkflat"):
+            ts = instead.setdefault(e.name if e is not None else f"their black level {float(b.mean()):g}", [])
+            if _exp_key(t) not in ts:
+                ts.append(_exp_key(t))
+    why = _darkflats_unused(g, lib) if instead else None
+    for what, ts in instead.items() if why else ():          # one line for sky flats of many exposures
+        g.notes.append(f"no master dark-flat fits the flats of {', '.join(_fmt_t(t) for t in sorted(ts, key=_by_t))} "
+                       f"({why}): {what} was subtracted instead")
     subs: list[np.ndarray | None] = []
     means = []                                                   # (2, 2) per frame: the subtracted means
     offset_means = {}
@@ -1236,6 +1238,10 @@ class MasterLibrary:
         if e.kind == "flat" and e.filter and m.filter and filter_key(e.filter) != filter_key(m.filter):
             out.append(f"{d} is for filter '{e.filter}' but the frame has filter '{m.filter}'")
         return out
+
+
+def _by_t(t: float | None) -> float:
+    return -1.0 if t is None else t
 
 
 def _fmt_t(t: float | None) -> str:
