@@ -676,3 +676,37 @@ def test_a_stop_asked_for_while_the_daemon_starts_is_clean(make_daemon, daemon_n
     log = d.log.read_text()
     assert "SIGTERM received" in log and "Traceback" not in log, log
     assert len(d.lines()) == 3
+def test_the_page_and_the_log_say_the_masters_and_the_last_failed_frame(tmp_path, daemon_night):
+    """A night calibrated by a master library: the daemon's log did not say which library it used, and the page
+    said nothing of calibration — the status's frame had no `calibration`, and a light failed for want of a fitting
+    master showed as a count alone.  The log names the library as it starts; the status's `current` carries the
+    frame's calibration and the page shows it, and the last failed frame with its reason."""
+    from playwright.sync_api import expect
+
+    from drivers.simulator import SimConfig, render_calibration
+    from livestack.masters import build_library
+
+    _chromium_or_skip()
+    files, _ = daemon_night
+    cam = SimConfig(width=480, height=360, fmt="dng", seed=5)
+    render_calibration(tmp_path / "calib", cam, n_bias=0, n_dark=3, n_flat=3, n_darkflat=0)
+    lib = build_library(tmp_path / "calib", tmp_path / "M")
+    dark = next(e.name for e in lib.entries if e.kind == "dark")
+    (tmp_path / "watch").mkdir()
+    for f in files[:2]:
+        shutil.copy(f, tmp_path / "watch" / f.name)
+    (tmp_path / "watch" / "light_9999_60s.dng").write_bytes(b"II*\0" + bytes(100))     # a damaged frame: failed
+    d = Daemon(tmp_path, tmp_path / "watch", tmp_path / "out", "--token", TOKEN)
+    d.config.write_text(d.config.read_text().replace("[daemon]\n", f'[daemon]\nmasters = "{tmp_path / "M"}"\n'))
+    d.start()
+    try:
+        s = wait_status(d, lambda s: s["frames"] == 3 and s["state"] == "idle", timeout=30)
+        assert s["current"]["calibration"]["dark"] == dark, s["current"]
+        assert f"calibration masters from {tmp_path / 'M'}: 1 dark, 1 flat (on_mismatch = fail)" in d.log.read_text()
+        with chromium_page(d.url) as (page, errors):
+            expect(page.get_by_test_id("calibration")).to_contain_text(f"Calibration: dark {dark}, flat ",
+                                                                       timeout=15_000)
+            expect(page.get_by_test_id("last-failed")).to_contain_text("Last failed: light_9999_60s.dng — ")
+            assert not errors, errors
+    finally:
+        assert d.stop() == 0

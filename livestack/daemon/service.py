@@ -1523,7 +1523,7 @@ class Service:
             "last_processed": last.get("processed") if last else None,
             "current": None if measured is None else {k: measured.get(k) for k in (
                 "file", "path", "status", "reason", "fwhm", "stars", "background", "eccentricity", "weight",
-                "time")},
+                "time", "calibration")},
             "last_rejected": None if last_rej is None else {k: last_rej.get(k) for k in ("file", "reason", "time")},
             "last": None if last is None else {k: last.get(k) for k in ("file", "status", "reason")},
             "last_failed": None if last_fail is None else {k: last_fail.get(k) for k in ("file", "reason")},

@@ -97,6 +97,9 @@ function showStatus(s) {
   $("s-bg").textContent = fmt(c.background, 0);
   const rj = s.last_rejected;
   $("s-rejection").textContent = rj ? `Last rejected: ${rj.file} — ${rj.reason}` : "";
+  const lf = s.last_failed;       // a light no master fits fails: the count alone said nothing of why
+  $("s-failure").textContent = lf ? `Last failed: ${lf.file} — ${lf.reason}` : "";
+  $("s-calibration").textContent = calibrationText(c.calibration);
   $("s-disk").textContent = s.disk ? `${s.disk.error} (since ${clock(s.disk.since)}); stacking goes on in memory` : "";
   $("paths").textContent = `watching ${s.watch} → ${s.out}`;
   const st = s.stretch || {};
@@ -116,6 +119,17 @@ function showStatus(s) {
   // are asked for once they are loaded (/api/frames answers 503 meanwhile)
   $("nopreview").textContent = s.starting ? `Starting: ${s.starting}…` : "Waiting for the first stacked frame…";
   if (!s.starting && (s.generation !== state.generation || s.frames !== state.frames.length)) loadFrames(s.generation);
+}
+
+// the masters the latest measured frame was calibrated with, and any left out (on_mismatch = "skip")
+function calibrationText(cal) {
+  if (!cal) return "";
+  const used = ["bias", "dark", "flat"].filter((k) => typeof cal[k] === "string").map((k) => `${k} ${cal[k]}`);
+  if (cal.dark_scaled) used.push(`dark scaled ×${cal.dark_scaled}`);
+  const skipped = ["bias", "dark", "flat"].filter((k) => cal[`${k}_skipped`])
+    .map((k) => `no ${k}: ${cal[`${k}_skipped`]}`);
+  if (!used.length && !skipped.length) return "";
+  return `Calibration: ${used.length ? used.join(", ") : "no master"}${skipped.length ? " — " + skipped.join("; ") : ""}`;
 }
 
 function loadPreview(id) {
