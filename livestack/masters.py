@@ -1202,7 +1202,17 @@ class MasterLibrary:
                 dist = abs(math.log(t / e.exptime)) if t and e.exptime else math.inf
                 dtemp = abs(m.temperature - e.temperature) if None not in (m.temperature, e.temperature) else 0
                 return (not exact, round(dist, 6), -(e.exptime or 0), dtemp, -e.ncombine)
-            return min(ok, key=rank), None
+            best = min(ok, key=rank)
+            if m.temperature is None:
+                # a frame without CCD-TEMP, darks of its exposure at temperatures the tolerance keeps apart: the
+                # dark of most frames was taken, whichever its temperature — a guess, as a flat's filter would be
+                temps = sorted({round(e.temperature, 1) for e in ok
+                                if rank(e)[:3] == rank(best)[:3] and e.temperature is not None})
+                if temps and temps[-1] - temps[0] > self.params.temperature_tolerance:
+                    said = ", ".join(f"{x:.1f} °C" for x in temps)
+                    return None, (f"the frame has no sensor temperature (CCD-TEMP) and the master darks of "
+                                  f"{_fmt_t(best.exptime)} were taken at {said}: which one fits is unknown")
+            return best, None
         if kind == "flat":
             f = filter_key(m.filter)
             filters = {filter_key(e.filter): e.filter for e in ok}

@@ -822,6 +822,31 @@ def test_a_mismatch_names_every_flat_filter_and_the_nearest_dark(tmp_path):
                                      "(tolerance 3 °C)")
 
 
+def test_a_light_without_temperature_gets_no_guessed_dark_among_several_temperatures(tmp_path):
+    """A light without CCD-TEMP and master darks of its exposure at -20 °C and -10 °C: the dark of most frames was
+    taken, silently, whichever its temperature — the tolerance exists because dark current doubles every few
+    degrees.  Which one fits is unknown: a mismatch (failed, or skipped and said).  Darks within the tolerance of
+    each other, or a dark of another exposure than the nearest, are no guess."""
+    from livestack.masters import MasterEntry
+
+    def dark(name, temperature, exptime=60.0, n=3):
+        return MasterEntry(name=name, file=name + ".fits", kind="dark", camera="SIMCAM 1", width=64, height=48,
+                           pattern="RGGB", iso=800, gain=120.0, exptime=exptime, temperature=temperature,
+                           filter=None, ncombine=n, method="clipped", kappa=3.0, sources=())
+
+    frame, _ = sim_frame(tmp_path, dataclasses.replace(SIM, width=64, height=48), "light", 60.0)
+    frame.meta.temperature = None
+    lib = MasterLibrary(tmp_path, [dark("d_m20", -20.0, n=5), dark("d_m10", -10.0), dark("d_300", -30.0, 300.0)],
+                        CalibrationParams(on_mismatch="skip"))
+    assert lib.select(frame).notes == {"dark_skipped": (
+        "the frame has no sensor temperature (CCD-TEMP) and the master darks of 60 s were taken at -20.0 °C, "
+        "-10.0 °C: which one fits is unknown")}
+    near = MasterLibrary(tmp_path, [dark("d_m10", -10.0), dark("d_m11", -11.5, n=5)])
+    near._arrays = {"d_m10": np.zeros((48, 64), np.float32), "d_m11": np.zeros((48, 64), np.float32)}
+    near._bad = {"d_m10": None, "d_m11": None}
+    assert near.select(frame).names == {"dark": "d_m11"}
+
+
 def test_engine_records_a_mismatch_as_failed(lib, tmp_path):
     from livestack.config import Config
     from livestack.engine.pipeline import Engine
