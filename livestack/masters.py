@@ -769,6 +769,12 @@ def _make_master(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped:
     odd = _odd_frames(g, p)
     if g.kind == "flat":
         data, bad, clipped, subtracted, keep = _combine_flat(g, lib, p, skipped, odd)
+        folders = list(dict.fromkeys(str(Path(g.sources[i]).parent) for i in keep))
+        if len(folders) > 1:    # Ekos keeps flats per target, NINA per night: one master of them all is said
+            g.notes.append(f"made of flats from {len(folders)} folders ({', '.join(folders[:3])}"
+                           f"{', …' if len(folders) > 3 else ''}): flats of other nights or targets (dust moved, "
+                           "the camera turned) do not fit each other's lights — give `livestack masters` one "
+                           "night's folder for a master of its own")
     else:
         keep = [i for i in range(g.spill.n) if i not in odd]
         if not keep:

@@ -297,6 +297,23 @@ def test_darks_at_an_odd_setpoint_make_one_master(tmp_path):
     assert sorted((e.ncombine, round(e.temperature, 2)) for e in lib.entries) == [(3, -20.0), (6, -15.0)]
 
 
+def test_flats_of_two_targets_folders_made_into_one_master_are_said(tmp_path):
+    """Ekos keeps flats per target (NGC 7000/Flat/L, M31/Flat/L): `livestack masters` given the parent made one
+    flat_L of both nights without a word, though flats of another night (dust moved, the camera turned) do not
+    fit its lights.  The log says which folders went into the master."""
+    small = dataclasses.replace(SIM, width=64, height=48, mono=True, filters=("L",))
+    for target in ("NGC 7000", "M31"):
+        render_calibration(tmp_path / "pictures" / target / "tmp", small, n_bias=0, n_dark=0, n_flat=3,
+                           n_darkflat=0)
+        shutil.move(tmp_path / "pictures" / target / "tmp" / "flats", tmp_path / "pictures" / target / "Flat")
+        shutil.rmtree(tmp_path / "pictures" / target / "tmp")
+    lines: list[str] = []
+    lib = build_library(tmp_path / "pictures", tmp_path / "M", log=lines.append)
+    assert [e.ncombine for e in lib.entries] == [6]
+    notes = [line for line in lines if line.startswith("    made of flats from 2 folders")]
+    assert len(notes) == 1 and "(M31/Flat, NGC 7000/Flat)" in notes[0], lines
+
+
 def test_a_saturated_flat_is_left_out(tmp_path):
     """A flat clipped at the white level (a panel too bright) is flat where the optics are not: it is skipped
     with the reason, and the master is the one the good flats make."""
