@@ -129,6 +129,8 @@ class MasterEntry:
     bad_pixels: int = 0              # hot (darks) or cold/dead (flats) pixels in the BADPIX table
     subtracted: str | None = None    # flats: what was subtracted before normalising
     clipped: float | None = None     # fraction of the values rejected by the clipped mean
+    offset: float | None = None      # the camera's offset setting (FITS OFFSET), when the frames say it
+    binning: str | None = None       # "2x2" (FITS XBINNING × YBINNING), when the frames say it
 
     def to_dict(self) -> dict:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -317,12 +319,30 @@ def _exp_key(t: float | None) -> float | None:
     return None if t is None else float(f"{t:.4g}")
 
 
+def _offset(m) -> float | None:
+    """The camera's offset setting (FITS OFFSET: NINA, ASIAIR, INDI write it), None when not said.  Frames of
+    another offset have another pedestal: a bias or dark of another offset leaves the lights' level wrong, and
+    the flat division then turns that into a vignetting pattern."""
+    v = m.extra.get("OFFSET")
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def _binning(m) -> str | None:
+    """'2x2' from FITS XBINNING / YBINNING, None when the file says neither."""
+    x, y = m.extra.get("XBINNING"), m.extra.get("YBINNING")
+    if not isinstance(x, (int, float)) and not isinstance(y, (int, float)):
+        return None
+    x = x if isinstance(x, (int, float)) else y
+    y = y if isinstance(y, (int, float)) else x
+    return f"{int(x)}x{int(y)}"
+
+
 def group_key(frame: Frame, kind: str, p: CalibrationParams) -> tuple:
     """What must be equal for two frames to go into one master of ``kind`` (darks: besides a temperature within
     ``temperature_bin`` / 2 of their group's first dark — see _dark_group)."""
     m = frame.meta
     key: tuple = (kind, _norm_camera(m.camera), frame.shape, frame.pattern, m.iso,
-                  None if m.gain is None else round(m.gain, 3))
+                  None if m.gain is None else round(m.gain, 3), _binning(m), _offset(m))
     if kind in ("dark", "darkflat"):
         key += (_exp_key(m.exptime),)
     if kind == "flat":
@@ -543,6 +563,8 @@ class _Group:
     iso: int | None = None
     gain: float | None = None
     filter: str | None = None
+    offset: float | None = None
+    binning: str | None = None
     exptimes: list = field(default_factory=list)
     temps: list = field(default_factory=list)
     sources: list = field(default_factory=list)
@@ -600,6 +622,8 @@ def build_library(calib_dir: Path | str, out_dir: Path | str, p: CalibrationPara
                 lib.save(also=before)   # after each master: an interrupted build keeps what it made, and the
                                         # masters of an earlier build it has not made again (their files stay)
                 say(f"  {entry.file}: {entry.ncombine} frames, {entry.width}×{entry.height}"
+                    + (f", offset {entry.offset:g}" if entry.offset is not None else "")
+                    + (f", binned {entry.binning}" if entry.binning not in (None, "1x1") else "")
                     + (f", {entry.bad_pixels} bad pixels" if entry.bad_pixels else "")
                     + (f", minus {entry.subtracted}" if entry.subtracted else ""))
                 for note in g.notes:
@@ -637,7 +661,8 @@ def _ingest(kind, paths, calib_dir, out_dir, p, skipped, say) -> list[_Group]:
                 spill = Spill(out_dir / f".scratch_{kind}_{len(groups)}_{os.getpid()}.bin", frame.shape)
                 m = frame.meta
                 g = groups[key] = _Group(kind, key, frame.shape, frame.pattern, spill, camera=m.camera,
-                                         iso=m.iso, gain=m.gain, filter=m.filter)
+                                         iso=m.iso, gain=m.gain, filter=m.filter,
+                                         offset=_offset(m), binning=_binning(m))
             g.spill.append(frame.data)
             g.sources.append(rel)
             g.exptimes.append(frame.meta.exptime)
@@ -797,7 +822,8 @@ def _make_master(g: _Group, lib: "MasterLibrary", p: CalibrationParams, skipped:
         ncombine=n, method=p.method if n > 2 or p.method == "median" else "mean",
         kappa=p.kappa if p.method == "clipped" else None, sources=tuple(sources),
         bad_pixels=int(bad.sum()) if bad is not None else 0, subtracted=subtracted,
-        clipped=round(clipped / max(1, data.size * n), 6) if p.method == "clipped" else None)
+        clipped=round(clipped / max(1, data.size * n), 6) if p.method == "clipped" else None,
+        offset=g.offset, binning=g.binning)
     write_master(lib.root / entry.file, data, entry, bad)
     lib._arrays[entry.name] = data
     if bad is not None:
@@ -811,8 +837,8 @@ def _flat_offset(g: _Group, lib: "MasterLibrary", t: float | None) -> MasterEntr
     for kind in ("darkflat", "bias", "dark"):
         cands = [e for e in lib.entries if e.kind == kind and e.width == g.shape[1] and e.height == g.shape[0]
                  and e.pattern == g.pattern and _same_camera(e.camera, g.camera)
-                 and _same(e.iso, g.iso) and _same(e.gain, g.gain)
-                 and (kind == "bias" or same_exposure(t, e.exptime))]
+                 and _same(e.iso, g.iso) and _same(e.gain, g.gain) and _same(e.binning, g.binning)
+                 and _same(e.offset, g.offset) and (kind == "bias" or same_exposure(t, e.exptime))]
         if cands:
             return max(cands, key=lambda e: e.ncombine)
     return None
@@ -831,6 +857,10 @@ def _darkflats_unused(g: _Group, lib: "MasterLibrary") -> str | None:
             what.append(f"{e.name} is ISO {e.iso}, the flats ISO {g.iso}")
         elif not _same(e.gain, g.gain):
             what.append(f"{e.name} has gain {e.gain:g}, the flats {g.gain:g}")
+        elif not _same(e.offset, g.offset):
+            what.append(f"{e.name} has offset {e.offset:g}, the flats {g.offset:g}")
+        elif not _same(e.binning, g.binning):
+            what.append(f"{e.name} is binned {e.binning}, the flats {g.binning}")
         else:
             what.append(f"{e.name} is of {_fmt_t(e.exptime)}")
     return "; ".join(what) or None
@@ -938,6 +968,7 @@ def write_master(path: Path, data: np.ndarray, e: MasterEntry, bad: np.ndarray |
     cards = [("EXPTIME", e.exptime, "[s] exposure of the frames (mean)"),
              ("ISOSPEED", e.iso, "ISO"), ("GAIN", e.gain, "gain setting"),
              ("CCD-TEMP", None if e.temperature is None else round(e.temperature, 2), "[C] mean sensor temp"),
+             ("OFFSET", e.offset, "camera offset setting"),
              ("FILTER", e.filter, "filter"), ("INSTRUME", e.camera, "camera"),
              ("BAYERPAT", e.pattern, "CFA pattern of pixel (0,0)")]
     for k, v, c in cards:
@@ -945,6 +976,8 @@ def write_master(path: Path, data: np.ndarray, e: MasterEntry, bad: np.ndarray |
             h[k] = (fits_text(v) if isinstance(v, str) else v, c)   # a camera's name from EXIF
     if e.pattern:
         h["XBAYROFF"], h["YBAYROFF"] = 0, 0
+    if e.binning:
+        h["XBINNING"], h["YBINNING"] = (int(v) for v in e.binning.split("x"))
     h["ROWORDER"] = "TOP-DOWN"
     if e.subtracted:
         sub = fits_text(e.subtracted)       # (several names: a long string, on CONTINUE cards; no comment then)
@@ -1083,7 +1116,7 @@ class MasterLibrary:
         m = frame.meta
         key = (_norm_camera(m.camera), frame.shape, frame.pattern, m.iso, m.gain, _exp_key(m.exptime),
                None if m.temperature is None else round(m.temperature, 1),
-               filter_key(m.filter), frame.black.tobytes())
+               filter_key(m.filter), frame.black.tobytes(), _offset(m), _binning(m))
         with self._lock:
             hit = self._selected.get(key)
             if hit is None:
@@ -1242,11 +1275,17 @@ class MasterLibrary:
         if e.pattern != frame.pattern:
             out.append(f"{d} has CFA pattern {e.pattern or 'none (mono)'} but the frame has "
                        f"{frame.pattern or 'none (mono)'}")
+        b = _binning(m)
+        if not _same(e.binning, b):
+            out.append(f"{d} is binned {e.binning} but the frame {b}")
         if e.kind in ("bias", "dark"):
             if not _same(e.iso, m.iso):
                 out.append(f"{d} is ISO {e.iso} but the frame is ISO {m.iso}")
             if not _same(e.gain, m.gain):
                 out.append(f"{d} has gain {e.gain:g} but the frame has gain {m.gain:g}")
+            o = _offset(m)
+            if not _same(e.offset, o):
+                out.append(f"{d} has offset {e.offset:g} but the frame has offset {o:g}")
         if e.kind == "dark" and None not in (e.temperature, m.temperature):
             if abs(e.temperature - m.temperature) > self.params.temperature_tolerance:
                 out.append(f"{d} was taken at {e.temperature:.1f} °C but the frame at {m.temperature:.1f} °C "

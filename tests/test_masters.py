@@ -864,6 +864,36 @@ def test_a_light_without_temperature_gets_no_guessed_dark_among_several_temperat
     assert near.select(frame).names == {"dark": "d_m11"}
 
 
+def test_darks_of_another_offset_or_binning_are_kept_apart_and_refused(tmp_path):
+    """NINA, ASIAIR and INDI write the camera's OFFSET: darks taken at offset 10 and at 50 have pedestals apart, yet
+    they made one master (or the minority was left out as "another offset"), and a light of offset 50 was given a
+    dark of offset 10 — its level wrong, which the flat then turns into a vignetting pattern.  Frames are grouped
+    by OFFSET and binning (XBINNING × YBINNING) when the FITS says them, and a bias or dark of another offset, a
+    master of another binning, is refused like one of another gain."""
+
+    small = dataclasses.replace(SIM, width=64, height=48)
+    folder = tmp_path / "calib" / "DARK"
+    folder.mkdir(parents=True)
+    for i in range(6):
+        raw, _ = render_frame(small, i, kind="dark", exptime=60.0)
+        f = write_sim(folder / f"dark_{i}.fits", small, raw, "dark", 60.0)
+        with fits.open(f, mode="update") as h:
+            h[0].header["OFFSET"] = 10 if i < 3 else 50
+    lib = build_library(tmp_path / "calib", tmp_path / "M")
+    assert sorted((e.offset, e.ncombine, e.binning) for e in lib.entries) == [(10.0, 3, "1x1"), (50.0, 3, "1x1")]
+    assert {fits.getheader(tmp_path / "M" / e.file)["OFFSET"] for e in lib.entries} == {10, 50}
+    lib = MasterLibrary.load(tmp_path / "M")
+    frame, _ = sim_frame(tmp_path, small, "light", 60.0)
+    frame.meta.extra["OFFSET"] = 50
+    assert lib.select(frame).names["dark"] == next(e.name for e in lib.entries if e.offset == 50)
+    frame.meta.extra["OFFSET"] = 30
+    with pytest.raises(FrameError, match="has offset 10 but the frame has offset 30"):
+        lib.select(frame)
+    frame.meta.extra.update(OFFSET=50, XBINNING=2, YBINNING=2)
+    with pytest.raises(FrameError, match="is binned 1x1 but the frame 2x2"):
+        lib.select(frame)
+
+
 def test_engine_records_a_mismatch_as_failed(lib, tmp_path):
     from livestack.config import Config
     from livestack.engine.pipeline import Engine

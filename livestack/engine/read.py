@@ -439,7 +439,7 @@ def _read_fits(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
     typ = header.get("IMAGETYP", header.get("FRAMETYP", header.get("OBSTYPE")))
     if typ is not None:
         meta.imagetyp = _IMAGETYP.get(str(typ).strip().lower())
-    for k in ("XBINNING", "YBINNING", "XPIXSZ", "YPIXSZ", "FOCALLEN", "OBJECT", "TELESCOP", "ROWORDER"):
+    for k in ("XBINNING", "YBINNING", "XPIXSZ", "YPIXSZ", "FOCALLEN", "OBJECT", "TELESCOP", "ROWORDER", "OFFSET"):
         if k in header:
             meta.extra[k] = header[k]
     meta.pointing = header_pointing(header)
