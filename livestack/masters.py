@@ -334,7 +334,10 @@ def _binning(m) -> str | None:
         return None
     x = x if isinstance(x, (int, float)) else y
     y = y if isinstance(y, (int, float)) else x
-    return f"{int(x)}x{int(y)}"
+    try:
+        return f"{int(x)}x{int(y)}"
+    except (ValueError, OverflowError):     # a garbled card (NaN, inf): says nothing
+        return None
 
 
 def group_key(frame: Frame, kind: str, p: CalibrationParams) -> tuple:
