@@ -539,6 +539,46 @@ def test_the_status_numbers_are_whole_on_a_phone(web, width):
 
 
 @pytest.mark.browser
+@pytest.mark.parametrize("width", [360, 390])
+def test_a_phone_sees_why_a_frame_was_rejected_and_reaches_exclude(web, width):
+    """On a phone the Frames table was wider than its panel: the `reason` column and the *exclude* buttons were
+    off the right edge, reached only by scrolling the table sideways (which nothing tells), while the hint above
+    it says "Tap exclude …".  Each frame is a card there: the reason under the file name, the button beside it,
+    nothing to scroll sideways; a wide screen keeps the table with its column heads."""
+    from playwright.sync_api import expect
+
+    reason = "stars 10 < 0.5 × running median 42 (clouds?)"
+    inject = """(reason) => { state.frames.push({file: "2026-11-25_21-03-12_L_-10.00_120.00s_0042.fits",
+        path: "rejected-by-the-test.fits", status: "rejected", filter: "L", fwhm: 3.52, stars: 10, weight: null,
+        reason}); renderTable(); }"""
+    with chromium_page(web.url, viewport={"width": width, "height": 844}, device_scale_factor=2, is_mobile=True,
+                       has_touch=True) as (page, errors):
+        expect(page.locator("#frames tbody tr")).to_have_count(len(web.lines()), timeout=30_000)
+        page.evaluate(inject, reason)
+        wrap = page.locator("#frames").locator("xpath=..")          # the panel's scroll box
+        box = wrap.bounding_box()
+        assert page.evaluate("(w) => w.scrollWidth <= w.clientWidth", wrap.element_handle()), "scrolls sideways"
+        row = page.locator('#frames tr[data-file="rejected-by-the-test.fits"]')
+        cell = row.locator("td.reason")
+        expect(cell).to_have_text(reason)
+        expect(cell).to_be_visible()
+        c = cell.bounding_box()
+        assert box["x"] <= c["x"] and c["x"] + c["width"] <= box["x"] + box["width"] + 0.5, (c, box)
+        assert page.evaluate("(td) => td.scrollWidth <= td.clientWidth", cell.element_handle()), "reason cut"
+        for r in (row, page.locator(f'#frames tr[data-file="{web.files[1].name}"]')):
+            b = r.get_by_test_id("exclude").bounding_box()
+            assert box["x"] <= b["x"] and b["x"] + b["width"] <= box["x"] + box["width"] + 0.5, (b, box)
+            assert b["height"] >= 40, b                # a fingertip's target
+        assert page.evaluate("document.documentElement.scrollWidth") <= width
+        page.screenshot(path=str(ARTIFACTS / f"web-frames-phone-{width}.png"), full_page=True)
+
+        page.set_viewport_size({"width": 1280, "height": 900})   # a wide screen: the table, as it was
+        expect(page.locator("#frames thead")).to_be_visible()
+        assert page.evaluate("getComputedStyle(document.querySelector('#frames td.reason')).display") == "table-cell"
+    assert errors == []
+
+
+@pytest.mark.browser
 def test_the_pages_own_export_link_still_downloads(web):
     """Exports are refused to another site's page (Sec-Fetch-Site): the page's own links are same-origin."""
     with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):

@@ -343,6 +343,8 @@ async function loadFrames(generation) {
 }
 
 // ---------------------------------------------------------------- frames table
+// a file name that wraps (a phone) breaks after its "_", "-" and ".", not in the middle of a word
+const breakable = (name) => String(name).split(/(?<=[_.-])/).flatMap((part, i) => (i ? [document.createElement("wbr"), part] : [part]));
 function renderTable() {
   const tbody = $("frames").tBodies[0];
   const rows = [];
@@ -353,15 +355,19 @@ function renderTable() {
     tr.dataset.file = f.path || f.file;
     const cells = [i + 1, f.file, f.filter ?? "–", f.status, fmt(f.fwhm, 2), f.stars ?? "–", fmt(f.weight, 2),
                    f.reason || ""];
-    const classes = [null, "file", "flt", "st", null, null, null, "reason"];
+    const classes = ["n", "file", "flt", "st", "fw", "sr", "w", "reason"];
+    // the labels the cells wear on a phone, where the row becomes a card (style.css: no column heads there)
+    const labels = [null, null, "filter", null, "FWHM", "stars", "weight", null];
     cells.forEach((v, k) => {
       const td = document.createElement("td");
-      td.textContent = v;
-      if (classes[k]) td.className = classes[k];
+      if (k === 1) td.append(...breakable(v)); else td.textContent = v;
+      td.className = classes[k];
+      if (labels[k]) td.dataset.label = labels[k];
       if (k === 1) td.title = f.path || f.file;
       tr.appendChild(td);
     });
     const td = document.createElement("td");
+    td.className = "act";
     if (f.status !== "failed") {
       const b = document.createElement("button");
       b.type = "button";
