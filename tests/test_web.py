@@ -578,6 +578,31 @@ def test_a_phone_sees_why_a_frame_was_rejected_and_reaches_exclude(web, width):
     assert errors == []
 
 
+def _not_red(png: bytes) -> int:
+    """Pixels of a screenshot that are not a shade of red: green or blue above 40 and above 0.45 × red (the
+    Night palette's dimmest and brightest reds pass; grey, white, blue do not)."""
+    import cv2
+
+    im = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).astype(int)
+    gb = np.maximum(im[..., 0], im[..., 1])
+    return int(((gb > 40) & (gb > 0.45 * im[..., 2])).sum())
+
+
+@pytest.mark.browser
+def test_night_mode_sliders_are_red(web):
+    """Night mode keeps the user's dark adaptation: everything red.  The stretch (and weight) sliders kept the
+    browser's own track, a grey bar with a light grey rim (accent-color tints only the part left of the thumb):
+    three grey-white bars on the red page."""
+    with chromium_page(web.url, viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+                       has_touch=True) as (page, errors):
+        page.wait_for_selector("#conn.on", timeout=15_000)
+        page.click("#night")
+        page.wait_for_timeout(200)
+        for sid in ("st-black", "st-mid", "st-white"):
+            assert _not_red(page.locator(f"#{sid}").screenshot()) == 0, sid
+    assert errors == []
+
+
 @pytest.mark.browser
 def test_the_pages_own_export_link_still_downloads(web):
     """Exports are refused to another site's page (Sec-Fetch-Site): the page's own links are same-origin."""
