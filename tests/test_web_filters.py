@@ -134,3 +134,23 @@ def test_filters_panel_on_a_phone(wheel):
         # the other tests of this module see the defaults again
         req(wheel, "POST", "/api/palette", {"palette": "auto", "weights": {}}, AUTH)
     assert errors == []
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", [360, 390])
+def test_every_control_is_a_fingers_size_on_a_phone(wheel, width):
+    """At the telescope the page is used with a finger (often gloved): the header's Pause/New stack/Night, the
+    palette, Auto stretch and the downloads were 31–34 px tall, the stretch and weight sliders 19 px, the
+    filters' stack_<F>.fits links 15 px.  Each is at least 40 px tall on a touch screen now."""
+    with chromium_page(wheel.url, viewport={"width": width, "height": 844}, device_scale_factor=2,
+                       is_mobile=True, has_touch=True) as (page, errors):
+        page.wait_for_selector("#conn.on", timeout=15_000)
+        page.get_by_test_id("filter-row").first.wait_for(timeout=10_000)
+        page.get_by_test_id("weight-ha").wait_for(timeout=10_000)
+        small = page.evaluate("""() => [...document.querySelectorAll('button, a[href], select, input')]
+            .filter((e) => e.getClientRects().length && getComputedStyle(e).visibility !== 'hidden')
+            .map((e) => [e.id || e.dataset.testid || e.textContent.trim(), e.getBoundingClientRect().height])
+            .filter(([, h]) => h < 40)""")
+        assert small == [], small
+    assert errors == []
+
