@@ -578,6 +578,35 @@ def test_a_phone_sees_why_a_frame_was_rejected_and_reaches_exclude(web, width):
     assert errors == []
 
 
+@pytest.mark.browser
+@pytest.mark.parametrize("width", [360, 412, 430, 480, 560, 1280])
+def test_the_page_does_not_jump_when_the_state_changes(web, width):
+    """The bar wrapped its buttons to a second row when the state's word did not leave them room: on 412 and
+    430 px phones (410–530 px) "idle" fitted and "processing" did not, so each frame pushed the whole page 32 px
+    down and pulled it back up under the user's finger.  Whatever the state says, the page stays put."""
+    from playwright.sync_api import expect
+
+    phone = width < 900
+    with chromium_page(web.url, viewport={"width": width, "height": 844}, device_scale_factor=2 if phone else 1,
+                       is_mobile=phone, has_touch=phone) as (page, errors):
+        expect(page.get_by_test_id("preview")).to_be_visible(timeout=30_000)
+        tops = page.evaluate("""() => [
+              {state: "idle"}, {state: "processing", processing: "IMG_0042.dng"}, {state: "paused", paused: true},
+              {state: "restacking", restack: {done: 118, total: 240}},
+              {state: "restacking", restack: {done: 1180, total: 2400}}, {state: "stopping"}, {state: "idle"},
+            ].map((change) => {
+              showStatus({...state.status, paused: false, restack: null, processing: null, ...change});
+              const y = (sel) => document.querySelector(sel).getBoundingClientRect().top + window.scrollY;
+              return [document.querySelector("header.bar").offsetHeight, y(".status"), y("#frames")];
+            })""")
+        assert all(t == tops[0] for t in tops), tops
+        # the bar's buttons and state whole, inside the screen
+        for sel in ("#pause", "#newstack", "#night", "#state"):
+            b = page.locator(sel).bounding_box()
+            assert b["x"] >= 0 and b["x"] + b["width"] <= width, (sel, b)
+    assert errors == []
+
+
 def _not_red(png: bytes) -> int:
     """Pixels of a screenshot that are not a shade of red: green or blue above 40 and above 0.45 × red (the
     Night palette's dimmest and brightest reds pass; grey, white, blue do not)."""
