@@ -607,6 +607,43 @@ def test_the_page_does_not_jump_when_the_state_changes(web, width):
     assert errors == []
 
 
+@pytest.mark.browser
+@pytest.mark.parametrize("width", [390, 1280])
+def test_the_frame_row_under_the_finger_stays_put_when_a_frame_lands(web, width):
+    """The Frames table shows the newest frame on top and was rebuilt with each frame: scrolled down to a frame
+    to read its reason or exclude it, the user saw the rows move down one row (88 px on a phone) when the next
+    frame landed — the *exclude* under the finger became another frame's.  Scrolled into the table, the rows in
+    sight stay put; at its top the newest row still appears there."""
+    from playwright.sync_api import expect
+
+    phone = width < 900
+    with chromium_page(web.url, viewport={"width": width, "height": 844}, device_scale_factor=2 if phone else 1,
+                       is_mobile=phone, has_touch=phone) as (page, errors):
+        expect(page.locator("#frames tbody tr")).to_have_count(len(web.lines()), timeout=30_000)
+        add = """(n) => { const last = state.frames[state.frames.length - 1];
+            for (let i = 0; i < n; i++) {
+              const k = state.frames.length;
+              state.frames.push({...last, file: `landed_${k}.fits`, path: `landed_${k}.fits`});
+            }
+            renderTable(); }"""
+        page.evaluate(add, 20)                         # a table long enough to scroll inside its panel
+        where = """(file) => document.querySelector(`#frames tr[data-file="${file}"]`).getBoundingClientRect().top"""
+        page.evaluate("""() => { const wrap = document.getElementById('frames').parentElement;
+            wrap.scrollIntoView(); wrap.scrollTop = document.querySelector('#frames tbody tr:nth-child(8)').offsetTop
+              - document.querySelector('#frames tbody tr:nth-child(1)').offsetTop; }""")
+        target = page.evaluate("() => document.querySelector('#frames tbody tr:nth-child(8)').dataset.file")
+        before = page.evaluate(where, target)
+        page.evaluate(add, 1)                          # a frame lands
+        assert abs(page.evaluate(where, target) - before) <= 1, (before, page.evaluate(where, target))
+
+        page.evaluate("() => { document.getElementById('frames').parentElement.scrollTop = 0; }")
+        page.evaluate(add, 1)                          # at the top: the newest on top, in sight
+        newest = page.evaluate("() => state.frames[state.frames.length - 1].path")
+        assert page.evaluate("() => document.querySelector('#frames tbody tr').dataset.file") == newest
+        assert page.evaluate("() => document.getElementById('frames').parentElement.scrollTop") == 0
+    assert errors == []
+
+
 def _not_red(png: bytes) -> int:
     """Pixels of a screenshot that are not a shade of red: green or blue above 40 and above 0.45 × red (the
     Night palette's dimmest and brightest reds pass; grey, white, blue do not)."""

@@ -345,6 +345,19 @@ async function loadFrames(generation) {
 // ---------------------------------------------------------------- frames table
 // a file name that wraps (a phone) breaks after its "_", "-" and ".", not in the middle of a word
 const breakable = (name) => String(name).split(/(?<=[_.-])/).flatMap((part, i) => (i ? [document.createElement("wbr"), part] : [part]));
+// the first row the user sees in the Frames table once it is scrolled (null at its top: the newest row then
+// appears there, where the user looks for it) and where it is on the screen
+function rowInSight(tbody) {
+  const wrap = $("frames").parentElement;
+  if (wrap.scrollTop <= 0) return null;
+  const head = $("frames").tHead.getBoundingClientRect();
+  const top = Math.max(wrap.getBoundingClientRect().top, head.bottom);
+  for (const tr of tbody.rows) {
+    const r = tr.getBoundingClientRect();
+    if (r.bottom > top + 1) return { file: tr.dataset.file, top: r.top };
+  }
+  return null;
+}
 function renderTable() {
   const tbody = $("frames").tBodies[0];
   const rows = [];
@@ -385,7 +398,14 @@ function renderTable() {
     tr.appendChild(td);
     rows.push(tr);
   }
+  const keep = rowInSight(tbody);
   tbody.replaceChildren(...rows);
+  if (keep) {
+    // the rows the user reads stay where they were: a frame landing added a row above them, and they had moved
+    // down one row (a phone's card: 88 px) under the finger about to tap *exclude* — on another frame's button
+    const tr = rows.find((r) => r.dataset.file === keep.file);
+    if (tr) $("frames").parentElement.scrollTop += tr.getBoundingClientRect().top - keep.top;
+  }
   // a colour camera without a filter wheel: no column of dashes
   $("frames").classList.toggle("nofilter", !state.frames.some((f) => f.filter));
   $("frames-count").textContent = `(${state.frames.length})`;
