@@ -670,6 +670,23 @@ def test_night_mode_sliders_are_red(web):
 
 
 @pytest.mark.browser
+def test_night_mode_shows_the_preview_in_red_light_only(web):
+    """Night mode's tint of the preview (grayscale, sepia, saturate, hue-rotate) left its stars and bright
+    nebula a pale beige, (178, 161, 135): the brightest and least red light on the screen.  The preview's
+    luminance now goes to the red channel alone."""
+    from playwright.sync_api import expect
+
+    with chromium_page(web.url, viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+                       has_touch=True) as (page, errors):
+        preview = page.get_by_test_id("preview")
+        expect(preview).to_be_visible(timeout=30_000)
+        page.click("#night")
+        page.wait_for_timeout(200)
+        assert _not_red(preview.screenshot()) == 0
+    assert errors == []
+
+
+@pytest.mark.browser
 def test_the_pages_own_export_link_still_downloads(web):
     """Exports are refused to another site's page (Sec-Fetch-Site): the page's own links are same-origin."""
     with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
