@@ -7,7 +7,7 @@ import time
 
 import pytest
 from conftest import Daemon
-from test_web import ARTIFACTS, TOKEN, chromium_page, req, wait_status
+from test_web import ARTIFACTS, TOKEN, _not_red, chromium_page, req, wait_status
 
 from drivers.simulator import SimConfig, render_night
 
@@ -152,5 +152,21 @@ def test_every_control_is_a_fingers_size_on_a_phone(wheel, width):
             .map((e) => [e.id || e.dataset.testid || e.textContent.trim(), e.getBoundingClientRect().height])
             .filter(([, h]) => h < 40)""")
         assert small == [], small
+    assert errors == []
+
+
+@pytest.mark.browser
+def test_night_mode_is_red_everywhere(wheel):
+    """Night mode: not one grey, white or pink pixel outside the images (the preview and thumbnails are
+    checked on their own in test_web).  The warnings (#ff8080), the second filter's dots and the rotation line
+    (#ff9999) were pinks of half white light; the sliders grey."""
+    with chromium_page(wheel.url, viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                       is_mobile=True, has_touch=True) as (page, errors):
+        page.wait_for_selector("#conn.on", timeout=15_000)
+        page.get_by_test_id("weight-ha").wait_for(timeout=10_000)
+        page.click("#night")
+        page.add_style_tag(content="img { visibility: hidden !important; }")
+        page.wait_for_timeout(300)
+        assert _not_red(page.screenshot(full_page=True)) == 0
     assert errors == []
 
