@@ -687,6 +687,28 @@ def test_night_mode_shows_the_preview_in_red_light_only(web):
 
 
 @pytest.mark.browser
+def test_night_mode_from_the_first_paint(web):
+    """Night mode is remembered (localStorage) and was applied by app.js, the page's last element: a reload at
+    the telescope drew the page in its day colours (near-white text, blue sliders) until app.js arrived — on a
+    Pi's weak Wi-Fi, seconds of it."""
+    with chromium_page(web.url, viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+                       has_touch=True) as (page, errors):
+        page.wait_for_selector("#conn.on", timeout=15_000)
+        page.click("#night")
+        held = []
+        page.route("**/static/app.js", lambda route: held.append(route))   # app.js on its way, slowly
+        page.goto(web.url, wait_until="commit")
+        page.wait_for_function("() => !!document.getElementById('paths')", timeout=10_000)
+        page.wait_for_timeout(300)
+        assert held and _not_red(page.screenshot()) == 0
+        for r in held:
+            r.continue_()
+        page.wait_for_selector("#conn.on", timeout=15_000)
+        assert page.evaluate("document.body.classList.contains('night')")
+    assert errors == []
+
+
+@pytest.mark.browser
 def test_the_pages_own_export_link_still_downloads(web):
     """Exports are refused to another site's page (Sec-Fetch-Site): the page's own links are same-origin."""
     with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
