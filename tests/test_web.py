@@ -709,6 +709,25 @@ def test_night_mode_from_the_first_paint(web):
 
 
 @pytest.mark.browser
+def test_night_mode_darkens_the_browsers_own_toolbar(web):
+    """A phone browser draws its toolbar (and the status bar above it) in the page's theme-color, else in its
+    own white or grey: a bright band above the red page at night.  The page names its colour, black at night."""
+    theme = "() => document.querySelector('meta[name=\"theme-color\"]')?.content ?? null"
+    with chromium_page(web.url, viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+                       has_touch=True) as (page, errors):
+        page.wait_for_selector("#conn.on", timeout=15_000)
+        assert page.evaluate(theme) == "#0b0e13"        # the page's --bg
+        page.click("#night")
+        assert page.evaluate(theme) == "#000"
+        page.reload()
+        page.wait_for_selector("#conn.on", timeout=15_000)
+        assert page.evaluate(theme) == "#000"
+        page.click("#night")
+        assert page.evaluate(theme) == "#0b0e13"
+    assert errors == []
+
+
+@pytest.mark.browser
 def test_the_pages_own_export_link_still_downloads(web):
     """Exports are refused to another site's page (Sec-Fetch-Site): the page's own links are same-origin."""
     with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):

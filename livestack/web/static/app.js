@@ -692,12 +692,17 @@ $("newstack").onclick = async () => {
   const r = await post("/api/new-session");
   if (r) { message(r.archived ? `previous stack archived in ${r.archived}` : "new stack started"); showStatus(r); }
 };
+function setNight(on) {
+  document.body.classList.toggle("night", on);
+  // the browser's toolbar too (Android Chrome, Safari): the page's --bg
+  document.querySelector('meta[name="theme-color"]').content = on ? "#000" : "#0b0e13";
+}
 $("night").onclick = () => {
-  document.body.classList.toggle("night");
+  setNight(!document.body.classList.contains("night"));
   localStorage.setItem("livestack-night", document.body.classList.contains("night") ? "1" : "");
   drawPlots();
 };
-if (localStorage.getItem("livestack-night")) document.body.classList.add("night");
+if (localStorage.getItem("livestack-night")) setNight(true);
 $("zoom").onclick = () => {
   const v = $("viewer");
   const full = v.classList.toggle("full");
