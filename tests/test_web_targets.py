@@ -216,3 +216,47 @@ def test_view_an_archived_target_and_back(two):
         phone.get_by_test_id("back-live").click()
         expect(phone.get_by_test_id("preview")).to_have_attribute("src", live_src)
     assert errors == []
+
+
+@pytest.mark.browser
+@pytest.mark.parametrize("width", [360, 390])
+def test_a_tap_on_a_target_brings_its_preview_into_sight_on_a_phone(two, width):
+    """On a phone the targets list is below the preview and the status: a tap on an archived target changed the
+    preview far above, out of sight, and seemed to do nothing but light the button.  The page now goes up to the
+    preview, its banner and *Back to live* under the bar; a tap on the current target goes back to the live one
+    the same way.  On a wide screen (the list beside the preview) nothing moves."""
+    from playwright.sync_api import expect
+
+    arch = two.archived
+    with chromium_page(two.url, viewport={"width": width, "height": 780}, device_scale_factor=2, is_mobile=True,
+                       has_touch=True) as (page, errors):
+        items = page.get_by_test_id("target")
+        expect(items).to_have_count(2, timeout=30_000)
+        expect(page.get_by_test_id("preview")).to_be_visible(timeout=30_000)
+        items.nth(0).scroll_into_view_if_needed()
+        page.evaluate("window.scrollBy(0, 200)")      # the list where a thumb reaches it, the preview above
+        assert page.get_by_test_id("preview").bounding_box()["y"] < 0
+        items.nth(0).tap()
+        preview = page.get_by_test_id("preview")
+        expect(preview).to_have_attribute("src", re.compile(rf"/api/targets/{arch['id']}/preview\.jpg"))
+        bar = page.locator("header.bar").bounding_box()
+        for el in (page.get_by_test_id("back-live"), preview):
+            expect(el).to_be_in_viewport(timeout=5_000)
+        page.wait_for_function("""(under) => {
+            const b = document.getElementById('back-live').getBoundingClientRect();
+            return b.top >= under && b.bottom <= window.innerHeight; }""", arg=bar["y"] + bar["height"],
+                               timeout=5_000)
+        items.nth(1).scroll_into_view_if_needed()
+        items.nth(1).tap()                               # the current target: live again, in sight
+        expect(page.get_by_test_id("viewing")).to_be_hidden()
+        expect(preview).to_be_in_viewport(timeout=5_000)
+
+        page.set_viewport_size({"width": 1280, "height": 900})
+        page.evaluate("window.scrollTo(0, 0)")
+        y = page.evaluate("window.scrollY")
+        items.nth(0).click()
+        expect(page.get_by_test_id("viewing")).to_be_visible()
+        page.wait_for_timeout(500)
+        assert page.evaluate("window.scrollY") == y
+        page.get_by_test_id("back-live").click()
+    assert errors == []

@@ -261,7 +261,7 @@ function targetItem(t, s) {
     b.append(img, name, meta);
     b.onclick = () => {
       const cur = state.status && (state.status.targets || []).find((x) => x.id === t.id);
-      if (cur) setView(cur.current ? null : cur.id);
+      if (cur) { setView(cur.current ? null : cur.id); previewInSight(); }
     };
     li.append(b);
     targetItems.set(t.id, li);
@@ -314,6 +314,16 @@ function setView(id) {
   showSky(s);
 }
 $("back-live").onclick = () => setView(null);
+
+// A tap on a target shows its preview: on a phone the preview is far above the list, and the tap seemed to do
+// nothing but light the button — the page goes up to the preview (beside the list on a wide screen: stays)
+function previewInSight() {
+  const wrap = document.querySelector(".viewer-wrap"), bar = document.querySelector("header.bar");
+  const top = wrap.getBoundingClientRect().top, under = bar.getBoundingClientRect().bottom;
+  if (top >= under - 1 && top < window.innerHeight / 2) return;
+  const smooth = !matchMedia("(prefers-reduced-motion: reduce)").matches;
+  window.scrollTo({ top: window.scrollY + top - under - 8, behavior: smooth ? "smooth" : "auto" });
+}
 
 let framesBusy = false, framesAgain = false;
 async function loadFrames(generation) {
