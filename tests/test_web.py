@@ -728,6 +728,45 @@ def test_night_mode_darkens_the_browsers_own_toolbar(web):
 
 
 @pytest.mark.browser
+def test_the_pages_questions_are_its_own_and_red_at_night(web):
+    """*New stack* asked with the browser's confirm() and the token with prompt(): boxes in the browser's own
+    white or grey, whatever Night mode says — a bright box in the dark at the moment the user acts.  The page asks
+    in its own dialog now, red at night; Cancel does nothing, the token typed there is used."""
+    from playwright.sync_api import expect
+
+    native: list[str] = []
+    with chromium_page(web.url, viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+                       has_touch=True) as (page, errors):
+        page.on("dialog", lambda d: (native.append(d.message), d.dismiss()))
+        page.wait_for_selector("#conn.on", timeout=15_000)
+        page.click("#night")
+        before = json.loads(req(web, "GET", "/api/status")[1])
+        page.get_by_test_id("new-session").tap()
+        ask = page.get_by_test_id("ask")
+        expect(ask).to_be_visible()
+        expect(ask).to_contain_text("Archive this stack and start a new one?")
+        assert _not_red(ask.screenshot()) == 0
+        ask.get_by_role("button", name="Cancel").tap()
+        expect(ask).to_be_hidden()
+        after = json.loads(req(web, "GET", "/api/status")[1])
+        assert (after["session_started"], after["stacked"]) == (before["session_started"], before["stacked"])
+
+        page.evaluate("localStorage.removeItem('livestack-token')")      # a phone that never had the token
+        page.get_by_test_id("pause").tap()
+        expect(ask).to_be_visible()
+        expect(ask).to_contain_text("needs its token")
+        assert _not_red(ask.screenshot()) == 0
+        page.locator("#ask-input").fill(TOKEN)
+        page.get_by_test_id("ask-ok").tap()
+        expect(page.get_by_test_id("state")).to_have_text("paused", timeout=5_000)
+        page.get_by_test_id("pause").tap()                              # the token kept: no question
+        expect(page.get_by_test_id("state")).not_to_have_text("paused", timeout=5_000)
+        expect(ask).to_be_hidden()
+    assert native == []
+    assert [e for e in errors if "401 (Unauthorized)" not in e] == []   # the POST without the token, logged
+
+
+@pytest.mark.browser
 def test_the_pages_own_export_link_still_downloads(web):
     """Exports are refused to another site's page (Sec-Fetch-Site): the page's own links are same-origin."""
     with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):

@@ -33,7 +33,8 @@ async function post(path, body) {
     }
     const data = await r.json().catch(() => ({}));
     if ((r.status === 401 || r.status === 403) && attempt === 0) {
-      const entered = prompt("This livestack needs its token (from livestack.toml, [web] token):");
+      const entered = await ask("This livestack needs its token (from livestack.toml, [web] token):",
+                                { ok: "Send", input: true });
       if (!entered) { message(data.error || "token needed", true); return null; }
       localStorage.setItem("livestack-token", entered.trim());
       continue;
@@ -43,6 +44,31 @@ async function post(path, body) {
     return data;
   }
   return null;
+}
+
+// A question in the page's own colours (red at night), as confirm() / prompt() answer: true or the text typed
+// when accepted, null when cancelled (Cancel, Escape).  One at a time: a second waits for the first's answer.
+let asking = Promise.resolve();
+function ask(text, options) {
+  const answer = asking.then(() => askNow(text, options || {}));
+  asking = answer.catch(() => null);
+  return answer;
+}
+function askNow(text, { ok = "OK", input = false, danger = false }) {
+  const dlg = $("ask"), field = $("ask-input"), okButton = $("ask-ok");
+  $("ask-text").textContent = text;
+  okButton.textContent = ok;
+  okButton.classList.toggle("danger", danger);
+  field.hidden = !input;
+  field.value = "";
+  dlg.returnValue = "";
+  return new Promise((resolve) => {
+    dlg.addEventListener("close", () => {
+      resolve(dlg.returnValue === "ok" ? (input ? field.value : true) : null);
+    }, { once: true });
+    dlg.showModal();
+    (input ? field : danger ? dlg.querySelector('button[value="cancel"]') : okButton).focus();
+  });
 }
 
 function message(text, error) {
@@ -698,7 +724,8 @@ $("pause").onclick = async () => {
   if (r) showStatus(r);
 };
 $("newstack").onclick = async () => {
-  if (!confirm("Archive this stack and start a new one? Files already in the capture folder are not used.")) return;
+  if (!await ask("Archive this stack and start a new one? Files already in the capture folder are not used.",
+                 { ok: "New stack", danger: true })) return;
   const r = await post("/api/new-session");
   if (r) { message(r.archived ? `previous stack archived in ${r.archived}` : "new stack started"); showStatus(r); }
 };
