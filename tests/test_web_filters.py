@@ -170,3 +170,25 @@ def test_night_mode_is_red_everywhere(wheel):
         assert _not_red(page.screenshot(full_page=True)) == 0
     assert errors == []
 
+
+
+@pytest.mark.browser
+def test_a_long_filter_name_is_not_drawn_under_its_weight_slider(wheel):
+    """The weight sliders' name column was 4rem: "Luminance" (a spelling the palettes accept) ran on under its
+    slider's track and thumb on a phone.  Each name stays left of its slider (wrapped, or cut with an ellipsis)."""
+    names = ["Luminance", "H-alpha 7nm", "OIII_ultra_narrow_3nm"]
+    with chromium_page(wheel.url, viewport={"width": 360, "height": 780}, device_scale_factor=2,
+                       is_mobile=True, has_touch=True) as (page, errors):
+        page.wait_for_selector("#conn.on", timeout=15_000)
+        page.get_by_test_id("weight-ha").wait_for(timeout=10_000)
+        page.evaluate("""(names) => { state.es.close(); const s = state.status;
+            showStatus({...s, filters: s.filters.map((f, i) => ({...f, filter: names[i], key: `k${i}`}))}); }""",
+                      names)
+        over = page.evaluate("""() => [...document.querySelectorAll('#weights label')].map((label) => {
+            const name = label.firstChild;    // a text node, or an element that clips its text
+            const r = document.createRange(); r.selectNodeContents(name);
+            const text = name.nodeType === Node.TEXT_NODE ? r.getBoundingClientRect() : name.getBoundingClientRect();
+            const input = label.querySelector('input').getBoundingClientRect();
+            return [label.textContent, text.right - input.left]; }).filter(([, d]) => d > 0)""")
+        assert over == [], over
+    assert errors == []

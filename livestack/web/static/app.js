@@ -636,7 +636,10 @@ function showWeights(list, weights) {
         out.textContent = Number(input.value).toFixed(2);
         sendWeights();
       });
-      label.append(filterLabel(f), input, out);
+      const name = document.createElement("span");
+      name.className = "wname";
+      name.textContent = name.title = filterLabel(f);
+      label.append(name, input, out);
       return label;
     }));
     box.dataset.sig = sig;
