@@ -192,3 +192,24 @@ def test_a_long_filter_name_is_not_drawn_under_its_weight_slider(wheel):
             return [label.textContent, text.right - input.left]; }).filter(([, d]) => d > 0)""")
         assert over == [], over
     assert errors == []
+
+
+@pytest.mark.browser
+def test_no_empty_black_block_under_the_preview_on_a_laptop(wheel):
+    """Beside the preview on a laptop sit the status, the targets and the filters: taller than the preview with
+    a few filters, they stretched its black frame to their height — an empty black block under the caption, as if
+    an image had failed to load.  The preview's frame ends with its last line."""
+    from playwright.sync_api import expect
+
+    with chromium_page(wheel.url, viewport={"width": 1280, "height": 800}) as (page, errors):
+        expect(page.get_by_test_id("preview")).to_be_visible(timeout=30_000)
+        page.get_by_test_id("weight-ha").wait_for(timeout=10_000)
+        # a wheel of L, R, G, B, Ha, OIII, SII: seven filters' cards and weights beside the preview
+        page.evaluate("""() => { state.es.close(); const s = state.status;
+            const more = ["L", "R", "G", "B"].map((n, i) => ({...s.filters[0], filter: n, key: n.toLowerCase()}));
+            showStatus({...s, filters: [...more, ...s.filters]}); }""")
+        empty = page.evaluate("""() => { const wrap = document.querySelector('.viewer-wrap');
+            const last = [...wrap.children].filter((e) => e.getClientRects().length).pop();
+            return wrap.getBoundingClientRect().bottom - last.getBoundingClientRect().bottom; }""")
+        assert empty < 2, empty
+    assert errors == []
