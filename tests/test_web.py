@@ -767,6 +767,29 @@ def test_the_pages_questions_are_its_own_and_red_at_night(web):
 
 
 @pytest.mark.browser
+@pytest.mark.parametrize("size", [(844, 390), (780, 360), (390, 844), (1280, 800)])
+def test_the_whole_preview_fits_the_screen(web, size):
+    """*fit* fitted the width only: a phone turned sideways (844×390) showed the top half of the stack, its
+    lower half and the caption a scroll away.  The whole preview is in sight under the bar, with its caption."""
+    from playwright.sync_api import expect
+
+    w, h = size
+    phone = w < 900
+    with chromium_page(web.url, viewport={"width": w, "height": h}, device_scale_factor=2 if phone else 1,
+                       is_mobile=phone, has_touch=phone) as (page, errors):
+        preview = page.get_by_test_id("preview")
+        expect(preview).to_be_visible(timeout=30_000)
+        page.wait_for_function("document.getElementById('preview').naturalWidth > 0")
+        under = page.evaluate("document.querySelector('header.bar').getBoundingClientRect().bottom")
+        img = preview.bounding_box()
+        caption = page.locator(".viewer-bar").bounding_box()
+        assert img["y"] >= under - 1 and caption["y"] + caption["height"] <= h + 1, (img, caption, under)
+        if w == 390:                                 # a phone upright: the image as wide as the page lets it
+            assert img["width"] >= page.locator(".viewer").bounding_box()["width"] - 1
+    assert errors == []
+
+
+@pytest.mark.browser
 def test_the_pages_own_export_link_still_downloads(web):
     """Exports are refused to another site's page (Sec-Fetch-Site): the page's own links are same-origin."""
     with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
