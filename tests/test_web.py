@@ -670,6 +670,22 @@ def test_night_mode_sliders_are_red(web):
 
 
 @pytest.mark.browser
+def test_night_mode_selected_text_is_red(web):
+    """A long press on a file name or a reason (to copy it) selected it in the browser's colours: white text on
+    a blue band, on the red page at night."""
+    with chromium_page(web.url, viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+                       has_touch=True) as (page, errors):
+        page.wait_for_selector("#conn.on", timeout=15_000)
+        page.click("#night")
+        page.evaluate("""() => { const r = document.createRange();
+            r.selectNodeContents(document.querySelector('.status'));
+            getSelection().removeAllRanges(); getSelection().addRange(r); }""")
+        page.wait_for_timeout(100)
+        assert _not_red(page.locator(".status").screenshot()) == 0
+    assert errors == []
+
+
+@pytest.mark.browser
 def test_night_mode_shows_the_preview_in_red_light_only(web):
     """Night mode's tint of the preview (grayscale, sepia, saturate, hue-rotate) left its stars and bright
     nebula a pale beige, (178, 161, 135): the brightest and least red light on the screen.  The preview's
