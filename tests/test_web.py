@@ -539,7 +539,7 @@ def test_the_status_numbers_are_whole_on_a_phone(web, width):
 
 
 @pytest.mark.browser
-@pytest.mark.parametrize("width", [360, 390])
+@pytest.mark.parametrize("width", [360, 390, 660])
 def test_a_phone_sees_why_a_frame_was_rejected_and_reaches_exclude(web, width):
     """On a phone the Frames table was wider than its panel: the `reason` column and the *exclude* buttons were
     off the right edge, reached only by scrolling the table sideways (which nothing tells), while the hint above
