@@ -405,6 +405,34 @@ def test_a_refused_exclude_leaves_its_button_usable(web):
     assert errors == []
 
 
+@pytest.mark.browser
+def test_a_refused_exclude_says_why_where_the_finger_is(web):
+    """On a phone the answer to a tap — a refused exclude (409 while a new stack is made, 503 while stopping) —
+    was written in the status panel, far above the frames' buttons: the user tapped, the button came back, and
+    nothing said why.  The answer shows at the foot of the screen, and goes away (by itself or when tapped)."""
+    from playwright.sync_api import expect
+
+    with chromium_page(web.url, viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
+                       has_touch=True) as (page, errors):
+        expect(page.get_by_test_id("state")).not_to_have_text("connecting…", timeout=30_000)
+        page.evaluate("""() => { const real = window.fetch;
+            window.fetch = (url, opts) => String(url) === '/api/exclude'
+              ? Promise.resolve(new Response(JSON.stringify({error: 'a new stack is being made; try again'}),
+                                             {status: 409, headers: {'Content-Type': 'application/json'}}))
+              : real(url, opts); }""")
+        button = page.get_by_test_id("exclude").first
+        button.scroll_into_view_if_needed()
+        button.tap()
+        note = page.locator("#s-message")
+        expect(note).to_contain_text("a new stack is being made")
+        expect(note).to_be_in_viewport()
+        n = note.bounding_box()
+        assert n["y"] + n["height"] <= 844 and n["x"] >= 0 and n["x"] + n["width"] <= 390, n
+        note.tap()
+        expect(note).to_be_empty()
+    assert [e for e in errors if "409" not in e] == []
+
+
 ODD_TOKEN = "50%sure&more-token"
 
 

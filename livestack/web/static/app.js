@@ -71,11 +71,18 @@ function askNow(text, { ok = "OK", input = false, danger = false }) {
   });
 }
 
+// The answer to what the user just did (a refusal, "previous stack archived in …"): shown at the foot of the
+// screen (style.css), where the user is — on a phone the status panel is far above the frames' exclude buttons
+// and the targets — for a while (an error longer), or until tapped
+let messageTimer = null;
 function message(text, error) {
   const el = $("s-message");
   el.textContent = text || "";
   el.classList.toggle("error", !!error);
+  clearTimeout(messageTimer);
+  if (text) messageTimer = setTimeout(() => { el.textContent = ""; }, error ? 15000 : 6000);
 }
+$("s-message").addEventListener("click", () => message(""));
 
 // ---------------------------------------------------------------- formatting
 const fmt = (v, d = 2) => (v === null || v === undefined || Number.isNaN(v)) ? "–" : Number(v).toFixed(d);
