@@ -137,11 +137,12 @@ def test_filters_panel_on_a_phone(wheel):
 
 
 @pytest.mark.browser
-@pytest.mark.parametrize("width", [360, 390])
+@pytest.mark.parametrize("width", [360, 390, 768, 1024])
 def test_every_control_is_a_fingers_size_on_a_phone(wheel, width):
     """At the telescope the page is used with a finger (often gloved): the header's Pause/New stack/Night, the
     palette, Auto stretch and the downloads were 31–34 px tall, the stretch and weight sliders 19 px, the
-    filters' stack_<F>.fits links 15 px.  Each is at least 40 px tall on a touch screen now."""
+    filters' stack_<F>.fits links 15 px, the Frames table's exclude on a tablet (768, 1024 px) 26 px.  Each is at
+    least 40 px tall on a touch screen now."""
     with chromium_page(wheel.url, viewport={"width": width, "height": 844}, device_scale_factor=2,
                        is_mobile=True, has_touch=True) as (page, errors):
         page.wait_for_selector("#conn.on", timeout=15_000)
