@@ -567,7 +567,7 @@ def test_the_status_numbers_are_whole_on_a_phone(web, width):
 
 
 @pytest.mark.browser
-@pytest.mark.parametrize("width", [360, 390, 660])
+@pytest.mark.parametrize("width", [360, 390, 660, 768])
 def test_a_phone_sees_why_a_frame_was_rejected_and_reaches_exclude(web, width):
     """On a phone the Frames table was wider than its panel: the `reason` column and the *exclude* buttons were
     off the right edge, reached only by scrolling the table sideways (which nothing tells), while the hint above
@@ -600,9 +600,17 @@ def test_a_phone_sees_why_a_frame_was_rejected_and_reaches_exclude(web, width):
         assert page.evaluate("document.documentElement.scrollWidth") <= width
         page.screenshot(path=str(ARTIFACTS / f"web-frames-phone-{width}.png"), full_page=True)
 
-        page.set_viewport_size({"width": 1280, "height": 900})   # a wide screen: the table, as it was
-        expect(page.locator("#frames thead")).to_be_visible()
-        assert page.evaluate("getComputedStyle(document.querySelector('#frames td.reason')).display") == "table-cell"
+        for wide in (960, 1280):                       # a wide screen: the table, as it was
+            page.set_viewport_size({"width": wide, "height": 900})
+            expect(page.locator("#frames thead")).to_be_visible()
+            assert page.evaluate("getComputedStyle(document.querySelector('#frames td.reason')).display") \
+                == "table-cell"
+            # each file name on one line (the cards' break points are not the table's)
+            lines = page.evaluate("""() => [...document.querySelectorAll('#frames td.file')].map((td) => {
+                const r = document.createRange(); r.selectNodeContents(td);
+                return new Set([...r.getClientRects()].filter((q) => q.width).map((q) => Math.round(q.top))).size; })""")
+            assert max(lines) == 1, (wide, lines)
+            assert page.evaluate("(w) => w.scrollWidth <= w.clientWidth", wrap.element_handle())
     assert errors == []
 
 
