@@ -608,7 +608,8 @@ def test_a_phone_sees_why_a_frame_was_rejected_and_reaches_exclude(web, width):
             # each file name on one line (the cards' break points are not the table's)
             lines = page.evaluate("""() => [...document.querySelectorAll('#frames td.file')].map((td) => {
                 const r = document.createRange(); r.selectNodeContents(td);
-                return new Set([...r.getClientRects()].filter((q) => q.width).map((q) => Math.round(q.top))).size; })""")
+                const tops = [...r.getClientRects()].filter((q) => q.width).map((q) => Math.round(q.top));
+                return new Set(tops).size; })""")
             assert max(lines) == 1, (wide, lines)
             assert page.evaluate("(w) => w.scrollWidth <= w.clientWidth", wrap.element_handle())
     assert errors == []

@@ -387,7 +387,8 @@ async function loadFrames(generation) {
 
 // ---------------------------------------------------------------- frames table
 // a file name that wraps (a phone) breaks after its "_", "-" and ".", not in the middle of a word
-const breakable = (name) => String(name).split(/(?<=[_.-])/).flatMap((part, i) => (i ? [document.createElement("wbr"), part] : [part]));
+const breakable = (name) => String(name).split(/(?<=[_.-])/)
+  .flatMap((part, i) => (i ? [document.createElement("wbr"), part] : [part]));
 // the first row the user sees in the Frames table once it is scrolled (null at its top: the newest row then
 // appears there, where the user looks for it) and where it is on the screen
 function rowInSight(tbody) {
