@@ -386,6 +386,15 @@ def test_sliders_follow_the_daemon_after_a_failed_stretch_post(web):
     assert errors == []
 
 
+def _refuse_excludes(page) -> None:
+    """The page's POST /api/exclude answered 409, as while a new stack is made."""
+    page.evaluate("""() => { const real = window.fetch;
+        window.fetch = (url, opts) => String(url) === '/api/exclude'
+          ? Promise.resolve(new Response(JSON.stringify({error: 'a new stack is being made; try again'}),
+                                         {status: 409, headers: {'Content-Type': 'application/json'}}))
+          : real(url, opts); }""")
+
+
 def test_a_refused_exclude_leaves_its_button_usable(web):
     """An exclude the daemon refuses (409, 503) or that gets no answer said why, but its button stayed disabled
     until the frames list was redrawn."""
@@ -393,11 +402,7 @@ def test_a_refused_exclude_leaves_its_button_usable(web):
 
     with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
         expect(page.get_by_test_id("state")).not_to_have_text("connecting…", timeout=30_000)
-        page.evaluate("""() => { const real = window.fetch;
-            window.fetch = (url, opts) => String(url) === '/api/exclude'
-              ? Promise.resolve(new Response(JSON.stringify({error: 'a new stack is being made; try again'}),
-                                             {status: 409, headers: {'Content-Type': 'application/json'}}))
-              : real(url, opts); }""")
+        _refuse_excludes(page)
         button = page.get_by_test_id("exclude").first
         button.click()
         expect(page.locator("#s-message")).to_contain_text("a new stack is being made")
@@ -415,11 +420,7 @@ def test_a_refused_exclude_says_why_where_the_finger_is(web):
     with chromium_page(web.url, viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True,
                        has_touch=True) as (page, errors):
         expect(page.get_by_test_id("state")).not_to_have_text("connecting…", timeout=30_000)
-        page.evaluate("""() => { const real = window.fetch;
-            window.fetch = (url, opts) => String(url) === '/api/exclude'
-              ? Promise.resolve(new Response(JSON.stringify({error: 'a new stack is being made; try again'}),
-                                             {status: 409, headers: {'Content-Type': 'application/json'}}))
-              : real(url, opts); }""")
+        _refuse_excludes(page)
         button = page.get_by_test_id("exclude").first
         button.scroll_into_view_if_needed()
         button.tap()
