@@ -425,7 +425,9 @@ function renderTable() {
     });
     const td = document.createElement("td");
     td.className = "act";
-    if (f.status !== "failed") {
+    // a rejected or failed frame is not in the stack: nothing to exclude (the API would rebuild the whole stack
+    // to the same result — minutes of a night on a Pi, the frames arriving meanwhile waiting)
+    if (f.status !== "failed" && f.status !== "rejected") {
       const b = document.createElement("button");
       b.type = "button";
       const excluded = f.status === "excluded";
