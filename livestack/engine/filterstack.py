@@ -24,6 +24,12 @@ from .reject import FrameJudge, RejectParams
 from .stack import RunningStack, StackParams
 
 
+# A new night's frames rejected by the previous night's star shape alone before one of its own is accepted: at
+# most this many (a mount settles in one or two frames; a night whose every frame is more elongated than the last
+# night's is its own, and its frames are then judged against each other).
+PRIOR_FRAMES = 2
+
+
 def file_safe(name: str | None) -> str:
     """A FILTER value as it appears in a file name: every character outside [A-Za-z0-9._-] becomes '_'."""
     return re.sub(r"[^A-Za-z0-9._-]", "_", (name or "").strip()) or "nofilter"
@@ -140,6 +146,10 @@ class FilterStack:
         self.stack: RunningStack | None = None
         self.counts = Counters(filter=name)
         self.last_time: str | None = None    # capture time of its latest stacked frame
+        # A new night with no frame of its own accepted yet (new_night): the previous night's medians, which its
+        # first frames' shape is judged against, and how many frames they alone rejected (PRIOR_FRAMES at most).
+        self.prior: dict | None = None
+        self.prior_rejected = 0
         self.version = 0                     # bumped by every stacked frame (caches of reduced images)
         # Star counts, sky levels and transparency are compared among frames of one exposure, ISO and gain
         # (settings_key): their judges, and each group's transparency against the filter's first frame (its
@@ -222,6 +232,7 @@ class FilterStack:
             self.noises[key] = float(q.noise)
         self.last = (key, float(q.noise), float(m.exptime or 0.0))
         self.streak = [s for s in self.streak if s[0] != key]
+        self.prior, self.prior_rejected = None, 0      # the night has a frame of its own to judge by
         self.counts = self.counts.stacked_frame(m, masters)
         self.last_time = _iso(m.time) or self.last_time
         self.version += 1
@@ -237,7 +248,28 @@ class FilterStack:
         taken up again the next evening, had every frame judged against the first night's medians: a night of
         4.2 px stars after one of 2.6 px lost 7 of its 10 frames as "fwhm > 1.5 × running median", kept or not by
         their jitter alone; the same trailing passed under the other night's rounder median.  Returns the gap in
-        hours when it cleared them (the caller says so), else None."""
+        hours when it cleared them (the caller says so), else None.
+
+        The night's first frames, with nothing of their night to be judged by, are judged on their transparency
+        and on the shape of their stars against the previous night's median (``prior``: trailing is the mount's
+        and the wind's, not the night's) until one is accepted, and that median is let go after PRIOR_FRAMES
+        frames it alone rejected (a night of rounder optics' or steadier air's than the next: never the whole
+        night lost).  Judged on nothing, a trailed first frame (a mount settling after the evening's slew) was
+        stacked, and the next frames judged against it."""
+        hours = self.night_gap(m)
+        if hours is None:
+            return None
+        self.prior, self.prior_rejected = self._medians(), 0
+        self.judge.history.clear()
+        for judge in self.levels.values():
+            judge.history.clear()
+        self.streak = []        # frames rejected at dawn and the next evening's are not "in a row" (_suspect)
+        return hours
+
+    def night_gap(self, m: FrameMeta) -> float | None:
+        """The hours between the frame in hand and this filter's last stacked frame when they make it another
+        night (`[reject] new_night_after_h` or more, either way round) and the filter has statistics to start
+        afresh; else None.  Changes nothing."""
         gap = self.judge.p.new_night_after_h
         if not gap or m.time is None or not self.last_time or not self.judge.history:
             return None
@@ -249,13 +281,11 @@ class FilterStack:
             hours = abs(now - last).total_seconds() / 3600.0     # (a folder of an earlier night after it, too)
         except (TypeError, ValueError, OverflowError):
             return None
-        if hours < gap:
-            return None
-        self.judge.history.clear()
-        for judge in self.levels.values():
-            judge.history.clear()
-        self.streak = []        # frames rejected at dawn and the next evening's are not "in a row" (_suspect)
-        return hours
+        return None if hours < gap else hours
+
+    def _medians(self) -> dict[str, float]:
+        """The judge's running medians that are numbers (a checkpoint's JSON keeps them)."""
+        return {k: float(v) for k, v in self.judge.medians().items() if np.isfinite(v)}
 
     def check(self, q: Quality, m: FrameMeta, scale: float | None = None) -> str | None:
         """Why a frame of this filter (its transparency factor ``scale`` against the first frame, when known) is
@@ -270,7 +300,13 @@ class FilterStack:
         raw = None if scale is None else (1.0 / scale if scale > 0 else 0.0)
         t = None if raw is None or base is None else raw / base
         levels = self.levels.get(key, FrameJudge(self.judge.p))
-        reason = self.judge.check(q, transparency=t, levels=levels)
+        prior = self.prior if not self.judge.history else None
+        reason = self.judge.check(q, transparency=t, levels=levels, prior=prior)
+        if prior is not None and reason is not None and self.judge.check(q, transparency=t, levels=levels) is None:
+            self.prior_rejected += 1        # by the previous night's shape alone: only so many (new_night)
+            if self.prior_rejected >= PRIOR_FRAMES:
+                self.prior = None
+            return reason
         if reason is None or t is None or t >= self.judge.p.min_transparency or \
                 self.judge.check(q, levels=levels) is not None:
             return reason
@@ -487,7 +523,8 @@ class FilterStack:
                 "levels": {k: j.state() for k, j in self.levels.items()}, "legacy": self.legacy,
                 "first_settings": None if self.first_settings is None else list(self.first_settings),
                 "noises": self.noises, "last": None if self.last is None else list(self.last),
-                "streak": [list(t) for t in self.streak]}
+                "streak": [list(t) for t in self.streak], "prior": self.prior,
+                "prior_rejected": self.prior_rejected}
         arrays: dict[str, np.ndarray] = {}
         if self.ref is not None:
             r = self.ref
@@ -512,6 +549,8 @@ class FilterStack:
         fs.noises = {k: float(v) for k, v in meta.get("noises", {}).items()}
         fs.last = tuple(meta["last"]) if meta.get("last") else None
         fs.streak = [tuple(t) for t in meta.get("streak", [])]
+        fs.prior = meta.get("prior")
+        fs.prior_rejected = int(meta.get("prior_rejected", 0))
         for k, h in meta.get("levels", {}).items():
             fs.levels[k] = FrameJudge(reject_params)
             fs.levels[k].load_state(h)

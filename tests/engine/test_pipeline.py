@@ -727,3 +727,44 @@ def test_a_new_night_by_the_gap_between_capture_times():
     assert empty.new_night(at(2026, 12, 25, 21, 0)) is None
     with pytest.raises(ValueError, match="new_night_after_h"):
         RejectParams(new_night_after_h=-1)
+
+
+def test_a_new_nights_first_frames_are_judged_by_what_the_night_does_not_change(tmp_path):
+    """The first frame of a new night has nothing of its night to be judged by: it was judged on nothing at all
+    — a trailed one (the mount settling after the evening's slew, eccentricity 0.78, 6 px against the last
+    night's 0.24 and 2.8 px) was stacked, and the night's next frames judged against it.  Now its star shape
+    against the previous night's median and its transparency against the filter's first frame, as any frame's;
+    the same through a checkpoint taken just after it.  A night whose every frame is more elongated than the
+    last night's loses at most PRIOR_FRAMES of them, then is judged against its own."""
+    files = _two_nights(tmp_path / "a", defects={0: "wind", 1: "wind"})
+    recs = run(files)[1]
+    assert [r.status for r in recs[6:]] == ["rejected"] * 2 + ["stacked"] * 6, [r.reason for r in recs[6:]]
+    assert all("previous night's median" in r.reason for r in recs[6:8]), [r.reason for r in recs[6:8]]
+    part = through_checkpoints(files, [7], tmp_path / "ckpt")
+    assert part.counts == run(files)[0].counts
+    # every frame of the second night trailed: the first PRIOR_FRAMES go, the rest are judged against each other
+    from livestack.engine.filterstack import PRIOR_FRAMES
+
+    files = _two_nights(tmp_path / "b", defects={i: "wind" for i in range(8)})
+    recs = run(files)[1]
+    assert [r.status for r in recs[6:]] == ["rejected"] * PRIOR_FRAMES + ["stacked"] * (8 - PRIOR_FRAMES), \
+        [r.reason for r in recs[6:]]
+
+
+def test_a_new_nights_first_frame_is_judged_on_its_transparency():
+    """With its running statistics started afresh, a new night's first frame had no test at all, its transparency
+    (against the filter's first frame, which needs no statistics of the night) neither: a frame at 0.4 of it was
+    stacked, then the night's clear frames were judged against its star counts and sky."""
+    from livestack.engine.filterstack import FilterStack
+    from livestack.engine.frame import FrameMeta, Quality
+    from livestack.engine.reject import RejectParams
+    from livestack.engine.stack import StackParams
+
+    fs = FilterStack("L", StackParams(), RejectParams())
+    m1 = FrameMeta(time=dt.datetime(2026, 11, 25, 23, 0), exptime=60.0)
+    for _ in range(3):
+        fs.accept(Quality(100, 3.0, 0.2, 500.0, 10.0), m1, file="n1.fits")
+    m2 = FrameMeta(time=dt.datetime(2026, 11, 26, 20, 0), exptime=60.0)
+    assert fs.new_night(m2) == pytest.approx(21.0) and not fs.judge.history
+    assert fs.check(Quality(60, 3.0, 0.2, 500.0, 10.0), m2, scale=2.5).startswith("transparency 0.40")
+    assert fs.check(Quality(100, 4.5, 0.2, 1500.0, 10.0), m2, scale=1.05) is None   # seeing, moon: the night's
