@@ -384,6 +384,30 @@ def test_a_later_night_with_another_camera_makes_a_new_target(tmp_path):
     assert book[2]["current"] and fits.getdata(out / "stack.fits").shape == (280, 360)
 
 
+@pytest.mark.parametrize("night2", [{"sky_level": 1200.0}, {"fwhm_px": 4.8}], ids=["moon", "seeing"])
+def test_a_new_target_on_a_later_night_with_the_moon_or_a_softer_seeing_is_a_new_target(tmp_path, night2):
+    """Night 1: M13 (no pointing headers).  Night 2 in the same output folder: another field, under a sky 3×
+    brighter (the moon) or with 1.6× the stars' width.  Its frames do not register onto M13 and were judged
+    against M13's night-1 medians (sky, FWHM): every one 'not good', none counted for a new target — the whole
+    night rejected as 'registration failed' in M13.  Judged as a new night's first frames (their shape alone),
+    they make the new target."""
+    a = _sky(tmp_path, "a", 11, 4, 20)
+    c = sky_frames(tmp_path / "night2", "c", 5, sky_seed=33, start="2026-11-26T20:00:00", drift_px=(0.4, -0.3),
+                   seed=5, **night2)
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for night in (a, c):
+        svc = _service(tmp_path, watch, out)
+        svc.start()
+        _feed_live(svc, watch, night)
+        svc.stop(timeout=30)
+        assert svc.error is None
+    by = _by_target(out)
+    assert sorted(by) == ["target 1", "target 2"], {k: [r.get("reason") for r in v] for k, v in by.items()}
+    assert _stacked_names(by["target 1"]) == [f.name for f in a] and len(by["target 1"]) == 4
+    assert _stacked_names(by["target 2"]) == [f.name for f in c]
+
+
 def test_a_frame_that_fails_alone_is_rejected_not_a_new_target(tmp_path, three_targets):
     """One frame of another field between frames of the target: held, then rejected when the next frame
     registers — recorded in order, no new target."""

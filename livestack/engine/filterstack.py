@@ -287,6 +287,18 @@ class FilterStack:
         """The judge's running medians that are numbers (a checkpoint's JSON keeps them)."""
         return {k: float(v) for k, v in self.judge.medians().items() if np.isfinite(v)}
 
+    def verdict(self, q: Quality, m: FrameMeta) -> str | None:
+        """The judge's verdict on a frame that did not register (the daemon holds it: a new target?), changing
+        nothing: as check() without a transparency; a frame of another night than the filter's statistics (or
+        of a new night with none of its own yet) on its shape alone, against the last night's.  Against the
+        last night's medians, a new target's night with the moon up or a softer seeing had every frame 'not
+        good' (sky or FWHM): none of them ever made the new target, all rejected as not registering."""
+        if self.night_gap(m) is not None:
+            return FrameJudge(self.judge.p).check(q, prior=self._medians())
+        if not self.judge.history:
+            return FrameJudge(self.judge.p).check(q, prior=self.prior)
+        return self.check(q, m)
+
     def check(self, q: Quality, m: FrameMeta, scale: float | None = None) -> str | None:
         """Why a frame of this filter (its transparency factor ``scale`` against the first frame, when known) is
         rejected, or None.  The first frame of a new exposure, ISO or gain has nothing to compare its star

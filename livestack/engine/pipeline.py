@@ -466,7 +466,7 @@ class Engine:
                 if hold:
                     # A frame of another field (a slew?), or a bad one: the caller decides, nothing is counted yet.
                     rec.status, rec.reason = "unregistered", f"registration failed: {err}"
-                    self.last_judged = fs.check(q, m)
+                    self.last_judged = fs.verdict(q, m)
                     return None
                 return self._reject(rec, fs, f"registration failed: {err}")
             reg_matrix = reg.matrix
