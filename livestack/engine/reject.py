@@ -106,7 +106,7 @@ class FrameJudge:
                 q.eccentricity > max(p.eccentricity_min, ecc + p.eccentricity_delta) and \
                 not q.fwhm < p.eccentricity_fwhm:
             return (f"eccentricity {q.eccentricity:.2f} > the previous night's median {ecc:.2f} "
-                    f"+ {p.eccentricity_delta:g} (trailed stars: wind or tracking; the first frame of a night)")
+                    f"+ {p.eccentricity_delta:g} (trailed stars: wind or tracking; a new night's first frames)")
         return None
 
     def accept(self, q: Quality) -> None:
