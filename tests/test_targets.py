@@ -408,6 +408,28 @@ def test_a_new_target_on_a_later_night_with_the_moon_or_a_softer_seeing_is_a_new
     assert _stacked_names(by["target 2"]) == [f.name for f in c]
 
 
+def test_a_target_taken_up_again_on_a_softer_night_resumes_at_its_first_frame(tmp_path):
+    """Night 1: M13 then M57 (no pointing headers).  Night 2: M13 again with 1.6× the stars' width.  Its frames do
+    not register onto M57 (current) and were judged against M57's night-1 FWHM: 'not good', so never matched
+    against M13's reference — the first three recorded 'registration failed' in M57 until one passed by its
+    jitter.  Judged as a new night's first frames, the first of them resumes M13 and none is lost."""
+    a, b = _sky(tmp_path, "a", 11, 4, 20), _sky(tmp_path, "b", 22, 4, 21)
+    c = sky_frames(tmp_path / "night2", "c", 5, sky_seed=11, start="2026-11-26T20:00:00", drift_px=(0.4, -0.3),
+                   seed=5, fwhm_px=4.8)
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for night in (a + b, c):
+        svc = _service(tmp_path, watch, out)
+        svc.start()
+        _feed_live(svc, watch, night)
+        svc.stop(timeout=30)
+        assert svc.error is None
+    by = _by_target(out)
+    assert sorted(by) == ["target 1", "target 2"]
+    assert [r["path"] for r in by["target 1"]] == _stacked_names(by["target 1"]) == [f.name for f in a + c]
+    assert [r["path"] for r in by["target 2"]] == [f.name for f in b]
+
+
 def test_a_frame_that_fails_alone_is_rejected_not_a_new_target(tmp_path, three_targets):
     """One frame of another field between frames of the target: held, then rejected when the next frame
     registers — recorded in order, no new target."""
