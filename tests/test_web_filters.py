@@ -172,7 +172,6 @@ def test_night_mode_is_red_everywhere(wheel):
     assert errors == []
 
 
-
 @pytest.mark.browser
 def test_a_long_filter_name_is_not_drawn_under_its_weight_slider(wheel):
     """The weight sliders' name column was 4rem: "Luminance" (a spelling the palettes accept) ran on under its
@@ -213,4 +212,19 @@ def test_no_empty_black_block_under_the_preview_on_a_laptop(wheel):
             const last = [...wrap.children].filter((e) => e.getClientRects().length).pop();
             return wrap.getBoundingClientRect().bottom - last.getBoundingClientRect().bottom; }""")
         assert empty < 2, empty
+def test_a_filter_last_shot_the_night_before_shows_its_date(wheel):
+    """LRGB on night 1, only R on night 2: the filters panel's 'last frame' gave the time alone — B's 21:11:22 of
+    the night before read as later tonight than R's 20:39:18.  A time of another day than the session's latest
+    frame now has its month and day."""
+    with chromium_page(wheel.url) as (page, errors):
+        expect_rows = page.get_by_test_id("filter-row")
+        page.wait_for_function("document.querySelectorAll('[data-testid=filter-row]').length === 3", timeout=30_000)
+        status = {"last_frame_time": "2026-11-26T20:39:18", "palette": None, "filters": [
+            {"filter": "R", "key": "r", "file": "stack_R.fits", "frames": 6, "rejected": 0, "integration_s": 360.0,
+             "fwhm": 4.2, "last_frame_time": "2026-11-26T20:39:18", "reference": "r.fits"},
+            {"filter": "B", "key": "b", "file": "stack_B.fits", "frames": 3, "rejected": 0, "integration_s": 180.0,
+             "fwhm": 2.8, "last_frame_time": "2026-11-25T21:11:22", "reference": "b.fits"}]}
+        page.evaluate("s => showFilters(s)", status)
+        cells = expect_rows.locator('td[data-label="last frame"]')
+        assert cells.all_text_contents() == ["20:39:18", "11-25 21:11:22"]
     assert errors == []

@@ -91,10 +91,14 @@ function duration(s) {
   const h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60), sec = Math.round(s % 60);
   return h ? `${h} h ${String(m).padStart(2, "0")} m` : m ? `${m} m ${String(sec).padStart(2, "0")} s` : `${sec} s`;
 }
-function clock(iso) {
+function clock(iso, latest) {
   if (!iso) return "–";
   const t = iso.split("T")[1] || iso;
-  return t.slice(0, 8);
+  // ``latest``: the session's latest frame time — a time of another day than it (a filter last shot the night
+  // before: without its date, 21:11 read as later tonight than 20:39) is given its month and day
+  const day = iso.includes("T") ? iso.split("T")[0] : "";
+  const other = day && latest && latest.includes("T") && day !== latest.split("T")[0];
+  return other ? `${day.slice(5)} ${t.slice(0, 8)}` : t.slice(0, 8);
 }
 const num = (v) => typeof v === "number" && Number.isFinite(v);
 const pad2 = (n) => String(n).padStart(2, "0");
@@ -565,7 +569,7 @@ function showFilters(s) {
     const cells = [
       ["filter", filterLabel(f), "fname"], ["frames", f.frames, "n"], ["rejected", f.rejected, "n rej"],
       ["integration", duration(f.integration_s), "n"], ["FWHM", fmt(f.fwhm, 2), "n"],
-      ["last frame", clock(f.last_frame_time), "n"],
+      ["last frame", clock(f.last_frame_time, s.last_frame_time), "n"],
     ];
     for (const [label, v, cls] of cells) {
       const td = document.createElement("td");
