@@ -356,3 +356,41 @@ def test_a_folder_without_file_events_is_said_once(tmp_path, monkeypatch, caplog
     said = run(tmp_path / "mount", events=False)
     assert len(said) == 1 and "file events do not reach this folder" in said[0] and "rescan_s = 0.5 s" in said[0], said
     assert run(tmp_path / "local", events=True) == []
+
+
+def test_a_new_file_under_a_known_name_is_said_not_passed_over(tmp_path, caplog):
+    """Frames are known by their path: a night whose capture numbers its files from light_0000 again, in the
+    folder emptied of the last night's, had every frame passed over and nothing said.  A file made (written or
+    moved in) under a name the session has is said — a warning the first time, with what to do; a file only
+    written to again is not."""
+    import logging
+    import os
+
+    watch = tmp_path / "watch"
+    watch.mkdir()
+    src = tmp_path / "light.fits"
+    fits.PrimaryHDU(np.zeros((64, 64), np.uint16)).writeto(src)
+    shutil.copy(src, watch / "old.fits")                     # last night's, still in the folder
+    q: queue.Queue = queue.Queue()
+    w = Watcher(watch, WP, q, known={"light_0000.fits", "light_0001.fits", "old.fits"})
+    caplog.set_level(logging.INFO, logger="livestack")
+    w.start()
+    try:
+        with open(watch / "old.fits", "ab") as f:            # written to again: no new frame
+            f.write(b"\0" * 2880)
+        os.utime(watch / "old.fits")
+        shutil.copy(src, watch / "light_0000.fits")          # tonight's, under last night's names
+        shutil.copy(src, tmp_path / "tmp.fits")
+        os.replace(tmp_path / "tmp.fits", watch / "light_0001.fits")
+        shutil.copy(src, watch / "light_0002.fits")          # a new name: stacked
+        assert _collect(q, {"light_0002.fits"}, at_least=1.0, at_most=10.0) == {"light_0002.fits"}
+        deadline = time.monotonic() + 5
+        while len([r for r in caplog.records if "already has" in r.getMessage()]) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        w.stop()
+    said = [r for r in caplog.records if "already has" in r.getMessage()]
+    assert [r.levelname for r in said] == ["WARNING", "INFO"], [r.getMessage() for r in said]
+    assert said[0].getMessage().startswith("light_0000.fits is a new file under the name of a frame")
+    assert "its own folder" in said[0].getMessage() and "light_0001.fits" in said[1].getMessage()
+    assert not any("old.fits" in r.getMessage() for r in said)

@@ -157,7 +157,8 @@ class _Handler(FileSystemEventHandler):
         if event.is_directory:
             return
         path = getattr(event, "dest_path", "") or event.src_path
-        self.w.note(Path(os.fsdecode(path)), renamed=event.event_type == "moved")
+        self.w.note(Path(os.fsdecode(path)), renamed=event.event_type == "moved",
+                    created=event.event_type in ("created", "moved"))
 
 
 def _quiet_stop(record: logging.LogRecord) -> bool:
@@ -195,6 +196,7 @@ class Watcher:
         self._scanned_once = False
         self._said_no_events = False
         self._unannounced = 0
+        self._same_name = 0             # new files under the name of a frame the session has (_same_name)
 
     # -- public
     def start(self) -> None:
@@ -237,15 +239,18 @@ class Watcher:
         with self._lock:
             return len(self._pending)
 
-    def note(self, path: Path, *, renamed: bool = False, scanned: bool = False) -> None:
+    def note(self, path: Path, *, renamed: bool = False, scanned: bool = False, created: bool = False) -> None:
         """A file event (or a scan: ``scanned``) saw ``path``: start tracking it if it may be a new frame.
         ``renamed``: it was moved into place — written under another name first, as capture programs do to be
-        atomic —, so a whole layout needs no settle time."""
+        atomic —, so a whole layout needs no settle time.  ``created``: the event made the file (created, or
+        moved in), not only wrote to it."""
         rel = self._rel(path)
         if rel is None:
             return
         with self._lock:
             if rel in self._known:
+                if created:
+                    self._same_name_file(rel)
                 return
             if rel in self._pending:
                 self._pending[rel].renamed |= renamed
@@ -257,6 +262,20 @@ class Watcher:
         self._on_change()
         if renamed:
             self._wake.set()
+
+    def _same_name_file(self, rel: str) -> None:
+        """A file was made under the name of one the session has stacked (or ignores): frames are known by their
+        path, so it is not stacked — a night whose capture numbered its files from light_0000 again, in a folder
+        emptied of the last night's, was lost whole and nothing said so.  Said as a warning the first time, with
+        what to do, then a line for each file."""
+        self._same_name += 1
+        if self._same_name == 1:
+            log.warning("%s is a new file under the name of a frame this session already has: it is not stacked "
+                        "(frames are known by their path). Give each night its own folder (`--recursive` watches "
+                        "them all), or have the capture program number its files on from the last night's", rel)
+        else:
+            log.info("%s: a new file under a name the session already has: not stacked (%d such files)",
+                     rel, self._same_name)
 
     def _no_events(self, path: Path, rel: str) -> None:
         """A rescan found a new file that no file event announced, seconds after it was written: events do not
