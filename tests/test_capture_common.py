@@ -291,6 +291,32 @@ def test_sim_driver_into_an_unwritable_folder_stops_with_one_line(tmp_path, monk
     assert "Traceback" not in r.stderr
 
 
+def test_an_unwritable_folder_is_said_before_the_camera_is_touched(tmp_path, monkeypatch):
+    """A read-only or foreign folder (root ignores permissions: the refusal is simulated): one line naming the
+    folder, before the first take() (before: the camera was set up, cooled and exposed for a whole frame, and
+    only the write of that frame said the folder was not writable); a full disk is not refused there."""
+    import errno
+
+    from drivers.capture import common
+    from drivers.capture.common import CaptureError, run_plan
+
+    def refuse(err):
+        def write(path, data):
+            if path.name == ".livestack-write-check":
+                raise err
+            return atomic_write(path, data)
+        return write
+    taken = []
+    plan = CapturePlan(exposure=300, count=2, out=tmp_path)
+    monkeypatch.setattr(common, "atomic_write", refuse(OSError(errno.EROFS, "Read-only file system")))
+    with pytest.raises(CaptureError) as e:
+        run_plan(plan, taken.append, Stop())
+    assert str(e.value) == f"cannot write in {tmp_path}: Read-only file system (EROFS)" and taken == []
+    monkeypatch.setattr(common, "atomic_write", refuse(OSError(errno.ENOSPC, "No space left on device")))
+    assert len(run_plan(plan, lambda i: taken.append(i) or tmp_path / f"light_{i:04d}_300s.fits", Stop())) == 2
+    assert taken == [0, 1] and not [f for f in tmp_path.iterdir() if "write-check" in f.name]
+
+
 def test_a_folder_removed_mid_night_stops_with_one_line(tmp_path, capsys, monkeypatch):
     """The watched folder deleted between frames (by hand, a clean-up script, a USB disk unmounted): one line
     naming the folder and the reason, exit 1 (before: numbering the next frame raised FileNotFoundError — a

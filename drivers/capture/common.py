@@ -354,6 +354,21 @@ class Stop:
         signal.signal(signal.SIGTERM, handler)
 
 
+def check_writable(folder: Path) -> None:
+    """CaptureError, one line naming the folder and the reason, unless a file can be created in `folder` (a
+    read-only mount, a folder of another user, an immutable one). Checked at the start of a run: found only
+    when the first frame was written, it cost the cooler's wait and a whole exposure first. A full disk
+    (ENOSPC, EDQUOT) is not refused here: each frame waits for space (write_frame)."""
+    probe = Path(folder) / ".livestack-write-check"
+    try:
+        atomic_write(probe, b"")
+        probe.unlink(missing_ok=True)   # another run on the folder may have removed it first
+    except OSError as err:
+        if err.errno in _WAIT_FOR_SPACE:
+            return
+        raise CaptureError(f"cannot write in {folder}: {_os_reason(err)}") from err
+
+
 def run_plan(plan: CapturePlan, take: Callable[[int], Path], stop: Stop, *,
              on_frame: Callable[[Path], None] | None = None) -> list[Path]:
     """The capture loop: take(index) -> written path, plan.count times (or until stopped), pausing
@@ -365,6 +380,7 @@ def run_plan(plan: CapturePlan, take: Callable[[int], Path], stop: Stop, *,
         raise CaptureError(f"cannot create {plan.folder}: {_os_reason(err)}") from err
     for f in clean_stale_temps(plan.folder):
         log.info("removed %s, left by a writer that was killed", f.name)
+    check_writable(plan.folder)      # before the camera is touched: not after cooling and a whole exposure
     written: list[Path] = []
     n = 0
     while (plan.count is None or n < plan.count) and not stop.requested:
