@@ -174,6 +174,21 @@ def test_a_gain_the_camera_cannot_set_is_one_clear_error(indi, tmp_path, gain):
 
 
 @server_test
+def test_the_cameras_offset_is_set_and_recorded(indi, tmp_path):
+    """OFFSET in every frame, the camera's (CCD_OFFSET) whether --offset set it or not: `livestack masters`
+    refuses a dark of another offset only when the frames say theirs (before: no --offset, and no OFFSET card:
+    INDI's simulator and older drivers do not write one). An offset outside the control's range: one line."""
+    for sub, args in (("set", ["--offset", "12"]), ("kept", [])):
+        r = run_capture(indi.port, tmp_path / sub, "0.5", "--count", "1", "--gain", "40", *args)
+        assert r.returncode == 0, r.stderr
+        h = fits.getheader(tmp_path / sub / "light_0000_0.5s.fits")
+        assert (h["OFFSET"], h["GAIN"]) == (12, 40), sub
+    r = run_capture(indi.port, tmp_path / "bad", "0.5", "--count", "1", "--offset", "99999")
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1] == f"capture indi: {DEVICE}: --offset 99999: the camera takes 0 to 6000"
+
+
+@server_test
 def test_a_set_point_the_cooler_cannot_take_is_one_clear_error(indi, tmp_path):
     """--temperature outside CCD_TEMPERATURE's range: one line naming it, at once (before: the driver waited all
     of --temp-timeout, 600 s by default, for a set point the camera had refused, then captured anyway)."""

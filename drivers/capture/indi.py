@@ -387,12 +387,15 @@ class IndiOptions:
     device: str | None = None           # None: the first device with CCD_EXPOSURE / the CCD interface
     filter_slot: int | None = None
     temperature: float | None = None    # °C cooler set point; None: leave the cooler alone
+    offset: float | None = None         # camera offset (CCD_OFFSET, CCD_CONTROLS Offset); None: leave it
     temp_timeout: float = 600.0         # s to wait for the set point (±0.5 °C) before capturing anyway
     download_timeout: float = 60.0      # s beyond the exposure for the frame to arrive
 
     def __post_init__(self):
         check_seconds(self.temp_timeout, "--temp-timeout")
         check_seconds(self.download_timeout, "--download-timeout")
+        if self.offset is not None and not math.isfinite(self.offset):
+            raise ValueError(f"--offset {self.offset:g}: must be a finite number")
         if self.temperature is not None and not math.isfinite(self.temperature):
             raise ValueError(f"--temperature {self.temperature:g} °C: must be a finite number")
 
@@ -409,6 +412,7 @@ class IndiCamera:
         self.filter_name: str | None = None
         self.wheel: str | None = None        # the device with our FILTER_SLOT (with --filter-slot)
         self.gain: float | None = None
+        self.offset: float | None = None
 
     # ------------------------------------------------------------ set-up
 
@@ -436,6 +440,7 @@ class IndiCamera:
         self._full_frame()
         self._binning()
         self._gain()
+        self._offset()
         self._filter()
         self._switch(dev, "CCD_FRAME_TYPE", FRAME_TYPE[self.plan.kind])
         self._cool()
@@ -559,35 +564,45 @@ class IndiCamera:
 
     def _gain(self) -> None:
         """CCD_GAIN.GAIN (INDI standard) or the 'Gain' element of CCD_CONTROLS (ZWO, some QHY drivers)."""
-        c, dev, want = self.client, self.device, self.plan.gain
+        self.gain = self._control("gain", self.plan.gain, "CCD_GAIN", "GAIN")
+
+    def _offset(self) -> None:
+        """CCD_OFFSET.OFFSET or the 'Offset' element of CCD_CONTROLS: set with --offset, recorded (OFFSET) either
+        way, for `livestack masters` refuses a bias or dark of another offset only when the frames say theirs."""
+        self.offset = self._control("offset", self.opts.offset, "CCD_OFFSET", "OFFSET")
+
+    def _control(self, what: str, want: float | None, prop: str, element: str) -> float | None:
+        """Set the camera's `what` (gain, offset) to `want` (None: leave it) through `prop`.`element` (INDI
+        standard) or the element of CCD_CONTROLS named `what` (ZWO, some QHY drivers); its value, None when the
+        camera has no such control."""
+        c, dev = self.client, self.device
         target = None
         if want is not None:     # asked for: a slow driver may still be defining it
             try:
-                c.wait(lambda: c.get(dev, "CCD_GAIN") is not None or c.get(dev, "CCD_CONTROLS") is not None, 5.0,
-                       f"{dev} to define its gain control")
+                c.wait(lambda: c.get(dev, prop) is not None or c.get(dev, "CCD_CONTROLS") is not None, 5.0,
+                       f"{dev} to define its {what} control")
             except TimeoutError:
                 pass
-        vec = c.get(dev, "CCD_GAIN")
-        if vec is not None and "GAIN" in vec.values:
-            target = ("CCD_GAIN", "GAIN")
+        vec = c.get(dev, prop)
+        if vec is not None and element in vec.values:
+            target = (prop, element)
         else:
             vec = c.get(dev, "CCD_CONTROLS")
-            el = next((e for e in (vec.values if vec else {}) if e.lower() == "gain"), None)
+            el = next((e for e in (vec.values if vec else {}) if e.lower() == what), None)
             if el is not None:
                 target = ("CCD_CONTROLS", el)
         if target is None:
             if want is not None:
-                log.warning("%s has no gain control (CCD_GAIN, CCD_CONTROLS Gain); ignoring --gain %g",
-                            dev, want)
-            self.gain = None
-            return
+                log.warning("%s has no %s control (%s, CCD_CONTROLS %s); ignoring --%s %g",
+                            dev, what, prop, what.capitalize(), what, want)
+            return None
         lo, hi = c.get(dev, target[0]).limits.get(target[1], (0.0, 0.0))
         if want is not None and hi > lo and not lo <= want <= hi:
-            # the driver would keep its own gain without a word (the simulator does), and the night with it
-            raise CaptureError(f"{dev}: --gain {want:g}: the camera takes {lo:g} to {hi:g}")
+            # the driver would keep its own setting without a word (the simulator does), and the night with it
+            raise CaptureError(f"{dev}: --{what} {want:g}: the camera takes {lo:g} to {hi:g}")
         if want is not None and c.get(dev, target[0]).values[target[1]] != want:
-            self._set_numbers(dev, target[0], {target[1]: want}, f"gain {want:g}")
-        self.gain = c.get(dev, target[0]).values[target[1]]
+            self._set_numbers(dev, target[0], {target[1]: want}, f"{what} {want:g}")
+        return c.get(dev, target[0]).values[target[1]]
 
     def _filter(self) -> None:
         """FILTER_SLOT on the CCD itself (built-in wheels) or on a filter wheel device (connected if needed);
@@ -793,6 +808,8 @@ class IndiCamera:
         put: dict = {"IMAGETYP": IMAGETYP[plan.kind], "EXPTIME": (float(plan.exposure), "[s] exposure time")}
         if self.gain is not None:
             put["GAIN"] = (float(self.gain), "camera gain setting")
+        if self.offset is not None:
+            put["OFFSET"] = (float(self.offset), "camera offset setting")
         if self.filter_name:
             put["FILTER"] = self.filter_name
         add: dict = {"DATE-OBS": (start.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3], "UTC start of exposure"),
@@ -840,6 +857,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=7624, help="INDI port (default 7624)")
     p.add_argument("--device", help="CCD device name (default: the first camera the server has)")
     p.add_argument("--filter-slot", type=int, help="filter wheel slot (1-based); records FILTER")
+    p.add_argument("--offset", type=float,
+                   help="camera offset (CCD_OFFSET, or the Offset of CCD_CONTROLS); recorded as OFFSET either way")
     p.add_argument("--temperature", type=float, help="cooler set point, °C; waits until within 0.5 °C")
     p.add_argument("--temp-timeout", type=float, default=600.0,
                    help="longest wait for the set point, s (then captures anyway; default 600)")
@@ -854,7 +873,7 @@ def run(args) -> int:
         return 2
     try:
         opts = IndiOptions(host=args.host, port=args.port, device=args.device, filter_slot=args.filter_slot,
-                           temperature=args.temperature, temp_timeout=args.temp_timeout,
+                           temperature=args.temperature, offset=args.offset, temp_timeout=args.temp_timeout,
                            download_timeout=args.download_timeout)
     except ValueError as err:
         print(f"capture indi: {err}", file=sys.stderr)
