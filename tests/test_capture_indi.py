@@ -700,6 +700,47 @@ def test_a_filter_wheel_that_does_not_move_is_one_clear_error(tmp_path):
     assert "FILTER_SLOT" in asked and "CCD_EXPOSURE" not in asked
 
 
+def _named_wheel_defs(names: list[str], dev: str = "Fake Wheel") -> str:
+    return (f'<defSwitchVector device="{dev}" name="CONNECTION" state="Ok" perm="rw" rule="OneOfMany">'
+            '<defSwitch name="CONNECT">On</defSwitch><defSwitch name="DISCONNECT">Off</defSwitch></defSwitchVector>'
+            f'<defNumberVector device="{dev}" name="FILTER_SLOT" state="Idle" perm="rw">'
+            f'<defNumber name="FILTER_SLOT_VALUE" min="1" max="{len(names)}">1</defNumber></defNumberVector>'
+            f'<defTextVector device="{dev}" name="FILTER_NAME" state="Idle" perm="rw">'
+            + "".join(f'<defText name="FILTER_SLOT_NAME_{i + 1}">{n}</defText>' for i, n in enumerate(names))
+            + '</defTextVector>')
+
+
+@pytest.mark.parametrize("asked, slot, name", [("L", 1, "Lum"), ("red", 2, "Red"), ("Ha", 5, "H-alpha 7nm"),
+                                               ("OIII", 6, "oiii")])
+def test_a_filter_is_found_by_its_name_in_the_wheel(tmp_path, asked, slot, name):
+    """--filter NAME: a sequence's L, R, G, B (or Ha) is the wheel's slot of that filter whatever the wheel calls
+    it — case, 'Lum'/'Luminance', 'H-alpha 7nm' — and FILTER is the wheel's name (before: slots only, and a
+    user's sequence had to know the wheel's numbers)."""
+    wheel = ["Lum", "Red", "Green", "Blue", "H-alpha 7nm", "oiii"]
+    cam, _ = _fake_camera(tmp_path, [_ccd_defs("Fake CCD") + _named_wheel_defs(wheel)], filter=asked)
+    cam.open()
+    cam.close()
+    assert (cam.slot, cam.filter_name, cam.wheel) == (slot, name, "Fake Wheel")
+
+
+def test_a_filter_name_the_wheel_does_not_have_is_one_clear_error(tmp_path):
+    from drivers.capture.common import CaptureError
+    from drivers.capture.indi import IndiOptions
+
+    cam, _ = _fake_camera(tmp_path, [_ccd_defs("Fake CCD") + _named_wheel_defs(["L", "R", "G", "B", "l"])],
+                          filter="SII")
+    with pytest.raises(CaptureError, match=r"^--filter SII: Fake Wheel has no such filter \(1 L, 2 R, 3 G, 4 B, 5 l\)$"):
+        cam.open()
+    cam.close()
+    cam, _ = _fake_camera(tmp_path, [_ccd_defs("Fake CCD") + _named_wheel_defs(["L", "R", "G", "B", "l"])],
+                          filter="L")
+    with pytest.raises(CaptureError, match=r"^--filter L: Fake Wheel has it in slots 1 \(L\), 5 \(l\): "):
+        cam.open()
+    cam.close()
+    with pytest.raises(ValueError, match="give one of them"):
+        IndiOptions(filter="L", filter_slot=1)
+
+
 def test_a_truncated_frame_is_not_written(tmp_path):
     """A frame shorter than its own FITS header says (a camera driver that lost part of the download): it is not
     written — the daemon would wait for the rest of a file that never comes, then record it failed — and the

@@ -15,6 +15,7 @@ import argparse
 import base64
 import logging
 import math
+import re
 import select
 import socket
 import sys
@@ -276,6 +277,19 @@ def _esc(text: str) -> str:
     return (text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace('"', "&quot;"))
 
 
+# one filter's spellings on wheels and in sequences (case, punctuation and a bandwidth aside); livestack's
+# engine keeps one stack for each (livestack.engine.filtername), which the drivers do not import
+_SPELLINGS = {"l": "L", "lum": "L", "luminance": "L", "r": "R", "red": "R", "g": "G", "green": "G",
+              "b": "B", "blue": "B", "ha": "Ha", "halpha": "Ha", "hα": "Ha", "oiii": "OIII", "o3": "OIII",
+              "sii": "SII", "s2": "SII"}
+
+
+def filter_spelling(name: str) -> str | None:
+    """'Luminance', 'lum', 'L' -> 'L'; 'H_Alpha', 'H-alpha 7nm' -> 'Ha'; None for a name not known."""
+    key = "".join(ch for ch in name.casefold() if ch.isalnum())
+    return _SPELLINGS.get(re.sub(r"\d+(\.\d+)?nm$", "", key))
+
+
 # ---------------------------------------------------------------- FITS header cards, without a FITS library
 
 def _card(key: str, value, comment: str = "") -> bytes:
@@ -386,6 +400,7 @@ class IndiOptions:
     port: int = 7624
     device: str | None = None           # None: the first device with CCD_EXPOSURE / the CCD interface
     filter_slot: int | None = None
+    filter: str | None = None           # a filter by its name in the wheel's FILTER_NAME (instead of filter_slot)
     temperature: float | None = None    # °C cooler set point; None: leave the cooler alone
     offset: float | None = None         # camera offset (CCD_OFFSET, CCD_CONTROLS Offset); None: leave it
     temp_timeout: float = 600.0         # s to wait for the set point (±0.5 °C) before capturing anyway
@@ -394,6 +409,10 @@ class IndiOptions:
     def __post_init__(self):
         check_seconds(self.temp_timeout, "--temp-timeout")
         check_seconds(self.download_timeout, "--download-timeout")
+        if self.filter is not None and self.filter_slot is not None:
+            raise ValueError(f"--filter {self.filter} and --filter-slot {self.filter_slot}: give one of them")
+        if self.filter is not None and not self.filter.strip():
+            raise ValueError("--filter '': give a filter's name, e.g. --filter L")
         if self.offset is not None and not math.isfinite(self.offset):
             raise ValueError(f"--offset {self.offset:g}: must be a finite number")
         if self.temperature is not None and not math.isfinite(self.temperature):
@@ -411,6 +430,7 @@ class IndiCamera:
         self.seen: str | None = None        # the camera found on a first open(): after it, its absence is a loss
         self.filter_name: str | None = None
         self.wheel: str | None = None        # the device with our FILTER_SLOT (with --filter-slot)
+        self.slot: int | None = None         # our slot: --filter-slot, or the slot of --filter's name
         self.gain: float | None = None
         self.offset: float | None = None
 
@@ -609,8 +629,10 @@ class IndiCamera:
         the name from its FILTER_NAME. Only with --filter-slot: without it the filter is not recorded."""
         c, slot = self.client, self.opts.filter_slot
         self.filter_name = self.wheel = None
-        if slot is None:
+        self.slot = slot
+        if slot is None and self.opts.filter is None:
             return
+        asked = f"--filter-slot {slot}" if slot is not None else f"--filter {self.opts.filter}"
         wheel = next((d for d in [self.device] + c.devices() if c.get(d, "FILTER_SLOT") is not None), None)
         if wheel is None:
             for d in c.devices():
@@ -626,9 +648,11 @@ class IndiCamera:
                     wheel = d
                     break
         if wheel is None:
-            raise CaptureError(f"--filter-slot {slot}: no filter wheel on {c.where} "
+            raise CaptureError(f"{asked}: no filter wheel on {c.where} "
                                f"(no FILTER_SLOT on {', '.join(c.devices())})")
-        lo, hi = c.get(wheel, "FILTER_SLOT").limits.get("FILTER_SLOT_VALUE", (1, slot))
+        lo, hi = c.get(wheel, "FILTER_SLOT").limits.get("FILTER_SLOT_VALUE", (1, slot or 1))
+        if slot is None:
+            slot = self.slot = self._slot_of(wheel, self.opts.filter, lo, hi)
         if not lo <= slot <= hi:
             raise CaptureError(f"--filter-slot {slot}: {wheel} has slots {lo:g}..{hi:g}")
         if c.get(wheel, "FILTER_SLOT").values.get("FILTER_SLOT_VALUE") != slot:
@@ -636,7 +660,31 @@ class IndiCamera:
             self._set_numbers(wheel, "FILTER_SLOT", {"FILTER_SLOT_VALUE": slot}, f"filter slot {slot}")
         self.wheel, self.filter_name = wheel, self._slot_name(wheel, slot)
         if (why := self._wheel_off()) is not None:      # a wheel that answers Ok where it stopped: stuck
-            raise CaptureError(f"--filter-slot {slot}: {why} after the move")
+            raise CaptureError(f"{asked}: {why} after the move")
+
+    def _slot_of(self, wheel: str, name: str, lo: float, hi: float) -> int:
+        """The slot of the filter `name` in `wheel`'s FILTER_NAME: the one of that name whatever its case ('l' for
+        'L'), else the one that is the same filter by another spelling ('L' for 'Luminance', 'Ha' for 'H_Alpha');
+        CaptureError naming the wheel's filters when none is, or several are."""
+        c = self.client
+        try:   # a wheel just connected defines FILTER_NAME after FILTER_SLOT
+            c.wait(lambda: c.get(wheel, "FILTER_NAME") is not None, 5.0, f"{wheel} to name its filters")
+        except TimeoutError:
+            pass
+        slots = list(range(int(lo), int(hi) + 1))
+        names = {s: self._slot_name(wheel, s) for s in slots}
+        for same in (lambda a, b: a.strip().casefold() == b.strip().casefold(),
+                     lambda a, b: (k := filter_spelling(a)) is not None and k == filter_spelling(b)):
+            found = [s for s in slots if same(names[s], name)]
+            if len(found) == 1:
+                if names[found[0]] != name:
+                    log.info("--filter %s: %s slot %d, %s", name, wheel, found[0], names[found[0]])
+                return found[0]
+            if found:
+                raise CaptureError(f"--filter {name}: {wheel} has it in slots "
+                                   f"{', '.join(f'{s} ({names[s]})' for s in found)}: give --filter-slot")
+        raise CaptureError(f"--filter {name}: {wheel} has no such filter "
+                           f"({', '.join(f'{s} {names[s]}' for s in slots)})")
 
     def _slot_name(self, wheel: str, slot: float) -> str:
         names = self.client.get(wheel, "FILTER_NAME")
@@ -647,7 +695,7 @@ class IndiCamera:
         is. Its FILTER_SLOT is kept current by the server's messages to every client: no request is sent."""
         if self.wheel is None:
             return None
-        vec, slot = self.client.get(self.wheel, "FILTER_SLOT"), self.opts.filter_slot
+        vec, slot = self.client.get(self.wheel, "FILTER_SLOT"), self.slot
         if vec is None:
             raise DeviceLost(f"{self.wheel} (the filter wheel) went away")
         at = vec.values.get("FILTER_SLOT_VALUE")
@@ -857,6 +905,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=7624, help="INDI port (default 7624)")
     p.add_argument("--device", help="CCD device name (default: the first camera the server has)")
     p.add_argument("--filter-slot", type=int, help="filter wheel slot (1-based); records FILTER")
+    p.add_argument("--filter", help="filter wheel slot by its name in the wheel (L, Red, Ha, …: case and the "
+                                    "usual spellings aside); instead of --filter-slot")
     p.add_argument("--offset", type=float,
                    help="camera offset (CCD_OFFSET, or the Offset of CCD_CONTROLS); recorded as OFFSET either way")
     p.add_argument("--temperature", type=float, help="cooler set point, °C; waits until within 0.5 °C")
@@ -873,6 +923,7 @@ def run(args) -> int:
         return 2
     try:
         opts = IndiOptions(host=args.host, port=args.port, device=args.device, filter_slot=args.filter_slot,
+                           filter=args.filter,
                            temperature=args.temperature, offset=args.offset, temp_timeout=args.temp_timeout,
                            download_timeout=args.download_timeout)
     except ValueError as err:
