@@ -11,6 +11,7 @@ import time
 __version__ = "fake"
 GP_EVENT_UNKNOWN, GP_EVENT_TIMEOUT, GP_EVENT_FILE_ADDED = 0, 1, 2
 GP_ERROR_TIMEOUT = -10
+GP_ERROR_CAMERA_BUSY = -110
 GP_CAPTURE_IMAGE = 0
 GP_FILE_TYPE_NORMAL = 1
 
@@ -69,6 +70,7 @@ class Camera:
     last: "Camera | None" = None
     file_delay = 0.0     # s between the release and the files' events (long-exposure noise reduction: a dark)
     config_failures = 0  # the next get_config() calls that fail (a USB glitch during the set-up)
+    press_failures: list = []  # error codes of the next bulb presses that fail (-110: the camera is busy)
 
     def __init__(self):
         self.state = {"iso": ("800", ["100", "800"]), "shutterspeed": ("1/10", ["1/100", "1/10", "bulb"]),
@@ -95,6 +97,8 @@ class Camera:
         return Config(self.state)
 
     def set_config(self, config):
+        if Camera.press_failures and config.w["eosremoterelease"].value == "Press Full":
+            raise GPhoto2Error(Camera.press_failures.pop(0))
         for k, w in config.w.items():
             if self.state[k][0] != w.value:
                 self.log.append(f"set {k}={w.value}")

@@ -122,6 +122,7 @@ def fake_gp(monkeypatch):
     monkeypatch.setitem(sys.modules, "gphoto2", fake_gphoto2)
     monkeypatch.setattr(fake_gphoto2.Camera, "file_delay", 0.0)
     monkeypatch.setattr(fake_gphoto2.Camera, "config_failures", 0)
+    monkeypatch.setattr(fake_gphoto2.Camera, "press_failures", [])
     fake_gphoto2.Camera.last = None
     return fake_gphoto2
 
@@ -210,3 +211,25 @@ def test_a_camera_lost_during_its_set_up_is_set_up_again(fake_gp, tmp_path):
     log = fake_gp.Camera.last.log
     assert not [x for x in log if x.startswith("capture")], log
     assert log.count("set eosremoterelease=Press Full") == 1, log
+
+
+def test_a_busy_camera_at_the_bulb_press_is_retried_not_refused(fake_gp, tmp_path, caplog):
+    """GP_ERROR_CAMERA_BUSY (-110) at the bulb press — the camera still writing the last frame to its card, or the
+    desktop's automounter holding it — is retried like a lost camera, one line each (before: the camera answered
+    get_config, so it was taken for one whose mode dial is not on M/B, and the run stopped: 'the camera refused a
+    bulb exposure … set the mode dial to M or B'). A refusal of another kind still stops the run at once."""
+    import logging
+
+    from drivers.capture.common import CaptureError, CapturePlan, Stop
+    from drivers.capture.gphoto import GphotoOptions, capture
+
+    fake_gp.Camera.press_failures = [-110, -110]
+    plan = CapturePlan(exposure=0.2, count=2, out=tmp_path / "busy")
+    with caplog.at_level(logging.WARNING, logger="drivers.capture"):
+        files = capture(plan, GphotoOptions(), Stop(), retry_for=10)
+    assert [f.name for f in files] == [f"light_{i:04d}_0.2s_IMG_{i + 1:04d}.CR2" for i in range(2)]
+    assert [r.getMessage() for r in caplog.records] == [
+        "camera (frame 0): [-110] fake error; retrying in 1 s", "camera (frame 0): [-110] fake error; retrying in 2 s"]
+    fake_gp.Camera.press_failures = [-2]
+    with pytest.raises(CaptureError, match="refused a bulb exposure"):
+        capture(CapturePlan(exposure=0.2, count=1, out=tmp_path / "refused"), GphotoOptions(), Stop(), retry_for=10)

@@ -31,6 +31,7 @@ ISO_WIDGETS = ("iso", "isospeed")
 SHUTTER_WIDGETS = ("shutterspeed", "shutterspeed2", "eos-shutterspeed")
 BULB_CHOICES = ("bulb", "b")
 JPEG_EXTS = (".jpg", ".jpeg")   # of RAW+JPEG's files the other one is the frame
+BUSY = (-110, -53)              # GP_ERROR_CAMERA_BUSY, GP_ERROR_IO_USB_CLAIM (another program has the camera)
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +222,9 @@ class GphotoCamera:
         try:
             self._set(w, press)
         except gp.GPhoto2Error as err:
-            if self._responds():
+            # busy (still writing the last frame to the card, or a desktop automounter holding it): retried like a
+            # lost camera, not taken for a camera that refuses bulb — one busy answer ended the night
+            if err.code not in BUSY and self._responds():
                 raise CaptureError(f"the camera refused a bulb exposure ({w}: {err}); set the mode dial to M "
                                    f"or B, or use an exposure of at most its longest shutter speed") from err
             raise
