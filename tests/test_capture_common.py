@@ -214,6 +214,23 @@ def test_retry_gives_up_after_the_limit_and_lets_other_errors_through():
         retry(bug, what="x", backoff=Backoff(), retry_on=(OSError,), sleep=clock.sleep, clock=clock)
 
 
+def test_the_line_that_ends_a_given_up_run_names_the_server_or_camera(tmp_path, capsys, monkeypatch):
+    """After --retry-for the run's last line (the journal's, under systemd) says what was lost and for how long
+    (before: 'capture indi: gave up: [Errno 111] Connection refused', naming neither the server nor the frame)."""
+    from drivers.capture.common import run_capture, run_plan
+
+    def take(index):
+        return retry(lambda: (_ for _ in ()).throw(ConnectionRefusedError(111, "Connection refused")),
+                     what=f"INDI pi:7624 (frame {index})", backoff=Backoff(first=0.01, give_up=0.05),
+                     retry_on=(OSError,))
+    plan = CapturePlan(exposure=1, count=1, out=tmp_path)
+    monkeypatch.setattr(Stop, "install_signals", lambda self: None)    # pytest's own Ctrl-C handling stays
+    assert run_capture("indi", plan, lambda stop: run_plan(plan, take, stop),
+                       gave_up=lambda err: isinstance(err, OSError)) == 1
+    assert capsys.readouterr().err == ("capture indi: gave up after 0 s: INDI pi:7624 (frame 0): "
+                                       "ConnectionRefusedError: [Errno 111] Connection refused\n")
+
+
 def test_a_stop_during_back_off_ends_the_wait():
     stop = Stop()
     stop.stop()

@@ -251,6 +251,10 @@ def retry(fn: Callable[[], object], *, what: str, backoff: Backoff, retry_on: tu
             if backoff.give_up is not None:
                 if now - start >= backoff.give_up:
                     log.error("%s: %s; giving up after %.0f s", what, _reason(err), now - start)
+                    try:    # for the run's last line (run_capture): what was lost, not only the system's error
+                        err.gave_up = f"after {now - start:.0f} s: {what}: {_reason(err)}"
+                    except (AttributeError, TypeError):
+                        pass
                     raise
                 delay = min(delay, backoff.give_up - (now - start))   # a last try when the time is up
             log.warning("%s: %s; retrying in %.0f s", what, _reason(err), delay)
@@ -477,7 +481,10 @@ def run_capture(name: str, plan: CapturePlan, capture: Callable[["Stop"], list[P
     except Exception as err:
         if not gave_up(err):
             raise
-        print(f"capture {name}: gave up: {err}", file=sys.stderr)
+        # 'gave up after 600 s: INDI pi:7624 (frame 12): ConnectionRefusedError: …': the server or camera, not only
+        # '[Errno 111] Connection refused', in the line that ends the run (the journal's last line under systemd)
+        detail = getattr(err, "gave_up", None)
+        print(f"capture {name}: gave up {detail}" if detail else f"capture {name}: gave up: {err}", file=sys.stderr)
         return 1
     log.info("%d frame(s) in %s", len(files), plan.folder)
     return 0
