@@ -241,6 +241,36 @@ def test_a_stop_during_back_off_ends_the_wait():
     assert time.monotonic() - t0 < 1
 
 
+def test_a_stop_while_waiting_to_retry_says_what_was_not_done(tmp_path, caplog):
+    """SIGTERM while the server is down: the run ends with a line saying which frame was not taken and why it
+    was waiting (before: 'WARNING INDI pi:7624 (frame 2)', and nothing else); the same for a frame waiting for
+    disk space (before: two lines, the second one the folder's name alone)."""
+    import errno
+
+    from drivers.capture.common import run_plan, write_frame
+
+    stop = Stop()
+
+    def take(index):
+        if index == 0:
+            return tmp_path / "light_0000_1s.fits"
+        stop.stop()      # SIGTERM, during the back-off
+        return retry(lambda: (_ for _ in ()).throw(ConnectionRefusedError(111, "Connection refused")),
+                     what=f"INDI pi:7624 (frame {index})", backoff=Backoff(first=30), retry_on=(OSError,), stop=stop)
+    with caplog.at_level(logging.WARNING, logger="drivers.capture"):
+        assert len(run_plan(CapturePlan(exposure=1, count=3, out=tmp_path), take, stop)) == 1
+    assert [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()] == [
+        "INDI pi:7624 (frame 1): stopped while waiting to try again (ConnectionRefusedError: [Errno 111] "
+        "Connection refused)"]
+    caplog.clear()
+    path = tmp_path / "light_0002_1s.fits"
+    full = OSError(errno.ENOSPC, "No space left on device")
+    with caplog.at_level(logging.WARNING, logger="drivers.capture"):
+        with pytest.raises(StopRequested) as e:
+            write_frame(path, lambda w=_failing_writes([full] * 3): w(path), stop=stop, give_up=600)
+    assert str(e.value) == f"stopped while waiting for space: {path} not written"
+
+
 def _failing_writes(errors):
     """A write function that raises the given OSErrors, one per call, then writes."""
     errors = list(errors)

@@ -259,8 +259,8 @@ def retry(fn: Callable[[], object], *, what: str, backoff: Backoff, retry_on: tu
                 delay = min(delay, backoff.give_up - (now - start))   # a last try when the time is up
             log.warning("%s: %s; retrying in %.0f s", what, _reason(err), delay)
             if stop is not None:
-                if stop.wait(delay):
-                    raise StopRequested(what) from err
+                if stop.wait(delay):   # the line run_plan logs: what was not done, and why it was being retried
+                    raise StopRequested(f"{what}: stopped while waiting to try again ({_reason(err)})") from err
             else:
                 sleep(delay)
 
@@ -301,9 +301,8 @@ def write_frame(path: Path, write: Callable[[], object], *, stop: "Stop | None",
               retry_on=(DiskFull,), stop=stop)
     except DiskFull as err:
         raise CaptureError(f"cannot write {path}: {_os_reason(err.__cause__)}") from err
-    except StopRequested:
-        log.error("stopped while waiting for space: %s not written", path.name)
-        raise
+    except StopRequested as err:   # one line (run_plan logs it), not retry's and this one
+        raise StopRequested(f"stopped while waiting for space: {path} not written") from err
     return path
 
 
