@@ -71,6 +71,7 @@ class Camera:
     file_delay = 0.0     # s between the release and the files' events (long-exposure noise reduction: a dark)
     config_failures = 0  # the next get_config() calls that fail (a USB glitch during the set-up)
     press_failures: list = []  # error codes of the next bulb presses that fail (-110: the camera is busy)
+    download_failures: list = []  # error codes of the next file_get() calls that fail (-7: a USB error)
 
     def __init__(self):
         self.state = {"iso": ("800", ["100", "800"]), "shutterspeed": ("1/10", ["1/100", "1/10", "bulb"]),
@@ -79,6 +80,8 @@ class Camera:
         self.n = 0
         self.card: dict[str, bytes] = {}
         self.log: list[str] = []           # config changes, downloads, deletions, in order
+        if Camera.last is not None:        # the same camera opened again (after a USB error): its card, its log
+            self.state, self.n, self.card, self.log = Camera.last.state, Camera.last.n, Camera.last.card, Camera.last.log
         Camera.last = self
 
     def init(self):
@@ -134,6 +137,9 @@ class Camera:
         return CameraFilePath("/store/DCIM", name)
 
     def file_get(self, folder, name, kind):
+        if Camera.download_failures:
+            self.log.append(f"failed download {name}")
+            raise GPhoto2Error(Camera.download_failures.pop(0))
         self.log.append(f"download {name}")
         return CameraFile(self.card[name])
 

@@ -123,6 +123,7 @@ def fake_gp(monkeypatch):
     monkeypatch.setattr(fake_gphoto2.Camera, "file_delay", 0.0)
     monkeypatch.setattr(fake_gphoto2.Camera, "config_failures", 0)
     monkeypatch.setattr(fake_gphoto2.Camera, "press_failures", [])
+    monkeypatch.setattr(fake_gphoto2.Camera, "download_failures", [])
     fake_gphoto2.Camera.last = None
     return fake_gphoto2
 
@@ -233,3 +234,22 @@ def test_a_busy_camera_at_the_bulb_press_is_retried_not_refused(fake_gp, tmp_pat
     fake_gp.Camera.press_failures = [-2]
     with pytest.raises(CaptureError, match="refused a bulb exposure"):
         capture(CapturePlan(exposure=0.2, count=1, out=tmp_path / "refused"), GphotoOptions(), Stop(), retry_for=10)
+
+
+def test_a_frame_whose_download_failed_is_downloaded_again_not_exposed_again(fake_gp, tmp_path):
+    """A USB error while a frame is downloaded: the camera is opened again and that frame — on its card — is
+    downloaded, not exposed again (before: a new exposure was taken, and the first one left on the card: a bulb
+    frame's whole exposure lost to the night). A frame whose second download fails too is taken again."""
+    from drivers.capture.common import CapturePlan, Stop
+    from drivers.capture.gphoto import GphotoOptions, capture
+
+    fake_gp.Camera.download_failures = [-7]          # GP_ERROR_IO
+    files = capture(CapturePlan(exposure=0.2, count=2, out=tmp_path / "a"), GphotoOptions(), Stop(), retry_for=10)
+    assert [f.name for f in files] == [f"light_{i:04d}_0.2s_IMG_{i + 1:04d}.CR2" for i in range(2)]
+    assert files[0].read_bytes().endswith(b"raw frame 1")
+    log = fake_gp.Camera.last.log
+    assert log.count("set eosremoterelease=Press Full") == 2, log
+    fake_gp.Camera.last = None
+    fake_gp.Camera.download_failures = [-7, -108]    # then GP_ERROR_FILE_NOT_FOUND: not to be had
+    files = capture(CapturePlan(exposure=0.2, count=1, out=tmp_path / "b"), GphotoOptions(), Stop(), retry_for=10)
+    assert [f.name for f in files] == ["light_0000_0.2s_IMG_0002.CR2"]

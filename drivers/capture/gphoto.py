@@ -43,6 +43,11 @@ class GphotoOptions:
     event_quiet: float = 1.0           # s without a new file that ends a bulb frame's files (RAW+JPEG: two)
 
 
+def _on_card(folder: str, name: str) -> str:
+    """'/store_00020001/DCIM/100CANON/IMG_0042.CR2': libgphoto2's folders have no trailing '/'."""
+    return f"{folder.rstrip('/')}/{name}"
+
+
 def parse_speed(text: str) -> float | None:
     """A shutter speed choice in seconds: '1/250', '30', '0.5', '1.0000s', '2"5' (Olympus 2.5 s); None for
     'bulb', 'time' and anything else that is not a duration."""
@@ -70,6 +75,7 @@ class GphotoCamera:
         self.bulb: str | None = None      # widget name pressed for bulb, or None for a timed shutter
         self.exposure = plan.exposure     # what the camera will actually do
         self.renamed = False
+        self.undownloaded: tuple[str, str] | None = None   # a frame exposed whose download failed: on the card
 
     # ------------------------------------------------------------ set-up
 
@@ -181,8 +187,24 @@ class GphotoCamera:
         try:
             if self.camera is None:
                 self.open()
-            folder, name = self._bulb_exposure() if self.bulb else self._timed_exposure()
-            data = self._download(folder, name)
+            if self.undownloaded is not None:
+                # exposed, then lost on the way (a USB error in the download): the frame is on the card; it is
+                # downloaded once more rather than exposed again (a 300 s bulb frame is 300 s of the night)
+                (folder, name), self.undownloaded = self.undownloaded, None
+                log.info("downloading %s again: exposed before the camera was lost", _on_card(folder, name))
+                again = True
+            else:
+                folder, name = self._bulb_exposure() if self.bulb else self._timed_exposure()
+                again = False
+            try:
+                data = self._download(folder, name)
+            except gp.GPhoto2Error as err:
+                if again:     # twice: the file is not to be had (gone from the card, a card error); expose again
+                    log.warning("%s not downloaded (%s); left on the card, taking the frame again",
+                                _on_card(folder, name), err)
+                else:
+                    self.undownloaded = (folder, name)
+                raise
         except gp.GPhoto2Error:
             # the next try re-opens the camera (USB glitch, camera asleep, cable pulled) and sets it up again: one
             # lost during open() is not open — it would expose at whatever speed it had, never set to bulb
@@ -202,7 +224,7 @@ class GphotoCamera:
             try:
                 self.camera.file_delete(folder, name)
             except gp.GPhoto2Error as err:  # the frame is safe on disk: a card left full is only a warning
-                log.warning("could not delete %s%s from the card: %s", folder, name, err)
+                log.warning("could not delete %s from the card: %s", _on_card(folder, name), err)
         return path
 
     def _timed_exposure(self) -> tuple[str, str]:
@@ -274,12 +296,12 @@ class GphotoCamera:
     def _drop(self, folder: str, name: str, why: str) -> None:
         """A file that is not a frame we keep (the JPEG of RAW+JPEG): skipped, and deleted from the card with
         --delete-from-card like the frames."""
-        log.debug("skipping %s%s (%s)", folder, name, why)
+        log.debug("skipping %s (%s)", _on_card(folder, name), why)
         if self.opts.delete_from_card:
             try:
                 self.camera.file_delete(folder, name)
             except self.gp.GPhoto2Error as err:
-                log.warning("could not delete %s%s from the card: %s", folder, name, err)
+                log.warning("could not delete %s from the card: %s", _on_card(folder, name), err)
 
     def _responds(self) -> bool:
         try:
