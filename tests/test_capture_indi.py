@@ -786,6 +786,26 @@ def test_an_exposure_the_camera_cannot_do_is_one_clear_error(tmp_path, exposure)
     bias.close()
 
 
+def test_an_exposure_the_camera_fails_is_said_as_a_failure_not_a_timeout(tmp_path, caplog):
+    """CCD_EXPOSURE answered with Alert (the camera's error, a USB problem): one line saying the exposure failed
+    and the driver's message, retried like a lost camera (before: a TimeoutError, logged 'TimeoutError: Fake CCD:
+    exposure failed (…)' — a failure at once, said as a wait that ran out)."""
+    import logging
+
+    from drivers.capture import indi as indi_driver
+    from drivers.capture.common import Backoff, retry
+
+    failed = ('<setNumberVector device="Fake CCD" name="CCD_EXPOSURE" state="Alert" message="Exposure failed: '
+              'USB transfer error"><oneNumber name="CCD_EXPOSURE_VALUE">0</oneNumber></setNumberVector>')
+    cam, _ = _fake_camera(tmp_path, [_ccd_defs("Fake CCD")], answers={"CCD_EXPOSURE": failed}, download_timeout=5)
+    with caplog.at_level(logging.WARNING, logger="drivers.capture"), pytest.raises(OSError) as e:
+        retry(lambda: cam.take(0), what="INDI (frame 0)", backoff=Backoff(give_up=0), retry_on=(OSError,))
+    cam.close()
+    assert isinstance(e.value, indi_driver.ExposureFailed) and not isinstance(e.value, TimeoutError)
+    assert [r.getMessage() for r in caplog.records] == [
+        "INDI (frame 0): Fake CCD: exposure failed (Fake CCD: Exposure failed: USB transfer error); giving up after 0 s"]
+
+
 def test_an_aborted_exposure_is_aborted_on_the_server(tmp_path, monkeypatch):
     """A second Ctrl-C (KeyboardInterrupt) while waiting for a frame: CCD_ABORT_EXPOSURE is sent before the
     connection closes, so the camera does not go on exposing (and downloading) for nobody."""

@@ -48,6 +48,11 @@ class DeviceLost(IndiLost):
     retried like a lost server."""
 
 
+class ExposureFailed(OSError):
+    """The camera's driver answered our exposure with Alert (a camera error, USB trouble): retried like a lost
+    camera, and said as what it is — it was a TimeoutError, logged 'TimeoutError: CCD: exposure failed'."""
+
+
 class ForeignFrame(ConnectionError):
     """Another program on the camera changed what our frame is: it started its own exposure (an INDI camera
     restarts with the newest request and sends the frame to every client), or turned the filter wheel. Retried
@@ -793,7 +798,7 @@ class IndiCamera:
                 raise DeviceLost(f"{dev} went away during frame {index}")
             if exp.state == "Alert":
                 last = c.messages[-1] if c.messages else "no message"
-                raise TimeoutError(f"{dev}: exposure failed ({last})")
+                raise ExposureFailed(f"{dev}: exposure failed ({last})")
             return any(self._ours(b) for b in c.blobs)
 
         c.wait(arrived, t + self.opts.download_timeout, f"frame {index} from {dev}")
