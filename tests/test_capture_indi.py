@@ -649,6 +649,28 @@ def test_a_camera_whose_driver_restarts_is_retried_not_fatal(tmp_path):
     first.close()
 
 
+def test_a_camera_its_driver_cannot_connect_is_said_with_the_drivers_reason(tmp_path):
+    """CONNECTION answered with Alert (a ZWO unplugged: the driver finds no camera): the driver's own reason, at
+    once, retried as a lost camera (before: 30 s of waiting for CCD_EXPOSURE, then 'timed out after 30 s waiting
+    for Fake CCD to connect (CCD_EXPOSURE)', and the same again on every retry of the night)."""
+    from drivers.capture.indi import DeviceLost
+
+    defs = ('<defSwitchVector device="Fake CCD" name="CONNECTION" state="Idle" perm="rw" rule="OneOfMany">'
+            '<defSwitch name="CONNECT">Off</defSwitch><defSwitch name="DISCONNECT">On</defSwitch></defSwitchVector>'
+            '<defTextVector device="Fake CCD" name="DRIVER_INFO" state="Idle" perm="ro">'
+            '<defText name="DRIVER_INTERFACE">2</defText></defTextVector>')
+    refused = ('<setSwitchVector device="Fake CCD" name="CONNECTION" state="Alert" message="Error: no camera '
+               'detected. Power on?"><oneSwitch name="CONNECT">Off</oneSwitch>'
+               '<oneSwitch name="DISCONNECT">On</oneSwitch></setSwitchVector>')
+    cam, _ = _fake_camera(tmp_path, [defs], answers={"CONNECTION": refused})
+    t0 = time.monotonic()
+    with pytest.raises(DeviceLost) as e:
+        cam.open()
+    cam.close()
+    assert str(e.value) == "Fake CCD: the camera's driver could not connect it (Error: no camera detected. Power on?)"
+    assert time.monotonic() - t0 < 5
+
+
 def test_a_camera_gone_while_cooling_is_a_lost_camera(tmp_path):
     """The camera's properties are deleted (its driver died) while the driver waits for the set point: a lost
     camera, retried, not an AttributeError traceback (exit 1)."""

@@ -453,7 +453,15 @@ class IndiCamera:
         if not c.get(dev, "CONNECTION").values.get("CONNECT"):
             log.info("connecting %s", dev)
             c.set_values(dev, "CONNECTION", {"CONNECT": True})
-        c.wait(lambda: c.get(dev, "CCD_EXPOSURE") is not None, 30, f"{dev} to connect (CCD_EXPOSURE)")
+
+        def refused() -> bool:     # Alert: the driver found no camera (unplugged, off, held by another program)
+            vec = c.get(dev, "CONNECTION")
+            return vec is not None and vec.state == "Alert" and not vec.values.get("CONNECT")
+        c.wait(lambda: c.get(dev, "CCD_EXPOSURE") is not None or refused(), 30, f"{dev} to connect (CCD_EXPOSURE)")
+        if c.get(dev, "CCD_EXPOSURE") is None:
+            said = next((m[len(dev) + 2:] for m in reversed(c.messages) if m.startswith(f"{dev}: ")), "no message")
+            # retried like a lost camera: one plugged in or switched on later is found on a later try
+            raise DeviceLost(f"{dev}: the camera's driver could not connect it ({said})")
         # the rest of the properties follow CCD_EXPOSURE in the same burst: read until it is over (a fixed 0.3 s
         # was too short on a loaded machine: CCD_GAIN came later, and --gain was ignored as unsupported)
         c.quiet(0.5, 10.0)
