@@ -11,6 +11,7 @@ import time
 __version__ = "fake"
 GP_EVENT_UNKNOWN, GP_EVENT_TIMEOUT, GP_EVENT_FILE_ADDED = 0, 1, 2
 GP_ERROR_TIMEOUT = -10
+GP_ERROR_MODEL_NOT_FOUND = -105     # what init() says when no camera is found ('Unknown model')
 GP_ERROR_CAMERA_BUSY = -110
 GP_CAPTURE_IMAGE = 0
 GP_FILE_TYPE_NORMAL = 1
@@ -72,6 +73,7 @@ class Camera:
     config_failures = 0  # the next get_config() calls that fail (a USB glitch during the set-up)
     press_failures: list = []  # error codes of the next bulb presses that fail (-110: the camera is busy)
     download_failures: list = []  # error codes of the next file_get() calls that fail (-7: a USB error)
+    init_failures: list = []   # error codes of the next init() calls that fail (-105: no camera on USB)
 
     def __init__(self):
         self.state = {"iso": ("800", ["100", "800"]), "shutterspeed": ("1/10", ["1/100", "1/10", "bulb"]),
@@ -85,6 +87,8 @@ class Camera:
         Camera.last = self
 
     def init(self):
+        if Camera.init_failures:
+            raise GPhoto2Error(Camera.init_failures.pop(0))
         self.log.append("init")
 
     def exit(self):

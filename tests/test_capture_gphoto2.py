@@ -124,6 +124,7 @@ def fake_gp(monkeypatch):
     monkeypatch.setattr(fake_gphoto2.Camera, "config_failures", 0)
     monkeypatch.setattr(fake_gphoto2.Camera, "press_failures", [])
     monkeypatch.setattr(fake_gphoto2.Camera, "download_failures", [])
+    monkeypatch.setattr(fake_gphoto2.Camera, "init_failures", [])
     fake_gphoto2.Camera.last = None
     return fake_gphoto2
 
@@ -253,3 +254,20 @@ def test_a_frame_whose_download_failed_is_downloaded_again_not_exposed_again(fak
     fake_gp.Camera.download_failures = [-7, -108]    # then GP_ERROR_FILE_NOT_FOUND: not to be had
     files = capture(CapturePlan(exposure=0.2, count=1, out=tmp_path / "b"), GphotoOptions(), Stop(), retry_for=10)
     assert [f.name for f in files] == ["light_0000_0.2s_IMG_0002.CR2"]
+
+
+def test_no_camera_on_usb_is_said_as_such_not_as_an_unknown_model(fake_gp, tmp_path, caplog):
+    """libgphoto2 says '[-105] Unknown model' when it finds no camera at all (off, unplugged, asleep): each retry
+    line says that no camera was found (before: 'camera (frame 0): [-105] Unknown model', which reads as a camera
+    gphoto2 does not support), and the camera switched on later is used."""
+    import logging
+
+    from drivers.capture.common import CapturePlan, Stop
+    from drivers.capture.gphoto import GphotoOptions, capture
+
+    fake_gp.Camera.init_failures = [-105]
+    with caplog.at_level(logging.WARNING, logger="drivers.capture"):
+        files = capture(CapturePlan(exposure=0.2, count=1, out=tmp_path), GphotoOptions(), Stop(), retry_for=10)
+    assert [f.name for f in files] == ["light_0000_0.2s_IMG_0001.CR2"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "camera (frame 0): no camera found (is it on and plugged in? gphoto2: [-105] fake error); retrying in 1 s"]

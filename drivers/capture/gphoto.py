@@ -34,6 +34,11 @@ JPEG_EXTS = (".jpg", ".jpeg")   # of RAW+JPEG's files the other one is the frame
 BUSY = (-110, -53)              # GP_ERROR_CAMERA_BUSY, GP_ERROR_IO_USB_CLAIM (another program has the camera)
 
 
+class NoCamera(ConnectionError):
+    """libgphoto2 found no camera at all: its own words, '[-105] Unknown model', read as a camera it does not
+    support. Retried like a lost camera (one switched on or plugged in later is used)."""
+
+
 @dataclass(frozen=True, slots=True)
 class GphotoOptions:
     port: str | None = None            # e.g. "usb:001,004"; None: the first camera found
@@ -84,7 +89,12 @@ class GphotoCamera:
         cam = gp.Camera()
         if self.opts.port:
             self._select_port(cam, self.opts.port)
-        cam.init()
+        try:
+            cam.init()
+        except gp.GPhoto2Error as err:
+            if err.code == getattr(gp, "GP_ERROR_MODEL_NOT_FOUND", -105):
+                raise NoCamera(f"no camera found (is it on and plugged in? gphoto2: {err})") from err
+            raise
         self.camera = cam
         summary = cam.get_abilities().model
         log.info("camera %s%s", summary, f" on {self.opts.port}" if self.opts.port else "")
