@@ -669,6 +669,17 @@ def test_a_camera_its_driver_cannot_connect_is_said_with_the_drivers_reason(tmp_
     cam.close()
     assert str(e.value) == "Fake CCD: the camera's driver could not connect it (Error: no camera detected. Power on?)"
     assert time.monotonic() - t0 < 5
+    wheel = ('<defSwitchVector device="Fake Wheel" name="CONNECTION" state="Idle" perm="rw" rule="OneOfMany">'
+             '<defSwitch name="CONNECT">Off</defSwitch><defSwitch name="DISCONNECT">On</defSwitch></defSwitchVector>'
+             '<defTextVector device="Fake Wheel" name="DRIVER_INFO" state="Idle" perm="ro">'
+             '<defText name="DRIVER_INTERFACE">16</defText></defTextVector>')
+    cam, _ = _fake_camera(tmp_path, [_ccd_defs("Fake CCD") + wheel], answers={"CONNECTION": refused.replace(
+        "Fake CCD", "Fake Wheel").replace("no camera", "no filter wheel")}, filter_slot=2)
+    with pytest.raises(DeviceLost, match=r"^Fake Wheel: the filter wheel's driver could not connect it \(Error: no "
+                                         r"filter wheel detected"):
+        cam.open()
+    cam.close()
+    assert time.monotonic() - t0 < 10
 
 
 def test_a_camera_gone_while_cooling_is_a_lost_camera(tmp_path):

@@ -450,18 +450,7 @@ class IndiCamera:
         # the main chip's frames only: a camera with a guide head (the simulator, SX, some QHY) sends the guide
         # chip's frames as CCD2 while a guiding program uses it
         c.enable_blobs(dev, name=MAIN_CHIP)
-        if not c.get(dev, "CONNECTION").values.get("CONNECT"):
-            log.info("connecting %s", dev)
-            c.set_values(dev, "CONNECTION", {"CONNECT": True})
-
-        def refused() -> bool:     # Alert: the driver found no camera (unplugged, off, held by another program)
-            vec = c.get(dev, "CONNECTION")
-            return vec is not None and vec.state == "Alert" and not vec.values.get("CONNECT")
-        c.wait(lambda: c.get(dev, "CCD_EXPOSURE") is not None or refused(), 30, f"{dev} to connect (CCD_EXPOSURE)")
-        if c.get(dev, "CCD_EXPOSURE") is None:
-            said = next((m[len(dev) + 2:] for m in reversed(c.messages) if m.startswith(f"{dev}: ")), "no message")
-            # retried like a lost camera: one plugged in or switched on later is found on a later try
-            raise DeviceLost(f"{dev}: the camera's driver could not connect it ({said})")
+        self._connect(dev, "CCD_EXPOSURE", "camera")
         # the rest of the properties follow CCD_EXPOSURE in the same burst: read until it is over (a fixed 0.3 s
         # was too short on a loaded machine: CCD_GAIN came later, and --gain was ignored as unsupported)
         c.quiet(0.5, 10.0)
@@ -478,6 +467,24 @@ class IndiCamera:
         self._switch(dev, "CCD_FRAME_TYPE", FRAME_TYPE[self.plan.kind])
         self._cool()
         log.info("%s: %s ready", c.where, dev)
+
+    def _connect(self, dev: str, needed: str, what: str) -> None:
+        """Switch `dev`'s CONNECTION on if it is off and wait for its property `needed` (defined once connected).
+        DeviceLost at once, with the driver's reason, when the driver answers Alert (no camera or wheel found:
+        unplugged, off, held by another program): retried like a lost camera, found on a later try once plugged
+        in — not 30 s of waiting, then 'timed out', on every try of the night."""
+        c = self.client
+        if not c.get(dev, "CONNECTION").values.get("CONNECT"):
+            log.info("connecting %s", dev)
+            c.set_values(dev, "CONNECTION", {"CONNECT": True})
+
+        def refused() -> bool:
+            vec = c.get(dev, "CONNECTION")
+            return vec is not None and vec.state == "Alert" and not vec.values.get("CONNECT")
+        c.wait(lambda: c.get(dev, needed) is not None or refused(), 30, f"{dev} to connect ({needed})")
+        if c.get(dev, needed) is None:
+            said = next((m[len(dev) + 2:] for m in reversed(c.messages) if m.startswith(f"{dev}: ")), "no message")
+            raise DeviceLost(f"{dev}: the {what}'s driver could not connect it ({said})")
 
     def _exposure_range(self) -> None:
         """CaptureError for an exposure outside CCD_EXPOSURE's range: the driver would refuse each one (an Alert,
@@ -655,9 +662,7 @@ class IndiCamera:
                 except (AttributeError, ValueError):
                     is_wheel = False
                 if is_wheel and d != self.device and c.get(d, "CONNECTION") is not None:
-                    log.info("connecting filter wheel %s", d)
-                    c.set_values(d, "CONNECTION", {"CONNECT": True})
-                    c.wait(lambda: c.get(d, "FILTER_SLOT") is not None, 30, f"{d} to connect (FILTER_SLOT)")
+                    self._connect(d, "FILTER_SLOT", "filter wheel")
                     wheel = d
                     break
         if wheel is None:
