@@ -359,6 +359,20 @@ def test_a_later_night_resumes_each_target(tmp_path, three_targets):
     assert _stacked_names(by["target 2"]) == [f.name for f in parts["b"]]
 
 
+def _by_night(tmp_path: Path, *nights: list[Path]) -> Path:
+    """Each night's frames fed live to a daemon started for it on the same folders (stopped at dawn); the
+    output folder."""
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for night in nights:
+        svc = _service(tmp_path, watch, out)
+        svc.start()
+        _feed_live(svc, watch, night)
+        svc.stop(timeout=30)
+        assert svc.error is None
+    return out
+
+
 def test_a_later_night_with_another_camera_makes_a_new_target(tmp_path):
     """Night 1: M13 then M57 with one camera.  Night 2 in the same output folder: M13 again, through another
     camera (another sensor size).  Its frames cannot go on M13's grid: every one of them was recorded failed
@@ -367,14 +381,7 @@ def test_a_later_night_with_another_camera_makes_a_new_target(tmp_path):
     a = _sky(tmp_path, "a", 11, 3, 20, M13, "M 13")
     b = _sky(tmp_path, "b", 22, 3, 21, M57, "M 57")
     c = _sky(tmp_path / "night2", "c", 11, 4, 22, M13, "M 13", width=360, height=280, seed=5)
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    watch.mkdir()
-    for night in (a + b, c):
-        svc = _service(tmp_path, watch, out)
-        svc.start()
-        _feed_live(svc, watch, night)
-        svc.stop(timeout=30)
-        assert svc.error is None
+    out = _by_night(tmp_path, a + b, c)
     book = json.loads((out / "targets.json").read_text())["targets"]
     got = [(t["name"], t["frames"], [(r["path"], r["status"]) for r in read_frames_log(out / t["folder"] / "frames.jsonl")])
            for t in book]
@@ -394,14 +401,7 @@ def test_a_new_target_on_a_later_night_with_the_moon_or_a_softer_seeing_is_a_new
     a = _sky(tmp_path, "a", 11, 4, 20)
     c = sky_frames(tmp_path / "night2", "c", 5, sky_seed=33, start="2026-11-26T20:00:00", drift_px=(0.4, -0.3),
                    seed=5, **night2)
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    watch.mkdir()
-    for night in (a, c):
-        svc = _service(tmp_path, watch, out)
-        svc.start()
-        _feed_live(svc, watch, night)
-        svc.stop(timeout=30)
-        assert svc.error is None
+    out = _by_night(tmp_path, a, c)
     by = _by_target(out)
     assert sorted(by) == ["target 1", "target 2"], {k: [r.get("reason") for r in v] for k, v in by.items()}
     assert _stacked_names(by["target 1"]) == [f.name for f in a] and len(by["target 1"]) == 4
@@ -416,14 +416,7 @@ def test_a_target_taken_up_again_on_a_softer_night_resumes_at_its_first_frame(tm
     a, b = _sky(tmp_path, "a", 11, 4, 20), _sky(tmp_path, "b", 22, 4, 21)
     c = sky_frames(tmp_path / "night2", "c", 5, sky_seed=11, start="2026-11-26T20:00:00", drift_px=(0.4, -0.3),
                    seed=5, fwhm_px=4.8)
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    watch.mkdir()
-    for night in (a + b, c):
-        svc = _service(tmp_path, watch, out)
-        svc.start()
-        _feed_live(svc, watch, night)
-        svc.stop(timeout=30)
-        assert svc.error is None
+    out = _by_night(tmp_path, a + b, c)
     by = _by_target(out)
     assert sorted(by) == ["target 1", "target 2"]
     assert [r["path"] for r in by["target 1"]] == _stacked_names(by["target 1"]) == [f.name for f in a + c]
