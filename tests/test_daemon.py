@@ -710,3 +710,25 @@ def test_a_pause_right_after_a_frame_still_writes_its_stack_file(tmp_path, daemo
         Engine.process = real
         svc.stop()
     assert svc.error is None
+
+
+def test_files_written_under_stacked_names_while_stopped_are_said_at_start(tmp_path, daemon_night, caplog):
+    """The daemon stopped at dawn; the next evening's capture, in the folder emptied of last night's frames,
+    numbered its files from the start again — under the names of frames the session has. Known by their path,
+    they were never stacked and nothing said so. At start, files written after the frame of their name was
+    stacked are named in one warning; files untouched since are not."""
+    import logging
+
+    files, watch, out = _four_frames_watched(tmp_path, daemon_night)
+    svc = _started_idle(watch, out, 4)
+    svc.stop(timeout=30)
+    later = time.time() + 5                                  # tonight's frames, under last night's first two names
+    for f in files[:2]:
+        os.utime(watch / f.name, (later, later))
+    caplog.set_level(logging.INFO, logger="livestack")
+    svc = _started_idle(watch, out, 4)
+    svc.stop(timeout=30)
+    said = [r.getMessage() for r in caplog.records if "written after the frame of" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("livestack: 2 files of the capture folder were written after"), said
+    assert files[0].name in said[0] and files[1].name in said[0] and files[2].name not in said[0], said
+    assert "its own folder" in said[0]

@@ -191,6 +191,30 @@ class Service:
                 "session_started": self.started, "watch": str(self.watch_dir), "out": str(self.out),
                 "updated": _now()}
 
+    def _written_since(self) -> None:
+        """Say (once, at start) which files of the capture folder were written after the frame of their name was
+        stacked: frames are known by their path, so a night captured while the daemon was stopped under the names
+        of the last night's files (a capture numbering from light_0000 again in the folder emptied of them) was
+        never stacked and nothing said so.  The watcher says the same of such files made while it runs."""
+        later = []
+        for d in self.records:
+            rel, when = d.get("path") or d["file"], d.get("processed")
+            try:
+                t = dt.datetime.fromisoformat(when).timestamp() if when else None
+                mtime = (self.watch_dir / rel).stat().st_mtime
+            except (OSError, ValueError, TypeError, OverflowError):
+                continue
+            if t is not None and mtime > t + 2.0:          # (processed: whole seconds)
+                later.append(rel)
+        if later:
+            log.warning("livestack: %d file%s of the capture folder %s written after the frame of %s name was "
+                        "stacked (%s%s): new frames under names the session already has are not stacked (frames "
+                        "are known by their path) — give each night its own folder (`--recursive` watches them "
+                        "all), or have the capture number its files on; files only changed in place (a plate "
+                        "solver writing its WCS) lose nothing", len(later), "s" * (len(later) != 1),
+                        "were" if len(later) != 1 else "was", "their" if len(later) != 1 else "its",
+                        ", ".join(later[:3]), ", …" if len(later) > 3 else "")
+
     @property
     def starting(self) -> bool:
         """start() has not started the worker yet: the session is being loaded, or the start failed."""
@@ -262,6 +286,7 @@ class Service:
             # stack.fits, or during a backlog, where they keep separate schedules): written once, when idle
             self._fits_dirty = max(self._fits_dirty, 1)
         self._sky_begin()
+        self._written_since()
         self._state = "idle"
         self._publish()
         self.watcher = Watcher(self.watch_dir, self.wp, self.files, known=known, exclude=[self.out],
