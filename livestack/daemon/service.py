@@ -208,7 +208,7 @@ class Service:
                 later.append(rel)
         if later:
             log.warning("livestack: %d file%s of the capture folder %s written after the frame of %s name was "
-                        "stacked (%s%s): new frames under names the session already has are not stacked (frames "
+                        "processed (%s%s): new frames under names the session already has are not stacked (frames "
                         "are known by their path) — give each night its own folder (`--recursive` watches them "
                         "all), or have the capture number its files on; files only changed in place (a plate "
                         "solver writing its WCS) lose nothing", len(later), "s" * (len(later) != 1),
