@@ -294,9 +294,9 @@ class FilterStack:
         last night's medians, a new target's night with the moon up or a softer seeing had every frame 'not
         good' (sky or FWHM): none of them ever made the new target, all rejected as not registering."""
         if self.night_gap(m) is not None:
-            return FrameJudge(self.judge.p).check(q, prior=self._medians())
+            return self.judge.trailed_against(q, self._medians())
         if not self.judge.history:
-            return FrameJudge(self.judge.p).check(q, prior=self.prior)
+            return self.judge.trailed_against(q, self.prior)
         return self.check(q, m)
 
     def check(self, q: Quality, m: FrameMeta, scale: float | None = None) -> str | None:
@@ -312,13 +312,14 @@ class FilterStack:
         raw = None if scale is None else (1.0 / scale if scale > 0 else 0.0)
         t = None if raw is None or base is None else raw / base
         levels = self.levels.get(key, FrameJudge(self.judge.p))
-        prior = self.prior if not self.judge.history else None
-        reason = self.judge.check(q, transparency=t, levels=levels, prior=prior)
-        if prior is not None and reason is not None and self.judge.check(q, transparency=t, levels=levels) is None:
-            self.prior_rejected += 1        # by the previous night's shape alone: only so many (new_night)
-            if self.prior_rejected >= PRIOR_FRAMES:
-                self.prior = None
-            return reason
+        reason = self.judge.check(q, transparency=t, levels=levels)
+        if reason is None and not self.judge.history:
+            reason = self.judge.trailed_against(q, self.prior)
+            if reason is not None:
+                self.prior_rejected += 1    # by the previous night's shape alone: only so many (new_night)
+                if self.prior_rejected >= PRIOR_FRAMES:
+                    self.prior = None
+                return reason
         if reason is None or t is None or t >= self.judge.p.min_transparency or \
                 self.judge.check(q, levels=levels) is not None:
             return reason

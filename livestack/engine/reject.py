@@ -63,51 +63,57 @@ class FrameJudge:
         return None
 
     def check(self, q: Quality, transparency: float | None = None, *,
-              levels: "FrameJudge | None" = None, prior: dict | None = None) -> str | None:
+              levels: "FrameJudge | None" = None) -> str | None:
         """Reason to reject the frame, or None.  ``transparency`` = frame star flux / reference star flux.
         ``levels``: the judge whose frames the star count and the sky level are compared with — those of the
         frame's own exposure, ISO and gain (a 15 s frame has a quarter of a 60 s frame's sky and fewer stars:
         against 60 s frames every one was "clouds"); None: this judge's own; one without frames: not tested.
-        Without frames of its own (a new night's first frame) the frame is judged on its transparency and, with
-        ``prior`` (the medians of the filter's previous night), on its eccentricity against that night's: only
-        what the night does not change (_alone)."""
+        Without frames of its own (a new night's first frame) the frame is judged on its transparency alone —
+        the shape of its stars against the previous night's: trailed_against()."""
         p = self.p
         if not p.enabled:
             return None
         if not self.history:
-            return self._alone(q, transparency, prior)
+            return self._clouded(transparency)
         m = self.medians()
         lv = (self if levels is None else levels).medians()
         if lv and q.stars < p.min_star_fraction * lv["stars"]:
             return f"stars {q.stars} < {p.min_star_fraction:g} × running median {lv['stars']:.0f} (clouds?)"
-        if transparency is not None and transparency < p.min_transparency:
-            return f"transparency {transparency:.2f} < {p.min_transparency:g} of the reference (clouds?)"
+        clouded = self._clouded(transparency)
+        if clouded:
+            return clouded
         if lv and lv["background"] > 0 and q.background > p.background_factor * lv["background"]:
             return (f"background {q.background:.1f} ADU > {p.background_factor:g} × running median "
                     f"{lv['background']:.1f} ADU (clouds or light?)")
         if np.isfinite(q.fwhm) and q.fwhm > p.fwhm_factor * m["fwhm"]:
             return f"fwhm {q.fwhm:.2f} px > {p.fwhm_factor:g} × running median {m['fwhm']:.2f} px"
-        if q.eccentricity > max(p.eccentricity_min, m["eccentricity"] + p.eccentricity_delta) and \
-                not q.fwhm < p.eccentricity_fwhm:
+        if self._trailed(q, m["eccentricity"]):
             return (f"eccentricity {q.eccentricity:.2f} > running median {m['eccentricity']:.2f} "
                     f"+ {p.eccentricity_delta:g} (trailed stars: wind or tracking)")
         return None
 
-    def _alone(self, q: Quality, transparency: float | None, prior: dict | None) -> str | None:
-        """A frame with nothing of its night to be judged by: its transparency (against the filter's first
-        frame's, as any frame's) and, with ``prior``, the shape of its stars against the previous night's median
-        (trailing is the wind's and the mount's; the seeing, the star count and the sky are the night's own and
-        are not judged)."""
+    def trailed_against(self, q: Quality, prior: dict | None) -> str | None:
+        """Why a frame with nothing of its night to be judged by is rejected for the shape of its stars against
+        ``prior`` (the medians of the filter's previous night), or None: trailing is the wind's and the mount's;
+        the seeing, the star count and the sky are the night's own and are not judged."""
+        p = self.p
+        ecc = (prior or {}).get("eccentricity")
+        if not p.enabled or ecc is None or not np.isfinite(ecc) or not self._trailed(q, ecc):
+            return None
+        return (f"eccentricity {q.eccentricity:.2f} > the previous night's median {ecc:.2f} "
+                f"+ {p.eccentricity_delta:g} (trailed stars: wind or tracking; a new night's first frames)")
+
+    def _clouded(self, transparency: float | None) -> str | None:
         p = self.p
         if transparency is not None and transparency < p.min_transparency:
             return f"transparency {transparency:.2f} < {p.min_transparency:g} of the reference (clouds?)"
-        ecc = (prior or {}).get("eccentricity")
-        if ecc is not None and np.isfinite(ecc) and \
-                q.eccentricity > max(p.eccentricity_min, ecc + p.eccentricity_delta) and \
-                not q.fwhm < p.eccentricity_fwhm:
-            return (f"eccentricity {q.eccentricity:.2f} > the previous night's median {ecc:.2f} "
-                    f"+ {p.eccentricity_delta:g} (trailed stars: wind or tracking; a new night's first frames)")
         return None
+
+    def _trailed(self, q: Quality, median: float) -> bool:
+        """Stars more elongated than ``median`` allows — judged only for stars wide enough to show it."""
+        p = self.p
+        return q.eccentricity > max(p.eccentricity_min, median + p.eccentricity_delta) and \
+            not q.fwhm < p.eccentricity_fwhm
 
     def accept(self, q: Quality) -> None:
         self.history.append((q.fwhm, float(q.stars), q.background, q.eccentricity))
