@@ -44,10 +44,10 @@ def calibration_folder(name: str) -> bool:
     want of stars, a line each in frames.jsonl, or worse).  A name that goes on with another word is a target's
     ("Dark Shark Nebula", "Dark Horse"): masters' reading of the first letters alone left such a target's lights
     unwatched — not one stacked, not a line in the log."""
-    from ..masters import folder_kind
+    from ..masters import KINDS, folder_kind
 
     kind, sure = folder_kind(name)
-    return bool(sure) and kind in ("bias", "dark", "darkflat", "flat")
+    return sure and kind in KINDS
 
 
 def is_candidate(name: str) -> bool:
@@ -196,7 +196,7 @@ class Watcher:
         self._scanned_once = False
         self._said_no_events = False
         self._unannounced = 0
-        self._same_name = 0             # new files under the name of a frame the session has (_same_name)
+        self._same_name = 0             # new files under the name of a frame the session has (_same_name_file)
 
     # -- public
     def start(self) -> None:
