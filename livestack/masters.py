@@ -1227,8 +1227,8 @@ class MasterLibrary:
                 others = {filter_key(e.filter): e.filter for probs, e in judged
                           if len(probs) == 1 and e.filter and filter_key(e.filter) != filter_key(m.filter)}
                 if len(others) > 1:
-                    names = ", ".join(f"'{n}'" for n in sorted(others.values(), key=str.casefold))
-                    return None, f"no master flat for filter '{m.filter}' (the master flats are for {names})"
+                    return None, (f"no master flat for filter '{m.filter}' (the master flats are for "
+                                  f"{_filter_names(others.values())})")
 
             def nearest(pe):         # the fewest problems; among darks, the nearest temperature is the one to name
                 e = pe[1]
@@ -1260,9 +1260,8 @@ class MasterLibrary:
             filters = {filter_key(e.filter): e.filter for e in ok}
             if not f and "" not in filters and len(filters) > 1:
                 # a frame without FILTER, flats of several filters and none without: any one would be a guess
-                names = ", ".join(f"'{n}'" for n in sorted(filters.values(), key=str.casefold))
-                return None, (f"the frame has no FILTER and the master flats are for filters {names}: which one "
-                              "is unknown")
+                return None, (f"the frame has no FILTER and the master flats are for filters "
+                              f"{_filter_names(filters.values())}: which one is unknown")
             return min(ok, key=lambda e: (filter_key(e.filter) != f, -e.ncombine)), None
         return min(ok, key=lambda e: -e.ncombine), None
 
@@ -1296,6 +1295,11 @@ class MasterLibrary:
         if e.kind == "flat" and e.filter and m.filter and filter_key(e.filter) != filter_key(m.filter):
             out.append(f"{d} is for filter '{e.filter}' but the frame has filter '{m.filter}'")
         return out
+
+
+def _filter_names(names) -> str:
+    """"'B', 'g', 'R'": filter names as a mismatch reason lists them."""
+    return ", ".join(f"'{n}'" for n in sorted(names, key=str.casefold))
 
 
 def _by_t(t: float | None) -> float:
