@@ -14,7 +14,8 @@ source times the user's weight:
 
     RGB    R, G, B                       LRGB   out_c = C_c + (L − (C_R + C_G + C_B)/3), C_c from R, G, B
     SHO    R = SII, G = Ha, B = OIII     HOO    R = Ha, G = B = OIII
-    HUES   each filter a hue from its wavelength order (shortest blue, longest red; L white) or from the config
+    HUES   each filter a hue from its wavelength order (shortest blue, longest red; L white) or from the config;
+           colour stacks alone (one colour camera, several filters): each stack's channels in their own colours
 
 The palette is chosen and the mappings measured once (``plan_composite``, on reduced copies ≤ ~1600 px: ~0.1 s
 per stack) and applied in blocks of rows at full resolution (``composite_rows``): a 26 MP composite (300 MB) is
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .filtername import canonical_filter
+from .filtername import canonical_filter, is_dual_band
 from .normalize import pair_noise
 from .stretch import reduce
 
@@ -212,23 +213,39 @@ class _Candidate:
     label: str
     canon: str | None
     luminance: bool             # a colour stack's luminance: white in HUES unless a hue is configured
-    whole: bool                 # the whole stack (False: channels of a lone colour stack standing for filters)
+    whole: bool                 # the whole stack (False: channels of a colour stack standing for filters)
+    hue: tuple[float, float, float] | None = None   # its colour in HUES, whatever the order (a colour channel)
 
 
-def _candidates(chans: Mapping[str, int], palette: str) -> list[_Candidate]:
+# A colour stack's channels as sources: (channels, filter they stand for, colour in HUES) — its R, G, B, or behind
+# a dual-band filter Ha from the R pixels and OIII from the G and B pixels.
+_RGB_CHANNELS = (((0,), "R", (1.0, 0.0, 0.0)), ((1,), "G", (0.0, 1.0, 0.0)), ((2,), "B", (0.0, 0.0, 1.0)))
+_HOO_CHANNELS = (((0,), "Ha", (1.0, 0.0, 0.0)), ((1, 2), "OIII", (0.0, 1.0, 1.0)))
+
+
+def _candidates(chans: Mapping[str, int], p: ComposeParams) -> list[_Candidate]:
     """The sources the stacks offer.  A single colour stack offers its channels as R, G, B — or, for HOO (a
-    dual-band filter), Ha from R and OIII from (G + B)/2; among several stacks a colour stack offers its
-    luminance (the mean of its channels) as one source."""
+    dual-band filter), Ha from R and OIII from (G + B)/2.  Among several stacks a colour stack offers its
+    luminance (the mean of its channels) as one source beside mono stacks, or when a hue is configured for it;
+    when every stack is colour (one colour camera behind several filters: a UV/IR cut and a dual-band filter,
+    the Seestar's IRCUT and LP) each offers its channels as above (HOO when its name is a dual-band filter's),
+    named "<stack>:<channel>" and drawn in their own colours — as luminances every one was white, and the
+    composite grey."""
     if len(chans) == 1 and next(iter(chans.values())) == 3:
         name = next(iter(chans))
-        if palette == "HOO":
+        if p.palette == "HOO":
             return [_Candidate(name, (0,), "Ha", "Ha", False, False),
                     _Candidate(name, (1, 2), "OIII", "OIII", False, False)]
         return [_Candidate(name, (c,), lab, lab, False, False) for c, lab in enumerate("RGB")]
+    all_colour = all(c == 3 for c in chans.values())
     out = []
     for name, c in chans.items():
         canon = canonical_filter(name)
-        out.append(_Candidate(name, (0,) if c == 1 else (0, 1, 2), canon or name, canon, c == 3, True))
+        if all_colour and _lookup(p.hues, name, None) is None:
+            out += [_Candidate(name, ch, f"{name}:{lab}", lab, False, False, hue)
+                    for ch, lab, hue in (_HOO_CHANNELS if is_dual_band(name) else _RGB_CHANNELS)]
+        else:
+            out.append(_Candidate(name, (0,) if c == 1 else (0, 1, 2), canon or name, canon, c == 3, True))
     return out
 
 
@@ -246,7 +263,7 @@ def _hues(cands: list[_Candidate], p: ComposeParams) -> list[np.ndarray]:
     out: list[np.ndarray | None] = []
     free = []
     for i, c in enumerate(cands):
-        hue = _lookup(p.hues, c.stack if c.whole else c.label, None)
+        hue = c.hue or _lookup(p.hues, c.stack if c.whole else c.label, None)
         if hue is not None:
             out.append(np.array(hue, np.float64))
         elif c.canon == "L" or c.luminance:
@@ -300,7 +317,7 @@ def _choose(cands: list[_Candidate], p: ComposeParams):
         return palette, [(c, h * scale, h) for c, h in zip(cands, hues)], notes, ignored, fallback
     used = {id(canon[f]) for f in _MIXES[palette]}
     chosen = [(canon[f], np.array(m, np.float64), None) for f, m in _MIXES[palette].items()]
-    ignored = [c.stack for c in cands if id(c) not in used]
+    ignored = list(dict.fromkeys(c.stack for c in cands if id(c) not in used))   # a colour stack's channels: once
     if ignored:
         notes.append(f"ignored {', '.join(ignored)} (not in {palette})")
     return palette, chosen, notes, ignored, fallback
@@ -498,7 +515,7 @@ def plan_composite(reduced: Mapping[str, np.ndarray], p: ComposeParams, *,
     if len(full) != 2 or full[0] < small[0] or full[1] < small[1]:
         raise ValueError(f"full_shape {full_shape} is smaller than the reduced stacks {small}")
 
-    cands = _candidates(chans, p.palette)
+    cands = _candidates(chans, p)
     weights = []
     for c in cands:        # a channel of a lone colour stack: its filter's weight times the stack's
         weights.append(_lookup(p.weights, c.stack, 1.0) * (1.0 if c.whole else _lookup(p.weights, c.label, 1.0)))
@@ -517,8 +534,13 @@ def plan_composite(reduced: Mapping[str, np.ndarray], p: ComposeParams, *,
 
     # The card: palette first, then a fallback note, then the mapping (truncated: the UI has the long form).
     if palette == "HUES":
-        mapping = " ".join(f"{s.label}=({','.join(_fmt(v) for v in hue)})" for s, (_, _, hue) in
-                           zip(sources, chosen))
+        parts: dict = {}      # a colour stack's channels in their own colours, said once: "L=RGB HaOIII=HOO"
+        for s, (c, _, hue) in zip(sources, chosen):
+            if c.hue is not None:
+                parts.setdefault(c.stack, f"{c.stack}={'HOO' if is_dual_band(c.stack) else 'RGB'}")
+            else:
+                parts[id(c)] = f"{s.label}=({','.join(_fmt(v) for v in hue)})"
+        mapping = " ".join(parts.values())
     else:
         mapping = _MAPPING_TEXT[palette]
     colour = [k for k, c in chans.items() if c == 3]

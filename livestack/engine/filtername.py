@@ -16,6 +16,9 @@ _SPELLINGS = {
     "g": "G", "green": "G",
     "b": "B", "blue": "B",
 }
+# Dual-band filters for colour cameras (letters and digits only, any case): with palette "auto" a colour stack
+# behind one of them is shown as HOO.
+DUAL_BAND = ("haoiii", "dualband", "duoband", "lextreme", "lenhance", "lultimate", "alpt", "nbz", "cbp")
 _SEPARATORS = re.compile(r"[\s\-_.\[\]()/]+")
 _BANDWIDTH = re.compile(r"(\d+(?:[.,]\d+)?)\s*nm$")
 
@@ -39,3 +42,9 @@ def filter_key(name: str | None) -> str:
         return folded
     bw = _BANDWIDTH.search(folded)
     return canon.casefold() + (f" {float(bw.group(1).replace(',', '.')):g}nm" if bw else "")
+
+
+def is_dual_band(name: str | None) -> bool:
+    """Whether a FILTER value names a dual-band filter (Ha and OIII) for colour cameras: "L-eXtreme 7nm", "HaOIII"."""
+    key = "".join(ch for ch in (name or "").casefold() if ch.isalnum())
+    return any(key.startswith(k) for k in DUAL_BAND)

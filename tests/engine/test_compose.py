@@ -206,6 +206,28 @@ def test_colour_stack_among_others_gives_its_luminance():
     np.testing.assert_allclose(out[0] - out[1], 0.5 * mapped("Ha", images["Ha"]), atol=1e-5)
 
 
+def test_colour_stacks_alone_give_their_channels_in_their_colours():
+    """One colour camera behind a UV/IR cut and a dual-band filter: every stack is colour, and as luminances both
+    were white — a grey composite.  Each now gives its channels (HOO from the dual-band's), in their colours."""
+    structure, images = truth()
+    osc = np.concatenate([images["R"], images["G"], images["B"]])
+    duo = np.concatenate([images["Ha"], images["OIII"], images["OIII"]])
+    stacks = {"UVIR": osc, "L-eXtreme": duo}
+    plan = plan_of(stacks)
+    assert plan.palette == "HUES" and plan.header == "HUES: UVIR=RGB L-eXtreme=HOO", plan.header
+    assert [(s.stack, s.channels) for s in plan.sources] == [
+        ("UVIR", (0,)), ("UVIR", (1,)), ("UVIR", (2,)), ("L-eXtreme", (0,)), ("L-eXtreme", (1, 2))]
+    out = composite(plan, stacks)
+    half = {k: 0.5 * mapped("x", v) for k, v in (("R", images["R"]), ("G", images["G"]), ("B", images["B"]),
+                                                    ("Ha", images["Ha"]), ("OIII", images["OIII"]))}
+    np.testing.assert_allclose(out[0], half["R"] + half["Ha"], atol=1e-5)
+    np.testing.assert_allclose(out[1], half["G"] + half["OIII"], atol=1e-5)
+    np.testing.assert_allclose(out[2], half["B"] + half["OIII"], atol=1e-5)
+    # a hue configured for a colour stack: its luminance, in that hue, as before
+    hued = plan_of(stacks, hues={"UVIR": [1, 1, 1]})
+    assert [s.channels for s in hued.sources if s.stack == "UVIR"] == [(0, 1, 2)]
+
+
 def test_lrgb_is_the_rgb_colour_with_the_luminance_of_l():
     structure, images = truth()
     lrgb = composite(plan_of(pick(images, ("L", "R", "G", "B"))), images)

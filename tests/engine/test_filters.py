@@ -175,6 +175,25 @@ def test_dual_band_colour_camera_makes_hoo_from_one_stack(night, tmp_path):
         assert np.array_equal(h[0].data, rgb, equal_nan=True)
 
 
+def test_a_colour_camera_behind_two_filters_keeps_its_colours(night, tmp_path):
+    """A colour camera behind a UV/IR cut and a dual-band filter (a Seestar's IRCUT and LP): each stack was one
+    white luminance in the composite, and stack.fits and the preview came out grey (its three channels equal)."""
+    kw = dict(n_frames=6, seed=6, filters=("L", "HaOIII"))
+    files, _ = night(**kw)
+    eng, recs = run(files)
+    assert all(r.status in STACKED for r in recs), [r.reason for r in recs]
+    assert eng.snapshot(tmp_path / "out")
+    with fits.open(tmp_path / "out" / "stack.fits") as h:
+        rgb, hdr = h[0].data.astype(np.float32), h[0].header
+    assert hdr["PALETTE"] == "HUES: L=RGB HaOIII=HOO", hdr["PALETTE"]
+    ha, oiii = (_structure(nebula_truth(sim_cfg(**kw), line)) for line in ("Ha", "OIII"))
+    mask = np.zeros((480, 640), bool)
+    mask[30:450, 30:610] = True
+    r, g, b = (_structure(rgb[c]) for c in range(3))
+    assert _corr(r, ha, mask) > _corr(r, oiii, mask) + 0.3
+    assert _corr(g, oiii, mask) > _corr(g, ha, mask) + 0.3 and _corr(b, oiii, mask) > _corr(b, ha, mask) + 0.3
+
+
 def test_rows_of_a_stack_in_its_bootstrap_equal_the_whole(night):
     """The composite is written in blocks of rows; a filter still in its bootstrap combines only those rows
     (plus a cell of margin): the same values as the whole combination, without a full-frame temporary."""
