@@ -191,6 +191,24 @@ def test_weights_and_a_palette_posted_back_to_back_are_both_applied(two_filters)
     assert svc.error is None
 
 
+def test_every_weight_0_on_the_page_neither_fails_nor_stops_the_daemon(two_filters):
+    """Every slider at 0: the POST got a 500 ('ValueError: no stack to compose'), palette.json kept the weights,
+    and the daemon stopped with that error at its next frame — and at every start after, a restart loop under
+    systemd.  Now the composite is black, the frames go on stacking and a restart starts."""
+    watch, out = two_filters
+    zero = {"Ha": 0.0, "OIII": 0.0}
+    with _running(watch, out, 4) as (svc, s):
+        p = svc.set_palette(weights=zero).result(timeout=60)["palette"]
+        assert p["weights"] == zero and "the composite is black" in p["mapping"], p
+        extra = sorted(watch.glob("*"))[0]
+        (watch / f"again_{extra.name}").write_bytes(extra.read_bytes())
+        assert _wait_idle(svc, 5)["stacked"] == 5
+    with fits.open(out / "stack.fits") as h:
+        assert np.nanmax(np.abs(h[0].data)) == 0
+    with _running(watch, out, 5) as (_, s):
+        assert s["palette"]["weights"] == zero
+
+
 def test_the_page_palette_survives_a_restart(two_filters):
     """A palette, weights and hues chosen on the page are the session's: a restart (a power blip, systemctl
     restart) finds them as they were left, in the status, stack.fits and the preview — not the config's."""

@@ -498,7 +498,8 @@ def plan_composite(reduced: Mapping[str, np.ndarray], p: ComposeParams, *,
     point.  The inputs
     are not modified.  A requested palette whose filters are not all there falls back to HUES (said in
     ``header`` and ``description``); filters outside a requested palette are ignored (said in ``description``).
-    Raises ValueError when no stack is left (none given, or all weights 0) or the shapes disagree.
+    Every weight 0 makes a black composite (NaN where a stack has no data), said in ``description``.  Raises
+    ValueError when no stack is given or the shapes disagree.
     """
     shapes = {k: np.shape(v) for k, v in reduced.items()}
     bad = [k for k, s in shapes.items() if len(s) != 3 or s[0] not in (1, 3)]
@@ -506,10 +507,12 @@ def plan_composite(reduced: Mapping[str, np.ndarray], p: ComposeParams, *,
         raise ValueError(f"stack {bad[0]!r} has shape {shapes[bad[0]]}: (C, h, w) with C = 1 or 3 is needed")
     if len({s[1:] for s in shapes.values()}) > 1:
         raise ValueError(f"the reduced stacks are not on one grid: {shapes}")
+    if not shapes:
+        raise ValueError("no stack to compose: none given")
     dropped = [k for k in reduced if _lookup(p.weights, k, 1.0) == 0.0]
-    chans = {k: s[0] for k, s in shapes.items() if k not in dropped}
-    if not chans:
-        raise ValueError("no stack to compose: none given, or every weight is 0")
+    # every weight 0 (the page's sliders all at 0): every source at weight 0, the composite black — this raised,
+    # and the daemon stopped at its next frame and at every start after (palette.json keeps the weights)
+    chans = {k: s[0] for k, s in shapes.items() if k not in dropped} or {k: s[0] for k, s in shapes.items()}
     small = next(iter(shapes.values()))[1:]
     full = tuple(int(n) for n in (full_shape if full_shape is not None else small))
     if len(full) != 2 or full[0] < small[0] or full[1] < small[1]:
@@ -519,11 +522,14 @@ def plan_composite(reduced: Mapping[str, np.ndarray], p: ComposeParams, *,
     weights = []
     for c in cands:        # a channel of a lone colour stack: its filter's weight times the stack's
         weights.append(_lookup(p.weights, c.stack, 1.0) * (1.0 if c.whole else _lookup(p.weights, c.label, 1.0)))
-    dropped += [f"{c.stack}:{c.label}" for c, w in zip(cands, weights) if w == 0.0]
+    black = not any(w > 0 for w in weights)
+    if black:
+        dropped = []
+    else:
+        dropped += [f"{c.stack}:{c.label}" for c, w in zip(cands, weights) if w == 0.0]
     weights = {id(c): w for c, w in zip(cands, weights)}
-    cands = [c for c in cands if weights[id(c)] > 0]
-    if not cands:
-        raise ValueError("no source to compose: every channel's weight is 0")
+    if not black:
+        cands = [c for c in cands if weights[id(c)] > 0]
 
     palette, chosen, notes, ignored, fallback = _choose(cands, p)
     sources = tuple(_measure(c, np.asarray(reduced[c.stack]), full, mix * weights[id(c)], p)
@@ -554,6 +560,8 @@ def plan_composite(reduced: Mapping[str, np.ndarray], p: ComposeParams, *,
     extra = list(notes[1:] if fallback else notes)
     if dropped:
         extra.append(f"dropped (weight 0): {', '.join(dropped)}")
+    if black:
+        extra.append("every weight is 0: the composite is black")
     ws = [f"{s.label}={_fmt(weights[id(c)])}" for s, (c, _, _) in zip(sources, chosen) if weights[id(c)] != 1.0]
     if ws:
         extra.append(f"weights {' '.join(ws)}")

@@ -328,10 +328,28 @@ def test_nan_where_a_source_has_no_data_dtype_and_inputs_unchanged():
         np.testing.assert_array_equal(small[k], small_before[k])
 
 
+@pytest.mark.parametrize("names, weights", [
+    (("Ha", "OIII"), {"Ha": 0, "oiii": 0}),           # the page's sliders all at 0
+    (("Ha",), {"Ha": 0}),
+    (("Duo",), {"Ha": 0, "OIII": 0}),                 # a dual-band colour stack's two channels (palette HOO)
+])
+def test_every_weight_0_makes_a_black_composite_not_an_error(names, weights):
+    """Weights all 0 raised ValueError: the page's POST got a 500, and the daemon, whose palette.json kept the
+    weights, stopped at its next frame and at every start after.  Nothing is added: the composite is black."""
+    _, images = truth()
+    stacks = ({"Duo": np.concatenate([images["Ha"], images["OIII"], images["OIII"]])} if names == ("Duo",)
+              else pick(images, names))
+    plan = plan_of(stacks, weights=weights, palette="HOO" if names == ("Duo",) else "auto")
+    assert "every weight is 0: the composite is black" in plan.description
+    assert all(s.mix == (0.0, 0.0, 0.0) for s in plan.sources) and plan.sources
+    out = composite(plan, stacks)
+    assert out.shape == (3, H, W) and np.all(out == 0)
+
+
 def test_errors_are_one_sentence():
     _, images = truth()
     with pytest.raises(ValueError, match="no stack to compose"):
-        plan_of(pick(images, ("Ha",)), weights={"Ha": 0})
+        plan_composite({}, ComposeParams())
     with pytest.raises(ValueError, match=r"stack 'Ha' has shape \(120, 160\)"):
         plan_composite({"Ha": images["Ha"][0]}, ComposeParams())
     plan = plan_of(pick(images, ("Ha", "OIII")))
