@@ -537,6 +537,18 @@ def plan_composite(reduced: Mapping[str, np.ndarray], p: ComposeParams, *,
     balance = None
     if p.star_white and palette in ("RGB", "LRGB") and star_fluxes is not None:
         sources, balance = _star_whites(sources, star_fluxes)
+    elif p.star_white and palette == "HUES" and star_fluxes is not None:
+        # a colour stack's R, G, B among colour stacks: balanced on its stars as RGB is (each channel's own white
+        # point is its noise's on a star field: the Bayer G's, the lowest, made a Seestar's M94 green)
+        out = list(sources)
+        for stack in dict.fromkeys(c.stack for c, _, _ in chosen):
+            idx = [i for i, (c, _, _) in enumerate(chosen) if c.stack == stack and c.hue is not None]
+            if len(idx) == 3 and not is_dual_band(stack):
+                balanced, note = _star_whites(tuple(sources[i] for i in idx), star_fluxes)
+                for i, src in zip(idx, balanced):
+                    out[i] = src
+                balance = f"{stack}: {note}" if balance is None else f"{balance}; {stack}: {note}"
+        sources = tuple(out)
 
     # The card: palette first, then a fallback note, then the mapping (truncated: the UI has the long form).
     if palette == "HUES":
