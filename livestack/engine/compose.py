@@ -302,6 +302,12 @@ def _choose(cands: list[_Candidate], p: ComposeParams):
     if palette == "auto":
         exact = len(canon) == len(cands)          # no unknown names, no two stacks of one filter
         palette = _AUTO.get(frozenset(canon), "HUES") if exact and len(cands) >= 2 else "HUES"
+        near = [name for name, mix in _MIXES.items() if exact and set(canon) < set(mix)]
+        if palette == "HUES" and near:
+            # some of a palette's filters (one still to come, or every frame of one rejected): HUES drew L, R, G
+            # as white, red and cyan, and nothing said why the LRGB night was not LRGB
+            best = min(near, key=lambda name: len(_MIXES[name]))
+            notes.append(f"{best} lacks {', '.join(f for f in _MIXES[best] if f not in canon)}")
     elif palette != "HUES":
         missing = [f for f in _MIXES[palette] if f not in canon]
         if missing:

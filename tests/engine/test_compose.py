@@ -206,6 +206,20 @@ def test_colour_stack_among_others_gives_its_luminance():
     np.testing.assert_allclose(out[0] - out[1], 0.5 * mapped("Ha", images["Ha"]), atol=1e-5)
 
 
+@pytest.mark.parametrize("names, note", [(("L", "R", "G"), "LRGB lacks B"), (("R", "G"), "RGB lacks B"),
+                                         (("Ha", "SII"), "SHO lacks OIII"), (("L", "Ha"), None)])
+def test_auto_says_which_filter_its_palette_lacks(names, note):
+    """An LRGB night whose B frames were all rejected (or B still to come) is drawn in HUES — G cyan — and
+    nothing said why it was not LRGB: the description now names the palette and the filter it lacks."""
+    _, images = truth()
+    plan = plan_of(pick(images, names))
+    assert plan.palette == "HUES" and not plan.fallback
+    if note is None:
+        assert "lacks" not in plan.description
+    else:
+        assert f"; {note};" in plan.description, plan.description
+
+
 def test_colour_stacks_alone_give_their_channels_in_their_colours():
     """One colour camera behind a UV/IR cut and a dual-band filter: every stack is colour, and as luminances both
     were white — a grey composite.  Each now gives its channels (HOO from the dual-band's), in their colours."""
