@@ -45,6 +45,7 @@ def filter_key(name: str | None) -> str:
 
 
 def is_dual_band(name: str | None) -> bool:
-    """Whether a FILTER value names a dual-band filter (Ha and OIII) for colour cameras: "L-eXtreme 7nm", "HaOIII"."""
+    """Whether a FILTER value names a dual-band filter (Ha and OIII) for colour cameras: "L-eXtreme 7nm", "HaOIII",
+    also after its maker's name, as filter wheels are often named ("Optolong L-eXtreme", "IDAS NBZ")."""
     key = "".join(ch for ch in (name or "").casefold() if ch.isalnum())
-    return any(key.startswith(k) for k in DUAL_BAND)
+    return any(k in key for k in DUAL_BAND)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from livestack.engine.compose import (
     HEADER_MAX, ComposeParams, canonical_filter, composite, composite_rows, plan_composite, plan_from_images,
     single_stack_palette)
+from livestack.engine.filtername import is_dual_band
 from livestack.engine.stretch import reduce
 
 H, W = 120, 160
@@ -218,6 +219,17 @@ def test_auto_says_which_filter_its_palette_lacks(names, note):
         assert "lacks" not in plan.description
     else:
         assert f"; {note};" in plan.description, plan.description
+
+
+@pytest.mark.parametrize("name, dual", [
+    ("L-eXtreme", True), ("HaOIII", True), ("Ha/OIII", True), ("Dual Band", True), ("L-eNhance 7nm", True),
+    ("Optolong L-eXtreme 7nm", True), ("Antlia ALP-T 5nm", True), ("IDAS NBZ", True),   # the maker's name first
+    ("IRCUT", False), ("UV/IR cut", False), ("LPR", False), ("L-Pro", False), ("CLS", False), ("L", False),
+    (None, False)])
+def test_a_dual_band_filter_is_known_also_after_its_makers_name(name, dual):
+    """A colour camera's FILTER 'Optolong L-eXtreme' (the wheel's name for it) was not taken for a dual-band
+    filter: palette auto showed the stack as plain RGB, not HOO as for 'L-eXtreme'."""
+    assert is_dual_band(name) is dual
 
 
 def test_colour_stacks_alone_give_their_channels_in_their_colours():
