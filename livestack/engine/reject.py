@@ -59,7 +59,9 @@ class FrameJudge:
 
     def check_reference(self, q: Quality) -> str | None:
         if q.stars < self.p.min_ref_stars:
-            return f"only {q.stars} stars (a reference frame needs {self.p.min_ref_stars})"
+            # the setting named: a sparse narrowband field (a colour camera's dual-band 180 s frames of 8-12
+            # stars) had every frame of the night rejected, with nothing saying what could be changed
+            return f"only {q.stars} stars (a reference frame needs {self.p.min_ref_stars}: [reject] min_ref_stars)"
         return None
 
     def check(self, q: Quality, transparency: float | None = None, *,

@@ -327,7 +327,9 @@ def test_judge_reasons_carry_numbers():
     assert "background" in j.check(Quality(100, 3.0, 0.2, 900, 20))
     assert "eccentricity 0.70" in j.check(Quality(100, 3.0, 0.7, 400, 20))
     assert "transparency 0.30" in j.check(good, transparency=0.3)
-    assert "only 5 stars" in j.check_reference(Quality(5, 3.0, 0.2, 400, 20))
+    # the setting that decides it, named: a sparse narrowband night had every frame rejected, nothing said why
+    assert j.check_reference(Quality(5, 3.0, 0.2, 400, 20)) == \
+        "only 5 stars (a reference frame needs 15: [reject] min_ref_stars)"
 
 
 def test_stretch_background_and_stars():
