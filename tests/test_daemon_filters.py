@@ -167,6 +167,18 @@ def two_filters(tmp_path) -> tuple[Path, Path]:
     return watch, out
 
 
+def test_the_status_names_each_filters_spellings(two_filters):
+    """'Ha' and 'H-alpha' frames make one stack: the status's filter names both, for the page to colour the
+    H-alpha frames as that stack's (it drew them as another filter's)."""
+    watch, out = two_filters
+    ha = sorted(watch.glob("*_Ha.fits"))[1]
+    with fits.open(ha, mode="update") as h:
+        h[0].header["FILTER"] = "H-alpha"
+    with _running(watch, out, 4) as (_, s):
+        assert [(f["filter"], f["names"], f["frames"]) for f in s["filters"]] == [
+            ("Ha", ["H-alpha", "Ha"], 2), ("OIII", ["OIII"], 2)], s["filters"]
+
+
 def test_weights_and_a_palette_posted_back_to_back_are_both_applied(two_filters):
     """The page posts a slider's weights and a palette as two requests; the second was built from the palette the
     caller saw — before the worker had applied the first, still queued — and undid its weights in memory, while

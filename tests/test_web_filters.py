@@ -228,3 +228,22 @@ def test_a_filter_last_shot_the_night_before_shows_its_date(wheel):
         cells = expect_rows.locator('td[data-label="last frame"]')
         assert cells.all_text_contents() == ["20:39:18", "11-25 21:11:22"]
     assert errors == []
+
+
+@pytest.mark.browser
+def test_two_spellings_of_one_filter_are_one_filter_in_the_plots(wheel):
+    """Frames of 'Ha' and 'H-alpha' (two capture programs) make one stack, but the plots' legend listed each
+    spelling as a filter of its own and coloured the H-alpha frames apart from their stack.  The status names
+    each filter's spellings (``names``) and the page colours a frame as its stack."""
+    assert [f["names"] for f in status(wheel)["filters"]] == [[n] for n in WHEEL]
+    with chromium_page(wheel.url) as (page, errors):
+        page.wait_for_function("document.querySelectorAll('[data-testid=filter-row]').length === 3", timeout=30_000)
+        page.wait_for_function("state.frames.length === 6", timeout=30_000)
+        legend = page.evaluate("""() => {
+            state.status = {...state.status, filters: state.status.filters.map(
+                (f) => f.filter === 'Ha' ? {...f, names: ['H-alpha', 'Ha']} : f)};
+            state.frames = state.frames.map((x, i) => i === 3 ? {...x, filter: 'H-alpha'} : x);
+            drawPlots();
+            return [...document.getElementById('plot-legend').children].map((i) => i.textContent); }""")
+        assert legend == list(WHEEL), legend          # not a fourth filter 'H-alpha', in a colour of its own
+    assert errors == []

@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import NOTICE
 from ..engine import outputs
+from ..engine.filtername import filter_key
 from ..engine.filterstack import integration
 from ..engine.frame import FrameRecord
 from ..engine.pipeline import Engine
@@ -1538,6 +1539,11 @@ class Service:
         last_fail = next((d for d in reversed(self.records) if d["status"] == "failed"), None)
         last_time = next((d["time"] for d in reversed(self.records) if d.get("time")), None)
         s = self.stretch
+        # each filter's FITS values among the frames ("Ha", "H-alpha" from two capture programs: one stack), so
+        # that the page colours a frame as its filter's stack — it took each spelling for a filter of its own
+        spellings: dict[str, list[str]] = {}
+        for v in sorted({d.get("filter") for d in self.records} - {None}):
+            spellings.setdefault(filter_key(v), []).append(v)
         return {
             "state": self._state, "starting": None, "processing": self._processing,
             "stacked": e.n_stacked, "rejected": e.n_rejected, "failed": e.n_failed,
@@ -1561,7 +1567,8 @@ class Service:
             "targets": [self._target_dict(t) for t in self.book.targets] if self.book else [],
             "held": [i.rel for i, _, _ in self._held],
             "sky": self._sky,
-            "filters": [{**fs.summary(), "file": outputs.filter_file(e, fs)} for fs in e.filters.values()],
+            "filters": [{**fs.summary(), "file": outputs.filter_file(e, fs), "names": spellings.get(fs.key, [])}
+                        for fs in e.filters.values()],
             "palette": self._palette(),
             "restack": self._restack,
             "restacks": self._restacks,

@@ -518,7 +518,7 @@ function drawPlots() {
   const accent = css("--accent");
   // with several filters each point takes its filter's colour (the legend above the plots names them)
   const names = filterNames(f);
-  const colors = names.length > 1 ? f.map((x) => css(filterColor(names, x.filter))) : null;
+  const colors = names.length > 1 ? f.map((x) => css(filterColor(names, filterOf(x)))) : null;
   const legend = $("plot-legend");
   legend.hidden = names.length < 2;
   legend.replaceChildren(...(names.length < 2 ? [] : names.map((n) => {
@@ -542,8 +542,14 @@ function drawPlots() {
 const FILTER_COLORS = 7;   // --f0 … --f6 in style.css, by order of first appearance (red shades at night)
 function filterNames(frames) {
   const seen = (state.status && state.status.filters || []).map((x) => x.filter);
-  for (const x of frames) if (x.status !== "failed" && !seen.includes(x.filter ?? null)) seen.push(x.filter ?? null);
+  for (const x of frames) if (x.status !== "failed" && !seen.includes(filterOf(x))) seen.push(filterOf(x));
   return seen;
+}
+// a frame's filter as its stack is named: "Ha" for a frame of "H-alpha" when both spellings make one stack
+function filterOf(frame) {
+  const v = frame.filter ?? null;
+  const f = (state.status && state.status.filters || []).find((x) => x.filter === v || (x.names || []).includes(v));
+  return f ? f.filter : v;
 }
 const filterColor = (names, name) => `--f${Math.max(0, names.indexOf(name ?? null)) % FILTER_COLORS}`;
 // the name the composite knows a filter by (compose weights and hues): the FITS value, "none" without one
