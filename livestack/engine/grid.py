@@ -55,6 +55,12 @@ def cells_from_pixels(xy: np.ndarray) -> np.ndarray:
     return (np.asarray(xy, np.float64) - 0.5) / 2.0
 
 
+def _sensor(pattern: str | None) -> str:
+    """A sensor's kind as a reason says it: "CFA pattern RGGB", or "mono (no CFA pattern)" — not "CFA pattern
+    None", which a mono frame among a colour camera's was refused with."""
+    return f"CFA pattern {pattern}" if pattern else "mono (no CFA pattern)"
+
+
 @dataclass(frozen=True, slots=True)
 class Grid:
     """The shared grid of a target's stacks, and how a frame's sensor pixels reach it."""
@@ -150,7 +156,7 @@ class Grid:
             return (f"size {frame.shape[1]}×{frame.shape[0]} differs from the session's "
                     f"{self.sensor_shape[1]}×{self.sensor_shape[0]}")
         if frame.pattern != self.pattern:
-            return f"CFA pattern {frame.pattern} differs from the session's {self.pattern}"
+            return f"{_sensor(frame.pattern)} differs from the session's {_sensor(self.pattern)}"
         return None
 
     # ------------------------------------------------------------------ a frame's pixels, stage by stage

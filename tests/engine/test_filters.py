@@ -198,6 +198,18 @@ def test_a_colour_camera_behind_two_filters_keeps_its_colours(night, tmp_path):
     assert 0.85 < rg < 1.15 and 0.85 < bg < 1.15, (rg, bg)
 
 
+def test_a_mono_frame_among_a_colour_cameras_says_so(night):
+    """A mono camera's frames in a colour camera's session (two cameras' frames in one folder) failed with
+    'CFA pattern None differs from the session's RGGB': the sensor kinds are now said in words."""
+    colour, _ = night("colour", n_frames=2, seed=3)
+    mono, _ = night("mono", n_frames=1, seed=3, mono=True)
+    eng, recs = run([colour[0], mono[0]])
+    assert recs[1].status == "failed"
+    assert recs[1].reason == "mono (no CFA pattern) differs from the session's CFA pattern RGGB", recs[1].reason
+    eng, recs = run([mono[0], colour[1]])
+    assert recs[1].reason == "CFA pattern RGGB differs from the session's mono (no CFA pattern)", recs[1].reason
+
+
 def test_rows_of_a_stack_in_its_bootstrap_equal_the_whole(night):
     """The composite is written in blocks of rows; a filter still in its bootstrap combines only those rows
     (plus a cell of margin): the same values as the whole combination, without a full-frame temporary."""
