@@ -40,6 +40,9 @@ PALETTES = ("auto", "RGB", "LRGB", "SHO", "HOO", "HUES")
 # Central wavelengths, nm.  L is a broad band: white in HUES, whatever its wavelength.
 _WAVELENGTH = {"B": 450.0, "OIII": 501.0, "G": 530.0, "L": 550.0, "R": 640.0, "Ha": 656.0, "SII": 672.0}
 _UNKNOWN_WAVELENGTH = 560.0   # a filter of unknown name sorts in the middle of the visible range, by name
+# Stacks of unfiltered light, white in HUES as L: the frames without a FILTER card (the engine's label "none"),
+# and FILTER values that say there is none
+_UNFILTERED = ("none", "nofilter", "clear")
 
 _THIRD = 1.0 / 3.0
 # palette -> {canonical filter: its (R, G, B) mix}, and the mapping as written in the PALETTE card.
@@ -56,6 +59,11 @@ _MAPPING_TEXT = {"RGB": "R=R G=G B=B", "LRGB": "L=L R=R G=G B=B", "SHO": "R=SII 
 _AUTO = {frozenset(m): name for name, m in _MIXES.items()}   # exactly these filters -> this palette
 
 HEADER_MAX = 68   # characters of a FITS string value on one card
+
+
+def _folded(name: str) -> str:
+    """A filter name without case, blanks or separators: "No Filter" -> "nofilter"."""
+    return "".join(ch for ch in name.casefold() if ch.isalnum())
 
 
 def _lookup(table: Mapping, name: str, default):
@@ -257,16 +265,18 @@ def _hsv(deg: float) -> np.ndarray:
 
 
 def _hues(cands: list[_Candidate], p: ComposeParams) -> list[np.ndarray]:
-    """The (3,) colour of each candidate in HUES: configured, white (L, a colour stack's luminance, a lone
-    filter), else from the wavelength order of the rest: spread from blue (240°) to red (0°); two filters get
-    cyan and red (they add up to white)."""
+    """The (3,) colour of each candidate in HUES: configured, white (L, unfiltered light, a colour stack's
+    luminance, a lone filter), else from the wavelength order of the rest: spread from blue (240°) to red (0°);
+    two filters get cyan and red (they add up to white)."""
     out: list[np.ndarray | None] = []
     free = []
     for i, c in enumerate(cands):
         hue = c.hue or _lookup(p.hues, c.stack if c.whole else c.label, None)
         if hue is not None:
             out.append(np.array(hue, np.float64))
-        elif c.canon == "L" or c.luminance:
+        elif c.canon == "L" or c.luminance or (c.whole and _folded(c.stack) in _UNFILTERED):
+            # (frames without a FILTER among filtered ones took a hue of their own, 560 nm's yellow-green, and
+            # pushed G to teal: {L, R, G, B, none} drew G as (0, 1, 0.67))
             out.append(np.ones(3))
         else:
             out.append(None)

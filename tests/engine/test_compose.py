@@ -232,6 +232,19 @@ def test_a_dual_band_filter_is_known_also_after_its_makers_name(name, dual):
     assert is_dual_band(name) is dual
 
 
+@pytest.mark.parametrize("name", ["none", "None", "No filter", "Clear"])
+def test_unfiltered_light_is_white_in_hues(name):
+    """An LRGB night with a frame whose FILTER card was lost: its stack ('none') took a hue of its own from the
+    middle of the spectrum, yellow-green (0.67, 1, 0), and pushed G to teal (0, 1, 0.67).  Unfiltered light is
+    white, as L; R, G, B keep their colours."""
+    _, images = truth()
+    stacks = {"L": images["L"], "R": images["R"], "G": images["G"], "B": images["B"], name: images["Ha"]}
+    plan = plan_of(stacks)
+    assert plan.palette == "HUES"
+    hues = {s.label: tuple(round(v / max(s.mix), 3) for v in s.mix) for s in plan.sources}
+    assert hues == {"L": (1, 1, 1), "R": (1, 0, 0), "G": (0, 1, 0), "B": (0, 0, 1), name: (1, 1, 1)}, hues
+
+
 def test_colour_stacks_alone_give_their_channels_in_their_colours():
     """One colour camera behind a UV/IR cut and a dual-band filter: every stack is colour, and as luminances both
     were white — a grey composite.  Each now gives its channels (HOO from the dual-band's), in their colours."""
