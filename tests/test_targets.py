@@ -441,6 +441,35 @@ def test_a_frame_that_fails_alone_is_rejected_not_a_new_target(tmp_path, three_t
     assert svc.engine.n_rejected == 1 and svc.engine.n_stacked == 5
 
 
+def test_a_block_of_a_filter_whose_frames_do_not_register_is_not_a_new_target(tmp_path):
+    """A filter wheel shooting blocks: L × 4, SII × 4 whose 7-9 stars do not register, L × 2.  A filter's first
+    frames are judged on nothing, so the SII frames counted as good frames of a new field: the third made a new
+    target, none of them could be its reference (a reference needs 15 stars), and the L frames after them
+    became target 2's reference — the night's L split into two targets, where `livestack stack` made one.  A
+    frame with too few stars for a reference now counts for no new target: the SII frames are rejected, the L
+    frames stack on one target."""
+    from drivers.simulator import SimConfig, render_night
+
+    seq = ("L",) * 4 + ("SII",) * 4 + ("L",) * 2
+    truth = render_night(tmp_path / "night", SimConfig(width=640, height=480, n_frames=len(seq), mono=True,
+                                                       seed=21, filters=seq, n_stars=250, dither_px=2.0))
+    files = [tmp_path / "night" / f["file"] for f in truth["frames"]]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = _service(tmp_path, watch, out)
+    svc.start()
+    _feed_live(svc, watch, files[:6])
+    assert svc.status()["held"] == []          # rejected as they come, not held for as long as the SII block
+    _feed_live(svc, watch, files[6:])
+    svc.stop(timeout=30)
+    assert svc.error is None
+    assert len(json.loads((out / "targets.json").read_text())["targets"]) == 1
+    recs = read_frames_log(out / "frames.jsonl")
+    assert [(r["path"], r["status"]) for r in recs] == [
+        (f.name, "reference" if i == 0 else "rejected" if 4 <= i < 8 else "stacked") for i, f in enumerate(files)]
+    assert all(r["stars"] < 15 and r["reason"].startswith("registration failed") for r in recs[4:8])
+
+
 def test_a_stray_frame_between_two_close_targets_does_not_bounce_between_them(tmp_path):
     """Two fields 0.3° apart (mosaic panels: closer than slew_deg), then one frame that registers onto neither,
     the mount on the second: its pointing is within slew_deg of both, so it cannot say which — the stars do.  It

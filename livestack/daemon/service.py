@@ -714,7 +714,12 @@ class Service:
         counts for none; it goes where the good ones go.  Held frames are recorded nowhere yet: a crash meanwhile
         finds them again."""
         self._best_effort(self.folder.clear_inflight)
-        self._held.append((item, rec, good))
+        # It counts for a new target when it could be its reference: a filter's first frames are judged on
+        # nothing, and a narrowband block (L × 4, then SII × 4 of 7-9 stars that do not register) made a new
+        # target none of whose frames could be its reference — the L frames after it became target 2's, the
+        # night's L split in two.  (Such a frame may still return to an archived target, below.)
+        few = (rec.stars or 0) < self.cfg.reject.min_ref_stars
+        self._held.append((item, rec, good and not few))
         back = None
         if good:
             e = self.engine
@@ -728,9 +733,16 @@ class Service:
         elif n >= self.sp.new_target_after:
             self._switch(None, [i for i, _, _ in self._held],
                          f"{n} good frames in a row do not register onto {self.book.current.name}")
+        elif n == 0:
+            # nothing held could begin a new target: rejected now, not held for as long as the filter's block
+            self._settle_held()
+            self._fits_dirty += 1
+            self._state = "idle" if self._nothing_waits() else "processing"
+            self._publish()
         else:
+            why = self.engine.last_judged if not good else f"{rec.stars} stars, too few for a reference" if few else ""
             log.info("held %s: %s (%d of %d for a new target%s)", item.rel, rec.reason, n,
-                     self.sp.new_target_after, "" if good else f"; not counted: {self.engine.last_judged}")
+                     self.sp.new_target_after, f"; not counted: {why}" if why else "")
             self._state = "idle" if self._nothing_waits() else "processing"
             self._publish()
 
