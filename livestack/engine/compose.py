@@ -246,14 +246,17 @@ def _candidates(chans: Mapping[str, int], p: ComposeParams) -> list[_Candidate]:
                     _Candidate(name, (1, 2), "OIII", "OIII", False, False)]
         return [_Candidate(name, (c,), lab, lab, False, False) for c, lab in enumerate("RGB")]
     all_colour = all(c == 3 for c in chans.values())
+    canons = [canonical_filter(name) for name in chans]
     out = []
-    for name, c in chans.items():
-        canon = canonical_filter(name)
+    for (name, c), canon in zip(chans.items(), canons):
         if all_colour and _lookup(p.hues, name, None) is None:
             out += [_Candidate(name, ch, f"{name}:{lab}", lab, False, False, hue)
                     for ch, lab, hue in (_HOO_CHANNELS if is_dual_band(name) else _RGB_CHANNELS)]
         else:
-            out.append(_Candidate(name, (0,) if c == 1 else (0, 1, 2), canon or name, canon, c == 3, True))
+            # labelled by its filter ("L" for "Luminance") unless another stack is that filter too: "Ha 7nm" and
+            # "Ha 3nm" were both "Ha" in the mapping, and which one was drawn red could not be told
+            label = canon if canon is not None and canons.count(canon) == 1 else name
+            out.append(_Candidate(name, (0,) if c == 1 else (0, 1, 2), label, canon, c == 3, True))
     return out
 
 

@@ -245,6 +245,15 @@ def test_unfiltered_light_is_white_in_hues(name):
     assert hues == {"L": (1, 1, 1), "R": (1, 0, 0), "G": (0, 1, 0), "B": (0, 0, 1), name: (1, 1, 1)}, hues
 
 
+def test_two_stacks_of_one_filter_are_told_apart_in_the_mapping():
+    """'Ha 7nm' and 'Ha 3nm' are two stacks (two filters), both Ha: the mapping said 'Ha=(1,0,0) Ha=(0,1,0)',
+    and which one was drawn red could not be told.  Each is now named as its stack."""
+    _, images = truth()
+    plan = plan_of({"Ha 7nm": images["Ha"], "Ha 3nm": images["SII"], "Luminance": images["L"]})
+    assert plan.header == "HUES: Ha 7nm=(1,0,0) Ha 3nm=(0,1,1) L=(1,1,1)", plan.header
+    assert [s.label for s in plan.sources] == ["Ha 7nm", "Ha 3nm", "L"]
+
+
 def test_colour_stacks_alone_give_their_channels_in_their_colours():
     """One colour camera behind a UV/IR cut and a dual-band filter: every stack is colour, and as luminances both
     were white — a grey composite.  Each now gives its channels (HOO from the dual-band's), in their colours."""
