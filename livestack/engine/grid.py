@@ -153,8 +153,15 @@ class Grid:
     def mismatch(self, frame: Frame) -> str | None:
         """Why ``frame`` cannot go on this grid (another sensor size or CFA pattern), or None."""
         if frame.shape != self.sensor_shape:
-            return (f"size {frame.shape[1]}×{frame.shape[0]} differs from the session's "
-                    f"{self.sensor_shape[1]}×{self.sensor_shape[0]}")
+            (h, w), (gh, gw) = frame.shape, self.sensor_shape
+            reason = f"size {w}×{h} differs from the session's {gw}×{gh}"
+            # k times smaller or larger on both axes: the same camera binned otherwise (R, G, B binned 2×2 beside
+            # L at 1×1, as LRGB is often taken) — said, as the frames of one binning only go on one grid
+            k = max(h, gh) // max(1, min(h, gh))
+            if k > 1 and max(h, gh) == k * min(h, gh) and max(w, gw) == k * min(w, gw) and (h < gh) == (w < gw):
+                reason += (f" ({k}× {'smaller' if h < gh else 'larger'}: another binning? the frames of one binning "
+                           f"only are stacked together)")
+            return reason
         if frame.pattern != self.pattern:
             return f"{_sensor(frame.pattern)} differs from the session's {_sensor(self.pattern)}"
         return None

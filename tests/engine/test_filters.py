@@ -210,6 +210,21 @@ def test_a_mono_frame_among_a_colour_cameras_says_so(night):
     assert recs[1].reason == "CFA pattern RGGB differs from the session's mono (no CFA pattern)", recs[1].reason
 
 
+def test_a_frame_of_another_binning_says_so(night, tmp_path):
+    """L at 1×1 and R binned 2×2, as LRGB is often taken: each R frame failed with 'size 320×240 differs from
+    the session's 640×480', nothing saying that the binning is what differs.  The reason says it now."""
+    files, _ = night(mono=True, n_frames=2, seed=3, filters=("L", "R"))
+    with fits.open(files[1]) as h:
+        binned = h[0].data.astype(np.float32).reshape(240, 2, 320, 2).mean(axis=(1, 3))
+        fits.PrimaryHDU(binned.astype(np.uint16), h[0].header).writeto(tmp_path / "r_bin2.fits")
+    eng, recs = run([files[0], tmp_path / "r_bin2.fits"])
+    assert recs[1].status == "failed"
+    assert recs[1].reason == ("size 320×240 differs from the session's 640×480 (2× smaller: another binning? the "
+                              "frames of one binning only are stacked together)"), recs[1].reason
+    eng, recs = run([files[0], tmp_path / "r_bin2.fits"][::-1])
+    assert "(2× larger: another binning?" in recs[1].reason, recs[1].reason
+
+
 def test_rows_of_a_stack_in_its_bootstrap_equal_the_whole(night):
     """The composite is written in blocks of rows; a filter still in its bootstrap combines only those rows
     (plus a cell of margin): the same values as the whole combination, without a full-frame temporary."""
