@@ -305,7 +305,8 @@ def _fmt(v: float) -> str:
 
 
 def _choose(cands: list[_Candidate], p: ComposeParams):
-    """-> (palette, [(candidate, base mix (3,), hue shown or None)], notes, ignored stacks, fallback)."""
+    """-> (palette, [(candidate, base mix (3,), hue shown or None)], notes, ignored stacks, fallback, whether
+    notes[0] goes in the PALETTE card: a fallback's, or auto's palette lacking a filter)."""
     canon: dict[str, _Candidate] = {}
     for c in cands:
         if c.canon is not None and c.canon not in canon:
@@ -315,7 +316,7 @@ def _choose(cands: list[_Candidate], p: ComposeParams):
     if palette == "auto":
         exact = len(canon) == len(cands)          # no unknown names, no two stacks of one filter
         palette = _AUTO.get(frozenset(canon), "HUES") if exact and len(cands) >= 2 else "HUES"
-        near = [name for name, mix in _MIXES.items() if exact and set(canon) < set(mix)]
+        near = [name for name, mix in _MIXES.items() if exact and len(cands) >= 2 and set(canon) < set(mix)]
         if palette == "HUES" and near:
             # some of a palette's filters (one still to come, or every frame of one rejected): HUES drew L, R, G
             # as white, red and cyan, and nothing said why the LRGB night was not LRGB
@@ -326,6 +327,7 @@ def _choose(cands: list[_Candidate], p: ComposeParams):
         if missing:
             notes.append(f"{palette} lacks {', '.join(missing)}")
             palette, fallback = "HUES", True
+    headed = bool(notes)        # the only note so far: a fallback's, or the palette auto's filters lack
     if palette == "HUES":
         hues = _hues(cands, p)
         total = np.sum(hues, axis=0)
@@ -333,13 +335,13 @@ def _choose(cands: list[_Candidate], p: ComposeParams):
         scale = 1.0 / max(1.0, float(total.max()))
         if scale != 1.0:
             notes.append(f"hues scaled by {_fmt(scale)}")
-        return palette, [(c, h * scale, h) for c, h in zip(cands, hues)], notes, ignored, fallback
+        return palette, [(c, h * scale, h) for c, h in zip(cands, hues)], notes, ignored, fallback, headed
     used = {id(canon[f]) for f in _MIXES[palette]}
     chosen = [(canon[f], np.array(m, np.float64), None) for f, m in _MIXES[palette].items()]
     ignored = list(dict.fromkeys(c.stack for c in cands if id(c) not in used))   # a colour stack's channels: once
     if ignored:
         notes.append(f"ignored {', '.join(ignored)} (not in {palette})")
-    return palette, chosen, notes, ignored, fallback
+    return palette, chosen, notes, ignored, fallback, False
 
 
 def _row_medians(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -550,7 +552,7 @@ def plan_composite(reduced: Mapping[str, np.ndarray], p: ComposeParams, *,
     if not black:
         cands = [c for c in cands if weights[id(c)] > 0]
 
-    palette, chosen, notes, ignored, fallback = _choose(cands, p)
+    palette, chosen, notes, ignored, fallback, headed = _choose(cands, p)
     sources = tuple(_measure(c, np.asarray(reduced[c.stack]), full, mix * weights[id(c)], p)
                     for c, mix, _ in chosen)
     balance = None
@@ -584,11 +586,11 @@ def plan_composite(reduced: Mapping[str, np.ndarray], p: ComposeParams, *,
     if len(chans) == 1 and colour:
         how = "Ha=R OIII=(G+B)/2" if any(s.channels == (1, 2) for s in sources) else "channels"   # dual-band
         mapping += f" ({how} of colour {colour[0]})"
-    head = palette + (f" ({notes[0]})" if fallback else "")
+    head = palette + (f" ({notes[0]})" if headed else "")
     header = _ascii(f"{head}: {mapping}")
     if len(header) > HEADER_MAX:
         header = header[:HEADER_MAX - 3] + "..."
-    extra = list(notes[1:] if fallback else notes)
+    extra = list(notes[1:] if headed else notes)
     if dropped:
         extra.append(f"dropped (weight 0): {', '.join(dropped)}")
     if black:

@@ -91,7 +91,7 @@ def test_canonical_filter_spellings(name, canon):
     (("HALPHA", "OIII"), "HOO", "HOO: R=Ha G=OIII B=OIII"),
     (("Ha", "OIII", "SII", "L"), "HUES", "HUES: "),
     (("Ha", "OIII", "SII", "L", "R", "G", "B"), "HUES", "HUES: "),
-    (("R", "G"), "HUES", "HUES: "),
+    (("R", "G"), "HUES", "HUES (RGB lacks B): "),
     (("Ha",), "HUES", "HUES: Ha=(1,1,1)"),
     (("Ha", "UV/IR"), "HUES", "HUES: "),
     (("Ha", "H-alpha", "OIII"), "HUES", "HUES: "),       # two Ha stacks: not the HOO set
@@ -217,8 +217,8 @@ def test_auto_says_which_filter_its_palette_lacks(names, note):
     assert plan.palette == "HUES" and not plan.fallback
     if note is None:
         assert "lacks" not in plan.description
-    else:
-        assert f"; {note};" in plan.description, plan.description
+    else:           # in the PALETTE card too: a batch stack's only word on it
+        assert plan.header.startswith(f"HUES ({note}): ") and plan.description.startswith(plan.header[:-3])
 
 
 @pytest.mark.parametrize("name, dual", [
