@@ -100,16 +100,17 @@ def test_filters_panel_on_a_phone(wheel):
             expect(page.locator("#frames td.flt")).to_have_text(list(WHEEL[::-1]) * 2)
 
             # the palette: auto chose SHO; choosing HUES redraws the preview with it
-            select = page.get_by_test_id("palette")
-            expect(select).to_have_value("auto")
-            expect(select.locator("option:checked")).to_have_text("Auto (SHO)")
+            palette = page.get_by_test_id("palette")
+            expect(palette).to_have_attribute("data-value", "auto")
+            expect(palette.locator("[aria-checked=true]")).to_have_text("Auto (SHO)")
             expect(page.get_by_test_id("palette-mapping")).to_contain_text("R=SII G=Ha B=OIII")
             first_id = preview.get_attribute("data-preview-id")
-            select.select_option("HUES")
+            palette.get_by_role("radio", name="HUES").click()
             s = wait_status(wheel, lambda s: s["palette"]["name"] == "HUES")
             assert s["palette"]["requested"] == "HUES" and str(s["preview_id"]) != first_id
             expect(preview).to_have_attribute("data-preview-id", str(s["preview_id"]), timeout=10_000)
             expect(page.get_by_test_id("palette-mapping")).to_contain_text("HUES")
+            expect(palette.locator("[aria-checked=true]")).to_have_text("HUES")
 
             # a weight slider: six steps of 0.05 to the right, sent once the finger stops
             ha = page.get_by_test_id("weight-ha")
@@ -153,6 +154,26 @@ def test_every_control_is_a_fingers_size_on_a_phone(wheel, width):
             .map((e) => [e.id || e.dataset.testid || e.textContent.trim(), e.getBoundingClientRect().height])
             .filter(([, h]) => h < 40)""")
         assert small == [], small
+    assert errors == []
+
+
+@pytest.mark.browser
+def test_the_palettes_are_chosen_on_the_page_not_in_a_browser_list(wheel):
+    """The palette was a <select>: its list opens in the browser's own colours — white and grey at night, at the
+    telescope, where the rest of the page is red — and takes two taps.  Every palette is a button on the page now
+    (red at night: test_night_mode_is_red_everywhere), the one in use marked."""
+    from playwright.sync_api import expect
+
+    with chromium_page(wheel.url, viewport={"width": 390, "height": 844}, device_scale_factor=2,
+                       is_mobile=True, has_touch=True) as (page, errors):
+        page.wait_for_selector("#conn.on", timeout=15_000)
+        palette = page.get_by_test_id("palette")
+        palette.wait_for(timeout=10_000)
+        assert page.locator("select").count() == 0
+        want = status(wheel)["palette"]["choices"]
+        expect(palette.get_by_role("radio")).to_have_count(len(want))
+        assert [b.get_attribute("data-value") for b in palette.get_by_role("radio").all()] == want
+        expect(palette.get_by_role("radio", checked=True)).to_have_text("Auto (SHO)")
     assert errors == []
 
 

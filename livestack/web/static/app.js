@@ -612,29 +612,45 @@ function showFilters(s) {
     || (s.has_stack ? "" : "the composite appears with the first stacked frames");
 }
 
+// The palettes as buttons, not a <select>: its list opens in the browser's own colours — white at night, at the
+// telescope — and takes two taps.
 function showPalette(pal) {
-  const sel = $("palette");
+  const box = $("palette");
   const choices = pal.choices || [];
   const auto = `Auto (${pal.requested === "auto" && pal.name ? pal.name : "by filters"})`;
   const sig = JSON.stringify([choices, auto]);
-  if (sel.dataset.sig !== sig) {
-    // rebuilt only when the choices change: a rebuild closes a select the user has open
-    sel.replaceChildren(...choices.map((c) => new Option(c === "auto" ? auto : c, c)));
-    sel.dataset.sig = sig;
+  if (box.dataset.sig !== sig) {
+    box.replaceChildren(...choices.map((c) => {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.setAttribute("role", "radio");
+      b.dataset.value = c;
+      b.textContent = c === "auto" ? auto : c;
+      b.addEventListener("click", () => choosePalette(c));
+      return b;
+    }));
+    box.dataset.sig = sig;
   }
-  if (!paletteBusy) sel.value = pal.requested;
+  if (!paletteBusy) checkPalette(pal.requested);
+}
+function checkPalette(value) {
+  const box = $("palette");
+  box.dataset.value = value;
+  for (const b of box.children) b.setAttribute("aria-checked", String(b.dataset.value === value));
 }
 let paletteBusy = false;
-$("palette").addEventListener("change", async () => {
+async function choosePalette(value) {
+  if (paletteBusy || $("palette").dataset.value === value) return;
   paletteBusy = true;
+  checkPalette(value);
   try {
-    const r = await post("/api/palette", { palette: $("palette").value });
+    const r = await post("/api/palette", { palette: value });
     if (r) showStatus(r);
   } finally {
     paletteBusy = false;
-    if (state.status) showFilters(state.status);   // a refusal puts the select back to what the daemon uses
+    if (state.status) showFilters(state.status);   // a refusal puts the choice back to what the daemon uses
   }
-});
+}
 
 // weight sliders: built when the set of filters changes, moved by the daemon's weights unless the user is on them
 const touchedWeights = new Map();   // filter label -> value not yet acknowledged by the daemon
