@@ -344,6 +344,45 @@ def test_a_repeated_request_with_nothing_pending_is_still_refused(tmp_path, daem
         svc.stop(timeout=10)
 
 
+def test_an_exclusion_with_stacked_frames_gone_from_the_capture_folder_keeps_the_stack(tmp_path, daemon_night):
+    """Two stacked frames' files moved out of the capture folder (its USB disk unplugged, frames deleted to make room
+    on a full card), then "exclude" on another: the restack recorded them failed ("file not found") and the stack,
+    its checkpoint and frames.jsonl lost them for good.  Now the request is refused (409) naming them, and nothing
+    changes; with the files back, the exclusion is made."""
+    from livestack.session import Refused
+
+    files = daemon_night[0][:6]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    svc = _service(watch, out, files)
+    try:
+        st = _wait_idle(svc, 6)
+        before, n_stacked = svc.engine.result()[0].copy(), st["stacked"]
+        lines = (out / "frames.jsonl").read_text()
+        stacked = [d["path"] for d in svc.records if d["status"] in STACKED]
+        aside = tmp_path / "aside"
+        aside.mkdir()
+        for rel in stacked[1:3]:
+            shutil.move(watch / rel, aside / rel)
+
+        with pytest.raises(Refused, match="2 frames of the stack are no longer in the capture folder") as err:
+            svc.exclude(stacked[3]).result(timeout=30)
+        assert err.value.status == 409 and stacked[1] in str(err.value) and stacked[2] in str(err.value)
+        st = svc.status()
+        assert st["state"] == "idle" and st["stacked"] == n_stacked and st["excluded"] == 0 and st["failed"] == 0
+        assert np.array_equal(svc.engine.result()[0], before, equal_nan=True)
+        assert (out / "frames.jsonl").read_text() == lines
+        with pytest.raises(Refused, match="is not excluded"):      # nothing pending: the set is the stack's again
+            svc.exclude(stacked[3], False)
+
+        for rel in stacked[1:3]:
+            shutil.move(aside / rel, watch / rel)
+        st = svc.exclude(stacked[3]).result(timeout=30)
+        assert st["excluded"] == 1 and st["stacked"] == n_stacked - 1 and st["failed"] == 0
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+
+
 def test_a_frame_waiting_during_a_burst_of_requests_is_not_held_by_one_restack_each(tmp_path, daemon_night):
     """50 mixed requests on 4 frames: a frame arriving meanwhile waits for about one restack, not ten."""
     files = daemon_night[0]

@@ -1386,6 +1386,9 @@ class Service:
             return bool(batch)
 
         absorb([first] + self._take_excludes())
+        if self.excluded != self._engine_excluded and (gone := self._gone_for_restack()):
+            self._refuse_exclusions(running, n, gone)
+            return
         t0 = time.monotonic()
         try:
             done = self._restack_all(lambda: absorb(self._take_excludes())) \
@@ -1406,6 +1409,36 @@ class Service:
         st = self.status()
         for fut in running:
             fut.set_result(st)
+
+    def _gone_for_restack(self) -> list[str]:
+        """The files a restack to ``excluded`` must read and cannot: frames in the stack now, or coming back into it,
+        whose file is no longer in the capture folder (its USB disk unplugged, frames deleted to make room on a
+        full card).  Restacked without them they were recorded failed ("file not found") and left the stack, its
+        checkpoint and frames.jsonl for good: one tap on "exclude" lost the night's frames."""
+        gone = []
+        for d in self.records:
+            rel = d.get("path") or d["file"]
+            if rel not in self.excluded and (d["status"] in STACKED or rel in self._engine_excluded) \
+                    and not (self.watch_dir / rel).is_file():
+                gone.append(rel)
+        return gone
+
+    def _refuse_exclusions(self, running: list[Future], n: int, gone: list[str]) -> None:
+        """No restack (see _gone_for_restack): the exclusions go back to the stack's, every request is refused with
+        the files to put back."""
+        msg = (f"{len(gone)} frame{'s' * (len(gone) != 1)} of the stack {'are' if len(gone) != 1 else 'is'} no "
+               f"longer in the capture folder {self.watch_dir} ({', '.join(gone[:3])}{', …' if len(gone) > 3 else ''})"
+               f": restacked, {'they' if len(gone) != 1 else 'it'} would be lost; the stack is kept as it is — put "
+               f"the files back, then exclude or include")
+        log.warning("livestack: exclude/include refused: %s", msg)
+        self.excluded = set(self._engine_excluded)
+        with self._excl_lock:
+            self._excl_open -= n
+            if not self._excl_open:
+                self._wanted = set(self.excluded)
+        self._publish()
+        for fut in running:
+            fut.set_exception(Refused(msg, 409))
 
     def _restack_all(self, absorb=lambda: False) -> bool:
         """Exclusion cannot be undone in a running mean with outlier rejection: stack the included files again,
