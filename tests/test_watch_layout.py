@@ -394,3 +394,63 @@ def test_a_new_file_under_a_known_name_is_said_not_passed_over(tmp_path, caplog)
     assert said[0].getMessage().startswith("light_0000.fits is a new file under the name of a frame")
     assert "its own folder" in said[0].getMessage() and "light_0001.fits" in said[1].getMessage()
     assert not any("old.fits" in r.getMessage() for r in said)
+
+
+def test_a_capture_disk_unplugged_and_back_is_said_and_watched_again(tmp_path, caplog):
+    """The capture folder on a USB disk: unplugged (unmounted), the watcher said nothing the page could show and
+    logged one line every rescan_s; plugged back, its file events still watched the folder gone, so frames came
+    only with the rescan (up to rescan_s late) and a warning blamed a network mount.  Now problem() says it from the
+    moment it is gone (one warning), and once it is back a new frame comes by its file event, at once."""
+    import logging
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a filesystem to unplug needs root")
+    disk = tmp_path / "usb"
+    disk.mkdir()
+
+    def plug() -> None:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            pytest.skip(f"mount -t tmpfs failed: {r.stderr.strip() or r.returncode}")
+        (disk / "captures").mkdir()
+
+    src = tmp_path / "light.fits"
+    fits.PrimaryHDU(np.zeros((16, 16), np.uint16)).writeto(src)
+    plug()
+    q: queue.Queue = queue.Queue()
+    # rescans 60 s apart: a frame within seconds comes by its file event
+    w = Watcher(disk / "captures", WatchParams(settle_s=0.3, settle_complete_s=0.1, timeout_s=30.0, rescan_s=60.0), q)
+    caplog.set_level(logging.INFO, logger="livestack")
+    w.start()
+    try:
+        shutil.copy(src, disk / "captures" / "a.fits")
+        assert _collect(q, {"a.fits"}, at_most=10.0) == {"a.fits"}
+        assert w.problem() is None
+
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+        deadline = time.monotonic() + 5
+        while w.problem() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        gone = w.problem()
+        assert gone is not None and gone["since"], gone
+        assert gone["error"].startswith(f"the capture folder {disk / 'captures'} is gone"), gone
+        time.sleep(1.0)
+        warned = [r for r in caplog.records if "is gone" in r.getMessage()]
+        assert [r.levelname for r in warned] == ["WARNING"], [r.getMessage() for r in warned]
+
+        plug()
+        deadline = time.monotonic() + 5
+        while w.problem() is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert w.problem() is None
+        shutil.copy(src, disk / "captures" / "b.fits")
+        assert _collect(q, {"b.fits"}, at_most=5.0) == {"b.fits"}
+    finally:
+        w.stop()
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+    said = [r.getMessage() for r in caplog.records]
+    assert any("is back" in m for m in said), said
+    assert not any("not by a file event" in m for m in said), said

@@ -407,6 +407,8 @@ class Service:
             s["state"] = "restacking"
             s["restack"] = s.get("restack") or {"done": 0, "total": s.get("frames", 0)}
         s["queued"] = self._queued()
+        # the capture folder gone (its USB disk unplugged): said by the watcher as it happens, not with a frame
+        s["watch_error"] = self.watcher.problem() if self.watcher is not None else None
         s["changes"] = self._changes
         return s
 

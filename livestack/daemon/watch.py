@@ -13,6 +13,7 @@ The watcher never opens pixel data and never waits on the worker: it only stats 
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import queue
@@ -26,6 +27,7 @@ from pathlib import Path
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from .. import NOTICE
 from ..engine.read import FITS_SUFFIXES, capture_order, fits_data_bytes, fits_header_numbers, is_supported, suffix_of
 from .config import WatchParams
 
@@ -197,6 +199,8 @@ class Watcher:
         self._said_no_events = False
         self._unannounced = 0
         self._same_name = 0             # new files under the name of a frame the session has (_same_name_file)
+        self._root_id: tuple[int, int] | None = None   # (st_dev, st_ino) of the folder the file events watch
+        self._gone: dict | None = None  # {"error", "since"} while the capture folder is not there (problem())
 
     # -- public
     def start(self) -> None:
@@ -208,6 +212,8 @@ class Watcher:
         # Added here, not at import: a filter added later goes first, ahead of any "error" set before.
         warnings.filterwarnings("ignore", r"Callback with id .* already exists", RuntimeWarning, r"watchdog\.")
         logging.getLogger("watchdog.observers.inotify").addFilter(_quiet_stop)    # (once: addFilter checks)
+        st = os.stat(self.root)
+        self._root_id = (st.st_dev, st.st_ino)
         self._observer = Observer()
         self._observer.schedule(_Handler(self), str(self.root), recursive=self.p.recursive)
         self._observer.start()
@@ -234,6 +240,11 @@ class Watcher:
             self._known |= set(self._pending)
             self._pending.clear()
             return set(self._known)
+
+    def problem(self) -> dict | None:
+        """{"error", "since"} while the capture folder is gone (its USB disk unplugged), else None."""
+        gone = self._gone
+        return None if gone is None else dict(gone)
 
     def pending(self) -> int:
         with self._lock:
@@ -352,13 +363,57 @@ class Watcher:
         next_scan = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
-            if now >= next_scan:
+            here = self._root_here()
+            if here:                            # back, or another folder now: its files at once
+                next_scan = 0.0
+            if here is not None and now >= next_scan:
                 self._scan()
                 self._scanned_once = True       # (what the first scan finds was there before the start)
                 next_scan = now + self.p.rescan_s
             self._wake.clear()
             self._check()
             self._wake.wait(poll)         # a file renamed into place wakes the check at once
+
+    def _root_here(self) -> bool | None:
+        """Whether the capture folder is there (a stat at each look: cheap): None while it is gone, True when it has
+        just come back or is another folder now, and is watched anew, else False.  A USB capture disk unplugged
+        made the page say nothing (idle all the while) and the log one line every rescan_s; plugged back, the
+        file events still watched the folder gone — frames came only with the rescan, up to rescan_s late, and a
+        warning blamed a network mount."""
+        try:
+            st = os.stat(self.root)
+            why = None if stat.S_ISDIR(st.st_mode) else "not a folder"
+        except OSError as err:
+            st, why = None, err.strerror or str(err)
+        if why is not None:
+            if self._gone is None:
+                self._gone = {"error": f"the capture folder {self.root} is gone ({why}; its disk unplugged?): new "
+                                       "frames are taken once it is back",
+                              "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+                log.warning("livestack: %s", self._gone["error"])
+                self._on_change()
+            return None
+        ident = (st.st_dev, st.st_ino)
+        if self._gone is None and ident == self._root_id:
+            return False
+        try:                          # the file events of the folder there now (the old watch is on the one gone)
+            if self._observer is not None:
+                self._observer.unschedule_all()
+                self._observer.schedule(_Handler(self), str(self.root), recursive=self.p.recursive)
+        except OSError as err:        # gone again meanwhile: tried at the next look
+            log.debug("watch %s: %s", self.root, err)
+            self._root_id = None
+            return None
+        if self._gone is not None:
+            log.log(NOTICE, "livestack: the capture folder %s is back (gone since %s); watching it again", self.root,
+                    self._gone["since"])
+        else:
+            log.warning("livestack: the capture folder %s is another folder now (its disk mounted or unmounted?); "
+                        "watching it anew", self.root)
+        self._root_id, self._gone = ident, None
+        self._scanned_once = False    # (what is there now was written while nothing watched: no event was missed)
+        self._on_change()
+        return True
 
     def _check(self) -> None:
         now = time.monotonic()

@@ -138,6 +138,8 @@ function showStatus(s) {
   $("s-failure").textContent = lf ? `Last failed: ${lf.file} — ${lf.reason}` : "";
   $("s-calibration").textContent = calibrationText(c.calibration);
   $("s-disk").textContent = s.disk ? `${s.disk.error} (since ${clock(s.disk.since)}); stacking goes on in memory` : "";
+  const we = s.watch_error;       // the capture folder gone (its USB disk unplugged)
+  $("s-watch").textContent = we ? `${we.error} (since ${clock(we.since)})` : "";
   $("paths").textContent = `watching ${s.watch} → ${s.out}`;
   const st = s.stretch || {};
   if (!dragging) {
