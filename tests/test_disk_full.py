@@ -1028,6 +1028,44 @@ def test_a_session_folder_without_write_permission_is_a_configuration_error(tmp_
     assert capsys.readouterr().err == f"livestack run: {out}: cannot write in the session folder (Permission denied)\n"
 
 
+@pytest.mark.parametrize("where", ["session/", "frames.jsonl"])
+def test_a_session_folder_whose_files_are_another_users_is_a_configuration_error(tmp_path, monkeypatch, where):
+    """session/ or frames.jsonl left by another user (a `sudo livestack run` once): the start went through, then
+    the first frame stopped the worker with a PermissionError traceback (exit 1), and systemd restarted it into
+    the same stop every 5 s.  Now the start says which one, exit 2.  (Simulated: root passes permissions.)"""
+    import errno
+    import tempfile
+
+    from livestack.session import FolderError
+
+    out, watch = tmp_path / "out", tmp_path / "watch"
+    (out / "session").mkdir(parents=True)
+    (out / "frames.jsonl").write_text("")
+    watch.mkdir()
+    real_mkstemp, real_open = tempfile.mkstemp, os.open
+
+    def mkstemp(*args, dir=None, **kw):
+        if where == "session/" and Path(dir) == out / "session":
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_mkstemp(*args, dir=dir, **kw)
+
+    def os_open(path, flags, *args, **kw):
+        if where == "frames.jsonl" and Path(path) == out / "frames.jsonl" and flags & os.O_WRONLY:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kw)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(os, "open", os_open)
+    svc = Service(Config(), watch, out, WatchParams(dir=str(watch)), DaemonParams(out=str(out)))
+    try:
+        with pytest.raises(FolderError) as err:      # (FolderError: `livestack run` exits 2, as tested above)
+            svc.start()
+    finally:
+        svc.stop(timeout=10)
+    assert str(err.value) == (f"{out}: cannot write in the session folder: {where} (Permission denied); give its "
+                              "files to the user livestack runs as (chown -R)")
+
+
 def test_the_unit_does_not_restart_into_a_configuration_error():
     """Exit 2 (usage, configuration, a session folder that cannot be one) is not restarted by systemd."""
     unit = (REPO / "systemd" / "livestack.service").read_text()

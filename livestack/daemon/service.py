@@ -332,20 +332,33 @@ class Service:
     def _probe(self) -> None:
         """Write, fsync and remove a small file in the session folder.  At start it tells a folder that takes no
         writes (read-only, full: DiskFull naming the folder, waited out like a mid-night one) from one that
-        never will (no permission: FolderError) — before a frame comes, so that the page says it at once."""
+        never will (no permission: FolderError) — before a frame comes, so that the page says it at once.
+        So too for session/ and frames.jsonl, which a frame writes in and appends to: left by another user (a
+        `sudo livestack run` once), they stopped the worker at the first frame with a traceback, and systemd
+        restarted it into the same stop every 5 s."""
+        where = self.out
         try:
-            fd, tmp = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=self.out)
-            try:
-                os.write(fd, b"\0" * 4096)
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-                os.unlink(tmp)
+            for where in (self.out, self.folder.dir):
+                if where == self.out or where.is_dir():
+                    fd, tmp = tempfile.mkstemp(prefix=".probe.", suffix=".tmp", dir=where)
+                    try:
+                        os.write(fd, b"\0" * 4096)
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                        os.unlink(tmp)
+            where = self.folder.frames
+            if where.exists():            # opened for appending, nothing written
+                os.close(os.open(where, os.O_WRONLY | os.O_APPEND))
         except OSError as err:
             full = disk_full(err, self.out)
             if full is None:
-                raise FolderError(f"{self.out}: cannot write in the session folder ({err.strerror or err})") \
-                    from err
+                why = err.strerror or err
+                if where == self.out:
+                    raise FolderError(f"{self.out}: cannot write in the session folder ({why})") from err
+                rel = where.relative_to(self.out).as_posix() + "/" * where.is_dir()
+                raise FolderError(f"{self.out}: cannot write in the session folder: {rel} ({why}); give its files to "
+                                  "the user livestack runs as (chown -R)") from err
             raise full from err
 
     def _remove_orphans(self) -> None:
