@@ -626,6 +626,39 @@ def test_a_session_folder_gone_mid_night_is_not_made_again(tmp_path, daemon_nigh
     assert info["lines"] == 6
 
 
+def test_a_session_folder_back_as_another_device_is_written_again(tmp_path, daemon_night):
+    """The session folder's USB disk plugged back in comes back as another device (sdb1: the old mount still holds
+    sda1), or with other inode numbers (exFAT and FAT number them at each mount): the writes waited all night for
+    the folder of the start's device and inode, the page saying it gone (reproduced with an ext4 image mounted from
+    /dev/loop0, then again from /dev/loop1).  Now the folder is known by its contents: an empty mount point is not
+    written in, the same session under another number is (here: a copy, which has another inode)."""
+    files = daemon_night[0][:6]
+    out, watch, away = tmp_path / "out", tmp_path / "watch", tmp_path / "unplugged"
+    svc = _service(watch, out, files[:3], checkpoint_every=1)
+    try:
+        _wait_idle(svc, 3)
+        wait_for(lambda: svc.status()["checkpoint"]["frames"] == 3, 10, "a checkpoint of 3 frames")
+        os.rename(out, away)
+        out.mkdir()                                      # the empty mount point
+        for f in files[3:]:
+            shutil.copy(f, watch / f.name)
+        st = wait_for(lambda: (s := svc.status())["frames"] == 6 and s["state"] == "idle" and s["disk"] and s, 30,
+                      "6 frames counted with the session folder gone")
+        time.sleep(1.5)                                  # an idle catch-up too
+        assert f"the session folder {out} is gone" in st["disk"]["error"]
+        assert list(out.iterdir()) == []                 # nothing written in the mount point
+        out.rmdir()
+        shutil.copytree(away, out)                       # the same session, under another inode
+        wait_for(lambda: svc.status()["disk"] is None, 15, "catch-up")
+        wait_for(lambda: svc.status()["checkpoint"]["frames"] == 6, 10, "a checkpoint of 6 frames")
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+    assert [r["path"] for r in well_formed_lines(out / "frames.jsonl")] == [f.name for f in files]
+    _, info = load_checkpoint(SessionFolder(out).checkpoint, Config())
+    assert info["lines"] == 6
+
+
 def test_a_reference_json_owed_does_not_restart_the_plate_solve_every_frame(tmp_path, daemon_night, monkeypatch):
     """session/reference.json meets a full disk: it is owed like the other files — but the target's naming and
     plate solve, which came with it, were redone with every frame until it could be written (solve-field killed

@@ -1034,9 +1034,31 @@ class Service:
             st = os.stat(self.out)
         except OSError:
             st = None
+        if st is not None and (st.st_dev, st.st_ino) != self._out_id and self._ours_again():
+            log.log(NOTICE, "livestack: the session folder %s is back (its disk mounted again, as another device)",
+                    self.out)
+            self._out_id = (st.st_dev, st.st_ino)
         if st is None or (st.st_dev, st.st_ino) != self._out_id:
             raise DiskFull(path, 0, errno.ENODEV, why=f"the session folder {self.out} is gone or is another "
                                                       f"folder now (its disk unmounted?)")
+
+    def _ours_again(self) -> bool:
+        """The folder now at OUT, another one by its device and inode numbers, is this session's all the same: its
+        disk plugged back in and mounted as another device (sdb1 for the sda1 still held by the old mount), or a
+        filesystem that numbers its inodes anew at each mount (exFAT, FAT) — the writes waited for it all night, the
+        page saying it gone.  Known by its session/ and, once a frame is on disk, frames.jsonl's first frame; an
+        empty mount point (the disk still out) has neither."""
+        try:
+            if not self.folder.dir.is_dir():
+                return False
+            if not self.records or not (self._logged is None or self._logged > 0):
+                return True
+            with open(self.folder.frames, "rb") as f:
+                first = json.loads(f.readline())
+            return isinstance(first, dict) and first.get("path", first.get("file")) == \
+                self.records[0].get("path", self.records[0]["file"])
+        except (OSError, ValueError):
+            return False
 
     def _may_write(self, path: Path) -> bool:
         """False while ``path``'s write is owed and its filesystem has less room than it needs — or, when the
