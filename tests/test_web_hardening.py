@@ -813,6 +813,18 @@ def test_palette_weights_and_hues_are_few_and_short(open_web):
     assert request(open_web, "POST", "/api/palette", b'{"weights": {}}', js)[0] == 200
 
 
+def test_a_refusal_quotes_a_long_value_shortly(open_web):
+    """A 60 KB file name, palette name or list of unknown fields came back whole in the error (60 KB of "one
+    sentence" for the page to show at the foot of the screen); now the sentence quotes the start of it."""
+    js = {"Content-Type": "application/json"}
+    for path, body, status in (("/api/exclude", {"file": "x" * 60000}, 404),
+                               ("/api/palette", {"palette": "A" * 60000}, 400),
+                               ("/api/palette", {f"k{i}": 1 for i in range(5000)}, 400)):
+        st, answer = request(open_web, "POST", path, json.dumps(body).encode(), js)
+        assert st == status and len(answer) < 400, (path, st, len(answer), answer[:100])
+        assert "\n" not in json.loads(answer)["error"]
+
+
 def test_another_sites_page_cannot_make_exports(tmp_path, night):
     """An export is the worker's time between frames (seconds and ~100 MB at 24 MP).  Any page a visitor opened
     while on the observatory's Wi-Fi could have it made again and again: <img src="http://raspberrypi.local:

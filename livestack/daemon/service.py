@@ -530,7 +530,8 @@ class Service:
         for d in self._snap.frames:
             if name in (d.get("path"), d["file"]):
                 return d.get("path") or d["file"]
-        raise Refused(f"no frame named {name!r} in this session; see GET /api/frames", 404)
+        shown = repr(name) if len(name) <= 120 else repr(name[:100]) + "…"     # (a 64 KiB name: not all of it)
+        raise Refused(f"no frame named {shown} in this session; see GET /api/frames", 404)
 
     def _submit(self, fn, *args) -> Future:
         fut: Future = Future()

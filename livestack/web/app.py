@@ -940,7 +940,8 @@ class Api:
     async def palette(self, req, q, body):
         unknown = set(body) - {"palette", "weights", "hues"}
         if unknown:
-            raise HttpError(400, f"unknown palette field(s) {', '.join(sorted(unknown))}; use palette, weights, hues")
+            raise HttpError(400, f"unknown palette field(s) {', '.join(sorted(unknown)[:5])[:200]}; use palette, "
+                                 "weights, hues")
         for k in ("weights", "hues"):
             if k in body and not isinstance(body[k], dict):
                 raise HttpError(400, f'{k} must be an object, e.g. {{"Ha": 1.5}}')
@@ -952,8 +953,9 @@ class Api:
             raise HttpError(400, 'palette must be a name, e.g. "SHO" (or "auto")')
         try:
             fut = self.service.set_palette(body.get("palette"), body.get("weights"), body.get("hues"))
-        except (ValueError, TypeError) as err:
-            raise HttpError(400, str(err)) from err
+        except (ValueError, TypeError) as err:      # (its sentence quotes the value sent: 64 KiB of it at most)
+            why = str(err)
+            raise HttpError(400, why if len(why) <= 300 else why[:280] + "…") from err
         return _json(await self._wait(fut, 60, "the palette"))
 
 
