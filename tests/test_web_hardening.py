@@ -825,6 +825,29 @@ def test_a_refusal_quotes_a_long_value_shortly(open_web):
         assert "\n" not in json.loads(answer)["error"]
 
 
+def test_a_download_from_a_session_folder_gone_says_so(tmp_path, night):
+    """The session folder's USB disk pulled out: GET /api/stack.fits said "stack.fits does not exist yet", as
+    before the first frame — the download is there once the disk is back, and the page's status says why."""
+    files, _ = night("gone", n_frames=2)
+    (tmp_path / "d").mkdir()
+    d = start_daemon(tmp_path / "d")
+    try:
+        for f in files:
+            (d.watch / f.name).write_bytes(f.read_bytes())
+        d.wait_lines(len(files))
+        deadline = time.monotonic() + 20
+        while request(d, "GET", "/api/stack.fits")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.rename(d.out, tmp_path / "unplugged")
+        st, answer = request(d, "GET", "/api/stack.fits")
+        assert st == 404 and json.loads(answer)["error"] == (f"stack.fits cannot be read: the folder {d.out} is gone "
+                                                             "(its disk unplugged?)")
+        os.rename(tmp_path / "unplugged", d.out)
+        assert request(d, "GET", "/api/stack.fits")[0] == 200
+    finally:
+        assert d.stop() == 0
+
+
 def test_another_sites_page_cannot_make_exports(tmp_path, night):
     """An export is the worker's time between frames (seconds and ~100 MB at 24 MP).  Any page a visitor opened
     while on the observatory's Wi-Fi could have it made again and again: <img src="http://raspberrypi.local:

@@ -683,6 +683,10 @@ class Api:
             # an atomic rename replaces the inode: this open sees one complete version
             f = await loop.run_in_executor(self.io, open, p, "rb")
         except FileNotFoundError as err:
+            # the session folder itself gone (its USB disk pulled out): not a file still to come
+            if not await loop.run_in_executor(self.io, p.parent.is_dir):
+                raise HttpError(404, f"{p.name} cannot be read: the folder {p.parent} is gone (its disk "
+                                     "unplugged?)") from err
             raise HttpError(404, f"{p.name} does not exist yet") from err
         except OSError as err:
             raise HttpError(404, f"{p.name} cannot be read ({err.strerror})") from err
