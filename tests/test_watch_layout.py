@@ -2,6 +2,7 @@
 the page shows a live frame sooner; a file the layout cannot vouch for still waits the full settle time."""
 from __future__ import annotations
 
+import os
 import queue
 import shutil
 import time
@@ -454,3 +455,48 @@ def test_a_capture_disk_unplugged_and_back_is_said_and_watched_again(tmp_path, c
     said = [r.getMessage() for r in caplog.records]
     assert any("is back" in m for m in said), said
     assert not any("not by a file event" in m for m in said), said
+
+
+@pytest.mark.parametrize("recursive", [False, True])
+def test_a_capture_folder_it_may_not_read_is_said(tmp_path, monkeypatch, caplog, recursive):
+    """A capture folder livestack's user may not read (the capture program made it 0700): the page said idle all
+    night and no frame came; the log had one line every rescan_s — with --recursive none (os.walk passes over
+    what it cannot read).  Now problem() says it, one warning; once readable, its frames come.  (Simulated:
+    root passes permissions.)"""
+    import errno
+    import logging
+
+    root = tmp_path / "captures"
+    root.mkdir()
+    src = tmp_path / "light.fits"
+    fits.PrimaryHDU(np.zeros((16, 16), np.uint16)).writeto(src)
+    shutil.copy(src, root / "a.fits")
+    denied = True
+    real = os.scandir
+
+    def scandir(path="."):
+        if denied and os.fsdecode(path) == str(root):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    q: queue.Queue = queue.Queue()
+    w = Watcher(root, WatchParams(settle_s=0.3, settle_complete_s=0.1, timeout_s=30.0, rescan_s=0.5,
+                                  recursive=recursive), q)
+    caplog.set_level(logging.INFO, logger="livestack")
+    w.start()
+    try:
+        deadline = time.monotonic() + 5
+        while w.problem() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        said = w.problem()
+        assert said is not None and said["error"].startswith(f"cannot read the capture folder {root} (Permission "
+                                                             "denied)"), said
+        time.sleep(1.5)                                   # three rescans more: still one warning
+        assert [r.levelname for r in caplog.records if "cannot read" in r.getMessage()] == ["WARNING"]
+        denied = False
+        assert _collect(q, {"a.fits"}, at_most=10.0) == {"a.fits"}
+        assert w.problem() is None
+    finally:
+        w.stop()
+    assert any("readable again" in r.getMessage() for r in caplog.records)

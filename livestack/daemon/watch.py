@@ -201,6 +201,7 @@ class Watcher:
         self._same_name = 0             # new files under the name of a frame the session has (_same_name_file)
         self._root_id: tuple[int, int] | None = None   # (st_dev, st_ino) of the folder the file events watch
         self._gone: dict | None = None  # {"error", "since"} while the capture folder is not there (problem())
+        self._unreadable: dict | None = None   # … while a scan cannot read it (_unreadable_folder)
 
     # -- public
     def start(self) -> None:
@@ -242,8 +243,8 @@ class Watcher:
             return set(self._known)
 
     def problem(self) -> dict | None:
-        """{"error", "since"} while the capture folder is gone (its USB disk unplugged), else None."""
-        gone = self._gone
+        """{"error", "since"} while the capture folder is gone (its USB disk unplugged) or cannot be read, else None."""
+        gone = self._gone or self._unreadable
         return None if gone is None else dict(gone)
 
     def pending(self) -> int:
@@ -343,8 +344,9 @@ class Watcher:
         return None
 
     def _scan(self) -> None:
+        errors: list[OSError] = []
         if self.p.recursive:
-            for d, dirs, files in os.walk(self.root):
+            for d, dirs, files in os.walk(self.root, onerror=errors.append):
                 dirs[:] = [x for x in dirs if not x.startswith(".") and not calibration_folder(x)
                            and not any((Path(d) / x).resolve() == e for e in self._exclude)]
                 for name in files:
@@ -355,8 +357,28 @@ class Watcher:
                     for e in it:
                         if e.is_file():
                             self.note(Path(e.path), scanned=True)
-            except OSError as err:  # a USB disk unplugged: keep trying, say so once per scan
-                log.warning("watch %s: %s", self.root, err.strerror or err)
+            except OSError as err:
+                errors.append(err)
+        self._unreadable_folder(errors[0] if errors else None)
+
+    def _unreadable_folder(self, err: OSError | None) -> None:
+        """A folder the scan cannot read (no permission for livestack's user: the capture program made it): said
+        once and in problem() until a scan reads it — the page said idle all night, no frame taken, and the log
+        one line every rescan_s (with --recursive not even that: os.walk passes over what it cannot read)."""
+        if err is None:
+            if self._unreadable is not None:
+                log.log(NOTICE, "livestack: the capture folder %s is readable again", self.root)
+                self._unreadable = None
+                self._on_change()
+            return
+        if self._unreadable is None:
+            where = err.filename or self.root
+            self._unreadable = {"error": f"cannot read the capture folder {where} ({err.strerror or err}): its "
+                                         "frames are not seen — the user livestack runs as needs to read it (README: "
+                                         "Raspberry Pi, setfacl)",
+                                "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+            log.warning("livestack: %s", self._unreadable["error"])
+            self._on_change()
 
     def _run(self) -> None:
         poll = max(0.02, min(0.25, min(self.p.settle_s, self.p.settle_complete_s) / 4))
