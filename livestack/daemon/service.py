@@ -1464,10 +1464,11 @@ class Service:
     def _refuse_exclusions(self, running: list[Future], n: int, gone: list[str]) -> None:
         """No restack (see _gone_for_restack): the exclusions go back to the stack's, every request is refused with
         the files to put back."""
-        msg = (f"{len(gone)} frame{'s' * (len(gone) != 1)} of the stack {'are' if len(gone) != 1 else 'is'} no "
-               f"longer in the capture folder {self.watch_dir} ({', '.join(gone[:3])}{', …' if len(gone) > 3 else ''})"
-               f": restacked, {'they' if len(gone) != 1 else 'it'} would be lost; the stack is kept as it is — put "
-               f"the files back, then exclude or include")
+        many = len(gone) != 1
+        named = ", ".join(gone[:3]) + (", …" if len(gone) > 3 else "")
+        msg = (f"{len(gone)} frame{'s' * many} of the stack {'are' if many else 'is'} no longer in the capture "
+               f"folder {self.watch_dir} ({named}): restacked, {'they' if many else 'it'} would be lost; the stack "
+               f"is kept as it is — put the files back, then exclude or include")
         log.warning("livestack: exclude/include refused: %s", msg)
         self.excluded = set(self._engine_excluded)
         with self._excl_lock:
