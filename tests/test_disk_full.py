@@ -383,6 +383,37 @@ def test_an_exclusion_with_stacked_frames_gone_from_the_capture_folder_keeps_the
     assert svc.error is None
 
 
+def test_an_exclusion_with_files_gone_is_refused_at_once_and_by_a_busy_worker(tmp_path, daemon_night):
+    """The refusal came from the worker only: busy with a frame (1–2 s at 24 MP on a Pi) it answered after the
+    page's 2 s, so the page got 202 "restacking" and the refusal went to the log alone.  Now the request is refused
+    as it is made; files that go after it was queued are still caught by the worker."""
+    from livestack.session import Refused
+
+    files = daemon_night[0][:6]
+    watch, aside = tmp_path / "watch", tmp_path / "aside"
+    aside.mkdir()
+    svc = _service(watch, tmp_path / "out", files)
+    try:
+        st = _wait_idle(svc, 6)
+        stacked = [d["path"] for d in svc.records if d["status"] in STACKED]
+        shutil.move(watch / stacked[1], aside / stacked[1])
+        with pytest.raises(Refused, match=f"1 frame of the stack is no longer in the capture folder .*{stacked[1]}"):
+            svc.exclude(stacked[2])                               # at once: no future to wait for
+        shutil.move(aside / stacked[1], watch / stacked[1])
+
+        busy = svc._submit(time.sleep, 1.0)                       # the worker busy (a frame, a write)
+        fut = svc.exclude(stacked[2])
+        shutil.move(watch / stacked[1], aside / stacked[1])        # gone after the request was taken
+        with pytest.raises(Refused, match="1 frame of the stack is no longer") as err:
+            fut.result(timeout=30)
+        assert err.value.status == 409 and busy.done()
+        st2 = svc.status()
+        assert st2["stacked"] == st["stacked"] and st2["excluded"] == 0 and st2["failed"] == 0
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+
+
 def test_a_frame_waiting_during_a_burst_of_requests_is_not_held_by_one_restack_each(tmp_path, daemon_night):
     """50 mixed requests on 4 frames: a frame arriving meanwhile waits for about one restack, not ten."""
     files = daemon_night[0]

@@ -480,11 +480,19 @@ class Service:
         wait or restack join them — one restack reaches the final set and every future resolves with the status
         after it.  Refused when it would change nothing and nothing is pending."""
         self._refuse_starting()          # (not "no frame named …": the frames are not loaded yet)
-        rel = self._find(name)
+        snap = self._snap                # one snapshot: the frame and its target (a switch may publish meanwhile)
+        rel = self._find(name, snap.frames)
         with self._excl_lock:
             if exclude == (rel in self._wanted) and not self._excl_open:
                 raise Refused(f"{name} is {'already' if exclude else 'not'} excluded")
-            target = self._snap.status.get("target")     # the target whose frame it is
+            keep = (self._wanted | {rel}) if exclude else (self._wanted - {rel})
+        # refused here too, not only by the worker: busy with a frame, it answered after the page's 2 s (202), and
+        # the refusal reached the log only (the files are looked at in this thread: the web's I/O pool)
+        was = {d.get("path") or d["file"] for d in snap.frames if d["status"] == "excluded"}
+        if gone := self._gone_files(snap.frames, keep, was):
+            raise Refused(self._gone_sentence(gone))
+        with self._excl_lock:
+            target = snap.status.get("target")     # the target whose frame it is
             fut = self._submit(self._cmd_exclude, rel, exclude, target and target["id"])
             self._wanted = (self._wanted | {rel}) if exclude else (self._wanted - {rel})
             self._excl_open += 1
@@ -526,8 +534,8 @@ class Service:
     def new_session(self) -> Future:
         return self._submit(self._cmd_new_session)
 
-    def _find(self, name: str) -> str:
-        for d in self._snap.frames:
+    def _find(self, name: str, frames) -> str:
+        for d in frames:
             if name in (d.get("path"), d["file"]):
                 return d.get("path") or d["file"]
         shown = repr(name) if len(name) <= 120 else repr(name[:100]) + "…"     # (a 64 KiB name: not all of it)
@@ -1424,7 +1432,8 @@ class Service:
             return bool(batch)
 
         absorb([first] + self._take_excludes())
-        if self.excluded != self._engine_excluded and (gone := self._gone_for_restack()):
+        if self.excluded != self._engine_excluded and \
+                (gone := self._gone_files(self.records, self.excluded, self._engine_excluded)):
             self._refuse_exclusions(running, n, gone)
             return
         t0 = time.monotonic()
@@ -1448,27 +1457,25 @@ class Service:
         for fut in running:
             fut.set_result(st)
 
-    def _gone_for_restack(self) -> list[str]:
-        """The files a restack to ``excluded`` must read and cannot: frames in the stack now, or coming back into it,
-        whose file is no longer in the capture folder (its USB disk unplugged, frames deleted to make room on a
-        full card).  Restacked without them they were recorded failed ("file not found") and left the stack, its
-        checkpoint and frames.jsonl for good: one tap on "exclude" lost the night's frames."""
-        gone = []
-        for d in self.records:
-            rel = d.get("path") or d["file"]
-            if rel not in self.excluded and (d["status"] in STACKED or rel in self._engine_excluded) \
-                    and not (self.watch_dir / rel).is_file():
-                gone.append(rel)
-        return gone
+    def _gone_files(self, records, keep: set[str], was_excluded: set[str]) -> list[str]:
+        """The files a restack that leaves out ``keep`` must read and cannot: frames in the stack now, or coming back
+        into it (``was_excluded``), whose file is no longer in the capture folder (its USB disk unplugged, frames
+        deleted to make room on a full card).  Restacked without them they were recorded failed ("file not found")
+        and left the stack, its checkpoint and frames.jsonl for good: one tap on "exclude" lost the night's frames."""
+        return [rel for d in records if (rel := d.get("path") or d["file"]) not in keep
+                and (d["status"] in STACKED or rel in was_excluded) and not (self.watch_dir / rel).is_file()]
 
-    def _refuse_exclusions(self, running: list[Future], n: int, gone: list[str]) -> None:
-        """No restack (see _gone_for_restack): the exclusions go back to the stack's, every request is refused with
-        the files to put back."""
+    def _gone_sentence(self, gone: list[str]) -> str:
         many = len(gone) != 1
         named = ", ".join(gone[:3]) + (", …" if len(gone) > 3 else "")
-        msg = (f"{len(gone)} frame{'s' * many} of the stack {'are' if many else 'is'} no longer in the capture "
-               f"folder {self.watch_dir} ({named}): restacked, {'they' if many else 'it'} would be lost; the stack "
-               f"is kept as it is — put the files back, then exclude or include")
+        return (f"{len(gone)} frame{'s' * many} of the stack {'are' if many else 'is'} no longer in the capture "
+                f"folder {self.watch_dir} ({named}): restacked, {'they' if many else 'it'} would be lost; the stack "
+                f"is kept as it is — put the files back, then exclude or include")
+
+    def _refuse_exclusions(self, running: list[Future], n: int, gone: list[str]) -> None:
+        """No restack (see _gone_files): the exclusions go back to the stack's, every request is refused with the
+        files to put back."""
+        msg = self._gone_sentence(gone)
         log.warning("livestack: exclude/include refused: %s", msg)
         self.excluded = set(self._engine_excluded)
         with self._excl_lock:

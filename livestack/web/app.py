@@ -902,7 +902,8 @@ class Api:
         name = body.get("file")
         if not isinstance(name, str) or not name:
             raise HttpError(400, 'send {"file": "<name as in /api/frames>"}')
-        fut = self.service.exclude(name, exclude)
+        # (in the I/O pool: the service looks at the stack's files, which a dying USB disk may take long to answer)
+        fut = await asyncio.get_running_loop().run_in_executor(self.io, self.service.exclude, name, exclude)
         try:
             return _json(await self._result(fut, 2.0))
         except TimeoutError:
