@@ -690,6 +690,32 @@ def test_a_session_folder_back_as_another_device_is_written_again(tmp_path, daem
     assert info["lines"] == 6
 
 
+def test_a_folder_of_another_session_at_the_session_folder_is_not_written_in(tmp_path, daemon_night):
+    """The daemon started before its USB disk was plugged in (its session folder the empty mount point), then the
+    disk mounted there, with an earlier night's session on it: a folder with session/ under another device and
+    inode.  Before a frame of this session is on disk it was taken for this session's — the earlier night's
+    frames.jsonl appended to, its stack.fits and checkpoint overwritten.  It holds frames of its own: not ours."""
+    files = daemon_night[0][:2]
+    out, watch = tmp_path / "out", tmp_path / "watch"
+    svc = _service(watch, out, [])
+    try:
+        time.sleep(0.5)
+        out.rename(tmp_path / "empty-mount-point")
+        (out / "session").mkdir(parents=True)
+        earlier = '{"file": "m31_001.fits", "path": "m31_001.fits", "status": "reference"}\n'
+        (out / "frames.jsonl").write_text(earlier)
+        for f in files:
+            shutil.copy(f, watch / f.name)
+        st = wait_for(lambda: (s := svc.status())["frames"] == 2 and s["state"] == "idle" and s["disk"] and s, 30,
+                      "2 frames counted with the session folder another session's")
+        time.sleep(1.5)                                  # an idle catch-up too
+        assert f"the session folder {out} is gone" in st["disk"]["error"]
+    finally:
+        svc.stop(timeout=10)
+    assert (out / "frames.jsonl").read_text() == earlier
+    assert sorted(p.name for p in out.iterdir()) == ["frames.jsonl", "session"]
+
+
 def test_a_reference_json_owed_does_not_restart_the_plate_solve_every_frame(tmp_path, daemon_night, monkeypatch):
     """session/reference.json meets a full disk: it is owed like the other files — but the target's naming and
     plate solve, which came with it, were redone with every frame until it could be written (solve-field killed

@@ -1056,14 +1056,20 @@ class Service:
         disk plugged back in and mounted as another device (sdb1 for the sda1 still held by the old mount), or a
         filesystem that numbers its inodes anew at each mount (exFAT, FAT) — the writes waited for it all night, the
         page saying it gone.  Known by its session/ and, once a frame is on disk, frames.jsonl's first frame; an
-        empty mount point (the disk still out) has neither."""
+        empty mount point (the disk still out) has neither.  Before a frame is on disk, a folder whose frames.jsonl
+        holds frames is another session's (the disk plugged in after the daemon started in its empty mount
+        point): not written in — its frames.jsonl, stack and checkpoint would have been this session's."""
         try:
             if not self.folder.dir.is_dir():
                 return False
+            try:
+                with open(self.folder.frames, "rb") as f:
+                    line = f.readline()
+            except FileNotFoundError:
+                line = b""
             if not self.records or not (self._logged is None or self._logged > 0):
-                return True
-            with open(self.folder.frames, "rb") as f:
-                first = json.loads(f.readline())
+                return not line.strip()
+            first = json.loads(line)
             return isinstance(first, dict) and first.get("path", first.get("file")) == \
                 self.records[0].get("path", self.records[0]["file"])
         except (OSError, ValueError):
