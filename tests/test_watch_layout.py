@@ -397,6 +397,49 @@ def test_a_new_file_under_a_known_name_is_said_not_passed_over(tmp_path, caplog)
     assert not any("old.fits" in r.getMessage() for r in said)
 
 
+def test_a_frame_put_back_is_not_said_to_be_a_new_file(tmp_path, caplog):
+    """Stacked frames moved aside (to free a full card) and put back — as an exclusion refused while they are gone
+    asks — were each warned as a new file under a known name, not stacked, "give each night its own folder".  A
+    file whose modification time is older than when its name became known (`mv` keeps it) is that frame back:
+    one info line; a new file under the name (written now) is still warned."""
+    import logging
+    import os
+
+    watch, aside = tmp_path / "watch", tmp_path / "aside"
+    watch.mkdir()
+    aside.mkdir()
+    src = tmp_path / "light.fits"
+    fits.PrimaryHDU(np.zeros((64, 64), np.uint16)).writeto(src)
+    q: queue.Queue = queue.Queue()
+    w = Watcher(watch, WP, q, known={"light_0000.fits"})      # the session's, from before this start
+    caplog.set_level(logging.INFO, logger="livestack")
+    w.start()
+    try:
+        shutil.copy(src, watch / "light_0001.fits")
+        assert _collect(q, {"light_0001.fits"}, at_most=10.0) == {"light_0001.fits"}
+        for name in ("light_0000.fits", "light_0001.fits"):  # moved aside and back: their times kept
+            shutil.copy(src, aside / name)
+            past = time.time() - 60
+            os.utime(aside / name, (past, past))
+            (watch / name).unlink(missing_ok=True)
+            os.replace(aside / name, watch / name)
+        time.sleep(0.5)                                      # (the events of those first: they stat the file)
+        shutil.copy(src, tmp_path / "tmp.fits")
+        os.replace(tmp_path / "tmp.fits", watch / "light_0001.fits")   # and then a new file under a known name
+        deadline = time.monotonic() + 5
+        while not any("already has" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        w.stop()
+    said = [r.getMessage() for r in caplog.records if "already has" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("light_0001.fits is a new file"), said
+    back = [r.getMessage() for r in caplog.records if "is back in the capture folder" in r.getMessage()]
+    assert sorted(back) == ["light_0000.fits is back in the capture folder",
+                            "light_0001.fits is back in the capture folder"], back
+    assert q.empty()
+
+
 def test_a_capture_disk_unplugged_and_back_is_said_and_watched_again(tmp_path, caplog):
     """The capture folder on a USB disk: unplugged (unmounted), the watcher said nothing the page could show and
     logged one line every rescan_s; plugged back, its file events still watched the folder gone, so frames came

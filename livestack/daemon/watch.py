@@ -188,6 +188,10 @@ class Watcher:
         self.out = out
         self._on_change = on_change or (lambda: None)
         self._known = set(known)
+        # when each known file became known (the session's own: this start): a file made under a known name with
+        # an older modification time is that frame put back (moved aside to free a card, a disk plugged back in)
+        self._known_at: dict[str, float] = {}
+        self._started_at = time.time()
         self._exclude = [Path(e).resolve() for e in exclude]
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
@@ -238,6 +242,8 @@ class Watcher:
         """Every file this watcher knows, as seen(); those still settling are given up: never handed on (a "new
         stack" leaves them to the old session, whose ignore list names them)."""
         with self._lock:
+            now = time.time()
+            self._known_at.update((rel, now) for rel in self._pending)
             self._known |= set(self._pending)
             self._pending.clear()
             return set(self._known)
@@ -261,7 +267,7 @@ class Watcher:
             return
         with self._lock:
             if rel in self._known:
-                if created:
+                if created and not self._put_back(path, rel):
                     self._same_name_file(rel)
                 return
             if rel in self._pending:
@@ -274,6 +280,21 @@ class Watcher:
         self._on_change()
         if renamed:
             self._wake.set()
+
+    def _put_back(self, path: Path, rel: str) -> bool:
+        """Whether the file made under a known name is that frame itself, put back (moved aside to free a full
+        card, or its USB disk plugged back in; `mv` keeps the modification time): last modified before its name
+        became known — a new frame under the name was written after.  The exclusions refused while stacked frames
+        were gone ask for the files back: each was then warned as a new file not stacked, to give each night its
+        own folder."""
+        try:
+            mtime = path.stat().st_mtime
+        except OSError:
+            return False
+        if mtime > self._known_at.get(rel, self._started_at):
+            return False
+        log.info("%s is back in the capture folder", rel)
+        return True
 
     def _same_name_file(self, rel: str) -> None:
         """A file was made under the name of one the session has stacked (or ignores): frames are known by their
@@ -501,4 +522,5 @@ class Watcher:
                 if self._pending.pop(r.rel, None) is None:
                     continue
                 self._known.add(r.rel)
+                self._known_at[r.rel] = time.time()
                 self.out.put(r)
