@@ -375,10 +375,13 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
         cfg = _default_config(exe)
         dirs = _config_index_dirs(cfg) if cfg is not None else []
         where = f"{', '.join(map(str, dirs)) or 'no add_path'} (from {cfg})"
+    uncovered = None
     if dirs or params.index_dir is not None:      # no config found: let solve-field decide
-        reason = _coverage_error(index_scales(dirs), (h, w), hints, where)
-        if reason:
-            raise SolveError(reason)
+        indexes = index_scales(dirs)
+        uncovered = _coverage_error(indexes, (h, w), hints, where)
+        if uncovered and not (indexes and hints.has_scale):
+            raise SolveError(uncovered)
+        # else only the scale hint's field size has no index: the hint may be wrong (below), tried without it
 
     remove_dead_solve_dirs()
     with tempfile.TemporaryDirectory(prefix=f"{SOLVE_DIR_PREFIX}{os.getpid()}-") as tmp:
@@ -398,9 +401,10 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
             backend = out / "backend.cfg"
             backend.write_text(f"add_path {Path(params.index_dir).resolve()}\nautoindex\n")
             cmd += ["--config", str(backend)]
+        scale = []
         if hints.has_scale:
-            cmd += ["--scale-units", "arcsecperpix",
-                    "--scale-low", f"{hints.scale_low:.6g}", "--scale-high", f"{hints.scale_high:.6g}"]
+            scale = ["--scale-units", "arcsecperpix",
+                     "--scale-low", f"{hints.scale_low:.6g}", "--scale-high", f"{hints.scale_high:.6g}"]
         near = []
         if hints.has_pointing:
             near = ["--ra", f"{hints.ra:.6f}", "--dec", f"{hints.dec:.6f}", "--radius", f"{params.radius_deg:g}"]
@@ -408,12 +412,22 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
         # A pointing hint that is wrong (a mount not synced, another target's RA/DEC left in the capture
         # program) confines solve-field to the wrong 5° of sky: the field that solves in 0.9 s without it
         # failed in 0.5 s with it (Seestar M94, RA hint 30° off).  Such a miss is solved once more without the
-        # pointing — with the scale hint, in what is left of the time limit.
+        # pointing — with the scale hint, in what is left of the time limit.  So is a wrong scale hint (a focal
+        # reducer or a Barlow the capture program's FOCALLEN does not know, a binning counted twice): the Seestar
+        # frame with FOCALLEN 400 mm instead of 250 failed in 1.2 s, and solves in 0.7 s near its pointing
+        # without the scale.  Only near a pointing: a search of the whole sky at every scale takes 20 s and more
+        # where one with either hint takes 1 s.  A scale hint whose field size no index covers is only tried
+        # without it.
+        tries = [(scale, near), (scale, [])] if near else [(scale, [])]
+        if scale and near:
+            tries = [t for t in tries if not uncovered] + [([], near)]
+        elif uncovered:
+            raise SolveError(uncovered)
         t0 = time.perf_counter()
-        for attempt in ([near, []] if near else [[]]):
+        for attempt, (scaled, pointed) in enumerate(tries):
             left = params.timeout_s - (time.perf_counter() - t0)
             (out / "stars.wcs").unlink(missing_ok=True)
-            log = _run(cmd + attempt + ["--cpulimit", str(max(1, math.ceil(left)))], timeout=left + 1.0,
+            log = _run(cmd + scaled + pointed + ["--cpulimit", str(max(1, math.ceil(left)))], timeout=left + 1.0,
                        cancel=cancel)
             if cancel is not None and cancel.is_set():
                 raise SolveError("plate solve cancelled")
@@ -421,28 +435,44 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
                 break
         seconds = time.perf_counter() - t0
         wcs_path = out / "stars.wcs"
+        tried = tries[:attempt + 1]
         where = "" if not near else (f" near the header's pointing (RA {hints.ra:.2f}°, Dec {hints.dec:+.2f}°)"
-                                     + (" nor elsewhere" if not attempt else ""))
+                                     + (" nor elsewhere" if any(not p for _, p in tried) else ""))
+        # the scale hint is worth checking while every try had it
+        suspect = hints.has_scale and all(s for s, _ in tried)
+        if uncovered and not wcs_path.is_file():
+            raise SolveError(uncovered)
         if log is None or (not wcs_path.is_file() and seconds >= 0.9 * params.timeout_s):
             raise SolveError(f"no solution{where} within {params.timeout_s:g} s: "
-                             + ("check the scale hint or give a longer timeout ([solve] timeout_s)" if hints.has_scale
+                             + ("check the scale hint or give a longer timeout ([solve] timeout_s)" if suspect
+                                else "give a longer timeout ([solve] timeout_s)" if hints.has_scale
                                 else "give a scale hint ([solve] scale_arcsec, or FOCALLEN/XPIXSZ in the header) "
                                      "or a longer timeout"))
         if not wcs_path.is_file():
             tail = _last_error_line(log)
             raise SolveError(f"no solution: the {len(xy)} stars match no catalogue pattern{where}"
+                             + (", nor without the scale hint" if hints.has_scale and not suspect else "")
                              + (f" ({tail})" if tail else "")
-                             + ("; check the scale hint, or try a frame with more stars" if hints.has_scale
+                             + ("; check the scale hint, or try a frame with more stars" if suspect
+                                else "; try a frame with more stars" if hints.has_scale
                                 else "; give a scale hint ([solve] scale_arcsec, or FOCALLEN/XPIXSZ in the header), "
                                      "or try a frame with more stars"))
+        scaled, pointed = tries[attempt]
         wcs = _read_wcs(wcs_path, (h, w))
-        matched, rms, scale = _check_solution(wcs, out / "stars.corr", hints, params, star_px)
-    note = ""
-    if near and not attempt:
+        matched, rms, scale_found = _check_solution(wcs, out / "stars.corr",
+                                                    hints if scaled else Hints(hints.ra, hints.dec), params, star_px)
+    notes = []
+    if near and not pointed:
         ra, dec = (float(v) for v in wcs.celestial.pixel_to_world_values((w - 1) / 2.0, (h - 1) / 2.0))
-        note = (f"the header's pointing (RA {hints.ra:.2f}°, Dec {hints.dec:+.2f}°) is "
-                f"{separation_deg(ra, dec, hints.ra, hints.dec):.1f}° from the solved field: solved without it")
-    return Solution(wcs, seconds, matched, rms, scale, note)
+        notes.append(f"the header's pointing (RA {hints.ra:.2f}°, Dec {hints.dec:+.2f}°) is "
+                     f"{separation_deg(ra, dec, hints.ra, hints.dec):.1f}° from the solved field: solved without it")
+    if hints.has_scale and not scaled:
+        hinted = (hints.scale_low + hints.scale_high) / 2
+        source = "[solve] scale_arcsec" if params.scale_arcsec is not None else "FOCALLEN and the pixel size in the header"
+        notes.append(f"the scale hint {hinted:.2f}″/px (from {source}) is not the solved {scale_found:.2f}″/px "
+                     f"({scale_found / hinted:.2f}×): solved without it")
+    note = "; ".join(notes)
+    return Solution(wcs, seconds, matched, rms, scale_found, note)
 
 
 # A solve's scratch folder in the temporary folder: "livestack-solve-<pid>-<random>", so that one left by a process

@@ -219,6 +219,28 @@ def test_a_wrong_pointing_hint_is_solved_without_it():
     assert solve.solve_stars(eng.ref.stars.xy, eng.ref.stars.flux, eng.grid.shape, good, QUICK).note == ""
 
 
+@needs_data
+@needs_solver
+@pytest.mark.parametrize("focal_mm", [400.0, 125.0, 2500.0], ids=["too-long", "reducer-forgotten", "no-index"])
+def test_a_wrong_scale_hint_is_solved_without_it(focal_mm):
+    """A FOCALLEN the optics no longer have (a reducer or Barlow the capture program was not told of; a binning
+    counted twice) gave a scale hint 1.6× or 0.5× off: "no solution … check the scale hint", no WCS all night,
+    and at 10× ("no index covers a 4′×8′ field: install …") a package to install that would not have helped.
+    The same stars solve near the pointing without the scale (measured 0.7 s); the note names the hint."""
+    hdr = fits.getheader(SEESTAR)
+    hdr["FOCALLEN"] = focal_mm                  # the Seestar's is 250 mm: 4.75″ per superpixel
+    eng, _ = engine_stars(SEESTAR)
+    hints = solve.hints_from_header(hdr, binning_to_grid=2.0)
+    sol = solve.solve_stars(eng.ref.stars.xy, eng.ref.stars.flux, eng.grid.shape, hints, QUICK)
+    d = sol.describe(eng.grid.shape)
+    assert solve.separation_deg(d["ra"], d["dec"], hdr["RA"], hdr["DEC"]) < 0.5      # M 94, measured 0.25°
+    assert abs(d["scale_arcsec"] - 4.75) < 0.05
+    hinted = (hints.scale_low + hints.scale_high) / 2
+    assert f"the scale hint {hinted:.2f}″/px (from FOCALLEN" in sol.note, sol.note
+    assert f"({d['scale_arcsec'] / hinted:.2f}×): solved without it" in sol.note, sol.note
+    assert "pointing" not in sol.note
+
+
 # ------------------------------------------------------------------------------------------- failures
 
 
