@@ -242,9 +242,12 @@ function showSky(s) {
   else if (k.state in SKY_STATES) add(k.note || SKY_STATES[k.state], `state ${k.state}`);
   else if (k.source === "header" || k.state === "header") {
     add(k.note ? `from the FITS header (${k.note})` : "from the FITS header", "dim");
-  } else if (num(k.seconds)) add(`solved in ${k.seconds.toFixed(1)} s`, "dim");
+  } else {
+    if (num(k.seconds)) add(`solved in ${k.seconds.toFixed(1)} s`, "dim");
+    // solved despite a hint (a mount not synced, a FOCALLEN the optics no longer have): worth fixing, so in sight
+    if (k.note) add(k.note, "note");
+  }
   if (!parts.length) add(k.note || String(k.state || "sky: no solution yet"), "dim");
-  el.title = k.state === "solved" && k.note ? k.note : "";
   const label = document.createElement("b");
   label.textContent = "Sky";
   el.replaceChildren(label, ...parts);
