@@ -271,3 +271,21 @@ def test_a_tap_on_a_target_brings_its_preview_into_sight_on_a_phone(two, width):
         assert page.evaluate("window.scrollY") == y
         page.get_by_test_id("back-live").click()
     assert errors == []
+
+
+@pytest.mark.browser
+def test_the_drift_plot_keeps_a_flipped_field_at_one_rotation(two):
+    """After a meridian flip frames.jsonl has rotations near ±180° (the simulated flip: 179.9973, -179.9983,
+    179.9942, -179.9964 for four frames of one steady field): drawn as they are, the drift plot's rotation
+    zig-zagged a full turn from frame to frame.  Each is drawn a whole turn nearer the one before when it is more
+    than 270° from it (nulls skipped); a flip back stays where it is."""
+    from playwright.sync_api import expect
+
+    rot = [0.0, -0.0045, None, 0.0086, 179.9973, -179.9983, None, 179.9942, -179.9964, -0.5]
+    with chromium_page(two.url, viewport={"width": 1280, "height": 900}) as (page, errors):
+        expect(page.get_by_test_id("preview")).to_be_visible(timeout=30_000)
+        got = page.evaluate(f"unwrapDegrees({json.dumps(rot)})")
+    assert [v is None for v in got] == [v is None for v in rot]
+    assert [v for v in got if v is not None] == pytest.approx(
+        [0.0, -0.0045, 0.0086, 179.9973, 180.0017, 179.9942, 180.0036, -0.5])
+    assert errors == []

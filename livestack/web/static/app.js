@@ -539,8 +539,22 @@ function drawPlots() {
   plot($("plot-drift"), [
     { values: col("shift_x"), color: css("--c-x") },
     { values: col("shift_y"), color: css("--c-y") },
-    { values: col("rotation"), color: css("--c-r") },
+    { values: unwrapDegrees(col("rotation")), color: css("--c-r") },
   ]);
+}
+
+// Rotations as frames.jsonl has them, in (-180°, 180°]: after a meridian flip they sit near ±180° and, drawn
+// as they are, zig-zagged a full turn between +179.998° and -179.996° from one frame to the next — a drift plot
+// of wild spins for a steady field.  One that is more than 270° from the one before is drawn a whole turn
+// nearer it (a flip back, 180° either way, stays as it is).
+function unwrapDegrees(values) {
+  let last = null;
+  return values.map((v) => {
+    if (!num(v)) return v;
+    const u = last !== null && Math.abs(v - last) > 270 ? v + 360 * Math.round((last - v) / 360) : v;
+    last = u;
+    return u;
+  });
 }
 
 // ---------------------------------------------------------------- filters and the colour composite
