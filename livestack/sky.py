@@ -127,6 +127,8 @@ class SkySolver:
             ans, self._answer = self._answer, None
         if isinstance(ans, SolveError):
             self.last_error = ans.reason
+            if ans.final:           # no index for the field, no solver: another frame's stars change nothing
+                self.attempts = MAX_ATTEMPTS
         return ans
 
     def cancel(self) -> None:

@@ -189,6 +189,45 @@ def test_a_failed_solve_is_a_note_never_an_error(tmp_path, shared_data):
     assert svc.snapshot.status["stacked"] == 3
 
 
+@pytest.mark.solver
+@needs_solver
+def test_a_solve_no_other_frame_can_help_is_not_tried_again(tmp_path, shared_data, caplog):
+    """No index for the field: the daemon said "plate solve of M 94 failed: no astrometry.net index files in …;
+    tried again on a later frame" three times in a night, each retry as sure to fail as the first.  Now once,
+    without the promise; a failure another frame's stars may mend (too few stars) is still tried again."""
+    import logging
+
+    from livestack.engine.solve import Hints, SolveError, SolveParams
+    from livestack.sky import RETRY_AFTER, SkySolver
+
+    files = sorted((shared_data / "sequences" / "seestar_m94_night1").glob("*.fit"))
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    (tmp_path / "empty").mkdir()
+    for f in files:
+        shutil.copy(f, watch / f.name)
+    caplog.set_level(logging.WARNING, logger="livestack")
+    svc = _service(watch, out, index_dir=str(tmp_path / "empty"))
+    svc.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (len(svc.snapshot.frames) == len(files)
+                                               and svc.snapshot.status["state"] == "idle"):
+        time.sleep(0.1)
+    time.sleep(1.0)
+    svc.stop(timeout=30)
+    assert svc.error is None and svc.snapshot.status["stacked"] == len(files)
+    failed = [r.getMessage() for r in caplog.records if "plate solve of" in r.getMessage()]
+    assert len(failed) == 1 and "no astrometry.net index files" in failed[0], failed
+    assert "tried again" not in failed[0]
+    assert svc.snapshot.status["sky"]["state"] == "failed"
+
+    few = SkySolver(SolveParams())
+    assert few.start(np.array([[10.0, 10.0], [50, 80], [90, 20]]), np.ones(3), (100, 100), Hints())
+    assert isinstance(few.wait(30), SolveError)
+    few.frames_since = RETRY_AFTER
+    assert few.retry_due()
+
+
 def _solve_image(image: np.ndarray, folder: Path, scale=(1.0, 10.0)) -> WCS:
     """astrometry.net's own solve of an image (its own star extraction): an independent WCS to compare with."""
     import subprocess

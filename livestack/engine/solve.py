@@ -50,11 +50,13 @@ TYCHO2_PACKAGES = (
 
 
 class SolveError(Exception):
-    """A plate solve that gave no trustworthy WCS.  ``reason`` is one sentence a user can act on."""
+    """A plate solve that gave no trustworthy WCS.  ``reason`` is one sentence a user can act on; ``final`` when
+    another frame's stars would meet the same (no solver, no index for the field): not worth another try."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, *, final: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.final = final
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,7 +351,7 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
     Raises SolveError with one actionable sentence: disabled, too few stars, solve-field missing, no index for
     this field size, no solution, no solution within the time limit, or solution rejected.  Inputs unchanged."""
     if not params.enabled:
-        raise SolveError("plate solving is disabled ([solve] enabled = false)")
+        raise SolveError("plate solving is disabled ([solve] enabled = false)", final=True)
     xy = np.asarray(xy, np.float64)
     flux = np.asarray(flux, np.float64)
     h, w = (int(v) for v in shape)
@@ -368,7 +370,7 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
     if exe is None:
         raise SolveError("solve-field not found: install Debian's astrometry.net and "
                          "astrometry-data-tycho2-10-19-littleendian (apt install astrometry.net "
-                         "astrometry-data-tycho2-10-19-littleendian)")
+                         "astrometry-data-tycho2-10-19-littleendian)", final=True)
     if params.index_dir is not None:
         dirs, where = [Path(params.index_dir)], str(params.index_dir)
     else:
@@ -380,7 +382,7 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
         indexes = index_scales(dirs)
         uncovered = _coverage_error(indexes, (h, w), hints, where)
         if uncovered and not (indexes and hints.has_scale):
-            raise SolveError(uncovered)
+            raise SolveError(uncovered, final=True)
         # else only the scale hint's field size has no index: the hint may be wrong (below), tried without it
 
     remove_dead_solve_dirs()
@@ -422,7 +424,7 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
         if scale and near:
             tries = [t for t in tries if not uncovered] + [([], near)]
         elif uncovered:
-            raise SolveError(uncovered)
+            raise SolveError(uncovered, final=True)
         t0 = time.perf_counter()
         for attempt, (scaled, pointed) in enumerate(tries):
             left = params.timeout_s - (time.perf_counter() - t0)
