@@ -269,9 +269,14 @@ def index_scales(dirs: list[Path]) -> list[tuple[str, float, float]]:
     return out
 
 
-def _coverage_error(indexes, shape, hints: Hints, where: str) -> str | None:
+def _coverage_error(indexes, shape, hints: Hints, where: str, *, own: bool = False) -> str | None:
     """Why no index in ``indexes`` can solve this field, or None.  astrometry.net tries quads from 0.1 × the
-    shorter side (at the lowest scale) to the diagonal (at the highest)."""
+    shorter side (at the lowest scale) to the diagonal (at the highest).  ``own``: ``where`` is the user's
+    [solve] index_dir."""
+    if not indexes and own:
+        # (not "or set [solve] index_dir": it is set, to this folder)
+        return (f"no astrometry.net index files in {where} ([solve] index_dir): put index-*.fits files there, or "
+                "leave index_dir out to use those of solve-field's own configuration")
     if not indexes:
         return (f"no astrometry.net index files in {where}: install astrometry-data-tycho2-10-19-littleendian "
                 "(fields over 1°) and -07/-08/-09 (fields of 0.4°-1°), or set [solve] index_dir")
@@ -372,6 +377,9 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
                          "astrometry-data-tycho2-10-19-littleendian (apt install astrometry.net "
                          "astrometry-data-tycho2-10-19-littleendian)", final=True)
     if params.index_dir is not None:
+        if not Path(params.index_dir).is_dir():
+            raise SolveError(f"[solve] index_dir {params.index_dir}: no such folder (without index_dir, the index "
+                             "files of solve-field's own configuration are used)", final=True)
         dirs, where = [Path(params.index_dir)], str(params.index_dir)
     else:
         cfg = _default_config(exe)
@@ -380,7 +388,7 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
     uncovered = None
     if dirs or params.index_dir is not None:      # no config found: let solve-field decide
         indexes = index_scales(dirs)
-        uncovered = _coverage_error(indexes, (h, w), hints, where)
+        uncovered = _coverage_error(indexes, (h, w), hints, where, own=params.index_dir is not None)
         if uncovered and not (indexes and hints.has_scale):
             raise SolveError(uncovered, final=True)
         # else only the scale hint's field size has no index: the hint may be wrong (below), tried without it

@@ -270,6 +270,24 @@ def test_empty_index_dir(tmp_path):
         solve.solve_stars(rng.uniform(0, 500, (50, 2)), rng.uniform(1, 10, 50), (500, 500), Hints(),
                           SolveParams(index_dir=str(tmp_path)))
     assert "index_dir" in err.value.reason
+    assert "or set [solve] index_dir" not in err.value.reason       # it is set: to this empty folder
+
+
+@pytest.mark.solver
+@pytest.mark.skipif(shutil.which("solve-field") is None, reason="solve-field missing")
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_an_index_dir_that_is_no_folder_says_so(tmp_path, kind):
+    """A typo in [solve] index_dir ("/usr/share/astrometri") was told "no astrometry.net index files in
+    /usr/share/astrometri: install astrometry-data-tycho2-10-19-littleendian … or set [solve] index_dir" — to
+    install packages it had, and to set what it had set."""
+    where = tmp_path / "astrometri"
+    if kind == "file":
+        where.write_text("not a folder")
+    rng = np.random.default_rng(2)
+    with pytest.raises(SolveError, match=r"index_dir .*astrometri: no such folder") as err:
+        solve.solve_stars(rng.uniform(0, 500, (50, 2)), rng.uniform(1, 10, 50), (500, 500), Hints(),
+                          SolveParams(index_dir=str(where)))
+    assert "install" not in err.value.reason and err.value.final
 
 
 @needs_solver
