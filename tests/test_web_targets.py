@@ -180,7 +180,14 @@ def test_view_an_archived_target_and_back(two):
         expect(sky).to_contain_text("RA 18h 53m 35.0s Dec +33° 01′ 45″")
         expect(sky).to_contain_text("36.6′ × 27.6′")
         expect(sky).to_contain_text("5.50″/px")
-        expect(sky).to_contain_text("rotation 12.3° E of N")
+        # the preview's up (row 0 at the top) is the grid's -y: rotation_deg is +y's, up in a FITS viewer — the
+        # Seestar's M94 preview, north up, read "rotation 181.3° E of N"
+        expect(sky).to_contain_text("rotation 192.3° E of N")
+        page.evaluate(f"showStatus({{...state.status, sky: {json.dumps({**SKY, 'rotation_deg': 179.97})}}})")
+        expect(sky).to_contain_text("rotation 0.0° E of N")
+        page.evaluate(f"showStatus({{...state.status, sky: {json.dumps({**SKY, 'rotation_deg': 181.3})}}})")
+        expect(sky).to_contain_text("rotation 1.3° E of N")
+        page.evaluate(f"showStatus({{...state.status, sky: {json.dumps(SKY)}}})")
         expect(sky).to_contain_text("solved in 2.4 s")
         expect(page.get_by_test_id("held")).to_have_text(
             "2 frames held: they do not register onto M 57 — a new target?")
