@@ -178,12 +178,31 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
             p.unlink()
         except OSError as err:
             print(f"livestack stack: could not remove {p}: {err.strerror or err}", file=sys.stderr)
+    elsewhere = _pointing_elsewhere(files[:processed], records, engine, cfg)
     return {"frames": len(files), "processed": processed, "interrupted": ctrl_c.event.is_set(),
             "stacked": engine.n_stacked, "rejected": engine.n_rejected,
             "failed": engine.n_failed, "exptime": engine.exptime_total, "seconds": time.perf_counter() - t0,
-            "wrote": wrote, "filter_files": files_out, "sky": sky_status,
+            "wrote": wrote, "filter_files": files_out, "sky": sky_status, "elsewhere": elsewhere,
             # the masters that calibrated the stacked frames (the stacks' CALIBRAT), said in the summary
             "masters_used": sorted({m for fs in engine.stacks for m in fs.counts.masters}) if masters else None}
+
+
+def _pointing_elsewhere(files: list[Path], records: list[dict], engine, cfg: Config) -> list[float]:
+    """How far (degrees) from the reference frame's pointing the frames that did not register point, for those
+    whose header says more than [session] slew_deg: frames of another target, which `stack` cannot put on this
+    target's grid (the daemon makes a stack of their own)."""
+    ref = engine.ref
+    failed = [f for f, d in zip(files, records)
+              if d["status"] == "rejected" and str(d.get("reason") or "").startswith("registration failed")]
+    if ref is None or ref.pointing is None or not failed:
+        return []
+    from .daemon.config import session_section
+    from .engine.read import read_pointing
+    from .targets import separation
+
+    slew = session_section(cfg).slew_deg
+    far = [separation(p, ref.pointing) for f in failed if (p := read_pointing(f)) is not None]
+    return [d for d in far if d > slew]
 
 
 def _seconds(t: float) -> str:
@@ -197,6 +216,12 @@ def _print_summary(s: dict, out: Path) -> None:
     print(f"{s['stacked']} stacked, {s['rejected']} rejected, {s['failed']} failed of {read} frames; "
           f"{_seconds(s['exptime'])} integration, {s['seconds']:.1f} s"
           + ((f" (stopped by Ctrl-C: {left} not read)" if left else " (Ctrl-C)") if s.get("interrupted") else ""))
+    far = s.get("elsewhere") or []
+    if far:       # an outreach night's folder: the frames of its other targets are "registration failed"
+        span = f"{min(far):.1f}°" + (f"–{max(far):.1f}°" if round(max(far), 1) > round(min(far), 1) else "")
+        print(f"{len(far)} frame{'s' * (len(far) != 1)} did not register and point{'s' * (len(far) == 1)} {span} "
+              f"from the reference frame: another target — stack each target's files apart (`livestack run` makes "
+              f"one stack per target)")
     if s.get("masters_used") is not None and s["stacked"]:     # --masters: which of them the stack has
         print("calibrated with " + (", ".join(s["masters_used"]) or "no master (see frames.jsonl)"))
     sky = s.get("sky")

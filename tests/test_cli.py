@@ -10,7 +10,7 @@ from astropy.io import fits
 
 from livestack.cli import main
 
-from conftest import read_log
+from conftest import read_log, sky_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -518,3 +518,26 @@ def test_a_quiet_stack_still_says_it_waits_for_a_plate_solve(night, tmp_path, mo
     err = capsys.readouterr().err
     assert "plate solving the reference frame" in err, err
     assert "[█" not in err and "[·" not in err, err        # still no progress bar
+
+
+def test_a_folder_of_two_targets_says_which_frames_point_elsewhere(tmp_path):
+    """An outreach night's folder given to `stack`: M 13, then M 57 (RA/DEC headers 27° apart).  M 57's frames
+    were rejected "registration failed: no hypothesis held: …" and nothing said that their own headers put them
+    on another target; the summary now does, and says what to do."""
+    a = sky_frames(tmp_path, "a", 4, sky_seed=11, pointing=(250.42, 36.46), object="M 13")
+    b = sky_frames(tmp_path, "b", 3, sky_seed=22, start="2026-11-25T21:00:00", pointing=(283.40, 33.03),
+                   object="M 57")
+    r = cli("stack", a[0].parent, "-o", tmp_path / "o", "-q", "--no-solve")
+    assert r.returncode == 0, r.stderr
+    recs = read_log(tmp_path / "o" / "frames.jsonl")
+    assert [d["status"] for d in recs] == ["reference"] + ["stacked"] * 3 + ["rejected"] * 3
+    assert "3 frames did not register and point 27.2° from the reference frame: another target — stack each " \
+           "target's files apart (`livestack run` makes one stack per target)" in r.stdout, r.stdout
+    assert len(b) == 3
+    # another field whose headers point within [session] slew_deg (0.5°) of the reference: two galaxies of one
+    # group, a mosaic's panel — the headers cannot tell, nothing is said
+    near = sky_frames(tmp_path / "near", "n", 2, sky_seed=22, start="2026-11-25T21:00:00",
+                      pointing=(250.62, 36.46), object="M 13")
+    r = cli("stack", *a, *near, "-o", tmp_path / "o2", "-q", "--no-solve")
+    assert [d["status"] for d in read_log(tmp_path / "o2" / "frames.jsonl")][-2:] == ["rejected"] * 2
+    assert "another target" not in r.stdout, r.stdout
