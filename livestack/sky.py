@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import shutil
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,11 @@ log = logging.getLogger("livestack")
 
 RETRY_AFTER = 5        # stacked frames between two attempts
 MAX_ATTEMPTS = 3
+# How long the closing target's solve may have run when a switch of targets gives it up.  Live, it has had an
+# exposure's time and more; a backlog (a night captured while the daemon was stopped) reaches a target's last
+# frame a second or less after its reference, and its solve (0.6–1 s here, with hints) was cancelled: the target
+# archived without a WCS for good.  A blind solve that needs longer is given up, as before.
+SWITCH_WAIT_S = 5.0
 
 
 def grid_binning(grid) -> float:
@@ -81,6 +87,7 @@ class SkySolver:
     frames_since: int = 0
     last_error: str | None = None
     _thread: threading.Thread | None = None
+    _started: float = 0.0           # time.monotonic() of the last start()
     _answer: Solution | SolveError | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _cancel: threading.Event = field(default_factory=threading.Event)
@@ -88,6 +95,11 @@ class SkySolver:
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def finish_young(self, age_s: float) -> None:
+        """Wait for a running solve until it has run ``age_s`` seconds in all (at once when it is older)."""
+        if self.running:
+            self.join(max(0.0, age_s - (time.monotonic() - self._started)))
 
     def available(self) -> str | None:
         """Why no solve can run (disabled, solve-field missing), or None."""
@@ -104,6 +116,7 @@ class SkySolver:
             return False
         self.attempts += 1
         self.frames_since = 0
+        self._started = time.monotonic()
         xy, flux = np.array(xy, np.float64), np.array(flux, np.float64)
 
         def run():

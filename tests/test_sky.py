@@ -228,6 +228,36 @@ def test_a_solve_no_other_frame_can_help_is_not_tried_again(tmp_path, shared_dat
     assert few.retry_due()
 
 
+@pytest.mark.solver
+@needs_solver
+def test_a_target_visited_briefly_in_a_backlog_is_archived_solved(tmp_path, shared_data):
+    """A night captured while the daemon was stopped: the KStars frame of NGC 4535 (another target: 2020, RA/DEC
+    33° from M 94), then 6 Seestar frames of M 94, all waiting at the start.  The slew came 0.1 s after NGC's
+    reference, its plate solve (0.6 s) was cancelled, and its archived stack kept the frame's approximate KStars
+    WCS for good (1.2′ off; a frame without one would have had none), its targets.json entry no sky.  The switch
+    now lets the closing target's solve finish (up to SWITCH_WAIT_S)."""
+    seq = shared_data / "sequences"
+    files = [seq / "kstars_asi1600mm" / "ngc4535-autofocus3.fits",
+             *sorted((seq / "seestar_m94_night1").glob("*.fit"))[:6]]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for f in files:
+        shutil.copy(f, watch / f.name)
+    svc = _service(watch, out)
+    svc.start()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (svc.snapshot.status["stacked"] == 6
+                                               and svc.snapshot.status["state"] == "idle"):
+        time.sleep(0.1)
+    svc.stop(timeout=30)
+    assert svc.error is None
+    book = json.loads((out / "targets.json").read_text())["targets"]
+    ngc = next(t for t in book if not t["current"])
+    assert ngc["name"] == "NGC_4492" and ngc["frames"] == 1
+    assert (ngc["sky"] or {}).get("state") == "solved", ngc
+    assert fits.getheader(out / ngc["folder"] / "stack.fits")["CTYPE1"] == "RA---TAN-SIP"
+
+
 def _solve_image(image: np.ndarray, folder: Path, scale=(1.0, 10.0)) -> WCS:
     """astrometry.net's own solve of an image (its own star extraction): an independent WCS to compare with."""
     import subprocess

@@ -40,7 +40,7 @@ from ..engine.write import (DiskFull, WriteDeferred, atomic_write_bytes, deferra
 from ..config import make_section
 from ..engine.solve import Solution, SolveError, SolveParams
 from ..session import FolderError, FramesLog, Refused, SessionFolder, apply_amended, rewrite_frames_log
-from ..sky import MAX_ATTEMPTS, SkySolver, reference_hints, sky_status, star_px, stars_on_grid
+from ..sky import MAX_ATTEMPTS, SWITCH_WAIT_S, SkySolver, reference_hints, sky_status, star_px, stars_on_grid
 from ..targets import REFERENCE_FILE, Book, Target, load_reference, match_target, save_reference, separation
 from .config import DaemonParams, WatchParams, session_section
 from .watch import Ready, Watcher
@@ -813,6 +813,9 @@ class Service:
         """Close the current target — everything it has written, checkpointed — archive it, and make ``to``
         current (None: a new target); then ``redo`` is processed first.  False (and the held frames rejected)
         when the current target's files cannot be completed (disk full)."""
+        if self._solver is not None:    # the closing target's solve: its answer goes into the files closed below
+            self._solver.finish_young(SWITCH_WAIT_S)
+            self._sky_poll()
         self._catch_up()
         self._save_log()
         if self.engine.has_stack:
