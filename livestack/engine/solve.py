@@ -483,7 +483,8 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
                      f"{separation_deg(ra, dec, hints.ra, hints.dec):.1f}° from the solved field: solved without it")
     if hints.has_scale and not scaled:
         hinted = (hints.scale_low + hints.scale_high) / 2
-        source = "[solve] scale_arcsec" if params.scale_arcsec is not None else "FOCALLEN and the pixel size in the header"
+        source = ("[solve] scale_arcsec" if params.scale_arcsec is not None
+                  else "FOCALLEN and the pixel size in the header")
         notes.append(f"the scale hint {hinted:.2f}″/px (from {source}) is not the solved {scale_found:.2f}″/px "
                      f"({scale_found / hinted:.2f}×): solved without it")
     note = "; ".join(notes)

@@ -239,7 +239,10 @@ function showSky(s) {
   // rotation_deg is the position angle of the grid's +y, up in a FITS viewer (row 0 at the bottom); the preview
   // beside this line draws row 0 at the top, its up is -y: 180° more.  (The Seestar's M94 preview, north up and
   // east left, read "rotation 181.3° E of N".)
-  if (num(k.rotation_deg)) add(`rotation ${(((k.rotation_deg + 180) % 360 + 360) % 360).toFixed(1).replace(/^360\.0$/, "0.0")}° E of N`);
+  if (num(k.rotation_deg)) {
+    const up = (((k.rotation_deg + 180) % 360 + 360) % 360).toFixed(1).replace(/^360\.0$/, "0.0");
+    add(`rotation ${up}° E of N`);
+  }
   // the notes are sentences of their own ("plate solving the reference frame"); a failure says it failed first
   if (k.state === "failed") add(k.note ? `plate solve failed: ${k.note}` : SKY_STATES.failed, "state failed");
   else if (k.state in SKY_STATES) add(k.note || SKY_STATES[k.state], `state ${k.state}`);
