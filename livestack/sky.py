@@ -14,7 +14,7 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,7 @@ def reference_hints(path: Path | None, grid, params: SolveParams) -> tuple[Hints
     hints = hints_from_header(header if header is not None else {}, binning_to_grid=grid_binning(grid),
                               params=params)
     if header is None:
-        return hints, None, None
+        return replace(hints, fits_header=False), None, None
     own = None
     try:
         w = header_wcs(header, grid.sensor_shape)

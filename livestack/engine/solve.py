@@ -94,6 +94,16 @@ class Hints:
     dec: float | None = None
     scale_low: float | None = None
     scale_high: float | None = None
+    fits_header: bool = True     # False for a RAW frame: no header that could carry FOCALLEN and XPIXSZ
+
+    @property
+    def scale_advice(self) -> str:
+        """Where a missing scale hint can come from, for a message."""
+        if self.fits_header:
+            return "give a scale hint ([solve] scale_arcsec, or FOCALLEN/XPIXSZ in the header)"
+        # a RAW file's EXIF has neither: the config is the only way, and its unit is easy to get wrong
+        return ("give a scale hint ([solve] scale_arcsec = 206.265 × pixel size µm / focal length mm, twice that "
+                "with --debayer superpixel, half at --drizzle 2)")
 
     @property
     def has_pointing(self) -> bool:
@@ -461,8 +471,7 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
             raise SolveError(f"no solution{where} within {params.timeout_s:g} s: "
                              + ("check the scale hint or give a longer timeout ([solve] timeout_s)" if suspect
                                 else "give a longer timeout ([solve] timeout_s)" if hints.has_scale
-                                else "give a scale hint ([solve] scale_arcsec, or FOCALLEN/XPIXSZ in the header) "
-                                     "or a longer timeout"))
+                                else f"{hints.scale_advice} or a longer timeout"))
         if not wcs_path.is_file():
             tail = _last_error_line(log) if log is not None else None
             raise SolveError(f"no solution: the {len(xy)} stars match no catalogue pattern{where}"
@@ -470,8 +479,7 @@ def solve_stars(xy: np.ndarray, flux: np.ndarray, shape: tuple[int, int], hints:
                              + (f" ({tail})" if tail else "")
                              + ("; check the scale hint, or try a frame with more stars" if suspect
                                 else "; try a frame with more stars" if hints.has_scale
-                                else "; give a scale hint ([solve] scale_arcsec, or FOCALLEN/XPIXSZ in the header), "
-                                     "or try a frame with more stars"))
+                                else f"; {hints.scale_advice}, or try a frame with more stars"))
         scaled, pointed = tries[attempt]
         wcs = _read_wcs(wcs_path, (h, w))
         matched, rms, scale_found = _check_solution(wcs, out / "stars.corr",

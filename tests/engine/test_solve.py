@@ -336,6 +336,28 @@ def test_no_solution_without_a_scale_hint_asks_for_one():
         err.value.reason
 
 
+@needs_solver
+def test_a_raw_frame_is_told_how_to_give_a_scale_hint():
+    """A DSLR's RAW frames were told "give a scale hint ([solve] scale_arcsec, or FOCALLEN/XPIXSZ in the header)":
+    a RAW file has no such header — the Sony ARW of ../shared/data waited its 60 s blind for that advice.  It is
+    now told the formula of the one hint it can give, in stack pixels."""
+    from livestack.sky import reference_hints
+
+    arw = SHARED_DATA / "sony_ilce-7rm3_dsc2164.arw"
+    if arw.is_file():
+        eng, _ = engine_stars(SEESTAR)            # any grid: a RAW file's hints are only the config's
+        hints, own, obj = reference_hints(arw, eng.grid, SolveParams())
+        assert hints == Hints(fits_header=False) and own is None and obj is None
+    rng = np.random.default_rng(5)
+    xy = rng.uniform(0, 1000, (10, 2)) * [1.0, 0.8]         # few: solve-field gives up in ~1 s, no time-out
+    with pytest.raises(SolveError) as err:
+        solve.solve_stars(xy, rng.uniform(1, 100, 10), (800, 1000), Hints(fits_header=False),
+                          SolveParams(timeout_s=20))
+    assert "in the header" not in err.value.reason, err.value.reason
+    assert "[solve] scale_arcsec = 206.265 × pixel size µm / focal length mm, twice that with --debayer " \
+           "superpixel, half at --drizzle 2" in err.value.reason, err.value.reason
+
+
 # ------------------------------------------------------------------------------------------- units
 
 
