@@ -626,6 +626,35 @@ def test_a_disk_pulled_out_keeps_stacking_and_catches_up_when_back(tmp_path, dae
     assert ncombine(out) == sum(r["status"] in STACKED for r in read_frames_log(out / "frames.jsonl"))
 
 
+def _frames_while_gone(svc: Service, watch: Path, files, out: Path, n_frames: int) -> None:
+    """``files`` come while the session folder is gone: counted (``n_frames`` in all), idle, an idle catch-up
+    tried, and the status says the folder is gone."""
+    for f in files:
+        shutil.copy(f, watch / f.name)
+    st = wait_for(lambda: (s := svc.status())["frames"] == n_frames and s["state"] == "idle" and s["disk"] and s,
+                  30, f"{n_frames} frames counted with the session folder gone")
+    time.sleep(1.5)                                  # an idle catch-up too
+    assert f"the session folder {out} is gone" in st["disk"]["error"]
+
+
+def _checkpointed(svc: Service, n_frames: int, what: str = "") -> None:
+    """Idle with ``n_frames`` frames (and disk trouble, if any, gone: ``what`` says why it was waited for) and a
+    checkpoint of them all."""
+    if what:
+        wait_for(lambda: svc.status()["disk"] is None, 15, what)
+    else:
+        _wait_idle(svc, n_frames)
+    wait_for(lambda: svc.status()["checkpoint"]["frames"] == n_frames, 10, f"a checkpoint of {n_frames} frames")
+
+
+def _caught_up(svc: Service, files, out: Path) -> None:
+    """After the folder came back and the service stopped: every frame in frames.jsonl and the checkpoint."""
+    assert svc.error is None
+    assert [r["path"] for r in well_formed_lines(out / "frames.jsonl")] == [f.name for f in files]
+    _, info = load_checkpoint(SessionFolder(out).checkpoint, Config())
+    assert info["lines"] == len(files)
+
+
 def test_a_session_folder_gone_mid_night_is_not_made_again(tmp_path, daemon_night):
     """The session folder's disk unmounted (systemd does so when a USB disk is pulled out): the writes made the
     folder again under the mount point — on the SD card — with a frames.jsonl of the later frames only, beside a
@@ -635,26 +664,16 @@ def test_a_session_folder_gone_mid_night_is_not_made_again(tmp_path, daemon_nigh
     out, watch, away = tmp_path / "out", tmp_path / "watch", tmp_path / "unmounted"
     svc = _service(watch, out, files[:3], checkpoint_every=1)
     try:
-        _wait_idle(svc, 3)
-        wait_for(lambda: svc.status()["checkpoint"]["frames"] == 3, 10, "a checkpoint of 3 frames")
+        _checkpointed(svc, 3)
         os.rename(out, away)
-        for f in files[3:]:
-            shutil.copy(f, watch / f.name)
-        st = wait_for(lambda: (s := svc.status())["frames"] == 6 and s["state"] == "idle" and s["disk"] and s, 30,
-                      "6 frames counted with the session folder gone")
-        time.sleep(1.5)                                  # an idle catch-up too
+        _frames_while_gone(svc, watch, files[3:], out, 6)
         assert not out.exists()
         assert svc.running and svc.error is None
-        assert f"the session folder {out} is gone" in st["disk"]["error"]
         os.rename(away, out)
-        wait_for(lambda: svc.status()["disk"] is None, 15, "catch-up")
-        wait_for(lambda: svc.status()["checkpoint"]["frames"] == 6, 10, "a checkpoint of 6 frames")
+        _checkpointed(svc, 6, "catch-up")
     finally:
         svc.stop(timeout=10)
-    assert svc.error is None
-    assert [r["path"] for r in well_formed_lines(out / "frames.jsonl")] == [f.name for f in files]
-    _, info = load_checkpoint(SessionFolder(out).checkpoint, Config())
-    assert info["lines"] == 6
+    _caught_up(svc, files, out)
 
 
 def test_a_session_folder_back_as_another_device_is_written_again(tmp_path, daemon_night):
@@ -667,27 +686,17 @@ def test_a_session_folder_back_as_another_device_is_written_again(tmp_path, daem
     out, watch, away = tmp_path / "out", tmp_path / "watch", tmp_path / "unplugged"
     svc = _service(watch, out, files[:3], checkpoint_every=1)
     try:
-        _wait_idle(svc, 3)
-        wait_for(lambda: svc.status()["checkpoint"]["frames"] == 3, 10, "a checkpoint of 3 frames")
+        _checkpointed(svc, 3)
         os.rename(out, away)
         out.mkdir()                                      # the empty mount point
-        for f in files[3:]:
-            shutil.copy(f, watch / f.name)
-        st = wait_for(lambda: (s := svc.status())["frames"] == 6 and s["state"] == "idle" and s["disk"] and s, 30,
-                      "6 frames counted with the session folder gone")
-        time.sleep(1.5)                                  # an idle catch-up too
-        assert f"the session folder {out} is gone" in st["disk"]["error"]
+        _frames_while_gone(svc, watch, files[3:], out, 6)
         assert list(out.iterdir()) == []                 # nothing written in the mount point
         out.rmdir()
         shutil.copytree(away, out)                       # the same session, under another inode
-        wait_for(lambda: svc.status()["disk"] is None, 15, "catch-up")
-        wait_for(lambda: svc.status()["checkpoint"]["frames"] == 6, 10, "a checkpoint of 6 frames")
+        _checkpointed(svc, 6, "catch-up")
     finally:
         svc.stop(timeout=10)
-    assert svc.error is None
-    assert [r["path"] for r in well_formed_lines(out / "frames.jsonl")] == [f.name for f in files]
-    _, info = load_checkpoint(SessionFolder(out).checkpoint, Config())
-    assert info["lines"] == 6
+    _caught_up(svc, files, out)
 
 
 def test_a_folder_of_another_session_at_the_session_folder_is_not_written_in(tmp_path, daemon_night):
@@ -704,12 +713,7 @@ def test_a_folder_of_another_session_at_the_session_folder_is_not_written_in(tmp
         (out / "session").mkdir(parents=True)
         earlier = '{"file": "m31_001.fits", "path": "m31_001.fits", "status": "reference"}\n'
         (out / "frames.jsonl").write_text(earlier)
-        for f in files:
-            shutil.copy(f, watch / f.name)
-        st = wait_for(lambda: (s := svc.status())["frames"] == 2 and s["state"] == "idle" and s["disk"] and s, 30,
-                      "2 frames counted with the session folder another session's")
-        time.sleep(1.5)                                  # an idle catch-up too
-        assert f"the session folder {out} is gone" in st["disk"]["error"]
+        _frames_while_gone(svc, watch, files, out, 2)
     finally:
         svc.stop(timeout=10)
     assert (out / "frames.jsonl").read_text() == earlier

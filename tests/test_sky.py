@@ -122,23 +122,27 @@ def _service(watch: Path, out: Path, **solve):
                    DaemonParams(out=str(out), checkpoint_every=2))
 
 
-@pytest.mark.solver
-@needs_solver
-def test_daemon_solves_in_the_background_and_keeps_the_wcs_across_a_restart(tmp_path, shared_data):
-    files = sorted((shared_data / "sequences" / "seestar_m94_night1").glob("*.fit"))[:5]
+def _started(tmp_path: Path, files, until, seconds: float, **solve):
+    """A service started on a capture folder holding ``files``, once ``until(svc)`` holds (or ``seconds`` have
+    passed): (svc, watch, out)."""
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
     for f in files:
         shutil.copy(f, watch / f.name)
-    svc = _service(watch, out)
+    svc = _service(watch, out, **solve)
     svc.start()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        st = svc.snapshot.status
-        if len(svc.snapshot.frames) == len(files) and (st.get("sky") or {}).get("state") == "solved" \
-                and st["state"] == "idle":
-            break
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and not until(svc):
         time.sleep(0.1)
+    return svc, watch, out
+
+
+@pytest.mark.solver
+@needs_solver
+def test_daemon_solves_in_the_background_and_keeps_the_wcs_across_a_restart(tmp_path, shared_data):
+    files = sorted((shared_data / "sequences" / "seestar_m94_night1").glob("*.fit"))[:5]
+    svc, watch, out = _started(tmp_path, files, lambda svc: len(svc.snapshot.frames) == len(files) and (
+        (st := svc.snapshot.status).get("sky") or {}).get("state") == "solved" and st["state"] == "idle", 120)
     # an exclusion restacks through a fresh engine on the same reference: the solution stays on the stack (it
     # was lost from every file written after it, while the status still said solved)
     svc.exclude(files[3].name).result(60)
@@ -165,19 +169,9 @@ def test_daemon_solves_in_the_background_and_keeps_the_wcs_across_a_restart(tmp_
 def test_a_failed_solve_is_a_note_never_an_error(tmp_path, shared_data):
     """An index folder with no index: the daemon stacks on, the status says why in one sentence."""
     files = sorted((shared_data / "sequences" / "seestar_m94_night1").glob("*.fit"))[:3]
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    watch.mkdir()
     (tmp_path / "empty").mkdir()
-    for f in files:
-        shutil.copy(f, watch / f.name)
-    svc = _service(watch, out, index_dir=str(tmp_path / "empty"))
-    svc.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        st = svc.snapshot.status
-        if len(svc.snapshot.frames) == len(files) and (st.get("sky") or {}).get("state") in ("failed", "off"):
-            break
-        time.sleep(0.1)
+    svc, watch, out = _started(tmp_path, files, lambda svc: len(svc.snapshot.frames) == len(files) and (
+        svc.snapshot.status.get("sky") or {}).get("state") in ("failed", "off"), 60, index_dir=str(tmp_path / "empty"))
     svc.stop(timeout=30)
     assert svc.error is None
     sky = svc.snapshot.status["sky"]
@@ -201,18 +195,10 @@ def test_a_solve_no_other_frame_can_help_is_not_tried_again(tmp_path, shared_dat
     from livestack.sky import RETRY_AFTER, SkySolver
 
     files = sorted((shared_data / "sequences" / "seestar_m94_night1").glob("*.fit"))
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    watch.mkdir()
     (tmp_path / "empty").mkdir()
-    for f in files:
-        shutil.copy(f, watch / f.name)
     caplog.set_level(logging.WARNING, logger="livestack")
-    svc = _service(watch, out, index_dir=str(tmp_path / "empty"))
-    svc.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (len(svc.snapshot.frames) == len(files)
-                                               and svc.snapshot.status["state"] == "idle"):
-        time.sleep(0.1)
+    svc, watch, out = _started(tmp_path, files, lambda svc: len(svc.snapshot.frames) == len(files) and
+                               svc.snapshot.status["state"] == "idle", 60, index_dir=str(tmp_path / "empty"))
     time.sleep(1.0)
     svc.stop(timeout=30)
     assert svc.error is None and svc.snapshot.status["stacked"] == len(files)
@@ -239,16 +225,8 @@ def test_a_target_visited_briefly_in_a_backlog_is_archived_solved(tmp_path, shar
     seq = shared_data / "sequences"
     files = [seq / "kstars_asi1600mm" / "ngc4535-autofocus3.fits",
              *sorted((seq / "seestar_m94_night1").glob("*.fit"))[:6]]
-    watch, out = tmp_path / "watch", tmp_path / "out"
-    watch.mkdir()
-    for f in files:
-        shutil.copy(f, watch / f.name)
-    svc = _service(watch, out)
-    svc.start()
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (svc.snapshot.status["stacked"] == 6
-                                               and svc.snapshot.status["state"] == "idle"):
-        time.sleep(0.1)
+    svc, _, out = _started(tmp_path, files, lambda svc: svc.snapshot.status["stacked"] == 6 and
+                           svc.snapshot.status["state"] == "idle", 60)
     svc.stop(timeout=30)
     assert svc.error is None
     book = json.loads((out / "targets.json").read_text())["targets"]

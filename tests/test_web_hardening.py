@@ -23,6 +23,13 @@ MAX_CONNECTIONS = 256          # livestack.web.app.MAX_CONNECTIONS
 MAX_PER_CLIENT = 32            # [web] max_per_client
 
 
+def feed(d: Daemon, files) -> None:
+    """The frames written into the daemon's capture folder, and their lines in frames.jsonl waited for."""
+    for f in files:
+        (d.watch / f.name).write_bytes(f.read_bytes())
+    d.wait_lines(len(files))
+
+
 def start_daemon(root, *extra: str, idle_s: float = IDLE_S) -> Daemon:
     (root / "watch").mkdir()
     d = Daemon(root, root / "watch", root / "out", *extra)
@@ -571,9 +578,7 @@ def test_slow_export_downloads_do_not_pile_up_in_memory(tmp_path, night):
     d = start_daemon(tmp_path / "d")
     socks = []
     try:
-        for f in files:
-            (d.watch / f.name).write_bytes(f.read_bytes())
-        d.wait_lines(len(files))
+        feed(d, files)
         while not json.loads(request(d, "GET", "/api/status")[1])["has_stack"]:
             time.sleep(0.05)
         assert request(d, "GET", "/api/export?format=tiff&mode=linear")[0] == 200     # warm: its buffers
@@ -609,9 +614,7 @@ def test_slow_downloads_of_a_large_file_are_few(tmp_path, night):
     d = start_daemon(tmp_path / "d")
     socks = []
     try:
-        for f in files:
-            (d.watch / f.name).write_bytes(f.read_bytes())
-        d.wait_lines(len(files))
+        feed(d, files)
         while not (d.out / "stack.fits").exists():
             time.sleep(0.05)
         heads = slow_readers(d, "/api/stack.fits", 8, socks)
@@ -639,9 +642,7 @@ def test_a_stop_with_slow_downloads_open_is_clean(tmp_path, night):
     d = start_daemon(tmp_path / "d", idle_s=30)          # the default: a slow reader is not dropped before the stop
     socks = []
     try:
-        for f in files:
-            (d.watch / f.name).write_bytes(f.read_bytes())
-        d.wait_lines(len(files))
+        feed(d, files)
         while not (d.out / "stack.fits").exists():
             time.sleep(0.05)
         for path in ("/api/stack.fits", "/api/export?format=tiff&mode=linear", "/api/events"):
@@ -832,9 +833,7 @@ def test_a_download_from_a_session_folder_gone_says_so(tmp_path, night):
     (tmp_path / "d").mkdir()
     d = start_daemon(tmp_path / "d")
     try:
-        for f in files:
-            (d.watch / f.name).write_bytes(f.read_bytes())
-        d.wait_lines(len(files))
+        feed(d, files)
         deadline = time.monotonic() + 20
         while request(d, "GET", "/api/stack.fits")[0] != 200 and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -858,9 +857,7 @@ def test_another_sites_page_cannot_make_exports(tmp_path, night):
     (tmp_path / "d").mkdir()
     d = start_daemon(tmp_path / "d")
     try:
-        for f in files:
-            (d.watch / f.name).write_bytes(f.read_bytes())
-        d.wait_lines(len(files))
+        feed(d, files)
         while not json.loads(request(d, "GET", "/api/status")[1])["has_stack"]:
             time.sleep(0.05)
         path = "/api/export?format=png&mode=linear"
