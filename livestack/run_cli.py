@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
@@ -11,7 +12,7 @@ from pathlib import Path
 from . import NOTICE
 from .config import Config, ConfigError, flag_error, make_section
 from .daemon.config import session_section, shell_sections
-from .session import FolderError, SessionError, SessionFolder
+from .session import FolderError, FolderInUse, SessionError, SessionFolder, hold_folder
 from .text import one_line
 
 log = logging.getLogger("livestack")
@@ -51,9 +52,7 @@ def register_commands(sub, engine_opts) -> None:
 
 
 def cmd_run(args, cfg: Config) -> int:
-    from .daemon.service import Service
     from .engine.solve import SolveParams      # here, not at the top: astropy.wcs costs every command 0.2 s
-    from .web.app import make_app, serve_in_thread
 
     source = Path(args.config).name if getattr(args, "config", None) else "config"
     try:
@@ -101,6 +100,25 @@ def cmd_run(args, cfg: Config) -> int:
     if masters is not None:     # which library calibrates the night: the log said nothing of it
         log.log(NOTICE, "livestack: calibration masters from %s: %s (on_mismatch = %s)", masters.root,
                 masters.summary(), masters.params.on_mismatch)
+    # held before --new-session, which would archive the other daemon's night from under it; exit 1, not 2:
+    # under systemd the unit takes the folder over, restarted every 5 s, once a run started by hand is stopped
+    try:
+        held = hold_folder(out_dir, make=watch_dir.is_dir())
+    except FolderInUse as err:
+        print(f"livestack run: {err}", file=sys.stderr)
+        return 1
+    try:
+        return _serve(args, cfg, wp, dp, web, masters)
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def _serve(args, cfg: Config, wp, dp, web, masters) -> int:
+    """The rest of `livestack run`, while the session folder is held: --new-session, the service, the page."""
+    from .daemon.service import Service
+    from .web.app import make_app, serve_in_thread
+
     if args.new_session:
         from .targets import Book
 

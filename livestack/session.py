@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import logging
@@ -339,6 +340,39 @@ class SessionError(Exception):
 class FolderError(SessionError):
     """The session folder cannot be one at all (a file in the way, no permission to make it or write in it):
     a configuration error, which no restart mends — unlike a full or read-only disk, which the daemon waits out."""
+
+
+class FolderInUse(SessionError):
+    """Another process holds the session folder: a second `livestack run` on it (started by hand beside the
+    systemd unit's, or with another --port) — not a configuration error: the folder is free once that one stops."""
+
+
+def hold_folder(out: Path | str, *, make: bool) -> int | None:
+    """Take the session folder ``out`` for this process: an exclusive flock on the folder itself, opened read-only
+    (no write needed: a full or read-only disk is held too).  Two daemons on one folder would each append to
+    frames.jsonl and checkpoint its own stack over the other's — every frame counted twice, or lost at the next
+    start.  ``make``: make the folder first (as the start would: only once the capture folder is there, so that a
+    session folder on an unplugged disk is not made on the empty mount point).  Returns the descriptor to keep
+    open while the daemon runs (closing it lets go); None when the folder is not there or cannot be opened (the
+    start says why).  Raises FolderInUse when another process holds it."""
+    out = Path(out).expanduser()
+    try:
+        if make:
+            out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FolderInUse(f"{out}: another livestack run is using this session folder (two would stack each frame "
+                          "twice and write over each other's checkpoint): stop it first (systemctl stop livestack), "
+                          "or give --out another folder") from None
+    except OSError:      # a filesystem without locks: run unguarded, as before
+        os.close(fd)
+        return None
+    return fd
 
 
 @dataclass

@@ -183,6 +183,40 @@ def test_a_capture_folder_in_the_session_folder_is_refused(tmp_path):
     assert sorted(p.name for p in night.iterdir()) == ["lights"]       # nothing archived, nothing made
 
 
+def test_a_second_daemon_on_a_session_folder_is_refused(tmp_path):
+    """A second `livestack run` on a session folder another one holds (started by hand beside the systemd unit's,
+    with --no-web or another --port) started, appended to the same frames.jsonl and checkpointed over the first
+    one's stack; with --new-session it archived the running night from under it.  Now one line and exit 1
+    (under systemd: retried until the other stops), nothing archived; the folder is free once it is let go."""
+    import os
+    import subprocess
+    import sys
+
+    from livestack.session import hold_folder
+
+    watch, night = tmp_path / "captures", tmp_path / "night"
+    watch.mkdir()
+    held = hold_folder(night, make=True)               # the other daemon
+    assert held is not None
+    (night / "frames.jsonl").write_text("")
+    try:
+        try:
+            r = subprocess.run([sys.executable, "-m", "livestack.cli", "run", "--watch", str(watch), "--out",
+                                str(night), "--no-web", "--new-session"], capture_output=True, text=True,
+                               cwd=Path(__file__).parents[1], timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("a second daemon started on a session folder another one holds")
+        assert r.returncode == 1, r.stderr
+        assert "another livestack run is using this session folder" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert sorted(p.name for p in night.iterdir()) == ["frames.jsonl"]     # nothing archived
+    finally:
+        os.close(held)
+    again = hold_folder(night, make=False)             # let go: the next start takes it
+    assert again is not None
+    os.close(again)
+
+
 @pytest.mark.parametrize("name, taken", [("IMG_0001.CR3", True), ("a.fits", True), ("a.fit.fz", True),
                                          ("a.dng.part", False), (".a.dng", False), ("a.xmp", False),
                                          ("a.jpg", False), ("a.dng~", False), ("a.tmp", False)])
