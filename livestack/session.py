@@ -244,6 +244,31 @@ def stack_settings(cfg) -> dict:
     return json.loads(json.dumps(out))
 
 
+# The limits a frame is refused under: they shape no stack, but a frame they refused is `failed`, and a night
+# restarted with one raised — as the refusal says to ("… or raise max_memory_mb") — must try it again.
+LIMIT_KEYS = {"engine": ("max_megapixels",), "drizzle": ("max_memory_mb",)}
+
+
+def limit_settings(cfg) -> dict:
+    """{section: {key: value}} of LIMIT_KEYS in ``cfg`` (a checkpoint keeps them)."""
+    return {name: {k: getattr(getattr(cfg, name), k) for k in keys} for name, keys in LIMIT_KEYS.items()}
+
+
+def limits_raised(saved, cfg) -> list[str]:
+    """The limits of ``cfg`` above (or, None, no longer set below) a checkpoint's ``saved`` limit_settings(),
+    as settings_changed() words them."""
+    if not isinstance(saved, dict):
+        return []
+    out = []
+    for name, values in limit_settings(cfg).items():
+        old = saved.get(name)
+        if not isinstance(old, dict):
+            continue
+        out += [f"[{name}] {k} = {json.dumps(old[k])}, now {json.dumps(v)}" for k, v in values.items()
+                if k in old and old[k] is not None and (v is None or v > old[k])]
+    return out
+
+
 def settings_changed(saved, cfg) -> list[str]:
     """What differs between a checkpoint's ``saved`` stack_settings() and ``cfg``'s, as "[stack] kappa = 3.0, now
     1.5" — only keys both know: a setting added by a later livestack is no change (the default keeps the old
@@ -620,7 +645,7 @@ class SessionFolder:
         stored too, so that resume() matches the lines themselves, not their count — a line garbled later (it
         would be skipped, shifting the count) cannot make a frame count twice and another never."""
         info = {"version": 2, "lines": lines, "excluded": sorted(excluded), "settings": stack_settings(engine.cfg),
-                "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+                "limits": limit_settings(engine.cfg), "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         covered = _complete_lines(self.frames)[:lines]
         if len(covered) == lines:
             info["sha256"] = _digest(covered)
@@ -674,7 +699,9 @@ class SessionFolder:
                                           f"{_aside(self.checkpoint)}); restacking")
                 elif sorted(info.get("excluded", [])) != sorted(excluded):
                     engine, note = None, f"{self.checkpoint.name}: built before the last exclusion; restacking"
-                elif (changed := settings_changed(info.get("settings"), cfg)) and \
+                elif (changed := settings_changed(info.get("settings"), cfg) + (
+                        limits_raised(info.get("limits"), cfg)
+                        if any(d.get("status") == "failed" for d in records[:n]) else [])) and \
                         not (gone := sum(1 for d in records[:n] if present is not None and not present(d))):
                     # frames stacked under the old settings and the next under the new would be neither night's
                     # stack (kappa 3 then 1.5: 1131 ADU off the one, 1275 off the other): all under the new ones

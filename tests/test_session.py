@@ -705,6 +705,37 @@ def test_a_checkpoint_of_other_settings_is_kept_when_its_files_are_gone(tmp_path
     assert r.engine.n_stacked == 0 and len(r.dropped) == 4, r.note
 
 
+def test_frames_refused_for_memory_are_tried_again_when_the_limit_is_raised(tmp_path, six):
+    """A drizzle ×4 night refused every frame ("… over the 64 MB limit …: use a smaller [drizzle] scale, or
+    raise max_memory_mb"); restarted with max_memory_mb raised as told, the checkpoint of failed frames was
+    resumed and the night stayed empty, without a word.  Now the start says the limit was raised and stacks the
+    night again.  A limit raised over a checkpoint without a failed frame keeps it (nothing to try again)."""
+    import dataclasses
+
+    from livestack.engine.drizzle import DrizzleParams
+
+    def cfg(mb):
+        return dataclasses.replace(Config(), drizzle=DrizzleParams(scale=4, max_memory_mb=mb))
+
+    folder = SessionFolder(tmp_path / "s")
+    eng, log = Engine(cfg(64)), FramesLog(folder.frames)
+    run(eng, six[:3], log)
+    assert {d["status"] for d in read_frames_log(folder.frames)} == {"failed"}
+    folder.save_checkpoint(eng, lines=3, excluded=set())
+    r = folder.resume(cfg(1024))
+    assert "[drizzle] max_memory_mb = 64, now 1024" in r.note and "restacking all 3 frames" in r.note, r.note
+    assert r.engine.n_stacked == 0 and r.records == [] and len(r.dropped) == 3
+    run(r.engine, six[:3])
+    assert r.engine.n_stacked == 3
+
+    ok = SessionFolder(tmp_path / "ok")
+    eng, log = Engine(cfg(1024)), FramesLog(ok.frames)
+    run(eng, six[:3], log)
+    ok.save_checkpoint(eng, lines=3, excluded=set())
+    r = ok.resume(cfg(2048))
+    assert r.engine.n_stacked == 3 and "resumed 3 frames" in r.note, r.note
+
+
 def test_a_checkpoint_whose_stack_arrays_have_another_shape_is_restacked(tmp_path, six):
     """A checkpoint whose zip is sound (every CRC holds) but whose sums are a column short — a bug, an edited
     file — was resumed ("resumed 4 frames") and broke at the next frame: now it is unusable, said so, and every
