@@ -129,9 +129,11 @@ def too_big(sensor_hw: tuple[int, int], channels: int, p: DrizzleParams) -> str 
     h, w = sensor_hw
     per_px = need / (h * w)
     largest = p.max_memory_mb * 2 ** 20 / per_px / 1e6
+    # below 1 MP two figures: "~0 MP" (×4 within 64 MB) read as if no frame at all could be drizzled
+    mp = f"{largest:.0f}" if largest >= 1 else f"{largest:.2g}"
     return (f"drizzle ×{p.scale:g} of a {w}×{h} {'colour' if channels == 3 else 'mono'} frame needs "
             f"{need / 2 ** 30:.1f} GB for its stack, over the {p.max_memory_mb} MB limit (largest here: "
-            f"~{largest:.0f} MP): use a smaller [drizzle] scale, or raise max_memory_mb")
+            f"~{mp} MP): use a smaller [drizzle] scale, or raise max_memory_mb")
 
 
 def grid_shape(sensor_hw: tuple[int, int], scale: float) -> tuple[int, int]:

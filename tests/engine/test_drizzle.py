@@ -99,6 +99,9 @@ def test_a_frame_too_big_for_the_memory_limit_is_refused_with_a_sentence():
     why = too_big((4000, 6000), 3, p)                            # 24 MP colour at 2×: not within 2 GB
     assert why and "6000×4000" in why and "2048 MB" in why and "MP" in why
     assert too_big((4000, 6000), 1, DrizzleParams(scale=1)) is None
+    assert "(largest here: ~8 MP)" in why
+    # a small limit named a largest frame of "~0 MP", as if none could be drizzled
+    assert "(largest here: ~0.059 MP)" in too_big((600, 800), 3, DrizzleParams(scale=4, max_memory_mb=64))
 
 
 # ---------------------------------------------------------------- whole stacks
