@@ -249,6 +249,11 @@ def stack_settings(cfg) -> dict:
 LIMIT_KEYS = {"engine": ("max_megapixels",), "drizzle": ("max_memory_mb",)}
 
 
+# Chosen once, at a target's reference frame (its grid: engine/grid.py): a checkpoint kept under new values keeps
+# its grid, and they come with the next target.
+GRID_KEYS = (("engine", "debayer"), ("drizzle", "scale"), ("drizzle", "pixfrac"))
+
+
 def limit_settings(cfg) -> dict:
     """{section: {key: value}} of LIMIT_KEYS in ``cfg`` (a checkpoint keeps them)."""
     return {name: {k: getattr(getattr(cfg, name), k) for k in keys} for name, keys in LIMIT_KEYS.items()}
@@ -722,6 +727,13 @@ class SessionFolder:
                     if changed:
                         note += (f", stacked with other settings ({'; '.join(changed)}): {gone} of their files "
                                  f"are gone, so the new settings apply to the frames to come only")
+                        fixed = [f"[{s}] {k}" for s, k in GRID_KEYS if any(c.startswith(f"[{s}] {k} =")
+                                                                           for c in changed)]
+                        g = engine.grid
+                        if fixed and g is not None:
+                            # "--drizzle 1 applies to the frames to come" while they went on at ×2: said so now
+                            kept = f"drizzle ×{g.scale:g}, pixfrac {g.pixfrac:g}" if g.drizzled else g.mode
+                            note += f" ({', '.join(fixed)}: from the next target on; this one keeps its {kept} grid)"
         elif records:
             note = f"no checkpoint; restacking {len(records)} frames of {self.frames.name}"
         if engine is None:

@@ -705,6 +705,29 @@ def test_a_checkpoint_of_other_settings_is_kept_when_its_files_are_gone(tmp_path
     assert r.engine.n_stacked == 0 and len(r.dropped) == 4, r.note
 
 
+def test_a_kept_checkpoint_says_its_grid_stays_when_the_drizzle_scale_changed(tmp_path, six):
+    """Restarted with --drizzle 1 over a ×2 night one of whose files had been moved away, the start said "the new
+    settings apply to the frames to come only" — and the frames to come went on at ×2: the grid is chosen at
+    the reference frame.  Now the note says the scale comes with the next target, and which grid stays."""
+    import dataclasses
+
+    from livestack.engine.drizzle import DrizzleParams
+
+    def cfg(scale):
+        return dataclasses.replace(Config(), drizzle=DrizzleParams(scale=scale))
+
+    folder = SessionFolder(tmp_path / "s")
+    eng, log = Engine(cfg(2)), FramesLog(folder.frames)
+    run(eng, six[:3], log)
+    folder.save_checkpoint(eng, lines=3, excluded=set())
+    names = {f.name for f in six[1:3]}           # the first frame's file is gone
+    r = folder.resume(cfg(1), present=lambda d: d["file"] in names)
+    assert r.engine.n_stacked == 3 and "[drizzle] scale = 2, now 1" in r.note, r.note
+    assert "([drizzle] scale: from the next target on; this one keeps its drizzle ×2, pixfrac 1 grid)" in r.note
+    run(r.engine, six[3:4])
+    assert r.engine.grid.scale == 2 and r.engine.n_stacked == 4
+
+
 def test_frames_refused_for_memory_are_tried_again_when_the_limit_is_raised(tmp_path, six):
     """A drizzle ×4 night refused every frame ("… over the 64 MB limit …: use a smaller [drizzle] scale, or
     raise max_memory_mb"); restarted with max_memory_mb raised as told, the checkpoint of failed frames was
