@@ -650,7 +650,8 @@ class SessionFolder:
         stored too, so that resume() matches the lines themselves, not their count — a line garbled later (it
         would be skipped, shifting the count) cannot make a frame count twice and another never."""
         info = {"version": 2, "lines": lines, "excluded": sorted(excluded), "settings": stack_settings(engine.cfg),
-                "limits": limit_settings(engine.cfg), "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+                "limits": limit_settings(engine.cfg),
+                "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         covered = _complete_lines(self.frames)[:lines]
         if len(covered) == lines:
             info["sha256"] = _digest(covered)
