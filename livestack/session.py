@@ -241,6 +241,13 @@ def stack_settings(cfg) -> dict:
         for k in NOT_STACK_KEYS.get(name, ()):
             d.pop(k, None)
         out[name] = d
+    # a setting the others leave without effect (each warned about at the start: pixfrac without a drizzle, the
+    # demosaic of a drizzle, whose samples are never demosaiced) is no change: --pixfrac 0.7 on an ordinary
+    # night restacked it all, for the same stack
+    if not out["drizzle"]["scale"]:
+        out["drizzle"].pop("pixfrac", None)
+    else:
+        out["engine"].pop("debayer", None)
     return json.loads(json.dumps(out))
 
 

@@ -705,6 +705,31 @@ def test_a_checkpoint_of_other_settings_is_kept_when_its_files_are_gone(tmp_path
     assert r.engine.n_stacked == 0 and len(r.dropped) == 4, r.note
 
 
+def test_a_setting_without_effect_does_not_restack_the_night(tmp_path, six):
+    """`livestack run --pixfrac 0.7` without a drizzle warned that pixfrac has no effect — and restacked the whole
+    night ("stacked with other settings ([drizzle] pixfrac = 1.0, now 0.7)"), for the same stack; so did another
+    --debayer under a drizzle, whose samples are never demosaiced.  Those keep the checkpoint now; a pixfrac
+    under a drizzle still restacks."""
+    import dataclasses
+
+    from livestack.engine.drizzle import DrizzleParams
+
+    def cfg(scale=0.0, pixfrac=1.0, debayer="mhc"):
+        c = Config()
+        return dataclasses.replace(c, drizzle=DrizzleParams(scale=scale, pixfrac=pixfrac),
+                                   engine=dataclasses.replace(c.engine, debayer=debayer))
+
+    for name, before, after, kept in (("plain", cfg(), cfg(pixfrac=0.7), True),
+                                      ("drizzled", cfg(2), cfg(2, debayer="superpixel"), True),
+                                      ("pixfrac", cfg(2), cfg(2, pixfrac=0.7), False)):
+        folder = SessionFolder(tmp_path / name)
+        eng, log = Engine(before), FramesLog(folder.frames)
+        run(eng, six[:2], log)
+        folder.save_checkpoint(eng, lines=2, excluded=set())
+        r = folder.resume(after)
+        assert (r.engine.n_stacked == 2 and r.note.startswith("resumed 2 frames")) == kept, (name, r.note)
+
+
 def test_a_kept_checkpoint_says_its_grid_stays_when_the_drizzle_scale_changed(tmp_path, six):
     """Restarted with --drizzle 1 over a ×2 night one of whose files had been moved away, the start said "the new
     settings apply to the frames to come only" — and the frames to come went on at ×2: the grid is chosen at
