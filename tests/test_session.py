@@ -753,6 +753,27 @@ def test_a_kept_checkpoint_says_its_grid_stays_when_the_drizzle_scale_changed(tm
     assert r.engine.grid.scale == 2 and r.engine.n_stacked == 4
 
 
+def test_a_kept_checkpoint_grid_is_held_to_the_memory_limit_at_its_own_scale(tmp_path, six):
+    """A ×2 night kept (a file gone) through a restart with [drizzle] scale = 4 and max_memory_mb = 64 went on
+    at ×2 — and refused every new frame with "drizzle ×4 of a 480×360 colour frame needs 0.2 GB …, over the
+    64 MB limit", though the ×2 stack it would have gone to fits.  The limit is checked at the grid's scale."""
+    import dataclasses
+
+    from livestack.engine.drizzle import DrizzleParams
+
+    def cfg(scale):
+        return dataclasses.replace(Config(), drizzle=DrizzleParams(scale=scale, max_memory_mb=64))
+
+    folder = SessionFolder(tmp_path / "s")
+    eng, log = Engine(cfg(2)), FramesLog(folder.frames)
+    run(eng, six[:2], log)
+    folder.save_checkpoint(eng, lines=2, excluded=set())
+    r = folder.resume(cfg(4), present=lambda d: d["file"] == six[1].name)
+    assert r.engine.n_stacked == 2, r.note
+    rec = r.engine.process(six[2])
+    assert rec.status == "stacked" and r.engine.grid.scale == 2, rec.reason
+
+
 def test_frames_refused_for_memory_are_tried_again_when_the_limit_is_raised(tmp_path, six):
     """A drizzle ×4 night refused every frame ("… over the 64 MB limit …: use a smaller [drizzle] scale, or
     raise max_memory_mb"); restarted with max_memory_mb raised as told, the checkpoint of failed frames was

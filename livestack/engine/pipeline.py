@@ -340,7 +340,9 @@ class Engine:
                 # the caller can match them against other targets; process() says why it cannot be stacked here
                 grid = Grid.for_frame(frame.shape, frame.pattern, cfg.engine.debayer, cfg.drizzle)
             f.grid = grid
-            reason = too_big(frame.shape, grid.channels, cfg.drizzle) if grid.drizzled else None
+            # the grid's scale, not the config's: a checkpoint kept under another [drizzle] scale keeps its grid
+            reason = too_big(frame.shape, grid.channels, dataclasses.replace(cfg.drizzle, scale=grid.scale)) \
+                if grid.drizzled else None
             if reason:
                 raise FrameError(path, reason)
             f.masters = self.masters.select(frame) if self.masters is not None else None
