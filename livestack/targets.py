@@ -297,9 +297,11 @@ def load_reference(folder: Path) -> dict | None:
 
 def _geometry(grid_state: dict) -> dict:
     """What makes star positions on two grids comparable: the sensor, its pattern and the grid's scale — not
-    the demosaic (a bilinear target of last month and an MHC session today have the same full-resolution grid)."""
+    the demosaic (a bilinear target of last month and an MHC session today have the same full-resolution grid),
+    nor a drizzle's pixfrac (the stars are measured on the sensor and placed by the scale alone)."""
     mode = grid_state.get("mode")
-    return {**grid_state, "mode": "full" if mode in ("bayer", "bayer-mhc") else mode}
+    return {**{k: v for k, v in grid_state.items() if k != "pixfrac"},
+            "mode": "full" if mode in ("bayer", "bayer-mhc") else mode}
 
 
 def match_target(stars, grid_state: dict, pointing, candidates: list[tuple[Target, dict]], p: RegisterParams, *,

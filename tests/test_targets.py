@@ -717,6 +717,27 @@ def test_a_reference_of_another_demosaic_is_still_matched_by_its_stars():
     assert match_target(stars, sp, None, [(t, ref)], RegisterParams(), **kw) is None    # another grid scale
 
 
+def test_a_drizzled_reference_of_another_pixfrac_is_still_matched_by_its_stars():
+    """A ×2 target archived under pixfrac 1, and a restart with pixfrac 0.7: the telescope back on it made a new
+    target ("3 good frames in a row do not register onto …") instead of resuming it — the stars lie where the
+    scale puts them, whatever the drop size.  Another drizzle scale is another grid, as before."""
+    from livestack.engine.frame import Stars
+    from livestack.engine.register import RegisterParams
+    from livestack.targets import match_target
+
+    rng = np.random.default_rng(1)
+    xy = rng.uniform(0, 1200, (60, 2))
+    flux = rng.uniform(100, 1000, 60)
+    grid = {"mode": "drizzle", "sensor_shape": [600, 600], "pattern": "RGGB", "scale": 2.0}
+    ref = {"grid": {**grid, "pixfrac": 1.0}, "xy": xy, "flux": flux}
+    t = Target(1, "M 13", "archive/M_13")
+    stars = Stars(xy + [3.0, -2.0], flux, 3.0, np.ones(60), np.ones(60))
+    kw = dict(slew_deg=0.5, rng=np.random.default_rng(0))
+    assert match_target(stars, {**grid, "pixfrac": 0.7}, None, [(t, ref)], RegisterParams(), **kw) is t
+    assert match_target(stars, {**grid, "scale": 1.0, "pixfrac": 1.0}, None, [(t, ref)], RegisterParams(),
+                        **kw) is None
+
+
 def test_two_real_seestar_nights_two_weeks_apart_stack_into_one_target(tmp_path, shared_data):
     """Seestar S50 on M94, 2025-03-27 and 2025-04-09 (another framing, the field turned ~69°): the second night,
     in the same output folder, registers onto the first night's grid — one target, every frame registered; the
