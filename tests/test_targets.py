@@ -359,6 +359,43 @@ def test_a_later_night_resumes_each_target(tmp_path, three_targets):
     assert _stacked_names(by["target 2"]) == [f.name for f in parts["b"]]
 
 
+def test_a_target_resumed_under_another_pixfrac_is_restacked_and_says_why(tmp_path, three_targets, caplog):
+    """Night 1 drizzled ×1 (pixfrac 1): M13, then M57.  A restart with pixfrac 0.7, and M13 again: its frames made
+    a third target (the archived grid, pixfrac and all, was compared with the frame's); now they resume M13,
+    whose frames are stacked again under the new pixfrac — and the switch says so, as a start does."""
+    import dataclasses
+    import logging
+
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+    from livestack.engine.drizzle import DrizzleParams
+
+    def service(pixfrac):
+        cfg = dataclasses.replace(Config(), drizzle=DrizzleParams(scale=1, pixfrac=pixfrac))
+        return Service(cfg, watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                       DaemonParams(out=str(out), checkpoint_every=2))
+
+    files, parts = three_targets[False]
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    svc = service(1.0)
+    svc.start()
+    _feed_live(svc, watch, parts["a"][:3] + parts["b"][:4])
+    svc.stop(timeout=30)
+    assert svc.error is None
+    svc = service(0.7)
+    svc.start()
+    with caplog.at_level(logging.INFO, logger="livestack"):
+        _feed_live(svc, watch, parts["c"])
+    svc.stop(timeout=30)
+    assert svc.error is None
+    by = _by_target(out)
+    assert sorted(by) == ["target 1", "target 2"]
+    assert _stacked_names(by["target 1"]) == [f.name for f in parts["a"][:3] + parts["c"]]
+    said = [r.getMessage() for r in caplog.records if "resumed target 1" in r.getMessage()]
+    assert said and "[drizzle] pixfrac = 1.0, now 0.7" in said[0] and "restacking all 3 frames" in said[0], said
+
+
 def _by_night(tmp_path: Path, *nights: list[Path]) -> Path:
     """Each night's frames fed live to a daemon started for it on the same folders (stopped at dawn); the
     output folder."""

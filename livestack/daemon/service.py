@@ -856,8 +856,11 @@ class Service:
         self._generation += 1
         self._since_ckpt, self._fits_dirty, self._ckpt_stale = 0, 0, False
         self.started = _now()
-        log.log(NOTICE, "livestack: %s: %s archived in %s; %s %s", why, old.name, self.book.get(old.id).folder,
-                        "resumed" if to is not None else "new target", new.name)
+        # a returning target whose checkpoint is not taken as it is (stacked under other settings, unusable) is
+        # stacked again from its files: the start says why, and so does a switch now
+        again_why = f" ({r.note})" if to is not None and r.dropped and not r.note.startswith("resumed") else ""
+        log.log(NOTICE, "livestack: %s: %s archived in %s; %s %s%s", why, old.name, self.book.get(old.id).folder,
+                "resumed" if to is not None else "new target", new.name, again_why)
         self._publish()
         return True
 
