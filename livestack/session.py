@@ -262,13 +262,18 @@ GRID_KEYS = (("engine", "debayer"), ("drizzle", "scale"), ("drizzle", "pixfrac")
 
 
 def limit_settings(cfg) -> dict:
-    """{section: {key: value}} of LIMIT_KEYS in ``cfg`` (a checkpoint keeps them)."""
-    return {name: {k: getattr(getattr(cfg, name), k) for k in keys} for name, keys in LIMIT_KEYS.items()}
+    """{section: {key: value}} of LIMIT_KEYS in ``cfg`` (a checkpoint keeps them), as they apply: an unset
+    max_megapixels is this machine's default (a frame refused under it, then max_megapixels set above it)."""
+    from .engine.read import default_max_megapixels
+
+    out = {name: {k: getattr(getattr(cfg, name), k) for k in keys} for name, keys in LIMIT_KEYS.items()}
+    if out["engine"]["max_megapixels"] is None:
+        out["engine"]["max_megapixels"] = default_max_megapixels()
+    return out
 
 
 def limits_raised(saved, cfg) -> list[str]:
-    """The limits of ``cfg`` above (or, None, no longer set below) a checkpoint's ``saved`` limit_settings(),
-    as settings_changed() words them."""
+    """The limits of ``cfg`` above a checkpoint's ``saved`` limit_settings(), as settings_changed() words them."""
     if not isinstance(saved, dict):
         return []
     out = []
@@ -277,7 +282,7 @@ def limits_raised(saved, cfg) -> list[str]:
         if not isinstance(old, dict):
             continue
         out += [f"[{name}] {k} = {json.dumps(old[k])}, now {json.dumps(v)}" for k, v in values.items()
-                if k in old and old[k] is not None and (v is None or v > old[k])]
+                if isinstance(old.get(k), (int, float)) and v > old[k]]
     return out
 
 

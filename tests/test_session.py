@@ -705,6 +705,26 @@ def test_a_checkpoint_of_other_settings_is_kept_when_its_files_are_gone(tmp_path
     assert r.engine.n_stacked == 0 and len(r.dropped) == 4, r.note
 
 
+def test_frames_refused_by_the_default_pixel_limit_are_tried_again_once_it_is_set_above(tmp_path, six,
+                                                                                         monkeypatch):
+    """Frames refused under the machine's default ("… above the limit of … MP (from this machine's memory;
+    [engine] max_megapixels sets it)"), then a restart with max_megapixels set above it, as told: the frames are
+    tried again (an unset limit is the default it stands for, not "no limit known")."""
+    import dataclasses
+
+    import livestack.engine.read as read
+
+    monkeypatch.setattr(read, "default_max_megapixels", lambda: 0.1)
+    folder = SessionFolder(tmp_path / "s")
+    eng, log = Engine(Config()), FramesLog(folder.frames)
+    run(eng, six[:2], log)
+    assert {d["status"] for d in read_frames_log(folder.frames)} == {"failed"}
+    folder.save_checkpoint(eng, lines=2, excluded=set())
+    c = Config()
+    r = folder.resume(dataclasses.replace(c, engine=dataclasses.replace(c.engine, max_megapixels=1.0)))
+    assert "[engine] max_megapixels = 0.1, now 1.0" in r.note and len(r.dropped) == 2, r.note
+
+
 def test_a_setting_without_effect_does_not_restack_the_night(tmp_path, six):
     """`livestack run --pixfrac 0.7` without a drizzle warned that pixfrac has no effect — and restacked the whole
     night ("stacked with other settings ([drizzle] pixfrac = 1.0, now 0.7)"), for the same stack; so did another
