@@ -55,6 +55,30 @@ def test_stack_folder_with_a_corrupt_file(night, tmp_path):
     assert (hdr["DEBAYER"], hdr["INTERP"], hdr["SMOOTHBG"]) == ("mhc", "compensated", True)
 
 
+def test_stack_into_a_running_daemons_session_folder_is_refused(night, tmp_path, capsys):
+    """`livestack stack … -o ~/night` while `livestack run` stacks into ~/night wrote its stack.fits and
+    frames.jsonl over the running night's (the daemon then wrote over them again, its frames.jsonl another's).
+    The daemon holds its folder (session.hold_folder): the batch is refused, nothing written."""
+    import os
+
+    from livestack.session import hold_folder
+
+    files, _ = night(n_frames=2, seed=3)
+    out = tmp_path / "night"
+    out.mkdir()
+    (out / "frames.jsonl").write_text('{"file": "m31_001.fits", "status": "reference"}\n')
+    fd = hold_folder(out, make=False)           # as `livestack run` does
+    try:
+        assert main(["stack", str(files[0].parent), "-o", str(out), "-q"]) == 2
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert err == (f"livestack stack: {out} is the session folder of a running `livestack run`: its stack.fits "
+                   "and frames.jsonl would be written over — give -o another folder\n"), err
+    assert sorted(p.name for p in out.iterdir()) == ["frames.jsonl"]
+    assert main(["stack", str(files[0].parent), "-o", str(out), "-q"]) == 0     # the daemon stopped: as before
+
+
 def test_stack_command_prints_and_writes_everything_before_it_exits(night, tmp_path):
     # `livestack stack` leaves the process without Python's teardown (cli._exit_now): what it printed into a pipe
     # (block-buffered) and every output must be complete
