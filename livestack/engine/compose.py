@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .filtername import canonical_filter, is_dual_band
+from .filtername import canonical_filter, folded, is_dual_band
 from .normalize import pair_noise
 from .stretch import reduce
 
@@ -61,19 +61,14 @@ _AUTO = {frozenset(m): name for name, m in _MIXES.items()}   # exactly these fil
 HEADER_MAX = 68   # characters of a FITS string value on one card
 
 
-def _folded(name: str) -> str:
-    """A filter name without case, blanks or separators: "No Filter" -> "nofilter"."""
-    return "".join(ch for ch in name.casefold() if ch.isalnum())
-
-
 def _lookup(table: Mapping, name: str, default):
     """The entry of ``table`` for filter ``name``: the same name, the same name in other case or spacing, or
     another spelling of the same filter ("H-alpha" finds "Ha")."""
     if name in table:
         return table[name]
-    folded, canon = name.strip().casefold(), canonical_filter(name)
+    cased, canon = name.strip().casefold(), canonical_filter(name)
     for k, v in table.items():
-        if k.strip().casefold() == folded or (canon is not None and canonical_filter(k) == canon):
+        if k.strip().casefold() == cased or (canon is not None and canonical_filter(k) == canon):
             return v
     return default
 
@@ -277,7 +272,7 @@ def _hues(cands: list[_Candidate], p: ComposeParams) -> list[np.ndarray]:
         hue = c.hue or _lookup(p.hues, c.stack if c.whole else c.label, None)
         if hue is not None:
             out.append(np.array(hue, np.float64))
-        elif c.canon == "L" or c.luminance or (c.whole and _folded(c.stack) in _UNFILTERED):
+        elif c.canon == "L" or c.luminance or (c.whole and folded(c.stack) in _UNFILTERED):
             # (frames without a FILTER among filtered ones took a hue of their own, 560 nm's yellow-green, and
             # pushed G to teal: {L, R, G, B, none} drew G as (0, 1, 0.67))
             out.append(np.ones(3))

@@ -44,8 +44,14 @@ def filter_key(name: str | None) -> str:
     return canon.casefold() + (f" {float(bw.group(1).replace(',', '.')):g}nm" if bw else "")
 
 
+def folded(name: str | None) -> str:
+    """A filter name in letters and digits only, without case: "L-eXtreme 7nm" -> "lextreme7nm", "No Filter" ->
+    "nofilter"."""
+    return "".join(ch for ch in (name or "").casefold() if ch.isalnum())
+
+
 def is_dual_band(name: str | None) -> bool:
     """Whether a FILTER value names a dual-band filter (Ha and OIII) for colour cameras: "L-eXtreme 7nm", "HaOIII",
     also after its maker's name, as filter wheels are often named ("Optolong L-eXtreme", "IDAS NBZ")."""
-    key = "".join(ch for ch in (name or "").casefold() if ch.isalnum())
+    key = folded(name)
     return any(k in key for k in DUAL_BAND)
