@@ -252,20 +252,16 @@ def cmd_stack(args, cfg: Config) -> int:
     if problem:
         print(f"livestack stack: {problem}", file=sys.stderr)
         return 2
-    from .session import FolderInUse, hold_folder
+    from .session import FolderInUse, held_folder
 
     try:        # held while it stacks: a `livestack run` started meanwhile is refused
-        held = hold_folder(out, make=False)
+        with held_folder(out, make=False):
+            return _stack_into(args, cfg, files, out)
     except FolderInUse:
         # it wrote stack.fits and frames.jsonl over the running night's, which the daemon then wrote over again
         print(f"livestack stack: {out} is the session folder of a running `livestack run`: its stack.fits and "
               "frames.jsonl would be written over — give -o another folder", file=sys.stderr)
         return 2
-    try:
-        return _stack_into(args, cfg, files, out)
-    finally:
-        if held is not None:
-            os.close(held)
 
 
 def _stack_into(args, cfg: Config, files: list[Path], out: Path) -> int:

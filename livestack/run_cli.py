@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import signal
 import sys
 import threading
@@ -12,7 +11,7 @@ from pathlib import Path
 from . import NOTICE
 from .config import Config, ConfigError, flag_error, make_section
 from .daemon.config import session_section, shell_sections
-from .session import FolderError, FolderInUse, SessionError, SessionFolder, hold_folder
+from .session import FolderError, FolderInUse, SessionError, SessionFolder, held_folder
 from .text import one_line
 
 log = logging.getLogger("livestack")
@@ -103,15 +102,11 @@ def cmd_run(args, cfg: Config) -> int:
     # held before --new-session, which would archive the other daemon's night from under it; exit 1, not 2:
     # under systemd the unit takes the folder over, restarted every 5 s, once a run started by hand is stopped
     try:
-        held = hold_folder(out_dir, make=watch_dir.is_dir())
+        with held_folder(out_dir, make=watch_dir.is_dir()):
+            return _serve(args, cfg, wp, dp, web, masters)
     except FolderInUse as err:
         print(f"livestack run: {err}", file=sys.stderr)
         return 1
-    try:
-        return _serve(args, cfg, wp, dp, web, masters)
-    finally:
-        if held is not None:
-            os.close(held)
 
 
 def _serve(args, cfg: Config, wp, dp, web, masters) -> int:

@@ -2,6 +2,7 @@
 for the daemon the checkpoint, exclusions and archived sessions (layout below)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import fcntl
@@ -415,6 +416,18 @@ def hold_folder(out: Path | str, *, make: bool) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+@contextlib.contextmanager
+def held_folder(out: Path | str, *, make: bool):
+    """hold_folder() for the length of a with block (`livestack run`, `livestack stack -o`): let go at its end.
+    Raises FolderInUse as it enters."""
+    fd = hold_folder(out, make=make)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)
 
 
 @dataclass
