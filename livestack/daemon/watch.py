@@ -382,6 +382,13 @@ class Watcher:
                 errors.append(err)
         self._unreadable_folder(errors[0] if errors else None)
 
+    @staticmethod
+    def _problem(error: str) -> dict:
+        """A problem() of the capture folder, said as it begins (one warning): {"error", "since"}.  (The caller
+        keeps it, then tells the page: on_change.)"""
+        log.warning("livestack: %s", error)
+        return {"error": error, "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
     def _unreadable_folder(self, err: OSError | None) -> None:
         """A folder the scan cannot read (no permission for livestack's user: the capture program made it): said
         once and in problem() until a scan reads it — the page said idle all night, no frame taken, and the log
@@ -394,11 +401,9 @@ class Watcher:
             return
         if self._unreadable is None:
             where = err.filename or self.root
-            self._unreadable = {"error": f"cannot read the capture folder {where} ({err.strerror or err}): its "
-                                         "frames are not seen — the user livestack runs as needs to read it (README: "
-                                         "Raspberry Pi, setfacl)",
-                                "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-            log.warning("livestack: %s", self._unreadable["error"])
+            self._unreadable = self._problem(f"cannot read the capture folder {where} ({err.strerror or err}): its "
+                                             "frames are not seen — the user livestack runs as needs to read it "
+                                             "(README: Raspberry Pi, setfacl)")
             self._on_change()
 
     def _run(self) -> None:
@@ -430,10 +435,8 @@ class Watcher:
             st, why = None, err.strerror or str(err)
         if why is not None:
             if self._gone is None:
-                self._gone = {"error": f"the capture folder {self.root} is gone ({why}; its disk unplugged?): new "
-                                       "frames are taken once it is back",
-                              "since": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-                log.warning("livestack: %s", self._gone["error"])
+                self._gone = self._problem(f"the capture folder {self.root} is gone ({why}; its disk unplugged?): "
+                                           "new frames are taken once it is back")
                 self._on_change()
             return None
         ident = (st.st_dev, st.st_ino)
