@@ -133,7 +133,10 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
         for i, f in enumerate(files):
             if ctrl_c.event.is_set():
                 break
-            rec = engine.process(f, next_path=files[i + 1] if i + 1 < len(files) else None)
+            last = i + 1 == len(files)
+            # the last file writes stack.fits as it is stacked — unless a plate solve still to come changes its header
+            rec = engine.process(f, next_path=None if last else files[i + 1],
+                                 final_into=out if last and (sky is None or sky.why is not None) else None)
             processed += 1
             records.append(rec.to_dict())
             flog.append(records[-1])

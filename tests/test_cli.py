@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from astropy.io import fits
 
 from livestack.cli import main
@@ -565,3 +566,84 @@ def test_a_folder_of_two_targets_says_which_frames_point_elsewhere(tmp_path):
     r = cli("stack", *a, *near, "-o", tmp_path / "o2", "-q", "--no-solve")
     assert [d["status"] for d in read_log(tmp_path / "o2" / "frames.jsonl")][-2:] == ["rejected"] * 2
     assert "another target" not in r.stdout, r.stdout
+
+
+def test_the_last_frame_writes_stack_fits_as_it_is_stacked_byte_for_byte_as_after_it(night, tmp_path, monkeypatch):
+    # `livestack stack` writes stack.fits from the last frame's rows as each block is stacked (the disk works
+    # while the frame is added, not after it): the same bytes as the file written after the frame, and no
+    # temporary left; where the stream cannot finish (a write error, a header of another length) stack.fits is
+    # written as always
+    from livestack.engine import outputs, write
+
+    files, _ = night(n_frames=5, seed=21)
+    committed = []
+    real_commit = write.StreamedFits.commit
+
+    def commit(self, header):
+        committed.append(real_commit(self, header))
+        return committed[-1]
+
+    monkeypatch.setattr(write.StreamedFits, "commit", commit)
+    args = ["-q", "--no-solve"]
+    assert main(["stack", str(files[0].parent), "-o", str(tmp_path / "streamed"), *args]) == 0
+    assert committed == [True]
+    streamed = (tmp_path / "streamed" / "stack.fits").read_bytes()
+
+    with monkeypatch.context() as m:
+        m.setattr(outputs.FinalStream, "start", classmethod(lambda cls, *a: None))
+        assert main(["stack", str(files[0].parent), "-o", str(tmp_path / "after"), *args]) == 0
+    assert (tmp_path / "after" / "stack.fits").read_bytes() == streamed
+    assert committed == [True]                   # (no stream the second time)
+
+    def failing_put(self, r0, block, weights):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(write.StreamedFits, "put", failing_put)
+        assert main(["stack", str(files[0].parent), "-o", str(tmp_path / "failed"), *args]) == 0
+    assert committed == [True]                   # never committed: the rows were missing
+    assert (tmp_path / "failed" / "stack.fits").read_bytes() == streamed
+
+    real_header, real_init, started = outputs.filter_header, outputs.FinalStream.__init__, []
+
+    def longer(engine, fs):             # the final header a 2880-byte block longer than the one kept
+        h = real_header(engine, fs)
+        if started:
+            h.update({f"EXTRA{i}": (i, "") for i in range(36)})
+        return h
+
+    def init(self, *a):
+        real_init(self, *a)
+        started.append(True)
+
+    with monkeypatch.context() as m:
+        m.setattr(outputs, "filter_header", longer)
+        m.setattr(outputs.FinalStream, "__init__", init)
+        assert main(["stack", str(files[0].parent), "-o", str(tmp_path / "longer"), *args]) == 0
+    assert committed == [True, False]
+    with fits.open(tmp_path / "longer" / "stack.fits") as f:
+        assert "EXTRA35" in f[0].header          # written as always, after the stream was dropped
+        np.testing.assert_array_equal(f[0].data, fits.getdata(tmp_path / "streamed" / "stack.fits"))
+    for d in ("streamed", "after", "failed", "longer"):
+        assert not list((tmp_path / d).glob(".*.tmp")), d
+
+
+def test_a_final_stream_whose_frame_is_not_the_last_is_dropped(night, tmp_path):
+    # Engine.process(final_into=…) on a frame that turns out not to be the last (another frame follows before
+    # the snapshot): its stream is dropped, no temporary left, and the snapshot writes every frame
+    from livestack.config import Config
+    from livestack.engine.pipeline import Engine
+
+    files, _ = night(n_frames=5, seed=22)
+    out = tmp_path / "out"
+    out.mkdir()
+    eng = Engine(Config())
+    for f in files[:4]:
+        eng.process(f)
+    eng.process(files[3], final_into=out)        # (the same file again: a fifth frame)
+    assert eng.final_stream is not None and list(out.glob(".stack.fits.*.tmp"))
+    eng.process(files[4])
+    assert eng.final_stream is None and not list(out.glob(".*.tmp"))
+    assert eng.snapshot(out)
+    assert fits.getheader(out / "stack.fits")["NCOMBINE"] == 6
+    eng.close()

@@ -119,6 +119,8 @@ class Engine:
         self._recent: list[str] = []                  # filter keys, most recently used last
         self._reduced: dict = {}                      # reduced() cache
         self.written: dict = {}                       # outputs.py: file -> what it was written from
+        self.final_stream = None                      # outputs.FinalStream: process(final_into=…)'s stack.fits
+        self._final_into: Path | None = None
         self.timings: dict[str, float] = {}
         self._t = 0.0
         self._reader: ThreadPoolExecutor | None = None   # the read-ahead thread (process(next_path=…))
@@ -211,7 +213,8 @@ class Engine:
 
     # ------------------------------------------------------------------ one frame
 
-    def process(self, path: Path | str, *, hold: bool = False, next_path: Path | str | None = None) -> FrameRecord:
+    def process(self, path: Path | str, *, hold: bool = False, next_path: Path | str | None = None,
+                final_into: Path | str | None = None) -> FrameRecord:
         """Run one file through the pipeline and update its filter's stack.  Never raises for a bad file: a
         FrameError becomes ``status: failed`` with its reason (and one log line).
 
@@ -225,8 +228,15 @@ class Engine:
         ``next_path``: the file the caller will hand in next, when it knows (a folder to stack, a backlog): its
         first stages — reading, calibration, sky and stars, a third to a half of a frame's time — run in a
         second thread while this frame is registered, warped and stacked (one more mosaic in memory: 96 MB at
-        24 MP).  Results are the same as without."""
+        24 MP).  Results are the same as without.
+
+        ``final_into``: this is the last file before snapshot(final_into) — a batch's: stack.fits is written
+        as the frame's rows are stacked (outputs.FinalStream), and snapshot() finishes it."""
         path = Path(path)
+        if self.final_stream is not None:       # one that was not written out: its frame is no longer the last
+            self.final_stream.abandon()
+            self.final_stream = None
+        self._final_into = None if final_into is None else Path(final_into)
         t0 = time.perf_counter()
         rec = FrameRecord(file=path.name, status="failed", index=self.index)
         self.index += 1
@@ -534,12 +544,33 @@ class Engine:
                 return value[0], coverage[0]
         else:       # demosaiced (a Bayer mosaic) and warped a block of rows at a time, as the stack adds them
             channel = grid.source(cfa, img, matrix, interpolation=interp, signal=front.signal, normalise=norm)
-        rec.rejected_pixels = fs.stack.add_channels(cells, channel, weight, noise_n, saturated=sat)
+        stream = self._final_stream(fs)
+        try:
+            rec.rejected_pixels = fs.stack.add_channels(cells, channel, weight, noise_n, saturated=sat,
+                                                        rows_done=stream.rows if stream is not None else None)
+        except BaseException:
+            if stream is not None:
+                stream.abandon()
+            raise
         self._lap("drizzle+stack" if grid.drizzled else "debayer+warp+stack" if grid.pattern else "warp+stack")
         fs.accept(q, m, front.masters.names if front.masters is not None else None, file=path.name, index=rec.index,
                   scale=scale)
+        if stream is not None:
+            stream.version, self.final_stream = fs.version, stream
         self.last_matrix = reg_matrix
         self.last_stacked = (stars, reg_matrix)
+
+    def _final_stream(self, fs: FilterStack):
+        """process(final_into=…): the frame's stack file written as it is stacked, when it can be (FinalStream
+        .start); None otherwise, or where the file cannot be made (snapshot() writes it then, and says why)."""
+        if self._final_into is None:
+            return None
+        from .outputs import FinalStream
+
+        try:
+            return FinalStream.start(self, fs, self._final_into)
+        except OSError:
+            return None
 
     def _weight(self, fs: FilterStack, noise_n: np.ndarray, q: Quality) -> float:
         """The frame's weight in its filter's stack: (reference noise / its normalised noise)², times the

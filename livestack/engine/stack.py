@@ -401,7 +401,7 @@ class RunningStack:
         return bin2(_luminance(img, self.lum_weights))
 
     def add_channels(self, cells: np.ndarray, channel, weight: float, noise: np.ndarray, *,
-                     saturated: np.ndarray | None = None) -> int | None:
+                     saturated: np.ndarray | None = None, rows_done=None) -> int | None:
         """Add one frame given as its binned luminance ``cells`` (``self.cells`` float32: the 2×2 means of
         Σ lum_weights[c]·x_c, NaN outside the footprint) and its pixels, either
 
@@ -414,7 +414,10 @@ class RunningStack:
         With ``channel_weights`` only ``channel(c)`` is taken, and it returns (value, coverage): the coverage
         ≥ 0 scales the frame's weight per pixel (0: nothing landed; the value is then ignored); it stays valid
         until the next call (one buffer may be reused: a drizzle makes one channel at a time).
-        ``cells`` and the arrays returned may be modified.  ``saturated`` as in add().  Returns as add()."""
+        ``cells`` and the arrays returned may be modified.  ``saturated`` as in add().  ``rows_done(r0, r1)``:
+        called from the worker threads as each block of rows has taken this frame's pixels (after the bootstrap,
+        without channel_weights — else never): what the last frame of a batch writes its stack file with as
+        the rows become final (outputs.FinalStream).  Returns as add()."""
         saturated = self._points(saturated)
         if cells.shape != self.cells:
             raise ValueError(f"cells shape {cells.shape} does not match the stack's {self.cells}")
@@ -473,7 +476,7 @@ class RunningStack:
         chunks = list(self._chunks(self.cells[0]))
         self.parallel_map(judge, chunks)
         rejected = 4 * sum(self.parallel_map(add, chunks))
-        self._accumulate_pixels(channel, bad, weight, saturated)
+        self._accumulate_pixels(channel, bad, weight, saturated, on_block=rows_done)
         self.rejected_total += rejected
         return rejected
 
@@ -731,12 +734,14 @@ class RunningStack:
             return lambda c: (f16[c], f16[c_n + c])
         return lambda c: f16[c]
 
-    def _accumulate_pixels(self, channel, bad_cells, weight, saturated, sums=None, wsum=None, span=None) -> None:
+    def _accumulate_pixels(self, channel, bad_cells, weight, saturated, sums=None, wsum=None, span=None, *,
+                           on_block=None) -> None:
         """Full resolution: W += w and S_c += w·x_c where valid — inside the footprint (channel 0 not NaN: every
         channel shares it) and not in a rejected cell — a block of rows at a time, every channel of a block
         while it is in the cache.  ``channel``: as add_channels takes it (or a buffered frame's float16
         channels, converted block by block); its arrays are modified (zeroed where not valid).  ``span``:
-        (a, b), only the blocks of rows a:b (a a multiple of BLOCK_ROWS).
+        (a, b), only the blocks of rows a:b (a a multiple of BLOCK_ROWS).  ``on_block(r0, r1)``: called as each
+        block is done (not with channel_weights).
 
         Saturated pixels (``saturated``: (rows, cols) on the grid, or None) are left out of the block passes
         and added with the weight w·saturated_weight by fancy indexing: they are few, and a per-pixel weight
@@ -785,6 +790,8 @@ class RunningStack:
                     x[oy, ox] = 0
             for c, x in enumerate(xs):
                 cv2.scaleAdd(x, w_frame, sums[c, r0:r1], dst=sums[c, r0:r1])
+            if on_block is not None:
+                on_block(r0, r1)
 
         self.parallel_map(block, _blocks(h, span, getattr(channel, "block_rows", BLOCK_ROWS)))
 
@@ -904,12 +911,19 @@ class RunningStack:
                     m = self.mean_rows(r0, r1, channels=[c])[0]
                     np.nan_to_num(m, copy=False, nan=0.0)
                 else:
-                    w = self.wsum[r0:r1]
-                    with np.errstate(invalid="ignore", divide="ignore"):
-                        m = self.sums[c, r0:r1] / w
-                    np.copyto(m, 0, where=~(w > 0))
+                    m = self.plain_mean_rows(r0, r1, c)
                 self.release()      # a spilled stack: only this block's rows stay paged in
                 yield m
+
+    def plain_mean_rows(self, r0: int, r1: int, c: int | None = None) -> np.ndarray:
+        """After the bootstrap, without channel_weights: rows r0:r1 of the weighted mean of channel ``c`` —
+        (r1 - r0, W) — or of every channel — (C, r1 - r0, W) —, 0 where no frame covers: the values stack.fits
+        holds (a new array)."""
+        w = self.wsum[r0:r1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            m = self.sums[:, r0:r1] / w[None] if c is None else self.sums[c, r0:r1] / w
+        np.copyto(m, 0, where=~(w > 0))
+        return m
 
     def bootstrap_blocks(self):
         """In the bootstrap: (r0, (C, n, W) mean, 0 where no frame covers, (n, W) weights) for each block of rows,

@@ -202,24 +202,35 @@ def atomic_write_with(path: Path, writer, *, size: int | None = None) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_name(path)
         writer(tmp)
-        os.chmod(tmp, 0o644)      # whatever the writer's umask made: outputs are shared (capture, daemon)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _commit(tmp, path)
     except BaseException as err:
-        full = None
-        if isinstance(err, OSError):
-            # Measured before the temporary goes: a short write leaves the disk full only while it exists.
-            full = disk_full(err, path, size or max(_size(tmp), _size(path)))
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:     # gone, or a disk that fails every call now: the first error is the one to tell
-                pass
+        full = _given_up(err, tmp, path, size)
         if full is not None and full is not err:
             raise full from err
         raise
     fsync_dir(path.parent)
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    """A written temporary becomes ``path``: its mode set, fsynced, renamed over it (the folder's fsync after)."""
+    os.chmod(tmp, 0o644)      # whatever the writer's umask made: outputs are shared (capture, daemon)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _given_up(err: BaseException, tmp: Path | None, path: Path, size: int | None) -> "DiskFull | None":
+    """An atomic write failed with ``err``: its temporary removed; the DiskFull to raise instead, if any."""
+    full = None
+    if isinstance(err, OSError):
+        # Measured before the temporary goes: a short write leaves the disk full only while it exists.
+        full = disk_full(err, path, size or max(_size(tmp), _size(path)))
+    if tmp is not None:
+        try:
+            os.unlink(tmp)
+        except OSError:     # gone, or a disk that fails every call now: the first error is the one to tell
+            pass
+    return full
 
 
 def _size(path) -> int:
@@ -600,41 +611,138 @@ def write_fits_rows(path: Path, shape: tuple[int, ...], rows, header: dict, *, w
     its bootstrap — is computed once, not once per channel.  ``weighted``: the items are (r0, block, (n, W)
     weights) and the weights go to a WEIGHT extension, as write_fits_blocks writes it.  Atomic like the other
     writers."""
-    c, h, w = (1, *shape) if len(shape) == 2 else shape
-    c, h, w = int(c), int(h), int(w)
     head = _primary_header(tuple(int(v) for v in shape), header, extend=weighted)
-    size = c * h * w * 4
-    data_end = len(head) + size + (-size % 2880)
-    whead = _weight_header(h, w) if weighted else b""
-    wsize = h * w * 4
-    total = data_end + (len(whead) + wsize + (-wsize % 2880) if weighted else 0)
 
     def writer(tmp: Path) -> None:
-        done = 0
-        with open(tmp, "wb") as f:
-            wb = Writeback(f)
-            f.write(head)
-            f.truncate(total)     # zero padding included
-            if weighted:
-                f.seek(data_end)
-                f.write(whead)
+        f = FitsRows(tmp, shape, len(head), weighted=weighted)
+        try:
             for item in rows:
                 give_way()
-                r0, block = item[0], item[1]
-                block = block.reshape(c, -1, w)
-                n = block.shape[1]
-                for ch in range(c):
-                    f.seek(len(head) + ((ch * h + r0) * w) * 4)
-                    f.write(bytes_view(block[ch].astype(">f4")))
-                if weighted:
-                    f.seek(data_end + len(whead) + r0 * w * 4)
-                    f.write(bytes_view(np.asarray(item[2]).astype(">f4")))
-                done += n
-                wb.wrote((c + weighted) * n * w * 4)
-        if done != h:
-            raise ValueError(f"{Path(path).name}: {done} rows written, expected {h}")
+                f.put(item[0], item[1], item[2] if weighted else None)
+            f.finish(head, Path(path).name)
+        finally:
+            f.close()
 
-    atomic_write_with(path, writer, size=total)
+    atomic_write_with(path, writer, size=FitsRows.size(shape, len(head), weighted))
+
+
+class FitsRows:
+    """A new FITS file of a float32 (C, H, W) — or (H, W) — image, and with ``weighted`` its WEIGHT extension,
+    written a block of rows at a time at their places in the file, in any order (os.pwrite: from several threads
+    at once too), the primary header last (``finish``; its length, ``head_len``, is fixed when the file is made).
+    Through the page cache, the kernel asked to start writing every WRITEBACK_BYTES (as Writeback) unless made
+    inside deferrable()."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], head_len: int, *, weighted: bool):
+        c, h, w = (1, *shape) if len(shape) == 2 else shape
+        self.c, self.h, self.w = int(c), int(h), int(w)
+        self.head_len, self.weighted = head_len, weighted
+        size = self.c * self.h * self.w * 4
+        self.data_end = head_len + size + (-size % 2880)
+        self.whead = _weight_header(self.h, self.w) if weighted else b""
+        self.rows = 0
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._kick = _SYNC_FILE_RANGE is not None and getattr(_defer, "check", None) is None
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.ftruncate(self.fd, self.size(shape, head_len, weighted))     # zero padding included
+            if weighted:
+                self._pwrite(self.whead, self.data_end)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def size(shape: tuple[int, ...], head_len: int, weighted: bool) -> int:
+        """The file's bytes."""
+        h, w = (int(v) for v in shape[-2:])
+        data = int(np.prod(shape)) * 4
+        total = head_len + data + (-data % 2880)
+        if weighted:
+            total += len(_weight_header(h, w)) + h * w * 4 + (-(h * w * 4) % 2880)
+        return total
+
+    def _pwrite(self, data, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        while len(view):
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def put(self, r0: int, block: np.ndarray, weights: np.ndarray | None = None) -> None:
+        """Rows r0:r0 + n: ``block`` (C, n, W) — or (n, W) — and, with ``weighted``, their (n, W) weights."""
+        block = block.reshape(self.c, -1, self.w)
+        n = block.shape[1]
+        for ch in range(self.c):
+            self._pwrite(bytes_view(block[ch].astype(">f4")), self.head_len + ((ch * self.h + r0) * self.w) * 4)
+        if self.weighted:
+            self._pwrite(bytes_view(np.asarray(weights).astype(">f4")),
+                         self.data_end + len(self.whead) + r0 * self.w * 4)
+        with self._lock:
+            self.rows += n
+            self._pending += (self.c + self.weighted) * n * self.w * 4
+            kick = self._kick and self._pending >= WRITEBACK_BYTES
+            if kick:
+                self._pending = 0
+        if kick:
+            _SYNC_FILE_RANGE(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)   # the whole file; errors lose the hint
+
+    def finish(self, head: bytes, name: str) -> None:
+        """The primary header, once every row is in (ValueError naming the file ``name`` otherwise, or for a
+        header of another length)."""
+        if self.rows != self.h:
+            raise ValueError(f"{name}: {self.rows} rows written, expected {self.h}")
+        if len(head) != self.head_len:
+            raise ValueError(f"{name}: a header of {len(head)} bytes where {self.head_len} were kept")
+        self._pwrite(head, 0)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class StreamedFits:
+    """write_fits_rows' file (weighted) written while its rows are still being made — ``put`` from the threads
+    that make them —, then made ``path`` atomically by ``commit(header)`` as atomic_write_with would, or
+    dropped by ``abandon()``.  ``header`` at the start is provisional: its length is the space kept for the
+    final one, which commit() refuses (False, the file dropped) when it is of another length."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], header: dict):
+        self.path, self.shape = Path(path), tuple(int(v) for v in shape)
+        self.tmp = temp_name(self.path)
+        self.file = FitsRows(self.tmp, self.shape, len(_primary_header(self.shape, header, extend=True)),
+                             weighted=True)
+
+    def put(self, r0: int, block: np.ndarray, weights: np.ndarray) -> None:
+        self.file.put(r0, block, weights)
+
+    def commit(self, header: dict) -> bool:
+        """Write the final header, fsync, rename onto ``path`` (DiskFull as atomic_write_with raises it); False
+        when the header is of another length or a row is missing — nothing written then."""
+        head = _primary_header(self.shape, header, extend=True)
+        if len(head) != self.file.head_len or self.file.rows != self.file.h:
+            self.abandon()
+            return False
+        try:
+            self.file.finish(head, self.path.name)
+            self.file.close()
+            _commit(self.tmp, self.path)
+        except BaseException as err:
+            self.file.close()
+            full = _given_up(err, self.tmp, self.path, FitsRows.size(self.shape, len(head), True))
+            if full is not None and full is not err:
+                raise full from err
+            raise
+        fsync_dir(self.path.parent)
+        return True
+
+    def abandon(self) -> None:
+        self.file.close()
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
 
 
 def _weight_header(h: int, w: int) -> bytes:
