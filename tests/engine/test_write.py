@@ -221,3 +221,34 @@ def test_a_full_disk_during_a_direct_write_keeps_the_old_file(tmp_path, monkeypa
         write_fits(tmp_path / "s.fits", np.ones((3, 40, 100), np.float32), {})
     assert (tmp_path / "s.fits").read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["s.fits"]
+
+
+def test_rows_put_from_two_threads_in_any_order_make_the_same_file(tmp_path):
+    # FitsRows (the last frame's stack.fits, outputs.FinalStream): blocks of rows put from two threads in a
+    # shuffled order, the header last: the same bytes as write_fits_rows; a row missing is said, naming the file
+    from concurrent.futures import ThreadPoolExecutor
+
+    from livestack.engine.write import FitsRows, _primary_header, write_fits_rows
+
+    rng = np.random.default_rng(5)
+    img = rng.normal(100, 5, (3, 301, 123)).astype(np.float32)
+    weight = rng.uniform(0, 9, (301, 123)).astype(np.float32)
+    hdr = {"NCOMBINE": (7, "")}
+    blocks = [(r, img[:, r:r + 16], weight[r:r + 16]) for r in range(0, 301, 16)]
+    write_fits_rows(tmp_path / "in_order.fits", img.shape, blocks, hdr, weighted=True)
+    head = _primary_header(img.shape, hdr, extend=True)
+    f = FitsRows(tmp_path / "shuffled.fits", img.shape, len(head), weighted=True)
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            list(ex.map(lambda i: f.put(*blocks[i]), rng.permutation(len(blocks))))
+        f.finish(head, "shuffled.fits")
+    finally:
+        f.close()
+    assert (tmp_path / "shuffled.fits").read_bytes() == (tmp_path / "in_order.fits").read_bytes()
+    g = FitsRows(tmp_path / "short.fits", img.shape, len(head), weighted=True)
+    try:
+        g.put(*blocks[0])
+        with pytest.raises(ValueError, match="short.fits: 16 rows written, expected 301"):
+            g.finish(head, "short.fits")
+    finally:
+        g.close()
