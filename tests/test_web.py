@@ -171,6 +171,25 @@ def test_exports_are_full_resolution_16_bit(web):
     assert st == 400 and "png or tiff" in json.loads(body)["error"]
 
 
+def test_a_head_of_an_export_makes_no_export(web):
+    # HEAD /api/export (a link checker, a download manager asking first): GET's status and headers — the type,
+    # the file's name — without the export itself, which costs the worker seconds and ~100 MB at 24 MP (the
+    # log says each export made)
+    def made() -> int:
+        return web.log.read_text(errors="replace").count("livestack: export (")
+
+    before = made()
+    st, body, h = req(web, "HEAD", "/api/export?format=tiff&mode=linear")
+    assert st == 200 and body == b"" and h["Content-Type"] == "image/tiff"
+    assert h["Content-Disposition"] == 'attachment; filename="stack-linear-16bit.tif"'
+    assert req(web, "HEAD", "/api/export?format=bmp")[0] == 400
+    assert req(web, "GET", "/api/export?format=png&mode=stretched")[0] == 200
+    deadline = time.monotonic() + 10
+    while made() == before and time.monotonic() < deadline:       # (the log line: after the response)
+        time.sleep(0.05)
+    assert made() == before + 1
+
+
 def test_each_filters_file_is_there_to_download(web):
     """Frames without a FILTER: the one stack's file is stack.fits (status said stack_nofilter.fits: a 404)."""
     st, body, _ = req(web, "GET", "/api/status")

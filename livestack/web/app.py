@@ -10,7 +10,8 @@ GET  /api/stack.fits        the stack (float32, weight map in HDU "WEIGHT")
 GET  /api/export?format=png|tiff&mode=stretched|linear   full-resolution 16-bit image
 GET  /api/files/<path>      any file inside the session folder (frames.jsonl, archive/…); nothing outside
 GET  /api/events            server-sent events: "status" with the status JSON whenever anything changes
-HEAD                        any GET above: its status and headers, no body
+HEAD                        any GET above: its status and headers, no body (an export's without its length:
+                            it is not made)
 POST /api/pause, /api/resume, /api/exclude {"file"}, /api/include {"file"}, /api/stretch {black, midtones,
      white | auto}, /api/palette {palette, weights, hues}, /api/new-session — with a token configured, each
      needs "Authorization: Bearer <token>" or "X-Livestack-Token: <token>"
@@ -855,6 +856,18 @@ class Api:
             self._check_origin(req)
         except HttpError as err:
             raise refused from err
+        ext = "png" if fmt == "png" else "tif"
+        headers = {"Content-Disposition": f'attachment; filename="stack-{mode}-16bit.{ext}"'}
+        ctype = "image/png" if fmt == "png" else "image/tiff"
+        if req.method == "HEAD":
+            # GET's status and headers without the export (its length is known only once it is made: seconds of
+            # the worker's time and ~100 MB at 24 MP, for a link checker or a download manager asking first)
+            if not self.service.status()["stacked"]:
+                raise HttpError(409, "nothing stacked yet; the export needs at least one stacked frame")
+            resp = web.StreamResponse(headers=_headers(ctype, headers))
+            await resp.prepare(req)
+            req[_STARTED] = True
+            return resp
         # each export sent is a whole image in memory (144 MB at 24 MP) until its client has read it: slow
         # readers (a phone on weak Wi-Fi, or on purpose) held one each, as many as asked
         if self.exports >= EXPORT_SENDS:
@@ -863,9 +876,7 @@ class Api:
         self.exports += 1
         try:
             data = await self._wait(self.service.export(fmt, mode), 300, "the export")
-            ext = "png" if fmt == "png" else "tif"
-            return await self._send_bytes(req, data, "image/png" if fmt == "png" else "image/tiff",
-                                          {"Content-Disposition": f'attachment; filename="stack-{mode}-16bit.{ext}"'})
+            return await self._send_bytes(req, data, ctype, headers)
         finally:
             self.exports -= 1
 
