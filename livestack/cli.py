@@ -126,14 +126,21 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
     engine = Engine(cfg, masters=masters, spill_dir=out)   # stacks beyond [stack] memory_mb: mapped files
     progress = None if quiet else Progress(len(files))
     t0 = time.perf_counter()
-    sky = None
+    sky = sky_status = None
     processed = 0
     records: list[dict] = []
+    # said under -q too: -q leaves out the progress bar, not the one line saying what the stack still waits for
+    # (a blind solve that fails takes up to [solve] timeout_s: ~46 s of silence looked like a hang)
+    say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     with _CtrlC() as ctrl_c:
         for i, f in enumerate(files):
             if ctrl_c.event.is_set():
                 break
             last = i + 1 == len(files)
+            if last and sky is not None and sky.why is None and not sky.solver.running and sky.own is None:
+                # the solve has ended: its WCS goes on the grid now, so that stack.fits' header is final before
+                # the last frame (a reference without a WCS of its own: no frame's placing is predicted from one)
+                sky_status, sky = sky.finish(engine, stop=ctrl_c.event, say=say), None
             # the last file writes stack.fits as it is stacked — unless a plate solve still to come changes its header
             rec = engine.process(f, next_path=None if last else files[i + 1],
                                  final_into=out if last and (sky is None or sky.why is not None) else None)
@@ -166,10 +173,8 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
                 params = make_section(SolveParams, cfg.extra.get("solve", {}), "config: solve")
                 sky = BatchSolve(engine, f, params if solve else dataclasses.replace(params, enabled=False),
                                  off=None if solve else "plate solving is off (--no-solve)")
-        # said under -q too: -q leaves out the progress bar, not the one line saying what the stack still waits for
-        # (a blind solve that fails takes up to [solve] timeout_s: ~46 s of silence looked like a hang)
-        say = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-        sky_status = sky.finish(engine, stop=ctrl_c.event, say=say) if sky is not None else None
+        if sky is not None:
+            sky_status = sky.finish(engine, stop=ctrl_c.event, say=say)
         wrote = engine.snapshot(out)
     from .engine.outputs import filter_file, stale_stacks
 

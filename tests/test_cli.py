@@ -648,3 +648,44 @@ def test_a_final_stream_whose_frame_is_not_the_last_is_dropped(night, tmp_path):
     assert eng.snapshot(out)
     assert fits.getheader(out / "stack.fits")["NCOMBINE"] == 6
     eng.close()
+
+
+def test_a_plate_solve_ended_before_the_last_frame_still_lets_it_write_stack_fits(night, tmp_path, monkeypatch):
+    # `livestack stack` with a solver (the default where astrometry.net is installed): a solve that has ended
+    # by the last frame puts its WCS on the grid first, so the last frame writes stack.fits as it is stacked,
+    # the WCS in its header — the same bytes as the file written after the frame
+    import threading
+
+    from astropy.wcs import WCS
+
+    from livestack import sky
+    from livestack.engine import outputs, write
+    from livestack.engine.solve import Solution
+
+    files, _ = night(n_frames=5, seed=23)
+    w = WCS(naxis=2)
+    w.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    w.wcs.crval, w.wcs.crpix, w.wcs.cdelt = [150.0, 20.0], [240.0, 180.0], [-0.0005, 0.0005]
+
+    def start(self, xy, flux, shape, hints, workdir=None):   # a solve that ends at once
+        with self._lock:
+            self._answer = Solution(w, 0.1, 30, 0.2, 1.8)
+        self._thread = threading.Thread(target=lambda: None, daemon=True)
+        self._thread.start()
+        self._thread.join()
+        return True
+
+    monkeypatch.setattr(sky.SkySolver, "available", lambda self: None)
+    monkeypatch.setattr(sky.SkySolver, "start", start)
+    committed = []
+    real_commit = write.StreamedFits.commit
+    monkeypatch.setattr(write.StreamedFits, "commit", lambda self, h: committed.append(real_commit(self, h))
+                        or committed[-1])
+    assert main(["stack", str(files[0].parent), "-o", str(tmp_path / "streamed"), "-q"]) == 0
+    assert committed == [True]
+    hdr = fits.getheader(tmp_path / "streamed" / "stack.fits")
+    assert hdr["CTYPE1"] == "RA---TAN" and hdr["NCOMBINE"] == 5
+    with monkeypatch.context() as m:
+        m.setattr(outputs.FinalStream, "start", classmethod(lambda cls, *a: None))
+        assert main(["stack", str(files[0].parent), "-o", str(tmp_path / "after"), "-q"]) == 0
+    assert (tmp_path / "after" / "stack.fits").read_bytes() == (tmp_path / "streamed" / "stack.fits").read_bytes()
