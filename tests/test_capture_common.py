@@ -63,6 +63,21 @@ def test_a_deleted_last_frame_number_is_not_used_again(tmp_path):
     assert next_index(tmp_path, "light") == 0
 
 
+def test_capture_sim_points_where_it_is_told_with_the_seeing_it_is_given(tmp_path):
+    # `livestack capture sim` has the simulator's sky arguments: --pointing and --object go into the FITS
+    # headers (a second target for `livestack run` to find), --fwhm sets the stars' width
+    from astropy.io import fits
+
+    r = run("-m", "drivers.capture.sim", "1", "--count", "1", "--width", "64", "--height", "48", "-q",
+            "--pointing", "283.40", "33.03", "--object", "M 57", "--fwhm", "1.5", "--sky-seed", "22",
+            "-o", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    h = fits.getheader(tmp_path / "light_0000_1s.fits")
+    assert (h["RA"], h["DEC"], h["OBJECT"]) == (283.40, 33.03, "M 57")
+    r = run("-m", "drivers.capture.sim", "1", "--count", "1", "--fwhm", "0", "-o", str(tmp_path))
+    assert r.returncode == 2 and "the stars' FWHM must be > 0 px" in r.stderr, r.stderr
+
+
 def test_two_runs_into_one_folder_never_write_the_same_name(tmp_path):
     """Two capture runs writing into one folder at once (two cameras of a dual rig, a second run started by
     mistake): every frame keeps its own number (before: each run numbered from where the folder was when it

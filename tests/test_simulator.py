@@ -249,6 +249,25 @@ def test_cli_writes_lights_calibration_and_truth(tmp_path, capsys):
     assert cli_main([str(out), "--defects", "rain:1"]) == 2
 
 
+def test_cli_sets_the_seeing_the_pointing_and_the_object(tmp_path, capsys):
+    # what the Python API had and the command line did not: --fwhm (undersampled stars, for a drizzle), and
+    # --pointing / --object / --sky-seed (another target, as the plate solving and targets tests make)
+    from astropy.io import fits
+
+    out = tmp_path / "m95"
+    assert cli_main([str(out), "--frames", "2", "--width", "64", "--height", "48", "--fwhm", "1.4",
+                     "--pointing", "160.99", "11.70", "--object", "M 95", "--sky-seed", "7"]) == 0
+    truth = json.loads((out / "truth.json").read_text())
+    assert truth["config"]["fwhm_px"] == 1.4 and all(1.2 < f["fwhm"] < 1.6 for f in truth["frames"])
+    h = fits.getheader(out / truth["frames"][0]["file"])
+    assert (h["RA"], h["DEC"], h["OBJECT"]) == (160.99, 11.70, "M 95")
+    assert truth["config"]["sky_seed"] == 7
+    capsys.readouterr()
+    assert cli_main([str(tmp_path / "x"), "--fwhm", "0"]) == 2
+    assert cli_main([str(tmp_path / "x"), "--pointing", "361", "0"]) == 2
+    assert "RA 0…360°" in capsys.readouterr().err
+
+
 def test_render_calibration_levels(tmp_path):
     cfg = SimConfig(**SMALL)
     files = render_calibration(tmp_path, cfg, n_bias=2, n_dark=1, n_flat=1, n_darkflat=1, dark_exptime=120)

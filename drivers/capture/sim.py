@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..simargs import add_sky_arguments, sky_fields
 from .common import (CapturePlan, Stop, add_plan_arguments, frame_name, module_main, run_capture, run_plan,
                      start_capture, write_frame)
 
@@ -79,6 +80,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--defects", default="", help="NAME:FRAME,… (cloudy, wind, satellite, cosmic)")
     p.add_argument("--filters", default="", help="a filter wheel cycled frame by frame, e.g. L,R,G,B or "
                                                   "Ha,OIII,SII (narrowband exposures 3× EXPOSURE)")
+    add_sky_arguments(p)
 
 
 def run(args) -> int:
@@ -92,7 +94,8 @@ def run(args) -> int:
         base = SimConfig(width=args.width, height=args.height, fmt=args.format, mono=args.mono, seed=args.seed,
                          rotation_deg=args.rotation_deg, dither_px=args.dither_px,
                          defects=parse_defects(args.defects),
-                         filters=tuple(f.strip() for f in args.filters.split(",") if f.strip()))
+                         filters=tuple(f.strip() for f in args.filters.split(",") if f.strip()),
+                         **sky_fields(args))
     except ValueError as err:
         print(f"capture sim: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """python -m drivers.simulator OUT_DIR [--frames 10 --width 800 --height 600 --format fits|dng --mono
     --seed 1 --rotation-deg 0.5 --defects cloudy:3,trail:5,satellite:6,cosmic:7 --calib
-    --filters L,R,G,B,Ha,OIII,SII --filter-exptime Ha:300,OIII:300 --dither-px 3]
+    --filters L,R,G,B,Ha,OIII,SII --filter-exptime Ha:300,OIII:300 --dither-px 3 --fwhm 3
+    --pointing RA DEC --object NAME --sky-seed N]
 
 Writes the lights and truth.json (and with --calib bias/, darks/, flats/, darkflats/) and prints OUT_DIR.
 Exit 0 ok, 2 on a usage error.
@@ -11,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..simargs import add_sky_arguments, sky_fields
 from .camera import SimConfig, parse_defects, parse_filter_exptime
 from .write import render_calibration, render_night, write_truth
 
@@ -34,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
                    "L,R,G,B,Ha,OIII,SII (mono) or HaOIII (colour, dual band)")
     p.add_argument("--filter-exptime", default="", help="NAME:SECONDS,... exposure per filter "
                    "(default: 3 × --exptime narrowband, --exptime broadband)")
+    add_sky_arguments(p)
     p.add_argument("--calib", action="store_true", help="also write bias/, darks/, flats/, darkflats/ (10 each; "
                    "flats: 10 per filter)")
     args = p.parse_args(argv)
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
                         flip_at=args.flip_at, dither_px=args.dither_px, n_stars=args.n_stars,
                         defects=parse_defects(args.defects),
                         filters=tuple(f.strip() for f in args.filters.split(",") if f.strip()),
-                        filter_exptime=parse_filter_exptime(args.filter_exptime))
+                        filter_exptime=parse_filter_exptime(args.filter_exptime), **sky_fields(args))
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

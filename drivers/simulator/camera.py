@@ -94,6 +94,10 @@ class SimConfig:
             raise ValueError(f"SimConfig: bias {self.bias}, white {self.white}: need 0 < bias < white ≤ 65535")
         if self.exptime <= 0 or self.gain <= 0:
             raise ValueError(f"SimConfig: exptime {self.exptime}, gain {self.gain}: must be > 0")
+        if not self.fwhm_px > 0:
+            raise ValueError(f"SimConfig: fwhm_px {self.fwhm_px}: the stars' FWHM must be > 0 px")
+        if self.pointing is not None and not (0 <= self.pointing[0] < 360 and -90 <= self.pointing[1] <= 90):
+            raise ValueError(f"SimConfig: pointing {tuple(self.pointing)}: RA 0…360°, Dec −90…90°")
         if isinstance(self.filters, str):
             raise ValueError(f"SimConfig.filters = {self.filters!r}: a sequence of names, e.g. ('L', 'Ha')")
         object.__setattr__(self, "filters", tuple(self.filters))
