@@ -230,7 +230,12 @@ class FinalStream:
         stream dropped)."""
         if (self.error is None and path == self.path and self.version == self.fs.version
                 and engine.stacks == [self.fs] and self.fs.stack is self.stack):
-            return self.file.commit(filter_header(engine, self.fs))
+            try:
+                hdr = filter_header(engine, self.fs)
+            except BaseException:
+                self.abandon()
+                raise
+            return self.file.commit(hdr)       # (its temporary removed on any error)
         if self.error is not None:      # (a disk's error comes again, and is said, when the file is written after)
             log.debug("%s: written after the last frame: %s", path.name, self.error)
         self.abandon()
@@ -319,8 +324,13 @@ def write_stacks(engine, out_dir: Path, params: comp.ComposeParams, *, name: str
         return False
     out_dir.mkdir(parents=True, exist_ok=True)
     main = out_dir / name
-    p = plan(engine, params)
     stream, engine.final_stream = engine.final_stream, None      # the last frame's (FinalStream), if any
+    try:
+        p = plan(engine, params)
+    except BaseException:
+        if stream is not None:
+            stream.abandon()
+        raise
     if p is None:
         fs = stacks[0]
         if stream is None or not stream.commit(engine, main):
