@@ -233,15 +233,19 @@ NOT_STACK_KEYS = {"engine": ("read_ahead", "max_megapixels"), "stack": ("threads
                   "drizzle": ("max_memory_mb", "compensate")}
 
 
-def stack_settings(cfg) -> dict:
+def stack_settings(cfg, grid=None) -> dict:
     """{section: {key: value}} of the settings that shape the stacks, as JSON gives them back (a checkpoint keeps
-    them: a stack continued under other ones would be a silent mix of two)."""
+    them: a stack continued under other ones would be a silent mix of two).  ``grid``: the stack's (engine.grid),
+    whose GRID_KEYS are recorded as it was made — a checkpoint kept under other values keeps its grid, and the
+    next start must compare with that grid, not with the config it went on under."""
     out = {}
     for name in STACK_SECTIONS:
         d = dataclasses.asdict(getattr(cfg, name))
         for k in NOT_STACK_KEYS.get(name, ()):
             d.pop(k, None)
         out[name] = d
+    if grid is not None:
+        _grid_settings(out, grid)
     # a setting the others leave without effect (each warned about at the start: pixfrac without a drizzle, the
     # demosaic of a drizzle, whose samples are never demosaiced) is no change: --pixfrac 0.7 on an ordinary
     # night restacked it all, for the same stack
@@ -260,6 +264,22 @@ LIMIT_KEYS = {"engine": ("max_megapixels",), "drizzle": ("max_memory_mb",)}
 # Chosen once, at a target's reference frame (its grid: engine/grid.py): a checkpoint kept under new values keeps
 # its grid, and they come with the next target.
 GRID_KEYS = (("engine", "debayer"), ("drizzle", "scale"), ("drizzle", "pixfrac"))
+
+
+def _grid_settings(out: dict, grid) -> None:
+    """GRID_KEYS in ``out`` (stack_settings()) set to what ``grid`` was made with; a value equal to the config's
+    stays as the config gives it, and a whole one is written whole ("scale = 2, now 1", as --drizzle 2 says it)."""
+    drizzle, engine = out["drizzle"], out["engine"]
+    if grid.drizzled:
+        for k, v in (("scale", grid.scale), ("pixfrac", grid.pixfrac)):
+            if drizzle.get(k) != v:
+                drizzle[k] = int(v) if float(v).is_integer() else v
+    elif drizzle["scale"]:
+        drizzle["scale"] = 0.0
+    if grid.debayer is None:        # a mono grid: no demosaicing, whatever [engine] debayer says
+        engine.pop("debayer", None)
+    elif not grid.drizzled and engine.get("debayer") != grid.debayer:
+        engine["debayer"] = grid.debayer
 
 
 def limit_settings(cfg) -> dict:
@@ -674,8 +694,8 @@ class SessionFolder:
         """Checkpoint ``engine``, whose state includes the first ``lines`` lines of frames.jsonl: their sha256 is
         stored too, so that resume() matches the lines themselves, not their count — a line garbled later (it
         would be skipped, shifting the count) cannot make a frame count twice and another never."""
-        info = {"version": 2, "lines": lines, "excluded": sorted(excluded), "settings": stack_settings(engine.cfg),
-                "limits": limit_settings(engine.cfg),
+        info = {"version": 2, "lines": lines, "excluded": sorted(excluded),
+                "settings": stack_settings(engine.cfg, engine.grid), "limits": limit_settings(engine.cfg),
                 "saved": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         covered = _complete_lines(self.frames)[:lines]
         if len(covered) == lines:

@@ -773,6 +773,90 @@ def test_a_kept_checkpoint_says_its_grid_stays_when_the_drizzle_scale_changed(tm
     assert r.engine.grid.scale == 2 and r.engine.n_stacked == 4
 
 
+def test_the_checkpoint_after_a_kept_grid_records_the_grid_not_the_config(tmp_path, six):
+    """A ×2 night kept (a file gone) through a restart with --drizzle 1 went on at ×2 — but the next checkpoint
+    recorded scale 1, the config's.  The start after it compared with that: the user's --drizzle 2 back restacked
+    the whole night for the stack it already was; --drizzle 1 with the file back kept the ×2 stack without a word
+    (it is restacked at ×1 now); and with the file still gone the note on the kept grid was no longer said."""
+    import dataclasses
+    import shutil
+
+    from livestack.engine.drizzle import DrizzleParams
+
+    def cfg(scale):
+        return dataclasses.replace(Config(), drizzle=DrizzleParams(scale=scale))
+
+    folder = SessionFolder(tmp_path / "s")
+    eng, log = Engine(cfg(2)), FramesLog(folder.frames)
+    run(eng, six[:3], log)
+    folder.save_checkpoint(eng, lines=3, excluded=set())
+    names = {f.name for f in six[1:]}           # the first frame's file is gone
+    r = folder.resume(cfg(1), present=lambda d: d["file"] in names)
+    assert r.engine.grid.scale == 2 and r.engine.n_stacked == 3, r.note
+    run(r.engine, six[3:4], FramesLog(folder.frames))
+    folder.save_checkpoint(r.engine, lines=4, excluded=set())
+    assert load_checkpoint(folder.checkpoint, cfg(1))[1]["settings"]["drizzle"]["scale"] == 2
+
+    def restart(name, scale, present):
+        shutil.copytree(tmp_path / "s", tmp_path / name)
+        return SessionFolder(tmp_path / name).resume(cfg(scale), present=present)
+
+    for name, present in (("back", lambda d: True), ("back, gone", lambda d: d["file"] in names)):
+        r = restart(name, 2, present)
+        assert r.engine.n_stacked == 4 and r.note == "resumed 4 frames from checkpoint.npz", (name, r.note)
+    r = restart("found", 1, lambda d: True)
+    assert r.engine.n_stacked == 0 and len(r.dropped) == 4 and "[drizzle] scale = 2, now 1" in r.note, r.note
+    r = restart("gone", 1, lambda d: d["file"] in names)
+    assert r.engine.n_stacked == 4 and "this one keeps its drizzle ×2, pixfrac 1 grid" in r.note, r.note
+
+
+def test_the_checkpoint_after_a_kept_grid_records_its_debayer_and_pixfrac(tmp_path, six):
+    """The same for the grid's other keys: an mhc night kept under --debayer superpixel, a pixfrac 0.7 drizzle
+    kept under pixfrac 1 — their next checkpoints record mhc and 0.7, so that going back to them is no change."""
+    import dataclasses
+
+    from livestack.engine.drizzle import DrizzleParams
+
+    def cfg(debayer="mhc", scale=0.0, pixfrac=1.0):
+        c = Config()
+        return dataclasses.replace(c, drizzle=DrizzleParams(scale=scale, pixfrac=pixfrac),
+                                   engine=dataclasses.replace(c.engine, debayer=debayer))
+
+    for name, first, then, key in (("debayer", cfg(), cfg("superpixel"), ("engine", "debayer")),
+                                   ("pixfrac", cfg(scale=2, pixfrac=0.7), cfg(scale=2), ("drizzle", "pixfrac"))):
+        folder = SessionFolder(tmp_path / name)
+        eng, log = Engine(first), FramesLog(folder.frames)
+        run(eng, six[:2], log)
+        folder.save_checkpoint(eng, lines=2, excluded=set())
+        r = folder.resume(then, present=lambda d: d["file"] == six[1].name)
+        assert r.engine.n_stacked == 2 and "keeps its" in r.note, (name, r.note)
+        run(r.engine, six[2:3], FramesLog(folder.frames))
+        folder.save_checkpoint(r.engine, lines=3, excluded=set())
+        section, k = key
+        saved = load_checkpoint(folder.checkpoint, then)[1]["settings"][section][k]
+        assert saved == getattr(getattr(first, section), k), (name, saved)
+        r = folder.resume(first, present=lambda d: True)
+        assert r.engine.n_stacked == 3 and r.note == "resumed 3 frames from checkpoint.npz", (name, r.note)
+
+
+def test_a_mono_grid_records_no_debayer(tmp_path):
+    """A mono grid is made without demosaicing: its checkpoint records no [engine] debayer, so that one changed
+    is no change for it (it restacked a mono night, for the same stack) — a drizzle scale still is."""
+    import dataclasses
+
+    from livestack.engine.drizzle import DrizzleParams
+    from livestack.engine.grid import Grid
+    from livestack.session import settings_changed, stack_settings
+
+    c = Config()
+    saved = stack_settings(c, Grid.for_frame((360, 480), None, c.engine.debayer))
+    assert "debayer" not in saved["engine"]
+    superpixel = dataclasses.replace(c, engine=dataclasses.replace(c.engine, debayer="superpixel"))
+    assert settings_changed(saved, superpixel) == []
+    assert settings_changed(saved, dataclasses.replace(c, drizzle=DrizzleParams(scale=2))) == \
+        ["[drizzle] scale = 0.0, now 2"]
+
+
 def test_a_kept_checkpoint_grid_is_held_to_the_memory_limit_at_its_own_scale(tmp_path, six):
     """A ×2 night kept (a file gone) through a restart with [drizzle] scale = 4 and max_memory_mb = 64 went on
     at ×2 — and refused every new frame with "drizzle ×4 of a 480×360 colour frame needs 0.2 GB …, over the
