@@ -610,6 +610,27 @@ def test_excluding_the_reference_rewrites_reference_json(tmp_path, six):
         svc.stop(timeout=20)
 
 
+def test_an_excluded_frame_keeps_no_matrix_on_a_grid_it_is_not_on(tmp_path, six):
+    """A frame excluded keeps its matrix while the grid is the one it was registered to; once excluding the
+    reference has moved the grid to another frame's pixels, its matrix (and the old reference's identity)
+    mapped onto a grid it has nothing to do with — frames.jsonl's `matrix` is null now, as for any frame not
+    put on the grid."""
+    svc, out = _backlog_service(tmp_path, six)
+    try:
+        _wait(svc, 6, idle=True)
+        svc.exclude(six[2].name).result(60)
+        recs = read_frames_log(out / "frames.jsonl")
+        assert recs[2]["status"] == "excluded" and recs[2]["matrix"] is not None       # the same grid: it holds
+        svc.exclude(six[0].name).result(60)
+        assert svc.engine.ref.file == six[1].name
+    finally:
+        svc.stop(timeout=20)
+    recs = read_frames_log(out / "frames.jsonl")
+    assert [r["status"] for r in recs[:3]] == ["excluded", "reference", "excluded"]
+    assert recs[0]["matrix"] is None and recs[2]["matrix"] is None, (recs[0]["matrix"], recs[2]["matrix"])
+    assert recs[0]["fwhm"] is not None and recs[2]["stars"]          # the measurements stay
+
+
 def test_new_stack_on_an_empty_session_archives_nothing(tmp_path, six):
     """"New stack" pressed again before a frame arrived (a double click, a page retrying, `run --new-session` at
     every restart) archived each empty session: one archive/<time>/ folder holding only a copy of the capture

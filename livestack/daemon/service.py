@@ -1563,14 +1563,20 @@ class Service:
                 break
             log.info("restack started over: a request changed a frame it had passed")
         old, self.engine, self.records, self._engine_excluded = self.engine, eng, new, want
-        if eng.has_stack and old.ref is not None and eng.ref.file == old.ref.file:
+        if eng.has_stack and old.ref is not None and eng.ref.file == old.ref.file and old.grid.same_pixels(eng.grid):
             if old.grid.wcs is not None:
                 eng.set_wcs(old.grid.wcs)    # the same reference, the same grid: its plate solution holds
-        elif eng.has_stack:     # the reference was excluded: another grid, other stars to match a returning
-            self._ref_saved = False             # frame against, solved anew — as for a first reference
-            self._new_reference()
-        else:     # every frame excluded: the next frame stacked is a new reference, named and solved as a first
-            self._ref_named = self._ref_saved = False
+        else:
+            # the grid moved (another reference; a kept ×2 grid made again at the config's ×1): an excluded
+            # frame's matrix, made on the old one, maps onto a grid it is not on
+            for d in new:
+                if d["status"] == "excluded":
+                    d["matrix"] = None
+            if eng.has_stack:   # the reference was excluded: another grid, other stars to match a returning
+                self._ref_saved = False         # frame against, solved anew — as for a first reference
+                self._new_reference()
+            else:   # every frame excluded: the next frame stacked is a new reference, named and solved as a first
+                self._ref_named = self._ref_saved = False
         self._logged = None              # frames.jsonl is rewritten whole
         self._save_log()
         self._generation += 1

@@ -120,6 +120,12 @@ class Grid:
     def drizzled(self) -> bool:
         return self.mode == "drizzle"
 
+    def same_pixels(self, other: "Grid") -> bool:
+        """True when ``other`` lays its pixels where this one does, whatever its demosaicing: a WCS or a frame's
+        matrix made on the one holds on the other (not from ×2 to ×1, nor to superpixels)."""
+        return (self.sensor_shape, self.shape) == (other.sensor_shape, other.shape) and \
+            np.array_equal(self.sensor_to_grid, other.sensor_to_grid)
+
     def judge_params(self, p: RejectParams) -> RejectParams:
         """The frame judge's settings for this grid's frames.  Its one absolute size, ``eccentricity_fwhm``, is in
         sensor pixels — the unit of the FWHM a full-resolution or drizzle grid's frames report; a superpixel
