@@ -631,6 +631,52 @@ def test_an_excluded_frame_keeps_no_matrix_on_a_grid_it_is_not_on(tmp_path, six)
     assert recs[0]["fwhm"] is not None and recs[2]["stars"]          # the measurements stay
 
 
+def test_a_kept_grid_restacked_at_another_scale_does_not_keep_its_plate_solution(tmp_path, six):
+    """A ×2 night kept (a file gone) through a restart with --drizzle 1, the file back, then a frame excluded: the
+    restack makes the grid again at the config's ×1 from the same reference — and gave it the ×2 grid's plate
+    solution (every coordinate off by two), as if nothing had moved.  It is solved anew, and the excluded frame's
+    ×2 matrix is dropped."""
+    import dataclasses
+    import shutil
+
+    from astropy.wcs import WCS
+
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+    from livestack.engine.drizzle import DrizzleParams
+
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for f in six[:4]:
+        shutil.copy(f, watch / f.name)
+
+    def service(scale):
+        svc = Service(dataclasses.replace(Config(), drizzle=DrizzleParams(scale=scale)), watch, out,
+                      WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                      DaemonParams(out=str(out)))
+        svc.start()
+        _wait(svc, 4, idle=True)
+        return svc
+
+    svc = service(2)
+    svc.stop(timeout=20)
+    (watch / six[3].name).unlink()
+    svc = service(1)
+    try:
+        assert svc.engine.grid.scale == 2 and svc.engine.ref.file == six[0].name
+        wcs = WCS(naxis=2)
+        wcs.wcs.ctype, wcs.wcs.crval, wcs.wcs.crpix = ["RA---TAN", "DEC--TAN"], [83.8, -5.4], [480.5, 360.5]
+        wcs.wcs.cdelt = [-0.0005, 0.0005]
+        svc.engine.set_wcs(wcs)
+        shutil.copy(six[3], watch / six[3].name)          # back: a restack may be made (it was refused before)
+        svc.exclude(six[2].name).result(60)
+        assert svc.engine.ref.file == six[0].name and svc.engine.grid.scale == 1
+        assert svc.engine.grid.wcs is None
+    finally:
+        svc.stop(timeout=20)
+    assert read_frames_log(out / "frames.jsonl")[2]["matrix"] is None
+
+
 def test_new_stack_on_an_empty_session_archives_nothing(tmp_path, six):
     """"New stack" pressed again before a frame arrived (a double click, a page retrying, `run --new-session` at
     every restart) archived each empty session: one archive/<time>/ folder holding only a copy of the capture
