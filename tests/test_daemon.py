@@ -415,8 +415,25 @@ def test_a_frame_excluded_before_a_kill_keeps_its_measurements(tmp_path, daemon_
     assert [r["file"] for r in recs] == [f.name for f in files]
     after = recs[1]
     assert after["status"] == "excluded" and after["weight"] is None, after
-    assert {k: after[k] for k in ("filter", "index", "fwhm", "stars", "time", "exptime")} == \
-        {k: before[k] for k in ("filter", "index", "fwhm", "stars", "time", "exptime")}, (before, after)
+    assert {k: after[k] for k in ("filter", "index", "fwhm", "stars", "time", "exptime", "matrix")} == \
+        {k: before[k] for k in ("filter", "index", "fwhm", "stars", "time", "exptime", "matrix")}, (before, after)
+
+
+def test_the_reference_excluded_before_a_kill_keeps_no_matrix(tmp_path, daemon_night):
+    """The same with the reference excluded: the restart's restack puts the grid on the next frame, and the
+    excluded reference's line kept its identity matrix onto it (null now: it is on no grid), its measurements
+    kept."""
+    files, watch, out = _four_frames_watched(tmp_path, daemon_night)
+    _started_idle(watch, out, 4).stop(timeout=10)
+    before = read_frames_log(out / "frames.jsonl")[0]
+    assert before["status"] == "reference" and before["matrix"] is not None
+    (out / "session" / "excluded.json").write_text(json.dumps([files[0].name]))
+    svc = _started_idle(watch, out, 4)
+    svc.stop(timeout=10)
+    assert svc.error is None
+    recs = read_frames_log(out / "frames.jsonl")
+    assert [r["status"] for r in recs[:2]] == ["excluded", "reference"], recs
+    assert recs[0]["matrix"] is None and recs[0]["fwhm"] == before["fwhm"], recs[0]
 
 
 def test_every_frame_excluded_then_a_new_frame_is_the_targets_reference(tmp_path, daemon_night):

@@ -655,6 +655,8 @@ class Service:
             old = self._dropped.get(item.rel) or {"file": item.path.name}
             rec = FrameRecord.from_dict({**old, "status": "excluded", "reason": "excluded by the user",
                                          "weight": None})
+            if any(d.get("status") == "reference" and rel in self.excluded for rel, d in self._dropped.items()):
+                rec.matrix = None     # its reference excluded too: the grid it was registered to is no more
         elif item.reason is not None:
             rec = FrameRecord(file=item.path.name, status="failed", reason=item.reason)
             self.engine.count_failed()   # counted like the engine's own failures (NFAILED in the header)
