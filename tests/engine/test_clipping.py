@@ -57,11 +57,11 @@ def stack(files, cfg, *, reject=True):
         seen.append([cells - self.sky_lum])
         return orig_add(self, cells, channel, weight, noise, **kw)
 
-    def accumulate(self, channel, bad_cells, weight, saturated, sums=None, wsum=None, span=None):
+    def accumulate(self, channel, bad_cells, weight, saturated, sums=None, wsum=None, span=None, **kw):
         # a frame joins the stack (not a combination for reading), once (the bootstrap's comes in spans of rows)
         if (sums is None or sums is self.sums) and (span is None or span[0] == 0):
             next(s for s in seen if len(s) == 1).append(bad_cells.copy())
-        return orig_acc(self, channel, bad_cells, weight, saturated, sums, wsum, span)
+        return orig_acc(self, channel, bad_cells, weight, saturated, sums, wsum, span, **kw)
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(RunningStack, "add_channels", add_channels)
