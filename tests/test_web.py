@@ -896,30 +896,37 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
-def start_held(d: Daemon, *more: str) -> Path:
+def start_held(d: Daemon, *more: str, held: str = HELD_START, entered: bool = True) -> Path:
     """Start `d` with its resume held until the returned file exists; return once start() is in it.  The port is
-    chosen here: the page's address is logged once the start is done."""
+    chosen here: the page's address is logged once the start is done.  (``held``: another script of that kind,
+    holding something else; ``entered=False``: return at once, not waiting for it to be held.)"""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    entered, gate = d.tmp / "entered", d.tmp / "gate"
-    entered.unlink(missing_ok=True)
+    held_now, gate = d.tmp / "entered", d.tmp / "gate"
+    held_now.unlink(missing_ok=True)
     gate.unlink(missing_ok=True)
     script = d.tmp / "held_start.py"
-    script.write_text(HELD_START)
+    script.write_text(held)
     d.runs += 1
     d.log = d.tmp / f"daemon-{d.runs}.log"
     with open(d.log, "wb") as err:
         d.proc = subprocess.Popen(
-            [sys.executable, str(script), str(entered), str(gate), "run", "--watch", str(d.watch), "--out",
+            [sys.executable, str(script), str(held_now), str(gate), "run", "--watch", str(d.watch), "--out",
              str(d.out), "--port", str(port), "--config", str(d.config), *d.extra, *more],
             cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.DEVNULL, stderr=err)
     d.url = f"http://127.0.0.1:{port}/"
+    if entered:
+        wait_held(d)
+    return gate
+
+
+def wait_held(d: Daemon) -> None:
+    """Until what start_held's script holds is held."""
     end = time.monotonic() + 30
-    while not entered.exists():
+    while not (d.tmp / "entered").exists():
         assert d.proc.poll() is None and time.monotonic() < end, d.log.read_text()
         time.sleep(0.02)
-    return gate
 
 
 def test_the_page_answers_while_the_daemon_loads_its_stack(make_daemon, daemon_night):
@@ -1000,6 +1007,95 @@ def test_a_stop_asked_for_while_the_daemon_starts_is_clean(make_daemon, daemon_n
     log = d.log.read_text()
     assert "SIGTERM received" in log and "Traceback" not in log, log
     assert len(d.lines()) == 3
+
+
+# a daemon whose worker, on a frame named held-…, waits for a file: busy for as long as the test likes (as with a
+# 24 MP frame on a Pi, or a write to a slow card), while the web thread answers
+HELD_FRAME = """\
+import pathlib, sys, time
+from livestack.daemon import service
+
+entered, gate = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+frame = service.Service._frame
+
+def held_frame(self, item):
+    if item.rel.startswith("held-"):
+        entered.touch()
+        end = time.monotonic() + 60
+        while not gate.exists() and time.monotonic() < end:
+            time.sleep(0.02)
+    return frame(self, item)
+
+service.Service._frame = held_frame
+from livestack.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _statuses(d: Daemon):
+    """The statuses /api/events sends, as they come (a generator; its connection closes with it)."""
+    u = urlsplit(d.url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    try:
+        conn.request("GET", "/api/events")
+        r = conn.getresponse()
+        assert r.status == 200
+        data = None
+        while line := r.fp.readline().decode():
+            if line.startswith("data: "):
+                data = json.loads(line[6:])
+            elif line == "\n" and data is not None:
+                yield data
+                data = None
+    finally:
+        conn.close()
+
+
+def test_an_exclude_refused_after_its_202_is_in_the_status(make_daemon, daemon_night):
+    """The worker busy past the page's 2 s (a frame, a write), an exclude was answered 202 "restacking"; when the
+    worker came to it and refused it — a frame of the stack gone from the capture folder meanwhile, the frame an
+    archived target's since — the refusal reached the daemon's log only: the user who tapped "exclude" at the
+    telescope never learnt that nothing was excluded.  The status says it now (`refused`), on /api/events too."""
+    files, _ = daemon_night
+    d = make_daemon("--token", TOKEN, name="refused-late")
+    for f in files[:4]:
+        shutil.copy(f, d.watch / f.name)
+    gate = start_held(d, held=HELD_FRAME, entered=False)
+    aside = d.tmp / "aside"
+    aside.mkdir()
+    try:
+        d._wait_url()
+        s = wait_status(d, lambda s: s["frames"] == 4 and s["state"] == "idle", timeout=30)
+        assert s.get("refused", "missing") is None
+        n = s["stacked"]
+        stacked = [f["path"] for f in json.loads(req(d, "GET", "/api/frames")[1])["frames"]
+                   if f["status"] in ("reference", "stacked")]
+        shutil.copy(files[4], d.watch / f"held-{files[4].name}")
+        wait_held(d)
+        events = _statuses(d)
+        next(events)
+        st, body, _ = req(d, "POST", "/api/exclude", {"file": stacked[2]}, AUTH)
+        assert st == 202, body
+        shutil.move(d.watch / stacked[1], aside / stacked[1])       # gone after the request was taken
+        gate.touch()
+        end = time.monotonic() + 30
+        for sent in events:             # until the refusal is sent, or the frame held is done without it
+            if sent.get("refused") or (sent["frames"] == 5 and sent["state"] == "idle") or time.monotonic() > end:
+                break
+        events.close()
+        s = wait_status(d, lambda s: s["frames"] == 5 and s["state"] == "idle", timeout=30)
+        assert s["excluded"] == 0 and s["stacked"] == n + 1         # nothing excluded: the frame held stacked
+        assert "exclude/include refused" in d.log.read_text()       # the log said it …
+        r = s.get("refused")                                        # … and the status says it now
+        assert r is not None and r == sent.get("refused"), (r, sent.get("refused"))
+        assert set(r) == {"id", "request", "error", "time"}, r
+        assert r["request"] == f"exclude {stacked[2]}"
+        assert r["error"].startswith("1 frame of the stack is no longer in the capture folder") and \
+            stacked[1] in r["error"], r
+        assert isinstance(r["id"], int) and r["time"].endswith("+00:00"), r
+    finally:
+        gate.touch()
+        assert d.stop() == 0
 def test_the_page_and_the_log_say_the_masters_and_the_last_failed_frame(tmp_path, daemon_night):
     """A night calibrated by a master library: the daemon's log did not say which library it used, and the page
     said nothing of calibration — the status's frame had no `calibration`, and a light failed for want of a fitting
