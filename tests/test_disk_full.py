@@ -401,14 +401,34 @@ def test_an_exclusion_with_files_gone_is_refused_at_once_and_by_a_busy_worker(tm
             svc.exclude(stacked[2])                               # at once: no future to wait for
         shutil.move(aside / stacked[1], watch / stacked[1])
 
+        assert st["refused"] is None
         busy = svc._submit(time.sleep, 1.0)                       # the worker busy (a frame, a write)
         fut = svc.exclude(stacked[2])
+        svc.follow(fut, f"exclude {stacked[2]}")                  # answered 202, as the page's after 2 s
         shutil.move(watch / stacked[1], aside / stacked[1])        # gone after the request was taken
         with pytest.raises(Refused, match="1 frame of the stack is no longer") as err:
             fut.result(timeout=30)
         assert err.value.status == 409 and busy.done()
-        st2 = svc.status()
+        # the status says it by the time it no longer says "restacking" (the page's 202 said "restacking")
+        st2 = _wait_idle(svc, 6)
         assert st2["stacked"] == st["stacked"] and st2["excluded"] == 0 and st2["failed"] == 0
+        assert st2["refused"]["request"] == f"exclude {stacked[2]}"
+        assert st2["refused"]["error"] == str(err.value) and st2["refused"]["time"].endswith("+00:00")
+
+        # a later one accepted and done leaves it as it was; another refused replaces it, with the next id
+        shutil.move(aside / stacked[1], watch / stacked[1])
+        fut = svc.exclude(stacked[2])
+        svc.follow(fut, f"exclude {stacked[2]}")
+        assert fut.result(timeout=30)["excluded"] == 1
+        assert svc.status()["refused"] == st2["refused"]
+        busy = svc._submit(time.sleep, 1.0)
+        fut = svc.exclude(stacked[2], False)
+        svc.follow(fut, f"include {stacked[2]}")
+        shutil.move(watch / stacked[1], aside / stacked[1])
+        with pytest.raises(Refused, match="1 frame of the stack is no longer"):
+            fut.result(timeout=30)
+        r = _wait_idle(svc, 6)["refused"]
+        assert r["request"] == f"include {stacked[2]}" and r["id"] == st2["refused"]["id"] + 1, r
     finally:
         svc.stop(timeout=10)
     assert svc.error is None

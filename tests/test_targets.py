@@ -608,6 +608,7 @@ def test_an_exclusion_asked_on_a_target_just_archived_is_refused_not_applied_to_
 
     def switch(to, redo, why):      # the click lands while b_00 is being read
         futs.append(svc.exclude(a[2].name))
+        svc.follow(futs[0], f"exclude {a[2].name}")     # answered 202, as the page's after 2 s
         return real(to, redo, why)
 
     svc._switch = switch
@@ -616,6 +617,9 @@ def test_an_exclusion_asked_on_a_target_just_archived_is_refused_not_applied_to_
         futs[0].result(30)
     svc.stop(timeout=30)
     assert svc.error is None and svc.snapshot.status["restacks"] == 0
+    # the page that got 202 learns it from the status: the worker's refusal reached its log only
+    r = svc.status()["refused"]
+    assert r["request"] == f"exclude {a[2].name}" and "is a frame of M 13, archived since" in r["error"], r
     assert not (out / "session" / "excluded.json").exists()
     assert [r["status"] for r in read_frames_log(out / "archive" / "M_13" / "frames.jsonl")].count("excluded") == 0
     assert _stacked_names(read_frames_log(out / "frames.jsonl")) == [f.name for f in b]

@@ -110,6 +110,10 @@ class Service:
         self._pause_on_disk: str | None = None
         self._cond = threading.Condition()
         self._changes = 0
+        # the latest refusal of work answered before it was done (follow()): {id, request, error, time}, under
+        # _cond; its id counted from this start's clock, as the preview's: a page open across a restart shows it
+        self._refused: dict | None = None
+        self._refused_id = time.time_ns() // 1_000_000 % 2 ** 31
         self._closing = False
         # frames.jsonl's version for the page (refetched whole when it changes): counted from this start's clock,
         # so that a page open across a restart — whose resume may have rewritten the log — reads it again
@@ -422,6 +426,7 @@ class Service:
         s["queued"] = self._queued()
         # the capture folder gone (its USB disk unplugged): said by the watcher as it happens, not with a frame
         s["watch_error"] = self.watcher.problem() if self.watcher is not None else None
+        s["refused"] = self._refused
         s["changes"] = self._changes
         return s
 
@@ -533,6 +538,22 @@ class Service:
 
     def new_session(self) -> Future:
         return self._submit(self._cmd_new_session)
+
+    def follow(self, fut: Future, request: str) -> None:
+        """The caller answered before ``fut`` was done (202 Accepted): a refusal that comes after (the worker's:
+        a frame of the stack gone from the capture folder, an archived target's frame) is kept for the status as
+        ``refused`` — it reached the log only, and the user who tapped "exclude" never learnt it was not done.
+        ``request`` names it for the user ("exclude IMG_0042.CR3")."""
+        def done(f: Future) -> None:
+            err = None if f.cancelled() else f.exception()
+            if isinstance(err, Refused):
+                with self._cond:
+                    self._refused_id += 1
+                    self._refused = {"id": self._refused_id, "request": request, "error": str(err), "time": _now()}
+                    self._changes += 1
+                    self._cond.notify_all()
+
+        fut.add_done_callback(done)      # (a future done already: called at once, here)
 
     def _find(self, name: str, frames) -> str:
         for d in frames:
@@ -1497,13 +1518,15 @@ class Service:
         msg = self._gone_sentence(gone)
         log.warning("livestack: exclude/include refused: %s", msg)
         self.excluded = set(self._engine_excluded)
+        # refused before the status leaves "restacking": one answered 202 is in `refused` by then (follow()), for
+        # whoever waits for the restack to end
+        for fut in running:
+            fut.set_exception(Refused(msg, 409))
         with self._excl_lock:
             self._excl_open -= n
             if not self._excl_open:
                 self._wanted = set(self.excluded)
         self._publish()
-        for fut in running:
-            fut.set_exception(Refused(msg, 409))
 
     def _restack_all(self, absorb=lambda: False) -> bool:
         """Exclusion cannot be undone in a running mean with outlier rejection: stack the included files again,

@@ -918,6 +918,8 @@ class Api:
         try:
             return _json(await self._result(fut, 2.0))
         except TimeoutError:
+            # a refusal now comes after this answer: the status says it (refused), or no one would hear of it
+            self.service.follow(fut, f"{'exclude' if exclude else 'include'} {name}")
             return _json({"accepted": True, "message": "restacking; progress in /api/status (restack)"}, 202)
 
     async def exclude(self, req, q, body):
