@@ -430,6 +430,52 @@ def test_a_refused_exclude_leaves_its_button_usable(web):
 
 
 @pytest.mark.browser
+def test_an_exclude_refused_after_its_202_is_said_on_the_page(web):
+    """An exclude answered 202 "restacking" (the worker busy past 2 s) and refused after, by the worker: the page
+    said "restacking", then nothing — the refusal was in the daemon's log only — and the button stayed disabled.
+    The status's `refused` is said where the answer to a tap is, once, and the button is usable again; one from
+    before the page was opened is not said."""
+    from playwright.sync_api import expect
+
+    refused = {"id": 41, "request": "exclude light_0002_60s.dng", "time": "2026-11-25T21:03:12+00:00",
+               "error": "1 frame of the stack is no longer in the capture folder /w (light_0001_60s.dng): restacked, "
+                        "it would be lost; the stack is kept as it is — put the files back, then exclude or include"}
+    with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
+        expect(page.get_by_test_id("state")).not_to_have_text("connecting…", timeout=30_000)
+        page.evaluate("""() => { const real = window.fetch;
+            window.fetch = (url, opts) => String(url) === '/api/exclude'
+              ? Promise.resolve(new Response(JSON.stringify({accepted: true,
+                    message: 'restacking; progress in /api/status (restack)'}),
+                    {status: 202, headers: {'Content-Type': 'application/json'}}))
+              : real(url, opts); }""")
+        button = page.get_by_test_id("exclude").first
+        button.click()
+        note = page.locator("#s-message")
+        expect(note).to_have_text("restacking; progress in /api/status (restack)")
+        expect(button).to_be_disabled()                 # accepted: the restack's new list redraws it
+
+        page.evaluate("(r) => showStatus({...state.status, refused: r})", refused)
+        expect(note).to_have_text(f"exclude light_0002_60s.dng refused: {refused['error']}")
+        expect(note).to_have_class("note error")
+        expect(page.get_by_test_id("exclude").first).to_be_enabled()
+        note.click()
+        expect(note).to_be_empty()
+        page.evaluate("(r) => showStatus({...state.status, refused: r})", refused)      # the same one again
+        page.wait_for_timeout(300)
+        expect(note).to_be_empty()
+        page.evaluate("(r) => showStatus({...state.status, refused: r})", {**refused, "id": 42})
+        expect(note).to_contain_text("exclude light_0002_60s.dng refused: ")
+
+        page.reload()                                   # opened after it: an old refusal is not news
+        expect(page.get_by_test_id("state")).not_to_have_text("connecting…", timeout=30_000)
+        page.evaluate("(r) => { state.refusedId = undefined; showStatus({...state.status, refused: r}); }",
+                      {**refused, "id": 43})
+        page.wait_for_timeout(300)
+        expect(note).to_be_empty()
+    assert errors == []
+
+
+@pytest.mark.browser
 def test_a_refused_exclude_says_why_where_the_finger_is(web):
     """On a phone the answer to a tap — a refused exclude (409 while a new stack is made, 503 while stopping) —
     was written in the status panel, far above the frames' buttons: the user tapped, the button came back, and

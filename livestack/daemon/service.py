@@ -111,7 +111,8 @@ class Service:
         self._cond = threading.Condition()
         self._changes = 0
         # the latest refusal of work answered before it was done (follow()): {id, request, error, time}, under
-        # _cond; its id counted from this start's clock, as the preview's: a page open across a restart shows it
+        # _cond; its id counted from this start's clock, as the preview's: a page open across a restart does not
+        # take the first one after it for one it has shown
         self._refused: dict | None = None
         self._refused_id = time.time_ns() // 1_000_000 % 2 ** 31
         self._closing = False
@@ -1463,6 +1464,7 @@ class Service:
                 try:
                     fn(*args)
                 except Refused as err:       # another target's frame (a switch came between)
+                    log.warning("livestack: exclude/include refused: %s", err)
                     if ok:
                         fut.set_exception(err)
                     continue

@@ -3,7 +3,10 @@
 
 const $ = (id) => document.getElementById(id);
 // view: null shows the live stack; an archived target's id shows that target's preview (live updates wait)
-const state = { frames: [], generation: null, previewId: null, status: null, es: null, view: null };
+// refusedId: the status's `refused` last seen (undefined until the first status: one from before the page was
+// opened is not said)
+const state = { frames: [], generation: null, previewId: null, status: null, es: null, view: null,
+                refusedId: undefined };
 
 // ---------------------------------------------------------------- API helpers
 // /#token=<token>: the token is the rest of the hash ('&' included), URL-decoded when it decodes; a '%' that is
@@ -140,6 +143,14 @@ function showStatus(s) {
   $("s-disk").textContent = s.disk ? `${s.disk.error} (since ${clock(s.disk.since)}); stacking goes on in memory` : "";
   const we = s.watch_error;       // the capture folder gone (its USB disk unplugged)
   $("s-watch").textContent = we ? `${we.error} (since ${clock(we.since)})` : "";
+  // an exclude answered 202 ("restacking") and refused after, by the worker: the answer to what the user did, as a
+  // refusal answered at once is (post()) — each once —, and its button usable again (no new list redraws it)
+  const rf = s.refused;
+  if (rf && state.refusedId !== undefined && rf.id !== state.refusedId) {
+    message(`${rf.request} refused: ${rf.error}`, true);
+    renderTable();
+  }
+  state.refusedId = rf ? rf.id : null;
   $("paths").textContent = `watching ${s.watch} → ${s.out}`;
   const st = s.stretch || {};
   if (!dragging) {
