@@ -20,6 +20,18 @@ def six(daemon_night):
     return daemon_night[0][:6]
 
 
+def grid_cfg(scale=0.0, pixfrac=1.0, debayer="mhc", **drizzle) -> Config:
+    """The default Config with these grid settings ([drizzle] scale and pixfrac, and any other [drizzle] key;
+    [engine] debayer)."""
+    import dataclasses
+
+    from livestack.engine.drizzle import DrizzleParams
+
+    c = Config()
+    return dataclasses.replace(c, drizzle=DrizzleParams(scale=scale, pixfrac=pixfrac, **drizzle),
+                               engine=dataclasses.replace(c.engine, debayer=debayer))
+
+
 def test_checkpoint_resumes_exactly(tmp_path, six):
     cfg = Config()
     a = Engine(cfg)
@@ -797,15 +809,7 @@ def test_a_setting_without_effect_does_not_restack_the_night(tmp_path, six):
     night ("stacked with other settings ([drizzle] pixfrac = 1.0, now 0.7)"), for the same stack; so did another
     --debayer under a drizzle, whose samples are never demosaiced.  Those keep the checkpoint now; a pixfrac
     under a drizzle still restacks."""
-    import dataclasses
-
-    from livestack.engine.drizzle import DrizzleParams
-
-    def cfg(scale=0.0, pixfrac=1.0, debayer="mhc"):
-        c = Config()
-        return dataclasses.replace(c, drizzle=DrizzleParams(scale=scale, pixfrac=pixfrac),
-                                   engine=dataclasses.replace(c.engine, debayer=debayer))
-
+    cfg = grid_cfg
     for name, before, after, kept in (("plain", cfg(), cfg(pixfrac=0.7), True),
                                       ("drizzled", cfg(2), cfg(2, debayer="superpixel"), True),
                                       ("pixfrac", cfg(2), cfg(2, pixfrac=0.7), False)):
@@ -821,13 +825,7 @@ def test_a_kept_checkpoint_says_its_grid_stays_when_the_drizzle_scale_changed(tm
     """Restarted with --drizzle 1 over a ×2 night one of whose files had been moved away, the start said "the new
     settings apply to the frames to come only" — and the frames to come went on at ×2: the grid is chosen at
     the reference frame.  Now the note says the scale comes with the next target, and which grid stays."""
-    import dataclasses
-
-    from livestack.engine.drizzle import DrizzleParams
-
-    def cfg(scale):
-        return dataclasses.replace(Config(), drizzle=DrizzleParams(scale=scale))
-
+    cfg = grid_cfg
     folder = SessionFolder(tmp_path / "s")
     eng, log = Engine(cfg(2)), FramesLog(folder.frames)
     run(eng, six[:3], log)
@@ -845,14 +843,9 @@ def test_the_checkpoint_after_a_kept_grid_records_the_grid_not_the_config(tmp_pa
     recorded scale 1, the config's.  The start after it compared with that: the user's --drizzle 2 back restacked
     the whole night for the stack it already was; --drizzle 1 with the file back kept the ×2 stack without a word
     (it is restacked at ×1 now); and with the file still gone the note on the kept grid was no longer said."""
-    import dataclasses
     import shutil
 
-    from livestack.engine.drizzle import DrizzleParams
-
-    def cfg(scale):
-        return dataclasses.replace(Config(), drizzle=DrizzleParams(scale=scale))
-
+    cfg = grid_cfg
     folder = SessionFolder(tmp_path / "s")
     eng, log = Engine(cfg(2)), FramesLog(folder.frames)
     run(eng, six[:3], log)
@@ -880,16 +873,8 @@ def test_the_checkpoint_after_a_kept_grid_records_the_grid_not_the_config(tmp_pa
 def test_the_checkpoint_after_a_kept_grid_records_its_debayer_and_pixfrac(tmp_path, six):
     """The same for the grid's other keys: an mhc night kept under --debayer superpixel, a pixfrac 0.7 drizzle
     kept under pixfrac 1 — their next checkpoints record mhc and 0.7, so that going back to them is no change."""
-    import dataclasses
-
-    from livestack.engine.drizzle import DrizzleParams
-
-    def cfg(debayer="mhc", scale=0.0, pixfrac=1.0):
-        c = Config()
-        return dataclasses.replace(c, drizzle=DrizzleParams(scale=scale, pixfrac=pixfrac),
-                                   engine=dataclasses.replace(c.engine, debayer=debayer))
-
-    for name, first, then, key in (("debayer", cfg(), cfg("superpixel"), ("engine", "debayer")),
+    cfg = grid_cfg
+    for name, first, then, key in (("debayer", cfg(), cfg(debayer="superpixel"), ("engine", "debayer")),
                                    ("pixfrac", cfg(scale=2, pixfrac=0.7), cfg(scale=2), ("drizzle", "pixfrac"))):
         folder = SessionFolder(tmp_path / name)
         eng, log = Engine(first), FramesLog(folder.frames)
@@ -909,31 +894,22 @@ def test_the_checkpoint_after_a_kept_grid_records_its_debayer_and_pixfrac(tmp_pa
 def test_a_mono_grid_records_no_debayer(tmp_path):
     """A mono grid is made without demosaicing: its checkpoint records no [engine] debayer, so that one changed
     is no change for it (it restacked a mono night, for the same stack) — a drizzle scale still is."""
-    import dataclasses
-
-    from livestack.engine.drizzle import DrizzleParams
     from livestack.engine.grid import Grid
     from livestack.session import settings_changed, stack_settings
 
     c = Config()
     saved = stack_settings(c, Grid.for_frame((360, 480), None, c.engine.debayer))
     assert "debayer" not in saved["engine"]
-    superpixel = dataclasses.replace(c, engine=dataclasses.replace(c.engine, debayer="superpixel"))
-    assert settings_changed(saved, superpixel) == []
-    assert settings_changed(saved, dataclasses.replace(c, drizzle=DrizzleParams(scale=2))) == \
-        ["[drizzle] scale = 0.0, now 2"]
+    assert settings_changed(saved, grid_cfg(debayer="superpixel")) == []
+    assert settings_changed(saved, grid_cfg(2)) == ["[drizzle] scale = 0.0, now 2"]
 
 
 def test_a_kept_checkpoint_grid_is_held_to_the_memory_limit_at_its_own_scale(tmp_path, six):
     """A ×2 night kept (a file gone) through a restart with [drizzle] scale = 4 and max_memory_mb = 64 went on
     at ×2 — and refused every new frame with "drizzle ×4 of a 480×360 colour frame needs 0.2 GB …, over the
     64 MB limit", though the ×2 stack it would have gone to fits.  The limit is checked at the grid's scale."""
-    import dataclasses
-
-    from livestack.engine.drizzle import DrizzleParams
-
     def cfg(scale):
-        return dataclasses.replace(Config(), drizzle=DrizzleParams(scale=scale, max_memory_mb=64))
+        return grid_cfg(scale, max_memory_mb=64)
 
     folder = SessionFolder(tmp_path / "s")
     eng, log = Engine(cfg(2)), FramesLog(folder.frames)
