@@ -120,7 +120,6 @@ class Engine:
         self._reduced: dict = {}                      # reduced() cache
         self.written: dict = {}                       # outputs.py: file -> what it was written from
         self.final_stream = None                      # outputs.FinalStream: process(final_into=…)'s stack.fits
-        self._final_into: Path | None = None
         self.timings: dict[str, float] = {}
         self._t = 0.0
         self._reader: ThreadPoolExecutor | None = None   # the read-ahead thread (process(next_path=…))
@@ -236,7 +235,6 @@ class Engine:
         if self.final_stream is not None:       # one that was not written out: its frame is no longer the last
             self.final_stream.abandon()
             self.final_stream = None
-        self._final_into = None if final_into is None else Path(final_into)
         t0 = time.perf_counter()
         rec = FrameRecord(file=path.name, status="failed", index=self.index)
         self.index += 1
@@ -248,7 +246,7 @@ class Engine:
             if self._ahead is None:
                 self._ws.pop(f"cfa{1 - self._slot}", None)   # no frame read ahead: its mosaic buffer goes
             self._front_stars(front)      # a read-ahead's star search, beside the next file's reading
-            self._process(front, rec, hold)
+            self._process(front, rec, hold, final_into)
         except FrameError as err:
             rec.status, rec.reason = "failed", err.reason
             self.failed += 1
@@ -417,7 +415,8 @@ class Engine:
         if self.cfg.engine.smooth_background and not grid.drizzled:
             f.signal = signal_cells(f.lum)      # where the sharpening (mhc, compensated warp) is applied
 
-    def _process(self, front: "_Front", rec: FrameRecord, hold: bool = False) -> None:
+    def _process(self, front: "_Front", rec: FrameRecord, hold: bool = False,
+                 final_into: Path | str | None = None) -> None:
         cfg = self.cfg
         self.timings: dict[str, float] = dict(front.timings)   # seconds per stage of the last frame
         self._t = time.perf_counter()
@@ -544,7 +543,7 @@ class Engine:
                 return value[0], coverage[0]
         else:       # demosaiced (a Bayer mosaic) and warped a block of rows at a time, as the stack adds them
             channel = grid.source(cfa, img, matrix, interpolation=interp, signal=front.signal, normalise=norm)
-        stream = self._final_stream(fs)
+        stream = self._final_stream(fs, final_into)
         try:
             rec.rejected_pixels = fs.stack.add_channels(cells, channel, weight, noise_n, saturated=sat,
                                                         rows_done=stream.rows if stream is not None else None)
@@ -560,15 +559,15 @@ class Engine:
         self.last_matrix = reg_matrix
         self.last_stacked = (stars, reg_matrix)
 
-    def _final_stream(self, fs: FilterStack):
+    def _final_stream(self, fs: FilterStack, final_into: Path | str | None):
         """process(final_into=…): the frame's stack file written as it is stacked, when it can be (FinalStream
         .start); None otherwise, or where the file cannot be made (snapshot() writes it then, and says why)."""
-        if self._final_into is None:
+        if final_into is None:
             return None
         from .outputs import FinalStream
 
         try:
-            return FinalStream.start(self, fs, self._final_into)
+            return FinalStream.start(self, fs, Path(final_into))
         except OSError:
             return None
 

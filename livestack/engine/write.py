@@ -166,18 +166,27 @@ class Writeback:
     and on an SD card each 32 MB in flight would be ~1.5 s.  The daemon's idle writes keep the kernel's pace."""
 
     def __init__(self, f):
+        """``f``: an open file (flushed before each ask) or a descriptor written with os.pwrite."""
         self.f = f
         self.on = _SYNC_FILE_RANGE is not None and getattr(_defer, "check", None) is None
         self.pending = 0
+        self._lock = threading.Lock()
 
     def wrote(self, n: int) -> None:
         if not self.on:
             return
-        self.pending += n
-        if self.pending >= WRITEBACK_BYTES:
-            self.f.flush()
-            _SYNC_FILE_RANGE(self.f.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE)   # the whole file; errors lose the hint
-            self.pending = 0
+        with self._lock:
+            self.pending += n
+            due = self.pending >= WRITEBACK_BYTES
+            if due:
+                self.pending = 0
+        if due:
+            if isinstance(self.f, int):
+                fd = self.f
+            else:
+                self.f.flush()
+                fd = self.f.fileno()
+            _SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)   # the whole file; errors lose the hint
 
 
 def temp_name(path: Path) -> Path:
@@ -630,7 +639,7 @@ class FitsRows:
     """A new FITS file of a float32 (C, H, W) — or (H, W) — image, and with ``weighted`` its WEIGHT extension,
     written a block of rows at a time at their places in the file, in any order (os.pwrite: from several threads
     at once too), the primary header last (``finish``; its length, ``head_len``, is fixed when the file is made).
-    Through the page cache, the kernel asked to start writing every WRITEBACK_BYTES (as Writeback) unless made
+    Through the page cache, the kernel asked to start writing every WRITEBACK_BYTES (Writeback) unless made
     inside deferrable()."""
 
     def __init__(self, path: Path, shape: tuple[int, ...], head_len: int, *, weighted: bool):
@@ -642,9 +651,8 @@ class FitsRows:
         self.whead = _weight_header(self.h, self.w) if weighted else b""
         self.rows = 0
         self._lock = threading.Lock()
-        self._pending = 0
-        self._kick = _SYNC_FILE_RANGE is not None and getattr(_defer, "check", None) is None
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        self._wb = Writeback(self.fd)           # (made here: deferrable() is this thread's)
         try:
             os.ftruncate(self.fd, self.size(shape, head_len, weighted))     # zero padding included
             if weighted:
@@ -680,12 +688,7 @@ class FitsRows:
                          self.data_end + len(self.whead) + r0 * self.w * 4)
         with self._lock:
             self.rows += n
-            self._pending += (self.c + self.weighted) * n * self.w * 4
-            kick = self._kick and self._pending >= WRITEBACK_BYTES
-            if kick:
-                self._pending = 0
-        if kick:
-            _SYNC_FILE_RANGE(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE)   # the whole file; errors lose the hint
+        self._wb.wrote((self.c + self.weighted) * n * self.w * 4)
 
     def finish(self, head: bytes, name: str) -> None:
         """The primary header, once every row is in (ValueError naming the file ``name`` otherwise, or for a
