@@ -48,6 +48,7 @@ from .watch import Ready, Watcher
 log = logging.getLogger("livestack")
 
 STACKED = ("reference", "stacked")
+NOTHING_TO_EXPORT = "nothing stacked yet; the export needs at least one stacked frame"
 DISK_RETRY_S = 300.0    # a write that failed for want of space is retried when the filesystem has the room it
                         # needs, or after this long anyway (in case the size was misjudged): a failing 24 MP write
                         # costs ~470 MB of card writes, not to be repeated every frame
@@ -531,6 +532,11 @@ class Service:
         # answered, it is forgotten: its bytes (~144 MB for a 24 MP 16-bit TIFF) stayed held until the next export
         fut.add_done_callback(self._export_done)    # (outside the lock: a future already done calls it at once)
         return fut
+
+    def check_export(self) -> None:
+        """Refused as an export would be before it is made (HEAD /api/export answers without making one)."""
+        if not self.status()["stacked"]:
+            raise Refused(NOTHING_TO_EXPORT)
 
     def _export_done(self, fut: Future) -> None:
         with self._export_lock:
@@ -1421,7 +1427,7 @@ class Service:
         t0 = time.perf_counter()
         res = outputs.full_image(self.engine, self.compose)
         if res is None:
-            raise Refused("nothing stacked yet; the export needs at least one stacked frame")
+            raise Refused(NOTHING_TO_EXPORT)
         img, wsum = res
         if mode == "linear":   # the stack's range over covered pixels, mapped linearly onto 0..65535
             cov = wsum > 0

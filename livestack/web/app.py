@@ -862,8 +862,7 @@ class Api:
         if req.method == "HEAD":
             # GET's status and headers without the export (its length is known only once it is made: seconds of
             # the worker's time and ~100 MB at 24 MP, for a link checker or a download manager asking first)
-            if not self.service.status()["stacked"]:
-                raise HttpError(409, "nothing stacked yet; the export needs at least one stacked frame")
+            self.service.check_export()
             resp = web.StreamResponse(headers=_headers(ctype, headers))
             await resp.prepare(req)
             req[_STARTED] = True
