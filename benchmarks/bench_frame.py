@@ -26,6 +26,13 @@ pageout: this workplace's Firecracker VMs) makes the first touch of such memory 
 2.79, 0.23 and 0.09 s in three new processes a minute apart, all of it system time — so a command's system time
 varied 1.0–3.2 s from run to run with the same work.  A Raspberry Pi has no host: warming takes that
 environment's cost out of both commands alike.
+Each command writes into a new folder, as Siril's runs always did (ours re-used one folder until the
+twenty-second session, so that our second and later runs replaced the last run's stack.fits and Siril's never
+replaced anything: on a disk mounted with `discard`, as this workplace's VMs are, the kernel frees a 384 MB
+file's blocks in 0.29–0.38 s against 0.03–0.04 s without — measured with the same root disk remounted either
+way), and the folders of the commands before it are removed and the disk synced (os.sync, which waits for their
+writeback and the freed blocks' discards) before it starts: no command waits for another's disk.
+--reuse-out: ours into the same folder every time (a user restacking a night into its folder; not Siril's case).
 --night N: a long night — N frames through one engine, cycling through the rendered files (each pass stacks
 them again: the stack's memory is what is measured), the process's resident memory printed every N/10 frames
 and its peak at the end, and the steady state: seconds a frame over the second half of the night.
@@ -73,6 +80,8 @@ def main() -> int:
     ap.add_argument("--warm-mb", type=int, default=0,
                     help="with --commands: touch this much memory in a child process just before each run, "
                          "ours and Siril's alike (see above)")
+    ap.add_argument("--reuse-out", action="store_true",
+                    help="with --commands: our runs into one output folder, each replacing the last's stack.fits")
     ap.add_argument("--night", type=int, default=0, help="N frames through one engine, cycling (see above)")
     ap.add_argument("--paired", type=int, default=0, help="N frames: the configuration against the old default "
                                                           "(see above)")
@@ -317,8 +326,11 @@ def compare_commands(args, files: list[Path]) -> int:
     toml = work / "bench.toml"
     toml.write_text("[engine]\n" + ("read_ahead = false\n" if args.no_read_ahead else "")
                     + ("smooth_background = false\n" if args.no_smooth_background else ""))
-    ours = [sys.executable, "-m", "livestack.cli", "stack", *map(str, files), "-o", str(work / "out"), "-q",
-            "--no-solve", "--debayer", args.debayer, "--interpolation", args.interpolation, "--config", str(toml)]
+    def ours(i: int) -> list[str]:
+        out = work / ("out" if args.reuse_out else f"out{i}")
+        return [sys.executable, "-m", "livestack.cli", "stack", *map(str, files), "-o", str(out), "-q",
+                "--no-solve", "--debayer", args.debayer, "--interpolation", args.interpolation, "--config",
+                str(toml)]
     runs: dict[str, list[dict]] = {"livestack": [], "siril": []}
     # As installed: pip compiles the package's bytecode when it installs it, while a source tree run with
     # PYTHONDONTWRITEBYTECODE set (as on this workplace) compiled ~45 modules at every start (0.15–0.25 s).
@@ -329,10 +341,17 @@ def compare_commands(args, files: list[Path]) -> int:
         if args.warm_mb > 0:
             subprocess.run([sys.executable, "-c", "import numpy as np; np.ones(%d << 20, np.uint8)" % args.warm_mb],
                            check=True)
+        os.sync()       # the last command's files on the disk (and its removed ones' blocks freed) before the next
+
+    def clear(i: int) -> None:
+        """The folders of run i (ours unless --reuse-out, Siril's) removed: every command starts without them."""
+        if not args.reuse_out:
+            shutil.rmtree(work / f"out{i}", ignore_errors=True)
+        shutil.rmtree(work / f"siril{i}", ignore_errors=True)
 
     for i in range(args.repeat):
         warm()
-        r = run_measured(ours, cwd=ROOT, cpus=args.cpus)
+        r = run_measured(ours(i), cwd=ROOT, cpus=args.cpus)
         runs["livestack"].append(r)
         print(f"livestack stack  wall {r['wall']:6.2f} s  user {r['user']:6.2f}  sys {r['sys']:5.2f}  "
               f"peak RSS {r['rss'] / 2 ** 20:5.0f} MB  steal {r['steal']:5.2f}", flush=True)
@@ -350,11 +369,11 @@ def compare_commands(args, files: list[Path]) -> int:
             runs["siril"].append(r)
             print(f"siril-cli        wall {r['wall']:6.2f} s  user {r['user']:6.2f}  sys {r['sys']:5.2f}  "
                   f"peak RSS {r['rss'] / 2 ** 20:5.0f} MB  steal {r['steal']:5.2f}", flush=True)
-            shutil.rmtree(sw, ignore_errors=True)
+        clear(i)
     print()
     print(f"{len(files)} frames from {files[0].parent}, debayer {args.debayer}, warp {args.interpolation}, "
           f"read-ahead {not args.no_read_ahead}, CPUs {args.cpus or 'all'} of {os.cpu_count()}, "
-          f"warmed {args.warm_mb} MB; "
+          f"warmed {args.warm_mb} MB, {'one output folder' if args.reuse_out else 'a new output folder a run'}; "
           f"{platform.processor() or platform.machine()}, Python {platform.python_version()}")
     print(f"  the output folder's disk: {disk_seconds(work):.2f} s for 384 MB written and fsynced (a 24 MP "
           "stack.fits; 1.4 s on 2026-11-30's VM — runs of machines whose disks differ are not comparable)")
