@@ -59,13 +59,21 @@ class FramesLog:
             self._repair()
             self.torn = False
 
-    def append(self, rec: FrameRecord | dict) -> None:
+    def append(self, rec: FrameRecord | dict, *, sync: bool = True) -> None:
+        """One record, fsynced — or, ``sync=False``, left for sync() to make durable (a crash before it loses
+        that line, as one during an append would)."""
         self.cut()
         d = rec.to_dict() if isinstance(rec, FrameRecord) else rec
         line = json_utf8(d, allow_nan=False) + b"\n"
         with open(self.path, "ab") as f:
             f.write(line)
             f.flush()
+            if sync:
+                os.fsync(f.fileno())
+
+    def sync(self) -> None:
+        """fsync what append(sync=False) wrote."""
+        with open(self.path, "rb") as f:
             os.fsync(f.fileno())
 
     def read(self) -> list[dict]:

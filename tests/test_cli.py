@@ -689,3 +689,41 @@ def test_a_plate_solve_ended_before_the_last_frame_still_lets_it_write_stack_fit
         m.setattr(outputs.FinalStream, "start", classmethod(lambda cls, *a: None))
         assert main(["stack", str(files[0].parent), "-o", str(tmp_path / "after"), "-q"]) == 0
     assert (tmp_path / "after" / "stack.fits").read_bytes() == (tmp_path / "streamed" / "stack.fits").read_bytes()
+
+
+def test_the_last_frames_line_is_fsynced_with_the_snapshot_not_before_it(night, tmp_path, monkeypatch):
+    # the last frame of `livestack stack` streams stack.fits; its frames.jsonl line is made durable after the
+    # snapshot (whose preview is drawn while the disk takes the stream), never left unsynced — a failed
+    # snapshot too, whose error is the one said
+    from livestack.engine import pipeline
+
+    files, _ = night(n_frames=4, seed=24)
+    real_fsync, synced = os.fsync, []
+
+    def fsync(fd):
+        real_fsync(fd)
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((Path(path).name, os.fstat(fd).st_size))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    out = tmp_path / "out"
+    assert main(["stack", str(files[0].parent), "-o", str(out), "-q", "--no-solve"]) == 0
+    size = (out / "frames.jsonl").stat().st_size
+    assert len(read_log(out / "frames.jsonl")) == 4
+    names = [n for n, _ in synced]
+    last_log = max(i for i, (n, s) in enumerate(synced) if n == "frames.jsonl" and s == size)
+    # (stack.fits is fsynced under its temporary name, before its rename)
+    assert any(n.startswith(".stack.fits.") for n in names[:last_log]) and names.count("frames.jsonl") == 4
+
+    def failing(self, out_dir, **kw):
+        raise OSError(5, "Input/output error")
+
+    synced.clear()
+    monkeypatch.setattr(pipeline.Engine, "snapshot", failing)
+    failed = tmp_path / "failed"
+    try:
+        main(["stack", str(files[0].parent), "-o", str(failed), "-q", "--no-solve"])
+    except OSError as err:
+        assert err.errno == 5
+    size = (failed / "frames.jsonl").stat().st_size
+    assert ("frames.jsonl", size) in synced and len(read_log(failed / "frames.jsonl")) == 4
