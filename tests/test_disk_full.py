@@ -434,6 +434,62 @@ def test_an_exclusion_with_files_gone_is_refused_at_once_and_by_a_busy_worker(tm
     assert svc.error is None
 
 
+def test_a_file_gone_during_an_exclusions_restack_keeps_the_stack(tmp_path, daemon_night, monkeypatch):
+    """A stacked frame's file moved out of the capture folder while the restack runs (after the check made before
+    it): the restack recorded it failed ("file not found") and swapped in a stack without it — its checkpoint,
+    stack.fits and frames.jsonl lost the frame for good.  Now the restack notices, the stack and every file of
+    the session stay as they were, and the exclusion is refused (in `refused`, for a request answered 202) with
+    the sentence the check before gives."""
+    from livestack.engine.pipeline import Engine
+    from livestack.session import Refused
+
+    files = daemon_night[0][:6]
+    watch, out, aside = tmp_path / "watch", tmp_path / "out", tmp_path / "aside"
+    aside.mkdir()
+    svc = _service(watch, out, files)
+    try:
+        st = _wait_idle(svc, 6)
+        stacked = [d["path"] for d in svc.records if d["status"] in STACKED]
+        before, lines = svc.engine.result()[0].copy(), (out / "frames.jsonl").read_bytes()
+        real = Engine.process
+
+        def process(self, path, *a, **k):
+            if Path(path).name == stacked[1] and svc._state == "restacking":
+                shutil.move(watch / stacked[3], aside / stacked[3])     # gone after the check, before its turn
+            return real(self, path, *a, **k)
+
+        monkeypatch.setattr(Engine, "process", process)
+        fut = svc.exclude(stacked[2])
+        svc.follow(fut, f"exclude {stacked[2]}")
+        with pytest.raises(Refused, match=f"1 frame of the stack is no longer in the capture folder .*{stacked[3]}") \
+                as err:
+            fut.result(timeout=60)
+        assert err.value.status == 409
+        st2 = _wait_idle(svc, 6)
+        assert (st2["stacked"], st2["excluded"], st2["failed"]) == (st["stacked"], 0, 0), st2
+        assert st2["refused"]["request"] == f"exclude {stacked[2]}" and st2["refused"]["error"] == str(err.value)
+        assert np.array_equal(svc.engine.result()[0], before, equal_nan=True)
+        assert svc.excluded == set() and [d["status"] for d in svc.records] == \
+            [d["status"] for d in read_frames_log(out / "frames.jsonl")]
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+    assert (out / "frames.jsonl").read_bytes() == lines
+    assert fits.getheader(out / "stack.fits")["NCOMBINE"] == st["stacked"]
+    excl = out / "session" / "excluded.json"
+    assert not excl.exists() or json.loads(excl.read_text()) == []
+    _, info = load_checkpoint(out / "session" / "checkpoint.npz", Config())
+    assert (info["lines"], info["excluded"]) == (6, []), info
+    shutil.move(aside / stacked[3], watch / stacked[3])
+    again = _service(watch, out, [])          # the restart resumes the checkpoint: nothing restacked, nothing lost
+    try:
+        st3 = _wait_idle(again, 6)
+        assert (st3["stacked"], st3["excluded"], st3["failed"]) == (st["stacked"], 0, 0), st3
+        assert again.status()["restacks"] == 0
+    finally:
+        again.stop(timeout=10)
+
+
 def test_a_frame_waiting_during_a_burst_of_requests_is_not_held_by_one_restack_each(tmp_path, daemon_night):
     """50 mixed requests on 4 frames: a frame arriving meanwhile waits for about one restack, not ten."""
     files = daemon_night[0]

@@ -71,6 +71,15 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+class _FilesGone(Exception):
+    """A restack met a frame's file gone from the capture folder after the check made before it (_gone_files):
+    it stops with the stack unchanged, and the requests are refused as that check refuses them."""
+
+    def __init__(self, files: list[str]):
+        super().__init__(", ".join(files))
+        self.files = files
+
+
 class Service:
     """Watch ``watch_dir``, stack into ``out_dir``.  start(); …; stop() finishes the frame in hand, writes the
     outputs and a checkpoint, and returns."""
@@ -1489,6 +1498,9 @@ class Service:
             done = self._restack_all(lambda: absorb(self._take_excludes())) \
                 if self.excluded != self._engine_excluded else False
             self._save_excluded()
+        except _FilesGone as gone:
+            self._refuse_exclusions(running, n, gone.files)
+            return
         except BaseException as err:
             with self._excl_lock:
                 self._excl_open -= n
@@ -1521,11 +1533,13 @@ class Service:
                 f"is kept as it is — put the files back, then exclude or include")
 
     def _refuse_exclusions(self, running: list[Future], n: int, gone: list[str]) -> None:
-        """No restack (see _gone_files): the exclusions go back to the stack's, every request is refused with the
-        files to put back."""
+        """No restack, or one stopped (see _gone_files): the exclusions go back to the stack's — excluded.json too,
+        which a restack saves first: kept, a restart would restack without the files — and every request is
+        refused with the files to put back."""
         msg = self._gone_sentence(gone)
         log.warning("livestack: exclude/include refused: %s", msg)
         self.excluded = set(self._engine_excluded)
+        self._save_excluded()
         # refused before the status leaves "restacking": one answered 202 is in `refused` by then (follow()), for
         # whoever waits for the restack to end
         for fut in running:
@@ -1586,6 +1600,13 @@ class Service:
                     d = eng.process(self.watch_dir / rel,
                                     next_path=None if nxt is None else self.watch_dir / nxt).to_dict()
                     d["path"], d["processed"] = rel, _now()
+                    if d["status"] == "failed" and self._gone_files([old], want, self._engine_excluded):
+                        # gone since the check before the restack: "failed" here, the swap below would drop the
+                        # frame from the stack, the checkpoint and frames.jsonl for good.  The new engine is
+                        # dropped before anything of it is published or written; the caller refuses.
+                        eng.close()
+                        self._restack, self._state = None, "idle"
+                        raise _FilesGone(self._gone_files(self.records, want, self._engine_excluded) or [rel])
                 new.append(d)
                 apply_amended(new, eng.amended)
                 eng.amended.clear()
