@@ -290,6 +290,24 @@ def _grid_settings(out: dict, grid) -> None:
         engine["debayer"] = grid.debayer
 
 
+def grid_config(cfg, engine):
+    """``cfg`` with GRID_KEYS as ``engine``'s stacks have them: its grid's, or before it has one (every frame
+    excluded) the ones it was made with.  A stack rebuilt for the same target (an exclusion's restack) must stay on
+    the grid a checkpoint kept under other values — they come with the next target, as resume()'s note says."""
+    grid, drizzle, eng = engine.grid, cfg.drizzle, cfg.engine
+    if grid is None:
+        made = engine.cfg
+        drizzle = dataclasses.replace(drizzle, scale=made.drizzle.scale, pixfrac=made.drizzle.pixfrac)
+        eng = dataclasses.replace(eng, debayer=made.engine.debayer)
+    elif grid.drizzled:
+        drizzle = dataclasses.replace(drizzle, scale=grid.scale, pixfrac=grid.pixfrac)
+    else:
+        drizzle = dataclasses.replace(drizzle, scale=0.0)
+        if grid.debayer is not None:     # (a mono grid has no demosaicing to keep)
+            eng = dataclasses.replace(eng, debayer=grid.debayer)
+    return dataclasses.replace(cfg, drizzle=drizzle, engine=eng)
+
+
 def limit_settings(cfg) -> dict:
     """{section: {key: value}} of LIMIT_KEYS in ``cfg`` (a checkpoint keeps them), as they apply: an unset
     max_megapixels is this machine's default (a frame refused under it, then max_megapixels set above it)."""

@@ -643,50 +643,55 @@ def test_an_excluded_frame_keeps_no_matrix_on_a_grid_it_is_not_on(tmp_path, six)
     assert recs[0]["fwhm"] is not None and recs[2]["stars"]          # the measurements stay
 
 
-def test_a_kept_grid_restacked_at_another_scale_does_not_keep_its_plate_solution(tmp_path, six):
-    """A ×2 night kept (a file gone) through a restart with --drizzle 1, the file back, then a frame excluded: the
-    restack makes the grid again at the config's ×1 from the same reference — and gave it the ×2 grid's plate
-    solution (every coordinate off by two), as if nothing had moved.  It is solved anew, and the excluded frame's
-    ×2 matrix is dropped."""
-    import dataclasses
+@pytest.mark.parametrize("made, now", [(dict(scale=2), dict(scale=1)), (dict(debayer="mhc"), dict(debayer="superpixel"))],
+                         ids=["drizzle x2, now x1", "mhc, now superpixel"])
+def test_an_exclusions_restack_keeps_a_kept_grid(tmp_path, six, made, now):
+    """A night kept (a file gone) through a restart with other grid settings keeps its grid until the next target
+    (the start says so), then — the file back — a frame excluded: the restack made the grid again at the config's
+    settings (x1 from a x2 night, superpixels from a full-resolution one), the night changed grid for an
+    exclusion.  The restack keeps the session's grid: its plate solution and the excluded frame's matrix hold, and
+    the checkpoint still records the grid (the next start compares with it)."""
     import shutil
 
     from astropy.wcs import WCS
 
     from livestack.daemon.config import DaemonParams, WatchParams
     from livestack.daemon.service import Service
-    from livestack.engine.drizzle import DrizzleParams
+    from livestack.session import settings_changed
 
     watch, out = tmp_path / "watch", tmp_path / "out"
     watch.mkdir()
     for f in six[:4]:
         shutil.copy(f, watch / f.name)
 
-    def service(scale):
-        svc = Service(dataclasses.replace(Config(), drizzle=DrizzleParams(scale=scale)), watch, out,
-                      WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
-                      DaemonParams(out=str(out)))
+    def service(**grid):
+        svc = Service(grid_cfg(**grid), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0,
+                                                                 rescan_s=0.5), DaemonParams(out=str(out)))
         svc.start()
         _wait(svc, 4, idle=True)
         return svc
 
-    svc = service(2)
+    svc = service(**made)
+    kept = svc.engine.grid
     svc.stop(timeout=20)
     (watch / six[3].name).unlink()
-    svc = service(1)
+    svc = service(**now)
     try:
-        assert svc.engine.grid.scale == 2 and svc.engine.ref.file == six[0].name
+        assert svc.engine.grid.same_pixels(kept) and svc.engine.ref.file == six[0].name
         wcs = WCS(naxis=2)
         wcs.wcs.ctype, wcs.wcs.crval, wcs.wcs.crpix = ["RA---TAN", "DEC--TAN"], [83.8, -5.4], [480.5, 360.5]
         wcs.wcs.cdelt = [-0.0005, 0.0005]
         svc.engine.set_wcs(wcs)
         shutil.copy(six[3], watch / six[3].name)          # back: a restack may be made (it was refused before)
         svc.exclude(six[2].name).result(60)
-        assert svc.engine.ref.file == six[0].name and svc.engine.grid.scale == 1
-        assert svc.engine.grid.wcs is None
+        g = svc.engine.grid
+        assert svc.engine.ref.file == six[0].name and (g.mode, g.scale) == (kept.mode, kept.scale), g
+        assert g.same_pixels(kept) and g.wcs is not None
     finally:
         svc.stop(timeout=20)
-    assert read_frames_log(out / "frames.jsonl")[2]["matrix"] is None
+    assert read_frames_log(out / "frames.jsonl")[2]["matrix"] is not None
+    _, info = load_checkpoint(out / "session" / "checkpoint.npz", grid_cfg(**now))
+    assert info["excluded"] == [six[2].name] and settings_changed(info["settings"], grid_cfg(**made)) == [], info
 
 
 def test_new_stack_on_an_empty_session_archives_nothing(tmp_path, six):

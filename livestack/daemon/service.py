@@ -39,7 +39,8 @@ from ..engine.write import (DiskFull, WriteDeferred, atomic_write_bytes, deferra
                             encode_tiff16, free_bytes, mb, read_only_mount, remove_orphans)
 from ..config import make_section
 from ..engine.solve import Solution, SolveError, SolveParams
-from ..session import FolderError, FramesLog, Refused, SessionFolder, apply_amended, rewrite_frames_log
+from ..session import (FolderError, FramesLog, Refused, SessionFolder, apply_amended, grid_config,
+                       rewrite_frames_log)
 from ..sky import MAX_ATTEMPTS, SWITCH_WAIT_S, SkySolver, reference_hints, sky_status, star_px, stars_on_grid
 from ..targets import REFERENCE_FILE, Book, Target, load_reference, match_target, save_reference, separation
 from .config import DaemonParams, WatchParams, session_section
@@ -1561,11 +1562,14 @@ class Service:
         for i, rel in enumerate(rels):
             first.setdefault(rel, i)
         total = len(self.records)
+        # the session's grid, not the config's: one kept through a restart under other grid settings stays until
+        # the next target
+        cfg = grid_config(self.cfg, self.engine)
         self._state = "restacking"
         while True:
             want = set(self.excluded)
             self._save_excluded()        # user intent first: a crash now restacks on restart
-            eng = self.folder.new_engine(self.cfg, masters=self.masters)
+            eng = self.folder.new_engine(cfg, masters=self.masters)
             new: list[dict] = []
             self._restack = {"done": 0, "total": total}
             self._publish()
@@ -1621,8 +1625,8 @@ class Service:
             if old.grid.wcs is not None:
                 eng.set_wcs(old.grid.wcs)    # the same reference, the same grid: its plate solution holds
         else:
-            # the grid moved (another reference; a kept ×2 grid made again at the config's ×1): an excluded
-            # frame's matrix, made on the old one, maps onto a grid it is not on
+            # the grid moved (another reference: the old one excluded): an excluded frame's matrix, made on the
+            # old one, maps onto a grid it is not on
             for d in new:
                 if d["status"] == "excluded":
                     d["matrix"] = None
