@@ -422,18 +422,22 @@ def test_a_frame_excluded_before_a_kill_keeps_its_measurements(tmp_path, daemon_
 def test_the_reference_excluded_before_a_kill_keeps_no_matrix(tmp_path, daemon_night):
     """The same with the reference excluded: the restart's restack puts the grid on the next frame, and the
     excluded reference's line kept its identity matrix onto it (null now: it is on no grid), its measurements
-    kept."""
+    kept.  Another frame excluded with it loses its matrix, and its shift, rotation and scale against the old
+    reference too (they were kept)."""
     files, watch, out = _four_frames_watched(tmp_path, daemon_night)
     _started_idle(watch, out, 4).stop(timeout=10)
-    before = read_frames_log(out / "frames.jsonl")[0]
-    assert before["status"] == "reference" and before["matrix"] is not None
-    (out / "session" / "excluded.json").write_text(json.dumps([files[0].name]))
+    before = read_frames_log(out / "frames.jsonl")
+    placed = ("matrix", "shift_x", "shift_y", "rotation", "scale")
+    assert before[0]["status"] == "reference" and before[0]["matrix"] is not None
+    assert before[2]["status"] == "stacked" and all(before[2][k] is not None for k in placed), before[2]
+    (out / "session" / "excluded.json").write_text(json.dumps([files[0].name, files[2].name]))
     svc = _started_idle(watch, out, 4)
     svc.stop(timeout=10)
     assert svc.error is None
     recs = read_frames_log(out / "frames.jsonl")
-    assert [r["status"] for r in recs[:2]] == ["excluded", "reference"], recs
-    assert recs[0]["matrix"] is None and recs[0]["fwhm"] == before["fwhm"], recs[0]
+    assert [r["status"] for r in recs[:3]] == ["excluded", "reference", "excluded"], recs
+    assert recs[0]["matrix"] is None and recs[0]["fwhm"] == before[0]["fwhm"], recs[0]
+    assert [recs[2][k] for k in placed] == [None] * 5 and recs[2]["fwhm"] == before[2]["fwhm"], recs[2]
 
 
 def test_every_frame_excluded_then_a_new_frame_is_the_targets_reference(tmp_path, daemon_night):

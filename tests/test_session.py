@@ -626,20 +626,24 @@ def test_an_excluded_frame_keeps_no_matrix_on_a_grid_it_is_not_on(tmp_path, six)
     """A frame excluded keeps its matrix while the grid is the one it was registered to; once excluding the
     reference has moved the grid to another frame's pixels, its matrix (and the old reference's identity)
     mapped onto a grid it has nothing to do with — frames.jsonl's `matrix` is null now, as for any frame not
-    put on the grid."""
+    put on the grid.  So are its `shift_x`, `shift_y`, `rotation` (against the old reference) and `scale` (against
+    its filter's first frame, the old reference among them), as for a frame rejected after it registered: they
+    were kept, describing a placement that is no more."""
+    placed = ("matrix", "shift_x", "shift_y", "rotation", "scale")
     svc, out = _backlog_service(tmp_path, six)
     try:
         _wait(svc, 6, idle=True)
         svc.exclude(six[2].name).result(60)
         recs = read_frames_log(out / "frames.jsonl")
-        assert recs[2]["status"] == "excluded" and recs[2]["matrix"] is not None       # the same grid: it holds
+        assert recs[2]["status"] == "excluded"
+        assert all(recs[2][k] is not None for k in placed), recs[2]      # the same grid: they hold
         svc.exclude(six[0].name).result(60)
         assert svc.engine.ref.file == six[1].name
     finally:
         svc.stop(timeout=20)
     recs = read_frames_log(out / "frames.jsonl")
     assert [r["status"] for r in recs[:3]] == ["excluded", "reference", "excluded"]
-    assert recs[0]["matrix"] is None and recs[2]["matrix"] is None, (recs[0]["matrix"], recs[2]["matrix"])
+    assert [recs[i][k] for i in (0, 2) for k in placed] == [None] * 10, (recs[0], recs[2])
     assert recs[0]["fwhm"] is not None and recs[2]["stars"]          # the measurements stay
 
 

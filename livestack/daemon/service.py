@@ -68,6 +68,12 @@ class Snapshot:
     generation: int               # changes when frames.jsonl is rewritten (restack, new stack)
 
 
+# frames.jsonl's fields that place a frame against the grid and its reference (README, frames.jsonl): an excluded
+# frame keeps them while the grid stays; once the grid has moved to another reference they describe a placement
+# that is no more, and are null — as a frame rejected after it registered has them
+PLACEMENT = ("matrix", "shift_x", "shift_y", "rotation", "scale")
+
+
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -694,7 +700,8 @@ class Service:
             rec = FrameRecord.from_dict({**old, "status": "excluded", "reason": "excluded by the user",
                                          "weight": None})
             if any(d.get("status") == "reference" and rel in self.excluded for rel, d in self._dropped.items()):
-                rec.matrix = None     # its reference excluded too: the grid it was registered to is no more
+                for k in PLACEMENT:   # its reference excluded too: the grid it was registered to is no more
+                    setattr(rec, k, None)
         elif item.reason is not None:
             rec = FrameRecord(file=item.path.name, status="failed", reason=item.reason)
             self.engine.count_failed()   # counted like the engine's own failures (NFAILED in the header)
@@ -1629,7 +1636,7 @@ class Service:
             # old one, maps onto a grid it is not on
             for d in new:
                 if d["status"] == "excluded":
-                    d["matrix"] = None
+                    d.update(dict.fromkeys(PLACEMENT))
             if eng.has_stack:   # the reference was excluded: another grid, other stars to match a returning
                 self._ref_saved = False         # frame against, solved anew — as for a first reference
                 self._new_reference()
