@@ -76,6 +76,9 @@ BAD_TOKENS = 10               # wrong tokens from one address (loopback aside) w
 BAD_TOKEN_S = 60.0            # … until the oldest of them is this old (a token guessed at 10 a minute, not 1000 a s)
 BIG_FILE = 32 << 20           # a file this large (stack.fits, a checkpoint) …
 BIG_SENDS = 4                 # … is sent to at most this many clients at once: each holds the version it began
+COMMAND_S = 60.0              # the worker's answer to a stretch, a palette awaited this long (it does them between
+NEW_SESSION_S = 120.0         # frames, or after a restack), a new session's this long, an export's this long
+EXPORT_S = 300.0
 
 
 class HttpError(Exception):
@@ -874,7 +877,7 @@ class Api:
                             {"Retry-After": "10"})
         self.exports += 1
         try:
-            data = await self._wait(self.service.export(fmt, mode), 300, "the export")
+            data = await self._wait(self.service.export(fmt, mode), EXPORT_S, "the export")
             return await self._send_bytes(req, data, ctype, headers)
         finally:
             self.exports -= 1
@@ -949,10 +952,10 @@ class Api:
                 raise HttpError(400, "stretch midtones must be strictly between 0 and 1")
             if None not in (vals["black"], vals["white"]) and vals["black"] >= vals["white"]:
                 raise HttpError(400, f"stretch black {vals['black']} must be below white {vals['white']}")
-        return _json(await self._wait(self.service.set_stretch(**vals), 60, "the stretch"))
+        return _json(await self._wait(self.service.set_stretch(**vals), COMMAND_S, "the stretch"))
 
     async def new_session(self, req, q, body):
-        return _json(await self._wait(self.service.new_session(), 120, "the new session"))
+        return _json(await self._wait(self.service.new_session(), NEW_SESSION_S, "the new session"))
 
     async def palette(self, req, q, body):
         unknown = set(body) - {"palette", "weights", "hues"}
@@ -973,7 +976,7 @@ class Api:
         except (ValueError, TypeError) as err:      # (its sentence quotes the value sent: 64 KiB of it at most)
             why = str(err)
             raise HttpError(400, why if len(why) <= 300 else why[:280] + "…") from err
-        return _json(await self._wait(fut, 60, "the palette"))
+        return _json(await self._wait(fut, COMMAND_S, "the palette"))
 
 
 def _headers(ctype: str, extra: dict | None = None) -> dict:
