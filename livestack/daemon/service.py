@@ -578,6 +578,21 @@ class Service:
 
         fut.add_done_callback(done)      # (a future done already: called at once, here)
 
+    def withdraw(self, fut: Future) -> bool:
+        """Take back a command the worker has not begun (its caller gave up waiting: the worker was busy with a
+        restack of the night, a long frame): True when it is out of the queue and cancelled, never to be carried
+        out; False when the worker has taken it (it is running, or done).  Carried out after the caller had
+        answered "try again", a new session was made twice for one user's retry.  Exclude/include requests are
+        never withdrawn: each is counted in _excl_open until the worker answers it."""
+        with self._cmd_lock:
+            # (under the lock the worker takes a command with: found here, the worker has not taken it)
+            i = next((i for i, c in enumerate(self._commands) if c[0] is fut), None)
+            if i is None or self._commands[i][1] == self._cmd_exclude:
+                return False
+            del self._commands[i]
+        fut.cancel()                     # (its callbacks run: an export withdrawn is forgotten, _export_done)
+        return True
+
     def _find(self, name: str, frames) -> str:
         for d in frames:
             if name in (d.get("path"), d["file"]):

@@ -81,6 +81,15 @@ NEW_SESSION_S = 120.0         # frames, or after a restack), a new session's thi
 EXPORT_S = 300.0
 
 
+class _GoesOn(Exception):
+    """The command awaited is not done when the wait ends, and goes on (Api._wait): the worker has begun it, or
+    (`shared`: an export) another request waits for it too."""
+
+    def __init__(self, shared: bool):
+        super().__init__()
+        self.shared = shared
+
+
 class HttpError(Exception):
     def __init__(self, status: int, message: str, headers: dict | None = None):
         super().__init__(message)
@@ -502,6 +511,7 @@ class Api:
         self.exports = 0              # export requests being made or sent (EXPORT_SENDS); only the loop touches it
         self.big_sends = 0            # files of BIG_FILE or more being sent (BIG_SENDS); only the loop touches it
         self.bad_tokens: dict = {}    # client_key -> loop times of its wrong tokens (BAD_TOKENS); the loop's only
+        self.waiting: collections.Counter = collections.Counter()   # a worker's future -> requests awaiting it
 
     async def handle(self, req: web.BaseRequest) -> web.StreamResponse:
         try:
@@ -785,8 +795,9 @@ class Api:
             raise HttpError(404, missing) from err
 
     async def _result(self, fut: Future, timeout: float):
-        """The worker's result, awaited without a thread; TimeoutError after `timeout` s.  The future is never
-        cancelled (the worker sets its result whatever happens)."""
+        """The worker's result, awaited without a thread; TimeoutError after `timeout` s.  The future is not
+        cancelled here: the worker sets its result whatever happens — unless _wait withdraws it before the worker
+        has begun it (Service.withdraw), which exclude/include never are."""
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
 
@@ -801,11 +812,41 @@ class Api:
         return fut.result()
 
     async def _wait(self, fut: Future, timeout: float, what: str):
+        """The worker's result within `timeout` s.  Past it, a command the worker has not begun is withdrawn
+        (Service.withdraw) and the answer is 503: nothing was done, try again — left queued, it was carried out
+        after that answer anyway, and the retry it advised made it twice (two new sessions back to back).  One
+        the worker has begun goes on: _GoesOn, for the caller to say so."""
+        self.waiting[fut] += 1
         try:
             return await self._result(fut, timeout)
-        except TimeoutError as err:
-            raise HttpError(503, f"{what} is still running after {timeout:g} s; the worker is busy, "
-                                 "try again") from err
+        except TimeoutError:
+            # the requests for one export share its future (Service.export): withdrawn when the last one gives up
+            shared = self.waiting[fut] > 1
+            if not shared and self.service.withdraw(fut):
+                raise HttpError(503, f"nothing was done: the worker was busy for over {timeout:g} s (a restack of "
+                                     f"the night, a long frame) and {what} was withdrawn before it began; try "
+                                     "again when it is free (GET /api/status: state)", {"Retry-After": "10"}) from None
+            if fut.done():            # done as the wait ended
+                return fut.result()
+            raise _GoesOn(shared) from None
+        finally:
+            self.waiting[fut] -= 1
+            if not self.waiting[fut]:
+                del self.waiting[fut]
+
+    async def _command(self, fut: Future, timeout: float, what: str, request: str) -> web.Response:
+        """A change the worker makes (stretch, palette, new session): the status after it, or 202 when the worker
+        has begun it and is not done in `timeout` s — it takes effect when done, and a refusal that comes then is
+        the status's `refused` (Service.follow: ``request`` names it).  (Answered 503 "try again", a new session
+        still being made was asked for a second time.)"""
+        try:
+            return _json(await self._wait(fut, timeout, what))
+        except _GoesOn:
+            self.service.follow(fut, request)
+            return _json({"accepted": True, "message": f"{what} is under way (the worker, busy, began it late) and "
+                                                       "takes effect when it is done: the status shows it, or its "
+                                                       "refusal (refused); asking again would do it a second "
+                                                       "time"}, 202)
 
     # ---------------------------------------------------------------- GET routes
     async def index(self, req, q, _):
@@ -877,7 +918,16 @@ class Api:
                             {"Retry-After": "10"})
         self.exports += 1
         try:
-            data = await self._wait(self.service.export(fmt, mode), EXPORT_S, "the export")
+            try:
+                data = await self._wait(self.service.export(fmt, mode), EXPORT_S, "the export")
+            except _GoesOn as going:
+                # the answer is the image: not 202.  Not made again for a retry: the same request meanwhile shares
+                # it (another is refused until it is done); once made, it is not kept (~144 MB at 24 MP)
+                now = "is still being made" if not going.shared else \
+                    "is not begun (the worker is busy: a restack, a long frame) and stays queued for another request"
+                raise HttpError(503, f"the export {now} after {EXPORT_S:g} s: asking again ({fmt}, {mode}) "
+                                     "while it is made gets this one, no second export is started",
+                                {"Retry-After": "10"}) from None
             return await self._send_bytes(req, data, ctype, headers)
         finally:
             self.exports -= 1
@@ -952,10 +1002,10 @@ class Api:
                 raise HttpError(400, "stretch midtones must be strictly between 0 and 1")
             if None not in (vals["black"], vals["white"]) and vals["black"] >= vals["white"]:
                 raise HttpError(400, f"stretch black {vals['black']} must be below white {vals['white']}")
-        return _json(await self._wait(self.service.set_stretch(**vals), COMMAND_S, "the stretch"))
+        return await self._command(self.service.set_stretch(**vals), COMMAND_S, "the stretch", "stretch")
 
     async def new_session(self, req, q, body):
-        return _json(await self._wait(self.service.new_session(), NEW_SESSION_S, "the new session"))
+        return await self._command(self.service.new_session(), NEW_SESSION_S, "the new session", "new session")
 
     async def palette(self, req, q, body):
         unknown = set(body) - {"palette", "weights", "hues"}
@@ -976,7 +1026,7 @@ class Api:
         except (ValueError, TypeError) as err:      # (its sentence quotes the value sent: 64 KiB of it at most)
             why = str(err)
             raise HttpError(400, why if len(why) <= 300 else why[:280] + "…") from err
-        return _json(await self._wait(fut, COMMAND_S, "the palette"))
+        return await self._command(fut, COMMAND_S, "the palette", "palette")
 
 
 def _headers(ctype: str, extra: dict | None = None) -> dict:
