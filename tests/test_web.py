@@ -476,6 +476,46 @@ def test_an_exclude_refused_after_its_202_is_said_on_the_page(web):
 
 
 @pytest.mark.browser
+def test_a_change_answered_202_is_said_on_the_page(web):
+    """A stretch, a palette, a new stack the worker began late (busy with a restack) are answered 202 with what goes
+    on, not the status: the page took that answer for the status and drew it (a page error, the sliders and the
+    caption emptied).  It says the message where the answer to a tap is, and keeps showing the daemon's status;
+    a refusal that comes later is said as an exclude's is (the status's `refused`)."""
+    from playwright.sync_api import expect
+
+    accepted = {"accepted": True, "message": "the stretch is under way (the worker, busy, began it late) and takes "
+                                             "effect when it is done"}
+    with chromium_page(web.url, viewport={"width": 1280, "height": 900}) as (page, errors):
+        expect(page.get_by_test_id("state")).not_to_have_text("connecting…", timeout=30_000)
+        page.evaluate("""(body) => { const real = window.fetch;
+            window.fetch = (url, opts) => ['/api/stretch', '/api/palette', '/api/new-session'].includes(String(url))
+              ? Promise.resolve(new Response(JSON.stringify(body),
+                    {status: 202, headers: {'Content-Type': 'application/json'}}))
+              : real(url, opts); }""", accepted)
+        caption = page.get_by_test_id("caption").inner_text()
+        note = page.locator("#s-message")
+        page.click("#st-auto")
+        expect(note).to_have_text(accepted["message"])
+        page.eval_on_selector("#st-black", "el => { el.value = '0.04'; el.dispatchEvent(new Event('input')); }")
+        page.wait_for_timeout(600)                      # (the slider's POST is sent 250 ms after the last move)
+        expect(note).to_have_text(accepted["message"])
+        page.evaluate("() => choosePalette('SHO')")      # (one filter in this night: no palette to choose on the page)
+        page.wait_for_timeout(300)
+        expect(note).to_have_text(accepted["message"])
+        page.get_by_test_id("new-session").click()
+        page.get_by_test_id("ask-ok").click()
+        expect(note).to_have_text(accepted["message"])  # not "new stack started": it is not, yet
+        expect(page.get_by_test_id("caption")).to_have_text(caption)
+        expect(page.get_by_test_id("state")).not_to_have_text("")
+        page.evaluate("(r) => showStatus({...state.status, refused: r})",
+                      {"id": 7, "request": "new session", "time": "2026-11-25T21:03:12+00:00",
+                       "error": "disk full: stack.fits, 12 MB needed: the current stack is not saved yet"})
+        expect(note).to_have_text("new session refused: disk full: stack.fits, 12 MB needed: the current stack is "
+                                  "not saved yet")
+    assert errors == []
+
+
+@pytest.mark.browser
 def test_a_refused_exclude_says_why_where_the_finger_is(web):
     """On a phone the answer to a tap — a refused exclude (409 while a new stack is made, 503 while stopping) —
     was written in the status panel, far above the frames' buttons: the user tapped, the button came back, and

@@ -49,6 +49,10 @@ async function post(path, body) {
   return null;
 }
 
+// The status a change was answered with; null for a 202 (the worker, busy, began it late: it takes effect when
+// done): post() has said its message, and the status the events bring shows the change — or its refusal (refused)
+const statusOf = (r) => (r && !r.accepted ? r : null);
+
 // A question in the page's own colours (red at night), as confirm() / prompt() answer: true or the text typed
 // when accepted, null when cancelled (Cancel, Escape).  One at a time: a second waits for the first's answer.
 let asking = Promise.resolve();
@@ -680,7 +684,7 @@ async function choosePalette(value) {
   paletteBusy = true;
   checkPalette(value);
   try {
-    const r = await post("/api/palette", { palette: value });
+    const r = statusOf(await post("/api/palette", { palette: value }));
     if (r) showStatus(r);
   } finally {
     paletteBusy = false;
@@ -734,7 +738,7 @@ function sendWeights() {
       for (const k of Object.keys(cur)) if (folded(k) === folded(name)) delete cur[k];
       if (Math.abs(v - 1) > 1e-9) cur[name] = v;   // 1 is the default: left out
     }
-    const r = await post("/api/palette", { weights: cur });
+    const r = statusOf(await post("/api/palette", { weights: cur }));
     for (const [name, v] of sent) if (touchedWeights.get(name) === v) touchedWeights.delete(name);
     if (r) showStatus(r); else if (state.status) showFilters(state.status);
   }, 300);
@@ -742,7 +746,7 @@ function sendWeights() {
 $("weights-reset").onclick = async () => {
   clearTimeout(weightTimer);
   touchedWeights.clear();
-  const r = await post("/api/palette", { weights: {} });
+  const r = statusOf(await post("/api/palette", { weights: {} }));
   if (r) showStatus(r);
 };
 
@@ -772,7 +776,7 @@ function sendStretch() {
     }
     let r = null;
     try {
-      r = await post("/api/stretch", body);
+      r = statusOf(await post("/api/stretch", body));
     } finally {
       dragging = false;               // else the sliders would never follow the daemon's stretch again
     }
@@ -788,7 +792,7 @@ for (const [k, s] of Object.entries(SLIDERS)) {
   });
 }
 $("st-auto").onclick = async () => {
-  const r = await post("/api/stretch", { auto: true });
+  const r = statusOf(await post("/api/stretch", { auto: true }));
   if (r) showStatus(r);
 };
 
@@ -801,7 +805,7 @@ $("pause").onclick = async () => {
 $("newstack").onclick = async () => {
   if (!await ask("Archive this stack and start a new one? Files already in the capture folder are not used.",
                  { ok: "New stack", danger: true })) return;
-  const r = await post("/api/new-session");
+  const r = statusOf(await post("/api/new-session"));
   if (r) { message(r.archived ? `previous stack archived in ${r.archived}` : "new stack started"); showStatus(r); }
 };
 function setNight(on) {
