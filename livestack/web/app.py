@@ -82,12 +82,12 @@ EXPORT_S = 300.0
 
 
 class _GoesOn(Exception):
-    """The command awaited is not done when the wait ends, and goes on (Api._wait): the worker has begun it, or
-    (`shared`: an export) another request waits for it too."""
+    """The command awaited is not done when the wait ends, and goes on (Api._wait): the worker has begun it
+    (`begun`), or another request for it (an export) waits for it still."""
 
-    def __init__(self, shared: bool):
+    def __init__(self, begun: bool):
         super().__init__()
-        self.shared = shared
+        self.begun = begun
 
 
 class HttpError(Exception):
@@ -828,7 +828,7 @@ class Api:
                                      "again when it is free (GET /api/status: state)", {"Retry-After": "10"}) from None
             if fut.done():            # done as the wait ended
                 return fut.result()
-            raise _GoesOn(shared) from None
+            raise _GoesOn(not shared or fut.running()) from None
         finally:
             self.waiting[fut] -= 1
             if not self.waiting[fut]:
@@ -923,7 +923,7 @@ class Api:
             except _GoesOn as going:
                 # the answer is the image: not 202.  Not made again for a retry: the same request meanwhile shares
                 # it (another is refused until it is done); once made, it is not kept (~144 MB at 24 MP)
-                now = "is still being made" if not going.shared else \
+                now = "is still being made" if going.begun else \
                     "is not begun (the worker is busy: a restack, a long frame) and stays queued for another request"
                 raise HttpError(503, f"the export {now} after {EXPORT_S:g} s: asking again ({fmt}, {mode}) "
                                      "while it is made gets this one, no second export is started",
