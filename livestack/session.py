@@ -308,6 +308,17 @@ def grid_config(cfg, engine):
     return dataclasses.replace(cfg, drizzle=drizzle, engine=eng)
 
 
+def _restack_loses(records: list[dict], excluded: set[str], was: set[str], present) -> list[str]:
+    """The files of ``records`` (a checkpoint's, built leaving out ``was``) that a restack leaving out ``excluded``
+    must read and cannot (``present``: None, nothing known gone): a frame in the stack, or coming back into it.
+    The daemon's live restack refuses an exclusion for them (Service._gone_files); one made again at the start, after
+    a kill between excluded.json and the restack's checkpoint, would have lost them for good."""
+    if present is None:
+        return []
+    return [rel for d in records if (rel := d.get("path") or d["file"]) not in excluded
+            and (d.get("status") in ("reference", "stacked") or rel in was) and not present(d)]
+
+
 def limit_settings(cfg) -> dict:
     """{section: {key: value}} of LIMIT_KEYS in ``cfg`` (a checkpoint keeps them), as they apply: an unset
     max_megapixels is this machine's default (a frame refused under it, then max_megapixels set above it)."""
@@ -484,6 +495,7 @@ class Resumed:
     note: str                 # one line for the log: what was resumed
     log_stale: bool = False   # frames.jsonl could not be rewritten (disk full): the caller rewrites it later
     checkpointed: int | None = None   # frames.jsonl lines the checkpoint resumed from covers (None: none used)
+    excluded: set[str] | None = None  # the exclusions the stack keeps, when not excluded.json's: the caller saves them
 
 
 class SessionFolder:
@@ -755,6 +767,7 @@ class SessionFolder:
         self._repair(records)
         excluded = self.excluded()
         engine, covered, note, checkpointed = None, 0, "new session", None
+        lost, kept_excluded = [], None
         if self.checkpoint.exists() and not self.checkpoint.is_file():
             aside = _aside(self.checkpoint)     # a directory: the next one could not replace it
             note = (f"{self.checkpoint.name}: unusable checkpoint (not a file{aside}); "
@@ -774,17 +787,19 @@ class SessionFolder:
                 if not isinstance(n, int) or n < 0:
                     engine, note = None, (f"{self.checkpoint.name}: unusable checkpoint (no line count"
                                           f"{_aside(self.checkpoint)}); restacking")
-                elif sorted(info.get("excluded", [])) != sorted(excluded):
-                    engine, note = None, f"{self.checkpoint.name}: built before the last exclusion; restacking"
                 elif (changed := settings_changed(info.get("settings"), cfg) + (
                         limits_raised(info.get("limits"), cfg)
                         if any(d.get("status") == "failed" for d in records[:n]) else [])) and \
                         not (gone := sum(1 for d in records[:n] if present is not None and not present(d))):
                     # frames stacked under the old settings and the next under the new would be neither night's
                     # stack (kappa 3 then 1.5: 1131 ADU off the one, 1275 off the other): all under the new ones
+                    # (the exclusions too, if the last one came after the checkpoint)
                     engine = None
                     note = (f"{self.checkpoint.name}: stacked with other settings ({'; '.join(changed)}); "
                             f"restacking all {len(records)} frames with the new ones")
+                elif (was := set(info.get("excluded", []))) != excluded and \
+                        not (lost := _restack_loses(records[:n], excluded, was, present)):
+                    engine, note = None, f"{self.checkpoint.name}: built before the last exclusion; restacking"
                 elif n > len(lines):
                     engine = None
                     note = (f"{self.checkpoint.name}: covers {n} frames but {self.frames.name} has "
@@ -796,6 +811,18 @@ class SessionFolder:
                 else:
                     covered = checkpointed = n
                     note = f"resumed {covered} frames from {self.checkpoint.name}"
+                    if lost:
+                        # restacked now, the frames whose files are gone would be recorded failed and leave the
+                        # stack for good (the live restack refuses such an exclusion: _gone_files): the stack is
+                        # kept as the checkpoint has it, the exclusions back to its own (the caller saves them)
+                        kept_excluded = was
+                        named = ", ".join(lost[:3]) + (", …" if len(lost) > 3 else "")
+                        log.warning("livestack: %s: built before the last exclusion, but %d frame%s of its stack "
+                                    "%s no longer in the capture folder (%s): the exclusion is not applied, the "
+                                    "stack is kept as it is — put the files back, then exclude or include",
+                                    self.checkpoint.name, len(lost), "s" * (len(lost) != 1),
+                                    "are" if len(lost) != 1 else "is", named)
+                        note += f", the last exclusion not applied ({len(lost)} of its files gone)"
                     if changed:
                         note += (f", stacked with other settings ({'; '.join(changed)}): {gone} of their files "
                                  f"are gone, so the new settings apply to the frames to come only")
@@ -828,7 +855,7 @@ class SessionFolder:
                      f"(its file is stacked again)")
         if dropped:
             note += f"; {len(dropped)} frames after the checkpoint queued again"
-        return Resumed(engine, kept, dropped, note, log_stale, checkpointed)
+        return Resumed(engine, kept, dropped, note, log_stale, checkpointed, kept_excluded)
 
     # ---- new session / archive
     def new_session(self, ignore: set[str] = frozenset()) -> Path | None:

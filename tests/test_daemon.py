@@ -419,6 +419,50 @@ def test_a_frame_excluded_before_a_kill_keeps_its_measurements(tmp_path, daemon_
         {k: before[k] for k in ("filter", "index", "fwhm", "stars", "time", "exptime", "matrix")}, (before, after)
 
 
+def test_a_kill_after_an_exclusion_with_a_stacked_file_gone_keeps_the_stack(tmp_path, daemon_night, caplog):
+    """kill -9 after an exclusion was saved, before the restack's checkpoint, and a stacked frame's file gone by the
+    restart (its USB disk unplugged, deleted to make room): the start restacked ("built before the last
+    exclusion") without it — the frame left the stack, frames.jsonl and the checkpoint for good, which the live
+    restack refuses to do.  The checkpoint's stack is kept as it is, the exclusion not applied: excluded.json back
+    to the checkpoint's, a warning naming the file; a later start does not restack either."""
+    import logging
+
+    files, watch, out = _four_frames_watched(tmp_path, daemon_night)
+
+    def service():
+        svc = _started_service(watch, out)
+        deadline = time.monotonic() + 20
+        while not ((s := svc.status())["frames"] >= 4 and s["state"] == "idle") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return svc
+
+    svc = service()
+    svc.stop(timeout=10)
+    before = read_frames_log(out / "frames.jsonl")
+    stacked = svc.status()["stacked"]
+    assert before[2]["status"] in ("stacked", "reference") and stacked >= 3, before
+    (out / "session" / "excluded.json").write_text(json.dumps([files[1].name]))   # what the restack saves first
+    (watch / files[2].name).unlink()
+    with caplog.at_level(logging.WARNING, logger="livestack"):
+        svc = service()
+    try:
+        assert svc.status()["stacked"] == stacked and svc.excluded == set()
+        assert json.loads((out / "session" / "excluded.json").read_text()) == []
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+    assert [(r["file"], r["status"]) for r in read_frames_log(out / "frames.jsonl")] == \
+        [(r["file"], r["status"]) for r in before]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and files[2].name in r.getMessage()]
+    assert len(warned) == 1 and "not applied" in warned[0], warned
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="livestack"):
+        svc = service()                                  # the exclusions agree with the checkpoint: resumed
+    svc.stop(timeout=10)
+    assert svc.status()["stacked"] == stacked
+    assert not [r for r in caplog.records if "before the last exclusion" in r.getMessage()]
+
+
 def test_the_reference_excluded_before_a_kill_keeps_no_matrix(tmp_path, daemon_night):
     """The same with the reference excluded: the restart's restack puts the grid on the next frame, and the
     excluded reference's line kept its identity matrix onto it (null now: it is on no grid), its measurements

@@ -331,10 +331,11 @@ class Service:
         self._dropped = {d.get("path") or d["file"]: d for d in r.dropped}
         self._logged = None if r.log_stale else len(self.records)   # None: frames.jsonl is rewritten whole
         self._ckpt_frames = r.checkpointed     # what a crash now would resume from, as the status says it
-        self.excluded = self.folder.excluded()
-        # excluded.json unreadable and left in place (a read-only disk): what stands in for it is a write owed
+        self.excluded = self.folder.excluded() if r.excluded is None else set(r.excluded)
+        # excluded.json unreadable and left in place (a read-only disk): what stands in for it is a write owed;
+        # so are the checkpoint's exclusions kept over excluded.json's (an exclusion that would lose files gone)
         self._engine_excluded = set(self.excluded)
-        self._saved_excluded = None if self.folder.excluded_owed else set(self.excluded)
+        self._saved_excluded = None if self.folder.excluded_owed or r.excluded is not None else set(self.excluded)
         with self._excl_lock:
             self._wanted = set(self.excluded)
         self.flog = FramesLog(self.folder.frames)
@@ -344,6 +345,8 @@ class Service:
         self._saved = {k: dict(v) for k, v in self._page.items()}
         self._ref_saved = (self.folder.dir / REFERENCE_FILE).exists()
         self._ref_named = self.engine.has_stack
+        if r.excluded is not None:
+            self._save_excluded()     # now, or when the disk takes it: a restart must not restack without the files
         return r
 
     @property
