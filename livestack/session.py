@@ -767,7 +767,7 @@ class SessionFolder:
         self._repair(records)
         excluded = self.excluded()
         engine, covered, note, checkpointed = None, 0, "new session", None
-        lost, kept_excluded = [], None
+        remake, lost, kept_excluded = cfg, [], None
         if self.checkpoint.exists() and not self.checkpoint.is_file():
             aside = _aside(self.checkpoint)     # a directory: the next one could not replace it
             note = (f"{self.checkpoint.name}: unusable checkpoint (not a file{aside}); "
@@ -799,6 +799,9 @@ class SessionFolder:
                             f"restacking all {len(records)} frames with the new ones")
                 elif (was := set(info.get("excluded", []))) != excluded and \
                         not (lost := _restack_loses(records[:n], excluded, was, present)):
+                    # the exclusion's restack, killed before its checkpoint, made again — on the session's grid,
+                    # as the restack it redoes was (a grid kept under other settings stays until the next target)
+                    remake = grid_config(cfg, engine)
                     engine, note = None, f"{self.checkpoint.name}: built before the last exclusion; restacking"
                 elif n > len(lines):
                     engine = None
@@ -837,7 +840,7 @@ class SessionFolder:
             note = f"no checkpoint; restacking {len(records)} frames of {self.frames.name}"
         if engine is None:
             covered = 0
-            engine = self.new_engine(cfg, masters=masters)
+            engine = self.new_engine(remake, masters=masters)
         kept = parsed[:covered]
         dropped = [d for d in parsed[covered:] if d is not None]
         later = [i for i in garbled if i > covered]

@@ -698,6 +698,51 @@ def test_an_exclusions_restack_keeps_a_kept_grid(tmp_path, six, made, now):
     assert info["excluded"] == [six[2].name] and settings_changed(info["settings"], grid_cfg(**made)) == [], info
 
 
+@pytest.mark.parametrize("made, now", [(dict(scale=2), dict(scale=1)), (dict(debayer="mhc"), dict(debayer="superpixel"))],
+                         ids=["drizzle x2, now x1", "mhc, now superpixel"])
+def test_an_exclusions_restack_made_again_at_the_start_keeps_a_kept_grid(tmp_path, six, made, now):
+    """A night kept through a restart under other grid settings (a file gone) keeps its grid until the next
+    target, and so does an exclusion's restack (the excluded frame is the one whose file is gone: nothing to read).
+    Killed after excluded.json was saved, before the restack's checkpoint, the restart made the restack again
+    from the config — the night changed grid (x1 from a x2 night, superpixels from a full-resolution one).  It is
+    made again on the checkpoint's grid, and the checkpoint after it still records that grid."""
+    import shutil
+
+    from livestack.daemon.config import DaemonParams, WatchParams
+    from livestack.daemon.service import Service
+    from livestack.session import settings_changed
+
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    watch.mkdir()
+    for f in six[:4]:
+        shutil.copy(f, watch / f.name)
+
+    def service(frames, **grid):
+        svc = Service(grid_cfg(**grid), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0,
+                                                                 rescan_s=0.5), DaemonParams(out=str(out)))
+        note = svc.start()
+        _wait(svc, frames, idle=True)
+        return svc, note
+
+    svc, _ = service(4, **made)
+    kept = svc.engine.grid
+    svc.stop(timeout=20)
+    (watch / six[3].name).unlink()
+    (out / "session" / "excluded.json").write_text(json.dumps([six[3].name]))   # what the restack saves first
+    svc, note = service(3, **now)
+    try:
+        assert "before the last exclusion" in note, note
+        g = svc.engine.grid
+        assert svc.engine.ref.file == six[0].name and (g.mode, g.scale) == (kept.mode, kept.scale), g
+        assert g.same_pixels(kept)
+        assert [d["file"] for d in svc.records if d["status"] in ("reference", "stacked")] == \
+            [f.name for f in six[:3]], svc.records
+    finally:
+        svc.stop(timeout=20)
+    _, info = load_checkpoint(out / "session" / "checkpoint.npz", grid_cfg(**now))
+    assert settings_changed(info["settings"], grid_cfg(**made)) == [], info
+
+
 def test_new_stack_on_an_empty_session_archives_nothing(tmp_path, six):
     """"New stack" pressed again before a frame arrived (a double click, a page retrying, `run --new-session` at
     every restart) archived each empty session: one archive/<time>/ folder holding only a copy of the capture
