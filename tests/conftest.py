@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -234,6 +235,15 @@ class Daemon:
                 shutil.copy(f, self.watch / f.name)
                 time.sleep(pause)
         return feed
+
+
+def capture_folder(root: Path, files: list[Path], n: int = 4) -> Path:
+    """root/watch with the first ``n`` of ``files`` copied in: the capture folder a daemon test starts on."""
+    watch = root / "watch"
+    watch.mkdir(exist_ok=True)
+    for f in files[:n]:
+        shutil.copy(f, watch / f.name)
+    return watch
 
 
 @pytest.fixture(scope="session")

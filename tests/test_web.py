@@ -17,7 +17,7 @@ from urllib.parse import quote, urlsplit
 
 import numpy as np
 import pytest
-from conftest import REPO, Daemon
+from conftest import REPO, Daemon, capture_folder
 
 TOKEN = "test-token-0123"
 ARTIFACTS = REPO / "test-artifacts"
@@ -27,10 +27,7 @@ ARTIFACTS = REPO / "test-artifacts"
 def web(tmp_path_factory, daemon_night):
     files, _ = daemon_night
     root = tmp_path_factory.mktemp("web")
-    (root / "watch").mkdir()
-    for f in files[:4]:
-        shutil.copy(f, root / "watch" / f.name)
-    d = Daemon(root, root / "watch", root / "out", "--token", TOKEN)
+    d = Daemon(root, capture_folder(root, files), root / "out", "--token", TOKEN)
     d.start()
     d.wait_lines(4)
     wait_status(d, lambda s: s["frames"] == 4 and s["state"] == "idle")

@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from conftest import REPO, Daemon
+from conftest import REPO, Daemon, capture_folder
 from test_web import AUTH, TOKEN, req, wait_status
 
 WAIT_S = 1.0
@@ -87,10 +87,7 @@ def free_port() -> int:
 def busy(tmp_path_factory, daemon_night):
     files, _ = daemon_night
     root = tmp_path_factory.mktemp("busy")
-    (root / "watch").mkdir()
-    for f in files[:4]:
-        shutil.copy(f, root / "watch" / f.name)
-    d = Daemon(root, root / "watch", root / "out", "--token", TOKEN)
+    d = Daemon(root, capture_folder(root, files), root / "out", "--token", TOKEN)
     d.gates = root / "gates"
     d.gates.mkdir()
     script = root / "busy.py"
