@@ -13,6 +13,7 @@ import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NoReturn
 
 import cv2
 import numpy as np
@@ -213,10 +214,7 @@ def atomic_write_with(path: Path, writer, *, size: int | None = None) -> None:
         writer(tmp)
         _commit(tmp, path)
     except BaseException as err:
-        full = _given_up(err, tmp, path, size)
-        if full is not None and full is not err:
-            raise full from err
-        raise
+        _give_up(err, tmp, path, size)
     fsync_dir(path.parent)
 
 
@@ -228,8 +226,9 @@ def _commit(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _given_up(err: BaseException, tmp: Path | None, path: Path, size: int | None) -> "DiskFull | None":
-    """An atomic write failed with ``err``: its temporary removed; the DiskFull to raise instead, if any."""
+def _give_up(err: BaseException, tmp: Path | None, path: Path, size: int | None) -> NoReturn:
+    """An atomic write failed with ``err``: its temporary removed, and ``err`` raised again — or the DiskFull it
+    means, naming ``path`` and ``size``."""
     full = None
     if isinstance(err, OSError):
         # Measured before the temporary goes: a short write leaves the disk full only while it exists.
@@ -239,7 +238,9 @@ def _given_up(err: BaseException, tmp: Path | None, path: Path, size: int | None
             os.unlink(tmp)
         except OSError:     # gone, or a disk that fails every call now: the first error is the one to tell
             pass
-    return full
+    if full is not None and full is not err:
+        raise full from err
+    raise err
 
 
 def _size(path) -> int:
@@ -733,10 +734,7 @@ class StreamedFits:
             _commit(self.tmp, self.path)
         except BaseException as err:
             self.file.close()
-            full = _given_up(err, self.tmp, self.path, FitsRows.size(self.shape, len(head), True))
-            if full is not None and full is not err:
-                raise full from err
-            raise
+            _give_up(err, self.tmp, self.path, FitsRows.size(self.shape, len(head), True))
         fsync_dir(self.path.parent)
         return True
 
