@@ -20,6 +20,7 @@ import numpy as np
 from .engine.frame import FrameRecord
 from .engine.write import (Writeback, atomic_write_bytes, atomic_write_with, bytes_view, disk_full, fsync_dir,
                            give_way)
+from .text import some
 
 CHUNK_BYTES = 8 * 2 ** 20     # a checkpoint's arrays are written this much at a time (see save_engine)
 
@@ -308,11 +309,12 @@ def grid_config(cfg, engine):
     return dataclasses.replace(cfg, drizzle=drizzle, engine=eng)
 
 
-def _restack_loses(records: list[dict], excluded: set[str], was: set[str], present) -> list[str]:
-    """The files of ``records`` (a checkpoint's, built leaving out ``was``) that a restack leaving out ``excluded``
-    must read and cannot (``present``: None, nothing known gone): a frame in the stack, or coming back into it.
-    The daemon's live restack refuses an exclusion for them (Service._gone_files); one made again at the start, after
-    a kill between excluded.json and the restack's checkpoint, would have lost them for good."""
+def restack_loses(records: list[dict], excluded: set[str], was: set[str], present) -> list[str]:
+    """The files of ``records`` (a stack's, built leaving out ``was``) that a restack leaving out ``excluded`` must
+    read and cannot (``present(record)``: its file is there; None: nothing known gone): a frame in the stack, or
+    coming back into it.  Restacked without them they would be recorded failed and leave the stack for good: the
+    daemon's live restack refuses such an exclusion (Service._gone_files), and one made again at the start, after a
+    kill between excluded.json and the restack's checkpoint, keeps the checkpoint's stack."""
     if present is None:
         return []
     return [rel for d in records if (rel := d.get("path") or d["file"]) not in excluded
@@ -798,7 +800,7 @@ class SessionFolder:
                     note = (f"{self.checkpoint.name}: stacked with other settings ({'; '.join(changed)}); "
                             f"restacking all {len(records)} frames with the new ones")
                 elif (was := set(info.get("excluded", []))) != excluded and \
-                        not (lost := _restack_loses(records[:n], excluded, was, present)):
+                        not (lost := restack_loses(records[:n], excluded, was, present)):
                     # the exclusion's restack, killed before its checkpoint, made again — on the session's grid,
                     # as the restack it redoes was (a grid kept under other settings stays until the next target)
                     remake = grid_config(cfg, engine)
@@ -819,12 +821,11 @@ class SessionFolder:
                         # stack for good (the live restack refuses such an exclusion: _gone_files): the stack is
                         # kept as the checkpoint has it, the exclusions back to its own (the caller saves them)
                         kept_excluded = was
-                        named = ", ".join(lost[:3]) + (", …" if len(lost) > 3 else "")
                         log.warning("livestack: %s: built before the last exclusion, but %d frame%s of its stack "
                                     "%s no longer in the capture folder (%s): the exclusion is not applied, the "
                                     "stack is kept as it is — put the files back, then exclude or include",
                                     self.checkpoint.name, len(lost), "s" * (len(lost) != 1),
-                                    "are" if len(lost) != 1 else "is", named)
+                                    "are" if len(lost) != 1 else "is", some(lost))
                         note += f", the last exclusion not applied ({len(lost)} of its files gone)"
                     if changed:
                         note += (f", stacked with other settings ({'; '.join(changed)}): {gone} of their files "

@@ -40,9 +40,10 @@ from ..engine.write import (DiskFull, WriteDeferred, atomic_write_bytes, deferra
 from ..config import make_section
 from ..engine.solve import Solution, SolveError, SolveParams
 from ..session import (FolderError, FramesLog, Refused, SessionFolder, apply_amended, grid_config,
-                       rewrite_frames_log)
+                       restack_loses, rewrite_frames_log)
 from ..sky import MAX_ATTEMPTS, SWITCH_WAIT_S, SkySolver, reference_hints, sky_status, star_px, stars_on_grid
 from ..targets import REFERENCE_FILE, Book, Target, load_reference, match_target, save_reference, separation
+from ..text import some
 from .config import DaemonParams, WatchParams, session_section
 from .watch import Ready, Watcher
 
@@ -324,8 +325,7 @@ class Service:
 
     def _open_current(self):
         """Resume the session in OUT/ (the current target's): the engine, its records and exclusions."""
-        r = self.folder.resume(self.cfg, masters=self.masters,
-                               present=lambda d: (self.watch_dir / (d.get("path") or d["file"])).is_file())
+        r = self.folder.resume(self.cfg, masters=self.masters, present=self._present)
         self.engine, self.records = r.engine, list(r.records)
         # the lines after the checkpoint, by file: an excluded one, queued again, keeps its measurements
         self._dropped = {d.get("path") or d["file"]: d for d in r.dropped}
@@ -1548,12 +1548,15 @@ class Service:
         into it (``was_excluded``), whose file is no longer in the capture folder (its USB disk unplugged, frames
         deleted to make room on a full card).  Restacked without them they were recorded failed ("file not found")
         and left the stack, its checkpoint and frames.jsonl for good: one tap on "exclude" lost the night's frames."""
-        return [rel for d in records if (rel := d.get("path") or d["file"]) not in keep
-                and (d["status"] in STACKED or rel in was_excluded) and not (self.watch_dir / rel).is_file()]
+        return restack_loses(records, keep, was_excluded, self._present)
+
+    def _present(self, d: dict) -> bool:
+        """A frames.jsonl record's file is in the capture folder."""
+        return (self.watch_dir / (d.get("path") or d["file"])).is_file()
 
     def _gone_sentence(self, gone: list[str]) -> str:
         many = len(gone) != 1
-        named = ", ".join(gone[:3]) + (", …" if len(gone) > 3 else "")
+        named = some(gone)
         return (f"{len(gone)} frame{'s' * many} of the stack {'are' if many else 'is'} no longer in the capture "
                 f"folder {self.watch_dir} ({named}): restacked, {'they' if many else 'it'} would be lost; the stack "
                 f"is kept as it is — put the files back, then exclude or include")
