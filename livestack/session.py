@@ -398,6 +398,7 @@ def save_engine(engine, path: Path | str, info: dict | None = None) -> None:
                 for k, a in stack.state().items():
                     put(prefix + k, a)
                     stack.release()     # a spilled stack: one array paged in at a time
+            wb.settle()
 
     atomic_write_with(Path(path), writer)
 

@@ -149,6 +149,77 @@ def test_long_writes_ask_the_disk_to_start_as_they_go(tmp_path, monkeypatch, nig
     assert np.array_equal(a, b, equal_nan=True) and np.array_equal(wa, wb)
 
 
+def test_long_writes_flush_the_disk_as_they_go_and_say_its_error(tmp_path, monkeypatch, night):
+    """Every FLUSH_BYTES a long write also has the disk flush its cache (an fdatasync in a thread of its own), so
+    the fsync before the rename waits only for the tail — each writer, on its own temporary, the files intact,
+    none for a deferrable write.  A flush that fails fails the write: the error is said, the old file kept and
+    no temporary left (the commit's fsync, on a descriptor opened after the flush saw it, would not be told)."""
+    import errno
+    import os
+
+    from livestack import session
+    from livestack.config import Config
+    from livestack.engine import write
+    from livestack.engine.pipeline import Engine
+    from livestack.engine.write import StreamedFits, write_fits_rows
+
+    if write._SYNC_FILE_RANGE is None:
+        pytest.skip("no sync_file_range in this C library")
+    real, flushed, failing = os.fdatasync, [], []
+
+    def fdatasync(fd):
+        name = os.readlink(f"/proc/self/fd/{fd}")
+        if failing:
+            raise OSError(errno.EIO, "Input/output error")
+        flushed.append(name)
+        return real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    monkeypatch.setattr(write, "WRITEBACK_BYTES", 64 * 1024)
+    monkeypatch.setattr(write, "FLUSH_BYTES", 256 * 1024)
+    rng = np.random.default_rng(2)
+    img = rng.normal(100, 5, (3, 1000, 200)).astype(np.float32)         # 2.4 MB of image
+    weight = rng.uniform(0, 9, (1000, 200)).astype(np.float32)
+    rows = [(r, img[:, r:r + 10], weight[r:r + 10]) for r in range(0, 1000, 10)]
+
+    def streamed(name):
+        f = StreamedFits(tmp_path / name, img.shape, {"A": (1, "")})
+        for r in rows:
+            f.put(*r)
+        return f.commit({"A": (2, "")})
+
+    write_fits(tmp_path / "s.fits", img, {"A": (1, "")}, weight=weight)
+    write_fits_rows(tmp_path / "r.fits", img.shape, rows, {}, weighted=True)
+    assert streamed("t.fits")
+    for name in ("s.fits", "r.fits", "t.fits"):
+        assert sum(f".{name}." in p and p.endswith(".tmp") for p in flushed) >= 2, (name, flushed)
+        with fits.open(tmp_path / name) as f:
+            np.testing.assert_array_equal(f[0].data, img)
+            np.testing.assert_array_equal(f["WEIGHT"].data, weight)
+    files, _ = night(n_frames=2)
+    eng = Engine(Config())
+    for p in files:
+        eng.process(p)
+    monkeypatch.setattr(session, "CHUNK_BYTES", 16 * 1024)
+    session.save_engine(eng, tmp_path / "ckpt.npz")
+    assert any(".ckpt.npz." in p for p in flushed)
+    flushed.clear()
+    with write.deferrable(lambda: False):
+        write_fits(tmp_path / "d.fits", img, {"A": (1, "")}, weight=weight)
+    assert flushed == []
+
+    failing.append(True)
+    kept = {name: (tmp_path / name).read_bytes() for name in ("s.fits", "r.fits", "t.fits")}
+    with pytest.raises(OSError, match="s.fits: input/output error"):
+        write_fits(tmp_path / "s.fits", img * 2, {"A": (1, "")}, weight=weight)
+    with pytest.raises(OSError, match="r.fits: input/output error"):
+        write_fits_rows(tmp_path / "r.fits", img.shape, rows, {"B": (1, "")}, weighted=True)
+    with pytest.raises(OSError, match="t.fits: input/output error"):
+        streamed("t.fits")
+    assert {name: (tmp_path / name).read_bytes() for name in kept} == kept
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
 def _direct_small(monkeypatch, chunk=8192):
     """The direct path for small files, with chunks small enough that blocks and headers straddle them."""
     from livestack.engine import write
