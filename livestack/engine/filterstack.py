@@ -216,12 +216,15 @@ class FilterStack:
                 self.bases[key] = 1.0
 
     def accept(self, q: Quality, m: FrameMeta, masters: dict | None = None, *, file: str, index: int | None = None,
-               scale: float = 1.0) -> None:
+               scale: float = 1.0, booting: bool | None = None) -> None:
+        """``booting``: whether the frame was added to the stack in its bootstrap (default: the stack is still in
+        it — not so for the frame that RunningStack.add_channels' ``combine`` combined with the buffer)."""
         key = settings_key(m)
         self._adopt(key)
-        if self.stack is not None and self.stack.sums is None and not self.first_judged:
-            self.boot.append((file, index, _iso(m.time), float(m.exptime or 0.0), float(scale), key,
-                              [q.fwhm, float(q.stars), q.background, q.eccentricity, q.noise]))
+        if booting is None:
+            booting = self.stack is not None and self.stack.sums is None
+        if booting and not self.first_judged:
+            self.boot.append(self.boot_entry(q, m, file=file, index=index, scale=scale))
         if self.first_settings is None and not self.judge.history and not self.legacy:
             self.first_settings = (key, float(m.exptime or 0.0), m.iso, m.gain)
         self.judge.accept(q)
@@ -417,6 +420,12 @@ class FilterStack:
             return None
         return self.bases[key0] * exptime / exptime0
 
+    @staticmethod
+    def boot_entry(q: Quality, m: FrameMeta, *, file: str, index: int | None, scale: float) -> tuple:
+        """What ``boot`` keeps of a bootstrap frame (accept)."""
+        return (file, index, _iso(m.time), float(m.exptime or 0.0), float(scale), settings_key(m),
+                [q.fwhm, float(q.stars), q.background, q.eccentricity, q.noise])
+
     def judge_first(self) -> list[tuple[str, int | None, str]]:
         """Once, when the stack's bootstrap buffer is full: the filter's first frame — stacked unjudged, there
         was nothing to judge it by — judged against the frames buffered after it, as they were judged against
@@ -426,11 +435,35 @@ class FilterStack:
         left out as (file, index, reason).  The first frame's sky and star fluxes stay the filter's photometric
         reference (every later frame is normalised to them); transparency is then judged against the frames
         that stay."""
-        hist = self._boot_history()
-        if self.first_judged or len(self.boot) < 2 or hist is None:
+        out = self.first_verdict()
+        if out is None:
             return []
         self.first_judged = True
-        why = self._loo(hist, 0, range(1, len(hist)))
+        dropped = [(self.boot[i][0], self.boot[i][1], w) for i, w in out]
+        if out:
+            self._drop([i for i, _ in out])
+        return dropped
+
+    def combines_with(self, entry: tuple) -> bool:
+        """Whether the frame in hand (its boot_entry), which fills the stack's bootstrap buffer, may be combined
+        with the frames buffered as it is added (RunningStack.add_channels' combine): judge_first, once it is
+        accepted, will leave none of them out — it has judged already, has fewer than two frames to judge, or
+        judges them all good.  Not when it cannot tell (the qualities of an old checkpoint's frames)."""
+        boot = self.boot + [entry]
+        if self.first_judged or len(boot) < 2:
+            return True
+        return self._boot_history(boot) is not None and self.first_verdict(entry) == []
+
+    def first_verdict(self, entry: tuple | None = None) -> list[tuple[int, str]] | None:
+        """judge_first's verdict, without acting on it: [(bootstrap index, why)] of the frames it leaves out, or
+        None when it gives none (given already, fewer than two frames, their qualities not known).  ``entry``
+        (boot_entry): a frame in hand, judged as if accepted — the frame that fills the buffer, before the
+        pipeline adds it (RunningStack.add_channels' combine)."""
+        boot = self.boot if entry is None else self.boot + [entry]
+        hist = self._boot_history(boot)
+        if self.first_judged or len(boot) < 2 or hist is None:
+            return None
+        why = self._loo(hist, 0, range(1, len(hist)), boot)
         if why is None:
             return []
         n = len(hist) - 1
@@ -439,34 +472,35 @@ class FilterStack:
         if len(rest) >= 2:
             out += [(i, f"{w}, against the {len(rest) - 1} other frame{'s' if len(rest) != 2 else ''} kept "
                         "with it after the first was left out")
-                    for i in rest if (w := self._loo(hist, i, [j for j in rest if j != i])) is not None]
+                    for i in rest if (w := self._loo(hist, i, [j for j in rest if j != i], boot)) is not None]
             if len(out) == len(hist):       # (one-sided tests: not all of them; kept safe all the same)
                 out = out[:1]
-        dropped = [(self.boot[i][0], self.boot[i][1], w) for i, w in out]
-        self._drop([i for i, _ in out])
-        return dropped
+        return out
 
-    def _boot_history(self) -> list | None:
-        """The judge's (fwhm, stars, background, eccentricity) of each bootstrap frame, in order; None when they
-        are not known (a checkpoint of before they were kept, whose judge no longer holds them all)."""
-        if all(len(b) == 7 for b in self.boot):
-            return [tuple(b[6][:4]) for b in self.boot]
+    def _boot_history(self, boot: list | None = None) -> list | None:
+        """The judge's (fwhm, stars, background, eccentricity) of each bootstrap frame (of ``boot``, by default the
+        filter's), in order; None when they are not known (a checkpoint of before they were kept, whose judge no
+        longer holds them all)."""
+        boot = self.boot if boot is None else boot
+        if all(len(b) == 7 for b in boot):
+            return [tuple(b[6][:4]) for b in boot]
         hist = list(self.judge.history)
-        return hist if len(hist) == len(self.boot) else None
+        return hist if len(hist) == len(boot) else None
 
-    def _loo(self, hist: list, i: int, others: list[int] | range) -> str | None:
-        """Why bootstrap frame ``i`` would be rejected against bootstrap frames ``others`` (FWHM and shape against
-        all of them; stars, sky and transparency against those of its own settings), or None.  Against all of
-        them, whatever `[reject] window` (the reason counts them)."""
+    def _loo(self, hist: list, i: int, others: list[int] | range, boot: list | None = None) -> str | None:
+        """Why bootstrap frame ``i`` (of ``boot``, by default the filter's) would be rejected against bootstrap
+        frames ``others`` (FWHM and shape against all of them; stars, sky and transparency against those of its
+        own settings), or None.  Against all of them, whatever `[reject] window` (the reason counts them)."""
+        boot = self.boot if boot is None else boot
         p = dataclasses.replace(self.judge.p, window=max(self.judge.p.window, len(hist)))
         judge, levels = FrameJudge(p), FrameJudge(p)
         judge.history.extend(hist[j] for j in others)
-        key = self.boot[i][5]
-        same = [j for j in others if self.boot[j][5] == key]
+        key = boot[i][5]
+        same = [j for j in others if boot[j][5] == key]
         levels.history.extend(hist[j] for j in same)
-        s_i = self.boot[i][4]
+        s_i = boot[i][4]
         # frame i's star flux against frame j's: (ref / scale_i) / (ref / scale_j)
-        t = float(np.median([self.boot[j][4] / s_i for j in same])) if same and s_i > 0 else None
+        t = float(np.median([boot[j][4] / s_i for j in same])) if same and s_i > 0 else None
         fwhm, stars, background, ecc = hist[i]
         return judge.check(Quality(int(stars), fwhm, ecc, background, float("nan")), transparency=t, levels=levels)
 

@@ -544,16 +544,27 @@ class Engine:
         else:       # demosaiced (a Bayer mosaic) and warped a block of rows at a time, as the stack adds them
             channel = grid.source(cfa, img, matrix, interpolation=interp, signal=front.signal, normalise=norm)
         stream = self._final_stream(fs, final_into)
+        # The frame that fills the bootstrap buffer is combined with it as it is stacked, unless the first frames'
+        # verdict (judge_first, after it is accepted) leaves a buffered frame out — then it waits in the buffer —
+        # or the combination is the session's memory peak (_finish_bootstraps frees the frame's buffers first)
+        booting = fs.stack.sums is None
+        combine = fs.stack.fills_bootstrap and not self._combination_peaks(fs) and fs.combines_with(
+            fs.boot_entry(q, m, file=path.name, index=rec.index, scale=scale))
+        if combine:
+            self._trim(keep=fs.key, budget=0)     # as _finish_bootstraps: the other filters' pages given back first
         try:
             rec.rejected_pixels = fs.stack.add_channels(cells, channel, weight, noise_n, saturated=sat,
-                                                        rows_done=stream.rows if stream is not None else None)
+                                                        rows_done=stream.rows if stream is not None else None,
+                                                        combine=combine)
         except BaseException:
             if stream is not None:
                 stream.abandon()
             raise
         self._lap("drizzle+stack" if grid.drizzled else "debayer+warp+stack" if grid.pattern else "warp+stack")
         fs.accept(q, m, front.masters.names if front.masters is not None else None, file=path.name, index=rec.index,
-                  scale=scale)
+                  scale=scale, booting=booting)
+        if combine:
+            fs.judge_first()        # (leaves nothing out: combines_with) — the filter's first frames judged
         if stream is not None:
             stream.version, self.final_stream = fs.version, stream
         self.last_matrix = reg_matrix

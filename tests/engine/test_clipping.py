@@ -50,22 +50,24 @@ def config(**stack) -> Config:
 def stack(files, cfg, *, reject=True):
     """((1, H, W) stack, [(cells − sky, rejected cells) per stacked frame]): RunningStack watched, and with
     ``reject`` False told that no cell is an outlier (the plain weighted mean of the same frames)."""
-    seen = []
-    orig_add, orig_acc = RunningStack.add_channels, RunningStack._accumulate_pixels
+    seen, given = [], []
+    orig_add, orig_adder = RunningStack.add_channels, RunningStack._pixel_adder
 
     def add_channels(self, cells, channel, weight, noise, **kw):
         seen.append([cells - self.sky_lum])
         return orig_add(self, cells, channel, weight, noise, **kw)
 
-    def accumulate(self, channel, bad_cells, weight, saturated, sums=None, wsum=None, span=None, **kw):
-        # a frame joins the stack (not a combination for reading), once (the bootstrap's comes in spans of rows)
-        if (sums is None or sums is self.sums) and (span is None or span[0] == 0):
+    def adder(self, bad_cells, weight, saturated, sums, wsum):
+        # a frame joins the stack (not a combination for reading), once (a buffer's combination makes an adder
+        # for each span of rows, with the same cells)
+        if sums is self.sums and not any(b is bad_cells for b in given):
+            given.append(bad_cells)
             next(s for s in seen if len(s) == 1).append(bad_cells.copy())
-        return orig_acc(self, channel, bad_cells, weight, saturated, sums, wsum, span, **kw)
+        return orig_adder(self, bad_cells, weight, saturated, sums, wsum)
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(RunningStack, "add_channels", add_channels)
-        m.setattr(RunningStack, "_accumulate_pixels", accumulate)
+        m.setattr(RunningStack, "_pixel_adder", adder)
         if not reject:
             m.setattr(RunningStack, "_threshold", lambda self, b, centre, var: np.zeros(b.shape, bool))
         eng = Engine(cfg)

@@ -141,6 +141,40 @@ def test_a_good_first_frame_stays_in_the_stack(night):
     assert eng.amended == [] and eng.n_stacked == 4
 
 
+@pytest.mark.parametrize("defects", [{2: "satellite"}, {0: "wind"}])
+def test_the_frame_filling_the_bootstrap_is_combined_as_it_is_stacked(night, monkeypatch, defects):
+    """The third frame goes straight into the accumulators beside the two buffered (RunningStack.add_channels'
+    combine) when the first frames' verdict leaves none out — the stack the buffer's combination would make,
+    but for that frame's float16 rounding (2^-11 of its values) — and waits in the buffer when the verdict
+    leaves the trailed first frame out, which it still does (the frame that fills the buffer again is
+    combined)."""
+    from livestack.engine.stack import RunningStack
+
+    trailed = defects == {0: "wind"}
+    files, _ = night(n_frames=5, seed=5 if trailed else 8, defects=defects)
+    combined, recs = [], []
+    real = RunningStack._combine_with
+    monkeypatch.setattr(RunningStack, "_combine_with", lambda st, *a: combined.append(len(recs)) or real(st, *a))
+    eng = Engine(Config())
+    for f in files:
+        recs.append(eng.process(f))
+    a, wa = eng.result()
+    # the third file combined as it is stacked; with the first frame left out, the fourth, which fills the buffer again
+    assert combined == ([3] if trailed else [2])
+    assert bool(eng.amended) == trailed and eng.n_stacked == (4 if trailed else 5), [r.reason for r in recs]
+    fs = list(eng.filters.values())[0]
+    assert fs.first_judged and len(fs.boot) == (2 if trailed else 3) and fs.stack.buffer == []
+    monkeypatch.setattr(RunningStack, "fills_bootstrap", property(lambda st: False))
+    old = Engine(Config())
+    for f in files:
+        old.process(f)
+    b, wb = old.result()
+    assert np.array_equal(wa, wb) and np.array_equal(np.isnan(a), np.isnan(b))
+    np.testing.assert_allclose(a, b, rtol=2 ** -10, atol=0.25)     # (float16: 2^-11 of a value, one of five frames)
+    assert np.nanmedian(np.abs(a - b)) < 2 ** -11 * np.nanmedian(b)
+    assert fs.stack.rejected_total == list(old.filters.values())[0].stack.rejected_total
+
+
 @pytest.mark.parametrize("defect_frame", [0, 5])   # an outlier in the reference itself must vanish too
 def test_satellite_and_cosmic_rays_vanish(night, defect_frame):
     defects = {defect_frame: "satellite", 7: "cosmic"}

@@ -242,6 +242,56 @@ def test_combination_excess_is_the_buffer_less_the_accumulators_that_replace_it(
     assert (predicted > 41 * 60 * 4) == (bootstrap == 5)      # more than a float32 mosaic: the peak
 
 
+class _Rows:
+    """A frame given block by block, as the pipeline's render.FrameOnGrid gives it (rows(r0, r1), block_rows)."""
+
+    block_rows = 6
+
+    def __init__(self, img):
+        self.img = img
+
+    def rows(self, r0, r1):
+        return [self.img[c, r0:r1].copy() for c in range(self.img.shape[0])]
+
+
+@pytest.mark.parametrize("channels, bootstrap", [(3, 3), (1, 5)])
+def test_the_frame_filling_the_bootstrap_combined_as_it_is_added_makes_the_same_stack(channels, bootstrap):
+    """add_channels(combine=True) adds the frame that fills the bootstrap buffer straight to the accumulators,
+    beside the buffered frames' rows: the same cells judged, the same sums in the same order as the buffer's
+    combination (finish_bootstrap) makes them — bit for bit where the frame's values are float16's own (whole
+    numbers below 2048: the buffer stores them exactly) — with a trail in the first frame and in the filling
+    one, NaN borders, saturated pixels; and so after the next frame too."""
+    rng = np.random.default_rng(11)
+    shape = (channels, 41, 60)
+    frames, sats = [], []
+    for i in range(bootstrap + 1):
+        f = rng.integers(490, 511, shape).astype(np.float32)     # a sky of 500 ± 6
+        f[:, :, : i + 1] = np.nan                               # a footprint's edge, a column more each frame
+        if i in (0, bootstrap - 1):
+            f[:, 9 + i, 10:50] += 600                           # a satellite
+        sats.append((np.array([20, 21 + i]), np.array([30, 31])))
+        frames.append(f)
+    weights = rng.uniform(0.5, 2, len(frames))
+    stacks = []
+    for combine in (False, True):
+        st = RunningStack(shape, np.full(channels, 500.0), StackParams(bootstrap=bootstrap))
+        for i, f in enumerate(frames):
+            source = _Rows(f.copy()) if i == bootstrap - 1 else (lambda c, f=f.copy(): f[c])
+            st.add_channels(st.cells_of(f), source, weights[i], np.full(channels, 6.0), saturated=sats[i],
+                            combine=combine)
+            if combine and i == bootstrap - 1:
+                assert st.buffer == [] and st.sums is not None        # combined as it was added
+        stacks.append(st)
+    a, b = stacks
+    assert a.bootstrap_rejected == b.bootstrap_rejected and a.bootstrap_rejected[0] > 0 \
+        and a.bootstrap_rejected[-1] > 0 and a.rejected_total == b.rejected_total
+    for name in ("sums", "wsum", "lsum", "lw", "sq", "count"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    mean, _ = b.result()
+    for row in (9, 9 + bootstrap - 1):                                          # neither satellite in the stack
+        assert np.nanmax(np.abs(mean[:, row, 10:50] - 500)) < 20
+
+
 def test_stack_cell_noise_model_matches_pure_noise():
     """Cells of 4 independent pixels per channel: with cell_samples = 4 the κσ test sees the true variance and
     rejects ~0.27 % of pure-noise cells (κ = 3); claiming 16 samples (a 2× too small σ) rejects far more."""
