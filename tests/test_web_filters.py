@@ -66,6 +66,9 @@ def test_palette_refuses_bad_values_and_sets_weights(wheel):
     assert st == 400 and "Rainbow" in err and "SHO" in err and "\n" not in err, err
     st, body, _ = req(wheel, "POST", "/api/palette", {"weights": {"Ha": 11}}, AUTH)
     assert st == 400 and "Ha" in json.loads(body)["error"]
+    for bad in ({"weights": {"Ha": "2"}}, {"weights": {"Ha": True}}, {"hues": {"Ha": [True, False, False]}}):
+        st, body, _ = req(wheel, "POST", "/api/palette", bad, AUTH)        # text or switches: not numbers
+        assert st == 400 and "Ha" in json.loads(body)["error"], (bad, body)
     before = status(wheel)["preview_id"]
     st, body, _ = req(wheel, "POST", "/api/palette", {"weights": {"Ha": 2}}, AUTH)
     s = json.loads(body)

@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 import dataclasses
 from dataclasses import dataclass, field
+import numbers
 
 import numpy as np
 
@@ -73,6 +74,18 @@ def _lookup(table: Mapping, name: str, default):
     return default
 
 
+def _number(v) -> float:
+    """A number of the configuration or of a request as a float; NaN for anything else — a string or true/false,
+    which float() takes ("1", True: a palette weight of 1 sent as text or as a switch is a client's mistake, not
+    a weight), or an int beyond a float (10**400)."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        return float("nan")
+    try:
+        return float(v)
+    except OverflowError:
+        return float("nan")
+
+
 @dataclass(frozen=True, slots=True)
 class ComposeParams:
     palette: str = "auto"        # auto | RGB | LRGB | SHO | HOO | HUES (any case)
@@ -94,20 +107,14 @@ class ComposeParams:
         object.__setattr__(self, "palette", known[self.palette.strip().casefold()])
         hues = {}
         for name, hue in dict(self.hues).items():
-            try:
-                h = tuple(float(v) for v in hue)
-            except (TypeError, ValueError, OverflowError):      # OverflowError: an int beyond a float (10**400)
-                h = ()
+            h = tuple(_number(v) for v in hue) if isinstance(hue, (list, tuple)) else ()
             if not isinstance(name, str) or len(h) != 3 or not all(0.0 <= v <= 1.0 for v in h):
                 raise ValueError(f"compose.hues[{name!r}] = {hue!r}: must be 3 numbers in [0, 1] (r, g, b)")
             hues[name] = h
         object.__setattr__(self, "hues", hues)
         weights = {}
         for name, w in dict(self.weights).items():
-            try:
-                v = float(w)
-            except (TypeError, ValueError, OverflowError):
-                v = float("nan")
+            v = _number(w)
             if not isinstance(name, str) or not 0.0 <= v <= 10.0:
                 raise ValueError(f"compose.weights[{name!r}] = {w!r}: must be a number in [0, 10]")
             weights[name] = v

@@ -136,6 +136,15 @@ def test_params_are_checked():
         ComposeParams(weights={"OIII": 11})
     with pytest.raises(ValueError, match="compose.weights"):
         ComposeParams(weights={"OIII": "lots"})
+    # what float() takes but is no number: text, a switch (a request's JSON, a hand-edited TOML file)
+    for bad in ("1", True, None, [1]):
+        with pytest.raises(ValueError, match=r"compose.weights\['OIII'\] = .*: must be a number in \[0, 10\]"):
+            ComposeParams(weights={"OIII": bad})
+    for bad in ("101", [True, 0, 0], ["1", 0, 0], {"r": 1, "g": 0, "b": 0}):
+        with pytest.raises(ValueError, match=r"compose.hues\['Ha'\] = .*: must be 3 numbers in \[0, 1\]"):
+            ComposeParams(hues={"Ha": bad})
+    assert ComposeParams(weights={"OIII": 2, "Ha": np.float32(1.5)}, hues={"Ha": (1, 0, 0.5)}).weights == \
+        {"OIII": 2.0, "Ha": 1.5}
     p = ComposeParams(palette="hoo", hues={"Ha": [1, 0, 0.2]})
     assert p.palette == "HOO" and p.hues == {"Ha": (1.0, 0.0, 0.2)}
     with pytest.raises(AttributeError):
