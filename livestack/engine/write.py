@@ -167,9 +167,10 @@ class Writeback:
     descriptor), and the writer calls ``settle()`` once every piece is written, before the commit: the disk's
     own cache is flushed while the writer works, not all at the fsync.  A disk's write cache — a VM's host, an SD
     card's controller — holds what the kernel has written until that flush: a 24 MP stack.fits streamed during
-    the last frame had been written by its end, yet the fsync after it took 0.49–0.55 s; with these flushes
-    0.06–0.13 s (bench_timeline.py, this VM).  settle() raises the flush's error: the commit's fsync, on a
-    descriptor opened after it, would not be told an error the flush has already seen.
+    the last frame had been written by its end, yet the fsync after it took 0.49–0.55 s.  With these flushes it
+    takes 0.06–0.13 s, but the last frame's writes wait while a flush runs: the two together took 1.53–1.78 s
+    before, 1.27–1.38 s after (five alternating runs, this VM).  settle() raises the flush's error: the commit's
+    fsync, on a descriptor opened after it, would not be told an error the flush has already seen.
 
     Not inside deferrable(), decided in the thread that makes it (stack.fits is written from a second one): a
     write that gives way removes its temporary, and removing a file waits for the pieces the disk is writing —
