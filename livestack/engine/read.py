@@ -1,7 +1,9 @@
 """path -> Frame: RAW through rawpy (LibRaw) + exifread, FITS through astropy.
 
 Never ``postprocess()``: it is non-linear.  The CFA mosaic is taken as LibRaw decodes it
-(``raw_image_visible``), with the black level of each CFA position and the white level.
+(``raw_image_visible``), with the black level of each CFA position and the white level — or, for a DNG that
+stores its samples plainly, straight from the file, once LibRaw's reading of that layout has been found to be
+the same (_plain_dng).
 """
 from __future__ import annotations
 
@@ -195,19 +197,28 @@ def _read_raw(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
     try:
         with _utf8_path(path) as name, rawpy.imread(name) as raw:   # the header only: unpack() comes with raw_image*
             limit.check(path, raw.sizes.raw_width, raw.sizes.raw_height)
-            if raw.raw_type != rawpy.RawType.Flat:
-                raise FrameError(path, "not a single-mosaic RAW (LibRaw reports a stacked/linear layout)")
-            visible = raw.raw_image_visible              # a view: it dies with `raw`, so copy once
-            if out is not None and out.shape == visible.shape and out.dtype == np.float32:
-                data = out
-                np.copyto(data, visible, casting="unsafe")
+            plain = _plain_dng(path, raw) if path.suffix.lower() == ".dng" else None
+            if plain is not None and _PLAIN_CHECKED.get(plain.key):
+                # LibRaw's own reading of this layout was checked to be the file's: no unpack (see _plain_dng)
+                data = _plain_pixels(path, raw.sizes, plain, out)
+                pattern, black, white = plain.pattern, plain.black, plain.white
             else:
-                data = visible.astype(np.float32)
-            colors = _colors_2x2(raw)
-            desc = raw.color_desc.decode("ascii", "replace")
-            pattern = _pattern_from_colors(colors, desc)
-            black = _black_2x2(raw, colors)
-            white = float(raw.white_level)
+                if raw.raw_type != rawpy.RawType.Flat:
+                    raise FrameError(path, "not a single-mosaic RAW (LibRaw reports a stacked/linear layout)")
+                visible = raw.raw_image_visible              # a view: it dies with `raw`, so copy once
+                if out is not None and out.shape == visible.shape and out.dtype == np.float32:
+                    data = out
+                    np.copyto(data, visible, casting="unsafe")
+                else:
+                    data = visible.astype(np.float32)
+                del visible
+                colors = _colors_2x2(raw)
+                desc = raw.color_desc.decode("ascii", "replace")
+                pattern = _pattern_from_colors(colors, desc)
+                black = _black_2x2(raw, colors)
+                white = float(raw.white_level)
+                if plain is not None and plain.key not in _PLAIN_CHECKED:
+                    _check_plain(path, raw.sizes, plain, data, pattern, black, white)
     except FrameError:
         raise
     except rawpy.LibRawError as err:  # LibRawFileUnsupportedError, LibRawIOError, LibRawDataError, …
@@ -226,6 +237,159 @@ def _read_raw(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
     meta = _exif_meta(path)
     meta.kind = "raw"
     return Frame(path, data, pattern, black, white, _saturated(data, white), meta)
+
+
+@dataclass(frozen=True)
+class _PlainDng:
+    """Where a DNG's CFA image lies in its file when it is stored plainly, and what its tags say of it."""
+    offset: int                 # of the first sample (the strips follow each other from there)
+    dtype: np.dtype             # 16-bit, the file's byte order
+    pattern: str                # at the visible area's first pixel
+    black: np.ndarray           # (2, 2) at the visible area's first 2×2 pixels
+    white: float
+    key: tuple                  # everything of the file's layout but its black and white levels' values
+
+
+# _PlainDng.key -> whether LibRaw read a file of that layout as _plain_dng does (pixels, pattern and levels)
+_PLAIN_CHECKED: dict[tuple, bool] = {}
+_PLAIN_KEEP = 64                # layouts remembered (a night has one a camera)
+_PLAIN_LOCK = threading.Lock()
+
+
+def _plain_dng(path: Path, raw) -> _PlainDng | None:
+    """A DNG whose CFA image is stored plainly — uncompressed 16-bit samples, one a pixel, in strips that follow
+    each other, no linearization table, levels without per-row or per-column deltas or masked areas (phones'
+    RAW files, DNG Converter's uncompressed option, the simulator's) — as _PlainDng; None for any other file.
+
+    LibRaw unpacks such a file a pixel at a time (0.16–0.17 s at 24 MP here, on the read-ahead thread, where
+    it was a tenth of a frame's CPU time) into the file's own samples; read and converted a block of rows at a
+    time (_plain_rows) they take ~0.03 s.  The pattern and levels come from the tags (LibRaw gives its own only after an unpack), read
+    as LibRaw reads them — which _check_plain confirms on the first file of each layout, LibRaw-read as ever:
+    the layout's later files skip the unpack only once it has (_PLAIN_CHECKED).  ``raw``: LibRaw's header of
+    the file (its sizes and margins place the visible area)."""
+    import tifffile
+
+    s = raw.sizes
+    try:
+        with _TIFF_LOG.reading(path), tifffile.TiffFile(path) as tif:
+            pages = []
+            for top in tif.pages:
+                pages += [top, *(top.pages if top.subifds else ())]
+            cfa = [pg for pg in pages if pg.photometric == 32803 and pg.subfiletype == 0]
+            if len(cfa) != 1:
+                return None
+            pg = cfa[0]
+            tags = {t.code: t.value for t in pg.tags}
+            if not (pg.compression == 1 and pg.bitspersample == 16 and pg.samplesperpixel == 1
+                    and pg.fillorder == 1 and pg.predictor == 1 and not pg.is_tiled
+                    and (pg.imagelength, pg.imagewidth) == (s.raw_height, s.raw_width)
+                    # LinearizationTable, BlackLevelDeltaH and V, MaskedAreas (levels measured from pixels)
+                    and not {50712, 50715, 50716, 50830} & tags.keys()):
+                return None
+            offsets = [int(o) for o in pg.dataoffsets]
+            counts = [int(c) for c in pg.databytecounts]
+            size = 2 * s.raw_height * s.raw_width
+            if sum(counts) != size or any(o + c != n for o, c, n in zip(offsets, counts, offsets[1:])) \
+                    or offsets[0] + size > tif.filehandle.size:
+                return None          # scattered strips, or a file cut short: LibRaw's own verdict on it
+            area = _ints(tags.get(50829, (0, 0)))                   # ActiveArea: the pattern's origin
+            rational = pg.tags[50714].dtype in (5, 10) if 50714 in tags else False
+            levels = _plain_levels(tags, s.top_margin - area[0], s.left_margin - area[1], rational)
+            if levels is None:
+                return None
+            pattern, black, white = levels
+            ifd0 = {t.code: t.value for t in tif.pages[0].tags}
+            layout = tuple((c, _ints(tags.get(c))) for c in _LAYOUT_TAGS) + \
+                tuple((c, ifd0.get(c)) for c in (271, 272, 50706, 50708))    # Make, Model, DNG version, camera
+            key = (tif.byteorder, tuple(s), raw.color_desc, offsets[0], layout)
+            return _PlainDng(offsets[0], np.dtype(tif.byteorder + "u2"), pattern, black, white, key)
+    except Exception:   # noqa: BLE001 — tifffile raises many types on an odd file; LibRaw then reads it
+        return None
+
+
+# the CFA IFD's tags a layout is told by: the image's size, sample format and strips' height, its pattern,
+# where its black levels repeat, its active area and default crop (not the levels' values: a camera may
+# measure its black level for each frame)
+_LAYOUT_TAGS = (256, 257, 258, 259, 262, 277, 278, 284, 33421, 33422, 50710, 50711, 50713, 50719, 50720, 50829)
+
+
+def _ints(value) -> tuple | None:
+    """A tag's value as a flat tuple of numbers (tifffile gives BYTE arrays as bytes), None when absent."""
+    if value is None:
+        return None
+    return tuple(value) if isinstance(value, bytes) else tuple(np.ravel(value).tolist())
+
+
+def _plain_levels(tags: dict, top: int, left: int, rational: bool = False) -> tuple[str, np.ndarray, float] | None:
+    """(pattern, black (2, 2), white) of the visible area starting ``top`` rows and ``left`` columns from the
+    active area's corner (where DNG's CFA and black-level patterns start, as LibRaw reads them), from a CFA
+    IFD's tags (code -> value; ``rational``: BlackLevel's are (numerator, denominator) pairs); None where they
+    are not a 2×2 Bayer pattern of R, G and B with whole black levels repeating every 1 or 2 pixels."""
+    if _ints(tags.get(33421)) != (2, 2) or _ints(tags.get(50711, 1)) != (1,):   # CFARepeatPatternDim, CFALayout
+        return None
+    planes = _ints(tags.get(50710, (0, 1, 2)))                                   # CFAPlaneColor
+    cfa = _ints(tags.get(33422, ()))                                             # CFAPattern
+    dims = _ints(tags.get(50713, (1, 1)))                                        # BlackLevelRepeatDim
+    if sorted(planes) != [0, 1, 2] or len(cfa) != 4 or not set(cfa) <= {0, 1, 2} or len(dims) != 2:
+        return None
+    rows, cols = dims
+    level = np.asarray(_ints(tags.get(50714, 0)), np.float64)                    # BlackLevel
+    if rational:
+        level = level[0::2] / level[1::2]
+    if rows not in (1, 2) or cols not in (1, 2) or level.size != rows * cols or np.any(level != np.round(level)):
+        return None
+    white = _ints(tags.get(50717, 65535))                                        # WhiteLevel
+    if len(white) != 1:
+        return None
+    ii, jj = (top + np.arange(2)) % 2, (left + np.arange(2)) % 2
+    pattern = "".join("RGB"[planes[cfa[2 * i + j]]] for i in ii for j in jj)
+    if pattern not in CFA_PATTERNS:
+        return None
+    black = level.reshape(rows, cols)[np.ix_((top + np.arange(2)) % rows, (left + np.arange(2)) % cols)]
+    return pattern, black.astype(np.float32), float(white[0])
+
+
+def _plain_pixels(path: Path, sizes, plain: _PlainDng, out: np.ndarray | None) -> np.ndarray:
+    """The visible mosaic of a plain DNG as float32 (into ``out`` when it has the shape)."""
+    shape = (sizes.height, sizes.width)
+    data = out if out is not None and out.shape == shape and out.dtype == np.float32 else np.empty(shape, np.float32)
+    for r0, rows in _plain_rows(path, sizes, plain):
+        np.copyto(data[r0:r0 + len(rows)], rows, casting="unsafe")
+    return data
+
+
+def _plain_rows(path: Path, sizes, plain: _PlainDng, block: int = 256):
+    """(r0, rows r0… of the visible mosaic of a plain DNG as uint16), a block of rows at a time, read into one
+    buffer of the block's size (~3 MB at 24 MP), which the next block overwrites.  Read, not mapped: a file
+    cut while mapped would kill the process (SIGBUS); cut while read, it raises OSError."""
+    w = sizes.raw_width
+    buf = np.empty((min(block, sizes.height), w), plain.dtype)
+    with open(path, "rb", buffering=0) as f:
+        for r0 in range(0, sizes.height, block):
+            n = min(block, sizes.height - r0)
+            part = buf[:n]
+            f.seek(plain.offset + (sizes.top_margin + r0) * w * 2)
+            if f.readinto(part) != part.nbytes:
+                raise OSError(f"the file ends inside its image data (row {sizes.top_margin + r0 + n})")
+            yield r0, part[:, sizes.left_margin:sizes.left_margin + sizes.width]
+
+
+def _check_plain(path: Path, sizes, plain: _PlainDng, data: np.ndarray, pattern, black, white) -> None:
+    """Whether LibRaw's reading of ``path`` (``data``, ``pattern``, ``black``, ``white``) is _plain_dng's, for
+    the file's layout: remembered in _PLAIN_CHECKED (a layout LibRaw reads otherwise keeps LibRaw)."""
+    try:
+        same = pattern == plain.pattern and np.array_equal(black, plain.black) and white == plain.white \
+            and data.shape == (sizes.height, sizes.width) \
+            and all(np.array_equal(rows, data[r0:r0 + len(rows)]) for r0, rows in _plain_rows(path, sizes, plain))
+    except OSError:     # the file changed since LibRaw read it: the next file of the layout is checked
+        return
+    if not same:
+        log.debug("%s: LibRaw reads this DNG's layout otherwise than its tags say; LibRaw keeps reading it",
+                  path.name)
+    with _PLAIN_LOCK:          # (the read-ahead thread and the caller's may both read a first file)
+        while len(_PLAIN_CHECKED) >= _PLAIN_KEEP:
+            _PLAIN_CHECKED.pop(next(iter(_PLAIN_CHECKED)))
+        _PLAIN_CHECKED[plain.key] = same
 
 
 def _repeated_rows(data: np.ndarray) -> int:
@@ -280,41 +444,49 @@ def _black_2x2(raw, colors: np.ndarray) -> np.ndarray:
     return black
 
 
-class _ExifLog(logging.Filter):
-    """exifread logs its complaints ("File format not recognized.") at WARNING and without the file's name.
-    EXIF is optional and LibRaw reports a file that is really bad: while _exif_meta reads a file (in this
-    thread), its complaints are logged again at DEBUG, naming the file; its own tracing below WARNING (a line
-    per tag when the root logger is at DEBUG) is dropped."""
+class _LibraryLog(logging.Filter):
+    """A library that logs its complaints at WARNING without the file's name — exifread ("File format not
+    recognized."), tifffile (an odd tag): while this thread reads a file with it (``reading``), they are logged
+    again at DEBUG, naming the file and ``what`` was not read; its own tracing below WARNING (exifread: a line
+    per tag when the root logger is at DEBUG) is dropped.  The file's reading says what matters of it."""
 
-    reading = threading.local()
+    def __init__(self, logger: str, what: str):
+        super().__init__()
+        self.logger, self.what, self.local = logger, what, threading.local()
+
+    @contextlib.contextmanager
+    def reading(self, path: Path):
+        lib = logging.getLogger(self.logger)
+        if self not in lib.filters:
+            lib.addFilter(self)
+        self.local.path = path
+        try:
+            yield
+        finally:
+            self.local.path = None
 
     def filter(self, record: logging.LogRecord) -> bool:
-        path = getattr(self.reading, "path", None)
+        path = getattr(self.local, "path", None)
         if path is None:
             return True
         if record.levelno >= logging.WARNING:
-            log.debug("%s: EXIF not read (%s)", path.name, record.getMessage())
+            log.debug("%s: %s (%s)", path.name, self.what, record.getMessage())
         return False
 
 
-_EXIF_LOG = _ExifLog()
+_EXIF_LOG = _LibraryLog("exifread", "EXIF not read")
+_TIFF_LOG = _LibraryLog("tifffile", "DNG tags not read")
 
 
 def _exif_meta(path: Path) -> FrameMeta:
     import exifread
 
-    xlog = logging.getLogger("exifread")
-    if _EXIF_LOG not in xlog.filters:
-        xlog.addFilter(_EXIF_LOG)
     meta = FrameMeta()
-    _ExifLog.reading.path = path
     try:
-        with open(path, "rb") as f, quiet_warnings():
+        with _EXIF_LOG.reading(path), open(path, "rb") as f, quiet_warnings():
             tags = exifread.process_file(f, details=False)
     except Exception:  # exifread raises assorted errors on odd makernotes; EXIF is optional
         return meta
-    finally:
-        _ExifLog.reading.path = None
 
     def tag(*names):
         for n in names:

@@ -1,0 +1,161 @@
+"""A DNG stored plainly (uncompressed 16-bit CFA samples in strips) is read from its file without LibRaw's
+unpacking — the same mosaic, pattern and levels as LibRaw's reading, which is checked on the first file of each
+layout (read.py: _plain_dng, _check_plain)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from livestack.engine import read
+from livestack.engine.frame import FrameError
+from livestack.engine.read import read_frame
+
+H, W = 60, 80
+PATTERN_CODES = {"RGGB": (0, 1, 1, 2), "BGGR": (2, 1, 1, 0), "GRBG": (1, 0, 2, 1), "GBRG": (1, 2, 0, 1)}
+
+
+def write_dng(path: Path, raw: np.ndarray, *, pattern="RGGB", black=(512,), black_dims=(1, 1), white=16383,
+              byteorder="<", rowsperstrip=None, active_area=None, subifd=False, rational_black=False,
+              extra=(), model="PLAIN 1") -> Path:
+    """A CFA DNG of ``raw`` (uint16) as cameras write one: in IFD0, or in a SubIFD behind a thumbnail."""
+    black_tag = (50714, 5, len(black), tuple(v for b in black for v in (int(b * 2), 2)), True) if rational_black \
+        else (50714, 4, len(black), tuple(int(b) for b in black), True)
+    cfa_tags = [(33421, 3, 2, (2, 2), True), (33422, 1, 4, PATTERN_CODES[pattern], True),
+                (50710, 1, 3, (0, 1, 2), True), (50711, 3, 1, 1, True),
+                (50713, 3, 2, black_dims, True), black_tag, (50717, 4, 1, white, True), *extra]
+    if active_area is not None:
+        cfa_tags.append((50829, 4, 4, active_area, True))
+    dng_tags = [(50706, 1, 4, (1, 4, 0, 0), True), (271, 2, 0, "PLAIN", True), (272, 2, 0, model, True),
+                (50708, 2, 0, f"PLAIN {model}", True),
+                (50721, 10, 9, (10000, 10000, 0, 1, 0, 1, 0, 1, 10000, 10000, 0, 1, 0, 1, 0, 1, 10000, 10000), True)]
+    strip = {} if rowsperstrip is None else {"rowsperstrip": rowsperstrip}
+    with tifffile.TiffWriter(path, byteorder=byteorder) as tw:
+        if subifd:
+            tw.write(np.zeros((8, 10, 3), np.uint8), photometric="rgb", subfiletype=1, subifds=1,
+                     extratags=dng_tags, metadata=None)
+            tw.write(raw, photometric=32803, subfiletype=0, extratags=cfa_tags, metadata=None, **strip)
+        else:
+            tw.write(raw, photometric=32803, subfiletype=0, extratags=dng_tags + cfa_tags, metadata=None, **strip)
+    return path
+
+
+def mosaic(seed: int, h: int = H, w: int = W) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 16384, size=(h, w), dtype=np.uint16)
+
+
+@pytest.fixture(autouse=True)
+def fresh_layouts(monkeypatch):
+    monkeypatch.setattr(read, "_PLAIN_CHECKED", {})
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """The files whose pixels came from the file itself (the plain path), by name."""
+    names: list[str] = []
+    real = read._plain_pixels
+
+    def spy(path, *args):
+        names.append(Path(path).name)
+        return real(path, *args)
+
+    monkeypatch.setattr(read, "_plain_pixels", spy)
+    return names
+
+
+def libraw_reading(path: Path, monkeypatch):
+    """read_frame with the plain path off: LibRaw's own reading of the file."""
+    with monkeypatch.context() as m:
+        m.setattr(read, "_plain_dng", lambda *a: None)
+        return read_frame(path)
+
+
+VARIANTS = {
+    "ifd0, one strip": {},
+    "big-endian, strips of 7 rows, BGGR": {"byteorder": ">", "rowsperstrip": 7, "pattern": "BGGR"},
+    "subifd behind a thumbnail, GRBG, white 4095": {"subifd": True, "pattern": "GRBG", "white": 4095},
+    "active area at odd margins": {"active_area": (3, 5, H - 1, W - 2), "pattern": "GBRG"},
+    "rational black level": {"rational_black": True, "black": (256,)},
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_plain_dng_reads_as_libraw_reads_it_without_unpacking(tmp_path, monkeypatch, taken, variant):
+    kw = VARIANTS[variant]
+    files = [write_dng(tmp_path / f"light_{i}.dng", mosaic(i), **{**kw, "black": kw.get("black", (500 + 10 * i,))})
+             for i in range(3)]
+    for f in files:
+        got, want = read_frame(f), libraw_reading(f, monkeypatch)
+        assert np.array_equal(got.data, want.data) and got.data.dtype == np.float32
+        assert got.pattern == want.pattern and np.array_equal(got.black, want.black) and got.white == want.white
+    # the first file of the layout is LibRaw's (and checked); the others skip LibRaw's unpacking
+    assert taken == [f.name for f in files[1:]]
+    assert list(read._PLAIN_CHECKED.values()) == [True]
+    if "active_area" in kw:
+        # LibRaw starts the visible area at the even row and column inside the active area, (4, 6); the CFA
+        # pattern starts at the area's corner (3, 5) — GBRG there, GRBG at (4, 6)
+        assert got.data.shape == (H - 1 - 4, W - 2 - 6) and got.pattern == "GRBG"
+        assert np.array_equal(got.data, mosaic(2)[4:H - 1, 6:W - 2])
+
+
+def test_a_black_level_repeating_every_two_pixels_is_read_as_libraw_reads_it(tmp_path, monkeypatch, taken):
+    """Four black levels, one for each position of the 2×2 pattern (from the active area's corner, as LibRaw
+    reads them), the first differing from file to file as a camera that measures its black level writes it."""
+    files = [write_dng(tmp_path / f"light_{i}.dng", mosaic(i), black=(500 + i, 510, 520, 530), black_dims=(2, 2))
+             for i in range(3)]
+    for f in files:
+        got, want = read_frame(f), libraw_reading(f, monkeypatch)
+        assert np.array_equal(got.data, want.data)
+        assert np.array_equal(got.black, want.black) and got.pattern == want.pattern and got.white == want.white
+        assert got.black.tolist() == [[500 + int(f.stem[-1]), 510], [520, 530]]
+    assert taken == [f.name for f in files[1:]] and list(read._PLAIN_CHECKED.values()) == [True]
+
+
+def test_files_not_stored_plainly_are_libraws(tmp_path, monkeypatch, taken):
+    """A linearization table (LibRaw maps each sample through it), a second CFA image, strips out of order:
+    LibRaw reads them, as ever."""
+    table = tuple(min(65535, 2 * v) for v in range(16384))
+    curved = [write_dng(tmp_path / f"curve_{i}.dng", mosaic(i), extra=[(50712, 3, len(table), table, True)],
+                        model="CURVE") for i in range(2)]
+    for f in curved:
+        got = read_frame(f)
+        assert np.array_equal(got.data, libraw_reading(f, monkeypatch).data)
+        assert np.array_equal(got.data, np.minimum(65535, 2 * mosaic(int(f.stem[-1]))))   # LibRaw's curve
+    assert taken == [] and read._PLAIN_CHECKED == {}
+
+
+def test_a_layout_libraw_reads_otherwise_stays_libraws(tmp_path, monkeypatch, taken):
+    """When the tags are not read as LibRaw reads them (here: a black level misread on purpose), the first
+    file's check finds it and the layout's later files are LibRaw's too."""
+    real = read._plain_levels
+
+    def misread(*args):
+        levels = real(*args)
+        return levels and (levels[0], levels[1] + 1, levels[2])
+
+    monkeypatch.setattr(read, "_plain_levels", misread)
+    files = [write_dng(tmp_path / f"light_{i}.dng", mosaic(i)) for i in range(3)]
+    for f in files:
+        assert np.array_equal(read_frame(f).black, libraw_reading(f, monkeypatch).black)
+    assert taken == [] and list(read._PLAIN_CHECKED.values()) == [False]
+
+
+def test_a_plain_dng_cut_while_it_is_read_fails_the_frame(tmp_path, monkeypatch):
+    """The file shorter than its strips say by the time its rows are read (rewritten meanwhile): the frame
+    fails with one line naming the file; nothing is mapped that could kill the process."""
+    files = [write_dng(tmp_path / f"light_{i}.dng", mosaic(i)) for i in range(2)]
+    read_frame(files[0])
+    real = read._plain_dng
+
+    def then_cut(path, raw):
+        plain = real(path, raw)
+        Path(path).write_bytes(Path(path).read_bytes()[:plain.offset + 2 * W * (H // 2)])
+        return plain
+
+    monkeypatch.setattr(read, "_plain_dng", then_cut)
+    with pytest.raises(FrameError) as e:
+        read_frame(files[1])
+    assert "light_1.dng" in str(e.value) and "ends inside its image data" in e.value.reason
+    assert "\n" not in str(e.value)
