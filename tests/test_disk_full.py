@@ -383,6 +383,44 @@ def test_an_exclusion_with_stacked_frames_gone_from_the_capture_folder_keeps_the
     assert svc.error is None
 
 
+def test_a_rejected_frame_whose_file_is_gone_keeps_its_verdict_through_an_exclusions_restack(tmp_path, daemon_night):
+    """A rejected frame's file deleted (a user clearing the cloudy frames off the card), then "exclude" on another:
+    the restack read it again and recorded it failed ("file not found"), its reason and measurements gone and a
+    failure counted.  It is not in the stack either way: now its record is kept, rejected as it was, and counted
+    so."""
+    files = daemon_night[0][:7]                  # frame 5 is cloudy
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    svc = _service(watch, out, files)
+    try:
+        st = _wait_idle(svc, 7)
+        assert st["rejected"] == 1 and st["failed"] == 0
+        was = next(d for d in svc.records if d["status"] == "rejected")
+        assert was["matrix"] is None        # cloudy: rejected before it was registered — placed here as a frame
+        was.update(matrix=[[1.0, 0.0, 2.5], [0.0, 1.0, -1.5]], shift_x=2.5, shift_y=-1.5, rotation=0.0, scale=1.0)
+        was = dict(was)                     # rejected after registering (its FWHM, its trail) is: the worker idle
+        (watch / was["path"]).unlink()
+        stacked = [d["path"] for d in svc.records if d["status"] in STACKED]
+        st = svc.exclude(stacked[2]).result(timeout=30)
+        assert st["excluded"] == 1 and st["rejected"] == 1 and st["failed"] == 0, st
+        now = next(d for d in svc.records if d["path"] == was["path"])
+        assert now["status"] == "rejected" and now["reason"] == was["reason"] and now["fwhm"] == was["fwhm"]
+        indexes = [d["index"] for d in svc.records if d["status"] != "excluded"]
+        assert sorted(indexes) == list(range(6))        # its place among the frames the restack went through
+        logged = {d["path"]: d for d in map(json.loads, (out / "frames.jsonl").read_text().splitlines())}
+        assert logged[was["path"]]["status"] == "rejected" and logged[was["path"]]["reason"] == was["reason"]
+        assert svc.engine.n_rejected == 1 and svc.engine.n_failed == 0
+        assert now["matrix"] == was["matrix"] and now["shift_x"] == 2.5     # the same grid: its placement holds
+        # the reference excluded: another grid, on which the kept rejection's placement means nothing
+        st = svc.exclude(stacked[0]).result(timeout=30)
+        assert st["excluded"] == 2 and st["rejected"] == 1 and st["failed"] == 0, st
+        now = next(d for d in svc.records if d["path"] == was["path"])
+        assert now["status"] == "rejected" and now["reason"] == was["reason"]
+        assert now["matrix"] is None and now["shift_x"] is None and now["fwhm"] == was["fwhm"]
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+
+
 def test_an_exclusion_with_files_gone_is_refused_at_once_and_by_a_busy_worker(tmp_path, daemon_night):
     """The refusal came from the worker only: busy with a frame (1–2 s at 24 MP on a Pi) it answered after the
     page's 2 s, so the page got 202 "restacking" and the refusal went to the log alone.  Now the request is refused

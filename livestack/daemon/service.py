@@ -1599,6 +1599,7 @@ class Service:
             self._save_excluded()        # user intent first: a crash now restacks on restart
             eng = self.folder.new_engine(cfg, masters=self.masters)
             new: list[dict] = []
+            unread: set[str] = set()         # rejected frames whose files are gone: their records kept
             self._restack = {"done": 0, "total": total}
             self._publish()
             again = False
@@ -1621,6 +1622,12 @@ class Service:
                 if rel in want:   # keep its measurements: the plots still show why it was excluded
                     d = {**old, "status": "excluded", "reason": "excluded by the user", "weight": None,
                          "processed": _now()}
+                elif old["status"] == "rejected" and not self._present(old):
+                    # rejected, and its file deleted since (the cloudy frames cleared off the card): read again it
+                    # would be recorded failed ("file not found"), its reason and measurements gone — it is out of
+                    # the stack either way, so its verdict stands
+                    d = {**old, "index": eng.count_unread_rejection(old.get("filter"))}
+                    unread.add(rel)
                 elif old["status"] == "failed" and old.get("index") is None:
                     # failed without being read (no engine index): the watcher's verdict (a link out of the
                     # folder, still incomplete at timeout) or the crash guard's — read now it would follow the
@@ -1654,9 +1661,9 @@ class Service:
                 eng.set_wcs(old.grid.wcs)    # the same reference, the same grid: its plate solution holds
         else:
             # the grid moved (another reference: the old one excluded): an excluded frame's matrix, made on the
-            # old one, maps onto a grid it is not on
+            # old one, maps onto a grid it is not on — and so does a kept rejection's
             for d in new:
-                if d["status"] == "excluded":
+                if d["status"] == "excluded" or (d.get("path") or d["file"]) in unread:
                     d.update(dict.fromkeys(PLACEMENT))
             if eng.has_stack:   # the reference was excluded: another grid, other stars to match a returning
                 self._ref_saved = False         # frame against, solved anew — as for a first reference

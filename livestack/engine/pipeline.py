@@ -186,6 +186,14 @@ class Engine:
             self._reject(rec, self._filter(rec.filter), rec.reason)
         return rec
 
+    def count_unread_rejection(self, filter_name: str | None) -> int:
+        """A frame rejected before whose file can no longer be read (a restack after the user deleted it): its
+        verdict stands and it counts as its filter's rejection, as when it was read.  Returns the index it
+        takes in the processing order."""
+        self._filter(filter_name).reject()
+        self.index += 1
+        return self.index - 1
+
     def count_failed(self) -> None:
         """A frame the caller could not hand in (e.g. a file that never completed) counts as failed."""
         self.failed += 1
