@@ -421,6 +421,45 @@ def test_a_rejected_frame_whose_file_is_gone_keeps_its_verdict_through_an_exclus
     assert svc.error is None
 
 
+def test_frames_out_of_the_stack_whose_files_are_gone_keep_their_lines_through_a_start_that_restacks(
+        tmp_path, daemon_night):
+    """A start that restacks every frame from its file (no usable checkpoint) queued the files again and rewrote
+    frames.jsonl with none of their lines: an excluded or rejected frame whose file had been deleted meanwhile was
+    never found again, and its line — why it was left out — was gone.  Now such lines are kept as they were."""
+    files = daemon_night[0][:7]                  # frame 5 is cloudy
+    watch, out = tmp_path / "watch", tmp_path / "out"
+    svc = _service(watch, out, files)
+    try:
+        _wait_idle(svc, 7)
+        stacked = [d["path"] for d in svc.records if d["status"] in STACKED]
+        svc.exclude(stacked[2]).result(timeout=30)
+        before = {d["path"]: d for d in svc.records}
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+    rejected = next(rel for rel, d in before.items() if d["status"] == "rejected")
+    for rel in (stacked[2], rejected):
+        (watch / rel).unlink()
+    (out / "session" / "checkpoint.npz").unlink()
+    svc = Service(Config(), watch, out, WatchParams(dir=str(watch), settle_s=0.05, timeout_s=5.0, rescan_s=0.5),
+                  DaemonParams(out=str(out)))
+    svc.start()
+    try:
+        st = _wait_idle(svc, 7)
+        assert st["excluded"] == 1 and st["rejected"] == 1 and st["failed"] == 0, st
+        after = {d["path"]: d for d in svc.records}
+        assert set(after) == set(before)
+        for rel in (stacked[2], rejected):
+            assert after[rel]["status"] == before[rel]["status"] and after[rel]["reason"] == before[rel]["reason"]
+            assert after[rel]["fwhm"] == before[rel]["fwhm"]
+        logged = [json.loads(x)["path"] for x in (out / "frames.jsonl").read_text().splitlines()]
+        assert sorted(logged) == sorted(before)
+        assert svc.engine.n_rejected == 1 and svc.engine.n_failed == 0
+    finally:
+        svc.stop(timeout=10)
+    assert svc.error is None
+
+
 def test_an_exclusion_with_files_gone_is_refused_at_once_and_by_a_busy_worker(tmp_path, daemon_night):
     """The refusal came from the worker only: busy with a frame (1–2 s at 24 MP on a Pi) it answered after the
     page's 2 s, so the page got 202 "restacking" and the refusal went to the log alone.  Now the request is refused

@@ -287,6 +287,7 @@ class Service:
         self._save_excluded()                    # owed by _open_current: written now, or when the disk takes it
         # files of every target's session (and of "new stack" ignore lists) are not stacked again
         known = {d.get("path") or d["file"] for d in self.records} | self.folder.ignored() | self.book.known_files()
+        known |= self._keep_unread()
         poison = self.folder.inflight()
         # (not a frame whose line was dropped to be stacked again: the engine finished it before — the starts
         # that did not finish it were kills or power cuts, and skipping it would lose a good frame)
@@ -322,6 +323,39 @@ class Service:
             log.log(NOTICE, "livestack: paused before the restart%s: new frames wait, not stacked, until POST "
                             "/api/resume or the page's Resume", f" (since {since})" if since else "")
         return r.note
+
+    def _keep_unread(self) -> set[str]:
+        """The lines after the checkpoint (all of them, when the start restacks) whose frames are out of the stack —
+        excluded, rejected — and whose files are gone (deleted from the card since): kept as they were, where
+        their files, queued again, would never be found and their lines — why they were left out — would be lost.
+        A rejection counts as its filter's (Engine.count_unread_rejection).  Returns their paths."""
+        kept = set()
+        for rel, d in self._dropped.items():
+            if self._present(d):
+                continue
+            if rel in self.excluded:
+                rec = self._excluded_record(rel, d)
+            elif d.get("status") == "rejected":
+                rec = FrameRecord.from_dict({**d, "index": self.engine.count_unread_rejection(d.get("filter"))})
+            else:
+                continue        # (a stacked frame's file gone: the start's restack_loses kept the checkpoint)
+            if self._dropped_reference_excluded():
+                for k in PLACEMENT:   # the grid it was registered to is no more
+                    setattr(rec, k, None)
+            self._append(rec, rel)
+            self._since_ckpt += 1
+            kept.add(rel)
+        return kept
+
+    def _dropped_reference_excluded(self) -> bool:
+        """The reference of the lines after the checkpoint is excluded: the restack's grid is another."""
+        return any(d.get("status") == "reference" and rel in self.excluded for rel, d in self._dropped.items())
+
+    def _excluded_record(self, rel: str, old: dict) -> FrameRecord:
+        """An excluded frame's record: its measurements (``old``: its line before) kept — the plots still show why
+        it was excluded."""
+        return FrameRecord.from_dict({**old, "file": old.get("file") or Path(rel).name, "status": "excluded",
+                                      "reason": "excluded by the user", "weight": None})
 
     def _open_current(self):
         """Resume the session in OUT/ (the current target's): the engine, its records and exclusions."""
@@ -714,10 +748,8 @@ class Service:
         if item.rel in self.excluded:
             # measured before a restart that restacks (kill -9 during an exclusion's restack): its measurements
             # kept, as a restack keeps them — the plots still show why it was excluded
-            old = self._dropped.get(item.rel) or {"file": item.path.name}
-            rec = FrameRecord.from_dict({**old, "status": "excluded", "reason": "excluded by the user",
-                                         "weight": None})
-            if any(d.get("status") == "reference" and rel in self.excluded for rel, d in self._dropped.items()):
+            rec = self._excluded_record(item.rel, self._dropped.get(item.rel) or {"file": item.path.name})
+            if self._dropped_reference_excluded():
                 for k in PLACEMENT:   # its reference excluded too: the grid it was registered to is no more
                     setattr(rec, k, None)
         elif item.reason is not None:

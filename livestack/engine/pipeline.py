@@ -108,6 +108,7 @@ class Engine:
         self.last_stacked: tuple[Stars, np.ndarray] | None = None   # the latest stacked frame's stars, matrix
         self.index = 0
         self.failed = 0                               # frames that could not be used, whatever their filter
+        self._unread_rejections: dict[str, int] = {}  # filter key -> count_unread_rejection's before its stack
         # Verdicts on earlier frames that changed during the latest process(): {"file", "index", "status",
         # "reason", "weight"} — a filter's first frame rejected once its bootstrap was full.  The caller
         # applies them to its records (frames.jsonl) and clears the list.
@@ -147,7 +148,7 @@ class Engine:
     @property
     def counts(self) -> Counters:
         """The session's counters: every filter's, plus the frames that failed before reaching one."""
-        total = Counters(failed=self.failed)
+        total = Counters(failed=self.failed, rejected=sum(self._unread_rejections.values()))
         for fs in self.filters.values():
             total = total + fs.counts
         return total
@@ -189,8 +190,13 @@ class Engine:
     def count_unread_rejection(self, filter_name: str | None) -> int:
         """A frame rejected before whose file can no longer be read (a restack after the user deleted it): its
         verdict stands and it counts as its filter's rejection, as when it was read.  Returns the index it
-        takes in the processing order."""
-        self._filter(filter_name).reject()
+        takes in the processing order.  Before the first frame there is no grid to set its filter's judge by
+        (Grid.judge_params): the count waits for the filter's stack to be made (_filter), and counts meanwhile."""
+        key = filter_key(filter_name)
+        if key in self.filters or self.grid is not None:
+            self._filter(filter_name).reject()
+        else:
+            self._unread_rejections[key] = self._unread_rejections.get(key, 0) + 1
         self.index += 1
         return self.index - 1
 
@@ -648,6 +654,8 @@ class Engine:
         if fs is None:
             fs = self._add(FilterStack(name, self.cfg.stack, self._reject_params(grid or self.grid),
                                        pool=self._pool))
+            for _ in range(self._unread_rejections.pop(key, 0)):
+                fs.reject()
         if key in self._recent:
             self._recent.remove(key)
         self._recent.append(key)
@@ -770,6 +778,7 @@ class Engine:
             "grid": None if self.grid is None else self.grid.state(), "recent": self._recent, "filters": [],
             "wcs": None if self.grid is None else self.grid.wcs_state(),
             "filter_keys": "spelling",      # the filters' keys are filter_key's (a known filter's one spelling)
+            "unread_rejections": self._unread_rejections,
         }
         arrays: dict[str, np.ndarray] = {}
         stacks: list[tuple[str, RunningStack]] = []
@@ -796,6 +805,7 @@ class Engine:
             raise ValueError(f"checkpoint format {meta.get('version')}, this livestack reads {STATE_VERSION}")
         eng = cls(cfg, masters=masters, spill_dir=spill_dir)
         eng.index, eng.failed, eng.calibration_used = meta["index"], meta["failed"], meta["calibration_used"]
+        eng._unread_rejections = dict(meta.get("unread_rejections") or {})
         eng.rng.bit_generator.state = meta["rng"]
         eng.last_matrix = None if meta["last_matrix"] is None else np.array(meta["last_matrix"])
         eng.grid = None if meta["grid"] is None else Grid.from_state(meta["grid"], meta.get("wcs"))

@@ -802,3 +802,24 @@ def test_a_new_nights_first_frame_is_judged_on_its_transparency():
     assert fs.new_night(m2) == pytest.approx(21.0) and not fs.judge.history
     assert fs.check(Quality(60, 3.0, 0.2, 500.0, 10.0), m2, scale=2.5).startswith("transparency 0.40")
     assert fs.check(Quality(100, 4.5, 0.2, 1500.0, 10.0), m2, scale=1.05) is None   # seeing, moon: the night's
+
+
+def test_a_rejection_counted_before_the_first_frame_waits_for_its_filters_judge(night, tmp_path):
+    """Engine.count_unread_rejection (a restack keeping a rejected frame whose file is gone) before any frame: no
+    grid yet to set its filter's judge by — a superpixel grid halves the judge's eccentricity limit — so the count
+    waits for the filter's stack (and counts, and survives a checkpoint, meanwhile); later ones go to the stack."""
+    files, _ = night(n_frames=4, seed=3)
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, debayer="superpixel"))
+    eng = Engine(cfg)
+    assert eng.count_unread_rejection(None) == 0 and eng.n_rejected == 1 and eng.filters == {}
+    path = tmp_path / "checkpoint.npz"
+    save_engine(eng, path)
+    eng, _ = load_engine(path, cfg)
+    assert eng.n_rejected == 1 and eng.index == 1
+    recs = [eng.process(f) for f in files]
+    assert [r.status for r in recs] == ["reference"] + ["stacked"] * 3 and [r.index for r in recs] == [1, 2, 3, 4]
+    fs = eng.main
+    assert fs.counts.rejected == 1 and eng.n_rejected == 1
+    assert fs.judge.p.eccentricity_fwhm == cfg.reject.eccentricity_fwhm / 2      # the superpixel grid's judge
+    assert eng.count_unread_rejection(None) == 5 and fs.counts.rejected == 2 and eng.n_rejected == 2
