@@ -70,8 +70,15 @@ def request(d: Daemon, method: str, path: str, body: bytes | None = None, header
 
 
 def wait_ok(d: Daemon, timeout: float = 10) -> None:
+    """The daemon answers /api/status with 200 within ``timeout`` — a connection reset meanwhile (the last of a
+    flood's connections still counted against the cap) is waited out like any other answer."""
     end = time.monotonic() + timeout
-    while request(d, "GET", "/api/status")[0] != 200:
+    while True:
+        try:
+            if request(d, "GET", "/api/status")[0] == 200:
+                return
+        except (ConnectionResetError, ConnectionRefusedError):
+            pass
         assert time.monotonic() < end, d.log.read_text()
         time.sleep(0.05)
 
