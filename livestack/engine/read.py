@@ -263,9 +263,9 @@ def _plain_dng(path: Path, raw) -> _PlainDng | None:
 
     LibRaw unpacks such a file a pixel at a time (0.16–0.17 s at 24 MP here, on the read-ahead thread, where
     it was a tenth of a frame's CPU time) into the file's own samples; read and converted a block of rows at a
-    time (_plain_rows) they take ~0.03 s.  The pattern and levels come from the tags (LibRaw gives its own only after an unpack), read
-    as LibRaw reads them — which _check_plain confirms on the first file of each layout, LibRaw-read as ever:
-    the layout's later files skip the unpack only once it has (_PLAIN_CHECKED).  ``raw``: LibRaw's header of
+    time (_plain_rows) they take ~0.03 s.  The pattern and levels come from the tags (LibRaw gives its own only
+    after an unpack), read as LibRaw reads them — which _check_plain confirms on the first file of each layout,
+    LibRaw-read as ever: the layout's later files skip the unpack only once it has (_PLAIN_CHECKED).  ``raw``: LibRaw's header of
     the file (its sizes and margins place the visible area)."""
     import tifffile
 
@@ -351,8 +351,7 @@ def _plain_levels(tags: dict, top: int, left: int, rational: bool = False) -> tu
 
 def _plain_pixels(path: Path, sizes, plain: _PlainDng, out: np.ndarray | None) -> np.ndarray:
     """The visible mosaic of a plain DNG as float32 (into ``out`` when it has the shape)."""
-    shape = (sizes.height, sizes.width)
-    data = out if out is not None and out.shape == shape and out.dtype == np.float32 else np.empty(shape, np.float32)
+    data = _float32_into(out, (sizes.height, sizes.width))
     for r0, rows in _plain_rows(path, sizes, plain):
         np.copyto(data[r0:r0 + len(rows)], rows, casting="unsafe")
     return data
