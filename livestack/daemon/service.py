@@ -330,6 +330,7 @@ class Service:
         their files, queued again, would never be found and their lines — why they were left out — would be lost.
         A rejection counts as its filter's (Engine.count_unread_rejection).  Returns their paths."""
         kept = set()
+        regrid = self._dropped_reference_excluded()
         for rel, d in self._dropped.items():
             if self._present(d):
                 continue
@@ -339,7 +340,7 @@ class Service:
                 rec = FrameRecord.from_dict({**d, "index": self.engine.count_unread_rejection(d.get("filter"))})
             else:
                 continue        # (a stacked frame's file gone: the start's restack_loses kept the checkpoint)
-            if self._dropped_reference_excluded():
+            if regrid:
                 for k in PLACEMENT:   # the grid it was registered to is no more
                     setattr(rec, k, None)
             self._append(rec, rel)
