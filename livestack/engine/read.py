@@ -198,27 +198,19 @@ def _read_raw(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
         with _utf8_path(path) as name, rawpy.imread(name) as raw:   # the header only: unpack() comes with raw_image*
             limit.check(path, raw.sizes.raw_width, raw.sizes.raw_height)
             plain = _plain_dng(path, raw) if path.suffix.lower() == ".dng" else None
-            if plain is not None and _PLAIN_CHECKED.get(plain.key):
+            verdict = None if plain is None else _plain_verdict(plain.key)
+            if verdict:
                 # LibRaw's own reading of this layout was checked to be the file's: no unpack (see _plain_dng)
                 data = _plain_pixels(path, raw.sizes, plain, out)
                 pattern, black, white = plain.pattern, plain.black, plain.white
-            else:
-                if raw.raw_type != rawpy.RawType.Flat:
-                    raise FrameError(path, "not a single-mosaic RAW (LibRaw reports a stacked/linear layout)")
-                visible = raw.raw_image_visible              # a view: it dies with `raw`, so copy once
-                if out is not None and out.shape == visible.shape and out.dtype == np.float32:
-                    data = out
-                    np.copyto(data, visible, casting="unsafe")
-                else:
-                    data = visible.astype(np.float32)
-                del visible
-                colors = _colors_2x2(raw)
-                desc = raw.color_desc.decode("ascii", "replace")
-                pattern = _pattern_from_colors(colors, desc)
-                black = _black_2x2(raw, colors)
-                white = float(raw.white_level)
-                if plain is not None and plain.key not in _PLAIN_CHECKED:
+            elif verdict is None and plain is not None:     # this reader checks the layout on this file
+                try:
+                    data, pattern, black, white = _libraw_pixels(path, raw, out)
                     _check_plain(path, raw.sizes, plain, data, pattern, black, white)
+                finally:
+                    _plain_check_done(plain.key)
+            else:
+                data, pattern, black, white = _libraw_pixels(path, raw, out)
     except FrameError:
         raise
     except rawpy.LibRawError as err:  # LibRawFileUnsupportedError, LibRawIOError, LibRawDataError, …
@@ -239,6 +231,25 @@ def _read_raw(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
     return Frame(path, data, pattern, black, white, _saturated(data, white), meta)
 
 
+def _libraw_pixels(path: Path, raw, out: np.ndarray | None) -> tuple[np.ndarray, str, np.ndarray, float]:
+    """LibRaw's unpack of an open RAW file: its visible CFA image as float32 (into ``out`` when it fits), pattern,
+    (2, 2) black and white level."""
+    import rawpy
+
+    if raw.raw_type != rawpy.RawType.Flat:
+        raise FrameError(path, "not a single-mosaic RAW (LibRaw reports a stacked/linear layout)")
+    visible = raw.raw_image_visible              # a view: it dies with `raw`, so copy once
+    if out is not None and out.shape == visible.shape and out.dtype == np.float32:
+        data = out
+        np.copyto(data, visible, casting="unsafe")
+    else:
+        data = visible.astype(np.float32)
+    del visible
+    colors = _colors_2x2(raw)
+    pattern = _pattern_from_colors(colors, raw.color_desc.decode("ascii", "replace"))
+    return data, pattern, _black_2x2(raw, colors), float(raw.white_level)
+
+
 @dataclass(frozen=True)
 class _PlainDng:
     """Where a DNG's CFA image lies in its file when it is stored plainly, and what its tags say of it."""
@@ -254,6 +265,36 @@ class _PlainDng:
 _PLAIN_CHECKED: dict[tuple, bool] = {}
 _PLAIN_KEEP = 64                # layouts remembered (a night has one a camera)
 _PLAIN_LOCK = threading.Lock()
+_PLAIN_CHECKING: dict[tuple, threading.Event] = {}     # layouts a reader is checking now -> set when it is done
+_PLAIN_WAIT = 10.0              # s a reader waits for another's check before reading with LibRaw unchecked
+
+
+def _plain_verdict(key: tuple) -> bool | None:
+    """Whether LibRaw reads files of layout ``key`` as _plain_dng does: True or False once a file of it was
+    checked; None when none was — the caller then reads its file with LibRaw and checks it (_check_plain), then
+    calls _plain_check_done.  While another reader checks the layout this waits for its verdict (the read-ahead
+    thread's second file of a run, whose read began beside the first's): a second LibRaw unpack and check of the
+    same layout cost the run's start ~0.2 s of CPU.  A check that ends without a verdict (the file changed
+    under it) hands the check on to a reader waiting; one that takes longer than _PLAIN_WAIT: False."""
+    while True:
+        with _PLAIN_LOCK:
+            verdict = _PLAIN_CHECKED.get(key)
+            if verdict is not None:
+                return verdict
+            busy = _PLAIN_CHECKING.get(key)
+            if busy is None:
+                _PLAIN_CHECKING[key] = threading.Event()
+                return None
+        if not busy.wait(_PLAIN_WAIT):
+            return False
+
+
+def _plain_check_done(key: tuple) -> None:
+    """The reader that _plain_verdict gave layout ``key``'s check is done with it (with or without a verdict)."""
+    with _PLAIN_LOCK:
+        busy = _PLAIN_CHECKING.pop(key, None)
+    if busy is not None:
+        busy.set()
 
 
 def _plain_dng(path: Path, raw) -> _PlainDng | None:
@@ -385,7 +426,7 @@ def _check_plain(path: Path, sizes, plain: _PlainDng, data: np.ndarray, pattern,
     if not same:
         log.debug("%s: LibRaw reads this DNG's layout otherwise than its tags say; LibRaw keeps reading it",
                   path.name)
-    with _PLAIN_LOCK:          # (the read-ahead thread and the caller's may both read a first file)
+    with _PLAIN_LOCK:
         while len(_PLAIN_CHECKED) >= _PLAIN_KEEP:
             _PLAIN_CHECKED.pop(next(iter(_PLAIN_CHECKED)))
         _PLAIN_CHECKED[plain.key] = same

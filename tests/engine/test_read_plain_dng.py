@@ -3,6 +3,8 @@ unpacking — the same mosaic, pattern and levels as LibRaw's reading, which is 
 layout (read.py: _plain_dng, _check_plain)."""
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,7 @@ def mosaic(seed: int, h: int = H, w: int = W) -> np.ndarray:
 @pytest.fixture(autouse=True)
 def fresh_layouts(monkeypatch):
     monkeypatch.setattr(read, "_PLAIN_CHECKED", {})
+    monkeypatch.setattr(read, "_PLAIN_CHECKING", {})
 
 
 @pytest.fixture
@@ -159,3 +162,90 @@ def test_a_plain_dng_cut_while_it_is_read_fails_the_frame(tmp_path, monkeypatch)
         read_frame(files[1])
     assert "light_1.dng" in str(e.value) and "ends inside its image data" in e.value.reason
     assert "\n" not in str(e.value)
+
+
+def _unpacks(monkeypatch) -> list[str]:
+    """The files LibRaw unpacked, by name."""
+    names: list[str] = []
+    real = read._libraw_pixels
+
+    def spy(path, *args):
+        names.append(Path(path).name)
+        return real(path, *args)
+
+    monkeypatch.setattr(read, "_libraw_pixels", spy)
+    return names
+
+
+def _first_check_held(monkeypatch):
+    """_check_plain made to wait: -> (set when the first check has begun, set to let it go on)."""
+    begun, go = threading.Event(), threading.Event()
+    real = read._check_plain
+
+    def held(*args):
+        begun.set()
+        assert go.wait(10)
+        return real(*args)
+
+    monkeypatch.setattr(read, "_check_plain", held)
+    return begun, go
+
+
+def test_a_file_read_beside_its_layouts_first_check_waits_for_it(tmp_path, monkeypatch, taken):
+    """The read-ahead thread's second file of a run is read while the first file's reading checks the layout:
+    it waits for the verdict and skips LibRaw's unpack, instead of unpacking and checking a second time."""
+    files = [write_dng(tmp_path / f"light_{i}.dng", mosaic(i)) for i in range(2)]
+    unpacked = _unpacks(monkeypatch)
+    begun, go = _first_check_held(monkeypatch)
+    got = {}
+    first = threading.Thread(target=lambda: got.setdefault(0, read_frame(files[0])))
+    first.start()
+    assert begun.wait(10)
+    second = threading.Thread(target=lambda: got.setdefault(1, read_frame(files[1])))
+    second.start()
+    time.sleep(0.3)                 # the second reader reaches the layout's verdict and waits there
+    assert 1 not in got
+    go.set()
+    first.join(10), second.join(10)
+    assert unpacked == ["light_0.dng"] and taken == ["light_1.dng"]
+    for i, f in enumerate(files):
+        assert np.array_equal(got[i].data, libraw_reading(f, monkeypatch).data)
+
+
+def test_a_check_that_ends_without_a_verdict_hands_it_to_a_reader_waiting(tmp_path, monkeypatch, taken):
+    """The first file's check gives no verdict (the file fails after the layout's check was taken): the reader
+    waiting for it checks the layout on its own file, and the next file takes the plain path."""
+    files = [write_dng(tmp_path / f"light_{i}.dng", mosaic(i)) for i in range(3)]
+    real = read._libraw_pixels
+    entered, go = threading.Event(), threading.Event()
+
+    def first_fails(path, *args):
+        if Path(path).name == "light_0.dng":
+            entered.set()
+            assert go.wait(10)
+            raise FrameError(Path(path), "damaged on purpose")
+        return real(path, *args)
+
+    monkeypatch.setattr(read, "_libraw_pixels", first_fails)
+    errors, got = [], {}
+
+    def read_first():
+        try:
+            read_frame(files[0])
+        except FrameError as err:
+            errors.append(err)
+
+    first = threading.Thread(target=read_first)
+    first.start()
+    assert entered.wait(10)
+    second = threading.Thread(target=lambda: got.setdefault(1, read_frame(files[1])))
+    second.start()
+    time.sleep(0.3)
+    assert 1 not in got             # waiting for the first file's check
+    go.set()
+    first.join(10), second.join(10)
+    assert len(errors) == 1 and "damaged on purpose" in str(errors[0])
+    assert taken == [] and list(read._PLAIN_CHECKED.values()) == [True]      # the second file was LibRaw's, checked
+    assert np.array_equal(got[1].data, libraw_reading(files[1], monkeypatch).data)
+    read_frame(files[2])
+    assert taken == ["light_2.dng"] and read._PLAIN_CHECKING == {}
