@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -55,6 +56,8 @@ class Frame:
     black:   (2, 2) float32 black level of each CFA position (mono: all equal); zeros when unknown.
     white:   saturation level in ADU (pixels >= white are flagged in ``saturated``).
     saturated: (H, W) bool, or None when no pixel reaches ``white``.
+    verify:  None, or (a speculative read: read_frame's ``speculate``) a call that says whether these values are
+             the file's as LibRaw reads it — False: read the file again before they count for anything.
     """
 
     path: Path
@@ -64,6 +67,7 @@ class Frame:
     white: float
     saturated: np.ndarray | None
     meta: FrameMeta
+    verify: Callable[[], bool] | None = field(default=None, repr=False, compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:

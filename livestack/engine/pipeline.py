@@ -323,7 +323,8 @@ class Engine:
             self._start_front(next_path)      # into the other slot's buffer
         return front if front is not None else self._front(path, self._slot, threads=True)
 
-    def _front(self, path: Path, slot: int, *, threads: bool = False, stars: bool = True) -> "_Front":
+    def _front(self, path: Path, slot: int, *, threads: bool = False, stars: bool = True,
+               speculate: bool = True) -> "_Front":
         """read -> calibrate -> sky -> stars: pure work on the file (no engine state is changed), so it may run
         in the read-ahead thread while the previous frame is stacked.  A FrameError is kept for process().
 
@@ -335,7 +336,10 @@ class Engine:
         caller's thread once the next file's reading has started.  sep holds the GIL while it works (~60 ms at 24 MP:
         sep-developers/sep#172), and in the read-ahead thread that stopped the worker threads stacking the
         previous frame (benchmarks/bench_gil.py: 0.06–0.13 s a frame); beside the next file's decoding
-        (LibRaw and astropy release the GIL) it stops nothing."""
+        (LibRaw and astropy release the GIL) it stops nothing.
+
+        ``speculate``: the file read as read_frame's ``speculate`` says — its values verified before this
+        returns, and the file read again (speculate False) when they do not stand."""
         cfg = self.cfg
         pool = self._pool if threads else None
         f = _Front(path)
@@ -349,7 +353,8 @@ class Engine:
 
         try:
             key = f"cfa{slot}"
-            frame = read_frame(path, out=self._ws.get(key), max_megapixels=cfg.engine.max_megapixels)
+            frame = read_frame(path, out=self._ws.get(key), max_megapixels=cfg.engine.max_megapixels,
+                               speculate=speculate)
             self._ws[key] = frame.data          # decoded into by a later frame of this size
             lap("read")
             f.frame = frame
@@ -405,6 +410,10 @@ class Engine:
             f.error = err
         except Exception as err:      # noqa: BLE001 — see _unexpected
             f.error = _unexpected(path, err)
+        if f.frame is not None and f.frame.verify is not None and not f.frame.verify():
+            # the first file of its DNG layout, read from its tags while LibRaw's reading was checked beside:
+            # LibRaw reads it otherwise (or the check could not end) — everything again from LibRaw's reading
+            return self._front(path, slot, threads=threads, stars=stars, speculate=False)
         return f
 
     def _front_stars(self, f: "_Front") -> None:

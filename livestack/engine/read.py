@@ -62,7 +62,8 @@ def is_supported(path: Path) -> bool:
     return s in RAW_SUFFIXES or s in FITS_SUFFIXES
 
 
-def read_frame(path: Path | str, *, out: np.ndarray | None = None, max_megapixels: float | None = None) -> Frame:
+def read_frame(path: Path | str, *, out: np.ndarray | None = None, max_megapixels: float | None = None,
+               speculate: bool = False) -> Frame:
     """Read one RAW or FITS file.
 
     Returns a Frame with float32 (H, W) data, written into ``out`` when it is a float32 array of the right
@@ -71,6 +72,11 @@ def read_frame(path: Path | str, *, out: np.ndarray | None = None, max_megapixel
     is not a readable single image: missing, empty, truncated, corrupt, not an image, unsupported layout —
     and for an image larger than ``max_megapixels`` (None: default_max_megapixels()), refused from its header
     before any pixel is read or decompressed (a 20 GB sparse FITS, a 256 KB .fits.fz of 16000 × 16000).
+
+    ``speculate``: the first plain DNG of a layout (_plain_dng) is read from its file at once while LibRaw's
+    reading of it is checked in a thread beside (_check_beside), instead of LibRaw-read and checked first; the
+    Frame's ``verify`` then says whether its pixels stand — the caller asks before they count for anything, and
+    reads the file again when they do not (False: the layout is LibRaw's after all, or the check could not end).
     """
     path = Path(path)
     if not path.exists():
@@ -87,7 +93,7 @@ def read_frame(path: Path | str, *, out: np.ndarray | None = None, max_megapixel
             raise FrameError(path, why)
         return _checked_levels(_read_fits(path, out, limit))
     if s in RAW_SUFFIXES:
-        return _checked_levels(_read_raw(path, out, limit))
+        return _checked_levels(_read_raw(path, out, limit, speculate))
     raise FrameError(path, f"unsupported file type '{s or path.name}' (expected a camera RAW or FITS file)")
 
 
@@ -191,15 +197,20 @@ def _utf8_path(path: Path):
     yield name
 
 
-def _read_raw(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
+def _read_raw(path: Path, out: np.ndarray | None, limit: _Limit, speculate: bool = False) -> Frame:
     import rawpy
 
     try:
         with _utf8_path(path) as name, rawpy.imread(name) as raw:   # the header only: unpack() comes with raw_image*
             limit.check(path, raw.sizes.raw_width, raw.sizes.raw_height)
             plain = _plain_dng(path, raw) if path.suffix.lower() == ".dng" else None
-            verdict = None if plain is None else _plain_verdict(plain.key)
-            if verdict:
+            verdict, busy = (None, None) if plain is None else _plain_verdict(plain.key, wait=not speculate)
+            verify = None
+            if busy is not None:            # another reader checks the layout: its verdict will say
+                verify = _verdict_when(busy, plain.key)
+            elif verdict is None and plain is not None and speculate:   # this reader checks it, beside
+                verify = _check_beside(path, raw.sizes, plain)
+            if verdict or verify is not None:
                 # LibRaw's own reading of this layout was checked to be the file's: no unpack (see _plain_dng)
                 data = _plain_pixels(path, raw.sizes, plain, out)
                 pattern, black, white = plain.pattern, plain.black, plain.white
@@ -228,26 +239,56 @@ def _read_raw(path: Path, out: np.ndarray | None, limit: _Limit) -> Frame:
                                f"the rows a truncated file lacks)")
     meta = _exif_meta(path)
     meta.kind = "raw"
-    return Frame(path, data, pattern, black, white, _saturated(data, white), meta)
+    return Frame(path, data, pattern, black, white, _saturated(data, white), meta, verify=verify)
 
 
 def _libraw_pixels(path: Path, raw, out: np.ndarray | None) -> tuple[np.ndarray, str, np.ndarray, float]:
     """LibRaw's unpack of an open RAW file: its visible CFA image as float32 (into ``out`` when it fits), pattern,
     (2, 2) black and white level."""
-    import rawpy
-
-    if raw.raw_type != rawpy.RawType.Flat:
-        raise FrameError(path, "not a single-mosaic RAW (LibRaw reports a stacked/linear layout)")
+    pattern, black, white = _libraw_levels(path, raw)
     visible = raw.raw_image_visible              # a view: it dies with `raw`, so copy once
     if out is not None and out.shape == visible.shape and out.dtype == np.float32:
         data = out
         np.copyto(data, visible, casting="unsafe")
     else:
         data = visible.astype(np.float32)
-    del visible
+    return data, pattern, black, white
+
+
+def _libraw_levels(path: Path, raw) -> tuple[str, np.ndarray, float]:
+    """LibRaw's pattern, (2, 2) black and white level of an open RAW file (which it unpacks for them)."""
+    import rawpy
+
+    if raw.raw_type != rawpy.RawType.Flat:
+        raise FrameError(path, "not a single-mosaic RAW (LibRaw reports a stacked/linear layout)")
     colors = _colors_2x2(raw)
     pattern = _pattern_from_colors(colors, raw.color_desc.decode("ascii", "replace"))
-    return data, pattern, _black_2x2(raw, colors), float(raw.white_level)
+    return pattern, _black_2x2(raw, colors), float(raw.white_level)
+
+
+def _check_beside(path: Path, sizes, plain: "_PlainDng"):
+    """_check_plain of ``path`` in a thread of its own, for a reader that holds the layout's check
+    (_plain_verdict gave it None) and reads the file from its tags meanwhile: -> ``verify()``, which waits for
+    the check and says whether the layout reads as LibRaw reads it.  The first file of a run was LibRaw-read
+    and checked before anything else could start on it: 0.2–0.25 s of its critical path at 24 MP (LibRaw's
+    unpack, the comparison); beside, they overlap its calibration and star search.  The comparison is of
+    LibRaw's own 16-bit samples (no float32 copy of them)."""
+    def check() -> None:
+        import rawpy
+
+        try:
+            with _utf8_path(path) as name, rawpy.imread(name) as raw:
+                pattern, black, white = _libraw_levels(path, raw)
+                _check_plain(path, sizes, plain, raw.raw_image_visible, pattern, black, white)
+        except Exception as err:      # noqa: BLE001 — no verdict: the caller reads the file again, as ever
+            log.debug("%s: LibRaw's reading could not be checked: %s", path.name, err)
+        finally:
+            _plain_check_done(plain.key)
+
+    with _PLAIN_LOCK:
+        done = _PLAIN_CHECKING[plain.key]       # (this reader's: _plain_verdict gave it the check)
+    threading.Thread(target=check, name="dng-check", daemon=True).start()
+    return _verdict_when(done, plain.key)
 
 
 @dataclass(frozen=True)
@@ -269,24 +310,38 @@ _PLAIN_CHECKING: dict[tuple, threading.Event] = {}     # layouts a reader is che
 _PLAIN_WAIT = 10.0              # s a reader waits for another's check before reading with LibRaw unchecked
 
 
-def _plain_verdict(key: tuple) -> bool | None:
-    """Whether LibRaw reads files of layout ``key`` as _plain_dng does: True or False once a file of it was
-    checked; None when none was — the caller then reads its file with LibRaw and checks it (_check_plain), then
+def _plain_verdict(key: tuple, *, wait: bool = True) -> tuple[bool | None, threading.Event | None]:
+    """Whether LibRaw reads files of layout ``key`` as _plain_dng does: (True or False, None) once a file of it
+    was checked; (None, None) when none was — the caller then checks its file (_check_plain, _check_beside) and
     calls _plain_check_done.  While another reader checks the layout this waits for its verdict (the read-ahead
-    thread's second file of a run, whose read began beside the first's): a second LibRaw unpack and check of the
-    same layout cost the run's start ~0.2 s of CPU.  A check that ends without a verdict (the file changed
-    under it) hands the check on to a reader waiting; one that takes longer than _PLAIN_WAIT: False."""
+    thread's second file of a run, whose read began beside the first's: a second LibRaw unpack and check of the
+    same layout cost the run's start ~0.2 s of CPU) — or, not ``wait``, returns (None, the event set when that
+    check ends).  A check that ends without a verdict (the file changed under it) hands the check on to a
+    reader waiting; one that takes longer than _PLAIN_WAIT: (False, None)."""
     while True:
         with _PLAIN_LOCK:
             verdict = _PLAIN_CHECKED.get(key)
             if verdict is not None:
-                return verdict
+                return verdict, None
             busy = _PLAIN_CHECKING.get(key)
             if busy is None:
                 _PLAIN_CHECKING[key] = threading.Event()
-                return None
+                return None, None
+        if not wait:
+            return None, busy
         if not busy.wait(_PLAIN_WAIT):
-            return False
+            return False, None
+
+
+def _verdict_when(done: threading.Event, key: tuple):
+    """verify() for a Frame read from its tags before its layout's check ends (set ``done``): waits for it and
+    says whether the layout reads as LibRaw reads it (False too when the check ended without a verdict)."""
+    def verify() -> bool:
+        done.wait()
+        with _PLAIN_LOCK:
+            return bool(_PLAIN_CHECKED.get(key))
+
+    return verify
 
 
 def _plain_check_done(key: tuple) -> None:

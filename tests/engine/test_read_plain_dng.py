@@ -249,3 +249,62 @@ def test_a_check_that_ends_without_a_verdict_hands_it_to_a_reader_waiting(tmp_pa
     assert np.array_equal(got[1].data, libraw_reading(files[1], monkeypatch).data)
     read_frame(files[2])
     assert taken == ["light_2.dng"] and read._PLAIN_CHECKING == {}
+
+
+def test_a_speculative_first_read_takes_the_plain_path_while_libraw_checks_it_beside(tmp_path, monkeypatch, taken):
+    """read_frame(speculate=True) of a layout's first file: its pixels from the file at once, LibRaw's reading
+    checked in a thread beside (not the caller's), verify() True once it agrees; a second speculative reader
+    during that check reads plainly too and waits on the same check (one unpack in all)."""
+    files = [write_dng(tmp_path / f"light_{i}.dng", mosaic(i)) for i in range(2)]
+    unpacked = _unpacks(monkeypatch)
+    begun, go = _first_check_held(monkeypatch)
+    threads: list[str] = []
+    real_levels = read._libraw_levels
+
+    def levels(path, raw):
+        threads.append(threading.current_thread().name)
+        return real_levels(path, raw)
+
+    monkeypatch.setattr(read, "_libraw_levels", levels)
+    first = read_frame(files[0], speculate=True)
+    assert begun.wait(10)               # the check is under way, held: the frame is read already
+    second = read_frame(files[1], speculate=True)
+    assert taken == ["light_0.dng", "light_1.dng"] and unpacked == []
+    assert threads == ["dng-check"]
+    go.set()
+    assert first.verify() is True and second.verify() is True
+    for got, f in ((first, files[0]), (second, files[1])):
+        want = libraw_reading(f, monkeypatch)
+        assert np.array_equal(got.data, want.data) and np.array_equal(got.black, want.black)
+    assert list(read._PLAIN_CHECKED.values()) == [True] and read._PLAIN_CHECKING == {}
+    assert read_frame(files[1]).verify is None          # checked: no verify from then on
+
+
+def test_a_speculative_read_of_a_layout_libraw_reads_otherwise_is_read_again_by_the_pipeline(tmp_path, monkeypatch,
+                                                                                           taken):
+    """The check beside finds the tags misread (a black level, on purpose): verify() is False, and the engine's
+    first stages read the file again — as LibRaw reads it — before anything of the frame counts."""
+    from livestack.config import Config
+    from livestack.engine.pipeline import Engine
+
+    real = read._plain_levels
+
+    def misread(*args):
+        levels = real(*args)
+        return levels and (levels[0], levels[1] + 1, levels[2])
+
+    monkeypatch.setattr(read, "_plain_levels", misread)
+    f = write_dng(tmp_path / "light_0.dng", mosaic(0))
+    frame = read_frame(f, speculate=True)
+    assert frame.verify() is False and list(read._PLAIN_CHECKED.values()) == [False]
+    monkeypatch.setattr(read, "_PLAIN_CHECKED", {})
+    taken.clear()
+    engine = Engine(Config())
+    try:
+        front = engine._front(f, 0)
+    finally:
+        engine.close()
+    want = libraw_reading(f, monkeypatch)
+    assert front.frame.verify is None       # the reading kept is LibRaw's (the layout now known to be)
+    assert np.array_equal(front.frame.black, want.black)     # (its data calibrated in place since)
+    assert taken == ["light_0.dng"]          # the speculative read only; the one kept is LibRaw's
