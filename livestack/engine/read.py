@@ -211,7 +211,8 @@ def _read_raw(path: Path, out: np.ndarray | None, limit: _Limit, speculate: bool
             elif verdict is None and plain is not None and speculate:   # this reader checks it, beside
                 verify = _check_beside(path, raw.sizes, plain)
             if verdict or verify is not None:
-                # LibRaw's own reading of this layout was checked to be the file's: no unpack (see _plain_dng)
+                # LibRaw's own reading of this layout was checked to be the file's, or is being checked (the
+                # Frame's verify says): no unpack (see _plain_dng)
                 data = _plain_pixels(path, raw.sizes, plain, out)
                 pattern, black, white = plain.pattern, plain.black, plain.white
             elif verdict is None and plain is not None:     # this reader checks the layout on this file
