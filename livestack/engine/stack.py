@@ -243,12 +243,19 @@ def _median_rows(block: np.ndarray) -> np.ndarray:
         return block.sum(axis=0) - block.max(axis=0) - block.min(axis=0)
     if k == 3:
         # Warped frames always have NaN borders: a sorting network instead of np.sort (0.4–0.6 s of a 24 MP
-        # bootstrap), the same values — the middle of three, the lower of two, the one, or NaN.
+        # bootstrap), the same values — the middle of three, the lower of two, the one, or NaN.  Its min and
+        # max carry NaN, so the cells short of three values are the NaN left, and only those (a footprint's
+        # edge) are looked at again: 34 → 16 ms for 1.5 M cells, where a NaN-ignoring network over every cell
+        # and a test of all three values' finiteness were two passes each more.
         a, b, c = block
-        lo2, hi2 = np.fmin(a, b), np.fmax(a, b)
-        lowest = np.fmin(lo2, c)
-        middle = np.fmax(lo2, np.fmin(hi2, c))
-        return np.where(np.isfinite(block).all(axis=0), middle, lowest)
+        middle = np.minimum(a, b)
+        hi = np.maximum(a, b)
+        np.minimum(hi, c, out=hi)
+        np.maximum(middle, hi, out=middle)
+        short = np.isnan(middle)
+        if short.any():
+            middle[short] = np.fmin(np.fmin(a[short], b[short]), c[short])    # the lower of two, the one, NaN
+        return middle
     srt = np.sort(block, axis=0)                   # NaN sorts last
     n = np.isfinite(block).sum(axis=0)
     lower = np.where(n == 2, 0, (n - 1) // 2)
