@@ -125,23 +125,27 @@ F16_SCALE = np.float32(2.0 ** -8)
 
 
 def _to_float16(x: np.ndarray, out: np.ndarray, scale: np.float32 = F16_SCALE) -> None:
-    """float32 ``x`` × ``scale`` -> float16 into ``out``, clipped to its range; ``x`` is clipped in place (no 24 MP
-    temporary).  OpenCV converts (same values, NaN kept): 17 ms per 24 MP plane where numpy takes 61."""
+    """float32 ``x`` × ``scale`` -> float16 into ``out``, clipped to its range; ``x`` is clipped and scaled in
+    place (no 24 MP temporary).  OpenCV converts (same values, NaN kept): 17 ms per 24 MP plane where numpy
+    takes 61.  The scaling is numpy's, then a subtraction of 0 converts (the same bits, −0 kept): OpenCV's
+    multiplication by a number, which converted in one call, took 0.40 ms a block of 64 × 6000 where this
+    takes 0.06 + 0.20."""
     top = _F16_MAX / scale
     np.clip(x, -top, top, out=x)
-    if scale == 1:
-        cv2.add(x, 0.0, dst=out, dtype=cv2.CV_16F)
-    else:
-        cv2.multiply(x, float(scale), dst=out, dtype=cv2.CV_16F)
+    if scale != 1:
+        np.multiply(x, scale, out=x)
+    cv2.subtract(x, 0.0, dst=out, dtype=cv2.CV_16F)
 
 
 def _from_float16(x: np.ndarray, scale: np.float32 = F16_SCALE) -> np.ndarray:
-    """A buffered float16 block (stored as ``scale`` × its values) as float32; a float32 block as it is."""
+    """A buffered float16 block (stored as ``scale`` × its values) as float32; a float32 block as it is.  As
+    _to_float16: converted by OpenCV, then scaled by numpy (0.49 → 0.23 ms a block of 64 × 6000, the same bits)."""
     if x.dtype == np.float32:
         return x
-    if scale == 1:
-        return cv2.add(x, 0.0, dtype=cv2.CV_32F)
-    return cv2.multiply(x, float(1 / scale), dtype=cv2.CV_32F)
+    y = cv2.subtract(x, 0.0, dtype=cv2.CV_32F)
+    if scale != 1:
+        np.multiply(y, np.float32(1 / scale), out=y)
+    return y
 
 
 # Rows per block of the full-resolution pass (even: a block starts on a cell row), unless the frame's source
