@@ -754,12 +754,12 @@ class RunningStack:
             bad = np.stack([self._threshold(part[i], centre, (floors[i] + signal) * (1 + centre_var))
                             for i in range(k)])
             if k > 1:
-                everyone = np.logical_and.reduce(bad)
-                if everyone.any():
-                    dev = np.abs(part - centre[None])
+                everyone = np.flatnonzero(np.logical_and.reduce(bad))
+                if len(everyone):       # (a few cells: the deviations of those only, not of the whole chunk)
+                    flat = part.reshape(k, -1)[:, everyone]
+                    dev = np.abs(flat - centre.reshape(-1)[everyone])
                     keep = np.argmin(np.where(np.isnan(dev), np.inf, dev), axis=0)
-                    for i in range(k):
-                        bad[i] &= ~(everyone & (keep == i))
+                    bad.reshape(k, -1)[keep, everyone] = False
             bads[:, r0:r1] = bad[:, r0 - a:r1 - a]
 
         # Row chunks are independent (but for the growth's halo): the cores share the cells' work too
