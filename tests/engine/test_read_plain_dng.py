@@ -54,18 +54,23 @@ def fresh_layouts(monkeypatch):
     monkeypatch.setattr(read, "_PLAIN_CHECKING", {})
 
 
-@pytest.fixture
-def taken(monkeypatch):
-    """The files whose pixels came from the file itself (the plain path), by name."""
+def _calls(monkeypatch, name: str) -> list[str]:
+    """The files read.<name> is called with from now on, by name (each call made as ever)."""
     names: list[str] = []
-    real = read._plain_pixels
+    real = getattr(read, name)
 
     def spy(path, *args):
         names.append(Path(path).name)
         return real(path, *args)
 
-    monkeypatch.setattr(read, "_plain_pixels", spy)
+    monkeypatch.setattr(read, name, spy)
     return names
+
+
+@pytest.fixture
+def taken(monkeypatch):
+    """The files whose pixels came from the file itself (the plain path), by name."""
+    return _calls(monkeypatch, "_plain_pixels")
 
 
 def libraw_reading(path: Path, monkeypatch):
@@ -164,19 +169,6 @@ def test_a_plain_dng_cut_while_it_is_read_fails_the_frame(tmp_path, monkeypatch)
     assert "\n" not in str(e.value)
 
 
-def _unpacks(monkeypatch) -> list[str]:
-    """The files LibRaw unpacked, by name."""
-    names: list[str] = []
-    real = read._libraw_pixels
-
-    def spy(path, *args):
-        names.append(Path(path).name)
-        return real(path, *args)
-
-    monkeypatch.setattr(read, "_libraw_pixels", spy)
-    return names
-
-
 def _first_check_held(monkeypatch):
     """_check_plain made to wait: -> (set when the first check has begun, set to let it go on)."""
     begun, go = threading.Event(), threading.Event()
@@ -195,7 +187,7 @@ def test_a_file_read_beside_its_layouts_first_check_waits_for_it(tmp_path, monke
     """The read-ahead thread's second file of a run is read while the first file's reading checks the layout:
     it waits for the verdict and skips LibRaw's unpack, instead of unpacking and checking a second time."""
     files = [write_dng(tmp_path / f"light_{i}.dng", mosaic(i)) for i in range(2)]
-    unpacked = _unpacks(monkeypatch)
+    unpacked = _calls(monkeypatch, "_libraw_pixels")      # LibRaw unpacks
     begun, go = _first_check_held(monkeypatch)
     got = {}
     first = threading.Thread(target=lambda: got.setdefault(0, read_frame(files[0])))
@@ -256,7 +248,7 @@ def test_a_speculative_first_read_takes_the_plain_path_while_libraw_checks_it_be
     checked in a thread beside (not the caller's), verify() True once it agrees; a second speculative reader
     during that check reads plainly too and waits on the same check (one unpack in all)."""
     files = [write_dng(tmp_path / f"light_{i}.dng", mosaic(i)) for i in range(2)]
-    unpacked = _unpacks(monkeypatch)
+    unpacked = _calls(monkeypatch, "_libraw_pixels")      # LibRaw unpacks
     begun, go = _first_check_held(monkeypatch)
     threads: list[str] = []
     real_levels = read._libraw_levels
