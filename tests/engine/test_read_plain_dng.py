@@ -300,3 +300,27 @@ def test_a_speculative_read_of_a_layout_libraw_reads_otherwise_is_read_again_by_
     assert front.frame.verify is None       # the reading kept is LibRaw's (the layout now known to be)
     assert np.array_equal(front.frame.black, want.black)     # (its data calibrated in place since)
     assert taken == ["light_0.dng"]          # the speculative read only; the one kept is LibRaw's
+
+
+def test_a_file_libraw_cannot_read_fails_as_ever_after_a_speculative_read(tmp_path, monkeypatch, taken):
+    """The check beside cannot read the file (LibRaw refuses it): no verdict, verify() False, and the engine's
+    first stages read it again the old way — where LibRaw's refusal fails the frame with one line naming it."""
+    import rawpy
+
+    from livestack.config import Config
+    from livestack.engine.pipeline import Engine
+
+    def refuses(path, raw):
+        raise rawpy.LibRawDataError("data corrupted")
+
+    monkeypatch.setattr(read, "_libraw_levels", refuses)
+    f = write_dng(tmp_path / "light_0.dng", mosaic(0))
+    engine = Engine(Config())
+    try:
+        front = engine._front(f, 0)
+    finally:
+        engine.close()
+    assert taken == ["light_0.dng"]                 # the speculative read only
+    assert isinstance(front.error, FrameError) and "light_0.dng" in str(front.error)
+    assert "unreadable RAW" in front.error.reason and "\n" not in str(front.error)
+    assert read._PLAIN_CHECKED == {} and read._PLAIN_CHECKING == {}
