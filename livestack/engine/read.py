@@ -361,9 +361,10 @@ def _plain_dng(path: Path, raw) -> _PlainDng | None:
     LibRaw unpacks such a file a pixel at a time (0.16–0.17 s at 24 MP here, on the read-ahead thread, where
     it was a tenth of a frame's CPU time) into the file's own samples; read and converted a block of rows at a
     time (_plain_rows) they take ~0.03 s.  The pattern and levels come from the tags (LibRaw gives its own only
-    after an unpack), read as LibRaw reads them — which _check_plain confirms on the first file of each layout,
-    LibRaw-read as ever: the layout's later files skip the unpack only once it has (_PLAIN_CHECKED).  ``raw``: LibRaw's header of
-    the file (its sizes and margins place the visible area)."""
+    after an unpack), read as LibRaw reads them — which _check_plain confirms on the first file of each layout
+    (LibRaw-read and checked first, or read from its tags and checked beside: _check_beside): no file of the
+    layout skips the unpack for good until it has (_PLAIN_CHECKED).  ``raw``: LibRaw's header of the file (its
+    sizes and margins place the visible area)."""
     import tifffile
 
     s = raw.sizes

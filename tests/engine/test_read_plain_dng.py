@@ -134,9 +134,8 @@ def test_files_not_stored_plainly_are_libraws(tmp_path, monkeypatch, taken):
     assert taken == [] and read._PLAIN_CHECKED == {}
 
 
-def test_a_layout_libraw_reads_otherwise_stays_libraws(tmp_path, monkeypatch, taken):
-    """When the tags are not read as LibRaw reads them (here: a black level misread on purpose), the first
-    file's check finds it and the layout's later files are LibRaw's too."""
+def _black_misread(monkeypatch) -> None:
+    """_plain_dng reads the black level 1 ADU off what the tags say: a layout LibRaw reads otherwise."""
     real = read._plain_levels
 
     def misread(*args):
@@ -144,6 +143,11 @@ def test_a_layout_libraw_reads_otherwise_stays_libraws(tmp_path, monkeypatch, ta
         return levels and (levels[0], levels[1] + 1, levels[2])
 
     monkeypatch.setattr(read, "_plain_levels", misread)
+
+def test_a_layout_libraw_reads_otherwise_stays_libraws(tmp_path, monkeypatch, taken):
+    """When the tags are not read as LibRaw reads them (here: a black level misread on purpose), the first
+    file's check finds it and the layout's later files are LibRaw's too."""
+    _black_misread(monkeypatch)
     files = [write_dng(tmp_path / f"light_{i}.dng", mosaic(i)) for i in range(3)]
     for f in files:
         assert np.array_equal(read_frame(f).black, libraw_reading(f, monkeypatch).black)
@@ -279,13 +283,7 @@ def test_a_speculative_read_of_a_layout_libraw_reads_otherwise_is_read_again_by_
     from livestack.config import Config
     from livestack.engine.pipeline import Engine
 
-    real = read._plain_levels
-
-    def misread(*args):
-        levels = real(*args)
-        return levels and (levels[0], levels[1] + 1, levels[2])
-
-    monkeypatch.setattr(read, "_plain_levels", misread)
+    _black_misread(monkeypatch)
     f = write_dng(tmp_path / "light_0.dng", mosaic(0))
     frame = read_frame(f, speculate=True)
     assert frame.verify() is False and list(read._PLAIN_CHECKED.values()) == [False]
