@@ -443,10 +443,13 @@ def test_no_solve_of_raw_frames_imports_no_solver(tmp_path):
 
 def test_a_stack_imports_no_capture_driver_and_capture_still_has_every_argument(tmp_path):
     """Building the command line imported the three capture drivers for every command (~20 ms of a 3 s
-    `livestack stack`): now only for `capture` (and the top level's --help)."""
+    `livestack stack`): now only for `capture` (and the top level's --help).  Nor the daemon's and the masters'
+    command lines (15-25 ms more): `stack` and `demo` add only their own module's commands; the others and the
+    top level's help still have theirs."""
     probe = ("import sys; from livestack.cli import main\n"
              "code = main(sys.argv[1:])\n"
-             "print(code, sorted(m for m in sys.modules if m.startswith('drivers.capture')))\n")
+             "print(code, sorted(m for m in sys.modules if m.startswith('drivers.')\n"
+             "                   or m in ('livestack.run_cli', 'livestack.masters_cli', 'livestack.masters')))\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     r = subprocess.run([sys.executable, "-c", probe, "stack", str(tmp_path / "none"), "-o", str(tmp_path / "o")],
                        capture_output=True, text=True, env=env, timeout=60)
@@ -454,6 +457,13 @@ def test_a_stack_imports_no_capture_driver_and_capture_still_has_every_argument(
     r = subprocess.run([sys.executable, "-m", "livestack.cli", "-v", "capture", "sim", "--help"],
                        capture_output=True, text=True, env=env, timeout=60)
     assert r.returncode == 0 and "--interval" in r.stdout and "--format" in r.stdout, r.stdout + r.stderr
+    for command, flag in (("masters", "--method"), ("run", "--watch")):
+        r = subprocess.run([sys.executable, "-m", "livestack.cli", command, "--help"], capture_output=True, text=True,
+                           env=env, timeout=60)
+        assert r.returncode == 0 and flag in r.stdout, r.stdout + r.stderr
+    r = subprocess.run([sys.executable, "-m", "livestack.cli", "--help"], capture_output=True, text=True, env=env,
+                       timeout=60)
+    assert r.returncode == 0 and all(c in r.stdout for c in ("stack", "demo", "masters", "run", "capture")), r.stdout
 
 
 def test_demo_fast_does_not_invite_to_a_page_it_closes_at_once(tmp_path):
