@@ -14,6 +14,7 @@ import math
 import os
 import re
 import stat
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,6 +282,8 @@ def run_in_background() -> None:
     thread's."""
     import cv2
 
+    if not sys.platform.startswith("linux"):    # (elsewhere a thread's id may be another process's id)
+        return
     try:
         tid = threading.get_native_id()
         nice = os.getpriority(os.PRIO_PROCESS, tid)
