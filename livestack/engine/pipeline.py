@@ -33,7 +33,7 @@ from .frame import Frame, FrameError, FrameRecord, Quality, Stars
 from .grid import Grid
 from .memory import release_free_memory
 from .normalize import Normalisation, normalize_inplace, normalize_mosaic, sky_level, sky_model
-from .read import read_frame, run_in_background
+from .read import read_frame
 from .render import drop_work_memory, signal_cells
 from .register import RegistrationError, register
 from .reject import RejectParams
@@ -280,12 +280,11 @@ class Engine:
 
     def _start_front(self, path: Path) -> None:
         """Run the first stages of ``path`` in the read-ahead thread (one at a time, into the mosaic buffer the
-        frame in hand does not use), which the kernel runs after the frame in hand's threads
-        (read.run_in_background)."""
+        frame in hand does not use)."""
         if self._ahead is not None:
             return
         if self._reader is None:
-            self._reader = ThreadPoolExecutor(1, thread_name_prefix="read-ahead", initializer=run_in_background)
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
         slot = 1 - self._slot
         self._ahead = (path, slot, self._reader.submit(self._front, path, slot, stars=False))
 

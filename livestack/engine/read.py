@@ -14,7 +14,6 @@ import math
 import os
 import re
 import stat
-import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,34 +267,6 @@ def _libraw_levels(path: Path, raw) -> tuple[str, np.ndarray, float]:
     return pattern, _black_2x2(raw, colors), float(raw.white_level)
 
 
-BACKGROUND_NICE = 10        # how much nicer than the caller a background reading thread runs
-
-
-def run_in_background() -> None:
-    """Make the calling thread one the kernel runs after the others when the cores are short: the read-ahead of
-    the next file, or a check beside, which nothing waits for yet — the frame in hand, on the main and the stack
-    threads, goes first, and the background work takes the gaps.  Linux only (a thread's nice value, set by its
-    id); elsewhere, or when it is refused, nothing changes.
-
-    A thread inherits the nice value of the thread that starts it: OpenCV's own worker threads, started by the
-    first call that runs in parallel, are started first here (one small resize), so that they never inherit this
-    thread's."""
-    import cv2
-
-    if not sys.platform.startswith("linux"):    # (elsewhere a thread's id may be another process's id)
-        return
-    try:
-        tid = threading.get_native_id()
-        nice = os.getpriority(os.PRIO_PROCESS, tid)
-    except (AttributeError, OSError):
-        return
-    cv2.resize(np.zeros((600, 600), np.float32), (300, 300))    # OpenCV's pool exists (~1 ms, once: 0.3 ms)
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, nice + BACKGROUND_NICE))
-    except OSError:
-        pass
-
-
 def _check_beside(path: Path, sizes, plain: "_PlainDng"):
     """_check_plain of ``path`` in a thread of its own, for a reader that holds the layout's check
     (_plain_verdict gave it None) and reads the file from its tags meanwhile: -> ``verify()``, which waits for
@@ -306,7 +277,6 @@ def _check_beside(path: Path, sizes, plain: "_PlainDng"):
     def check() -> None:
         import rawpy
 
-        run_in_background()
         try:
             with _utf8_path(path) as name, rawpy.imread(name) as raw:
                 pattern, black, white = _libraw_levels(path, raw)

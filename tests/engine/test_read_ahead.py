@@ -1,7 +1,6 @@
 """Reading the next file ahead (process(next_path=…)) changes when the work is done, never its result."""
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
@@ -174,40 +173,4 @@ def test_the_read_ahead_goes_on_beside_the_bootstrap_unless_its_combination_is_t
     assert eng._combination_peaks(eng.main) == drizzle
     assert here == ([files[0].name, files[3].name] if drizzle else [files[0].name])
     assert dropped == (["heap"] if drizzle else [])
-    eng.close()
-
-
-def _nice(tid: int) -> int:
-    return os.getpriority(os.PRIO_PROCESS, tid)
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="a thread's own nice value is Linux's")
-def test_the_read_ahead_runs_after_the_frame_in_hand_and_opencvs_threads_do_not_inherit_it(night):
-    """Reading the next file ahead and the DNG check beside are work nothing waits for yet: their threads run
-    niced (read.BACKGROUND_NICE), so that the main and stack threads — the frame in hand — go first when the cores
-    are short.  OpenCV starts its own worker threads at its first parallel call, and a thread inherits its
-    starter's nice value: they are started before the read-ahead lowers its own, never niced."""
-    from livestack.engine.read import BACKGROUND_NICE
-
-    base = _nice(threading.get_native_id())
-    files, _ = night(n_frames=4, fmt="dng")
-    eng = Engine(Config())
-    seen = {}
-    real = eng._front
-
-    def front(path, slot, **kw):
-        seen[threading.current_thread().name] = _nice(threading.get_native_id())
-        return real(path, slot, **kw)
-
-    eng._front = front
-    for i, f in enumerate(files):
-        eng.process(f, next_path=files[i + 1] if i + 1 < len(files) else None)
-    ahead = [v for k, v in seen.items() if k.startswith("read-ahead")]
-    assert ahead == [min(19, base + BACKGROUND_NICE)], seen
-    others = {}
-    for t in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{t}/stat") as fh:
-            others[int(t)] = int(fh.read().rsplit(")", 1)[1].split()[16])
-    niced = {t.native_id for t in threading.enumerate() if t.name.startswith(("read-ahead", "dng-check"))}
-    assert all(v == base for t, v in others.items() if t not in niced), (others, niced)
     eng.close()
