@@ -151,9 +151,9 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
             # Each line is written at once (a killed process leaves it to the kernel) and made durable with the
             # snapshot (below), in one fsync: a batch keeps nothing of a run cut short by a power loss but its
             # log, which the next run of the folder starts afresh — a line's fsync bought nothing, and each one
-            # waited on the main thread for the disk's journal (1 ms; 0.07-0.23 s while the disk was busy, as
-            # after another program's files were deleted here; the last frame's, 0.29-0.46 s for the stack.fits
-            # it streamed: ext4 commits that file's data with it, and the snapshot's preview waited for it)
+            # waited on the main thread for the disk's journal (~1 ms, but 0.07 and 0.23 s in two of five timed
+            # runs here, the latter right after an earlier output's deletion; the last frame's, 0.29-0.46 s for the
+            # stack.fits it streamed: ext4 commits that file's data with it, and the snapshot's preview waited)
             flog.append(records[-1], sync=False)
             deferred = True
             if progress:
@@ -501,7 +501,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     if command in sub.choices:
         # a command of this module's (`stack`, `demo`): the other modules' commands are not added, and their
-        # modules not imported (the daemon's and the masters' command lines: 15-25 ms of every `livestack stack`)
+        # modules not imported (the daemon's and the masters' command lines: 20-35 ms of every `livestack stack`)
         return ap
     for mod in ("livestack.masters_cli", "livestack.run_cli", "drivers.cli"):
         try:
