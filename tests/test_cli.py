@@ -444,7 +444,7 @@ def test_no_solve_of_raw_frames_imports_no_solver(tmp_path):
 def test_a_stack_imports_no_capture_driver_and_capture_still_has_every_argument(tmp_path):
     """Building the command line imported the three capture drivers for every command (~20 ms of a 3 s
     `livestack stack`): now only for `capture` (and the top level's --help).  Nor the daemon's and the masters'
-    command lines (15-25 ms more): `stack` and `demo` add only their own module's commands; the others and the
+    command lines (20-35 ms more): `stack` and `demo` add only their own module's commands; the others and the
     top level's help still have theirs."""
     probe = ("import sys; from livestack.cli import main\n"
              "code = main(sys.argv[1:])\n"
