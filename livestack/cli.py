@@ -129,7 +129,6 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
     t0 = time.perf_counter()
     sky = sky_status = None
     processed = 0
-    deferred = False        # lines of frames.jsonl written but not fsynced yet
     records: list[dict] = []
     # said under -q too: -q leaves out the progress bar, not the one line saying what the stack still waits for
     # (a blind solve that fails takes up to [solve] timeout_s: ~46 s of silence looked like a hang)
@@ -155,7 +154,6 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
             # runs here, the latter right after an earlier output's deletion; the last frame's, 0.29-0.46 s for the
             # stack.fits it streamed: ext4 commits that file's data with it, and the snapshot's preview waited)
             flog.append(records[-1], sync=False)
-            deferred = True
             if progress:
                 progress.update(rec)
             # -v ("log each frame's details"): a line per frame, as the daemon's, also under -q (no progress bar);
@@ -187,11 +185,11 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
         try:
             wrote = engine.snapshot(out)
         except BaseException:
-            if deferred:
+            if records:         # frames.jsonl's lines, none fsynced yet (above)
                 with contextlib.suppress(OSError):      # (the snapshot's error is the one to tell)
                     flog.sync()
             raise
-        if deferred:
+        if records:
             flog.sync()
     from .engine.outputs import filter_file, stale_stacks
 

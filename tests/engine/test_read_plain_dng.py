@@ -144,6 +144,7 @@ def _black_misread(monkeypatch) -> None:
 
     monkeypatch.setattr(read, "_plain_levels", misread)
 
+
 def test_a_layout_libraw_reads_otherwise_stays_libraws(tmp_path, monkeypatch, taken):
     """When the tags are not read as LibRaw reads them (here: a black level misread on purpose), the first
     file's check finds it and the layout's later files are LibRaw's too."""
