@@ -144,7 +144,8 @@ def stack_files(files: list[Path], out: Path, cfg: Config, *, masters=None, quie
                 sky_status, sky = sky.finish(engine, stop=ctrl_c.event, say=say), None
             # the last file writes stack.fits as it is stacked — unless a plate solve still to come changes its header
             streamed = last and (sky is None or sky.why is not None)
-            rec = engine.process(f, next_path=None if last else files[i + 1], final_into=out if streamed else None)
+            rec = engine.process(f, next_path=None if last else files[i + 1], final_into=out if streamed else None,
+                                 next_last=i + 2 == len(files))
             processed += 1
             records.append(rec.to_dict())
             # Each line is written at once (a killed process leaves it to the kernel) and made durable with the

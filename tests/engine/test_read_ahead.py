@@ -117,6 +117,44 @@ def test_a_read_ahead_leaves_the_star_search_to_the_frames_own_turn(night, monke
     eng.close()
 
 
+def test_a_batchs_last_file_has_its_stars_searched_ahead_with_the_same_result(night, monkeypatch, tmp_path):
+    """process(next_last=True): the last file's star search runs in the read-ahead thread, beside the frame
+    before — so that the last frame (whose stack file streams as it is stacked) starts sooner; every other
+    file's still in the caller's thread.  Records and stack as without it; `livestack stack` asks for it."""
+    from livestack import cli
+    from livestack.engine.grid import Grid
+
+    files, _ = night(n_frames=5, fmt="dng")
+    where = []
+    real = Grid.find_stars
+
+    def find_stars(self, *args, **kwargs):
+        where.append(threading.current_thread().name)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Grid, "find_stars", find_stars)
+    plain, eng = Engine(Config()), Engine(Config())
+    want = _records(plain, files, True)
+    where.clear()
+    got = []
+    for i, f in enumerate(files):
+        d = eng.process(f, next_path=files[i + 1] if i + 1 < len(files) else None,
+                        next_last=i + 2 == len(files)).to_dict()
+        d.pop("seconds")
+        got.append(d)
+    assert got == want
+    me = threading.current_thread().name
+    assert where[:-1] == [me] * 4 and where[-1].startswith("read-ahead"), where
+    (a, wa), (b, wb) = plain.result(), eng.result()
+    assert np.array_equal(a, b, equal_nan=True) and np.array_equal(wa, wb)
+    plain.close()
+    eng.close()
+
+    where.clear()
+    assert cli.main(["stack", *map(str, files), "-o", str(tmp_path / "out"), "-q", "--no-solve"]) == 0
+    assert where[:-1] == [me] * 4 and where[-1].startswith("read-ahead"), where
+
+
 def test_the_next_file_starts_beside_a_frame_nothing_was_read_ahead_for(night, monkeypatch):
     """The first file of a folder has nobody reading it ahead: the next file's first stages are started before
     its own (LibRaw's decoding leaves a core idle otherwise), into the other mosaic buffer — same results."""
@@ -125,9 +163,9 @@ def test_the_next_file_starts_beside_a_frame_nothing_was_read_ahead_for(night, m
     order = []
     start, front = Engine._start_front, Engine._front
 
-    def started(self, path):
+    def started(self, path, stars=False):
         order.append(("ahead", path.name)) if self._ahead is None else None
-        return start(self, path)
+        return start(self, path, stars)
 
     def own(self, path, slot, **kw):
         if kw.get("threads"):
