@@ -94,13 +94,10 @@ def test_a_frame_without_noise_fails_for_the_same_reason_on_either_path(night, t
         eng.close()
 
 
-def test_a_read_ahead_leaves_the_star_search_to_the_frames_own_turn(night, monkeypatch):
-    """sep holds the GIL while it searches for stars, which in the read-ahead thread stopped the worker threads
-    stacking the frame before: a frame read ahead has its stars searched in the caller's thread, after the
-    next file's reading has started — and with the same records and stack (the test above)."""
+def _star_searches(monkeypatch) -> list[str]:
+    """The names of the threads the star searches run in, in order, from now on."""
     from livestack.engine.grid import Grid
 
-    files, _ = night(n_frames=5, fmt="dng")
     where = []
     real = Grid.find_stars
 
@@ -109,6 +106,15 @@ def test_a_read_ahead_leaves_the_star_search_to_the_frames_own_turn(night, monke
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Grid, "find_stars", find_stars)
+    return where
+
+
+def test_a_read_ahead_leaves_the_star_search_to_the_frames_own_turn(night, monkeypatch):
+    """sep holds the GIL while it searches for stars, which in the read-ahead thread stopped the worker threads
+    stacking the frame before: a frame read ahead has its stars searched in the caller's thread, after the
+    next file's reading has started — and with the same records and stack (the test above)."""
+    files, _ = night(n_frames=5, fmt="dng")
+    where = _star_searches(monkeypatch)
     eng = Engine(Config())
     recs = [eng.process(f, next_path=files[i + 1] if i + 1 < len(files) else None) for i, f in enumerate(files)]
     assert [r.status for r in recs] == ["reference"] + ["stacked"] * 4
@@ -125,17 +131,9 @@ def test_a_batchs_last_file_has_its_stars_searched_ahead_with_the_same_result(ni
     Two files: the second's search starts before the first has set the grid (it finds its stars on a grid of
     its own, equal to the reference's, as at its turn)."""
     from livestack import cli
-    from livestack.engine.grid import Grid
 
     files, _ = night(n_frames=n, fmt="dng")
-    where = []
-    real = Grid.find_stars
-
-    def find_stars(self, *args, **kwargs):
-        where.append(threading.current_thread().name)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(Grid, "find_stars", find_stars)
+    where = _star_searches(monkeypatch)
     plain, eng = Engine(Config()), Engine(Config())
     want = _records(plain, files, True)
     where.clear()
