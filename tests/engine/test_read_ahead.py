@@ -10,12 +10,14 @@ from livestack.config import Config
 from livestack.engine.pipeline import Engine
 
 
-def _records(engine, files, ahead: bool, order=None):
+def _records(engine, files, ahead: bool, order=None, *, last_ahead: bool = False):
+    """Each file's record (without its seconds), read ahead or not; ``last_ahead``: the last file's star search
+    in the read-ahead too (process's next_last)."""
     out = []
     order = list(range(len(files))) if order is None else order
     for k, i in enumerate(order):
         nxt = files[order[k + 1]] if ahead and k + 1 < len(order) else None
-        d = engine.process(files[i], next_path=nxt).to_dict()
+        d = engine.process(files[i], next_path=nxt, next_last=last_ahead and k + 2 == len(order)).to_dict()
         d.pop("seconds")
         out.append(d)
     return out
@@ -137,13 +139,7 @@ def test_a_batchs_last_file_has_its_stars_searched_ahead_with_the_same_result(ni
     plain, eng = Engine(Config()), Engine(Config())
     want = _records(plain, files, True)
     where.clear()
-    got = []
-    for i, f in enumerate(files):
-        d = eng.process(f, next_path=files[i + 1] if i + 1 < len(files) else None,
-                        next_last=i + 2 == len(files)).to_dict()
-        d.pop("seconds")
-        got.append(d)
-    assert got == want
+    assert _records(eng, files, True, last_ahead=True) == want
     me = threading.current_thread().name
     assert where[:-1] == [me] * (n - 1) and where[-1].startswith("read-ahead"), where
     (a, wa), (b, wb) = plain.result(), eng.result()
