@@ -1,5 +1,7 @@
 """FITS written without astropy (write.py formats the plain cards itself): the bytes astropy writes, read back by
 astropy, and astropy still formats what needs more than one card."""
+import os
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -295,13 +297,38 @@ def test_a_full_disk_during_a_direct_write_keeps_the_old_file(tmp_path, monkeypa
     assert [p.name for p in tmp_path.iterdir()] == ["s.fits"]
 
 
-def test_rows_put_from_two_threads_in_any_order_make_the_same_file(tmp_path):
+def _rows_direct(monkeypatch, tmp_path, buffer=4096, buffers=2):
+    """FitsRows' direct path (write._Ranges) for small files, with buffers so small and few that pieces are
+    split over them and their putters wait for the writers; skipped where tmp_path takes no O_DIRECT."""
+    from livestack.engine import write
+
+    fd = write._open_direct(tmp_path / "probe")
+    if fd is None:
+        pytest.skip("no direct I/O on this filesystem")
+    os.close(fd)
+    os.unlink(tmp_path / "probe")
+    monkeypatch.setattr(write, "DIRECT_MIN", 0)
+    monkeypatch.setattr(write, "ROWS_BUFFER", buffer)
+    monkeypatch.setattr(write, "ROWS_BUFFERS", buffers)
+    return write
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_rows_put_from_two_threads_in_any_order_make_the_same_file(tmp_path, monkeypatch, direct):
     # FitsRows (the last frame's stack.fits, outputs.FinalStream): blocks of rows put from two threads in a
-    # shuffled order, the header last: the same bytes as write_fits_rows; a row missing is said, naming the file
+    # shuffled order, the header last: the same bytes as write_fits_rows; a row missing is said, naming the file.
+    # direct: past the page cache — every write whole 4096-byte pages at their offsets (the kernel refuses any
+    # other), the pieces' partial pages gathered, the last page cut back to the file's size
+    import fcntl
     from concurrent.futures import ThreadPoolExecutor
 
     from livestack.engine.write import FitsRows, _primary_header, write_fits_rows
 
+    writes = []
+    if direct:
+        write = _rows_direct(monkeypatch, tmp_path)
+        real_pwrite = os.pwrite
+        monkeypatch.setattr(write.os, "pwrite", lambda fd, d, o: writes.append((o, len(d))) or real_pwrite(fd, d, o))
     rng = np.random.default_rng(5)
     img = rng.normal(100, 5, (3, 301, 123)).astype(np.float32)
     weight = rng.uniform(0, 9, (301, 123)).astype(np.float32)
@@ -309,14 +336,20 @@ def test_rows_put_from_two_threads_in_any_order_make_the_same_file(tmp_path):
     blocks = [(r, img[:, r:r + 16], weight[r:r + 16]) for r in range(0, 301, 16)]
     write_fits_rows(tmp_path / "in_order.fits", img.shape, blocks, hdr, weighted=True)
     head = _primary_header(img.shape, hdr, extend=True)
+    writes.clear()
     f = FitsRows(tmp_path / "shuffled.fits", img.shape, len(head), weighted=True)
     try:
+        assert bool(fcntl.fcntl(f.fd, fcntl.F_GETFL) & os.O_DIRECT) == direct
         with ThreadPoolExecutor(2) as ex:
             list(ex.map(lambda i: f.put(*blocks[i]), rng.permutation(len(blocks))))
         f.finish(head, "shuffled.fits")
     finally:
         f.close()
     assert (tmp_path / "shuffled.fits").read_bytes() == (tmp_path / "in_order.fits").read_bytes()
+    if direct:
+        size = (tmp_path / "in_order.fits").stat().st_size
+        assert size % 4096 and all(o % 4096 == 0 and n % 4096 == 0 for o, n in writes)
+        assert sum(n for o, n in writes) == 4096 + -(-size // 4096) * 4096     # the probe's page, then each once
     g = FitsRows(tmp_path / "short.fits", img.shape, len(head), weighted=True)
     try:
         g.put(*blocks[0])
@@ -324,3 +357,53 @@ def test_rows_put_from_two_threads_in_any_order_make_the_same_file(tmp_path):
             g.finish(head, "short.fits")
     finally:
         g.close()
+
+
+def test_a_full_disk_under_the_rows_writers_keeps_the_old_file(tmp_path, monkeypatch):
+    """ENOSPC from one of _Ranges' writer threads while two threads put rows (and wait for its few buffers): no
+    putter hangs, each later put raises the error (FinalStream.rows keeps it; stack.fits is then written after
+    the frame, where the error comes again), a commit then writes nothing; the error at the header's page, the
+    last write, makes the commit raise DiskFull naming the file.  The old file kept, no temporary left."""
+    import errno
+    from concurrent.futures import ThreadPoolExecutor
+
+    from livestack.engine.write import DiskFull, StreamedFits
+
+    write = _rows_direct(monkeypatch, tmp_path)
+    real_pwrite, calls = os.pwrite, []
+    img = np.ones((3, 200, 1000), np.float32)
+    (tmp_path / "s.fits").write_bytes(b"old")
+
+    def put_all(fail):
+        calls.clear()
+
+        def pwrite(fd, data, offset):
+            calls.append(offset)
+            if fail(offset):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(write.os, "pwrite", pwrite)
+        f = StreamedFits(tmp_path / "s.fits", img.shape, {"A": (1, "")})
+        refused = []
+
+        def put(r):
+            try:
+                f.put(r, img[:, r:r + 8], img[0, r:r + 8])
+            except OSError as err:
+                refused.append(err.errno)
+
+        with ThreadPoolExecutor(2) as ex:
+            list(ex.map(put, range(0, 200, 8)))
+        return f, refused
+
+    f, refused = put_all(lambda offset: len(calls) > 5)
+    assert refused and set(refused) == {errno.ENOSPC}
+    assert f.commit({"A": (2, "")}) is False
+    assert [p.name for p in tmp_path.iterdir()] == ["s.fits"]
+    f, refused = put_all(lambda offset: offset == 0 and len(calls) > 1)     # (the first: O_DIRECT's probe)
+    assert refused == []
+    with pytest.raises(DiskFull, match="disk full: .*s.fits"):
+        f.commit({"A": (2, "")})
+    assert (tmp_path / "s.fits").read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["s.fits"]
