@@ -627,12 +627,12 @@ class _Ranges:
 
     ``direct`` (the descriptor opened with O_DIRECT): written past the page cache — 384 MB of new cache pages cost
     0.55–0.83 s of system time to fill here (``copy_folio_from_iter_atomic``: 42 % of the last frame's CPU), the
-    same bytes straight to the disk 0.12–0.14 s (1.5 MB writes); on a Pi the cache would hold 384 MB of a
-    file nobody reads.  Two writers: one keeps up with this disk (two or four direct writes in flight made no
-    difference here, README's twenty-first session), a disk that wants more in flight gets two.  Direct writes
-    cover whole DIRECT_ALIGN pages: a piece's whole pages go as they are, its
-    partial pages at either end are gathered until the pieces beside it (or the zeros of the file's padding,
-    ``put_bytes``) fill them.  The last page runs past ``size``: finish() cuts the file back to it."""
+    same bytes straight to the disk 0.12–0.14 s (1.5 MB writes); on a Pi the cache would hold 384 MB of a file
+    nobody reads.  Two writers: one keeps up with a fast disk (two or four direct writes in flight made no
+    difference on the sixteenth session's, README), a disk that wants more in flight gets two.  Direct writes
+    cover whole DIRECT_ALIGN pages: a piece's whole pages go as they are, its partial pages at either end are
+    gathered until the pieces beside it (or the zeros of the file's padding, ``put_bytes``) fill them.  The
+    last page runs past ``size``: finish() cuts the file back to it."""
 
     def __init__(self, fd: int, size: int, *, direct: bool):
         self.fd, self.size, self.direct = fd, size, direct
